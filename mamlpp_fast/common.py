@@ -1,0 +1,164 @@
+"""Pieces shared by the reference and the fast learner: seeds, MSL weights, the cosine schedule,
+batch checking and checkpoint files. Keeping them in one place is what lets the two learners agree
+to the last bit on everything that is not the inner loop itself.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "BatchError", "CheckpointError", "set_torch_seed", "msl_importance_vector", "cosine_lr",
+    "resolve_device", "resolve_dtype", "coerce_batch", "atomic_torch_save", "load_checkpoint",
+]
+
+
+class BatchError(ValueError):
+    """A data batch has inconsistent shapes, a wrong image size or labels out of range."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated, corrupt, or does not fit the model."""
+
+
+def set_torch_seed(seed: int) -> np.random.RandomState:
+    """Seed torch as the original does: torch seed = RandomState(seed).randint(0, 999999).
+
+    Returns the RandomState (the original keeps it as `self.rng`)."""
+    rng = np.random.RandomState(seed=seed)
+    torch.manual_seed(int(rng.randint(0, 999999)))
+    return rng
+
+
+def msl_importance_vector(num_steps: int, msl_epochs: int, epoch: int) -> np.ndarray:
+    """The MSL weights of the S target losses at `epoch`, exactly as the original computes them.
+
+    All 1/S at epoch 0; each non-final weight decays by 1/(S*E) per epoch to a floor of 0.03/S; the
+    final weight grows by (S-1)/(S*E) per epoch to a cap of 1 - (S-1)*0.03/S (E = msl_epochs; the 0.03
+    is hard-coded in the original). float64, as numpy computes it there.
+    """
+    s = num_steps
+    w = np.ones(s) * (1.0 / s)
+    decay = 1.0 / s / msl_epochs
+    floor = 0.03 / s
+    for i in range(s - 1):
+        w[i] = np.maximum(w[i] - epoch * decay, floor)
+    w[-1] = np.minimum(w[-1] + epoch * (s - 1) * decay, 1.0 - (s - 1) * floor)
+    return w
+
+
+def cosine_lr(epoch: int, base_lr: float, min_lr: float, total_epochs: int) -> float:
+    """CosineAnnealingLR's closed form: min + (base - min) * (1 + cos(pi * epoch / T_max)) / 2.
+
+    The original steps its scheduler with `step(epoch=epoch)` (the closed form) before each update."""
+    return min_lr + (base_lr - min_lr) * (1.0 + math.cos(math.pi * epoch / total_epochs)) / 2.0
+
+
+def resolve_device(device: Any) -> torch.device:
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(args: Any) -> torch.dtype:
+    return torch.float64 if getattr(args, "dtype", "float32") == "float64" else torch.float32
+
+
+def _as_tensor(a: Any, name: str) -> torch.Tensor:
+    if isinstance(a, torch.Tensor):
+        return a
+    try:
+        return torch.as_tensor(np.asarray(a))
+    except Exception as e:  # noqa: BLE001 - report what could not be converted
+        raise BatchError(f"{name} cannot be converted to a tensor: {e}") from None
+
+
+def _labels(a: Any, name: str, n_way: int, device: torch.device) -> torch.Tensor:
+    t = _as_tensor(a, name)
+    if t.is_floating_point():
+        if not torch.isfinite(t).all() or not torch.equal(t, t.round()):
+            raise BatchError(f"{name} must hold whole class indices, got non-integer values")
+    elif t.dtype == torch.bool or t.is_complex():
+        raise BatchError(f"{name} must hold integer class indices, got dtype {t.dtype}")
+    t = t.long()
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n_way):
+        raise BatchError(f"{name} holds labels outside [0, {n_way}): min {int(t.min())}, max {int(t.max())}")
+    return t.to(device)
+
+
+def coerce_batch(data_batch: Sequence[Any], device: torch.device, dtype: torch.dtype,
+                 im_shape: Sequence[int] | None = None, n_way: int | None = None):
+    """Check a data batch and move it to `device`: images to `dtype`, labels to int64.
+
+    data_batch = (x_support (B,N,K,C,H,W), x_target (B,N,T,C,H,W), y_support (B,N,K), y_target (B,N,T)),
+    numpy arrays or tensors, labels float or int. Raises BatchError naming the inconsistent part.
+    """
+    if not isinstance(data_batch, (tuple, list)) or len(data_batch) < 4:
+        raise BatchError("data_batch must be (x_support, x_target, y_support, y_target)")
+    xs, xt = _as_tensor(data_batch[0], "x_support"), _as_tensor(data_batch[1], "x_target")
+    if xs.dim() != 6 or xt.dim() != 6:
+        raise BatchError(f"x_support and x_target must be 6-d (B,N,K,C,H,W), got shapes "
+                         f"{tuple(xs.shape)} and {tuple(xt.shape)}")
+    b, n, k = xs.shape[:3]
+    if xt.shape[:2] != (b, n):
+        raise BatchError(f"x_target {tuple(xt.shape)} does not match x_support {tuple(xs.shape)} in (B, N)")
+    if xs.shape[3:] != xt.shape[3:]:
+        raise BatchError(f"support images {tuple(xs.shape[3:])} and target images {tuple(xt.shape[3:])} differ")
+    if im_shape is not None and tuple(xs.shape[3:]) != tuple(im_shape[1:]):
+        raise BatchError(f"images are {tuple(xs.shape[3:])} (C,H,W) but the model was built for "
+                         f"{tuple(im_shape[1:])}")
+    if n_way is not None and n != n_way:
+        raise BatchError(f"batch has N={n} classes per task but the model has {n_way} outputs")
+    if not xs.is_floating_point() and xs.dtype not in (torch.uint8, torch.int32, torch.int64):
+        raise BatchError(f"images must be numeric, got dtype {xs.dtype}")
+    ys = _labels(data_batch[2], "y_support", n, device)
+    yt = _labels(data_batch[3], "y_target", n, device)
+    if tuple(ys.shape) != (b, n, k):
+        raise BatchError(f"y_support shape {tuple(ys.shape)} does not match x_support (B,N,K)=({b},{n},{k})")
+    if tuple(yt.shape) != tuple(xt.shape[:3]):
+        raise BatchError(f"y_target shape {tuple(yt.shape)} does not match x_target (B,N,T)="
+                         f"{tuple(xt.shape[:3])}")
+    xs = xs.to(device=device, dtype=dtype)
+    xt = xt.to(device=device, dtype=dtype)
+    return xs, xt, ys, yt
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A crash mid-write leaves the previous file intact instead of a truncated checkpoint."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path) + ".", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint dict written by either learner or by the original; errors name the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        # Checkpoints hold experiment statistics (numpy scalars, lists) besides tensors, as in the
+        # original, so the full unpickler is needed: load only checkpoints you trust.
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {type(e).__name__}: {e}") from None
+    if not isinstance(state, dict) or "network" not in state:
+        raise CheckpointError(f"checkpoint {path} has no 'network' entry (not a MAML++ checkpoint)")
+    return state
