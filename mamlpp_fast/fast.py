@@ -1,0 +1,174 @@
+"""The fast MAML++ learner: every task of a meta-batch in one pass.
+
+Same constructor, methods, config keys, state_dict keys, returned values and files as
+`mamlpp_fast.reference.MAMLFewShotClassifier` (it subclasses it and shares its modules); only the
+outer forward differs. Instead of a Python loop over the B tasks:
+
+- fast weights carry a leading task dimension: an adapted tensor of shape S is held as (B, *S);
+- activations use the layout (n, B*C, H, W) (task-major channels), so the convolutions of all tasks
+  are one grouped convolution (groups=B, weight (B*Cout, Cin, 3, 3)), max pooling and average
+  pooling are plain calls, and the linear layer is one batched matmul;
+- batch norm with per-(task, channel) statistics, per-step gamma/beta and leaky ReLU is the custom op
+  `per_step_batch_norm` (hand-written backward and double backward);
+- the LSLR inner update of every adapted tensor of every task is one `lslr_update` call;
+- running statistics: the reference updates row s of each BN layer once per forward that uses it,
+  support then target, task after task. With momentum m and K such batch statistics v_1..v_K in that
+  order, the sequential updates r <- (1-m) r + m v_k have the closed form
+      r_K = (1-m)^K r_0 + sum_k m (1-m)^(K-k) v_k,
+  which is applied once per (layer, step) at the end of the meta-batch with the statistics of all
+  tasks interleaved in the reference's order (support_0, target_0, support_1, target_1, ...). The
+  unbiased variance is recovered from the op's saved inverse std: var = (1/invstd^2 - eps) * M/(M-1).
+
+The per-task losses are means over each task's own examples; all tasks of a batch have the same
+number of examples, so the batch mean of the per-task means is the mean over all examples, which is
+what the code computes (B * mean for the inner-loop loss, whose gradient w.r.t. task t's weights is
+that task's own loss gradient).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .ops import lslr_update, per_step_batch_norm
+from .reference import BN_EPS, BN_MOMENTUM, LEAKY_SLOPE
+from .reference import MAMLFewShotClassifier as ReferenceClassifier
+
+__all__ = ["MAMLFewShotClassifier"]
+
+
+def _task_major(x: torch.Tensor) -> torch.Tensor:
+    """(B, N, K, C, H, W) -> (N*K, B*C, H, W): example-major rows, task-major channels."""
+    b, n, k, c, h, w = x.shape
+    return x.reshape(b, n * k, c, h, w).transpose(0, 1).reshape(n * k, b * c, h, w)
+
+
+class MAMLFewShotClassifier(ReferenceClassifier):
+    """MAML++ with all tasks of a meta-batch processed together. API identical to the reference.
+
+    The op backend follows the config key `backend` (or env MAMLPP_BACKEND); see mamlpp_fast.ops.
+    """
+
+    def __init__(self, im_shape, device, args):
+        super().__init__(im_shape, device, args)
+        from .ops import set_backend  # the config key selects the op backend for this process
+        if self.args.backend != "auto":
+            set_backend(self.args.backend)
+        self._adapted_names = list(self.get_inner_loop_parameter_dict(self.classifier.named_parameters()))
+        self._importance_cache: tuple[int, torch.Tensor] | None = None
+
+    # -- batched network ----------------------------------------------------------------------------
+    def _bn_params(self, layer: str, step: int, fast: dict):
+        norm = self.classifier.layer_dict[layer].norm_layer
+        if f"layer_dict.{layer}.norm_layer.weight" in fast:  # adapted in the inner loop: (B, C)
+            return fast[f"layer_dict.{layer}.norm_layer.weight"], fast[f"layer_dict.{layer}.norm_layer.bias"]
+        if norm.per_step and not norm.inner_loop_bn:
+            return norm.weight[step], norm.bias[step]
+        return norm.weight, norm.bias
+
+    def _net(self, x: torch.Tensor, num_tasks: int, step: int, fast: dict, stats: list | None):
+        """Logits (B, n, classes) of all tasks; x is (n, B*C, H, W), fast maps names to (B, *shape).
+
+        When `stats` is a list, (layer, mean, invstd, M) of every BN call are appended to it."""
+        b = num_tasks
+        out = x
+        for i in range(self.classifier.num_stages):
+            layer = f"conv{i}"
+            conv = self.classifier.layer_dict[layer].conv
+            w = fast[f"layer_dict.{layer}.conv.weight"]
+            bias = fast[f"layer_dict.{layer}.conv.bias"]
+            out = F.conv2d(out, w.reshape(-1, *w.shape[2:]), bias.reshape(-1), stride=conv.stride,
+                           padding=conv.padding, groups=b)
+            gamma, beta = self._bn_params(layer, step, fast)
+            out, mean, invstd = per_step_batch_norm(out, gamma, beta, b, BN_EPS, LEAKY_SLOPE)
+            if stats is not None:
+                stats.append((i, mean, invstd, out.shape[0] * out.shape[2] * out.shape[3]))
+            if self.classifier.max_pooling:
+                out = F.max_pool2d(out, 2, 2, 0)
+        if not self.classifier.max_pooling:
+            out = F.avg_pool2d(out, out.shape[2])
+        n = out.shape[0]
+        feats = out.reshape(n, b, -1).transpose(0, 1)  # (B, n, F), each row flattened as (C, h, w)
+        weights = fast["layer_dict.linear.weights"]  # (B, classes, F)
+        lin_bias = fast["layer_dict.linear.bias"]  # (B, classes)
+        return torch.baddbmm(lin_bias.unsqueeze(1), feats, weights.transpose(1, 2))
+
+    def _importance(self) -> torch.Tensor:
+        if self._importance_cache is None or self._importance_cache[0] != self.current_epoch:
+            self._importance_cache = (self.current_epoch, self.get_per_step_loss_importance_vector())
+        return self._importance_cache[1]
+
+    @torch.no_grad()
+    def _update_running_stats(self, pending: dict) -> None:
+        """Apply the closed form of the reference's sequential momentum updates, one (layer, step) row
+        at a time. pending[(layer, step)] = list of (mean (B*C,), invstd (B*C,), M) per forward, in
+        the order the reference visits them within each task (support, then target)."""
+        m = BN_MOMENTUM
+        for (layer, step), entries in pending.items():
+            norm = self.classifier.layer_dict[f"conv{layer}"].norm_layer
+            c = norm.running_mean.shape[-1]
+            means = torch.stack([e[0].view(-1, c) for e in entries], dim=1)  # (B, P, C)
+            vars_ = torch.stack([(e[1].view(-1, c).pow(-2) - BN_EPS) * (e[2] / (e[2] - 1)) for e in entries], dim=1)
+            k = means.shape[0] * means.shape[1]
+            # coef_j = m (1-m)^(K-1-j) for the j-th value in the reference's order (0-based)
+            expo = torch.arange(k - 1, -1, -1, device=means.device, dtype=means.dtype)
+            coef = m * torch.pow(torch.tensor(1.0 - m, dtype=means.dtype, device=means.device), expo)
+            decay = (1.0 - m) ** k
+            rm, rv = norm.running_mean[step], norm.running_var[step]
+            rm.mul_(decay).add_(coef @ means.reshape(k, c))
+            rv.mul_(decay).add_(coef @ vars_.reshape(k, c))
+
+    # -- the outer forward -------------------------------------------------------------------------------
+    def forward(self, data_batch, epoch, use_second_order, use_multi_step_loss_optimization, num_steps,
+                training_phase):
+        """All tasks at once; returns (losses, per_task_target_preds) exactly as the reference."""
+        x_support, x_target, y_support, y_target = data_batch
+        b, n_way = x_support.shape[0], x_support.shape[1]
+        xs, xt = _task_major(x_support), _task_major(x_target)
+        ys, yt = y_support.reshape(-1), y_target.reshape(-1)  # task-major, matching logits (B, n, N)
+        s_train = self.args.number_of_training_steps_per_iter
+        use_msl = (use_multi_step_loss_optimization and training_phase
+                   and epoch < self.args.multi_step_loss_num_epochs)
+        final_step = min(num_steps, s_train) - 1
+        last = num_steps - 1 if use_msl else final_step
+        importance = self._importance()
+        track = any(n.per_step for n in self.classifier.norm_layers()) and (
+            training_phase or self.args.bn_backup_aliasing)
+        pending: dict = {}
+
+        params = dict(self.classifier.named_parameters())
+        lrs = self.inner_loop_optimizer.names_learning_rates_dict
+        names = self._adapted_names
+        meta = [params[k] for k in names]
+        alphas = [lrs[k.replace(".", "-")] for k in names]
+        fast_list = [p.unsqueeze(0).expand(b, *p.shape) for p in meta]
+        loss = None
+        target_logits = None
+        for step in range(last + 1):
+            fast = dict(zip(names, fast_list))
+            stats = [] if track else None
+            logits = self._net(xs, b, step, fast, stats)
+            support_loss = F.cross_entropy(logits.reshape(-1, n_way), ys) * b
+            grads = torch.autograd.grad(support_loss, fast_list, create_graph=use_second_order)
+            fast_list = lslr_update(meta if step == 0 else fast_list, list(grads), alphas, step)
+            if track:
+                for layer, mean, invstd, m in stats:
+                    pending.setdefault((layer, step), []).append((mean, invstd, m))
+            if use_msl or step == final_step:
+                stats = [] if track else None
+                target_logits = self._net(xt, b, step, dict(zip(names, fast_list)), stats)
+                target_loss = F.cross_entropy(target_logits.reshape(-1, n_way), yt)
+                term = importance[step] * target_loss if use_msl else target_loss
+                loss = term if loss is None else loss + term
+                if track:
+                    for layer, mean, invstd, m in stats:
+                        pending.setdefault((layer, step), []).append((mean, invstd, m))
+        if pending:
+            self._update_running_stats(pending)
+
+        preds = target_logits.detach()
+        accuracy = preds.argmax(-1).eq(y_target.reshape(b, -1)).to(torch.float32).mean()
+        preds_np = preds.cpu().numpy()
+        losses = {"loss": loss, "accuracy": float(accuracy.item())}
+        for i, item in enumerate(importance.detach().cpu().numpy()):
+            losses[f"loss_importance_vector_{i}"] = item
+        return losses, [preds_np[t] for t in range(b)]

@@ -1,0 +1,24 @@
+"""Custom autograd ops of the fast learner and the choice of the backend that runs them.
+
+- `per_step_batch_norm(x, gamma, beta, num_tasks, eps=1e-5, slope=0.01, backend=None)
+  -> (y, mean, invstd)`: batch norm per (task, channel) fused with leaky ReLU, twice differentiable.
+- `lslr_update(thetas, grads, alphas, step, backend=None) -> list`: the LSLR inner-loop step for all
+  adapted tensors at once.
+- `get_backend`, `set_backend`, `available_backends`, `clear_cache`: see `mamlpp_fast.ops.backend`.
+"""
+from .backend import (BACKEND_NAMES, Backend, BackendFallbackWarning, available_backends, clear_cache,
+                      get_backend, set_backend)
+from .lslr import lslr_update
+from .per_step_bn import per_step_batch_norm
+
+__all__ = [
+    "BACKEND_NAMES",
+    "Backend",
+    "BackendFallbackWarning",
+    "available_backends",
+    "clear_cache",
+    "get_backend",
+    "lslr_update",
+    "per_step_batch_norm",
+    "set_backend",
+]

@@ -1,0 +1,198 @@
+r"""LSLR inner-loop update for all adapted tensors at once (one autograd node per inner step).
+
+Symbols (for tensor l; ``alpha = alphas[l]`` is its learning-rate vector ``(S+1,)``, ``k = step``)::
+
+    out   = theta - alpha[k] * grad                 (theta broadcast over the tasks when shared)
+
+Backward (given ``dout``; first order only, the outer backward is never differentiated)::
+
+    dtheta   = dout                 per-task theta (T, *shape)
+             = sum_t dout[t]        shared theta (*shape), broadcast over the T tasks
+    dgrad    = -alpha[k] * dout
+    dalpha   = 0 except dalpha[k] = -sum(dout * grad)
+
+The torch backend rounds like the plain formula ``theta - alpha[k] * grad`` (product, then
+difference), so it matches the reference learner bit for bit.
+"""
+from __future__ import annotations
+
+from collections import namedtuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .backend import get_backend
+
+__all__ = ["lslr_update", "lslr_forward", "lslr_backward"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure-torch backend
+# ----------------------------------------------------------------------------------------------
+def lslr_forward(thetas, grads, alphas, step):
+    """``[theta - alpha[step] * grad for each tensor]``, each ``(T, *shape_l)``."""
+    lrs = [a[step] for a in alphas]
+    return list(torch._foreach_sub(list(thetas), torch._foreach_mul(list(grads), lrs)))
+
+
+def lslr_backward(douts, grads, alphas, step, shared, *, needs=None):
+    """``(dthetas, dgrads, dalphas)`` as in the module docstring.
+
+    ``shared[l]``: thetas[l] had no task dimension (dthetas[l] is then summed over tasks).
+    ``needs`` (optional, this backend only): three lists of booleans (dtheta, dgrad, dalpha per
+    tensor); an entry that is not needed comes back as None and is not computed; ``grads[l]`` may then
+    be None where dalpha[l] is not needed. The entries of ``douts`` must not be None.
+    """
+    n = len(douts)
+    need_t, need_g, need_a = needs if needs is not None else ([True] * n,) * 3
+    dthetas = [None] * n
+    dgrads = [None] * n
+    dalphas = [None] * n
+    for l in range(n):
+        if need_t[l]:
+            dthetas[l] = douts[l].sum(0) if shared[l] else douts[l]
+    idx = [l for l in range(n) if need_g[l]]
+    if idx:
+        vals = torch._foreach_mul([douts[l] for l in idx], [alphas[l][step] for l in idx])
+        torch._foreach_neg_(vals)
+        for l, v in zip(idx, vals):
+            dgrads[l] = v
+    idx = [l for l in range(n) if need_a[l]]
+    if idx:
+        prods = torch._foreach_mul([douts[l] for l in idx], [grads[l] for l in idx])
+        for l, p in zip(idx, prods):
+            alpha = alphas[l]
+            s = p.sum(dtype=torch.float32) if p.dtype in _HALF else p.sum()
+            d = torch.zeros_like(alpha)
+            d[step] = s.neg_()
+            dalphas[l] = d
+    return dthetas, dgrads, dalphas
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------
+_Spec = namedtuple("_Spec", "num step shared impl")
+
+
+class _LSLRUpdate(torch.autograd.Function):
+    """outs = lslr_forward(thetas, grads, alphas, step); args flattened: (spec, *thetas, *grads, *alphas)."""
+
+    @staticmethod
+    def forward(ctx, spec, *flat):
+        n = spec.num
+        thetas, grads, alphas = list(flat[:n]), list(flat[n:2 * n]), list(flat[2 * n:])
+        outs = spec.impl.lslr_forward(thetas, grads, alphas, spec.step)
+        need_a = ctx.needs_input_grad[1 + 2 * n:]
+        # grads are needed only for dalpha (every backend that does not take `needs` gets them all)
+        keep_grads = any(need_a) or not spec.impl.accepts_needs
+        ctx.save_for_backward(*(grads if keep_grads else [None] * n), *alphas)
+        ctx.spec = spec
+        ctx.set_materialize_grads(False)
+        return tuple(outs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *douts):
+        spec = ctx.spec
+        n = spec.num
+        ni = ctx.needs_input_grad[1:]
+        saved = ctx.saved_tensors
+        grads, alphas = saved[:n], saved[n:]
+        idx = [l for l in range(n)
+               if douts[l] is not None and (ni[l] or ni[n + l] or ni[2 * n + l])]
+        result = [None] * (3 * n)
+        if idx:
+            sub = lambda seq: [seq[l] for l in idx]  # noqa: E731
+            args = (sub(douts), sub(grads), sub(alphas), spec.step, sub(spec.shared))
+            needs = (sub(ni[:n]), sub(ni[n:2 * n]), sub(ni[2 * n:]))
+            if spec.impl.accepts_needs:
+                parts = spec.impl.lslr_backward(*args, needs=needs)
+            else:
+                parts = spec.impl.lslr_backward(*args)
+            for k in range(3):
+                for j, l in enumerate(idx):
+                    if needs[k][j]:
+                        result[k * n + l] = parts[k][j]
+        return (None, *result)
+
+
+def _check_args(thetas, grads, alphas, step):
+    op = "lslr_update"
+    for name, seq in (("thetas", thetas), ("grads", grads), ("alphas", alphas)):
+        if not isinstance(seq, (list, tuple)):
+            raise TypeError(f"{op}: {name} must be a list or tuple of tensors, got {type(seq).__name__}")
+        for l, t in enumerate(seq):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{op}: {name}[{l}] must be a torch.Tensor, got {type(t).__name__}")
+    if not (len(thetas) == len(grads) == len(alphas)):
+        raise ValueError(f"{op}: thetas, grads and alphas must have the same length, got "
+                         f"{len(thetas)}, {len(grads)} and {len(alphas)}")
+    if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_floating_point():
+        step = int(step)
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise ValueError(f"{op}: step must be an int, got {step!r}")
+    shared = []
+    num_tasks = None
+    for l, (theta, grad, alpha) in enumerate(zip(thetas, grads, alphas)):
+        if alpha.dim() != 1:
+            raise ValueError(f"{op}: alphas[{l}] must be a vector (S+1,), got shape {tuple(alpha.shape)}")
+        if not 0 <= step < alpha.shape[0]:
+            raise ValueError(f"{op}: step = {step} is out of range for alphas[{l}] with "
+                             f"{alpha.shape[0]} entries")
+        if grad.dim() < 1:
+            raise ValueError(f"{op}: grads[{l}] must have a leading task dimension, got a 0-d tensor")
+        if num_tasks is None:
+            num_tasks = grad.shape[0]
+        elif grad.shape[0] != num_tasks:
+            raise ValueError(f"{op}: grads[{l}] has {grad.shape[0]} tasks (dim 0) but grads[0] has {num_tasks}")
+        if theta.shape == grad.shape:
+            shared.append(False)
+        elif theta.shape == grad.shape[1:]:
+            shared.append(True)
+        else:
+            raise ValueError(f"{op}: thetas[{l}] must have shape {tuple(grad.shape)} (per task) or "
+                             f"{tuple(grad.shape[1:])} (shared), as grads[{l}] is {tuple(grad.shape)}; "
+                             f"got {tuple(theta.shape)}")
+        if not theta.is_floating_point() or theta.dtype != grad.dtype or theta.dtype != alpha.dtype:
+            raise ValueError(f"{op}: dtype mismatch at index {l}: thetas[{l}] {theta.dtype}, grads[{l}] "
+                             f"{grad.dtype}, alphas[{l}] {alpha.dtype} (must be one floating dtype)")
+        if theta.device != grad.device or theta.device != alpha.device:
+            raise ValueError(f"{op}: device mismatch at index {l}: thetas[{l}] on {theta.device}, "
+                             f"grads[{l}] on {grad.device}, alphas[{l}] on {alpha.device}")
+    return step, tuple(shared)
+
+
+def lslr_update(thetas, grads, alphas, step, backend=None):
+    r"""One LSLR inner step for a list of tensors: ``out[l] = thetas[l] - alphas[l][step] * grads[l]``.
+
+    Description:
+        Updates all adapted tensors of all tasks in one autograd node. The backward is first order
+        (``once_differentiable``); gradients are computed only for the inputs that require them (e.g.
+        first-order MAML passes detached ``grads``).
+
+    Arguments:
+        thetas: list of ``(T, *shape_l)`` per-task fast weights, or ``shape_l`` (a shared
+            meta-parameter, broadcast over the tasks).
+        grads: list of ``(T, *shape_l)``.
+        alphas: list of ``(S+1,)`` learning-rate vectors.
+        step: int in ``[0, S]``.
+        backend: as for `per_step_batch_norm`.
+
+    Returns:
+        list of ``(T, *shape_l)`` tensors.
+
+    Example:
+        >>> w = torch.ones(2, 3)
+        >>> out = lslr_update([w], [torch.ones(4, 2, 3)], [torch.full((6,), 0.1)], step=0)
+        >>> out[0].shape
+        torch.Size([4, 2, 3])
+    """
+    step, shared = _check_args(thetas, grads, alphas, step)
+    if not thetas:
+        return []
+    impl = get_backend(backend, thetas[0].device)
+    spec = _Spec(len(thetas), step, shared, impl)
+    return list(_LSLRUpdate.apply(spec, *thetas, *grads, *alphas))

@@ -1,0 +1,385 @@
+r"""Per-(task, channel) batch norm fused with leaky ReLU, differentiable to second order.
+
+Layout: ``x`` is ``(N, T*C, H, W)``, task-major in the channel dimension (channel ``t*C + c`` is
+channel ``c`` of task ``t``), as produced by a grouped convolution with ``groups=T``. ``gamma`` and
+``beta`` are ``(C,)`` (shared by all tasks) or ``(T, C)`` (one row per task), each independently.
+
+Symbols (all per (task, channel), i.e. per channel of the T*C channels; ``j`` runs over the
+``M = N*H*W`` elements of that channel; ``mean`` is the average over those M elements)::
+
+    mu      = mean(x)
+    var     = mean((x - mu)^2)                    biased variance
+    r       = 1 / sqrt(var + eps)                 (the returned `invstd`)
+    xhat_j  = (x_j - mu) * r
+    z_j     = gamma * xhat_j + beta
+    a_j     = 1 if z_j > 0 else slope             leaky-ReLU mask
+    y_j     = a_j * z_j
+
+Backward (op ``per_step_batch_norm_backward``, given the upstream gradient ``dy``)::
+
+    g_j     = a_j * dy_j
+    gbar    = mean(g)
+    m       = mean(g * xhat)
+    dbeta   = sum(g)            = M * gbar
+    dgamma  = sum(g * xhat)     = M * m
+    dx_j    = gamma * r * (g_j - gbar - xhat_j * m)
+
+(the usual batch-norm backward with ``dxhat = gamma * g``; dgamma and dbeta are also summed over the
+tasks when gamma, resp. beta, is shared ``(C,)``).
+
+Double backward (the backward of the backward). Given ``u = ggx`` (gradient w.r.t. ``dx``),
+``u_gamma = gggamma`` and ``u_beta = ggbeta``, differentiate the scalar
+
+    F = sum_j u_j dx_j + u_gamma * dgamma + u_beta * dbeta
+      = gamma * r * M * (ug - ubar * gbar - ux * m) + u_gamma * M * m + u_beta * M * gbar,
+
+    ubar = mean(u),  ux = mean(u * xhat),  ug = mean(u * g),
+
+with respect to ``dy``, ``x``, ``gamma`` and ``beta``. The mask ``a`` is piecewise constant, so its
+derivative is 0 almost everywhere. ``u_gamma``/``u_beta`` of a shared parameter are one value per
+channel, broadcast over the tasks. Write ``Q = M * (ug - ubar * gbar - ux * m)``.
+
+* w.r.t. ``dy`` (F is linear in g and g_j = a_j dy_j)::
+
+      d(dy)_j = a_j * [ gamma * r * (u_j - ubar - xhat_j * ux) + u_gamma * xhat_j + u_beta ]
+
+* w.r.t. ``gamma`` (only dx depends on gamma, linearly)::
+
+      d(gamma) = r * Q = r * M * (ug - ubar * gbar - ux * m)      (summed over tasks if shared)
+
+* w.r.t. ``beta``: 0 (beta enters only through the mask).
+
+* w.r.t. ``x``: F depends on x through ``xhat`` (also through m and ux) and directly through ``r``.
+  Holding r fixed, dF/dxhat_j = P_j with::
+
+      P_j = gamma * r * (-u_j * m - ux * g_j) + u_gamma * g_j
+
+  (from d(M * ux * m)/dxhat_j = u_j * m + ux * g_j and d(M * m)/dxhat_j = g_j), and
+  dF/dr|_xhat = gamma * Q. With dxhat_k/dx_j = r * (delta_kj - 1/M - xhat_k * xhat_j / M) and
+  dr/dx_j = -r^2 * xhat_j / M (eps included in r)::
+
+      d(x)_j = r * (P_j - mean(P) - xhat_j * mean(P * xhat)) - gamma * r^2 * xhat_j * Q / M
+      mean(P)        = gamma * r * (-ubar * m - ux * gbar) + u_gamma * gbar
+      mean(P * xhat) = -2 * gamma * r * ux * m + u_gamma * m
+
+  (this is the hand derivation of the design brief, re-derived and confirmed by gradgradcheck).
+
+Precision: fp16/bf16 inputs are computed in fp32 (``mean``/``invstd`` come back in fp32, the other
+results in the dtype of the matching input); fp32 and fp64 are computed in their own dtype. ``xhat``
+and ``z`` are recomputed from ``x``, ``mean`` and ``invstd`` (no other activation is saved), in the same
+order of operations as the forward, so the recomputed mask equals the forward's bit for bit.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .backend import get_backend
+
+__all__ = ["per_step_batch_norm", "bn_forward", "bn_backward", "bn_double_backward"]
+
+_HALF = (torch.float16, torch.bfloat16)
+_leaky_relu_backward = torch.ops.aten.leaky_relu_backward
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure-torch backend. Per-(task, channel) tensors are kept as (1, T, C, 1) (or (1, 1, C, 1) for a
+# shared parameter) so that they broadcast against the (N, T, C, H*W) view of the activations.
+# ----------------------------------------------------------------------------------------------
+def _acc(dtype):
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def _dims(x, num_tasks):
+    n, tc, h, w = x.shape
+    return n, num_tasks, tc // num_tasks, h * w
+
+
+def _act(t, dims, acc):  # (N, T*C, H, W) -> (N, T, C, S) in the accumulation dtype
+    return t.reshape(dims).to(acc)
+
+
+def _chan(p, dims, acc):  # (C,) -> (1, 1, C, 1); (T, C) or (T*C,) stats -> (1, T, C, 1)
+    n, t, c, s = dims
+    return p.to(acc).reshape(1, t if p.numel() != c else 1, c, 1)
+
+
+def _to_param(s, p):  # per-(task, channel) sum (1, T, C, 1) -> shape and dtype of parameter p
+    if p.dim() == 1:
+        s = s.sum(1)
+    return s.reshape(p.shape).to(p.dtype)
+
+
+def _xhat_z(xa, mu, r, gam, bet):
+    """xhat = (x - mu) * r and z = gamma * xhat + beta, same order of operations everywhere."""
+    xhat = torch.sub(xa, mu).mul_(r)
+    return xhat, torch.addcmul(bet, xhat, gam)
+
+
+def _mean(t):
+    return t.mean((0, 3), keepdim=True)
+
+
+def bn_forward(x, gamma, beta, num_tasks, eps, slope):
+    """Forward of the torch backend: returns ``(y, mean, invstd)``; see the module docstring.
+
+    Shapes: x, y ``(N, T*C, H, W)``; gamma, beta ``(C,)`` or ``(T, C)``; mean, invstd ``(T*C,)``.
+    """
+    dims = _dims(x, num_tasks)
+    acc = _acc(x.dtype)
+    xa = _act(x, dims, acc)
+    var, mu = torch.var_mean(xa, dim=(0, 3), correction=0, keepdim=True)
+    r = var.add_(eps).rsqrt_()
+    _, z = _xhat_z(xa, mu, r, _chan(gamma, dims, acc), _chan(beta, dims, acc))
+    y = F.leaky_relu(z, slope, inplace=True)
+    tc = dims[1] * dims[2]
+    return y.to(x.dtype).reshape(x.shape), mu.reshape(tc), r.reshape(tc)
+
+
+def bn_backward(dy, x, gamma, beta, mean, invstd, num_tasks, slope, *, needs=None):
+    """Backward of the torch backend: returns ``(dx, dgamma, dbeta)``; see the module docstring.
+
+    ``needs`` (optional, this backend only): three booleans (dx, dgamma, dbeta); a result that is not
+    needed comes back as None and is not computed.
+    """
+    need_dx, need_dgamma, need_dbeta = needs if needs is not None else (True, True, True)
+    dims = _dims(x, num_tasks)
+    acc = _acc(x.dtype)
+    mu, r = _chan(mean, dims, acc), _chan(invstd, dims, acc)
+    gam = _chan(gamma, dims, acc)
+    xhat, z = _xhat_z(_act(x, dims, acc), mu, r, gam, _chan(beta, dims, acc))
+    g = _leaky_relu_backward(_act(dy, dims, acc), z, slope, False)
+    del z
+    dx = dgamma = dbeta = None
+    sum_g = g.sum((0, 3), keepdim=True) if (need_dx or need_dbeta) else None
+    sum_gx = (g * xhat).sum((0, 3), keepdim=True) if (need_dx or need_dgamma) else None
+    if need_dbeta:
+        dbeta = _to_param(sum_g, beta)
+    if need_dgamma:
+        dgamma = _to_param(sum_gx, gamma)
+    if need_dx:
+        M = dims[0] * dims[3]
+        gbar, m = sum_g / M, sum_gx / M
+        # dx = gamma * r * (g - gbar - xhat * m), in place in the buffer of g
+        dx = g.sub_(gbar).addcmul_(xhat, m, value=-1).mul_(gam * r)
+        dx = dx.to(x.dtype).reshape(x.shape)
+    return dx, dgamma, dbeta
+
+
+def bn_double_backward(ggx, gggamma, ggbeta, dy, x, gamma, beta, mean, invstd, num_tasks, slope, *,
+                       needs=None):
+    """Double backward of the torch backend: returns ``(gx, ggamma, gdy)``; see the module docstring.
+
+    ``ggx`` = u, ``gggamma`` = u_gamma, ``ggbeta`` = u_beta are the gradients w.r.t. dx, dgamma and
+    dbeta; any of them may be None (= zeros). The gradient w.r.t. beta is identically 0 and is not
+    returned. ``needs`` (optional, this backend only): three booleans (gx, ggamma, gdy); a result that
+    is not needed comes back as None and is not computed.
+    """
+    need_gx, need_ggamma, need_gdy = needs if needs is not None else (True, True, True)
+    dims = _dims(x, num_tasks)
+    acc = _acc(x.dtype)
+    M = dims[0] * dims[3]
+    mu, r = _chan(mean, dims, acc), _chan(invstd, dims, acc)
+    gam = _chan(gamma, dims, acc)
+    xhat, z = _xhat_z(_act(x, dims, acc), mu, r, gam, _chan(beta, dims, acc))
+    gr = gam * r  # gamma * r
+    u = None if ggx is None else _act(ggx, dims, acc)
+    u_gamma = None if gggamma is None else _chan(gggamma, dims, acc)
+    u_beta = None if ggbeta is None else _chan(ggbeta, dims, acc)
+    if u is not None:
+        ubar = _mean(u)
+        ux = _mean(u * xhat)
+    gx = ggamma = gdy = None
+
+    if need_gdy:
+        # d(dy) = a * [gamma*r*(u - ubar - xhat*ux) + u_gamma*xhat + u_beta]
+        #       = a * [u*(gamma*r) + xhat*coef_xhat + const]
+        coef_xhat = const = None
+        if u is not None:
+            coef_xhat, const = -gr * ux, -gr * ubar
+        if u_gamma is not None:
+            coef_xhat = u_gamma if coef_xhat is None else coef_xhat + u_gamma
+        if u_beta is not None:
+            const = u_beta if const is None else const + u_beta
+        if u is not None:
+            inner = u * gr
+            if coef_xhat is not None:
+                inner.addcmul_(xhat, coef_xhat)
+        elif coef_xhat is not None:
+            inner = xhat * coef_xhat
+        else:
+            inner = torch.zeros_like(xhat)
+        if const is not None:
+            inner.add_(const)
+        gdy = _leaky_relu_backward(inner, z, slope, False)
+        del inner
+        gdy = gdy.to(dy.dtype).reshape(x.shape)
+
+    if need_gx or need_ggamma:
+        g = _leaky_relu_backward(_act(dy, dims, acc), z, slope, False)
+        gbar = _mean(g)
+        m = _mean(g * xhat)
+        # Q / M = ug - ubar*gbar - ux*m   (0 when u is None)
+        q = _mean(u * g).sub_(ubar * gbar).sub_(ux * m) if u is not None else None
+        if need_ggamma:
+            ggamma = _to_param(r * q * M, gamma) if q is not None else torch.zeros_like(gamma)
+        if need_gx:
+            # P = u*coef_u + g*coef_g, coef_u = -gamma*r*m, coef_g = -gamma*r*ux + u_gamma
+            coef_g = None
+            if u is not None:
+                coef_g = -gr * ux
+            if u_gamma is not None:
+                coef_g = u_gamma if coef_g is None else coef_g + u_gamma
+            if u is None and coef_g is None:  # only u_beta: d(x) is 0
+                gx = torch.zeros_like(x)
+            else:
+                mean_p = torch.zeros_like(gr)       # mean(P)
+                mean_px = torch.zeros_like(gr)      # mean(P * xhat)
+                if u is not None:
+                    coef_u = -gr * m
+                    p = u * coef_u
+                    mean_p = mean_p + coef_u * ubar
+                    mean_px = mean_px + coef_u * ux
+                if coef_g is not None:
+                    p = g * coef_g if u is None else p.addcmul_(g, coef_g)
+                    mean_p = mean_p + coef_g * gbar
+                    mean_px = mean_px + coef_g * m
+                # d(x) = r * (P - mean(P) - xhat * (mean(P*xhat) + gamma*r*Q/M))
+                coef_xhat = mean_px if q is None else mean_px + gr * q
+                gx = p.sub_(mean_p).addcmul_(xhat, coef_xhat, value=-1).mul_(r)
+                gx = gx.to(x.dtype).reshape(x.shape)
+    return gx, ggamma, gdy
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd: forward -> bn_backward (itself an autograd Function) -> bn_double_backward.
+# ----------------------------------------------------------------------------------------------
+def _call(fn, impl, needs, *args):
+    """Call a backend function, passing `needs` when the backend accepts it, else dropping the results
+    that are not needed."""
+    if impl.accepts_needs:
+        return fn(*args, needs=needs)
+    out = fn(*args)
+    return tuple(o if n else None for o, n in zip(out, needs))
+
+
+class _BNForward(torch.autograd.Function):
+    """y, mean, invstd = per-step BN + leaky ReLU; mean and invstd are not differentiable."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, num_tasks, eps, slope, impl):
+        y, mean, invstd = impl.bn_forward(x, gamma, beta, num_tasks, eps, slope)
+        ctx.save_for_backward(x, gamma, beta, mean, invstd)
+        ctx.num_tasks, ctx.slope, ctx.impl = num_tasks, slope, impl
+        ctx.mark_non_differentiable(mean, invstd)
+        ctx.set_materialize_grads(False)
+        return y, mean, invstd
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dinvstd):
+        needs = tuple(ctx.needs_input_grad[:3])
+        if dy is None or not any(needs):
+            return (None,) * 7
+        x, gamma, beta, mean, invstd = ctx.saved_tensors
+        dx, dgamma, dbeta = _BNBackward.apply(dy, x, gamma, beta, mean, invstd, ctx.num_tasks,
+                                              ctx.slope, ctx.impl, needs)
+        return dx, dgamma, dbeta, None, None, None, None
+
+
+class _BNBackward(torch.autograd.Function):
+    """The op per_step_batch_norm_backward: (dx, dgamma, dbeta) from dy; its backward is the
+    hand-written double backward (first order only: third derivatives are not supported)."""
+
+    @staticmethod
+    def forward(ctx, dy, x, gamma, beta, mean, invstd, num_tasks, slope, impl, needs):
+        out = _call(impl.bn_backward, impl, needs, dy, x, gamma, beta, mean, invstd, num_tasks, slope)
+        ctx.save_for_backward(dy, x, gamma, beta, mean, invstd)
+        ctx.num_tasks, ctx.slope, ctx.impl = num_tasks, slope, impl
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, ggx, gggamma, ggbeta):
+        need_gdy, need_gx, need_ggamma = ctx.needs_input_grad[:3]
+        if (ggx is None and gggamma is None and ggbeta is None) or not (need_gdy or need_gx or need_ggamma):
+            return (None,) * 10
+        dy, x, gamma, beta, mean, invstd = ctx.saved_tensors
+        impl = ctx.impl
+        gx, ggamma, gdy = _call(impl.bn_double_backward, impl, (need_gx, need_ggamma, need_gdy),
+                                ggx, gggamma, ggbeta, dy, x, gamma, beta, mean, invstd,
+                                ctx.num_tasks, ctx.slope)
+        return gdy, gx, ggamma, None, None, None, None, None, None, None
+
+
+def _check_args(x, gamma, beta, num_tasks, eps, slope):
+    op = "per_step_batch_norm"
+    for name, t in (("x", x), ("gamma", gamma), ("beta", beta)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be 4-D (N, T*C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{op}: x must be a floating-point tensor, got dtype {x.dtype}")
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, numbers.Integral) or num_tasks < 1:
+        raise ValueError(f"{op}: num_tasks must be a positive int, got {num_tasks!r}")
+    n, tc, h, w = x.shape
+    if tc % num_tasks != 0:
+        raise ValueError(f"{op}: x.shape[1] = {tc} (T*C) is not divisible by num_tasks = {num_tasks}")
+    if n * h * w == 0 or tc == 0:
+        raise ValueError(f"{op}: x must have at least one element per channel, got shape {tuple(x.shape)}")
+    c = tc // num_tasks
+    for name, p in (("gamma", gamma), ("beta", beta)):
+        if tuple(p.shape) not in ((c,), (num_tasks, c)):
+            raise ValueError(f"{op}: {name} must have shape ({c},) or ({num_tasks}, {c}) for x with {tc} "
+                             f"channels and num_tasks = {num_tasks}, got {tuple(p.shape)}")
+        if p.device != x.device:
+            raise ValueError(f"{op}: {name} is on {p.device} but x is on {x.device}")
+    if gamma.dtype != beta.dtype:
+        raise ValueError(f"{op}: gamma and beta must have the same dtype, got {gamma.dtype} and {beta.dtype}")
+    if gamma.dtype != x.dtype and not (x.dtype in _HALF and gamma.dtype == torch.float32):
+        raise ValueError(f"{op}: dtype mismatch: gamma/beta are {gamma.dtype} but x is {x.dtype} "
+                         "(allowed: the same dtype, or float32 parameters with float16/bfloat16 x)")
+    if not (isinstance(eps, numbers.Real) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
+    if not (isinstance(slope, numbers.Real) and math.isfinite(slope)):
+        raise ValueError(f"{op}: slope must be a finite number, got {slope!r}")
+
+
+def per_step_batch_norm(x, gamma, beta, num_tasks, eps=1e-5, slope=0.01, backend=None):
+    r"""Batch norm with statistics per (task, channel), fused with leaky ReLU.
+
+    Description:
+        ``y = leaky_relu(gamma * (x - mean) * invstd + beta, slope)`` where mean and the biased
+        variance are taken per channel of the ``T*C`` channels over (N, H, W); ``invstd =
+        1/sqrt(var + eps)``. Differentiable twice: the backward is the op
+        ``per_step_batch_norm_backward`` whose own backward is hand-written (formulas in the module
+        docstring of ``mamlpp_fast.ops.per_step_bn``).
+
+    Arguments:
+        x: ``(N, T*C, H, W)``, channel ``t*C + c`` = channel c of task t.
+        gamma, beta: ``(C,)`` shared by the tasks, or ``(T, C)`` one row per task (each independently);
+            the dtype of x, or float32 when x is float16/bfloat16.
+        num_tasks: T.
+        eps: added to the variance. slope: negative slope of the leaky ReLU.
+        backend: None, "auto", "cuda", "triton", "cpp", "torch" or a `Backend` (see
+            ``mamlpp_fast.ops.backend``); the choice also follows the device of x.
+
+    Returns:
+        ``(y, mean, invstd)``: y like x; mean and invstd ``(T*C,)`` (float32 for half inputs), not
+        differentiable.
+
+    Example:
+        >>> x = torch.randn(4, 2 * 3, 5, 5)
+        >>> y, mean, invstd = per_step_batch_norm(x, torch.ones(3), torch.zeros(3), num_tasks=2)
+        >>> y.shape, mean.shape
+        (torch.Size([4, 6, 5, 5]), torch.Size([6]))
+    """
+    _check_args(x, gamma, beta, num_tasks, eps, slope)
+    num_tasks = int(num_tasks)
+    impl = get_backend(backend, x.device)
+    return _BNForward.apply(x, gamma, beta, num_tasks, float(eps), float(slope), impl)

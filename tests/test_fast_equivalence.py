@@ -1,0 +1,237 @@
+"""Whole-learner equivalence: the fast learner (all tasks at once, custom ops) against the reference
+learner (one task at a time, stock PyTorch), from the same state_dict on the same batch.
+
+Compared: losses, accuracies, per-task target logits, the meta-gradient of every trainable parameter
+(conv, linear, BN gamma/beta, LSLR rates), running statistics after the forward, and parameters after
+the Adam step.
+
+Tolerances.
+- float64: 1e-9 relative (TESTING.md: in float64 a 1e-13 perturbation of one inner learning rate moves
+  meta-gradients ~1e-9 relative; rounding of two correct implementations stays far below).
+- float32: meta-gradients are compared per tensor by ||a - b|| / max(||b||, floor) with the floor a
+  fraction (1e-3) of the largest gradient norm of the model, since conv biases followed by batch norm
+  have a zero gradient in exact arithmetic and only rounding noise in practice (TESTING.md). The two
+  learners sum in different orders (grouped vs single convolutions, fused vs stock batch norm), so
+  each op differs by a few float32 ulps (~1e-7 relative); the 5-step second-order inner loop amplifies
+  such differences (TESTING.md measured ~1e-3 relative for a 1e-6 perturbation, i.e. a gain of ~1e3),
+  so 1e-7 * 1e3 * safety 20 gives FP32_GRAD_RTOL = 2e-3. Losses and logits pass through the same
+  amplification but are smoother: FP32_OUT_RTOL = 1e-4.
+- After the Adam step, biases of conv layers and their LSLR rates are excluded in float32: their
+  gradient is pure noise and Adam turns noise into a full-size step (TESTING.md).
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from _batches import fresh_seed, learnable_batch
+from mamlpp_fast.config import default_args
+from mamlpp_fast.fast import MAMLFewShotClassifier as Fast
+from mamlpp_fast.ops import available_backends
+from mamlpp_fast.reference import MAMLFewShotClassifier as Reference
+
+FP64_RTOL = 1e-9
+FP32_GRAD_RTOL = 2e-3
+FP32_OUT_RTOL = 1e-4
+
+CPU_BACKENDS = [b for b in available_backends() if b in ("torch", "cpp", "triton")]
+
+
+def rel(a, b, floor=0.0):
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return float((a - b).norm() / max(float(b.norm()), floor, 1e-300))
+
+
+def make_pair(dtype, backend, **cfg):
+    args = default_args(dtype=dtype, backend=backend, **cfg)
+    im_shape = (2, args.image_channels, args.image_height, args.image_width)
+    ref = Reference(im_shape, "cpu", args)
+    fast = Fast(im_shape, "cpu", args)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast, args
+
+
+def batch_for(args, b, seed):
+    return learnable_batch(b, args.num_classes_per_set, args.num_samples_per_class, args.num_target_samples,
+                           args.image_channels, args.image_height, args.image_width, seed)
+
+
+def meta_grads(model, batch, epoch, training=True):
+    """Run the outer forward as run_train_iter does, backward, and return (losses, preds, grads)."""
+    model.current_epoch = epoch
+    data = model._batch(batch)
+    if training:
+        losses, preds = model.train_forward_prop(data, epoch)
+    else:
+        losses, preds = model.evaluation_forward_prop(data, epoch)
+    model.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    grads = {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+             for n, p in model.named_parameters() if p.requires_grad}
+    return losses, preds, grads
+
+
+def compare(ref, fast, batch, epoch, dtype, seed, training=True):
+    lr_, pr, gr = meta_grads(ref, batch, epoch, training)
+    lf, pf, gf = meta_grads(fast, batch, epoch, training)
+    fp64 = dtype == "float64"
+    out_tol = FP64_RTOL if fp64 else FP32_OUT_RTOL
+    grad_tol = FP64_RTOL if fp64 else FP32_GRAD_RTOL
+    msg = f"(seed {seed}, dtype {dtype}, epoch {epoch})"
+    assert rel(lf["loss"].detach(), lr_["loss"].detach()) < out_tol, msg
+    assert abs(lf["accuracy"] - lr_["accuracy"]) < 1e-6, msg
+    for key in lr_:
+        if key.startswith("loss_importance_vector"):
+            assert lf[key] == lr_[key], (key, msg)
+    assert len(pf) == len(pr)
+    for t, (a, b) in enumerate(zip(pf, pr)):
+        assert a.shape == b.shape
+        assert rel(a, b) < out_tol, f"task {t} logits differ by {rel(a, b):.3e} {msg}"
+    floor = 1e-3 * max(float(g.norm()) for g in gr.values())
+    worst = max(((rel(gf[n], gr[n], floor), n) for n in gr), key=lambda x: x[0])
+    assert worst[0] < grad_tol, f"meta-gradient of {worst[1]} differs by {worst[0]:.3e} {msg}"
+    assert set(gf) == set(gr)
+    # running statistics after the forward pass (BNRS)
+    sr, sf = ref.state_dict(), fast.state_dict()
+    for key in sr:
+        if "running" in key:
+            assert rel(sf[key], sr[key]) < out_tol, f"{key} differs by {rel(sf[key], sr[key]):.3e} {msg}"
+    return gr
+
+
+def is_noise_param(key):
+    """Conv biases feed batch norm: their exact gradient is 0, so autograd returns rounding noise, and so
+    does the gradient of their LSLR rates (TESTING.md)."""
+    return key.endswith("conv.bias") or key.endswith("conv-bias")
+
+
+def assert_same_after_adam(ref, fast, rtol, seed):
+    """Every parameter and running statistic agrees after one Adam step. For the noise-gradient tensors
+    Adam's first step is lr * g / (|g| + eps): with fp64 noise (|g| << eps) the step is negligible, so
+    both must have moved by far less than a real step (lr); in fp32 it is a random full-size step and
+    they are skipped."""
+    sr, sf = ref.state_dict(), fast.state_dict()
+    lr = ref.optimizer.param_groups[0]["lr"]
+    for key in sr:
+        if is_noise_param(key):
+            if sr[key].dtype == torch.float64:
+                init = 0.1 if "learning_rates" in key else 0.0
+                for v in (sr[key], sf[key]):
+                    assert float((v - init).abs().max()) < 1e-3 * lr, f"{key} moved by a real step (seed {seed})"
+            continue
+        assert rel(sf[key], sr[key]) < rtol, f"{key} after Adam differs by {rel(sf[key], sr[key]):.3e} (seed {seed})"
+
+
+CASES = [
+    # (id, config overrides, batch size B, epoch). Sizes are reduced for CI time (2 CPU cores); the
+    # Omniglot case keeps the paper's 1x28x28 input and 64 filters.
+    ("omniglot-64f-2nd-msl", dict(cnn_num_filters=64, number_of_training_steps_per_iter=2,
+                                  number_of_evaluation_steps_per_iter=2), 2, 0),
+    ("B8-3steps", dict(cnn_num_filters=8, num_stages=3, image_height=14, image_width=14,
+                       number_of_training_steps_per_iter=3, number_of_evaluation_steps_per_iter=3), 8, 1),
+    ("5steps-msl", dict(cnn_num_filters=4, num_stages=2, image_height=14, image_width=14), 2, 2),
+    ("msl-past-E-only-last-step", dict(cnn_num_filters=8, num_stages=3, image_height=14, image_width=14,
+                                       multi_step_loss_num_epochs=2, number_of_training_steps_per_iter=3,
+                                       number_of_evaluation_steps_per_iter=3), 2, 4),
+    ("first-order-DA", dict(cnn_num_filters=8, num_stages=3, image_height=14, image_width=14, first_order_to_second_order_epoch=5,
+                            number_of_training_steps_per_iter=2, number_of_evaluation_steps_per_iter=2), 2, 3),
+    ("msl-off-4steps", dict(cnn_num_filters=8, num_stages=2, image_height=14, image_width=14,
+                            use_multi_step_loss_optimization=False, number_of_training_steps_per_iter=4,
+                            number_of_evaluation_steps_per_iter=4), 2, 0),
+    ("strided-no-maxpool", dict(cnn_num_filters=8, max_pooling=False, image_height=14, image_width=14,
+                                number_of_training_steps_per_iter=2, number_of_evaluation_steps_per_iter=2), 2, 1),
+    ("one-step-B1", dict(cnn_num_filters=8, num_stages=3, image_height=14, image_width=14, number_of_training_steps_per_iter=1,
+                         number_of_evaluation_steps_per_iter=1), 1, 0),
+    ("mini-imagenet-like-reduced", dict(cnn_num_filters=48, image_channels=3, image_height=21, image_width=21,
+                                        num_target_samples=3, dataset_name="mini_imagenet_full_size",
+                                        number_of_training_steps_per_iter=2,
+                                        number_of_evaluation_steps_per_iter=2), 2, 0),
+    ("inner-loop-bn-params", dict(cnn_num_filters=8, num_stages=3, image_height=14, image_width=14,
+                                  enable_inner_loop_optimizable_bn_params=True,
+                                  number_of_training_steps_per_iter=2, number_of_evaluation_steps_per_iter=2), 2, 0),
+    ("no-per-step-bn", dict(cnn_num_filters=8, num_stages=3, image_height=14, image_width=14, per_step_bn_statistics=False,
+                            learnable_bn_gamma=False, number_of_training_steps_per_iter=2,
+                            number_of_evaluation_steps_per_iter=2), 2, 0),
+]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_fast_matches_reference_float64(case, backend):
+    if backend == "triton":
+        pytest.skip("triton interpreter: covered by the smaller triton case below (interpreter is slow)")
+    _, cfg, b, epoch = case
+    seed = fresh_seed()
+    ref, fast, args = make_pair("float64", backend, **cfg)
+    batch = batch_for(args, b, seed)
+    compare(ref, fast, batch, epoch, "float64", seed)
+    # One full run_train_iter (Adam step) each, then every parameter and running stat must agree.
+    ref2, fast2, _ = make_pair("float64", backend, **cfg)
+    lr_, pr = ref2.run_train_iter(batch, epoch)
+    lf, pf = fast2.run_train_iter(batch, epoch)
+    assert lf["learning_rate"] == lr_["learning_rate"]
+    assert_same_after_adam(ref2, fast2, FP64_RTOL, seed)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fast_matches_reference_float32(backend):
+    if backend == "triton":
+        pytest.skip("triton interpreter: covered by the smaller triton case below")
+    seed = fresh_seed()
+    cfg = dict(cnn_num_filters=32, num_classes_per_set=5, number_of_training_steps_per_iter=5)
+    ref, fast, args = make_pair("float32", backend, **cfg)
+    batch = batch_for(args, 2, seed)
+    compare(ref, fast, batch, 0, "float32", seed)
+    ref2, fast2, _ = make_pair("float32", backend, **cfg)
+    ref2.run_train_iter(batch, 0)
+    fast2.run_train_iter(batch, 0)
+    assert_same_after_adam(ref2, fast2, FP32_GRAD_RTOL, seed)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("aliasing", [False, True])
+def test_validation_path_matches(backend, aliasing):
+    if backend == "triton":
+        pytest.skip("triton interpreter: covered by the smaller triton case below")
+    seed = fresh_seed()
+    cfg = dict(cnn_num_filters=16, number_of_training_steps_per_iter=3, number_of_evaluation_steps_per_iter=3,
+               bn_backup_aliasing=aliasing)
+    ref, fast, args = make_pair("float64", backend, **cfg)
+    batch = batch_for(args, 4, seed)
+    before = copy.deepcopy(ref.state_dict())
+    lr_, pr = ref.run_validation_iter(batch)
+    lf, pf = fast.run_validation_iter(batch)
+    assert rel(lf["loss"], lr_["loss"]) < FP64_RTOL
+    assert lf["accuracy"] == pytest.approx(lr_["accuracy"], abs=1e-12)
+    for a, b in zip(pf, pr):
+        assert rel(a, b) < FP64_RTOL
+    sr, sf = ref.state_dict(), fast.state_dict()
+    for key in sr:
+        assert rel(sf[key], sr[key]) < FP64_RTOL, f"{key} after validation (aliasing={aliasing}, seed {seed})"
+    changed = any(not torch.equal(sr[k], before[k]) for k in sr if "running" in k)
+    assert changed == aliasing
+
+
+def test_triton_backend_small_case():
+    if "triton" not in CPU_BACKENDS:
+        pytest.skip("triton backend not available on this machine (needs TRITON_INTERPRET=1 without a GPU)")
+    seed = fresh_seed()
+    cfg = dict(cnn_num_filters=4, num_stages=2, image_height=8, image_width=8, num_classes_per_set=3,
+               number_of_training_steps_per_iter=2, number_of_evaluation_steps_per_iter=2)
+    ref, fast, args = make_pair("float32", "triton", **cfg)
+    compare(ref, fast, batch_for(args, 2, seed), 0, "float32", seed)
+
+
+def test_numpy_and_tensor_batches_agree():
+    seed = fresh_seed()
+    cfg = dict(cnn_num_filters=8, num_stages=2, number_of_training_steps_per_iter=2,
+               number_of_evaluation_steps_per_iter=2)
+    _, fast, args = make_pair("float64", "torch", **cfg)
+    batch = batch_for(args, 2, seed)
+    as_tensors = tuple(torch.from_numpy(np.asarray(a)) for a in batch)
+    float_labels = (batch[0], batch[1], batch[2].astype(np.float32), batch[3].astype(np.float32))
+    outs = [fast.run_validation_iter(b)[0]["loss"] for b in (batch, as_tensors, float_labels)]
+    assert outs[0] == outs[1] == outs[2]
