@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .common import cosine_lr
 from .ops import lslr_update, per_step_batch_norm
 from .reference import BN_EPS, BN_MOMENTUM, LEAKY_SLOPE
 from .reference import MAMLFewShotClassifier as ReferenceClassifier
@@ -55,6 +56,10 @@ class MAMLFewShotClassifier(ReferenceClassifier):
             set_backend(self.args.backend)
         self._adapted_names = list(self.get_inner_loop_parameter_dict(self.classifier.named_parameters()))
         self._importance_cache: tuple[int, torch.Tensor] | None = None
+        self._graphs = {}
+        self._graph_failed = None
+        if self._graph_mode():
+            self._make_capturable_optimizer()
 
     # -- batched network ----------------------------------------------------------------------------
     def _bn_params(self, layer: str, step: int, fast: dict):
@@ -111,16 +116,18 @@ class MAMLFewShotClassifier(ReferenceClassifier):
             k = means.shape[0] * means.shape[1]
             # coef_j = m (1-m)^(K-1-j) for the j-th value in the reference's order (0-based)
             expo = torch.arange(k - 1, -1, -1, device=means.device, dtype=means.dtype)
-            coef = m * torch.pow(torch.tensor(1.0 - m, dtype=means.dtype, device=means.device), expo)
+            coef = m * torch.pow(1.0 - m, expo)  # scalar base: no host-to-device copy (graph-safe)
             decay = (1.0 - m) ** k
             rm, rv = norm.running_mean[step], norm.running_var[step]
             rm.mul_(decay).add_(coef @ means.reshape(k, c))
             rv.mul_(decay).add_(coef @ vars_.reshape(k, c))
 
     # -- the outer forward -------------------------------------------------------------------------------
-    def forward(self, data_batch, epoch, use_second_order, use_multi_step_loss_optimization, num_steps,
-                training_phase):
-        """All tasks at once; returns (losses, per_task_target_preds) exactly as the reference."""
+    def _forward_tensors(self, data_batch, epoch, use_second_order, use_multi_step_loss_optimization, num_steps,
+                         training_phase, importance):
+        """The batched MAML++ outer forward, device tensors only (no host synchronisation, so that it can
+        be captured in a CUDA graph). Returns (loss with graph, accuracy 0-d tensor, target logits
+        (B, n_t, N) detached)."""
         x_support, x_target, y_support, y_target = data_batch
         b, n_way = x_support.shape[0], x_support.shape[1]
         xs, xt = _task_major(x_support), _task_major(x_target)
@@ -130,7 +137,6 @@ class MAMLFewShotClassifier(ReferenceClassifier):
                    and epoch < self.args.multi_step_loss_num_epochs)
         final_step = min(num_steps, s_train) - 1
         last = num_steps - 1 if use_msl else final_step
-        importance = self._importance()
         track = any(n.per_step for n in self.classifier.norm_layers()) and (
             training_phase or self.args.bn_backup_aliasing)
         pending: dict = {}
@@ -164,11 +170,116 @@ class MAMLFewShotClassifier(ReferenceClassifier):
                         pending.setdefault((layer, step), []).append((mean, invstd, m))
         if pending:
             self._update_running_stats(pending)
-
         preds = target_logits.detach()
         accuracy = preds.argmax(-1).eq(y_target.reshape(b, -1)).to(torch.float32).mean()
+        return loss, accuracy, preds
+
+    def _host_losses(self, loss, accuracy, preds, importance):
+        """Copy the metrics to the host (the one synchronisation of a meta-update)."""
         preds_np = preds.cpu().numpy()
         losses = {"loss": loss, "accuracy": float(accuracy.item())}
         for i, item in enumerate(importance.detach().cpu().numpy()):
             losses[f"loss_importance_vector_{i}"] = item
-        return losses, [preds_np[t] for t in range(b)]
+        return losses, [preds_np[t] for t in range(preds_np.shape[0])]
+
+    def forward(self, data_batch, epoch, use_second_order, use_multi_step_loss_optimization, num_steps,
+                training_phase):
+        """All tasks at once; returns (losses, per_task_target_preds) exactly as the reference."""
+        importance = self._importance()
+        loss, accuracy, preds = self._forward_tensors(data_batch, epoch, use_second_order,
+                                                      use_multi_step_loss_optimization, num_steps,
+                                                      training_phase, importance)
+        return self._host_losses(loss, accuracy, preds, importance)
+
+    # -- CUDA-graph capture of the whole meta-update ------------------------------------------------------
+    supports_cuda_graph = True
+
+    def _make_capturable_optimizer(self) -> None:
+        """Adam with its step count and learning rate on the device (capturable=True), so that the
+        captured step reads the current epoch's rate from a tensor the host fills before each replay."""
+        lr = torch.tensor(float(self.args.meta_learning_rate), device=self.device, dtype=torch.float32)
+        self.optimizer = torch.optim.Adam(self.trainable_parameters(), lr=lr, amsgrad=False, capturable=True)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer=self.optimizer, T_max=self.args.total_epochs, eta_min=self.args.min_learning_rate)
+        self._graphs: dict = {}
+        self._graph_failed: str | None = None
+
+    def _set_epoch_learning_rate(self, epoch: int) -> float:
+        if not self._graph_mode():
+            return super()._set_epoch_learning_rate(epoch)
+        lr = cosine_lr(epoch, self.args.meta_learning_rate, self.args.min_learning_rate, self.args.total_epochs)
+        for group in self.optimizer.param_groups:
+            group["lr"].fill_(lr)  # the learning rate is a device tensor read by the captured step
+        self.scheduler.last_epoch = epoch
+        return lr
+
+    def _graph_mode(self) -> bool:
+        return bool(getattr(self.args, "cuda_graph", False)) and self.device.type == "cuda"
+
+    def _train_step_tensors(self, data, epoch, importance):
+        """Forward, outer backward, imagenet clamp and Adam step, on device tensors only."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, accuracy, preds = self._forward_tensors(
+            data, epoch, self.args.second_order and epoch > self.args.first_order_to_second_order_epoch,
+            self.args.use_multi_step_loss_optimization, self.args.number_of_training_steps_per_iter, True,
+            importance)
+        loss.backward()
+        if "imagenet" in self.args.dataset_name:
+            for param in self.classifier.parameters():
+                if param.requires_grad and param.grad is not None:
+                    param.grad.clamp_(-10, 10)
+        self.optimizer.step()
+        return loss.detach(), accuracy, preds
+
+    def run_train_iter(self, data_batch, epoch):
+        """One meta-update. With the config key `cuda_graph` on a CUDA device, the whole update (inner
+        loop, outer backward, Adam step) is captured once per batch shape and MAML++ phase (MSL on/off,
+        first/second order) and replayed; the first call of each phase runs uncaptured (warm-up) and a
+        capture that fails falls back to uncaptured updates with one warning."""
+        if not self._graph_mode() or self._graph_failed is not None:
+            return super().run_train_iter(data_batch, epoch)
+        epoch = int(epoch)
+        lr = self._set_epoch_learning_rate(epoch)
+        self.current_epoch = epoch
+        if not self.training:
+            self.train()
+        data = self._batch(data_batch)
+        importance = self._importance()
+        key = (tuple(t.shape for t in data), self.args.second_order and epoch > self.args.first_order_to_second_order_epoch,
+               self.args.use_multi_step_loss_optimization and epoch < self.args.multi_step_loss_num_epochs)
+        entry = self._graphs.get(key)
+        if entry is None:
+            # Warm-up on a side stream (a real update), then capture for the next calls of this phase.
+            side = torch.cuda.Stream(device=self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                loss, accuracy, preds = self._train_step_tensors(data, epoch, importance)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            losses, preds_list = self._host_losses(loss, accuracy, preds, importance)
+            self._capture(key, data, epoch, importance)
+        else:
+            graph, static_in, static_imp, outs = entry
+            for dst, src in zip(static_in, data):
+                dst.copy_(src, non_blocking=True)
+            static_imp.copy_(importance, non_blocking=True)
+            graph.replay()
+            losses, preds_list = self._host_losses(*outs, importance)
+        losses["learning_rate"] = lr
+        return losses, preds_list
+
+    def _capture(self, key, data, epoch, importance) -> None:
+        import warnings
+        static_in = [t.clone() for t in data]
+        static_imp = importance.clone()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.cuda.graph(graph):
+                outs = self._train_step_tensors(static_in, epoch, static_imp)
+        except Exception as e:  # noqa: BLE001 - any capture failure means: run uncaptured
+            self._graph_failed = f"{type(e).__name__}: {e}"
+            torch.cuda.synchronize(self.device)
+            warnings.warn(f"CUDA-graph capture of the meta-update failed ({self._graph_failed}); "
+                          "continuing with uncaptured meta-updates", RuntimeWarning, stacklevel=3)
+            return
+        self._graphs[key] = (graph, static_in, static_imp, outs)
