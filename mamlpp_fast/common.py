@@ -4,6 +4,7 @@ to the last bit on everything that is not the inner loop itself.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -15,6 +16,7 @@ import torch
 __all__ = [
     "BatchError", "CheckpointError", "set_torch_seed", "msl_importance_vector", "cosine_lr",
     "resolve_device", "resolve_dtype", "coerce_batch", "atomic_torch_save", "load_checkpoint",
+    "float32_precision",
 ]
 
 
@@ -162,3 +164,20 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     if not isinstance(state, dict) or "network" not in state:
         raise CheckpointError(f"checkpoint {path} has no 'network' entry (not a MAML++ checkpoint)")
     return state
+
+
+@contextlib.contextmanager
+def float32_precision(allow_tf32: bool):
+    """Run convolutions and matmuls in strict float32 unless `allow_tf32` (config key `allow_tf32`).
+
+    cuDNN convolutions use TF32 by default on Ampere and newer GPUs (torch.backends.cudnn.allow_tf32),
+    which rounds operands to 10 mantissa bits: ~5e-4 relative error in a MAML++ loss, enough to make
+    two learners disagree. The learners keep float32 semantics by default and restore the caller's
+    settings afterwards."""
+    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old

@@ -231,13 +231,13 @@ class MAMLFewShotClassifier(ReferenceClassifier):
         self.optimizer.step()
         return loss.detach(), accuracy, preds
 
-    def run_train_iter(self, data_batch, epoch):
-        """One meta-update. With the config key `cuda_graph` on a CUDA device, the whole update (inner
+    def _train_iter(self, data_batch, epoch):
+        """One meta-update (run_train_iter's body). With the config key `cuda_graph` on a CUDA device, the whole update (inner
         loop, outer backward, Adam step) is captured once per batch shape and MAML++ phase (MSL on/off,
         first/second order) and replayed; the first call of each phase runs uncaptured (warm-up) and a
         capture that fails falls back to uncaptured updates with one warning."""
         if not self._graph_mode() or self._graph_failed is not None:
-            return super().run_train_iter(data_batch, epoch)
+            return super()._train_iter(data_batch, epoch)
         epoch = int(epoch)
         lr = self._set_epoch_learning_rate(epoch)
         self.current_epoch = epoch

@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import (CheckpointError, atomic_torch_save, coerce_batch, cosine_lr, load_checkpoint,
-                     msl_importance_vector, resolve_device, resolve_dtype, set_torch_seed)
+from .common import (CheckpointError, atomic_torch_save, coerce_batch, cosine_lr, float32_precision,
+                     load_checkpoint, msl_importance_vector, resolve_device, resolve_dtype, set_torch_seed)
 from .config import load_args
 
 __all__ = ["MAMLFewShotClassifier", "VGGReLUNormNetwork", "LSLRGradientDescentLearningRule"]
@@ -361,6 +361,10 @@ class MAMLFewShotClassifier(nn.Module):
     # -- public API ------------------------------------------------------------------------------------
     def run_train_iter(self, data_batch, epoch):
         """One meta-update on a batch of tasks. Returns (losses, per-task target logits)."""
+        with float32_precision(self.args.allow_tf32):
+            return self._train_iter(data_batch, epoch)
+
+    def _train_iter(self, data_batch, epoch):
         epoch = int(epoch)
         lr = self._set_epoch_learning_rate(epoch)
         self.current_epoch = epoch
@@ -379,7 +383,8 @@ class MAMLFewShotClassifier(nn.Module):
         if self.training:
             self.eval()
         batch = self._batch(data_batch)
-        losses, preds = self.evaluation_forward_prop(batch, self.current_epoch)
+        with float32_precision(self.args.allow_tf32):
+            losses, preds = self.evaluation_forward_prop(batch, self.current_epoch)
         losses["loss"] = losses["loss"].detach()
         return losses, preds
 

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _batches import fresh_seed, learnable_batch  # noqa: E402
 from test_fast_equivalence import FP32_GRAD_RTOL, FP64_RTOL, compare, make_pair  # noqa: E402,F401
 
+from mamlpp_fast.common import float32_precision  # noqa: E402
 from mamlpp_fast.config import default_args  # noqa: E402
 from mamlpp_fast.fast import MAMLFewShotClassifier as Fast  # noqa: E402
 from mamlpp_fast.ops import available_backends  # noqa: E402
@@ -43,9 +44,10 @@ def pair(dtype, backend, device="cuda", **cfg):
 
 def grads_of(model, batch, epoch):
     model.current_epoch = epoch
-    losses, preds = model.train_forward_prop(model._batch(batch), epoch)
-    model.zero_grad(set_to_none=True)
-    losses["loss"].backward()
+    with float32_precision(model.args.allow_tf32):  # strict float32, as run_train_iter does
+        losses, preds = model.train_forward_prop(model._batch(batch), epoch)
+        model.zero_grad(set_to_none=True)
+        losses["loss"].backward()
     return losses, preds, {n: p.grad.detach().double().cpu() for n, p in model.named_parameters()
                            if p.requires_grad and p.grad is not None}
 
