@@ -217,25 +217,24 @@ class MAMLFewShotClassifier(ReferenceClassifier):
         return bool(getattr(self.args, "cuda_graph", False)) and self.device.type == "cuda"
 
     def _train_step_tensors(self, data, epoch, importance):
-        """Forward, outer backward, imagenet clamp and Adam step, on device tensors only."""
+        """Forward, outer backward, imagenet clamp and the finiteness flag, on device tensors only
+        (the Adam step is separate, so that a non-finite update can be withheld)."""
         self.optimizer.zero_grad(set_to_none=True)
+        stats = self._snapshot_running_stats()
         loss, accuracy, preds = self._forward_tensors(
             data, epoch, self.args.second_order and epoch > self.args.first_order_to_second_order_epoch,
             self.args.use_multi_step_loss_optimization, self.args.number_of_training_steps_per_iter, True,
             importance)
         loss.backward()
-        if "imagenet" in self.args.dataset_name:
-            for param in self.classifier.parameters():
-                if param.requires_grad and param.grad is not None:
-                    param.grad.clamp_(-10, 10)
-        self.optimizer.step()
-        return loss.detach(), accuracy, preds
+        self._clamp_imagenet_grads()
+        return loss.detach(), accuracy, preds, self._finite_flag(loss), stats
 
     def _train_iter(self, data_batch, epoch):
         """One meta-update (run_train_iter's body). With the config key `cuda_graph` on a CUDA device, the whole update (inner
         loop, outer backward, Adam step) is captured once per batch shape and MAML++ phase (MSL on/off,
         first/second order) and replayed; the first call of each phase runs uncaptured (warm-up) and a
-        capture that fails falls back to uncaptured updates with one warning."""
+        capture that fails falls back to uncaptured updates with one warning. Two graphs are replayed:
+        forward/backward (with a device-side finiteness flag), then, if the flag is set, the Adam step."""
         if not self._graph_mode() or self._graph_failed is not None:
             return super()._train_iter(data_batch, epoch)
         epoch = int(epoch)
@@ -253,18 +252,32 @@ class MAMLFewShotClassifier(ReferenceClassifier):
             side = torch.cuda.Stream(device=self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                loss, accuracy, preds = self._train_step_tensors(data, epoch, importance)
+                loss, accuracy, preds, finite, stats = self._train_step_tensors(data, epoch, importance)
+                ok = bool(finite)
+                if ok:
+                    self.optimizer.step()
             torch.cuda.current_stream(self.device).wait_stream(side)
+            if not ok:
+                self._restore_running_stats(stats)
+                self._handle_nonfinite(loss, data, epoch)
             losses, preds_list = self._host_losses(loss, accuracy, preds, importance)
             self._capture(key, data, epoch, importance)
         else:
-            graph, static_in, static_imp, outs = entry
+            graph, step_graph, static_in, static_imp, outs = entry
             for dst, src in zip(static_in, data):
                 dst.copy_(src, non_blocking=True)
             static_imp.copy_(importance, non_blocking=True)
             graph.replay()
-            losses, preds_list = self._host_losses(*outs, importance)
+            loss, accuracy, preds, finite, stats = outs
+            ok = bool(finite)  # the one host synchronisation of a captured meta-update
+            if ok:
+                step_graph.replay()
+            else:
+                self._restore_running_stats(stats)
+                self._handle_nonfinite(loss, data, epoch)
+            losses, preds_list = self._host_losses(loss, accuracy, preds, importance)
         losses["learning_rate"] = lr
+        losses["skipped"] = not ok
         return losses, preds_list
 
     def _capture(self, key, data, epoch, importance) -> None:
@@ -272,14 +285,17 @@ class MAMLFewShotClassifier(ReferenceClassifier):
         static_in = [t.clone() for t in data]
         static_imp = importance.clone()
         graph = torch.cuda.CUDAGraph()
+        step_graph = torch.cuda.CUDAGraph()
         try:
             self.optimizer.zero_grad(set_to_none=True)
             with torch.cuda.graph(graph):
                 outs = self._train_step_tensors(static_in, epoch, static_imp)
+            with torch.cuda.graph(step_graph, pool=graph.pool()):
+                self.optimizer.step()
         except Exception as e:  # noqa: BLE001 - any capture failure means: run uncaptured
             self._graph_failed = f"{type(e).__name__}: {e}"
             torch.cuda.synchronize(self.device)
             warnings.warn(f"CUDA-graph capture of the meta-update failed ({self._graph_failed}); "
                           "continuing with uncaptured meta-updates", RuntimeWarning, stacklevel=3)
             return
-        self._graphs[key] = (graph, static_in, static_imp, outs)
+        self._graphs[key] = (graph, step_graph, static_in, static_imp, outs)

@@ -21,6 +21,7 @@ Deliberate differences (each documented where it happens):
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,11 @@ from .common import (CheckpointError, atomic_torch_save, coerce_batch, cosine_lr
                      load_checkpoint, msl_importance_vector, resolve_device, resolve_dtype, set_torch_seed)
 from .config import load_args
 
-__all__ = ["MAMLFewShotClassifier", "VGGReLUNormNetwork", "LSLRGradientDescentLearningRule"]
+__all__ = ["MAMLFewShotClassifier", "VGGReLUNormNetwork", "LSLRGradientDescentLearningRule", "NonFiniteError"]
+
+
+class NonFiniteError(FloatingPointError):
+    """A meta-update produced a non-finite loss or gradient and nonfinite_policy is 'stop'."""
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1
@@ -339,14 +344,85 @@ class MAMLFewShotClassifier(nn.Module):
         return self.forward(data_batch, epoch, use_second_order=False, use_multi_step_loss_optimization=True,
                             num_steps=self.args.number_of_evaluation_steps_per_iter, training_phase=False)
 
-    def meta_update(self, loss) -> None:
+    def meta_update(self, loss, data_batch=None, epoch=None) -> bool:
+        """Backward, the original's imagenet clamp, and the Adam step, unless the meta-loss or a
+        meta-gradient is not finite: then no parameter changes, and the config key `nonfinite_policy`
+        decides between skipping the batch (a warning naming the task and inner step that produced the
+        first non-finite value) and raising NonFiniteError. Returns True when the step was taken."""
         self.optimizer.zero_grad()
         loss.backward()
+        self._clamp_imagenet_grads()
+        if not bool(self._finite_flag(loss)):
+            self._handle_nonfinite(loss, data_batch, epoch)
+            return False
+        self.optimizer.step()
+        return True
+
+    def _snapshot_running_stats(self) -> list:
+        """Copies of the BN running statistics (restored when a meta-update is withheld)."""
+        return [(n.running_mean.detach().clone(), n.running_var.detach().clone())
+                for n in self.classifier.norm_layers() if n.per_step]
+
+    @torch.no_grad()
+    def _restore_running_stats(self, saved: list) -> None:
+        for n, (rm, rv) in zip([n for n in self.classifier.norm_layers() if n.per_step], saved):
+            n.running_mean.copy_(rm)
+            n.running_var.copy_(rv)
+
+    def _clamp_imagenet_grads(self) -> None:
         if "imagenet" in self.args.dataset_name:
             for param in self.classifier.parameters():
                 if param.requires_grad and param.grad is not None:
                     param.grad.clamp_(-10, 10)
-        self.optimizer.step()
+
+    def _finite_flag(self, loss) -> torch.Tensor:
+        """0-d bool device tensor: loss and every meta-gradient finite (no host synchronisation)."""
+        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+        total = loss.detach().reshape(1).to(torch.float64)
+        if grads:
+            total = total + torch.stack(torch._foreach_norm(grads)).sum().to(torch.float64)
+        return torch.isfinite(total).reshape(())
+
+    def _handle_nonfinite(self, loss, data_batch, epoch) -> None:
+        where = self.locate_nonfinite(data_batch, epoch) if data_batch is not None else "unknown"
+        self.optimizer.zero_grad()
+        msg = f"non-finite meta-update (loss {float(loss.detach()):.4g}) at {where}; no parameter was changed"
+        if self.args.nonfinite_policy == "stop":
+            raise NonFiniteError(msg)
+        warnings.warn(msg + " (batch skipped: nonfinite_policy='skip')", RuntimeWarning, stacklevel=3)
+
+    def locate_nonfinite(self, data_batch, epoch) -> str:
+        """Re-run the batch one task and one inner step at a time (first order, no updates) and name
+        the first task/step/set whose loss, or a gradient, is not finite."""
+        saved = self._snapshot_running_stats()
+        try:
+            xs_all, xt_all, ys_all, yt_all = data_batch
+            for task, (xs, ys, xt, yt) in enumerate(zip(xs_all, ys_all, xt_all, yt_all)):
+                c, h, w = xs.shape[-3:]
+                xs, ys, xt, yt = xs.reshape(-1, c, h, w), ys.reshape(-1), xt.reshape(-1, c, h, w), yt.reshape(-1)
+                if not (torch.isfinite(xs).all() and torch.isfinite(xt).all()):
+                    return f"task {task}: the input images hold non-finite values"
+                weights = self.get_inner_loop_parameter_dict(self.classifier.named_parameters())
+                for step in range(self.args.number_of_training_steps_per_iter):
+                    support_loss, _ = self.net_forward(xs, ys, weights, False, True, step)
+                    if not torch.isfinite(support_loss):
+                        return f"task {task}, inner step {step}: support-set loss"
+                    grads = torch.autograd.grad(support_loss, list(weights.values()), allow_unused=True)
+                    for name, g in zip(weights, grads):
+                        if g is not None and not torch.isfinite(g).all():
+                            return f"task {task}, inner step {step}: support-set gradient of {name}"
+                    weights = self.inner_loop_optimizer.update_params(
+                        weights, {k: (g if g is not None else torch.zeros_like(weights[k])).detach()
+                                  for k, g in zip(weights, grads)}, step)
+                    target_loss, _ = self.net_forward(xt, yt, weights, False, True, step)
+                    if not torch.isfinite(target_loss):
+                        return f"task {task}, inner step {step}: target-set loss"
+            for name, p in self.named_parameters():
+                if p.grad is not None and not torch.isfinite(p.grad).all():
+                    return f"the meta-gradient of {name} (outer backward)"
+            return "the outer backward (every inner-loop loss was finite)"
+        finally:
+            self._restore_running_stats(saved)
 
     def _set_epoch_learning_rate(self, epoch: int) -> float:
         lr = cosine_lr(epoch, self.args.meta_learning_rate, self.args.min_learning_rate, self.args.total_epochs)
@@ -371,8 +447,11 @@ class MAMLFewShotClassifier(nn.Module):
         if not self.training:
             self.train()
         batch = self._batch(data_batch)
+        stats = self._snapshot_running_stats()
         losses, preds = self.train_forward_prop(batch, epoch)
-        self.meta_update(losses["loss"])
+        losses["skipped"] = not self.meta_update(losses["loss"], batch, epoch)
+        if losses["skipped"]:
+            self._restore_running_stats(stats)
         losses["loss"] = losses["loss"].detach()
         losses["learning_rate"] = lr
         self.optimizer.zero_grad()
