@@ -100,9 +100,9 @@ DEFAULTS: dict[str, Any] = {
     "bn_backup_aliasing": False,  # True: reproduce the original's aliased BN backup (its issue #42)
     "dataset_dir": None,
     "experiment_dir": None,
-    "nonfinite_policy": "skip",
-    "cuda_graph": False,
-    "allow_tf32": False,  # TF32 convolutions/matmuls on GPUs that have them (faster, ~1e-3 less exact)  # capture the whole meta-update in a CUDA graph (fast learner, CUDA only)  # "skip" | "stop": what a non-finite meta-loss or gradient does
+    "nonfinite_policy": "skip",  # "skip" | "stop": what a non-finite meta-loss or gradient does
+    "cuda_graph": False,  # capture the whole meta-update in a CUDA graph (fast learner, CUDA only)
+    "allow_tf32": False,  # TF32 convolutions/matmuls on GPUs that have them (faster, ~1e-3 less exact)
 }
 
 # Keys the learner reads that the original's parser gives no default: its experiment files must set them.

@@ -63,12 +63,15 @@ class MAMLFewShotClassifier(ReferenceClassifier):
 
     # -- batched network ----------------------------------------------------------------------------
     def _bn_params(self, layer: str, step: int, fast: dict):
+        """gamma and beta of a BN call: adapted (B, C) fast tensors when the inner loop adapts them (each
+        separately: only the learnable one is adapted), else the step's row or the shared vector."""
         norm = self.classifier.layer_dict[layer].norm_layer
-        if f"layer_dict.{layer}.norm_layer.weight" in fast:  # adapted in the inner loop: (B, C)
-            return fast[f"layer_dict.{layer}.norm_layer.weight"], fast[f"layer_dict.{layer}.norm_layer.bias"]
-        if norm.per_step and not norm.inner_loop_bn:
-            return norm.weight[step], norm.bias[step]
-        return norm.weight, norm.bias
+        per_row = norm.per_step and not norm.inner_loop_bn
+        out = []
+        for name, own in (("weight", norm.weight), ("bias", norm.bias)):
+            key = f"layer_dict.{layer}.norm_layer.{name}"
+            out.append(fast[key] if key in fast else (own[step] if per_row else own))
+        return out[0], out[1]
 
     def _net(self, x: torch.Tensor, num_tasks: int, step: int, fast: dict, stats: list | None):
         """Logits (B, n, classes) of all tasks; x is (n, B*C, H, W), fast maps names to (B, *shape).

@@ -115,11 +115,13 @@ class MetaBatchNormLayer(nn.Module):
                 self.running_var.copy_(self._backup[1])
 
     def forward(self, x, num_step: int, weight=None, bias=None):
+        # gamma and beta are filled in separately: with enable_inner_loop_optimizable_bn_params only
+        # the learnable one of them is an adapted (fast) tensor. (The original crashes on that mix.)
+        per_row = self.per_step and not self.inner_loop_bn
         if weight is None:
-            if self.per_step and not self.inner_loop_bn:
-                weight, bias = self.weight[num_step], self.bias[num_step]
-            else:
-                weight, bias = self.weight, self.bias
+            weight = self.weight[num_step] if per_row else self.weight
+        if bias is None:
+            bias = self.bias[num_step] if per_row else self.bias
         if self.per_step:
             # Row views: F.batch_norm updates them in place (momentum 0.1, unbiased variance).
             rm, rv = self.running_mean[num_step], self.running_var[num_step]

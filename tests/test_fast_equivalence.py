@@ -235,3 +235,23 @@ def test_numpy_and_tensor_batches_agree():
     float_labels = (batch[0], batch[1], batch[2].astype(np.float32), batch[3].astype(np.float32))
     outs = [fast.run_validation_iter(b)[0]["loss"] for b in (batch, as_tensors, float_labels)]
     assert outs[0] == outs[1] == outs[2]
+
+
+@pytest.mark.parametrize("gamma,beta", [(False, True), (True, False)])
+def test_one_sided_inner_loop_bn_params(gamma, beta):
+    """With inner-loop BN adaptation and only one of gamma/beta learnable, the learnable one is adapted
+    (its inner learning rates matter) and both learners agree."""
+    seed = fresh_seed()
+    cfg = dict(cnn_num_filters=8, num_stages=3, image_height=14, image_width=14,
+               enable_inner_loop_optimizable_bn_params=True, learnable_bn_gamma=gamma, learnable_bn_beta=beta,
+               number_of_training_steps_per_iter=2, number_of_evaluation_steps_per_iter=2)
+    ref, fast, args = make_pair("float64", "torch", **cfg)
+    batch = batch_for(args, 2, seed)
+    compare(ref, fast, batch, 0, "float64", seed)
+    adapted = "norm_layer-weight" if gamma else "norm_layer-bias"
+    base = ref.run_validation_iter(batch)[0]["loss"]
+    with torch.no_grad():
+        for k, p in ref.inner_loop_optimizer.names_learning_rates_dict.items():
+            if k.endswith(adapted):
+                p.zero_()
+    assert float(ref.run_validation_iter(batch)[0]["loss"]) != float(base), f"{adapted} was not adapted (seed {seed})"
