@@ -100,6 +100,9 @@ DEFAULTS: dict[str, Any] = {
     "bn_backup_aliasing": False,  # True: reproduce the original's aliased BN backup (its issue #42)
     "dataset_dir": None,
     "experiment_dir": None,
+    "synthetic_seed": 0,  # built-in synthetic tasks (dataset_name "synthetic")
+    "synthetic_num_classes": [1000, 200, 200],  # train/val/test class pools
+    "synthetic_images_per_class": 20,
     "nonfinite_policy": "skip",  # "skip" | "stop": what a non-finite meta-loss or gradient does
     "cuda_graph": False,  # capture the whole meta-update in a CUDA graph (fast learner, CUDA only)
     "allow_tf32": False,  # TF32 convolutions/matmuls on GPUs that have them (faster, ~1e-3 less exact)
