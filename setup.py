@@ -1,9 +1,164 @@
 """Build script of mamlpp-fast.
 
-The pure-Python package always installs. The native extension `mamlpp_fast._C` is added by the
-CMake-driven build step (see CMakeLists.txt) when its sources are present.
+The pure-Python package always installs. The native extension `mamlpp_fast._C` is built by CMake
+(CMakeLists.txt, the one build description) from a build_ext subclass:
+- CMAKE_PREFIX_PATH from torch.utils.cmake_prefix_path and pybind11.get_cmake_dir(); this Python;
+  build type Release; Ninja when available; the library lands in the package dir (editable and normal
+  installs alike). No build isolation is assumed (torch is taken from the environment, never fetched).
+- CUDA sources are compiled only when a CUDA toolkit (nvcc) is found AND torch is a CUDA build
+  (torch.version.cuda is not None); whether a GPU is visible does not matter. Architectures: env
+  MAMLPP_CUDA_ARCH (CMake list, default "90", e.g. "80;90").
+- Output of cmake/ninja goes to <build dir>/native_build.log; on success one line says what was built.
+  If the native build fails, ONE warning names the log and the install continues without `_C`.
+Environment: MAMLPP_NO_NATIVE=1 skips the native build; MAMLPP_NO_CUDA=1 builds the CPU part only;
+MAMLPP_BUILD_DIR overrides the CMake build dir (default build/native); CMAKE_BUILD_PARALLEL_LEVEL.
 """
-from setuptools import find_packages, setup
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name):
+        super().__init__(name, sources=[])
+
+
+class NativeBuildError(RuntimeError):
+    pass
+
+
+def _tool(module_name, bin_attr, exe):
+    """Path of a build tool: from its pip package (cmake, ninja) if installed, else from PATH."""
+    try:
+        mod = __import__(module_name)
+        cand = Path(getattr(mod, bin_attr)) / exe
+        if cand.exists():
+            return str(cand)
+    except Exception:
+        pass
+    return shutil.which(exe)
+
+
+def _find_nvcc():
+    for var in ("CUDACXX",):
+        if os.environ.get(var) and Path(os.environ[var]).exists():
+            return os.environ[var]
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            cand = Path(os.environ[var]) / "bin" / "nvcc"
+            if cand.exists():
+                return str(cand)
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    cand = Path("/usr/local/cuda/bin/nvcc")
+    return str(cand) if cand.exists() else None
+
+
+class CMakeBuild(build_ext):
+    """Configures and builds CMakeLists.txt; never fails the install."""
+
+    def run(self):
+        if os.environ.get("MAMLPP_NO_NATIVE", "0") not in ("", "0"):
+            print("mamlpp_fast._C: skipped (MAMLPP_NO_NATIVE set)", file=sys.stderr)
+            self._drop_extensions()
+            return
+        try:
+            super().run()
+        except Exception as err:  # never break the install: warn once and go on
+            self._drop_extensions()
+            msg = (f"WARNING: mamlpp_fast._C (native ops) was not built: {err}. The pure-Python "
+                   f"package is installed; the torch/triton backends remain available.")
+            print(msg, file=sys.stderr)
+
+    def _drop_extensions(self):
+        self.extensions = []
+        self.distribution.ext_modules = []
+
+    def build_extension(self, ext):
+        import torch
+        import pybind11
+
+        build_dir = Path(os.environ.get("MAMLPP_BUILD_DIR", ROOT / "build" / "native")).resolve()
+        build_dir.mkdir(parents=True, exist_ok=True)
+        log_path = build_dir / "native_build.log"
+        ext_path = Path(self.get_ext_fullpath(ext.name)).resolve()
+        out_dir = ext_path.parent
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+        nvcc = _find_nvcc()
+        want_cuda = os.environ.get("MAMLPP_NO_CUDA", "0") in ("", "0")
+        with_cuda = bool(want_cuda and torch.version.cuda is not None and nvcc)
+        arch = os.environ.get("MAMLPP_CUDA_ARCH", "90").replace(",", ";").strip() or "90"
+
+        cmake = _tool("cmake", "CMAKE_BIN_DIR", "cmake")
+        if not cmake:
+            raise NativeBuildError("cmake not found (pip install cmake)")
+        ninja = _tool("ninja", "BIN_DIR", "ninja")
+        generator = "Ninja" if ninja else "Unix Makefiles"
+
+        # A cache made with another generator cannot be reused.
+        cache = build_dir / "CMakeCache.txt"
+        if cache.exists():
+            text = cache.read_text(errors="replace")
+            if f"CMAKE_GENERATOR:INTERNAL={generator}\n" not in text or str(ROOT) not in text:
+                cache.unlink()
+                shutil.rmtree(build_dir / "CMakeFiles", ignore_errors=True)
+
+        prefix = ";".join([torch.utils.cmake_prefix_path, pybind11.get_cmake_dir()])
+        args = [
+            cmake, "-S", str(ROOT), "-B", str(build_dir), "-G", generator,
+            f"-DCMAKE_BUILD_TYPE=Release",
+            f"-DCMAKE_PREFIX_PATH={prefix}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY_RELEASE={out_dir}",
+            f"-DMAMLPP_TORCH_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
+            f"-DMAMLPP_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
+            f"-DMAMLPP_CUDA_ARCH={arch}",
+            f"-DPYBIND11_FINDPYTHON=ON",
+        ]
+        if ninja:
+            args.append(f"-DCMAKE_MAKE_PROGRAM={ninja}")
+        if with_cuda:
+            args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
+        env = dict(os.environ)
+        if with_cuda:
+            # Torch's CMake config derives its own (unused by us) nvcc flags from this; without it,
+            # it would probe the visible GPU.
+            env.setdefault("TORCH_CUDA_ARCH_LIST",
+                           ";".join(f"{a[:-1]}.{a[-1]}" for a in arch.split(";") if a[:-1].isdigit()))
+            env.setdefault("CUDA_HOME", str(Path(nvcc).resolve().parent.parent))
+        build = [cmake, "--build", str(build_dir), "--config", "Release"]
+        if not ninja:
+            build += ["--parallel", str(os.cpu_count() or 2)]
+
+        with open(log_path, "w") as log:
+            for cmd in (args, build):
+                log.write("$ " + " ".join(cmd) + "\n")
+                log.flush()
+                proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                if proc.returncode != 0:
+                    raise NativeBuildError(f"'{Path(cmd[0]).name} {cmd[1]}' failed "
+                                           f"(exit {proc.returncode}); see {log_path}")
+        if not ext_path.exists():
+            raise NativeBuildError(f"build finished but {ext_path} is missing; see {log_path}")
+        what = "cpu" + (f", cuda sm_{arch.replace(';', '/sm_')}" if with_cuda else "")
+        line = f"mamlpp_fast._C built with: {what}"
+        if not with_cuda and torch.version.cuda is not None:
+            line += " (no nvcc found: CUDA kernels skipped)"
+        print(line, file=sys.stderr)
+        with open(log_path, "a") as log:
+            log.write(line + "\n")
+
 
 setup(
     name="mamlpp-fast",
@@ -13,4 +168,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch", "numpy", "tqdm", "pillow"],
     entry_points={"console_scripts": ["mamlpp=mamlpp_fast.cli:main"]},
+    ext_modules=[CMakeExtension("mamlpp_fast._C")],
+    cmdclass={"build_ext": CMakeBuild},
+    zip_safe=False,
 )

@@ -1,0 +1,194 @@
+"""Triton kernels (mamlpp_fast.triton) under the Triton interpreter, on CPU, against the float64
+autograd reference (tests/_bn_reference.py).
+
+How TRITON_INTERPRET is handled: it must be set before `import triton` anywhere in the process, and the
+rest of the test session must not be affected. So the single outer test here re-runs THIS file in a
+subprocess (`python -m pytest tests/test_triton_interp.py`) with TRITON_INTERPRET=1 and
+MAMLPP_TRITON_INNER=1; the inner tests below run only in that subprocess (skipped otherwise), and the
+outer test fails with the inner output when any inner test fails. The outer process never imports
+triton. Grids are kept small (interpreter: one program at a time, ~0.4 ms each plus launch overhead).
+
+Tolerances (max |got - ref| / max(1, max |ref|)): float32 (fp32 accumulation) 2e-5 forward/backward,
+1e-4 * max(1, max invstd) double backward (an ill-conditioned column, e.g. M=2 with close values, has
+a large invstd r that amplifies the rounding of the saved fp32 statistics); float64 1e-10.
+"""
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+INNER = os.environ.get("MAMLPP_TRITON_INNER") == "1"
+EPS, SLOPE = 1e-5, 0.01
+
+
+@pytest.mark.skipif(INNER, reason="outer driver: runs only in the parent pytest process")
+def test_triton_interpreter_suite():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1", MAMLPP_TRITON_INNER="1")
+    cmd = [sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider",
+           "-o", "addopts=-ra", "-x"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    tail = proc.stdout[-6000:] + "\n" + proc.stderr[-3000:]
+    print(tail)
+    assert proc.returncode == 0, f"inner triton-interpreter tests failed (rc={proc.returncode}):\n{tail}"
+    summary = proc.stdout.strip().splitlines()[-1]
+    passed = re.search(r"(\d+) passed", summary)
+    skipped = re.search(r"(\d+) skipped", summary)
+    # the only inner skip allowed is this driver itself
+    assert passed and int(passed.group(1)) > 0 and (not skipped or int(skipped.group(1)) == 1), tail
+
+
+inner = pytest.mark.skipif(not INNER, reason="runs in the TRITON_INTERPRET=1 subprocess only")
+
+
+@pytest.fixture(scope="module")
+def tb():
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    from mamlpp_fast import triton as tb
+
+    assert tb.is_available(), tb.unavailable_reason()
+    return tb
+
+
+def _run_all(tb, d, T, tol, tol2):
+    import torch  # noqa: F401
+    from _bn_reference import compare, ref_backward, ref_double_backward, ref_forward
+
+    x, g, b = d["x"], d["gamma"], d["beta"]
+    y, mean, invstd = tb.bn_forward(x, g, b, T, EPS, SLOPE)
+    for name, a, r in zip(("y", "mean", "invstd"), (y, mean, invstd),
+                          ref_forward(x, g, b, T, EPS, SLOPE)):
+        compare(name, a, r, tol)
+    got = tb.bn_backward(d["dy"], x, g, b, mean, invstd, T, SLOPE)
+    for name, a, r in zip(("dx", "dgamma", "dbeta"), got,
+                          ref_backward(d["dy"], x, g, b, T, EPS, SLOPE)):
+        compare(name, a, r, tol)
+    got = tb.bn_double_backward(d["ggx"], d["gggamma"], d["ggbeta"], d["dy"], x, g, b, mean, invstd,
+                                T, SLOPE)
+    ref = ref_double_backward(d["ggx"], d["gggamma"], d["ggbeta"], d["dy"], x, g, b, T, EPS, SLOPE)
+    cond = max(1.0, float(invstd.max()))  # rounding of the saved statistics is amplified ~ r
+    for name, a, r in zip(("gx", "ggamma", "gdy"), got, ref):
+        compare(name, a, r, tol2 * cond)
+
+
+SHAPES = [(2, 1, 3, 1, 1), (3, 2, 2, 3, 3), (1, 3, 2, 2, 3)]
+
+
+@inner
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "pertask"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["N{}T{}C{}H{}W{}".format(*s) for s in SHAPES])
+def test_bn_f32(tb, shape, shared):
+    import torch
+    from _bn_reference import make_bn_inputs
+
+    d = make_bn_inputs(*shape, shared=shared, dtype=torch.float32, seed=sum(shape))
+    _run_all(tb, d, shape[1], 2e-5, 1e-4)
+
+
+@inner
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "pertask"])
+def test_bn_f64(tb, shared):
+    import torch
+    from _bn_reference import make_bn_inputs
+
+    d = make_bn_inputs(2, 3, 2, 2, 2, shared=shared, dtype=torch.float64, seed=4)
+    _run_all(tb, d, 3, 1e-10, 1e-10)
+
+
+@inner
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "pertask"])
+def test_bn_multi_chunk(tb, shared, monkeypatch):
+    """Forces BLOCK=16 and 3 chunks per column (the GPU path for large M), incl. a ragged last chunk."""
+    import torch
+    from _bn_reference import make_bn_inputs
+    from mamlpp_fast.triton import per_step_bn
+
+    def forced(M, TC, device):
+        chunk = -(-M // 3)
+        chunks = -(-M // chunk)
+        return dict(BLOCK=16, CHUNK=chunk, CHUNKS=chunks, CBLOCK=4, num_warps=1)
+
+    monkeypatch.setattr(per_step_bn, "bn_block_config", forced)
+    d = make_bn_inputs(3, 2, 2, 5, 5, shared=shared, dtype=torch.float32, seed=9, x_shift=3.0)
+    _run_all(tb, d, 2, 2e-5, 1e-4)
+
+
+@inner
+@pytest.mark.parametrize("which", ["ggx", "gggamma", "ggbeta", "none"])
+def test_bn_double_backward_none(tb, which):
+    import torch
+    from _bn_reference import compare, make_bn_inputs, ref_double_backward
+
+    d = make_bn_inputs(2, 2, 2, 2, 2, shared=True, dtype=torch.float64, seed=1)
+    x, g, b = d["x"], d["gamma"], d["beta"]
+    _, mean, invstd = tb.bn_forward(x, g, b, 2, EPS, SLOPE)
+    u = {k: (d[k] if k == which else None) for k in ("ggx", "gggamma", "ggbeta")}
+    got = tb.bn_double_backward(u["ggx"], u["gggamma"], u["ggbeta"], d["dy"], x, g, b, mean, invstd,
+                                2, SLOPE)
+    ref = ref_double_backward(u["ggx"], u["gggamma"], u["ggbeta"], d["dy"], x, g, b, 2, EPS, SLOPE)
+    for name, a, r in zip(("gx", "ggamma", "gdy"), got, ref):
+        compare(name, a, r, 1e-10)
+
+
+@inner
+@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+def test_lslr(tb, dtype_name):
+    import torch
+    from _bn_reference import compare, ref_lslr_backward, ref_lslr_forward
+
+    dtype = getattr(torch, dtype_name)
+    tol = 2e-6 if dtype == torch.float32 else 1e-12
+    gen = torch.Generator().manual_seed(2)
+    T, S, step = 3, 4, 2
+    shapes = [(4, 3, 3, 3), (4,), (2, 5), (300,)]
+    shared = [True, False, True, False]
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
+    grads = [rnd(T, *s) for s in shapes]
+    thetas = [rnd(*s) if sh else rnd(T, *s) for s, sh in zip(shapes, shared)]
+    alphas = [rnd(S + 1).abs() for _ in shapes]
+    douts = [rnd(T, *s) for s in shapes]
+    outs = tb.lslr_forward(thetas, grads, alphas, step)
+    for l, (o, r) in enumerate(zip(outs, ref_lslr_forward(thetas, grads, alphas, step))):
+        compare(f"out[{l}]", o, r, tol)
+    douts[1] = None
+    full = [d if d is not None else torch.zeros_like(g) for d, g in zip(douts, grads)]
+    dth, dgr, dal = tb.lslr_backward(douts, grads, alphas, step, shared)
+    rth, rgr, ral = ref_lslr_backward(full, grads, alphas, step, shared)
+    for l in range(len(shapes)):
+        compare(f"dtheta[{l}]", dth[l], rth[l], tol)
+        compare(f"dgrad[{l}]", dgr[l], rgr[l], tol)
+        compare(f"dalpha[{l}]", dal[l], ral[l], tol)
+    assert dth[3] is douts[3]
+
+
+@inner
+def test_bad_inputs(tb):
+    import torch
+
+    x = torch.randn(2, 6, 2, 2)
+    g, b = torch.ones(3), torch.zeros(3)
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        tb.bn_forward(x.transpose(2, 3), g, b, 2, EPS, SLOPE)
+    with pytest.raises(ValueError, match="num_tasks=4 does not divide"):
+        tb.bn_forward(x, g, b, 4, EPS, SLOPE)
+    with pytest.raises(ValueError, match=r"gamma must be \(C,\)"):
+        tb.bn_forward(x, torch.ones(2), torch.zeros(2), 2, EPS, SLOPE)
+    with pytest.raises(ValueError, match="step 5 out of range for alphas"):
+        tb.lslr_forward([torch.ones(3)], [torch.ones(2, 3)], [torch.ones(5)], 5)
+
+
+@inner
+def test_block_config_heuristic():
+    import torch
+    from mamlpp_fast.triton.per_step_bn import bn_block_config
+    from mamlpp_fast.triton.lslr import lslr_block_config
+
+    cfg = bn_block_config(20 * 28 * 28, 512, torch.device("cpu"))
+    assert cfg["BLOCK"] == 1024 and cfg["CHUNKS"] == 1 and cfg["num_warps"] == 4
+    assert bn_block_config(9, 64, torch.device("cpu"))["BLOCK"] == 16
+    assert lslr_block_config(10)["BLOCK"] == 128 and lslr_block_config(10 ** 6)["BLOCK"] == 2048
