@@ -12,9 +12,6 @@ from .config import load_args, ConfigError  # noqa: E402,F401
 def __getattr__(name):
     # Lazy import so that `import mamlpp_fast` stays cheap and the learners load only when used.
     if name == "MAMLFewShotClassifier":
-        try:
-            from .fast import MAMLFewShotClassifier
-        except ImportError:  # fast learner not built yet: the reference keeps the API working
-            from .reference import MAMLFewShotClassifier
+        from .fast import MAMLFewShotClassifier
         return MAMLFewShotClassifier
     raise AttributeError(name)
