@@ -7,7 +7,10 @@ outer forward differs. Instead of a Python loop over the B tasks:
 - fast weights carry a leading task dimension: an adapted tensor of shape S is held as (B, *S);
 - activations use the layout (n, B*C, H, W) (task-major channels), so the convolutions of all tasks
   are one grouped convolution (groups=B, weight (B*Cout, Cin, 3, 3)), max pooling and average
-  pooling are plain calls, and the linear layer is one batched matmul;
+  pooling are plain calls, and the linear layer is one batched matmul. Grouped convolution was chosen
+  by measurement over B separate convolutions on channel slices: on the GPU it is one launch instead
+  of B; on a 2-core CPU (torch 2.13, oneDNN), forward + backward + double backward at the Omniglot
+  layer-2 shape (n=20, B=8, 64 channels, 14x14) took 0.74 s grouped vs 1.05 s per task;
 - batch norm with per-(task, channel) statistics, per-step gamma/beta and leaky ReLU is the custom op
   `per_step_batch_norm` (hand-written backward and double backward);
 - the LSLR inner update of every adapted tensor of every task is one `lslr_update` call;
