@@ -105,6 +105,7 @@ DEFAULTS: dict[str, Any] = {
     "synthetic_images_per_class": 20,
     "nonfinite_policy": "skip",  # "skip" | "stop": what a non-finite meta-loss or gradient does
     "cuda_graph": False,  # capture the whole meta-update in a CUDA graph (fast learner, CUDA only)
+    "cudnn_benchmark": True,  # fast learner: cuDNN picks convolution algorithms by timing them
     "allow_tf32": False,  # TF32 convolutions/matmuls on GPUs that have them (faster, ~1e-3 less exact)
 }
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import cosine_lr
+from .common import cosine_lr, float32_precision
 from .ops import lslr_update, per_step_batch_norm
 from .reference import BN_EPS, BN_MOMENTUM, LEAKY_SLOPE
 from .reference import MAMLFewShotClassifier as ReferenceClassifier
@@ -102,6 +102,13 @@ class MAMLFewShotClassifier(ReferenceClassifier):
         weights = fast["layer_dict.linear.weights"]  # (B, classes, F)
         lin_bias = fast["layer_dict.linear.bias"]  # (B, classes)
         return torch.baddbmm(lin_bias.unsqueeze(1), feats, weights.transpose(1, 2))
+
+    def _precision(self):
+        """Strict float32 unless allow_tf32, and cuDNN algorithm search (config key cudnn_benchmark,
+        default on): the grouped convolutions of the fast learner are where its GPU time goes, and
+        letting cuDNN time its algorithms took mini-ImageNet 5-way 5-shot (CUDA graph) from 206 ms to
+        78 ms per meta-update on an H100 (measured 2026-11-26, bench/NOTES.md)."""
+        return float32_precision(self.args.allow_tf32, self.args.cudnn_benchmark)
 
     def _importance(self) -> torch.Tensor:
         if self._importance_cache is None or self._importance_cache[0] != self.current_epoch:

@@ -439,8 +439,12 @@ class MAMLFewShotClassifier(nn.Module):
     # -- public API ------------------------------------------------------------------------------------
     def run_train_iter(self, data_batch, epoch):
         """One meta-update on a batch of tasks. Returns (losses, per-task target logits)."""
-        with float32_precision(self.args.allow_tf32):
+        with self._precision():
             return self._train_iter(data_batch, epoch)
+
+    def _precision(self):
+        """Numerics of a meta-update: strict float32 unless allow_tf32 (PyTorch's cuDNN defaults otherwise)."""
+        return float32_precision(self.args.allow_tf32)
 
     def _train_iter(self, data_batch, epoch):
         epoch = int(epoch)
@@ -464,7 +468,7 @@ class MAMLFewShotClassifier(nn.Module):
         if self.training:
             self.eval()
         batch = self._batch(data_batch)
-        with float32_precision(self.args.allow_tf32):
+        with self._precision():
             losses, preds = self.evaluation_forward_prop(batch, self.current_epoch)
         losses["loss"] = losses["loss"].detach()
         return losses, preds
