@@ -22,6 +22,9 @@ Tolerances.
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -216,8 +219,19 @@ def test_validation_path_matches(backend, aliasing):
 
 
 def test_triton_backend_small_case():
+    """The learner equivalence on the Triton backend. Without a GPU, Triton runs only under its
+    interpreter, which must be switched on before triton is imported: the test then re-runs itself in a
+    subprocess with TRITON_INTERPRET=1 (CPU fp32 tensors, small sizes: the interpreter is slow)."""
     if "triton" not in CPU_BACKENDS:
-        pytest.skip("triton backend not available on this machine (needs TRITON_INTERPRET=1 without a GPU)")
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            pytest.fail(f"TRITON_INTERPRET=1 but the triton backend did not load: {CPU_BACKENDS}")
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+             f"{__file__}::test_triton_backend_small_case"],
+            env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0 and "1 passed" in result.stdout, (
+            result.stdout[-4000:] + result.stderr[-2000:])
+        return
     seed = fresh_seed()
     cfg = dict(cnn_num_filters=4, num_stages=2, image_height=8, image_width=8, num_classes_per_set=3,
                number_of_training_steps_per_iter=2, number_of_evaluation_steps_per_iter=2)

@@ -133,12 +133,16 @@ def _load_native(name):
 
 
 def _load_triton():
-    if not torch.cuda.is_available():
-        return None, "Triton kernels need a CUDA device and torch sees none"
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if not torch.cuda.is_available() and not interpreted:
+        return None, "Triton kernels need a CUDA device (or TRITON_INTERPRET=1) and torch sees none"
     mod = importlib.import_module(f"{_PKG}.triton")
     if not mod.is_available():
         return None, f"{_PKG}.triton.is_available() is False"
-    return Backend("triton", mod, _DEVICE_TYPES["triton"], getattr(mod, "accepts_needs", False)), None
+    # Under the Triton interpreter (TRITON_INTERPRET=1, used by the CPU tests) the kernels run on CPU
+    # tensors too; it is then usable when asked for by name (auto never picks it for CPU tensors).
+    devices = _DEVICE_TYPES["triton"] + (("cpu",) if interpreted else ())
+    return Backend("triton", mod, devices, getattr(mod, "accepts_needs", False)), None
 
 
 def _load(name):
