@@ -1,0 +1,53 @@
+# mamlpp-fast. GNU make; every target works on a fresh clone.
+#
+#   make train      set up .venv (first time), then a short synthetic experiment -> experiments/
+#   make test       set up .venv (first time), then the test suite (native extension required)
+#   make gpu-check  GPU checks of the native/Triton ops with the machine's own python3 -> $(OUT)
+#   make gpu-bench  benchmarks on the GPU with the machine's own python3 -> $(OUT)
+#
+# The set-up creates .venv with `python3 -m venv` when missing, installs torch==2.13.0 only when torch
+# cannot be imported there (never an unpinned torch, which would pull a multi-GB CUDA build), the other
+# dependencies, triton==3.7.1 only when triton cannot be imported, and this package in editable mode
+# (which builds the native extension). A stamp file skips it while setup.py, pyproject.toml, the native
+# sources and this Makefile are unchanged.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.mamlpp-setup.stamp
+OUT ?= ./gpu_out
+CONFIG ?= configs/synthetic_default.json
+EXPERIMENTS ?= experiments
+
+PY_DEPS := numpy tqdm pillow matplotlib pytest pytest-benchmark pybind11 ninja cmake setuptools wheel
+SETUP_INPUTS := Makefile setup.py pyproject.toml $(wildcard CMakeLists.txt) \
+	$(shell find csrc kernels -type f 2>/dev/null)
+
+.PHONY: help setup train test gpu-check gpu-bench
+
+help:
+	@sed -n '2,7p' Makefile | sed 's/^# \{0,1\}//'
+
+setup: $(STAMP)
+
+$(STAMP): $(SETUP_INPUTS)
+	@test -x $(VPY) || { echo "creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install torch==2.13.0
+	$(VPY) -m pip install $(PY_DEPS)
+	@$(VPY) -c "import triton" 2>/dev/null || $(VPY) -m pip install triton==3.7.1
+	$(VPY) -m pip install -e . --no-build-isolation --no-deps
+	@touch $@
+
+train: $(STAMP)
+	$(VENV)/bin/mamlpp train --config $(CONFIG) --experiment-dir $(EXPERIMENTS)
+
+test: $(STAMP)
+	MAMLPP_REQUIRE_NATIVE=1 $(VPY) -m pytest -q
+
+gpu-check:
+	OUT="$(abspath $(OUT))" PYTHON=python3 bash scripts/gpu_check.sh
+
+gpu-bench:
+	mkdir -p "$(OUT)"
+	python3 -m bench.run --device cuda --out "$(OUT)"

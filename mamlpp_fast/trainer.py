@@ -1,0 +1,838 @@
+"""The experiment loop: meta-training epochs, validation, checkpoints, resume and the test protocol.
+
+It follows the authors' `ExperimentBuilder` (experiment_builder.py) and `utils/storage.py`:
+
+- an epoch is `total_iter_per_epoch` meta-updates; `run_train_iter(batch, epoch)` gets
+  epoch = current_iter // total_iter_per_epoch;
+- after each epoch, validation on the fixed validation tasks: `num_evaluation_tasks // batch_size`
+  batches of `get_val_batches`;
+- per-epoch statistics `train_<metric>_mean/_std` and `val_<metric>_mean/_std` for every metric the
+  learner returns (loss, accuracy, loss_importance_vector_i, and learning_rate in training), then
+  `epoch` and `epoch_run_time`, in `logs/summary_statistics.csv`; the lists of every epoch's
+  statistics (`per_epoch_statistics`) in `logs/summary_statistics.json`;
+- checkpoints `saved_models/train_model_{epoch}` and `saved_models/train_model_latest`, written by the
+  learner's `save_model(path, state)`; `state` holds best_val_acc, best_val_iter, current_iter,
+  best_epoch, the last epoch's summary statistics and per_epoch_statistics, as the original's;
+- after the last epoch, the test protocol: the `max_models_to_save` checkpoints with the best
+  validation accuracy are each loaded and run on the same `num_evaluation_tasks` test tasks; their
+  logits are averaged per task (an ensemble) and the accuracy over all targets goes to
+  `logs/test_summary.csv` (test_accuracy_mean, test_accuracy_std).
+
+What we do differently, on purpose:
+
+- checkpoints and logs are written atomically (temporary file in the same folder, fsync, rename), so an
+  interrupted run never leaves a truncated file behind; a checkpoint that cannot be read raises
+  `CheckpointError` naming it, and resuming falls back (with a warning) to the newest readable one;
+- a checkpoint is written after the epoch's statistics are added to the state (the original saves
+  first, so its checkpoint misses the last epoch's entry in per_epoch_statistics);
+- earlier outputs are never deleted or overwritten unless asked (`overwrite=True`, the CLI's
+  `--overwrite`): a new run in a folder with checkpoints resumes; starting from scratch there, or
+  resuming with a configuration that changes the model's shape, raises `ExperimentError`;
+- a meta-update the learner skipped (`losses['skipped']`: non-finite loss or gradient, config key
+  `nonfinite_policy`) is counted (state 'skipped_iterations', a warning line per epoch) and left out of
+  the epoch's statistics, which therefore keep the original's columns;
+- `total_epochs_before_pause` ends `run_experiment()` (status "paused") instead of `sys.exit()`;
+- ties in validation accuracy are broken deterministically (later epoch first, as the original's
+  reversed argsort does on short lists); a top checkpoint that cannot be read is skipped with a
+  warning and the next best one is used.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+import tqdm
+
+from .common import CheckpointError, load_checkpoint
+
+__all__ = ["ExperimentBuilder", "ExperimentError", "CheckpointError", "SHAPE_KEYS", "run_experiment",
+           "build_experiment_folder", "describe_learner"]
+
+
+class ExperimentError(RuntimeError):
+    """The experiment folder cannot be used as asked (existing outputs, incompatible configuration)."""
+
+
+# Configuration keys that change the shape (or the set) of the learner's tensors: a checkpoint made with
+# other values cannot be loaded.
+SHAPE_KEYS = (
+    "image_channels", "image_height", "image_width", "num_classes_per_set", "cnn_num_filters", "num_stages",
+    "conv_padding", "max_pooling", "per_step_bn_statistics", "number_of_training_steps_per_iter",
+    "enable_inner_loop_optimizable_bn_params", "learnable_bn_gamma", "learnable_bn_beta",
+)
+
+CHECKPOINT_PREFIX = "train_model"
+CONFIG_SNAPSHOT = "config.json"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Small file helpers
+# ----------------------------------------------------------------------------------------------------
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path) + ".", dir=folder)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow(row)
+    return buf.getvalue()
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays -> Python floats/ints/lists (loadable with torch.load(weights_only=True))."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+        return value.item()  # 0-d tensors
+    return value
+
+
+def _json_safe(value: Any) -> Any:
+    value = _plain(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def build_experiment_folder(experiment_dir: str | os.PathLike, experiment_name: str) -> tuple[str, str, str]:
+    """Create <experiment_dir>/<experiment_name>/{saved_models,logs}; return (root, saved_models, logs)."""
+    root = os.path.abspath(os.path.join(os.fspath(experiment_dir), str(experiment_name)))
+    saved_models = os.path.join(root, "saved_models")
+    logs = os.path.join(root, "logs")
+    os.makedirs(saved_models, exist_ok=True)
+    os.makedirs(logs, exist_ok=True)
+    return root, saved_models, logs
+
+
+def describe_learner(model: Any) -> tuple[str, str]:
+    """(learner kind, op backend) of a learner instance, for the start-up line."""
+    module = type(model).__module__ or ""
+    if module.endswith(".fast"):
+        kind = "fast"
+    elif module.endswith(".reference"):
+        kind = "reference"
+    else:
+        kind = type(model).__name__
+    backend = None
+    for attr in ("backend_name", "backend"):
+        value = getattr(model, attr, None)
+        if isinstance(value, str) and value:
+            backend = value
+            break
+        if value is not None and not callable(value):
+            backend = getattr(value, "name", None) or str(value)
+            break
+    if backend is None:
+        if kind == "reference":
+            backend = "torch (autograd)"
+        else:
+            try:
+                from .ops import get_backend  # type: ignore
+
+                b = get_backend(device=getattr(model, "device", None))
+                backend = getattr(b, "name", None) or str(b)
+            except Exception:  # noqa: BLE001 - only for display
+                backend = "unknown"
+    return kind, str(backend)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The experiment
+# ----------------------------------------------------------------------------------------------------
+class ExperimentBuilder:
+    """Runs one experiment of the original's design on any learner with the API of DESIGN.md.
+
+    Arguments:
+        args: the configuration Namespace (`mamlpp_fast.config.load_args`).
+        data: a `MetaLearningSystemDataLoader` instance, or the class (or any callable taking
+            `(args=..., current_iter=...)`), as the original passes it.
+        model: the learner (`MAMLFewShotClassifier`, fast or reference).
+        device: the torch device the learner runs on (for the start-up line).
+        overwrite: start from scratch even where earlier outputs exist, deleting this experiment's
+            saved_models/ and logs/ first. Without it earlier outputs are never deleted.
+        config_path: the configuration file, for the start-up line and the log.
+        progress: show tqdm progress bars (stderr).
+        log: function printing one line (default: tqdm.write to stdout).
+
+    Example:
+        >>> builder = ExperimentBuilder(args, MetaLearningSystemDataLoader, model, device)  # doctest: +SKIP
+        >>> result = builder.run_experiment()                                              # doctest: +SKIP
+        >>> result["test_accuracy_mean"]                                                   # doctest: +SKIP
+    """
+
+    def __init__(self, args: Any, data: Any, model: Any, device: Any = None, *, overwrite: bool = False,
+                 config_path: str | os.PathLike | None = None, progress: bool = True,
+                 log: Callable[[str], None] | None = None):
+        self.args, self.model, self.device = args, model, device
+        self.overwrite = bool(overwrite)
+        self.config_path = None if config_path is None else os.fspath(config_path)
+        self.progress = progress
+        self._log_fn = log
+        if getattr(args, "experiment_name", None) in (None, "", "None"):
+            from .config import ConfigError
+
+            raise ConfigError("config key 'experiment_name' is required to train or test "
+                              "(it names the output folder)")
+        self.iters_per_epoch = int(args.total_iter_per_epoch)
+        self.total_iters = int(args.total_epochs) * self.iters_per_epoch
+        self.max_models_to_save = int(getattr(args, "max_models_to_save", 5))
+        self.num_eval_batches = int(int(args.num_evaluation_tasks) / int(args.batch_size))
+        if self.num_eval_batches < 1:
+            from .config import ConfigError
+
+            raise ConfigError(f"config key 'num_evaluation_tasks' ({args.num_evaluation_tasks}) must be at least "
+                              f"'batch_size' ({args.batch_size}): evaluation uses num_evaluation_tasks // "
+                              "batch_size batches")
+        self.augment_flag = "omniglot" in str(args.dataset_name).lower()
+        self.experiment_dir = getattr(args, "experiment_dir", None) or "Experiments"
+        self.root = os.path.abspath(os.path.join(os.fspath(self.experiment_dir), str(args.experiment_name)))
+
+        self.state: dict[str, Any] = {"best_val_acc": 0.0, "best_val_iter": 0, "current_iter": 0}
+        self.summary_header: list[str] | None = None
+        self.summary_rows: list[list[Any]] = []
+        self.resumed_from: str | None = None
+        self._prepare_folder()
+
+        # The data loader starts where the checkpoint left off (tasks are drawn per iteration index).
+        current_iter = int(self.state["current_iter"])
+        if isinstance(data, type) or (callable(data) and not hasattr(data, "get_train_batches")):
+            self.data = data(args=args, current_iter=current_iter)
+        else:
+            self.data = data
+            if current_iter:
+                self.data.continue_from_iter(current_iter)
+
+        self.state["best_epoch"] = int(self.state["best_val_iter"] / self.iters_per_epoch)
+        self.epoch = int(self.state["current_iter"] / self.iters_per_epoch)
+        self.epochs_done_in_this_run = 0
+        self.start_time = time.time()
+        self._announce()
+
+    # -- output -------------------------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        if self._log_fn is not None:
+            self._log_fn(msg)
+        else:
+            tqdm.tqdm.write(msg, file=sys.stdout)
+            sys.stdout.flush()
+
+    def _bar(self, **kwargs: Any) -> tqdm.tqdm:
+        interactive = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+        return tqdm.tqdm(disable=not self.progress, mininterval=0.1 if interactive else 5.0,
+                         dynamic_ncols=interactive, file=sys.stderr, **kwargs)
+
+    def _announce(self) -> None:
+        kind, backend = describe_learner(self.model)
+        device = self.device if self.device is not None else getattr(self.model, "device", "?")
+        self.log(f"mamlpp: learner={kind} backend={backend} device={device} dataset={self.args.dataset_name} "
+                 f"config={self.config_path or '-'} output={self.root}")
+        if self.resumed_from:
+            self.log(f"mamlpp: resuming from {self.resumed_from} (iteration {self.state['current_iter']} of "
+                     f"{self.total_iters}, epoch {self.epoch})")
+
+    # -- folder, resume -----------------------------------------------------------------------------
+    @property
+    def saved_models_filepath(self) -> str:
+        return os.path.join(self.root, "saved_models")
+
+    @property
+    def logs_filepath(self) -> str:
+        return os.path.join(self.root, "logs")
+
+    def checkpoint_path(self, idx: Any) -> str:
+        return os.path.join(self.saved_models_filepath, f"{CHECKPOINT_PREFIX}_{idx}")
+
+    def _numbered_checkpoints(self) -> list[int]:
+        out = []
+        folder = self.saved_models_filepath
+        if not os.path.isdir(folder):
+            return out
+        for name in os.listdir(folder):
+            if name.startswith(CHECKPOINT_PREFIX + "_"):
+                tail = name[len(CHECKPOINT_PREFIX) + 1:]
+                if tail.isdigit():
+                    out.append(int(tail))
+        return sorted(out)
+
+    def _existing_outputs(self) -> list[str]:
+        found = []
+        for sub in ("saved_models", "logs"):
+            folder = os.path.join(self.root, sub)
+            if os.path.isdir(folder):
+                found += [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if not n.startswith(".tmp_")]
+        return found
+
+    def _continue_mode(self) -> Any:
+        """continue_from_epoch -> "latest" ('latest', -2), "scratch" ('from_scratch', -1) or an epoch number."""
+        cont = getattr(self.args, "continue_from_epoch", "latest")
+        cont_s = str(cont).strip().lower()
+        if cont_s in ("latest", "-2"):
+            return "latest"
+        if cont_s in ("from_scratch", "-1", "none", ""):
+            return "scratch"
+        try:
+            n = int(cont_s)
+        except ValueError:
+            from .config import ConfigError
+
+            raise ConfigError(f"config key 'continue_from_epoch' must be 'latest', 'from_scratch' or an epoch "
+                              f"number, got {cont!r}") from None
+        return n if n >= 0 else "scratch"
+
+    def _prepare_folder(self) -> None:
+        """Decide between a fresh start, resuming and refusing; load the checkpoint when resuming.
+
+        Without `overwrite`, nothing written by an earlier run is deleted or replaced: 'latest' resumes,
+        'from_scratch' in a folder with outputs is refused, and continuing from epoch N is refused while
+        later checkpoints exist. `overwrite` deletes this experiment's saved_models/ and logs/ and starts
+        from scratch, or, with an explicit epoch N, lets the run replace the checkpoints after N.
+        """
+        mode = self._continue_mode()
+        evaluate_only = bool(getattr(self.args, "evaluate_on_test_set_only", False))
+        existing = self._existing_outputs() if os.path.isdir(self.root) else []
+
+        if evaluate_only:
+            if self.overwrite:
+                raise ExperimentError("--overwrite cannot be combined with testing only (it would delete the "
+                                      "checkpoints to test)")
+            if not self._numbered_checkpoints():
+                raise ExperimentError(f"no checkpoints to test in {self.saved_models_filepath} (train first, or "
+                                      "point --experiment-dir/experiment_name at a trained experiment)")
+            self._resume_latest()
+        elif isinstance(mode, int):
+            later = [n for n in self._numbered_checkpoints() if n > mode]
+            if later and not self.overwrite:
+                raise ExperimentError(
+                    f"continuing {self.root} from epoch {mode} would replace its later checkpoints "
+                    f"(train_model_{later[0]}...); pass --overwrite to allow that, or resume from the latest")
+            self._load(mode, load_checkpoint(self.checkpoint_path(mode)))  # CheckpointError names the file
+        else:
+            if self.overwrite:
+                if existing:
+                    self.log(f"mamlpp: --overwrite: deleting the earlier outputs in {self.root}")
+                    for sub in ("saved_models", "logs"):
+                        shutil.rmtree(os.path.join(self.root, sub), ignore_errors=True)
+                    existing = []
+                mode = "scratch"
+            has_checkpoint = bool(self._numbered_checkpoints()) or os.path.exists(self.checkpoint_path("latest"))
+            if existing and (mode == "scratch" or not has_checkpoint):
+                raise ExperimentError(
+                    f"experiment folder {self.root} already holds outputs of an earlier run ({len(existing)} files, "
+                    f"e.g. {existing[0]}){'' if has_checkpoint else ' but no checkpoint to resume from'}; not "
+                    "overwriting them. " + ("Resume it (continue_from_epoch 'latest'), choose" if has_checkpoint
+                                            else "Choose") +
+                    " another experiment_name/--experiment-dir, or pass --overwrite to delete them and start from "
+                    "scratch")
+            if mode == "latest" and has_checkpoint:
+                self._resume_latest()
+
+        build_experiment_folder(self.experiment_dir, self.args.experiment_name)
+        self._load_summary_rows()
+        self._write_config_snapshot()
+
+    def _peek(self, idx: Any) -> dict | None:
+        path = self.checkpoint_path(idx)
+        if not os.path.exists(path):
+            return None
+        try:
+            return load_checkpoint(path)
+        except CheckpointError as e:
+            warnings.warn(f"{e}; ignoring it and looking for an older checkpoint", RuntimeWarning, stacklevel=3)
+            self.log(f"mamlpp: warning: {e}; ignoring it")
+            return None
+
+    def _resume_latest(self) -> None:
+        """Load the newest readable checkpoint: train_model_latest, or the highest numbered one if newer."""
+        best_idx, best_state = None, None
+        latest = self._peek("latest")
+        if latest is not None:
+            best_idx, best_state = "latest", latest
+        for n in reversed(self._numbered_checkpoints()):
+            st = self._peek(n)
+            if st is None:
+                continue
+            if best_state is None or int(st.get("current_iter", 0)) > int(best_state.get("current_iter", 0)):
+                best_idx, best_state = n, st
+            break  # the highest readable numbered checkpoint is the newest numbered one
+        if best_state is None:
+            raise CheckpointError(f"no readable checkpoint in {self.saved_models_filepath}: every file is truncated "
+                                  "or corrupt (see the warnings above); pass --overwrite to start from scratch")
+        self._load(best_idx, best_state)
+
+    def _check_compatible(self, idx: Any, ckpt: dict) -> None:
+        path = self.checkpoint_path(idx)
+        diffs = []
+        snap = os.path.join(self.root, CONFIG_SNAPSHOT)
+        if os.path.exists(snap):
+            try:
+                with open(snap) as f:
+                    saved = json.load(f)
+            except (OSError, json.JSONDecodeError):
+                saved = {}
+            for key in SHAPE_KEYS:
+                if key in saved and _json_safe(getattr(self.args, key, None)) != saved[key]:
+                    diffs.append(f"{key}: {saved[key]!r} in the experiment, {getattr(self.args, key, None)!r} now")
+        network = ckpt.get("network", {})
+        current = self.model.state_dict()
+        tensor_diffs = []
+        for key in sorted(set(network) | set(current)):
+            a, b = network.get(key), current.get(key)
+            if a is None or b is None:
+                tensor_diffs.append(f"{key} {'missing from the checkpoint' if a is None else 'not in this model'}")
+            elif tuple(a.shape) != tuple(b.shape):
+                tensor_diffs.append(f"{key}: {tuple(a.shape)} in the checkpoint, {tuple(b.shape)} now")
+        if tensor_diffs:
+            detail = "; ".join(diffs) if diffs else "see tensors"
+            shown = "; ".join(tensor_diffs[:4]) + (f"; ... ({len(tensor_diffs)} tensors)" if len(tensor_diffs) > 4 else "")
+            raise ExperimentError(
+                f"the configuration does not match the experiment in {self.root} (checkpoint {path}): {detail}. "
+                f"Tensors: {shown}. Use another experiment_name/--experiment-dir, the experiment's own config, "
+                "or --overwrite to start from scratch")
+        if diffs:
+            warnings.warn("configuration differs from the experiment's: " + "; ".join(diffs), RuntimeWarning,
+                          stacklevel=3)
+
+    def _load(self, idx: Any, ckpt: dict) -> None:
+        self._check_compatible(idx, ckpt)
+        path = self.checkpoint_path(idx)
+        try:
+            state = self.model.load_model(model_save_dir=self.saved_models_filepath, model_name=CHECKPOINT_PREFIX,
+                                          model_idx=idx)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - name the file whatever went wrong
+            raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from None
+        state = dict(state) if state is not None else dict(ckpt)
+        state.pop("network", None)
+        state.pop("optimizer", None)
+        state.setdefault("best_val_acc", 0.0)
+        state.setdefault("best_val_iter", 0)
+        state.setdefault("current_iter", 0)
+        self.state = state
+        self.resumed_from = path
+
+    def _write_config_snapshot(self) -> None:
+        snap = {k: _json_safe(v) for k, v in sorted(vars(self.args).items())}
+        _atomic_write_text(os.path.join(self.root, CONFIG_SNAPSHOT), json.dumps(snap, indent=2) + "\n")
+
+    # -- statistics files ---------------------------------------------------------------------------
+    @property
+    def summary_csv_path(self) -> str:
+        return os.path.join(self.logs_filepath, "summary_statistics.csv")
+
+    def _load_summary_rows(self) -> None:
+        """Keep the CSV rows of the epochs the loaded state has done; save any later rows aside."""
+        path = self.summary_csv_path
+        epochs_done = int(self.state["current_iter"]) // self.iters_per_epoch
+        if not os.path.exists(path):
+            return
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows:
+            return
+        header, body = rows[0], [r for r in rows[1:] if r]
+        keep = body
+        if "epoch" in header:
+            col = header.index("epoch")
+            keep = []
+            for r in body:
+                try:
+                    if int(float(r[col])) <= epochs_done:
+                        keep.append(r)
+                except (ValueError, IndexError):
+                    pass
+        if len(keep) != len(body):
+            aside = path + f".before_resume_{time.strftime('%Y%m%d-%H%M%S')}"
+            shutil.copyfile(path, aside)
+            self.log(f"mamlpp: {path} had {len(body) - len(keep)} rows past the resumed epoch {epochs_done}; "
+                     f"a copy is kept in {aside}")
+        self.summary_header, self.summary_rows = header, keep
+
+    def _append_summary(self, summary: dict[str, Any]) -> None:
+        if self.summary_header is None:
+            self.summary_header = list(summary.keys())
+        header = self.summary_header
+        for key in summary:
+            if key not in header:
+                header.append(key)
+        self.summary_rows.append([_plain(summary.get(k, "")) for k in header])
+        _atomic_write_text(self.summary_csv_path, _csv_text(header, self.summary_rows))
+        _atomic_write_text(os.path.join(self.logs_filepath, "summary_statistics.json"),
+                           json.dumps(_json_safe(self.state.get("per_epoch_statistics", {}))))
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def _save_one(self, final_path: str, state: dict) -> None:
+        folder = os.path.dirname(final_path)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(final_path) + ".", dir=folder)
+        os.close(fd)
+        try:
+            self.model.save_model(model_save_dir=tmp, state=dict(state))
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final_path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(folder)
+
+    def save_models(self, epoch: int, state: dict) -> None:
+        """train_model_{epoch}, then train_model_latest (a copy), each written atomically."""
+        numbered = self.checkpoint_path(int(epoch))
+        self._save_one(numbered, state)
+        latest = self.checkpoint_path("latest")
+        fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(latest) + ".", dir=self.saved_models_filepath)
+        os.close(fd)
+        try:
+            shutil.copyfile(numbered, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, latest)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(self.saved_models_filepath)
+
+    # -- loops --------------------------------------------------------------------------------------
+    @staticmethod
+    def _summary(total_losses: dict[str, list[float]], phase: str) -> dict[str, float]:
+        out = {}
+        for key, values in total_losses.items():
+            out[f"{phase}_{key}_mean"] = float(np.mean(values))
+            out[f"{phase}_{key}_std"] = float(np.std(values))
+        return out
+
+    @staticmethod
+    def _accumulate(total_losses: dict[str, list[float]], losses: dict[str, Any]) -> None:
+        for key, value in losses.items():
+            total_losses.setdefault(key, []).append(float(value))
+
+    @staticmethod
+    def _postfix(losses: dict[str, Any]) -> dict[str, str]:
+        return {"loss": f"{float(losses['loss']):.4f}", "acc": f"{float(losses['accuracy']):.4f}"}
+
+    def validate(self) -> dict[str, float]:
+        """One pass over the fixed validation tasks; returns val_<metric>_mean/_std."""
+        total: dict[str, list[float]] = {}
+        with self._bar(total=self.num_eval_batches, desc=f"val   epoch {self.epoch + 1}", leave=False) as bar:
+            for batch in self.data.get_val_batches(total_batches=self.num_eval_batches, augment_images=False):
+                losses, _ = self.model.run_validation_iter(data_batch=tuple(batch[:4]))
+                losses.pop("skipped", None)
+                self._accumulate(total, losses)
+                bar.update(1)
+                bar.set_postfix(self._postfix(losses))
+        if not total:
+            raise RuntimeError("the data loader produced no validation batches")
+        return self._summary(total, "val")
+
+    def _end_of_epoch(self, train_losses: dict[str, float]) -> None:
+        val_losses = self.validate()
+        if val_losses["val_accuracy_mean"] > self.state["best_val_acc"]:
+            self.state["best_val_acc"] = val_losses["val_accuracy_mean"]
+            self.state["best_val_iter"] = self.state["current_iter"]
+            self.state["best_epoch"] = int(self.state["best_val_iter"] / self.iters_per_epoch)
+            self.log(f"mamlpp: best validation accuracy so far: {val_losses['val_accuracy_mean']:.4f}")
+        self.epoch += 1
+        epoch_summary = dict(train_losses)
+        epoch_summary.update(val_losses)
+        self.state.update(epoch_summary)
+        per_epoch = self.state.setdefault("per_epoch_statistics", {})
+        for key, value in epoch_summary.items():
+            per_epoch.setdefault(key, []).append(value)
+        self.state = _plain(self.state)
+        self.save_models(self.epoch, self.state)
+        row = dict(epoch_summary)
+        row["epoch"] = self.epoch
+        row["epoch_run_time"] = time.time() - self.start_time
+        self._append_summary(row)
+        self.start_time = time.time()
+        self.log("mamlpp: epoch {} -> {}".format(self.epoch, ", ".join(
+            f"{k}: {v:.4f}" for k, v in epoch_summary.items() if k.endswith("_mean") and
+            ("loss" in k or "accuracy" in k) and "importance" not in k)))
+
+    def train(self) -> str:
+        """Meta-train until total_epochs (or total_epochs_before_pause epochs in this run).
+
+        Returns "done" or "paused"."""
+        if self.state["current_iter"] >= self.total_iters:
+            return "done"
+        pause_after = int(getattr(self.args, "total_epochs_before_pause", 10 ** 9) or 10 ** 9)
+        total_epochs = int(self.args.total_epochs)
+        remaining = self.total_iters - int(self.state["current_iter"])
+        batches = self.data.get_train_batches(total_batches=remaining, augment_images=self.augment_flag)
+        total_losses: dict[str, list[float]] = {}
+        skipped = 0
+        bar = None
+        try:
+            for batch in batches:
+                if bar is None:
+                    done_in_epoch = self.state["current_iter"] % self.iters_per_epoch
+                    bar = self._bar(total=self.iters_per_epoch, initial=done_in_epoch,
+                                    desc=f"train epoch {self.epoch + 1}/{total_epochs}")
+                epoch = int(self.state["current_iter"]) // self.iters_per_epoch
+                losses, _ = self.model.run_train_iter(data_batch=tuple(batch[:4]), epoch=epoch)
+                if losses.pop("skipped", False):
+                    # A non-finite meta-update the learner withheld (nonfinite_policy 'skip'): counted,
+                    # and left out of the epoch's statistics (its loss is not a number).
+                    skipped += 1
+                    self.state["skipped_iterations"] = int(self.state.get("skipped_iterations", 0)) + 1
+                else:
+                    self._accumulate(total_losses, losses)
+                self.state["current_iter"] += 1
+                bar.update(1)
+                bar.set_postfix(self._postfix(losses))
+                if self.state["current_iter"] % self.iters_per_epoch == 0:
+                    bar.close()
+                    bar = None
+                    if skipped:
+                        self.log(f"mamlpp: warning: {skipped} of {self.iters_per_epoch} meta-updates of epoch "
+                                 f"{self.epoch + 1} were skipped (non-finite loss or gradient)")
+                    self._end_of_epoch(self._summary(total_losses, "train"))
+                    total_losses = {}
+                    skipped = 0
+                    self.epochs_done_in_this_run += 1
+                    if self.state["current_iter"] >= self.total_iters:
+                        break
+                    if self.epochs_done_in_this_run >= pause_after:
+                        self.log(f"mamlpp: paused after {self.epochs_done_in_this_run} epochs "
+                                 "(total_epochs_before_pause); run the same command again to continue")
+                        return "paused"
+        finally:
+            if bar is not None:
+                bar.close()
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+        if self.state["current_iter"] < self.total_iters:
+            raise RuntimeError(f"the data loader stopped after iteration {self.state['current_iter']} of "
+                               f"{self.total_iters}")
+        return "done"
+
+    # -- test protocol ------------------------------------------------------------------------------
+    @property
+    def test_summary_path(self) -> str:
+        return os.path.join(self.logs_filepath, "test_summary.csv")
+
+    def _ranked_epochs(self) -> list[tuple[int, float]]:
+        """(epoch, val accuracy) of every epoch with statistics, best first (ties: later epoch first)."""
+        stats = self.state.get("per_epoch_statistics", {})
+        val_acc = np.asarray(stats.get("val_accuracy_mean", []), dtype=np.float64)
+        if val_acc.size == 0:
+            # A checkpoint of the original misses its last epoch's statistics; the CSV has them all.
+            if self.summary_header and "val_accuracy_mean" in self.summary_header:
+                col = self.summary_header.index("val_accuracy_mean")
+                ecol = self.summary_header.index("epoch")
+                pairs = [(int(float(r[ecol])), float(r[col])) for r in self.summary_rows]
+                pairs.sort(key=lambda p: p[1], reverse=True)
+                return pairs
+            return []
+        order = np.argsort(val_acc, kind="stable")[::-1]
+        return [(int(i) + 1, float(val_acc[i])) for i in order]
+
+    def evaluate_test_set_using_the_best_models(self, top_n_models: int | None = None) -> dict[str, float]:
+        """The original's test protocol: an ensemble of the top-n validation checkpoints on the test tasks."""
+        top_n = int(top_n_models or self.max_models_to_save)
+        ranked = self._ranked_epochs()
+        if not ranked:
+            raise ExperimentError(f"no per-epoch validation statistics in {self.root}: nothing to choose test models from")
+        chosen: list[int] = []
+        for epoch, acc in ranked:
+            if len(chosen) >= top_n:
+                break
+            path = self.checkpoint_path(epoch)
+            try:
+                load_checkpoint(path)
+            except CheckpointError as e:
+                warnings.warn(f"{e}; skipping it in the test ensemble", RuntimeWarning, stacklevel=2)
+                self.log(f"mamlpp: warning: {e}; skipping it in the test ensemble")
+                continue
+            chosen.append(epoch)
+        if not chosen:
+            raise CheckpointError(f"none of the best validation checkpoints in {self.saved_models_filepath} is readable")
+        self.log("mamlpp: test ensemble of epochs " + ", ".join(
+            f"{e} (val acc {a:.4f})" for e, a in ranked if e in chosen))
+
+        per_model_preds: list[list[np.ndarray]] = []
+        targets: list[np.ndarray] | None = None
+        for m, epoch in enumerate(chosen):
+            try:
+                self.model.load_model(model_save_dir=self.saved_models_filepath, model_name=CHECKPOINT_PREFIX,
+                                      model_idx=epoch)
+            except Exception as e:  # noqa: BLE001
+                raise CheckpointError(f"cannot load checkpoint {self.checkpoint_path(epoch)}: "
+                                      f"{type(e).__name__}: {e}") from None
+            preds: list[np.ndarray] = []
+            these_targets: list[np.ndarray] = []
+            correct = 0
+            seen = 0
+            with self._bar(total=self.num_eval_batches, desc=f"test  model {m + 1}/{len(chosen)} (epoch {epoch})",
+                           leave=False) as bar:
+                for batch in self.data.get_test_batches(total_batches=self.num_eval_batches, augment_images=False):
+                    losses, per_task = self.model.run_validation_iter(data_batch=tuple(batch[:4]))
+                    y = np.asarray(batch[3])
+                    for t, p in enumerate(per_task):
+                        p = np.asarray(p, dtype=np.float64)
+                        yt = y[t].reshape(-1).astype(np.int64)
+                        preds.append(p)
+                        these_targets.append(yt)
+                        correct += int((p.argmax(-1) == yt).sum())
+                        seen += yt.size
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{float(losses['loss']):.4f}", acc=f"{correct / max(seen, 1):.4f}")
+            if targets is None:
+                targets = these_targets
+            elif len(targets) != len(these_targets) or any(
+                    not np.array_equal(a, b) for a, b in zip(targets, these_targets)):
+                raise RuntimeError("the test tasks differ between two passes of get_test_batches: the ensemble "
+                                   "needs the same tasks for every model")
+            per_model_preds.append(preds)
+
+        ensemble = np.mean(np.stack([np.stack(p) for p in per_model_preds]), axis=0)  # (tasks, N*T, N)
+        correct = np.equal(ensemble.argmax(-1), np.stack(targets))
+        result = {"test_accuracy_mean": float(np.mean(correct)), "test_accuracy_std": float(np.std(correct))}
+        self._write_test_summary(result)
+        self.log(f"mamlpp: test accuracy {result['test_accuracy_mean']:.4f} +- {result['test_accuracy_std']:.4f} "
+                 f"({len(targets)} tasks, {len(chosen)} models) -> {self.test_summary_path}")
+        return result
+
+    def _write_test_summary(self, result: dict[str, float]) -> None:
+        text = _csv_text(list(result.keys()), [list(result.values())])
+        path = self.test_summary_path
+        if os.path.exists(path):
+            with open(path, newline="") as f:
+                old = f.read()
+            if old != text:
+                aside = path[:-4] + f"_{time.strftime('%Y%m%d-%H%M%S')}.csv"
+                shutil.copyfile(path, aside)
+                self.log(f"mamlpp: the earlier test summary is kept in {aside}")
+        _atomic_write_text(path, text)
+
+    def read_test_summary(self) -> dict[str, float] | None:
+        if not os.path.exists(self.test_summary_path):
+            return None
+        with open(self.test_summary_path, newline="") as f:
+            rows = list(csv.reader(f))
+        if len(rows) < 2:
+            return None
+        return {k: float(v) for k, v in zip(rows[0], rows[1])}
+
+    # -- everything ---------------------------------------------------------------------------------
+    def run_experiment(self) -> dict[str, Any]:
+        """Train (unless evaluate_on_test_set_only), then run the test protocol.
+
+        Returns {"status": "done"|"paused"|"tested", "current_iter", "best_val_acc", "best_epoch",
+        "test_accuracy_mean", "test_accuracy_std" (when tested), "experiment_folder"}."""
+        result: dict[str, Any] = {"experiment_folder": self.root}
+        evaluate_only = bool(getattr(self.args, "evaluate_on_test_set_only", False))
+        start_iter = int(self.state["current_iter"])
+        status = "tested" if evaluate_only else self.train()
+        result.update(status=status, current_iter=int(self.state["current_iter"]),
+                      best_val_acc=float(self.state.get("best_val_acc", 0.0)),
+                      best_epoch=int(self.state.get("best_epoch", 0)))
+        if status == "paused":
+            return result
+        previous = self.read_test_summary()
+        if not evaluate_only and start_iter >= self.total_iters and previous is not None:
+            self.log(f"mamlpp: experiment already complete; test results in {self.test_summary_path}: "
+                     f"{previous} (use `mamlpp test` to run the test protocol again)")
+            result.update(previous)
+            return result
+        result.update(self.evaluate_test_set_using_the_best_models())
+        return result
+
+
+def run_experiment(args: Any, *, config_path: str | os.PathLike | None = None, overwrite: bool = False,
+                   progress: bool = True, model: Any = None, data: Any = None, device: Any = None,
+                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Build the data loader, the learner and the experiment from `args`, and run it.
+
+    `args.learner` picks the learner ("fast" falls back to "reference", with a warning, when the fast
+    learner is not available); `args.device` the device. `model`/`data` may be given to reuse instances.
+    """
+    from .common import resolve_device
+
+    dev = device if device is not None else resolve_device(getattr(args, "device", "auto"))
+    if getattr(dev, "type", None) == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            from .config import ConfigError
+
+            raise ConfigError(f"config key 'device' asks for {getattr(args, 'device', dev)!r} but torch sees no CUDA "
+                              "device (use --device cpu or auto)")
+    if data is None:
+        from .data import MetaLearningSystemDataLoader
+
+        data = MetaLearningSystemDataLoader(args=args, current_iter=0)  # fails early on a missing dataset
+    if model is None:
+        cls = learner_class(getattr(args, "learner", "fast"))
+        model = cls(im_shape=(2, args.image_channels, args.image_height, args.image_width), device=dev, args=args)
+    builder = ExperimentBuilder(args, data, model, dev, overwrite=overwrite, config_path=config_path,
+                                progress=progress, log=log)
+    return builder.run_experiment()
+
+
+def learner_class(name: str):
+    """The learner class for `name` ("fast" or "reference")."""
+    if name == "reference":
+        from .reference import MAMLFewShotClassifier
+
+        return MAMLFewShotClassifier
+    try:
+        from .fast import MAMLFewShotClassifier
+    except ImportError as e:
+        warnings.warn(f"the fast learner is not available ({e}); using the reference learner", RuntimeWarning,
+                      stacklevel=2)
+        from .reference import MAMLFewShotClassifier
+    return MAMLFewShotClassifier

@@ -1,0 +1,262 @@
+"""The experiment loop end to end on tiny synthetic experiments: files, columns, resume, corrupt
+checkpoints, the test ensemble, and never overwriting an earlier experiment."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from mamlpp_fast.common import CheckpointError
+from mamlpp_fast.config import load_args
+from mamlpp_fast.data import MetaLearningSystemDataLoader
+from mamlpp_fast.trainer import ExperimentBuilder, ExperimentError, learner_class
+
+TINY = {
+    "dataset_name": "synthetic", "dataset_path": "synthetic", "experiment_name": "tiny",
+    "batch_size": 2, "image_height": 28, "image_width": 28, "image_channels": 1,
+    "num_classes_per_set": 5, "num_samples_per_class": 1, "num_target_samples": 2,
+    "cnn_num_filters": 8, "num_stages": 2, "conv_padding": True, "max_pooling": True,
+    "number_of_training_steps_per_iter": 2, "number_of_evaluation_steps_per_iter": 2,
+    "per_step_bn_statistics": True, "learnable_bn_gamma": True, "learnable_bn_beta": True,
+    "enable_inner_loop_optimizable_bn_params": False,
+    "learnable_per_layer_per_step_inner_loop_learning_rate": True,
+    "use_multi_step_loss_optimization": True, "multi_step_loss_num_epochs": 2,
+    "second_order": True, "first_order_to_second_order_epoch": -1,
+    "total_epochs": 2, "total_iter_per_epoch": 3, "num_evaluation_tasks": 4, "max_models_to_save": 5,
+    "meta_learning_rate": 0.001, "min_learning_rate": 0.00001, "task_learning_rate": 0.1,
+    "train_seed": 0, "val_seed": 0, "continue_from_epoch": "latest", "total_epochs_before_pause": 100,
+}
+
+
+def make_args(tmp_path, **kw):
+    cfg = dict(TINY, experiment_dir=str(tmp_path / "exp"))
+    cfg.update(kw)
+    return load_args(cfg)
+
+
+def build(args, **kw):
+    model = learner_class(args.learner)(im_shape=(2, args.image_channels, args.image_height, args.image_width),
+                                       device="cpu", args=args)
+    return ExperimentBuilder(args, MetaLearningSystemDataLoader, model, "cpu", progress=False, log=lambda m: None, **kw)
+
+
+def run(args, **kw):
+    b = build(args, **kw)
+    return b, b.run_experiment()
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return rows[0], rows[1:]
+
+
+def network(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["network"]
+
+
+def folder_snapshot(root):
+    out = {}
+    for d, _, files in os.walk(root):
+        for n in files:
+            p = os.path.join(d, n)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, root)] = f.read()
+    return out
+
+
+def test_end_to_end_files_and_columns(tmp_path):
+    args = make_args(tmp_path)
+    builder, result = run(args)
+    root = tmp_path / "exp" / "tiny"
+    assert result["status"] == "done" and result["current_iter"] == 6
+    for name in ("train_model_1", "train_model_2", "train_model_latest"):
+        assert (root / "saved_models" / name).is_file(), name
+    assert not [n for n in os.listdir(root / "saved_models") if n.startswith(".tmp")], "temp files left behind"
+
+    header, rows = read_csv(root / "logs" / "summary_statistics.csv")
+    S = args.number_of_training_steps_per_iter
+    metrics = ["loss", "accuracy"] + [f"loss_importance_vector_{i}" for i in range(S)]
+    expected = {f"{p}_{m}_{s}" for p in ("train", "val") for m in metrics for s in ("mean", "std")}
+    expected |= {"train_learning_rate_mean", "train_learning_rate_std", "epoch", "epoch_run_time"}
+    assert set(header) == expected, set(header) ^ expected
+    assert header[0] == "train_loss_mean" and header[-2:] == ["epoch", "epoch_run_time"]
+    assert header.index("val_loss_mean") > header.index("train_learning_rate_std")
+    assert [int(r[header.index("epoch")]) for r in rows] == [1, 2]
+    for r in rows:
+        acc = float(r[header.index("val_accuracy_mean")])
+        assert 0.0 <= acc <= 1.0
+        assert float(r[header.index("epoch_run_time")]) > 0
+
+    with open(root / "logs" / "summary_statistics.json") as f:
+        per_epoch = json.load(f)
+    assert set(per_epoch) == expected - {"epoch", "epoch_run_time"}
+    assert all(len(v) == 2 for v in per_epoch.values())
+    # MSL weights of epoch 0 are all 1/S.
+    assert per_epoch["train_loss_importance_vector_0_mean"][0] == pytest.approx(1 / S)
+
+    test_header, test_rows = read_csv(root / "logs" / "test_summary.csv")
+    assert test_header == ["test_accuracy_mean", "test_accuracy_std"] and len(test_rows) == 1
+    acc, std = map(float, test_rows[0])
+    assert 0.0 <= acc <= 1.0 and std == pytest.approx(np.sqrt(acc * (1 - acc)))
+    assert result["test_accuracy_mean"] == pytest.approx(acc)
+
+    state = torch.load(root / "saved_models" / "train_model_2", map_location="cpu", weights_only=False)
+    for key in ("best_val_acc", "best_val_iter", "current_iter", "best_epoch", "per_epoch_statistics",
+                "network", "optimizer", "train_loss_mean", "val_accuracy_mean"):
+        assert key in state, key
+    assert state["current_iter"] == 6
+    assert len(state["per_epoch_statistics"]["val_accuracy_mean"]) == 2
+    best = int(np.argmax(per_epoch["val_accuracy_mean"])) + 1  # first best (strict > as the original)
+    assert state["best_epoch"] == best and state["best_val_iter"] == best * 3
+    # Checkpoints load with the learner's own API.
+    loaded = builder.model.load_model(str(root / "saved_models"), "train_model", 1)
+    assert loaded["current_iter"] == 3
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_resume_gives_the_same_parameters(tmp_path, dtype):
+    # Uninterrupted: 2 epochs.
+    a = make_args(tmp_path / "a", dtype=dtype)
+    run(a)
+    # Interrupted after epoch 1 (the original's total_epochs_before_pause), then resumed by a new
+    # learner and a new data loader, as a new process would.
+    b = make_args(tmp_path / "b", dtype=dtype, total_epochs_before_pause=1)
+    _, first = run(b)
+    assert first["status"] == "paused" and first["current_iter"] == 3
+    assert not (tmp_path / "b" / "exp" / "tiny" / "saved_models" / "train_model_2").exists()
+    b2 = make_args(tmp_path / "b", dtype=dtype)
+    builder = build(b2)
+    assert builder.state["current_iter"] == 3 and builder.epoch == 1
+    assert builder.resumed_from.endswith("train_model_latest")
+    result = builder.run_experiment()
+    assert result["status"] == "done" and result["current_iter"] == 6
+
+    na = network(tmp_path / "a" / "exp" / "tiny" / "saved_models" / "train_model_2")
+    nb = network(tmp_path / "b" / "exp" / "tiny" / "saved_models" / "train_model_2")
+    assert set(na) == set(nb)
+    # Every computation is deterministic on the CPU and the resumed run restores parameters, Adam
+    # state, BN running statistics and the task stream exactly, so the parameters agree to the bit
+    # (in float32 as well as float64).
+    for key in na:
+        assert torch.equal(na[key], nb[key]), (key, (na[key] - nb[key]).abs().max().item())
+    ha, ra = read_csv(tmp_path / "a" / "exp" / "tiny" / "logs" / "summary_statistics.csv")
+    hb, rb = read_csv(tmp_path / "b" / "exp" / "tiny" / "logs" / "summary_statistics.csv")
+    assert ha == hb and len(rb) == 2
+    t = ha.index("epoch_run_time")
+    assert [r[:t] for r in ra] == [r[:t] for r in rb]
+
+
+def test_corrupt_checkpoint_is_named_and_resume_falls_back(tmp_path):
+    args = make_args(tmp_path)
+    run(args)
+    saved = tmp_path / "exp" / "tiny" / "saved_models"
+    for name in ("train_model_latest", "train_model_2"):
+        data = (saved / name).read_bytes()
+        (saved / name).write_bytes(data[: len(data) // 3])  # truncated, as by a crash mid-write
+
+    # Asking for that checkpoint explicitly: a clear error naming the file.
+    with pytest.raises(CheckpointError, match="train_model_2"):
+        build(make_args(tmp_path, continue_from_epoch=2))
+
+    # Resuming: a warning naming each bad file, then the newest good checkpoint (epoch 1).
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        builder = build(make_args(tmp_path, total_epochs=3))
+    msgs = " | ".join(str(w.message) for w in caught)
+    assert "train_model_latest" in msgs and "train_model_2" in msgs, msgs
+    assert builder.resumed_from.endswith("train_model_1")
+    assert builder.state["current_iter"] == 3
+    result = builder.run_experiment()
+    assert result["current_iter"] == 9
+    header, rows = read_csv(tmp_path / "exp" / "tiny" / "logs" / "summary_statistics.csv")
+    assert [int(r[header.index("epoch")]) for r in rows] == [1, 2, 3]
+    # The rows of the abandoned epoch 2 were kept aside, not lost.
+    assert any(n.startswith("summary_statistics.csv.before_resume") for n in os.listdir(tmp_path / "exp" / "tiny" / "logs"))
+    assert torch.load(saved / "train_model_2", map_location="cpu", weights_only=False)["current_iter"] == 6
+
+    # Every checkpoint unreadable: an error, not a silent restart.
+    for name in os.listdir(saved):
+        (saved / name).write_bytes(b"not a checkpoint")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(CheckpointError, match="no readable checkpoint"):
+            build(make_args(tmp_path, total_epochs=4))
+
+
+def test_existing_experiment_is_not_overwritten(tmp_path):
+    args = make_args(tmp_path, total_epochs=2)
+    run(args)
+    root = tmp_path / "exp" / "tiny"
+
+    def outputs():
+        snap = folder_snapshot(root / "saved_models")
+        snap.update(folder_snapshot(root / "logs"))
+        return snap
+
+    before = outputs()
+    with pytest.raises(ExperimentError, match="--overwrite"):
+        build(make_args(tmp_path, total_epochs=2, continue_from_epoch="from_scratch"))
+    with pytest.raises(ExperimentError, match="cnn_num_filters"):
+        build(make_args(tmp_path, total_epochs=2, cnn_num_filters=16))
+    with pytest.raises(ExperimentError, match="train_model_2"):  # would replace the later checkpoint
+        build(make_args(tmp_path, total_epochs=2, continue_from_epoch=1))
+    assert outputs() == before
+
+    # Same command again on a finished experiment: nothing is retrained or rewritten.
+    _, result = run(make_args(tmp_path, total_epochs=2))
+    assert result["current_iter"] == 6 and "test_accuracy_mean" in result
+    assert outputs() == before
+
+    # Continuing from epoch 1 with --overwrite replays epoch 2: the same parameters, bit for bit.
+    builder = build(make_args(tmp_path, total_epochs=2, continue_from_epoch=1), overwrite=True)
+    assert builder.state["current_iter"] == 3
+    builder.run_experiment()
+    old = torch.load(io.BytesIO(before["train_model_2"]), map_location="cpu", weights_only=False)
+    new = torch.load(root / "saved_models" / "train_model_2", map_location="cpu", weights_only=False)
+    for key, value in old["network"].items():
+        assert torch.equal(value, new["network"][key]), key
+
+    # --overwrite without an epoch starts from scratch.
+    builder = build(make_args(tmp_path, total_epochs=1, cnn_num_filters=16), overwrite=True)
+    assert builder.state["current_iter"] == 0
+    builder.run_experiment()
+    assert network(root / "saved_models" / "train_model_1")["classifier.layer_dict.conv0.conv.weight"].shape[0] == 16
+    assert not (root / "saved_models" / "train_model_2").exists()
+
+
+def test_test_protocol_is_an_ensemble_of_the_best_checkpoints(tmp_path):
+    args = make_args(tmp_path, total_epochs=7, total_iter_per_epoch=1, max_models_to_save=3, num_evaluation_tasks=4)
+    builder, result = run(args)
+    val_acc = builder.state["per_epoch_statistics"]["val_accuracy_mean"]
+    assert len(val_acc) == 7
+    ranked = sorted(range(1, 8), key=lambda e: (val_acc[e - 1], e), reverse=True)[:3]
+
+    # Recompute by hand: each chosen checkpoint on the same test tasks, logits averaged.
+    model = builder.model
+    preds, targets = [], None
+    for epoch in ranked:
+        model.load_model(builder.saved_models_filepath, "train_model", epoch)
+        p, t = [], []
+        for batch in builder.data.get_test_batches(total_batches=2, augment_images=False):
+            _, per_task = model.run_validation_iter(batch[:4])
+            p += [np.asarray(x, dtype=np.float64) for x in per_task]
+            t += [np.asarray(y).reshape(-1) for y in batch[3]]
+        preds.append(np.stack(p))
+        targets = np.stack(t)
+    correct = np.mean(preds, axis=0).argmax(-1) == targets
+    assert result["test_accuracy_mean"] == pytest.approx(correct.mean(), abs=1e-12)
+    assert result["test_accuracy_std"] == pytest.approx(correct.std(), abs=1e-12)
+
+    # `mamlpp test` semantics: test only, from the checkpoints, same numbers, no training.
+    tester = build(make_args(tmp_path, total_epochs=7, total_iter_per_epoch=1, max_models_to_save=3,
+                             evaluate_on_test_set_only=True))
+    again = tester.run_experiment()
+    assert again["status"] == "tested" and again["current_iter"] == 7
+    assert again["test_accuracy_mean"] == pytest.approx(result["test_accuracy_mean"])
