@@ -4,7 +4,9 @@
                  [--learner fast|reference] [--backend auto|cuda|triton|cpp|torch] [--device auto|cpu|cuda]
                  [--total-epochs N] [--total-iter-per-epoch N] [--num-evaluation-tasks N] [--overwrite]
     mamlpp test  --config X.json [same options]       # the test protocol only, from saved checkpoints
+    mamlpp plot-lrs <experiment folder> [--epoch N|best] [--out DIR]   # learned LSLR rates, MSL, curves
     mamlpp bench [...]                                 # bench/run.py (benchmarks), when present
+    torchrun --nproc_per_node R -m mamlpp_fast train --config X.json   # data-parallel (tasks over ranks)
 
 The original's command line works with the command swapped (`python train_maml_system.py` ->
 `mamlpp`, or `mamlpp train`): `--name_of_args_json_file X.json` is `--config X.json`, the environment
@@ -79,18 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, allow_abbrev=False,
         description="Fast, exact MAML++ (How to train your MAML) from the original's experiment JSON files.",
         epilog="Any other --key value is applied as an override of that config key (the original's flags).")
-    sub = parser.add_subparsers(dest="command", metavar="{train,test,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,test,plot-lrs,bench}")
     train = sub.add_parser("train", allow_abbrev=False, help="meta-train, validate each epoch, then test",
                            description="Meta-train (resuming from the latest checkpoint when the experiment "
                                        "folder has one), validate each epoch, then run the test protocol.")
     _add_common(train)
     train.add_argument("--overwrite", action="store_true",
                        help="delete this experiment's earlier checkpoints and logs and start from scratch")
+    train.add_argument("--distributed", action="store_true",
+                       help="data-parallel meta-training under torchrun (tasks split over ranks; automatic "
+                            "when WORLD_SIZE > 1)")
     test = sub.add_parser("test", allow_abbrev=False,
                           help="test protocol only: ensemble of the best validation checkpoints",
                           description="Run the test protocol from saved checkpoints: the max_models_to_save "
                                       "best validation checkpoints, logits averaged over the test tasks.")
     _add_common(test)
+    sub.add_parser("plot-lrs", add_help=False,
+                   help="plots of the learned inner learning rates, MSL weights and curves of an experiment")
     sub.add_parser("bench", add_help=False, help="benchmarks (bench/run.py)")
     return parser
 
@@ -175,7 +182,7 @@ def _run_bench(rest: list[str]) -> int:
 
 def _resolve_command(argv: list[str]) -> list[str]:
     """Accept the original's form (no subcommand, `--name_of_args_json_file X`): it means `train`."""
-    if argv and argv[0] in ("train", "test", "bench", "-h", "--help"):
+    if argv and argv[0] in ("train", "test", "bench", "plot-lrs", "-h", "--help"):
         return argv
     if any(a == "--name_of_args_json_file" or a.startswith("--name_of_args_json_file=") or a == "--config"
            or a.startswith("--config=") for a in argv):
@@ -188,6 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = _resolve_command(argv)
     if argv and argv[0] == "bench":
         return _run_bench(argv[1:])
+    if argv and argv[0] == "plot-lrs":
+        from .plots import main as plots_main
+        return plots_main(argv[1:])
     parser = build_parser()
     if not argv:
         parser.print_help(sys.stderr)
@@ -237,8 +247,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "experiment_name", None) in (None, "", "None"):
             args.experiment_name = Path(opts.config).stem
         args.experiment_name = str(args.experiment_name)
-        result = run_experiment(args, config_path=opts.config, overwrite=bool(getattr(opts, "overwrite", False)),
-                                progress=opts.progress)
+        from .distributed import is_distributed_env, run_distributed_experiment
+        runner = run_experiment
+        if getattr(opts, "distributed", False) or is_distributed_env():
+            runner = run_distributed_experiment
+        result = runner(args, config_path=opts.config, overwrite=bool(getattr(opts, "overwrite", False)),
+                        progress=opts.progress)
     except (ConfigError, DatasetError, CheckpointError, ExperimentError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
