@@ -16,7 +16,7 @@ import torch
 __all__ = [
     "BatchError", "CheckpointError", "set_torch_seed", "msl_importance_vector", "cosine_lr",
     "resolve_device", "resolve_dtype", "coerce_batch", "atomic_torch_save", "load_checkpoint",
-    "float32_precision",
+    "float32_precision", "atomic_write", "atomic_write_text", "fsync_dir",
 ]
 
 
@@ -130,17 +130,32 @@ def coerce_batch(data_batch: Sequence[Any], device: torch.device, dtype: torch.d
     return xs, xt, ys, yt
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+def fsync_dir(folder: str) -> None:
+    """fsync a folder so that a rename inside it survives a crash (best effort: not every file system
+    allows opening folders)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
-    A crash mid-write leaves the previous file intact instead of a truncated checkpoint."""
+
+def atomic_write(path: str | os.PathLike, write, binary: bool = True) -> None:
+    """Write a file through `write(f)` into a temporary file in the same folder, fsync it, rename it
+    over `path`, and fsync the folder: a crash mid-write leaves the previous file intact instead of a
+    truncated one."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path) + ".", dir=folder)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -148,6 +163,17 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fsync_dir(folder)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save through `atomic_write`."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """A text file written through `atomic_write`."""
+    atomic_write(path, lambda f: f.write(text), binary=False)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:

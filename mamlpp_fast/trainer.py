@@ -53,6 +53,8 @@ import numpy as np
 import tqdm
 
 from .common import CheckpointError, load_checkpoint
+from .common import atomic_write_text as _atomic_write_text
+from .common import fsync_dir as _fsync_dir
 
 __all__ = ["ExperimentBuilder", "ExperimentError", "CheckpointError", "SHAPE_KEYS", "run_experiment",
            "build_experiment_folder", "describe_learner"]
@@ -77,36 +79,6 @@ CONFIG_SNAPSHOT = "config.json"
 # ----------------------------------------------------------------------------------------------------
 # Small file helpers
 # ----------------------------------------------------------------------------------------------------
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path) + ".", dir=folder)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
-
-
 def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
