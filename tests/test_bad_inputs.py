@@ -31,6 +31,7 @@ from mamlpp_fast.config import DEFAULTS, REQUIRED, ConfigError, load_args
 from mamlpp_fast.data import DatasetError, MetaLearningSystemDataLoader
 from mamlpp_fast.ops import lslr_update, per_step_batch_norm
 from mamlpp_fast.trainer import ExperimentBuilder, ExperimentError, learner_class
+from _tiny import tiny_config
 
 EXPECTED_MIN_CASES = 213  # the count reported for this issue; the last test checks the table is at least this long
 
@@ -53,22 +54,12 @@ def case(id: str, exc: type):
 
 
 # ------------------------------------------------------------------------------------------- config
-BASE = {
-    "dataset_name": "synthetic", "dataset_path": "synthetic", "experiment_name": "bad",
-    "synthetic_num_classes": [20, 10, 10], "synthetic_images_per_class": 6,
-    "batch_size": 2, "image_height": 14, "image_width": 14, "image_channels": 1,
-    "num_classes_per_set": 3, "num_samples_per_class": 1, "num_target_samples": 1,
-    "cnn_num_filters": 4, "num_stages": 2, "conv_padding": True, "max_pooling": True,
-    "number_of_training_steps_per_iter": 2, "number_of_evaluation_steps_per_iter": 2,
-    "per_step_bn_statistics": True, "learnable_bn_gamma": True, "learnable_bn_beta": True,
-    "enable_inner_loop_optimizable_bn_params": False,
-    "learnable_per_layer_per_step_inner_loop_learning_rate": True,
-    "use_multi_step_loss_optimization": True, "multi_step_loss_num_epochs": 2,
-    "second_order": True, "first_order_to_second_order_epoch": -1,
-    "total_epochs": 2, "total_iter_per_epoch": 2, "num_evaluation_tasks": 2, "max_models_to_save": 5,
-    "meta_learning_rate": 0.001, "min_learning_rate": 0.00001, "task_learning_rate": 0.1,
-    "dtype": "float64", "device": "cpu", "seed": 3,
-}
+BASE = tiny_config(experiment_name='bad', synthetic_num_classes=[20, 10, 10], synthetic_images_per_class=6,
+                   image_height=14, image_width=14, num_classes_per_set=3, num_target_samples=1,
+                   cnn_num_filters=4, number_of_training_steps_per_iter=2,
+                   number_of_evaluation_steps_per_iter=2, total_epochs=2, total_iter_per_epoch=2,
+                   num_evaluation_tasks=2, max_models_to_save=5, meta_learning_rate=0.001,
+                   min_learning_rate=1e-05, task_learning_rate=0.1, dtype='float64', device='cpu', seed=3)
 
 # A value of the wrong type for each expected type (never "true"/"false", which are booleans).
 _WRONG = {bool: "maybe", int: "seven", float: "fast", str: 12345, list: 5}

@@ -11,23 +11,14 @@ from pathlib import Path
 import pytest
 
 from mamlpp_fast.cli import parse_overrides
+from _tiny import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY = {
-    "dataset_name": "synthetic", "dataset_path": "synthetic", "experiment_name": "tiny_cli",
-    "batch_size": 2, "image_height": 28, "image_width": 28, "image_channels": 1,
-    "num_classes_per_set": 5, "num_samples_per_class": 1, "num_target_samples": 2,
-    "cnn_num_filters": 8, "num_stages": 2, "conv_padding": True, "max_pooling": True,
-    "number_of_training_steps_per_iter": 2, "number_of_evaluation_steps_per_iter": 2,
-    "per_step_bn_statistics": True, "learnable_bn_gamma": True, "learnable_bn_beta": True,
-    "enable_inner_loop_optimizable_bn_params": False,
-    "learnable_per_layer_per_step_inner_loop_learning_rate": True,
-    "use_multi_step_loss_optimization": True, "multi_step_loss_num_epochs": 2,
-    "second_order": True, "first_order_to_second_order_epoch": -1,
-    "total_epochs": 1, "total_iter_per_epoch": 2, "num_evaluation_tasks": 4,
-    "train_seed": 0, "val_seed": 0, "continue_from_epoch": -2,
-}
+TINY = tiny_config(experiment_name='tiny_cli', image_height=28, image_width=28, num_classes_per_set=5,
+                   num_target_samples=2, cnn_num_filters=8, number_of_training_steps_per_iter=2,
+                   number_of_evaluation_steps_per_iter=2, total_epochs=1, total_iter_per_epoch=2,
+                   num_evaluation_tasks=4, train_seed=0, val_seed=0, continue_from_epoch=-2)
 
 
 def write_config(tmp_path, name="tiny.json", **kw):

@@ -23,23 +23,14 @@ import time
 
 import pytest
 import torch
+from _tiny import tiny_config
 
-CONFIG = {
-    "dataset_name": "synthetic", "dataset_path": "synthetic", "experiment_name": "kr",
-    "synthetic_num_classes": [20, 10, 10], "synthetic_images_per_class": 6,
-    "batch_size": 2, "image_height": 14, "image_width": 14, "image_channels": 1,
-    "num_classes_per_set": 5, "num_samples_per_class": 1, "num_target_samples": 2,
-    "cnn_num_filters": 6, "num_stages": 2, "conv_padding": True, "max_pooling": True,
-    "number_of_training_steps_per_iter": 2, "number_of_evaluation_steps_per_iter": 2,
-    "per_step_bn_statistics": True, "learnable_bn_gamma": True, "learnable_bn_beta": True,
-    "enable_inner_loop_optimizable_bn_params": False,
-    "learnable_per_layer_per_step_inner_loop_learning_rate": True,
-    "use_multi_step_loss_optimization": True, "multi_step_loss_num_epochs": 2,
-    "second_order": True, "first_order_to_second_order_epoch": -1,
-    "total_epochs": 3, "total_iter_per_epoch": 10, "num_evaluation_tasks": 4, "max_models_to_save": 5,
-    "meta_learning_rate": 0.001, "min_learning_rate": 0.00001, "task_learning_rate": 0.1,
-    "dtype": "float64", "device": "cpu", "seed": 7,
-}
+CONFIG = tiny_config(experiment_name='kr', synthetic_num_classes=[20, 10, 10], synthetic_images_per_class=6,
+                     image_height=14, image_width=14, num_classes_per_set=5, num_target_samples=2,
+                     cnn_num_filters=6, number_of_training_steps_per_iter=2,
+                     number_of_evaluation_steps_per_iter=2, total_epochs=3, total_iter_per_epoch=10,
+                     num_evaluation_tasks=4, max_models_to_save=5, meta_learning_rate=0.001,
+                     min_learning_rate=1e-05, task_learning_rate=0.1, dtype='float64', device='cpu', seed=7)
 # Columns that measure wall-clock time, not training.
 TIME_COLUMNS = {"epoch_run_time"}
 

@@ -18,22 +18,14 @@ from mamlpp_fast.config import load_args
 from mamlpp_fast.data import MetaLearningSystemDataLoader
 from mamlpp_fast.plots import main as plots_main
 from mamlpp_fast.trainer import ExperimentBuilder, learner_class
+from _tiny import tiny_config
 
-TINY = {
-    "dataset_name": "synthetic", "dataset_path": "synthetic", "experiment_name": "plots",
-    "synthetic_num_classes": [20, 10, 10], "synthetic_images_per_class": 6,
-    "batch_size": 2, "image_height": 14, "image_width": 14, "image_channels": 1,
-    "num_classes_per_set": 3, "num_samples_per_class": 1, "num_target_samples": 1,
-    "cnn_num_filters": 4, "num_stages": 2, "conv_padding": True, "max_pooling": True,
-    "number_of_training_steps_per_iter": 3, "number_of_evaluation_steps_per_iter": 3,
-    "per_step_bn_statistics": True, "learnable_bn_gamma": True, "learnable_bn_beta": True,
-    "enable_inner_loop_optimizable_bn_params": False,
-    "learnable_per_layer_per_step_inner_loop_learning_rate": True,
-    "use_multi_step_loss_optimization": True, "multi_step_loss_num_epochs": 2,
-    "second_order": True, "first_order_to_second_order_epoch": -1,
-    "total_epochs": 2, "total_iter_per_epoch": 3, "num_evaluation_tasks": 2, "max_models_to_save": 5,
-    "meta_learning_rate": 0.01, "min_learning_rate": 0.0001, "task_learning_rate": 0.1, "seed": 5,
-}
+TINY = tiny_config(experiment_name='plots', synthetic_num_classes=[20, 10, 10], synthetic_images_per_class=6,
+                   image_height=14, image_width=14, num_classes_per_set=3, num_target_samples=1,
+                   cnn_num_filters=4, number_of_training_steps_per_iter=3,
+                   number_of_evaluation_steps_per_iter=3, total_epochs=2, total_iter_per_epoch=3,
+                   num_evaluation_tasks=2, max_models_to_save=5, meta_learning_rate=0.01,
+                   min_learning_rate=0.0001, task_learning_rate=0.1, seed=5)
 NAMES = ("lslr.png", "msl.png", "curves.png")
 
 
