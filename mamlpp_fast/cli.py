@@ -259,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n{PROG}: interrupted; the last completed epoch's checkpoint is kept (run again to resume)",
               file=sys.stderr)
         return 130
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports (and writes files)
+        return 0
     status = result.get("status")
     line = f"{PROG}: {status}: {result['experiment_folder']}"
     if "test_accuracy_mean" in result:
