@@ -58,7 +58,7 @@ class MAMLFewShotClassifier(ReferenceClassifier):
         if self.args.backend != "auto":
             set_backend(self.args.backend)
         self._adapted_names = list(self.get_inner_loop_parameter_dict(self.classifier.named_parameters()))
-        self._importance_cache: tuple[int, torch.Tensor] | None = None
+        self._importance_cache: tuple[int, torch.Tensor, list] | None = None
         self._graphs = {}
         self._graph_failed = None
         if self._graph_mode():
@@ -111,8 +111,11 @@ class MAMLFewShotClassifier(ReferenceClassifier):
         return float32_precision(self.args.allow_tf32, self.args.cudnn_benchmark)
 
     def _importance(self) -> torch.Tensor:
+        """The MSL weights of the current epoch on the device, computed once per epoch (with a host copy
+        for the returned losses, so that reporting them costs no device-to-host transfer)."""
         if self._importance_cache is None or self._importance_cache[0] != self.current_epoch:
-            self._importance_cache = (self.current_epoch, self.get_per_step_loss_importance_vector())
+            weights = self.get_per_step_loss_importance_vector()
+            self._importance_cache = (self.current_epoch, weights, list(weights.cpu().numpy()))
         return self._importance_cache[1]
 
     @torch.no_grad()
@@ -188,10 +191,13 @@ class MAMLFewShotClassifier(ReferenceClassifier):
         return loss, accuracy, preds
 
     def _host_losses(self, loss, accuracy, preds, importance):
-        """Copy the metrics to the host (the one synchronisation of a meta-update)."""
-        preds_np = preds.cpu().numpy()
-        losses = {"loss": loss, "accuracy": float(accuracy.item())}
-        for i, item in enumerate(importance.detach().cpu().numpy()):
+        """Copy the metrics to the host: one device-to-host transfer (accuracy and target logits packed
+        together), the one synchronisation of a meta-update. `importance` must be the tensor of
+        `_importance()`, whose host copy is cached."""
+        packed = torch.cat([accuracy.reshape(1).to(preds.dtype), preds.reshape(-1)]).cpu().numpy()
+        preds_np = packed[1:].reshape(tuple(preds.shape))
+        losses = {"loss": loss, "accuracy": float(packed[0])}
+        for i, item in enumerate(self._importance_cache[2]):
             losses[f"loss_importance_vector_{i}"] = item
         return losses, [preds_np[t] for t in range(preds_np.shape[0])]
 
