@@ -8,14 +8,21 @@ the Adam step.
 Tolerances.
 - float64: 1e-9 relative (TESTING.md: in float64 a 1e-13 perturbation of one inner learning rate moves
   meta-gradients ~1e-9 relative; rounding of two correct implementations stays far below).
-- float32: meta-gradients are compared per tensor by ||a - b|| / max(||b||, floor) with the floor a
-  fraction (1e-3) of the largest gradient norm of the model, since conv biases followed by batch norm
-  have a zero gradient in exact arithmetic and only rounding noise in practice (TESTING.md). The two
-  learners sum in different orders (grouped vs single convolutions, fused vs stock batch norm), so
-  each op differs by a few float32 ulps (~1e-7 relative); the 5-step second-order inner loop amplifies
-  such differences (TESTING.md measured ~1e-3 relative for a 1e-6 perturbation, i.e. a gain of ~1e3),
-  so 1e-7 * 1e3 * safety 20 gives FP32_GRAD_RTOL = 2e-3. Losses and logits pass through the same
-  amplification but are smoother: FP32_OUT_RTOL = 1e-4.
+- float32: per-tensor meta-gradient errors are ||a - b|| / max(||b||, floor), the floor a fraction
+  (1e-3) of the largest gradient norm (conv biases followed by batch norm have a zero gradient in exact
+  arithmetic, only rounding noise in practice: TESTING.md). The two learners sum in different orders;
+  most inputs agree closely, but rounding now and then flips a discrete choice (a max-pool near-tie,
+  the side of the leaky-ReLU kink), which reroutes gradient and is amplified by the second-order inner
+  loop (TESTING.md). Measured on this test's configuration (32 filters, 5 steps, B=2, cpp backend,
+  2026-11-27), max over tensors per run, 40 fresh seeds: non-LSLR tensors median 2.3e-4, p90 3.5e-4,
+  max 5.9e-2; LSLR rates (a dot product over a whole tensor, where cancellation inflates relative
+  error) median 6e-6, p90 1e-4, max 2.1e-1; per-task logits over 30 seeds median 9e-7, max 7.4e-4;
+  the meta-loss, a mean over all targets, median 2.8e-7, max 1.6e-6. Hence a robust pair for the
+  gradients: the median over tensors under FP32_GRAD_RTOL = 5e-3 (tight: typical errors are 2e-4)
+  and every tensor under FP32_GRAD_MAX_RTOL = 0.5 (catches gross errors only); logits under
+  FP32_OUT_RTOL = 2e-2; and the loss under FP32_LOSS_RTOL = 2e-5, which keeps the float32 test
+  sensitive to float32-only faults: cuDNN's TF32 moved the loss by 5e-4 (tests/gpu/RESULTS.md).
+  The sharp check is float64 (1e-9).
 - After the Adam step, biases of conv layers and their LSLR rates are excluded in float32: their
   gradient is pure noise and Adam turns noise into a full-size step (TESTING.md).
 """
@@ -37,8 +44,10 @@ from mamlpp_fast.ops import available_backends
 from mamlpp_fast.reference import MAMLFewShotClassifier as Reference
 
 FP64_RTOL = 1e-9
-FP32_GRAD_RTOL = 2e-3
-FP32_OUT_RTOL = 1e-4
+FP32_GRAD_RTOL = 5e-3  # median over tensors
+FP32_GRAD_MAX_RTOL = 0.5
+FP32_OUT_RTOL = 2e-2
+FP32_LOSS_RTOL = 2e-5
 
 CPU_BACKENDS = [b for b in available_backends() if b in ("torch", "cpp", "triton")]
 
@@ -84,7 +93,8 @@ def compare(ref, fast, batch, epoch, dtype, seed, training=True):
     out_tol = FP64_RTOL if fp64 else FP32_OUT_RTOL
     grad_tol = FP64_RTOL if fp64 else FP32_GRAD_RTOL
     msg = f"(seed {seed}, dtype {dtype}, epoch {epoch})"
-    assert rel(lf["loss"].detach(), lr_["loss"].detach()) < out_tol, msg
+    loss_tol = FP64_RTOL if fp64 else FP32_LOSS_RTOL
+    assert rel(lf["loss"].detach(), lr_["loss"].detach()) < loss_tol, msg
     assert abs(lf["accuracy"] - lr_["accuracy"]) < 1e-6, msg
     for key in lr_:
         if key.startswith("loss_importance_vector"):
@@ -94,8 +104,14 @@ def compare(ref, fast, batch, epoch, dtype, seed, training=True):
         assert a.shape == b.shape
         assert rel(a, b) < out_tol, f"task {t} logits differ by {rel(a, b):.3e} {msg}"
     floor = 1e-3 * max(float(g.norm()) for g in gr.values())
-    worst = max(((rel(gf[n], gr[n], floor), n) for n in gr), key=lambda x: x[0])
-    assert worst[0] < grad_tol, f"meta-gradient of {worst[1]} differs by {worst[0]:.3e} {msg}"
+    errors = sorted((rel(gf[n], gr[n], floor), n) for n in gr)
+    worst = errors[-1]
+    if fp64:
+        assert worst[0] < grad_tol, f"meta-gradient of {worst[1]} differs by {worst[0]:.3e} {msg}"
+    else:
+        median = errors[len(errors) // 2][0]
+        assert median < grad_tol, f"median meta-gradient error {median:.3e} over {len(errors)} tensors {msg}"
+        assert worst[0] < FP32_GRAD_MAX_RTOL, f"meta-gradient of {worst[1]} differs by {worst[0]:.3e} {msg}"
     assert set(gf) == set(gr)
     # running statistics after the forward pass (BNRS)
     sr, sf = ref.state_dict(), fast.state_dict()
@@ -111,19 +127,37 @@ def is_noise_param(key):
     return key.endswith("conv.bias") or key.endswith("conv-bias")
 
 
-def assert_same_after_adam(ref, fast, rtol, seed):
-    """Every parameter and running statistic agrees after one Adam step. For the noise-gradient tensors
-    Adam's first step is lr * g / (|g| + eps): with fp64 noise (|g| << eps) the step is negligible, so
-    both must have moved by far less than a real step (lr); in fp32 it is a random full-size step and
-    they are skipped."""
+FP32_SIGN_FLIP_MAX = 0.05
+
+
+def assert_same_after_adam(ref, fast, rtol, seed, before=None):
+    """Every parameter and running statistic agrees after one Adam step.
+
+    float64: every tensor to `rtol`. For the noise-gradient tensors Adam's first step is
+    lr * g / (|g| + eps): with fp64 noise (|g| << eps) the step is negligible, so both must have moved
+    by far less than a real step (lr).
+    float32 (needs `before`, the state before the step): Adam's first step is about lr * sign(g), so an
+    element whose gradient is within rounding of 0 may step the other way (TESTING.md). Per trainable
+    tensor, the fraction of elements whose update sign differs must stay under FP32_SIGN_FLIP_MAX
+    (measured: at most 1.25% over 20 seeds, 2026-11-27); running statistics and untrained tensors
+    compare to `rtol`; noise-gradient tensors are skipped (a random full-size step)."""
     sr, sf = ref.state_dict(), fast.state_dict()
     lr = ref.optimizer.param_groups[0]["lr"]
+    trainable = {n for n, p in ref.named_parameters() if p.requires_grad}
     for key in sr:
+        fp64 = sr[key].dtype == torch.float64
         if is_noise_param(key):
-            if sr[key].dtype == torch.float64:
+            if fp64:
                 init = 0.1 if "learning_rates" in key else 0.0
                 for v in (sr[key], sf[key]):
                     assert float((v - init).abs().max()) < 1e-3 * lr, f"{key} moved by a real step (seed {seed})"
+            continue
+        if not fp64 and key in trainable and before is not None:
+            dr, df = sr[key] - before[key], sf[key] - before[key]
+            moved = dr != 0
+            if bool(moved.any()):
+                flips = float((torch.sign(dr) != torch.sign(df))[moved].float().mean())
+                assert flips <= FP32_SIGN_FLIP_MAX, f"{key}: {flips:.1%} of Adam update signs differ (seed {seed})"
             continue
         assert rel(sf[key], sr[key]) < rtol, f"{key} after Adam differs by {rel(sf[key], sr[key]):.3e} (seed {seed})"
 
@@ -189,9 +223,10 @@ def test_fast_matches_reference_float32(backend):
     batch = batch_for(args, 2, seed)
     compare(ref, fast, batch, 0, "float32", seed)
     ref2, fast2, _ = make_pair("float32", backend, **cfg)
+    before = copy.deepcopy(ref2.state_dict())
     ref2.run_train_iter(batch, 0)
     fast2.run_train_iter(batch, 0)
-    assert_same_after_adam(ref2, fast2, FP32_GRAD_RTOL, seed)
+    assert_same_after_adam(ref2, fast2, FP32_GRAD_RTOL, seed, before)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -15,7 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _batches import fresh_seed, learnable_batch  # noqa: E402
-from test_fast_equivalence import FP32_GRAD_RTOL, FP64_RTOL, compare, make_pair  # noqa: E402,F401
+from test_fast_equivalence import (FP32_GRAD_MAX_RTOL, FP32_GRAD_RTOL, FP32_LOSS_RTOL,  # noqa: E402
+                                   FP32_OUT_RTOL, FP64_RTOL)
 
 from mamlpp_fast.common import float32_precision  # noqa: E402
 from mamlpp_fast.config import default_args  # noqa: E402
@@ -63,15 +64,17 @@ def test_fast_matches_reference_on_cuda(backend, dtype):
     batch = learnable_batch(4, 5, 1, 2, 1, 28, 28, seed)
     lr_, pr, gr = grads_of(ref, batch, 0)
     lf, pf, gf = grads_of(fast, batch, 0)
-    out_tol = FP64_RTOL if dtype == "float64" else 1e-4
+    out_tol = FP64_RTOL if dtype == "float64" else FP32_OUT_RTOL
     grad_tol = FP64_RTOL if dtype == "float64" else FP32_GRAD_RTOL
-    assert rel(lf["loss"].detach(), lr_["loss"].detach()) < out_tol, seed
+    loss_tol = FP64_RTOL if dtype == "float64" else FP32_LOSS_RTOL
+    assert rel(lf["loss"].detach(), lr_["loss"].detach()) < loss_tol, seed
     for a, b in zip(pf, pr):
         assert rel(a, b) < out_tol, seed
     floor = 1e-3 * max(float(g.norm()) for g in gr.values())
-    for n in gr:
-        d = float((gf[n] - gr[n]).norm()) / max(float(gr[n].norm()), floor)
-        assert d < grad_tol, f"{n}: {d:.3e} (backend {backend}, {dtype}, seed {seed})"
+    errors = sorted(float((gf[n] - gr[n]).norm()) / max(float(gr[n].norm()), floor) for n in gr)
+    # float64: every tensor; float32: median and maximum, as derived in tests/test_fast_equivalence.py
+    assert errors[len(errors) // 2] < grad_tol, (errors, backend, dtype, seed)
+    assert errors[-1] < (grad_tol if dtype == "float64" else FP32_GRAD_MAX_RTOL), (errors, backend, dtype, seed)
     for k, v in ref.state_dict().items():
         if "running" in k:
             assert rel(fast.state_dict()[k], v) < out_tol, (k, seed)
