@@ -44,7 +44,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from typing import Any, Callable
@@ -52,7 +51,7 @@ from typing import Any, Callable
 import numpy as np
 import tqdm
 
-from .common import CheckpointError, load_checkpoint
+from .common import CheckpointError, atomic_write, load_checkpoint
 from .common import atomic_write_text as _atomic_write_text
 from .common import fsync_dir as _fsync_dir
 
@@ -484,37 +483,15 @@ class ExperimentBuilder:
 
     # -- checkpoints --------------------------------------------------------------------------------
     def _save_one(self, final_path: str, state: dict) -> None:
-        folder = os.path.dirname(final_path)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(final_path) + ".", dir=folder)
-        os.close(fd)
-        try:
-            self.model.save_model(model_save_dir=tmp, state=dict(state))
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final_path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(folder)
+        # The learners' save_model writes atomically (common.atomic_torch_save): temp file, fsync, rename.
+        self.model.save_model(model_save_dir=final_path, state=dict(state))
 
     def save_models(self, epoch: int, state: dict) -> None:
         """train_model_{epoch}, then train_model_latest (a copy), each written atomically."""
         numbered = self.checkpoint_path(int(epoch))
         self._save_one(numbered, state)
-        latest = self.checkpoint_path("latest")
-        fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(latest) + ".", dir=self.saved_models_filepath)
-        os.close(fd)
-        try:
-            shutil.copyfile(numbered, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, latest)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(self.saved_models_filepath)
+        with open(numbered, "rb") as src:
+            atomic_write(self.checkpoint_path("latest"), lambda f: shutil.copyfileobj(src, f))
 
     # -- loops --------------------------------------------------------------------------------------
     @staticmethod

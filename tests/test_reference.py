@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from mamlpp_fast.common import BatchError, CheckpointError, cosine_lr, msl_importance_vector
 from mamlpp_fast.config import default_args
 from mamlpp_fast.reference import MAMLFewShotClassifier, MetaBatchNormLayer
+import _batches
 
 S = 3  # inner steps of the tiny test learner
 E = 10  # multi_step_loss_num_epochs
@@ -49,19 +50,12 @@ def make(**kw):
 
 
 def learnable_batch(a, seed, noise=0.3, scale=1.0, b=None):
-    """Class prototypes plus noise (TESTING.md: learnable tasks, not random noise). numpy, int64 labels."""
+    """Class prototypes plus noise (tests/_batches.py) for the config `a`, images multiplied by `scale`."""
     b = a.batch_size if b is None else b
-    n, k, t = a.num_classes_per_set, a.num_samples_per_class, a.num_target_samples
-    c, h, w = a.image_channels, a.image_height, a.image_width
-    rng = np.random.RandomState(seed)
-    coarse = rng.randn(b, n, c, max(2, h // 4), max(2, w // 4))
-    proto = np.repeat(np.repeat(coarse, int(np.ceil(h / coarse.shape[-2])), -2),
-                      int(np.ceil(w / coarse.shape[-1])), -1)[..., :h, :w]
-    xs = proto[:, :, None] + noise * rng.randn(b, n, k, c, h, w)
-    xt = proto[:, :, None] + noise * rng.randn(b, n, t, c, h, w)
-    ys = np.broadcast_to(np.arange(n)[None, :, None], (b, n, k)).copy()
-    yt = np.broadcast_to(np.arange(n)[None, :, None], (b, n, t)).copy()
-    return (scale * xs).astype(np.float32), (scale * xt).astype(np.float32), ys, yt
+    xs, xt, ys, yt = _batches.learnable_batch(b, a.num_classes_per_set, a.num_samples_per_class,
+                                              a.num_target_samples, a.image_channels, a.image_height,
+                                              a.image_width, seed, noise)
+    return xs * np.float32(scale), xt * np.float32(scale), ys, yt
 
 
 def as_tensors(batch, dtype=torch.float64):
