@@ -17,11 +17,13 @@ Tolerances.
   2026-11-27), max over tensors per run, 40 fresh seeds: non-LSLR tensors median 2.3e-4, p90 3.5e-4,
   max 5.9e-2; LSLR rates (a dot product over a whole tensor, where cancellation inflates relative
   error) median 6e-6, p90 1e-4, max 2.1e-1; per-task logits over 30 seeds median 9e-7, max 7.4e-4;
-  the meta-loss, a mean over all targets, median 2.8e-7, max 1.6e-6. Hence a robust pair for the
+  the meta-loss, a mean over all targets, median 2.4e-7, p98 7.9e-7, max 5.7e-5 (one seed in 90,
+  found by a CI run). Hence a robust pair for the
   gradients: the median over tensors under FP32_GRAD_RTOL = 5e-3 (tight: typical errors are 2e-4)
   and every tensor under FP32_GRAD_MAX_RTOL = 0.5 (catches gross errors only); logits under
-  FP32_OUT_RTOL = 2e-2; and the loss under FP32_LOSS_RTOL = 2e-5, which keeps the float32 test
-  sensitive to float32-only faults: cuDNN's TF32 moved the loss by 5e-4 (tests/gpu/RESULTS.md).
+  FP32_OUT_RTOL = 2e-2; and the loss under FP32_LOSS_RTOL = 2e-4 (3.5x the worst seen), which keeps
+  the float32 test sensitive to float32-only faults: cuDNN's TF32 moved the loss by 5e-4
+  (tests/gpu/RESULTS.md).
   The sharp check is float64 (1e-9).
 - After the Adam step, biases of conv layers and their LSLR rates are excluded in float32: their
   gradient is pure noise and Adam turns noise into a full-size step (TESTING.md).
@@ -47,7 +49,7 @@ FP64_RTOL = 1e-9
 FP32_GRAD_RTOL = 5e-3  # median over tensors
 FP32_GRAD_MAX_RTOL = 0.5
 FP32_OUT_RTOL = 2e-2
-FP32_LOSS_RTOL = 2e-5
+FP32_LOSS_RTOL = 2e-4
 
 CPU_BACKENDS = [b for b in available_backends() if b in ("torch", "cpp", "triton")]
 
