@@ -107,6 +107,7 @@ DEFAULTS: dict[str, Any] = {
     "cuda_graph": False,  # capture the whole meta-update in a CUDA graph (fast learner, CUDA only)
     "cudnn_benchmark": True,  # fast learner: cuDNN picks convolution algorithms by timing them
     "allow_tf32": False,  # TF32 convolutions/matmuls on GPUs that have them (faster, ~1e-3 less exact)
+    "conv_impl": "auto",  # fast learner: how the per-task convolutions run (mamlpp_fast.ops.conv)
 }
 
 # Keys the learner reads that the original's parser gives no default: its experiment files must set them.
@@ -128,6 +129,7 @@ _CHOICES = {
     "dtype": ("float32", "float64"),
     "norm_layer": ("batch_norm",),
     "nonfinite_policy": ("skip", "stop"),
+    "conv_impl": ("auto", "grouped", "channels_last", "unfold", "unfold_bmm", "per_task"),
 }
 _POSITIVE_INT = (
     "batch_size", "image_height", "image_width", "image_channels", "num_classes_per_set",

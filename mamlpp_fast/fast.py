@@ -6,11 +6,12 @@ outer forward differs. Instead of a Python loop over the B tasks:
 
 - fast weights carry a leading task dimension: an adapted tensor of shape S is held as (B, *S);
 - activations use the layout (n, B*C, H, W) (task-major channels), so the convolutions of all tasks
-  are one grouped convolution (groups=B, weight (B*Cout, Cin, 3, 3)), max pooling and average
-  pooling are plain calls, and the linear layer is one batched matmul. Grouped convolution was chosen
-  by measurement over B separate convolutions on channel slices: on the GPU it is one launch instead
-  of B; on a 2-core CPU (torch 2.13, oneDNN), forward + backward + double backward at the Omniglot
-  layer-2 shape (n=20, B=8, 64 channels, 14x14) took 0.74 s grouped vs 1.05 s per task;
+  are one `task_conv2d` call per layer (mamlpp_fast.ops.conv: a grouped convolution with groups=B,
+  or im2col + batched matmuls, ...; config key `conv_impl`, default `auto`: on a GPU the fastest for
+  each layer's shape, timed once; on a CPU the grouped convolution, which on a 2-core CPU (torch 2.13,
+  oneDNN) took 0.74 s vs 1.05 s for B separate convolutions at the Omniglot layer-2 shape, forward +
+  backward + double backward), max pooling and average pooling are plain calls, and the linear layer
+  is one batched matmul;
 - batch norm with per-(task, channel) statistics, per-step gamma/beta and leaky ReLU is the custom op
   `per_step_batch_norm` (hand-written backward and double backward);
 - the LSLR inner update of every adapted tensor of every task is one `lslr_update` call;
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 
 from .common import cosine_lr, float32_precision
 from .ops import lslr_update, per_step_batch_norm
+from .ops.conv import task_conv2d
 from .reference import BN_EPS, BN_MOMENTUM, LEAKY_SLOPE
 from .reference import MAMLFewShotClassifier as ReferenceClassifier
 
@@ -87,8 +89,7 @@ class MAMLFewShotClassifier(ReferenceClassifier):
             conv = self.classifier.layer_dict[layer].conv
             w = fast[f"layer_dict.{layer}.conv.weight"]
             bias = fast[f"layer_dict.{layer}.conv.bias"]
-            out = F.conv2d(out, w.reshape(-1, *w.shape[2:]), bias.reshape(-1), stride=conv.stride,
-                           padding=conv.padding, groups=b)
+            out = task_conv2d(out, w, bias, b, conv.stride, conv.padding, self.args.conv_impl)
             gamma, beta = self._bn_params(layer, step, fast)
             out, mean, invstd = per_step_batch_norm(out, gamma, beta, b, BN_EPS, LEAKY_SLOPE)
             if stats is not None:

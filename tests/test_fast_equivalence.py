@@ -306,3 +306,28 @@ def test_one_sided_inner_loop_bn_params(gamma, beta):
             if k.endswith(adapted):
                 p.zero_()
     assert float(ref.run_validation_iter(batch)[0]["loss"]) != float(base), f"{adapted} was not adapted (seed {seed})"
+
+
+CONV_CASES = [CASES[0], CASES[6], CASES[8]]  # Omniglot 64 filters, strided without max pooling, mini-ImageNet-like
+
+
+@pytest.mark.parametrize("conv_impl", ["channels_last", "unfold", "unfold_bmm", "per_task"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=[c[0] for c in CONV_CASES])
+def test_conv_impls_match_reference_float64(case, conv_impl):
+    """Every convolution implementation of the fast learner (config key conv_impl; `grouped`, the CPU
+    default, is covered by the tests above) gives the reference's losses, logits, meta-gradients and
+    running statistics in float64."""
+    _, cfg, b, epoch = case
+    seed = fresh_seed()
+    ref, fast, args = make_pair("float64", "torch", conv_impl=conv_impl, **cfg)
+    compare(ref, fast, batch_for(args, b, seed), epoch, "float64", seed)
+
+
+@pytest.mark.parametrize("conv_impl", ["unfold", "unfold_bmm"])
+def test_conv_impls_match_reference_float32(conv_impl):
+    """The matmul-based convolutions sum in another order than cuDNN/oneDNN: the float32 tolerances
+    derived above for the whole learner hold for them too."""
+    seed = fresh_seed()
+    cfg = dict(cnn_num_filters=32, num_classes_per_set=5, number_of_training_steps_per_iter=5)
+    ref, fast, args = make_pair("float32", "cpp" if "cpp" in CPU_BACKENDS else "torch", conv_impl=conv_impl, **cfg)
+    compare(ref, fast, batch_for(args, 2, seed), 0, "float32", seed)

@@ -4,15 +4,19 @@
   -> (y, mean, invstd)`: batch norm per (task, channel) fused with leaky ReLU, twice differentiable.
 - `lslr_update(thetas, grads, alphas, step, backend=None) -> list`: the LSLR inner-loop step for all
   adapted tensors at once.
+- `task_conv2d(x, weight, bias, num_tasks, stride, padding, impl)`: the convolution of every task with
+  its own weights, by one of several implementations (`mamlpp_fast.ops.conv`).
 - `get_backend`, `set_backend`, `available_backends`, `clear_cache`: see `mamlpp_fast.ops.backend`.
 """
 from .backend import (BACKEND_NAMES, Backend, BackendFallbackWarning, available_backends, clear_cache,
                       get_backend, set_backend)
+from .conv import CONV_IMPLS, task_conv2d
 from .lslr import lslr_update
 from .per_step_bn import per_step_batch_norm
 
 __all__ = [
     "BACKEND_NAMES",
+    "CONV_IMPLS",
     "Backend",
     "BackendFallbackWarning",
     "available_backends",
@@ -21,4 +25,5 @@ __all__ = [
     "lslr_update",
     "per_step_batch_norm",
     "set_backend",
+    "task_conv2d",
 ]

@@ -1,0 +1,254 @@
+r"""Convolution of every task of a meta-batch with its own weights (``task_conv2d``), several ways.
+
+Layout (as everywhere in the fast learner): ``x`` is ``(n, B*Cin, H, W)``, task-major channels;
+``weight`` is ``(B, Cout, Cin, kh, kw)`` (task ``t``'s fast weights in row ``t``), ``bias`` is
+``(B, Cout)``; the result is ``(n, B*Cout, Ho, Wo)``, contiguous, channel ``t*Cout + o``::
+
+    out[i, t*Cout + o] = bias[t, o] + sum_{c, p, q} weight[t, o, c, p, q] * xpad[i, t*Cin + c, s*h + p, s*w + q]
+
+All implementations compute this same function from differentiable PyTorch ops, so autograd gives
+the backward and the double backward that MAML++ needs (a convolution is bilinear in (x, weight): its
+derivatives are again convolutions, transposed convolutions and weight gradients of the same shapes).
+They differ in which kernels run and in rounding only:
+
+- ``grouped``: one ``conv2d`` with ``groups=B`` (what torch.func's vmap does). On an H100 in strict
+  float32, cuDNN ran this as a direct grouped kernel plus NCHW<->NHWC transposes around every call:
+  ~80% of the fast learner's GPU time (bench/NOTES.md, 2026-11-26).
+- ``channels_last``: the same grouped convolution on NHWC copies of ``x`` and ``weight`` (the output
+  is copied back to NCHW for the batch-norm op), so that cuDNN may pick its NHWC grouped kernels.
+- ``unfold``: im2col (``F.unfold``) and one batched matmul over (example, task) pairs whose result is
+  already in the output layout: ``(1, B, Cout, K) @ (n, B, K, L) -> (n, B, Cout, L)`` with
+  ``K = Cin*kh*kw`` and ``L = Ho*Wo``; cuBLAS runs n*B small GEMMs, no transposes.
+- ``unfold_bmm``: im2col, then the columns are regrouped per task, ``(B, K, n*L)``, for B large GEMMs
+  ``(B, Cout, K) @ (B, K, n*L)``; the result is permuted back to ``(n, B*Cout, Ho, Wo)``.
+- ``per_task``: B ordinary convolutions on channel slices, stacked.
+
+``auto`` chooses per layer shape on a CUDA device by timing each implementation once on the exact
+MAML++ pattern (forward, first derivatives with ``create_graph``, and a backward through them); the
+choice is cached per (shape, stride, padding, dtype, device, TF32 setting) and logged once. Like
+``torch.backends.cudnn.benchmark`` it may pick differently between runs, which changes results at
+rounding level only. On other devices ``auto`` is ``grouped`` (on a 2-core CPU grouped was measured
+faster than per-task convolutions; bench/NOTES.md), so CPU runs stay deterministic.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["CONV_IMPLS", "task_conv2d", "choose_conv_impl", "time_conv_impls", "clear_conv_cache",
+           "conv_choices", "fastest"]
+
+CONV_IMPLS = ("grouped", "channels_last", "unfold", "unfold_bmm", "per_task")
+logger = logging.getLogger("mamlpp_fast")
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _out_size(size: int, k: int, s: int, p: int) -> int:
+    return (size + 2 * p - k) // s + 1
+
+
+def check_task_conv_inputs(x, weight, bias, num_tasks) -> None:
+    """Shape checks with messages that name the offending tensor (a wrong shape would otherwise
+    surface as a confusing error deep inside cuDNN or a silently wrong reshape)."""
+    if x.dim() != 4:
+        raise ValueError(f"task_conv2d: x must be 4-D (n, B*Cin, H, W), got shape {tuple(x.shape)}")
+    if weight.dim() != 5:
+        raise ValueError(f"task_conv2d: weight must be 5-D (B, Cout, Cin, kh, kw), got shape {tuple(weight.shape)}")
+    b, cout, cin = weight.shape[:3]
+    if b != num_tasks:
+        raise ValueError(f"task_conv2d: weight has {b} task rows but num_tasks={num_tasks}")
+    if x.shape[1] != num_tasks * cin:
+        raise ValueError(f"task_conv2d: x has {x.shape[1]} channels, expected num_tasks*Cin = "
+                         f"{num_tasks}*{cin} for weight of shape {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (b, cout):
+        raise ValueError(f"task_conv2d: bias must be (B, Cout) = ({b}, {cout}), got shape {tuple(bias.shape)}")
+
+
+def task_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_tasks: int,
+                stride=1, padding=0, impl: str = "grouped") -> torch.Tensor:
+    """Per-task convolution in the task-major layout (see the module docstring); differentiable to any
+    order. `impl` is one of CONV_IMPLS or "auto" (`choose_conv_impl`)."""
+    check_task_conv_inputs(x, weight, bias, num_tasks)
+    stride, padding = _pair(stride), _pair(padding)
+    if impl == "auto":
+        impl = choose_conv_impl(tuple(x.shape), tuple(weight.shape), stride, padding, x.dtype, x.device,
+                                input_grad=x.requires_grad)
+    fn = _IMPLS.get(impl)
+    if fn is None:
+        raise ValueError(f"task_conv2d: unknown impl {impl!r} (choose from {', '.join(CONV_IMPLS)} or auto)")
+    return fn(x, weight, bias, num_tasks, stride, padding)
+
+
+# ---- the implementations ----------------------------------------------------------------------------
+def _grouped(x, w, bias, b, stride, padding):
+    return F.conv2d(x, w.reshape(-1, *w.shape[2:]), None if bias is None else bias.reshape(-1),
+                    stride=stride, padding=padding, groups=b)
+
+
+def _channels_last(x, w, bias, b, stride, padding):
+    cl = torch.channels_last
+    out = F.conv2d(x.contiguous(memory_format=cl), w.reshape(-1, *w.shape[2:]).contiguous(memory_format=cl),
+                   None if bias is None else bias.reshape(-1), stride=stride, padding=padding, groups=b)
+    return out.contiguous()
+
+
+def _columns(x, w, b, stride, padding):
+    """im2col of every (example, task): (n, B, K, L), K ordered (c, p, q) like weight.view(B, Cout, K)."""
+    n, _, h, wd = x.shape
+    kh, kw = w.shape[3], w.shape[4]
+    cols = F.unfold(x, (kh, kw), padding=padding, stride=stride)  # (n, B*Cin*kh*kw, L)
+    ho, wo = _out_size(h, kh, stride[0], padding[0]), _out_size(wd, kw, stride[1], padding[1])
+    return cols.view(n, b, -1, ho * wo), ho, wo
+
+
+def _unfold(x, w, bias, b, stride, padding):
+    cols, ho, wo = _columns(x, w, b, stride, padding)
+    n, cout = x.shape[0], w.shape[1]
+    out = torch.matmul(w.reshape(1, b, cout, -1), cols)  # (n, B, Cout, L): the output layout
+    if bias is not None:
+        out = out + bias.reshape(1, b, cout, 1)
+    return out.view(n, b * cout, ho, wo)
+
+
+def _unfold_bmm(x, w, bias, b, stride, padding):
+    cols, ho, wo = _columns(x, w, b, stride, padding)
+    n, cout = x.shape[0], w.shape[1]
+    k, l_ = cols.shape[2], cols.shape[3]
+    per_task = cols.permute(1, 2, 0, 3).reshape(b, k, n * l_)  # (B, K, n*L)
+    wm = w.reshape(b, cout, k)
+    out = torch.bmm(wm, per_task) if bias is None else torch.baddbmm(bias.reshape(b, cout, 1), wm, per_task)
+    return out.view(b, cout, n, l_).permute(2, 0, 1, 3).contiguous().view(n, b * cout, ho, wo)
+
+
+def _per_task(x, w, bias, b, stride, padding):
+    n, _, h, wd = x.shape
+    xs = x.view(n, b, -1, h, wd)
+    outs = [F.conv2d(xs[:, t], w[t], None if bias is None else bias[t], stride=stride, padding=padding)
+            for t in range(b)]
+    out = torch.stack(outs, dim=1)  # (n, B, Cout, Ho, Wo)
+    return out.view(n, -1, out.shape[3], out.shape[4])
+
+
+_IMPLS = {"grouped": _grouped, "channels_last": _channels_last, "unfold": _unfold, "unfold_bmm": _unfold_bmm,
+          "per_task": _per_task}
+
+
+# ---- choosing by measurement ------------------------------------------------------------------------
+_lock = threading.Lock()
+_choices: dict = {}   # key -> (impl, {impl: median ms})
+
+
+def clear_conv_cache() -> None:
+    with _lock:
+        _choices.clear()
+
+
+def conv_choices() -> dict:
+    """What `auto` chose so far: {key: (impl, {impl: median ms or None})} (a copy)."""
+    with _lock:
+        return dict(_choices)
+
+
+def _maml_pattern(impl, x, w, bias, b, stride, padding, probes):
+    """One forward, the inner gradients w.r.t. (x when it requires grad, weight, bias) with
+    create_graph, and the outer backward through output and gradients: every convolution kernel a
+    second-order meta-update runs for this layer (forward, data and weight gradients, and the
+    double-backward terms)."""
+    out = _IMPLS[impl](x, w, bias, b, stride, padding)
+    inner = (out * probes[0]).sum()
+    wrt = [t for t in (x, w, bias) if t.requires_grad]
+    grads = torch.autograd.grad(inner, wrt, create_graph=True)
+    outer = (out * probes[1]).sum()
+    for t, g in zip(wrt, grads):
+        outer = outer + (g * probes[2 if t is x else 3 if t is w else 4]).sum()
+    outer.backward()
+
+
+def time_conv_impls(x_shape, w_shape, stride=1, padding=0, dtype=torch.float32, device="cuda",
+                    impls=CONV_IMPLS, reps: int = 5, warmup: int = 2, seed: int = 0,
+                    input_grad: bool = True) -> dict:
+    """Median milliseconds of `_maml_pattern` per implementation on random inputs of these shapes
+    (CUDA events on a GPU, perf_counter elsewhere); None for an implementation that raised.
+    `input_grad`: whether x requires grad (False for the first layer, whose input is data)."""
+    import time
+
+    device = torch.device(device)
+    stride, padding = _pair(stride), _pair(padding)
+    b, cout, _, kh, kw = w_shape
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype).to(device)
+
+    x = rand(*x_shape).requires_grad_(input_grad)
+    w = (rand(*w_shape) * 0.1).requires_grad_(True)
+    bias = rand(b, cout).requires_grad_(True)
+    ho = _out_size(x_shape[2], kh, stride[0], padding[0])
+    wo = _out_size(x_shape[3], kw, stride[1], padding[1])
+    out_shape = (x_shape[0], b * cout, ho, wo)
+    probes = (rand(*out_shape), rand(*out_shape), rand(*x_shape), rand(*w_shape), rand(b, cout))
+    cuda = device.type == "cuda"
+    result = {}
+    for impl in impls:
+        try:
+            for _ in range(warmup):
+                _maml_pattern(impl, x, w, bias, b, stride, padding, probes)
+            times = []
+            for _ in range(reps):
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    _maml_pattern(impl, x, w, bias, b, stride, padding, probes)
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end))
+                else:
+                    t0 = time.perf_counter()
+                    _maml_pattern(impl, x, w, bias, b, stride, padding, probes)
+                    times.append((time.perf_counter() - t0) * 1e3)
+            result[impl] = statistics.median(times)
+        except Exception as e:  # noqa: BLE001 - an implementation that cannot run here is not chosen
+            logger.info("task_conv2d: %s failed at x%s w%s: %s", impl, tuple(x_shape), tuple(w_shape), e)
+            result[impl] = None
+        finally:
+            x.grad = w.grad = bias.grad = None
+    return result
+
+
+def fastest(times: dict) -> str:
+    """The implementation with the smallest time (None = failed); ``grouped`` when every one failed."""
+    ok = {k: v for k, v in times.items() if v is not None}
+    return min(ok, key=ok.get) if ok else "grouped"
+
+
+def choose_conv_impl(x_shape, w_shape, stride, padding, dtype, device, input_grad: bool = True) -> str:
+    """The implementation `auto` uses for this layer: on CUDA the fastest by `time_conv_impls`
+    (measured once per key, never while a CUDA graph is being captured), else ``grouped``."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "grouped"
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    key = (tuple(x_shape), tuple(w_shape), _pair(stride), _pair(padding), dtype, str(device), tf32,
+           bool(input_grad))
+    with _lock:
+        hit = _choices.get(key)
+    if hit is not None:
+        return hit[0]
+    if torch.cuda.is_current_stream_capturing():
+        return "grouped"  # cannot time inside a capture; the uncaptured warm-up normally chose already
+    with torch.enable_grad():
+        times = time_conv_impls(x_shape, w_shape, stride, padding, dtype, device, input_grad=input_grad)
+    impl = fastest(times)
+    with _lock:
+        _choices[key] = (impl, times)
+    logger.info("task_conv2d auto: x%s w%s stride %s padding %s -> %s (%s)", tuple(x_shape), tuple(w_shape),
+                stride, padding, impl, ", ".join(f"{k} {'failed' if v is None else f'{v:.3f} ms'}"
+                                                 for k, v in times.items()))
+    return impl
