@@ -338,13 +338,17 @@ def _build_torchfunc(w, dev, a):
     return (lambda: base.meta_update(batch, 0)), {}, base
 
 
-def _build_fast(w, dev, a, backend: str, variant: str):
+def _build_fast(w, dev, a, backend: str, variant: str, conv_impl: str | None = None):
     from mamlpp_fast import config as C
     from mamlpp_fast.ops import BackendFallbackWarning, available_backends, get_backend, set_backend
+    from mamlpp_fast.ops.conv import clear_conv_cache
     if backend not in available_backends(dev):
         raise NotApplicable(f"backend {backend!r} is not available for {dev.type} tensors here "
                             f"(available: {available_backends(dev)})")
     over: dict[str, Any] = {"backend": backend, **_precision_overrides(a)}
+    if conv_impl is not None and "conv_impl" in C.DEFAULTS:
+        over["conv_impl"] = conv_impl
+        clear_conv_cache()  # conv_impl=auto times its candidates again for this item (during the warm-up)
     if variant == "cuda_graph":
         if dev.type != "cuda":
             raise NotApplicable("CUDA graphs need a CUDA device")
@@ -363,7 +367,58 @@ def _build_fast(w, dev, a, backend: str, variant: str):
     if variant == "cuda_graph" and not getattr(model, "supports_cuda_graph", False):
         raise NotApplicable("model.supports_cuda_graph is False for this configuration")
     batch = W.make_batch(w, dev)
-    return (lambda: model.run_train_iter(batch, 0)), {"backend_used": used}, model
+    extra = {"backend_used": used, "conv_impl": getattr(model.args, "conv_impl", None)}
+    return (lambda: model.run_train_iter(batch, 0)), extra, model
+
+
+def _conv_choices_made() -> list[dict[str, Any]]:
+    """What conv_impl=auto chose during the last item: shape, pattern, choice and the times it saw."""
+    from mamlpp_fast.ops.conv import conv_choices
+    out = []
+    for key, (impl, times) in conv_choices().items():
+        x_shape, w_shape, stride, padding, _dtype, _dev, _tf32, input_grad, pattern = key
+        out.append({"x": list(x_shape), "w": list(w_shape), "stride": list(stride), "padding": list(padding),
+                    "input_grad": input_grad, "pattern": pattern, "chosen": impl,
+                    "ms": {k: (None if v is None else round(v, 4)) for k, v in times.items()}})
+    return out
+
+
+def conv_table(w, dev, a) -> dict[str, Any]:
+    """Each convolution implementation (mamlpp_fast.ops.conv) at every layer shape one meta-update of
+    the fast learner runs on workload `w`: median ms per call of the MAML pattern of that call (support
+    passes: forward + create_graph derivatives + backward through them; target passes: forward +
+    backward), how many such calls one meta-update makes, and the sum (an estimate of the meta-update's
+    convolution time per implementation, and for the per-shape fastest, which is what auto picks)."""
+    import collections
+    import torch
+    from mamlpp_fast.common import float32_precision
+    from mamlpp_fast.fast import MAMLFewShotClassifier
+    from mamlpp_fast.ops.conv import CONV_IMPLS, fastest, record_conv_calls, time_conv_impls
+    model = MAMLFewShotClassifier(W.im_shape(w), dev, W.make_args(w, backend="torch", conv_impl="grouped",
+                                                                  **_precision_overrides(a)))
+    batch = W.make_batch(w, dev)
+    with record_conv_calls() as calls:
+        model.run_train_iter(batch, 0)
+    del model, batch
+    counts = collections.Counter(calls)
+    reps, warmup = (2, 1) if a.quick or dev.type == "cpu" else (7, 2)
+    rows = []
+    with float32_precision(bool(a.tf32), True):
+        for (xs, ws, st, pd, ig, pat), cnt in counts.items():
+            times = time_conv_impls(xs, ws, st, pd, torch.float32, dev, reps=reps, warmup=warmup, input_grad=ig,
+                                    pattern=pat)
+            rows.append({"x": list(xs), "w": list(ws), "stride": list(st), "padding": list(pd), "input_grad": ig,
+                         "pattern": pat, "calls_per_update": cnt, "ms": times, "fastest": fastest(times)})
+    totals: dict[str, Any] = {}
+    for impl in CONV_IMPLS:
+        vals = [r["calls_per_update"] * r["ms"][impl] for r in rows]
+        totals[impl] = None if any(v is None for v in vals) else sum(vals)
+    totals["per-shape fastest"] = sum(r["calls_per_update"] * r["ms"][r["fastest"]] for r in rows
+                                      if r["ms"][r["fastest"]] is not None)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"workload": w.name, "reps": reps, "warmup": warmup, "timer": "cuda events" if dev.type == "cuda"
+            else "time.perf_counter", "shapes": rows, "estimated_ms_per_update": totals}
 
 
 def measure_torch_item(build: Callable, w, dev, a, warmup: int) -> dict[str, Any]:
@@ -481,20 +536,26 @@ def _process_warmup(dev) -> None:
 
 
 # -- plan -----------------------------------------------------------------------------------------------
-def plan(a, dev) -> list[dict[str, Any]]:
-    """The ordered list of items (section, workload, learner, backend, variant)."""
-    items = []
-    backends = a.backends or list(BACKENDS.get(dev.type, ("torch",)))
+def _main_selection(a):
     mains = W.main_workloads(a.quick)
     if a.workloads and a.workloads != "all":
         names = [n.strip() for n in a.workloads.split(",") if n.strip()]
         mains = tuple(W.workload_by_name(n, a.quick) for n in names)
-    for w in mains:
+    return mains
+
+
+def plan(a, dev) -> list[dict[str, Any]]:
+    """The ordered list of items (section, workload, learner, backend, variant)."""
+    items = []
+    backends = a.backends or list(BACKENDS.get(dev.type, ("torch",)))
+    for w in _main_selection(a):
         for learner in a.learners:
             if learner == "fast":
                 for be in backends:
                     for v in VARIANTS:
-                        items.append({"section": "main", "workload": w, "learner": "fast", "backend": be, "variant": v})
+                        for ci in a.conv_impls:
+                            items.append({"section": "main", "workload": w, "learner": "fast", "backend": be,
+                                          "variant": v, "conv_impl": ci})
             else:
                 items.append({"section": "main", "workload": w, "learner": learner, "backend": None,
                               "variant": "eager"})
@@ -505,7 +566,8 @@ def plan(a, dev) -> list[dict[str, Any]]:
         for section, ws in (("sweep_batch", W.batch_sweep(a.quick)), ("sweep_steps", W.steps_sweep(a.quick))):
             for w in ws:
                 for v in VARIANTS:
-                    items.append({"section": section, "workload": w, "learner": "fast", "backend": be, "variant": v})
+                    items.append({"section": section, "workload": w, "learner": "fast", "backend": be, "variant": v,
+                                  "conv_impl": a.conv_impls[0]})
     return items
 
 
@@ -533,6 +595,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-time", type=float, default=None,
                    help="stop timing an item after this many seconds once min-iters ran (default 2; quick 0.2)")
     p.add_argument("--no-sweeps", action="store_true", help="skip the meta-batch-size and inner-step sweeps")
+    p.add_argument("--conv-impls", default="auto",
+                   help="comma-separated conv_impl values of the fast learner's main items (auto and/or "
+                        "mamlpp_fast.ops.conv.CONV_IMPLS; default auto); the sweeps use the first")
+    p.add_argument("--no-conv-table", action="store_true",
+                   help="do not time the convolution implementations at the workloads' layer shapes")
     p.add_argument("--time-budget", type=float, default=None,
                    help=f"skip the remaining items once the run took this long (default {DEFAULT_BUDGET_S:.0f} s; "
                         "--quick: none; 0: none)")
@@ -562,6 +629,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if bad:
         p.error(f"unknown learner(s) {bad}; choose from {LEARNERS}")
     a.backends = [x.strip() for x in a.backends.split(",")] if a.backends else None
+    from mamlpp_fast.ops.conv import CONV_IMPLS
+    a.conv_impls = [x.strip() for x in a.conv_impls.split(",") if x.strip()] or ["auto"]
+    bad = [x for x in a.conv_impls if x != "auto" and x not in CONV_IMPLS]
+    if bad:
+        p.error(f"unknown conv impl(s) {bad}; choose from auto,{','.join(CONV_IMPLS)}")
     return a
 
 
@@ -613,19 +685,39 @@ def _run(a, argv: list[str]) -> int:
             ceilings = {"error": f"{type(e).__name__}: {e}"}
 
     _process_warmup(dev)
+    conv_tables: list[dict[str, Any]] = []
+    if not a.no_conv_table and "fast" in a.learners:
+        for w in _main_selection(a):
+            elapsed = _now() - t_start
+            if budget is not None and elapsed > budget:
+                conv_tables.append({"workload": w.name, "status": "skipped",
+                                    "reason": f"time budget {budget:.0f} s exceeded ({elapsed:.0f} s)"})
+                continue
+            try:
+                t = conv_table(w, dev, a)
+                t["status"] = "ok"
+                est = t["estimated_ms_per_update"]
+                print(f"bench: [{_now() - t_start:6.1f}s] conv table {w.name}: " + ", ".join(
+                    f"{k} {_fmt(v, '.2f')} ms" for k, v in est.items()), flush=True)
+            except Exception as e:  # noqa: BLE001 - one failing table must not lose the rest
+                t = {"workload": w.name, "status": "error", "reason": f"{type(e).__name__}: {e}",
+                     "traceback": traceback.format_exc(limit=8)}
+                print(f"bench: conv table {w.name}: error: {t['reason'][:200]}", flush=True)
+            conv_tables.append(t)
     results: list[dict[str, Any]] = []
     skipped: list[str] = []
     for item in plan(a, dev):
         w = item["workload"]
         row: dict[str, Any] = {"section": item["section"], "workload": w.name, "learner": item["learner"],
                                "backend": item["backend"], "variant": item["variant"], "batch_size": w.batch_size,
-                               "steps": w.steps, "config": w.to_dict()}
+                               "steps": w.steps, "config": w.to_dict(), "conv_impl": item.get("conv_impl")}
         label = f"{w.name} {item['learner']}" + (f"[{item['backend']}]" if item["backend"] else "") + \
-            ("" if item["variant"] == "eager" else f" {item['variant']}")
+            ("" if item["variant"] == "eager" else f" {item['variant']}") + \
+            (f" conv={item['conv_impl']}" if item.get("conv_impl") else "")
         # a sweep point identical to a main-table item reuses that measurement
         twin = next((r for r in results if r["section"] == "main" and r["learner"] == row["learner"]
                      and r["backend"] == row["backend"] and r["variant"] == row["variant"]
-                     and _same_config(W.Workload(**r["config"]), w)), None)
+                     and r.get("conv_impl") == row["conv_impl"] and _same_config(W.Workload(**r["config"]), w)), None)
         if item["section"] != "main" and twin is not None:
             row.update({k: v for k, v in twin.items() if k not in row or k in ("status", "reason")})
             row["note"] = f"same measurement as the main table's {twin['workload']}"
@@ -645,8 +737,10 @@ def _run(a, argv: list[str]) -> int:
             elif item["learner"] == "torchfunc":
                 r = measure_torch_item(_build_torchfunc, w, dev, a, warmup)
             elif item["learner"] == "fast":
-                be, var = item["backend"], item["variant"]
-                r = measure_torch_item(lambda w_, d_, a_: _build_fast(w_, d_, a_, be, var), w, dev, a, warmup)
+                be, var, ci = item["backend"], item["variant"], item.get("conv_impl")
+                r = measure_torch_item(lambda w_, d_, a_: _build_fast(w_, d_, a_, be, var, ci), w, dev, a, warmup)
+                if ci == "auto":
+                    r["conv_choices"] = _conv_choices_made()
             else:
                 r = measure_jax_item(w, dev, a, warmup, None if budget is None else budget - elapsed)
                 env["jax"] = r.get("jax", env["jax"])
@@ -672,7 +766,7 @@ def _run(a, argv: list[str]) -> int:
     if hasattr(os, "getloadavg"):
         env["loadavg_end"] = list(os.getloadavg())
     env["wall_s"] = _now() - t_start
-    report = {"meta": env, "ceilings": ceilings, "results": results, "skipped": skipped,
+    report = {"meta": env, "ceilings": ceilings, "conv_tables": conv_tables, "results": results, "skipped": skipped,
               "roofline": roofline_rows(results), "speedups": speedups(results)}
     paths = write_outputs(report, a, dev, env)
     print("bench: wrote " + ", ".join(paths), flush=True)
@@ -691,7 +785,7 @@ def speedups(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         tf = next((x for x in results if x["section"] == "main" and x["workload"] == r["workload"]
                    and x["learner"] == "torchfunc" and x.get("status") == "ok"), None)
         out.append({"workload": r["workload"], "learner": r["learner"], "backend": r["backend"],
-                    "variant": r["variant"],
+                    "variant": r["variant"], "conv_impl": r.get("conv_impl"),
                     "vs_reference": r["updates_per_s"] / ref["updates_per_s"] if ref else None,
                     "vs_torchfunc": r["updates_per_s"] / tf["updates_per_s"] if tf else None,
                     "vs_reference_process_cpu_time": (ref["cpu_time_median_s"] / r["cpu_time_median_s"]
@@ -740,6 +834,8 @@ def _learner_label(r) -> str:
     s = r["learner"]
     if r.get("backend"):
         s += f" [{r['backend']}]"
+    if r.get("conv_impl"):
+        s += f" conv={r['conv_impl']}"
     if r.get("variant") and r["variant"] != "eager":
         s += " + CUDA graph"
     return s
@@ -770,11 +866,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     else:
         L.append(f"- {c.get('error', 'not measured') if c else 'not measured'}")
     L.append("")
+    L += render_conv_tables(report.get("conv_tables") or [])
     cpu = m["device_type"] == "cpu"
     hdr = ("| workload | learner | meta-updates/s | median ms | p10-p90 ms | iters | peak mem MiB | "
            "TFLOP/s | % fp32 peak | % tf32 peak | x reference | status |" + (" process CPU ms (median) |" if cpu else ""))
     sep = "|" + "---|" * (13 if cpu else 12)
-    sp = {(s["workload"], s["learner"], s["backend"], s["variant"]): s for s in report["speedups"]}
+    sp = {(s["workload"], s["learner"], s["backend"], s["variant"], s.get("conv_impl")): s for s in report["speedups"]}
     for section, title in (("main", "Meta-updates per second (second order, MSL, all MAML++ parts; epoch 0)"),
                            ("sweep_batch", "Fast learner: meta-batch size sweep"),
                            ("sweep_steps", "Fast learner: inner-step sweep")):
@@ -784,7 +881,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         L += [f"## {title}", "", hdr, sep]
         for r in rows:
             if r.get("status") == "ok":
-                s = sp.get((r["workload"], r["learner"], r["backend"], r["variant"]), {})
+                s = sp.get((r["workload"], r["learner"], r["backend"], r["variant"], r.get("conv_impl")), {})
                 L.append(f"| {r['workload']} | {_learner_label(r)} | {r['updates_per_s']:.3f} | "
                          f"{r['median_s'] * 1e3:.2f} | {r['p10_s'] * 1e3:.2f}-{r['p90_s'] * 1e3:.2f} | {r['iters']} | "
                          f"{_mib(r.get('peak_mem_bytes'))} | {_fmt(r.get('achieved_tflops'), '.3f')} | "
@@ -814,6 +911,33 @@ def render_markdown(report: dict[str, Any]) -> str:
           ("torch.cuda.max_memory_allocated minus memory allocated before the learner was built." if m["device_type"] == "cuda"
            else "growth of the process's peak RSS during the item (approximate)."), ""]
     return "\n".join(L)
+
+
+def render_conv_tables(tables: list[dict[str, Any]]) -> list[str]:
+    """Markdown of conv_table(): one table per workload, one row per (layer shape, pattern)."""
+    from mamlpp_fast.ops.conv import CONV_IMPLS
+    if not tables:
+        return []
+    L = ["## Convolution implementations (mamlpp_fast.ops.conv) at the learner's layer shapes", "",
+         "Median ms per call of the call's MAML pattern (support: forward + create_graph derivatives + backward "
+         "through them; target: forward + backward); calls = such calls per meta-update; the last row sums "
+         "calls x ms (an estimate of a meta-update's convolution time).", ""]
+    for t in tables:
+        if t.get("status") != "ok":
+            L += [f"- {t['workload']}: {t.get('status')}: {str(t.get('reason', ''))[:200]}", ""]
+            continue
+        L += [f"### {t['workload']} ({t['timer']}, {t['reps']} reps)", "",
+              "| x (n, B*Cin, H, W) | w (B, Cout, Cin, k, k) | pattern | calls | " + " | ".join(CONV_IMPLS) +
+              " | fastest |", "|" + "---|" * (5 + len(CONV_IMPLS))]
+        for r in t["shapes"]:
+            L.append(f"| {tuple(r['x'])} | {tuple(r['w'])} | {r['pattern']}{'' if r['input_grad'] else ' (data input)'} "
+                     f"| {r['calls_per_update']} | " + " | ".join(_fmt(r['ms'].get(k), '.3f', 'failed') for k in CONV_IMPLS)
+                     + f" | {r['fastest']} |")
+        est = t["estimated_ms_per_update"]
+        L.append("| **sum per meta-update** | | | | " + " | ".join(_fmt(est.get(k), '.2f') for k in CONV_IMPLS)
+                 + f" | {_fmt(est.get('per-shape fastest'), '.2f')} |")
+        L.append("")
+    return L
 
 
 def write_outputs(report: dict[str, Any], a, dev, env) -> list[str]:

@@ -8,9 +8,10 @@ outer forward differs. Instead of a Python loop over the B tasks:
 - activations use the layout (n, B*C, H, W) (task-major channels), so the convolutions of all tasks
   are one `task_conv2d` call per layer (mamlpp_fast.ops.conv: a grouped convolution with groups=B,
   or im2col + batched matmuls, ...; config key `conv_impl`, default `auto`: on a GPU the fastest for
-  each layer's shape, timed once; on a CPU the grouped convolution, which on a 2-core CPU (torch 2.13,
-  oneDNN) took 0.74 s vs 1.05 s for B separate convolutions at the Omniglot layer-2 shape, forward +
-  backward + double backward), max pooling and average pooling are plain calls, and the linear layer
+  each layer's shape, timed once; on a CPU a fixed rule from measurements: im2col for the first layer
+  of one input channel, else the grouped convolution, which on a 2-core CPU (torch 2.13, oneDNN) took
+  0.74 s vs 1.05 s for B separate convolutions at the Omniglot layer-2 shape, forward + backward +
+  double backward), max pooling and average pooling are plain calls, and the linear layer
   is one batched matmul;
 - batch norm with per-(task, channel) statistics, per-step gamma/beta and leaky ReLU is the custom op
   `per_step_batch_norm` (hand-written backward and double backward);
@@ -78,10 +79,13 @@ class MAMLFewShotClassifier(ReferenceClassifier):
             out.append(fast[key] if key in fast else (own[step] if per_row else own))
         return out[0], out[1]
 
-    def _net(self, x: torch.Tensor, num_tasks: int, step: int, fast: dict, stats: list | None):
+    def _net(self, x: torch.Tensor, num_tasks: int, step: int, fast: dict, stats: list | None,
+             pattern: str = "first_order"):
         """Logits (B, n, classes) of all tasks; x is (n, B*C, H, W), fast maps names to (B, *shape).
 
-        When `stats` is a list, (layer, mean, invstd, M) of every BN call are appended to it."""
+        When `stats` is a list, (layer, mean, invstd, M) of every BN call are appended to it. `pattern`
+        ("second_order" for the support pass of a second-order step) tells conv_impl=auto which
+        derivatives will be taken (mamlpp_fast.ops.conv)."""
         b = num_tasks
         out = x
         for i in range(self.classifier.num_stages):
@@ -89,7 +93,7 @@ class MAMLFewShotClassifier(ReferenceClassifier):
             conv = self.classifier.layer_dict[layer].conv
             w = fast[f"layer_dict.{layer}.conv.weight"]
             bias = fast[f"layer_dict.{layer}.conv.bias"]
-            out = task_conv2d(out, w, bias, b, conv.stride, conv.padding, self.args.conv_impl)
+            out = task_conv2d(out, w, bias, b, conv.stride, conv.padding, self.args.conv_impl, pattern)
             gamma, beta = self._bn_params(layer, step, fast)
             out, mean, invstd = per_step_batch_norm(out, gamma, beta, b, BN_EPS, LEAKY_SLOPE)
             if stats is not None:
@@ -169,7 +173,7 @@ class MAMLFewShotClassifier(ReferenceClassifier):
         for step in range(last + 1):
             fast = dict(zip(names, fast_list))
             stats = [] if track else None
-            logits = self._net(xs, b, step, fast, stats)
+            logits = self._net(xs, b, step, fast, stats, "second_order" if use_second_order else "first_order")
             support_loss = F.cross_entropy(logits.reshape(-1, n_way), ys) * b
             grads = torch.autograd.grad(support_loss, fast_list, create_graph=use_second_order)
             fast_list = lslr_update(meta if step == 0 else fast_list, list(grads), alphas, step)

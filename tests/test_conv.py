@@ -38,14 +38,15 @@ def per_task_reference(x, w, bias, b, stride, padding):
     return torch.cat(outs, dim=1)
 
 
-def make_inputs(shape, dtype, seed, width=None):
+def make_inputs(shape, dtype, seed, width=None, device="cpu"):
     n, b, cin, cout, h, k, s, p = shape
     g = torch.Generator().manual_seed(seed)
     wd = width or h
-    x = torch.randn(n, b * cin, h, wd, generator=g, dtype=dtype).requires_grad_(True)
-    w = torch.randn(b, cout, cin, k, k, generator=g, dtype=dtype).requires_grad_(True)
-    bias = torch.randn(b, cout, generator=g, dtype=dtype).requires_grad_(True)
-    return x, w, bias, b, s, p
+
+    def leaf(*size):
+        return torch.randn(*size, generator=g, dtype=dtype).to(device).requires_grad_(True)
+
+    return leaf(n, b * cin, h, wd), leaf(b, cout, cin, k, k), leaf(b, cout), b, s, p
 
 
 def derivatives(fn, x, w, bias, seed):
@@ -53,10 +54,13 @@ def derivatives(fn, x, w, bias, seed):
     a random functional of output and first derivatives: what a second-order meta-update needs."""
     out = fn()
     g = torch.Generator().manual_seed(seed + 1)
-    # probes drawn in float64 then cast, so that float32 and float64 runs see the same values
-    r1 = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+
+    def probe(t):  # drawn in float64 on the CPU, then cast: float32/float64 and CPU/GPU runs see the same values
+        return torch.randn(t.shape, generator=g, dtype=torch.float64).to(device=t.device, dtype=t.dtype)
+
+    r1 = probe(out)
     grads = torch.autograd.grad((out * r1).sum() + (out ** 2).sum() * 0.1, (x, w, bias), create_graph=True)
-    probes = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype) for t in grads]
+    probes = [probe(t) for t in grads]
     outer = sum((t * p).sum() for t, p in zip(grads, probes)) + (out * out.detach()).sum()
     second = torch.autograd.grad(outer, (x, w, bias))
     return [out.detach(), *(t.detach() for t in grads), *second]
@@ -130,10 +134,12 @@ def test_bad_inputs_name_the_cause():
         task_conv2d(x, w, bias, b, impl="winograd")
 
 
-def test_auto_is_grouped_off_cuda_and_bit_identical():
-    x, w, bias, b, s, p = make_inputs((3, 2, 3, 4, 9, 3, 1, 1), torch.float32, 11)
-    assert C.choose_conv_impl(tuple(x.shape), tuple(w.shape), s, p, x.dtype, x.device) == "grouped"
-    assert torch.equal(task_conv2d(x, w, bias, b, s, p, "auto"), task_conv2d(x, w, bias, b, s, p, "grouped"))
+@pytest.mark.parametrize("cin,expected", [(3, "grouped"), (1, "unfold")])
+def test_auto_off_cuda_is_a_fixed_rule(cin, expected):
+    x, w, bias, b, s, p = make_inputs((3, 2, cin, 4, 9, 3, 1, 1), torch.float32, 11)
+    assert C.choose_conv_impl(tuple(x.shape), tuple(w.shape), s, p, x.dtype, x.device) == expected
+    assert torch.equal(task_conv2d(x, w, bias, b, s, p, "auto"), task_conv2d(x, w, bias, b, s, p, expected))
+    assert C.conv_choices() == {}  # nothing timed, nothing cached
 
 
 def test_time_conv_impls_reports_every_impl_and_failures(monkeypatch):

@@ -27,8 +27,9 @@ They differ in which kernels run and in rounding only:
 MAML++ pattern (forward, first derivatives with ``create_graph``, and a backward through them); the
 choice is cached per (shape, stride, padding, dtype, device, TF32 setting) and logged once. Like
 ``torch.backends.cudnn.benchmark`` it may pick differently between runs, which changes results at
-rounding level only. On other devices ``auto`` is ``grouped`` (on a 2-core CPU grouped was measured
-faster than per-task convolutions; bench/NOTES.md), so CPU runs stay deterministic.
+rounding level only. On other devices ``auto`` follows a fixed rule from CPU measurements
+(`cpu_rule`: ``unfold`` for one input channel per task, else ``grouped``), so CPU runs stay
+deterministic.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["CONV_IMPLS", "task_conv2d", "choose_conv_impl", "time_conv_impls", "clear_conv_cache",
-           "conv_choices", "fastest"]
+           "conv_choices", "fastest", "record_conv_calls"]
 
 CONV_IMPLS = ("grouped", "channels_last", "unfold", "unfold_bmm", "per_task")
 logger = logging.getLogger("mamlpp_fast")
@@ -72,14 +73,19 @@ def check_task_conv_inputs(x, weight, bias, num_tasks) -> None:
 
 
 def task_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_tasks: int,
-                stride=1, padding=0, impl: str = "grouped") -> torch.Tensor:
+                stride=1, padding=0, impl: str = "grouped", pattern: str = "second_order") -> torch.Tensor:
     """Per-task convolution in the task-major layout (see the module docstring); differentiable to any
-    order. `impl` is one of CONV_IMPLS or "auto" (`choose_conv_impl`)."""
+    order. `impl` is one of CONV_IMPLS or "auto" (`choose_conv_impl`). `pattern` only tells `auto`
+    what the caller will do with the result (see `_maml_pattern`), so that it times the right work."""
     check_task_conv_inputs(x, weight, bias, num_tasks)
+    if pattern not in PATTERNS:
+        raise ValueError(f"task_conv2d: unknown pattern {pattern!r} (choose from {', '.join(PATTERNS)})")
     stride, padding = _pair(stride), _pair(padding)
+    if _recording is not None:
+        _recording.append((tuple(x.shape), tuple(weight.shape), stride, padding, bool(x.requires_grad), pattern))
     if impl == "auto":
         impl = choose_conv_impl(tuple(x.shape), tuple(weight.shape), stride, padding, x.dtype, x.device,
-                                input_grad=x.requires_grad)
+                                input_grad=x.requires_grad, pattern=pattern)
     fn = _IMPLS.get(impl)
     if fn is None:
         raise ValueError(f"task_conv2d: unknown impl {impl!r} (choose from {', '.join(CONV_IMPLS)} or auto)")
@@ -140,6 +146,26 @@ _IMPLS = {"grouped": _grouped, "channels_last": _channels_last, "unfold": _unfol
           "per_task": _per_task}
 
 
+# ---- recording the shapes a learner runs (for benchmarks) ------------------------------------------------
+_recording: list | None = None
+
+
+class record_conv_calls:
+    """Context manager: the (x_shape, w_shape, stride, padding, input_grad, pattern) of every task_conv2d call
+    inside it, in call order (`with record_conv_calls() as calls: ...`). Used by bench/run.py to time
+    the implementations at exactly the shapes a learner runs."""
+
+    def __enter__(self) -> list:
+        global _recording
+        self._saved, _recording = _recording, []
+        return _recording
+
+    def __exit__(self, *exc):
+        global _recording
+        _recording = self._saved
+        return False
+
+
 # ---- choosing by measurement ------------------------------------------------------------------------
 _lock = threading.Lock()
 _choices: dict = {}   # key -> (impl, {impl: median ms})
@@ -156,14 +182,22 @@ def conv_choices() -> dict:
         return dict(_choices)
 
 
-def _maml_pattern(impl, x, w, bias, b, stride, padding, probes):
-    """One forward, the inner gradients w.r.t. (x when it requires grad, weight, bias) with
-    create_graph, and the outer backward through output and gradients: every convolution kernel a
-    second-order meta-update runs for this layer (forward, data and weight gradients, and the
-    double-backward terms)."""
+PATTERNS = ("second_order", "first_order")
+
+
+def _maml_pattern(impl, x, w, bias, b, stride, padding, probes, pattern="second_order"):
+    """The convolution work of one layer in a meta-update.
+
+    ``second_order`` (the support pass of a second-order inner step): one forward, the inner gradients
+    w.r.t. (x when it requires grad, weight, bias) with create_graph, and the outer backward through
+    output and gradients: forward, data and weight gradients, and the double-backward terms.
+    ``first_order`` (a target pass, or a first-order inner step): one forward and one backward."""
     out = _IMPLS[impl](x, w, bias, b, stride, padding)
     inner = (out * probes[0]).sum()
     wrt = [t for t in (x, w, bias) if t.requires_grad]
+    if pattern == "first_order":
+        torch.autograd.grad(inner, wrt)
+        return
     grads = torch.autograd.grad(inner, wrt, create_graph=True)
     outer = (out * probes[1]).sum()
     for t, g in zip(wrt, grads):
@@ -173,10 +207,12 @@ def _maml_pattern(impl, x, w, bias, b, stride, padding, probes):
 
 def time_conv_impls(x_shape, w_shape, stride=1, padding=0, dtype=torch.float32, device="cuda",
                     impls=CONV_IMPLS, reps: int = 5, warmup: int = 2, seed: int = 0,
-                    input_grad: bool = True) -> dict:
-    """Median milliseconds of `_maml_pattern` per implementation on random inputs of these shapes
-    (CUDA events on a GPU, perf_counter elsewhere); None for an implementation that raised.
+                    input_grad: bool = True, pattern: str = "second_order") -> dict:
+    """Median milliseconds of `_maml_pattern(pattern)` per implementation on random inputs of these
+    shapes (CUDA events on a GPU, perf_counter elsewhere); None for an implementation that raised.
     `input_grad`: whether x requires grad (False for the first layer, whose input is data)."""
+    if pattern not in PATTERNS:
+        raise ValueError(f"time_conv_impls: unknown pattern {pattern!r} (choose from {PATTERNS})")
     import time
 
     device = torch.device(device)
@@ -199,19 +235,19 @@ def time_conv_impls(x_shape, w_shape, stride=1, padding=0, dtype=torch.float32, 
     for impl in impls:
         try:
             for _ in range(warmup):
-                _maml_pattern(impl, x, w, bias, b, stride, padding, probes)
+                _maml_pattern(impl, x, w, bias, b, stride, padding, probes, pattern)
             times = []
             for _ in range(reps):
                 if cuda:
                     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     start.record()
-                    _maml_pattern(impl, x, w, bias, b, stride, padding, probes)
+                    _maml_pattern(impl, x, w, bias, b, stride, padding, probes, pattern)
                     end.record()
                     end.synchronize()
                     times.append(start.elapsed_time(end))
                 else:
                     t0 = time.perf_counter()
-                    _maml_pattern(impl, x, w, bias, b, stride, padding, probes)
+                    _maml_pattern(impl, x, w, bias, b, stride, padding, probes, pattern)
                     times.append((time.perf_counter() - t0) * 1e3)
             result[impl] = statistics.median(times)
         except Exception as e:  # noqa: BLE001 - an implementation that cannot run here is not chosen
@@ -228,15 +264,26 @@ def fastest(times: dict) -> str:
     return min(ok, key=ok.get) if ok else "grouped"
 
 
-def choose_conv_impl(x_shape, w_shape, stride, padding, dtype, device, input_grad: bool = True) -> str:
+def cpu_rule(w_shape) -> str:
+    """`auto` off CUDA: a fixed rule, so that CPU results do not depend on timing noise. Measured on the
+    2-core CPU (torch 2.13, 1 thread, 2026-12-01; ms per call of the second-order pattern): the first
+    Omniglot layer (one input channel per task, x (20, 8, 28, 28), w (8, 64, 1, 3, 3)) 292 grouped vs
+    87 unfold (oneDNN has no fast grouped kernel for one channel per group); with 3 input channels
+    (mini-ImageNet, x (5, 6, 84, 84)) 70 vs 58, and first-order 1115 vs 1132 at (75, 6, 84, 84): a
+    draw; with 64 channels (x (20, 512, 14, 14)) grouped wins, 440 vs 655 (first order 137 vs 434)."""
+    return "unfold" if w_shape[2] == 1 else "grouped"
+
+
+def choose_conv_impl(x_shape, w_shape, stride, padding, dtype, device, input_grad: bool = True,
+                     pattern: str = "second_order") -> str:
     """The implementation `auto` uses for this layer: on CUDA the fastest by `time_conv_impls`
-    (measured once per key, never while a CUDA graph is being captured), else ``grouped``."""
+    (measured once per key, never while a CUDA graph is being captured), else `cpu_rule`."""
     device = torch.device(device)
     if device.type != "cuda":
-        return "grouped"
+        return cpu_rule(w_shape)
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     key = (tuple(x_shape), tuple(w_shape), _pair(stride), _pair(padding), dtype, str(device), tf32,
-           bool(input_grad))
+           bool(input_grad), pattern)
     with _lock:
         hit = _choices.get(key)
     if hit is not None:
@@ -244,11 +291,12 @@ def choose_conv_impl(x_shape, w_shape, stride, padding, dtype, device, input_gra
     if torch.cuda.is_current_stream_capturing():
         return "grouped"  # cannot time inside a capture; the uncaptured warm-up normally chose already
     with torch.enable_grad():
-        times = time_conv_impls(x_shape, w_shape, stride, padding, dtype, device, input_grad=input_grad)
+        times = time_conv_impls(x_shape, w_shape, stride, padding, dtype, device, input_grad=input_grad,
+                                pattern=pattern)
     impl = fastest(times)
     with _lock:
         _choices[key] = (impl, times)
-    logger.info("task_conv2d auto: x%s w%s stride %s padding %s -> %s (%s)", tuple(x_shape), tuple(w_shape),
-                stride, padding, impl, ", ".join(f"{k} {'failed' if v is None else f'{v:.3f} ms'}"
+    logger.info("task_conv2d auto: x%s w%s stride %s padding %s %s -> %s (%s)", tuple(x_shape), tuple(w_shape),
+                stride, padding, pattern, impl, ", ".join(f"{k} {'failed' if v is None else f'{v:.3f} ms'}"
                                                  for k, v in times.items()))
     return impl

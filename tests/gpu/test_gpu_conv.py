@@ -1,0 +1,89 @@
+"""task_conv2d on a CUDA device (skipped without one): every implementation against per-task cuDNN
+convolutions in float64 (to second order) and float32 (tests/test_conv.py's tolerances), the timing
+choice of conv_impl=auto, and the fast learner with conv_impl=auto against the reference, eagerly and
+captured in a CUDA graph."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _batches import fresh_seed, learnable_batch  # noqa: E402
+from test_conv import FP32_RTOL, FP64_RTOL, SHAPES, derivatives, make_inputs, per_task_reference, rel  # noqa: E402
+
+from mamlpp_fast.ops import conv as C  # noqa: E402
+from mamlpp_fast.ops.conv import CONV_IMPLS, task_conv2d  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def strict_fp32():
+    from mamlpp_fast.common import float32_precision
+    with float32_precision(False, True):
+        yield
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("impl", CONV_IMPLS)
+@pytest.mark.parametrize("shape", SHAPES + [(20, 8, 64, 64, 14, 3, 1, 1), (20, 8, 1, 64, 28, 3, 1, 1)],
+                         ids=[str(s) for s in SHAPES] + ["omniglot-layer2", "omniglot-layer1"])
+def test_matches_per_task_convolutions_on_cuda(impl, shape, dtype):
+    seed = fresh_seed()
+    x, w, bias, b, s, p = make_inputs(shape, torch.float64, seed, device="cuda")
+    ref = derivatives(lambda: per_task_reference(x, w, bias, b, s, p), x, w, bias, seed)
+    xd, wd, bd = (t.detach().to(dtype).requires_grad_(True) for t in (x, w, bias))
+    got = derivatives(lambda: task_conv2d(xd, wd, bd, b, s, p, impl), xd, wd, bd, seed)
+    tol = FP64_RTOL if dtype == torch.float64 else FP32_RTOL
+    for i, (a, r) in enumerate(zip(got, ref)):
+        assert a.is_cuda and rel(a, r) < tol, f"{impl} term {i}: {rel(a, r):.3e} (seed {seed})"
+
+
+def test_auto_times_every_impl_once_and_not_during_capture():
+    C.clear_conv_cache()
+    xs, ws = (20, 8 * 64, 7, 7), (8, 64, 64, 3, 3)
+    impl = C.choose_conv_impl(xs, ws, 1, 1, torch.float32, "cuda")
+    assert impl in CONV_IMPLS
+    (key, (chosen, times)), = C.conv_choices().items()
+    assert chosen == impl and set(times) == set(CONV_IMPLS)
+    assert all(v is None or v > 0 for v in times.values()) and times[impl] == min(
+        v for v in times.values() if v is not None)
+    assert C.choose_conv_impl(xs, ws, 1, 1, torch.float32, "cuda") == impl  # cached: no second timing
+    assert len(C.conv_choices()) == 1
+    # inside a capture nothing can be timed: a new shape gets the grouped convolution, uncached
+    g = torch.cuda.CUDAGraph()
+    buf = torch.zeros(4, device="cuda")
+    with torch.cuda.graph(g):
+        buf.add_(1.0)  # a graph with one kernel in it
+        inside = C.choose_conv_impl((20, 8 * 64, 3, 3), ws, 1, 1, torch.float32, "cuda")
+    assert inside == "grouped"
+    assert len(C.conv_choices()) == 1
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda_graph"])
+def test_fast_learner_conv_auto_matches_reference_on_cuda(graph):
+    from mamlpp_fast.config import default_args
+    from mamlpp_fast.fast import MAMLFewShotClassifier as Fast
+    from mamlpp_fast.reference import MAMLFewShotClassifier as Reference
+
+    seed = fresh_seed()
+    C.clear_conv_cache()
+    args = default_args(dtype="float64", cnn_num_filters=32, num_classes_per_set=5,
+                        number_of_training_steps_per_iter=3, number_of_evaluation_steps_per_iter=3,
+                        conv_impl="auto", cuda_graph=graph)
+    shape = (2, 1, 28, 28)
+    ref, fast = Reference(shape, "cuda", args), Fast(shape, "cuda", args)
+    fast.load_state_dict(ref.state_dict())
+    for it in range(3 if graph else 1):  # with a graph: warm-up (auto times here), capture, replay
+        batch = learnable_batch(4, 5, 1, 2, 1, 28, 28, seed + it)
+        lr_, pr = ref.run_train_iter(batch, 0)
+        lf, pf = fast.run_train_iter(batch, 0)
+        assert rel(torch.as_tensor(lf["loss"]), torch.as_tensor(lr_["loss"])) < 1e-9, (it, seed)
+        for a, b in zip(pf, pr):
+            assert rel(torch.as_tensor(a), torch.as_tensor(b)) < 1e-9, (it, seed)
+    assert len(C.conv_choices()) > 0
+    if graph:
+        assert fast._graph_failed is None and len(fast._graphs) == 1
