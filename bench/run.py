@@ -706,6 +706,19 @@ def _run(a, argv: list[str]) -> int:
             conv_tables.append(t)
     results: list[dict[str, Any]] = []
     skipped: list[str] = []
+
+    def write(final: bool) -> list[str]:
+        """The report so far; written after every item too, so that a run stopped from outside (a
+        time limit) leaves every measurement it finished ("complete": false until the end)."""
+        if hasattr(os, "getloadavg"):
+            env["loadavg_end"] = list(os.getloadavg())
+        env["wall_s"] = _now() - t_start
+        env["complete"] = final
+        report = {"meta": env, "ceilings": ceilings, "conv_tables": conv_tables, "results": results,
+                  "skipped": skipped, "roofline": roofline_rows(results), "speedups": speedups(results)}
+        return write_outputs(report, a, dev, env)
+
+    write(False)
     for item in plan(a, dev):
         w = item["workload"]
         row: dict[str, Any] = {"section": item["section"], "workload": w.name, "learner": item["learner"],
@@ -762,13 +775,9 @@ def _run(a, argv: list[str]) -> int:
         msg = (f"{row['updates_per_s']:.3f} meta-updates/s (median {row['median_s'] * 1e3:.2f} ms, "
                f"{row['iters']} iters)") if row["status"] == "ok" else f"{row['status']}: {row['reason'][:200]}"
         print(f"bench: [{_now() - t_start:6.1f}s] {label}: {msg}", flush=True)
+        write(False)
 
-    if hasattr(os, "getloadavg"):
-        env["loadavg_end"] = list(os.getloadavg())
-    env["wall_s"] = _now() - t_start
-    report = {"meta": env, "ceilings": ceilings, "conv_tables": conv_tables, "results": results, "skipped": skipped,
-              "roofline": roofline_rows(results), "speedups": speedups(results)}
-    paths = write_outputs(report, a, dev, env)
+    paths = write(True)
     print("bench: wrote " + ", ".join(paths), flush=True)
     return 0
 
@@ -844,7 +853,8 @@ def _learner_label(r) -> str:
 def render_markdown(report: dict[str, Any]) -> str:
     m, res = report["meta"], report["results"]
     L = [f"# mamlpp-fast benchmark: {m['device_name']}", ""]
-    L.append(f"- date: {m['date']}; wall time {m.get('wall_s', 0):.0f} s")
+    L.append(f"- date: {m['date']}; wall time {m.get('wall_s', 0):.0f} s" +
+             ("" if m.get("complete", True) else " (INCOMPLETE: the run was still going or was stopped)"))
     L.append(f"- command: `{m['command']}`" + (f" (process: `{m['process_argv']}`)" if m.get("process_argv") else ""))
     L.append(f"- git revision: {m['git_revision']}" + (" (working tree modified)" if m.get("git_dirty") else ""))
     L.append(f"- device: {m['device']} ({m['device_name']}); CPU {m['cpu']} x{m['cpu_count']}, "

@@ -84,6 +84,43 @@ def test_quick_run_writes_reports(tmp_path):
     md = (tmp_path / "latest_cpu_quick.md").read_text()
     assert "| workload | learner | meta-updates/s" in md and "reference" in md and "torchfunc" in md
     assert meta["git_revision"] in md and "python -m bench.run --quick" in md
+    assert meta["complete"] is True and "INCOMPLETE" not in md
+    # convolution table: every implementation timed at every recorded layer shape of each workload
+    from mamlpp_fast.ops.conv import CONV_IMPLS
+    tables = report["conv_tables"]
+    assert [t["workload"] for t in tables] == [w.name for w in QUICK_MAIN] and all(t["status"] == "ok" for t in tables)
+    for t, w in zip(tables, QUICK_MAIN):
+        # per inner step: a second-order support pass and a target pass through each of the 4 stages
+        assert sum(r["calls_per_update"] for r in t["shapes"]) == 2 * 4 * w.steps
+        assert {r["pattern"] for r in t["shapes"]} == {"second_order", "first_order"}
+        for r in t["shapes"]:
+            assert set(r["ms"]) == set(CONV_IMPLS) and all(v > 0 for v in r["ms"].values())
+            assert r["fastest"] == min(r["ms"], key=r["ms"].get)
+        est = t["estimated_ms_per_update"]
+        assert est["per-shape fastest"] <= min(est[k] for k in CONV_IMPLS) + 1e-9
+    assert "## Convolution implementations" in md
+    assert all(r.get("conv_impl") == "auto" for r in rows if r["learner"] == "fast")
+
+
+def test_partial_report_survives_a_stopped_run(tmp_path, monkeypatch):
+    """The report is rewritten after every item: a run stopped from outside leaves what it measured."""
+    import bench.run as R
+    real, calls = R.measure_torch_item, []
+
+    def stop_after_first(*args, **kw):
+        if calls:
+            raise KeyboardInterrupt  # stands for the outer time limit
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(R, "measure_torch_item", stop_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        R.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--learners", "reference",
+                "--no-sweeps", "--no-ceiling"])
+    report = json.loads((tmp_path / "latest_cpu_quick.json").read_text())
+    assert report["meta"]["complete"] is False
+    assert [r["status"] for r in report["results"]] == ["ok"]
+    assert "INCOMPLETE" in (tmp_path / "latest_cpu_quick.md").read_text()
 
 
 def test_time_budget_skips_and_lists(tmp_path):
