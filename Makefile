@@ -4,6 +4,7 @@
 #   make test       set up .venv (first time), then the test suite (native extension required)
 #   make gpu-check  GPU checks of the native/Triton ops with the machine's own python3 -> $(OUT)
 #   make gpu-bench  benchmarks on the GPU with the machine's own python3 -> $(OUT)
+#   make gpu-session  build + GPU tests + benchmark + memcheck in one call of < 10 min -> $(OUT)
 #
 # The set-up creates .venv with `python3 -m venv` when missing, installs torch==2.13.0 only when torch
 # cannot be imported there (never an unpinned torch, which would pull a multi-GB CUDA build), the other
@@ -24,10 +25,10 @@ PY_DEPS := numpy tqdm pillow matplotlib pytest pytest-benchmark pybind11 ninja c
 SETUP_INPUTS := Makefile setup.py pyproject.toml $(wildcard CMakeLists.txt) \
 	$(shell find csrc kernels -type f 2>/dev/null)
 
-.PHONY: help setup train test gpu-check gpu-bench
+.PHONY: help setup train test gpu-check gpu-bench gpu-session
 
 help:
-	@sed -n '2,7p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,8p' Makefile | sed 's/^# \{0,1\}//'
 
 setup: $(STAMP)
 
@@ -51,3 +52,6 @@ gpu-check:
 gpu-bench:
 	mkdir -p "$(OUT)"
 	python3 -m bench.run --device cuda --out "$(OUT)"
+
+gpu-session:
+	OUT="$(abspath $(OUT))" PYTHON=python3 bash scripts/gpu_session.sh

@@ -563,7 +563,9 @@ def plan(a, dev) -> list[dict[str, Any]]:
         from mamlpp_fast.ops import available_backends
         avail = [b for b in available_backends(dev) if b in backends] or ["torch"]
         be = a.sweep_backend if a.sweep_backend != "auto" else avail[0]
-        for section, ws in (("sweep_batch", W.batch_sweep(a.quick)), ("sweep_steps", W.steps_sweep(a.quick))):
+        batch = [w for w in W.batch_sweep(a.quick) if a.batch_sweep is None or w.batch_size in a.batch_sweep]
+        steps = [] if a.no_steps_sweep else W.steps_sweep(a.quick)
+        for section, ws in (("sweep_batch", batch), ("sweep_steps", steps)):
             for w in ws:
                 for v in VARIANTS:
                     items.append({"section": section, "workload": w, "learner": "fast", "backend": be, "variant": v,
@@ -595,6 +597,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-time", type=float, default=None,
                    help="stop timing an item after this many seconds once min-iters ran (default 2; quick 0.2)")
     p.add_argument("--no-sweeps", action="store_true", help="skip the meta-batch-size and inner-step sweeps")
+    p.add_argument("--batch-sweep", default=None,
+                   help="comma-separated meta-batch sizes of the batch sweep (default: all of bench/workloads.py)")
+    p.add_argument("--no-steps-sweep", action="store_true", help="skip the inner-step sweep")
     p.add_argument("--conv-impls", default="auto",
                    help="comma-separated conv_impl values of the fast learner's main items (auto and/or "
                         "mamlpp_fast.ops.conv.CONV_IMPLS; default auto); the sweeps use the first")
@@ -629,6 +634,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if bad:
         p.error(f"unknown learner(s) {bad}; choose from {LEARNERS}")
     a.backends = [x.strip() for x in a.backends.split(",")] if a.backends else None
+    try:
+        a.batch_sweep = [int(x) for x in a.batch_sweep.split(",") if x.strip()] if a.batch_sweep else None
+    except ValueError:
+        p.error(f"--batch-sweep takes comma-separated integers, got {a.batch_sweep!r}")
     from mamlpp_fast.ops.conv import CONV_IMPLS
     a.conv_impls = [x.strip() for x in a.conv_impls.split(",") if x.strip()] or ["auto"]
     bad = [x for x in a.conv_impls if x != "auto" and x not in CONV_IMPLS]

@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# Everything a lent GPU machine is needed for, in one call that ends within DEADLINE seconds:
+#
+#   git rev-parse HEAD > .git_revision          # here, before the call (carry .git_revision)
+#   OUT=/path bash scripts/gpu_session.sh        # there; or: make gpu-session OUT=/path
+#
+# Stages, most needed first; each gets min(its limit, what is left of DEADLINE) and is skipped when
+# under 15 s are left; a failure does not stop the next one:
+#   env       nvidia-smi, versions, date, git revision                         -> env.txt
+#   build     pip install -e . --no-build-isolation --no-deps (+ CMake log)     -> build.log
+#   import    which backends loaded                                            -> build.log
+#   tests     tests/gpu (conv, ops, learner, capture) + the CPU op tests        -> gpu_tests.log, junit.xml
+#   bench     python -m bench.run: the conv table, fast (cuda backend; conv_impl auto and grouped;
+#             eager and CUDA graph), reference, torch.func and JAX on Omniglot 20-way 1-shot B=8 and
+#             mini-ImageNet 5-way 1-shot B=2, then the B=8/B=64 roofline points  -> bench/
+#   memcheck  compute-sanitizer memcheck on the non-slow GPU op tests          -> memcheck.log
+#   opbench   pytest-benchmark bench/bench_ops.py                              -> bench_ops.json
+# The device tool returns at most 8 files, so everything is packed into $OUT/gpu_session.tgz, beside
+# $OUT/summary.txt and a copy of the benchmark's markdown ($OUT/bench.md).
+# Limits (s, env): DEADLINE=560 BUILD_LIMIT=180 TESTS_LIMIT=120 BENCH_LIMIT=240 MEMCHECK_LIMIT=60
+# OPBENCH_LIMIT=45; BENCH_ARGS replaces the benchmark's arguments. Python: $PYTHON (default python3).
+set -u
+: "${OUT:?set OUT to the results directory}"
+mkdir -p "$OUT/session"
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+DEADLINE=${DEADLINE:-560}
+W="$OUT/session"
+export PYTHONUNBUFFERED=1
+export MAMLPP_REQUIRE_NATIVE=1   # a missing _C / cuda backend is a failure here, not a skip
+unset TRITON_INTERPRET
+[ -f .git_revision ] && export MAMLPP_GIT_REV="$(cat .git_revision)"
+
+declare -a NAMES=() CODES=() SECS=()
+stage() {  # stage NAME LIMIT LOG CMD...
+  local name=$1 limit=$2 log=$3
+  shift 3
+  local left=$((DEADLINE - SECONDS))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 15 ]; then
+    echo "== $name: SKIPPED (${left}s left of DEADLINE=${DEADLINE})" | tee -a "$log"
+    NAMES+=("$name"); CODES+=(-1); SECS+=(0)
+    return
+  fi
+  local t0=$SECONDS
+  echo "== $name (limit ${limit}s): $*" | tee -a "$log"
+  timeout --kill-after=5 "$limit" "$@" >>"$log" 2>&1
+  local rc=$?
+  [ $rc -eq 124 ] && echo "== $name: TIMED OUT after ${limit}s" | tee -a "$log"
+  NAMES+=("$name"); CODES+=("$rc"); SECS+=("$((SECONDS - t0))")
+  echo "== $name: exit $rc in $((SECONDS - t0))s" | tee -a "$log"
+}
+
+# ---- env ------------------------------------------------------------------------------------------
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "git: ${MAMLPP_GIT_REV:-unknown (no .git_revision)}"
+  echo "host: $(uname -a)"
+  echo "nvcc: $(command -v nvcc) $(nvcc --version 2>/dev/null | tail -n 2 | tr '\n' ' ')"
+  echo "compute-sanitizer: $(command -v compute-sanitizer || echo missing)"
+  "$PY" - <<'EOF'
+import sys
+print("python:", sys.version.split()[0], sys.executable)
+try:
+    import torch
+    print("torch:", torch.__version__, "cuda:", torch.version.cuda, "cudnn:", torch.backends.cudnn.version())
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        print("device:", torch.cuda.get_device_name(0), f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs",
+              round(p.total_memory / 2**30, 1), "GiB")
+except Exception as e:
+    print("torch: error", e)
+for mod in ("triton", "jax", "pybind11", "cmake", "ninja", "pytest", "pytest_benchmark", "xdist"):
+    try:
+        m = __import__(mod)
+        print(f"{mod}:", getattr(m, "__version__", "?"))
+    except Exception as e:
+        print(f"{mod}: missing ({e})")
+EOF
+  echo "--- nvidia-smi"
+  nvidia-smi 2>&1 || echo "nvidia-smi failed"
+} >"$W/env.txt" 2>&1
+
+# ---- build and import -------------------------------------------------------------------------------
+stage build "${BUILD_LIMIT:-180}" "$W/build.log" "$PY" -m pip install -v -e . --no-build-isolation --no-deps
+{ echo "--- build/native/native_build.log"; cat build/native/native_build.log 2>/dev/null || echo "(missing)"; } >>"$W/build.log"
+stage import 30 "$W/build.log" "$PY" -c "
+from mamlpp_fast import _native
+print('built with:', _native.built_with(), '| backends:', _native.available_backends(), '| error:', _native.load_error())
+import mamlpp_fast.triton as tb
+print('triton available:', tb.is_available(), tb.unavailable_reason())
+assert 'cuda' in _native.available_backends(), 'cuda backend missing'
+"
+
+# ---- tests ------------------------------------------------------------------------------------------
+XDIST=""
+"$PY" -c "import xdist" >/dev/null 2>&1 && XDIST="-n 4"
+# shellcheck disable=SC2086
+stage tests "${TESTS_LIMIT:-120}" "$W/gpu_tests.log" \
+  "$PY" -m pytest tests/gpu tests/test_native_cpp.py tests/test_ops_bn.py tests/test_ops_lslr.py tests/test_conv.py \
+  -q -rfEs -p no:cacheprovider $XDIST --junitxml="$W/junit.xml"
+
+# ---- learner benchmark ----------------------------------------------------------------------------------
+DEFAULT_BENCH_ARGS="--device cuda --workloads omniglot_20w1s,miniimagenet_5w1s --learners fast,reference,torchfunc,jax \
+--backends cuda --conv-impls auto,grouped --batch-sweep 8,64 --no-steps-sweep --time-budget 200 --max-time 1.5"
+# shellcheck disable=SC2086
+stage bench "${BENCH_LIMIT:-240}" "$W/bench.log" "$PY" -m bench.run ${BENCH_ARGS:-$DEFAULT_BENCH_ARGS} --out "$W/bench"
+
+# ---- memcheck ------------------------------------------------------------------------------------------
+if command -v compute-sanitizer >/dev/null 2>&1; then
+  stage memcheck "${MEMCHECK_LIMIT:-60}" "$W/memcheck.log" \
+    compute-sanitizer --tool memcheck --error-exitcode 17 --leak-check no --print-limit 20 \
+    "$PY" -m pytest tests/gpu/test_gpu_ops.py -q -p no:cacheprovider -x -k "not slow"
+else
+  echo "compute-sanitizer not found" >>"$W/memcheck.log"
+  NAMES+=(memcheck); CODES+=(127); SECS+=(0)
+fi
+
+# ---- op benchmark --------------------------------------------------------------------------------------
+stage opbench "${OPBENCH_LIMIT:-45}" "$W/bench_ops.log" \
+  "$PY" -m pytest bench/bench_ops.py -q -p no:cacheprovider --benchmark-only --benchmark-enable \
+  --benchmark-json="$W/bench_ops.json" --benchmark-columns=min,median,mean,stddev,rounds --benchmark-sort=name
+
+# ---- summary and packing ---------------------------------------------------------------------------------
+fail=0
+{
+  echo "gpu_session summary ($(date -u +%Y-%m-%dT%H:%M:%SZ), total ${SECONDS}s of DEADLINE=${DEADLINE}s, git ${MAMLPP_GIT_REV:-unknown})"
+  grep -E "^(device|torch|triton|jax):" "$W/env.txt"
+  for i in "${!NAMES[@]}"; do
+    status=ok
+    [ "${CODES[$i]}" -ne 0 ] && { status=FAILED; fail=1; }
+    [ "${CODES[$i]}" -eq -1 ] && status=SKIPPED
+    printf '%-9s exit %-4s %5ss  %s\n' "${NAMES[$i]}" "${CODES[$i]}" "${SECS[$i]}" "$status"
+  done
+  grep -E "built with:|triton available:" "$W/build.log" | tail -n 2
+  grep -E "(passed|failed|error)" "$W/gpu_tests.log" | tail -n 1 | sed 's/^/tests: /'
+  grep -E "^(FAILED|ERROR) " "$W/gpu_tests.log" | head -n 20
+  grep -E "ERROR SUMMARY" "$W/memcheck.log" | tail -n 1 | sed 's/^/memcheck: /'
+  grep -E "^bench: " "$W/bench.log" | cut -c1-220 | tail -n 40
+} >"$OUT/summary.txt" 2>&1
+md=$(ls "$W"/bench/latest_cuda*.md 2>/dev/null | head -n 1)
+[ -n "$md" ] && cp "$md" "$OUT/bench.md"
+tar -czf "$OUT/gpu_session.tgz" -C "$OUT" session && rm -rf "$W"
+cat "$OUT/summary.txt"
+exit $fail
