@@ -411,8 +411,9 @@ def conv_table(w, dev, a) -> dict[str, Any]:
                          "pattern": pat, "calls_per_update": cnt, "ms": times, "fastest": fastest(times)})
     totals: dict[str, Any] = {}
     for impl in CONV_IMPLS:
-        vals = [r["calls_per_update"] * r["ms"][impl] for r in rows]
-        totals[impl] = None if any(v is None for v in vals) else sum(vals)
+        vals = [r["ms"].get(impl) for r in rows]
+        totals[impl] = (None if any(v is None for v in vals)
+                        else sum(r["calls_per_update"] * v for r, v in zip(rows, vals)))
     totals["per-shape fastest"] = sum(r["calls_per_update"] * r["ms"][r["fastest"]] for r in rows
                                       if r["ms"][r["fastest"]] is not None)
     if dev.type == "cuda":
@@ -950,7 +951,8 @@ def render_conv_tables(tables: list[dict[str, Any]]) -> list[str]:
               " | fastest |", "|" + "---|" * (5 + len(CONV_IMPLS))]
         for r in t["shapes"]:
             L.append(f"| {tuple(r['x'])} | {tuple(r['w'])} | {r['pattern']}{'' if r['input_grad'] else ' (data input)'} "
-                     f"| {r['calls_per_update']} | " + " | ".join(_fmt(r['ms'].get(k), '.3f', 'failed') for k in CONV_IMPLS)
+                     f"| {r['calls_per_update']} | " + " | ".join(
+                         "n/a" if k not in r["ms"] else _fmt(r["ms"][k], ".3f", "failed") for k in CONV_IMPLS)
                      + f" | {r['fastest']} |")
         est = t["estimated_ms_per_update"]
         L.append("| **sum per meta-update** | | | | " + " | ".join(_fmt(est.get(k), '.2f') for k in CONV_IMPLS)

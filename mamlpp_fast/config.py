@@ -129,7 +129,7 @@ _CHOICES = {
     "dtype": ("float32", "float64"),
     "norm_layer": ("batch_norm",),
     "nonfinite_policy": ("skip", "stop"),
-    "conv_impl": ("auto", "grouped", "channels_last", "unfold", "unfold_bmm", "per_task"),
+    "conv_impl": ("auto", "grouped", "channels_last", "unfold", "unfold_bmm", "per_task", "triton"),
 }
 _POSITIVE_INT = (
     "batch_size", "image_height", "image_width", "image_channels", "num_classes_per_set",

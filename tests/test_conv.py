@@ -10,12 +10,17 @@ implementation: at most 1.4e-6).
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mamlpp_fast.ops import conv as C
 from mamlpp_fast.ops.conv import CONV_IMPLS, task_conv2d
+
+# ``triton`` runs under the Triton interpreter in tests/test_triton_interp.py (and on a GPU in tests/gpu)
+CPU_IMPLS = [i for i in CONV_IMPLS if i != "triton"]
 
 FP64_RTOL = 1e-12
 FP32_RTOL = 1e-4
@@ -71,7 +76,7 @@ def rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
-@pytest.mark.parametrize("impl", CONV_IMPLS)
+@pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
 def test_matches_per_task_convolutions_float64(impl, shape):
     seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
@@ -84,7 +89,7 @@ def test_matches_per_task_convolutions_float64(impl, shape):
         assert rel(a, r) < FP64_RTOL, f"{impl} {name}: {rel(a, r):.3e} (seed {seed})"
 
 
-@pytest.mark.parametrize("impl", CONV_IMPLS)
+@pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_gradcheck_and_gradgradcheck(impl):
     x, w, bias, b, s, p = make_inputs((2, 2, 2, 3, 5, 3, 1, 1), torch.float64, 7)
     fn = lambda x_, w_, b_: task_conv2d(x_, w_, b_, b, s, p, impl)  # noqa: E731
@@ -92,7 +97,7 @@ def test_gradcheck_and_gradgradcheck(impl):
     assert torch.autograd.gradgradcheck(fn, (x, w, bias))
 
 
-@pytest.mark.parametrize("impl", CONV_IMPLS)
+@pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_float32_within_rounding_of_float64(impl):
     seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
     shape = (20, 4, 64, 64, 7, 3, 1, 1)  # K = 576 at the Omniglot layer-3 shape, B=4
@@ -104,7 +109,7 @@ def test_float32_within_rounding_of_float64(impl):
         assert rel(a, r) < FP32_RTOL, f"{impl} term {i}: {rel(a, r):.3e} (seed {seed})"
 
 
-@pytest.mark.parametrize("impl", CONV_IMPLS)
+@pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_expanded_weights_and_no_bias(impl):
     """At inner step 0 the fast weights are the meta-weights broadcast over tasks (an expanded view)."""
     x, w, bias, b, s, p = make_inputs((3, 3, 2, 4, 6, 3, 1, 1), torch.float64, 3)
@@ -132,6 +137,11 @@ def test_bad_inputs_name_the_cause():
         task_conv2d(x, w, bias[:, :2], b)
     with pytest.raises(ValueError, match="unknown impl 'winograd'"):
         task_conv2d(x, w, bias, b, impl="winograd")
+    with pytest.raises(ValueError, match="unknown pattern"):
+        task_conv2d(x, w, bias, b, pattern="third_order")
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        with pytest.raises(RuntimeError, match="impl 'triton'"):
+            task_conv2d(x, w, bias, b, impl="triton")
 
 
 @pytest.mark.parametrize("cin,expected", [(3, "grouped"), (1, "unfold")])
@@ -149,9 +159,9 @@ def test_time_conv_impls_reports_every_impl_and_failures(monkeypatch):
     monkeypatch.setitem(C._IMPLS, "per_task", broken)
     times = C.time_conv_impls((4, 4, 6, 6), (2, 3, 2, 3, 3), 1, 1, torch.float32, "cpu", reps=1, warmup=0,
                               input_grad=False)
-    assert set(times) == set(CONV_IMPLS)
+    assert set(times) == set(CPU_IMPLS)  # triton needs a GPU (or the interpreter): not a candidate here
     assert times["per_task"] is None
-    assert all(isinstance(times[k], float) and times[k] > 0 for k in CONV_IMPLS if k != "per_task")
+    assert all(isinstance(times[k], float) and times[k] > 0 for k in CPU_IMPLS if k != "per_task")
     assert C.fastest(times) == min((k for k in times if times[k] is not None), key=times.get)
     assert C.fastest({"unfold": None, "grouped": None}) == "grouped"
     assert C.fastest({"unfold": 1.0, "grouped": 2.0, "per_task": None}) == "unfold"

@@ -192,3 +192,75 @@ def test_block_config_heuristic():
     assert cfg["BLOCK"] == 1024 and cfg["CHUNKS"] == 1 and cfg["num_warps"] == 4
     assert bn_block_config(9, 64, torch.device("cpu"))["BLOCK"] == 16
     assert lslr_block_config(10)["BLOCK"] == 128 and lslr_block_config(10 ** 6)["BLOCK"] == 2048
+
+
+# ---- implicit-GEMM convolution (mamlpp_fast/triton/conv.py) --------------------------------------------
+CONV_SHAPES = [(3, 2, 3, 4, 9, 3, 1, 1), (4, 3, 1, 5, 8, 3, 1, 1), (2, 2, 2, 3, 9, 3, 2, 1),
+               (2, 2, 3, 2, 7, 3, 1, 0), (5, 1, 4, 4, 6, 3, 1, 1), (3, 2, 17, 20, 5, 3, 1, 1)]
+
+
+@inner
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=[str(s) for s in CONV_SHAPES])
+def test_triton_conv_to_second_order(shape, dtype):
+    """Forward, first and second derivatives of task_conv2d(impl="triton") against per-task
+    convolutions in float64 (tests/test_conv.py's derivatives and tolerances; the last shape has more
+    channels than one column tile and a reduction longer than one K block)."""
+    import torch
+    from test_conv import FP32_RTOL, FP64_RTOL, derivatives, make_inputs, per_task_reference, rel
+    from mamlpp_fast.ops.conv import task_conv2d
+
+    seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
+    x, w, bias, b, s, p = make_inputs(shape, torch.float64, seed)
+    ref = derivatives(lambda: per_task_reference(x, w, bias, b, s, p), x, w, bias, seed)
+    dt = getattr(torch, dtype)
+    xd, wd, bd = (t.detach().to(dt).requires_grad_(True) for t in (x, w, bias))
+    got = derivatives(lambda: task_conv2d(xd, wd, bd, b, s, p, "triton"), xd, wd, bd, seed)
+    tol = FP64_RTOL if dtype == "float64" else FP32_RTOL
+    for name, a, r in zip(["out", "dx", "dw", "dbias", "ddx", "ddw", "ddbias"], got, ref):
+        assert a.dtype == dt and rel(a, r) < tol, f"{name}: {rel(a, r):.3e} (seed {seed})"
+
+
+@inner
+def test_triton_conv_gradcheck_and_gradgradcheck():
+    """float64 gradcheck and gradgradcheck in fast mode (random projections of the Jacobians: the full
+    Jacobians took 7.6 minutes of interpreter time here; the full ones run on a GPU in tests/gpu)."""
+    import torch
+    from test_conv import make_inputs
+    from mamlpp_fast.triton.conv import task_conv2d_triton
+
+    for shape in [(2, 2, 2, 3, 5, 3, 1, 1), (2, 1, 2, 2, 5, 3, 2, 1)]:
+        x, w, bias, b, s, p = make_inputs(shape, torch.float64, 5)
+        fn = lambda x_, w_, b_: task_conv2d_triton(x_, w_, b_, b, (s, s), (p, p))  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x, w, bias), fast_mode=True)
+        assert torch.autograd.gradgradcheck(fn, (x, w, bias), fast_mode=True)
+
+
+@inner
+def test_triton_conv_bad_inputs_and_block_config():
+    import torch
+    from mamlpp_fast.triton.conv import conv_block_config, task_conv2d_triton
+
+    x, w = torch.randn(2, 4, 5, 5), torch.randn(2, 3, 2, 3, 3)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        task_conv2d_triton(x.half(), w.half(), None, 2, (1, 1), (1, 1))
+    with pytest.raises(ValueError, match="square stride and padding"):
+        task_conv2d_triton(x, w, None, 2, (1, 2), (1, 1))
+    cpu = torch.device("cpu")
+    assert conv_block_config(20 * 196, 64, 576, cpu) == dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8)
+    assert conv_block_config(100, 5, 9, cpu) == dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, num_warps=4)
+    assert conv_block_config(10, 64, 576, cpu)["BLOCK_M"] == 16
+
+
+@inner
+def test_learner_with_triton_convolutions_matches_reference_float64():
+    """The fast learner with conv_impl="triton" (and the triton BN/LSLR backend: every op of the
+    inner loop on our kernels) against the reference learner, float64, from the same state."""
+    from _batches import fresh_seed
+    from test_fast_equivalence import batch_for, compare, make_pair
+
+    seed = fresh_seed()
+    cfg = dict(cnn_num_filters=4, num_stages=2, image_height=8, image_width=8, num_classes_per_set=3,
+               number_of_training_steps_per_iter=2, number_of_evaluation_steps_per_iter=2, conv_impl="triton")
+    ref, fast, args = make_pair("float64", "torch", **cfg)
+    compare(ref, fast, batch_for(args, 2, seed), 0, "float64", seed)

@@ -22,6 +22,10 @@ They differ in which kernels run and in rounding only:
 - ``unfold_bmm``: im2col, then the columns are regrouped per task, ``(B, K, n*L)``, for B large GEMMs
   ``(B, Cout, K) @ (B, K, n*L)``; the result is permuted back to ``(n, B*Cout, Ho, Wo)``.
 - ``per_task``: B ordinary convolutions on channel slices, stacked.
+- ``triton``: our implicit-GEMM Triton kernels (mamlpp_fast/triton/conv.py): forward, data gradient
+  and weight gradient of every task in one launch each, the operands gathered from the task-major
+  layout on the fly (no im2col buffer, no transposes), differentiable to any order through the three
+  kernels alone. Needs triton and a CUDA device (or TRITON_INTERPRET=1 with CPU tensors, for tests).
 
 ``auto`` chooses per layer shape on a CUDA device by timing each implementation once on the exact
 MAML++ pattern (forward, first derivatives with ``create_graph``, and a backward through them); the
@@ -40,10 +44,10 @@ import threading
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CONV_IMPLS", "task_conv2d", "choose_conv_impl", "time_conv_impls", "clear_conv_cache",
+__all__ = ["CONV_IMPLS", "available_conv_impls", "task_conv2d", "choose_conv_impl", "time_conv_impls", "clear_conv_cache",
            "conv_choices", "fastest", "record_conv_calls"]
 
-CONV_IMPLS = ("grouped", "channels_last", "unfold", "unfold_bmm", "per_task")
+CONV_IMPLS = ("grouped", "channels_last", "unfold", "unfold_bmm", "per_task", "triton")
 logger = logging.getLogger("mamlpp_fast")
 
 
@@ -53,6 +57,15 @@ def _pair(v) -> tuple[int, int]:
 
 def _out_size(size: int, k: int, s: int, p: int) -> int:
     return (size + 2 * p - k) // s + 1
+
+
+def available_conv_impls(device) -> tuple[str, ...]:
+    """The implementations that can run on tensors of `device`: all but ``triton``, which needs triton
+    and a CUDA device (or TRITON_INTERPRET=1 with CPU tensors)."""
+    from .. import triton as tb
+    dev = torch.device(device)
+    ok_triton = tb.is_available() and (dev.type == "cuda" or tb._interpret())
+    return tuple(i for i in CONV_IMPLS if i != "triton" or ok_triton)
 
 
 def check_task_conv_inputs(x, weight, bias, num_tasks) -> None:
@@ -142,8 +155,18 @@ def _per_task(x, w, bias, b, stride, padding):
     return out.view(n, -1, out.shape[3], out.shape[4])
 
 
+def _triton(x, w, bias, b, stride, padding):
+    from .. import triton as tb
+    if not tb.is_available():
+        raise RuntimeError(f"task_conv2d: impl 'triton' is not available here: {tb.unavailable_reason()}")
+    if x.device.type != "cuda" and not tb._interpret():
+        raise RuntimeError("task_conv2d: impl 'triton' takes CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)")
+    from ..triton.conv import task_conv2d_triton
+    return task_conv2d_triton(x, w, bias, b, stride, padding)
+
+
 _IMPLS = {"grouped": _grouped, "channels_last": _channels_last, "unfold": _unfold, "unfold_bmm": _unfold_bmm,
-          "per_task": _per_task}
+          "per_task": _per_task, "triton": _triton}
 
 
 # ---- recording the shapes a learner runs (for benchmarks) ------------------------------------------------
@@ -206,16 +229,18 @@ def _maml_pattern(impl, x, w, bias, b, stride, padding, probes, pattern="second_
 
 
 def time_conv_impls(x_shape, w_shape, stride=1, padding=0, dtype=torch.float32, device="cuda",
-                    impls=CONV_IMPLS, reps: int = 5, warmup: int = 2, seed: int = 0,
+                    impls=None, reps: int = 5, warmup: int = 2, seed: int = 0,
                     input_grad: bool = True, pattern: str = "second_order") -> dict:
     """Median milliseconds of `_maml_pattern(pattern)` per implementation on random inputs of these
     shapes (CUDA events on a GPU, perf_counter elsewhere); None for an implementation that raised.
+    `impls`: default `available_conv_impls(device)`.
     `input_grad`: whether x requires grad (False for the first layer, whose input is data)."""
     if pattern not in PATTERNS:
         raise ValueError(f"time_conv_impls: unknown pattern {pattern!r} (choose from {PATTERNS})")
     import time
 
     device = torch.device(device)
+    impls = available_conv_impls(device) if impls is None else tuple(impls)
     stride, padding = _pair(stride), _pair(padding)
     b, cout, _, kh, kw = w_shape
     gen = torch.Generator(device="cpu").manual_seed(seed)

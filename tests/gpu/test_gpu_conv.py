@@ -87,3 +87,15 @@ def test_fast_learner_conv_auto_matches_reference_on_cuda(graph):
     assert len(C.conv_choices()) > 0
     if graph:
         assert fast._graph_failed is None and len(fast._graphs) == 1
+
+
+def test_triton_conv_full_gradcheck_and_gradgradcheck_on_cuda():
+    """The full Jacobians (the interpreter test uses fast mode), float64, a strided case too."""
+    if "triton" not in C.available_conv_impls("cuda"):
+        pytest.fail("triton is not available on this GPU machine")
+    from mamlpp_fast.triton.conv import task_conv2d_triton
+    for shape in [(2, 2, 2, 3, 5, 3, 1, 1), (2, 1, 2, 2, 5, 3, 2, 1)]:
+        x, w, bias, b, s, p = make_inputs(shape, torch.float64, 5, device="cuda")
+        fn = lambda x_, w_, b_: task_conv2d_triton(x_, w_, b_, b, (s, s), (p, p))  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x, w, bias))
+        assert torch.autograd.gradgradcheck(fn, (x, w, bias))
