@@ -11,9 +11,12 @@ The pure-Python package always installs. The native extension `mamlpp_fast._C` i
 - Output of cmake/ninja goes to <build dir>/native_build.log; on success one line says what was built.
   If the native build fails, ONE warning names the log and the install continues without `_C`.
 Environment: MAMLPP_NO_NATIVE=1 skips the native build; MAMLPP_NO_CUDA=1 builds the CPU part only;
-MAMLPP_BUILD_DIR overrides the CMake build dir (default build/native); CMAKE_BUILD_PARALLEL_LEVEL.
+MAMLPP_BUILD_DIR overrides the CMake build dir (default build/native); CMAKE_BUILD_PARALLEL_LEVEL;
+MAMLPP_CMAKE_ARGS: extra CMake arguments (shell words), e.g. -DCUDA_nvrtc_LIBRARY=... where a minimal
+CUDA toolkit lacks a library that torch's CMake config asks for.
 """
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -47,20 +50,29 @@ def _tool(module_name, bin_attr, exe):
     return shutil.which(exe)
 
 
+def _toolkit_root(nvcc):
+    """The CUDA toolkit folder of an nvcc (the one with include/cuda_runtime.h), or None. An nvcc on
+    PATH may be a wrapper script elsewhere (seen: /usr/local/bin/nvcc exec-ing the toolkit's), so the
+    folder above it is checked, then the standard install location."""
+    for root in (Path(nvcc).resolve().parent.parent, Path("/usr/local/cuda")):
+        if (root / "include" / "cuda_runtime.h").exists() and (root / "bin" / "nvcc").exists():
+            return root
+    return None
+
+
 def _find_nvcc():
-    for var in ("CUDACXX",):
-        if os.environ.get(var) and Path(os.environ[var]).exists():
-            return os.environ[var]
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            cand = Path(os.environ[var]) / "bin" / "nvcc"
-            if cand.exists():
-                return str(cand)
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    cand = Path("/usr/local/cuda/bin/nvcc")
-    return str(cand) if cand.exists() else None
+    """(nvcc, toolkit root): CUDACXX, CUDA_HOME/CUDA_PATH, PATH, /usr/local/cuda, in that order; an
+    nvcc whose toolkit is not found next to it is replaced by the toolkit's own nvcc."""
+    cands = [os.environ.get("CUDACXX")]
+    cands += [str(Path(os.environ[v]) / "bin" / "nvcc") for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    cands += [shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
+    for cand in cands:
+        if cand and Path(cand).exists():
+            root = _toolkit_root(cand)
+            if root is not None:
+                own = root / "bin" / "nvcc"
+                return (cand if Path(cand).resolve().parent.parent == root else str(own)), root
+    return None, None
 
 
 class CMakeBuild(build_ext):
@@ -94,7 +106,7 @@ class CMakeBuild(build_ext):
         out_dir = ext_path.parent
         out_dir.mkdir(parents=True, exist_ok=True)
 
-        nvcc = _find_nvcc()
+        nvcc, cuda_root = _find_nvcc()
         want_cuda = os.environ.get("MAMLPP_NO_CUDA", "0") in ("", "0")
         with_cuda = bool(want_cuda and torch.version.cuda is not None and nvcc)
         arch = os.environ.get("MAMLPP_CUDA_ARCH", "90").replace(",", ";").strip() or "90"
@@ -128,15 +140,19 @@ class CMakeBuild(build_ext):
         ]
         if ninja:
             args.append(f"-DCMAKE_MAKE_PROGRAM={ninja}")
+        args += shlex.split(os.environ.get("MAMLPP_CMAKE_ARGS", ""))  # e.g. a library torch's config misses
         if with_cuda:
-            args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
+            # torch's CMake config runs its own FindCUDA, which looks for nvcc via CUDA_PATH or PATH
+            # (not CUDA_HOME): name the toolkit explicitly
+            args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_root}"]
         env = dict(os.environ)
         if with_cuda:
             # Torch's CMake config derives its own (unused by us) nvcc flags from this; without it,
             # it would probe the visible GPU.
             env.setdefault("TORCH_CUDA_ARCH_LIST",
                            ";".join(f"{a[:-1]}.{a[-1]}" for a in arch.split(";") if a[:-1].isdigit()))
-            env.setdefault("CUDA_HOME", str(Path(nvcc).resolve().parent.parent))
+            env.setdefault("CUDA_HOME", str(cuda_root))
+            env.setdefault("CUDA_PATH", str(cuda_root))
         build = [cmake, "--build", str(build_dir), "--config", "Release"]
         if not ninja:
             build += ["--parallel", str(os.cpu_count() or 2)]
