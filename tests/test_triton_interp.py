@@ -247,7 +247,7 @@ def test_triton_conv_bad_inputs_and_block_config():
     with pytest.raises(ValueError, match="square stride and padding"):
         task_conv2d_triton(x, w, None, 2, (1, 2), (1, 1))
     cpu = torch.device("cpu")
-    assert conv_block_config(20 * 196, 64, 576, cpu) == dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8)
+    assert conv_block_config(20 * 196, 64, 576, cpu) == dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=16, num_warps=8)
     assert conv_block_config(100, 5, 9, cpu) == dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, num_warps=4)
     assert conv_block_config(10, 64, 576, cpu)["BLOCK_M"] == 16
 

@@ -63,10 +63,13 @@ def conv_block_config(rows: int, cols: int, red: int, device: torch.device) -> d
     """Heuristic "conv_block_config" for a GEMM of rows x cols with reduction length red (per task).
 
     BLOCK_N: next power of two of cols in [16, 64] (Co or Ci: 48-64 in the paper's networks, so one
-    column tile); BLOCK_M: 128 rows when there are >= 4 row tiles of 128, else 64 (or 32 for tiny
-    problems); BLOCK_K: 32 (16 when red <= 16, e.g. the first layer's K = 9). Register cap: the fp32
-    accumulator is BLOCK_M x BLOCK_N = 128 x 64 x 4 B = 32 KB over 4 warps (64 per thread), plus the two
-    operand tiles (128 x 32 and 32 x 64); 8 warps for 128-row tiles. tl.dot needs every dimension >= 16."""
+    column tile); BLOCK_M: 128 rows when there are >= 4 row tiles of 128, else 64 (or down to 16 for
+    tiny problems); BLOCK_K: 16; 8 warps for 128-row tiles, else 4 (tl.dot needs every dimension
+    >= 16). Register cap, from ptxas -v for sm_90a on the kernels Triton 3.8 generates here (no GPU
+    needed; fp32, 3x3, stride 1, default 3 pipeline stages): BLOCK_K=32 used 236 registers per
+    thread for the forward at 128x64 (8 warps) and spilled 72 bytes at 64x64 (4 warps); BLOCK_K=16
+    gives 218 and 224 registers without spills, the data and weight gradients at most 195. The
+    accumulator is BLOCK_M x BLOCK_N fp32 = 32 values per thread in both shapes."""
     bn = max(16, min(64, triton.next_power_of_2(max(int(cols), 1))))
     if rows >= 4 * 128:
         bm = 128
@@ -74,8 +77,7 @@ def conv_block_config(rows: int, cols: int, red: int, device: torch.device) -> d
         bm = 64
     else:
         bm = max(16, min(64, triton.next_power_of_2(max(int(rows), 1))))
-    bk = 16 if red <= 16 else 32
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=8 if bm == 128 else 4)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=16, num_warps=8 if bm == 128 else 4)
 
 
 def _split_for(tiles: int, red: int, block_r: int, device: torch.device) -> int:
@@ -92,14 +94,20 @@ def _split_for(tiles: int, red: int, block_r: int, device: torch.device) -> int:
 # kernels
 # ------------------------------------------------------------------------------------------------------
 @triton.jit
-def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, NT, CI, CO, H, W, HO, WO, STRIDE, PAD, M,
-                     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, NT, CI, CO, H, W, HO, WO, M,
+                     KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[i, t*CO+o, y, z] = bias[t, o] + sum_k x-gather[m, k] * w[t, o, k]; m = i*L + (y*WO + z)."""
+    """out[i, t*CO+o, y, z] = bias[t, o] + sum_k x-gather[m, k] * w[t, o, k]; m = i*L + (y*WO + z).
+
+    The gather offset splits into a row part and a reduction part, x_off = row_base[m] + k_off[k] with
+    row_base = ((i*NT + t)*CI)*H*W + (y*S - PAD)*W + (z*S - PAD) and k_off = c*H*W + p*W + q, so the 2-D
+    work per element is one add for the address and the four padding bounds."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     t = tl.program_id(2)
     L = HO * WO
+    HW = H * W
     K = CI * KH * KW
     ACC = out_ptr.dtype.element_ty
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -108,37 +116,44 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, NT, CI, CO, H, W, HO, WO, STR
     n_ok = offs_n < CO
     i = offs_m // L
     l_ = offs_m % L
-    oy = l_ // WO
-    oz = l_ % WO
+    ry = (l_ // WO) * STRIDE - PAD
+    rz = (l_ % WO) * STRIDE - PAD
+    row_base = (i * NT + t) * CI * HW + ry * W + rz
+    w_base = w_ptr + (t * CO + offs_n[None, :]) * K
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         c = offs_k // (KH * KW)
         r = offs_k % (KH * KW)
-        hy = oy[:, None] * STRIDE + (r // KW)[None, :] - PAD
-        hz = oz[:, None] * STRIDE + (r % KW)[None, :] - PAD
+        kp = r // KW
+        kq = r % KW
+        hy = ry[:, None] + kp[None, :]
+        hz = rz[:, None] + kq[None, :]
         a_ok = m_ok[:, None] & k_ok[None, :] & (hy >= 0) & (hy < H) & (hz >= 0) & (hz < W)
-        a_off = ((i[:, None] * NT + t) * CI + c[None, :]) * (H * W) + hy * W + hz
-        a = tl.load(x_ptr + a_off, mask=a_ok, other=0.0)
-        b_off = (t * CO + offs_n[None, :]) * K + offs_k[:, None]
-        b = tl.load(w_ptr + b_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        a = tl.load(x_ptr + row_base[:, None] + (c * HW + kp * W + kq)[None, :], mask=a_ok, other=0.0)
+        b = tl.load(w_base + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + t * CO + offs_n, mask=n_ok, other=0.0)[None, :]
-    o_off = ((i[:, None] * NT + t) * CO + offs_n[None, :]) * L + l_[:, None]
+    o_off = ((i * NT + t) * CO * L + l_)[:, None] + (offs_n * L)[None, :]
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, NT, CI, CO, H, W, HO, WO, STRIDE, PAD, M,
-                       KH: tl.constexpr, KW: tl.constexpr, PREC: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dx[i, t*CI+c, h, v] = sum_k g-gather[m, k] * w[t, o, c, p, q]; m = i*H*W + h*W + v, k = (o, p, q)."""
+def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, NT, CI, CO, H, W, HO, WO, M,
+                       KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+                       PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dx[i, t*CI+c, h, v] = sum_k g-gather[m, k] * w[t, o, c, p, q]; m = i*H*W + h*W + v, k = (o, p, q).
+
+    The term (o, p, q) reads g at y = (h + PAD - p) / S, z = (v + PAD - q) / S, kept when both are
+    integers inside the output. With S = 1 the offset splits like the forward's:
+    g_off = ((i*NT + t)*CO)*L + (h + PAD)*WO + (v + PAD) + [o*L - p*WO - q]."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     t = tl.program_id(2)
     HW = H * W
+    L = HO * WO
     KK = KH * KW
     K = CO * KK
     ACC = dx_ptr.dtype.element_ty
@@ -148,42 +163,51 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, NT, CI, CO, H, W, HO, WO, STRIDE, P
     n_ok = offs_n < CI
     i = offs_m // HW
     hw = offs_m % HW
-    h = hw // W
-    v = hw % W
+    ry = hw // W + PAD
+    rz = hw % W + PAD
+    g_row = (i * NT + t) * CO * L
+    w_base = w_ptr + t * CO * CI * KK + offs_n[None, :] * KK
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         o = offs_k // KK
         r = offs_k % KK
-        ny = h[:, None] + PAD - (r // KW)[None, :]
-        nz = v[:, None] + PAD - (r % KW)[None, :]
-        ny_c = tl.maximum(ny, 0)  # non-negative before // and % (no reliance on rounding of negatives)
-        nz_c = tl.maximum(nz, 0)
-        y = ny_c // STRIDE
-        z = nz_c // STRIDE
-        a_ok = (m_ok[:, None] & k_ok[None, :] & (ny >= 0) & (nz >= 0) & (ny_c % STRIDE == 0)
-                & (nz_c % STRIDE == 0) & (y < HO) & (z < WO))
-        a_off = ((i[:, None] * NT + t) * CO + o[None, :]) * (HO * WO) + y * WO + z
+        kp = r // KW
+        kq = r % KW
+        ny = ry[:, None] - kp[None, :]
+        nz = rz[:, None] - kq[None, :]
+        if STRIDE == 1:
+            a_ok = m_ok[:, None] & k_ok[None, :] & (ny >= 0) & (ny < HO) & (nz >= 0) & (nz < WO)
+            a_off = (g_row + ry * WO + rz)[:, None] + (o * L - kp * WO - kq)[None, :]
+        else:
+            ny_c = tl.maximum(ny, 0)  # non-negative before // and % (no reliance on rounding of negatives)
+            nz_c = tl.maximum(nz, 0)
+            y = ny_c // STRIDE
+            z = nz_c // STRIDE
+            a_ok = (m_ok[:, None] & k_ok[None, :] & (ny >= 0) & (nz >= 0) & (ny_c % STRIDE == 0)
+                    & (nz_c % STRIDE == 0) & (y < HO) & (z < WO))
+            a_off = g_row[:, None] + (o * L)[None, :] + y * WO + z
         a = tl.load(g_ptr + a_off, mask=a_ok, other=0.0)
-        b_off = ((t * CO + o[:, None]) * CI + offs_n[None, :]) * KK + r[:, None]
-        b = tl.load(w_ptr + b_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        b = tl.load(w_base + (o * CI * KK + r)[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
-    o_off = ((i[:, None] * NT + t) * CI + offs_n[None, :]) * HW + hw[:, None]
+    o_off = ((i * NT + t) * CI * HW + hw)[:, None] + (offs_n * HW)[None, :]
     tl.store(dx_ptr + o_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _conv_wgrad_kernel(x_ptr, g_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO, STRIDE, PAD, R, CHUNK, SPLIT,
-                       KH: tl.constexpr, KW: tl.constexpr, PREC: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """ws[s, t, o, k] = sum over r in chunk s of g[i, t*CO+o, y, z] * x-gather[r, k]; r = i*L + y*WO + z."""
+def _conv_wgrad_kernel(x_ptr, g_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO, R, CHUNK, SPLIT,
+                       KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+                       PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """ws[s, t, o, k] = sum over r in chunk s of g[i, t*CO+o, y, z] * x-gather[r, k]; r = i*L + y*WO + z.
+    Offsets split into row and column parts as in the forward."""
     pid_m = tl.program_id(0)  # o tile
     pid_n = tl.program_id(1)  # k tile
     pid_z = tl.program_id(2)
     t = pid_z // SPLIT
     s = pid_z % SPLIT
     L = HO * WO
+    HW = H * W
     K = CI * KH * KW
     ACC = ws_ptr.dtype.element_ty
     offs_o = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -194,6 +218,7 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO, STRIDE, P
     rr = offs_k % (KH * KW)
     kp = rr // KW
     kq = rr % KW
+    x_col = c * HW + kp * W + kq
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     start = s * CHUNK
     for r0 in range(start, start + CHUNK, BLOCK_K):
@@ -201,14 +226,14 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO, STRIDE, P
         r_ok = (offs_r < R) & (offs_r < start + CHUNK)
         i = offs_r // L
         l_ = offs_r % L
-        oy = l_ // WO
-        oz = l_ % WO
-        a_off = ((i[None, :] * NT + t) * CO + offs_o[:, None]) * L + l_[None, :]
+        ry = (l_ // WO) * STRIDE - PAD
+        rz = (l_ % WO) * STRIDE - PAD
+        a_off = ((i * NT + t) * CO * L + l_)[None, :] + (offs_o * L)[:, None]
         a = tl.load(g_ptr + a_off, mask=o_ok[:, None] & r_ok[None, :], other=0.0)
-        hy = oy[:, None] * STRIDE + kp[None, :] - PAD
-        hz = oz[:, None] * STRIDE + kq[None, :] - PAD
+        hy = ry[:, None] + kp[None, :]
+        hz = rz[:, None] + kq[None, :]
         b_ok = r_ok[:, None] & k_ok[None, :] & (hy >= 0) & (hy < H) & (hz >= 0) & (hz < W)
-        b_off = ((i[:, None] * NT + t) * CI + c[None, :]) * (H * W) + hy * W + hz
+        b_off = ((i * NT + t) * CI * HW + ry * W + rz)[:, None] + x_col[None, :]
         b = tl.load(x_ptr + b_off, mask=b_ok, other=0.0)
         acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
     w_off = ((s * NT + t) * CO + offs_o[:, None]) * K + offs_k[None, :]
@@ -238,7 +263,7 @@ def conv_forward(x, w, bias, meta):
     cfg = conv_block_config(m, co, ci * kh * kw, x.device)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(co, cfg["BLOCK_N"]), b)
     bias_arg = bias.contiguous() if bias is not None else x
-    _conv_fwd_kernel[grid](x, w, bias_arg, out, b, ci, co, h, wd, ho, wo, s, p, m, KH=kh, KW=kw,
+    _conv_fwd_kernel[grid](x, w, bias_arg, out, b, ci, co, h, wd, ho, wo, m, KH=kh, KW=kw, STRIDE=s, PAD=p,
                            HAS_BIAS=bias is not None, PREC=_precision(x.dtype), **cfg)
     return out
 
@@ -253,7 +278,7 @@ def conv_data_grad(g, w, meta):
     m = n * h * wd
     cfg = conv_block_config(m, ci, co * kh * kw, g.device)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(ci, cfg["BLOCK_N"]), b)
-    _conv_dgrad_kernel[grid](g, w, dx, b, ci, co, h, wd, ho, wo, s, p, m, KH=kh, KW=kw,
+    _conv_dgrad_kernel[grid](g, w, dx, b, ci, co, h, wd, ho, wo, m, KH=kh, KW=kw, STRIDE=s, PAD=p,
                              PREC=_precision(g.dtype), **cfg)
     return dx
 
@@ -267,15 +292,14 @@ def conv_weight_grad(x, g, meta):
     k = ci * kh * kw
     red = n * ho * wo
     cfg = conv_block_config(co, k, red, x.device)
-    cfg["BLOCK_K"] = 32  # the reduction runs over n*L >= 16 rows (masked past the end)
     tiles = triton.cdiv(co, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_N"]) * b
     split = _split_for(tiles, red, cfg["BLOCK_K"], x.device)
     chunk = triton.cdiv(triton.cdiv(red, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
     split = triton.cdiv(red, chunk)
     ws = torch.empty(split, b, co, k, device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(co, cfg["BLOCK_M"]), triton.cdiv(k, cfg["BLOCK_N"]), b * split)
-    _conv_wgrad_kernel[grid](x, g, ws, b, ci, co, h, wd, ho, wo, s, p, red, chunk, split, KH=kh, KW=kw,
-                             PREC=_precision(x.dtype), **cfg)
+    _conv_wgrad_kernel[grid](x, g, ws, b, ci, co, h, wd, ho, wo, red, chunk, split, KH=kh, KW=kw, STRIDE=s,
+                             PAD=p, PREC=_precision(x.dtype), **cfg)
     dw = ws[0] if split == 1 else ws.sum(0)
     return dw.view(b, co, ci, kh, kw)
 
