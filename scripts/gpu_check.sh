@@ -22,48 +22,11 @@ export PYTHONUNBUFFERED=1
 export MAMLPP_REQUIRE_NATIVE=1   # a missing _C / cuda backend is a failure here, not a skip
 unset TRITON_INTERPRET
 
-declare -a NAMES=() CODES=() SECS=()
-stage() {  # stage NAME TIMEOUT LOG CMD...
-  local name=$1 limit=$2 log=$3
-  shift 3
-  local t0=$SECONDS
-  echo "== $name: $*" | tee -a "$log"
-  timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
-  local rc=$?
-  [ $rc -eq 124 ] && echo "== $name: TIMED OUT after ${limit}s" >>"$log"
-  NAMES+=("$name"); CODES+=("$rc"); SECS+=("$((SECONDS - t0))")
-  echo "== $name: exit $rc in $((SECONDS - t0))s" | tee -a "$log"
-}
+# shellcheck source=scripts/gpu_common.sh
+source scripts/gpu_common.sh
 
 # ---- env ---------------------------------------------------------------------------------------
-{
-  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "git: $(git rev-parse HEAD 2>/dev/null || echo unknown) $(git status --porcelain 2>/dev/null | wc -l | tr -d ' ') changed files"
-  echo "host: $(uname -a)"
-  echo "nvcc: $(command -v nvcc) $(nvcc --version 2>/dev/null | tail -n 2 | tr '\n' ' ')"
-  echo "compute-sanitizer: $(command -v compute-sanitizer || echo missing)"
-  "$PY" - <<'EOF'
-import sys, platform
-print("python:", sys.version.split()[0], sys.executable)
-try:
-    import torch
-    print("torch:", torch.__version__, "cuda:", torch.version.cuda, "cudnn:", torch.backends.cudnn.version())
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        print("device:", torch.cuda.get_device_name(0), f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs",
-              round(p.total_memory / 2**30, 1), "GiB")
-except Exception as e:
-    print("torch: error", e)
-for mod in ("triton", "pybind11", "cmake", "ninja", "pytest", "pytest_benchmark", "setuptools"):
-    try:
-        m = __import__(mod)
-        print(f"{mod}:", getattr(m, "__version__", "?"))
-    except Exception as e:
-        print(f"{mod}: missing ({e})")
-EOF
-  echo "--- nvidia-smi"
-  nvidia-smi 2>&1 || echo "nvidia-smi failed"
-} >"$OUT/env.txt" 2>&1
+write_env "$OUT/env.txt"
 
 # ---- build -------------------------------------------------------------------------------------
 : >"$OUT/build.log"
@@ -93,14 +56,7 @@ stage tests "${TESTS_TIMEOUT:-150}" "$OUT/gpu_tests.log" \
 
 # ---- memcheck ------------------------------------------------------------------------------------
 : >"$OUT/memcheck.log"
-if command -v compute-sanitizer >/dev/null 2>&1; then
-  stage memcheck "${MEMCHECK_TIMEOUT:-90}" "$OUT/memcheck.log" \
-    compute-sanitizer --tool memcheck --error-exitcode 17 --leak-check no --print-limit 20 \
-    "$PY" -m pytest tests/gpu/test_gpu_ops.py -q -p no:cacheprovider -x -k "not slow"
-else
-  echo "compute-sanitizer not found" >>"$OUT/memcheck.log"
-  NAMES+=(memcheck); CODES+=(127); SECS+=(0)
-fi
+memcheck_stage "${MEMCHECK_TIMEOUT:-90}" "$OUT/memcheck.log"
 
 # ---- bench ---------------------------------------------------------------------------------------
 : >"$OUT/bench_ops.log"
@@ -114,8 +70,8 @@ fail=0
 {
   echo "gpu_check summary ($(date -u +%Y-%m-%dT%H:%M:%SZ), total ${SECONDS}s)"
   for i in "${!NAMES[@]}"; do
-    status=ok
-    [ "${CODES[$i]}" -ne 0 ] && { status=FAILED; fail=1; }
+    status=$(stage_status "${CODES[$i]}")
+    [ "$status" = ok ] || fail=1
     printf '%-9s exit %-4s %5ss  %s\n' "${NAMES[$i]}" "${CODES[$i]}" "${SECS[$i]}" "$status"
   done
   grep -E "^[0-9]+ (passed|failed)|passed|failed" "$OUT/gpu_tests.log" | tail -n 1 | sed 's/^/tests: /'

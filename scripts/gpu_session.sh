@@ -24,62 +24,18 @@ set -u
 mkdir -p "$OUT/session"
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-DEADLINE=${DEADLINE:-560}
+export DEADLINE=${DEADLINE:-560}
 W="$OUT/session"
 export PYTHONUNBUFFERED=1
 export MAMLPP_REQUIRE_NATIVE=1   # a missing _C / cuda backend is a failure here, not a skip
 unset TRITON_INTERPRET
 [ -f .git_revision ] && export MAMLPP_GIT_REV="$(cat .git_revision)"
 
-declare -a NAMES=() CODES=() SECS=()
-stage() {  # stage NAME LIMIT LOG CMD...
-  local name=$1 limit=$2 log=$3
-  shift 3
-  local left=$((DEADLINE - SECONDS))
-  [ "$left" -lt "$limit" ] && limit=$left
-  if [ "$limit" -lt 15 ]; then
-    echo "== $name: SKIPPED (${left}s left of DEADLINE=${DEADLINE})" | tee -a "$log"
-    NAMES+=("$name"); CODES+=(-1); SECS+=(0)
-    return
-  fi
-  local t0=$SECONDS
-  echo "== $name (limit ${limit}s): $*" | tee -a "$log"
-  timeout --kill-after=5 "$limit" "$@" >>"$log" 2>&1
-  local rc=$?
-  [ $rc -eq 124 ] && echo "== $name: TIMED OUT after ${limit}s" | tee -a "$log"
-  NAMES+=("$name"); CODES+=("$rc"); SECS+=("$((SECONDS - t0))")
-  echo "== $name: exit $rc in $((SECONDS - t0))s" | tee -a "$log"
-}
+# shellcheck source=scripts/gpu_common.sh
+source scripts/gpu_common.sh
 
 # ---- env ------------------------------------------------------------------------------------------
-{
-  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "git: ${MAMLPP_GIT_REV:-unknown (no .git_revision)}"
-  echo "host: $(uname -a)"
-  echo "nvcc: $(command -v nvcc) $(nvcc --version 2>/dev/null | tail -n 2 | tr '\n' ' ')"
-  echo "compute-sanitizer: $(command -v compute-sanitizer || echo missing)"
-  "$PY" - <<'EOF'
-import sys
-print("python:", sys.version.split()[0], sys.executable)
-try:
-    import torch
-    print("torch:", torch.__version__, "cuda:", torch.version.cuda, "cudnn:", torch.backends.cudnn.version())
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        print("device:", torch.cuda.get_device_name(0), f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs",
-              round(p.total_memory / 2**30, 1), "GiB")
-except Exception as e:
-    print("torch: error", e)
-for mod in ("triton", "jax", "pybind11", "cmake", "ninja", "pytest", "pytest_benchmark", "xdist"):
-    try:
-        m = __import__(mod)
-        print(f"{mod}:", getattr(m, "__version__", "?"))
-    except Exception as e:
-        print(f"{mod}: missing ({e})")
-EOF
-  echo "--- nvidia-smi"
-  nvidia-smi 2>&1 || echo "nvidia-smi failed"
-} >"$W/env.txt" 2>&1
+write_env "$W/env.txt" "${MAMLPP_GIT_REV:-unknown (no .git_revision)}"
 
 # ---- build and import -------------------------------------------------------------------------------
 stage build "${BUILD_LIMIT:-180}" "$W/build.log" "$PY" -m pip install -v -e . --no-build-isolation --no-deps
@@ -107,14 +63,7 @@ DEFAULT_BENCH_ARGS="--device cuda --workloads omniglot_20w1s,miniimagenet_5w1s -
 stage bench "${BENCH_LIMIT:-240}" "$W/bench.log" "$PY" -m bench.run ${BENCH_ARGS:-$DEFAULT_BENCH_ARGS} --out "$W/bench"
 
 # ---- memcheck ------------------------------------------------------------------------------------------
-if command -v compute-sanitizer >/dev/null 2>&1; then
-  stage memcheck "${MEMCHECK_LIMIT:-60}" "$W/memcheck.log" \
-    compute-sanitizer --tool memcheck --error-exitcode 17 --leak-check no --print-limit 20 \
-    "$PY" -m pytest tests/gpu/test_gpu_ops.py -q -p no:cacheprovider -x -k "not slow"
-else
-  echo "compute-sanitizer not found" >>"$W/memcheck.log"
-  NAMES+=(memcheck); CODES+=(127); SECS+=(0)
-fi
+memcheck_stage "${MEMCHECK_LIMIT:-60}" "$W/memcheck.log"
 
 # ---- op benchmark --------------------------------------------------------------------------------------
 stage opbench "${OPBENCH_LIMIT:-45}" "$W/bench_ops.log" \
@@ -127,9 +76,8 @@ fail=0
   echo "gpu_session summary ($(date -u +%Y-%m-%dT%H:%M:%SZ), total ${SECONDS}s of DEADLINE=${DEADLINE}s, git ${MAMLPP_GIT_REV:-unknown})"
   grep -E "^(device|torch|triton|jax):" "$W/env.txt"
   for i in "${!NAMES[@]}"; do
-    status=ok
-    [ "${CODES[$i]}" -ne 0 ] && { status=FAILED; fail=1; }
-    [ "${CODES[$i]}" -eq -1 ] && status=SKIPPED
+    status=$(stage_status "${CODES[$i]}")
+    [ "$status" = ok ] || fail=1
     printf '%-9s exit %-4s %5ss  %s\n' "${NAMES[$i]}" "${CODES[$i]}" "${SECS[$i]}" "$status"
   done
   grep -E "built with:|triton available:" "$W/build.log" | tail -n 2
