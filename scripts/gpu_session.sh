@@ -17,7 +17,7 @@
 #   opbench   pytest-benchmark bench/bench_ops.py                              -> bench_ops.json
 # The device tool returns at most 8 files, so everything is packed into $OUT/gpu_session.tgz, beside
 # $OUT/summary.txt and a copy of the benchmark's markdown ($OUT/bench.md).
-# Limits (s, env): DEADLINE=560 BUILD_LIMIT=180 TESTS_LIMIT=120 BENCH_LIMIT=240 MEMCHECK_LIMIT=60
+# Limits (s, env): DEADLINE=560 BUILD_LIMIT=180 TESTS_LIMIT=150 BENCH_LIMIT=240 MEMCHECK_LIMIT=60
 # OPBENCH_LIMIT=45; BENCH_ARGS replaces the benchmark's arguments. Python: $PYTHON (default python3).
 set -u
 : "${OUT:?set OUT to the results directory}"
@@ -52,8 +52,10 @@ assert 'cuda' in _native.available_backends(), 'cuda backend missing'
 XDIST=""
 "$PY" -c "import xdist" >/dev/null 2>&1 && XDIST="-n 4"
 # shellcheck disable=SC2086
-stage tests "${TESTS_LIMIT:-120}" "$W/gpu_tests.log" \
-  "$PY" -m pytest tests/gpu tests/test_native_cpp.py tests/test_ops_bn.py tests/test_ops_lslr.py tests/test_conv.py \
+# the new convolution tests last: their Triton kernels compile on first use (tens of seconds)
+stage tests "${TESTS_LIMIT:-150}" "$W/gpu_tests.log" \
+  "$PY" -m pytest tests/gpu/test_gpu_ops.py tests/gpu/test_gpu_learner.py tests/test_native_cpp.py \
+  tests/test_ops_bn.py tests/test_ops_lslr.py tests/test_conv.py tests/gpu/test_gpu_conv.py \
   -q -rfEs -p no:cacheprovider $XDIST --junitxml="$W/junit.xml"
 
 # ---- learner benchmark ----------------------------------------------------------------------------------
