@@ -44,8 +44,8 @@ import threading
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CONV_IMPLS", "available_conv_impls", "task_conv2d", "choose_conv_impl", "time_conv_impls", "clear_conv_cache",
-           "conv_choices", "fastest", "record_conv_calls"]
+__all__ = ["CONV_IMPLS", "available_conv_impls", "task_conv2d", "choose_conv_impl", "time_conv_impls",
+           "clear_conv_cache", "conv_choices", "fastest", "record_conv_calls"]
 
 CONV_IMPLS = ("grouped", "channels_last", "unfold", "unfold_bmm", "per_task", "triton")
 logger = logging.getLogger("mamlpp_fast")
