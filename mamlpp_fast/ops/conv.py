@@ -191,7 +191,7 @@ class record_conv_calls:
 
 # ---- choosing by measurement ------------------------------------------------------------------------
 _lock = threading.Lock()
-_choices: dict = {}   # key -> (impl, {impl: median ms})
+_choices: dict = {}   # key -> (impl, {impl: ms or None}), ms as time_conv_impls measures it
 
 
 def clear_conv_cache() -> None:
@@ -200,7 +200,7 @@ def clear_conv_cache() -> None:
 
 
 def conv_choices() -> dict:
-    """What `auto` chose so far: {key: (impl, {impl: median ms or None})} (a copy)."""
+    """What `auto` chose so far: {key: (impl, {impl: ms or None})} (a copy)."""
     with _lock:
         return dict(_choices)
 

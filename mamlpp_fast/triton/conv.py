@@ -39,18 +39,14 @@ Block sizes: `conv_block_config` (no autotune), so the kernels also run under th
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from . import num_sms
+
 __all__ = ["conv_forward", "conv_data_grad", "conv_weight_grad", "task_conv2d_triton", "conv_block_config"]
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _precision(dtype) -> str:
@@ -84,7 +80,7 @@ def _split_for(tiles: int, red: int, block_r: int, device: torch.device) -> int:
     """Chunks of the weight gradient's reduction: enough programs for ~2 per SM, each chunk >= 4 blocks."""
     if device.type != "cuda":
         return 1
-    want = 2 * _num_sms(device.index if device.index is not None else 0)
+    want = 2 * num_sms(device)
     by_occupancy = triton.cdiv(want, max(tiles, 1))
     by_work = triton.cdiv(red, 4 * block_r)
     return max(1, min(by_occupancy, by_work, 64))

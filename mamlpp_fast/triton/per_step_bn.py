@@ -25,12 +25,13 @@ kernels also run under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors).
 """
 from __future__ import annotations
 
-import functools
 import struct
 
 import torch
 import triton
 import triton.language as tl
+
+from . import num_sms
 
 __all__ = ["bn_forward", "bn_backward", "bn_double_backward", "bn_block_config"]
 
@@ -38,11 +39,6 @@ _MAX_BLOCK = 1024   # elements per vector step
 _MIN_BLOCK = 16
 _MAX_CHUNKS = 256   # programs per column (the apply kernel loads all chunk sums as one vector)
 _PROGRAMS_PER_SM = 4
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def bn_block_config(M: int, TC: int, device: torch.device) -> dict:
@@ -59,7 +55,7 @@ def bn_block_config(M: int, TC: int, device: torch.device) -> dict:
     """
     block = max(_MIN_BLOCK, min(_MAX_BLOCK, triton.next_power_of_2(max(int(M), 1))))
     if device.type == "cuda":
-        want = _PROGRAMS_PER_SM * _num_sms(device.index if device.index is not None else 0)
+        want = _PROGRAMS_PER_SM * num_sms(device)
         by_occupancy = triton.cdiv(want, TC)
         by_work = triton.cdiv(M, 4 * block)
         chunks = max(1, min(by_occupancy, by_work, _MAX_CHUNKS))
