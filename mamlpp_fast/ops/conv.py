@@ -318,11 +318,13 @@ def fastest(times: dict) -> str:
 
 def cpu_rule(w_shape) -> str:
     """`auto` off CUDA: a fixed rule, so that CPU results do not depend on timing noise. Measured on the
-    2-core CPU (torch 2.13, 1 thread, 2026-12-01; ms per call of the second-order pattern): the first
-    Omniglot layer (one input channel per task, x (20, 8, 28, 28), w (8, 64, 1, 3, 3)) 292 grouped vs
-    87 unfold (oneDNN has no fast grouped kernel for one channel per group); with 3 input channels
-    (mini-ImageNet, x (5, 6, 84, 84)) 70 vs 58, and first-order 1115 vs 1132 at (75, 6, 84, 84): a
-    draw; with 64 channels (x (20, 512, 14, 14)) grouped wins, 440 vs 655 (first order 137 vs 434)."""
+    2-core CPU, torch 2.13, 1 thread, 2026-12-01, ms per call of the pattern
+    (bench/results/latest_cpu_convtable-omniglot20w1s.md): the first Omniglot layer (one input channel
+    per task, x (20, 8, 28, 28), w (8, 64, 1, 3, 3)) 137 grouped vs 70 unfold second order, 49 vs 45
+    first order (oneDNN has no fast grouped kernel for one channel per group); with 64 input channels
+    (x (20, 512, 14, 14)) grouped wins, 455 vs 681 (first order 148 vs 205). mini-ImageNet's first
+    layer (3 input channels) was a draw in `time_conv_impls(..., device="cpu", reps=3)` calls the same
+    day: 70 vs 58 ms at x (5, 6, 84, 84) second order, 1115 vs 1132 at (75, 6, 84, 84) first order."""
     return "unfold" if w_shape[2] == 1 else "grouped"
 
 
