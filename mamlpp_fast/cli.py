@@ -232,15 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if opts.command == "test":
         overrides["evaluate_on_test_set_only"] = True
 
-    from .config import ConfigError, load_args
-
-    try:
-        from .data import DatasetError
-    except ImportError:  # pragma: no cover - data package missing
-        class DatasetError(Exception):  # type: ignore[no-redef]
-            pass
-    from .common import CheckpointError
-    from .trainer import ExperimentError, run_experiment
+    from .config import load_args
+    from .errors import MamlppError
+    from .trainer import run_experiment
 
     try:
         args = load_args(opts.config, **overrides)
@@ -253,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             runner = run_distributed_experiment
         result = runner(args, config_path=opts.config, overwrite=bool(getattr(opts, "overwrite", False)),
                         progress=opts.progress)
-    except (ConfigError, DatasetError, CheckpointError, ExperimentError) as e:
+    except MamlppError as e:  # a user-caused error or the stop policy: one line, exit 2
         return _fail(str(e))
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted; the last completed epoch's checkpoint is kept (run again to resume)",

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from .errors import BatchError, CheckpointError  # noqa: F401 (re-exported)
 
 __all__ = [
     "BatchError", "CheckpointError", "set_torch_seed", "msl_importance_vector", "cosine_lr",
@@ -20,12 +21,8 @@ __all__ = [
 ]
 
 
-class BatchError(ValueError):
-    """A data batch has inconsistent shapes, a wrong image size or labels out of range."""
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated, corrupt, or does not fit the model."""
 
 
 def set_torch_seed(seed: int) -> np.random.RandomState:

@@ -18,12 +18,11 @@ import json
 import os
 import warnings
 from typing import Any, Mapping
+from .errors import ConfigError  # noqa: F401 (re-exported)
 
 __all__ = ["ConfigError", "DEFAULTS", "REQUIRED", "load_args", "default_args"]
 
 
-class ConfigError(ValueError):
-    """A configuration key is missing, has the wrong type, or an invalid value."""
 
 
 # Defaults of the original's argparse parser (utils/parser_utils.py), plus the keys of its experiment

@@ -29,14 +29,13 @@ import sys
 from typing import Any, Sequence
 
 import numpy as np
+from .errors import PlotError  # noqa: F401 (re-exported)
 
 __all__ = ["main", "load_lslr", "read_summary", "plot_experiment", "PlotError"]
 
 LR_PREFIX = "inner_loop_optimizer.names_learning_rates_dict."
 
 
-class PlotError(ValueError):
-    """The experiment folder lacks what a chart needs; the message names the path."""
 
 
 def _checkpoints(saved_models: str) -> dict[int, str]:

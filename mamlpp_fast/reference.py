@@ -32,12 +32,9 @@ import torch.nn.functional as F
 from .common import (CheckpointError, atomic_torch_save, coerce_batch, cosine_lr, float32_precision,
                      load_checkpoint, msl_importance_vector, resolve_device, resolve_dtype, set_torch_seed)
 from .config import load_args
+from .errors import NonFiniteError  # noqa: F401 (re-exported)
 
 __all__ = ["MAMLFewShotClassifier", "VGGReLUNormNetwork", "LSLRGradientDescentLearningRule", "NonFiniteError"]
-
-
-class NonFiniteError(FloatingPointError):
-    """A meta-update produced a non-finite loss or gradient and nonfinite_policy is 'stop'."""
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1

@@ -54,13 +54,12 @@ import tqdm
 from .common import CheckpointError, atomic_write, load_checkpoint
 from .common import atomic_write_text as _atomic_write_text
 from .common import fsync_dir as _fsync_dir
+from .errors import ExperimentError  # noqa: F401 (re-exported)
 
 __all__ = ["ExperimentBuilder", "ExperimentError", "CheckpointError", "SHAPE_KEYS", "run_experiment",
            "build_experiment_folder", "describe_learner"]
 
 
-class ExperimentError(RuntimeError):
-    """The experiment folder cannot be used as asked (existing outputs, incompatible configuration)."""
 
 
 # Configuration keys that change the shape (or the set) of the learner's tensors: a checkpoint made with

@@ -18,14 +18,8 @@ Every problem with the data (missing folder, no images, too few classes or image
 wrong image mode) raises `DatasetError`, whose message names the path and the cause. Nothing in the
 dataset folder is ever written, extracted into, or deleted.
 """
-
-
-class DatasetError(ValueError):
-    """The dataset cannot serve the requested tasks; the message names the path and the cause."""
-
-
-# Imported after DatasetError on purpose: the submodules import it from this package.
-from .readers import (  # noqa: E402
+from ..errors import DatasetError
+from .readers import (
     IMAGE_EXTENSIONS,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -36,7 +30,7 @@ from .readers import (  # noqa: E402
     label_from_path,
     resolve_dataset_path,
 )
-from .sampler import (  # noqa: E402
+from .sampler import (
     FewShotTaskSampler,
     MetaLearningSystemDataLoader,
     derive_seed,
@@ -44,7 +38,7 @@ from .sampler import (  # noqa: E402
     rotate_classes,
     split_class_labels,
 )
-from .synthetic import SyntheticFewShotData  # noqa: E402
+from .synthetic import SyntheticFewShotData
 
 __all__ = [
     "DatasetError",

@@ -34,7 +34,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from . import DatasetError
+from ..errors import DatasetError
 
 __all__ = [
     "IMAGE_EXTENSIONS",

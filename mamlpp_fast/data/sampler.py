@@ -45,7 +45,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from . import DatasetError
+from ..errors import DatasetError
 from .readers import (
     IMAGENET_MEAN,
     IMAGENET_STD,
