@@ -1,6 +1,6 @@
 """Learnable few-shot batches for numerical comparisons.
 
-TESTING.md: random-noise images with arbitrary labels make the inner loop far more sensitive than
+docs/NUMERICS.md: random-noise images with arbitrary labels make the inner loop far more sensitive than
 learnable tasks, so comparisons use class prototypes plus noise: each class of a task has a random
 smooth prototype image and its examples are that prototype plus small noise.
 """

@@ -9,7 +9,7 @@
   learner's meta-loss and meta-gradient in float64, from the same weights on the same learnable batch:
   this is what makes them fair baselines. Bound: 1e-9 relative, with the denominator floored at 1e-3 of
   the largest gradient norm (conv biases before batch norm have a zero gradient in exact arithmetic,
-  docs TESTING.md); rounding differences measured here are ~1e-14.
+  docs/NUMERICS.md); rounding differences measured here are ~1e-14.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """A few meta-updates of training on real Omniglot give the same loss curve for the fast and the
 reference learner.
 
-Trajectories of two correct implementations diverge chaotically in float32 (TESTING.md: a 1e-6
+Trajectories of two correct implementations diverge chaotically in float32 (docs/NUMERICS.md: a 1e-6
 perturbation of one inner learning rate changes parameter updates by ~25% after three Adam steps), so
 the curve is compared in float64, where rounding differences stay near 1e-12 over a few updates:
 every step's loss, accuracy and the final parameters must agree to 1e-9 relative (conv biases and

@@ -2,7 +2,7 @@
 small functional MAML++ written here from the paper / docs/ORIGINAL.md (no code of the original).
 
 Tiny networks (8 filters) on CPU. Exactness checks run in float64, where two correct computations of
-the same thing agree to ~1e-12 (TESTING.md: in float64 even a 1e-13 perturbation of an inner learning
+the same thing agree to ~1e-12 (docs/NUMERICS.md: in float64 even a 1e-13 perturbation of an inner learning
 rate moves meta-gradients only ~1e-9); API checks run in float32.
 """
 from __future__ import annotations
@@ -158,7 +158,7 @@ def grads_of(model, loss):
 
 def max_rel(ga, gb):
     """Largest per-tensor relative difference, denominators floored at 1e-6 of the largest gradient (conv
-    biases before batch norm have zero gradient up to rounding, TESTING.md)."""
+    biases before batch norm have zero gradient up to rounding, docs/NUMERICS.md)."""
     gmax = max(float(v.abs().max()) for v in gb.values())
     return max(float((ga[k] - gb[k]).abs().max()) / max(float(gb[k].abs().max()), 1e-6 * gmax) for k in gb)
 
