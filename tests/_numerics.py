@@ -36,12 +36,23 @@ from mamlpp_fast.reference import MAMLFewShotClassifier as Reference
 
 GROUPS = ("loss", "logits", "grad_median", "grad_total", "running_stats", "adam_signs")
 
-# The decision rule (derived in docs/NUMERICS.md from tests/tolerance_sweep.py; see the constants' use below).
-FACTOR = 10.0
+# The decision rule, derived with tests/tolerance_sweep.py (docs/NUMERICS.md has the numbers).
+# - FACTOR: a seed counts against the fast learner when its error in some group exceeds FACTOR x the reference
+#   learner's error plus the group's floor. Over 1000 seeds per configuration the fraction of such seeds is the
+#   same (within 1%) for factors from 2 to 10: they are rounding events (a discrete choice flipped in the fast
+#   learner only, errors 1e2..1e5 x the reference's), not a spread of ordinary rounding. 3 keeps the test
+#   sensitive; the measured rate at 3 is 4.6% (cpp) to 6.0% (torch).
+# - FLOORS: errors relative to the truth's norm below ~16 float32 unit roundoffs (1e-6) are not told apart (a
+#   reference error of exactly 0 happens); adam_signs is a fraction of elements: 2e-3.
+# - NUM_SEEDS, MAX_WORSE: the test fails when more than MAX_WORSE of NUM_SEEDS fresh seeds count against the
+#   fast learner. With the per-seed rate at its 99.9% upper confidence bound from the sweep (<= 9%), a correct
+#   learner fails one run with probability P[Bin(16, 0.09) >= 10] < 2e-7; an injected fault counts on every
+#   seed (tests/test_fast_equivalence.py, test_float32_criterion_catches_faults).
+FACTOR = 3.0
 FLOORS = {"loss": 1e-6, "logits": 1e-6, "grad_median": 1e-6, "grad_total": 1e-6, "running_stats": 1e-6,
           "adam_signs": 2e-3}
 NUM_SEEDS = 16
-MAX_WORSE = 7
+MAX_WORSE = 9
 
 # The covered float32 configurations: (name, backend, config overrides, tasks per batch, epoch).
 FP32_CONFIG = dict(cnn_num_filters=16, num_classes_per_set=5, number_of_training_steps_per_iter=5,
@@ -50,10 +61,6 @@ FP32_CASES = {
     "cpp": ("cpp", dict(FP32_CONFIG, conv_impl="grouped"), 2, 0),
     "torch": ("torch", dict(FP32_CONFIG, conv_impl="grouped"), 2, 0),
     "cpp-unfold": ("cpp", dict(FP32_CONFIG, conv_impl="unfold"), 2, 0),
-    "cpp-unfold_bmm": ("cpp", dict(FP32_CONFIG, conv_impl="unfold_bmm"), 2, 0),
-    "triton-small": ("triton", dict(cnn_num_filters=4, num_stages=2, image_height=8, image_width=8,
-                                    num_classes_per_set=3, number_of_training_steps_per_iter=2,
-                                    number_of_evaluation_steps_per_iter=2), 2, 0),
 }
 
 

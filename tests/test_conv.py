@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _batches import fresh_seed
 from mamlpp_fast.ops import conv as C
 from mamlpp_fast.ops.conv import CONV_IMPLS, task_conv2d
 
@@ -79,7 +80,7 @@ def rel(a, b):
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
 def test_matches_per_task_convolutions_float64(impl, shape):
-    seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
+    seed = fresh_seed() % 2 ** 31
     x, w, bias, b, s, p = make_inputs(shape, torch.float64, seed)
     got = derivatives(lambda: task_conv2d(x, w, bias, b, s, p, impl), x, w, bias, seed)
     ref = derivatives(lambda: per_task_reference(x, w, bias, b, s, p), x, w, bias, seed)
@@ -99,7 +100,7 @@ def test_gradcheck_and_gradgradcheck(impl):
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_float32_within_rounding_of_float64(impl):
-    seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
+    seed = fresh_seed() % 2 ** 31
     shape = (20, 4, 64, 64, 7, 3, 1, 1)  # K = 576 at the Omniglot layer-3 shape, B=4
     x, w, bias, b, s, p = make_inputs(shape, torch.float64, seed)
     ref = derivatives(lambda: per_task_reference(x, w, bias, b, s, p), x, w, bias, seed)

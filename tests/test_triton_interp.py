@@ -207,10 +207,11 @@ def test_triton_conv_to_second_order(shape, dtype):
     convolutions in float64 (tests/test_conv.py's derivatives and tolerances; the last shape has more
     channels than one column tile and a reduction longer than one K block)."""
     import torch
+    from _batches import fresh_seed
     from test_conv import FP32_RTOL, FP64_RTOL, derivatives, make_inputs, per_task_reference, rel
     from mamlpp_fast.ops.conv import task_conv2d
 
-    seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
+    seed = fresh_seed() % 2 ** 31
     x, w, bias, b, s, p = make_inputs(shape, torch.float64, seed)
     ref = derivatives(lambda: per_task_reference(x, w, bias, b, s, p), x, w, bias, seed)
     dt = getattr(torch, dtype)

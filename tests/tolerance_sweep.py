@@ -8,7 +8,8 @@ repository root:
 
 Each line of the output holds one fresh seed: {group: [reference error, fast error]} against float64 truth
 (tests/_numerics.py, `learner_errors`). A file that exists is appended to (a sweep can be resumed). The
-summary prints, per case: the distribution of the fast/reference error ratios per group, the fraction p of
+summary prints, per case: the distribution of the fast/reference error ratios per group (the reference error
+floored at the group's floor), the fraction p of
 seeds that count against the fast learner under the rule of tests/_numerics.py (FACTOR, FLOORS), how many of
 the sweep's consecutive blocks of NUM_SEEDS seeds would have failed the test (must be 0), and the probability
 that one run of the test fails a correct implementation, P[Bin(NUM_SEEDS, p) > MAX_WORSE], computed with an
@@ -47,7 +48,7 @@ def summarise(path: str) -> dict:
     n = len(rows)
     out = {"file": path, "case": rows[0]["case"] if rows else None, "seeds": n, "groups": {}}
     for g in GROUPS:
-        ratios = sorted(r["errors"][g][1] / max(r["errors"][g][0], 1e-300) for r in rows)
+        ratios = sorted(r["errors"][g][1] / max(r["errors"][g][0], FLOORS[g]) for r in rows)
         fast = sorted(r["errors"][g][1] for r in rows)
         worse = sum(1 for r in rows if g in worse_groups(r["errors"]))
         q = lambda xs, f: xs[min(len(xs) - 1, int(f * len(xs)))]  # noqa: E731
