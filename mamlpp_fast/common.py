@@ -156,7 +156,9 @@ def atomic_write(path: str | os.PathLike, write, binary: bool = True) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = path  # a failed write (no space, ...) names the file it was for
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
