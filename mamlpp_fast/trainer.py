@@ -26,8 +26,11 @@ What we do differently, on purpose:
 - a checkpoint is written after the epoch's statistics are added to the state (the original saves
   first, so its checkpoint misses the last epoch's entry in per_epoch_statistics);
 - earlier outputs are never deleted or overwritten unless asked (`overwrite=True`, the CLI's
-  `--overwrite`): a new run in a folder with checkpoints resumes; starting from scratch there, or
-  resuming with a configuration that changes the model's shape, raises `ExperimentError`;
+  `--overwrite`, which deletes only the files this package wrote): a new run in a folder with
+  checkpoints resumes; starting from scratch there, or resuming with a configuration that changes the
+  network or the task distribution, raises `ExperimentError`, and so does resuming with other changed
+  training keys unless `allow_config_change` (then recorded in config_history.json); one process at a
+  time writes an experiment folder (a lock, `mamlpp_fast.experiment`);
 - a meta-update the learner skipped (`losses['skipped']`: non-finite loss or gradient, config key
   `nonfinite_policy`) is counted (state 'skipped_iterations', a warning line per epoch) and left out of
   the epoch's statistics, which therefore keep the original's columns;
