@@ -137,6 +137,7 @@ _POSITIVE_INT = (
     "num_samples_per_class", "num_target_samples", "number_of_training_steps_per_iter",
     "number_of_evaluation_steps_per_iter", "cnn_num_filters", "num_stages", "total_epochs",
     "total_iter_per_epoch", "multi_step_loss_num_epochs", "num_evaluation_tasks", "max_models_to_save",
+    "samples_per_iter", "num_of_gpus",  # tasks per batch = num_of_gpus * batch_size * samples_per_iter
 )
 _NONNEGATIVE_FLOAT = ("meta_learning_rate", "min_learning_rate")
 # conv_padding is a bool in every shipped file, but it is used as the padding (an int) of the conv.
