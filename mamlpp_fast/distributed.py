@@ -246,7 +246,7 @@ def run_distributed_experiment(args: Any, *, config_path=None, overwrite: bool =
 
         raise ConfigError(f"config key 'batch_size' ({args.batch_size}) must be divisible by the world size "
                           f"({world}) for data-parallel meta-training")
-    lock = _rank0_outcome(rank, lambda: _early_lock(args, log))
+    lock = _rank0_outcome(rank, lambda: _early_lock(args, log, ranks=world))
     try:
         dev = resolve_device(getattr(args, "device", "auto"))
         if dev.type == "cuda":

@@ -894,7 +894,7 @@ def run_experiment(args: Any, *, config_path: str | os.PathLike | None = None, o
         lock.release()
 
 
-def _early_lock(args: Any, log: Callable[[str], None] | None) -> "_xp.LockHandle":
+def _early_lock(args: Any, log: Callable[[str], None] | None, ranks: int = 1) -> "_xp.LockHandle":
     """The experiment folder's lock, taken before anything slow (a `test` of a missing folder takes none)."""
     if getattr(args, "experiment_name", None) in (None, "", "None"):
         return _xp.LockHandle(None)  # ExperimentBuilder reports the missing name
@@ -902,7 +902,7 @@ def _early_lock(args: Any, log: Callable[[str], None] | None) -> "_xp.LockHandle
     evaluate_only = bool(getattr(args, "evaluate_on_test_set_only", False))
     if evaluate_only and not os.path.isdir(root):
         return _xp.LockHandle(None)
-    return _xp.acquire_lock(root, "test" if evaluate_only else "train", log=log)
+    return _xp.acquire_lock(root, "test" if evaluate_only else "train", log=log, ranks=ranks)
 
 
 def _build_and_run(args: Any, dev: Any, data: Any, model: Any, **kw: Any) -> dict[str, Any]:

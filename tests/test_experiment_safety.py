@@ -451,6 +451,28 @@ def test_no_space_left_while_writing_a_checkpoint(tmp_path):
         "current_iter"] == 4
 
 
+def _file_size_limit():
+    """preexec_fn: files may not grow past 16 kB (RLIMIT_FSIZE; SIGXFSZ ignored, so write() fails with
+    EFBIG): the configuration records fit, a checkpoint of the tiny network (~29 kB) does not."""
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16000, 16000))
+
+
+def test_a_write_the_kernel_refuses_while_writing_a_checkpoint(tmp_path):
+    """A real failing write() inside torch.save (which by itself reports an unrelated RuntimeError)."""
+    cfg = _write_config(tmp_path)
+    exp = tmp_path / "exp"
+    root = exp / "safe"
+    p = subprocess.run(_cmd("train", "--config", cfg, "--experiment-dir", exp, "--no-progress"), env=_env(),
+                       cwd=REPO, capture_output=True, text=True, timeout=300, preexec_fn=_file_size_limit)
+    _assert_one_line_exit_2(p.returncode, p.stderr, str(root / "saved_models" / "train_model_1"),
+                            os.strerror(errno.EFBIG))
+    assert os.listdir(root / "saved_models") == []  # the partial temporary file is removed
+    assert not (root / LOCK_NAME).exists()
+
+
 # ------------------------------------------------------------- values a library downstream would reject
 @pytest.mark.parametrize("argv, names", [
     (["--config", "{folder}"], ["is a folder", "{folder}"]),
