@@ -401,7 +401,7 @@ class ExperimentBuilder:
             raise ExperimentError(f"the experiment's recorded configuration {path} is not a JSON object")
         return saved
 
-    def _check_config_against_record(self, ckpt_path: str) -> list:
+    def _check_config_against_record(self, ckpt_path: str, iteration: Any = "?") -> list:
         """Compare the whole configuration with the recorded one (config.json): network/task keys
         refused, training keys refused unless allow_config_change (then recorded), free keys named.
         Returns the network/task differences (refused by the caller, with the tensor check)."""
@@ -428,7 +428,7 @@ class ExperimentBuilder:
             else:
                 self._config_change = diffs["training"]
                 self.log(f"mamlpp: configuration change allowed (--allow-config-change) at iteration "
-                         f"{self.state.get('current_iter', '?')}: {listed}; recorded in "
+                         f"{iteration}: {listed}; recorded in "
                          f"{os.path.join(self.root, _xp.CONFIG_HISTORY)}")
         if diffs["free"]:
             self.log("mamlpp: keys that only affect evaluation, reporting, paths or the implementation differ from "
@@ -467,7 +467,7 @@ class ExperimentBuilder:
 
     def _check_compatible(self, idx: Any, ckpt: dict) -> None:
         path = self.checkpoint_path(idx)
-        refused = self._check_config_against_record(path)
+        refused = self._check_config_against_record(path, ckpt.get("current_iter", "?"))
         diffs = [_xp.format_diffs(refused)] if refused else []
         network = ckpt.get("network", {})
         current = self.model.state_dict()

@@ -273,7 +273,8 @@ def test_resume_with_a_changed_configuration(tmp_path):
     # With --allow-config-change: the change is recorded next to the earlier configuration, not over it.
     logs = []
     b = _builder(exp, logs, allow_config_change=True, meta_learning_rate=0.002, total_epochs=3)
-    assert any("configuration change allowed" in m and "meta_learning_rate" in m for m in logs), logs
+    assert any("configuration change allowed" in m and "at iteration 4:" in m and "meta_learning_rate" in m
+               for m in logs), logs
     b.run_experiment()
     history = json.loads((root / CONFIG_HISTORY).read_text())
     assert [h["event"] for h in history] == ["start", "change"]
