@@ -14,7 +14,6 @@ import errno
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -207,9 +206,10 @@ def test_data_parallel_ranks_share_one_lock(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "mamlpp_fast", "train", "--config", str(cfg), "--experiment-dir", str(exp), "--distributed",
                 "--no-progress"]
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from mamlpp_fast.experiment import "
-                               "acquire_lock; h = acquire_lock(sys.argv[1], log=lambda m: None); print('held', flush=True); "
-                               "time.sleep(600)", str(root)], env=_env(), cwd=REPO, stdout=subprocess.PIPE, text=True)
+    hold = ("import sys, time; from mamlpp_fast.experiment import acquire_lock; "
+            "h = acquire_lock(sys.argv[1], log=lambda m: None); print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(root)], env=_env(), cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         busy = subprocess.run(torchrun, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -287,8 +287,9 @@ def test_resume_with_a_changed_configuration(tmp_path):
     b = _builder(exp, meta_learning_rate=0.002, total_epochs=3)
     b.close()
     assert {p: _snapshot(root)[p] for p in recorded} == recorded
-    assert compare_configs({"seed": 1, "device": "cpu", "x_unknown": 1}, {"seed": 2, "device": "cuda", "x_unknown": 2}) \
-        == {"refused": [], "training": [("seed", 1, 2)], "free": [("device", "cpu", "cuda"), ("x_unknown", 1, 2)]}
+    diffs = compare_configs({"seed": 1, "device": "cpu", "x_unknown": 1}, {"seed": 2, "device": "cuda", "x_unknown": 2})
+    assert diffs == {"refused": [], "training": [("seed", 1, 2)],
+                     "free": [("device", "cpu", "cuda"), ("x_unknown", 1, 2)]}
 
 
 def test_cli_refuses_then_allows_a_changed_training_key(tmp_path, capsys, monkeypatch):
