@@ -3,6 +3,7 @@
     mamlpp train --config configs/omniglot_maml++_5_way_1_shot.json [--dataset-dir D] [--experiment-dir E]
                  [--learner fast|reference] [--backend auto|cuda|triton|cpp|torch] [--device auto|cpu|cuda]
                  [--total-epochs N] [--total-iter-per-epoch N] [--num-evaluation-tasks N] [--overwrite]
+                 [--allow-config-change]
     mamlpp test  --config X.json [same options]       # the test protocol only, from saved checkpoints
     mamlpp plot-lrs <experiment folder> [--epoch N|best] [--out DIR]   # learned LSLR rates, MSL, curves
     mamlpp bench [...]                                 # bench/run.py (benchmarks), when present
@@ -87,7 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
                                        "folder has one), validate each epoch, then run the test protocol.")
     _add_common(train)
     train.add_argument("--overwrite", action="store_true",
-                       help="delete this experiment's earlier checkpoints and logs and start from scratch")
+                       help="delete the files this tool wrote in the experiment folder (checkpoints, logs, plots, "
+                            "config records; anything else is kept) and start from scratch")
+    train.add_argument("--allow-config-change", "--allow_config_change", dest="allow_config_change",
+                       action="store_true",
+                       help="resume even though training keys differ from the experiment's recorded configuration "
+                            "(the change is recorded in config_history.json)")
     train.add_argument("--distributed", action="store_true",
                        help="data-parallel meta-training under torchrun (tasks split over ranks; automatic "
                             "when WORLD_SIZE > 1)")
@@ -246,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(opts, "distributed", False) or is_distributed_env():
             runner = run_distributed_experiment
         result = runner(args, config_path=opts.config, overwrite=bool(getattr(opts, "overwrite", False)),
-                        progress=opts.progress)
+                        progress=opts.progress, allow_config_change=bool(getattr(opts, "allow_config_change", False)))
     except MamlppError as e:  # a user-caused error or the stop policy: one line, exit 2
         return _fail(str(e))
     except KeyboardInterrupt:

@@ -142,24 +142,54 @@ def fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+class _RecordingWriter:
+    """A file object that remembers the OSError of a failed write. torch.save turns the OSError of its
+    file's write (no space left, file too large) into an unrelated RuntimeError ("unexpected pos"), so
+    atomic_write re-raises the recorded OSError instead: the real cause, naming the file."""
+
+    def __init__(self, f):
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
 def atomic_write(path: str | os.PathLike, write, binary: bool = True) -> None:
     """Write a file through `write(f)` into a temporary file in the same folder, fsync it, rename it
     over `path`, and fsync the folder: a crash mid-write leaves the previous file intact instead of a
-    truncated one."""
+    truncated one. A failed write raises its OSError with `filename` = `path`."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path) + ".", dir=folder)
+    recorder = None
     try:
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
-            write(f)
+            recorder = _RecordingWriter(f)
+            write(recorder)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+        cause = e if isinstance(e, OSError) else (
+            recorder.error if recorder is not None and isinstance(e, Exception) else None)
+        if cause is None:
+            raise
+        if cause.filename is None:
+            cause.filename = path  # a failed write (no space, ...) names the file it was for
+        if cause is e:
+            raise
+        raise cause from None
     fsync_dir(folder)
 
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import warnings
 from typing import Any, Mapping
 from .errors import ConfigError  # noqa: F401 (re-exported)
@@ -135,6 +137,7 @@ _POSITIVE_INT = (
     "num_samples_per_class", "num_target_samples", "number_of_training_steps_per_iter",
     "number_of_evaluation_steps_per_iter", "cnn_num_filters", "num_stages", "total_epochs",
     "total_iter_per_epoch", "multi_step_loss_num_epochs", "num_evaluation_tasks", "max_models_to_save",
+    "samples_per_iter", "num_of_gpus",  # tasks per batch = num_of_gpus * batch_size * samples_per_iter
 )
 _NONNEGATIVE_FLOAT = ("meta_learning_rate", "min_learning_rate")
 # conv_padding is a bool in every shipped file, but it is used as the padding (an int) of the conv.
@@ -221,8 +224,59 @@ def _check_ranges(d: dict[str, Any]) -> None:
             f"({d['number_of_training_steps_per_iter']}), but per_step_bn_statistics keeps one batch-norm "
             "row per training step")
     split = d["train_val_test_split"]
-    if len(split) != 3 or any(not isinstance(v, (int, float)) or v < 0 for v in split):
+    if len(split) != 3 or any(not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0
+                              for v in split):
         raise ConfigError(f"config key 'train_val_test_split' must be 3 non-negative numbers, got {split!r}")
+    _check_values_downstream(d)
+
+
+# Values that a library further down (numpy's RandomState, torch.optim.Adam, torch.device, the
+# convolutions) would reject with a traceback: checked here, named by their config key.
+_SEED_KEYS = ("seed", "train_seed", "val_seed", "test_seed", "synthetic_seed")
+_POSITIVE_FLOAT = ("task_learning_rate",)
+_NONNEGATIVE_FLOAT_MORE = ("weight_decay",)
+_DEVICE_RE = re.compile(r"(auto|cpu|cuda(:\d+)?)")
+
+
+def _check_values_downstream(d: dict[str, Any]) -> None:
+    for key, value in d.items():
+        if isinstance(value, float) and not math.isfinite(value) and (key in DEFAULTS or key in REQUIRED):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+    for key in _POSITIVE_FLOAT:
+        if not d[key] > 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {d[key]!r}")
+    for key in _NONNEGATIVE_FLOAT_MORE:
+        if d[key] < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {d[key]!r}")
+    for key in _SEED_KEYS:
+        if not 0 <= d[key] <= 2 ** 32 - 1:
+            raise ConfigError(f"config key '{key}' must be between 0 and 2**32 - 1 (a numpy RandomState seed), "
+                              f"got {d[key]!r}")
+    device = d["device"]
+    if not isinstance(device, str) or not _DEVICE_RE.fullmatch(device):
+        raise ConfigError(f"config key 'device' must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    _check_network_fits(d)
+
+
+def _check_network_fits(d: dict[str, Any]) -> None:
+    """Each stage is a 3x3 convolution (stride 1 with max pooling, else 2; padding conv_padding) and,
+    with max_pooling, a 2x2 max pool: the feature map must keep at least one pixel through every stage."""
+    h, w = int(d["image_height"]), int(d["image_width"])
+    pad = int(d["conv_padding"])
+    stride = 1 if d["max_pooling"] else 2
+    if pad < 0:
+        raise ConfigError(f"config key 'conv_padding' must be >= 0, got {d['conv_padding']!r}")
+    for stage in range(int(d["num_stages"])):
+        h2, w2 = (h + 2 * pad - 3) // stride + 1, (w + 2 * pad - 3) // stride + 1
+        if d["max_pooling"]:
+            h2, w2 = h2 // 2, w2 // 2
+        if h2 < 1 or w2 < 1:
+            raise ConfigError(
+                f"config key 'num_stages' ({d['num_stages']}) is too deep for {d['image_height']}x"
+                f"{d['image_width']} images: stage {stage + 1} would shrink its {h}x{w} input to {max(h2, 0)}x"
+                f"{max(w2, 0)} (conv_padding={d['conv_padding']}, max_pooling={d['max_pooling']}); use fewer "
+                "stages or larger images")
+        h, w = h2, w2
 
 
 def _read_json(path: str | os.PathLike) -> dict[str, Any]:
@@ -231,6 +285,12 @@ def _read_json(path: str | os.PathLike) -> dict[str, Any]:
             data = json.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder: pass the experiment's JSON file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not a text (JSON) file: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):

@@ -19,7 +19,10 @@ Semantics (equal to the single-process run on the same meta-batch, up to floatin
 - validation and test batches are not split: every rank evaluates the full batch (evaluation is a
   small share of the time, and it keeps the per-task logits of the test ensemble on every rank);
 - only rank 0 writes files (checkpoints, logs, config snapshot, test summary); the other ranks wait
-  at a barrier before reading checkpoints rank 0 wrote.
+  at a barrier before reading checkpoints rank 0 wrote;
+- the ranks share one lock of the experiment folder (mamlpp_fast.experiment): rank 0 takes it before
+  anything else and holds it for the run; when it cannot (another run holds it) or rank 0's set-up
+  fails, rank 0 broadcasts the error and every rank stops with it.
 
 The process group is initialised from the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR, ...):
 backend "nccl" on CUDA devices, "gloo" on the CPU. On CUDA each rank uses device LOCAL_RANK.
@@ -48,8 +51,17 @@ def is_distributed_env() -> bool:
 
 
 def init_from_env(device: Any = None) -> tuple[int, int]:
-    """Initialise the default process group from the environment if needed; returns (rank, world)."""
+    """Initialise the default process group from the environment if needed; returns (rank, world).
+
+    Outside torchrun (no RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT) it raises ConfigError."""
     if not dist.is_initialized():
+        missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+        if missing:
+            from .errors import ConfigError
+
+            raise ConfigError(f"--distributed needs the environment torchrun sets ({', '.join(missing)} not set): "
+                              "launch with `torchrun --nproc_per_node R -m mamlpp_fast train ...`, or drop "
+                              "--distributed to train in one process")
         dev = torch.device(device) if device is not None and str(device) != "auto" else None
         use_cuda = (dev is not None and dev.type == "cuda") or (dev is None and torch.cuda.is_available())
         backend = "nccl" if use_cuda else "gloo"
@@ -169,6 +181,13 @@ def _rank0_only_builder(builder_cls):
                 kw["log"] = lambda msg: None
             super().__init__(*a, **kw)
 
+        def _acquire_lock(self):
+            if self._rank == 0:
+                return super()._acquire_lock()
+            from .experiment import LockHandle
+
+            return LockHandle(None)  # rank 0 holds the lock for all ranks
+
         def _write_config_snapshot(self):
             if self._rank == 0:
                 super()._write_config_snapshot()
@@ -194,12 +213,32 @@ def _rank0_only_builder(builder_cls):
     return DistributedExperimentBuilder
 
 
+def _rank0_outcome(rank: int, fn):
+    """Run `fn` on rank 0 only and share whether it raised a MamlppError: every rank raises it (as an
+    ExperimentError on ranks other than 0) instead of waiting forever for rank 0. Returns fn()'s value."""
+    from .errors import ExperimentError, MamlppError
+
+    value, error = None, None
+    if rank == 0:
+        try:
+            value = fn()
+        except MamlppError as e:
+            error = e
+    box = [None if error is None else str(error)]
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[0] is not None:
+        raise ExperimentError(f"rank 0 stopped: {box[0]}")
+    return value
+
+
 def run_distributed_experiment(args: Any, *, config_path=None, overwrite: bool = False, progress: bool = True,
-                               log=None) -> dict:
+                               log=None, allow_config_change: bool = False) -> dict:
     """`run_experiment` for a torchrun launch: the distributed learner, rank 0 writing the files."""
     from .common import resolve_device
     from .data import MetaLearningSystemDataLoader
-    from .trainer import ExperimentBuilder
+    from .trainer import ExperimentBuilder, _early_lock
 
     rank, world = init_from_env(getattr(args, "device", "auto"))
     if int(args.batch_size) % world != 0:
@@ -207,18 +246,23 @@ def run_distributed_experiment(args: Any, *, config_path=None, overwrite: bool =
 
         raise ConfigError(f"config key 'batch_size' ({args.batch_size}) must be divisible by the world size "
                           f"({world}) for data-parallel meta-training")
-    dev = resolve_device(getattr(args, "device", "auto"))
-    if dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    model = DistributedMAMLFewShotClassifier(
-        im_shape=(2, args.image_channels, args.image_height, args.image_width), device=dev, args=args)
-    builder_cls = _rank0_only_builder(ExperimentBuilder)
-    if rank == 0:
-        builder = builder_cls(args, MetaLearningSystemDataLoader, model, dev, overwrite=overwrite,
-                              config_path=config_path, progress=progress, log=log)
-        dist.barrier()
-    else:
-        dist.barrier()  # rank 0 has decided between resume and fresh start (and deleted, with overwrite)
-        builder = builder_cls(args, MetaLearningSystemDataLoader, model, dev, overwrite=False,
-                              config_path=config_path, progress=False, log=None)
-    return builder.run_experiment()
+    lock = _rank0_outcome(rank, lambda: _early_lock(args, log, ranks=world))
+    try:
+        dev = resolve_device(getattr(args, "device", "auto"))
+        if dev.type == "cuda":
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        model = DistributedMAMLFewShotClassifier(
+            im_shape=(2, args.image_channels, args.image_height, args.image_width), device=dev, args=args)
+        builder_cls = _rank0_only_builder(ExperimentBuilder)
+        # Rank 0 decides between resume and fresh start (and deletes, with overwrite) before the others.
+        builder = _rank0_outcome(rank, lambda: builder_cls(
+            args, MetaLearningSystemDataLoader, model, dev, overwrite=overwrite, config_path=config_path,
+            progress=progress, log=log, allow_config_change=allow_config_change))
+        if rank != 0:
+            builder = builder_cls(args, MetaLearningSystemDataLoader, model, dev, overwrite=False,
+                                  config_path=config_path, progress=False, log=None,
+                                  allow_config_change=allow_config_change)
+        return builder.run_experiment()
+    finally:
+        if lock is not None:
+            lock.release()

@@ -148,14 +148,21 @@ def plot_experiment(root: str, out: str | None = None, epochs: Sequence[str] | N
     summary = read_summary(summary_path) if os.path.isfile(summary_path) else None
     config = _load_config(root)
     out = os.path.abspath(out or os.path.join(root, "plots"))
-    os.makedirs(out, exist_ok=True)
     written = []
 
-    # --- LSLR learning rates, one panel per epoch
+    # Everything a chart needs is checked before the output folder is created: a folder that is not
+    # an experiment gets nothing written into it.
     available = _checkpoints(saved_models)
     chosen = _select_epochs(available, epochs, summary, saved_models)
+    if summary is None:
+        raise PlotError(f"no per-epoch statistics: {summary_path} not found")
     steps = config.get("number_of_training_steps_per_iter")
     per_epoch = {e: load_lslr(available[e], steps) for e in chosen}
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise PlotError(f"output folder {out} is a file")
+    os.makedirs(out, exist_ok=True)
+
+    # --- LSLR learning rates, one panel per epoch
     names = list(per_epoch[chosen[0]])
     s = len(per_epoch[chosen[0]][names[0]])
     ncols = min(len(chosen), 3)
@@ -261,6 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = plot_experiment(opts.experiment, opts.out, opts.epoch)
     except (PlotError, CheckpointError) as e:
         print(f"mamlpp: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the output folder cannot be created or written (permission, space)
+        print(f"mamlpp: error: cannot write the plots to {e.filename or opts.out or opts.experiment}: "
+              f"{e.strerror or e}", file=sys.stderr)
         return 2
     for p in paths:
         print(p)

@@ -26,8 +26,11 @@ What we do differently, on purpose:
 - a checkpoint is written after the epoch's statistics are added to the state (the original saves
   first, so its checkpoint misses the last epoch's entry in per_epoch_statistics);
 - earlier outputs are never deleted or overwritten unless asked (`overwrite=True`, the CLI's
-  `--overwrite`): a new run in a folder with checkpoints resumes; starting from scratch there, or
-  resuming with a configuration that changes the model's shape, raises `ExperimentError`;
+  `--overwrite`, which deletes only the files this package wrote): a new run in a folder with
+  checkpoints resumes; starting from scratch there, or resuming with a configuration that changes the
+  network or the task distribution, raises `ExperimentError`, and so does resuming with other changed
+  training keys unless `allow_config_change` (then recorded in config_history.json); one process at a
+  time writes an experiment folder (a lock, `mamlpp_fast.experiment`);
 - a meta-update the learner skipped (`losses['skipped']`: non-finite loss or gradient, config key
   `nonfinite_policy`) is counted (state 'skipped_iterations', a warning line per epoch) and left out of
   the epoch's statistics, which therefore keep the original's columns;
@@ -55,6 +58,7 @@ from .common import CheckpointError, atomic_write, load_checkpoint
 from .common import atomic_write_text as _atomic_write_text
 from .common import fsync_dir as _fsync_dir
 from .errors import ExperimentError  # noqa: F401 (re-exported)
+from . import experiment as _xp
 
 __all__ = ["ExperimentBuilder", "ExperimentError", "CheckpointError", "SHAPE_KEYS", "run_experiment",
            "build_experiment_folder", "describe_learner"]
@@ -116,11 +120,15 @@ def _json_safe(value: Any) -> Any:
 
 def build_experiment_folder(experiment_dir: str | os.PathLike, experiment_name: str) -> tuple[str, str, str]:
     """Create <experiment_dir>/<experiment_name>/{saved_models,logs}; return (root, saved_models, logs)."""
-    root = os.path.abspath(os.path.join(os.fspath(experiment_dir), str(experiment_name)))
+    root = _xp.experiment_root(experiment_dir, experiment_name)
     saved_models = os.path.join(root, "saved_models")
     logs = os.path.join(root, "logs")
-    os.makedirs(saved_models, exist_ok=True)
-    os.makedirs(logs, exist_ok=True)
+    folders = ((root, "experiment folder"), (saved_models, "checkpoint folder"), (logs, "log folder"))
+    for path, what in folders:  # every obstacle first, so that a refused start creates nothing
+        if os.path.lexists(path) and not os.path.isdir(path):
+            raise ExperimentError(f"cannot use the {what} {path}: it exists but is a file, not a folder")
+    for path, what in folders:
+        _xp.ensure_folder(path, what)
     return root, saved_models, logs
 
 
@@ -168,8 +176,11 @@ class ExperimentBuilder:
             `(args=..., current_iter=...)`), as the original passes it.
         model: the learner (`MAMLFewShotClassifier`, fast or reference).
         device: the torch device the learner runs on (for the start-up line).
-        overwrite: start from scratch even where earlier outputs exist, deleting this experiment's
-            saved_models/ and logs/ first. Without it earlier outputs are never deleted.
+        overwrite: start from scratch even where earlier outputs exist, deleting the files this package
+            wrote there first (checkpoints, logs, plots, configuration records; anything else is kept
+            and listed). Without it earlier outputs are never deleted.
+        allow_config_change: on resume, accept training keys that differ from the experiment's recorded
+            configuration (the change is recorded in config_history.json); without it they are refused.
         config_path: the configuration file, for the start-up line and the log.
         progress: show tqdm progress bars (stderr).
         log: function printing one line (default: tqdm.write to stdout).
@@ -182,9 +193,10 @@ class ExperimentBuilder:
 
     def __init__(self, args: Any, data: Any, model: Any, device: Any = None, *, overwrite: bool = False,
                  config_path: str | os.PathLike | None = None, progress: bool = True,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, allow_config_change: bool = False):
         self.args, self.model, self.device = args, model, device
         self.overwrite = bool(overwrite)
+        self.allow_config_change = bool(allow_config_change)
         self.config_path = None if config_path is None else os.fspath(config_path)
         self.progress = progress
         self._log_fn = log
@@ -205,13 +217,21 @@ class ExperimentBuilder:
                               "batch_size batches")
         self.augment_flag = "omniglot" in str(args.dataset_name).lower()
         self.experiment_dir = getattr(args, "experiment_dir", None) or "Experiments"
-        self.root = os.path.abspath(os.path.join(os.fspath(self.experiment_dir), str(args.experiment_name)))
+        self.root = _xp.experiment_root(self.experiment_dir, args.experiment_name)
 
         self.state: dict[str, Any] = {"best_val_acc": 0.0, "best_val_iter": 0, "current_iter": 0}
         self.summary_header: list[str] | None = None
         self.summary_rows: list[list[Any]] = []
         self.resumed_from: str | None = None
-        self._prepare_folder()
+        self._config_change: list | None = None
+        self._config_record_missing = False
+        self._lock = self._acquire_lock()
+        try:
+            with _xp.os_errors_as_experiment_errors(self.root):
+                self._prepare_folder()
+        except BaseException:
+            self._lock.release()
+            raise
 
         # The data loader starts where the checkpoint left off (tasks are drawn per iteration index).
         current_iter = int(self.state["current_iter"])
@@ -275,12 +295,18 @@ class ExperimentBuilder:
         return sorted(out)
 
     def _existing_outputs(self) -> list[str]:
-        found = []
-        for sub in ("saved_models", "logs"):
-            folder = os.path.join(self.root, sub)
-            if os.path.isdir(folder):
-                found += [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if not n.startswith(".tmp_")]
-        return found
+        """The checkpoints and logs an earlier run of this package left (not the user's own files)."""
+        ours, _ = _xp.tool_outputs(self.root)
+        return [os.path.join(self.root, rel) for rel in ours
+                if rel.split(os.sep)[0] in ("saved_models", "logs") and not os.path.basename(rel).startswith(".tmp_")]
+
+    def _acquire_lock(self) -> "_xp.LockHandle":
+        """This process's share of the experiment folder's lock (see mamlpp_fast.experiment). `test` on a
+        folder that does not exist takes none (there is nothing to protect, and it creates nothing)."""
+        evaluate_only = bool(getattr(self.args, "evaluate_on_test_set_only", False))
+        if evaluate_only and not os.path.isdir(self.root):
+            return _xp.LockHandle(None)
+        return _xp.acquire_lock(self.root, "test" if evaluate_only else "train", log=self.log)
 
     def _continue_mode(self) -> Any:
         """continue_from_epoch -> "latest" ('latest', -2), "scratch" ('from_scratch', -1) or an epoch number."""
@@ -328,11 +354,8 @@ class ExperimentBuilder:
             self._load(mode, load_checkpoint(self.checkpoint_path(mode)))  # CheckpointError names the file
         else:
             if self.overwrite:
-                if existing:
-                    self.log(f"mamlpp: --overwrite: deleting the earlier outputs in {self.root}")
-                    for sub in ("saved_models", "logs"):
-                        shutil.rmtree(os.path.join(self.root, sub), ignore_errors=True)
-                    existing = []
+                self._remove_earlier_outputs()
+                existing = []
                 mode = "scratch"
             has_checkpoint = bool(self._numbered_checkpoints()) or os.path.exists(self.checkpoint_path("latest"))
             if existing and (mode == "scratch" or not has_checkpoint):
@@ -346,9 +369,72 @@ class ExperimentBuilder:
             if mode == "latest" and has_checkpoint:
                 self._resume_latest()
 
+        if evaluate_only:  # `test` writes nothing but its own outputs (logs/test_summary.csv)
+            self._load_summary_rows(keep_aside=False)
+            return
         build_experiment_folder(self.experiment_dir, self.args.experiment_name)
         self._load_summary_rows()
-        self._write_config_snapshot()
+        if self.resumed_from is None or self._config_change or self._config_record_missing:
+            self._write_config_snapshot()
+
+    def _remove_earlier_outputs(self) -> None:
+        """--overwrite: delete exactly the files this package wrote; list what is kept."""
+        removed, kept = _xp.remove_tool_outputs(self.root)
+        if removed:
+            self.log(f"mamlpp: --overwrite: deleted {len(removed)} files this tool wrote in {self.root} "
+                     "(checkpoints, logs, plots, configuration)")
+        if kept:
+            shown = ", ".join(kept[:10]) + (f", ... ({len(kept)} files)" if len(kept) > 10 else "")
+            self.log(f"mamlpp: --overwrite: kept files this tool did not write: {shown}")
+
+    def _recorded_config(self) -> dict | None:
+        path = os.path.join(self.root, CONFIG_SNAPSHOT)
+        if not os.path.exists(path):
+            return None
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ExperimentError(f"cannot read the experiment's recorded configuration {path}: {e}; restore it, "
+                                  "or pass --overwrite to start from scratch") from None
+        if not isinstance(saved, dict):
+            raise ExperimentError(f"the experiment's recorded configuration {path} is not a JSON object")
+        return saved
+
+    def _check_config_against_record(self, ckpt_path: str, iteration: Any = "?") -> list:
+        """Compare the whole configuration with the recorded one (config.json): network/task keys
+        refused, training keys refused unless allow_config_change (then recorded), free keys named.
+        Returns the network/task differences (refused by the caller, with the tensor check)."""
+        saved = self._recorded_config()
+        if saved is None:
+            self._config_record_missing = True
+            return []
+        current = {k: _json_safe(v) for k, v in vars(self.args).items()}
+        diffs = _xp.compare_configs(saved, current)
+        if diffs["refused"]:
+            return diffs["refused"]
+        evaluate_only = bool(getattr(self.args, "evaluate_on_test_set_only", False))
+        if diffs["training"]:
+            listed = _xp.format_diffs(diffs["training"])
+            if evaluate_only:
+                self.log(f"mamlpp: training keys differ from the experiment's recorded configuration (no effect "
+                         f"on testing): {listed}")
+            elif not self.allow_config_change:
+                raise ExperimentError(
+                    f"resuming {self.root} (checkpoint {ckpt_path}) with training keys that differ from the "
+                    f"configuration its earlier epochs were trained with ({os.path.join(self.root, CONFIG_SNAPSHOT)}): "
+                    f"{listed}. Use the recorded values, pass --allow-config-change to continue with the new ones "
+                    "(the change is recorded in config_history.json), or --overwrite to start from scratch")
+            else:
+                self._config_change = diffs["training"]
+                self.log(f"mamlpp: configuration change allowed (--allow-config-change) at iteration "
+                         f"{iteration}: {listed}; recorded in "
+                         f"{os.path.join(self.root, _xp.CONFIG_HISTORY)}")
+        if diffs["free"]:
+            self.log("mamlpp: keys that only affect evaluation, reporting, paths or the implementation differ from "
+                     "the experiment's recorded configuration (used as given, not recorded): "
+                     + _xp.format_diffs(diffs["free"]))
+        return diffs["refused"]
 
     def _peek(self, idx: Any) -> dict | None:
         path = self.checkpoint_path(idx)
@@ -381,17 +467,8 @@ class ExperimentBuilder:
 
     def _check_compatible(self, idx: Any, ckpt: dict) -> None:
         path = self.checkpoint_path(idx)
-        diffs = []
-        snap = os.path.join(self.root, CONFIG_SNAPSHOT)
-        if os.path.exists(snap):
-            try:
-                with open(snap) as f:
-                    saved = json.load(f)
-            except (OSError, json.JSONDecodeError):
-                saved = {}
-            for key in SHAPE_KEYS:
-                if key in saved and _json_safe(getattr(self.args, key, None)) != saved[key]:
-                    diffs.append(f"{key}: {saved[key]!r} in the experiment, {getattr(self.args, key, None)!r} now")
+        refused = self._check_config_against_record(path, ckpt.get("current_iter", "?"))
+        diffs = [_xp.format_diffs(refused)] if refused else []
         network = ckpt.get("network", {})
         current = self.model.state_dict()
         tensor_diffs = []
@@ -408,9 +485,11 @@ class ExperimentBuilder:
                 f"the configuration does not match the experiment in {self.root} (checkpoint {path}): {detail}. "
                 f"Tensors: {shown}. Use another experiment_name/--experiment-dir, the experiment's own config, "
                 "or --overwrite to start from scratch")
-        if diffs:
-            warnings.warn("configuration differs from the experiment's: " + "; ".join(diffs), RuntimeWarning,
-                          stacklevel=3)
+        if refused:
+            raise ExperimentError(
+                f"the configuration does not match the experiment in {self.root} (checkpoint {path}): keys that "
+                f"change the network or the task distribution differ: {diffs[0]}. Use the experiment's own "
+                "config, another experiment_name/--experiment-dir, or --overwrite to start from scratch")
 
     def _load(self, idx: Any, ckpt: dict) -> None:
         self._check_compatible(idx, ckpt)
@@ -432,7 +511,36 @@ class ExperimentBuilder:
         self.resumed_from = path
 
     def _write_config_snapshot(self) -> None:
+        """config.json = the configuration in force; config_history.json = every one the experiment had.
+
+        Written at a fresh start, on resume when the record is missing, and when a change is allowed
+        (--allow-config-change); an unchanged resume and `test` write neither."""
         snap = {k: _json_safe(v) for k, v in sorted(vars(self.args).items())}
+        hist_path = os.path.join(self.root, _xp.CONFIG_HISTORY)
+        history: list = []
+        fresh = self.resumed_from is None
+        if not fresh and os.path.exists(hist_path):
+            try:
+                with open(hist_path) as f:
+                    history = json.load(f)
+            except (OSError, ValueError):
+                history = []
+            if not isinstance(history, list):
+                history = []
+        if fresh:
+            event = "start"
+        elif self._config_change:
+            event = "change"
+        else:
+            event = "recorded on resume (no earlier record)"
+        entry: dict[str, Any] = {"event": event, "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                                 "iteration": int(self.state.get("current_iter", 0)),
+                                 "epoch": int(self.state.get("current_iter", 0)) // self.iters_per_epoch}
+        if self._config_change:
+            entry["changed"] = {k: {"from": a, "to": b} for k, a, b in self._config_change}
+        entry["config"] = snap
+        history.append(entry)
+        _atomic_write_text(hist_path, json.dumps(history, indent=1) + "\n")
         _atomic_write_text(os.path.join(self.root, CONFIG_SNAPSHOT), json.dumps(snap, indent=2) + "\n")
 
     # -- statistics files ---------------------------------------------------------------------------
@@ -440,8 +548,9 @@ class ExperimentBuilder:
     def summary_csv_path(self) -> str:
         return os.path.join(self.logs_filepath, "summary_statistics.csv")
 
-    def _load_summary_rows(self) -> None:
-        """Keep the CSV rows of the epochs the loaded state has done; save any later rows aside."""
+    def _load_summary_rows(self, keep_aside: bool = True) -> None:
+        """Keep the CSV rows of the epochs the loaded state has done; save any later rows aside (unless
+        `keep_aside` is false: `test` writes nothing there)."""
         path = self.summary_csv_path
         epochs_done = int(self.state["current_iter"]) // self.iters_per_epoch
         if not os.path.exists(path):
@@ -461,7 +570,7 @@ class ExperimentBuilder:
                         keep.append(r)
                 except (ValueError, IndexError):
                     pass
-        if len(keep) != len(body):
+        if len(keep) != len(body) and keep_aside:
             aside = path + f".before_resume_{time.strftime('%Y%m%d-%H%M%S')}"
             shutil.copyfile(path, aside)
             self.log(f"mamlpp: {path} had {len(body) - len(keep)} rows past the resumed epoch {epochs_done}; "
@@ -721,6 +830,17 @@ class ExperimentBuilder:
 
         Returns {"status": "done"|"paused"|"tested", "current_iter", "best_val_acc", "best_epoch",
         "test_accuracy_mean", "test_accuracy_std" (when tested), "experiment_folder"}."""
+        try:
+            with _xp.os_errors_as_experiment_errors(self.root):
+                return self._run_experiment()
+        finally:
+            self._lock.release()
+
+    def close(self) -> None:
+        """Give back this builder's share of the experiment folder's lock (run_experiment does it too)."""
+        self._lock.release()
+
+    def _run_experiment(self) -> dict[str, Any]:
         result: dict[str, Any] = {"experiment_folder": self.root}
         evaluate_only = bool(getattr(self.args, "evaluate_on_test_set_only", False))
         start_iter = int(self.state["current_iter"])
@@ -742,11 +862,13 @@ class ExperimentBuilder:
 
 def run_experiment(args: Any, *, config_path: str | os.PathLike | None = None, overwrite: bool = False,
                    progress: bool = True, model: Any = None, data: Any = None, device: Any = None,
-                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   log: Callable[[str], None] | None = None, allow_config_change: bool = False) -> dict[str, Any]:
     """Build the data loader, the learner and the experiment from `args`, and run it.
 
     `args.learner` picks the learner ("fast" falls back to "reference", with a warning, when the fast
     learner is not available); `args.device` the device. `model`/`data` may be given to reuse instances.
+    The experiment folder's lock is taken before the dataset is loaded, so a second run on a busy
+    folder stops at once.
     """
     from .common import resolve_device
 
@@ -759,6 +881,31 @@ def run_experiment(args: Any, *, config_path: str | os.PathLike | None = None, o
 
             raise ConfigError(f"config key 'device' asks for {getattr(args, 'device', dev)!r} but torch sees no CUDA "
                               "device (use --device cpu or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            from .config import ConfigError
+
+            raise ConfigError(f"config key 'device' asks for {str(dev)!r} but torch sees {torch.cuda.device_count()} "
+                              "CUDA device(s)")
+    lock = _early_lock(args, log)
+    try:
+        return _build_and_run(args, dev, data, model, config_path=config_path, overwrite=overwrite, progress=progress,
+                              log=log, allow_config_change=allow_config_change)
+    finally:
+        lock.release()
+
+
+def _early_lock(args: Any, log: Callable[[str], None] | None, ranks: int = 1) -> "_xp.LockHandle":
+    """The experiment folder's lock, taken before anything slow (a `test` of a missing folder takes none)."""
+    if getattr(args, "experiment_name", None) in (None, "", "None"):
+        return _xp.LockHandle(None)  # ExperimentBuilder reports the missing name
+    root = _xp.experiment_root(getattr(args, "experiment_dir", None) or "Experiments", args.experiment_name)
+    evaluate_only = bool(getattr(args, "evaluate_on_test_set_only", False))
+    if evaluate_only and not os.path.isdir(root):
+        return _xp.LockHandle(None)
+    return _xp.acquire_lock(root, "test" if evaluate_only else "train", log=log, ranks=ranks)
+
+
+def _build_and_run(args: Any, dev: Any, data: Any, model: Any, **kw: Any) -> dict[str, Any]:
     if data is None:
         from .data import MetaLearningSystemDataLoader
 
@@ -766,8 +913,7 @@ def run_experiment(args: Any, *, config_path: str | os.PathLike | None = None, o
     if model is None:
         cls = learner_class(getattr(args, "learner", "fast"))
         model = cls(im_shape=(2, args.image_channels, args.image_height, args.image_width), device=dev, args=args)
-    builder = ExperimentBuilder(args, data, model, dev, overwrite=overwrite, config_path=config_path,
-                                progress=progress, log=log)
+    builder = ExperimentBuilder(args, data, model, dev, **kw)
     return builder.run_experiment()
 
 

@@ -26,6 +26,7 @@ import io
 import os
 import threading
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,10 +235,18 @@ class ImageDecoder:
         return zf
 
     def _open(self, ref: ImageRef) -> Image.Image:
+        if ref.zip_path is not None:
+            try:
+                data = self._zip(ref.zip_path).read(ref.member)
+            except (OSError, ValueError, zipfile.BadZipFile, KeyError, zlib.error, EOFError, RuntimeError,
+                    NotImplementedError) as exc:
+                # The archive's index is intact but this member's data is not (bad CRC, truncated or
+                # corrupt compressed stream, unsupported compression or encryption).
+                raise DatasetError(f"cannot read member {ref.member} of zip file {ref.zip_path}: "
+                                   f"{type(exc).__name__}: {exc}") from exc
         try:
             if ref.zip_path is None:
                 return Image.open(ref.path)
-            data = self._zip(ref.zip_path).read(ref.member)
             return Image.open(io.BytesIO(data))
         except (UnidentifiedImageError, OSError, ValueError, zipfile.BadZipFile, KeyError,
                 Image.DecompressionBombError, SyntaxError) as exc:
