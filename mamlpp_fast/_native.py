@@ -23,6 +23,7 @@ the device of their inputs and raise (RuntimeError naming the argument) on anyth
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import List, Optional
 
 _C = None
@@ -32,6 +33,13 @@ try:  # never let a missing or broken build break `import mamlpp_fast`
 except Exception as exc:  # ImportError, or OSError from a library that does not load
     _C = None
     _error = f"{type(exc).__name__}: {exc}"
+    # setup.py records here why it did not build _C (a failed build, or MAMLPP_NO_NATIVE)
+    try:
+        _note = Path(__file__).with_name("_native_build.txt").read_text().strip()
+    except OSError:
+        _note = ""
+    if _note:
+        _error += f"; {_note}"
 
 _FUNCTIONS = ("bn_forward", "bn_backward", "bn_double_backward", "lslr_forward", "lslr_backward")
 
@@ -42,7 +50,8 @@ def is_loaded() -> bool:
 
 
 def load_error() -> Optional[str]:
-    """Why ``mamlpp_fast._C`` did not import (None when it did)."""
+    """Why ``mamlpp_fast._C`` did not import (None when it did), with the install's own record of why
+    it was not built when there is one."""
     return _error
 
 
@@ -94,7 +103,7 @@ def get(name: str) -> NativeBackend:
         raise ValueError(f"unknown native backend {name!r} (expected 'cpp' or 'cuda')")
     if _C is None:
         raise RuntimeError(f"mamlpp_fast._C is not available ({_error}); build it with "
-                           f"`pip install -e . --no-build-isolation`")
+                           f"`pip install --no-build-isolation .` (README.md, section Installing)")
     if name not in available_backends():
         why = ("_C was built without CUDA" if not _C.cuda_built() else "no CUDA device is visible")
         raise RuntimeError(f"native backend 'cuda' is not available: {why}")

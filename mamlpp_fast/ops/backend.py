@@ -33,6 +33,9 @@ Which backend runs (`get_backend`):
    never handed CPU tensors), falls back to the ``auto`` choice with exactly one warning
    (`BackendFallbackWarning`) naming the requested backend, the reason and the backend used. The choice
    is logged once (logger ``"mamlpp_fast"``, level INFO) and cached per (requested name, device type).
+4. When ``auto`` would have used the compiled extension but it did not load (the native build failed
+   or was skipped at install), one warning per process (`BackendFallbackWarning`) names the cause and
+   the backend used instead, so that a missing ``_C`` is never silent.
 """
 from __future__ import annotations
 
@@ -99,6 +102,8 @@ _lock = threading.Lock()
 _configured: str | None = None              # set_backend
 _loaded: dict = {}                          # name -> (Backend | None, reason | None)
 _resolved: dict = {}                        # (requested, device_type) -> Backend
+_native_missing: str | None = None          # why the compiled extension did not load, once known
+_native_warned = False                      # the one "no compiled extension" warning was given
 
 
 def _normalize(name) -> str:
@@ -119,13 +124,19 @@ def _load_torch():
 
 
 def _load_native(name):
-    native = importlib.import_module(f"{_PKG}._native")
+    global _native_missing
+    try:
+        native = importlib.import_module(f"{_PKG}._native")
+    except Exception as exc:  # ImportError, or a broken install
+        _native_missing = f"{_PKG}._native cannot be imported: {type(exc).__name__}: {exc}"
+        raise
     if name == "cuda" and not torch.cuda.is_available():
         return None, "torch sees no CUDA device"
     built = list(native.available_backends())
     if name not in built:
         error = getattr(native, "load_error", lambda: None)()
         if error:
+            _native_missing = error
             return None, f"the compiled extension {_PKG}._C did not load: {error}"
         return None, f"the compiled extension {_PKG}._C has no {name!r} backend (available: {built})"
     impl = native.get(name)
@@ -245,10 +256,29 @@ def get_backend(name=None, device=None) -> Backend:
                     BackendFallbackWarning,
                     stacklevel=3,
                 )
+            elif requested == "auto":
+                _warn_native_missing(backend, device_type)
             logger.info("mamlpp_fast ops: backend %r runs %s tensors (requested %r)",
                         backend.name, device_type, requested)
             _resolved[key] = backend
     return backend
+
+
+def _warn_native_missing(backend, device_type):
+    """One warning per process when auto would have used the compiled extension for these tensors but
+    it did not load (a failed or skipped native build): it names the cause and the backend used."""
+    global _native_warned
+    native_first = _AUTO_ORDER.get(device_type, ("torch",))[0] in ("cpp", "cuda")
+    if _native_warned or _native_missing is None or not native_first or backend.name in ("cpp", "cuda"):
+        return
+    _native_warned = True
+    warnings.warn(
+        f"mamlpp_fast: the compiled extension {_PKG}._C is not available ({_native_missing}); the ops "
+        f"run on backend {backend.name!r} for {device_type} tensors. Build it with "
+        f"`pip install --no-build-isolation .` (README.md, \"Installing\")",
+        BackendFallbackWarning,
+        stacklevel=4,
+    )
 
 
 def set_backend(name):
@@ -285,6 +315,8 @@ def available_backends(device=None) -> list:
 def clear_cache():
     """Forget loaded and chosen backends (e.g. after building the extension); the next call reloads,
     and warns and logs again."""
+    global _native_missing, _native_warned
     with _lock:
         _loaded.clear()
         _resolved.clear()
+        _native_missing, _native_warned = None, False
