@@ -43,7 +43,6 @@ import importlib
 import logging
 import os
 import threading
-import types
 import warnings
 
 import torch
@@ -111,16 +110,9 @@ def _normalize(name) -> str:
 
 
 def _load_torch():
-    from . import lslr, per_step_bn
+    from . import torch_backend
 
-    impl = types.SimpleNamespace(
-        bn_forward=per_step_bn.bn_forward,
-        bn_backward=per_step_bn.bn_backward,
-        bn_double_backward=per_step_bn.bn_double_backward,
-        lslr_forward=lslr.lslr_forward,
-        lslr_backward=lslr.lslr_backward,
-    )
-    return Backend("torch", impl, None, accepts_needs=True)
+    return Backend("torch", torch_backend, None, accepts_needs=True)
 
 
 def _load_native(name):

@@ -21,17 +21,12 @@ device is present, or TRITON_INTERPRET=1 (then the kernels run on CPU tensors, s
 """
 from __future__ import annotations
 
-import functools
-import os
+from ._device import _interpret, num_sms  # noqa: F401 (re-exported; the kernel modules import _device)
 
 __all__ = ["is_available", "unavailable_reason", "num_sms", "bn_forward", "bn_backward", "bn_double_backward",
            "lslr_forward", "lslr_backward"]
 
 _reason = None
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def is_available() -> bool:
@@ -50,18 +45,6 @@ def is_available() -> bool:
         return True
     _reason = "no CUDA device (and TRITON_INTERPRET is not set)"
     return False
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    import torch
-
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def num_sms(device) -> int:
-    """Multiprocessors of a CUDA device (cached; used by the kernels' launch heuristics)."""
-    return _sm_count(device.index if device.index is not None else 0)
 
 
 def unavailable_reason():
