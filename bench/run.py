@@ -50,7 +50,7 @@ from .flops import flops_from_args
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "bench", "results")
 LEARNERS = ("fast", "torchfunc", "reference", "jax")
-BACKENDS = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
+BACKENDS = {"cpu": ("native", "torch"), "cuda": ("native", "triton", "torch")}
 VARIANTS = ("eager", "cuda_graph")
 DEFAULT_BUDGET_S = 450.0  # full runs: the GPU run must end within ~8 minutes
 

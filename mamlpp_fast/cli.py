@@ -1,7 +1,7 @@
 """`mamlpp`: train, test and benchmark MAML++ from the original's experiment JSON files.
 
     mamlpp train --config configs/omniglot_maml++_5_way_1_shot.json [--dataset-dir D] [--experiment-dir E]
-                 [--learner fast|reference] [--backend auto|cuda|triton|cpp|torch] [--device auto|cpu|cuda]
+                 [--learner fast|reference] [--backend auto|native|triton|torch] [--device auto|cpu|cuda]
                  [--total-epochs N] [--total-iter-per-epoch N] [--num-evaluation-tasks N] [--overwrite]
     mamlpp test  --config X.json [same options]       # the test protocol only, from saved checkpoints
     mamlpp plot-lrs <experiment folder> [--epoch N|best] [--out DIR]   # learned LSLR rates, MSL, curves
@@ -60,8 +60,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="override experiment_name (the output subfolder)")
     p.add_argument("--learner", choices=("fast", "reference"),
                    help="fast: all tasks at once (default); reference: one task at a time, like the original")
-    p.add_argument("--backend", choices=("auto", "cuda", "triton", "cpp", "torch"),
-                   help="op backend of the fast learner (default auto)")
+    p.add_argument("--backend", choices=("auto", "native", "triton", "torch", "cpp", "cuda"),
+                   help="op backend of the fast learner (default auto; cpp and cuda: native on that device only)")
     p.add_argument("--device", metavar="auto|cpu|cuda", help="device (default auto: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "float64"), help="parameter/compute dtype (default float32)")
     p.add_argument("--total-epochs", "--total_epochs", dest="total_epochs", type=int, metavar="N")

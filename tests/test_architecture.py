@@ -238,3 +238,58 @@ def test_checker_finds_a_deferred_cycle_and_names_it(tmp_path):
 @pytest.mark.parametrize("module", sorted(GRAPH))
 def test_every_module_has_a_layer(module):
     assert layer_of(module) in MAY_IMPORT
+
+
+# ----------------------------------------------------------------------------------------------------
+# The backend contract, written once (mamlpp_fast.ops.backend.BackendFunctions)
+# ----------------------------------------------------------------------------------------------------
+def _protocol_params():
+    import inspect
+
+    from mamlpp_fast.ops.backend import FUNCTIONS, BackendFunctions
+    return {f: list(inspect.signature(getattr(BackendFunctions, f)).parameters)[1:] for f in FUNCTIONS}
+
+
+def test_protocol_lists_the_five_functions():
+    assert list(_protocol_params()) == ["bn_forward", "bn_backward", "bn_double_backward", "lslr_forward",
+                                        "lslr_backward"]
+
+
+@pytest.mark.parametrize("module", ["mamlpp_fast.ops.torch_backend", "mamlpp_fast.triton"])
+def test_python_backends_implement_the_protocol(module):
+    import importlib
+    import inspect
+
+    from mamlpp_fast.ops.backend import BackendFunctions
+    mod = importlib.import_module(module)
+    assert isinstance(mod, BackendFunctions)
+    for name, params in _protocol_params().items():
+        got = [p.name for p in inspect.signature(getattr(mod, name)).parameters.values()
+               if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+        assert got == params, f"{module}.{name}{tuple(got)} differs from BackendFunctions.{name}{tuple(params)}"
+
+
+def test_extension_stub_matches_the_protocol():
+    """_C.pyi (the extension's Python signatures) names the protocol's parameters, in order; the built
+    extension (when it loads) has every function of the stub."""
+    tree = ast.parse((ROOT / PKG / "_C.pyi").read_text())
+    stub = {n.name: [a.arg for a in n.args.args] for n in tree.body if isinstance(n, ast.FunctionDef)}
+    for name, params in _protocol_params().items():
+        assert stub.get(name) == params, f"_C.pyi {name}{stub.get(name)} vs BackendFunctions {params}"
+    from mamlpp_fast import _native
+    if _native.is_loaded():
+        from mamlpp_fast.ops.backend import BackendFunctions
+        assert isinstance(_native.get(), BackendFunctions)
+        assert all(callable(getattr(_native.get(), n)) for n in stub)
+
+
+def test_backend_names_agree_across_layers():
+    """The config key and the CLI (lower/upper layers that may not import the registry at load time)
+    accept exactly the registry's names."""
+    from mamlpp_fast import config
+    from mamlpp_fast.cli import build_parser
+    from mamlpp_fast.ops.backend import BACKEND_NAMES
+    assert set(config._CHOICES["backend"]) == set(BACKEND_NAMES)
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    (flag,) = [a for a in train._actions if "--backend" in a.option_strings]
+    assert set(flag.choices) == set(BACKEND_NAMES)

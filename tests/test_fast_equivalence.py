@@ -51,7 +51,7 @@ FP32_GRAD_MAX_RTOL = 0.5
 FP32_OUT_RTOL = 2e-2
 FP32_LOSS_RTOL = 2e-4
 
-CPU_BACKENDS = [b for b in available_backends() if b in ("torch", "cpp", "triton")]
+CPU_BACKENDS = [b for b in available_backends() if b in ("torch", "native", "triton")]
 
 
 def rel(a, b, floor=0.0):
@@ -329,5 +329,5 @@ def test_conv_impls_match_reference_float32(conv_impl):
     derived above for the whole learner hold for them too."""
     seed = fresh_seed()
     cfg = dict(cnn_num_filters=32, num_classes_per_set=5, number_of_training_steps_per_iter=5)
-    ref, fast, args = make_pair("float32", "cpp" if "cpp" in CPU_BACKENDS else "torch", conv_impl=conv_impl, **cfg)
+    ref, fast, args = make_pair("float32", "native" if "native" in CPU_BACKENDS else "torch", conv_impl=conv_impl, **cfg)
     compare(ref, fast, batch_for(args, 2, seed), 0, "float32", seed)

@@ -51,7 +51,7 @@ def fresh_registry(monkeypatch):
 def _unbuilt_native(error):
     """A stand-in for mamlpp_fast._native when _C did not load."""
     mod = types.ModuleType("mamlpp_fast._native")
-    mod.available_backends = lambda: []
+    mod.device_types = lambda: ()
     mod.load_error = lambda: error
     return mod
 

@@ -196,7 +196,7 @@ def per_step_batch_norm(x, gamma, beta, num_tasks, eps=1e-5, slope=0.01, backend
             the dtype of x, or float32 when x is float16/bfloat16.
         num_tasks: T.
         eps: added to the variance. slope: negative slope of the leaky ReLU.
-        backend: None, "auto", "cuda", "triton", "cpp", "torch" or a `Backend` (see
+        backend: None, "auto", "native", "triton", "torch" (or "cpp", "cuda") or a `Backend` (see
             ``mamlpp_fast.ops.backend``); the choice also follows the device of x.
 
     Returns:

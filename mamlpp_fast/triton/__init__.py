@@ -1,19 +1,13 @@
-"""Triton backend of the per-step batch norm and LSLR ops (docs/DESIGN.md, "Backend functions").
+"""Triton backend of the per-step batch norm and LSLR ops: the five functions of
+`mamlpp_fast.ops.backend.BackendFunctions` (the contract) at module level.
 
     from mamlpp_fast import triton as tb
     if tb.is_available():
         y, mean, invstd = tb.bn_forward(x, gamma, beta, num_tasks, eps, slope)
 
-The 5 functions, plain tensors in and out (no autograd):
-    bn_forward(x, gamma, beta, num_tasks, eps, slope) -> (y, mean, invstd)
-    bn_backward(dy, x, gamma, beta, mean, invstd, num_tasks, slope) -> (dx, dgamma, dbeta)
-    bn_double_backward(ggx, gggamma, ggbeta, dy, x, gamma, beta, mean, invstd, num_tasks, slope)
-        -> (gx, ggamma, gdy)                       # ggx / gggamma / ggbeta may be None (= zeros)
-    lslr_forward(thetas, grads, alphas, step) -> list
-    lslr_backward(douts, grads, alphas, step, shared) -> (dthetas, dgrads, dalphas)
-        # all three lists always returned; douts[l] may be None (= zeros); a per-task dthetas[l] IS
-        # douts[l]; dalphas[l] are row views of one (L, S+1) tensor
-Formulas and kernel layout: per_step_bn.py, lslr.py (same symbols as kernels/bn_math.h).
+Particular to this backend: ``lslr_backward`` also accepts None in douts (= zeros), and its dalphas[l]
+are row views of one (L, S+1) tensor. Kernel layout: per_step_bn.py, lslr.py (same symbols as
+kernels/bn_math.h).
 
 The kernel modules (and triton) are imported on first use, so that TRITON_INTERPRET=1 takes effect
 whenever it is set before that first call. is_available() is True only when triton imports and a CUDA
