@@ -8,6 +8,8 @@
   its own weights, by one of several implementations (`mamlpp_fast.ops.conv`).
 - `BackendFunctions` (the backend contract), `get_backend`, `set_backend`, `available_backends`,
   `clear_cache`: see `mamlpp_fast.ops.backend`.
+- ``import mamlpp_fast.ops.library`` (opt-in) registers the backend functions with PyTorch's
+  dispatcher as ``torch.ops.mamlpp.*`` (`mamlpp_fast.ops.library`).
 """
 from .backend import (BACKEND_NAMES, Backend, BackendFallbackWarning, BackendFunctions, available_backends,
                       clear_cache, get_backend, set_backend)
