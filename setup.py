@@ -1,19 +1,32 @@
-"""Build script of mamlpp-fast.
+"""Build script of mamlpp-fast: the native extension only.
 
-The pure-Python package always installs. The native extension `mamlpp_fast._C` is built by CMake
-(CMakeLists.txt, the one build description) from a build_ext subclass:
+The package's metadata (name, version, dependencies, the `mamlpp` console script) is in
+pyproject.toml; the version is written once, in mamlpp_fast/__init__.py. This file adds the native
+extension `mamlpp_fast._C`, built by CMake (CMakeLists.txt, the one build description) from a
+build_ext subclass:
 - CMAKE_PREFIX_PATH from torch.utils.cmake_prefix_path and pybind11.get_cmake_dir(); this Python;
   build type Release; Ninja when available; the library lands in the package dir (editable and normal
-  installs alike). No build isolation is assumed (torch is taken from the environment, never fetched).
+  installs alike). torch is taken from the environment, never fetched: install with
+  `pip install --no-build-isolation .` (pip's default build isolation hides the installed torch).
 - CUDA sources are compiled only when a CUDA toolkit (nvcc) is found AND torch is a CUDA build
   (torch.version.cuda is not None); whether a GPU is visible does not matter. Architectures: env
   MAMLPP_CUDA_ARCH (CMake list, default "90", e.g. "80;90").
 - Output of cmake/ninja goes to <build dir>/native_build.log; on success one line says what was built.
-  If the native build fails, ONE warning names the log and the install continues without `_C`.
-Environment: MAMLPP_NO_NATIVE=1 skips the native build; MAMLPP_NO_CUDA=1 builds the CPU part only;
-MAMLPP_BUILD_DIR overrides the CMake build dir (default build/native); CMAKE_BUILD_PARALLEL_LEVEL;
-MAMLPP_CMAKE_ARGS: extra CMake arguments (shell words), e.g. -DCUDA_nvrtc_LIBRARY=... where a minimal
-CUDA toolkit lacks a library that torch's CMake config asks for.
+
+A failed native build is never silent:
+- torch cannot be imported at build time (pip's build isolation, or no torch installed): the install
+  STOPS with a message that says to install torch and use --no-build-isolation (or MAMLPP_NO_NATIVE=1
+  for the pure-Python package);
+- any other failure (compiler, CMake, missing pybind11/cmake): with MAMLPP_REQUIRE_NATIVE=1 the
+  install fails; otherwise a boxed message on stderr (pip shows it with -v) names the cause and the
+  log, the pure-Python package is installed, and the cause is recorded in mamlpp_fast/_native_build.txt
+  so that the first use of the ops warns once, naming it and the backend used instead
+  (mamlpp_fast._native, mamlpp_fast.ops.backend).
+Environment: MAMLPP_NO_NATIVE=1 skips the native build; MAMLPP_REQUIRE_NATIVE=1 makes any native build
+failure fail the install; MAMLPP_NO_CUDA=1 builds the CPU part only; MAMLPP_BUILD_DIR overrides the
+CMake build dir (default build/native); CMAKE_BUILD_PARALLEL_LEVEL; MAMLPP_CMAKE_ARGS: extra CMake
+arguments (shell words), e.g. -DCUDA_nvrtc_LIBRARY=... where a minimal CUDA toolkit lacks a library
+that torch's CMake config asks for.
 """
 import os
 import shlex
@@ -23,7 +36,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from setuptools import Extension, find_packages, setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -75,21 +88,63 @@ def _find_nvcc():
     return None, None
 
 
+STATUS_FILE = "_native_build.txt"  # in the package dir: why _C was not built (read by mamlpp_fast._native)
+
+
+def _flag(name):
+    return os.environ.get(name, "0") not in ("", "0")
+
+
+def _banner(lines):
+    width = max(len(line) for line in lines)
+    bar = "*" * (width + 4)
+    return "\n".join([bar] + [f"* {line.ljust(width)} *" for line in lines] + [bar])
+
+
 class CMakeBuild(build_ext):
-    """Configures and builds CMakeLists.txt; never fails the install."""
+    """Configures and builds CMakeLists.txt. See the module docstring for what a failure does."""
 
     def run(self):
-        if os.environ.get("MAMLPP_NO_NATIVE", "0") not in ("", "0"):
+        status = Path(self.get_ext_fullpath("mamlpp_fast._C")).resolve().parent / STATUS_FILE
+        status.unlink(missing_ok=True)
+        if _flag("MAMLPP_NO_NATIVE"):
             print("mamlpp_fast._C: skipped (MAMLPP_NO_NATIVE set)", file=sys.stderr)
             self._drop_extensions()
+            self._record(status, "skipped at install (MAMLPP_NO_NATIVE was set)")
             return
         try:
+            import torch  # noqa: F401
+        except ImportError as err:
+            raise SystemExit(_banner([
+                f"mamlpp-fast: cannot build the native extension mamlpp_fast._C: torch does not import in",
+                f"the build environment ({type(err).__name__}: {err}).",
+                "pip builds in an isolated environment unless told otherwise, and that environment does",
+                "not see the torch you installed. Install torch first, then install this package with",
+                "    pip install --no-build-isolation .",
+                "(build requirements: pip install setuptools wheel pybind11 cmake ninja), or set",
+                "MAMLPP_NO_NATIVE=1 to install the pure-Python package without the native ops.",
+            ]))
+        try:
             super().run()
-        except Exception as err:  # never break the install: warn once and go on
+        except Exception as err:
+            if _flag("MAMLPP_REQUIRE_NATIVE"):
+                raise SystemExit(f"mamlpp_fast._C (native ops) was not built and MAMLPP_REQUIRE_NATIVE is "
+                                 f"set: {err}")
             self._drop_extensions()
-            msg = (f"WARNING: mamlpp_fast._C (native ops) was not built: {err}. The pure-Python "
-                   f"package is installed; the torch/triton backends remain available.")
-            print(msg, file=sys.stderr)
+            self._record(status, f"the native build failed at install: {err}")
+            print(_banner([
+                f"WARNING: mamlpp_fast._C (native ops) was not built: {err}",
+                "The pure-Python package is installed; the ops run on the 'torch' (or 'triton') backend,",
+                "and their first use warns. Set MAMLPP_REQUIRE_NATIVE=1 to make this failure fatal.",
+            ]), file=sys.stderr)
+
+    @staticmethod
+    def _record(path, text):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text + "\n")
+        except OSError:
+            pass
 
     def _drop_extensions(self):
         self.extensions = []
@@ -97,7 +152,10 @@ class CMakeBuild(build_ext):
 
     def build_extension(self, ext):
         import torch
-        import pybind11
+        try:
+            import pybind11
+        except ImportError as err:
+            raise NativeBuildError(f"pybind11 does not import ({err}); pip install pybind11") from None
 
         build_dir = Path(os.environ.get("MAMLPP_BUILD_DIR", ROOT / "build" / "native")).resolve()
         build_dir.mkdir(parents=True, exist_ok=True)
@@ -176,15 +234,8 @@ class CMakeBuild(build_ext):
             log.write(line + "\n")
 
 
+# Metadata (name, version, dependencies, console script, packages): pyproject.toml.
 setup(
-    name="mamlpp-fast",
-    version="0.1.0",
-    description="Fast, exact MAML++ meta-learning trainer",
-    packages=find_packages(include=["mamlpp_fast", "mamlpp_fast.*"]),
-    python_requires=">=3.9",
-    install_requires=["torch", "numpy", "tqdm", "pillow"],
-    entry_points={"console_scripts": ["mamlpp=mamlpp_fast.cli:main"]},
     ext_modules=[CMakeExtension("mamlpp_fast._C")],
     cmdclass={"build_ext": CMakeBuild},
-    zip_safe=False,
 )

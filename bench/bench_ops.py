@@ -25,10 +25,10 @@ DEV = "cuda" if CUDA else "cpu"
 if CUDA:
     SHAPES = ([("omniglot", 20, 8, 64, h) for h in (28, 14, 7, 3)]
               + [("mini_imagenet", n, 2, 48, h) for n in (5, 75) for h in (84, 42, 21, 10)])
-    BACKENDS = ["stock", "cuda", "triton"]
+    BACKENDS = ["stock", "native", "triton"]
 else:  # CPU: small sizes (the learner's shapes take seconds per call on a CPU)
     SHAPES = [("omniglot_small", 4, 4, 16, h) for h in (14, 3)] + [("mini_imagenet_small", 5, 2, 16, 21)]
-    BACKENDS = ["stock", "cpp"]
+    BACKENDS = ["stock", "native"]
 ROUNDS = int(os.environ.get("MAMLPP_BENCH_ROUNDS", "30" if CUDA else "5"))
 
 
@@ -38,12 +38,12 @@ def _sync():
 
 
 def _backend(name):
-    if name == "cuda" or name == "cpp":
+    if name == "native":
         from mamlpp_fast import _native
 
-        if name not in _native.available_backends():
-            pytest.skip(f"{name} backend unavailable ({_native.load_error() or _native.built_with()})")
-        return _native.get(name)
+        if DEV not in _native.device_types():
+            pytest.skip(f"native backend unavailable for {DEV} ({_native.load_error() or _native.built_with()})")
+        return _native.get()
     if name == "triton":
         from mamlpp_fast import triton as tb
 

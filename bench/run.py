@@ -2,7 +2,7 @@
 
     python -m bench.run [--device auto|cpu|cuda] [--out DIR] [--quick] [--workloads a,b] [--learners ...]
                         [--backends ...] [--iters N] [--warmup N] [--no-sweeps] [--time-budget SECONDS]
-    mamlpp bench [same flags]          (mamlpp_fast/cli.py calls main(argv))
+    (run from the repository root: bench/ is not part of the installed package)
 
 One run, one device. Measured, in this order (see bench/NOTES.md for the method):
 1. the device's dense fp32 matmul ceiling (strict fp32, and TF32 on a GPU);
@@ -50,7 +50,7 @@ from .flops import flops_from_args
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "bench", "results")
 LEARNERS = ("fast", "torchfunc", "reference", "jax")
-BACKENDS = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
+BACKENDS = {"cpu": ("native", "torch"), "cuda": ("native", "triton", "torch")}
 VARIANTS = ("eager", "cuda_graph")
 DEFAULT_BUDGET_S = 450.0  # full runs: the GPU run must end within ~8 minutes
 
@@ -651,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; argv as on the command line (default sys.argv[1:]). Returns 0.
 
     Process-wide settings it changes (torch threads, TF32 flags, the ops backend) are restored on return,
-    so `mamlpp bench` and tests can call it in-process."""
+    so that tests can call it in-process."""
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parse_args(argv)
     import torch

@@ -1,7 +1,7 @@
-// pybind11 module mamlpp_fast._C: the 5 backend functions of docs/DESIGN.md ("Backend functions"),
-// plain tensors in and out (no autograd inside); input errors raise RuntimeError.
-// mamlpp_fast/_native.py wraps them as the "cpp" and "cuda" backends; the formulas are in
-// kernels/bn_math.h and csrc/per_step_bn.cpp.
+// pybind11 module mamlpp_fast._C: the five functions of mamlpp_fast.ops.backend.BackendFunctions
+// (the contract; their Python signatures: mamlpp_fast/_C.pyi), plain tensors in and out (no autograd
+// inside); input errors raise RuntimeError. mamlpp_fast/_native.py loads it as the "native" backend;
+// the formulas are in kernels/bn_math.h and csrc/per_step_bn.cpp.
 #include <torch/extension.h>
 
 #include <stdexcept>

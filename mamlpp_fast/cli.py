@@ -1,12 +1,12 @@
 """`mamlpp`: train, test and benchmark MAML++ from the original's experiment JSON files.
 
     mamlpp train --config configs/omniglot_maml++_5_way_1_shot.json [--dataset-dir D] [--experiment-dir E]
-                 [--learner fast|reference] [--backend auto|cuda|triton|cpp|torch] [--device auto|cpu|cuda]
+                 [--learner fast|reference] [--backend auto|native|triton|torch] [--device auto|cpu|cuda]
                  [--total-epochs N] [--total-iter-per-epoch N] [--num-evaluation-tasks N] [--overwrite]
                  [--allow-config-change]
     mamlpp test  --config X.json [same options]       # the test protocol only, from saved checkpoints
     mamlpp plot-lrs <experiment folder> [--epoch N|best] [--out DIR]   # learned LSLR rates, MSL, curves
-    mamlpp bench [...]                                 # bench/run.py (benchmarks), when present
+    python -m bench.run [...]                          # benchmarks: from a checkout (bench/ is not installed)
     torchrun --nproc_per_node R -m mamlpp_fast train --config X.json   # data-parallel (tasks over ranks)
 
 The original's command line works with the command swapped (`python train_maml_system.py` ->
@@ -15,14 +15,17 @@ variable DATASET_DIR is the dataset folder, and any other `--key value` flag of 
 (`--batch_size 4`, `--gpu_to_use 0`, `--continue_from_epoch latest`, ...) overrides that key of the
 JSON file. Unlike the original (whose JSON wins over its flags), flags given on the command line win.
 
+Logging is configured here, once (`_configure_logging`): warnings by default; `-v` shows the package's
+INFO messages (which op backend and convolution implementation run, ...), `-vv` DEBUG too.
+
 Exit status: 0 on success; 2 for a configuration, dataset, checkpoint or experiment-folder problem
 (one line on stderr, no traceback); 130 when interrupted.
 """
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
+import logging
 import os
 import sys
 import warnings
@@ -61,8 +64,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="override experiment_name (the output subfolder)")
     p.add_argument("--learner", choices=("fast", "reference"),
                    help="fast: all tasks at once (default); reference: one task at a time, like the original")
-    p.add_argument("--backend", choices=("auto", "cuda", "triton", "cpp", "torch"),
-                   help="op backend of the fast learner (default auto)")
+    p.add_argument("--backend", choices=("auto", "native", "triton", "torch", "cpp", "cuda"),
+                   help="op backend of the fast learner (default auto; cpp and cuda: native on that device only)")
     p.add_argument("--device", metavar="auto|cpu|cuda", help="device (default auto: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "float64"), help="parameter/compute dtype (default float32)")
     p.add_argument("--total-epochs", "--total_epochs", dest="total_epochs", type=int, metavar="N")
@@ -75,6 +78,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="resume point (default latest; the JSON's value is ignored, as in the original)")
     p.add_argument("--seed", type=int, help="torch seed (as the original's --seed; default 104)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="log the package's choices (op backend, convolution implementation): -v INFO, -vv DEBUG")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, allow_abbrev=False,
         description="Fast, exact MAML++ (How to train your MAML) from the original's experiment JSON files.",
         epilog="Any other --key value is applied as an override of that config key (the original's flags).")
-    sub = parser.add_subparsers(dest="command", metavar="{train,test,plot-lrs,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,test,plot-lrs}")
     train = sub.add_parser("train", allow_abbrev=False, help="meta-train, validate each epoch, then test",
                            description="Meta-train (resuming from the latest checkpoint when the experiment "
                                        "folder has one), validate each epoch, then run the test protocol.")
@@ -104,7 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(test)
     sub.add_parser("plot-lrs", add_help=False,
                    help="plots of the learned inner learning rates, MSL weights and curves of an experiment")
-    sub.add_parser("bench", add_help=False, help="benchmarks (bench/run.py)")
     return parser
 
 
@@ -160,30 +164,17 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):  #
     print(f"{PROG}: warning: {message}", file=sys.stderr if file is None else file)
 
 
-def _run_bench(rest: list[str]) -> int:
-    candidates = [os.getcwd(), str(Path(__file__).resolve().parents[1])]
-    for c in candidates:
-        if os.path.isdir(os.path.join(c, "bench")) and c not in sys.path:
-            sys.path.insert(0, c)
-    try:
-        from bench.run import main as bench_main  # type: ignore
-    except ImportError as e:
-        return _fail(f"benchmarks are not available: cannot import bench.run ({e}); run from the repository "
-                     "root of a checkout that has bench/")
-    try:
-        params = inspect.signature(bench_main).parameters
-    except (TypeError, ValueError):
-        params = {}
-    if params:
-        rc = bench_main(rest)
-    else:
-        saved = sys.argv
-        sys.argv = ["mamlpp bench"] + rest
-        try:
-            rc = bench_main()
-        finally:
-            sys.argv = saved
-    return int(rc or 0)
+def _configure_logging(verbosity: int) -> None:
+    """The one logging set-up of the program: a handler on the package's logger "mamlpp_fast" writing
+    `mamlpp: <message>` to stderr, at WARNING, INFO (-v) or DEBUG (-vv). Other libraries' loggers and
+    the root logger are left alone."""
+    log = logging.getLogger("mamlpp_fast")
+    log.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO if verbosity == 1 else logging.WARNING)
+    if not any(getattr(h, "_mamlpp_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+        handler._mamlpp_cli = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
 
 
 def _resolve_command(argv: list[str]) -> list[str]:
@@ -200,7 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = _resolve_command(argv)
     if argv and argv[0] == "bench":
-        return _run_bench(argv[1:])
+        return _fail("'mamlpp bench' was removed: run `python -m bench.run [options]` from the repository "
+                     "root (the benchmarks are in bench/, which is not part of the installed package)")
     if argv and argv[0] == "plot-lrs":
         from .plots import main as plots_main
         return plots_main(argv[1:])
@@ -213,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     warnings.showwarning = _show_warning
+    _configure_logging(opts.verbose)
     try:
         extra = parse_overrides(rest)
     except ValueError as e:

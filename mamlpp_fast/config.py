@@ -95,7 +95,7 @@ DEFAULTS: dict[str, Any] = {
     "use_cuda": False,
     # Our own keys.
     "learner": "fast",  # "fast" | "reference"
-    "backend": "auto",  # "auto" | "cuda" | "triton" | "cpp" | "torch"
+    "backend": "auto",  # "auto" | "native" | "triton" | "torch" (former names "cpp", "cuda": native on one device)
     "device": "auto",  # "auto" | "cpu" | "cuda" | "cuda:N"
     "dtype": "float32",  # "float32" | "float64" (float64 for exact comparisons)
     "bn_backup_aliasing": False,  # True: reproduce the original's aliased BN backup (its issue #42)
@@ -126,7 +126,7 @@ REQUIRED: dict[str, type] = {
 
 _CHOICES = {
     "learner": ("fast", "reference"),
-    "backend": ("auto", "cuda", "triton", "cpp", "torch"),
+    "backend": ("auto", "native", "triton", "torch", "cpp", "cuda"),  # = mamlpp_fast.ops.backend.BACKEND_NAMES
     "dtype": ("float32", "float64"),
     "norm_layer": ("batch_norm",),
     "nonfinite_policy": ("skip", "stop"),

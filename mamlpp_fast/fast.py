@@ -52,20 +52,26 @@ def _task_major(x: torch.Tensor) -> torch.Tensor:
 class MAMLFewShotClassifier(ReferenceClassifier):
     """MAML++ with all tasks of a meta-batch processed together. API identical to the reference.
 
-    The op backend follows the config key `backend` (or env MAMLPP_BACKEND); see mamlpp_fast.ops.
+    The op backend is this learner's own choice: its config key `backend` is passed to every op call
+    (``backend=``; "auto" defers to `mamlpp_fast.ops.set_backend`, then env MAMLPP_BACKEND, then the
+    device's best); nothing process-wide is changed. See mamlpp_fast.ops.backend.
     """
 
     def __init__(self, im_shape, device, args):
         super().__init__(im_shape, device, args)
-        from .ops import set_backend  # the config key selects the op backend for this process
-        if self.args.backend != "auto":
-            set_backend(self.args.backend)
+        self._op_backend = self.args.backend  # passed to the ops (backend=), for this learner only
         self._adapted_names = list(self.get_inner_loop_parameter_dict(self.classifier.named_parameters()))
         self._importance_cache: tuple[int, torch.Tensor, list] | None = None
         self._graphs = {}
         self._graph_failed = None
         if self._graph_mode():
             self._make_capturable_optimizer()
+
+    @property
+    def backend_name(self) -> str:
+        """The op backend that runs this learner's ops on its device (shown in the start-up line)."""
+        from .ops import get_backend
+        return get_backend(self._op_backend, self.device).name
 
     # -- batched network ----------------------------------------------------------------------------
     def _bn_params(self, layer: str, step: int, fast: dict):
@@ -95,7 +101,8 @@ class MAMLFewShotClassifier(ReferenceClassifier):
             bias = fast[f"layer_dict.{layer}.conv.bias"]
             out = task_conv2d(out, w, bias, b, conv.stride, conv.padding, self.args.conv_impl, pattern)
             gamma, beta = self._bn_params(layer, step, fast)
-            out, mean, invstd = per_step_batch_norm(out, gamma, beta, b, BN_EPS, LEAKY_SLOPE)
+            out, mean, invstd = per_step_batch_norm(out, gamma, beta, b, BN_EPS, LEAKY_SLOPE,
+                                                    backend=self._op_backend)
             if stats is not None:
                 stats.append((i, mean, invstd, out.shape[0] * out.shape[2] * out.shape[3]))
             if self.classifier.max_pooling:
@@ -176,7 +183,8 @@ class MAMLFewShotClassifier(ReferenceClassifier):
             logits = self._net(xs, b, step, fast, stats, "second_order" if use_second_order else "first_order")
             support_loss = F.cross_entropy(logits.reshape(-1, n_way), ys) * b
             grads = torch.autograd.grad(support_loss, fast_list, create_graph=use_second_order)
-            fast_list = lslr_update(meta if step == 0 else fast_list, list(grads), alphas, step)
+            fast_list = lslr_update(meta if step == 0 else fast_list, list(grads), alphas, step,
+                                    backend=self._op_backend)
             if track:
                 for layer, mean, invstd, m in stats:
                     pending.setdefault((layer, step), []).append((mean, invstd, m))

@@ -38,8 +38,8 @@ stage build "${BUILD_TIMEOUT:-240}" "$OUT/build.log" \
 } >>"$OUT/build.log"
 stage import 60 "$OUT/build.log" "$PY" -c "
 from mamlpp_fast import _native
-print('built with:', _native.built_with(), '| backends:', _native.available_backends(), '| error:', _native.load_error())
-assert 'cuda' in _native.available_backends(), 'cuda backend missing'
+print('built with:', _native.built_with(), '| device types:', _native.device_types(), '| error:', _native.load_error())
+assert 'cuda' in _native.device_types(), 'native backend built without CUDA'
 import mamlpp_fast.triton as tb
 print('triton available:', tb.is_available(), tb.unavailable_reason())
 "

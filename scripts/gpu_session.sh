@@ -42,10 +42,10 @@ stage build "${BUILD_LIMIT:-180}" "$W/build.log" "$PY" -m pip install -v -e . --
 { echo "--- build/native/native_build.log"; cat build/native/native_build.log 2>/dev/null || echo "(missing)"; } >>"$W/build.log"
 stage import 30 "$W/build.log" "$PY" -c "
 from mamlpp_fast import _native
-print('built with:', _native.built_with(), '| backends:', _native.available_backends(), '| error:', _native.load_error())
+print('built with:', _native.built_with(), '| device types:', _native.device_types(), '| error:', _native.load_error())
 import mamlpp_fast.triton as tb
 print('triton available:', tb.is_available(), tb.unavailable_reason())
-assert 'cuda' in _native.available_backends(), 'cuda backend missing'
+assert 'cuda' in _native.device_types(), 'native backend built without CUDA'
 "
 
 # ---- tests ------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ GROUPS = ("loss", "logits", "grad_median", "grad_total", "running_stats", "adam_
 #   learner's error plus the group's floor. Over 1000 seeds per configuration the fraction of such seeds is the
 #   same (within 1%) for factors from 2 to 10: they are rounding events (a discrete choice flipped in the fast
 #   learner only, errors 1e2..1e5 x the reference's), not a spread of ordinary rounding. 3 keeps the test
-#   sensitive; the measured rate at 3 is 4.6% (cpp) to 6.0% (torch).
+#   sensitive; the measured rate at 3 is 4.6% (native) to 6.0% (torch).
 # - FLOORS: errors relative to the truth's norm below ~16 float32 unit roundoffs (1e-6) are not told apart (a
 #   reference error of exactly 0 happens); adam_signs is a fraction of elements: 2e-3.
 # - NUM_SEEDS, MAX_WORSE: the test fails when more than MAX_WORSE of NUM_SEEDS fresh seeds count against the
@@ -58,9 +58,9 @@ MAX_WORSE = 9
 FP32_CONFIG = dict(cnn_num_filters=16, num_classes_per_set=5, number_of_training_steps_per_iter=5,
                    number_of_evaluation_steps_per_iter=5)
 FP32_CASES = {
-    "cpp": ("cpp", dict(FP32_CONFIG, conv_impl="grouped"), 2, 0),
+    "native": ("native", dict(FP32_CONFIG, conv_impl="grouped"), 2, 0),
     "torch": ("torch", dict(FP32_CONFIG, conv_impl="grouped"), 2, 0),
-    "cpp-unfold": ("cpp", dict(FP32_CONFIG, conv_impl="unfold"), 2, 0),
+    "native-unfold": ("native", dict(FP32_CONFIG, conv_impl="unfold"), 2, 0),
 }
 
 

@@ -40,7 +40,7 @@ from mamlpp_fast.reference import MAMLFewShotClassifier as Reference
 
 FP64_RTOL = 1e-9
 
-CPU_BACKENDS = [b for b in available_backends() if b in ("torch", "cpp", "triton")]
+CPU_BACKENDS = [b for b in available_backends() if b in ("torch", "native", "triton")]
 
 
 def make_pair(dtype, backend, **cfg):
@@ -279,7 +279,7 @@ def test_conv_unfold_matches_reference_float32():
     CPU) sums in another order than oneDNN's grouped convolution: in float32 the fast learner with it is as
     exact as the reference learner (tests/_numerics.py). unfold_bmm differs from it only in how the same
     matmul is batched; it is covered in float64 above and by the float32 op test in tests/test_conv.py."""
-    assert_as_exact_as_reference(*FP32_CASES["cpp-unfold"], label="conv_impl unfold")
+    assert_as_exact_as_reference(*FP32_CASES["native-unfold"], label="conv_impl unfold")
 
 
 # -- tests of the tests: injected faults must fail the criteria ------------------------------------------------
@@ -348,7 +348,7 @@ FAULTS = {
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_float32_criterion_catches_faults(fault):
     """Each injected fault makes the float32 criterion fail (it would fail test_fast_matches_reference_float32)."""
-    backend = "cpp" if "cpp" in CPU_BACKENDS else "torch"
+    backend = "native" if "native" in CPU_BACKENDS else "torch"
     with pytest.raises(AssertionError, match="less exact than the float32 reference"):
         assert_as_exact_as_reference(*FP32_CASES[backend], fault=FAULTS[fault], label=fault)
 

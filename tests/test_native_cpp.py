@@ -30,7 +30,7 @@ def cpp():
         if os.environ.get("MAMLPP_REQUIRE_NATIVE", "0") not in ("", "0"):
             pytest.fail("MAMLPP_REQUIRE_NATIVE=1 but " + msg, pytrace=False)
         pytest.skip(msg)
-    return _native.get("cpp")
+    return _native.get()  # the native backend, handed CPU tensors here
 
 
 # (N, T, C, H, W): 1x1 spatial, N in {1,2,3}, tasks 1..8, 3x3 / 7x7 spatial (learner's last layers)

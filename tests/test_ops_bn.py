@@ -422,14 +422,15 @@ def test_docstring_examples():
 # ----------------------------------------------------------------------------------------------
 # Other backends agree with the torch backend
 # ----------------------------------------------------------------------------------------------
-OTHER_BACKENDS = [n for n in registry.available_backends() if n != "torch"]
+# (backend, device) pairs: the native backend on every device it takes; triton on CUDA only
+OTHER_BACKENDS = [(n, d) for d in (("cpu", "cuda") if torch.cuda.is_available() else ("cpu",))
+                  for n in registry.available_backends(d) if n != "torch" and (n, d) != ("triton", "cpu")]
 
 
-@pytest.mark.parametrize("name", OTHER_BACKENDS or ["none"])
-def test_other_backends_match_torch(rng, name):
+@pytest.mark.parametrize("name,device", OTHER_BACKENDS or [("none", "cpu")])
+def test_other_backends_match_torch(rng, name, device):
     if name == "none":
         pytest.skip("no backend other than torch is available here")
-    device = "cuda" if name in ("cuda", "triton") else "cpu"
     T, C, N, H, W, per_task = 3, 4, 2, 5, 5, True
     for dtype in (F32, F64):
         x, gamma, beta = make_inputs(rng, T, C, N, H, W, per_task, 0.01)
@@ -516,7 +517,7 @@ def test_unknown_or_unloadable_env_warns_once_and_falls_back(fresh_registry, env
     assert len(fallbacks) == 1, [str(w.message) for w in fallbacks]
     msg = str(fallbacks[0].message)
     assert repr(env) in msg and repr(backend.name) in msg, msg
-    assert backend.name in ("cpp", "torch") and backend.supports("cpu")
+    assert backend.name in ("native", "torch") and backend.supports("cpu")
 
 
 def test_missing_native_extension_falls_back_to_torch(fresh_registry):
@@ -524,7 +525,7 @@ def test_missing_native_extension_falls_back_to_torch(fresh_registry):
     fresh_registry.setenv("MAMLPP_BACKEND", "cpp")
     with pytest.warns(ops.BackendFallbackWarning, match=r"'cpp'.*cannot be imported.*'torch'"):
         assert ops.get_backend(device="cpu").name == "torch"
-    assert "cpp" not in ops.available_backends()
+    assert "native" not in ops.available_backends()
 
 
 def test_explicit_unknown_name_raises(fresh_registry):
@@ -549,33 +550,34 @@ def test_precedence_argument_config_env(fresh_registry):
 
 
 def _fake_native(built, calls=None):
-    """A stand-in for mamlpp_fast._native whose backends run the torch functions and record the
-    device of every BN forward they are handed."""
-    def make(name):
-        def bn_forward(x, *args):
-            calls.append((name, x.device.type))
-            return per_step_bn.bn_forward(x, *args)
-        return types.SimpleNamespace(
-            bn_forward=bn_forward, bn_backward=per_step_bn.bn_backward,
-            bn_double_backward=per_step_bn.bn_double_backward,
-            lslr_forward=ops.lslr.lslr_forward, lslr_backward=ops.lslr.lslr_backward)
+    """A stand-in for mamlpp_fast._native, compiled for the device types `built`, whose functions run
+    the torch ones and record the device of every BN forward they are handed."""
+    def bn_forward(x, *args):
+        calls.append(("native", x.device.type))
+        return per_step_bn.bn_forward(x, *args)
+    impl = types.SimpleNamespace(
+        bn_forward=bn_forward, bn_backward=per_step_bn.bn_backward,
+        bn_double_backward=per_step_bn.bn_double_backward,
+        lslr_forward=ops.lslr.lslr_forward, lslr_backward=ops.lslr.lslr_backward)
     mod = types.ModuleType("mamlpp_fast._native")
-    mod.available_backends = lambda: list(built)
-    mod.get = make
+    mod.device_types = lambda: tuple(built)
+    mod.load_error = lambda: None if built else "ImportError: not built"
+    mod.get = lambda: impl
     return mod
 
 
 def test_dispatch_follows_the_device_and_logs_once(fresh_registry, caplog):
     calls = []
-    fresh_registry.setitem(sys.modules, "mamlpp_fast._native", _fake_native(["cpp", "cuda"], calls))
-    assert ops.get_backend("auto", device="cpu").name == "cpp"
-    # a CUDA backend is never handed CPU tensors: it falls back (one warning) to cpp for them
-    with pytest.warns(ops.BackendFallbackWarning, match=r"'cuda'.*'cpp'"):
+    fresh_registry.setitem(sys.modules, "mamlpp_fast._native", _fake_native(["cpu", "cuda"], calls))
+    assert ops.get_backend("auto", device="cpu").name == "native"
+    # "cuda" (native for CUDA tensors only) is never handed CPU tensors: it falls back (one warning)
+    # to auto's choice for them, the native backend on the CPU
+    with pytest.warns(ops.BackendFallbackWarning, match=r"'cuda'.*'native'"):
         _run_small_bn(backend="cuda")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _run_small_bn(backend="cuda")
-    assert calls == [("cpp", "cpu"), ("cpp", "cpu")]
+    assert calls == [("native", "cpu"), ("native", "cpu")]
     if not torch.cuda.is_available():
         with pytest.warns(ops.BackendFallbackWarning, match="no CUDA device"):
             assert ops.get_backend("cuda", device="cuda").name == "torch"
@@ -584,5 +586,5 @@ def test_dispatch_follows_the_device_and_logs_once(fresh_registry, caplog):
         for _ in range(3):
             _run_small_bn(backend="cpp")
     chosen = [r for r in caplog.records if "backend" in r.getMessage()]
-    assert len(chosen) == 1 and "'cpp'" in chosen[0].getMessage()
-    assert ops.available_backends(device="cpu") == ["cpp", "torch"]
+    assert len(chosen) == 1 and "'native'" in chosen[0].getMessage()
+    assert ops.available_backends(device="cpu") == ["native", "torch"]

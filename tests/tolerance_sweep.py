@@ -3,8 +3,8 @@
 Not part of the default test run (each seed costs about a second of one CPU core). Usage, from the
 repository root:
 
-    python tests/tolerance_sweep.py --case cpp --seeds 1000 --out bench/results/tolerance_sweep_cpp.jsonl
-    python tests/tolerance_sweep.py --summary bench/results/tolerance_sweep_*.jsonl
+    python tests/tolerance_sweep.py --case native --seeds 1000 --out bench/results/tolerance_sweep/native.jsonl
+    python tests/tolerance_sweep.py --summary bench/results/tolerance_sweep/*.jsonl
 
 Each line of the output holds one fresh seed: {group: [reference error, fast error]} against float64 truth
 (tests/_numerics.py, `learner_errors`). A file that exists is appended to (a sweep can be resumed). The

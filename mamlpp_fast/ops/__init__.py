@@ -6,10 +6,13 @@
   adapted tensors at once.
 - `task_conv2d(x, weight, bias, num_tasks, stride, padding, impl)`: the convolution of every task with
   its own weights, by one of several implementations (`mamlpp_fast.ops.conv`).
-- `get_backend`, `set_backend`, `available_backends`, `clear_cache`: see `mamlpp_fast.ops.backend`.
+- `BackendFunctions` (the backend contract), `get_backend`, `set_backend`, `available_backends`,
+  `clear_cache`: see `mamlpp_fast.ops.backend`.
+- ``import mamlpp_fast.ops.library`` (opt-in) registers the backend functions with PyTorch's
+  dispatcher as ``torch.ops.mamlpp.*`` (`mamlpp_fast.ops.library`).
 """
-from .backend import (BACKEND_NAMES, Backend, BackendFallbackWarning, available_backends, clear_cache,
-                      get_backend, set_backend)
+from .backend import (BACKEND_NAMES, Backend, BackendFallbackWarning, BackendFunctions, available_backends,
+                      clear_cache, get_backend, set_backend)
 from .conv import CONV_IMPLS, task_conv2d
 from .lslr import lslr_update
 from .per_step_bn import per_step_batch_norm
@@ -19,6 +22,7 @@ __all__ = [
     "CONV_IMPLS",
     "Backend",
     "BackendFallbackWarning",
+    "BackendFunctions",
     "available_backends",
     "clear_cache",
     "get_backend",

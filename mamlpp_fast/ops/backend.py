@@ -1,38 +1,36 @@
-"""Choice of the backend that runs the custom ops (`per_step_batch_norm`, `lslr_update`).
+"""The backend contract of the custom ops (`BackendFunctions`) and the choice of the backend that runs them.
 
-Every backend implements the five functions of docs/DESIGN.md, "Backend functions"::
+`BackendFunctions` below is the one written contract of the five functions that every backend
+implements (the ops' autograd wrappers in `per_step_bn` and `lslr` call them; nothing else restates
+it: the compiled extension's Python signatures are in ``mamlpp_fast/_C.pyi``).
 
-    bn_forward(x, gamma, beta, num_tasks, eps, slope) -> (y, mean, invstd)
-    bn_backward(dy, x, gamma, beta, mean, invstd, num_tasks, slope) -> (dx, dgamma, dbeta)
-    bn_double_backward(ggx, gggamma, ggbeta, dy, x, gamma, beta, mean, invstd, num_tasks, slope)
-        -> (gx, ggamma, gdy)
-    lslr_forward(thetas, grads, alphas, step) -> list
-    lslr_backward(douts, grads, alphas, step, shared) -> (dthetas, dgrads, dalphas)
+Backends and where they come from (a new backend: a module with the five functions, one loader
+below, one entry in `_DEVICE_TYPES` and `_AUTO_ORDER`):
 
-Backends and where they come from:
-
-- ``torch``: pure PyTorch, in this package (`per_step_bn`, `lslr`); any device; the reference.
-- ``cpp`` (CPU tensors) and ``cuda`` (CUDA tensors): `mamlpp_fast._native`, which exposes
-  ``available_backends()`` (a subset of {"cpp", "cuda"}) and ``get(name)``.
-- ``triton`` (CUDA tensors): `mamlpp_fast.triton`, which exposes ``is_available()`` and the five
-  functions at module level.
-
-Optional extension of the contract: a backend whose implementation object has a true attribute
-``accepts_needs`` also receives a keyword ``needs`` in ``bn_backward``, ``bn_double_backward`` and
-``lslr_backward`` saying which results are wanted (see those functions in the torch backend); the
-autograd wrappers pass it only to such backends, and drop unwanted results of the others.
+- ``torch``: `mamlpp_fast.ops.torch_backend`, pure PyTorch; any device; the reference.
+- ``native``: the compiled extension ``mamlpp_fast._C`` (loaded by `mamlpp_fast._native`); its
+  functions dispatch on the device of their inputs: C++ loops for CPU tensors, the CUDA kernels for
+  CUDA tensors (when built with them and a GPU is visible). The former names ``cpp`` and ``cuda`` are
+  accepted as aliases that keep their meaning: ``native`` restricted to CPU, resp. CUDA, tensors.
+- ``triton``: `mamlpp_fast.triton` (CUDA tensors; CPU tensors too under TRITON_INTERPRET=1 when asked
+  for by name).
 
 Which backend runs (`get_backend`):
 
-1. the requested name is the ``name`` argument (the ops' ``backend=``), else the name given to
-   `set_backend` (the config key ``backend``), else the environment variable ``MAMLPP_BACKEND``, else
-   ``"auto"``. ``"auto"`` means "no preference": it defers to the next source in that list.
-2. ``auto`` picks, for the device of the tensors: CUDA tensors: ``cuda`` (when the extension has it)
-   > ``triton`` > ``torch``; CPU tensors: ``cpp`` > ``torch``; other devices: ``torch``.
+1. the requested name is the ``name`` argument (the ops' ``backend=``, which the fast learner sets
+   from its config key ``backend``), else the name given to `set_backend` (a process-wide default),
+   else the environment variable ``MAMLPP_BACKEND``, else ``"auto"``. ``"auto"`` means "no
+   preference": it defers to the next source in that list.
+2. ``auto`` picks, for the device of the tensors: CUDA tensors: ``native`` (when the extension has
+   the CUDA kernels) > ``triton`` > ``torch``; CPU tensors: ``native`` > ``torch``; other devices:
+   ``torch``.
 3. A requested backend that cannot load, or cannot take tensors of that device (a CUDA backend is
    never handed CPU tensors), falls back to the ``auto`` choice with exactly one warning
    (`BackendFallbackWarning`) naming the requested backend, the reason and the backend used. The choice
    is logged once (logger ``"mamlpp_fast"``, level INFO) and cached per (requested name, device type).
+4. When ``auto`` would have used the compiled extension but it did not load (the native build failed
+   or was skipped at install), one warning per process (`BackendFallbackWarning`) names the cause and
+   the backend used instead, so that a missing ``_C`` is never silent.
 """
 from __future__ import annotations
 
@@ -40,30 +38,88 @@ import importlib
 import logging
 import os
 import threading
-import types
 import warnings
+from typing import List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import torch
+from torch import Tensor
 
 __all__ = [
+    "ALIASES",
     "BACKEND_NAMES",
     "ENV_VAR",
     "Backend",
     "BackendFallbackWarning",
+    "BackendFunctions",
     "available_backends",
     "clear_cache",
     "get_backend",
     "set_backend",
 ]
 
-BACKEND_NAMES = ("auto", "cuda", "triton", "cpp", "torch")
-ENV_VAR = "MAMLPP_BACKEND"
-FUNCTIONS = ("bn_forward", "bn_backward", "bn_double_backward", "lslr_forward", "lslr_backward")
 
-# Device types each concrete backend can take (None: any device).
-_DEVICE_TYPES = {"cuda": ("cuda",), "triton": ("cuda",), "cpp": ("cpu",), "torch": None}
+@runtime_checkable
+class BackendFunctions(Protocol):
+    """The five functions of a backend: the contract between the ops and their implementations.
+
+    Plain tensors in and out, no autograd inside (the ops' autograd Functions call them). Layout and
+    symbols: the docstrings of `mamlpp_fast.ops.per_step_bn` (batch norm: ``x`` is ``(N, T*C, H, W)``,
+    task-major channels, ``T = num_tasks``) and `mamlpp_fast.ops.lslr` (LSLR), which also hold the
+    formulas. The public ops validate their inputs before any backend is called; a backend may check
+    again (the native one raises RuntimeError naming the argument).
+
+    Optional extension: an implementation with a true attribute ``accepts_needs`` also takes a keyword
+    ``needs`` in the three backward functions (``bn_backward``/``bn_double_backward``: three booleans,
+    one per result; ``lslr_backward``: three lists of booleans, one per tensor) and may return None for
+    a result that is not needed; ``lslr_backward`` then also accepts ``grads[l] = None`` where dalpha[l]
+    is not needed. The ops pass ``needs`` only to such backends and drop the unwanted results of others.
+
+    Implementations: `mamlpp_fast.ops.torch_backend`, ``mamlpp_fast._C`` (``_C.pyi``),
+    `mamlpp_fast.triton` (modules whose functions satisfy this protocol).
+    """
+
+    def bn_forward(self, x: Tensor, gamma: Tensor, beta: Tensor, num_tasks: int, eps: float,
+                   slope: float) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(y, mean, invstd)``: y like x; mean and invstd ``(T*C,)``, float32 for float16/bfloat16 x.
+        gamma, beta: ``(C,)`` (shared by the tasks) or ``(T, C)``, each independently."""
+
+    def bn_backward(self, dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor,
+                    invstd: Tensor, num_tasks: int, slope: float) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(dx, dgamma, dbeta)``: dx like x; dgamma, dbeta shaped like gamma, beta (summed over the
+        tasks for a shared ``(C,)`` parameter)."""
+
+    def bn_double_backward(self, ggx: Optional[Tensor], gggamma: Optional[Tensor],
+                           ggbeta: Optional[Tensor], dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor,
+                           mean: Tensor, invstd: Tensor, num_tasks: int,
+                           slope: float) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(gx, ggamma, gdy)``, the gradients w.r.t. x, gamma and dy of ``<ggx, dx> + <gggamma,
+        dgamma> + <ggbeta, dbeta>``; any of ggx, gggamma, ggbeta may be None (= zeros). The gradient
+        w.r.t. beta is identically 0 and is not returned."""
+
+    def lslr_forward(self, thetas: Sequence[Tensor], grads: Sequence[Tensor], alphas: Sequence[Tensor],
+                     step: int) -> List[Tensor]:
+        """``[thetas[l] - alphas[l][step] * grads[l]]``, each ``(T, *shape_l)``. thetas[l] is
+        ``(T, *shape_l)``, or ``shape_l`` (shared, broadcast over the tasks); grads[l] ``(T, *shape_l)``;
+        alphas[l] ``(S+1,)``."""
+
+    def lslr_backward(self, douts: Sequence[Tensor], grads: Sequence[Tensor], alphas: Sequence[Tensor],
+                      step: int, shared: Sequence[bool]) -> Tuple[list, list, list]:
+        """``(dthetas, dgrads, dalphas)``, three lists in full: dthetas[l] = douts[l], summed over the
+        tasks when ``shared[l]`` (thetas[l] had no task dimension; a per-task dthetas[l] may be
+        douts[l] itself); dgrads[l] = -alphas[l][step] * douts[l]; dalphas[l] zero but for entry
+        ``step``, ``-sum(douts[l] * grads[l])``. The ops pass no None in douts."""
+
+
+FUNCTIONS = tuple(n for n, v in vars(BackendFunctions).items() if callable(v) and not n.startswith("_"))
+BACKENDS = ("native", "triton", "torch")            # the concrete backends, in auto's order
+ALIASES = {"cpp": ("native", "cpu"), "cuda": ("native", "cuda")}  # former names: native on one device
+BACKEND_NAMES = ("auto",) + BACKENDS + tuple(ALIASES)  # every name accepted (config key, env, backend=)
+ENV_VAR = "MAMLPP_BACKEND"
+
+# Device types each concrete backend can take (None: any device; "native": from the extension).
+_DEVICE_TYPES = {"triton": ("cuda",), "torch": None}
 # Preference of "auto", per device type; "torch" ends every list and always loads.
-_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+_AUTO_ORDER = {"cuda": ("native", "triton", "torch"), "cpu": ("native", "torch")}
 
 _PKG = __name__.rsplit(".", 2)[0]  # "mamlpp_fast"
 logger = logging.getLogger("mamlpp_fast")
@@ -74,11 +130,11 @@ class BackendFallbackWarning(UserWarning):
 
 
 class Backend:
-    """A loaded backend: its name, the devices it takes, and the five backend functions."""
+    """A loaded backend: its name, the devices it takes, and the five functions of `BackendFunctions`."""
 
     __slots__ = ("name", "device_types", "accepts_needs") + FUNCTIONS
 
-    def __init__(self, name, impl, device_types=None, accepts_needs=False):
+    def __init__(self, name, impl: BackendFunctions, device_types=None, accepts_needs=False):
         self.name = name
         self.device_types = device_types
         self.accepts_needs = bool(accepts_needs)
@@ -99,6 +155,8 @@ _lock = threading.Lock()
 _configured: str | None = None              # set_backend
 _loaded: dict = {}                          # name -> (Backend | None, reason | None)
 _resolved: dict = {}                        # (requested, device_type) -> Backend
+_native_missing: str | None = None          # why the compiled extension did not load, once known
+_native_warned = False                      # the one "no compiled extension" warning was given
 
 
 def _normalize(name) -> str:
@@ -106,30 +164,34 @@ def _normalize(name) -> str:
 
 
 def _load_torch():
-    from . import lslr, per_step_bn
+    from . import torch_backend
 
-    impl = types.SimpleNamespace(
-        bn_forward=per_step_bn.bn_forward,
-        bn_backward=per_step_bn.bn_backward,
-        bn_double_backward=per_step_bn.bn_double_backward,
-        lslr_forward=lslr.lslr_forward,
-        lslr_backward=lslr.lslr_backward,
-    )
-    return Backend("torch", impl, None, accepts_needs=True)
+    return Backend("torch", torch_backend, None, accepts_needs=True)
 
 
-def _load_native(name):
-    native = importlib.import_module(f"{_PKG}._native")
-    if name == "cuda" and not torch.cuda.is_available():
-        return None, "torch sees no CUDA device"
-    built = list(native.available_backends())
-    if name not in built:
-        error = getattr(native, "load_error", lambda: None)()
-        if error:
-            return None, f"the compiled extension {_PKG}._C did not load: {error}"
-        return None, f"the compiled extension {_PKG}._C has no {name!r} backend (available: {built})"
-    impl = native.get(name)
-    return Backend(name, impl, _DEVICE_TYPES[name], getattr(impl, "accepts_needs", False)), None
+def _load_native():
+    global _native_missing
+    try:
+        native = importlib.import_module(f"{_PKG}._native")
+    except Exception as exc:  # ImportError, or a broken install
+        _native_missing = f"{_PKG}._native cannot be imported: {type(exc).__name__}: {exc}"
+        raise
+    built = tuple(native.device_types())  # the device types _C was compiled for
+    devices = tuple(d for d in built if d != "cuda" or torch.cuda.is_available())
+    if not devices:
+        error = native.load_error()
+        _native_missing = error
+        return None, f"the compiled extension {_PKG}._C did not load: {error}"
+    return Backend("native", native.get(), devices, getattr(native.get(), "accepts_needs", False)), None
+
+
+def _native_device_reason(device_type):
+    """Why the loaded native backend does not take `device_type` tensors."""
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            return "torch sees no CUDA device"
+        return f"the compiled extension {_PKG}._C was built without the CUDA kernels"
+    return f"it takes only {'/'.join(_loaded['native'][0].device_types)} tensors"
 
 
 def _load_triton():
@@ -152,8 +214,8 @@ def _load(name):
     try:
         if name == "torch":
             result = (_load_torch(), None)
-        elif name in ("cpp", "cuda"):
-            result = _load_native(name)
+        elif name == "native":
+            result = _load_native()
         elif name == "triton":
             result = _load_triton()
         else:
@@ -178,11 +240,17 @@ def _resolve(requested, device_type):
             if backend is not None and backend.supports(device_type):
                 return backend, None
         raise RuntimeError("unreachable: the torch backend takes every device")  # pragma: no cover
-    backend, reason = _load(requested)
+    name, only = ALIASES.get(requested, (requested, None))
+    backend, reason = _load(name)
     if backend is not None:
-        if backend.supports(device_type):
+        if only is not None and device_type != only:
+            reason = f"{requested!r} names the {name} backend for {only} tensors only"
+        elif backend.supports(device_type):
             return backend, None
-        reason = f"it takes only {'/'.join(backend.device_types)} tensors"
+        elif name == "native":
+            reason = _native_device_reason(device_type)
+        else:
+            reason = f"it takes only {'/'.join(backend.device_types)} tensors"
     fallback, _ = _resolve("auto", device_type)
     return fallback, reason
 
@@ -214,7 +282,8 @@ def get_backend(name=None, device=None) -> Backend:
     """The backend to run the ops on tensors of `device`.
 
     Arguments:
-        name: "auto", "cuda", "triton", "cpp", "torch", a `Backend`, or None (then `set_backend`'s
+        name: "auto", "native", "triton", "torch" (or the aliases "cpp", "cuda"), a `Backend`, or
+            None (then `set_backend`'s
             name, else ``$MAMLPP_BACKEND``, else "auto"). An unknown name given here raises ValueError;
             an unknown name from the environment warns and falls back.
         device: a torch.device, a device string or a tensor whose device counts; None: "cuda" when
@@ -245,14 +314,34 @@ def get_backend(name=None, device=None) -> Backend:
                     BackendFallbackWarning,
                     stacklevel=3,
                 )
+            elif requested == "auto":
+                _warn_native_missing(backend, device_type)
             logger.info("mamlpp_fast ops: backend %r runs %s tensors (requested %r)",
                         backend.name, device_type, requested)
             _resolved[key] = backend
     return backend
 
 
+def _warn_native_missing(backend, device_type):
+    """One warning per process when auto would have used the compiled extension for these tensors but
+    it did not load (a failed or skipped native build): it names the cause and the backend used."""
+    global _native_warned
+    native_first = _AUTO_ORDER.get(device_type, ("torch",))[0] == "native"
+    if _native_warned or _native_missing is None or not native_first or backend.name == "native":
+        return
+    _native_warned = True
+    warnings.warn(
+        f"mamlpp_fast: the compiled extension {_PKG}._C is not available ({_native_missing}); the ops "
+        f"run on backend {backend.name!r} for {device_type} tensors. Build it with "
+        f"`pip install --no-build-isolation .` (README.md, \"Installing\")",
+        BackendFallbackWarning,
+        stacklevel=4,
+    )
+
+
 def set_backend(name):
-    """Set the process-wide backend name (the config key ``backend``); returns the previous setting.
+    """Set the process-wide default backend name; returns the previous setting. (The fast learner
+    does not call it: it passes its config key ``backend`` to the ops; benchmarks and tests do.)
 
     None or "auto" leave the choice to ``$MAMLPP_BACKEND`` / auto. Raises ValueError for an unknown name.
     """
@@ -275,7 +364,7 @@ def available_backends(device=None) -> list:
     device_type = None if device is None else _device_type(device)
     names = []
     with _lock:
-        for name in ("cuda", "triton", "cpp", "torch"):
+        for name in BACKENDS:
             backend, _ = _load(name)
             if backend is not None and (device_type is None or backend.supports(device_type)):
                 names.append(name)
@@ -285,6 +374,8 @@ def available_backends(device=None) -> list:
 def clear_cache():
     """Forget loaded and chosen backends (e.g. after building the extension); the next call reloads,
     and warns and logs again."""
+    global _native_missing, _native_warned
     with _lock:
         _loaded.clear()
         _resolved.clear()
+        _native_missing, _native_warned = None, False

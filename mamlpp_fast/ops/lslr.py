@@ -22,53 +22,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .backend import get_backend
+from .torch_backend import lslr_backward, lslr_forward  # noqa: F401 (re-exported)
 
 __all__ = ["lslr_update", "lslr_forward", "lslr_backward"]
-
-_HALF = (torch.float16, torch.bfloat16)
-
-
-# ----------------------------------------------------------------------------------------------
-# Pure-torch backend
-# ----------------------------------------------------------------------------------------------
-def lslr_forward(thetas, grads, alphas, step):
-    """``[theta - alpha[step] * grad for each tensor]``, each ``(T, *shape_l)``."""
-    lrs = [a[step] for a in alphas]
-    return list(torch._foreach_sub(list(thetas), torch._foreach_mul(list(grads), lrs)))
-
-
-def lslr_backward(douts, grads, alphas, step, shared, *, needs=None):
-    """``(dthetas, dgrads, dalphas)`` as in the module docstring.
-
-    ``shared[l]``: thetas[l] had no task dimension (dthetas[l] is then summed over tasks).
-    ``needs`` (optional, this backend only): three lists of booleans (dtheta, dgrad, dalpha per
-    tensor); an entry that is not needed comes back as None and is not computed; ``grads[l]`` may then
-    be None where dalpha[l] is not needed. The entries of ``douts`` must not be None.
-    """
-    n = len(douts)
-    need_t, need_g, need_a = needs if needs is not None else ([True] * n,) * 3
-    dthetas = [None] * n
-    dgrads = [None] * n
-    dalphas = [None] * n
-    for l in range(n):
-        if need_t[l]:
-            dthetas[l] = douts[l].sum(0) if shared[l] else douts[l]
-    idx = [l for l in range(n) if need_g[l]]
-    if idx:
-        vals = torch._foreach_mul([douts[l] for l in idx], [alphas[l][step] for l in idx])
-        torch._foreach_neg_(vals)
-        for l, v in zip(idx, vals):
-            dgrads[l] = v
-    idx = [l for l in range(n) if need_a[l]]
-    if idx:
-        prods = torch._foreach_mul([douts[l] for l in idx], [grads[l] for l in idx])
-        for l, p in zip(idx, prods):
-            alpha = alphas[l]
-            s = p.sum(dtype=torch.float32) if p.dtype in _HALF else p.sum()
-            d = torch.zeros_like(alpha)
-            d[step] = s.neg_()
-            dalphas[l] = d
-    return dthetas, dgrads, dalphas
 
 
 # ----------------------------------------------------------------------------------------------

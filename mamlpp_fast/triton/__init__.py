@@ -1,19 +1,13 @@
-"""Triton backend of the per-step batch norm and LSLR ops (docs/DESIGN.md, "Backend functions").
+"""Triton backend of the per-step batch norm and LSLR ops: the five functions of
+`mamlpp_fast.ops.backend.BackendFunctions` (the contract) at module level.
 
     from mamlpp_fast import triton as tb
     if tb.is_available():
         y, mean, invstd = tb.bn_forward(x, gamma, beta, num_tasks, eps, slope)
 
-The 5 functions, plain tensors in and out (no autograd):
-    bn_forward(x, gamma, beta, num_tasks, eps, slope) -> (y, mean, invstd)
-    bn_backward(dy, x, gamma, beta, mean, invstd, num_tasks, slope) -> (dx, dgamma, dbeta)
-    bn_double_backward(ggx, gggamma, ggbeta, dy, x, gamma, beta, mean, invstd, num_tasks, slope)
-        -> (gx, ggamma, gdy)                       # ggx / gggamma / ggbeta may be None (= zeros)
-    lslr_forward(thetas, grads, alphas, step) -> list
-    lslr_backward(douts, grads, alphas, step, shared) -> (dthetas, dgrads, dalphas)
-        # all three lists always returned; douts[l] may be None (= zeros); a per-task dthetas[l] IS
-        # douts[l]; dalphas[l] are row views of one (L, S+1) tensor
-Formulas and kernel layout: per_step_bn.py, lslr.py (same symbols as kernels/bn_math.h).
+Particular to this backend: ``lslr_backward`` also accepts None in douts (= zeros), and its dalphas[l]
+are row views of one (L, S+1) tensor. Kernel layout: per_step_bn.py, lslr.py (same symbols as
+kernels/bn_math.h).
 
 The kernel modules (and triton) are imported on first use, so that TRITON_INTERPRET=1 takes effect
 whenever it is set before that first call. is_available() is True only when triton imports and a CUDA
@@ -21,17 +15,12 @@ device is present, or TRITON_INTERPRET=1 (then the kernels run on CPU tensors, s
 """
 from __future__ import annotations
 
-import functools
-import os
+from ._device import _interpret, num_sms  # noqa: F401 (re-exported; the kernel modules import _device)
 
 __all__ = ["is_available", "unavailable_reason", "num_sms", "bn_forward", "bn_backward", "bn_double_backward",
            "lslr_forward", "lslr_backward"]
 
 _reason = None
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def is_available() -> bool:
@@ -50,18 +39,6 @@ def is_available() -> bool:
         return True
     _reason = "no CUDA device (and TRITON_INTERPRET is not set)"
     return False
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    import torch
-
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def num_sms(device) -> int:
-    """Multiprocessors of a CUDA device (cached; used by the kernels' launch heuristics)."""
-    return _sm_count(device.index if device.index is not None else 0)
 
 
 def unavailable_reason():

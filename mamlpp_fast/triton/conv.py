@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import num_sms
+from ._device import num_sms
 
 __all__ = ["conv_forward", "conv_data_grad", "conv_weight_grad", "task_conv2d_triton", "conv_block_config"]
 

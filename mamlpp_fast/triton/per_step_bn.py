@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import num_sms
+from ._device import num_sms
 
 __all__ = ["bn_forward", "bn_backward", "bn_double_backward", "bn_block_config"]
 

@@ -30,13 +30,13 @@ def _backend(name):
     if name == "cuda":
         from mamlpp_fast import _native
 
-        if "cuda" not in _native.available_backends():
+        if "cuda" not in _native.device_types():
             why = _native.load_error() or f"_C built with: {_native.built_with()}"
             if os.environ.get("MAMLPP_REQUIRE_NATIVE", "0") not in ("", "0"):
                 pytest.fail(f"MAMLPP_REQUIRE_NATIVE=1 but the cuda backend is missing ({why})",
                             pytrace=False)
             pytest.skip(f"cuda backend not built ({why})")
-        return _native.get("cuda")
+        return _native.get()  # the native backend; its functions dispatch on the device
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         pytest.skip("TRITON_INTERPRET is set")
     from mamlpp_fast import triton as tb
