@@ -176,7 +176,7 @@ def _triton(x, w, bias, b, stride, padding):
     if stride[0] != stride[1] or padding[0] != padding[1]:
         raise ValueError(f"task_conv2d: impl 'triton' takes a square stride and padding only, got stride "
                          f"{stride} and padding {padding}")
-    from ..triton.conv import task_conv2d_triton
+    from .conv_triton_autograd import task_conv2d_triton
     return task_conv2d_triton(x, w, bias, b, stride, padding)
 
 
