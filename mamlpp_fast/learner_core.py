@@ -46,7 +46,7 @@ from .common import (CheckpointError, atomic_torch_save, coerce_batch, cosine_lr
                      load_checkpoint, msl_importance_vector, resolve_device, resolve_dtype, set_torch_seed)
 from .config import load_args
 from .errors import NonFiniteError
-from .network import inner_loop_parameter_dict
+from .network import build_network, inner_loop_parameter_dict
 
 __all__ = ["LearnerCore", "LearnerAPI", "Reducer"]
 
@@ -345,8 +345,6 @@ class LearnerAPI:
     def _init_core(self, im_shape, device, args) -> LearnerCore:
         """The core and the attributes both learners have; then the network, built on the core's seed and
         moved to its device and dtype. The learner calls `core.attach(self)` after its own set-up."""
-        from .network import build_network
-
         self.core = core = LearnerCore(im_shape, device, args)
         self.args, self.device, self.dtype = core.args, core.device, core.dtype
         self.batch_size = core.args.batch_size

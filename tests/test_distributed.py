@@ -158,3 +158,31 @@ def test_torchrun_experiment_rank0_writes_and_matches_single_process(tmp_path):
             assert rel(a[key], b[key]) < 1e-7, f"{key}: {rel(a[key], b[key]):.3e}"
     assert sorted(os.listdir(tmp_path / "dp" / "dp" / "saved_models")) == \
         ["train_model_1", "train_model_2", "train_model_latest"]
+
+
+def test_rank_zero_writer_writes_on_rank_zero_only(tmp_path):
+    """The trainer's writer of a data-parallel run: rank 0 takes the folder's lock and writes; any other
+    rank takes no lock and writes nothing (its builder still computes the same rows and state)."""
+    from mamlpp_fast.distributed import RankZeroWriter
+
+    class Model:
+        def save_model(self, model_save_dir, state):
+            torch.save(state, model_save_dir)
+
+    for rank in (1, 0):
+        folder = tmp_path / f"rank{rank}"
+        folder.mkdir()
+        writer = RankZeroWriter(rank)
+        lock = writer.lock(str(folder), "train")
+        try:
+            assert writer.writes == lock.held == (rank == 0)
+            writer.write_text(str(folder / "a.txt"), "text")
+            writer.save_model(Model(), str(folder / "ckpt"), {"x": 1})
+            if rank == 0:
+                writer.copy(str(folder / "ckpt"), str(folder / "ckpt_latest"))
+        finally:
+            lock.release()
+        written = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+        assert written == (["a.txt", "ckpt", "ckpt_latest"] if rank == 0 else []), (rank, written)
+    assert (tmp_path / "rank0" / "a.txt").read_text() == "text"
+    assert torch.load(tmp_path / "rank0" / "ckpt_latest") == {"x": 1}
