@@ -186,3 +186,28 @@ def test_rank_zero_writer_writes_on_rank_zero_only(tmp_path):
         assert written == (["a.txt", "ckpt", "ckpt_latest"] if rank == 0 else []), (rank, written)
     assert (tmp_path / "rank0" / "a.txt").read_text() == "text"
     assert torch.load(tmp_path / "rank0" / "ckpt_latest") == {"x": 1}
+
+
+def test_wrapper_takes_a_learner_with_the_reduction_hook_only(tmp_path):
+    """DataParallelLearner wraps a learner (composition): the fast learner, whose running-statistics
+    update goes through its core's reduction hook; the reference learner, which updates them inside
+    F.batch_norm task by task, is refused by name. In a group of one process the wrapped learner's
+    meta-update is the plain learner's, and the wrapper exposes the learner's own attributes."""
+    from mamlpp_fast.distributed import DataParallelLearner
+    from mamlpp_fast.reference import MAMLFewShotClassifier as Reference
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        args = default_args(**CFG)
+        with pytest.raises(TypeError, match="reference.MAMLFewShotClassifier cannot be trained data-parallel"):
+            DataParallelLearner(Reference((2, 1, 14, 14), "cpu", args))
+        wrapped = DataParallelLearner(Fast((2, 1, 14, 14), "cpu", args))
+        plain = Fast((2, 1, 14, 14), "cpu", args)
+        batch = make_batches()[0]
+        lw, lp = wrapped.run_train_iter(batch, 0)[0], plain.run_train_iter(batch, 0)[0]
+        assert float(lw["loss"]) == float(lp["loss"]) and lw["accuracy"] == lp["accuracy"]
+        for key, value in plain.state_dict().items():
+            assert torch.equal(wrapped.state_dict()[key], value), key
+        assert wrapped.optimizer is wrapped.learner.core.optimizer and wrapped.core.reducer is not None
+    finally:
+        dist.destroy_process_group()
