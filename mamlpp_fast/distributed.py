@@ -11,18 +11,25 @@ Semantics (equal to the single-process run on the same meta-batch, up to floatin
   size (one flattened all-reduce), and the reported loss and accuracy are averaged the same way;
 - BN running statistics: the fast learner applies the closed form of the original's sequential
   momentum updates once per (layer, step) with the per-task batch statistics of the meta-batch in
-  task order (`_update_running_stats(pending)`). Here the per-task means and inverse stds of every
-  forward are all-gathered in rank order first, so every rank applies exactly the single-process
-  update to the full meta-batch's statistics and the running statistics stay identical on all ranks;
+  task order, after passing them through its core's `reduce_statistics`. Here the per-task means and
+  inverse stds of every forward are all-gathered in rank order there, so every rank applies exactly
+  the single-process update to the full meta-batch's statistics and the running statistics stay
+  identical on all ranks;
 - the Adam step then runs on identical gradients from identical parameters (broadcast from rank 0 at
   start), so every rank holds the same model without any parameter broadcast afterwards;
 - validation and test batches are not split: every rank evaluates the full batch (evaluation is a
   small share of the time, and it keeps the per-task logits of the test ensemble on every rank);
-- only rank 0 writes files (checkpoints, logs, config snapshot, test summary); the other ranks wait
-  at a barrier before reading checkpoints rank 0 wrote;
+- only rank 0 writes files (checkpoints, logs, config snapshot, test summary): the trainer is handed a
+  `RankZeroWriter`; the other ranks wait at a barrier before reading checkpoints rank 0 wrote;
 - the ranks share one lock of the experiment folder (mamlpp_fast.experiment): rank 0 takes it before
   anything else and holds it for the run; when it cannot (another run holds it) or rank 0's set-up
   fails, rank 0 broadcasts the error and every rank stops with it.
+
+Structure: `DataParallelLearner` wraps a learner (composition). It installs its `_RankReducer` as the
+reduction hook of the learner's core (mamlpp_fast.learner_core: the core calls it on the metrics and
+the meta-gradients of a training iteration, the fast learner on its running-statistics updates),
+passes each rank's shard to the learner's own run_train_iter, and forwards everything else to it.
+`DistributedMAMLFewShotClassifier(im_shape, device, args)` is that wrapper around a fast learner.
 
 The process group is initialised from the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR, ...):
 backend "nccl" on CUDA devices, "gloo" on the CPU. On CUDA each rank uses device LOCAL_RANK.
@@ -37,9 +44,10 @@ import torch
 import torch.distributed as dist
 
 from .fast import MAMLFewShotClassifier as FastClassifier
+from .trainer import ExperimentBuilder, ExperimentWriter, _early_lock
 
-__all__ = ["DistributedMAMLFewShotClassifier", "init_from_env", "is_distributed_env", "shard_batch",
-           "run_distributed_experiment"]
+__all__ = ["DistributedMAMLFewShotClassifier", "DataParallelLearner", "RankZeroWriter", "init_from_env",
+           "is_distributed_env", "shard_batch", "run_distributed_experiment"]
 
 
 def is_distributed_env() -> bool:
@@ -81,25 +89,13 @@ def shard_batch(data_batch, rank: int, world: int):
     return tuple(part[rank * b:(rank + 1) * b] for part in data_batch[:4])
 
 
-class DistributedMAMLFewShotClassifier(FastClassifier):
-    """The fast learner, data-parallel over the tasks of each training meta-batch. Same API.
+class _RankReducer:
+    """The reduction hook (learner_core.Reducer) over the ranks of a process group: each rank holds an
+    equal contiguous shard of the meta-batch's tasks, in rank order."""
 
-    `group`: the process group (default: the default group, which must be initialised)."""
+    def __init__(self, group, world_size: int):
+        self.group, self.world_size = group, world_size
 
-    def __init__(self, im_shape, device, args, group=None):
-        super().__init__(im_shape, device, args)
-        if not dist.is_initialized():
-            raise RuntimeError("DistributedMAMLFewShotClassifier needs an initialised torch.distributed process "
-                               "group (launch with torchrun, or call mamlpp_fast.distributed.init_from_env())")
-        self.group = group
-        self.rank = dist.get_rank(group)
-        self.world_size = dist.get_world_size(group)
-        self._sharded = False
-        with torch.no_grad():  # identical start on every rank, whatever the local seeds did
-            for t in list(self.parameters()) + list(self.buffers()):
-                dist.broadcast(t.data, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
-
-    # -- collectives --------------------------------------------------------------------------------
     def _all_gather_cat(self, t: torch.Tensor) -> torch.Tensor:
         parts = [torch.empty_like(t) for _ in range(self.world_size)]
         dist.all_gather(parts, t.contiguous(), group=self.group)
@@ -110,24 +106,13 @@ class DistributedMAMLFewShotClassifier(FastClassifier):
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         return t / self.world_size
 
-    # -- the three places where the single-process semantics need the other ranks --------------------
-    @torch.no_grad()
-    def _update_running_stats(self, pending: dict) -> None:
-        """All-gather every forward's per-task (mean, invstd) in rank order (= global task order), then
-        apply the single-process closed-form update to the whole meta-batch."""
-        if self._sharded and self.world_size > 1:
-            pending = {key: [(self._all_gather_cat(mean), self._all_gather_cat(invstd), m)
-                             for mean, invstd, m in entries] for key, entries in pending.items()}
-        super()._update_running_stats(pending)
-
-    def forward(self, data_batch, epoch, use_second_order, use_multi_step_loss_optimization, num_steps,
-                training_phase):
-        losses, preds = super().forward(data_batch, epoch, use_second_order, use_multi_step_loss_optimization,
-                                        num_steps, training_phase)
-        if not (self._sharded and self.world_size > 1):
+    def metrics(self, losses: dict, preds: list) -> tuple[dict, list]:
+        """Loss and accuracy averaged over ranks (equal shards: the meta-batch's means), logits of every
+        task gathered in task order. The loss keeps the gradient of this rank's shard (the gradients
+        are averaged in `gradients`)."""
+        if self.world_size == 1:
             return losses, preds
         loss = losses["loss"]
-        # value: the meta-batch's mean loss; gradient: this shard's (averaged over ranks in meta_update)
         losses["loss"] = loss + (self._mean_over_ranks(loss) - loss.detach())
         acc = torch.tensor(float(losses["accuracy"]), dtype=torch.float64, device=loss.device)
         losses["accuracy"] = float(self._mean_over_ranks(acc))
@@ -135,82 +120,106 @@ class DistributedMAMLFewShotClassifier(FastClassifier):
         full = self._all_gather_cat(local).cpu().numpy()
         return losses, [full[t] for t in range(full.shape[0])]
 
-    def meta_update(self, loss, data_batch=None, epoch=None) -> bool:
-        if not (self._sharded and self.world_size > 1):
-            return super().meta_update(loss, data_batch, epoch)
-        self.optimizer.zero_grad()
-        loss.backward()
-        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
-        if grads:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
-            flat /= self.world_size
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
-        self._clamp_imagenet_grads()
-        if not bool(self._finite_flag(loss)):  # same decision on every rank: grads and loss value are global
-            self._handle_nonfinite(loss, data_batch, epoch)
-            return False
-        self.optimizer.step()
-        return True
+    def gradients(self, grads: list) -> None:
+        """The meta-gradients averaged over ranks (one flattened all-reduce)."""
+        if self.world_size == 1 or not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+        flat /= self.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
-    def _graph_mode(self) -> bool:
-        return False  # CUDA-graph capture cannot contain the collectives of this learner
+    def statistics(self, pending: dict) -> dict:
+        """Every forward's per-task (mean, invstd) all-gathered in rank order (= global task order)."""
+        if self.world_size == 1:
+            return pending
+        return {key: [(self._all_gather_cat(mean), self._all_gather_cat(invstd), m) for mean, invstd, m in entries]
+                for key, entries in pending.items()}
+
+
+class DataParallelLearner:
+    """A learner made data-parallel over the tasks of each training meta-batch. Same API as the learner it
+    wraps (attributes and methods other than run_train_iter are the learner's own).
+
+    `learner`: a learner whose running-statistics update goes through its core's `reduce_statistics`
+    (`supports_data_parallel`: the fast learner; the reference learner updates them inside F.batch_norm,
+    task by task, so a shard's update could not be made the meta-batch's). Its parameters and buffers
+    are broadcast from rank 0 of `group` (default: the default group, which must be initialised)."""
+
+    def __init__(self, learner, group=None):
+        if not dist.is_initialized():
+            raise RuntimeError(f"{type(self).__name__} needs an initialised torch.distributed process "
+                               "group (launch with torchrun, or call mamlpp_fast.distributed.init_from_env())")
+        if not getattr(learner, "supports_data_parallel", False):
+            raise TypeError(f"{type(learner).__module__}.{type(learner).__name__} cannot be trained data-parallel: "
+                            "its running statistics are not updated through its core's reduction hook")
+        self.learner = learner
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        with torch.no_grad():  # identical start on every rank, whatever the local seeds did
+            for t in list(learner.parameters()) + list(learner.buffers()):
+                dist.broadcast(t.data, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        learner.core.set_reducer(_RankReducer(group, self.world_size))
 
     def run_train_iter(self, data_batch, epoch):
         """One meta-update on this rank's shard of the meta-batch (every rank passes the full batch)."""
-        shard = shard_batch(data_batch, self.rank, self.world_size)
-        self._sharded = True
-        try:
-            return super().run_train_iter(shard, epoch)
-        finally:
-            self._sharded = False
+        return self.learner.run_train_iter(shard_batch(data_batch, self.rank, self.world_size), epoch)
+
+    def __getattr__(self, name):
+        if name == "learner":  # not set yet (during __init__): no recursion
+            raise AttributeError(name)
+        return getattr(self.learner, name)
 
 
-def _rank0_only_builder(builder_cls):
-    """An ExperimentBuilder subclass whose non-zero ranks write nothing and read checkpoints only after
-    rank 0 has finished writing them."""
+class DistributedMAMLFewShotClassifier(DataParallelLearner):
+    """The fast learner, data-parallel over the tasks of each training meta-batch. Same API.
 
-    class DistributedExperimentBuilder(builder_cls):
-        def __init__(self, *a, **kw):
-            self._rank = dist.get_rank()
-            if self._rank != 0:
-                kw["progress"] = False
-                kw["log"] = lambda msg: None
-            super().__init__(*a, **kw)
+    `group`: the process group (default: the default group, which must be initialised)."""
 
-        def _acquire_lock(self):
-            if self._rank == 0:
-                return super()._acquire_lock()
-            from .experiment import LockHandle
+    def __init__(self, im_shape, device, args, group=None):
+        if not dist.is_initialized():  # before building the learner
+            raise RuntimeError("DistributedMAMLFewShotClassifier needs an initialised torch.distributed process "
+                               "group (launch with torchrun, or call mamlpp_fast.distributed.init_from_env())")
+        super().__init__(FastClassifier(im_shape, device, args), group)
 
-            return LockHandle(None)  # rank 0 holds the lock for all ranks
 
-        def _write_config_snapshot(self):
-            if self._rank == 0:
-                super()._write_config_snapshot()
+class RankZeroWriter(ExperimentWriter):
+    """The trainer's writer in a data-parallel run: rank 0 takes the experiment folder's lock for all
+    ranks and writes every file; the other ranks write nothing and, before reading checkpoints, wait at a
+    barrier until rank 0 has written them."""
 
-        def save_models(self, epoch, state):
-            if self._rank == 0:
-                super().save_models(epoch, state)
+    def __init__(self, rank: int):
+        self.rank = int(rank)
 
-        def _append_summary(self, summary):
-            if self._rank == 0:
-                super()._append_summary(summary)
-            else:
-                self.summary_rows.append(list(summary.values()))
+    @property
+    def writes(self) -> bool:
+        return self.rank == 0
 
-        def _write_test_summary(self, result):
-            if self._rank == 0:
-                super()._write_test_summary(result)
+    def lock(self, root, command, log=None):
+        if self.rank == 0:
+            return super().lock(root, command, log)
+        from .experiment import LockHandle
 
-        def evaluate_test_set_using_the_best_models(self, top_n_models=None):
-            dist.barrier()  # rank 0's last checkpoint is on disk
-            return super().evaluate_test_set_using_the_best_models(top_n_models)
+        return LockHandle(None)  # rank 0 holds the lock for all ranks
 
-    return DistributedExperimentBuilder
+    def write_text(self, path, text) -> None:
+        if self.rank == 0:
+            super().write_text(path, text)
+
+    def copy(self, src, dst) -> None:
+        if self.rank == 0:
+            super().copy(src, dst)
+
+    def save_model(self, model, path, state) -> None:
+        if self.rank == 0:
+            super().save_model(model, path, state)
+
+    def wait(self) -> None:
+        dist.barrier()
 
 
 def _rank0_outcome(rank: int, fn):
@@ -238,7 +247,6 @@ def run_distributed_experiment(args: Any, *, config_path=None, overwrite: bool =
     """`run_experiment` for a torchrun launch: the distributed learner, rank 0 writing the files."""
     from .common import resolve_device
     from .data import MetaLearningSystemDataLoader
-    from .trainer import ExperimentBuilder, _early_lock
 
     rank, world = init_from_env(getattr(args, "device", "auto"))
     if int(args.batch_size) % world != 0:
@@ -253,15 +261,15 @@ def run_distributed_experiment(args: Any, *, config_path=None, overwrite: bool =
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         model = DistributedMAMLFewShotClassifier(
             im_shape=(2, args.image_channels, args.image_height, args.image_width), device=dev, args=args)
-        builder_cls = _rank0_only_builder(ExperimentBuilder)
+        writer = RankZeroWriter(rank)
         # Rank 0 decides between resume and fresh start (and deletes, with overwrite) before the others.
-        builder = _rank0_outcome(rank, lambda: builder_cls(
+        builder = _rank0_outcome(rank, lambda: ExperimentBuilder(
             args, MetaLearningSystemDataLoader, model, dev, overwrite=overwrite, config_path=config_path,
-            progress=progress, log=log, allow_config_change=allow_config_change))
+            progress=progress, log=log, allow_config_change=allow_config_change, writer=writer))
         if rank != 0:
-            builder = builder_cls(args, MetaLearningSystemDataLoader, model, dev, overwrite=False,
-                                  config_path=config_path, progress=False, log=None,
-                                  allow_config_change=allow_config_change)
+            builder = ExperimentBuilder(args, MetaLearningSystemDataLoader, model, dev, overwrite=False,
+                                        config_path=config_path, progress=False, log=lambda msg: None,
+                                        allow_config_change=allow_config_change, writer=writer)
         return builder.run_experiment()
     finally:
         if lock is not None:

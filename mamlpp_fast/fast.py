@@ -1,8 +1,11 @@
 """The fast MAML++ learner: every task of a meta-batch in one pass.
 
 Same constructor, methods, config keys, state_dict keys, returned values and files as
-`mamlpp_fast.reference.MAMLFewShotClassifier` (it subclasses it and shares its modules); only the
-outer forward differs. Instead of a Python loop over the B tasks:
+`mamlpp_fast.reference.MAMLFewShotClassifier`: both are built on the same network modules
+(mamlpp_fast.network) and the same learner core (mamlpp_fast.learner_core: meta-optimizer, schedule,
+MSL weights, non-finite policy, running-statistics snapshots, checkpoints); only the outer forward
+differs, and this learner adds the CUDA-graph capture of a whole meta-update. Instead of a Python loop
+over the B tasks:
 
 - fast weights carry a leading task dimension: an adapted tensor of shape S is held as (B, *S);
 - activations use the layout (n, B*C, H, W) (task-major channels), so the convolutions of all tasks
@@ -31,14 +34,16 @@ that task's own loss gradient).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import cosine_lr, float32_precision
+from .learner_core import LearnerAPI
+from .network import BN_EPS, BN_MOMENTUM, LEAKY_SLOPE
 from .ops import lslr_update, per_step_batch_norm
 from .ops.conv import task_conv2d
-from .reference import BN_EPS, BN_MOMENTUM, LEAKY_SLOPE
-from .reference import MAMLFewShotClassifier as ReferenceClassifier
 
 __all__ = ["MAMLFewShotClassifier"]
 
@@ -49,23 +54,34 @@ def _task_major(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, n * k, c, h, w).transpose(0, 1).reshape(n * k, b * c, h, w)
 
 
-class MAMLFewShotClassifier(ReferenceClassifier):
+class MAMLFewShotClassifier(LearnerAPI, nn.Module):
     """MAML++ with all tasks of a meta-batch processed together. API identical to the reference.
+
+    This class is the batched outer forward and the CUDA-graph capture; the public methods and the
+    meta-optimizer come from the learner core (`self.core`) through LearnerAPI, as for the reference.
 
     The op backend is this learner's own choice: its config key `backend` is passed to every op call
     (``backend=``; "auto" defers to `mamlpp_fast.ops.set_backend`, then env MAMLPP_BACKEND, then the
     device's best); nothing process-wide is changed. See mamlpp_fast.ops.backend.
     """
 
+    supports_data_parallel = True  # its running-statistics update goes through core.reduce_statistics
+
     def __init__(self, im_shape, device, args):
-        super().__init__(im_shape, device, args)
+        super().__init__()
+        core = self._init_core(im_shape, device, args)  # config, seed, network, LSLR (learner_core.LearnerAPI)
         self._op_backend = self.args.backend  # passed to the ops (backend=), for this learner only
         self._adapted_names = list(self.get_inner_loop_parameter_dict(self.classifier.named_parameters()))
         self._importance_cache: tuple[int, torch.Tensor, list] | None = None
-        self._graphs = {}
-        self._graph_failed = None
-        if self._graph_mode():
-            self._make_capturable_optimizer()
+        self._graphs: dict = {}
+        self._graph_failed: str | None = None
+        # The meta-optimizer: with CUDA graphs, Adam with its step count and learning rate on the device
+        # (capturable), so that the captured step reads the current epoch's rate from a tensor the host
+        # fills before each replay. cuDNN algorithm search (config key cudnn_benchmark, default on): the
+        # grouped convolutions of the fast learner are where its GPU time goes, and letting cuDNN time its
+        # algorithms took mini-ImageNet 5-way 5-shot (CUDA graph) from 206 ms to 78 ms per meta-update on
+        # an H100 (measured 2026-11-26, bench/NOTES.md).
+        core.attach(self, capturable=self._graph_mode(), cudnn_benchmark=self.args.cudnn_benchmark)
 
     @property
     def backend_name(self) -> str:
@@ -114,13 +130,6 @@ class MAMLFewShotClassifier(ReferenceClassifier):
         weights = fast["layer_dict.linear.weights"]  # (B, classes, F)
         lin_bias = fast["layer_dict.linear.bias"]  # (B, classes)
         return torch.baddbmm(lin_bias.unsqueeze(1), feats, weights.transpose(1, 2))
-
-    def _precision(self):
-        """Strict float32 unless allow_tf32, and cuDNN algorithm search (config key cudnn_benchmark,
-        default on): the grouped convolutions of the fast learner are where its GPU time goes, and
-        letting cuDNN time its algorithms took mini-ImageNet 5-way 5-shot (CUDA graph) from 206 ms to
-        78 ms per meta-update on an H100 (measured 2026-11-26, bench/NOTES.md)."""
-        return float32_precision(self.args.allow_tf32, self.args.cudnn_benchmark)
 
     def _importance(self) -> torch.Tensor:
         """The MSL weights of the current epoch on the device, computed once per epoch (with a host copy
@@ -198,7 +207,7 @@ class MAMLFewShotClassifier(ReferenceClassifier):
                     for layer, mean, invstd, m in stats:
                         pending.setdefault((layer, step), []).append((mean, invstd, m))
         if pending:
-            self._update_running_stats(pending)
+            self._update_running_stats(self.core.reduce_statistics(pending))
         preds = target_logits.detach()
         accuracy = preds.argmax(-1).eq(y_target.reshape(b, -1)).to(torch.float32).mean()
         return loss, accuracy, preds
@@ -223,58 +232,53 @@ class MAMLFewShotClassifier(ReferenceClassifier):
                                                       training_phase, importance)
         return self._host_losses(loss, accuracy, preds, importance)
 
+    def train_forward_prop(self, data_batch, epoch):
+        return self.forward(data_batch, epoch, **self.core.train_phase(epoch))
+
+    def evaluation_forward_prop(self, data_batch, epoch):
+        return self.forward(data_batch, epoch, **self.core.evaluation_phase())
+
     # -- CUDA-graph capture of the whole meta-update ------------------------------------------------------
     supports_cuda_graph = True
 
-    def _make_capturable_optimizer(self) -> None:
-        """Adam with its step count and learning rate on the device (capturable=True), so that the
-        captured step reads the current epoch's rate from a tensor the host fills before each replay."""
-        lr = torch.tensor(float(self.args.meta_learning_rate), device=self.device, dtype=torch.float32)
-        self.optimizer = torch.optim.Adam(self.trainable_parameters(), lr=lr, amsgrad=False, capturable=True)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer=self.optimizer, T_max=self.args.total_epochs, eta_min=self.args.min_learning_rate)
-        self._graphs: dict = {}
-        self._graph_failed: str | None = None
-
-    def _set_epoch_learning_rate(self, epoch: int) -> float:
-        if not self._graph_mode():
-            return super()._set_epoch_learning_rate(epoch)
-        lr = cosine_lr(epoch, self.args.meta_learning_rate, self.args.min_learning_rate, self.args.total_epochs)
-        for group in self.optimizer.param_groups:
-            group["lr"].fill_(lr)  # the learning rate is a device tensor read by the captured step
-        self.scheduler.last_epoch = epoch
-        return lr
-
     def _graph_mode(self) -> bool:
-        return bool(getattr(self.args, "cuda_graph", False)) and self.device.type == "cuda"
+        """Config key `cuda_graph` on a CUDA device, and no reduction over processes installed (its
+        collectives cannot be captured)."""
+        return (bool(getattr(self.args, "cuda_graph", False)) and self.device.type == "cuda"
+                and self.core.reducer is None)
 
     def _train_step_tensors(self, data, epoch, importance):
         """Forward, outer backward, imagenet clamp and the finiteness flag, on device tensors only
         (the Adam step is separate, so that a non-finite update can be withheld)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        stats = self._snapshot_running_stats()
+        core = self.core
+        core.optimizer.zero_grad(set_to_none=True)
+        stats = core.snapshot_running_stats()
+        phase = core.train_phase(epoch)
         loss, accuracy, preds = self._forward_tensors(
-            data, epoch, self.args.second_order and epoch > self.args.first_order_to_second_order_epoch,
-            self.args.use_multi_step_loss_optimization, self.args.number_of_training_steps_per_iter, True,
-            importance)
-        loss.backward()
-        self._clamp_imagenet_grads()
-        return loss.detach(), accuracy, preds, self._finite_flag(loss), stats
+            data, epoch, phase["use_second_order"], phase["use_multi_step_loss_optimization"], phase["num_steps"],
+            True, importance)
+        core.backward(loss)
+        return loss.detach(), accuracy, preds, core.finite_flag(loss), stats
 
-    def _train_iter(self, data_batch, epoch):
-        """One meta-update (run_train_iter's body). With the config key `cuda_graph` on a CUDA device, the whole update (inner
-        loop, outer backward, Adam step) is captured once per batch shape and MAML++ phase (MSL on/off,
+    def run_train_iter(self, data_batch, epoch):
+        """One meta-update on a batch of tasks. Returns (losses, per-task target logits).
+
+        With the config key `cuda_graph` on a CUDA device, the whole update (inner loop, outer
+        backward, Adam step) is captured once per batch shape and MAML++ phase (MSL on/off,
         first/second order) and replayed; the first call of each phase runs uncaptured (warm-up) and a
         capture that fails falls back to uncaptured updates with one warning. Two graphs are replayed:
-        forward/backward (with a device-side finiteness flag), then, if the flag is set, the Adam step."""
+        forward/backward (with a device-side finiteness flag), then, if the flag is set, the Adam step.
+        Otherwise the core's plain meta-update (LearnerCore.train_iter) runs this learner's forward."""
         if not self._graph_mode() or self._graph_failed is not None:
-            return super()._train_iter(data_batch, epoch)
+            return self.core.train_iter(data_batch, epoch)
+        with self.core.precision():
+            return self._graph_train_iter(data_batch, epoch)
+
+    def _graph_train_iter(self, data_batch, epoch):
+        core = self.core
         epoch = int(epoch)
-        lr = self._set_epoch_learning_rate(epoch)
-        self.current_epoch = epoch
-        if not self.training:
-            self.train()
-        data = self._batch(data_batch)
+        lr = core.begin_train_iter(epoch)
+        data = core.batch(data_batch)
         importance = self._importance()
         key = (tuple(t.shape for t in data), self.args.second_order and epoch > self.args.first_order_to_second_order_epoch,
                self.args.use_multi_step_loss_optimization and epoch < self.args.multi_step_loss_num_epochs)
@@ -287,11 +291,11 @@ class MAMLFewShotClassifier(ReferenceClassifier):
                 loss, accuracy, preds, finite, stats = self._train_step_tensors(data, epoch, importance)
                 ok = bool(finite)
                 if ok:
-                    self.optimizer.step()
+                    core.optimizer.step()
             torch.cuda.current_stream(self.device).wait_stream(side)
             if not ok:
-                self._restore_running_stats(stats)
-                self._handle_nonfinite(loss, data, epoch)
+                core.restore_running_stats(stats)
+                core.handle_nonfinite(loss, data, epoch)
             losses, preds_list = self._host_losses(loss, accuracy, preds, importance)
             self._capture(key, data, epoch, importance)
         else:
@@ -305,15 +309,14 @@ class MAMLFewShotClassifier(ReferenceClassifier):
             if ok:
                 step_graph.replay()
             else:
-                self._restore_running_stats(stats)
-                self._handle_nonfinite(loss, data, epoch)
+                core.restore_running_stats(stats)
+                core.handle_nonfinite(loss, data, epoch)
             losses, preds_list = self._host_losses(loss, accuracy, preds, importance)
         losses["learning_rate"] = lr
         losses["skipped"] = not ok
         return losses, preds_list
 
     def _capture(self, key, data, epoch, importance) -> None:
-        import warnings
         static_in = [t.clone() for t in data]
         static_imp = importance.clone()
         graph = torch.cuda.CUDAGraph()

@@ -60,8 +60,8 @@ from .common import fsync_dir as _fsync_dir
 from .errors import ExperimentError  # noqa: F401 (re-exported)
 from . import experiment as _xp
 
-__all__ = ["ExperimentBuilder", "ExperimentError", "CheckpointError", "SHAPE_KEYS", "run_experiment",
-           "build_experiment_folder", "describe_learner"]
+__all__ = ["ExperimentBuilder", "ExperimentWriter", "ExperimentError", "CheckpointError", "SHAPE_KEYS",
+           "run_experiment", "build_experiment_folder", "describe_learner"]
 
 
 
@@ -165,6 +165,42 @@ def describe_learner(model: Any) -> tuple[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Who writes the experiment's files
+# ----------------------------------------------------------------------------------------------------
+class ExperimentWriter:
+    """Takes the experiment folder's lock and writes the experiment's files for an ExperimentBuilder.
+
+    This one (the default) is a process that writes everything itself. A data-parallel run hands each
+    rank's builder a `mamlpp_fast.distributed.RankZeroWriter` instead: rank 0 writes, the others write
+    nothing and wait for rank 0's checkpoints before reading them."""
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the experiment's files."""
+        return True
+
+    def lock(self, root: str, command: str, log: Callable[[str], None] | None = None) -> "_xp.LockHandle":
+        """This process's share of the experiment folder's lock (mamlpp_fast.experiment)."""
+        return _xp.acquire_lock(root, command, log=log)
+
+    def write_text(self, path: str, text: str) -> None:
+        _atomic_write_text(path, text)
+
+    def copy(self, src: str, dst: str) -> None:
+        """`dst` becomes a copy of `src`, written atomically."""
+        with open(src, "rb") as f:
+            atomic_write(dst, lambda out: shutil.copyfileobj(f, out))
+
+    def save_model(self, model: Any, path: str, state: dict) -> None:
+        # The learners' save_model writes atomically (common.atomic_torch_save): temp file, fsync, rename.
+        model.save_model(model_save_dir=path, state=state)
+
+    def wait(self) -> None:
+        """Return once the files other processes write for this experiment are on disk (nothing to wait
+        for when this process writes them all)."""
+
+
+# ----------------------------------------------------------------------------------------------------
 # The experiment
 # ----------------------------------------------------------------------------------------------------
 class ExperimentBuilder:
@@ -184,6 +220,8 @@ class ExperimentBuilder:
         config_path: the configuration file, for the start-up line and the log.
         progress: show tqdm progress bars (stderr).
         log: function printing one line (default: tqdm.write to stdout).
+        writer: who takes the folder's lock and writes the files (default: this process,
+            `ExperimentWriter()`; a data-parallel run passes each rank a `RankZeroWriter`).
 
     Example:
         >>> builder = ExperimentBuilder(args, MetaLearningSystemDataLoader, model, device)  # doctest: +SKIP
@@ -193,8 +231,10 @@ class ExperimentBuilder:
 
     def __init__(self, args: Any, data: Any, model: Any, device: Any = None, *, overwrite: bool = False,
                  config_path: str | os.PathLike | None = None, progress: bool = True,
-                 log: Callable[[str], None] | None = None, allow_config_change: bool = False):
+                 log: Callable[[str], None] | None = None, allow_config_change: bool = False,
+                 writer: ExperimentWriter | None = None):
         self.args, self.model, self.device = args, model, device
+        self.writer = writer if writer is not None else ExperimentWriter()
         self.overwrite = bool(overwrite)
         self.allow_config_change = bool(allow_config_change)
         self.config_path = None if config_path is None else os.fspath(config_path)
@@ -306,7 +346,7 @@ class ExperimentBuilder:
         evaluate_only = bool(getattr(self.args, "evaluate_on_test_set_only", False))
         if evaluate_only and not os.path.isdir(self.root):
             return _xp.LockHandle(None)
-        return _xp.acquire_lock(self.root, "test" if evaluate_only else "train", log=self.log)
+        return self.writer.lock(self.root, "test" if evaluate_only else "train", log=self.log)
 
     def _continue_mode(self) -> Any:
         """continue_from_epoch -> "latest" ('latest', -2), "scratch" ('from_scratch', -1) or an epoch number."""
@@ -540,8 +580,8 @@ class ExperimentBuilder:
             entry["changed"] = {k: {"from": a, "to": b} for k, a, b in self._config_change}
         entry["config"] = snap
         history.append(entry)
-        _atomic_write_text(hist_path, json.dumps(history, indent=1) + "\n")
-        _atomic_write_text(os.path.join(self.root, CONFIG_SNAPSHOT), json.dumps(snap, indent=2) + "\n")
+        self.writer.write_text(hist_path, json.dumps(history, indent=1) + "\n")
+        self.writer.write_text(os.path.join(self.root, CONFIG_SNAPSHOT), json.dumps(snap, indent=2) + "\n")
 
     # -- statistics files ---------------------------------------------------------------------------
     @property
@@ -585,21 +625,19 @@ class ExperimentBuilder:
             if key not in header:
                 header.append(key)
         self.summary_rows.append([_plain(summary.get(k, "")) for k in header])
-        _atomic_write_text(self.summary_csv_path, _csv_text(header, self.summary_rows))
-        _atomic_write_text(os.path.join(self.logs_filepath, "summary_statistics.json"),
-                           json.dumps(_json_safe(self.state.get("per_epoch_statistics", {}))))
+        self.writer.write_text(self.summary_csv_path, _csv_text(header, self.summary_rows))
+        self.writer.write_text(os.path.join(self.logs_filepath, "summary_statistics.json"),
+                               json.dumps(_json_safe(self.state.get("per_epoch_statistics", {}))))
 
     # -- checkpoints --------------------------------------------------------------------------------
     def _save_one(self, final_path: str, state: dict) -> None:
-        # The learners' save_model writes atomically (common.atomic_torch_save): temp file, fsync, rename.
-        self.model.save_model(model_save_dir=final_path, state=dict(state))
+        self.writer.save_model(self.model, final_path, dict(state))
 
     def save_models(self, epoch: int, state: dict) -> None:
         """train_model_{epoch}, then train_model_latest (a copy), each written atomically."""
         numbered = self.checkpoint_path(int(epoch))
         self._save_one(numbered, state)
-        with open(numbered, "rb") as src:
-            atomic_write(self.checkpoint_path("latest"), lambda f: shutil.copyfileobj(src, f))
+        self.writer.copy(numbered, self.checkpoint_path("latest"))
 
     # -- loops --------------------------------------------------------------------------------------
     @staticmethod
@@ -739,6 +777,7 @@ class ExperimentBuilder:
 
     def evaluate_test_set_using_the_best_models(self, top_n_models: int | None = None) -> dict[str, float]:
         """The original's test protocol: an ensemble of the top-n validation checkpoints on the test tasks."""
+        self.writer.wait()  # every checkpoint is on disk
         top_n = int(top_n_models or self.max_models_to_save)
         ranked = self._ranked_epochs()
         if not ranked:
@@ -804,6 +843,8 @@ class ExperimentBuilder:
         return result
 
     def _write_test_summary(self, result: dict[str, float]) -> None:
+        if not self.writer.writes:
+            return
         text = _csv_text(list(result.keys()), [list(result.values())])
         path = self.test_summary_path
         if os.path.exists(path):
@@ -813,7 +854,7 @@ class ExperimentBuilder:
                 aside = path[:-4] + f"_{time.strftime('%Y%m%d-%H%M%S')}.csv"
                 shutil.copyfile(path, aside)
                 self.log(f"mamlpp: the earlier test summary is kept in {aside}")
-        _atomic_write_text(path, text)
+        self.writer.write_text(path, text)
 
     def read_test_summary(self) -> dict[str, float] | None:
         if not os.path.exists(self.test_summary_path):

@@ -22,9 +22,9 @@ EXTENSIONS = ("_C",)  # compiled modules of the package (not .py files)
 LAYERS = {
     "errors": ("mamlpp_fast.errors",),
     "kernels": ("mamlpp_fast.ops", "mamlpp_fast.triton", "mamlpp_fast._native", "mamlpp_fast._C"),
-    "base": ("mamlpp_fast.config", "mamlpp_fast.common"),
+    "base": ("mamlpp_fast.config", "mamlpp_fast.common", "mamlpp_fast.experiment"),
     "data": ("mamlpp_fast.data",),
-    "learners": ("mamlpp_fast.reference", "mamlpp_fast.fast"),
+    "learners": ("mamlpp_fast.network", "mamlpp_fast.learner_core", "mamlpp_fast.reference", "mamlpp_fast.fast"),
     "app": ("mamlpp_fast.trainer", "mamlpp_fast.distributed", "mamlpp_fast.plots", "mamlpp_fast.cli",
             "mamlpp_fast.__main__", "mamlpp_fast"),
 }
@@ -293,3 +293,26 @@ def test_backend_names_agree_across_layers():
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     (flag,) = [a for a in train._actions if "--backend" in a.option_strings]
     assert set(flag.choices) == set(BACKEND_NAMES)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One learner core, composed (mamlpp_fast.learner_core)
+# ----------------------------------------------------------------------------------------------------
+def test_the_learners_are_composed_not_chained():
+    """The fast learner neither imports nor subclasses the reference (the oracle it is checked against);
+    both hold a LearnerCore; the data-parallel learner wraps a learner instead of subclassing one."""
+    assert "mamlpp_fast.reference" not in GRAPH["mamlpp_fast.fast"]
+    assert "mamlpp_fast.fast" not in GRAPH["mamlpp_fast.reference"]
+    from mamlpp_fast.distributed import DistributedMAMLFewShotClassifier
+    from mamlpp_fast.fast import MAMLFewShotClassifier as Fast
+    from mamlpp_fast.learner_core import LearnerCore
+    from mamlpp_fast.reference import MAMLFewShotClassifier as Reference
+    assert not issubclass(Fast, Reference) and not issubclass(Reference, Fast)
+    assert not issubclass(DistributedMAMLFewShotClassifier, (Fast, Reference))
+    from mamlpp_fast.config import default_args
+    args = default_args(cnn_num_filters=4, num_stages=1, number_of_training_steps_per_iter=1,
+                        number_of_evaluation_steps_per_iter=1, batch_size=1)
+    for cls in (Fast, Reference):
+        model = cls((1, 1, 28, 28), "cpu", args)
+        assert isinstance(model.core, LearnerCore) and model.core.learner is model
+        assert model.optimizer is model.core.optimizer

@@ -140,6 +140,12 @@ def test_bad_inputs_name_the_cause():
         task_conv2d(x, w, bias, b, impl="winograd")
     with pytest.raises(ValueError, match="unknown pattern"):
         task_conv2d(x, w, bias, b, pattern="third_order")
+    with pytest.raises(ValueError, match=r"weight \(torch.float64, cpu\) must match x \(torch.float32, cpu\)"):
+        task_conv2d(x, w.double(), bias, b)
+    with pytest.raises(ValueError, match="bias .* must match x"):
+        task_conv2d(x, w, bias.double(), b)
+    with pytest.raises(ValueError, match="x must be a floating-point tensor"):
+        task_conv2d(x.long(), w, bias, b)
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         with pytest.raises(RuntimeError, match="impl 'triton'"):
             task_conv2d(x, w, bias, b, impl="triton")

@@ -158,3 +158,56 @@ def test_torchrun_experiment_rank0_writes_and_matches_single_process(tmp_path):
             assert rel(a[key], b[key]) < 1e-7, f"{key}: {rel(a[key], b[key]):.3e}"
     assert sorted(os.listdir(tmp_path / "dp" / "dp" / "saved_models")) == \
         ["train_model_1", "train_model_2", "train_model_latest"]
+
+
+def test_rank_zero_writer_writes_on_rank_zero_only(tmp_path):
+    """The trainer's writer of a data-parallel run: rank 0 takes the folder's lock and writes; any other
+    rank takes no lock and writes nothing (its builder still computes the same rows and state)."""
+    from mamlpp_fast.distributed import RankZeroWriter
+
+    class Model:
+        def save_model(self, model_save_dir, state):
+            torch.save(state, model_save_dir)
+
+    for rank in (1, 0):
+        folder = tmp_path / f"rank{rank}"
+        folder.mkdir()
+        writer = RankZeroWriter(rank)
+        lock = writer.lock(str(folder), "train")
+        try:
+            assert writer.writes == lock.held == (rank == 0)
+            writer.write_text(str(folder / "a.txt"), "text")
+            writer.save_model(Model(), str(folder / "ckpt"), {"x": 1})
+            if rank == 0:
+                writer.copy(str(folder / "ckpt"), str(folder / "ckpt_latest"))
+        finally:
+            lock.release()
+        written = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+        assert written == (["a.txt", "ckpt", "ckpt_latest"] if rank == 0 else []), (rank, written)
+    assert (tmp_path / "rank0" / "a.txt").read_text() == "text"
+    assert torch.load(tmp_path / "rank0" / "ckpt_latest") == {"x": 1}
+
+
+def test_wrapper_takes_a_learner_with_the_reduction_hook_only(tmp_path):
+    """DataParallelLearner wraps a learner (composition): the fast learner, whose running-statistics
+    update goes through its core's reduction hook; the reference learner, which updates them inside
+    F.batch_norm task by task, is refused by name. In a group of one process the wrapped learner's
+    meta-update is the plain learner's, and the wrapper exposes the learner's own attributes."""
+    from mamlpp_fast.distributed import DataParallelLearner
+    from mamlpp_fast.reference import MAMLFewShotClassifier as Reference
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        args = default_args(**CFG)
+        with pytest.raises(TypeError, match="reference.MAMLFewShotClassifier cannot be trained data-parallel"):
+            DataParallelLearner(Reference((2, 1, 14, 14), "cpu", args))
+        wrapped = DataParallelLearner(Fast((2, 1, 14, 14), "cpu", args))
+        plain = Fast((2, 1, 14, 14), "cpu", args)
+        batch = make_batches()[0]
+        lw, lp = wrapped.run_train_iter(batch, 0)[0], plain.run_train_iter(batch, 0)[0]
+        assert float(lw["loss"]) == float(lp["loss"]) and lw["accuracy"] == lp["accuracy"]
+        for key, value in plain.state_dict().items():
+            assert torch.equal(wrapped.state_dict()[key], value), key
+        assert wrapped.optimizer is wrapped.learner.core.optimizer and wrapped.core.reducer is not None
+    finally:
+        dist.destroy_process_group()

@@ -88,3 +88,29 @@ def test_cli_logs_the_backend_choice_with_v(capsys, fresh_registry):
 def test_cli_bench_is_removed_with_a_pointer():
     from mamlpp_fast import cli
     assert cli.main(["bench", "--quick"]) == 2
+
+
+@pytest.mark.skipif("native" not in ops.available_backends("cpu"), reason="mamlpp_fast._C not built")
+@pytest.mark.parametrize("fixed", ["learnable_bn_gamma", "learnable_bn_beta"])
+def test_inner_loop_bn_with_one_fixed_parameter_runs_on_the_native_backend(fixed):
+    """With enable_inner_loop_optimizable_bn_params and one of gamma/beta not learnable, the fast learner
+    passes a per-task (B, C) parameter beside a shared (C,) one: valid op input, which the op hands to
+    the native kernels in their layout (it used to stop inside the backend: 'beta must have the shape
+    of gamma'). The meta-update equals the reference's (float64)."""
+    from mamlpp_fast.reference import MAMLFewShotClassifier as Reference
+
+    args = default_args(dtype="float64", backend="native", cnn_num_filters=4, num_stages=2, batch_size=2,
+                        image_height=14, image_width=14, number_of_training_steps_per_iter=2,
+                        number_of_evaluation_steps_per_iter=2, per_step_bn_statistics=True,
+                        enable_inner_loop_optimizable_bn_params=True, **{fixed: False})
+    batch = learnable_batch(2, args.num_classes_per_set, 1, 1, 1, 14, 14, 3)
+    fast = Fast((2, 1, 14, 14), "cpu", args)
+    ref = Reference((2, 1, 14, 14), "cpu", args)
+    lf, lr = float(fast.run_train_iter(batch, 0)[0]["loss"]), float(ref.run_train_iter(batch, 0)[0]["loss"])
+    assert abs(lf - lr) <= 1e-12 * abs(lr)
+    step = args.meta_learning_rate
+    for key, want in ref.state_dict().items():
+        # conv biases feed batch norm: their exact meta-gradient is 0 and Adam turns rounding noise into
+        # steps of at most the learning rate, so they are compared to a bound far below one step
+        tol = 1e-3 * step if key.endswith(("conv.bias", "conv-bias")) else 1e-9 * max(float(want.abs().max()), 1.0)
+        assert float((fast.state_dict()[key] - want).abs().max()) <= tol, key

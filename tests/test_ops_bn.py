@@ -413,6 +413,36 @@ def test_bad_arguments_raise_with_clear_messages():
             fn()
 
 
+def _cpu_backends():
+    return [name for name in ("torch", "native") if name in registry.available_backends("cpu")]
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
+def test_what_the_op_accepts_every_backend_runs(rng, backend):
+    """Validation happens once, at the op: an x that is not contiguous and a shared gamma beside a
+    per-task beta are valid input, so every backend computes them (the op hands them over in the
+    backends' layout) with the torch backend's result on the plain layout; a dtype the backend's kernels
+    do not take is refused by the op, naming the backend, not inside the backend."""
+    T, C = 3, 2
+    x = rng.randn(4, 5, T * C, 3).transpose(1, 2)  # (4, T*C, 5, 3), not contiguous
+    gamma, beta = rng.randn(C) + 1.5, rng.randn(T, C)
+    gamma.requires_grad_(True)
+    x.requires_grad_(True)
+    y, mean, invstd = per_step_batch_norm(x, gamma, beta, T, backend=backend)
+    dx, dgamma = torch.autograd.grad(y.square().sum(), (x, gamma))
+    x2 = x.detach().contiguous().requires_grad_(True)
+    g2 = gamma.detach().clone().requires_grad_(True)
+    y2, mean2, invstd2 = per_step_batch_norm(x2, g2.expand(T, C), beta, T, backend="torch")
+    dx2, dgamma2 = torch.autograd.grad(y2.square().sum(), (x2, g2))
+    for what, a, e in (("y", y, y2), ("mean", mean, mean2), ("invstd", invstd, invstd2), ("dx", dx, dx2),
+                       ("dgamma", dgamma, dgamma2)):
+        check_close(a, e, 1e-12, f"{backend}: {what}", rng.seed)
+    if registry.get_backend(backend, "cpu").dtypes is not None:
+        with pytest.raises(ValueError, match=rf"per_step_batch_norm: the '{backend}' backend takes float32 or "
+                                             r"float64 tensors, got x of dtype float16"):
+            per_step_batch_norm(x.detach().half(), gamma.detach().float(), beta.float(), T, backend=backend)
+
+
 def test_docstring_examples():
     for mod in (per_step_bn, ops.lslr):
         result = doctest.testmod(mod, verbose=False)

@@ -12,7 +12,7 @@ from torch.autograd import gradcheck
 
 from mamlpp_fast import ops
 from mamlpp_fast.ops import lslr, lslr_update
-from mamlpp_fast.ops.backend import Backend
+from mamlpp_fast.ops.backend import Backend, available_backends
 
 F64, F32 = torch.float64, torch.float32
 SHAPES = [(3, 4), (5,), (2, 3, 3), ()]
@@ -149,6 +149,17 @@ def test_backend_without_needs_gets_full_lists(rng):
 
 def test_empty_lists():
     assert lslr_update([], [], [], 0) == []
+
+
+@pytest.mark.skipif("native" not in available_backends("cpu"), reason="the compiled extension did not load")
+def test_a_dtype_the_backend_does_not_take_is_refused_by_the_op():
+    """Validation happens once, at the op: float16 is valid LSLR input (the torch backend runs it), and
+    a backend whose kernels take only float32/float64 is refused there in one line naming it."""
+    th, g, a = [torch.zeros(2, 3).half()], [torch.ones(4, 2, 3).half()], [torch.ones(5).half()]
+    assert lslr_update(th, g, a, 0, backend="torch")[0].dtype == torch.float16
+    with pytest.raises(ValueError, match=r"lslr_update: the 'native' backend takes float32 or float64 tensors, "
+                                         r"got thetas\[0\] of dtype float16"):
+        lslr_update(th, g, a, 0, backend="native")
 
 
 def test_bad_arguments_raise_with_clear_messages():

@@ -228,7 +228,7 @@ def test_triton_conv_gradcheck_and_gradgradcheck():
     Jacobians took 7.6 minutes of interpreter time here; the full ones run on a GPU in tests/gpu)."""
     import torch
     from test_conv import make_inputs
-    from mamlpp_fast.triton.conv import task_conv2d_triton
+    from mamlpp_fast.ops.conv_triton_autograd import task_conv2d_triton
 
     for shape in [(2, 2, 2, 3, 5, 3, 1, 1), (2, 1, 2, 2, 5, 3, 2, 1)]:
         x, w, bias, b, s, p = make_inputs(shape, torch.float64, 5)
@@ -240,7 +240,8 @@ def test_triton_conv_gradcheck_and_gradgradcheck():
 @inner
 def test_triton_conv_bad_inputs_and_block_config():
     import torch
-    from mamlpp_fast.triton.conv import conv_block_config, task_conv2d_triton
+    from mamlpp_fast.ops.conv_triton_autograd import task_conv2d_triton
+    from mamlpp_fast.triton.conv import conv_block_config
 
     x, w = torch.randn(2, 4, 5, 5), torch.randn(2, 3, 2, 3, 3)
     with pytest.raises(TypeError, match="float32 or float64"):

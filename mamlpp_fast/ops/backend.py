@@ -65,8 +65,13 @@ class BackendFunctions(Protocol):
     Plain tensors in and out, no autograd inside (the ops' autograd Functions call them). Layout and
     symbols: the docstrings of `mamlpp_fast.ops.per_step_bn` (batch norm: ``x`` is ``(N, T*C, H, W)``,
     task-major channels, ``T = num_tasks``) and `mamlpp_fast.ops.lslr` (LSLR), which also hold the
-    formulas. The public ops validate their inputs before any backend is called; a backend may check
-    again (the native one raises RuntimeError naming the argument).
+    formulas.
+
+    Validation happens once, in the public ops (`per_step_batch_norm`, `lslr_update`): every input they
+    accept meets the preconditions below and a dtype the chosen backend takes (`Backend.dtypes`);
+    batch norm's ``x`` is contiguous and its gamma and beta have one shape. A backend therefore does not validate user input; the checks the
+    compiled and Triton backends keep are internal guards of their raw-memory kernels against direct
+    calls (tests, ``torch.ops.mamlpp``), not a second statement of the contract.
 
     Optional extension: an implementation with a true attribute ``accepts_needs`` also takes a keyword
     ``needs`` in the three backward functions (``bn_backward``/``bn_double_backward``: three booleans,
@@ -81,7 +86,8 @@ class BackendFunctions(Protocol):
     def bn_forward(self, x: Tensor, gamma: Tensor, beta: Tensor, num_tasks: int, eps: float,
                    slope: float) -> Tuple[Tensor, Tensor, Tensor]:
         """``(y, mean, invstd)``: y like x; mean and invstd ``(T*C,)``, float32 for float16/bfloat16 x.
-        gamma, beta: ``(C,)`` (shared by the tasks) or ``(T, C)``, each independently."""
+        gamma, beta: both ``(C,)`` (shared by the tasks) or both ``(T, C)`` (the op expands a shared one
+        when the other is per task)."""
 
     def bn_backward(self, dy: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor,
                     invstd: Tensor, num_tasks: int, slope: float) -> Tuple[Tensor, Tensor, Tensor]:
@@ -116,6 +122,8 @@ ALIASES = {"cpp": ("native", "cpu"), "cuda": ("native", "cuda")}  # former names
 BACKEND_NAMES = ("auto",) + BACKENDS + tuple(ALIASES)  # every name accepted (config key, env, backend=)
 ENV_VAR = "MAMLPP_BACKEND"
 
+# The floating dtypes the compiled and Triton kernels take (the torch backend takes every floating dtype).
+_KERNEL_DTYPES = (torch.float32, torch.float64)
 # Device types each concrete backend can take (None: any device; "native": from the extension).
 _DEVICE_TYPES = {"triton": ("cuda",), "torch": None}
 # Preference of "auto", per device type; "torch" ends every list and always loads.
@@ -130,14 +138,16 @@ class BackendFallbackWarning(UserWarning):
 
 
 class Backend:
-    """A loaded backend: its name, the devices it takes, and the five functions of `BackendFunctions`."""
+    """A loaded backend: its name, the devices and floating dtypes it takes (None: all), and the five
+    functions of `BackendFunctions`."""
 
-    __slots__ = ("name", "device_types", "accepts_needs") + FUNCTIONS
+    __slots__ = ("name", "device_types", "accepts_needs", "dtypes") + FUNCTIONS
 
-    def __init__(self, name, impl: BackendFunctions, device_types=None, accepts_needs=False):
+    def __init__(self, name, impl: BackendFunctions, device_types=None, accepts_needs=False, dtypes=None):
         self.name = name
         self.device_types = device_types
         self.accepts_needs = bool(accepts_needs)
+        self.dtypes = None if dtypes is None else tuple(dtypes)
         missing = [f for f in FUNCTIONS if not callable(getattr(impl, f, None))]
         if missing:
             raise AttributeError(f"backend {name!r} lacks {', '.join(missing)}")
@@ -146,6 +156,14 @@ class Backend:
 
     def supports(self, device_type: str) -> bool:
         return self.device_types is None or device_type in self.device_types
+
+    def check_dtype(self, op: str, what: str, dtype: torch.dtype) -> None:
+        """ValueError naming `op` when this backend's kernels do not take `dtype` (the ops call it, so
+        that such input is refused at the op, in one line, rather than inside the backend)."""
+        if self.dtypes is not None and dtype not in self.dtypes:
+            names = " or ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            raise ValueError(f"{op}: the {self.name!r} backend takes {names} tensors, got {what} of dtype "
+                             f"{str(dtype).replace('torch.', '')} (backend='torch' takes every floating dtype)")
 
     def __repr__(self):
         return f"Backend({self.name!r})"
@@ -182,7 +200,8 @@ def _load_native():
         error = native.load_error()
         _native_missing = error
         return None, f"the compiled extension {_PKG}._C did not load: {error}"
-    return Backend("native", native.get(), devices, getattr(native.get(), "accepts_needs", False)), None
+    return Backend("native", native.get(), devices, getattr(native.get(), "accepts_needs", False),
+                   dtypes=_KERNEL_DTYPES), None
 
 
 def _native_device_reason(device_type):
@@ -204,7 +223,7 @@ def _load_triton():
     # Under the Triton interpreter (TRITON_INTERPRET=1, used by the CPU tests) the kernels run on CPU
     # tensors too; it is then usable when asked for by name (auto never picks it for CPU tensors).
     devices = _DEVICE_TYPES["triton"] + (("cpu",) if interpreted else ())
-    return Backend("triton", mod, devices, getattr(mod, "accepts_needs", False)), None
+    return Backend("triton", mod, devices, getattr(mod, "accepts_needs", False), dtypes=_KERNEL_DTYPES), None
 
 
 def _load(name):

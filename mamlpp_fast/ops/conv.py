@@ -69,8 +69,18 @@ def available_conv_impls(device) -> tuple[str, ...]:
 
 
 def check_task_conv_inputs(x, weight, bias, num_tasks) -> None:
-    """Shape checks with messages that name the offending tensor (a wrong shape would otherwise
-    surface as a confusing error deep inside cuDNN or a silently wrong reshape)."""
+    """The one validation of task_conv2d's input, with messages that name the offending tensor (a wrong
+    shape would otherwise surface as a confusing error deep inside cuDNN or a silently wrong reshape).
+    What one implementation alone requires is checked where the op picks it (`_triton`)."""
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is None and name == "bias":
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"task_conv2d: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"task_conv2d: {name} must be a floating-point tensor, got dtype {t.dtype}")
+        if t is not x and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"task_conv2d: {name} ({t.dtype}, {t.device}) must match x ({x.dtype}, {x.device})")
     if x.dim() != 4:
         raise ValueError(f"task_conv2d: x must be 4-D (n, B*Cin, H, W), got shape {tuple(x.shape)}")
     if weight.dim() != 5:
@@ -161,7 +171,12 @@ def _triton(x, w, bias, b, stride, padding):
         raise RuntimeError(f"task_conv2d: impl 'triton' is not available here: {tb.unavailable_reason()}")
     if x.device.type != "cuda" and not tb._interpret():
         raise RuntimeError("task_conv2d: impl 'triton' takes CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)")
-    from ..triton.conv import task_conv2d_triton
+    if x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"task_conv2d: impl 'triton' takes float32 or float64 tensors, got {x.dtype}")
+    if stride[0] != stride[1] or padding[0] != padding[1]:
+        raise ValueError(f"task_conv2d: impl 'triton' takes a square stride and padding only, got stride "
+                         f"{stride} and padding {padding}")
+    from .conv_triton_autograd import task_conv2d_triton
     return task_conv2d_triton(x, w, bias, b, stride, padding)
 
 

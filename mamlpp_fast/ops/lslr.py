@@ -76,6 +76,7 @@ class _LSLRUpdate(torch.autograd.Function):
 
 
 def _check_args(thetas, grads, alphas, step):
+    """The one validation of the op's input (the backends rely on it: BackendFunctions)."""
     op = "lslr_update"
     for name, seq in (("thetas", thetas), ("grads", grads), ("alphas", alphas)):
         if not isinstance(seq, (list, tuple)):
@@ -150,5 +151,6 @@ def lslr_update(thetas, grads, alphas, step, backend=None):
     if not thetas:
         return []
     impl = get_backend(backend, thetas[0].device)
+    impl.check_dtype("lslr_update", "thetas[0]", thetas[0].dtype)
     spec = _Spec(len(thetas), step, shared, impl)
     return list(_LSLRUpdate.apply(spec, *thetas, *grads, *alphas))

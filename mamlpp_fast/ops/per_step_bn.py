@@ -147,6 +147,7 @@ class _BNBackward(torch.autograd.Function):
 
 
 def _check_args(x, gamma, beta, num_tasks, eps, slope):
+    """The one validation of the op's input (the backends rely on it: BackendFunctions)."""
     op = "per_step_batch_norm"
     for name, t in (("x", x), ("gamma", gamma), ("beta", beta)):
         if not isinstance(t, torch.Tensor):
@@ -212,4 +213,10 @@ def per_step_batch_norm(x, gamma, beta, num_tasks, eps=1e-5, slope=0.01, backend
     _check_args(x, gamma, beta, num_tasks, eps, slope)
     num_tasks = int(num_tasks)
     impl = get_backend(backend, x.device)
-    return _BNForward.apply(x, gamma, beta, num_tasks, float(eps), float(slope), impl)
+    impl.check_dtype("per_step_batch_norm", "x", x.dtype)
+    # The backends take x contiguous and gamma, beta of one shape (BackendFunctions): a contiguous x is
+    # passed as it is, another is copied; a shared (C,) parameter beside a per-task (T, C) one is
+    # expanded (autograd sums its gradient over the tasks).
+    if gamma.shape != beta.shape:
+        gamma, beta = (p.expand(num_tasks, -1) if p.dim() == 1 else p for p in (gamma, beta))
+    return _BNForward.apply(x.contiguous(), gamma, beta, num_tasks, float(eps), float(slope), impl)

@@ -16,7 +16,8 @@ So, with upstream gradients u (shape of x) and v (shape of w)::
     dx = D(g, w):         dg = F(u, w),         dw = Wg(u, g)
     dw = Wg(x, g):        dx = D(g, v),         dg = F(x, v)
 
-which is how the three autograd Functions below differentiate each other: the chain closes, so the
+which is how the three autograd Functions of mamlpp_fast.ops.conv_triton_autograd differentiate each
+other: the chain closes, so the
 convolution is differentiable to any order (MAML++ needs two) with these three kernels only.
 
 Each kernel is one GEMM per task, the task on grid axis 2, the operands gathered from the task-major
@@ -46,7 +47,7 @@ import triton.language as tl
 
 from ._device import num_sms
 
-__all__ = ["conv_forward", "conv_data_grad", "conv_weight_grad", "task_conv2d_triton", "conv_block_config"]
+__all__ = ["conv_forward", "conv_data_grad", "conv_weight_grad", "conv_block_config"]
 
 
 def _precision(dtype) -> str:
@@ -298,71 +299,3 @@ def conv_weight_grad(x, g, meta):
                              PAD=p, PREC=_precision(x.dtype), **cfg)
     dw = ws[0] if split == 1 else ws.sum(0)
     return dw.view(b, co, ci, kh, kw)
-
-
-# ------------------------------------------------------------------------------------------------------
-# autograd: F, D and Wg differentiate each other (module docstring)
-# ------------------------------------------------------------------------------------------------------
-class _ConvF(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, bias, meta):
-        ctx.save_for_backward(x, w)
-        ctx.meta = meta
-        ctx.has_bias = bias is not None
-        return conv_forward(x, w, bias, meta)
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, w = ctx.saved_tensors
-        meta = ctx.meta
-        gx = _ConvD.apply(gy, w, meta) if ctx.needs_input_grad[0] else None
-        gw = _ConvW.apply(x, gy, meta) if ctx.needs_input_grad[1] else None
-        gb = None
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            b, co = meta[0], meta[1]
-            gb = gy.reshape(gy.shape[0], b, co, -1).sum((0, 3))
-        return gx, gw, gb, None
-
-
-class _ConvD(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, g, w, meta):
-        ctx.save_for_backward(g, w)
-        ctx.meta = meta
-        return conv_data_grad(g, w, meta)
-
-    @staticmethod
-    def backward(ctx, u):
-        g, w = ctx.saved_tensors
-        meta = ctx.meta
-        dg = _ConvF.apply(u, w, None, meta) if ctx.needs_input_grad[0] else None
-        dw = _ConvW.apply(u, g, meta) if ctx.needs_input_grad[1] else None
-        return dg, dw, None
-
-
-class _ConvW(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, g, meta):
-        ctx.save_for_backward(x, g)
-        ctx.meta = meta
-        return conv_weight_grad(x, g, meta)
-
-    @staticmethod
-    def backward(ctx, v):
-        x, g = ctx.saved_tensors
-        meta = ctx.meta
-        dx = _ConvD.apply(g, v, meta) if ctx.needs_input_grad[0] else None
-        dg = _ConvF.apply(x, v, None, meta) if ctx.needs_input_grad[1] else None
-        return dx, dg, None
-
-
-def task_conv2d_triton(x, w, bias, b, stride, padding):
-    """task_conv2d's contract (mamlpp_fast.ops.conv) on the Triton kernels; square stride/padding."""
-    if stride[0] != stride[1] or padding[0] != padding[1]:
-        raise ValueError(f"triton task_conv2d: square stride and padding only, got {stride}, {padding}")
-    n, _, h, wd = x.shape
-    _, co, ci, kh, kw = w.shape
-    s, p = stride[0], padding[0]
-    ho, wo = (h + 2 * p - kh) // s + 1, (wd + 2 * p - kw) // s + 1
-    meta = (b, co, ci, kh, kw, h, wd, ho, wo, s, p)
-    return _ConvF.apply(x, w, bias, meta)

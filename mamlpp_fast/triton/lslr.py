@@ -85,6 +85,8 @@ def _lslr_dalpha_kernel(ws_ptr, dalpha_ptr, step, NPROG, NALPHA, PBLOCK: tl.cons
 
 
 def _check(fn, grads, alphas, step):
+    """Internal guard of the kernels' memory access, for direct calls of the backend functions: user
+    input is validated once, by the op (mamlpp_fast.ops.lslr), before it reaches a backend."""
     if not grads:
         raise ValueError(f"{fn}: grads is empty")
     T = grads[0].shape[0]

@@ -432,6 +432,8 @@ def _bn_dbwd_apply_kernel(ggx_ptr, gggamma_ptr, ggbeta_ptr, dy_ptr, x_ptr, gamma
 # host wrappers (the backend functions)
 # ------------------------------------------------------------------------------------------------
 def _check(fn, x, gamma, beta, num_tasks):
+    """Internal guard of the kernels' memory access, for direct calls of the backend functions: user
+    input is validated once, by the op (mamlpp_fast.ops.per_step_bn), before it reaches a backend."""
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{fn}: x must be float32 or float64, got {x.dtype}")
     if x.dim() != 4:

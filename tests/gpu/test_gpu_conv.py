@@ -93,7 +93,7 @@ def test_triton_conv_full_gradcheck_and_gradgradcheck_on_cuda():
     """The full Jacobians (the interpreter test uses fast mode), float64, a strided case too."""
     if "triton" not in C.available_conv_impls("cuda"):
         pytest.fail("triton is not available on this GPU machine")
-    from mamlpp_fast.triton.conv import task_conv2d_triton
+    from mamlpp_fast.ops.conv_triton_autograd import task_conv2d_triton
     for shape in [(2, 2, 2, 3, 5, 3, 1, 1), (2, 1, 2, 2, 5, 3, 2, 1)]:
         x, w, bias, b, s, p = make_inputs(shape, torch.float64, 5, device="cuda")
         fn = lambda x_, w_, b_: task_conv2d_triton(x_, w_, b_, b, (s, s), (p, p))  # noqa: E731
