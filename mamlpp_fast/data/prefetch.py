@@ -64,7 +64,8 @@ class TaskBatchDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         batch = self.sampler.get_batch(self.set_name, self.seeds(index), self.augment_images)
-        return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in batch)
+        return tuple(torch.from_numpy(a if a.flags.writeable and a.flags.c_contiguous else np.array(a, order="C"))
+                     for a in batch)
 
 
 def _worker_init(_worker_id: int) -> None:
