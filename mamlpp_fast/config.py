@@ -107,7 +107,7 @@ DEFAULTS: dict[str, Any] = {
     "cudnn_benchmark": True,  # fast learner: cuDNN picks convolution algorithms by timing them
     "allow_tf32": False,  # TF32 convolutions/matmuls on GPUs that have them (faster, ~1e-3 less exact)
     "conv_impl": "auto",  # fast learner: how the per-task convolutions run (mamlpp_fast.ops.conv)
-    "evaluation_batch_size": 64,  # fast learner: validation/test tasks per evaluation call (trainer)
+    "evaluation_batch_size": 32,  # fast learner: validation/test tasks per evaluation call (trainer)
 }
 
 # Keys the learner reads that the original's parser gives no default: its experiment files must set them.

@@ -71,6 +71,9 @@ SHAPE_KEYS = (
 )
 
 CHECKPOINT_PREFIX = "train_model"
+# Evaluation groups (config key evaluation_batch_size) are capped so that one first-layer activation of all
+# the tasks of a call stays under this (mini-ImageNet 5-way 5-shot: 135 MB per task -> 15 tasks).
+EVAL_ACTIVATION_BYTES = 2 * 1024 ** 3
 CONFIG_SNAPSHOT = "config.json"
 
 
@@ -581,7 +584,16 @@ class ExperimentBuilder:
         running statistics batch by batch."""
         if not hasattr(self.model, "evaluation_logits") or getattr(self.args, "bn_backup_aliasing", False):
             return None
-        return int(getattr(self.args, "evaluation_batch_size", 0) or self.tasks_per_batch)
+        wanted = int(getattr(self.args, "evaluation_batch_size", 0) or self.tasks_per_batch)
+        # Memory bound: a call holds a few activations of the first layer's size for every task, so the
+        # group is capped where one such activation of all its tasks reaches EVAL_ACTIVATION_BYTES (never
+        # below the training batch, whose second-order meta-update needs far more).
+        a = self.args
+        itemsize = 8 if str(getattr(a, "dtype", "float32")) == "float64" else 4
+        per_task = (int(a.num_classes_per_set) * (int(a.num_samples_per_class) + int(a.num_target_samples))
+                    * int(a.cnn_num_filters) * int(a.image_height) * int(a.image_width) * itemsize)
+        fits = max(self.tasks_per_batch, EVAL_ACTIVATION_BYTES // max(per_task, 1))
+        return max(1, min(wanted, fits))
 
     def evaluate_tasks(self, set_name: str, desc: str, keep_logits: bool = False) -> dict[str, Any]:
         """Run the learner on the fixed `num_evaluation_tasks` tasks of `set_name` ("val" or "test").
