@@ -11,7 +11,10 @@ One run, one device. Measured, in this order (see bench/NOTES.md for the method)
    meta-update (config key `cuda_graph`), the torch.func baseline (bench/baseline_torchfunc.py), the
    reference learner (mamlpp_fast.reference), and the JAX baseline (bench/baseline_jax.py, in a
    subprocess, when jax is installed);
-3. sweeps of the fast learner over the meta-batch size and the number of inner steps.
+3. sweeps of the fast learner over the meta-batch size and the number of inner steps;
+4. `trainer` items (bench/trainer_bench.py): the experiment loop end to end (ExperimentBuilder and the
+   real data loader) beside the learner alone, per data source and `num_dataprovider_workers` value,
+   and the projected wall time of the paper configurations' full runs ("time to result").
 Each item: `--warmup` meta-updates, then meta-updates until `--iters` of them or `--max-time` seconds
 (at least `--min-iters`); the median time per meta-update is reported (CUDA events on a GPU,
 time.perf_counter on a CPU), with peak memory (torch.cuda.max_memory_allocated on a GPU; on a CPU the

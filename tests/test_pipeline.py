@@ -245,3 +245,22 @@ def test_one_transfer_per_meta_update_and_per_evaluation_pass(tmp_path, monkeypa
     counter.calls.clear()
     b.evaluate_test_set_using_the_best_models()
     assert counter.calls == ["cpu in evaluate_tasks"], counter.calls  # one model: one transfer for 12 tasks
+
+
+def test_evaluation_group_size_is_capped_by_memory(tmp_path):
+    import argparse
+
+    import mamlpp_fast.trainer as T
+
+    b = _builder(_args(tmp_path, evaluation_batch_size=7))
+    assert b.evaluation_group_size() == 7
+    per_task = 5 * (1 + 2) * 6 * 14 * 14 * 8  # N (K+T) filters H W, float64
+    for budget, want in ((per_task * 5, 5), (per_task * 2, 4), (per_task * 100, 7)):  # never below batch_size 4
+        b.args = argparse.Namespace(**vars(b.args))
+        T.EVAL_ACTIVATION_BYTES, saved = budget, T.EVAL_ACTIVATION_BYTES
+        try:
+            assert b.evaluation_group_size() == want, budget
+        finally:
+            T.EVAL_ACTIVATION_BYTES = saved
+    b.args.bn_backup_aliasing = True  # evaluation changes running statistics batch by batch: original grouping
+    assert b.evaluation_group_size() is None
