@@ -560,8 +560,8 @@ class ExperimentBuilder:
 
     def _task_batches(self, set_name: str, total_batches: int, augment: bool, tasks_per_item: int | None = None):
         """The tasks of get_<set_name>_batches, prepared in the background (config key
-        `num_dataprovider_workers` processes, 0: this one), in pinned memory on a CUDA device, and copied
-        to the device two batches ahead (mamlpp_fast.data.prefetch). A data loader without `batch_loader`
+        `num_dataprovider_workers` processes, 0: this one) and copied to the device (through pinned
+        memory on a CUDA device) two batches ahead (mamlpp_fast.data.prefetch). A data loader without `batch_loader`
         (not ours) is read through its get_*_batches generator, re-cut to `tasks_per_item` tasks."""
         from .data.prefetch import prefetch_to_device, regroup_batches
 
@@ -569,8 +569,7 @@ class ExperimentBuilder:
         make = getattr(self.data, "batch_loader", None)
         if make is not None:
             host = make(set_name, total_batches, augment_images=augment, tasks_per_item=tasks_per_item,
-                        num_workers=int(getattr(self.args, "num_dataprovider_workers", 0) or 0),
-                        pin_memory=dev.type == "cuda")
+                        num_workers=int(getattr(self.args, "num_dataprovider_workers", 0) or 0))
         else:
             host = getattr(self.data, f"get_{set_name}_batches")(total_batches=total_batches, augment_images=augment)
             if tasks_per_item is not None and tasks_per_item != self.tasks_per_batch:

@@ -254,6 +254,7 @@ def test_trainer_item_end_to_end_and_projection(tmp_path):
                                             for e in r["epochs"])
         assert r["epochs"][-1]["val_tasks"] == 4 and r["val_ms_per_task"] > 0
         assert 0 <= r["overhead_in_loop_ms_per_update"] < r["end_to_end_ms_per_update"]
+        assert 0 <= r["overhead_in_loop_cpu_ms_per_update"] < r["end_to_end_ms_per_update"]
         assert len(r["epoch_log"]) == 2 and "checkpoint" in r["epoch_log"][0]
     # the reference learner's rates are measured once per workload, for the projection
     assert rows[0]["reference_learner_only_ms"] > 0 and "reference_learner_only_ms" not in rows[1]

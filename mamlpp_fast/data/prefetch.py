@@ -7,8 +7,8 @@ meta-update it is lost time. Here it overlaps with the learner in two stages:
 1. `task_batch_loader`: a `torch.utils.data.DataLoader` over `TaskBatchDataset`, a map-style dataset
    whose item i is the whole batch of the tasks with seeds first_seed + i*per_item ... (the original's
    seeds, unchanged). `num_workers` processes (the config key `num_dataprovider_workers`; 0 = in the
-   main process, as torch does) prepare items `prefetch_factor` ahead each; with `pin_memory` the
-   batches land in pinned host memory (needed for asynchronous copies). Items are whole batches
+   main process, as torch does) prepare items `prefetch_factor` ahead each and send them as numpy
+   arrays (see task_batch_loader for why not as tensors). Items are whole batches
    (`batch_size=None`: no collation) because the sampler gathers and converts a batch's images in one
    vectorised call, cheaper than collating tasks one by one as the original's loader does. The
    DataLoader returns items in index order whatever the number of workers, so the task stream is the
@@ -18,8 +18,8 @@ meta-update it is lost time. Here it overlaps with the learner in two stages:
    worker failures, ordering, pinning and shutdown, and its per-batch cost (one pickled tuple of
    arrays through a pipe) is small next to a meta-update; threads would contend for the interpreter
    lock with the learner's own Python work.
-2. `prefetch_to_device`: copies each host batch to the device `depth` batches ahead, with
-   non-blocking copies on a side CUDA stream; the learner's stream waits on an event before using a
+2. `prefetch_to_device`: copies each host batch to the device `depth` batches ahead: into pinned
+   memory (which asynchronous copies need), then non-blocking copies on a side CUDA stream; the learner's stream waits on an event before using a
    batch (and the tensors are marked as used by that stream, so the caching allocator does not reuse
    them early). On a CPU device the batches pass through unchanged.
 
@@ -39,7 +39,8 @@ __all__ = ["TaskBatchDataset", "task_batch_loader", "prefetch_to_device", "regro
 
 class TaskBatchDataset(torch.utils.data.Dataset):
     """Item i = the tasks with seeds first_seed + [i*per_item, min((i+1)*per_item, num_tasks)) of one
-    set, as torch tensors (x_support, x_target, y_support, y_target); the last item may be smaller.
+    set, as C-contiguous numpy arrays (x_support, x_target, y_support, y_target); the last item may be
+    smaller.
 
     `sampler` is a `FewShotTaskSampler` (anything with `get_batch(set_name, seeds, augment_images)`).
     """
@@ -64,8 +65,17 @@ class TaskBatchDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         batch = self.sampler.get_batch(self.set_name, self.seeds(index), self.augment_images)
-        return tuple(torch.from_numpy(a if a.flags.writeable and a.flags.c_contiguous else np.array(a, order="C"))
-                     for a in batch)
+        return tuple(a if a.flags.writeable and a.flags.c_contiguous else np.array(a, order="C") for a in batch)
+
+
+def _as_is(item):
+    """The DataLoader's collate_fn: keep the worker's numpy arrays (see task_batch_loader)."""
+    return item
+
+
+def as_tensors(batch) -> tuple:
+    """numpy batch -> torch tensors sharing its memory."""
+    return tuple(torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in batch)
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -77,19 +87,24 @@ def _worker_init(_worker_id: int) -> None:
         after_fork()
 
 
-def task_batch_loader(dataset: TaskBatchDataset, num_workers: int = 0, pin_memory: bool = False,
+def task_batch_loader(dataset: TaskBatchDataset, num_workers: int = 0,
                       prefetch_factor: int = 2) -> torch.utils.data.DataLoader:
     """The DataLoader of `dataset`'s items, in order, prepared by `num_workers` processes (no more
-    than there are items: a short evaluation pass does not start idle workers)."""
+    than there are items: a short evaluation pass does not start idle workers).
+
+    Items stay numpy arrays until they reach this process (collate_fn keeps them): a worker then sends
+    a batch's bytes through the DataLoader's pipe, one copy, where torch tensors would each travel as a
+    shared-memory file descriptor with its own socket handshake (profiled here: that handshake made
+    receiving a batch cost the main thread about as much CPU as drawing it). For the same reason the
+    DataLoader's pinning thread is not used: `prefetch_to_device` pins right before its copy."""
     num_workers = max(0, min(int(num_workers), len(dataset)))
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"collate_fn": _as_is}
     if num_workers > 0:
         kwargs["prefetch_factor"] = int(prefetch_factor)
         kwargs["worker_init_fn"] = _worker_init
         if "fork" in multiprocessing.get_all_start_methods():
             kwargs["multiprocessing_context"] = "fork"
-    return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
-                                       pin_memory=bool(pin_memory), **kwargs)
+    return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers, **kwargs)
 
 
 def regroup_batches(batches: Iterable[Sequence[Any]], per_item: int) -> Iterator[tuple]:
@@ -152,8 +167,10 @@ def prefetch_to_device(batches: Iterable[Sequence[Any]], device: Any, depth: int
         host = next(it, None)
         if host is None:
             return False
+        host = [torch.as_tensor(t) for t in host[:4]]
+        host = [t if t.is_pinned() else t.pin_memory() for t in host]  # asynchronous copies need pinned memory
         with torch.cuda.stream(side):
-            moved = tuple(torch.as_tensor(t).to(device, non_blocking=True) for t in host[:4])
+            moved = tuple(t.to(device, non_blocking=True) for t in host)
             done = torch.cuda.Event()
             done.record(side)
         queue.append((moved, done))

@@ -504,14 +504,14 @@ class MetaLearningSystemDataLoader:
             yield self.dataset.get_batch(set_name, range(start, start + tpb), augment_images)
 
     def batch_loader(self, set_name: str, total_batches=-1, augment_images=False, tasks_per_item=None,
-                     num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 2) -> Iterator[tuple]:
+                     num_workers: int = 0, prefetch_factor: int = 2) -> Iterator[tuple]:
         """The tasks `get_<set_name>_batches(total_batches, augment_images)` yields, prepared in the
-        background (mamlpp_fast.data.prefetch): `num_workers` processes (0: in this process), pinned
-        host memory with `pin_memory`, as torch tensors in batches of `tasks_per_item` tasks (default:
+        background (mamlpp_fast.data.prefetch): `num_workers` processes (0: in this process), as CPU
+        torch tensors in batches of `tasks_per_item` tasks (default:
         `tasks_per_batch`; the last batch may be smaller). Same tasks, same order. For "train" the
         stream position (`total_train_iters_produced`) advances by the tasks of each batch handed out,
         as with get_train_batches."""
-        from .prefetch import TaskBatchDataset, task_batch_loader
+        from .prefetch import TaskBatchDataset, as_tensors, task_batch_loader
 
         if set_name not in SET_NAMES:
             raise ValueError(f"unknown set {set_name!r}; expected one of {SET_NAMES}")
@@ -523,13 +523,13 @@ class MetaLearningSystemDataLoader:
         else:
             first = self.dataset.seed[set_name]
         dataset = TaskBatchDataset(self.dataset, set_name, first, num_tasks, per_item, augment_images)
-        loader = task_batch_loader(dataset, num_workers, pin_memory, prefetch_factor)
+        loader = task_batch_loader(dataset, num_workers, prefetch_factor)
         if num_tasks == 0:
             return
         for batch in loader:
             if set_name == "train":
                 self.total_train_iters_produced += len(batch[0])
-            yield batch
+            yield as_tensors(batch)
 
     def get_val_batches(self, total_batches=-1, augment_images=False) -> Iterator[tuple]:
         """Validation batches: always the same tasks (seed = derived val seed + task index)."""
