@@ -147,6 +147,11 @@ class DistributedMAMLFewShotClassifier(FastClassifier):
     def _graph_mode(self) -> bool:
         return False  # CUDA-graph capture cannot contain the collectives of this learner
 
+    def _eager_train_iter(self, data_batch, epoch):
+        # The reference's steps (forward, then meta_update), where this learner's collectives live, instead
+        # of the fast learner's single-transfer update.
+        return super(FastClassifier, self)._train_iter(data_batch, epoch)
+
     def run_train_iter(self, data_batch, epoch):
         """One meta-update on this rank's shard of the meta-batch (every rank passes the full batch)."""
         shard = shard_batch(data_batch, self.rank, self.world_size)
