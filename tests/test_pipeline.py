@@ -264,3 +264,16 @@ def test_evaluation_group_size_is_capped_by_memory(tmp_path):
             T.EVAL_ACTIVATION_BYTES = saved
     b.args.bn_backup_aliasing = True  # evaluation changes running statistics batch by batch: original grouping
     assert b.evaluation_group_size() is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_prefetch_to_cuda_copies_ahead_with_the_same_values():
+    args = _args("/nonexistent")
+    loader = MetaLearningSystemDataLoader(args)
+    want = list(loader.get_val_batches(total_batches=3))
+    got = list(prefetch_to_device(loader.batch_loader("val", 3, num_workers=2), "cuda", depth=2))
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert all(t.is_cuda for t in g)
+        for t, a in zip(g, w):
+            assert np.array_equal(t.cpu().numpy(), a)

@@ -155,6 +155,15 @@ def prefetch_to_device(batches: Iterable[Sequence[Any]], device: Any, depth: int
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     it = iter(batches)
+    try:
+        yield from _prefetch(it, device, depth)
+    finally:
+        close = getattr(it, "close", None)  # stops the source (and its worker processes) now
+        if close is not None:
+            close()
+
+
+def _prefetch(it: Iterator, device: torch.device, depth: int) -> Iterator[tuple]:
     if device.type != "cuda":
         for batch in it:
             yield tuple(t.to(device) if isinstance(t, torch.Tensor) and t.device != device else t
@@ -168,7 +177,8 @@ def prefetch_to_device(batches: Iterable[Sequence[Any]], device: Any, depth: int
         if host is None:
             return False
         host = [torch.as_tensor(t) for t in host[:4]]
-        host = [t if t.is_pinned() else t.pin_memory() for t in host]  # asynchronous copies need pinned memory
+        # asynchronous copies need pinned host memory
+        host = [t.pin_memory() if t.device.type == "cpu" and not t.is_pinned() else t for t in host]
         with torch.cuda.stream(side):
             moved = tuple(t.to(device, non_blocking=True) for t in host)
             done = torch.cuda.Event()
