@@ -640,7 +640,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "process, in series with the meta-updates; default 0,4)")
     p.add_argument("--omniglot-dir", default=TB.default_omniglot_dir(),
                    help="folder of the official Omniglot zip files for the trainer item (default: "
-                        "$MAMLPP_OMNIGLOT_DIR or ../shared/data/omniglot beside the repository; absent: synthetic only)")
+                        "$MAMLPP_OMNIGLOT_DIR, else the folder tests/test_data.py uses; absent: synthetic only)")
     a = p.parse_args(argv)
     q = a.quick
     a.iters = a.iters if a.iters is not None else (2 if q else 50)

@@ -24,7 +24,7 @@ on a shared machine is not inflated by waiting for a core.
 
 Data sources: "synthetic" (the built-in dataset, dataset_name "synthetic": no rotations) and
 "omniglot_zips", the official Omniglot zip files read in place from `--omniglot-dir` (default: the
-environment variable MAMLPP_OMNIGLOT_DIR, else ../shared/data/omniglot beside the repository), Omniglot
+environment variable MAMLPP_OMNIGLOT_DIR, else the data folder tests/test_data.py also looks in), Omniglot
 workloads only. The "small" zips hold 242 characters, too few for the configs' split to give 20
 validation classes, so the split used there is 0.7/0.15/0.15.
 

@@ -15,13 +15,14 @@ meta-update it is lost time. Here it overlaps with the learner in two stages:
    same as the one-thread generators of `MetaLearningSystemDataLoader`. Workers are forked where the
    platform allows it, so that the decoded images are shared with the parent instead of pickled.
    We use the DataLoader rather than a hand-written pool: it is the ecosystem's tool for this, handles
-   worker failures, ordering, pinning and shutdown, and its per-batch cost (one pickled tuple of
-   arrays through a pipe) is small next to a meta-update; threads would contend for the interpreter
-   lock with the learner's own Python work.
+   worker failures, ordering and shutdown, and its per-batch cost (one pickled tuple of arrays
+   through a pipe) is small next to a meta-update; threads would contend for the interpreter lock
+   with the learner's own Python work.
 2. `prefetch_to_device`: copies each host batch to the device `depth` batches ahead: into pinned
-   memory (which asynchronous copies need), then non-blocking copies on a side CUDA stream; the learner's stream waits on an event before using a
-   batch (and the tensors are marked as used by that stream, so the caching allocator does not reuse
-   them early). On a CPU device the batches pass through unchanged.
+   memory (which asynchronous copies need), then non-blocking copies on a side CUDA stream; the
+   learner's stream waits on an event before using a batch (and the tensors are marked as used by
+   that stream, so the caching allocator does not reuse them early). On a CPU device the batches
+   pass through unchanged.
 
 Nothing here synchronises the device with the host.
 """
