@@ -277,3 +277,37 @@ def test_prefetch_to_cuda_copies_ahead_with_the_same_values():
         assert all(t.is_cuda for t in g)
         for t, a in zip(g, w):
             assert np.array_equal(t.cpu().numpy(), a)
+
+
+class _PlainLoader:
+    """A data loader with only the original's interface (no batch_loader): the trainer reads its
+    generators in the main process and re-cuts evaluation batches to evaluation_batch_size tasks."""
+
+    def __init__(self, args, current_iter=0):
+        self._inner = MetaLearningSystemDataLoader(args, current_iter=current_iter)
+
+    def continue_from_iter(self, current_iter):
+        self._inner.continue_from_iter(current_iter)
+
+    def get_train_batches(self, total_batches=-1, augment_images=False):
+        return self._inner.get_train_batches(total_batches, augment_images)
+
+    def get_val_batches(self, total_batches=-1, augment_images=False):
+        return self._inner.get_val_batches(total_batches, augment_images)
+
+    def get_test_batches(self, total_batches=-1, augment_images=False):
+        return self._inner.get_test_batches(total_batches, augment_images)
+
+
+def test_a_loader_without_batch_loader_gives_the_same_run(tmp_path):
+    runs = {}
+    for name, data in (("ours", MetaLearningSystemDataLoader), ("plain", _PlainLoader)):
+        args = _args(tmp_path / name, evaluation_batch_size=5)
+        model = learner_class(args.learner)((2, 1, 14, 14), "cpu", args)
+        b = ExperimentBuilder(args, data, model, "cpu", progress=False, log=lambda m: None)
+        b.run_experiment()
+        runs[name] = (_summary_files(b.root), model.state_dict())
+    (csv_a, json_a, test_a), net_a = runs["ours"]
+    (csv_b, json_b, test_b), net_b = runs["plain"]
+    assert csv_a == csv_b and json_a == json_b and test_a == test_b
+    assert all(torch.equal(net_a[k], net_b[k]) for k in net_a)
