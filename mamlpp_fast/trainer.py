@@ -561,8 +561,9 @@ class ExperimentBuilder:
     def _task_batches(self, set_name: str, total_batches: int, augment: bool, tasks_per_item: int | None = None):
         """The tasks of get_<set_name>_batches, prepared in the background (config key
         `num_dataprovider_workers` processes, 0: this one) and copied to the device (through pinned
-        memory on a CUDA device) two batches ahead (mamlpp_fast.data.prefetch). A data loader without `batch_loader`
-        (not ours) is read through its get_*_batches generator, re-cut to `tasks_per_item` tasks."""
+        memory on a CUDA device) two batches ahead (mamlpp_fast.data.prefetch). A data loader without
+        `batch_loader` (not ours) is read through its get_*_batches generators, re-cut to
+        `tasks_per_item` tasks."""
         from .data.prefetch import prefetch_to_device, regroup_batches
 
         dev = self._torch_device()
