@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import multiprocessing
+import os
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -88,17 +89,25 @@ def _worker_init(_worker_id: int) -> None:
         after_fork()
 
 
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def task_batch_loader(dataset: TaskBatchDataset, num_workers: int = 0,
                       prefetch_factor: int = 2) -> torch.utils.data.DataLoader:
     """The DataLoader of `dataset`'s items, in order, prepared by `num_workers` processes (no more
-    than there are items: a short evaluation pass does not start idle workers).
+    than there are items, so that a short evaluation pass does not start idle workers, nor than this
+    process may use CPU cores, the DataLoader's own advice).
 
     Items stay numpy arrays until they reach this process (collate_fn keeps them): a worker then sends
     a batch's bytes through the DataLoader's pipe, one copy, where torch tensors would each travel as a
     shared-memory file descriptor with its own socket handshake (profiled here: that handshake made
     receiving a batch cost the main thread about as much CPU as drawing it). For the same reason the
     DataLoader's pinning thread is not used: `prefetch_to_device` pins right before its copy."""
-    num_workers = max(0, min(int(num_workers), len(dataset)))
+    num_workers = max(0, min(int(num_workers), len(dataset), _cpu_count()))
     kwargs: dict[str, Any] = {"collate_fn": _as_is}
     if num_workers > 0:
         kwargs["prefetch_factor"] = int(prefetch_factor)
