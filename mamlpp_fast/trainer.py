@@ -570,7 +570,8 @@ class ExperimentBuilder:
         make = getattr(self.data, "batch_loader", None)
         if make is not None:
             host = make(set_name, total_batches, augment_images=augment, tasks_per_item=tasks_per_item,
-                        num_workers=int(getattr(self.args, "num_dataprovider_workers", 0) or 0))
+                        num_workers=int(getattr(self.args, "num_dataprovider_workers", 0) or 0),
+                        pin_memory=dev.type == "cuda")
         else:
             host = getattr(self.data, f"get_{set_name}_batches")(total_batches=total_batches, augment_images=augment)
             if tasks_per_item is not None and tasks_per_item != self.tasks_per_batch:

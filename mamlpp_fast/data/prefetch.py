@@ -31,6 +31,8 @@ from __future__ import annotations
 import collections
 import multiprocessing
 import os
+import queue
+import threading
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -105,8 +107,8 @@ def task_batch_loader(dataset: TaskBatchDataset, num_workers: int = 0,
     Items stay numpy arrays until they reach this process (collate_fn keeps them): a worker then sends
     a batch's bytes through the DataLoader's pipe, one copy, where torch tensors would each travel as a
     shared-memory file descriptor with its own socket handshake (profiled here: that handshake made
-    receiving a batch cost the main thread about as much CPU as drawing it). For the same reason the
-    DataLoader's pinning thread is not used: `prefetch_to_device` pins right before its copy."""
+    receiving a batch cost the main thread about as much CPU as drawing it). `receive_in_background`
+    then takes the receiving (and pinning) off the main thread."""
     num_workers = max(0, min(int(num_workers), len(dataset), _cpu_count()))
     kwargs: dict[str, Any] = {"collate_fn": _as_is}
     if num_workers > 0:
@@ -115,6 +117,59 @@ def task_batch_loader(dataset: TaskBatchDataset, num_workers: int = 0,
         if "fork" in multiprocessing.get_all_start_methods():
             kwargs["multiprocessing_context"] = "fork"
     return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers, **kwargs)
+
+
+class _End:
+    def __init__(self, error: BaseException | None = None):
+        self.error = error
+
+
+def receive_in_background(items: Iterable[Any], pin: bool = False, ahead: int = 2) -> Iterator[tuple]:
+    """Iterate `items` (the DataLoader of worker processes) in a background thread of this process and
+    hand out its batches as torch tensors (pinned with `pin`), in order, up to `ahead` of them ready.
+
+    Why: receiving a batch from a worker (reading its bytes from the pipe, unpickling) and pinning it
+    take the main thread about a millisecond per batch; here they run while the main thread is inside
+    the learner (whose kernels release the interpreter lock), the role the DataLoader's own pinning
+    thread plays for tensors. The thread stops when the consumer stops; an error in it (a worker's
+    DatasetError) is raised in the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, int(ahead)))
+    stop = threading.Event()
+    it = iter(items)
+
+    def put(obj) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(obj, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for batch in it:
+                batch = as_tensors(batch)
+                if pin:
+                    batch = tuple(t.pin_memory() for t in batch)
+                if not put(batch):
+                    return
+            put(_End())
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put(_End(e))
+
+    thread = threading.Thread(target=run, name="mamlpp-batch-receiver", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if isinstance(item, _End):
+                if item.error is not None:
+                    raise item.error
+                return
+            yield item
+    finally:
+        stop.set()
 
 
 def regroup_batches(batches: Iterable[Sequence[Any]], per_item: int) -> Iterator[tuple]:
@@ -187,7 +242,7 @@ def _prefetch(it: Iterator, device: torch.device, depth: int) -> Iterator[tuple]
         if host is None:
             return False
         host = [torch.as_tensor(t) for t in host[:4]]
-        # asynchronous copies need pinned host memory
+        # asynchronous copies need pinned host memory (receive_in_background pins already)
         host = [t.pin_memory() if t.device.type == "cpu" and not t.is_pinned() else t for t in host]
         with torch.cuda.stream(side):
             moved = tuple(t.to(device, non_blocking=True) for t in host)

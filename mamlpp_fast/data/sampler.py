@@ -504,14 +504,15 @@ class MetaLearningSystemDataLoader:
             yield self.dataset.get_batch(set_name, range(start, start + tpb), augment_images)
 
     def batch_loader(self, set_name: str, total_batches=-1, augment_images=False, tasks_per_item=None,
-                     num_workers: int = 0, prefetch_factor: int = 2) -> Iterator[tuple]:
+                     num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False) -> Iterator[tuple]:
         """The tasks `get_<set_name>_batches(total_batches, augment_images)` yields, prepared in the
-        background (mamlpp_fast.data.prefetch): `num_workers` processes (0: in this process), as CPU
-        torch tensors in batches of `tasks_per_item` tasks (default:
+        background (mamlpp_fast.data.prefetch): `num_workers` processes (0: in this process), received
+        by a thread of this process (pinned there with `pin_memory`), as CPU torch tensors in batches
+        of `tasks_per_item` tasks (default:
         `tasks_per_batch`; the last batch may be smaller). Same tasks, same order. For "train" the
         stream position (`total_train_iters_produced`) advances by the tasks of each batch handed out,
         as with get_train_batches."""
-        from .prefetch import TaskBatchDataset, as_tensors, task_batch_loader
+        from .prefetch import TaskBatchDataset, as_tensors, receive_in_background, task_batch_loader
 
         if set_name not in SET_NAMES:
             raise ValueError(f"unknown set {set_name!r}; expected one of {SET_NAMES}")
@@ -526,10 +527,19 @@ class MetaLearningSystemDataLoader:
         loader = task_batch_loader(dataset, num_workers, prefetch_factor)
         if num_tasks == 0:
             return
-        for batch in loader:
-            if set_name == "train":
-                self.total_train_iters_produced += len(batch[0])
-            yield as_tensors(batch)
+        if loader.num_workers > 0:
+            batches = receive_in_background(loader, pin=pin_memory)
+        else:  # 0 workers: everything in this thread, in series
+            batches = (as_tensors(b) for b in loader)
+        try:
+            for batch in batches:
+                if set_name == "train":
+                    self.total_train_iters_produced += len(batch[0])
+                yield batch
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
 
     def get_val_batches(self, total_batches=-1, augment_images=False) -> Iterator[tuple]:
         """Validation batches: always the same tasks (seed = derived val seed + task index)."""
