@@ -311,3 +311,40 @@ def test_a_loader_without_batch_loader_gives_the_same_run(tmp_path):
     (csv_b, json_b, test_b), net_b = runs["plain"]
     assert csv_a == csv_b and json_a == json_b and test_a == test_b
     assert all(torch.equal(net_a[k], net_b[k]) for k in net_a)
+
+
+class _FailingSampler:
+    """Tasks whose images are their seed; the seed `bad` raises DatasetError (as a broken image would)."""
+
+    def __init__(self, bad):
+        self.bad = bad
+
+    def get_batch(self, set_name, seeds, augment_images):
+        from mamlpp_fast.errors import DatasetError
+        if self.bad in seeds:
+            raise DatasetError(f"cannot read image for seed {self.bad}")
+        x = np.asarray(list(seeds), dtype=np.float32).reshape(-1, 1, 1, 1, 1, 1)
+        y = np.zeros((len(seeds), 1, 1), dtype=np.int64)
+        return x, x.copy(), y, y.copy()
+
+
+def test_background_receiver_keeps_order_raises_worker_errors_and_stops_early():
+    from mamlpp_fast.data.prefetch import receive_in_background, task_batch_loader
+    from mamlpp_fast.errors import DatasetError
+
+    ok = task_batch_loader(TaskBatchDataset(_FailingSampler(bad=-1), "val", 0, 40, 3), num_workers=2)
+    got = [b[0].reshape(-1).tolist() for b in receive_in_background(ok)]
+    assert sum(got, []) == [float(i) for i in range(40)] and all(isinstance(x, float) for x in got[0])
+    bad = task_batch_loader(TaskBatchDataset(_FailingSampler(bad=20), "val", 0, 40, 3), num_workers=2)
+    with pytest.raises(DatasetError, match="seed 20"):
+        list(receive_in_background(bad))
+    stream = receive_in_background(task_batch_loader(TaskBatchDataset(_FailingSampler(bad=-1), "val", 0, 400, 1),
+                                                     num_workers=2))
+    assert next(stream)[0].item() == 0.0
+    stream.close()  # the consumer stops: the thread ends instead of filling its queue
+    import threading
+    import time
+    deadline = time.time() + 10
+    while any(t.name == "mamlpp-batch-receiver" for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "mamlpp-batch-receiver" for t in threading.enumerate())

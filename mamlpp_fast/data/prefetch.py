@@ -18,7 +18,10 @@ meta-update it is lost time. Here it overlaps with the learner in two stages:
    worker failures, ordering and shutdown, and its per-batch cost (one pickled tuple of arrays
    through a pipe) is small next to a meta-update; threads would contend for the interpreter lock
    with the learner's own Python work.
-2. `prefetch_to_device`: copies each host batch to the device `depth` batches ahead: into pinned
+2. `receive_in_background`: with workers, a thread of this process receives their batches (and pins
+   them for a CUDA device) while the main thread is inside the learner, so that the main thread only
+   takes ready tensors from a queue.
+3. `prefetch_to_device`: copies each host batch to the device `depth` batches ahead: into pinned
    memory (which asynchronous copies need), then non-blocking copies on a side CUDA stream; the
    learner's stream waits on an event before using a batch (and the tensors are marked as used by
    that stream, so the caching allocator does not reuse them early). On a CPU device the batches
