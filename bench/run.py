@@ -11,7 +11,10 @@ One run, one device. Measured, in this order (see bench/NOTES.md for the method)
    meta-update (config key `cuda_graph`), the torch.func baseline (bench/baseline_torchfunc.py), the
    reference learner (mamlpp_fast.reference), and the JAX baseline (bench/baseline_jax.py, in a
    subprocess, when jax is installed);
-3. sweeps of the fast learner over the meta-batch size and the number of inner steps.
+3. sweeps of the fast learner over the meta-batch size and the number of inner steps;
+4. `trainer` items (bench/trainer_bench.py): the experiment loop end to end (ExperimentBuilder and the
+   real data loader) beside the learner alone, per data source and `num_dataprovider_workers` value,
+   and the projected wall time of the paper configurations' full runs ("time to result").
 Each item: `--warmup` meta-updates, then meta-updates until `--iters` of them or `--max-time` seconds
 (at least `--min-iters`); the median time per meta-update is reported (CUDA events on a GPU,
 time.perf_counter on a CPU), with peak memory (torch.cuda.max_memory_allocated on a GPU; on a CPU the
@@ -45,11 +48,12 @@ import warnings
 from typing import Any, Callable
 
 from . import workloads as W
+from . import trainer_bench as TB
 from .flops import flops_from_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "bench", "results")
-LEARNERS = ("fast", "torchfunc", "reference", "jax")
+LEARNERS = ("fast", "torchfunc", "reference", "jax", "trainer")
 BACKENDS = {"cpu": ("native", "torch"), "cuda": ("native", "triton", "torch")}
 VARIANTS = ("eager", "cuda_graph")
 DEFAULT_BUDGET_S = 450.0  # full runs: the GPU run must end within ~8 minutes
@@ -557,6 +561,11 @@ def plan(a, dev) -> list[dict[str, Any]]:
                         for ci in a.conv_impls:
                             items.append({"section": "main", "workload": w, "learner": "fast", "backend": be,
                                           "variant": v, "conv_impl": ci})
+            elif learner == "trainer":  # the experiment loop end to end (bench/trainer_bench.py)
+                for source in TB.sources_for(w, a.omniglot_dir):
+                    for workers in a.trainer_workers:
+                        items.append({"section": "main", "workload": w, "learner": "trainer", "backend": None,
+                                      "variant": "eager", "dataset": source, "workers": workers})
             else:
                 items.append({"section": "main", "workload": w, "learner": learner, "backend": None,
                               "variant": "eager"})
@@ -622,6 +631,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="torch CPU threads (torch.set_num_threads; default: torch's own; --quick on a CPU: 1, "
                         "which is steadier on a shared machine)")
     p.add_argument("--tag", default="", help="extra word in the output file names")
+    p.add_argument("--trainer-updates", type=int, default=None,
+                   help="trainer item: meta-updates per epoch (2 epochs, the second reported; default 50; quick 3)")
+    p.add_argument("--trainer-eval-tasks", type=int, default=None,
+                   help="trainer item: validation tasks per epoch (rounded down to whole batches; default 64; quick 4)")
+    p.add_argument("--trainer-workers", default="0,4",
+                   help="trainer item: comma-separated num_dataprovider_workers values (0: data drawn in the main "
+                        "process, in series with the meta-updates; default 0,4)")
+    p.add_argument("--omniglot-dir", default=TB.default_omniglot_dir(),
+                   help="folder of the official Omniglot zip files for the trainer item (default: "
+                        "$MAMLPP_OMNIGLOT_DIR, else the folder tests/test_data.py uses; absent: synthetic only)")
     a = p.parse_args(argv)
     q = a.quick
     a.iters = a.iters if a.iters is not None else (2 if q else 50)
@@ -630,6 +649,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.max_time = a.max_time if a.max_time is not None else (0.2 if q else 2.0)
     if a.time_budget is None:
         a.time_budget = 0.0 if q else DEFAULT_BUDGET_S
+    a.trainer_updates = a.trainer_updates if a.trainer_updates is not None else (3 if q else 50)
+    a.trainer_eval_tasks = a.trainer_eval_tasks if a.trainer_eval_tasks is not None else (4 if q else 64)
+    try:
+        a.trainer_workers = [int(x) for x in a.trainer_workers.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--trainer-workers takes comma-separated integers, got {a.trainer_workers!r}")
+    if a.trainer_updates < 1 or a.trainer_eval_tasks < 1 or not a.trainer_workers or min(a.trainer_workers) < 0:
+        p.error("--trainer-updates and --trainer-eval-tasks must be >= 1, --trainer-workers >= 0")
     a.learners = [x.strip() for x in a.learners.split(",") if x.strip()]
     bad = [x for x in a.learners if x not in LEARNERS]
     if bad:
@@ -725,7 +752,8 @@ def _run(a, argv: list[str]) -> int:
         env["wall_s"] = _now() - t_start
         env["complete"] = final
         report = {"meta": env, "ceilings": ceilings, "conv_tables": conv_tables, "results": results,
-                  "skipped": skipped, "roofline": roofline_rows(results), "speedups": speedups(results)}
+                  "skipped": skipped, "roofline": roofline_rows(results), "speedups": speedups(results),
+                  "projections": TB.projections(results)}
         return write_outputs(report, a, dev, env)
 
     write(False)
@@ -734,7 +762,10 @@ def _run(a, argv: list[str]) -> int:
         row: dict[str, Any] = {"section": item["section"], "workload": w.name, "learner": item["learner"],
                                "backend": item["backend"], "variant": item["variant"], "batch_size": w.batch_size,
                                "steps": w.steps, "config": w.to_dict(), "conv_impl": item.get("conv_impl")}
+        if item["learner"] == "trainer":
+            row.update(dataset=item["dataset"], num_dataprovider_workers=item["workers"])
         label = f"{w.name} {item['learner']}" + (f"[{item['backend']}]" if item["backend"] else "") + \
+            (f"[{item['dataset']}, workers={item['workers']}]" if item["learner"] == "trainer" else "") + \
             ("" if item["variant"] == "eager" else f" {item['variant']}") + \
             (f" conv={item['conv_impl']}" if item.get("conv_impl") else "")
         # a sweep point identical to a main-table item reuses that measurement
@@ -759,6 +790,11 @@ def _run(a, argv: list[str]) -> int:
                 r = measure_torch_item(_build_reference, w, dev, a, warmup)
             elif item["learner"] == "torchfunc":
                 r = measure_torch_item(_build_torchfunc, w, dev, a, warmup)
+            elif item["learner"] == "trainer":
+                first = not any(x.get("learner") == "trainer" and x["workload"] == w.name and x.get("status") == "ok"
+                                for x in results)
+                r = TB.measure_trainer_item(w, dev, a, item["dataset"], item["workers"], _precision_overrides(a),
+                                            measure_reference=first)
             elif item["learner"] == "fast":
                 be, var, ci = item["backend"], item["variant"], item.get("conv_impl")
                 r = measure_torch_item(lambda w_, d_, a_: _build_fast(w_, d_, a_, be, var, ci), w, dev, a, warmup)
@@ -851,6 +887,8 @@ def _mib(x) -> str:
 
 def _learner_label(r) -> str:
     s = r["learner"]
+    if s == "trainer":
+        s += f" [{r.get('dataset')}, workers={r.get('num_dataprovider_workers')}]"
     if r.get("backend"):
         s += f" [{r['backend']}]"
     if r.get("conv_impl"):
@@ -924,6 +962,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{_fmt(None if r['roofline_fp32'] is None else 100 * r['roofline_fp32'], '.2f')}% | "
                      f"{_fmt(None if r['roofline_tf32'] is None else 100 * r['roofline_tf32'], '.2f')}% |")
         L.append("")
+    L += TB.render_markdown(report)
     if report["skipped"]:
         L += ["## Skipped (time budget)", ""] + [f"- {s}" for s in report["skipped"]] + [""]
     L += ["FLOP per meta-update: bench/flops.py (conv + linear forward, backward and double backward; equal to "

@@ -77,15 +77,23 @@ def _as_tensor(a: Any, name: str) -> torch.Tensor:
         raise BatchError(f"{name} cannot be converted to a tensor: {e}") from None
 
 
+def _in_host_memory(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"
+
+
 def _labels(a: Any, name: str, n_way: int, device: torch.device) -> torch.Tensor:
+    # The values are checked where they are in host memory; labels that already live on an accelerator
+    # (the trainer's prefetched batches, built from class positions) are not read back, since reading
+    # them would make the host wait for the device at every batch.
     t = _as_tensor(a, name)
+    on_host = _in_host_memory(t)
     if t.is_floating_point():
-        if not torch.isfinite(t).all() or not torch.equal(t, t.round()):
+        if on_host and (not torch.isfinite(t).all() or not torch.equal(t, t.round())):
             raise BatchError(f"{name} must hold whole class indices, got non-integer values")
     elif t.dtype == torch.bool or t.is_complex():
         raise BatchError(f"{name} must hold integer class indices, got dtype {t.dtype}")
     t = t.long()
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n_way):
+    if on_host and t.numel() and (int(t.min()) < 0 or int(t.max()) >= n_way):
         raise BatchError(f"{name} holds labels outside [0, {n_way}): min {int(t.min())}, max {int(t.max())}")
     return t.to(device)
 

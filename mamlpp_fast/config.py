@@ -109,6 +109,7 @@ DEFAULTS: dict[str, Any] = {
     "cudnn_benchmark": True,  # fast learner: cuDNN picks convolution algorithms by timing them
     "allow_tf32": False,  # TF32 convolutions/matmuls on GPUs that have them (faster, ~1e-3 less exact)
     "conv_impl": "auto",  # fast learner: how the per-task convolutions run (mamlpp_fast.ops.conv)
+    "evaluation_batch_size": 32,  # fast learner: validation/test tasks per evaluation call (trainer)
 }
 
 # Keys the learner reads that the original's parser gives no default: its experiment files must set them.
@@ -138,7 +139,9 @@ _POSITIVE_INT = (
     "number_of_evaluation_steps_per_iter", "cnn_num_filters", "num_stages", "total_epochs",
     "total_iter_per_epoch", "multi_step_loss_num_epochs", "num_evaluation_tasks", "max_models_to_save",
     "samples_per_iter", "num_of_gpus",  # tasks per batch = num_of_gpus * batch_size * samples_per_iter
+    "evaluation_batch_size",
 )
+_NONNEGATIVE_INT = ("num_dataprovider_workers",)
 _NONNEGATIVE_FLOAT = ("meta_learning_rate", "min_learning_rate")
 # conv_padding is a bool in every shipped file, but it is used as the padding (an int) of the conv.
 _BOOL_OR_INT = ("conv_padding",)
@@ -205,6 +208,9 @@ def _check_ranges(d: dict[str, Any]) -> None:
     for key in _POSITIVE_INT:
         if d[key] < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {d[key]!r}")
+    for key in _NONNEGATIVE_INT:
+        if d[key] < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0 (0: in the main process), got {d[key]!r}")
     for key in _NONNEGATIVE_FLOAT:
         if d[key] < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {d[key]!r}")

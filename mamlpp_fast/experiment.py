@@ -290,13 +290,51 @@ def acquire_lock(root: str, command: str = "train", log: Callable[[str], None] |
         return LockHandle(key)
 
 
+ORPHAN_WAIT_S = 15.0  # how long a lock whose recorded owner is dead may still be held by its children
+
+
+def _wait_for_lock(fd: int, seconds: float) -> bool:
+    """Try the lock of `fd` until it is taken or `seconds` have passed."""
+    import fcntl
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        time.sleep(0.1)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            continue
+        except OSError:
+            return False
+    return False
+
+
+def _forget_locks_in_child() -> None:
+    """After a fork, in the child: close the child's copies of the lock files' descriptors and forget them.
+
+    A flock belongs to the open file description, which a forked child shares: a data-loader worker that
+    outlives a killed trainer by a moment would otherwise keep the experiment folder locked. The parent's own
+    descriptor still holds the lock. (No lock is taken here: another thread may have held _GUARD at the fork.)"""
+    for held in list(_HELD.values()):
+        try:
+            os.close(held.fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
 def _lock_file(path: str) -> tuple[int, dict]:
     """(locked fd of `path`, the stale owner record found in it or {})."""
     import fcntl
 
     for _ in range(50):
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         except IsADirectoryError:
             raise ExperimentError(f"cannot lock the experiment folder: {path} is a folder, not a lock file") from None
         except OSError as e:
@@ -309,11 +347,15 @@ def _lock_file(path: str) -> tuple[int, dict]:
             while not owner and time.time() < deadline:  # the owner writes its record right after locking
                 time.sleep(0.02)
                 owner = _read_owner(fd)
-            os.close(fd)
-            raise ExperimentError(
-                f"experiment folder {os.path.dirname(path)} is in use by {_describe_owner(owner)}: one run at a "
-                f"time writes an experiment folder; wait for it to end, stop it, or choose another "
-                "experiment_name/--experiment-dir") from None
+            if not (owner and owner.get("host") == socket.gethostname() and not _pid_alive(owner.get("pid"))
+                    and _wait_for_lock(fd, ORPHAN_WAIT_S)):
+                os.close(fd)
+                raise ExperimentError(
+                    f"experiment folder {os.path.dirname(path)} is in use by {_describe_owner(owner)}: one run at "
+                    f"a time writes an experiment folder; wait for it to end, stop it, or choose another "
+                    "experiment_name/--experiment-dir") from None
+            # The recorded owner is dead, yet the lock was held: by a process that inherited it (a child that
+            # outlived the owner by a moment), and it has now let go. A stale lock: taken over below.
         except OSError as e:
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 os.close(fd)

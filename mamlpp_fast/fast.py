@@ -161,10 +161,11 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
 
     # -- the outer forward -------------------------------------------------------------------------------
     def _forward_tensors(self, data_batch, epoch, use_second_order, use_multi_step_loss_optimization, num_steps,
-                         training_phase, importance):
+                         training_phase, importance, target_grad=True):
         """The batched MAML++ outer forward, device tensors only (no host synchronisation, so that it can
         be captured in a CUDA graph). Returns (loss with graph, accuracy 0-d tensor, target logits
-        (B, n_t, N) detached)."""
+        (B, n_t, N) detached). `target_grad=False` runs the target passes without autograd (same values,
+        no graph kept: what evaluation needs, with much less memory)."""
         x_support, x_target, y_support, y_target = data_batch
         b, n_way = x_support.shape[0], x_support.shape[1]
         xs, xt = _task_major(x_support), _task_major(x_target)
@@ -199,7 +200,8 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
                     pending.setdefault((layer, step), []).append((mean, invstd, m))
             if use_msl or step == final_step:
                 stats = [] if track else None
-                target_logits = self._net(xt, b, step, dict(zip(names, fast_list)), stats)
+                with torch.set_grad_enabled(target_grad and torch.is_grad_enabled()):
+                    target_logits = self._net(xt, b, step, dict(zip(names, fast_list)), stats)
                 target_loss = F.cross_entropy(target_logits.reshape(-1, n_way), yt)
                 term = importance[step] * target_loss if use_msl else target_loss
                 loss = term if loss is None else loss + term
@@ -212,16 +214,26 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         accuracy = preds.argmax(-1).eq(y_target.reshape(b, -1)).to(torch.float32).mean()
         return loss, accuracy, preds
 
-    def _host_losses(self, loss, accuracy, preds, importance):
-        """Copy the metrics to the host: one device-to-host transfer (accuracy and target logits packed
-        together), the one synchronisation of a meta-update. `importance` must be the tensor of
-        `_importance()`, whose host copy is cached."""
-        packed = torch.cat([accuracy.reshape(1).to(preds.dtype), preds.reshape(-1)]).cpu().numpy()
-        preds_np = packed[1:].reshape(tuple(preds.shape))
-        losses = {"loss": loss, "accuracy": float(packed[0])}
+    def _host_losses(self, loss, accuracy, preds, importance, finite=None):
+        """Copy the metrics to the host: one device-to-host transfer (the finiteness flag when given, the
+        loss, the accuracy and the target logits packed together), the one synchronisation of a
+        meta-update. `importance` must be the tensor of `_importance()`, whose host copy is cached.
+
+        Without `finite`, losses['loss'] is `loss` itself (with its graph, as forward() returns it);
+        with it, a host 0-d tensor of the loss, and the result is (losses, preds, finite as a bool)."""
+        head = [] if finite is None else [finite.reshape(1).to(preds.dtype)]
+        head += [loss.detach().reshape(1).to(preds.dtype), accuracy.reshape(1).to(preds.dtype)]
+        packed = torch.cat(head + [preds.reshape(-1)]).cpu().numpy()
+        k = len(head)
+        preds_np = packed[k:].reshape(tuple(preds.shape))
+        host_loss = torch.from_numpy(packed[k - 2:k - 1].copy()).reshape(())
+        losses = {"loss": loss if finite is None else host_loss, "accuracy": float(packed[k - 1])}
         for i, item in enumerate(self._importance_cache[2]):
             losses[f"loss_importance_vector_{i}"] = item
-        return losses, [preds_np[t] for t in range(preds_np.shape[0])]
+        preds_list = [preds_np[t] for t in range(preds_np.shape[0])]
+        if finite is None:
+            return losses, preds_list
+        return losses, preds_list, bool(packed[0])
 
     def forward(self, data_batch, epoch, use_second_order, use_multi_step_loss_optimization, num_steps,
                 training_phase):
@@ -268,9 +280,14 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         first/second order) and replayed; the first call of each phase runs uncaptured (warm-up) and a
         capture that fails falls back to uncaptured updates with one warning. Two graphs are replayed:
         forward/backward (with a device-side finiteness flag), then, if the flag is set, the Adam step.
-        Otherwise the core's plain meta-update (LearnerCore.train_iter) runs this learner's forward."""
+        Otherwise one uncaptured update runs with a single device-to-host transfer (`_eager_train_iter`),
+        or, when a reducer is installed (data parallelism: metrics, gradients and statistics are reduced
+        over the ranks), the core's plain meta-update (LearnerCore.train_iter) with this learner's forward."""
         if not self._graph_mode() or self._graph_failed is not None:
-            return self.core.train_iter(data_batch, epoch)
+            if self.core.reducer is not None:
+                return self.core.train_iter(data_batch, epoch)
+            with self.core.precision():
+                return self._eager_train_iter(data_batch, epoch)
         with self.core.precision():
             return self._graph_train_iter(data_batch, epoch)
 
@@ -296,7 +313,7 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
             if not ok:
                 core.restore_running_stats(stats)
                 core.handle_nonfinite(loss, data, epoch)
-            losses, preds_list = self._host_losses(loss, accuracy, preds, importance)
+            losses, preds_list, _ = self._host_losses(loss, accuracy, preds, importance, finite)
             self._capture(key, data, epoch, importance)
         else:
             graph, step_graph, static_in, static_imp, outs = entry
@@ -305,16 +322,66 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
             static_imp.copy_(importance, non_blocking=True)
             graph.replay()
             loss, accuracy, preds, finite, stats = outs
-            ok = bool(finite)  # the one host synchronisation of a captured meta-update
+            # the one host synchronisation of a captured meta-update: flag and metrics in one transfer
+            losses, preds_list, ok = self._host_losses(loss, accuracy, preds, importance, finite)
             if ok:
                 step_graph.replay()
             else:
                 core.restore_running_stats(stats)
                 core.handle_nonfinite(loss, data, epoch)
-            losses, preds_list = self._host_losses(loss, accuracy, preds, importance)
         losses["learning_rate"] = lr
         losses["skipped"] = not ok
         return losses, preds_list
+
+    def _eager_train_iter(self, data_batch, epoch):
+        """One uncaptured meta-update (the core's train_iter steps: forward, backward, imagenet clamp,
+        finiteness check, Adam step or skip) with a single device-to-host transfer: the finiteness flag
+        travels with the metrics, and the Adam step is queued after that transfer."""
+        core = self.core
+        epoch = int(epoch)
+        lr = core.begin_train_iter(epoch)
+        data = core.batch(data_batch)
+        importance = self._importance()
+        loss, accuracy, preds, finite, stats = self._train_step_tensors(data, epoch, importance)
+        losses, preds_list, ok = self._host_losses(loss, accuracy, preds, importance, finite)
+        if ok:
+            core.optimizer.step()
+        else:
+            core.restore_running_stats(stats)
+            core.handle_nonfinite(loss, data, epoch)
+        core.optimizer.zero_grad()
+        losses["learning_rate"] = lr
+        losses["skipped"] = not ok
+        return losses, preds_list
+
+    # -- evaluation without host transfers -----------------------------------------------------------
+    def evaluation_logits(self, data_batch):
+        """What run_validation_iter computes, left on the device: (target logits (B, n_t, N), y_target
+        (B, N, T) int64), no host transfer and no autograd graph of the target passes.
+
+        Batch statistics are per task and every other operation is per task, so a task's logits do not
+        depend on the other tasks of the call: evaluation may group tasks freely (config key
+        `evaluation_batch_size`; only the rounding of a differently shaped kernel can differ). The
+        BN running statistics are not touched unless `bn_backup_aliasing` is set (then the trainer
+        keeps the original's grouping)."""
+        if self.training:
+            self.eval()
+        data = self._batch(data_batch)
+        with self._precision():
+            _, _, preds = self._forward_tensors(data, self.current_epoch, False, True,
+                                                self.args.number_of_evaluation_steps_per_iter, False,
+                                                self._importance(), target_grad=False)
+        return preds, data[3]
+
+    @staticmethod
+    def evaluation_metrics(preds, y_target):
+        """(loss, accuracy) 0-d device tensors of a batch of tasks from its target logits, computed as
+        run_validation_iter computes them for that batch (mean cross-entropy over all its targets, and
+        the fraction of correct targets in float32)."""
+        b, n_way = preds.shape[0], preds.shape[-1]
+        loss = F.cross_entropy(preds.reshape(-1, n_way), y_target.reshape(-1))
+        accuracy = preds.argmax(-1).eq(y_target.reshape(b, -1)).to(torch.float32).mean()
+        return loss, accuracy
 
     def _capture(self, key, data, epoch, importance) -> None:
         static_in = [t.clone() for t in data]

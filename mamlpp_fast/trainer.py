@@ -75,6 +75,9 @@ SHAPE_KEYS = (
 )
 
 CHECKPOINT_PREFIX = "train_model"
+# Evaluation groups (config key evaluation_batch_size) are capped so that one first-layer activation of all
+# the tasks of a call stays under this (mini-ImageNet 5-way 5-shot: 135 MB per task -> 15 tasks).
+EVAL_ACTIVATION_BYTES = 2 * 1024 ** 3
 CONFIG_SNAPSHOT = "config.json"
 
 
@@ -116,6 +119,26 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
+
+
+def _on_device(value: Any) -> bool:
+    """True for a tensor that is not in host memory (reading it would synchronise with the device)."""
+    device = getattr(value, "device", None)
+    return device is not None and getattr(device, "type", "cpu") != "cpu"
+
+
+def _host_floats(values: list[Any]) -> list[float]:
+    """Python floats of `values`; device tensors among them are copied in one transfer."""
+    on_dev = [i for i, v in enumerate(values) if _on_device(v)]
+    if not on_dev:
+        return [float(v) for v in values]
+    import torch
+
+    copied = torch.stack([values[i].detach().reshape(()) for i in on_dev]).cpu().tolist()
+    out = list(values)
+    for i, v in zip(on_dev, copied):
+        out[i] = v
+    return [float(v) for v in out]
 
 
 def build_experiment_folder(experiment_dir: str | os.PathLike, experiment_name: str) -> tuple[str, str, str]:
@@ -641,38 +664,169 @@ class ExperimentBuilder:
 
     # -- loops --------------------------------------------------------------------------------------
     @staticmethod
-    def _summary(total_losses: dict[str, list[float]], phase: str) -> dict[str, float]:
+    def _summary(total_losses: dict[str, list[Any]], phase: str) -> dict[str, float]:
         out = {}
         for key, values in total_losses.items():
+            values = _host_floats(values)
             out[f"{phase}_{key}_mean"] = float(np.mean(values))
             out[f"{phase}_{key}_std"] = float(np.std(values))
         return out
 
     @staticmethod
-    def _accumulate(total_losses: dict[str, list[float]], losses: dict[str, Any]) -> None:
+    def _accumulate(total_losses: dict[str, list[Any]], losses: dict[str, Any]) -> None:
+        # A value still on the device (e.g. the reference learner's 0-d loss on a GPU) is kept as it is and
+        # copied with the others at the end of the epoch (_summary): no synchronisation per meta-update.
         for key, value in losses.items():
-            total_losses.setdefault(key, []).append(float(value))
+            total_losses.setdefault(key, []).append(value if _on_device(value) else float(value))
 
     @staticmethod
     def _postfix(losses: dict[str, Any]) -> dict[str, str]:
-        return {"loss": f"{float(losses['loss']):.4f}", "acc": f"{float(losses['accuracy']):.4f}"}
+        """Progress-bar numbers: host values only (a value on the device is left out, never copied)."""
+        out = {}
+        for key, label in (("loss", "loss"), ("accuracy", "acc")):
+            value = losses.get(key)
+            if value is not None and not _on_device(value):
+                out[label] = f"{float(value):.4f}"
+        return out
+
+    def _set_postfix(self, bar: tqdm.tqdm, losses: dict[str, Any]) -> None:
+        if not bar.disable:
+            bar.set_postfix(self._postfix(losses), refresh=False)
+
+    # -- batches and evaluation -----------------------------------------------------------------------
+    def _torch_device(self):
+        import torch
+
+        dev = self.device if self.device is not None else getattr(self.model, "device", "cpu")
+        return torch.device(dev)
+
+    @property
+    def tasks_per_batch(self) -> int:
+        """Tasks of one of the original's batches (num_of_gpus * batch_size * samples_per_iter)."""
+        return int(getattr(self.data, "tasks_per_batch", self.args.batch_size))
+
+    def _task_batches(self, set_name: str, total_batches: int, augment: bool, tasks_per_item: int | None = None):
+        """The tasks of get_<set_name>_batches, prepared in the background (config key
+        `num_dataprovider_workers` processes, 0: this one) and copied to the device (through pinned
+        memory on a CUDA device) two batches ahead (mamlpp_fast.data.prefetch). A data loader without
+        `batch_loader` (not ours) is read through its get_*_batches generators, re-cut to
+        `tasks_per_item` tasks."""
+        from .data.prefetch import prefetch_to_device, regroup_batches
+
+        dev = self._torch_device()
+        make = getattr(self.data, "batch_loader", None)
+        if make is not None:
+            host = make(set_name, total_batches, augment_images=augment, tasks_per_item=tasks_per_item,
+                        num_workers=int(getattr(self.args, "num_dataprovider_workers", 0) or 0),
+                        pin_memory=dev.type == "cuda")
+        else:
+            host = getattr(self.data, f"get_{set_name}_batches")(total_batches=total_batches, augment_images=augment)
+            if tasks_per_item is not None and tasks_per_item != self.tasks_per_batch:
+                host = regroup_batches(host, tasks_per_item)
+        return prefetch_to_device(host, dev, depth=2)
+
+    def evaluation_group_size(self) -> int | None:
+        """Tasks per evaluation call: the config key `evaluation_batch_size` for a learner that has
+        `evaluation_logits` (the fast learner); None (the original's batches, one run_validation_iter
+        call each) for other learners and with `bn_backup_aliasing`, where evaluation changes the
+        running statistics batch by batch."""
+        if not hasattr(self.model, "evaluation_logits") or getattr(self.args, "bn_backup_aliasing", False):
+            return None
+        wanted = int(getattr(self.args, "evaluation_batch_size", 0) or self.tasks_per_batch)
+        # Memory bound: a call holds a few activations of the first layer's size for every task, so the
+        # group is capped where one such activation of all its tasks reaches EVAL_ACTIVATION_BYTES (never
+        # below the training batch, whose second-order meta-update needs far more).
+        a = self.args
+        itemsize = 8 if str(getattr(a, "dtype", "float32")) == "float64" else 4
+        per_task = (int(a.num_classes_per_set) * (int(a.num_samples_per_class) + int(a.num_target_samples))
+                    * int(a.cnn_num_filters) * int(a.image_height) * int(a.image_width) * itemsize)
+        fits = max(self.tasks_per_batch, EVAL_ACTIVATION_BYTES // max(per_task, 1))
+        return max(1, min(wanted, fits))
+
+    def evaluate_tasks(self, set_name: str, desc: str, keep_logits: bool = False) -> dict[str, Any]:
+        """Run the learner on the fixed `num_evaluation_tasks` tasks of `set_name` ("val" or "test").
+
+        Returns {"losses": one dict per batch of the original's size (tasks_per_batch) with the values
+        run_validation_iter returns for it (loss, accuracy, loss_importance_vector_i), "logits": list of
+        per-task float64 arrays (n_t, N) or None, "targets": list of per-task int64 arrays (n_t,) or None}.
+
+        With the fast learner the tasks go `evaluation_group_size()` per call (evaluation_logits), the
+        results stay on the device, and one device-to-host transfer at the end brings back the metrics
+        of every batch (and the logits with keep_logits): per-task results, and so the statistics, are
+        the same for any grouping. Other learners: one run_validation_iter call per batch, as the
+        original."""
+        import torch
+
+        per_call = self.evaluation_group_size()
+        batches = self._task_batches(set_name, self.num_eval_batches, False, per_call)
+        out: dict[str, Any] = {"losses": [], "logits": [] if keep_logits else None,
+                               "targets": [] if keep_logits else None}
+        total = self.num_eval_batches * self.args.batch_size // self.tasks_per_batch * self.tasks_per_batch
+        try:
+            with self._bar(total=total, desc=desc, leave=False, unit="task") as bar:
+                if per_call is None:
+                    for batch in batches:
+                        losses, per_task = self.model.run_validation_iter(data_batch=tuple(batch[:4]))
+                        losses.pop("skipped", None)
+                        out["losses"].append(losses)
+                        if keep_logits:
+                            y = batch[3].cpu().numpy() if isinstance(batch[3], torch.Tensor) else np.asarray(batch[3])
+                            for t, p in enumerate(per_task):
+                                out["logits"].append(np.asarray(p, dtype=np.float64))
+                                out["targets"].append(y[t].reshape(-1).astype(np.int64))
+                        bar.update(len(per_task))
+                        self._set_postfix(bar, losses)
+                    return out
+                logits, targets = [], []
+                for batch in batches:
+                    preds, y = self.model.evaluation_logits(tuple(batch[:4]))
+                    logits.append(preds)
+                    targets.append(y)
+                    bar.update(len(preds))
+        finally:
+            batches.close()
+        if not logits:
+            return out
+        all_logits, all_targets = torch.cat(logits), torch.cat(targets)
+        group = self.tasks_per_batch
+        n_groups = all_logits.shape[0] // group
+        metrics = [self.model.evaluation_metrics(all_logits[g * group:(g + 1) * group],
+                                                 all_targets[g * group:(g + 1) * group]) for g in range(n_groups)]
+        dtype = all_logits.dtype
+        importance = self.model.get_per_step_loss_importance_vector().to(dtype)
+        parts = [torch.stack([m[0] for m in metrics]).to(dtype), torch.stack([m[1] for m in metrics]).to(dtype),
+                 importance.reshape(-1)]
+        if keep_logits:
+            parts += [all_targets.to(dtype).reshape(-1), all_logits.reshape(-1)]
+        host = torch.cat(parts).cpu().numpy()  # the one device-to-host transfer of the pass
+        loss, acc = host[:n_groups], host[n_groups:2 * n_groups]
+        imp = host[2 * n_groups:2 * n_groups + importance.numel()]
+        for g in range(n_groups):
+            losses = {"loss": float(loss[g]), "accuracy": float(acc[g])}
+            for i, value in enumerate(imp):
+                losses[f"loss_importance_vector_{i}"] = float(value)
+            out["losses"].append(losses)
+        if keep_logits:
+            k = 2 * n_groups + importance.numel()
+            y = host[k:k + all_targets.numel()].astype(np.int64).reshape(all_targets.shape[0], -1)
+            lg = host[k + all_targets.numel():].reshape(tuple(all_logits.shape)).astype(np.float64)
+            out["logits"] = [lg[t] for t in range(lg.shape[0])]
+            out["targets"] = [y[t] for t in range(y.shape[0])]
+        return out
 
     def validate(self) -> dict[str, float]:
         """One pass over the fixed validation tasks; returns val_<metric>_mean/_std."""
         total: dict[str, list[float]] = {}
-        with self._bar(total=self.num_eval_batches, desc=f"val   epoch {self.epoch + 1}", leave=False) as bar:
-            for batch in self.data.get_val_batches(total_batches=self.num_eval_batches, augment_images=False):
-                losses, _ = self.model.run_validation_iter(data_batch=tuple(batch[:4]))
-                losses.pop("skipped", None)
-                self._accumulate(total, losses)
-                bar.update(1)
-                bar.set_postfix(self._postfix(losses))
+        for losses in self.evaluate_tasks("val", f"val   epoch {self.epoch + 1}")["losses"]:
+            self._accumulate(total, losses)
         if not total:
             raise RuntimeError("the data loader produced no validation batches")
         return self._summary(total, "val")
 
-    def _end_of_epoch(self, train_losses: dict[str, float]) -> None:
+    def _end_of_epoch(self, train_losses: dict[str, float], train_seconds: float | None = None) -> None:
+        t_val = time.perf_counter()
         val_losses = self.validate()
+        val_seconds = time.perf_counter() - t_val
         if val_losses["val_accuracy_mean"] > self.state["best_val_acc"]:
             self.state["best_val_acc"] = val_losses["val_accuracy_mean"]
             self.state["best_val_iter"] = self.state["current_iter"]
@@ -686,15 +840,23 @@ class ExperimentBuilder:
         for key, value in epoch_summary.items():
             per_epoch.setdefault(key, []).append(value)
         self.state = _plain(self.state)
+        t_ckpt = time.perf_counter()
         self.save_models(self.epoch, self.state)
+        ckpt_seconds = time.perf_counter() - t_ckpt
         row = dict(epoch_summary)
         row["epoch"] = self.epoch
         row["epoch_run_time"] = time.time() - self.start_time
+        # Where the epoch's time went (wall seconds; CSV only, like epoch_run_time), after the original's
+        # columns.
+        row["epoch_train_seconds"] = float("nan") if train_seconds is None else train_seconds
+        row["epoch_val_seconds"] = val_seconds
+        row["epoch_checkpoint_seconds"] = ckpt_seconds
         self._append_summary(row)
         self.start_time = time.time()
-        self.log("mamlpp: epoch {} -> {}".format(self.epoch, ", ".join(
-            f"{k}: {v:.4f}" for k, v in epoch_summary.items() if k.endswith("_mean") and
-            ("loss" in k or "accuracy" in k) and "importance" not in k)))
+        self.log("mamlpp: epoch {} -> {} (train {} s, validation {:.2f} s, checkpoint {:.2f} s)".format(
+            self.epoch, ", ".join(f"{k}: {v:.4f}" for k, v in epoch_summary.items() if k.endswith("_mean") and
+                                  ("loss" in k or "accuracy" in k) and "importance" not in k),
+            "?" if train_seconds is None else f"{train_seconds:.2f}", val_seconds, ckpt_seconds))
 
     def train(self) -> str:
         """Meta-train until total_epochs (or total_epochs_before_pause epochs in this run).
@@ -705,12 +867,16 @@ class ExperimentBuilder:
         pause_after = int(getattr(self.args, "total_epochs_before_pause", 10 ** 9) or 10 ** 9)
         total_epochs = int(self.args.total_epochs)
         remaining = self.total_iters - int(self.state["current_iter"])
-        batches = self.data.get_train_batches(total_batches=remaining, augment_images=self.augment_flag)
+        stream_start = getattr(self.data, "total_train_iters_produced", None)
+        consumed_tasks = 0
+        batches = self._task_batches("train", remaining, self.augment_flag)
         total_losses: dict[str, list[float]] = {}
         skipped = 0
         bar = None
+        t_train = time.perf_counter()
         try:
             for batch in batches:
+                consumed_tasks += len(batch[0])
                 if bar is None:
                     done_in_epoch = self.state["current_iter"] % self.iters_per_epoch
                     bar = self._bar(total=self.iters_per_epoch, initial=done_in_epoch,
@@ -726,16 +892,18 @@ class ExperimentBuilder:
                     self._accumulate(total_losses, losses)
                 self.state["current_iter"] += 1
                 bar.update(1)
-                bar.set_postfix(self._postfix(losses))
+                self._set_postfix(bar, losses)
                 if self.state["current_iter"] % self.iters_per_epoch == 0:
+                    train_seconds = time.perf_counter() - t_train
                     bar.close()
                     bar = None
                     if skipped:
                         self.log(f"mamlpp: warning: {skipped} of {self.iters_per_epoch} meta-updates of epoch "
                                  f"{self.epoch + 1} were skipped (non-finite loss or gradient)")
-                    self._end_of_epoch(self._summary(total_losses, "train"))
+                    self._end_of_epoch(self._summary(total_losses, "train"), train_seconds)
                     total_losses = {}
                     skipped = 0
+                    t_train = time.perf_counter()
                     self.epochs_done_in_this_run += 1
                     if self.state["current_iter"] >= self.total_iters:
                         break
@@ -746,9 +914,10 @@ class ExperimentBuilder:
         finally:
             if bar is not None:
                 bar.close()
-            close = getattr(batches, "close", None)
-            if close is not None:
-                close()
+            batches.close()
+            if stream_start is not None:
+                # The prefetcher reads ahead: the stream position is what was used, not what was read.
+                self.data.total_train_iters_produced = stream_start + consumed_tasks
         if self.state["current_iter"] < self.total_iters:
             raise RuntimeError(f"the data loader stopped after iteration {self.state['current_iter']} of "
                                f"{self.total_iters}")
@@ -808,24 +977,9 @@ class ExperimentBuilder:
             except Exception as e:  # noqa: BLE001
                 raise CheckpointError(f"cannot load checkpoint {self.checkpoint_path(epoch)}: "
                                       f"{type(e).__name__}: {e}") from None
-            preds: list[np.ndarray] = []
-            these_targets: list[np.ndarray] = []
-            correct = 0
-            seen = 0
-            with self._bar(total=self.num_eval_batches, desc=f"test  model {m + 1}/{len(chosen)} (epoch {epoch})",
-                           leave=False) as bar:
-                for batch in self.data.get_test_batches(total_batches=self.num_eval_batches, augment_images=False):
-                    losses, per_task = self.model.run_validation_iter(data_batch=tuple(batch[:4]))
-                    y = np.asarray(batch[3])
-                    for t, p in enumerate(per_task):
-                        p = np.asarray(p, dtype=np.float64)
-                        yt = y[t].reshape(-1).astype(np.int64)
-                        preds.append(p)
-                        these_targets.append(yt)
-                        correct += int((p.argmax(-1) == yt).sum())
-                        seen += yt.size
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{float(losses['loss']):.4f}", acc=f"{correct / max(seen, 1):.4f}")
+            result = self.evaluate_tasks("test", f"test  model {m + 1}/{len(chosen)} (epoch {epoch})",
+                                         keep_logits=True)
+            preds, these_targets = result["logits"], result["targets"]
             if targets is None:
                 targets = these_targets
             elif len(targets) != len(these_targets) or any(

@@ -231,3 +231,45 @@ def test_jax_baseline_matches_reference_float64(w):
     ref_tree = BJ.params_from_reference(grads, w.num_stages)
     _compare({f"{k}.{n}": np.asarray(g[k][n]) for k in g for n in g[k]},
              {f"{k}.{n}": ref_tree[k][n] for k in ref_tree for n in ref_tree[k]}, seed, "JAX baseline")
+
+
+def test_trainer_item_end_to_end_and_projection(tmp_path):
+    """`--learners trainer`: the experiment loop end to end beside the learner alone, with the epoch split
+    and the projected full runs, at tiny sizes (quick workloads, 2 updates per epoch, 4 validation tasks)."""
+    from bench.run import main
+    from bench.trainer_bench import PAPER_CONFIGS
+    rc = main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--learners", "trainer", "--no-sweeps",
+               "--no-ceiling", "--no-conv-table", "--workloads", "quick_omniglot_3w1s", "--trainer-updates", "2",
+               "--trainer-eval-tasks", "4", "--trainer-workers", "0,1", "--omniglot-dir", str(tmp_path / "none")])
+    assert rc == 0
+    report = json.loads((tmp_path / "latest_cpu_quick.json").read_text())
+    rows = [r for r in report["results"] if r["learner"] == "trainer"]
+    assert [(r["dataset"], r["num_dataprovider_workers"]) for r in rows] == [("synthetic", 0), ("synthetic", 1)]
+    for r in rows:
+        assert r["status"] == "ok", r.get("traceback")
+        assert r["end_to_end_ms_per_update"] > 0 and r["learner_only_ms"] > 0
+        assert r["overhead_ms_per_update"] == pytest.approx(r["end_to_end_ms_per_update"] - r["learner_only_ms"])
+        assert r["updates_per_s"] == pytest.approx(1e3 / r["end_to_end_ms_per_update"])
+        assert len(r["epochs"]) == 2 and all(e["train_s"] > 0 and e["val_s"] > 0 and e["checkpoint_s"] > 0
+                                            for e in r["epochs"])
+        assert r["epochs"][-1]["val_tasks"] == 4 and r["val_ms_per_task"] > 0
+        assert 0 <= r["overhead_in_loop_ms_per_update"] < r["end_to_end_ms_per_update"]
+        assert 0 <= r["overhead_in_loop_cpu_ms_per_update"] < r["end_to_end_ms_per_update"]
+        assert len(r["epoch_log"]) == 2 and "checkpoint" in r["epoch_log"][0]
+    # the reference learner's rates are measured once per workload, for the projection
+    assert rows[0]["reference_learner_only_ms"] > 0 and "reference_learner_only_ms" not in rows[1]
+    # the quick workload stands for no paper configuration: no projection; the projection itself is
+    # checked on the row of a paper workload, with its configuration's numbers
+    assert report["projections"] == []
+    from bench.trainer_bench import projections
+    fake = dict(rows[1], workload="omniglot_20w1s", reference_learner_only_ms=100.0, reference_val_ms_per_task=10.0)
+    (p,) = projections([fake])
+    cfg = json.loads(open(os.path.join(REPO, "configs", PAPER_CONFIGS["omniglot_20w1s"])).read())
+    assert p["meta_updates"] == cfg["total_epochs"] * cfg["total_iter_per_epoch"] == 50_000
+    o = p["ours"]
+    assert o["train_s"] == pytest.approx(50_000 * fake["end_to_end_ms_per_update"] / 1e3)
+    assert o["test_s"] == pytest.approx(5 * 600 * fake["val_ms_per_task"] / 1e3)
+    assert o["total_s"] == pytest.approx(o["train_s"] + o["validation_s"] + o["checkpoint_s"] + o["test_s"])
+    assert p["reference"]["validation_s"] == pytest.approx(100 * 600 * 10.0 / 1e3)
+    md = (tmp_path / "latest_cpu_quick.md").read_text()
+    assert "## End to end" in md and "| quick_omniglot_3w1s | synthetic | 1 |" in md

@@ -197,6 +197,44 @@ def test_stale_lock_of_a_killed_run_is_taken_over_with_a_line(tmp_path):
     assert (root / "logs" / "test_summary.csv").is_file()
 
 
+_FORKING_OWNER = """
+import os, sys, time
+from mamlpp_fast.experiment import acquire_lock
+handle = acquire_lock(sys.argv[1], "train", log=lambda m: None)
+child = os.fork()
+if child == 0:          # like a data-loader worker: inherits the lock's descriptor, outlives its parent
+    time.sleep(60)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_forked_child_of_a_killed_run_does_not_keep_the_lock(tmp_path):
+    """A flock belongs to the open file description, which fork shares: without care, a data-loader worker that
+    outlives a SIGKILLed trainer would keep the folder locked. Forked children close their copy at once
+    (os.register_at_fork), so the lock is free as soon as the owner dies, while the child still runs."""
+    root = tmp_path / "exp" / "forked"
+    owner = subprocess.Popen([sys.executable, "-c", _FORKING_OWNER, str(root)], env=_env(), cwd=REPO,
+                             stdout=subprocess.PIPE, text=True)
+    child = int(owner.stdout.readline())
+    try:
+        owner.kill()
+        owner.wait()
+        os.kill(child, 0)  # the child is still alive
+        lines = []
+        start = time.monotonic()
+        handle = acquire_lock(str(root), "train", log=lines.append)
+        assert time.monotonic() - start < 5.0  # no waiting for the child: it let go of the lock at the fork
+        handle.release()
+        assert any("taking over the stale lock" in ln and f"pid {owner.pid}" in ln for ln in lines), lines
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_data_parallel_ranks_share_one_lock(tmp_path):
     """torchrun with 2 CPU ranks: rank 0 holds the lock for both (a run completes, which it could not if
     rank 1 also wanted it), and when another process holds it every rank stops with its pid."""

@@ -32,7 +32,7 @@ CONFIG = tiny_config(experiment_name='kr', synthetic_num_classes=[20, 10, 10], s
                      num_evaluation_tasks=4, max_models_to_save=5, meta_learning_rate=0.001,
                      min_learning_rate=1e-05, task_learning_rate=0.1, dtype='float64', device='cpu', seed=7)
 # Columns that measure wall-clock time, not training.
-TIME_COLUMNS = {"epoch_run_time"}
+TIME_COLUMNS = {"epoch_run_time", "epoch_train_seconds", "epoch_val_seconds", "epoch_checkpoint_seconds"}
 
 
 def _cmd(config_path, experiment_dir):

@@ -76,9 +76,11 @@ def test_end_to_end_files_and_columns(tmp_path):
     S = args.number_of_training_steps_per_iter
     metrics = ["loss", "accuracy"] + [f"loss_importance_vector_{i}" for i in range(S)]
     expected = {f"{p}_{m}_{s}" for p in ("train", "val") for m in metrics for s in ("mean", "std")}
-    expected |= {"train_learning_rate_mean", "train_learning_rate_std", "epoch", "epoch_run_time"}
+    expected |= {"train_learning_rate_mean", "train_learning_rate_std", "epoch", "epoch_run_time",
+                 "epoch_train_seconds", "epoch_val_seconds", "epoch_checkpoint_seconds"}
     assert set(header) == expected, set(header) ^ expected
-    assert header[0] == "train_loss_mean" and header[-2:] == ["epoch", "epoch_run_time"]
+    assert header[0] == "train_loss_mean" and header[-5:] == ["epoch", "epoch_run_time", "epoch_train_seconds",
+                                                              "epoch_val_seconds", "epoch_checkpoint_seconds"]
     assert header.index("val_loss_mean") > header.index("train_learning_rate_std")
     assert [int(r[header.index("epoch")]) for r in rows] == [1, 2]
     for r in rows:
@@ -88,7 +90,8 @@ def test_end_to_end_files_and_columns(tmp_path):
 
     with open(root / "logs" / "summary_statistics.json") as f:
         per_epoch = json.load(f)
-    assert set(per_epoch) == expected - {"epoch", "epoch_run_time"}
+    assert set(per_epoch) == expected - {"epoch", "epoch_run_time", "epoch_train_seconds", "epoch_val_seconds",
+                                         "epoch_checkpoint_seconds"}
     assert all(len(v) == 2 for v in per_epoch.values())
     # MSL weights of epoch 0 are all 1/S.
     assert per_epoch["train_loss_importance_vector_0_mean"][0] == pytest.approx(1 / S)

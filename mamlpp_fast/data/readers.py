@@ -329,6 +329,13 @@ class ImageDecoder:
                 pass
         self._local = threading.local()
 
+    def after_fork(self) -> None:
+        """In a forked child process: forget the zip files inherited from the parent (their file offsets
+        are shared with it) without closing them; the child opens its own on first use."""
+        self._lock = threading.Lock()
+        self._all_zips = []
+        self._local = threading.local()
+
     def __del__(self):  # pragma: no cover - best effort
         try:
             self.close()

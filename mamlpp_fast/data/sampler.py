@@ -354,6 +354,13 @@ class FewShotTaskSampler:
         self.data_length = {s: self.splits[s].num_images for s in SET_NAMES}
         self._lut = self._make_lut() if self.kind == "rgb" else None
 
+    def after_fork(self) -> None:
+        """Called in a data-loader worker process: image files are opened afresh there."""
+        for split in self.splits.values():
+            decoder = getattr(split, "decoder", None)
+            if decoder is not None:
+                decoder.after_fork()
+
     # -- checks and conversion -------------------------------------------------------------------
     def _check_class_counts(self, sizes: dict, where: str, pre_split: bool) -> None:
         for set_name in SET_NAMES:
@@ -495,6 +502,44 @@ class MetaLearningSystemDataLoader:
         for i in range(n_batches):
             start = first + i * tpb
             yield self.dataset.get_batch(set_name, range(start, start + tpb), augment_images)
+
+    def batch_loader(self, set_name: str, total_batches=-1, augment_images=False, tasks_per_item=None,
+                     num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False) -> Iterator[tuple]:
+        """The tasks `get_<set_name>_batches(total_batches, augment_images)` yields, prepared in the
+        background (mamlpp_fast.data.prefetch): `num_workers` processes (0: in this process), received
+        by a thread of this process (pinned there with `pin_memory`), as CPU torch tensors in batches
+        of `tasks_per_item` tasks (default:
+        `tasks_per_batch`; the last batch may be smaller). Same tasks, same order. For "train" the
+        stream position (`total_train_iters_produced`) advances by the tasks of each batch handed out,
+        as with get_train_batches."""
+        from .prefetch import TaskBatchDataset, as_tensors, receive_in_background, task_batch_loader
+
+        if set_name not in SET_NAMES:
+            raise ValueError(f"unknown set {set_name!r}; expected one of {SET_NAMES}")
+        num_tasks = self._num_batches(set_name, total_batches) * self.tasks_per_batch
+        per_item = int(tasks_per_item or self.tasks_per_batch)
+        if set_name == "train":
+            self.dataset.seed["train"] = self.dataset.init_seed["train"] + self.total_train_iters_produced
+            first = self.dataset.init_seed["train"] + self.total_train_iters_produced
+        else:
+            first = self.dataset.seed[set_name]
+        dataset = TaskBatchDataset(self.dataset, set_name, first, num_tasks, per_item, augment_images)
+        loader = task_batch_loader(dataset, num_workers, prefetch_factor)
+        if num_tasks == 0:
+            return
+        if loader.num_workers > 0:
+            batches = receive_in_background(loader, pin=pin_memory)
+        else:  # 0 workers: everything in this thread, in series
+            batches = (as_tensors(b) for b in loader)
+        try:
+            for batch in batches:
+                if set_name == "train":
+                    self.total_train_iters_produced += len(batch[0])
+                yield batch
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
 
     def get_val_batches(self, total_batches=-1, augment_images=False) -> Iterator[tuple]:
         """Validation batches: always the same tasks (seed = derived val seed + task index)."""
