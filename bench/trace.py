@@ -500,6 +500,12 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
         else:
             setattr(obj, name, val)
 
+    # one-time host-built constants of the running-statistics update (cached per structure: not part of
+    # a steady-state meta-update) are not recorded
+    if hasattr(fast_mod.MAMLFewShotClassifier, "_running_stats_constants"):
+        patches.append((fast_mod.MAMLFewShotClassifier, "_running_stats_constants"))
+        saved[(id(fast_mod.MAMLFewShotClassifier), "_running_stats_constants")] = \
+            fast_mod.MAMLFewShotClassifier.__dict__["_running_stats_constants"]
     orig_rs = fast_mod.MAMLFewShotClassifier._update_running_stats
     orig_ff = fast_mod.MAMLFewShotClassifier._finite_flag
 
@@ -523,6 +529,13 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
              tconv.task_conv2d_triton(x, wt, bias, b, stride, padding))
         setp(fast_mod.MAMLFewShotClassifier, "_update_running_stats", running_stats)
         setp(fast_mod.MAMLFewShotClassifier, "_finite_flag", finite_flag)
+        if hasattr(fast_mod.MAMLFewShotClassifier, "_running_stats_constants"):
+            orig_consts = fast_mod.MAMLFewShotClassifier._running_stats_constants
+
+            def consts(*a, **k):
+                with rec.hide():
+                    return orig_consts(*a, **k)
+            setp(fast_mod.MAMLFewShotClassifier, "_running_stats_constants", staticmethod(consts))
         model.args.conv_impl = conv_impl
         epoch = 0
         with _make_mode(rec):
