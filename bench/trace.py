@@ -565,18 +565,28 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
 
 
 # ---- prediction and summaries ----------------------------------------------------------------------------
-def predict(k: Kernel, ceil: dict, tf32: bool, cuda_graph: bool) -> float:
+def _rate(k: Kernel, ceil: dict, tf32: bool, conv_efficiency: float) -> float:
+    """FLOP/s of kernel group k: the fp32 (or TF32) ceiling, times conv_efficiency for convolutions."""
+    rate = (ceil["tf32_tflops"] if (tf32 and k.tf32_ok) else ceil["fp32_tflops"]) * 1e12
+    return rate * (conv_efficiency if k.kind == "conv" else 1.0)
+
+
+def predict(k: Kernel, ceil: dict, tf32: bool, cuda_graph: bool, conv_efficiency: float = 1.0) -> float:
     """Predicted milliseconds of kernel group k at the ceilings `ceil` (None when not measured)."""
     if ceil.get("fp32_tflops") is None:
         return None
-    rate = (ceil["tf32_tflops"] if (tf32 and k.tf32_ok) else ceil["fp32_tflops"]) * 1e12
+    rate = _rate(k, ceil, tf32, conv_efficiency)
     t = max(k.flops / rate, k.bytes / (ceil["bandwidth_tbs"] * 1e12)) * 1e3
     launch = ceil["graph_launch_us"] if cuda_graph else ceil["eager_launch_us"]
     return t + k.launches * launch * 1e-3
 
 
-def summarize(res: TraceResult, ceilings: str = "h100", tf32: bool = False) -> dict:
+def summarize(res: TraceResult, ceilings: str = "h100", tf32: bool = False, conv_efficiency: float = 1.0) -> dict:
+    """Totals, per layer, per op kind and per (layer, kind), and the 20 most launched kernel names.
+    conv_efficiency: the fraction of the FMA ceiling the convolution kernels are assumed to reach
+    (1.0: the ceiling; bench.static_metrics' FFMA share of their inner loops bounds it from above)."""
     ceil = CEILINGS[ceilings]
+    by_name = defaultdict(lambda: dict(kernels=0, bytes=0))
     graph = res.config["cuda_graph"]
     tot = dict(kernels=0, bytes=0, flops=0, predicted_ms=0.0)
     by_kind = defaultdict(lambda: dict(kernels=0, bytes=0, flops=0, predicted_ms=0.0))
@@ -585,9 +595,11 @@ def summarize(res: TraceResult, ceilings: str = "h100", tf32: bool = False) -> d
     compute_ms = bytes_ms = launch_ms = 0.0
     measured = ceil.get("fp32_tflops") is not None
     for k in res.kernels:
-        ms = predict(k, ceil, tf32, graph) if measured else 0.0
+        ms = predict(k, ceil, tf32, graph, conv_efficiency) if measured else 0.0
+        by_name[k.name]["kernels"] += k.launches
+        by_name[k.name]["bytes"] += k.bytes
         if measured:
-            rate = (ceil["tf32_tflops"] if (tf32 and k.tf32_ok) else ceil["fp32_tflops"]) * 1e12
+            rate = _rate(k, ceil, tf32, conv_efficiency)
             c, b = k.flops / rate * 1e3, k.bytes / (ceil["bandwidth_tbs"] * 1e12) * 1e3
             compute_ms += c if c >= b else 0.0
             bytes_ms += b if b > c else 0.0
@@ -605,7 +617,8 @@ def summarize(res: TraceResult, ceilings: str = "h100", tf32: bool = False) -> d
     out.update(dict(
         prediction=("PREDICTION from device ceilings (%s), not a measurement" % ceil["device"]) if measured
         else f"no prediction: {ceil['device']}",
-        ceilings=ceilings, tf32=tf32, ceiling_values={k: v for k, v in ceil.items() if k != "sources"},
+        ceilings=ceilings, tf32=tf32, conv_efficiency=conv_efficiency,
+        top_names=dict(sorted(by_name.items(), key=lambda kv: -kv[1]["kernels"])[:20]), ceiling_values={k: v for k, v in ceil.items() if k != "sources"},
         predicted_split_ms=dict(compute_bound=compute_ms, bandwidth_bound=bytes_ms, launches=launch_ms) if measured else None,
         conv_linear_flops=sum(k.flops for k in res.kernels), conv_flops=conv_flops,
         by_kind={k: v for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]["kernels"])},
@@ -621,7 +634,9 @@ def _fmt_bytes(b):
 
 def to_markdown(s: dict) -> str:
     lines = [f"### Trace: {s['workload']} B={s['batch_size']}, backend {s['backend']}, conv_impl {s['conv_impl']}, "
-             f"{'CUDA graph' if s['cuda_graph'] else 'eager'}{', TF32' if s['tf32'] else ', strict fp32'}", "",
+             f"{'CUDA graph' if s['cuda_graph'] else 'eager'}{', TF32' if s['tf32'] else ', strict fp32'}"
+             + (f", convolutions at {s['conv_efficiency']:.0%} of the FMA ceiling" if s.get("conv_efficiency", 1.0) != 1.0 else ""),
+             "",
              f"{s['prediction']}.", "",
              f"Totals: **{s['kernels']:,} kernels**, {_fmt_bytes(s['bytes'])} read+written, {s['flops'] / 1e9:.2f} GFLOP "
              f"(analytic: total {s['analytic_flops_total'] / 1e9:.2f}, minimal {s['analytic_flops_minimal'] / 1e9:.2f}), "
@@ -638,6 +653,8 @@ def to_markdown(s: dict) -> str:
     for name, v in s["by_kind"].items():
         lines.append(f"| {name} | {v['kernels']:,} | {_fmt_bytes(v['bytes'])} | {v['flops'] / 1e9:.2f} | "
                      f"{v['predicted_ms']:.2f} |")
+    if s.get("top_names"):
+        lines += ["", "Most launched: " + ", ".join(f"{n} {v['kernels']}" for n, v in list(s["top_names"].items())[:12])]
     return "\n".join(lines) + "\n"
 
 
@@ -689,6 +706,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-cuda-graph", action="store_true", help="eager launches instead of a captured graph")
     p.add_argument("--tf32", action="store_true", help="convolutions and matmuls at the TF32 rate")
     p.add_argument("--device-ceilings", default="h100", choices=sorted(CEILINGS))
+    p.add_argument("--conv-efficiency", type=float, default=1.0,
+                   help="fraction of the FMA ceiling assumed for the convolution kernels (default 1.0)")
     p.add_argument("--quick", action="store_true", help="workload names of --quick (tiny shapes)")
     p.add_argument("--json", action="store_true", help="print the totals as one JSON object")
     p.add_argument("--calibrate", action="store_true",
@@ -706,7 +725,10 @@ def main(argv=None) -> int:
     except MamlppError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    s = summarize(res, a.device_ceilings, a.tf32)
+    if not 0 < a.conv_efficiency <= 1:
+        print(f"error: --conv-efficiency must be in (0, 1], got {a.conv_efficiency}", file=sys.stderr)
+        return 2
+    s = summarize(res, a.device_ceilings, a.tf32, a.conv_efficiency)
     s["command"] = "python -m bench.trace " + " ".join(sys.argv[1:] if argv is None else argv)
     if a.out:
         with open(a.out, "w") as f:
@@ -714,7 +736,7 @@ def main(argv=None) -> int:
         with open(a.out.rsplit(".", 1)[0] + ".md", "w") as f:
             f.write(to_markdown(s) + f"\nCommand: `{s['command']}`\n")
     if a.json:
-        keys = ("workload", "batch_size", "backend", "conv_impl", "cuda_graph", "tf32", "kernels", "bytes", "flops",
+        keys = ("workload", "batch_size", "backend", "conv_impl", "cuda_graph", "tf32", "conv_efficiency", "kernels", "bytes", "flops",
                 "predicted_ms", "prediction", "analytic_flops_total", "analytic_flops_minimal")
         print(json.dumps({k: s[k] for k in keys}))
     else:
