@@ -450,17 +450,26 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
     import torch
 
     from mamlpp_fast import fast as fast_mod
-    from mamlpp_fast.errors import MamlppError
-    from mamlpp_fast.ops import conv as conv_mod
     from mamlpp_fast.ops import lslr as lslr_mod
     from mamlpp_fast.ops import per_step_bn as bn_mod
 
     from .workloads import im_shape, make_args, make_batch, workload_by_name
+    try:
+        from mamlpp_fast.errors import MamlppError
+    except ImportError:  # a tree older than mamlpp_fast.errors (replaying a measured revision)
+        MamlppError = ValueError
+    try:
+        from mamlpp_fast.ops import conv as conv_mod
+        from mamlpp_fast.triton import conv as tconv
+        impls = conv_mod.CONV_IMPLS
+    except ImportError:  # a tree older than task_conv2d: grouped F.conv2d only
+        conv_mod = tconv = None
+        impls = ("grouped",)
 
     if backend not in ("cuda", "triton", "torch"):
         raise MamlppError(f"bench.trace: --backend must be cuda, triton or torch (a GPU backend), got {backend!r}")
-    if conv_impl not in conv_mod.CONV_IMPLS:
-        raise MamlppError(f"bench.trace: --conv-impl must be one of {', '.join(conv_mod.CONV_IMPLS)}, got {conv_impl!r}")
+    if conv_impl not in impls:
+        raise MamlppError(f"bench.trace: --conv-impl must be one of {', '.join(impls)}, got {conv_impl!r}")
     if batch_size is not None and batch_size < 1:
         raise MamlppError(f"bench.trace: --batch-size must be >= 1, got {batch_size}")
     try:
@@ -469,10 +478,14 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
         raise MamlppError(f"bench.trace: {e.args[0]}") from None
     if batch_size is not None:
         w = w.with_(batch_size=int(batch_size))
+    from mamlpp_fast.ops.backend import set_backend
+    previous_backend = set_backend(None)  # restored below: the learner sets the process-wide backend
+    set_backend(previous_backend)
     torch.manual_seed(seed)
     rec = _Recorder(_layer_sizes(w), backend, conv_impl, sms)
     # the simulated conv_impl runs through task_conv2d's own code; 'triton' with torch-computed launchers
-    args = make_args(w, backend="torch", conv_impl="grouped" if conv_impl == "triton" else conv_impl)
+    conv_arg = {} if conv_mod is None else {"conv_impl": "grouped" if conv_impl == "triton" else conv_impl}
+    args = make_args(w, backend="torch", **conv_arg)
     model = fast_mod.MAMLFewShotClassifier(im_shape(w), "cpu", args)
     # Adam as it runs on a CUDA device: foreach (torch's default there; on a CPU it is a per-tensor loop)
     model.optimizer = torch.optim.Adam(model.trainable_parameters(), lr=args.meta_learning_rate, amsgrad=False,
@@ -487,10 +500,12 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
 
     saved = {}
     tbackend = _make_backend(rec) if backend != "torch" else None
-    from mamlpp_fast.triton import conv as tconv
-    patches = [(bn_mod, "get_backend"), (lslr_mod, "get_backend"), (tconv, "conv_forward"),
-               (tconv, "conv_data_grad"), (tconv, "conv_weight_grad"), (fast_mod.MAMLFewShotClassifier, "_update_running_stats"),
-               (fast_mod.MAMLFewShotClassifier, "_finite_flag"), (conv_mod._IMPLS, "triton")]
+    patches = [(bn_mod, "get_backend"), (lslr_mod, "get_backend"),
+               (fast_mod.MAMLFewShotClassifier, "_update_running_stats"),
+               (fast_mod.MAMLFewShotClassifier, "_finite_flag")]
+    if conv_mod is not None:
+        patches += [(tconv, "conv_forward"), (tconv, "conv_data_grad"), (tconv, "conv_weight_grad"),
+                    (conv_mod._IMPLS, "triton")]
     for obj, name in patches:
         saved[(id(obj), name)] = obj[name] if isinstance(obj, dict) else getattr(obj, name)
 
@@ -521,12 +536,13 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
         if tbackend is not None:
             setp(bn_mod, "get_backend", lambda name=None, device=None: tbackend)
             setp(lslr_mod, "get_backend", lambda name=None, device=None: tbackend)
-        f, d, wg = _conv_triton_patch(rec)
-        setp(tconv, "conv_forward", f)
-        setp(tconv, "conv_data_grad", d)
-        setp(tconv, "conv_weight_grad", wg)
-        setp(conv_mod._IMPLS, "triton", lambda x, wt, bias, b, stride, padding:
-             tconv.task_conv2d_triton(x, wt, bias, b, stride, padding))
+        if conv_mod is not None:
+            f, d, wg = _conv_triton_patch(rec)
+            setp(tconv, "conv_forward", f)
+            setp(tconv, "conv_data_grad", d)
+            setp(tconv, "conv_weight_grad", wg)
+            setp(conv_mod._IMPLS, "triton", lambda x, wt, bias, b, stride, padding:
+                 tconv.task_conv2d_triton(x, wt, bias, b, stride, padding))
         setp(fast_mod.MAMLFewShotClassifier, "_update_running_stats", running_stats)
         setp(fast_mod.MAMLFewShotClassifier, "_finite_flag", finite_flag)
         if hasattr(fast_mod.MAMLFewShotClassifier, "_running_stats_constants"):
@@ -536,7 +552,8 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
                 with rec.hide():
                     return orig_consts(*a, **k)
             setp(fast_mod.MAMLFewShotClassifier, "_running_stats_constants", staticmethod(consts))
-        model.args.conv_impl = conv_impl
+        if conv_mod is not None:
+            model.args.conv_impl = conv_impl
         epoch = 0
         with _make_mode(rec):
             if cuda_graph:
@@ -556,6 +573,7 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
     finally:
         for obj, name in patches:
             setp(obj, name, saved[(id(obj), name)])
+        set_backend(previous_backend)
     from .flops import flops_from_args
     an = flops_from_args(make_args(w), epoch=0)
     cfg = dict(workload=w.name, batch_size=w.batch_size, backend=backend, conv_impl=conv_impl,

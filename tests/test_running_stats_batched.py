@@ -19,6 +19,16 @@ from mamlpp_fast.reference import BN_EPS, BN_MOMENTUM
 B, C = 3, 8
 
 
+@pytest.fixture(autouse=True)
+def _keep_process_backend():
+    """The learner sets the process-wide op backend (config key `backend`): restore it afterwards."""
+    from mamlpp_fast.ops.backend import set_backend
+    previous = set_backend(None)
+    set_backend(previous)
+    yield
+    set_backend(previous)
+
+
 def _model(seed):
     args = default_args(dtype="float64", backend="torch", cnn_num_filters=C, number_of_training_steps_per_iter=3,
                         number_of_evaluation_steps_per_iter=3,
