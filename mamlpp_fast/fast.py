@@ -159,7 +159,12 @@ class MAMLFewShotClassifier(ReferenceClassifier):
         e_count = len(flat)
         stats = torch.stack([e[0] for e in flat] + [e[1] for e in flat])  # (2E, B*C): means, inverse stds
         stats[e_count:].pow_(-2).sub_(BN_EPS)                              # biased variances
-        sums = torch.bmm(weights, stats.view(2, e_count * b, c))           # (2, G, C)
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False  # statistics in full precision even with allow_tf32
+        try:
+            sums = torch.bmm(weights, stats.view(2, e_count * b, c))       # (2, G, C)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
         rows = [n.running_mean[step] for n, ((_, step), _) in zip(norms, groups)]
         rows += [n.running_var[step] for n, ((_, step), _) in zip(norms, groups)]
         new = torch.addcmul(sums, torch.stack(rows).view(2, len(groups), c).to(sums.dtype), decay)
