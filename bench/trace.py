@@ -636,9 +636,12 @@ def summarize(res: TraceResult, ceilings: str = "h100", tf32: bool = False, conv
         prediction=("PREDICTION from device ceilings (%s), not a measurement" % ceil["device"]) if measured
         else f"no prediction: {ceil['device']}",
         ceilings=ceilings, tf32=tf32, conv_efficiency=conv_efficiency,
-        top_names=dict(sorted(by_name.items(), key=lambda kv: -kv[1]["kernels"])[:20]), ceiling_values={k: v for k, v in ceil.items() if k != "sources"},
-        predicted_split_ms=dict(compute_bound=compute_ms, bandwidth_bound=bytes_ms, launches=launch_ms) if measured else None,
-        conv_linear_flops=sum(k.flops for k in res.kernels), conv_flops=conv_flops,
+        top_names=dict(sorted(by_name.items(), key=lambda kv: -kv[1]["kernels"])[:20]),
+        ceiling_values={k: v for k, v in ceil.items() if k != "sources"},
+        predicted_split_ms=(dict(compute_bound=compute_ms, bandwidth_bound=bytes_ms, launches=launch_ms)
+                            if measured else None),
+        # the learner's convolution and linear FLOPs (what bench.flops counts): all but the running-statistics matmul
+        conv_linear_flops=sum(k.flops for k in res.kernels if k.kind != "running_stats"), conv_flops=conv_flops,
         by_kind={k: v for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]["kernels"])},
         by_layer=dict(sorted(by_layer.items())),
         by_layer_kind={f"{a}/{b}": v for (a, b), v in sorted(by_layer_kind.items())},
@@ -653,7 +656,8 @@ def _fmt_bytes(b):
 def to_markdown(s: dict) -> str:
     lines = [f"### Trace: {s['workload']} B={s['batch_size']}, backend {s['backend']}, conv_impl {s['conv_impl']}, "
              f"{'CUDA graph' if s['cuda_graph'] else 'eager'}{', TF32' if s['tf32'] else ', strict fp32'}"
-             + (f", convolutions at {s['conv_efficiency']:.0%} of the FMA ceiling" if s.get("conv_efficiency", 1.0) != 1.0 else ""),
+             + (f", convolutions at {s['conv_efficiency']:.0%} of the FMA ceiling"
+                if s.get("conv_efficiency", 1.0) != 1.0 else ""),
              "",
              f"{s['prediction']}.", "",
              f"Totals: **{s['kernels']:,} kernels**, {_fmt_bytes(s['bytes'])} read+written, {s['flops'] / 1e9:.2f} GFLOP "
@@ -748,14 +752,25 @@ def main(argv=None) -> int:
         return 2
     s = summarize(res, a.device_ceilings, a.tf32, a.conv_efficiency)
     s["command"] = "python -m bench.trace " + " ".join(sys.argv[1:] if argv is None else argv)
+    import datetime
+    import os
+
+    import torch
+
+    from .run import _git, _revision_file
+    s["git_revision"] = _git("rev-parse", "HEAD") or os.environ.get("MAMLPP_GIT_REV") or _revision_file() or "unknown"
+    s["git_dirty"] = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    s["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    s["torch"] = torch.__version__
     if a.out:
         with open(a.out, "w") as f:
             json.dump(s, f, indent=1)
         with open(a.out.rsplit(".", 1)[0] + ".md", "w") as f:
-            f.write(to_markdown(s) + f"\nCommand: `{s['command']}`\n")
+            f.write(to_markdown(s) + f"\nCommand: `{s['command']}`; git {s['git_revision'][:10]}"
+                    f"{' (modified)' if s['git_dirty'] else ''}, torch {s['torch']}, {s['date']}.\n")
     if a.json:
-        keys = ("workload", "batch_size", "backend", "conv_impl", "cuda_graph", "tf32", "conv_efficiency", "kernels", "bytes", "flops",
-                "predicted_ms", "prediction", "analytic_flops_total", "analytic_flops_minimal")
+        keys = ("workload", "batch_size", "backend", "conv_impl", "cuda_graph", "tf32", "conv_efficiency", "kernels",
+                "bytes", "flops", "conv_linear_flops", "predicted_ms", "prediction", "analytic_flops_total", "analytic_flops_minimal")
         print(json.dumps({k: s[k] for k in keys}))
     else:
         print(to_markdown(s))

@@ -26,9 +26,9 @@ def test_flops_equal_analytic_count(workload, backend):
     # convolution double backward (grouped cuDNN) also computes the first layer's unused data
     # gradient: the analytic "total" (= FlopCounterMode's count). Integer equality.
     tri = summarize(trace_meta_update(workload, None, backend, "triton", True, quick=True))
-    assert tri["flops"] - _non_learner_flops(tri) == tri["analytic_flops_minimal"]
+    assert tri["flops"] - _non_learner_flops(tri) == tri["analytic_flops_minimal"] == tri["conv_linear_flops"]
     grp = summarize(trace_meta_update(workload, None, backend, "grouped", True, quick=True))
-    assert grp["flops"] - _non_learner_flops(grp) == grp["analytic_flops_total"]
+    assert grp["flops"] - _non_learner_flops(grp) == grp["analytic_flops_total"] == grp["conv_linear_flops"]
     assert grp["analytic_flops_total"] > grp["analytic_flops_minimal"]
 
 
