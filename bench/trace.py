@@ -2,7 +2,9 @@
 
     python -m bench.trace [--workload NAME] [--batch-size B] [--backend cuda|triton|torch]
                           [--conv-impl triton|grouped|unfold|unfold_bmm|per_task|channels_last]
-                          [--no-cuda-graph] [--tf32] [--device-ceilings h100|h200] [--json] [--out FILE]
+                          [--no-cuda-graph] [--tf32] [--conv-efficiency F] [--device-ceilings h100|h200]
+                          [--quick] [--json] [--out FILE.json]
+    python -m bench.trace --calibrate     # launch costs and the comparison with the measured H100 update
 
 What it does: builds the fast learner (mamlpp_fast.fast) for the workload on the CPU in float32 and runs
 one meta-update (second order, MSL, epoch 0, as bench.run measures) while recording every operation:
@@ -11,7 +13,7 @@ one meta-update (second order, MSL, epoch 0, as bench.run measures) while record
   autograd engine runs are recorded too): one GPU kernel per operation that is not a view, an empty
   allocation or a metadata query; a `_foreach_*` operation launches ceil(tensors / T) kernels, T being
   the tensors-per-launch limit of PyTorch's multi_tensor_apply for its number of tensor lists (110, 64,
-  48, 36, 30 for 1..5 lists). FLOPs: torch.utils.flop_counter's formulas (the same as bench.flops'
+  48, 36, 30 for 1..5 lists); `select_backward` / `slice_backward` launch two (zero fill, copy). FLOPs: torch.utils.flop_counter's formulas (the same as bench.flops'
   FlopCounterMode count, with the grouped-convolution weight-gradient correction of bench.flops).
 - the custom ops, mapped to the kernels of the simulated backend (their aten operations on the CPU are
   hidden): per-step batch norm with backend `cuda` (kernels/per_step_bn.cu) or `triton`
@@ -28,6 +30,9 @@ one meta-update (second order, MSL, epoch 0, as bench.run measures) while record
   convolution_backward) plus, for `grouped`, the layout transposes that the 2026-11-26 H100 profile
   showed around strict fp32 grouped convolutions (`CUDNN_TRANSPOSES_PER_CALL`, calibrated there: 1,040
   genericTranspose calls per meta-update); `channels_last`'s layout copies are aten operations.
+
+Steady state: Adam runs as on a CUDA device (foreach) with its state already created, and the
+running-statistics update's constants (built once per structure on the host) are not recorded.
 
 Bytes: each kernel reads its input tensors once and writes its outputs once (the compulsory traffic; an
 expanded tensor counts its storage once). Kernels that re-read operands through L2 (the convolutions'
@@ -54,7 +59,7 @@ import json
 import math
 import sys
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["CEILINGS", "Kernel", "TraceResult", "trace_meta_update", "predict", "summarize", "main",
