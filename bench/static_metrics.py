@@ -34,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from typing import Any
 
 __all__ = ["collect_calls", "capture_launches", "compile_launch", "kernel_metrics", "cuda_kernel_metrics",
            "triton_tools", "main"]
