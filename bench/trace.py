@@ -20,7 +20,8 @@ one meta-update (second order, MSL, epoch 0, as bench.run measures) while record
   (mamlpp_fast/triton/per_step_bn.py): a reduce kernel and an apply kernel per forward, backward and
   double backward; LSLR with `cuda` (kernels/lslr.cu): ceil(tensors / 24) forward launches, and per group
   of 24 one backward and one dalpha launch; with `triton` (mamlpp_fast/triton/lslr.py): one forward and
-  one backward launch per tensor, one dalpha launch and the zero fill of its workspace. Backend `torch`
+  one backward launch for all tensors (one per tensor in trees before that kernel took tuples), one
+  dalpha launch and the zero fill of its workspace. Backend `torch`
   runs the ops' aten operations, which are recorded as such.
 - convolutions with conv_impl `triton` (mamlpp_fast/triton/conv.py): one launch per forward, data
   gradient and weight gradient, plus the sum of the weight gradient's split-K partials when the split is
@@ -307,6 +308,17 @@ def _bn_block_cuda(M: int, TC: int, sms: int) -> int:
     return max(1, min(c, 1024))
 
 
+def _triton_lslr_launches(n: int) -> int:
+    """Forward (or backward) launches of the triton backend's LSLR for n tensors: one for all of them
+    when its kernels take tuples of tensors (mamlpp_fast/triton/lslr.py `_starts`), else one per tensor
+    (the tree before that change)."""
+    try:
+        from mamlpp_fast.triton import lslr as tl_lslr
+    except ImportError:
+        return n
+    return 1 if hasattr(tl_lslr, "_starts") else n
+
+
 def _make_backend(rec: _Recorder):
     """A Backend whose functions compute with the torch backend (hidden) and record the simulated kernels."""
     from mamlpp_fast.ops import lslr as torch_lslr
@@ -354,7 +366,7 @@ def _make_backend(rec: _Recorder):
         n = len(grads)
         total = sum(nb(t, g, o) for t, g, o in zip(thetas, grads, outs))
         call = ("lslr_forward", tuple(tuple(t.shape) for t in thetas), tuple(tuple(g.shape) for g in grads))
-        launches = math.ceil(n / 24) if sim == "cuda" else n
+        launches = math.ceil(n / 24) if sim == "cuda" else _triton_lslr_launches(n)
         rec.add(name=f"{sim} lslr_fwd", kind="lslr", layer="params", launches=launches, bytes=total, call=call)
         return outs
 
@@ -371,7 +383,8 @@ def _make_backend(rec: _Recorder):
             rec.add(name="cuda lslr_dalpha", kind="lslr", layer="params", launches=groups, bytes=0)
         else:
             rec.add(name="triton lslr workspace zero fill", kind="lslr", layer="params", launches=1, bytes=0)
-            rec.add(name="triton lslr_bwd", kind="lslr", layer="params", launches=n, bytes=total, call=call)
+            rec.add(name="triton lslr_bwd", kind="lslr", layer="params", launches=_triton_lslr_launches(n),
+                    bytes=total, call=call)
             rec.add(name="triton lslr_dalpha", kind="lslr", layer="params", launches=1, bytes=0)
         return dthetas, dgrads, dalphas
 
