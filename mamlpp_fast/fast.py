@@ -141,9 +141,80 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
 
     @torch.no_grad()
     def _update_running_stats(self, pending: dict) -> None:
-        """Apply the closed form of the reference's sequential momentum updates, one (layer, step) row
-        at a time. pending[(layer, step)] = list of (mean (B*C,), invstd (B*C,), M) per forward, in
-        the order the reference visits them within each task (support, then target)."""
+        """Apply the closed form of the reference's sequential momentum updates to every (layer, step) row
+        of a meta-update at once. pending[(layer, step)] = list of (mean (B*C,), invstd (B*C,), M) per
+        forward, in the order the reference visits them within each task (support, then target).
+
+        With G rows, E forwards and B tasks: the E means and inverse stds are stacked in one tensor,
+        the inverse stds turned into biased variances in place, and one batched matmul with the
+        closed-form weights ((2, G, E*B) @ (2, E*B, C): means, and variances with the unbiasing factor
+        M/(M-1) folded into their weights) gives every row's weighted sum; the old rows (stacked once)
+        are added with their decay and written back by one multi-tensor copy: 7 kernels per
+        meta-update instead of ~17 per row (340 for Omniglot's 20 rows). The weights depend only on the
+        structure (rows, forwards per row, M, B), so they are built on the host once per structure and
+        cached on the device (never inside a CUDA-graph capture: the uncaptured warm-up meta-update
+        builds them; a structure first seen during a capture takes the per-row form)."""
+        groups = list(pending.items())
+        if not groups:
+            return
+        first = groups[0][1][0][0]
+        norms = [self.classifier.layer_dict[f"conv{layer}"].norm_layer for (layer, _), _ in groups]
+        c = norms[0].running_mean.shape[-1]
+        if any(n.running_mean.shape[-1] != c for n in norms):
+            return self._update_running_stats_rows(pending)
+        b = first.numel() // c
+        key = (tuple((lk, tuple(e[2] for e in ents)) for lk, ents in groups), b, first.dtype, first.device)
+        cache = self.__dict__.setdefault("_running_stats_consts", {})
+        consts = cache.get(key)
+        if consts is None:
+            if first.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return self._update_running_stats_rows(pending)
+            consts = cache[key] = self._running_stats_constants(groups, b, first.dtype, first.device)
+        weights, decay = consts
+        flat = [e for _, ents in groups for e in ents]
+        e_count = len(flat)
+        stats = torch.stack([e[0] for e in flat] + [e[1] for e in flat])  # (2E, B*C): means, inverse stds
+        stats[e_count:].pow_(-2).sub_(BN_EPS)                              # biased variances
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False  # statistics in full precision even with allow_tf32
+        try:
+            sums = torch.bmm(weights, stats.view(2, e_count * b, c))       # (2, G, C)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        rows = [n.running_mean[step] for n, ((_, step), _) in zip(norms, groups)]
+        rows += [n.running_var[step] for n, ((_, step), _) in zip(norms, groups)]
+        new = torch.addcmul(sums, torch.stack(rows).view(2, len(groups), c).to(sums.dtype), decay)
+        torch._foreach_copy_(rows, list(new.view(2 * len(groups), c).unbind(0)))
+
+    @staticmethod
+    def _running_stats_constants(groups, b: int, dtype, device):
+        """(weights (2, G, E*B), decay (G, 1)) of `_update_running_stats` for this structure. Row g with P
+        forwards holds K = B*P values in the reference's order j = t*P + p (task t, forward p); value j
+        gets m (1-m)^(K-1-j) (times M/(M-1) of its forward for the variances), the old row (1-m)^K.
+        Built from Python lists (no device work but the copies)."""
+        m = BN_MOMENTUM
+        e_count = sum(len(ents) for _, ents in groups)
+        w_mean = [[0.0] * (e_count * b) for _ in groups]
+        w_var = [[0.0] * (e_count * b) for _ in groups]
+        decay = []
+        row = 0
+        for g, (_, ents) in enumerate(groups):
+            p_count = len(ents)
+            k = b * p_count
+            for p, (_, _, count) in enumerate(ents):
+                for t in range(b):
+                    coef = m * (1.0 - m) ** (k - 1 - (t * p_count + p))
+                    w_mean[g][(row + p) * b + t] = coef
+                    w_var[g][(row + p) * b + t] = coef * (count / (count - 1))
+            decay.append([(1.0 - m) ** k])
+            row += p_count
+        weights = torch.tensor([w_mean, w_var], dtype=torch.float64)
+        return weights.to(device, dtype), torch.tensor(decay, dtype=torch.float64).to(device, dtype)
+
+    @torch.no_grad()
+    def _update_running_stats_rows(self, pending: dict) -> None:
+        """The same closed form, one (layer, step) row at a time (no host-built constants: usable inside a
+        CUDA-graph capture, and for layers of different widths)."""
         m = BN_MOMENTUM
         for (layer, step), entries in pending.items():
             norm = self.classifier.layer_dict[f"conv{layer}"].norm_layer

@@ -7,10 +7,13 @@
             dalphas[l] = zeros(S+1) except [step] = -sum(douts[l] * grads[l])
 
 Work is counted in positions p (a shared theta: P = numel(theta) positions with T rows each; a
-per-task theta: P = T * numel / T positions with one row), BLOCK positions per program, one launch per
-tensor (Triton has no pointer tables here). The dalpha sums are deterministic: each program writes one
-partial into row l of a zero-filled (L, max programs) workspace, then ONE small kernel (one program per
-tensor) sums each row in order and writes the (L, S+1) dalpha table, returned as row views.
+per-task theta: P = T * numel / T positions with one row), BLOCK positions per program. ONE launch
+covers all tensors: the pointers, sizes and first program of every tensor are tuple arguments, and each
+program finds its tensor in a statically unrolled loop over the tuple (one BLOCK for the whole launch,
+from the largest tensor). The dalpha sums are deterministic: each program writes one partial into row
+l of a zero-filled (L, max programs) workspace, then ONE small kernel (one program per tensor) sums each
+row in order and writes the (L, S+1) dalpha table, returned as row views. Launches per inner step:
+forward 1, backward 3 (workspace fill, backward, dalpha).
 lslr_backward returns all three lists in full; douts[l] may be None (= zeros). fp32 accumulation for
 fp32 tensors, fp64 for fp64. Block size: `lslr_block_config` (no autotune).
 """
@@ -32,41 +35,50 @@ def lslr_block_config(P: int) -> dict:
 
 
 @triton.jit
-def _lslr_fwd_kernel(theta_ptr, grad_ptr, alpha_ptr, out_ptr, step, P, REPS, BLOCK: tl.constexpr):
-    """out[r*P + p] = theta[p] - alpha[step] * grad[r*P + p] for r < REPS."""
+def _lslr_fwd_kernel(thetas, grads, alphas, outs, Ps, REPSs, starts, step, N: tl.constexpr, BLOCK: tl.constexpr):
+    """For the tensor i whose programs [starts[i], starts[i+1]) hold this one:
+    out_i[r*P_i + p] = theta_i[p] - alpha_i[step] * grad_i[r*P_i + p] for r < REPS_i."""
     pid = tl.program_id(0)
-    ACC = grad_ptr.dtype.element_ty
-    p = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = p < P
-    a = tl.load(alpha_ptr + step).to(ACC)
-    th = tl.load(theta_ptr + p, mask=mask, other=0.0).to(ACC)
-    for r in range(0, REPS):
-        e = r * P + p.to(tl.int64)
-        g = tl.load(grad_ptr + e, mask=mask, other=0.0).to(ACC)
-        tl.store(out_ptr + e, (th - a * g).to(out_ptr.dtype.element_ty), mask=mask)
+    for i in tl.static_range(N):
+        if (pid >= starts[i]) & (pid < starts[i + 1]):
+            ACC = grads[i].dtype.element_ty
+            P = Ps[i]
+            p = (pid - starts[i]) * BLOCK + tl.arange(0, BLOCK)
+            mask = p < P
+            a = tl.load(alphas[i] + step).to(ACC)
+            th = tl.load(thetas[i] + p, mask=mask, other=0.0).to(ACC)
+            for r in range(0, REPSs[i]):
+                e = r * P + p.to(tl.int64)
+                g = tl.load(grads[i] + e, mask=mask, other=0.0).to(ACC)
+                tl.store(outs[i] + e, (th - a * g).to(outs[i].dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _lslr_bwd_kernel(dout_ptr, grad_ptr, alpha_ptr, dgrad_ptr, dtheta_ptr, ws_ptr, step, P, REPS,
-                     HAS_DTHETA: tl.constexpr, BLOCK: tl.constexpr):
-    """dgrad = -alpha[step] dout; dtheta[p] = sum_r dout[r*P + p]; ws[pid] = sum(dout * grad)."""
+def _lslr_bwd_kernel(douts, grads, alphas, dgrads, dthetas, ws_ptr, Ps, REPSs, SHAREDs, ROWS, starts, step,
+                     NPROG, N: tl.constexpr, BLOCK: tl.constexpr):
+    """For the tensor i of this program: dgrad = -alpha[step] dout; dtheta[p] = sum_r dout[r*P + p]
+    (shared theta only); ws[ROWS[i], local program] = sum(dout * grad)."""
     pid = tl.program_id(0)
-    ACC = grad_ptr.dtype.element_ty
-    p = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = p < P
-    a = tl.load(alpha_ptr + step).to(ACC)
-    s = tl.zeros([BLOCK], dtype=ACC)
-    dth = tl.zeros([BLOCK], dtype=ACC)
-    for r in range(0, REPS):
-        e = r * P + p.to(tl.int64)
-        d = tl.load(dout_ptr + e, mask=mask, other=0.0).to(ACC)
-        g = tl.load(grad_ptr + e, mask=mask, other=0.0).to(ACC)
-        tl.store(dgrad_ptr + e, (-a * d).to(dgrad_ptr.dtype.element_ty), mask=mask)
-        s += d * g
-        dth += d
-    if HAS_DTHETA:
-        tl.store(dtheta_ptr + p, dth.to(dtheta_ptr.dtype.element_ty), mask=mask)
-    tl.store(ws_ptr + pid, tl.sum(s, axis=0))
+    for i in tl.static_range(N):
+        if (pid >= starts[i]) & (pid < starts[i + 1]):
+            ACC = grads[i].dtype.element_ty
+            P = Ps[i]
+            local = pid - starts[i]
+            p = local * BLOCK + tl.arange(0, BLOCK)
+            mask = p < P
+            a = tl.load(alphas[i] + step).to(ACC)
+            acc = tl.zeros([BLOCK], dtype=ACC)
+            dth = tl.zeros([BLOCK], dtype=ACC)
+            for r in range(0, REPSs[i]):
+                e = r * P + p.to(tl.int64)
+                d = tl.load(douts[i] + e, mask=mask, other=0.0).to(ACC)
+                g = tl.load(grads[i] + e, mask=mask, other=0.0).to(ACC)
+                tl.store(dgrads[i] + e, (-a * d).to(dgrads[i].dtype.element_ty), mask=mask)
+                acc += d * g
+                dth += d
+            if SHAREDs[i] != 0:
+                tl.store(dthetas[i] + p, dth.to(dthetas[i].dtype.element_ty), mask=mask)
+            tl.store(ws_ptr + ROWS[i] * NPROG + local, tl.sum(acc, axis=0))
 
 
 @triton.jit
@@ -105,70 +117,80 @@ def _check(fn, grads, alphas, step):
     return T
 
 
+def _starts(sizes, block):
+    """First program of every tensor (and the total) for `block` positions per program."""
+    starts = [0]
+    for P in sizes:
+        starts.append(starts[-1] + triton.cdiv(P, block))
+    return starts
+
+
 def lslr_forward(thetas, grads, alphas, step):
-    """out[l] = thetas[l] - alphas[l][step] * grads[l] (one launch per tensor)."""
+    """out[l] = thetas[l] - alphas[l][step] * grads[l] (one launch for all tensors)."""
     if not len(thetas) == len(grads) == len(alphas):
         raise ValueError(f"lslr_forward: thetas, grads and alphas must have the same length, got "
                          f"{len(thetas)}, {len(grads)}, {len(alphas)}")
     T = _check("lslr_forward", grads, alphas, step)
-    outs = []
+    ths, gs, als, outs, sizes, reps = [], [], [], [], [], []
     for l, (th, g, a) in enumerate(zip(thetas, grads, alphas)):
         shared = tuple(th.shape) == tuple(g.shape[1:])
         if not shared and th.shape != g.shape:
             raise ValueError(f"lslr_forward: thetas[{l}] must have the shape of grads[{l}] "
                              f"{tuple(g.shape)} or that without the task dim, got {tuple(th.shape)}")
-        th, g, a = th.contiguous(), g.contiguous(), a.contiguous()
-        out = torch.empty_like(g)
-        P = th.numel() if shared else g.numel()
-        reps = T if shared else 1
-        cfg = lslr_block_config(P)
-        if P > 0:
-            _lslr_fwd_kernel[(triton.cdiv(P, cfg["BLOCK"]),)](th, g, a, out, step, P, reps,
-                                                              BLOCK=cfg["BLOCK"],
-                                                              num_warps=cfg["num_warps"])
-        outs.append(out)
+        ths.append(th.contiguous())
+        gs.append(g.contiguous())
+        als.append(a.contiguous())
+        outs.append(torch.empty_like(gs[-1]))
+        sizes.append(th.numel() if shared else g.numel())
+        reps.append(T if shared else 1)
+    cfg = lslr_block_config(max(sizes))
+    starts = _starts(sizes, cfg["BLOCK"])
+    if starts[-1] > 0:
+        _lslr_fwd_kernel[(starts[-1],)](tuple(ths), tuple(gs), tuple(als), tuple(outs), tuple(sizes), tuple(reps),
+                                        tuple(starts), step, N=len(ths), BLOCK=cfg["BLOCK"],
+                                        num_warps=cfg["num_warps"])
     return outs
 
 
 def lslr_backward(douts, grads, alphas, step, shared):
-    """(dthetas, dgrads, dalphas); all returned, douts[l] may be None (= zeros)."""
+    """(dthetas, dgrads, dalphas); all returned, douts[l] may be None (= zeros). One backward launch for
+    all tensors with a dout, one dalpha launch."""
     if not len(douts) == len(grads) == len(alphas) == len(shared):
         raise ValueError(f"lslr_backward: douts, grads, alphas and shared must have the same length, "
                          f"got {len(douts)}, {len(grads)}, {len(alphas)}, {len(shared)}")
     T = _check("lslr_backward", grads, alphas, step)
     L = len(grads)
     ref = grads[0]
-    plans = []
     for l, (d, g) in enumerate(zip(douts, grads)):
-        if d is None:
-            plans.append(None)
-            continue
-        if d.shape != g.shape:
+        if d is not None and d.shape != g.shape:
             raise ValueError(f"lslr_backward: douts[{l}] must have the shape of grads[{l}] "
                              f"{tuple(g.shape)}, got {tuple(d.shape)}")
-        P = g[0].numel() if shared[l] else g.numel()
-        cfg = lslr_block_config(P)
-        plans.append((P, T if shared[l] else 1, cfg, triton.cdiv(P, cfg["BLOCK"])))
-    nprog = max([p[3] for p in plans if p is not None] + [1])
+    live = [l for l in range(L) if douts[l] is not None]
+    sizes = [grads[l][0].numel() if shared[l] else grads[l].numel() for l in live]
+    cfg = lslr_block_config(max(sizes + [1]))
+    starts = _starts(sizes, cfg["BLOCK"])
+    nprog = max([starts[j + 1] - starts[j] for j in range(len(live))] + [1])
     nalpha = max(int(a.shape[0]) for a in alphas)
     ws = torch.zeros(L, nprog, dtype=ref.dtype, device=ref.device)
     dalpha_all = torch.empty(L, nalpha, dtype=ref.dtype, device=ref.device)
-    dthetas, dgrads = [], []
-    for l, (d, g, a) in enumerate(zip(douts, grads, alphas)):
-        if plans[l] is None:
-            dgrads.append(torch.zeros_like(g))
-            dthetas.append(torch.zeros_like(g[0]) if shared[l] else torch.zeros_like(g))
+    dthetas, dgrads = [None] * L, [None] * L
+    args = ([], [], [], [], [])  # douts, grads, alphas, dgrads, dthetas of the live tensors
+    for l in range(L):
+        g = grads[l]
+        if douts[l] is None:
+            dgrads[l] = torch.zeros_like(g)
+            dthetas[l] = torch.zeros_like(g[0]) if shared[l] else torch.zeros_like(g)
             continue
-        P, reps, cfg, nblocks = plans[l]
-        d, g, a = d.contiguous(), g.contiguous(), a.contiguous()
-        dgrad = torch.empty_like(g)
-        dtheta = torch.empty_like(g[0]) if shared[l] else d
-        if P > 0:
-            _lslr_bwd_kernel[(nblocks,)](d, g, a, dgrad, dtheta, ws[l], step, P, reps,
-                                         HAS_DTHETA=bool(shared[l]), BLOCK=cfg["BLOCK"],
-                                         num_warps=cfg["num_warps"])
-        dgrads.append(dgrad)
-        dthetas.append(dtheta)
+        d, g = douts[l].contiguous(), g.contiguous()
+        dgrads[l] = torch.empty_like(g)
+        dthetas[l] = torch.empty_like(g[0]) if shared[l] else d
+        for lst, t in zip(args, (d, g, alphas[l].contiguous(), dgrads[l], dthetas[l])):
+            lst.append(t)
+    if live and starts[-1] > 0:
+        _lslr_bwd_kernel[(starts[-1],)](tuple(args[0]), tuple(args[1]), tuple(args[2]), tuple(args[3]),
+                                        tuple(args[4]), ws, tuple(sizes), tuple(T if shared[l] else 1 for l in live),
+                                        tuple(int(bool(shared[l])) for l in live), tuple(live), tuple(starts), step,
+                                        nprog, N=len(live), BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
     _lslr_dalpha_kernel[(L,)](ws, dalpha_all, step, nprog, nalpha,
                               PBLOCK=min(1024, triton.next_power_of_2(nprog)),
                               ABLOCK=triton.next_power_of_2(nalpha))

@@ -1,0 +1,470 @@
+"""Static metrics of the GPU kernels at the learner's shapes, compiled for sm_90a without a GPU.
+
+    python -m bench.static_metrics [--workloads omniglot_20w1s,miniimagenet_5w1s] [--quick]
+                                   [--no-cuda] [--out PREFIX]
+
+Triton kernels (mamlpp_fast/triton/*.py): the launches of one meta-update come from bench.trace
+(backend triton, conv_impl triton); each distinct custom-op call is replayed through the package's own
+host wrapper with meta tensors (no memory, no device) while `JITFunction.run` is replaced by a recorder,
+so the launch arguments, block sizes and specialisations are exactly those the wrappers choose (launch
+heuristics evaluated for a 132-SM device). Each distinct specialisation is compiled with the installed
+Triton for `GPUTarget("cuda", 90, 32)` (sm_90a), in strict fp32 (`input_precision="ieee"`, the learner's
+default) and, for the convolutions, also with TF32. Then, from Triton's own ptxas / cuobjdump (the tools
+Triton uses on the device):
+- registers, spill stores / loads, stack frame (`ptxas -v --gpu-name sm_90a` on the PTX), shared memory
+  (Triton's metadata);
+- the instruction mix of the innermost hot loop: the backward branch whose loop body (in SASS) holds
+  the most FFMA / HGMMA instructions, and its PTX counterpart (LLVM's "Inner Loop Header"): total
+  instructions, FFMA (fma.rn.f32), HGMMA / wgmma, LDS / LDSM, global loads, integer arithmetic.
+
+CUDA kernels (kernels/*.cu): `nvcc -arch=sm_90 -Xptxas -v` registers / spills per kernel instantiation.
+
+Output: PREFIX.json and PREFIX.md (default bench/results/static_metrics_sm90a_triton<version>). A tool
+that is missing (no ptxas, no nvcc) is reported and its part skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+
+__all__ = ["collect_calls", "capture_launches", "compile_launch", "kernel_metrics", "cuda_kernel_metrics",
+           "triton_tools", "main"]
+
+SMS = 132
+
+
+# ---- which launches ------------------------------------------------------------------------------------
+def collect_calls(workloads, quick: bool = False) -> list:
+    """Distinct custom-op calls (bench.trace Kernel.call) of one meta-update per workload, triton backend
+    and triton convolutions."""
+    from .trace import trace_meta_update
+    calls = []
+    for w in workloads:
+        res = trace_meta_update(w, None, "triton", "triton", True, sms=SMS, quick=quick)
+        for k in res.kernels:
+            if k.call is not None and k.call not in calls:
+                calls.append(k.call)
+    return calls
+
+
+@contextlib.contextmanager
+def _recording_launches(store: list):
+    """JITFunction.run records (fn, args, kwargs) instead of compiling and launching; the launch
+    heuristics see a CUDA device with SMS multiprocessors."""
+    import torch
+    from triton.runtime.jit import JITFunction
+
+    from mamlpp_fast.triton import conv as tconv
+    from mamlpp_fast.triton import per_step_bn as tbn
+    orig_run, orig_bn_cfg, orig_split = JITFunction.run, tbn.bn_block_config, tconv._split_for
+    orig_bn_sms, orig_conv_sms = tbn.num_sms, tconv.num_sms
+    cuda0 = torch.device("cuda", 0)
+
+    def run(self, *args, grid, warmup, **kwargs):
+        store.append((self, args, kwargs))
+        return None
+
+    JITFunction.run = run
+    tbn.num_sms = tconv.num_sms = lambda device: SMS
+    tbn.bn_block_config = lambda M, TC, device: orig_bn_cfg(M, TC, cuda0)
+    tconv._split_for = lambda tiles, red, block_r, device: orig_split(tiles, red, block_r, cuda0)
+    try:
+        yield store
+    finally:
+        JITFunction.run = orig_run
+        tbn.bn_block_config, tconv._split_for = orig_bn_cfg, orig_split
+        tbn.num_sms, tconv.num_sms = orig_bn_sms, orig_conv_sms
+
+
+def capture_launches(call, tf32: bool = False) -> list:
+    """(JITFunction, args, kwargs) of every Triton launch of one custom-op call, from the package's host
+    wrapper on meta tensors."""
+    import torch
+
+    from mamlpp_fast.triton import conv as tconv
+    from mamlpp_fast.triton import lslr as tlslr
+    from mamlpp_fast.triton import per_step_bn as tbn
+
+    def t(shape):
+        return torch.empty(shape, device="meta", dtype=torch.float32)
+
+    store: list = []
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = bool(tf32)  # mamlpp_fast.triton.conv._precision reads it
+    try:
+        with _recording_launches(store):
+            op = call[0]
+            if op.startswith("bn_"):
+                xs, gs, nt = call[1], call[2], call[3]
+                x, g, b = t(xs), t(gs), t(gs)
+                mean, inv = t((xs[1],)), t((xs[1],))
+                if op == "bn_forward":
+                    tbn.bn_forward(x, g, b, nt, 1e-5, 0.01)
+                elif op == "bn_backward":
+                    tbn.bn_backward(t(xs), x, g, b, mean, inv, nt, 0.01)
+                else:
+                    has_u, has_ug, has_ub = call[4:7]
+                    tbn.bn_double_backward(t(xs) if has_u else None, t(gs) if has_ug else None,
+                                           t(gs) if has_ub else None, t(xs), x, g, b, mean, inv, nt, 0.01)
+            elif op == "lslr_forward":
+                thetas = [t(s) for s in call[1]]
+                grads = [t(s) for s in call[2]]
+                tlslr.lslr_forward(thetas, grads, [t((6,)) for _ in grads], 1)
+            elif op == "lslr_backward":
+                grads = [t(s) for s in call[1]]
+                tlslr.lslr_backward([t(s) for s in call[1]], grads, [t((6,)) for _ in grads], 1, list(call[2]))
+            elif op == "conv_forward":
+                meta = call[2]
+                b, co, ci, kh, kw = meta[:5]
+                tconv.conv_forward(t(call[1]), t((b, co, ci, kh, kw)), t((b, co)) if call[3] else None, meta)
+            elif op == "conv_data_grad":
+                meta = call[2]
+                tconv.conv_data_grad(t(call[1]), t(tuple(meta[:5])), meta)
+            elif op == "conv_weight_grad":
+                meta = call[2]
+                b, co, ci, kh, kw, h, wd, ho, wo = meta[:9]
+                x = t(call[1])
+                tconv.conv_weight_grad(x, t((x.shape[0], b * co, ho, wo)), meta)
+            else:
+                raise ValueError(f"unknown call {op!r}")
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+    return store
+
+
+# ---- compiling for sm_90a -------------------------------------------------------------------------------
+def compile_launch(fn, args, kwargs, arch: int = 90):
+    """Compile one launch's specialisation for GPUTarget('cuda', arch, 32) without a GPU. Returns
+    (key, CompiledKernel)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, opts = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+    key = (fn.__name__, repr(sorted(signature.items())), repr(sorted(constexprs.items())),
+           repr(sorted((k, repr(v)) for k, v in attrs.items())), options.num_warps, options.num_stages)
+    ck = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    return key, ck
+
+
+def triton_tools() -> dict:
+    """Paths of the ptxas / cuobjdump that the installed Triton ships (what it uses on a device)."""
+    import triton
+    base = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    tools = {}
+    for name in ("ptxas", "cuobjdump"):
+        p = os.path.join(base, name)
+        tools[name] = p if os.path.exists(p) else shutil.which(name)
+    return tools
+
+
+_PTXAS_RE = {
+    "registers": re.compile(r"Used (\d+) registers"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+    "stack": re.compile(r"(\d+) bytes stack frame"),
+}
+
+
+def ptxas_verbose(ptxas: str, ptx: str, arch: str = "sm_90a") -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        p = subprocess.run([ptxas, "-v", "--gpu-name", arch, src, "-o", os.path.join(d, "k.cubin")],
+                           capture_output=True, text=True)
+    text = p.stdout + p.stderr
+    if p.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {text.strip()[-500:]}")
+    return {k: int(r.search(text).group(1)) if r.search(text) else 0 for k, r in _PTXAS_RE.items()}
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_INT_OPS = ("IMAD", "IADD3", "LOP3", "ISETP", "SHF", "LEA", "IMNMX", "SEL", "IABS", "I2F", "F2I", "IMUL",
+            "PRMT", "SGXT", "BMSK", "POPC", "FLO", "VIMNMX", "UIMAD", "UIADD3", "ULOP3", "USHF", "ULEA",
+            "UISETP", "USEL", "UMOV", "MOV", "PLOP3", "P2R", "R2P", "IDP", "VIADD", "UIMNMX")
+
+
+def _classify_sass(op: str) -> str:
+    base = op.split(".")[0]
+    if base == "FFMA":
+        return "ffma"
+    if base in ("HGMMA", "WGMMA"):
+        return "hgmma"
+    if base in ("HMMA",):
+        return "hmma"
+    if base in ("LDSM", "LDS", "LDSU"):
+        return "lds"
+    if base in ("LDG", "LDGSTS", "UTMALDG", "LD"):
+        return "ldg"
+    if base in ("STS", "STG", "ST"):
+        return "store"
+    if base in _INT_OPS:
+        return "int"
+    if base in ("FADD", "FMUL", "FMNMX", "FSEL", "FSETP", "MUFU"):
+        return "fp_other"
+    if base in ("BAR", "DEPBAR", "SYNCS", "WARPGROUP", "NOP", "BRA", "EXIT", "WARPSYNC", "BSSY", "BSYNC"):
+        return "control"
+    return "other"
+
+
+def sass_hot_loop(cuobjdump: str, cubin: bytes) -> dict:
+    """Instruction mix of the SASS loop (a backward branch's body) holding the most FFMA + HGMMA."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        p = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True)
+    instrs = []
+    for line in p.stdout.splitlines():
+        m = _SASS_LINE.search(line)
+        if m:
+            instrs.append((int(m.group(1), 16), m.group(3), m.group(4)))
+    loops = []
+    for addr, op, rest in instrs:
+        if op.startswith("BRA"):
+            tm = re.search(r"0x([0-9a-f]+)", rest)
+            if tm:
+                tgt = int(tm.group(1), 16)
+                if tgt < addr:
+                    loops.append((tgt, addr))
+    best = None
+    for lo, hi in loops:
+        body = [op for a, op, _ in instrs if lo <= a <= hi]
+        mix = Counter(_classify_sass(op) for op in body)
+        score = (mix["ffma"] + mix["hgmma"] * 64, -len(body))
+        if best is None or score > best[0]:
+            best = (score, len(body), mix)
+    total = len(instrs)
+    whole = Counter(_classify_sass(op) for _, op, _ in instrs)
+    if best is None:
+        return {"loop": False, "instructions": total, **{f"all_{k}": v for k, v in whole.items()}}
+    _, n, mix = best
+    out = {"loop": True, "instructions": n}
+    for k in ("ffma", "hgmma", "hmma", "lds", "ldg", "store", "int", "fp_other", "control", "other"):
+        out[k] = mix.get(k, 0)
+    out["ffma_share"] = mix.get("ffma", 0) / n if n else 0.0
+    return out
+
+
+def ptx_hot_loop(ptx: str) -> dict:
+    """Instruction count and FMA / mma count of the PTX loop whose body holds the most fma / mma."""
+    lines = ptx.splitlines()
+    labels = {}
+    for i, line in enumerate(lines):
+        m = re.match(r"^(\$L__BB\d+_\d+):", line.strip())
+        if m:
+            labels[m.group(1)] = i
+    best = None
+    for i, line in enumerate(lines):
+        m = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        if m and m.group(1) in labels and labels[m.group(1)] < i:
+            body = [ln.strip() for ln in lines[labels[m.group(1)] + 1:i + 1]]
+            body = [b for b in body if b and not b.startswith(("//", "$", ".", "{", "}")) and b.endswith(";")]
+            fma = sum(1 for b in body if re.match(r"(@%p\d+\s+)?fma\.rn\.f32", b))
+            mma = sum(1 for b in body if "wgmma" in b or re.match(r"mma\.", b))
+            if best is None or (fma + 64 * mma, -len(body)) > best[0]:
+                best = ((fma + 64 * mma, -len(body)), len(body), fma, mma)
+    if best is None:
+        return {"ptx_loop_instructions": 0, "ptx_loop_fma": 0, "ptx_loop_mma": 0}
+    return {"ptx_loop_instructions": best[1], "ptx_loop_fma": best[2], "ptx_loop_mma": best[3]}
+
+
+def _call_str(call) -> str:
+    if call[0].startswith("lslr"):
+        return f"{call[0]} ({len(call[1])} tensors)"
+    return f"{call[0]} {tuple(call[1])}"
+
+
+def kernel_metrics(calls, tf32_variants: bool = True, tools: dict | None = None, sass: bool = True,
+                   distinct_configs: bool = False) -> list:
+    """One row per distinct compiled specialisation of the Triton kernels behind `calls`.
+    sass: also the SASS / PTX loop mix (needs cuobjdump); distinct_configs: compile one specialisation
+    per (kernel, constexpr arguments, num_warps) only (the integer arguments' divisibility aside)."""
+    tools = tools or triton_tools()
+    rows, seen, configs = [], {}, set()
+    for call in calls:
+        variants = [False] + ([True] if tf32_variants and call[0].startswith("conv_") else [])
+        for tf32 in variants:
+            for fn, args, kwargs in capture_launches(call, tf32):
+                if distinct_configs:
+                    ckey = (fn.__name__, repr(sorted(kwargs.items())))
+                    if ckey in configs:
+                        continue
+                    configs.add(ckey)
+                key, ck = compile_launch(fn, args, kwargs)
+                if key in seen:
+                    seen[key]["calls"] += 1
+                    continue
+                consts = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")}
+                row = dict(kernel=fn.__name__, precision="tf32" if tf32 else "fp32",
+                           config=consts, call=_call_str(call), calls=1,
+                           shared_bytes=int(getattr(ck.metadata, "shared", 0)),
+                           num_warps=int(ck.metadata.num_warps))
+                if tools.get("ptxas"):
+                    row.update(ptxas_verbose(tools["ptxas"], ck.asm["ptx"]))
+                if sass and tools.get("cuobjdump"):
+                    row.update(sass_hot_loop(tools["cuobjdump"], ck.asm["cubin"]))
+                if sass:
+                    row.update(ptx_hot_loop(ck.asm["ptx"]))
+                seen[key] = row
+                rows.append(row)
+    return rows
+
+
+# ---- CUDA kernels ---------------------------------------------------------------------------------------------
+def cuda_kernel_metrics(root: str, arch: str = "sm_90") -> list:
+    """nvcc -Xptxas -v for every kernels/*.cu: one row per kernel instantiation."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return []
+    rows = []
+    for name in sorted(os.listdir(os.path.join(root, "kernels"))):
+        if not name.endswith(".cu"):
+            continue
+        with tempfile.TemporaryDirectory() as d:
+            p = subprocess.run([nvcc, f"-arch={arch}", "-O3", "-std=c++17", "-Xptxas", "-v", "-c",
+                                os.path.join(root, "kernels", name), "-o", os.path.join(d, "k.o")],
+                               capture_output=True, text=True)
+        text = p.stdout + p.stderr
+        if p.returncode != 0:
+            rows.append(dict(file=name, kernel="(build failed)", error=text.strip()[-300:]))
+            continue
+        current = None
+        for line in text.splitlines():
+            m = re.search(r"Compiling entry function '(\w+)'", line)
+            if m:
+                current = dict(file=name, kernel=_demangle(m.group(1)), registers=0, spill_stores=0,
+                               spill_loads=0, stack=0)
+                rows.append(current)
+                continue
+            if current is not None:
+                for k, r in _PTXAS_RE.items():
+                    mm = r.search(line)
+                    if mm:
+                        current[k] = int(mm.group(1))
+    return rows
+
+
+def _demangle(sym: str) -> str:
+    cf = shutil.which("c++filt")
+    if cf is None:
+        return sym
+    out = subprocess.run([cf, sym], capture_output=True, text=True).stdout.strip()
+    out = re.sub(r"mamlpp::cuda::\(anonymous namespace\)::", "", out)
+    return re.sub(r"^void |\(.*\)$", "", out) or sym  # name<template args> only
+
+
+# ---- report ---------------------------------------------------------------------------------------------------------
+def _cfg_str(cfg: dict) -> str:
+    keep = ("BLOCK", "BLOCK_M", "BLOCK_N", "BLOCK_K", "CBLOCK", "PBLOCK", "num_warps", "KH", "HAS_U", "HAS_DTHETA",
+            "GAMMA_PER_TASK", "HAS_BIAS")
+    return " ".join(f"{k}={cfg[k]}" for k in keep if k in cfg)
+
+
+def _row_key(r: dict) -> tuple:
+    return (r["kernel"], r["precision"], _cfg_str(r["config"]), r.get("registers"), r.get("spill_stores"),
+            r.get("spill_loads"), r["shared_bytes"], r.get("loop"), r.get("instructions"), r.get("ffma"),
+            r.get("hgmma"), r.get("hmma"), r.get("lds"), r.get("int"), r.get("ptx_loop_instructions"), r.get("ptx_loop_fma"))
+
+
+def to_markdown(rep: dict) -> str:
+    """The table; specialisations with identical metrics (they differ only in the integer arguments'
+    divisibility) are one row, with their count and the first call's tensor shape."""
+    lines = [f"Compiled for sm_90a without a GPU: Triton {rep['triton']} (its ptxas {rep['ptxas_version']}), "
+             f"nvcc {rep['nvcc_version']}; the launches of one meta-update of {', '.join(rep['workloads'])} "
+             f"(triton backend and convolutions). Command: `{rep['command']}`", "",
+             "| Triton kernel | prec | config | specs | first call | regs | spill st/ld B | smem B | "
+             "loop instr (SASS) | FFMA | HGMMA | HMMA | LDS | int | FFMA share | PTX loop instr / fma |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    groups: dict = {}
+    for r in rep["triton_kernels"]:
+        groups.setdefault(_row_key(r), []).append(r)
+    for rs in groups.values():
+        r = rs[0]
+        loop = r.get("loop")
+        lines.append(
+            f"| {r['kernel']} | {r['precision']} | {_cfg_str(r['config'])} | {len(rs)} | {r['call']} | "
+            f"{r.get('registers', 'n/a')} | {r.get('spill_stores', 'n/a')}/{r.get('spill_loads', 'n/a')} | "
+            f"{r['shared_bytes']} | "
+            + (f"{r['instructions']} | {r['ffma']} | {r['hgmma']} | {r['hmma']} | {r['lds']} | {r['int']} | "
+               f"{r['ffma_share']:.0%} | " if loop else "no loop (one step) | | | | | | | ")
+            + f"{r['ptx_loop_instructions']} / {r['ptx_loop_fma']} |")
+    if rep["cuda_kernels"]:
+        lines += ["", "| CUDA kernel (nvcc -arch=sm_90 -O3 -Xptxas -v) | file | regs | spill st/ld B | stack B |",
+                  "|---|---|---|---|---|"]
+        for r in rep["cuda_kernels"]:
+            lines.append(f"| `{r['kernel']}` | {r['file']} | {r.get('registers', '')} | "
+                         f"{r.get('spill_stores', '')}/{r.get('spill_loads', '')} | {r.get('stack', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _version(cmd) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True).stdout
+        m = re.search(r"release ([\d.]+), V([\d.]+)", out)
+        return m.group(2) if m else "unknown"
+    except OSError:
+        return "n/a"
+
+
+def main(argv=None) -> int:
+    """python -m bench.static_metrics: registers, spills and inner-loop instruction mix for sm_90a."""
+    import triton
+    p = argparse.ArgumentParser(prog="python -m bench.static_metrics", description=main.__doc__)
+    p.add_argument("--workloads", default="omniglot_20w1s,miniimagenet_5w1s")
+    p.add_argument("--quick", action="store_true", help="the --quick workloads (tiny shapes)")
+    p.add_argument("--no-cuda", action="store_true", help="skip the nvcc part")
+    p.add_argument("--no-tf32", action="store_true", help="compile the convolutions in strict fp32 only")
+    p.add_argument("--out", default=None, help="PREFIX for PREFIX.json / PREFIX.md")
+    p.add_argument("--from-json", default=None, help="only rewrite the markdown of an earlier PREFIX.json")
+    a = p.parse_args(argv)
+    if a.from_json:
+        with open(a.from_json) as f:
+            rep = json.load(f)
+        md = to_markdown(rep)
+        with open(a.from_json[:-len(".json")] + ".md", "w") as f:
+            f.write(md)
+        print(md)
+        return 0
+    tools = triton_tools()
+    if not tools.get("ptxas"):
+        print("error: no ptxas (Triton's bundled one or on PATH): cannot compile for sm_90a", file=sys.stderr)
+        return 2
+    workloads = a.workloads.split(",")
+    if a.quick and a.workloads == p.get_default("workloads"):
+        from .workloads import QUICK_MAIN
+        workloads = [w.name for w in QUICK_MAIN]
+    calls = collect_calls(workloads, a.quick)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rep = dict(triton=triton.__version__, ptxas_version=_version([tools["ptxas"], "--version"]),
+               nvcc_version=_version(["nvcc", "--version"]) if shutil.which("nvcc") else "n/a",
+               target="cuda sm_90a (GPUTarget('cuda', 90, 32))", workloads=workloads,
+               command="python -m bench.static_metrics " + " ".join(sys.argv[1:] if argv is None else argv),
+               triton_kernels=kernel_metrics(calls, not a.no_tf32, tools),
+               cuda_kernels=[] if a.no_cuda else cuda_kernel_metrics(root))
+    prefix = a.out or os.path.join(root, "bench", "results", f"static_metrics_sm90a_triton{triton.__version__}")
+    with open(prefix + ".json", "w") as f:
+        json.dump(rep, f, indent=1)
+    md = to_markdown(rep)
+    with open(prefix + ".md", "w") as f:
+        f.write(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,799 @@
+"""Kernel accounting of one fast-learner meta-update as it would run on a GPU, computed on a CPU.
+
+    python -m bench.trace [--workload NAME] [--batch-size B] [--backend cuda|triton|torch]
+                          [--conv-impl triton|grouped|unfold|unfold_bmm|per_task|channels_last]
+                          [--no-cuda-graph] [--tf32] [--conv-efficiency F] [--device-ceilings h100|h200]
+                          [--quick] [--json] [--out FILE.json]
+    python -m bench.trace --calibrate     # launch costs and the comparison with the measured H100 update
+
+What it does: builds the fast learner (mamlpp_fast.fast) for the workload on the CPU in float32 and runs
+one meta-update (second order, MSL, epoch 0, as bench.run measures) while recording every operation:
+
+- aten operations (a TorchDispatchMode below autograd, so the backward and double backward that the
+  autograd engine runs are recorded too): one GPU kernel per operation that is not a view, an empty
+  allocation or a metadata query; a `_foreach_*` operation launches ceil(tensors / T) kernels, T being
+  the tensors-per-launch limit of PyTorch's multi_tensor_apply for its number of tensor lists (110, 64,
+  48, 36, 30 for 1..5 lists); `select_backward` / `slice_backward` launch two (zero fill, copy). FLOPs: torch.utils.flop_counter's formulas (the same as bench.flops'
+  FlopCounterMode count, with the grouped-convolution weight-gradient correction of bench.flops).
+- the custom ops, mapped to the kernels of the simulated backend (their aten operations on the CPU are
+  hidden): per-step batch norm with backend `cuda` (kernels/per_step_bn.cu) or `triton`
+  (mamlpp_fast/triton/per_step_bn.py): a reduce kernel and an apply kernel per forward, backward and
+  double backward; LSLR with `cuda` (kernels/lslr.cu): ceil(tensors / 24) forward launches, and per group
+  of 24 one backward and one dalpha launch; with `triton` (mamlpp_fast/triton/lslr.py): one forward and
+  one backward launch for all tensors (one per tensor in trees before that kernel took tuples), one
+  dalpha launch and the zero fill of its workspace. Backend `torch`
+  runs the ops' aten operations, which are recorded as such.
+- convolutions with conv_impl `triton` (mamlpp_fast/triton/conv.py): one launch per forward, data
+  gradient and weight gradient, plus the sum of the weight gradient's split-K partials when the split is
+  > 1 (split from the kernel's own heuristic with 132 SMs). The other conv_impls are aten operations;
+  for `grouped` and `channels_last`, cuDNN's kernels per aten convolution call are modelled as: one
+  convolution kernel per computed result (forward; data gradient and weight gradient of
+  convolution_backward) plus, for `grouped`, the layout transposes that the 2026-11-26 H100 profile
+  showed around strict fp32 grouped convolutions (`CUDNN_TRANSPOSES_PER_CALL`, calibrated there: 1,040
+  genericTranspose calls per meta-update); `channels_last`'s layout copies are aten operations.
+
+Steady state: Adam runs as on a CUDA device (foreach) with its state already created, and the
+running-statistics update's constants (built once per structure on the host) are not recorded.
+
+Bytes: each kernel reads its input tensors once and writes its outputs once (the compulsory traffic; an
+expanded tensor counts its storage once). Kernels that re-read operands through L2 (the convolutions'
+gathers) or whose operands stay in the 50 MB L2 between kernels are not modelled: bytes are DRAM-sized
+upper bounds per kernel and lower bounds on the L2 traffic.
+
+Predicted time (always a prediction, never a measurement): per kernel max(FLOPs / FMA rate, bytes /
+bandwidth), plus a per-launch cost (inside a CUDA graph, or eager); FLOPs run at the strict-fp32 rate,
+or the TF32 rate with --tf32 for convolutions and matmuls. The ceilings (`CEILINGS`) come from the
+committed H100 measurements of 2026-11-26 (bench/results/gpu_2026-11-26/); how each was derived is in
+CEILINGS[...]['sources']. The H200 entry is "not yet measured": no prediction is printed for it.
+Calibration against the one measured captured meta-update is in bench/NOTES.md ("Trace").
+
+Layers: an operation is attributed to the layer whose activation size (H of its largest 4-D tensor)
+it touches (conv i, its batch norm and its pooling share a layer), else to 'params' (LSLR, Adam, running
+statistics, the finiteness check, by where it was called) or 'head+grads' (everything else without a 4-D
+activation: linear layer, loss, sums and accumulations of weight-shaped gradients).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["CEILINGS", "Kernel", "TraceResult", "trace_meta_update", "predict", "summarize", "main",
+           "CUDNN_TRANSPOSES_PER_CALL"]
+
+# Device ceilings. Only measured numbers (or numbers derived from measurements, with the derivation).
+CEILINGS: dict[str, dict[str, Any]] = {
+    "h100": {
+        "device": "NVIDIA H100 80GB HBM3 (132 SMs), measured 2026-11-26",
+        "fp32_tflops": 51.67,
+        "tf32_tflops": 414.85,
+        "bandwidth_tbs": 2.23,
+        "graph_launch_us": 0.51,
+        "eager_launch_us": 20.3,
+        "sms": 132,
+        "sources": {
+            "fp32_tflops": "best of 20 8192x8192 torch.mm, strict fp32 (bench_cuda-...-231853.md, 'Dense matmul ceiling')",
+            "tf32_tflops": "same, TF32",
+            "bandwidth_tbs": ("effective streaming rate of our cuda-backend BN kernels on the largest shape "
+                              "(bench_ops_h100_20261126.json, mini_imagenet N75 T2 C48 84x84: forward + backward "
+                              "+ double backward move 16 x 203.2 MB in 1.457 ms): a measured lower bound of the "
+                              "copy bandwidth; no pure copy was timed"),
+            "graph_launch_us": ("upper bound: intercept of the captured fast [triton] meta-update over B "
+                                "(B=1 9.88 ms, B=2 18.50 ms: 1.26 ms at B=0) divided by the trace's "
+                                "2,472 kernels of that configuration (triton backend, grouped convolutions, "
+                                "Omniglot 20w1s, B=1); the intercept also holds B-independent work"),
+            "eager_launch_us": ("(eager - captured) / kernels of the fast [triton] Omniglot 20w1s B=8 "
+                                "meta-update: (135.86 - 74.02) ms / 3,040 kernels (host-side cost per "
+                                "launch, Python included); `python -m bench.trace --calibrate` recomputes both"),
+        },
+    },
+    "h200": {
+        "device": "NVIDIA H200 (132 SMs): not yet measured",
+        "fp32_tflops": None, "tf32_tflops": None, "bandwidth_tbs": None, "graph_launch_us": None,
+        "eager_launch_us": None, "sms": 132,
+        "sources": {"all": "not yet measured (no H200 run committed); run the device check of issue 12"},
+    },
+}
+
+# Calibrated on the 2026-11-26 H100 profile (bench/NOTES.md): 1,040 genericTranspose_kernel calls per
+# Omniglot 20w1s B=8 meta-update around cuDNN's strict-fp32 grouped convolutions (NCHW <-> NHWC). The
+# trace counts 215 aten.convolution and 60 aten.convolution_backward calls there; 4 transposes per forward
+# call and 3 per backward call give exactly 1,040 (a fit of the one profiled count, not a derivation).
+CUDNN_TRANSPOSES_PER_CALL = {"convolution": 4, "convolution_backward": 3}
+
+_FOREACH_MAX_TENSORS = {1: 110, 2: 64, 3: 48, 4: 36, 5: 30}
+_NO_KERNEL = {
+    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach",
+    "alias", "_local_scalar_dense", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset",
+    "is_same_size", "_has_compatible_shallow_copy_type", "resize_", "set_", "_reshape_alias", "_unsafe_view",
+    "view", "expand", "permute", "transpose", "t", "unsqueeze", "squeeze", "select", "slice", "as_strided",
+    "split", "split_with_sizes", "unbind", "narrow", "diagonal", "unfold", "view_as", "expand_as",
+    "_is_all_true", "record_stream", "is_nonzero", "_record_function_enter_new", "_record_function_exit",
+    "squeeze_", "unsqueeze_", "t_", "transpose_", "as_strided_", "detach_",
+}
+# aten operations whose CUDA implementation launches more than one kernel: the backward of an indexing
+# view allocates zeros and copies the gradient into them.
+_MULTI_KERNEL = {"select_backward": 2, "slice_backward": 2}
+
+
+@dataclass
+class Kernel:
+    """One GPU kernel launch (or a group of identical ones: `launches`)."""
+    name: str
+    kind: str
+    layer: str
+    launches: int = 1
+    flops: int = 0
+    bytes: int = 0
+    tf32_ok: bool = False   # runs at the TF32 rate with --tf32 (convolutions, matmuls)
+    call: Any = None        # custom ops: what bench.static_metrics needs to replay the launch
+
+
+@dataclass
+class TraceResult:
+    config: dict
+    kernels: list = field(default_factory=list)
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+def _tensors(obj):
+    import torch
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o)
+
+
+def _nbytes(t) -> int:
+    """Bytes a kernel moves for tensor t: its elements, but an expanded view only its storage."""
+    n = t.numel() * t.element_size()
+    try:
+        n = min(n, t.untyped_storage().nbytes())
+    except Exception:  # noqa: BLE001 - no storage (meta, sparse): the view's size
+        pass
+    return n
+
+
+def _unique_bytes(ts) -> int:
+    seen, total = set(), 0
+    for t in ts:
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += _nbytes(t)
+    return total
+
+
+class _Recorder:
+    """Holds the kernel list, the layer map and the nesting state of one trace."""
+
+    def __init__(self, layer_sizes: dict, sim_backend: str, conv_impl: str, sms: int):
+        self.kernels: list[Kernel] = []
+        self.layer_sizes = layer_sizes   # activation H -> layer name
+        self.sim_backend = sim_backend
+        self.conv_impl = conv_impl
+        self.sms = sms
+        self.hidden = 0                  # > 0: aten ops are parts of a custom op, not recorded
+        self.scope: list[str] = []       # 'params' scopes: lslr, adam, running_stats, finite_check
+
+    @contextlib.contextmanager
+    def hide(self):
+        self.hidden += 1
+        try:
+            yield
+        finally:
+            self.hidden -= 1
+
+    @contextlib.contextmanager
+    def in_scope(self, name):
+        self.scope.append(name)
+        try:
+            yield
+        finally:
+            self.scope.pop()
+
+    def layer_of(self, ts) -> str:
+        best = None
+        for t in ts:
+            if t.dim() == 4 and (best is None or t.numel() > best.numel()):
+                best = t
+        if best is not None:
+            name = self.layer_sizes.get(int(best.shape[-1]))
+            if name is not None:
+                return name
+        return "params" if self.scope else "head+grads"
+
+    def add(self, **kw):
+        if self.scope and kw.get("kind") not in ("conv", "bn", "lslr"):
+            kw["kind"] = self.scope[-1]  # adam, running_stats, finite_check
+        self.kernels.append(Kernel(**kw))
+
+
+def _aten_kind(name: str) -> str:
+    if name in ("convolution", "convolution_backward", "_convolution"):
+        return "conv"
+    if name in ("im2col", "col2im"):
+        return "conv"
+    if "max_pool" in name or "avg_pool" in name:
+        return "pool"
+    if name in ("mm", "bmm", "baddbmm", "addmm", "matmul"):
+        return "matmul"
+    if "softmax" in name or "nll_loss" in name or "cross_entropy" in name:
+        return "loss"
+    if name.startswith("_foreach"):
+        return "foreach"
+    if name in ("sum", "mean", "var_mean", "var", "std", "amax", "max", "min", "norm", "linalg_vector_norm"):
+        return "reduction"
+    if name in ("copy_", "clone", "_to_copy", "contiguous", "cat", "stack", "fill_", "zero_", "zeros",
+                "zeros_like", "ones_like", "full", "full_like", "scalar_tensor", "index_put_", "new_zeros",
+                "new_full", "arange", "_unsafe_index_put", "index", "gather", "scatter", "where"):
+        return "copy/fill"
+    return "elementwise"
+
+
+# ---- the dispatch mode -------------------------------------------------------------------------------------
+def _make_mode(rec: _Recorder):
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry, shape_wrapper
+
+    from .flops import _conv_backward_flop_grouped
+    registry = dict(flop_registry)
+    registry[torch.ops.aten.convolution_backward] = shape_wrapper(_conv_backward_flop_grouped)
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            if rec.hidden:
+                return out
+            name = func._overloadpacket.__name__
+            if name in _NO_KERNEL or getattr(func, "is_view", False):
+                return out
+            ins = list(_tensors(args)) + list(_tensors(kwargs))
+            outs = list(_tensors(out))
+            # mutated arguments count as written (and read)
+            written = list(outs)
+            for i, a in enumerate(func._schema.arguments):
+                if a.alias_info is not None and a.alias_info.is_write and i < len(args):
+                    written += list(_tensors(args[i]))
+            nbytes = _unique_bytes(ins) + _unique_bytes(written)
+            flops = 0
+            packet = func._overloadpacket
+            if packet in registry:
+                flops = int(registry[packet](*args, **kwargs, out_val=out))
+            kind = _aten_kind(name)
+            layer = rec.layer_of(ins + outs)
+            launches = _MULTI_KERNEL.get(name, 1)
+            if name.startswith("_foreach"):
+                lists = [a for a in list(args) if isinstance(a, (list, tuple)) and a and
+                         isinstance(a[0], torch.Tensor)]
+                depth = len(lists) + (0 if name.endswith("_") else 1)
+                n = max((len(a) for a in lists), default=1)
+                launches = max(1, math.ceil(n / _FOREACH_MAX_TENSORS.get(min(max(depth, 1), 5), 30)))
+            if name in ("convolution", "convolution_backward") and rec.conv_impl in ("grouped", "channels_last"):
+                results = 1 if name == "convolution" else sum(bool(m) for m in args[-1][:2])
+                has_bias_grad = name == "convolution_backward" and bool(args[-1][2])
+                conv_launches = results
+                rec.add(name=f"cudnn {name}", kind="conv", layer=layer, launches=conv_launches,
+                        flops=flops, bytes=nbytes, tf32_ok=True)
+                if rec.conv_impl == "grouped":  # NCHW <-> NHWC around the call; each moves its tensor twice
+                    rec.add(name="cudnn genericTranspose", kind="conv transpose", layer=layer,
+                            launches=CUDNN_TRANSPOSES_PER_CALL[name], flops=0, bytes=2 * nbytes)
+                if has_bias_grad:
+                    rec.add(name="bias grad reduction", kind="reduction", layer=layer, launches=1,
+                            bytes=_nbytes(args[0]))
+                return out
+            rec.add(name=f"aten.{name}", kind=kind, layer=layer, launches=launches, flops=flops, bytes=nbytes,
+                    tf32_ok=kind in ("conv", "matmul"))
+            return out
+
+    return Mode()
+
+
+# ---- simulated custom-op backends ------------------------------------------------------------------------
+def _bn_block_cuda(M: int, TC: int, sms: int) -> int:
+    """chunks of kernels/launchers.h bn_num_chunks (for the record; the launch count does not depend on it)."""
+    c = min(math.ceil(4 * sms / TC), math.ceil(M / 2048))
+    return max(1, min(c, 1024))
+
+
+def _triton_lslr_launches(n: int) -> int:
+    """Forward (or backward) launches of the triton backend's LSLR for n tensors: one for all of them
+    when its kernels take tuples of tensors (mamlpp_fast/triton/lslr.py `_starts`), else one per tensor
+    (the tree before that change)."""
+    try:
+        from mamlpp_fast.triton import lslr as tl_lslr
+    except ImportError:
+        return n
+    return 1 if hasattr(tl_lslr, "_starts") else n
+
+
+def _make_backend(rec: _Recorder):
+    """A Backend whose functions compute with the torch backend (hidden) and record the simulated kernels."""
+    from mamlpp_fast.ops import lslr as torch_lslr
+    from mamlpp_fast.ops import per_step_bn as torch_bn
+    from mamlpp_fast.ops.backend import Backend
+    import types
+
+    sim = rec.sim_backend
+
+    def nb(*ts):
+        return sum(_nbytes(t) for t in ts if t is not None)
+
+    def bn_forward(x, gamma, beta, num_tasks, eps, slope):
+        with rec.hide():
+            y, mean, invstd = torch_bn.bn_forward(x, gamma, beta, num_tasks, eps, slope)
+        layer = rec.layer_of([x])
+        call = ("bn_forward", tuple(x.shape), tuple(gamma.shape), num_tasks)
+        rec.add(name=f"{sim} bn_fwd_reduce", kind="bn", layer=layer, bytes=nb(x), call=call)
+        rec.add(name=f"{sim} bn_fwd_apply", kind="bn", layer=layer, bytes=nb(x, y, gamma, beta, mean, invstd))
+        return y, mean, invstd
+
+    def bn_backward(dy, x, gamma, beta, mean, invstd, num_tasks, slope):
+        with rec.hide():
+            dx, dgamma, dbeta = torch_bn.bn_backward(dy, x, gamma, beta, mean, invstd, num_tasks, slope)
+        layer = rec.layer_of([x])
+        call = ("bn_backward", tuple(x.shape), tuple(gamma.shape), num_tasks)
+        rec.add(name=f"{sim} bn_bwd_reduce", kind="bn", layer=layer, bytes=nb(dy, x), call=call)
+        rec.add(name=f"{sim} bn_bwd_apply", kind="bn", layer=layer, bytes=nb(dy, x, dx, dgamma, dbeta))
+        return dx, dgamma, dbeta
+
+    def bn_double_backward(ggx, gggamma, ggbeta, dy, x, gamma, beta, mean, invstd, num_tasks, slope):
+        with rec.hide():
+            gx, ggamma, gdy = torch_bn.bn_double_backward(ggx, gggamma, ggbeta, dy, x, gamma, beta, mean,
+                                                          invstd, num_tasks, slope)
+        layer = rec.layer_of([x])
+        call = ("bn_double_backward", tuple(x.shape), tuple(gamma.shape), num_tasks,
+                ggx is not None, gggamma is not None, ggbeta is not None)
+        rec.add(name=f"{sim} bn_dbwd_reduce", kind="bn", layer=layer, bytes=nb(ggx, dy, x), call=call)
+        rec.add(name=f"{sim} bn_dbwd_apply", kind="bn", layer=layer, bytes=nb(ggx, dy, x, gx, gdy, ggamma))
+        return gx, ggamma, gdy
+
+    def lslr_forward(thetas, grads, alphas, step):
+        with rec.hide():
+            outs = torch_lslr.lslr_forward(thetas, grads, alphas, step)
+        n = len(grads)
+        total = sum(nb(t, g, o) for t, g, o in zip(thetas, grads, outs))
+        call = ("lslr_forward", tuple(tuple(t.shape) for t in thetas), tuple(tuple(g.shape) for g in grads))
+        launches = math.ceil(n / 24) if sim == "cuda" else _triton_lslr_launches(n)
+        rec.add(name=f"{sim} lslr_fwd", kind="lslr", layer="params", launches=launches, bytes=total, call=call)
+        return outs
+
+    def lslr_backward(douts, grads, alphas, step, shared):
+        with rec.hide():
+            dthetas, dgrads, dalphas = torch_lslr.lslr_backward(douts, grads, alphas, step, shared)
+        n = len(grads)
+        total = sum(nb(d, g, dg) + (nb(dt) if s else 0)
+                    for d, g, dg, dt, s in zip(douts, grads, dgrads, dthetas, shared))
+        call = ("lslr_backward", tuple(tuple(g.shape) for g in grads), tuple(shared))
+        if sim == "cuda":
+            groups = math.ceil(n / 24)
+            rec.add(name="cuda lslr_bwd", kind="lslr", layer="params", launches=groups, bytes=total, call=call)
+            rec.add(name="cuda lslr_dalpha", kind="lslr", layer="params", launches=groups, bytes=0)
+        else:
+            rec.add(name="triton lslr workspace zero fill", kind="lslr", layer="params", launches=1, bytes=0)
+            rec.add(name="triton lslr_bwd", kind="lslr", layer="params", launches=_triton_lslr_launches(n),
+                    bytes=total, call=call)
+            rec.add(name="triton lslr_dalpha", kind="lslr", layer="params", launches=1, bytes=0)
+        return dthetas, dgrads, dalphas
+
+    impl = types.SimpleNamespace(bn_forward=bn_forward, bn_backward=bn_backward,
+                                 bn_double_backward=bn_double_backward, lslr_forward=lslr_forward,
+                                 lslr_backward=lslr_backward)
+    return Backend(f"trace-{sim}", impl, None, accepts_needs=False)
+
+
+def _conv_triton_patch(rec: _Recorder):
+    """Replacements of mamlpp_fast.triton.conv's three launchers: torch computes (hidden), the record is
+    one Triton kernel launch each (+ the split-K sum of the weight gradient)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.grad import conv2d_input, conv2d_weight
+
+    from mamlpp_fast.triton.conv import conv_block_config
+
+    def _split(tiles, red, block_r):  # mamlpp_fast.triton.conv._split_for on a device with rec.sms SMs
+        want = 2 * rec.sms
+        return max(1, min(math.ceil(want / max(tiles, 1)), math.ceil(red / (4 * block_r)), 64))
+
+    def macs(meta, n):
+        b, co, ci, kh, kw, h, wd, ho, wo, s, p = meta
+        return n * ho * wo * co * ci * kh * kw * b
+
+    def fwd(x, w, bias, meta):
+        b, co, ci, kh, kw, h, wd, ho, wo, s, p = meta
+        with rec.hide():
+            out = F.conv2d(x, w.reshape(-1, ci, kh, kw), None if bias is None else bias.reshape(-1), s, p, groups=b)
+        rec.add(name="triton conv_fwd", kind="conv", layer=rec.layer_of([x, out]), flops=2 * macs(meta, x.shape[0]),
+                bytes=sum(_nbytes(t) for t in (x, w, out) if t is not None), tf32_ok=True,
+                call=("conv_forward", tuple(x.shape), meta, bias is not None))
+        return out
+
+    def dgrad(g, w, meta):
+        b, co, ci, kh, kw, h, wd, ho, wo, s, p = meta
+        n = g.shape[0]
+        with rec.hide():
+            dx = conv2d_input((n, b * ci, h, wd), w.reshape(-1, ci, kh, kw), g, s, p, groups=b)
+        rec.add(name="triton conv_dgrad", kind="conv", layer=rec.layer_of([g, dx]), flops=2 * macs(meta, n),
+                bytes=sum(_nbytes(t) for t in (g, w, dx)), tf32_ok=True, call=("conv_data_grad", tuple(g.shape), meta))
+        return dx
+
+    def wgrad(x, g, meta):
+        b, co, ci, kh, kw, h, wd, ho, wo, s, p = meta
+        n = x.shape[0]
+        with rec.hide():
+            dw = conv2d_weight(x, (b * co, ci, kh, kw), g, s, p, groups=b).view(b, co, ci, kh, kw)
+        k = ci * kh * kw
+        red = n * ho * wo
+        cfg = conv_block_config(co, k, red, torch.device("cpu"))
+        tiles = math.ceil(co / cfg["BLOCK_M"]) * math.ceil(k / cfg["BLOCK_N"]) * b
+        split = _split(tiles, red, cfg["BLOCK_K"])
+        chunk = math.ceil(math.ceil(red / split) / cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+        split = math.ceil(red / chunk)
+        layer = rec.layer_of([x, g])
+        ws_bytes = split * _nbytes(dw)
+        rec.add(name="triton conv_wgrad", kind="conv", layer=layer, flops=2 * macs(meta, n),
+                bytes=_nbytes(x) + _nbytes(g) + ws_bytes, tf32_ok=True, call=("conv_weight_grad", tuple(x.shape), meta))
+        if split > 1:
+            rec.add(name="split-K partial sum (aten.sum)", kind="conv", layer=layer, bytes=ws_bytes + _nbytes(dw))
+        return dw
+
+    return fwd, dgrad, wgrad
+
+
+# ---- the trace -----------------------------------------------------------------------------------------------
+def _layer_sizes(w) -> dict:
+    sizes, h = {}, w.height
+    for i in range(w.num_stages):
+        sizes[h] = f"conv{i}"
+        h = h // 2
+    return sizes
+
+
+def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None = None, backend: str = "cuda",
+                      conv_impl: str = "triton", cuda_graph: bool = True, sms: int = 132,
+                      quick: bool = False, seed: int = 0) -> TraceResult:
+    """Run one meta-update of the fast learner on the CPU and return the simulated GPU kernels."""
+    import torch
+
+    from mamlpp_fast import fast as fast_mod
+    from mamlpp_fast.ops import lslr as lslr_mod
+    from mamlpp_fast.ops import per_step_bn as bn_mod
+
+    from .workloads import im_shape, make_args, make_batch, workload_by_name
+    try:
+        from mamlpp_fast.errors import MamlppError
+    except ImportError:  # a tree older than mamlpp_fast.errors (replaying a measured revision)
+        MamlppError = ValueError
+    try:
+        from mamlpp_fast.ops import conv as conv_mod
+        from mamlpp_fast.triton import conv as tconv
+        impls = conv_mod.CONV_IMPLS
+    except ImportError:  # a tree older than task_conv2d: grouped F.conv2d only
+        conv_mod = tconv = None
+        impls = ("grouped",)
+
+    if backend not in ("cuda", "triton", "torch"):
+        raise MamlppError(f"bench.trace: --backend must be cuda, triton or torch (a GPU backend), got {backend!r}")
+    if conv_impl not in impls:
+        raise MamlppError(f"bench.trace: --conv-impl must be one of {', '.join(impls)}, got {conv_impl!r}")
+    if batch_size is not None and batch_size < 1:
+        raise MamlppError(f"bench.trace: --batch-size must be >= 1, got {batch_size}")
+    try:
+        w = workload_by_name(workload, quick=quick)
+    except KeyError as e:
+        raise MamlppError(f"bench.trace: {e.args[0]}") from None
+    if batch_size is not None:
+        w = w.with_(batch_size=int(batch_size))
+    from mamlpp_fast.ops.backend import set_backend
+    previous_backend = set_backend(None)  # restored below: the learner sets the process-wide backend
+    set_backend(previous_backend)
+    torch.manual_seed(seed)
+    rec = _Recorder(_layer_sizes(w), backend, conv_impl, sms)
+    # the simulated conv_impl runs through task_conv2d's own code; 'triton' with torch-computed launchers
+    conv_arg = {} if conv_mod is None else {"conv_impl": "grouped" if conv_impl == "triton" else conv_impl}
+    args = make_args(w, backend="torch", **conv_arg)
+    model = fast_mod.MAMLFewShotClassifier(im_shape(w), "cpu", args)
+    # Adam as it runs on a CUDA device: foreach (torch's default there; on a CPU it is a per-tensor loop)
+    model.optimizer = torch.optim.Adam(model.trainable_parameters(), lr=args.meta_learning_rate, amsgrad=False,
+                                       foreach=True)
+    batch = make_batch(w, "cpu", torch.float32, seed=seed)
+    # Adam's state as in every meta-update after the first (not recorded): a step with zero gradients
+    # creates it and changes no parameter.
+    for p in model.trainable_parameters():
+        p.grad = torch.zeros_like(p)
+    model.optimizer.step()
+    model.optimizer.zero_grad(set_to_none=True)
+
+    saved = {}
+    tbackend = _make_backend(rec) if backend != "torch" else None
+    patches = [(bn_mod, "get_backend"), (lslr_mod, "get_backend"),
+               (fast_mod.MAMLFewShotClassifier, "_update_running_stats"),
+               (fast_mod.MAMLFewShotClassifier, "_finite_flag")]
+    if conv_mod is not None:
+        patches += [(tconv, "conv_forward"), (tconv, "conv_data_grad"), (tconv, "conv_weight_grad"),
+                    (conv_mod._IMPLS, "triton")]
+    for obj, name in patches:
+        saved[(id(obj), name)] = obj[name] if isinstance(obj, dict) else getattr(obj, name)
+
+    def setp(obj, name, val):
+        if isinstance(obj, dict):
+            obj[name] = val
+        else:
+            setattr(obj, name, val)
+
+    # one-time host-built constants of the running-statistics update (cached per structure: not part of
+    # a steady-state meta-update) are not recorded
+    if hasattr(fast_mod.MAMLFewShotClassifier, "_running_stats_constants"):
+        patches.append((fast_mod.MAMLFewShotClassifier, "_running_stats_constants"))
+        saved[(id(fast_mod.MAMLFewShotClassifier), "_running_stats_constants")] = \
+            fast_mod.MAMLFewShotClassifier.__dict__["_running_stats_constants"]
+    orig_rs = fast_mod.MAMLFewShotClassifier._update_running_stats
+    orig_ff = fast_mod.MAMLFewShotClassifier._finite_flag
+
+    def running_stats(self, pending):
+        with rec.in_scope("running_stats"):
+            return orig_rs(self, pending)
+
+    def finite_flag(self, loss):
+        with rec.in_scope("finite_check"):
+            return orig_ff(self, loss)
+
+    try:
+        if tbackend is not None:
+            setp(bn_mod, "get_backend", lambda name=None, device=None: tbackend)
+            setp(lslr_mod, "get_backend", lambda name=None, device=None: tbackend)
+        if conv_mod is not None:
+            f, d, wg = _conv_triton_patch(rec)
+            setp(tconv, "conv_forward", f)
+            setp(tconv, "conv_data_grad", d)
+            setp(tconv, "conv_weight_grad", wg)
+            setp(conv_mod._IMPLS, "triton", lambda x, wt, bias, b, stride, padding:
+                 tconv.task_conv2d_triton(x, wt, bias, b, stride, padding))
+        setp(fast_mod.MAMLFewShotClassifier, "_update_running_stats", running_stats)
+        setp(fast_mod.MAMLFewShotClassifier, "_finite_flag", finite_flag)
+        if hasattr(fast_mod.MAMLFewShotClassifier, "_running_stats_constants"):
+            orig_consts = fast_mod.MAMLFewShotClassifier._running_stats_constants
+
+            def consts(*a, **k):
+                with rec.hide():
+                    return orig_consts(*a, **k)
+            setp(fast_mod.MAMLFewShotClassifier, "_running_stats_constants", staticmethod(consts))
+        if conv_mod is not None:
+            model.args.conv_impl = conv_impl
+        epoch = 0
+        with _make_mode(rec):
+            if cuda_graph:
+                # the captured region of fast.py's _train_iter: _train_step_tensors, then the Adam step
+                imp = model._importance()
+                model._train_step_tensors(model._batch(batch), epoch, imp)
+                with rec.in_scope("adam"):
+                    model.optimizer.step()
+            else:
+                orig_step = model.optimizer.step
+
+                def step(*a, **k):
+                    with rec.in_scope("adam"):
+                        return orig_step(*a, **k)
+                model.optimizer.step = step
+                model.run_train_iter(batch, epoch)
+    finally:
+        for obj, name in patches:
+            setp(obj, name, saved[(id(obj), name)])
+        set_backend(previous_backend)
+    from .flops import flops_from_args
+    an = flops_from_args(make_args(w), epoch=0)
+    cfg = dict(workload=w.name, batch_size=w.batch_size, backend=backend, conv_impl=conv_impl,
+               cuda_graph=cuda_graph, sms=sms, analytic_flops_total=an["total"], analytic_flops_minimal=an["minimal"],
+               workload_detail=w.to_dict())
+    return TraceResult(cfg, rec.kernels)
+
+
+# ---- prediction and summaries ----------------------------------------------------------------------------
+def _rate(k: Kernel, ceil: dict, tf32: bool, conv_efficiency: float) -> float:
+    """FLOP/s of kernel group k: the fp32 (or TF32) ceiling, times conv_efficiency for convolutions."""
+    rate = (ceil["tf32_tflops"] if (tf32 and k.tf32_ok) else ceil["fp32_tflops"]) * 1e12
+    return rate * (conv_efficiency if k.kind == "conv" else 1.0)
+
+
+def predict(k: Kernel, ceil: dict, tf32: bool, cuda_graph: bool, conv_efficiency: float = 1.0) -> float:
+    """Predicted milliseconds of kernel group k at the ceilings `ceil` (None when not measured)."""
+    if ceil.get("fp32_tflops") is None:
+        return None
+    rate = _rate(k, ceil, tf32, conv_efficiency)
+    t = max(k.flops / rate, k.bytes / (ceil["bandwidth_tbs"] * 1e12)) * 1e3
+    launch = ceil["graph_launch_us"] if cuda_graph else ceil["eager_launch_us"]
+    return t + k.launches * launch * 1e-3
+
+
+def summarize(res: TraceResult, ceilings: str = "h100", tf32: bool = False, conv_efficiency: float = 1.0) -> dict:
+    """Totals, per layer, per op kind and per (layer, kind), and the 20 most launched kernel names.
+    conv_efficiency: the fraction of the FMA ceiling the convolution kernels are assumed to reach
+    (1.0: the ceiling; bench.static_metrics' FFMA share of their inner loops bounds it from above)."""
+    ceil = CEILINGS[ceilings]
+    by_name = defaultdict(lambda: dict(kernels=0, bytes=0))
+    graph = res.config["cuda_graph"]
+    tot = dict(kernels=0, bytes=0, flops=0, predicted_ms=0.0)
+    by_kind = defaultdict(lambda: dict(kernels=0, bytes=0, flops=0, predicted_ms=0.0))
+    by_layer = defaultdict(lambda: dict(kernels=0, bytes=0, flops=0, predicted_ms=0.0))
+    by_layer_kind = defaultdict(lambda: dict(kernels=0, bytes=0, flops=0, predicted_ms=0.0))
+    compute_ms = bytes_ms = launch_ms = 0.0
+    measured = ceil.get("fp32_tflops") is not None
+    for k in res.kernels:
+        ms = predict(k, ceil, tf32, graph, conv_efficiency) if measured else 0.0
+        by_name[k.name]["kernels"] += k.launches
+        by_name[k.name]["bytes"] += k.bytes
+        if measured:
+            rate = _rate(k, ceil, tf32, conv_efficiency)
+            c, b = k.flops / rate * 1e3, k.bytes / (ceil["bandwidth_tbs"] * 1e12) * 1e3
+            compute_ms += c if c >= b else 0.0
+            bytes_ms += b if b > c else 0.0
+            launch_ms += k.launches * (ceil["graph_launch_us"] if graph else ceil["eager_launch_us"]) * 1e-3
+        for d in (tot, by_kind[k.kind], by_layer[k.layer], by_layer_kind[(k.layer, k.kind)]):
+            d["kernels"] += k.launches
+            d["bytes"] += k.bytes
+            d["flops"] += k.flops
+            d["predicted_ms"] += ms
+    conv_flops = sum(k.flops for k in res.kernels if k.kind == "conv")
+    out = dict(res.config)
+    out.update(tot)
+    if not measured:
+        out["predicted_ms"] = None
+    out.update(dict(
+        prediction=("PREDICTION from device ceilings (%s), not a measurement" % ceil["device"]) if measured
+        else f"no prediction: {ceil['device']}",
+        ceilings=ceilings, tf32=tf32, conv_efficiency=conv_efficiency,
+        top_names=dict(sorted(by_name.items(), key=lambda kv: -kv[1]["kernels"])[:20]),
+        ceiling_values={k: v for k, v in ceil.items() if k != "sources"},
+        predicted_split_ms=(dict(compute_bound=compute_ms, bandwidth_bound=bytes_ms, launches=launch_ms)
+                            if measured else None),
+        # the learner's convolution and linear FLOPs (what bench.flops counts): all but the running-statistics matmul
+        conv_linear_flops=sum(k.flops for k in res.kernels if k.kind != "running_stats"), conv_flops=conv_flops,
+        by_kind={k: v for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]["kernels"])},
+        by_layer=dict(sorted(by_layer.items())),
+        by_layer_kind={f"{a}/{b}": v for (a, b), v in sorted(by_layer_kind.items())},
+    ))
+    return out
+
+
+def _fmt_bytes(b):
+    return f"{b / 1e9:.3f} GB" if b >= 1e8 else f"{b / 1e6:.2f} MB"
+
+
+def to_markdown(s: dict) -> str:
+    lines = [f"### Trace: {s['workload']} B={s['batch_size']}, backend {s['backend']}, conv_impl {s['conv_impl']}, "
+             f"{'CUDA graph' if s['cuda_graph'] else 'eager'}{', TF32' if s['tf32'] else ', strict fp32'}"
+             + (f", convolutions at {s['conv_efficiency']:.0%} of the FMA ceiling"
+                if s.get("conv_efficiency", 1.0) != 1.0 else ""),
+             "",
+             f"{s['prediction']}.", "",
+             f"Totals: **{s['kernels']:,} kernels**, {_fmt_bytes(s['bytes'])} read+written, {s['flops'] / 1e9:.2f} GFLOP "
+             f"(analytic: total {s['analytic_flops_total'] / 1e9:.2f}, minimal {s['analytic_flops_minimal'] / 1e9:.2f}), "
+             + (f"predicted **{s['predicted_ms']:.2f} ms**" if s['predicted_ms'] is not None else "no predicted time")]
+    if s.get("predicted_split_ms"):
+        p = s["predicted_split_ms"]
+        lines[-1] += (f" (compute-bound kernels {p['compute_bound']:.2f} ms, bandwidth-bound {p['bandwidth_bound']:.2f} ms, "
+                      f"launches {p['launches']:.2f} ms).")
+    lines += ["", "| layer | kernels | bytes | GFLOP | predicted ms |", "|---|---|---|---|---|"]
+    for name, v in s["by_layer"].items():
+        lines.append(f"| {name} | {v['kernels']:,} | {_fmt_bytes(v['bytes'])} | {v['flops'] / 1e9:.2f} | "
+                     f"{v['predicted_ms']:.2f} |")
+    lines += ["", "| op kind | kernels | bytes | GFLOP | predicted ms |", "|---|---|---|---|---|"]
+    for name, v in s["by_kind"].items():
+        lines.append(f"| {name} | {v['kernels']:,} | {_fmt_bytes(v['bytes'])} | {v['flops'] / 1e9:.2f} | "
+                     f"{v['predicted_ms']:.2f} |")
+    if s.get("top_names"):
+        lines += ["", "Most launched: " + ", ".join(f"{n} {v['kernels']}" for n, v in list(s["top_names"].items())[:12])]
+    return "\n".join(lines) + "\n"
+
+
+# The measured points of 2026-11-26 (H100) that the launch costs and the calibration use.
+MEASURED_H100 = {
+    "graph_triton_grouped_b1_ms": 9.88,     # bench_cuda-...-231853.md, batch sweep, fast [triton] + CUDA graph
+    "graph_triton_grouped_b2_ms": 18.50,
+    "graph_triton_grouped_b8_ms": 74.02,
+    "eager_triton_grouped_b8_ms": 135.86,
+    "graph_cuda_grouped_b8_ms": 74.76,      # gpu_check_summary_20261126.txt (scripts/probe_gpu.py cuda)
+}
+
+
+def calibrate(ceilings: str = "h100") -> dict:
+    """Derive the launch costs of CEILINGS from MEASURED_H100 and the trace's kernel counts, and compare
+    the prediction for the measured configuration (cuda backend, grouped cuDNN convolutions, CUDA graph,
+    Omniglot 20w1s B=8: 74.76 ms) with the measurement. Returns the numbers (all Omniglot 20w1s)."""
+    m = MEASURED_H100
+    k_b1 = summarize(trace_meta_update("omniglot_20w1s", 1, "triton", "grouped", True), ceilings)["kernels"]
+    k_b8 = summarize(trace_meta_update("omniglot_20w1s", 8, "triton", "grouped", True), ceilings)["kernels"]
+    intercept = 2 * m["graph_triton_grouped_b1_ms"] - m["graph_triton_grouped_b2_ms"]
+    graph_launch_us = intercept / k_b1 * 1e3
+    eager_launch_us = (m["eager_triton_grouped_b8_ms"] - m["graph_triton_grouped_b8_ms"]) / k_b8 * 1e3
+    res = trace_meta_update("omniglot_20w1s", 8, "cuda", "grouped", True)
+    s = summarize(res, ceilings)
+    conv_kinds = ("conv", "conv transpose")
+    conv_ms = sum(v["predicted_ms"] for k, v in s["by_kind"].items() if k in conv_kinds)
+    other_ms = s["predicted_ms"] - conv_ms
+    measured = m["graph_cuda_grouped_b8_ms"]
+    return dict(kernels_triton_grouped_b1=k_b1, kernels_triton_grouped_b8=k_b8, intercept_ms=intercept,
+                graph_launch_us=graph_launch_us, eager_launch_us=eager_launch_us,
+                calibration_config="cuda backend, grouped cuDNN convolutions, CUDA graph, Omniglot 20w1s B=8",
+                kernels=s["kernels"], bytes=s["bytes"], flops=s["flops"], predicted_ms=s["predicted_ms"],
+                measured_ms=measured, measured_over_predicted=measured / s["predicted_ms"],
+                predicted_conv_ms=conv_ms, predicted_other_ms=other_ms,
+                conv_ms_if_other_exact=measured - other_ms,
+                conv_efficiency_if_other_exact=conv_ms / (measured - other_ms))
+
+
+def main(argv=None) -> int:
+    """python -m bench.trace: kernel launches, bytes, FLOPs and predicted time of one meta-update."""
+    from mamlpp_fast.errors import MamlppError
+    p = argparse.ArgumentParser(prog="python -m bench.trace", description=main.__doc__)
+    p.add_argument("--workload", default=None,
+                   help="a name of bench/workloads.py (default omniglot_20w1s; with --quick the first quick one)")
+    p.add_argument("--batch-size", type=int, default=None, help="tasks per meta-update (default: the workload's)")
+    p.add_argument("--backend", default="cuda", help="op backend simulated: cuda, triton or torch")
+    p.add_argument("--conv-impl", default="triton", help="conv_impl simulated (mamlpp_fast.ops.conv.CONV_IMPLS)")
+    p.add_argument("--no-cuda-graph", action="store_true", help="eager launches instead of a captured graph")
+    p.add_argument("--tf32", action="store_true", help="convolutions and matmuls at the TF32 rate")
+    p.add_argument("--device-ceilings", default="h100", choices=sorted(CEILINGS))
+    p.add_argument("--conv-efficiency", type=float, default=1.0,
+                   help="fraction of the FMA ceiling assumed for the convolution kernels (default 1.0)")
+    p.add_argument("--quick", action="store_true", help="workload names of --quick (tiny shapes)")
+    p.add_argument("--json", action="store_true", help="print the totals as one JSON object")
+    p.add_argument("--calibrate", action="store_true",
+                   help="derive the launch costs and compare with the measured 2026-11-26 H100 meta-update")
+    p.add_argument("--out", default=None, help="also write the full summary (JSON) and a .md next to it")
+    a = p.parse_args(argv)
+    if a.calibrate:
+        print(json.dumps(calibrate(a.device_ceilings), indent=1))
+        return 0
+    try:
+        if a.workload is None:
+            from .workloads import main_workloads
+            a.workload = main_workloads(a.quick)[0].name
+        res = trace_meta_update(a.workload, a.batch_size, a.backend, a.conv_impl, not a.no_cuda_graph, quick=a.quick)
+    except MamlppError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not 0 < a.conv_efficiency <= 1:
+        print(f"error: --conv-efficiency must be in (0, 1], got {a.conv_efficiency}", file=sys.stderr)
+        return 2
+    s = summarize(res, a.device_ceilings, a.tf32, a.conv_efficiency)
+    s["command"] = "python -m bench.trace " + " ".join(sys.argv[1:] if argv is None else argv)
+    import datetime
+    import os
+
+    import torch
+
+    from .run import _git, _revision_file
+    s["git_revision"] = _git("rev-parse", "HEAD") or os.environ.get("MAMLPP_GIT_REV") or _revision_file() or "unknown"
+    s["git_dirty"] = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    s["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    s["torch"] = torch.__version__
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(s, f, indent=1)
+        with open(a.out.rsplit(".", 1)[0] + ".md", "w") as f:
+            f.write(to_markdown(s) + f"\nCommand: `{s['command']}`; git {s['git_revision'][:10]}"
+                    f"{' (modified)' if s['git_dirty'] else ''}, torch {s['torch']}, {s['date']}.\n")
+    if a.json:
+        keys = ("workload", "batch_size", "backend", "conv_impl", "cuda_graph", "tf32", "conv_efficiency", "kernels",
+                "bytes", "flops", "conv_linear_flops", "predicted_ms", "prediction", "analytic_flops_total", "analytic_flops_minimal")
+        print(json.dumps({k: s[k] for k in keys}))
+    else:
+        print(to_markdown(s))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
