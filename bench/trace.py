@@ -483,6 +483,10 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
     except ImportError:  # a tree older than task_conv2d: grouped F.conv2d only
         conv_mod = tconv = None
         impls = ("grouped",)
+    try:  # where the Triton convolution's autograd Functions live (triton/conv.py in older trees)
+        from mamlpp_fast.ops import conv_triton_autograd as tconv_autograd
+    except ImportError:
+        tconv_autograd = tconv
 
     if backend not in ("cuda", "triton", "torch"):
         raise MamlppError(f"bench.trace: --backend must be cuda, triton or torch (a GPU backend), got {backend!r}")
@@ -505,8 +509,14 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
     conv_arg = {} if conv_mod is None else {"conv_impl": "grouped" if conv_impl == "triton" else conv_impl}
     args = make_args(w, backend="torch", **conv_arg)
     model = fast_mod.MAMLFewShotClassifier(im_shape(w), "cpu", args)
+    # the object that owns the meta-optimizer and the finiteness check: the learner core (older trees: the
+    # learner itself)
+    core = getattr(model, "core", None)
+    owner = core if core is not None else model
+    core_cls = type(core) if core is not None else fast_mod.MAMLFewShotClassifier
+    flag_name = "finite_flag" if core is not None else "_finite_flag"
     # Adam as it runs on a CUDA device: foreach (torch's default there; on a CPU it is a per-tensor loop)
-    model.optimizer = torch.optim.Adam(model.trainable_parameters(), lr=args.meta_learning_rate, amsgrad=False,
+    owner.optimizer = torch.optim.Adam(model.trainable_parameters(), lr=args.meta_learning_rate, amsgrad=False,
                                        foreach=True)
     batch = make_batch(w, "cpu", torch.float32, seed=seed)
     # Adam's state as in every meta-update after the first (not recorded): a step with zero gradients
@@ -520,10 +530,10 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
     tbackend = _make_backend(rec) if backend != "torch" else None
     patches = [(bn_mod, "get_backend"), (lslr_mod, "get_backend"),
                (fast_mod.MAMLFewShotClassifier, "_update_running_stats"),
-               (fast_mod.MAMLFewShotClassifier, "_finite_flag")]
+               (core_cls, flag_name)]
     if conv_mod is not None:
-        patches += [(tconv, "conv_forward"), (tconv, "conv_data_grad"), (tconv, "conv_weight_grad"),
-                    (conv_mod._IMPLS, "triton")]
+        patches += [(tconv_autograd, "conv_forward"), (tconv_autograd, "conv_data_grad"),
+                    (tconv_autograd, "conv_weight_grad"), (conv_mod._IMPLS, "triton")]
     for obj, name in patches:
         saved[(id(obj), name)] = obj[name] if isinstance(obj, dict) else getattr(obj, name)
 
@@ -540,7 +550,7 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
         saved[(id(fast_mod.MAMLFewShotClassifier), "_running_stats_constants")] = \
             fast_mod.MAMLFewShotClassifier.__dict__["_running_stats_constants"]
     orig_rs = fast_mod.MAMLFewShotClassifier._update_running_stats
-    orig_ff = fast_mod.MAMLFewShotClassifier._finite_flag
+    orig_ff = getattr(core_cls, flag_name)
 
     def running_stats(self, pending):
         with rec.in_scope("running_stats"):
@@ -556,13 +566,13 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
             setp(lslr_mod, "get_backend", lambda name=None, device=None: tbackend)
         if conv_mod is not None:
             f, d, wg = _conv_triton_patch(rec)
-            setp(tconv, "conv_forward", f)
-            setp(tconv, "conv_data_grad", d)
-            setp(tconv, "conv_weight_grad", wg)
+            setp(tconv_autograd, "conv_forward", f)
+            setp(tconv_autograd, "conv_data_grad", d)
+            setp(tconv_autograd, "conv_weight_grad", wg)
             setp(conv_mod._IMPLS, "triton", lambda x, wt, bias, b, stride, padding:
-                 tconv.task_conv2d_triton(x, wt, bias, b, stride, padding))
+                 tconv_autograd.task_conv2d_triton(x, wt, bias, b, stride, padding))
         setp(fast_mod.MAMLFewShotClassifier, "_update_running_stats", running_stats)
-        setp(fast_mod.MAMLFewShotClassifier, "_finite_flag", finite_flag)
+        setp(core_cls, flag_name, finite_flag)
         if hasattr(fast_mod.MAMLFewShotClassifier, "_running_stats_constants"):
             orig_consts = fast_mod.MAMLFewShotClassifier._running_stats_constants
 
