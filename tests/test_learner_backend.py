@@ -11,16 +11,6 @@ from mamlpp_fast.ops import backend as registry
 from mamlpp_fast.ops import torch_backend
 
 
-@pytest.fixture
-def fresh_registry(monkeypatch):
-    monkeypatch.delenv(registry.ENV_VAR, raising=False)
-    previous = registry.set_backend(None)
-    registry.clear_cache()
-    yield monkeypatch
-    registry.set_backend(previous)
-    registry.clear_cache()
-
-
 def _learner(backend):
     args = default_args(dtype="float64", backend=backend, cnn_num_filters=4, num_stages=2, batch_size=2,
                         image_height=14, image_width=14, number_of_training_steps_per_iter=2,

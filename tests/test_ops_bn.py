@@ -504,16 +504,6 @@ def test_cuda_tensors_match_cpu(rng, name):
 # ----------------------------------------------------------------------------------------------
 # Backend selection
 # ----------------------------------------------------------------------------------------------
-@pytest.fixture
-def fresh_registry(monkeypatch):
-    monkeypatch.delenv(registry.ENV_VAR, raising=False)
-    previous = registry.set_backend(None)
-    registry.clear_cache()
-    yield monkeypatch
-    registry.set_backend(previous)
-    registry.clear_cache()
-
-
 def _fallback_warnings(record):
     return [w for w in record if issubclass(w.category, ops.BackendFallbackWarning)]
 

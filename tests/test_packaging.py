@@ -38,16 +38,6 @@ def test_torch_requirement_is_a_bounded_range():
     assert installed >= tuple(int(p) for p in lower.split(".")[:2])
 
 
-@pytest.fixture
-def fresh_registry(monkeypatch):
-    monkeypatch.delenv(registry.ENV_VAR, raising=False)
-    previous = registry.set_backend(None)
-    registry.clear_cache()
-    yield monkeypatch
-    registry.set_backend(previous)
-    registry.clear_cache()
-
-
 def _unbuilt_native(error):
     """A stand-in for mamlpp_fast._native when _C did not load."""
     mod = types.ModuleType("mamlpp_fast._native")
