@@ -197,6 +197,55 @@ def test_stale_lock_of_a_killed_run_is_taken_over_with_a_line(tmp_path):
     assert (root / "logs" / "test_summary.csv").is_file()
 
 
+def _children(pid: int) -> set:
+    """The live child processes of `pid` (Linux /proc)."""
+    kids = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids |= {int(c) for c in (task / "children").read_text().split()}
+        except OSError:
+            pass
+    return kids
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_data_workers_die_with_a_killed_trainer(tmp_path):
+    """A SIGKILLed trainer leaves no data-loader worker behind: the workers ask the kernel to kill them with
+    their parent (prctl PR_SET_PDEATHSIG). Without that, workers blocked on a full pipe were seen waiting
+    for 20 minutes, holding memory."""
+    # batches of ~250 kB: more than a pipe holds, so a worker can be left blocked writing one
+    cfg = _write_config(tmp_path, total_iter_per_epoch=100000, num_dataprovider_workers=2, image_height=28,
+                        image_width=28, batch_size=8, num_evaluation_tasks=8, num_classes_per_set=5)
+    trainer = subprocess.Popen(_cmd("train", "--config", cfg, "--experiment-dir", tmp_path / "exp", "--no-progress"),
+                               env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        workers = set()
+        while len(workers) < 2:
+            assert trainer.poll() is None, f"the trainer ended before starting its workers: {trainer.stderr.read()}"
+            assert time.time() < deadline, "the trainer did not start 2 data workers in time"
+            time.sleep(0.2)
+            workers = _children(trainer.pid)
+    finally:
+        trainer.kill()
+        trainer.wait()
+    deadline = time.time() + 10
+    alive = workers
+    while alive and time.time() < deadline:
+        time.sleep(0.1)
+        alive = {w for w in alive if Path(f"/proc/{w}").exists() and "Z" not in _state(w)}
+    for w in alive:
+        os.kill(w, signal.SIGKILL)
+    assert not alive, f"data workers {sorted(alive)} outlived the killed trainer"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
+
+
 _FORKING_OWNER = """
 import os, sys, time
 from mamlpp_fast.experiment import acquire_lock
