@@ -7,7 +7,8 @@ Usage, from the repository root (needs the pytest-repeat plugin: `pip install py
 
 Each target is run in one pytest process with `--count N` (every collected test N times, each time with fresh
 inputs: the tests draw their seeds from os.urandom). With --whole-file the file is instead run N times as a whole,
-in consecutive pytest processes (what a CI run does). The per-test counts (runs, failures, skips) and the failing
+in consecutive pytest processes (what a CI run does), each run's result line appended to <out>.progress as it
+ends. The per-test counts (runs, failures, skips) and the failing
 seeds' messages are appended to --out (default bench/results/repeat_runs.txt) with the date, the versions and the
 command.
 """
@@ -61,10 +62,14 @@ def main(argv=None) -> int:
         extra = ["-k", opts.k] if opts.k else []
         if opts.whole_file:
             failed_runs = 0
-            for _ in range(opts.count):
+            for i in range(opts.count):
                 result, cmd = run_pytest([*extra, *opts.targets], junit)
                 parse(junit, counts, failures)
                 failed_runs += result.returncode != 0
+                summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+                with open(opts.out + ".progress", "a") as f:  # one line per run, so that a stopped loop keeps them
+                    f.write(f"{datetime.datetime.now(datetime.timezone.utc):%H:%M:%S} run {i + 1}: rc "
+                            f"{result.returncode}: {summary}\n")
             runs_line = f"{opts.count} consecutive pytest runs of {' '.join(opts.targets)}: {failed_runs} failed"
         else:
             result, cmd = run_pytest([f"--count={opts.count}", *extra, *opts.targets], junit)
