@@ -46,7 +46,8 @@ import triton.language as tl
 
 from ._device import num_sms
 
-__all__ = ["conv_forward", "conv_data_grad", "conv_weight_grad", "task_conv2d_triton", "conv_block_config"]
+__all__ = ["conv_forward", "conv_data_grad", "conv_weight_grad", "task_conv2d_triton", "conv_block_config",
+           "wgrad_block_config"]
 
 
 def _precision(dtype) -> str:
@@ -55,228 +56,394 @@ def _precision(dtype) -> str:
     return "ieee"
 
 
-def conv_block_config(rows: int, cols: int, red: int, device: torch.device) -> dict:
-    """Heuristic "conv_block_config" for a GEMM of rows x cols with reduction length red (per task).
+def _tile(cols: int) -> int:
+    """Column tile: the largest of 64, 32, 16 that divides `cols` (no idle FMA lanes: 48 channels get
+    three tiles of 16), else the next power of two in [16, 64] (masked tail)."""
+    for bn in (64, 32, 16):
+        if cols % bn == 0:
+            return bn
+    return max(16, min(64, triton.next_power_of_2(max(int(cols), 1))))
 
-    BLOCK_N: next power of two of cols in [16, 64] (Co or Ci: 48-64 in the paper's networks, so one
-    column tile); BLOCK_M: 128 rows when there are >= 4 row tiles of 128, else 64 (or down to 16 for
-    tiny problems); BLOCK_K: 16; 8 warps for 128-row tiles, else 4 (tl.dot needs every dimension
-    >= 16). Register cap, from ptxas -v for sm_90a on the kernels Triton 3.8 generates here (no GPU
-    needed; fp32, 3x3, stride 1, default 3 pipeline stages): BLOCK_K=32 used 236 registers per
-    thread for the forward at 128x64 (8 warps) and spilled 72 bytes at 64x64 (4 warps); BLOCK_K=16
-    gives 218 and 224 registers without spills, the data and weight gradients at most 195. The
-    accumulator is BLOCK_M x BLOCK_N fp32 = 32 values per thread in both shapes."""
-    bn = max(16, min(64, triton.next_power_of_2(max(int(cols), 1))))
-    if rows >= 4 * 128:
-        bm = 128
-    elif rows >= 64:
-        bm = 64
+
+def _sms(device) -> int:
+    """Multiprocessors the launch heuristic fills: the device's on CUDA; 4 elsewhere (the interpreter
+    runs one program at a time: few, small programs keep the tests fast)."""
+    return num_sms(device) if device.type == "cuda" else 4
+
+
+def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, tasks: int, sms: int) -> dict:
+    """Launch configuration of one convolution GEMM (no autotune: it also runs under the interpreter).
+
+    kind "fwd" / "dgrad": rows m (n*Ho*Wo / n*H*W per task) x cols (Co / Ci), reduction kk taps x
+    `chans` channels (Ci / Co) in k-steps of BLOCK_K channels; kind "wgrad": rows Co x cols Ci per tap,
+    reduction `rows`... see `wgrad_block_config`. Returns BLOCK_M, BLOCK_N, BLOCK_K, SPLIT (reduction
+    chunks, each written to its own partial output and summed in order: deterministic), SMALL (the whole
+    reduction in one block: the first layer, <= 32 = Ci*kh*kw) and num_warps.
+
+    Rules: BLOCK_N = `_tile(cols)`; BLOCK_M the largest of 128, 64, 32 whose tiles reach 2 waves of
+    `sms` programs; when even 32-row tiles do not, SPLIT chunks of >= 4 k-steps raise the programs to
+    2 waves (the 7x7 and 3x3 layers). Register and instruction figures: bench/NOTES.md (bench/conv_ptx.py)."""
+    bn = _tile(cols)
+    small = kind == "fwd" and chans * kk <= 32
+    if small:
+        bk = max(16, triton.next_power_of_2(chans * kk))
+        steps = 1
     else:
-        bm = max(16, min(64, triton.next_power_of_2(max(int(rows), 1))))
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=16, num_warps=8 if bm == 128 else 4)
+        bk = 16
+        steps = kk * triton.cdiv(chans, bk)
+    want = 2 * sms
+    col_tiles = triton.cdiv(cols, bn) * tasks
+    bm = 32
+    for cand in (128, 64):
+        if triton.cdiv(rows, cand) * col_tiles >= want:
+            bm = cand
+            break
+    tiles = triton.cdiv(rows, bm) * col_tiles
+    split = 1
+    if not small and tiles < want:
+        split = max(1, min(triton.cdiv(want, tiles), steps // 4))
+    chunk = triton.cdiv(steps, split)
+    split = triton.cdiv(steps, chunk)
+    warps = max(1, bm * bn // (1024 if bn >= 32 else 512))  # 32 (16 at BLOCK_N 16) accumulators per thread
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT=split, CHUNK=chunk, SMALL=small, num_warps=warps)
 
 
-def _split_for(tiles: int, red: int, block_r: int, device: torch.device) -> int:
-    """Chunks of the weight gradient's reduction: enough programs for ~2 per SM, each chunk >= 4 blocks."""
-    if device.type != "cuda":
-        return 1
-    want = 2 * num_sms(device)
-    by_occupancy = triton.cdiv(want, max(tiles, 1))
-    by_work = triton.cdiv(red, 4 * block_r)
-    return max(1, min(by_occupancy, by_work, 64))
+def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int) -> dict:
+    """Launch configuration of the weight gradient: per task and tap an (Co x Ci) output tile pair of
+    BLOCK_M x BLOCK_N (`_tile` each), reduction over red = n*Ho*Wo in lanes of BLOCK_K = 32, split into
+    SPLIT chunks (multiples of BLOCK_K, >= 4 steps each) so that the programs reach 2 waves of `sms`.
+    SMALL (Ci*kh*kw <= 32, the first layer): the columns are all (c, p, q) of one task in one tile."""
+    small = ci * kk <= 32
+    bm = _tile(co)
+    bn = max(16, triton.next_power_of_2(ci * kk)) if small else _tile(ci)
+    bk = 32
+    tiles = triton.cdiv(co, bm) * (1 if small else kk * triton.cdiv(ci, bn)) * tasks
+    split = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(red, 4 * bk)))
+    chunk = triton.cdiv(triton.cdiv(red, split), bk) * bk
+    split = triton.cdiv(red, chunk)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT=split, CHUNK=chunk, SMALL=small,
+                CT=1 if small else triton.cdiv(ci, bn), num_warps=4)
 
 
 # ------------------------------------------------------------------------------------------------------
 # kernels
 # ------------------------------------------------------------------------------------------------------
 @triton.jit
-def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, NT, CI, CO, H, W, HO, WO, M,
+def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, NT, CI, CO, H, W, HO, WO, M, CHUNK,
                      KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, PREC: tl.constexpr, SMALL: tl.constexpr, SPLIT: tl.constexpr,
+                     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[i, t*CO+o, y, z] = bias[t, o] + sum_k x-gather[m, k] * w[t, o, k]; m = i*L + (y*WO + z).
+    """out[s][i, t*CO+o, y, z] = sum over the k-steps of chunk s of x-gather[m, k] * w[t, o, k] (+ bias[t, o]
+    in chunk 0); m = i*L + (y*WO + z).
 
-    The gather offset splits into a row part and a reduction part, x_off = row_base[m] + k_off[k] with
-    row_base = ((i*NT + t)*CI)*H*W + (y*S - PAD)*W + (z*S - PAD) and k_off = c*H*W + p*W + q, so the 2-D
-    work per element is one add for the address and the four padding bounds."""
+    k-steps: (tap, channel block) pairs, tap-major; step kk covers the taps' channels
+    [cb*BLOCK_K, cb*BLOCK_K + BLOCK_K) of tap (p, q). Per step the gather is x_row[m] + (c0*HW + p*W + q)
+    + c*HW: one add per element, the padding mask depends on the row only (4 compares per row), and the
+    (tap, block) counters advance by compare-and-select (no division in the loop). SMALL: the whole
+    reduction K = CI*KH*KW fits one block (the first layer, 1 or 3 input channels): one step, k split
+    into (c, p, q) once."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    t = tl.program_id(2)
-    L = HO * WO
-    HW = H * W
-    K = CI * KH * KW
-    ACC = out_ptr.dtype.element_ty
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < CO
-    i = offs_m // L
-    l_ = offs_m % L
-    ry = (l_ // WO) * STRIDE - PAD
-    rz = (l_ % WO) * STRIDE - PAD
-    row_base = (i * NT + t) * CI * HW + ry * W + rz
-    w_base = w_ptr + (t * CO + offs_n[None, :]) * K
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        c = offs_k // (KH * KW)
-        r = offs_k % (KH * KW)
-        kp = r // KW
-        kq = r % KW
-        hy = ry[:, None] + kp[None, :]
-        hz = rz[:, None] + kq[None, :]
-        a_ok = m_ok[:, None] & k_ok[None, :] & (hy >= 0) & (hy < H) & (hz >= 0) & (hz < W)
-        a = tl.load(x_ptr + row_base[:, None] + (c * HW + kp * W + kq)[None, :], mask=a_ok, other=0.0)
-        b = tl.load(w_base + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + t * CO + offs_n, mask=n_ok, other=0.0)[None, :]
-    o_off = ((i * NT + t) * CO * L + l_)[:, None] + (offs_n * L)[None, :]
-    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-
-
-@triton.jit
-def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, NT, CI, CO, H, W, HO, WO, M,
-                       KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-                       PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dx[i, t*CI+c, h, v] = sum_k g-gather[m, k] * w[t, o, c, p, q]; m = i*H*W + h*W + v, k = (o, p, q).
-
-    The term (o, p, q) reads g at y = (h + PAD - p) / S, z = (v + PAD - q) / S, kept when both are
-    integers inside the output. With S = 1 the offset splits like the forward's:
-    g_off = ((i*NT + t)*CO)*L + (h + PAD)*WO + (v + PAD) + [o*L - p*WO - q]."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    t = tl.program_id(2)
-    HW = H * W
-    L = HO * WO
-    KK = KH * KW
-    K = CO * KK
-    ACC = dx_ptr.dtype.element_ty
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channel c
-    m_ok = offs_m < M
-    n_ok = offs_n < CI
-    i = offs_m // HW
-    hw = offs_m % HW
-    ry = hw // W + PAD
-    rz = hw % W + PAD
-    g_row = (i * NT + t) * CO * L
-    w_base = w_ptr + t * CO * CI * KK + offs_n[None, :] * KK
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        o = offs_k // KK
-        r = offs_k % KK
-        kp = r // KW
-        kq = r % KW
-        ny = ry[:, None] - kp[None, :]
-        nz = rz[:, None] - kq[None, :]
-        if STRIDE == 1:
-            a_ok = m_ok[:, None] & k_ok[None, :] & (ny >= 0) & (ny < HO) & (nz >= 0) & (nz < WO)
-            a_off = (g_row + ry * WO + rz)[:, None] + (o * L - kp * WO - kq)[None, :]
-        else:
-            ny_c = tl.maximum(ny, 0)  # non-negative before // and % (no reliance on rounding of negatives)
-            nz_c = tl.maximum(nz, 0)
-            y = ny_c // STRIDE
-            z = nz_c // STRIDE
-            a_ok = (m_ok[:, None] & k_ok[None, :] & (ny >= 0) & (nz >= 0) & (ny_c % STRIDE == 0)
-                    & (nz_c % STRIDE == 0) & (y < HO) & (z < WO))
-            a_off = g_row[:, None] + (o * L)[None, :] + y * WO + z
-        a = tl.load(g_ptr + a_off, mask=a_ok, other=0.0)
-        b = tl.load(w_base + (o * CI * KK + r)[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
-    o_off = ((i * NT + t) * CI * HW + hw)[:, None] + (offs_n * HW)[None, :]
-    tl.store(dx_ptr + o_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-
-
-@triton.jit
-def _conv_wgrad_kernel(x_ptr, g_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO, R, CHUNK, SPLIT,
-                       KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-                       PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """ws[s, t, o, k] = sum over r in chunk s of g[i, t*CO+o, y, z] * x-gather[r, k]; r = i*L + y*WO + z.
-    Offsets split into row and column parts as in the forward."""
-    pid_m = tl.program_id(0)  # o tile
-    pid_n = tl.program_id(1)  # k tile
     pid_z = tl.program_id(2)
     t = pid_z // SPLIT
     s = pid_z % SPLIT
     L = HO * WO
     HW = H * W
-    K = CI * KH * KW
+    KK: tl.constexpr = KH * KW
+    ACC = out_ptr.dtype.element_ty
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < CO
+    i = offs_m // L
+    l_ = offs_m - i * L
+    yy = l_ // WO
+    iy0 = yy * STRIDE - PAD
+    iz0 = (l_ - yy * WO) * STRIDE - PAD
+    x_row = (i * NT + t) * CI * HW + iy0 * W + iz0
+    w_task = t * KK * CI * CO  # wt[t, p, q, c, o] (weights pre-transposed: o contiguous)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    if SMALL:
+        k_ok = offs_k < CI * KK
+        c = offs_k // KK
+        r = offs_k - c * KK
+        kp = r // KW
+        kq = r - kp * KW
+        hy = iy0[:, None] + kp[None, :]
+        hz = iz0[:, None] + kq[None, :]
+        a_ok = m_ok[:, None] & k_ok[None, :] & (hy >= 0) & (hy < H) & (hz >= 0) & (hz < W)
+        a = tl.load(x_ptr + x_row[:, None] + (c * HW + kp * W + kq)[None, :], mask=a_ok, other=0.0)
+        b = tl.load(w_ptr + w_task + (r * CI + c)[:, None] * CO + offs_n[None, :],
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+    else:
+        CB = tl.cdiv(CI, BLOCK_K)
+        k0 = s * CHUNK
+        k1 = tl.minimum(k0 + CHUNK, KK * CB)
+        tap = k0 // CB
+        cb = k0 - tap * CB
+        p = tap // KW
+        q = tap - p * KW
+        # per row, one bit per tap: the tap's input pixel is inside the image (static loop over the taps,
+        # once per tile); the loop then tests one bit per row
+        vbits = tl.zeros([BLOCK_M], dtype=tl.int32)
+        for pp in tl.static_range(KH):
+            for qq in tl.static_range(KW):
+                ok = m_ok & (iy0 + pp >= 0) & (iy0 + pp < H) & (iz0 + qq >= 0) & (iz0 + qq < W)
+                vbits = vbits | (ok.to(tl.int32) << (pp * KW + qq))
+        for kk in range(k0, k1):
+            c0 = cb * BLOCK_K
+            row_ok = ((vbits >> tap) & 1) != 0
+            a_ptrs = x_ptr + (x_row + (c0 * HW + p * W + q))[:, None] + (offs_k * HW)[None, :]
+            b_ptrs = w_ptr + (w_task + (tap * CI + c0) * CO + offs_n)[None, :] + (offs_k * CO)[:, None]
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                if EVEN_N:
+                    b = tl.load(b_ptrs)
+                else:
+                    b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+            else:
+                c_ok = offs_k < CI - c0
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+            acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+            cb += 1
+            wrap = cb == CB
+            cb = tl.where(wrap, 0, cb)
+            tap += wrap.to(tl.int32)
+            q += wrap.to(tl.int32)
+            wq = q == KW
+            q = tl.where(wq, 0, q)
+            p += wq.to(tl.int32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + t * CO + offs_n, mask=n_ok & (s == 0), other=0.0)
+        acc += bias[None, :]
+    o_off = (s * NT * CO * M + (i * NT + t) * CO * L + l_)[:, None] + (offs_n * L)[None, :]
+    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, NT, CI, CO, H, W, HO, WO, M, CHUNK,
+                       KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+                       PREC: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dx[s][i, t*CI+c, h, v] = sum over the k-steps of chunk s of g-gather[m, k] * w[t, o, c, p, q];
+    m = i*H*W + h*W + v, k-steps (tap, output-channel block) as in the forward.
+
+    The term of tap (p, q) reads g at y = (h + PAD - p) / S, z = (v + PAD - q) / S, kept when both are
+    integers inside the output: a per-row base and mask per step (with S > 1 the divisibility test and
+    the division are by the compile-time stride, per row)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_z = tl.program_id(2)
+    t = pid_z // SPLIT
+    s = pid_z % SPLIT
+    HW = H * W
+    L = HO * WO
+    KK: tl.constexpr = KH * KW
+    ACC = dx_ptr.dtype.element_ty
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channel c
+    offs_k = tl.arange(0, BLOCK_K)  # output channel o within the block
+    m_ok = offs_m < M
+    n_ok = offs_n < CI
+    i = offs_m // HW
+    hw = offs_m - i * HW
+    hh = hw // W
+    ny0 = hh + PAD
+    nz0 = hw - hh * W + PAD
+    g_row = (i * NT + t) * CO * L
+    w_task = t * KK * CO * CI  # wt[t, p, q, o, c] (weights pre-transposed: c contiguous)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    CB = tl.cdiv(CO, BLOCK_K)
+    k0 = s * CHUNK
+    k1 = tl.minimum(k0 + CHUNK, KK * CB)
+    tap = k0 // CB
+    cb = k0 - tap * CB
+    p = tap // KW
+    q = tap - p * KW
+    # per row, one bit per tap: the tap reads an output pixel (static loop over the taps, once per tile)
+    vbits = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for pp in tl.static_range(KH):
+        for qq in tl.static_range(KW):
+            ny = ny0 - pp
+            nz = nz0 - qq
+            ny_c = tl.maximum(ny, 0)  # non-negative before // (no reliance on rounding of negatives)
+            nz_c = tl.maximum(nz, 0)
+            ok = (m_ok & (ny >= 0) & (nz >= 0) & (ny_c - (ny_c // STRIDE) * STRIDE == 0)
+                  & (nz_c - (nz_c // STRIDE) * STRIDE == 0) & (ny_c // STRIDE < HO) & (nz_c // STRIDE < WO))
+            vbits = vbits | (ok.to(tl.int32) << (pp * KW + qq))
+    g_base = g_row + ny0 * WO + nz0
+    for kk in range(k0, k1):
+        o0 = cb * BLOCK_K
+        row_ok = ((vbits >> tap) & 1) != 0
+        if STRIDE == 1:
+            a_row = g_base - (p * WO + q)
+        else:  # the compile-time stride divides the row's (h + PAD - p), (v + PAD - q) where the bit is set
+            a_row = g_row + (tl.maximum(ny0 - p, 0) // STRIDE) * WO + tl.maximum(nz0 - q, 0) // STRIDE
+        a_ptrs = g_ptr + (a_row + o0 * L)[:, None] + (offs_k * L)[None, :]
+        b_ptrs = w_ptr + (w_task + (tap * CO + o0) * CI + offs_n)[None, :] + (offs_k * CI)[:, None]
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            if EVEN_N:
+                b = tl.load(b_ptrs)
+            else:
+                b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            o_ok = offs_k < CO - o0
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & o_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=o_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+        cb += 1
+        wrap = cb == CB
+        cb = tl.where(wrap, 0, cb)
+        tap += wrap.to(tl.int32)
+        q += wrap.to(tl.int32)
+        wq = q == KW
+        q = tl.where(wq, 0, q)
+        p += wq.to(tl.int32)
+    o_off = (s * NT * CI * M + (i * NT + t) * CI * HW + hw)[:, None] + (offs_n * HW)[None, :]
+    tl.store(dx_ptr + o_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _conv_wgrad_kernel(x_ptr, g_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO, R, CHUNK, CT,
+                       KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+                       PREC: tl.constexpr, SMALL: tl.constexpr, SPLIT: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """ws[s, t, o, c, p, q] = sum over r in chunk s of g[i, t*CO+o, y, z] * X[i, t*CI+c, y*S+p-PAD, z*S+q-PAD];
+    r = i*L + y*WO + z. One program: one output-channel tile, one tap (p, q), one input-channel tile
+    (grid axis 1 = tap * CT + channel tile), one chunk of the reduction. Each reduction lane keeps its
+    (i, y, z) and advances them by BLOCK_K with compare-and-select carries (no division in the loop);
+    the padding mask depends on the lane only."""
+    pid_m = tl.program_id(0)  # o tile
+    pid_n = tl.program_id(1)  # tap * CT + c tile
+    pid_z = tl.program_id(2)
+    t = pid_z // SPLIT
+    s = pid_z % SPLIT
+    tap = pid_n // CT
+    ct = pid_n - tap * CT
+    p = tap // KW
+    q = tap - p * KW
+    L = HO * WO
+    HW = H * W
+    KK: tl.constexpr = KH * KW
     ACC = ws_ptr.dtype.element_ty
     offs_o = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = ct * BLOCK_N + tl.arange(0, BLOCK_N)
     o_ok = offs_o < CO
-    k_ok = offs_k < K
-    c = offs_k // (KH * KW)
-    rr = offs_k % (KH * KW)
-    kp = rr // KW
-    kq = rr % KW
-    x_col = c * HW + kp * W + kq
+    c_ok = offs_c < CI
+    r0 = s * CHUNK
+    r1 = tl.minimum(r0 + CHUNK, R)
+    lanes = tl.arange(0, BLOCK_K)
+    r = r0 + lanes
+    i = r // L
+    l_ = r - i * L
+    y = l_ // WO
+    z = l_ - y * WO
+    di = BLOCK_K // L  # per-step advance of (i, y, z), split once
+    rem = BLOCK_K - di * L
+    dy = rem // WO
+    dz = rem - dy * WO
+    g_o = offs_o * L
+    if SMALL:  # columns k = (c, p, q) of all taps (K = CI*KH*KW <= BLOCK_N), split once
+        k_ok = offs_c < CI * KK
+        kc = offs_c // KK
+        kr = offs_c - kc * KK
+        kp = kr // KW
+        kq = kr - kp * KW
+        x_c = kc * HW + kp * W + kq
+    else:
+        x_c = offs_c * HW
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    start = s * CHUNK
-    for r0 in range(start, start + CHUNK, BLOCK_K):
-        offs_r = r0 + tl.arange(0, BLOCK_K)
-        r_ok = (offs_r < R) & (offs_r < start + CHUNK)
-        i = offs_r // L
-        l_ = offs_r % L
-        ry = (l_ // WO) * STRIDE - PAD
-        rz = (l_ % WO) * STRIDE - PAD
-        a_off = ((i * NT + t) * CO * L + l_)[None, :] + (offs_o * L)[:, None]
-        a = tl.load(g_ptr + a_off, mask=o_ok[:, None] & r_ok[None, :], other=0.0)
-        hy = ry[:, None] + kp[None, :]
-        hz = rz[:, None] + kq[None, :]
-        b_ok = r_ok[:, None] & k_ok[None, :] & (hy >= 0) & (hy < H) & (hz >= 0) & (hz < W)
-        b_off = ((i * NT + t) * CI * HW + ry * W + rz)[:, None] + x_col[None, :]
-        b = tl.load(x_ptr + b_off, mask=b_ok, other=0.0)
+    for rs in range(r0, r1, BLOCK_K):
+        r_ok = lanes < r1 - rs
+        it = i * NT + t
+        a = tl.load(g_ptr + (it * CO * L + y * WO + z)[None, :] + g_o[:, None],
+                    mask=o_ok[:, None] & r_ok[None, :], other=0.0)
+        if SMALL:
+            hy = (y * STRIDE - PAD)[:, None] + kp[None, :]
+            hz = (z * STRIDE - PAD)[:, None] + kq[None, :]
+            b_ok = r_ok[:, None] & k_ok[None, :] & (hy >= 0) & (hy < H) & (hz >= 0) & (hz < W)
+            b = tl.load(x_ptr + (it * CI * HW + (y * STRIDE - PAD) * W + z * STRIDE - PAD)[:, None] + x_c[None, :],
+                        mask=b_ok, other=0.0)
+        else:
+            hy = y * STRIDE + (p - PAD)
+            hz = z * STRIDE + (q - PAD)
+            b_ok = r_ok & (hy >= 0) & (hy < H) & (hz >= 0) & (hz < W)
+            b = tl.load(x_ptr + (it * CI * HW + hy * W + hz)[:, None] + x_c[None, :],
+                        mask=b_ok[:, None] & c_ok[None, :], other=0.0)
         acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
-    w_off = ((s * NT + t) * CO + offs_o[:, None]) * K + offs_k[None, :]
-    tl.store(ws_ptr + w_off, acc.to(ws_ptr.dtype.element_ty), mask=o_ok[:, None] & k_ok[None, :])
+        z += dz
+        cz = z >= WO
+        z = tl.where(cz, z - WO, z)
+        y += dy + cz.to(tl.int32)
+        cy = y >= HO
+        y = tl.where(cy, y - HO, y)
+        i += di + cy.to(tl.int32)
+    if SMALL:
+        w_off = ((s * NT + t) * CO + offs_o[:, None]) * (CI * KK) + offs_c[None, :]
+        tl.store(ws_ptr + w_off, acc.to(ws_ptr.dtype.element_ty), mask=o_ok[:, None] & k_ok[None, :])
+    else:
+        w_off = (((s * NT + t) * CO + offs_o[:, None]) * CI + offs_c[None, :]) * KK + tap
+        tl.store(ws_ptr + w_off, acc.to(ws_ptr.dtype.element_ty), mask=o_ok[:, None] & c_ok[None, :])
 
 
 # ------------------------------------------------------------------------------------------------------
 # launchers (plain tensors, no autograd)
 # ------------------------------------------------------------------------------------------------------
-def _check(name, *tensors):
+def _check(name, *tensors, split=1):
     for t in tensors:
-        if t.numel() >= 2 ** 31:
+        if t.numel() * split >= 2 ** 31:
             raise ValueError(f"triton {name}: tensors of >= 2^31 elements are not supported (int32 offsets), "
-                             f"got shape {tuple(t.shape)}")
+                             f"got shape {tuple(t.shape)}" + (f" x {split} partial sums" if split > 1 else ""))
         if t.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"triton {name}: float32 or float64 tensors only, got {t.dtype}")
+
+
+def _reduce_split(ws):
+    """The partial sums of a split reduction, added in order (deterministic: no atomics)."""
+    return ws[0] if ws.shape[0] == 1 else ws.sum(0)
 
 
 def conv_forward(x, w, bias, meta):
     """F(x, w) + bias. x (n, B*Ci, H, W), w (B, Co, Ci, kh, kw), bias (B, Co) or None."""
     b, co, ci, kh, kw, h, wd, ho, wo, s, p = meta
-    x, w = x.contiguous(), w.contiguous()
+    x, w = x.contiguous(), w.permute(0, 3, 4, 2, 1).contiguous()  # (B, kh, kw, Ci, Co): vector loads along Co
     _check("conv forward", x, w)
     n = x.shape[0]
-    out = torch.empty(n, b * co, ho, wo, device=x.device, dtype=x.dtype)
     m = n * ho * wo
-    cfg = conv_block_config(m, co, ci * kh * kw, x.device)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(co, cfg["BLOCK_N"]), b)
+    cfg = conv_block_config("fwd", m, co, ci, kh * kw, b, _sms(x.device))
+    split, chunk = cfg.pop("SPLIT"), cfg.pop("CHUNK")
+    out = torch.empty(split, n, b * co, ho, wo, device=x.device, dtype=x.dtype)
+    _check("conv forward", out[0], split=split)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(co, cfg["BLOCK_N"]), b * split)
     bias_arg = bias.contiguous() if bias is not None else x
-    _conv_fwd_kernel[grid](x, w, bias_arg, out, b, ci, co, h, wd, ho, wo, m, KH=kh, KW=kw, STRIDE=s, PAD=p,
-                           HAS_BIAS=bias is not None, PREC=_precision(x.dtype), **cfg)
-    return out
+    _conv_fwd_kernel[grid](x, w, bias_arg, out, b, ci, co, h, wd, ho, wo, m, chunk, KH=kh, KW=kw, STRIDE=s,
+                           PAD=p, HAS_BIAS=bias is not None, PREC=_precision(x.dtype), SPLIT=split,
+                           EVEN_K=ci % cfg["BLOCK_K"] == 0, EVEN_N=co % cfg["BLOCK_N"] == 0, **cfg)
+    return _reduce_split(out)
 
 
 def conv_data_grad(g, w, meta):
     """D(g, w): g (n, B*Co, Ho, Wo) -> (n, B*Ci, H, W)."""
     b, co, ci, kh, kw, h, wd, ho, wo, s, p = meta
-    g, w = g.contiguous(), w.contiguous()
+    g, w = g.contiguous(), w.permute(0, 3, 4, 1, 2).contiguous()  # (B, kh, kw, Co, Ci): vector loads along Ci
     _check("conv data gradient", g, w)
     n = g.shape[0]
-    dx = torch.empty(n, b * ci, h, wd, device=g.device, dtype=g.dtype)
     m = n * h * wd
-    cfg = conv_block_config(m, ci, co * kh * kw, g.device)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(ci, cfg["BLOCK_N"]), b)
-    _conv_dgrad_kernel[grid](g, w, dx, b, ci, co, h, wd, ho, wo, m, KH=kh, KW=kw, STRIDE=s, PAD=p,
-                             PREC=_precision(g.dtype), **cfg)
-    return dx
+    cfg = conv_block_config("dgrad", m, ci, co, kh * kw, b, _sms(g.device))
+    split, chunk = cfg.pop("SPLIT"), cfg.pop("CHUNK")
+    cfg.pop("SMALL")
+    dx = torch.empty(split, n, b * ci, h, wd, device=g.device, dtype=g.dtype)
+    _check("conv data gradient", dx[0], split=split)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(ci, cfg["BLOCK_N"]), b * split)
+    _conv_dgrad_kernel[grid](g, w, dx, b, ci, co, h, wd, ho, wo, m, chunk, KH=kh, KW=kw, STRIDE=s, PAD=p,
+                             PREC=_precision(g.dtype), SPLIT=split, EVEN_K=co % cfg["BLOCK_K"] == 0,
+                             EVEN_N=ci % cfg["BLOCK_N"] == 0, **cfg)
+    return _reduce_split(dx)
 
 
 def conv_weight_grad(x, g, meta):
@@ -285,19 +452,16 @@ def conv_weight_grad(x, g, meta):
     x, g = x.contiguous(), g.contiguous()
     _check("conv weight gradient", x, g)
     n = x.shape[0]
-    k = ci * kh * kw
     red = n * ho * wo
-    cfg = conv_block_config(co, k, red, x.device)
-    tiles = triton.cdiv(co, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_N"]) * b
-    split = _split_for(tiles, red, cfg["BLOCK_K"], x.device)
-    chunk = triton.cdiv(triton.cdiv(red, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-    split = triton.cdiv(red, chunk)
-    ws = torch.empty(split, b, co, k, device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(co, cfg["BLOCK_M"]), triton.cdiv(k, cfg["BLOCK_N"]), b * split)
-    _conv_wgrad_kernel[grid](x, g, ws, b, ci, co, h, wd, ho, wo, red, chunk, split, KH=kh, KW=kw, STRIDE=s,
-                             PAD=p, PREC=_precision(x.dtype), **cfg)
-    dw = ws[0] if split == 1 else ws.sum(0)
-    return dw.view(b, co, ci, kh, kw)
+    cfg = wgrad_block_config(co, ci, kh * kw, red, b, _sms(x.device))
+    split, chunk, ct = cfg.pop("SPLIT"), cfg.pop("CHUNK"), cfg.pop("CT")
+    ws = torch.empty(split, b, co, ci, kh, kw, device=x.device, dtype=x.dtype)
+    _check("conv weight gradient", ws)
+    cols = 1 if cfg["SMALL"] else kh * kw * ct
+    grid = (triton.cdiv(co, cfg["BLOCK_M"]), cols, b * split)
+    _conv_wgrad_kernel[grid](x, g, ws, b, ci, co, h, wd, ho, wo, red, chunk, ct, KH=kh, KW=kw, STRIDE=s,
+                             PAD=p, PREC=_precision(x.dtype), SPLIT=split, **cfg)
+    return _reduce_split(ws)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -362,6 +526,8 @@ def task_conv2d_triton(x, w, bias, b, stride, padding):
         raise ValueError(f"triton task_conv2d: square stride and padding only, got {stride}, {padding}")
     n, _, h, wd = x.shape
     _, co, ci, kh, kw = w.shape
+    if kh * kw > 32:
+        raise ValueError(f"triton task_conv2d: at most 32 filter taps (one bit each per row), got {kh}x{kw}")
     s, p = stride[0], padding[0]
     ho, wo = (h + 2 * p - kh) // s + 1, (wd + 2 * p - kw) // s + 1
     meta = (b, co, ci, kh, kw, h, wd, ho, wo, s, p)
