@@ -164,6 +164,7 @@ def compile_ptx(kernel, args, kwargs):
     key = (kernel.__name__, tuple(sorted((k, str(v)) for k, v in constexprs.items())), tuple(sorted(opts.items())))
     src = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    compile_ptx.last = compiled
     return compiled.asm["ptx"], key
 
 

@@ -104,7 +104,7 @@ def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, task
         split = max(1, min(triton.cdiv(want, tiles), steps // 4))
     chunk = triton.cdiv(steps, split)
     split = triton.cdiv(steps, chunk)
-    warps = max(1, bm * bn // (1024 if bn >= 32 else 512))  # 32 (16 at BLOCK_N 16) accumulators per thread
+    warps = max(1, bm * bn // 2048)  # 64 accumulators per thread
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT=split, CHUNK=chunk, SMALL=small, num_warps=warps)
 
 
@@ -164,20 +164,23 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, NT, CI, CO, H, W, HO, WO, M, 
     iz0 = (l_ - yy * WO) * STRIDE - PAD
     x_row = (i * NT + t) * CI * HW + iy0 * W + iz0
     w_task = t * KK * CI * CO  # wt[t, p, q, c, o] (weights pre-transposed: o contiguous)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    # the product is formed transposed, acc[o, m] = sum_k wt[k, o] * x-gather[k, m]: both operands then sit
+    # in shared memory with the accumulator's contiguous axis fastest (o for the weights, m for the
+    # gather), so the FMA loop reads both with 16-byte shared loads
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
     if SMALL:
         k_ok = offs_k < CI * KK
         c = offs_k // KK
         r = offs_k - c * KK
         kp = r // KW
         kq = r - kp * KW
-        hy = iy0[:, None] + kp[None, :]
-        hz = iz0[:, None] + kq[None, :]
-        a_ok = m_ok[:, None] & k_ok[None, :] & (hy >= 0) & (hy < H) & (hz >= 0) & (hz < W)
-        a = tl.load(x_ptr + x_row[:, None] + (c * HW + kp * W + kq)[None, :], mask=a_ok, other=0.0)
-        b = tl.load(w_ptr + w_task + (r * CI + c)[:, None] * CO + offs_n[None, :],
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+        hy = iy0[None, :] + kp[:, None]
+        hz = iz0[None, :] + kq[:, None]
+        x_ok = m_ok[None, :] & k_ok[:, None] & (hy >= 0) & (hy < H) & (hz >= 0) & (hz < W)
+        xg = tl.load(x_ptr + x_row[None, :] + (c * HW + kp * W + kq)[:, None], mask=x_ok, other=0.0)
+        wk = tl.load(w_ptr + w_task + (r * CI + c)[None, :] * CO + offs_n[:, None],
+                     mask=k_ok[None, :] & n_ok[:, None], other=0.0)
+        acc += tl.dot(wk, xg, input_precision=PREC, out_dtype=ACC)
     else:
         CB = tl.cdiv(CI, BLOCK_K)
         k0 = s * CHUNK
@@ -196,19 +199,19 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, NT, CI, CO, H, W, HO, WO, M, 
         for kk in range(k0, k1):
             c0 = cb * BLOCK_K
             row_ok = ((vbits >> tap) & 1) != 0
-            a_ptrs = x_ptr + (x_row + (c0 * HW + p * W + q))[:, None] + (offs_k * HW)[None, :]
-            b_ptrs = w_ptr + (w_task + (tap * CI + c0) * CO + offs_n)[None, :] + (offs_k * CO)[:, None]
+            x_ptrs = x_ptr + (x_row + (c0 * HW + p * W + q))[None, :] + (offs_k * HW)[:, None]
+            w_ptrs = w_ptr + (w_task + (tap * CI + c0) * CO + offs_n)[:, None] + (offs_k * CO)[None, :]
             if EVEN_K:
-                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                xg = tl.load(x_ptrs, mask=row_ok[None, :], other=0.0)
                 if EVEN_N:
-                    b = tl.load(b_ptrs)
+                    wk = tl.load(w_ptrs)
                 else:
-                    b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+                    wk = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
             else:
                 c_ok = offs_k < CI - c0
-                a = tl.load(a_ptrs, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-            acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+                xg = tl.load(x_ptrs, mask=row_ok[None, :] & c_ok[:, None], other=0.0)
+                wk = tl.load(w_ptrs, mask=c_ok[None, :] & n_ok[:, None], other=0.0)
+            acc += tl.dot(wk, xg, input_precision=PREC, out_dtype=ACC)
             cb += 1
             wrap = cb == CB
             cb = tl.where(wrap, 0, cb)
@@ -219,9 +222,9 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, NT, CI, CO, H, W, HO, WO, M, 
             p += wq.to(tl.int32)
     if HAS_BIAS:
         bias = tl.load(b_ptr + t * CO + offs_n, mask=n_ok & (s == 0), other=0.0)
-        acc += bias[None, :]
-    o_off = (s * NT * CO * M + (i * NT + t) * CO * L + l_)[:, None] + (offs_n * L)[None, :]
-    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        acc += bias[:, None]
+    o_off = (s * NT * CO * M + (i * NT + t) * CO * L + l_)[None, :] + (offs_n * L)[:, None]
+    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
 
 
 @triton.jit
@@ -256,7 +259,7 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, NT, CI, CO, H, W, HO, WO, M, CHUNK,
     nz0 = hw - hh * W + PAD
     g_row = (i * NT + t) * CO * L
     w_task = t * KK * CO * CI  # wt[t, p, q, o, c] (weights pre-transposed: c contiguous)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)  # transposed, acc[c, m], as in the forward
     CB = tl.cdiv(CO, BLOCK_K)
     k0 = s * CHUNK
     k1 = tl.minimum(k0 + CHUNK, KK * CB)
@@ -283,19 +286,19 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, NT, CI, CO, H, W, HO, WO, M, CHUNK,
             a_row = g_base - (p * WO + q)
         else:  # the compile-time stride divides the row's (h + PAD - p), (v + PAD - q) where the bit is set
             a_row = g_row + (tl.maximum(ny0 - p, 0) // STRIDE) * WO + tl.maximum(nz0 - q, 0) // STRIDE
-        a_ptrs = g_ptr + (a_row + o0 * L)[:, None] + (offs_k * L)[None, :]
-        b_ptrs = w_ptr + (w_task + (tap * CO + o0) * CI + offs_n)[None, :] + (offs_k * CI)[:, None]
+        g_ptrs = g_ptr + (a_row + o0 * L)[None, :] + (offs_k * L)[:, None]
+        w_ptrs = w_ptr + (w_task + (tap * CO + o0) * CI + offs_n)[:, None] + (offs_k * CI)[None, :]
         if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            gg = tl.load(g_ptrs, mask=row_ok[None, :], other=0.0)
             if EVEN_N:
-                b = tl.load(b_ptrs)
+                wk = tl.load(w_ptrs)
             else:
-                b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+                wk = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
         else:
             o_ok = offs_k < CO - o0
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & o_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=o_ok[:, None] & n_ok[None, :], other=0.0)
-        acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+            gg = tl.load(g_ptrs, mask=row_ok[None, :] & o_ok[:, None], other=0.0)
+            wk = tl.load(w_ptrs, mask=o_ok[None, :] & n_ok[:, None], other=0.0)
+        acc += tl.dot(wk, gg, input_precision=PREC, out_dtype=ACC)
         cb += 1
         wrap = cb == CB
         cb = tl.where(wrap, 0, cb)
@@ -304,8 +307,8 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, NT, CI, CO, H, W, HO, WO, M, CHUNK,
         wq = q == KW
         q = tl.where(wq, 0, q)
         p += wq.to(tl.int32)
-    o_off = (s * NT * CI * M + (i * NT + t) * CI * HW + hw)[:, None] + (offs_n * HW)[None, :]
-    tl.store(dx_ptr + o_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    o_off = (s * NT * CI * M + (i * NT + t) * CI * HW + hw)[None, :] + (offs_n * HW)[:, None]
+    tl.store(dx_ptr + o_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
 
 
 @triton.jit
