@@ -109,20 +109,22 @@ def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, task
 
 
 def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int) -> dict:
-    """Launch configuration of the weight gradient: per task and tap an (Co x Ci) output tile pair of
-    BLOCK_M x BLOCK_N (`_tile` each), reduction over red = n*Ho*Wo in lanes of BLOCK_K = 32, split into
-    SPLIT chunks (multiples of BLOCK_K, >= 4 steps each) so that the programs reach 2 waves of `sms`.
-    SMALL (Ci*kh*kw <= 32, the first layer): the columns are all (c, p, q) of one task in one tile."""
-    small = ci * kk <= 32
-    bm = _tile(co)
-    bn = max(16, triton.next_power_of_2(ci * kk)) if small else _tile(ci)
+    """Launch configuration of the weight gradient: per task a (Co x Ci*kh*kw) output in BLOCK_M x BLOCK_N
+    tiles, reduction over red = n*Ho*Wo in lanes of BLOCK_K, split into SPLIT chunks (multiples of
+    BLOCK_K, >= 4 steps each) so that the programs reach 2 waves of `sms`; each chunk writes its own
+    partial, summed in order afterwards (deterministic)."""
+    k = ci * kk
+    bm = WGRAD_BLOCK_M if co > 32 else max(16, triton.next_power_of_2(co))
+    bn = 64 if k >= 64 else max(16, triton.next_power_of_2(k))
     bk = 32
-    tiles = triton.cdiv(co, bm) * (1 if small else kk * triton.cdiv(ci, bn)) * tasks
+    tiles = triton.cdiv(co, bm) * triton.cdiv(k, bn) * tasks
     split = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(red, 4 * bk)))
     chunk = triton.cdiv(triton.cdiv(red, split), bk) * bk
     split = triton.cdiv(red, chunk)
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT=split, CHUNK=chunk, SMALL=small,
-                CT=1 if small else triton.cdiv(ci, bn), num_warps=4)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT=split, CHUNK=chunk, num_warps=max(1, bm * bn // 2048))
+
+
+WGRAD_BLOCK_M = 64
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -312,37 +314,41 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, NT, CI, CO, H, W, HO, WO, M, CHUNK,
 
 
 @triton.jit
-def _conv_wgrad_kernel(x_ptr, g_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO, R, CHUNK, CT,
+def _conv_wgrad_kernel(x_ptr, g_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO, R, CHUNK,
                        KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-                       PREC: tl.constexpr, SMALL: tl.constexpr, SPLIT: tl.constexpr,
+                       PREC: tl.constexpr, SPLIT: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """ws[s, t, o, c, p, q] = sum over r in chunk s of g[i, t*CO+o, y, z] * X[i, t*CI+c, y*S+p-PAD, z*S+q-PAD];
-    r = i*L + y*WO + z. One program: one output-channel tile, one tap (p, q), one input-channel tile
-    (grid axis 1 = tap * CT + channel tile), one chunk of the reduction. Each reduction lane keeps its
-    (i, y, z) and advances them by BLOCK_K with compare-and-select carries (no division in the loop);
-    the padding mask depends on the lane only."""
+    """ws[s, t, o, k] = sum over r in chunk s of g[i, t*CO+o, y, z] * X[i, t*CI+c, y*S+p-PAD, z*S+q-PAD];
+    k = (c, p, q) (the weight's own layout), r = i*L + y*WO + z.
+
+    Columns: k is split into (c, p, q) once per program (column offset c*HW + p*W + q and the tap p, q);
+    reduction lanes: each lane keeps its (i, y, z) and advances them by BLOCK_K with compare-and-select
+    carries (no division in the loop). Per element the gather is lane base + column offset, and the
+    padding mask is lane row/column + tap inside the image."""
     pid_m = tl.program_id(0)  # o tile
-    pid_n = tl.program_id(1)  # tap * CT + c tile
+    pid_n = tl.program_id(1)  # k tile
     pid_z = tl.program_id(2)
     t = pid_z // SPLIT
     s = pid_z % SPLIT
-    tap = pid_n // CT
-    ct = pid_n - tap * CT
-    p = tap // KW
-    q = tap - p * KW
     L = HO * WO
     HW = H * W
     KK: tl.constexpr = KH * KW
+    K = CI * KK
     ACC = ws_ptr.dtype.element_ty
     offs_o = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = ct * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o_ok = offs_o < CO
-    c_ok = offs_c < CI
+    k_ok = offs_k < K
+    kc = offs_k // KK  # once per program
+    kr = offs_k - kc * KK
+    kp = kr // KW
+    kq = kr - kp * KW
+    x_k = kc * HW + kp * W + kq
     r0 = s * CHUNK
     r1 = tl.minimum(r0 + CHUNK, R)
     lanes = tl.arange(0, BLOCK_K)
     r = r0 + lanes
-    i = r // L
+    i = r // L  # once per program
     l_ = r - i * L
     y = l_ // WO
     z = l_ - y * WO
@@ -351,33 +357,20 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO, R, CHUNK,
     dy = rem // WO
     dz = rem - dy * WO
     g_o = offs_o * L
-    if SMALL:  # columns k = (c, p, q) of all taps (K = CI*KH*KW <= BLOCK_N), split once
-        k_ok = offs_c < CI * KK
-        kc = offs_c // KK
-        kr = offs_c - kc * KK
-        kp = kr // KW
-        kq = kr - kp * KW
-        x_c = kc * HW + kp * W + kq
-    else:
-        x_c = offs_c * HW
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     for rs in range(r0, r1, BLOCK_K):
         r_ok = lanes < r1 - rs
         it = i * NT + t
-        a = tl.load(g_ptr + (it * CO * L + y * WO + z)[None, :] + g_o[:, None],
-                    mask=o_ok[:, None] & r_ok[None, :], other=0.0)
-        if SMALL:
-            hy = (y * STRIDE - PAD)[:, None] + kp[None, :]
-            hz = (z * STRIDE - PAD)[:, None] + kq[None, :]
-            b_ok = r_ok[:, None] & k_ok[None, :] & (hy >= 0) & (hy < H) & (hz >= 0) & (hz < W)
-            b = tl.load(x_ptr + (it * CI * HW + (y * STRIDE - PAD) * W + z * STRIDE - PAD)[:, None] + x_c[None, :],
-                        mask=b_ok, other=0.0)
-        else:
-            hy = y * STRIDE + (p - PAD)
-            hz = z * STRIDE + (q - PAD)
-            b_ok = r_ok & (hy >= 0) & (hy < H) & (hz >= 0) & (hz < W)
-            b = tl.load(x_ptr + (it * CI * HW + hy * W + hz)[:, None] + x_c[None, :],
-                        mask=b_ok[:, None] & c_ok[None, :], other=0.0)
+        # g loaded as [r, o] and transposed: the operand then sits in shared memory with o fastest, and
+        # the FMA loop reads it with 16-byte shared loads
+        a = tl.trans(tl.load(g_ptr + (it * CO * L + y * WO + z)[:, None] + g_o[None, :],
+                             mask=o_ok[None, :] & r_ok[:, None], other=0.0))
+        ly = y * STRIDE - PAD
+        lz = z * STRIDE - PAD
+        hy = ly[:, None] + kp[None, :]
+        hz = lz[:, None] + kq[None, :]
+        b_ok = r_ok[:, None] & k_ok[None, :] & (hy >= 0) & (hy < H) & (hz >= 0) & (hz < W)
+        b = tl.load(x_ptr + (it * CI * HW + ly * W + lz)[:, None] + x_k[None, :], mask=b_ok, other=0.0)
         acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
         z += dz
         cz = z >= WO
@@ -386,12 +379,8 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO, R, CHUNK,
         cy = y >= HO
         y = tl.where(cy, y - HO, y)
         i += di + cy.to(tl.int32)
-    if SMALL:
-        w_off = ((s * NT + t) * CO + offs_o[:, None]) * (CI * KK) + offs_c[None, :]
-        tl.store(ws_ptr + w_off, acc.to(ws_ptr.dtype.element_ty), mask=o_ok[:, None] & k_ok[None, :])
-    else:
-        w_off = (((s * NT + t) * CO + offs_o[:, None]) * CI + offs_c[None, :]) * KK + tap
-        tl.store(ws_ptr + w_off, acc.to(ws_ptr.dtype.element_ty), mask=o_ok[:, None] & c_ok[None, :])
+    w_off = ((s * NT + t) * CO + offs_o[:, None]) * K + offs_k[None, :]
+    tl.store(ws_ptr + w_off, acc.to(ws_ptr.dtype.element_ty), mask=o_ok[:, None] & k_ok[None, :])
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -457,12 +446,11 @@ def conv_weight_grad(x, g, meta):
     n = x.shape[0]
     red = n * ho * wo
     cfg = wgrad_block_config(co, ci, kh * kw, red, b, _sms(x.device))
-    split, chunk, ct = cfg.pop("SPLIT"), cfg.pop("CHUNK"), cfg.pop("CT")
+    split, chunk = cfg.pop("SPLIT"), cfg.pop("CHUNK")
     ws = torch.empty(split, b, co, ci, kh, kw, device=x.device, dtype=x.dtype)
     _check("conv weight gradient", ws)
-    cols = 1 if cfg["SMALL"] else kh * kw * ct
-    grid = (triton.cdiv(co, cfg["BLOCK_M"]), cols, b * split)
-    _conv_wgrad_kernel[grid](x, g, ws, b, ci, co, h, wd, ho, wo, red, chunk, ct, KH=kh, KW=kw, STRIDE=s,
+    grid = (triton.cdiv(co, cfg["BLOCK_M"]), triton.cdiv(ci * kh * kw, cfg["BLOCK_N"]), b * split)
+    _conv_wgrad_kernel[grid](x, g, ws, b, ci, co, h, wd, ho, wo, red, chunk, KH=kh, KW=kw, STRIDE=s,
                              PAD=p, PREC=_precision(x.dtype), SPLIT=split, **cfg)
     return _reduce_split(ws)
 
