@@ -127,7 +127,7 @@ def record_launches(mod, n, ci, co, h, w, b, sms, dtype):
 
 def _sig_type(v):
     if isinstance(v, torch.Tensor):
-        return {torch.float32: "*fp32", torch.float64: "*fp64"}[v.dtype]
+        return {torch.float32: "*fp32", torch.float64: "*fp64", torch.int32: "*i32"}[v.dtype]
     if isinstance(v, bool):
         return "i1"
     if isinstance(v, int):

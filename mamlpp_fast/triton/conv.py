@@ -104,27 +104,35 @@ def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, task
         split = max(1, min(triton.cdiv(want, tiles), steps // 4))
     chunk = triton.cdiv(steps, split)
     split = triton.cdiv(steps, chunk)
-    warps = max(1, bm * bn // 2048)  # 64 accumulators per thread
+    # 64 accumulators per thread (32 with 16-column tiles, whose gather is the larger operand: 64
+    # spilled in the data gradient)
+    warps = max(1, bm * bn // (2048 if bn >= 32 else 512))
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT=split, CHUNK=chunk, SMALL=small, num_warps=warps)
 
 
 def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int) -> dict:
     """Launch configuration of the weight gradient: per task a (Co x Ci*kh*kw) output in BLOCK_M x BLOCK_N
-    tiles, reduction over red = n*Ho*Wo in lanes of BLOCK_K, split into SPLIT chunks (multiples of
-    BLOCK_K, >= 4 steps each) so that the programs reach 2 waves of `sms`; each chunk writes its own
+    tiles (BLOCK_M 64 rows of Co, BLOCK_N the widest of 128, 64, 32 columns that still reaches 2 waves),
+    reduction over red = n*Ho*Wo in lanes of BLOCK_K = 16, split into SPLIT chunks (multiples of
+    BLOCK_K, >= 2 steps each) so that the programs reach 2 waves of `sms`; each chunk writes its own
     partial, summed in order afterwards (deterministic)."""
     k = ci * kk
-    bm = WGRAD_BLOCK_M if co > 32 else max(16, triton.next_power_of_2(co))
-    bn = 64 if k >= 64 else max(16, triton.next_power_of_2(k))
-    bk = 32
+    bm = 64 if co > 32 else max(16, triton.next_power_of_2(co))
+    bk = 16
+    want = 2 * sms
+    max_split = max(1, triton.cdiv(red, 2 * bk))
+    for bn in (128, 64, 32):
+        if bn > 32 and bn > max(16, triton.next_power_of_2(k)):
+            continue
+        tiles = triton.cdiv(co, bm) * triton.cdiv(k, bn) * tasks
+        if tiles * max_split >= want:
+            break
+    bn = min(bn, max(16, triton.next_power_of_2(k)))
     tiles = triton.cdiv(co, bm) * triton.cdiv(k, bn) * tasks
-    split = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(red, 4 * bk)))
-    chunk = triton.cdiv(triton.cdiv(red, split), bk) * bk
+    split = max(1, min(triton.cdiv(want, tiles), max_split))
+    chunk = max(2 * bk, red // split // bk * bk) if split > 1 else triton.cdiv(red, bk) * bk
     split = triton.cdiv(red, chunk)
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT=split, CHUNK=chunk, num_warps=max(1, bm * bn // 2048))
-
-
-WGRAD_BLOCK_M = 64
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -314,17 +322,17 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, NT, CI, CO, H, W, HO, WO, M, CHUNK,
 
 
 @triton.jit
-def _conv_wgrad_kernel(x_ptr, g_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO, R, CHUNK,
+def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO, R, CHUNK,
                        KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
                        PREC: tl.constexpr, SPLIT: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """ws[s, t, o, k] = sum over r in chunk s of g[i, t*CO+o, y, z] * X[i, t*CI+c, y*S+p-PAD, z*S+q-PAD];
     k = (c, p, q) (the weight's own layout), r = i*L + y*WO + z.
 
-    Columns: k is split into (c, p, q) once per program (column offset c*HW + p*W + q and the tap p, q);
-    reduction lanes: each lane keeps its (i, y, z) and advances them by BLOCK_K with compare-and-select
-    carries (no division in the loop). Per element the gather is lane base + column offset, and the
-    padding mask is lane row/column + tap inside the image."""
+    Columns: k is split into (c, p, q) once per program (column offset c*HW + p*W + q and the tap's bit
+    p*KW + q). Reduction lanes: a per-shape table (`_lane_table`, built once and cached) holds for every
+    r its g offset, its x offset at tap (0, 0) and one bit per tap that is inside the image, so the loop
+    has no division and per element one add (address) and one bit test (padding mask)."""
     pid_m = tl.program_id(0)  # o tile
     pid_n = tl.program_id(1)  # k tile
     pid_z = tl.program_id(2)
@@ -342,43 +350,23 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO, R, CHUNK,
     kc = offs_k // KK  # once per program
     kr = offs_k - kc * KK
     kp = kr // KW
-    kq = kr - kp * KW
-    x_k = kc * HW + kp * W + kq
+    x_k = t * CI * HW + kc * HW + kp * W + (kr - kp * KW)
+    g_o = t * CO * L + offs_o * L
     r0 = s * CHUNK
     r1 = tl.minimum(r0 + CHUNK, R)
     lanes = tl.arange(0, BLOCK_K)
-    r = r0 + lanes
-    i = r // L  # once per program
-    l_ = r - i * L
-    y = l_ // WO
-    z = l_ - y * WO
-    di = BLOCK_K // L  # per-step advance of (i, y, z), split once
-    rem = BLOCK_K - di * L
-    dy = rem // WO
-    dz = rem - dy * WO
-    g_o = offs_o * L
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     for rs in range(r0, r1, BLOCK_K):
         r_ok = lanes < r1 - rs
-        it = i * NT + t
+        g_r = tl.load(lane_ptr + rs + lanes, mask=r_ok, other=0)
+        x_r = tl.load(lane_ptr + R + rs + lanes, mask=r_ok, other=0)
+        v_r = tl.load(lane_ptr + 2 * R + rs + lanes, mask=r_ok, other=0)  # 0 past the end: all masked
         # g loaded as [r, o] and transposed: the operand then sits in shared memory with o fastest, and
         # the FMA loop reads it with 16-byte shared loads
-        a = tl.trans(tl.load(g_ptr + (it * CO * L + y * WO + z)[:, None] + g_o[None, :],
-                             mask=o_ok[None, :] & r_ok[:, None], other=0.0))
-        ly = y * STRIDE - PAD
-        lz = z * STRIDE - PAD
-        hy = ly[:, None] + kp[None, :]
-        hz = lz[:, None] + kq[None, :]
-        b_ok = r_ok[:, None] & k_ok[None, :] & (hy >= 0) & (hy < H) & (hz >= 0) & (hz < W)
-        b = tl.load(x_ptr + (it * CI * HW + ly * W + lz)[:, None] + x_k[None, :], mask=b_ok, other=0.0)
+        a = tl.trans(tl.load(g_ptr + g_r[:, None] + g_o[None, :], mask=o_ok[None, :] & r_ok[:, None], other=0.0))
+        b_ok = ((v_r[:, None] >> kr[None, :]) & 1) != 0
+        b = tl.load(x_ptr + x_r[:, None] + x_k[None, :], mask=b_ok & k_ok[None, :], other=0.0)
         acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
-        z += dz
-        cz = z >= WO
-        z = tl.where(cz, z - WO, z)
-        y += dy + cz.to(tl.int32)
-        cy = y >= HO
-        y = tl.where(cy, y - HO, y)
-        i += di + cy.to(tl.int32)
     w_off = ((s * NT + t) * CO + offs_o[:, None]) * K + offs_k[None, :]
     tl.store(ws_ptr + w_off, acc.to(ws_ptr.dtype.element_ty), mask=o_ok[:, None] & k_ok[None, :])
 
@@ -438,6 +426,35 @@ def conv_data_grad(g, w, meta):
     return _reduce_split(dx)
 
 
+_lane_tables: dict = {}
+
+
+def _lane_table(n, meta, device):
+    """(3, n*Ho*Wo) int32 per reduction lane r = (i, y, z) of the weight gradient: the g offset
+    i*B*Co*L + y*Wo + z, the x offset i*B*Ci*H*W + (y*s - pad)*W + (z*s - pad) of tap (0, 0), and bit
+    p*kw + q set when tap (p, q) reads inside the image. Depends on the shape only: built once per shape
+    and device and cached (not while a CUDA graph is being captured, so that no cached tensor lives in a
+    graph's private pool)."""
+    b, co, ci, kh, kw, h, wd, ho, wo, s, p = meta
+    key = (n, meta, str(device))
+    hit = _lane_tables.get(key)
+    if hit is not None:
+        return hit
+    r = torch.arange(n * ho * wo, device=device, dtype=torch.int64)
+    i, l_ = r // (ho * wo), r % (ho * wo)
+    ly, lz = (l_ // wo) * s - p, (l_ % wo) * s - p
+    bits = torch.zeros_like(r)
+    for pp in range(kh):
+        for qq in range(kw):
+            ok = (ly + pp >= 0) & (ly + pp < h) & (lz + qq >= 0) & (lz + qq < wd)
+            bits |= ok.to(torch.int64) << (pp * kw + qq)
+    table = torch.stack([i * b * co * ho * wo + l_, i * b * ci * h * wd + ly * wd + lz, bits]).to(torch.int32)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if not capturing:
+        _lane_tables[key] = table
+    return table
+
+
 def conv_weight_grad(x, g, meta):
     """Wg(x, g): -> (B, Co, Ci, kh, kw)."""
     b, co, ci, kh, kw, h, wd, ho, wo, s, p = meta
@@ -450,7 +467,8 @@ def conv_weight_grad(x, g, meta):
     ws = torch.empty(split, b, co, ci, kh, kw, device=x.device, dtype=x.dtype)
     _check("conv weight gradient", ws)
     grid = (triton.cdiv(co, cfg["BLOCK_M"]), triton.cdiv(ci * kh * kw, cfg["BLOCK_N"]), b * split)
-    _conv_wgrad_kernel[grid](x, g, ws, b, ci, co, h, wd, ho, wo, red, chunk, KH=kh, KW=kw, STRIDE=s,
+    lanes = _lane_table(n, meta, x.device)
+    _conv_wgrad_kernel[grid](x, g, lanes, ws, b, ci, co, h, wd, ho, wo, red, chunk, KH=kh, KW=kw, STRIDE=s,
                              PAD=p, PREC=_precision(x.dtype), SPLIT=split, **cfg)
     return _reduce_split(ws)
 
