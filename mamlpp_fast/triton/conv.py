@@ -93,9 +93,10 @@ def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, task
         steps = kk * triton.cdiv(chans, bk)
     want = 2 * sms
     col_tiles = triton.cdiv(cols, bn) * tasks
-    bm = 32
+    bm_min = max(32, 1024 // bn)  # >= 32 accumulators per thread in a one-warp program
+    bm = bm_min
     for cand in (128, 64):
-        if triton.cdiv(rows, cand) * col_tiles >= want:
+        if cand > bm_min and triton.cdiv(rows, cand) * col_tiles >= want:
             bm = cand
             break
     tiles = triton.cdiv(rows, bm) * col_tiles
@@ -106,7 +107,7 @@ def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, task
     split = triton.cdiv(steps, chunk)
     # 64 accumulators per thread (32 with 16-column tiles, whose gather is the larger operand: 64
     # spilled in the data gradient)
-    warps = max(1, bm * bn // (2048 if bn >= 32 else 512))
+    warps = max(1, bm * bn // (2048 if bn >= 32 else 1024))
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT=split, CHUNK=chunk, SMALL=small, num_warps=warps)
 
 
