@@ -251,15 +251,16 @@ def test_triton_conv_bad_inputs_and_block_config():
         task_conv2d_triton(torch.randn(2, 4, 9, 9), torch.randn(2, 3, 2, 7, 7), None, 2, (1, 1), (3, 3))
     # Omniglot layer 2 (x (20, 512, 14, 14)): 64-row tiles reach 2 waves on 132 SMs without a split
     assert conv_block_config("fwd", 20 * 196, 64, 64, 9, 8, 132) == dict(
-        BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, SPLIT=1, CHUNK=36, SMALL=False, num_warps=2)
+        BLOCK_M=64, BLOCK_N=64, NSUB=1, BLOCK_K=16, SPLIT=1, CHUNK=36, SMALL=False, num_warps=2)
     # its 3x3 layer: 32-row tiles and the 36 (tap, channel-block) steps split in 6 chunks
     cfg = conv_block_config("fwd", 20 * 9, 64, 64, 9, 8, 132)
     assert (cfg["BLOCK_M"], cfg["SPLIT"], cfg["CHUNK"]) == (32, 6, 6)
     # the first layer (1 input channel): the whole reduction in one block, no split
     cfg = conv_block_config("fwd", 20 * 784, 64, 1, 9, 8, 132)
     assert cfg["SMALL"] and cfg["BLOCK_K"] == 16 and cfg["SPLIT"] == 1
-    # 48 channels: 16-column tiles (no idle lanes)
-    assert conv_block_config("dgrad", 75 * 42 * 42, 48, 48, 9, 2, 132)["BLOCK_N"] == 16
+    # 48 channels: three 16-column sub-tiles per program (no idle lanes)
+    cfg = conv_block_config("dgrad", 75 * 42 * 42, 48, 48, 9, 2, 132)
+    assert (cfg["BLOCK_N"], cfg["NSUB"]) == (16, 3)
 
 
 @inner
@@ -303,15 +304,21 @@ def _forced(real, over):
 
 # (n, B, Cin, Cout, H, k, stride, pad), forward/data-gradient overrides, weight-gradient overrides
 CONV_PATHS = [
-    ((2, 2, 48, 48, 4, 3, 1, 1), dict(BLOCK_M=16, BLOCK_N=16, SPLIT=1), dict(BLOCK_M=64, BLOCK_N=128, SPLIT=1)),
-    ((2, 2, 48, 48, 4, 3, 1, 1), dict(BLOCK_M=16, BLOCK_N=16, SPLIT=4), dict(BLOCK_M=16, BLOCK_N=64, SPLIT=3)),
+    ((2, 2, 48, 48, 4, 3, 1, 1), dict(BLOCK_M=16, BLOCK_N=16, NSUB=3, SPLIT=1),
+     dict(BLOCK_M=64, BLOCK_N=128, SPLIT=1)),
+    ((2, 2, 48, 48, 4, 3, 1, 1), dict(BLOCK_M=16, BLOCK_N=16, NSUB=1, SPLIT=4),
+     dict(BLOCK_M=16, BLOCK_N=64, SPLIT=3)),
     ((3, 2, 3, 5, 7, 3, 2, 1), dict(SPLIT=1), dict(SPLIT=1)),
-    ((3, 2, 3, 5, 7, 3, 2, 1), dict(SMALL=False, BLOCK_K=16, BLOCK_M=16, SPLIT=2), dict(BLOCK_N=16, SPLIT=2)),
-    ((2, 2, 20, 17, 5, 3, 2, 1), dict(BLOCK_M=16, BLOCK_N=16, SPLIT=5), dict(BLOCK_M=16, BLOCK_N=32, SPLIT=2)),
-    ((2, 1, 16, 32, 6, 3, 1, 0), dict(BLOCK_M=32, BLOCK_N=32, SPLIT=1), dict(BLOCK_M=32, BLOCK_N=64, SPLIT=1)),
+    ((2, 1, 3, 48, 5, 3, 1, 1), dict(BLOCK_M=16), {}),
+    ((3, 2, 3, 5, 7, 3, 2, 1), dict(SMALL=False, BLOCK_K=16, BLOCK_M=16, NSUB=1, SPLIT=2),
+     dict(BLOCK_N=16, SPLIT=2)),
+    ((2, 2, 20, 17, 5, 3, 2, 1), dict(BLOCK_M=16, BLOCK_N=16, NSUB=3, SPLIT=5),
+     dict(BLOCK_M=16, BLOCK_N=32, SPLIT=2)),
+    ((2, 1, 16, 32, 6, 3, 1, 0), dict(BLOCK_M=32, BLOCK_N=32, NSUB=1, SPLIT=1),
+     dict(BLOCK_M=32, BLOCK_N=64, SPLIT=1)),
 ]
-CONV_PATH_IDS = ["c48-nosplit", "c48-split", "cin3-small-s2", "cin3-taps-s2-split", "tails-s2-split5",
-                 "pad0-even"]
+CONV_PATH_IDS = ["c48-subtiles-nosplit", "c48-tiles16-split", "cin3-small-s2", "cin3-small-c48-subtiles",
+                 "cin3-taps-s2-split", "tails-subtiles-s2-split5", "pad0-even"]
 
 
 @inner
@@ -319,8 +326,9 @@ CONV_PATH_IDS = ["c48-nosplit", "c48-split", "cin3-small-s2", "cin3-taps-s2-spli
 def test_triton_conv_launch_paths(case, monkeypatch):
     """Forward, data gradient and weight gradient of the Triton kernels against autograd of per-task
     convolutions, float64, with block configurations forced onto each code path: 48 channels as three
-    16-column tiles (and a 48-row weight-gradient tile of 64 with an idle tail), split reductions
-    (forward/data gradient over (tap, channel-block) steps, weight gradient over pixels) on and off,
+    16-column sub-tiles of one program (NSUB=3) and as three programs (NSUB=1), a 48-row
+    weight-gradient tile of 64 with an idle tail, split reductions (forward/data gradient over
+    (tap, channel-block) steps, weight gradient over pixels) on and off, sub-tiles idle at channel tails,
     3 input channels in one reduction block (SMALL) and through the tap loop, channel tails (20 = 16 + 4
     input, 17 output channels), stride 2, padding 0."""
     import torch
@@ -364,9 +372,10 @@ def test_triton_conv_launches_fill_two_waves():
                     if kind == "dgrad" and ci == c0:
                         continue  # the first layer's input is data: no data gradient
                     cfg = conv_block_config(kind, m, cols, chans, 9, b, sms)
-                    progs = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(cols, cfg["BLOCK_N"]) * b * cfg["SPLIT"]
+                    progs = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(cols, cfg["BLOCK_N"] * cfg["NSUB"])
+                             * b * cfg["SPLIT"])
                     assert progs >= 2 * sms, (kind, n, ci, h, cfg, progs)
-                    assert cols % cfg["BLOCK_N"] == 0 or cols < 16, (kind, cols, cfg)
+                    assert cols % (cfg["BLOCK_N"] * cfg["NSUB"]) == 0 or cols < 16, (kind, cols, cfg)
                 cfg = wgrad_block_config(filt, ci, 9, m, b, sms)
                 progs = (triton.cdiv(filt, cfg["BLOCK_M"]) * triton.cdiv(ci * 9, cfg["BLOCK_N"]) * b
                          * cfg["SPLIT"])

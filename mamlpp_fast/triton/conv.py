@@ -81,9 +81,10 @@ def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, task
     reduction in one block: the first layer, <= 32 = Ci*kh*kw) and num_warps.
 
     Rules: BLOCK_N = `_tile(cols)`; BLOCK_M the largest of 128, 64, 32 whose tiles reach 2 waves of
-    `sms` programs; when even 32-row tiles do not, SPLIT chunks of >= 4 k-steps raise the programs to
+    `sms` programs; when even 32-row tiles do not, SPLIT chunks of >= 2 k-steps raise the programs to
     2 waves (the 7x7 and 3x3 layers). Register and instruction figures: bench/NOTES.md (bench/conv_ptx.py)."""
     bn = _tile(cols)
+    nsub = 3 if bn == 16 and cols % 48 == 0 else 1  # 48 channels: three 16-column sub-tiles per program
     small = kind == "fwd" and chans * kk <= 32
     if small:
         bk = max(16, triton.next_power_of_2(chans * kk))
@@ -92,8 +93,8 @@ def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, task
         bk = 16
         steps = kk * triton.cdiv(chans, bk)
     want = 2 * sms
-    col_tiles = triton.cdiv(cols, bn) * tasks
-    bm_min = max(32, 1024 // bn)  # >= 32 accumulators per thread in a one-warp program
+    col_tiles = triton.cdiv(cols, bn * nsub) * tasks
+    bm_min = 32 if nsub == 3 else max(32, 1024 // bn)  # >= 32 accumulators per thread (16 x 3 sub-tiles)
     bm = bm_min
     for cand in (128, 64):
         if cand > bm_min and triton.cdiv(rows, cand) * col_tiles >= want:
@@ -102,13 +103,14 @@ def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, task
     tiles = triton.cdiv(rows, bm) * col_tiles
     split = 1
     if not small and tiles < want:
-        split = max(1, min(triton.cdiv(want, tiles), steps // 4))
+        split = max(1, min(triton.cdiv(want, tiles), steps // 2))
     chunk = triton.cdiv(steps, split)
     split = triton.cdiv(steps, chunk)
-    # 64 accumulators per thread (32 with 16-column tiles, whose gather is the larger operand: 64
+    # 64 accumulators per thread; 32 per 16-column sub-tile (x NSUB; with one 16-column tile 64
     # spilled in the data gradient)
     warps = max(1, bm * bn // (2048 if bn >= 32 else 1024))
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT=split, CHUNK=chunk, SMALL=small, num_warps=warps)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, NSUB=nsub, BLOCK_K=bk, SPLIT=split, CHUNK=chunk, SMALL=small,
+                num_warps=warps)
 
 
 def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int) -> dict:
@@ -143,7 +145,7 @@ def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int
 def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, NT, CI, CO, H, W, HO, WO, M, CHUNK,
                      KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
                      HAS_BIAS: tl.constexpr, PREC: tl.constexpr, SMALL: tl.constexpr, SPLIT: tl.constexpr,
-                     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+                     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, NSUB: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[s][i, t*CO+o, y, z] = sum over the k-steps of chunk s of x-gather[m, k] * w[t, o, k] (+ bias[t, o]
     in chunk 0); m = i*L + (y*WO + z).
@@ -164,10 +166,12 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, NT, CI, CO, H, W, HO, WO, M, 
     KK: tl.constexpr = KH * KW
     ACC = out_ptr.dtype.element_ty
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n * (NSUB * BLOCK_N) + tl.arange(0, BLOCK_N)  # sub-tile j: offs_n + j*BLOCK_N
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < CO
+    n_ok1 = offs_n + BLOCK_N < CO
+    n_ok2 = offs_n + 2 * BLOCK_N < CO
     i = offs_m // L
     l_ = offs_m - i * L
     yy = l_ // WO
@@ -178,7 +182,11 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, NT, CI, CO, H, W, HO, WO, M, 
     # the product is formed transposed, acc[o, m] = sum_k wt[k, o] * x-gather[k, m]: both operands then sit
     # in shared memory with the accumulator's contiguous axis fastest (o for the weights, m for the
     # gather), so the FMA loop reads both with 16-byte shared loads
+    # NSUB = 3 (48 channels): three BLOCK_N = 16 accumulators share each gathered tile, so that every
+    # gathered activation feeds 48 FMAs without idle lanes (a 64-column tile would leave 16 idle)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
+    acc1 = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
     if SMALL:
         k_ok = offs_k < CI * KK
         c = offs_k // KK
@@ -189,9 +197,14 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, NT, CI, CO, H, W, HO, WO, M, 
         hz = iz0[None, :] + kq[:, None]
         x_ok = m_ok[None, :] & k_ok[:, None] & (hy >= 0) & (hy < H) & (hz >= 0) & (hz < W)
         xg = tl.load(x_ptr + x_row[None, :] + (c * HW + kp * W + kq)[:, None], mask=x_ok, other=0.0)
-        wk = tl.load(w_ptr + w_task + (r * CI + c)[None, :] * CO + offs_n[:, None],
-                     mask=k_ok[None, :] & n_ok[:, None], other=0.0)
+        w_ptrs = w_ptr + w_task + (r * CI + c)[None, :] * CO + offs_n[:, None]
+        wk = tl.load(w_ptrs, mask=k_ok[None, :] & n_ok[:, None], other=0.0)
         acc += tl.dot(wk, xg, input_precision=PREC, out_dtype=ACC)
+        if NSUB == 3:
+            wk = tl.load(w_ptrs + BLOCK_N, mask=k_ok[None, :] & n_ok1[:, None], other=0.0)
+            acc1 += tl.dot(wk, xg, input_precision=PREC, out_dtype=ACC)
+            wk = tl.load(w_ptrs + 2 * BLOCK_N, mask=k_ok[None, :] & n_ok2[:, None], other=0.0)
+            acc2 += tl.dot(wk, xg, input_precision=PREC, out_dtype=ACC)
     else:
         CB = tl.cdiv(CI, BLOCK_K)
         k0 = s * CHUNK
@@ -214,15 +227,26 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, NT, CI, CO, H, W, HO, WO, M, 
             w_ptrs = w_ptr + (w_task + (tap * CI + c0) * CO + offs_n)[:, None] + (offs_k * CO)[None, :]
             if EVEN_K:
                 xg = tl.load(x_ptrs, mask=row_ok[None, :], other=0.0)
-                if EVEN_N:
-                    wk = tl.load(w_ptrs)
-                else:
-                    wk = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
+                c_ok = offs_k < BLOCK_K
             else:
                 c_ok = offs_k < CI - c0
                 xg = tl.load(x_ptrs, mask=row_ok[None, :] & c_ok[:, None], other=0.0)
+            if EVEN_K and EVEN_N:
+                wk = tl.load(w_ptrs)
+            else:
                 wk = tl.load(w_ptrs, mask=c_ok[None, :] & n_ok[:, None], other=0.0)
             acc += tl.dot(wk, xg, input_precision=PREC, out_dtype=ACC)
+            if NSUB == 3:
+                if EVEN_K and EVEN_N:
+                    wk = tl.load(w_ptrs + BLOCK_N)
+                else:
+                    wk = tl.load(w_ptrs + BLOCK_N, mask=c_ok[None, :] & n_ok1[:, None], other=0.0)
+                acc1 += tl.dot(wk, xg, input_precision=PREC, out_dtype=ACC)
+                if EVEN_K and EVEN_N:
+                    wk = tl.load(w_ptrs + 2 * BLOCK_N)
+                else:
+                    wk = tl.load(w_ptrs + 2 * BLOCK_N, mask=c_ok[None, :] & n_ok2[:, None], other=0.0)
+                acc2 += tl.dot(wk, xg, input_precision=PREC, out_dtype=ACC)
             cb += 1
             wrap = cb == CB
             cb = tl.where(wrap, 0, cb)
@@ -232,16 +256,22 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, NT, CI, CO, H, W, HO, WO, M, 
             q = tl.where(wq, 0, q)
             p += wq.to(tl.int32)
     if HAS_BIAS:
-        bias = tl.load(b_ptr + t * CO + offs_n, mask=n_ok & (s == 0), other=0.0)
-        acc += bias[:, None]
-    o_off = (s * NT * CO * M + (i * NT + t) * CO * L + l_)[None, :] + (offs_n * L)[:, None]
-    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
+        acc += tl.load(b_ptr + t * CO + offs_n, mask=n_ok & (s == 0), other=0.0)[:, None]
+        if NSUB == 3:
+            acc1 += tl.load(b_ptr + t * CO + BLOCK_N + offs_n, mask=n_ok1 & (s == 0), other=0.0)[:, None]
+            acc2 += tl.load(b_ptr + t * CO + 2 * BLOCK_N + offs_n, mask=n_ok2 & (s == 0), other=0.0)[:, None]
+    o_ptrs = out_ptr + (s * NT * CO * M + (i * NT + t) * CO * L + l_)[None, :] + (offs_n * L)[:, None]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
+    if NSUB == 3:
+        tl.store(o_ptrs + BLOCK_N * L, acc1.to(out_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok1[:, None])
+        tl.store(o_ptrs + 2 * BLOCK_N * L, acc2.to(out_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok2[:, None])
 
 
 @triton.jit
 def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, NT, CI, CO, H, W, HO, WO, M, CHUNK,
                        KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
                        PREC: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+                       NSUB: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dx[s][i, t*CI+c, h, v] = sum over the k-steps of chunk s of g-gather[m, k] * w[t, o, c, p, q];
     m = i*H*W + h*W + v, k-steps (tap, output-channel block) as in the forward.
@@ -259,10 +289,12 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, NT, CI, CO, H, W, HO, WO, M, CHUNK,
     KK: tl.constexpr = KH * KW
     ACC = dx_ptr.dtype.element_ty
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channel c
+    offs_n = pid_n * (NSUB * BLOCK_N) + tl.arange(0, BLOCK_N)  # input channel c (sub-tile j: + j*BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)  # output channel o within the block
     m_ok = offs_m < M
     n_ok = offs_n < CI
+    n_ok1 = offs_n + BLOCK_N < CI
+    n_ok2 = offs_n + 2 * BLOCK_N < CI
     i = offs_m // HW
     hw = offs_m - i * HW
     hh = hw // W
@@ -271,6 +303,8 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, NT, CI, CO, H, W, HO, WO, M, CHUNK,
     g_row = (i * NT + t) * CO * L
     w_task = t * KK * CO * CI  # wt[t, p, q, o, c] (weights pre-transposed: c contiguous)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)  # transposed, acc[c, m], as in the forward
+    acc1 = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)  # NSUB = 3: sub-tiles as in the forward
+    acc2 = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
     CB = tl.cdiv(CO, BLOCK_K)
     k0 = s * CHUNK
     k1 = tl.minimum(k0 + CHUNK, KK * CB)
@@ -301,15 +335,26 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, NT, CI, CO, H, W, HO, WO, M, CHUNK,
         w_ptrs = w_ptr + (w_task + (tap * CO + o0) * CI + offs_n)[:, None] + (offs_k * CI)[None, :]
         if EVEN_K:
             gg = tl.load(g_ptrs, mask=row_ok[None, :], other=0.0)
-            if EVEN_N:
-                wk = tl.load(w_ptrs)
-            else:
-                wk = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
+            o_ok = offs_k < BLOCK_K
         else:
             o_ok = offs_k < CO - o0
             gg = tl.load(g_ptrs, mask=row_ok[None, :] & o_ok[:, None], other=0.0)
+        if EVEN_K and EVEN_N:
+            wk = tl.load(w_ptrs)
+        else:
             wk = tl.load(w_ptrs, mask=o_ok[None, :] & n_ok[:, None], other=0.0)
         acc += tl.dot(wk, gg, input_precision=PREC, out_dtype=ACC)
+        if NSUB == 3:
+            if EVEN_K and EVEN_N:
+                wk = tl.load(w_ptrs + BLOCK_N)
+            else:
+                wk = tl.load(w_ptrs + BLOCK_N, mask=o_ok[None, :] & n_ok1[:, None], other=0.0)
+            acc1 += tl.dot(wk, gg, input_precision=PREC, out_dtype=ACC)
+            if EVEN_K and EVEN_N:
+                wk = tl.load(w_ptrs + 2 * BLOCK_N)
+            else:
+                wk = tl.load(w_ptrs + 2 * BLOCK_N, mask=o_ok[None, :] & n_ok2[:, None], other=0.0)
+            acc2 += tl.dot(wk, gg, input_precision=PREC, out_dtype=ACC)
         cb += 1
         wrap = cb == CB
         cb = tl.where(wrap, 0, cb)
@@ -318,8 +363,11 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, NT, CI, CO, H, W, HO, WO, M, CHUNK,
         wq = q == KW
         q = tl.where(wq, 0, q)
         p += wq.to(tl.int32)
-    o_off = (s * NT * CI * M + (i * NT + t) * CI * HW + hw)[None, :] + (offs_n * HW)[:, None]
-    tl.store(dx_ptr + o_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
+    o_ptrs = dx_ptr + (s * NT * CI * M + (i * NT + t) * CI * HW + hw)[None, :] + (offs_n * HW)[:, None]
+    tl.store(o_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
+    if NSUB == 3:
+        tl.store(o_ptrs + BLOCK_N * HW, acc1.to(dx_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok1[:, None])
+        tl.store(o_ptrs + 2 * BLOCK_N * HW, acc2.to(dx_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok2[:, None])
 
 
 @triton.jit
@@ -400,11 +448,11 @@ def conv_forward(x, w, bias, meta):
     split, chunk = cfg.pop("SPLIT"), cfg.pop("CHUNK")
     out = torch.empty(split, n, b * co, ho, wo, device=x.device, dtype=x.dtype)
     _check("conv forward", out[0], split=split)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(co, cfg["BLOCK_N"]), b * split)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(co, cfg["BLOCK_N"] * cfg["NSUB"]), b * split)
     bias_arg = bias.contiguous() if bias is not None else x
     _conv_fwd_kernel[grid](x, w, bias_arg, out, b, ci, co, h, wd, ho, wo, m, chunk, KH=kh, KW=kw, STRIDE=s,
                            PAD=p, HAS_BIAS=bias is not None, PREC=_precision(x.dtype), SPLIT=split,
-                           EVEN_K=ci % cfg["BLOCK_K"] == 0, EVEN_N=co % cfg["BLOCK_N"] == 0, **cfg)
+                           EVEN_K=ci % cfg["BLOCK_K"] == 0, EVEN_N=co % (cfg["BLOCK_N"] * cfg["NSUB"]) == 0, **cfg)
     return _reduce_split(out)
 
 
@@ -420,10 +468,10 @@ def conv_data_grad(g, w, meta):
     cfg.pop("SMALL")
     dx = torch.empty(split, n, b * ci, h, wd, device=g.device, dtype=g.dtype)
     _check("conv data gradient", dx[0], split=split)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(ci, cfg["BLOCK_N"]), b * split)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(ci, cfg["BLOCK_N"] * cfg["NSUB"]), b * split)
     _conv_dgrad_kernel[grid](g, w, dx, b, ci, co, h, wd, ho, wo, m, chunk, KH=kh, KW=kw, STRIDE=s, PAD=p,
                              PREC=_precision(g.dtype), SPLIT=split, EVEN_K=co % cfg["BLOCK_K"] == 0,
-                             EVEN_N=ci % cfg["BLOCK_N"] == 0, **cfg)
+                             EVEN_N=ci % (cfg["BLOCK_N"] * cfg["NSUB"]) == 0, **cfg)
     return _reduce_split(dx)
 
 
