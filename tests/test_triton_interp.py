@@ -305,7 +305,7 @@ def _forced(real, over):
 # (n, B, Cin, Cout, H, k, stride, pad), forward/data-gradient overrides, weight-gradient overrides
 CONV_PATHS = [
     ((2, 2, 48, 48, 4, 3, 1, 1), dict(BLOCK_M=16, BLOCK_N=16, NSUB=3, SPLIT=1),
-     dict(BLOCK_M=64, BLOCK_N=128, SPLIT=1)),
+     dict(BLOCK_M=64, BLOCK_N=128, NSUB=1, SPLIT=1)),
     ((2, 2, 48, 48, 4, 3, 1, 1), dict(BLOCK_M=16, BLOCK_N=16, NSUB=1, SPLIT=4),
      dict(BLOCK_M=16, BLOCK_N=64, SPLIT=3)),
     ((3, 2, 3, 5, 7, 3, 2, 1), dict(SPLIT=1), dict(SPLIT=1)),
@@ -313,7 +313,7 @@ CONV_PATHS = [
     ((3, 2, 3, 5, 7, 3, 2, 1), dict(SMALL=False, BLOCK_K=16, BLOCK_M=16, NSUB=1, SPLIT=2),
      dict(BLOCK_N=16, SPLIT=2)),
     ((2, 2, 20, 17, 5, 3, 2, 1), dict(BLOCK_M=16, BLOCK_N=16, NSUB=3, SPLIT=5),
-     dict(BLOCK_M=16, BLOCK_N=32, SPLIT=2)),
+     dict(BLOCK_M=16, BLOCK_N=32, NSUB=3, SPLIT=2)),
     ((2, 1, 16, 32, 6, 3, 1, 0), dict(BLOCK_M=32, BLOCK_N=32, NSUB=1, SPLIT=1),
      dict(BLOCK_M=32, BLOCK_N=64, SPLIT=1)),
 ]
@@ -326,8 +326,8 @@ CONV_PATH_IDS = ["c48-subtiles-nosplit", "c48-tiles16-split", "cin3-small-s2", "
 def test_triton_conv_launch_paths(case, monkeypatch):
     """Forward, data gradient and weight gradient of the Triton kernels against autograd of per-task
     convolutions, float64, with block configurations forced onto each code path: 48 channels as three
-    16-column sub-tiles of one program (NSUB=3) and as three programs (NSUB=1), a 48-row
-    weight-gradient tile of 64 with an idle tail, split reductions (forward/data gradient over
+    16-column sub-tiles of one program (NSUB=3) and as three programs (NSUB=1), the weight gradient's
+    48 rows as three 16-row sub-tiles and as one 64-row tile with an idle tail, split reductions (forward/data gradient over
     (tap, channel-block) steps, weight gradient over pixels) on and off, sub-tiles idle at channel tails,
     3 input channels in one reduction block (SMALL) and through the tap loop, channel tails (20 = 16 + 4
     input, 17 output channels), stride 2, padding 0."""
@@ -377,7 +377,8 @@ def test_triton_conv_launches_fill_two_waves():
                     assert progs >= 2 * sms, (kind, n, ci, h, cfg, progs)
                     assert cols % (cfg["BLOCK_N"] * cfg["NSUB"]) == 0 or cols < 16, (kind, cols, cfg)
                 cfg = wgrad_block_config(filt, ci, 9, m, b, sms)
-                progs = (triton.cdiv(filt, cfg["BLOCK_M"]) * triton.cdiv(ci * 9, cfg["BLOCK_N"]) * b
-                         * cfg["SPLIT"])
+                progs = (triton.cdiv(filt, cfg["BLOCK_M"] * cfg["NSUB"]) * triton.cdiv(ci * 9, cfg["BLOCK_N"])
+                         * b * cfg["SPLIT"])
+                assert filt % (cfg["BLOCK_M"] * cfg["NSUB"]) == 0, ("wgrad", filt, cfg)
                 assert progs >= 2 * sms, ("wgrad", n, ci, h, cfg, progs)
                 ci, h = filt, h // 2

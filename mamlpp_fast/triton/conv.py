@@ -115,27 +115,30 @@ def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, task
 
 def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int) -> dict:
     """Launch configuration of the weight gradient: per task a (Co x Ci*kh*kw) output in BLOCK_M x BLOCK_N
-    tiles (BLOCK_M 64 rows of Co, BLOCK_N the widest of 128, 64, 32 columns that still reaches 2 waves),
+    tiles (BLOCK_M 64 rows of Co, or three 16-row sub-tiles per program (NSUB=3) at 48 channels;
+    BLOCK_N the widest of 128, 64, 32 columns that still reaches 2 waves),
     reduction over red = n*Ho*Wo in lanes of BLOCK_K = 16, split into SPLIT chunks (multiples of
     BLOCK_K, >= 2 steps each) so that the programs reach 2 waves of `sms`; each chunk writes its own
     partial, summed in order afterwards (deterministic)."""
     k = ci * kk
-    bm = 64 if co > 32 else max(16, triton.next_power_of_2(co))
+    nsub = 3 if co % 48 == 0 and co % 64 != 0 else 1  # 48 rows: three 16-row sub-tiles per program
+    bm = 16 if nsub == 3 else 64 if co > 32 else max(16, triton.next_power_of_2(co))
     bk = 16
     want = 2 * sms
     max_split = max(1, triton.cdiv(red, 2 * bk))
     for bn in (128, 64, 32):
         if bn > 32 and bn > max(16, triton.next_power_of_2(k)):
             continue
-        tiles = triton.cdiv(co, bm) * triton.cdiv(k, bn) * tasks
+        tiles = triton.cdiv(co, bm * nsub) * triton.cdiv(k, bn) * tasks
         if tiles * max_split >= want:
             break
     bn = min(bn, max(16, triton.next_power_of_2(k)))
-    tiles = triton.cdiv(co, bm) * triton.cdiv(k, bn) * tasks
+    tiles = triton.cdiv(co, bm * nsub) * triton.cdiv(k, bn) * tasks
     split = max(1, min(triton.cdiv(want, tiles), max_split))
     chunk = max(2 * bk, red // split // bk * bk) if split > 1 else triton.cdiv(red, bk) * bk
     split = triton.cdiv(red, chunk)
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT=split, CHUNK=chunk, num_warps=max(1, bm * bn // 2048))
+    return dict(BLOCK_M=bm, BLOCK_N=bn, NSUB=nsub, BLOCK_K=bk, SPLIT=split, CHUNK=chunk,
+                num_warps=max(1, bm * bn // 2048) if nsub == 1 else 2 if bn >= 64 else 1)  # ptxas: no spills
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -373,7 +376,7 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, NT, CI, CO, H, W, HO, WO, M, CHUNK,
 @triton.jit
 def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO, R, CHUNK,
                        KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-                       PREC: tl.constexpr, SPLIT: tl.constexpr,
+                       PREC: tl.constexpr, SPLIT: tl.constexpr, NSUB: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """ws[s, t, o, k] = sum over r in chunk s of g[i, t*CO+o, y, z] * X[i, t*CI+c, y*S+p-PAD, z*S+q-PAD];
     k = (c, p, q) (the weight's own layout), r = i*L + y*WO + z.
@@ -381,7 +384,8 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO,
     Columns: k is split into (c, p, q) once per program (column offset c*HW + p*W + q and the tap's bit
     p*KW + q). Reduction lanes: a per-shape table (`_lane_table`, built once and cached) holds for every
     r its g offset, its x offset at tap (0, 0) and one bit per tap that is inside the image, so the loop
-    has no division and per element one add (address) and one bit test (padding mask)."""
+    has no division and per element one add (address) and one bit test (padding mask). NSUB = 3 (48
+    output channels): three BLOCK_M = 16 row sub-tiles share each gathered x tile."""
     pid_m = tl.program_id(0)  # o tile
     pid_n = tl.program_id(1)  # k tile
     pid_z = tl.program_id(2)
@@ -392,9 +396,11 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO,
     KK: tl.constexpr = KH * KW
     K = CI * KK
     ACC = ws_ptr.dtype.element_ty
-    offs_o = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_o = pid_m * (NSUB * BLOCK_M) + tl.arange(0, BLOCK_M)  # sub-tile j: offs_o + j*BLOCK_M
     offs_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o_ok = offs_o < CO
+    o_ok1 = offs_o + BLOCK_M < CO
+    o_ok2 = offs_o + 2 * BLOCK_M < CO
     k_ok = offs_k < K
     kc = offs_k // KK  # once per program
     kr = offs_k - kc * KK
@@ -405,6 +411,8 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO,
     r1 = tl.minimum(r0 + CHUNK, R)
     lanes = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     for rs in range(r0, r1, BLOCK_K):
         r_ok = lanes < r1 - rs
         g_r = tl.load(lane_ptr + rs + lanes, mask=r_ok, other=0)
@@ -412,12 +420,21 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO,
         v_r = tl.load(lane_ptr + 2 * R + rs + lanes, mask=r_ok, other=0)  # 0 past the end: all masked
         # g loaded as [r, o] and transposed: the operand then sits in shared memory with o fastest, and
         # the FMA loop reads it with 16-byte shared loads
-        a = tl.trans(tl.load(g_ptr + g_r[:, None] + g_o[None, :], mask=o_ok[None, :] & r_ok[:, None], other=0.0))
+        g_ptrs = g_ptr + g_r[:, None] + g_o[None, :]
+        a = tl.trans(tl.load(g_ptrs, mask=o_ok[None, :] & r_ok[:, None], other=0.0))
         b_ok = ((v_r[:, None] >> kr[None, :]) & 1) != 0
         b = tl.load(x_ptr + x_r[:, None] + x_k[None, :], mask=b_ok & k_ok[None, :], other=0.0)
         acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
-    w_off = ((s * NT + t) * CO + offs_o[:, None]) * K + offs_k[None, :]
-    tl.store(ws_ptr + w_off, acc.to(ws_ptr.dtype.element_ty), mask=o_ok[:, None] & k_ok[None, :])
+        if NSUB == 3:
+            a = tl.trans(tl.load(g_ptrs + BLOCK_M * L, mask=o_ok1[None, :] & r_ok[:, None], other=0.0))
+            acc1 += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+            a = tl.trans(tl.load(g_ptrs + 2 * BLOCK_M * L, mask=o_ok2[None, :] & r_ok[:, None], other=0.0))
+            acc2 += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+    w_ptrs = ws_ptr + ((s * NT + t) * CO + offs_o[:, None]) * K + offs_k[None, :]
+    tl.store(w_ptrs, acc.to(ws_ptr.dtype.element_ty), mask=o_ok[:, None] & k_ok[None, :])
+    if NSUB == 3:
+        tl.store(w_ptrs + BLOCK_M * K, acc1.to(ws_ptr.dtype.element_ty), mask=o_ok1[:, None] & k_ok[None, :])
+        tl.store(w_ptrs + 2 * BLOCK_M * K, acc2.to(ws_ptr.dtype.element_ty), mask=o_ok2[:, None] & k_ok[None, :])
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -515,7 +532,7 @@ def conv_weight_grad(x, g, meta):
     split, chunk = cfg.pop("SPLIT"), cfg.pop("CHUNK")
     ws = torch.empty(split, b, co, ci, kh, kw, device=x.device, dtype=x.dtype)
     _check("conv weight gradient", ws)
-    grid = (triton.cdiv(co, cfg["BLOCK_M"]), triton.cdiv(ci * kh * kw, cfg["BLOCK_N"]), b * split)
+    grid = (triton.cdiv(co, cfg["BLOCK_M"] * cfg["NSUB"]), triton.cdiv(ci * kh * kw, cfg["BLOCK_N"]), b * split)
     lanes = _lane_table(n, meta, x.device)
     _conv_wgrad_kernel[grid](x, g, lanes, ws, b, ci, co, h, wd, ho, wo, red, chunk, KH=kh, KW=kw, STRIDE=s,
                              PAD=p, PREC=_precision(x.dtype), SPLIT=split, **cfg)
