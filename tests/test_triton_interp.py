@@ -251,7 +251,7 @@ def test_triton_conv_bad_inputs_and_block_config():
         task_conv2d_triton(torch.randn(2, 4, 9, 9), torch.randn(2, 3, 2, 7, 7), None, 2, (1, 1), (3, 3))
     # Omniglot layer 2 (x (20, 512, 14, 14)): 64-row tiles reach 2 waves on 132 SMs without a split
     assert conv_block_config("fwd", 20 * 196, 64, 64, 9, 8, 132) == dict(
-        BLOCK_M=64, BLOCK_N=64, NSUB=1, BLOCK_K=16, SPLIT=1, CHUNK=36, SMALL=False, num_warps=2)
+        BLOCK_M=64, BLOCK_N=64, NSUB=1, BLOCK_K=16, SPLIT=1, CHUNK=36, SMALL=False, num_warps=4)
     # its 3x3 layer: 32-row tiles and the 36 (tap, channel-block) steps split in 6 chunks
     cfg = conv_block_config("fwd", 20 * 9, 64, 64, 9, 8, 132)
     assert (cfg["BLOCK_M"], cfg["SPLIT"], cfg["CHUNK"]) == (32, 6, 6)

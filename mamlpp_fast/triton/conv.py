@@ -22,20 +22,37 @@ convolution is differentiable to any order (MAML++ needs two) with these three k
 Each kernel is one GEMM per task, the task on grid axis 2, the operands gathered from the task-major
 activations on the fly (implicit GEMM: no im2col buffer):
 
-- forward: rows m = (i, y, z) (M = n*L), columns o (Co), reduction k = (c, p, q) (K);
-- data gradient: rows m = (i, h, v) (n*H*W), columns c (Ci), reduction k = (o, p, q) (Co*kh*kw), a
-  term kept only where (h + pad - p) and (v + pad - q) are non-negative multiples of s inside the
-  output;
-- weight gradient: rows o (Co), columns k = (c, p, q) (K), reduction r = (i, y, z) (n*L), split into
-  SPLIT chunks (grid axis 2 = task * SPLIT) so that the few (Co x K) output tiles fill the GPU; each
-  chunk writes its own partial and the partials are summed in order afterwards (deterministic: no
-  atomics).
+- forward: rows m = (i, y, z) (M = n*L), columns o (Co), reduction over k-steps (tap (p, q), block
+  of BLOCK_K input channels), tap-major;
+- data gradient: rows m = (i, h, v) (n*H*W), columns c (Ci), reduction over k-steps (tap, block of
+  output channels), a term kept only where (h + pad - p) and (v + pad - q) are non-negative multiples
+  of s inside the output;
+- weight gradient: rows o (Co), columns k = (c, p, q) (K), reduction r = (i, y, z) (n*L).
+
+What keeps the inner loops on FMAs (instruction counts per kernel: bench/conv_ptx.py, bench/NOTES.md):
+
+- no division in any loop. Forward and data gradient: each row's offset at tap (0, 0) and one bit per
+  tap (inside the image / reading an output pixel) are computed once per tile by a static loop over
+  the taps; a k-step adds the scalar tap offset and tests one bit per row, and the (tap, block)
+  counters advance by compare-and-select. Weight gradient: a per-shape lane table (`_lane_table`,
+  cached) gives each reduction lane its offsets and tap bits; columns are split into (c, p, q) once.
+- forward and data gradient form the product transposed (acc[channel, pixel] = wt[k, channel]^T @
+  gather[k, pixel]) from weights pre-transposed once per call to (B, kh, kw, Cin, Cout) / (B, kh,
+  kw, Cout, Cin), and the weight gradient transposes its g tile, so that the FMA loop reads both
+  operands from shared memory with 16-byte loads (Triton 3.7; 3.6 vectorises fewer of them).
+- 48 channels (mini-ImageNet) run as three 16-wide sub-tiles of one program (NSUB=3) that share each
+  gathered tile: no idle lanes, and every gathered value feeds 48 FMAs.
+- split reductions for the small layers: forward and data gradient over k-steps, weight gradient
+  over pixels, SPLIT chunks on grid axis 2 (= task * SPLIT), so that every layer of the paper's
+  workloads launches >= 2 waves of programs; each chunk writes its own partial and the partials are
+  summed in order afterwards (deterministic: no atomics).
 
 Precision: fp32 inputs accumulate in fp32 with ``input_precision="ieee"`` (strict float32, the
 learner's default) or ``"tf32"`` when ``torch.backends.cudnn.allow_tf32`` is on (config key
 allow_tf32); fp64 accumulates in fp64. Offsets are int32: every tensor must have < 2^31 elements.
-Block sizes: `conv_block_config` (no autotune), so the kernels also run under the Triton interpreter
-(TRITON_INTERPRET=1, CPU tensors; slowly, tests only).
+Block sizes: `conv_block_config` and `wgrad_block_config` (no autotune), so the kernels also run
+under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors; slowly, tests only). At most 32 filter
+taps (one bit each).
 """
 from __future__ import annotations
 
@@ -72,17 +89,20 @@ def _sms(device) -> int:
 
 
 def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, tasks: int, sms: int) -> dict:
-    """Launch configuration of one convolution GEMM (no autotune: it also runs under the interpreter).
+    """Launch configuration of the forward ("fwd") or data gradient ("dgrad") GEMM of one layer (no
+    autotune: it also runs under the interpreter).
 
-    kind "fwd" / "dgrad": rows m (n*Ho*Wo / n*H*W per task) x cols (Co / Ci), reduction kk taps x
-    `chans` channels (Ci / Co) in k-steps of BLOCK_K channels; kind "wgrad": rows Co x cols Ci per tap,
-    reduction `rows`... see `wgrad_block_config`. Returns BLOCK_M, BLOCK_N, BLOCK_K, SPLIT (reduction
-    chunks, each written to its own partial output and summed in order: deterministic), SMALL (the whole
-    reduction in one block: the first layer, <= 32 = Ci*kh*kw) and num_warps.
+    rows m (n*Ho*Wo / n*H*W per task) x cols (Co / Ci), reduction over kk taps x `chans` channels (Ci /
+    Co) in k-steps of BLOCK_K = 16 channels. Returns BLOCK_M (pixels), BLOCK_N (channels) and NSUB
+    (channel sub-tiles per program: 3 at 48 channels, else 1), BLOCK_K, SPLIT and CHUNK (k-steps per
+    chunk; each chunk writes its own partial output, summed in order: deterministic), SMALL (forward
+    only: the whole reduction Ci*kh*kw <= 32 in one block, the first layer) and num_warps.
 
-    Rules: BLOCK_N = `_tile(cols)`; BLOCK_M the largest of 128, 64, 32 whose tiles reach 2 waves of
-    `sms` programs; when even 32-row tiles do not, SPLIT chunks of >= 2 k-steps raise the programs to
-    2 waves (the 7x7 and 3x3 layers). Register and instruction figures: bench/NOTES.md (bench/conv_ptx.py)."""
+    Rules: BLOCK_N = `_tile(cols)`; BLOCK_M the largest of 128, 64 (128 with sub-tiles) whose programs
+    reach 2 waves of `sms`, else the smallest (32, or 512 / BLOCK_N) with SPLIT chunks of >= 2 k-steps
+    raising the programs to 2 waves (the 7x7 and 3x3 layers); warps for ~32 accumulators per thread
+    (16 per sub-tile). The register budget comes from ptxas -v on both Triton versions (bench/NOTES.md,
+    bench/conv_ptx.py): 64 accumulators per thread took 254-255 registers under Triton 3.6."""
     bn = _tile(cols)
     nsub = 3 if bn == 16 and cols % 48 == 0 else 1  # 48 channels: three 16-column sub-tiles per program
     small = kind == "fwd" and chans * kk <= 32
@@ -94,21 +114,32 @@ def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, task
         steps = kk * triton.cdiv(chans, bk)
     want = 2 * sms
     col_tiles = triton.cdiv(cols, bn * nsub) * tasks
-    bm_min = 32 if nsub == 3 else max(32, 1024 // bn)  # >= 32 accumulators per thread (16 x 3 sub-tiles)
-    bm = bm_min
-    for cand in (128, 64):
-        if cand > bm_min and triton.cdiv(rows, cand) * col_tiles >= want:
-            bm = cand
-            break
+    if nsub == 3:
+        # 128 x 16 x 3 at 4 warps (16 accumulators per sub-tile and thread) is the sub-tile shape that
+        # neither spills under Triton 3.6 nor drops below 80% FMAs under 3.7 (64 x 16 x 3 at 2 warps
+        # spilled, 32 x 16 x 3 needs 2 warps to not spill and then reaches ~62%): 128 rows with a split
+        # where that reaches 2 waves, else 32
+        bm = 128 if triton.cdiv(rows, 128) * col_tiles * max(1, steps // 2) >= want else 32
+    else:
+        bm = max(32, 512 // bn)  # >= 16 accumulators per thread
+        for cand in (128, 64):
+            if cand > bm and triton.cdiv(rows, cand) * col_tiles >= want:
+                bm = cand
+                break
     tiles = triton.cdiv(rows, bm) * col_tiles
     split = 1
     if not small and tiles < want:
         split = max(1, min(triton.cdiv(want, tiles), steps // 2))
-    chunk = triton.cdiv(steps, split)
+    chunk = max(2, steps // split) if split > 1 else steps  # rounded down: >= split chunks
     split = triton.cdiv(steps, chunk)
-    # 64 accumulators per thread; 32 per 16-column sub-tile (x NSUB; with one 16-column tile 64
-    # spilled in the data gradient)
-    warps = max(1, bm * bn // (2048 if bn >= 32 else 1024))
+    # accumulators per thread: 32 (16 per 16-column sub-tile); 64 took 254-255 registers under Triton
+    # 3.6 (the device's) and spilled with 16-column sub-tiles (bench/NOTES.md)
+    if small:  # ptxas: 128 x 64 at 4 warps 168 registers (3.6); 128 x 16 x 3 at 4 warps spilled
+        warps = max(1, min(4, bm * bn // 2048)) if nsub == 1 else 8 if bm == 128 else 4
+    else:
+        warps = max(1, bm * bn // (1024 if bn >= 32 else 512))
+        if nsub == 3:
+            warps = max(2, warps)  # 32 x 16 x 3 at one warp spilled 12 bytes in the data gradient (3.6)
     return dict(BLOCK_M=bm, BLOCK_N=bn, NSUB=nsub, BLOCK_K=bk, SPLIT=split, CHUNK=chunk, SMALL=small,
                 num_warps=warps)
 
@@ -138,7 +169,7 @@ def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int
     chunk = max(2 * bk, red // split // bk * bk) if split > 1 else triton.cdiv(red, bk) * bk
     split = triton.cdiv(red, chunk)
     return dict(BLOCK_M=bm, BLOCK_N=bn, NSUB=nsub, BLOCK_K=bk, SPLIT=split, CHUNK=chunk,
-                num_warps=max(1, bm * bn // 2048) if nsub == 1 else 2 if bn >= 64 else 1)  # ptxas: no spills
+                num_warps=max(1, bm * bn // 1024) if nsub == 1 else max(1, bn // 32))  # ptxas: no spills
 
 
 # ------------------------------------------------------------------------------------------------------
