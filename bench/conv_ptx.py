@@ -247,8 +247,17 @@ def main(argv=None) -> int:
     print("| workload | layer | kernel | grid (programs) | waves | config | instrs | FMA | FMA share |"
           " ld.shared (vec) | div/rem | regs | spills |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    workloads = []
     for wname in a.workloads.split(","):
-        wl = workload_by_name(wname)
+        try:
+            workloads.append(workload_by_name(wname))
+        except KeyError:
+            try:
+                workloads.append(workload_by_name(wname, quick=True))
+            except KeyError as e:
+                ap.error(str(e.args[0]))
+    for wl in workloads:
+        wname = wl.name
         for lname, n, ci, co, h, w in conv_layers(wl):
             for what, calls in record_launches(mod, n, ci, co, h, w, wl.batch_size, a.sms, dtype).items():
                 if lname.startswith("L0") and what == "dgrad":
