@@ -327,8 +327,9 @@ def test_triton_conv_launch_paths(case, monkeypatch):
     """Forward, data gradient and weight gradient of the Triton kernels against autograd of per-task
     convolutions, float64, with block configurations forced onto each code path: 48 channels as three
     16-column sub-tiles of one program (NSUB=3) and as three programs (NSUB=1), the weight gradient's
-    48 rows as three 16-row sub-tiles and as one 64-row tile with an idle tail, split reductions (forward/data gradient over
-    (tap, channel-block) steps, weight gradient over pixels) on and off, sub-tiles idle at channel tails,
+    48 rows as three 16-row sub-tiles and as one 64-row tile with an idle tail, split reductions
+    (forward/data gradient over (tap, channel-block) steps, weight gradient over pixels) on and off,
+    sub-tiles idle at channel tails,
     3 input channels in one reduction block (SMALL) and through the tap loop, channel tails (20 = 16 + 4
     input, 17 output channels), stride 2, padding 0."""
     import torch
