@@ -64,24 +64,35 @@ def _recording_launches(store: list):
 
     from mamlpp_fast.triton import conv as tconv
     from mamlpp_fast.triton import per_step_bn as tbn
-    orig_run, orig_bn_cfg, orig_split = JITFunction.run, tbn.bn_block_config, tconv._split_for
-    orig_bn_sms, orig_conv_sms = tbn.num_sms, tconv.num_sms
+    orig_run, orig_bn_cfg = JITFunction.run, tbn.bn_block_config
+    orig_bn_sms = tbn.num_sms
     cuda0 = torch.device("cuda", 0)
+    # the convolution's launch heuristic reads the SM count through `_sms` (its block configurations
+    # take it as an argument); a tree from before the kernel rework split only on CUDA tensors, from
+    # `num_sms` and `_split_for`
+    conv_patches = {"_sms": lambda device: SMS} if hasattr(tconv, "_sms") else {"num_sms": lambda device: SMS}
+    if hasattr(tconv, "_split_for"):
+        orig_split = tconv._split_for
+        conv_patches["_split_for"] = lambda tiles, red, block_r, device: orig_split(tiles, red, block_r, cuda0)
+    conv_saved = {name: getattr(tconv, name) for name in conv_patches}
 
     def run(self, *args, grid, warmup, **kwargs):
         store.append((self, args, kwargs))
         return None
 
     JITFunction.run = run
-    tbn.num_sms = tconv.num_sms = lambda device: SMS
+    tbn.num_sms = lambda device: SMS
     tbn.bn_block_config = lambda M, TC, device: orig_bn_cfg(M, TC, cuda0)
-    tconv._split_for = lambda tiles, red, block_r, device: orig_split(tiles, red, block_r, cuda0)
+    for name, val in conv_patches.items():
+        setattr(tconv, name, val)
     try:
         yield store
     finally:
         JITFunction.run = orig_run
-        tbn.bn_block_config, tconv._split_for = orig_bn_cfg, orig_split
-        tbn.num_sms, tconv.num_sms = orig_bn_sms, orig_conv_sms
+        tbn.bn_block_config = orig_bn_cfg
+        tbn.num_sms = orig_bn_sms
+        for name, val in conv_saved.items():
+            setattr(tconv, name, val)
 
 
 def capture_launches(call, tf32: bool = False) -> list:
