@@ -12,8 +12,9 @@ configuration is then compiled with `triton.compile(ASTSource(...), target=GPUTa
   those, the one with the most FMAs): its instruction count, the FMAs (`fma.rn.f32` / `fma.rn.f64`) and
   their share, shared-memory loads and their vector width, global loads, integer division/remainder;
   with TF32 (`--tf32`), wgmma and ldmatrix counts instead;
-- `ptxas -arch=sm_90a -v` of that PTX (the ptxas on PATH, nvcc 13.0 here): registers per thread, spill
-  stores/loads;
+- `ptxas -arch=sm_90a -v` of that PTX (the ptxas on PATH, nvcc 13.0 here; `--ptxas triton`: the one the
+  installed Triton ships and compiles with on a device, 12.8 for Triton 3.6 and 3.7.1): registers per
+  thread, spill stores/loads;
 - programs per launch and waves = programs / SMs (one CTA per SM assumed: the kernels use > 128
   registers per thread at 4-8 warps).
 
@@ -145,7 +146,7 @@ def compile_ptx(kernel, args, kwargs):
 
     names = kernel.arg_names
     values = dict(zip(names, args))
-    opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
     values.update(kwargs)
     constexprs, signature, attrs = {}, {}, {}
     for i, name in enumerate(names):
@@ -216,11 +217,19 @@ def loop_mix(ins):
                 ldmatrix=sum(1 for x in ins if x.startswith("ldmatrix")))
 
 
-def ptxas(ptx: str):
+def ptxas_path(which: str) -> str:
+    """`which` itself, or for "triton" the ptxas that the installed Triton ships."""
+    if which != "triton":
+        return which
+    import triton
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas")
+
+
+def ptxas(ptx: str, exe: str = "ptxas"):
     with tempfile.TemporaryDirectory() as d:
         f = Path(d) / "k.ptx"
         f.write_text(ptx)
-        proc = subprocess.run(["ptxas", "-arch=sm_90a", "-v", str(f), "-o", str(Path(d) / "k.cubin")],
+        proc = subprocess.run([exe, "-arch=sm_90a", "-v", str(f), "-o", str(Path(d) / "k.cubin")],
                               capture_output=True, text=True)
     text = proc.stdout + proc.stderr
     if proc.returncode != 0:
@@ -230,6 +239,11 @@ def ptxas(ptx: str):
     return dict(regs=regs, spill_st=int(m.group(1)), spill_ld=int(m.group(2)))
 
 
+def triton_version() -> str:
+    import triton
+    return triton.__version__
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", default="omniglot_20w1s,miniimagenet_5w1s")
@@ -237,13 +251,15 @@ def main(argv=None) -> int:
     ap.add_argument("--module", default=None, help="path of a conv.py to measure instead of the package's")
     ap.add_argument("--tf32", action="store_true", help="compile with allow_tf32 (input_precision tf32)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--ptxas", default="ptxas",
+                    help="ptxas to run: a path or name on PATH (default ptxas), or 'triton' for the one Triton ships")
     a = ap.parse_args(argv)
     mod = load_conv_module(a.module)
     torch.backends.cudnn.allow_tf32 = bool(a.tf32)
     dtype = getattr(torch, a.dtype)
     cache: dict = {}
     print(f"# conv kernels, sm_90a, {a.dtype}{' tf32' if a.tf32 else ' strict'}, {a.sms} SMs"
-          f" ({a.module or 'mamlpp_fast/triton/conv.py'})")
+          f" ({a.module or 'mamlpp_fast/triton/conv.py'}; triton {triton_version()}, ptxas {a.ptxas})")
     print("| workload | layer | kernel | grid (programs) | waves | config | instrs | FMA | FMA share |"
           " ld.shared (vec) | div/rem | regs | spills |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -271,12 +287,13 @@ def main(argv=None) -> int:
                         print(f"| {wname} | {lname} | {what} | compile failed: {type(e).__name__}: {e} |")
                         continue
                     if key not in cache:
-                        cache[key] = (loop_mix(innermost_loop(ptx)), ptxas(ptx))
+                        cache[key] = (loop_mix(innermost_loop(ptx)), ptxas(ptx, ptxas_path(a.ptxas)))
                     mix, pv = cache[key]
                     progs = 1
                     for gdim in grid:
                         progs *= gdim
-                    cfg = ",".join(f"{k}={v}" for k, v in sorted(kw.items()) if k.isupper() or k.startswith("num_")
+                    cfg = ",".join(f"{k}={v}" for k, v in sorted(kw.items())
+                                   if k.isupper() or k.startswith("num_") or k == "maxnreg"
                                    if k not in ("KH", "KW", "STRIDE", "PAD", "PREC", "HAS_BIAS"))
                     tc = f"wgmma {mix['wgmma']} ldmatrix {mix['ldmatrix']}" if a.tf32 else f"{mix['fma']}"
                     print(f"| {wname} | {lname} n={n} | {what} | {'x'.join(map(str, grid))} ({progs}) |"

@@ -172,6 +172,26 @@ def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int
                 num_warps=max(1, bm * bn // 1024) if nsub == 1 else max(1, bn // 32))  # ptxas: no spills
 
 
+_TRITON_VERSION = tuple(int(v) for v in triton.__version__.split(".")[:2] if v.isdigit())
+
+
+def _register_cap(cfg: dict) -> dict:
+    """ptxas options of a forward / data-gradient launch: ``maxnreg=128`` (the PTX ``.maxnreg``) under
+    Triton >= 3.7 for the loop kernels with >= 32 accumulators per thread (64 x 64 at 4 warps, 128 x 16 x 3
+    at 4 warps, 32 x 64 at 2 warps), else none.
+
+    Why: for these kernels Triton 3.7.1's PTX leads ptxas (12.8, the one Triton ships, and 13.0) to settle
+    on 96 registers and spill 4-12 bytes; capped at 128 it takes 107-110 with no spill and the same inner
+    loop (82% FMA at 128 x 16 x 3), whereas the way out through the tile (8 warps or 64-row sub-tiles, 16
+    accumulators per thread) costs 16 points of FMA share (66%). Triton 3.6 is left uncapped: its ptxas
+    takes 203-210 registers for 128 x 16 x 3 without spills, and any cap from 128 to 255 made it spill
+    (bench/NOTES.md, cut 3a). tests/test_static_metrics.py checks the installed version for spills."""
+    if _TRITON_VERSION < (3, 7) or cfg.get("SMALL"):
+        return {}
+    accs = cfg["BLOCK_M"] * cfg["BLOCK_N"] * cfg["NSUB"] // (32 * cfg["num_warps"])
+    return {"maxnreg": 128} if accs >= 32 else {}
+
+
 # ------------------------------------------------------------------------------------------------------
 # kernels
 # ------------------------------------------------------------------------------------------------------
@@ -500,7 +520,8 @@ def conv_forward(x, w, bias, meta):
     bias_arg = bias.contiguous() if bias is not None else x
     _conv_fwd_kernel[grid](x, w, bias_arg, out, b, ci, co, h, wd, ho, wo, m, chunk, KH=kh, KW=kw, STRIDE=s,
                            PAD=p, HAS_BIAS=bias is not None, PREC=_precision(x.dtype), SPLIT=split,
-                           EVEN_K=ci % cfg["BLOCK_K"] == 0, EVEN_N=co % (cfg["BLOCK_N"] * cfg["NSUB"]) == 0, **cfg)
+                           EVEN_K=ci % cfg["BLOCK_K"] == 0, EVEN_N=co % (cfg["BLOCK_N"] * cfg["NSUB"]) == 0, **cfg,
+                           **_register_cap(cfg))
     return _reduce_split(out)
 
 
@@ -513,13 +534,14 @@ def conv_data_grad(g, w, meta):
     m = n * h * wd
     cfg = conv_block_config("dgrad", m, ci, co, kh * kw, b, _sms(g.device))
     split, chunk = cfg.pop("SPLIT"), cfg.pop("CHUNK")
+    cap = _register_cap(cfg)
     cfg.pop("SMALL")
     dx = torch.empty(split, n, b * ci, h, wd, device=g.device, dtype=g.dtype)
     _check("conv data gradient", dx[0], split=split)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(ci, cfg["BLOCK_N"] * cfg["NSUB"]), b * split)
     _conv_dgrad_kernel[grid](g, w, dx, b, ci, co, h, wd, ho, wo, m, chunk, KH=kh, KW=kw, STRIDE=s, PAD=p,
                              PREC=_precision(g.dtype), SPLIT=split, EVEN_K=co % cfg["BLOCK_K"] == 0,
-                             EVEN_N=ci % (cfg["BLOCK_N"] * cfg["NSUB"]) == 0, **cfg)
+                             EVEN_N=ci % (cfg["BLOCK_N"] * cfg["NSUB"]) == 0, **cfg, **cap)
     return _reduce_split(dx)
 
 
