@@ -166,7 +166,8 @@ def compile_launch(fn, args, kwargs, arch: int = 90):
     bound, spec, opts = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
     key = (fn.__name__, repr(sorted(signature.items())), repr(sorted(constexprs.items())),
-           repr(sorted((k, repr(v)) for k, v in attrs.items())), options.num_warps, options.num_stages)
+           repr(sorted((k, repr(v)) for k, v in attrs.items())), options.num_warps, options.num_stages,
+           getattr(options, "maxnreg", None))
     ck = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
     return key, ck
 
@@ -320,7 +321,7 @@ def kernel_metrics(calls, tf32_variants: bool = True, tools: dict | None = None,
                 if key in seen:
                     seen[key]["calls"] += 1
                     continue
-                consts = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")}
+                consts = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages", "maxnreg")}
                 row = dict(kernel=fn.__name__, precision="tf32" if tf32 else "fp32",
                            config=consts, call=_call_str(call), calls=1,
                            shared_bytes=int(getattr(ck.metadata, "shared", 0)),
@@ -381,8 +382,8 @@ def _demangle(sym: str) -> str:
 
 # ---- report ---------------------------------------------------------------------------------------------------------
 def _cfg_str(cfg: dict) -> str:
-    keep = ("BLOCK", "BLOCK_M", "BLOCK_N", "BLOCK_K", "CBLOCK", "PBLOCK", "num_warps", "KH", "HAS_U", "HAS_DTHETA",
-            "GAMMA_PER_TASK", "HAS_BIAS")
+    keep = ("BLOCK", "BLOCK_M", "BLOCK_N", "BLOCK_K", "NSUB", "SPLIT", "CBLOCK", "PBLOCK", "num_warps", "maxnreg", "KH",
+            "HAS_U", "HAS_DTHETA", "GAMMA_PER_TASK", "HAS_BIAS")
     return " ".join(f"{k}={cfg[k]}" for k in keep if k in cfg)
 
 
