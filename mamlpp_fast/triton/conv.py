@@ -51,7 +51,8 @@ What keeps the inner loops on FMAs (instruction counts per kernel: bench/conv_pt
 Precision: fp32 inputs accumulate in fp32 with ``input_precision="ieee"`` (strict float32, the
 learner's default) or ``"tf32"`` when ``torch.backends.cudnn.allow_tf32`` is on (config key
 allow_tf32); fp64 accumulates in fp64. Offsets are int32: every tensor must have < 2^31 elements.
-Block sizes: `conv_block_config` and `wgrad_block_config` (no autotune), so the kernels also run
+Block sizes: `conv_block_config` and `wgrad_block_config` (no autotune; ptxas register cap of the
+forward and data gradient under Triton >= 3.7: `_register_cap`), so the kernels also run
 under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors; slowly, tests only). At most 32 filter
 taps (one bit each).
 """
