@@ -64,24 +64,35 @@ def _recording_launches(store: list):
 
     from mamlpp_fast.triton import conv as tconv
     from mamlpp_fast.triton import per_step_bn as tbn
-    orig_run, orig_bn_cfg, orig_split = JITFunction.run, tbn.bn_block_config, tconv._split_for
-    orig_bn_sms, orig_conv_sms = tbn.num_sms, tconv.num_sms
+    orig_run, orig_bn_cfg = JITFunction.run, tbn.bn_block_config
+    orig_bn_sms = tbn.num_sms
     cuda0 = torch.device("cuda", 0)
+    # the convolution's launch heuristic reads the SM count through `_sms` (its block configurations
+    # take it as an argument); a tree from before the kernel rework split only on CUDA tensors, from
+    # `num_sms` and `_split_for`
+    conv_patches = {"_sms": lambda device: SMS} if hasattr(tconv, "_sms") else {"num_sms": lambda device: SMS}
+    if hasattr(tconv, "_split_for"):
+        orig_split = tconv._split_for
+        conv_patches["_split_for"] = lambda tiles, red, block_r, device: orig_split(tiles, red, block_r, cuda0)
+    conv_saved = {name: getattr(tconv, name) for name in conv_patches}
 
     def run(self, *args, grid, warmup, **kwargs):
         store.append((self, args, kwargs))
         return None
 
     JITFunction.run = run
-    tbn.num_sms = tconv.num_sms = lambda device: SMS
+    tbn.num_sms = lambda device: SMS
     tbn.bn_block_config = lambda M, TC, device: orig_bn_cfg(M, TC, cuda0)
-    tconv._split_for = lambda tiles, red, block_r, device: orig_split(tiles, red, block_r, cuda0)
+    for name, val in conv_patches.items():
+        setattr(tconv, name, val)
     try:
         yield store
     finally:
         JITFunction.run = orig_run
-        tbn.bn_block_config, tconv._split_for = orig_bn_cfg, orig_split
-        tbn.num_sms, tconv.num_sms = orig_bn_sms, orig_conv_sms
+        tbn.bn_block_config = orig_bn_cfg
+        tbn.num_sms = orig_bn_sms
+        for name, val in conv_saved.items():
+            setattr(tconv, name, val)
 
 
 def capture_launches(call, tf32: bool = False) -> list:
@@ -155,7 +166,8 @@ def compile_launch(fn, args, kwargs, arch: int = 90):
     bound, spec, opts = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
     key = (fn.__name__, repr(sorted(signature.items())), repr(sorted(constexprs.items())),
-           repr(sorted((k, repr(v)) for k, v in attrs.items())), options.num_warps, options.num_stages)
+           repr(sorted((k, repr(v)) for k, v in attrs.items())), options.num_warps, options.num_stages,
+           getattr(options, "maxnreg", None))
     ck = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
     return key, ck
 
@@ -309,7 +321,7 @@ def kernel_metrics(calls, tf32_variants: bool = True, tools: dict | None = None,
                 if key in seen:
                     seen[key]["calls"] += 1
                     continue
-                consts = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")}
+                consts = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages", "maxnreg")}
                 row = dict(kernel=fn.__name__, precision="tf32" if tf32 else "fp32",
                            config=consts, call=_call_str(call), calls=1,
                            shared_bytes=int(getattr(ck.metadata, "shared", 0)),
@@ -370,8 +382,8 @@ def _demangle(sym: str) -> str:
 
 # ---- report ---------------------------------------------------------------------------------------------------------
 def _cfg_str(cfg: dict) -> str:
-    keep = ("BLOCK", "BLOCK_M", "BLOCK_N", "BLOCK_K", "CBLOCK", "PBLOCK", "num_warps", "KH", "HAS_U", "HAS_DTHETA",
-            "GAMMA_PER_TASK", "HAS_BIAS")
+    keep = ("BLOCK", "BLOCK_M", "BLOCK_N", "BLOCK_K", "NSUB", "SPLIT", "CBLOCK", "PBLOCK", "num_warps", "maxnreg", "KH",
+            "HAS_U", "HAS_DTHETA", "GAMMA_PER_TASK", "HAS_BIAS")
     return " ".join(f"{k}={cfg[k]}" for k in keep if k in cfg)
 
 

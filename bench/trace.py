@@ -23,9 +23,11 @@ one meta-update (second order, MSL, epoch 0, as bench.run measures) while record
   one backward launch for all tensors (one per tensor in trees before that kernel took tuples), one
   dalpha launch and the zero fill of its workspace. Backend `torch`
   runs the ops' aten operations, which are recorded as such.
-- convolutions with conv_impl `triton` (mamlpp_fast/triton/conv.py): one launch per forward, data
-  gradient and weight gradient, plus the sum of the weight gradient's split-K partials when the split is
-  > 1 (split from the kernel's own heuristic with 132 SMs). The other conv_impls are aten operations;
+- convolutions with conv_impl `triton` (mamlpp_fast/triton/conv.py): per forward and data gradient the
+  weight re-layout copy and the main kernel, per weight gradient the main kernel, and for each the sum of
+  the split partials when its split is > 1 (split from the kernels' own `conv_block_config` /
+  `wgrad_block_config` with the trace's SM count, 132 by default); the weight gradient's lane table is
+  cached per shape (not launched in a steady-state meta-update). The other conv_impls are aten operations;
   for `grouped` and `channels_last`, cuDNN's kernels per aten convolution call are modelled as: one
   convolution kernel per computed result (forward; data gradient and weight gradient of
   convolution_backward) plus, for `grouped`, the layout transposes that the 2026-11-26 H100 profile
@@ -396,28 +398,47 @@ def _make_backend(rec: _Recorder):
 
 def _conv_triton_patch(rec: _Recorder):
     """Replacements of mamlpp_fast.triton.conv's three launchers: torch computes (hidden), the record is
-    one Triton kernel launch each (+ the split-K sum of the weight gradient)."""
-    import torch
+    the launches each launcher makes on a GPU with rec.sms SMs, from the kernels' own launch
+    configuration (`conv_block_config` / `wgrad_block_config`):
+
+    - forward / data gradient: the weight re-layout copy (w to (B, kh, kw, Ci, Co) / (B, kh, kw, Co, Ci):
+      reads and writes w), the main kernel (reads x or g, the re-laid weights and the bias, writes SPLIT
+      partial outputs), and when SPLIT > 1 the in-order partial sum (reads SPLIT partials, writes one);
+    - weight gradient: the main kernel (reads x, g and the lane table of 3 int32 per reduction lane,
+      writes SPLIT partials) and the partial sum when SPLIT > 1. The lane table itself is built once per
+      shape and cached, so a steady-state meta-update launches nothing for it (not recorded).
+
+    The main kernels carry all the FLOPs (2 x the MACs: bench/flops.py's count); the copies and sums none.
+    A tree from before the kernel rework (conv_block_config(co, k, red, device)) is not modelled."""
     import torch.nn.functional as F
     from torch.nn.grad import conv2d_input, conv2d_weight
 
-    from mamlpp_fast.triton.conv import conv_block_config
-
-    def _split(tiles, red, block_r):  # mamlpp_fast.triton.conv._split_for on a device with rec.sms SMs
-        want = 2 * rec.sms
-        return max(1, min(math.ceil(want / max(tiles, 1)), math.ceil(red / (4 * block_r)), 64))
+    from mamlpp_fast.triton.conv import conv_block_config, wgrad_block_config
 
     def macs(meta, n):
         b, co, ci, kh, kw, h, wd, ho, wo, s, p = meta
         return n * ho * wo * co * ci * kh * kw * b
 
+    def gemm(kind, name, call, layer, flops, w, operands, out, split):
+        """The re-layout copy (forward / data gradient only), the main kernel, the partial sum."""
+        if w is not None:
+            rec.add(name=f"triton {kind} weight re-layout (aten.copy_)", kind="conv", layer=layer,
+                    bytes=2 * _nbytes(w))
+        rec.add(name=name, kind="conv", layer=layer, flops=flops, tf32_ok=True, call=call,
+                bytes=operands + split * _nbytes(out))
+        if split > 1:
+            rec.add(name="split partial sum (aten.sum)", kind="conv", layer=layer,
+                    bytes=(split + 1) * _nbytes(out))
+
     def fwd(x, w, bias, meta):
         b, co, ci, kh, kw, h, wd, ho, wo, s, p = meta
+        n = x.shape[0]
         with rec.hide():
             out = F.conv2d(x, w.reshape(-1, ci, kh, kw), None if bias is None else bias.reshape(-1), s, p, groups=b)
-        rec.add(name="triton conv_fwd", kind="conv", layer=rec.layer_of([x, out]), flops=2 * macs(meta, x.shape[0]),
-                bytes=sum(_nbytes(t) for t in (x, w, out) if t is not None), tf32_ok=True,
-                call=("conv_forward", tuple(x.shape), meta, bias is not None))
+        cfg = conv_block_config("fwd", n * ho * wo, co, ci, kh * kw, b, rec.sms)
+        gemm("conv_fwd", "triton conv_fwd", ("conv_forward", tuple(x.shape), meta, bias is not None),
+             rec.layer_of([x, out]), 2 * macs(meta, n), w,
+             sum(_nbytes(t) for t in (x, w, bias) if t is not None), out, cfg["SPLIT"])
         return out
 
     def dgrad(g, w, meta):
@@ -425,8 +446,9 @@ def _conv_triton_patch(rec: _Recorder):
         n = g.shape[0]
         with rec.hide():
             dx = conv2d_input((n, b * ci, h, wd), w.reshape(-1, ci, kh, kw), g, s, p, groups=b)
-        rec.add(name="triton conv_dgrad", kind="conv", layer=rec.layer_of([g, dx]), flops=2 * macs(meta, n),
-                bytes=sum(_nbytes(t) for t in (g, w, dx)), tf32_ok=True, call=("conv_data_grad", tuple(g.shape), meta))
+        cfg = conv_block_config("dgrad", n * h * wd, ci, co, kh * kw, b, rec.sms)
+        gemm("conv_dgrad", "triton conv_dgrad", ("conv_data_grad", tuple(g.shape), meta),
+             rec.layer_of([g, dx]), 2 * macs(meta, n), w, _nbytes(g) + _nbytes(w), dx, cfg["SPLIT"])
         return dx
 
     def wgrad(x, g, meta):
@@ -434,19 +456,12 @@ def _conv_triton_patch(rec: _Recorder):
         n = x.shape[0]
         with rec.hide():
             dw = conv2d_weight(x, (b * co, ci, kh, kw), g, s, p, groups=b).view(b, co, ci, kh, kw)
-        k = ci * kh * kw
         red = n * ho * wo
-        cfg = conv_block_config(co, k, red, torch.device("cpu"))
-        tiles = math.ceil(co / cfg["BLOCK_M"]) * math.ceil(k / cfg["BLOCK_N"]) * b
-        split = _split(tiles, red, cfg["BLOCK_K"])
-        chunk = math.ceil(math.ceil(red / split) / cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-        split = math.ceil(red / chunk)
-        layer = rec.layer_of([x, g])
-        ws_bytes = split * _nbytes(dw)
-        rec.add(name="triton conv_wgrad", kind="conv", layer=layer, flops=2 * macs(meta, n),
-                bytes=_nbytes(x) + _nbytes(g) + ws_bytes, tf32_ok=True, call=("conv_weight_grad", tuple(x.shape), meta))
-        if split > 1:
-            rec.add(name="split-K partial sum (aten.sum)", kind="conv", layer=layer, bytes=ws_bytes + _nbytes(dw))
+        cfg = wgrad_block_config(co, ci, kh * kw, red, b, rec.sms)
+        lane_bytes = 3 * red * 4  # the cached lane table, read by every program column
+        gemm("conv_wgrad", "triton conv_wgrad", ("conv_weight_grad", tuple(x.shape), meta),
+             rec.layer_of([x, g]), 2 * macs(meta, n), None, _nbytes(x) + _nbytes(g) + lane_bytes, dw,
+             cfg["SPLIT"])
         return dw
 
     return fwd, dgrad, wgrad

@@ -248,10 +248,20 @@ def test_triton_conv_bad_inputs_and_block_config():
         task_conv2d_triton(x.half(), w.half(), None, 2, (1, 1), (1, 1))
     with pytest.raises(ValueError, match="square stride and padding"):
         task_conv2d_triton(x, w, None, 2, (1, 2), (1, 1))
-    cpu = torch.device("cpu")
-    assert conv_block_config(20 * 196, 64, 576, cpu) == dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=16, num_warps=8)
-    assert conv_block_config(100, 5, 9, cpu) == dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, num_warps=4)
-    assert conv_block_config(10, 64, 576, cpu)["BLOCK_M"] == 16
+    with pytest.raises(ValueError, match="at most 32 filter taps"):
+        task_conv2d_triton(torch.randn(2, 4, 9, 9), torch.randn(2, 3, 2, 7, 7), None, 2, (1, 1), (3, 3))
+    # Omniglot layer 2 (x (20, 512, 14, 14)): 64-row tiles reach 2 waves on 132 SMs without a split
+    assert conv_block_config("fwd", 20 * 196, 64, 64, 9, 8, 132) == dict(
+        BLOCK_M=64, BLOCK_N=64, NSUB=1, BLOCK_K=16, SPLIT=1, CHUNK=36, SMALL=False, num_warps=4)
+    # its 3x3 layer: 32-row tiles and the 36 (tap, channel-block) steps split in 6 chunks
+    cfg = conv_block_config("fwd", 20 * 9, 64, 64, 9, 8, 132)
+    assert (cfg["BLOCK_M"], cfg["SPLIT"], cfg["CHUNK"]) == (32, 6, 6)
+    # the first layer (1 input channel): the whole reduction in one block, no split
+    cfg = conv_block_config("fwd", 20 * 784, 64, 1, 9, 8, 132)
+    assert cfg["SMALL"] and cfg["BLOCK_K"] == 16 and cfg["SPLIT"] == 1
+    # 48 channels: three 16-column sub-tiles per program (no idle lanes)
+    cfg = conv_block_config("dgrad", 75 * 42 * 42, 48, 48, 9, 2, 132)
+    assert (cfg["BLOCK_N"], cfg["NSUB"]) == (16, 3)
 
 
 @inner
@@ -266,3 +276,111 @@ def test_learner_with_triton_convolutions_matches_reference_float64():
                number_of_training_steps_per_iter=2, number_of_evaluation_steps_per_iter=2, conv_impl="triton")
     ref, fast, args = make_pair("float64", "torch", **cfg)
     compare(ref, fast, batch_for(args, 2, seed), 0, "float64", seed)
+
+
+# ---- every launch path of the convolution kernels (forced block configurations) ------------------------
+def _forced(real, over):
+    """A launch heuristic that returns `real`'s configuration with the keys of `over` replaced and the
+    chunking (CHUNK, SPLIT) recomputed for the forced SPLIT and block sizes."""
+    import triton
+
+    def fwd_dgrad(kind, rows, cols, chans, kk, tasks, sms):
+        cfg = real(kind, rows, cols, chans, kk, tasks, sms)
+        cfg.update(over)
+        steps = 1 if cfg["SMALL"] else kk * triton.cdiv(chans, cfg["BLOCK_K"])
+        cfg["CHUNK"] = triton.cdiv(steps, cfg["SPLIT"])
+        cfg["SPLIT"] = triton.cdiv(steps, cfg["CHUNK"])
+        return cfg
+
+    def wgrad(co, ci, kk, red, tasks, sms):
+        cfg = real(co, ci, kk, red, tasks, sms)
+        cfg.update(over)
+        bk = cfg["BLOCK_K"]
+        cfg["CHUNK"] = triton.cdiv(triton.cdiv(red, cfg["SPLIT"]), bk) * bk
+        cfg["SPLIT"] = triton.cdiv(red, cfg["CHUNK"])
+        return cfg
+
+    return fwd_dgrad if real.__name__ == "conv_block_config" else wgrad
+
+
+# (n, B, Cin, Cout, H, k, stride, pad), forward/data-gradient overrides, weight-gradient overrides
+CONV_PATHS = [
+    ((2, 2, 48, 48, 4, 3, 1, 1), dict(BLOCK_M=16, BLOCK_N=16, NSUB=3, SPLIT=1),
+     dict(BLOCK_M=64, BLOCK_N=128, NSUB=1, SPLIT=1)),
+    ((2, 2, 48, 48, 4, 3, 1, 1), dict(BLOCK_M=16, BLOCK_N=16, NSUB=1, SPLIT=4),
+     dict(BLOCK_M=16, BLOCK_N=64, SPLIT=3)),
+    ((3, 2, 3, 5, 7, 3, 2, 1), dict(SPLIT=1), dict(SPLIT=1)),
+    ((2, 1, 3, 48, 5, 3, 1, 1), dict(BLOCK_M=16), {}),
+    ((3, 2, 3, 5, 7, 3, 2, 1), dict(SMALL=False, BLOCK_K=16, BLOCK_M=16, NSUB=1, SPLIT=2),
+     dict(BLOCK_N=16, SPLIT=2)),
+    ((2, 2, 20, 17, 5, 3, 2, 1), dict(BLOCK_M=16, BLOCK_N=16, NSUB=3, SPLIT=5),
+     dict(BLOCK_M=16, BLOCK_N=32, NSUB=3, SPLIT=2)),
+    ((2, 1, 16, 32, 6, 3, 1, 0), dict(BLOCK_M=32, BLOCK_N=32, NSUB=1, SPLIT=1),
+     dict(BLOCK_M=32, BLOCK_N=64, SPLIT=1)),
+]
+CONV_PATH_IDS = ["c48-subtiles-nosplit", "c48-tiles16-split", "cin3-small-s2", "cin3-small-c48-subtiles",
+                 "cin3-taps-s2-split", "tails-subtiles-s2-split5", "pad0-even"]
+
+
+@inner
+@pytest.mark.parametrize("case", CONV_PATHS, ids=CONV_PATH_IDS)
+def test_triton_conv_launch_paths(case, monkeypatch):
+    """Forward, data gradient and weight gradient of the Triton kernels against autograd of per-task
+    convolutions, float64, with block configurations forced onto each code path: 48 channels as three
+    16-column sub-tiles of one program (NSUB=3) and as three programs (NSUB=1), the weight gradient's
+    48 rows as three 16-row sub-tiles and as one 64-row tile with an idle tail, split reductions
+    (forward/data gradient over (tap, channel-block) steps, weight gradient over pixels) on and off,
+    sub-tiles idle at channel tails,
+    3 input channels in one reduction block (SMALL) and through the tap loop, channel tails (20 = 16 + 4
+    input, 17 output channels), stride 2, padding 0."""
+    import torch
+    from test_conv import per_task_reference, rel
+    from mamlpp_fast.triton import conv as C
+
+    shape, over_f, over_w = case
+    monkeypatch.setattr(C, "conv_block_config", _forced(C.conv_block_config, over_f))
+    monkeypatch.setattr(C, "wgrad_block_config", _forced(C.wgrad_block_config, over_w))
+    n, b, ci, co, h, k, s, p = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(n, b * ci, h, h, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(b, co, ci, k, k, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(b, co, generator=gen, dtype=torch.float64)
+    ref = per_task_reference(x, w, bias, b, s, p)
+    gy = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    gx, gw = torch.autograd.grad(ref, (x, w), gy)
+    ho = ref.shape[2]
+    meta = (b, co, ci, k, k, h, h, ho, ho, s, p)
+    got = (C.conv_forward(x.detach(), w.detach(), bias, meta), C.conv_data_grad(gy, w.detach(), meta),
+           C.conv_weight_grad(x.detach(), gy, meta))
+    for name, a, r in zip(("forward", "data gradient", "weight gradient"), got, (ref, gx, gw)):
+        assert a.shape == r.shape and rel(a, r) < 1e-12, f"{name}: {rel(a, r):.3e}"
+
+
+@inner
+def test_triton_conv_launches_fill_two_waves():
+    """Every convolution launch of one meta-update of both paper workloads (support and target sets,
+    forward, data and weight gradients) has >= 2 waves of programs on a 132-SM H100/H200, and the
+    48-channel layers use column tiles that divide 48."""
+    import triton
+    from mamlpp_fast.triton.conv import conv_block_config, wgrad_block_config
+
+    sms = 132
+    for (n_sets, b, c0, filt, hw) in [((20, 20), 8, 1, 64, 28), ((5, 75), 2, 3, 48, 84)]:
+        for n in n_sets:
+            ci, h = c0, hw
+            for _ in range(4):
+                m = n * h * h
+                for kind, cols, chans in (("fwd", filt, ci), ("dgrad", ci, filt)):
+                    if kind == "dgrad" and ci == c0:
+                        continue  # the first layer's input is data: no data gradient
+                    cfg = conv_block_config(kind, m, cols, chans, 9, b, sms)
+                    progs = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(cols, cfg["BLOCK_N"] * cfg["NSUB"])
+                             * b * cfg["SPLIT"])
+                    assert progs >= 2 * sms, (kind, n, ci, h, cfg, progs)
+                    assert cols % (cfg["BLOCK_N"] * cfg["NSUB"]) == 0 or cols < 16, (kind, cols, cfg)
+                cfg = wgrad_block_config(filt, ci, 9, m, b, sms)
+                progs = (triton.cdiv(filt, cfg["BLOCK_M"] * cfg["NSUB"]) * triton.cdiv(ci * 9, cfg["BLOCK_N"])
+                         * b * cfg["SPLIT"])
+                assert filt % (cfg["BLOCK_M"] * cfg["NSUB"]) == 0, ("wgrad", filt, cfg)
+                assert progs >= 2 * sms, ("wgrad", n, ci, h, cfg, progs)
+                ci, h = filt, h // 2

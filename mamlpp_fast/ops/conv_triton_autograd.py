@@ -85,6 +85,8 @@ def task_conv2d_triton(x, w, bias, b, stride, padding):
         raise ValueError(f"triton task_conv2d: square stride and padding only, got {stride}, {padding}")
     n, _, h, wd = x.shape
     _, co, ci, kh, kw = w.shape
+    if kh * kw > 32:
+        raise ValueError(f"triton task_conv2d: at most 32 filter taps (one bit each per row), got {kh}x{kw}")
     s, p = stride[0], padding[0]
     ho, wo = (h + 2 * p - kh) // s + 1, (wd + 2 * p - kw) // s + 1
     meta = (b, co, ci, kh, kw, h, wd, ho, wo, s, p)

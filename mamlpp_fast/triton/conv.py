@@ -23,20 +23,38 @@ convolution is differentiable to any order (MAML++ needs two) with these three k
 Each kernel is one GEMM per task, the task on grid axis 2, the operands gathered from the task-major
 activations on the fly (implicit GEMM: no im2col buffer):
 
-- forward: rows m = (i, y, z) (M = n*L), columns o (Co), reduction k = (c, p, q) (K);
-- data gradient: rows m = (i, h, v) (n*H*W), columns c (Ci), reduction k = (o, p, q) (Co*kh*kw), a
-  term kept only where (h + pad - p) and (v + pad - q) are non-negative multiples of s inside the
-  output;
-- weight gradient: rows o (Co), columns k = (c, p, q) (K), reduction r = (i, y, z) (n*L), split into
-  SPLIT chunks (grid axis 2 = task * SPLIT) so that the few (Co x K) output tiles fill the GPU; each
-  chunk writes its own partial and the partials are summed in order afterwards (deterministic: no
-  atomics).
+- forward: rows m = (i, y, z) (M = n*L), columns o (Co), reduction over k-steps (tap (p, q), block
+  of BLOCK_K input channels), tap-major;
+- data gradient: rows m = (i, h, v) (n*H*W), columns c (Ci), reduction over k-steps (tap, block of
+  output channels), a term kept only where (h + pad - p) and (v + pad - q) are non-negative multiples
+  of s inside the output;
+- weight gradient: rows o (Co), columns k = (c, p, q) (K), reduction r = (i, y, z) (n*L).
+
+What keeps the inner loops on FMAs (instruction counts per kernel: bench/conv_ptx.py, bench/NOTES.md):
+
+- no division in any loop. Forward and data gradient: each row's offset at tap (0, 0) and one bit per
+  tap (inside the image / reading an output pixel) are computed once per tile by a static loop over
+  the taps; a k-step adds the scalar tap offset and tests one bit per row, and the (tap, block)
+  counters advance by compare-and-select. Weight gradient: a per-shape lane table (`_lane_table`,
+  cached) gives each reduction lane its offsets and tap bits; columns are split into (c, p, q) once.
+- forward and data gradient form the product transposed (acc[channel, pixel] = wt[k, channel]^T @
+  gather[k, pixel]) from weights pre-transposed once per call to (B, kh, kw, Cin, Cout) / (B, kh,
+  kw, Cout, Cin), and the weight gradient transposes its g tile, so that the FMA loop reads both
+  operands from shared memory with 16-byte loads (Triton 3.7; 3.6 vectorises fewer of them).
+- 48 channels (mini-ImageNet) run as three 16-wide sub-tiles of one program (NSUB=3) that share each
+  gathered tile: no idle lanes, and every gathered value feeds 48 FMAs.
+- split reductions for the small layers: forward and data gradient over k-steps, weight gradient
+  over pixels, SPLIT chunks on grid axis 2 (= task * SPLIT), so that every layer of the paper's
+  workloads launches >= 2 waves of programs; each chunk writes its own partial and the partials are
+  summed in order afterwards (deterministic: no atomics).
 
 Precision: fp32 inputs accumulate in fp32 with ``input_precision="ieee"`` (strict float32, the
 learner's default) or ``"tf32"`` when ``torch.backends.cudnn.allow_tf32`` is on (config key
 allow_tf32); fp64 accumulates in fp64. Offsets are int32: every tensor must have < 2^31 elements.
-Block sizes: `conv_block_config` (no autotune), so the kernels also run under the Triton interpreter
-(TRITON_INTERPRET=1, CPU tensors; slowly, tests only).
+Block sizes: `conv_block_config` and `wgrad_block_config` (no autotune; ptxas register cap of the
+forward and data gradient under Triton >= 3.7: `_register_cap`), so the kernels also run
+under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors; slowly, tests only). At most 32 filter
+taps (one bit each).
 """
 from __future__ import annotations
 
@@ -47,7 +65,7 @@ import triton.language as tl
 
 from ._device import num_sms
 
-__all__ = ["conv_forward", "conv_data_grad", "conv_weight_grad", "conv_block_config"]
+__all__ = ["conv_forward", "conv_data_grad", "conv_weight_grad", "conv_block_config", "wgrad_block_config"]
 
 
 def _precision(dtype) -> str:
@@ -56,148 +74,370 @@ def _precision(dtype) -> str:
     return "ieee"
 
 
-def conv_block_config(rows: int, cols: int, red: int, device: torch.device) -> dict:
-    """Heuristic "conv_block_config" for a GEMM of rows x cols with reduction length red (per task).
+def _tile(cols: int) -> int:
+    """Column tile: the largest of 64, 32, 16 that divides `cols` (no idle FMA lanes: 48 channels get
+    three tiles of 16), else the next power of two in [16, 64] (masked tail)."""
+    for bn in (64, 32, 16):
+        if cols % bn == 0:
+            return bn
+    return max(16, min(64, triton.next_power_of_2(max(int(cols), 1))))
 
-    BLOCK_N: next power of two of cols in [16, 64] (Co or Ci: 48-64 in the paper's networks, so one
-    column tile); BLOCK_M: 128 rows when there are >= 4 row tiles of 128, else 64 (or down to 16 for
-    tiny problems); BLOCK_K: 16; 8 warps for 128-row tiles, else 4 (tl.dot needs every dimension
-    >= 16). Register cap, from ptxas -v for sm_90a on the kernels Triton 3.8 generates here (no GPU
-    needed; fp32, 3x3, stride 1, default 3 pipeline stages): BLOCK_K=32 used 236 registers per
-    thread for the forward at 128x64 (8 warps) and spilled 72 bytes at 64x64 (4 warps); BLOCK_K=16
-    gives 218 and 224 registers without spills, the data and weight gradients at most 195. The
-    accumulator is BLOCK_M x BLOCK_N fp32 = 32 values per thread in both shapes."""
-    bn = max(16, min(64, triton.next_power_of_2(max(int(cols), 1))))
-    if rows >= 4 * 128:
-        bm = 128
-    elif rows >= 64:
-        bm = 64
+
+def _sms(device) -> int:
+    """Multiprocessors the launch heuristic fills: the device's on CUDA; 4 elsewhere (the interpreter
+    runs one program at a time: few, small programs keep the tests fast)."""
+    return num_sms(device) if device.type == "cuda" else 4
+
+
+def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, tasks: int, sms: int) -> dict:
+    """Launch configuration of the forward ("fwd") or data gradient ("dgrad") GEMM of one layer (no
+    autotune: it also runs under the interpreter).
+
+    rows m (n*Ho*Wo / n*H*W per task) x cols (Co / Ci), reduction over kk taps x `chans` channels (Ci /
+    Co) in k-steps of BLOCK_K = 16 channels. Returns BLOCK_M (pixels), BLOCK_N (channels) and NSUB
+    (channel sub-tiles per program: 3 at 48 channels, else 1), BLOCK_K, SPLIT and CHUNK (k-steps per
+    chunk; each chunk writes its own partial output, summed in order: deterministic), SMALL (forward
+    only: the whole reduction Ci*kh*kw <= 32 in one block, the first layer) and num_warps.
+
+    Rules: BLOCK_N = `_tile(cols)`; BLOCK_M the largest of 128, 64 (128 with sub-tiles) whose programs
+    reach 2 waves of `sms`, else the smallest (32, or 512 / BLOCK_N) with SPLIT chunks of >= 2 k-steps
+    raising the programs to 2 waves (the 7x7 and 3x3 layers); warps for ~32 accumulators per thread
+    (16 per sub-tile). The register budget comes from ptxas -v on both Triton versions (bench/NOTES.md,
+    bench/conv_ptx.py): 64 accumulators per thread took 254-255 registers under Triton 3.6."""
+    bn = _tile(cols)
+    nsub = 3 if bn == 16 and cols % 48 == 0 else 1  # 48 channels: three 16-column sub-tiles per program
+    small = kind == "fwd" and chans * kk <= 32
+    if small:
+        bk = max(16, triton.next_power_of_2(chans * kk))
+        steps = 1
     else:
-        bm = max(16, min(64, triton.next_power_of_2(max(int(rows), 1))))
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=16, num_warps=8 if bm == 128 else 4)
+        bk = 16
+        steps = kk * triton.cdiv(chans, bk)
+    want = 2 * sms
+    col_tiles = triton.cdiv(cols, bn * nsub) * tasks
+    if nsub == 3:
+        # 128 x 16 x 3 at 4 warps (16 accumulators per sub-tile and thread) is the sub-tile shape that
+        # neither spills under Triton 3.6 nor drops below 80% FMAs under 3.7 (64 x 16 x 3 at 2 warps
+        # spilled, 32 x 16 x 3 needs 2 warps to not spill and then reaches ~62%): 128 rows with a split
+        # where that reaches 2 waves, else 32
+        bm = 128 if triton.cdiv(rows, 128) * col_tiles * max(1, steps // 2) >= want else 32
+    else:
+        bm = max(32, 512 // bn)  # >= 16 accumulators per thread
+        for cand in (128, 64):
+            if cand > bm and triton.cdiv(rows, cand) * col_tiles >= want:
+                bm = cand
+                break
+    tiles = triton.cdiv(rows, bm) * col_tiles
+    split = 1
+    if not small and tiles < want:
+        split = max(1, min(triton.cdiv(want, tiles), steps // 2))
+    chunk = max(2, steps // split) if split > 1 else steps  # rounded down: >= split chunks
+    split = triton.cdiv(steps, chunk)
+    # accumulators per thread: 32 (16 per 16-column sub-tile); 64 took 254-255 registers under Triton
+    # 3.6 (the device's) and spilled with 16-column sub-tiles (bench/NOTES.md)
+    if small:  # ptxas: 128 x 64 at 4 warps 168 registers (3.6); 128 x 16 x 3 at 4 warps spilled
+        warps = max(1, min(4, bm * bn // 2048)) if nsub == 1 else 8 if bm == 128 else 4
+    else:
+        warps = max(1, bm * bn // (1024 if bn >= 32 else 512))
+        if nsub == 3:
+            warps = max(2, warps)  # 32 x 16 x 3 at one warp spilled 12 bytes in the data gradient (3.6)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, NSUB=nsub, BLOCK_K=bk, SPLIT=split, CHUNK=chunk, SMALL=small,
+                num_warps=warps)
 
 
-def _split_for(tiles: int, red: int, block_r: int, device: torch.device) -> int:
-    """Chunks of the weight gradient's reduction: enough programs for ~2 per SM, each chunk >= 4 blocks."""
-    if device.type != "cuda":
-        return 1
-    want = 2 * num_sms(device)
-    by_occupancy = triton.cdiv(want, max(tiles, 1))
-    by_work = triton.cdiv(red, 4 * block_r)
-    return max(1, min(by_occupancy, by_work, 64))
+def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int) -> dict:
+    """Launch configuration of the weight gradient: per task a (Co x Ci*kh*kw) output in BLOCK_M x BLOCK_N
+    tiles (BLOCK_M 64 rows of Co, or three 16-row sub-tiles per program (NSUB=3) at 48 channels;
+    BLOCK_N the widest of 128, 64, 32 columns that still reaches 2 waves),
+    reduction over red = n*Ho*Wo in lanes of BLOCK_K = 16, split into SPLIT chunks (multiples of
+    BLOCK_K, >= 2 steps each) so that the programs reach 2 waves of `sms`; each chunk writes its own
+    partial, summed in order afterwards (deterministic)."""
+    k = ci * kk
+    nsub = 3 if co % 48 == 0 and co % 64 != 0 else 1  # 48 rows: three 16-row sub-tiles per program
+    bm = 16 if nsub == 3 else 64 if co > 32 else max(16, triton.next_power_of_2(co))
+    bk = 16
+    want = 2 * sms
+    max_split = max(1, triton.cdiv(red, 2 * bk))
+    for bn in (128, 64, 32):
+        if bn > 32 and bn > max(16, triton.next_power_of_2(k)):
+            continue
+        tiles = triton.cdiv(co, bm * nsub) * triton.cdiv(k, bn) * tasks
+        if tiles * max_split >= want:
+            break
+    bn = min(bn, max(16, triton.next_power_of_2(k)))
+    tiles = triton.cdiv(co, bm * nsub) * triton.cdiv(k, bn) * tasks
+    split = max(1, min(triton.cdiv(want, tiles), max_split))
+    chunk = max(2 * bk, red // split // bk * bk) if split > 1 else triton.cdiv(red, bk) * bk
+    split = triton.cdiv(red, chunk)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, NSUB=nsub, BLOCK_K=bk, SPLIT=split, CHUNK=chunk,
+                num_warps=max(1, bm * bn // 1024) if nsub == 1 else max(1, bn // 32))  # ptxas: no spills
+
+
+_TRITON_VERSION = tuple(int(v) for v in triton.__version__.split(".")[:2] if v.isdigit())
+
+
+def _register_cap(cfg: dict) -> dict:
+    """ptxas options of a forward / data-gradient launch: ``maxnreg=128`` (the PTX ``.maxnreg``) under
+    Triton >= 3.7 for the loop kernels with >= 32 accumulators per thread (64 x 64 at 4 warps, 128 x 16 x 3
+    at 4 warps, 32 x 64 at 2 warps), else none.
+
+    Why: for these kernels Triton 3.7.1's PTX leads ptxas (12.8, the one Triton ships, and 13.0) to settle
+    on 96 registers and spill 4-12 bytes; capped at 128 it takes 107-110 with no spill and the same inner
+    loop (82% FMA at 128 x 16 x 3), whereas the way out through the tile (8 warps or 64-row sub-tiles, 16
+    accumulators per thread) costs 16 points of FMA share (66%). Triton 3.6 is left uncapped: its ptxas
+    takes 203-210 registers for 128 x 16 x 3 without spills, and any cap from 128 to 255 made it spill
+    (bench/NOTES.md, cut 3a). tests/test_static_metrics.py checks the installed version for spills."""
+    if _TRITON_VERSION < (3, 7) or cfg.get("SMALL"):
+        return {}
+    accs = cfg["BLOCK_M"] * cfg["BLOCK_N"] * cfg["NSUB"] // (32 * cfg["num_warps"])
+    return {"maxnreg": 128} if accs >= 32 else {}
 
 
 # ------------------------------------------------------------------------------------------------------
 # kernels
 # ------------------------------------------------------------------------------------------------------
 @triton.jit
-def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, NT, CI, CO, H, W, HO, WO, M,
+def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, NT, CI, CO, H, W, HO, WO, M, CHUNK,
                      KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, PREC: tl.constexpr, SMALL: tl.constexpr, SPLIT: tl.constexpr,
+                     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, NSUB: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[i, t*CO+o, y, z] = bias[t, o] + sum_k x-gather[m, k] * w[t, o, k]; m = i*L + (y*WO + z).
+    """out[s][i, t*CO+o, y, z] = sum over the k-steps of chunk s of x-gather[m, k] * w[t, o, k] (+ bias[t, o]
+    in chunk 0); m = i*L + (y*WO + z).
 
-    The gather offset splits into a row part and a reduction part, x_off = row_base[m] + k_off[k] with
-    row_base = ((i*NT + t)*CI)*H*W + (y*S - PAD)*W + (z*S - PAD) and k_off = c*H*W + p*W + q, so the 2-D
-    work per element is one add for the address and the four padding bounds."""
+    k-steps: (tap, channel block) pairs, tap-major; step kk covers the taps' channels
+    [cb*BLOCK_K, cb*BLOCK_K + BLOCK_K) of tap (p, q). Per step the gather is x_row[m] + (c0*HW + p*W + q)
+    + c*HW: one add per element, the padding mask depends on the row only (4 compares per row), and the
+    (tap, block) counters advance by compare-and-select (no division in the loop). SMALL: the whole
+    reduction K = CI*KH*KW fits one block (the first layer, 1 or 3 input channels): one step, k split
+    into (c, p, q) once."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    t = tl.program_id(2)
+    pid_z = tl.program_id(2)
+    t = pid_z // SPLIT
+    s = pid_z % SPLIT
     L = HO * WO
     HW = H * W
-    K = CI * KH * KW
+    KK: tl.constexpr = KH * KW
     ACC = out_ptr.dtype.element_ty
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n * (NSUB * BLOCK_N) + tl.arange(0, BLOCK_N)  # sub-tile j: offs_n + j*BLOCK_N
+    offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < CO
+    n_ok1 = offs_n + BLOCK_N < CO
+    n_ok2 = offs_n + 2 * BLOCK_N < CO
     i = offs_m // L
-    l_ = offs_m % L
-    ry = (l_ // WO) * STRIDE - PAD
-    rz = (l_ % WO) * STRIDE - PAD
-    row_base = (i * NT + t) * CI * HW + ry * W + rz
-    w_base = w_ptr + (t * CO + offs_n[None, :]) * K
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        c = offs_k // (KH * KW)
-        r = offs_k % (KH * KW)
+    l_ = offs_m - i * L
+    yy = l_ // WO
+    iy0 = yy * STRIDE - PAD
+    iz0 = (l_ - yy * WO) * STRIDE - PAD
+    x_row = (i * NT + t) * CI * HW + iy0 * W + iz0
+    w_task = t * KK * CI * CO  # wt[t, p, q, c, o] (weights pre-transposed: o contiguous)
+    # the product is formed transposed, acc[o, m] = sum_k wt[k, o] * x-gather[k, m]: both operands then sit
+    # in shared memory with the accumulator's contiguous axis fastest (o for the weights, m for the
+    # gather), so the FMA loop reads both with 16-byte shared loads
+    # NSUB = 3 (48 channels): three BLOCK_N = 16 accumulators share each gathered tile, so that every
+    # gathered activation feeds 48 FMAs without idle lanes (a 64-column tile would leave 16 idle)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
+    acc1 = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
+    if SMALL:
+        k_ok = offs_k < CI * KK
+        c = offs_k // KK
+        r = offs_k - c * KK
         kp = r // KW
-        kq = r % KW
-        hy = ry[:, None] + kp[None, :]
-        hz = rz[:, None] + kq[None, :]
-        a_ok = m_ok[:, None] & k_ok[None, :] & (hy >= 0) & (hy < H) & (hz >= 0) & (hz < W)
-        a = tl.load(x_ptr + row_base[:, None] + (c * HW + kp * W + kq)[None, :], mask=a_ok, other=0.0)
-        b = tl.load(w_base + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+        kq = r - kp * KW
+        hy = iy0[None, :] + kp[:, None]
+        hz = iz0[None, :] + kq[:, None]
+        x_ok = m_ok[None, :] & k_ok[:, None] & (hy >= 0) & (hy < H) & (hz >= 0) & (hz < W)
+        xg = tl.load(x_ptr + x_row[None, :] + (c * HW + kp * W + kq)[:, None], mask=x_ok, other=0.0)
+        w_ptrs = w_ptr + w_task + (r * CI + c)[None, :] * CO + offs_n[:, None]
+        wk = tl.load(w_ptrs, mask=k_ok[None, :] & n_ok[:, None], other=0.0)
+        acc += tl.dot(wk, xg, input_precision=PREC, out_dtype=ACC)
+        if NSUB == 3:
+            wk = tl.load(w_ptrs + BLOCK_N, mask=k_ok[None, :] & n_ok1[:, None], other=0.0)
+            acc1 += tl.dot(wk, xg, input_precision=PREC, out_dtype=ACC)
+            wk = tl.load(w_ptrs + 2 * BLOCK_N, mask=k_ok[None, :] & n_ok2[:, None], other=0.0)
+            acc2 += tl.dot(wk, xg, input_precision=PREC, out_dtype=ACC)
+    else:
+        CB = tl.cdiv(CI, BLOCK_K)
+        k0 = s * CHUNK
+        k1 = tl.minimum(k0 + CHUNK, KK * CB)
+        tap = k0 // CB
+        cb = k0 - tap * CB
+        p = tap // KW
+        q = tap - p * KW
+        # per row, one bit per tap: the tap's input pixel is inside the image (static loop over the taps,
+        # once per tile); the loop then tests one bit per row
+        vbits = tl.zeros([BLOCK_M], dtype=tl.int32)
+        for pp in tl.static_range(KH):
+            for qq in tl.static_range(KW):
+                ok = m_ok & (iy0 + pp >= 0) & (iy0 + pp < H) & (iz0 + qq >= 0) & (iz0 + qq < W)
+                vbits = vbits | (ok.to(tl.int32) << (pp * KW + qq))
+        for kk in range(k0, k1):
+            c0 = cb * BLOCK_K
+            row_ok = ((vbits >> tap) & 1) != 0
+            x_ptrs = x_ptr + (x_row + (c0 * HW + p * W + q))[None, :] + (offs_k * HW)[:, None]
+            w_ptrs = w_ptr + (w_task + (tap * CI + c0) * CO + offs_n)[:, None] + (offs_k * CO)[None, :]
+            if EVEN_K:
+                xg = tl.load(x_ptrs, mask=row_ok[None, :], other=0.0)
+                c_ok = offs_k < BLOCK_K
+            else:
+                c_ok = offs_k < CI - c0
+                xg = tl.load(x_ptrs, mask=row_ok[None, :] & c_ok[:, None], other=0.0)
+            if EVEN_K and EVEN_N:
+                wk = tl.load(w_ptrs)
+            else:
+                wk = tl.load(w_ptrs, mask=c_ok[None, :] & n_ok[:, None], other=0.0)
+            acc += tl.dot(wk, xg, input_precision=PREC, out_dtype=ACC)
+            if NSUB == 3:
+                if EVEN_K and EVEN_N:
+                    wk = tl.load(w_ptrs + BLOCK_N)
+                else:
+                    wk = tl.load(w_ptrs + BLOCK_N, mask=c_ok[None, :] & n_ok1[:, None], other=0.0)
+                acc1 += tl.dot(wk, xg, input_precision=PREC, out_dtype=ACC)
+                if EVEN_K and EVEN_N:
+                    wk = tl.load(w_ptrs + 2 * BLOCK_N)
+                else:
+                    wk = tl.load(w_ptrs + 2 * BLOCK_N, mask=c_ok[None, :] & n_ok2[:, None], other=0.0)
+                acc2 += tl.dot(wk, xg, input_precision=PREC, out_dtype=ACC)
+            cb += 1
+            wrap = cb == CB
+            cb = tl.where(wrap, 0, cb)
+            tap += wrap.to(tl.int32)
+            q += wrap.to(tl.int32)
+            wq = q == KW
+            q = tl.where(wq, 0, q)
+            p += wq.to(tl.int32)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + t * CO + offs_n, mask=n_ok, other=0.0)[None, :]
-    o_off = ((i * NT + t) * CO * L + l_)[:, None] + (offs_n * L)[None, :]
-    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        acc += tl.load(b_ptr + t * CO + offs_n, mask=n_ok & (s == 0), other=0.0)[:, None]
+        if NSUB == 3:
+            acc1 += tl.load(b_ptr + t * CO + BLOCK_N + offs_n, mask=n_ok1 & (s == 0), other=0.0)[:, None]
+            acc2 += tl.load(b_ptr + t * CO + 2 * BLOCK_N + offs_n, mask=n_ok2 & (s == 0), other=0.0)[:, None]
+    o_ptrs = out_ptr + (s * NT * CO * M + (i * NT + t) * CO * L + l_)[None, :] + (offs_n * L)[:, None]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
+    if NSUB == 3:
+        tl.store(o_ptrs + BLOCK_N * L, acc1.to(out_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok1[:, None])
+        tl.store(o_ptrs + 2 * BLOCK_N * L, acc2.to(out_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok2[:, None])
 
 
 @triton.jit
-def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, NT, CI, CO, H, W, HO, WO, M,
+def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, NT, CI, CO, H, W, HO, WO, M, CHUNK,
                        KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-                       PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dx[i, t*CI+c, h, v] = sum_k g-gather[m, k] * w[t, o, c, p, q]; m = i*H*W + h*W + v, k = (o, p, q).
+                       PREC: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+                       NSUB: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dx[s][i, t*CI+c, h, v] = sum over the k-steps of chunk s of g-gather[m, k] * w[t, o, c, p, q];
+    m = i*H*W + h*W + v, k-steps (tap, output-channel block) as in the forward.
 
-    The term (o, p, q) reads g at y = (h + PAD - p) / S, z = (v + PAD - q) / S, kept when both are
-    integers inside the output. With S = 1 the offset splits like the forward's:
-    g_off = ((i*NT + t)*CO)*L + (h + PAD)*WO + (v + PAD) + [o*L - p*WO - q]."""
+    The term of tap (p, q) reads g at y = (h + PAD - p) / S, z = (v + PAD - q) / S, kept when both are
+    integers inside the output: a per-row base and mask per step (with S > 1 the divisibility test and
+    the division are by the compile-time stride, per row)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    t = tl.program_id(2)
+    pid_z = tl.program_id(2)
+    t = pid_z // SPLIT
+    s = pid_z % SPLIT
     HW = H * W
     L = HO * WO
-    KK = KH * KW
-    K = CO * KK
+    KK: tl.constexpr = KH * KW
     ACC = dx_ptr.dtype.element_ty
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channel c
+    offs_n = pid_n * (NSUB * BLOCK_N) + tl.arange(0, BLOCK_N)  # input channel c (sub-tile j: + j*BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)  # output channel o within the block
     m_ok = offs_m < M
     n_ok = offs_n < CI
+    n_ok1 = offs_n + BLOCK_N < CI
+    n_ok2 = offs_n + 2 * BLOCK_N < CI
     i = offs_m // HW
-    hw = offs_m % HW
-    ry = hw // W + PAD
-    rz = hw % W + PAD
+    hw = offs_m - i * HW
+    hh = hw // W
+    ny0 = hh + PAD
+    nz0 = hw - hh * W + PAD
     g_row = (i * NT + t) * CO * L
-    w_base = w_ptr + t * CO * CI * KK + offs_n[None, :] * KK
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        o = offs_k // KK
-        r = offs_k % KK
-        kp = r // KW
-        kq = r % KW
-        ny = ry[:, None] - kp[None, :]
-        nz = rz[:, None] - kq[None, :]
-        if STRIDE == 1:
-            a_ok = m_ok[:, None] & k_ok[None, :] & (ny >= 0) & (ny < HO) & (nz >= 0) & (nz < WO)
-            a_off = (g_row + ry * WO + rz)[:, None] + (o * L - kp * WO - kq)[None, :]
-        else:
-            ny_c = tl.maximum(ny, 0)  # non-negative before // and % (no reliance on rounding of negatives)
+    w_task = t * KK * CO * CI  # wt[t, p, q, o, c] (weights pre-transposed: c contiguous)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)  # transposed, acc[c, m], as in the forward
+    acc1 = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)  # NSUB = 3: sub-tiles as in the forward
+    acc2 = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
+    CB = tl.cdiv(CO, BLOCK_K)
+    k0 = s * CHUNK
+    k1 = tl.minimum(k0 + CHUNK, KK * CB)
+    tap = k0 // CB
+    cb = k0 - tap * CB
+    p = tap // KW
+    q = tap - p * KW
+    # per row, one bit per tap: the tap reads an output pixel (static loop over the taps, once per tile)
+    vbits = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for pp in tl.static_range(KH):
+        for qq in tl.static_range(KW):
+            ny = ny0 - pp
+            nz = nz0 - qq
+            ny_c = tl.maximum(ny, 0)  # non-negative before // (no reliance on rounding of negatives)
             nz_c = tl.maximum(nz, 0)
-            y = ny_c // STRIDE
-            z = nz_c // STRIDE
-            a_ok = (m_ok[:, None] & k_ok[None, :] & (ny >= 0) & (nz >= 0) & (ny_c % STRIDE == 0)
-                    & (nz_c % STRIDE == 0) & (y < HO) & (z < WO))
-            a_off = g_row[:, None] + (o * L)[None, :] + y * WO + z
-        a = tl.load(g_ptr + a_off, mask=a_ok, other=0.0)
-        b = tl.load(w_base + (o * CI * KK + r)[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
-    o_off = ((i * NT + t) * CI * HW + hw)[:, None] + (offs_n * HW)[None, :]
-    tl.store(dx_ptr + o_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+            ok = (m_ok & (ny >= 0) & (nz >= 0) & (ny_c - (ny_c // STRIDE) * STRIDE == 0)
+                  & (nz_c - (nz_c // STRIDE) * STRIDE == 0) & (ny_c // STRIDE < HO) & (nz_c // STRIDE < WO))
+            vbits = vbits | (ok.to(tl.int32) << (pp * KW + qq))
+    g_base = g_row + ny0 * WO + nz0
+    for kk in range(k0, k1):
+        o0 = cb * BLOCK_K
+        row_ok = ((vbits >> tap) & 1) != 0
+        if STRIDE == 1:
+            a_row = g_base - (p * WO + q)
+        else:  # the compile-time stride divides the row's (h + PAD - p), (v + PAD - q) where the bit is set
+            a_row = g_row + (tl.maximum(ny0 - p, 0) // STRIDE) * WO + tl.maximum(nz0 - q, 0) // STRIDE
+        g_ptrs = g_ptr + (a_row + o0 * L)[None, :] + (offs_k * L)[:, None]
+        w_ptrs = w_ptr + (w_task + (tap * CO + o0) * CI + offs_n)[:, None] + (offs_k * CI)[None, :]
+        if EVEN_K:
+            gg = tl.load(g_ptrs, mask=row_ok[None, :], other=0.0)
+            o_ok = offs_k < BLOCK_K
+        else:
+            o_ok = offs_k < CO - o0
+            gg = tl.load(g_ptrs, mask=row_ok[None, :] & o_ok[:, None], other=0.0)
+        if EVEN_K and EVEN_N:
+            wk = tl.load(w_ptrs)
+        else:
+            wk = tl.load(w_ptrs, mask=o_ok[None, :] & n_ok[:, None], other=0.0)
+        acc += tl.dot(wk, gg, input_precision=PREC, out_dtype=ACC)
+        if NSUB == 3:
+            if EVEN_K and EVEN_N:
+                wk = tl.load(w_ptrs + BLOCK_N)
+            else:
+                wk = tl.load(w_ptrs + BLOCK_N, mask=o_ok[None, :] & n_ok1[:, None], other=0.0)
+            acc1 += tl.dot(wk, gg, input_precision=PREC, out_dtype=ACC)
+            if EVEN_K and EVEN_N:
+                wk = tl.load(w_ptrs + 2 * BLOCK_N)
+            else:
+                wk = tl.load(w_ptrs + 2 * BLOCK_N, mask=o_ok[None, :] & n_ok2[:, None], other=0.0)
+            acc2 += tl.dot(wk, gg, input_precision=PREC, out_dtype=ACC)
+        cb += 1
+        wrap = cb == CB
+        cb = tl.where(wrap, 0, cb)
+        tap += wrap.to(tl.int32)
+        q += wrap.to(tl.int32)
+        wq = q == KW
+        q = tl.where(wq, 0, q)
+        p += wq.to(tl.int32)
+    o_ptrs = dx_ptr + (s * NT * CI * M + (i * NT + t) * CI * HW + hw)[None, :] + (offs_n * HW)[:, None]
+    tl.store(o_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
+    if NSUB == 3:
+        tl.store(o_ptrs + BLOCK_N * HW, acc1.to(dx_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok1[:, None])
+        tl.store(o_ptrs + 2 * BLOCK_N * HW, acc2.to(dx_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok2[:, None])
 
 
 @triton.jit
-def _conv_wgrad_kernel(x_ptr, g_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO, R, CHUNK, SPLIT,
+def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO, R, CHUNK,
                        KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-                       PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """ws[s, t, o, k] = sum over r in chunk s of g[i, t*CO+o, y, z] * x-gather[r, k]; r = i*L + y*WO + z.
-    Offsets split into row and column parts as in the forward."""
+                       PREC: tl.constexpr, SPLIT: tl.constexpr, NSUB: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """ws[s, t, o, k] = sum over r in chunk s of g[i, t*CO+o, y, z] * X[i, t*CI+c, y*S+p-PAD, z*S+q-PAD];
+    k = (c, p, q) (the weight's own layout), r = i*L + y*WO + z.
+
+    Columns: k is split into (c, p, q) once per program (column offset c*HW + p*W + q and the tap's bit
+    p*KW + q). Reduction lanes: a per-shape table (`_lane_table`, built once and cached) holds for every
+    r its g offset, its x offset at tap (0, 0) and one bit per tap that is inside the image, so the loop
+    has no division and per element one add (address) and one bit test (padding mask). NSUB = 3 (48
+    output channels): three BLOCK_M = 16 row sub-tiles share each gathered x tile."""
     pid_m = tl.program_id(0)  # o tile
     pid_n = tl.program_id(1)  # k tile
     pid_z = tl.program_id(2)
@@ -205,79 +445,134 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO, R, CHUNK,
     s = pid_z % SPLIT
     L = HO * WO
     HW = H * W
-    K = CI * KH * KW
+    KK: tl.constexpr = KH * KW
+    K = CI * KK
     ACC = ws_ptr.dtype.element_ty
-    offs_o = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_o = pid_m * (NSUB * BLOCK_M) + tl.arange(0, BLOCK_M)  # sub-tile j: offs_o + j*BLOCK_M
     offs_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o_ok = offs_o < CO
+    o_ok1 = offs_o + BLOCK_M < CO
+    o_ok2 = offs_o + 2 * BLOCK_M < CO
     k_ok = offs_k < K
-    c = offs_k // (KH * KW)
-    rr = offs_k % (KH * KW)
-    kp = rr // KW
-    kq = rr % KW
-    x_col = c * HW + kp * W + kq
+    kc = offs_k // KK  # once per program
+    kr = offs_k - kc * KK
+    kp = kr // KW
+    x_k = t * CI * HW + kc * HW + kp * W + (kr - kp * KW)
+    g_o = t * CO * L + offs_o * L
+    r0 = s * CHUNK
+    r1 = tl.minimum(r0 + CHUNK, R)
+    lanes = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    start = s * CHUNK
-    for r0 in range(start, start + CHUNK, BLOCK_K):
-        offs_r = r0 + tl.arange(0, BLOCK_K)
-        r_ok = (offs_r < R) & (offs_r < start + CHUNK)
-        i = offs_r // L
-        l_ = offs_r % L
-        ry = (l_ // WO) * STRIDE - PAD
-        rz = (l_ % WO) * STRIDE - PAD
-        a_off = ((i * NT + t) * CO * L + l_)[None, :] + (offs_o * L)[:, None]
-        a = tl.load(g_ptr + a_off, mask=o_ok[:, None] & r_ok[None, :], other=0.0)
-        hy = ry[:, None] + kp[None, :]
-        hz = rz[:, None] + kq[None, :]
-        b_ok = r_ok[:, None] & k_ok[None, :] & (hy >= 0) & (hy < H) & (hz >= 0) & (hz < W)
-        b_off = ((i * NT + t) * CI * HW + ry * W + rz)[:, None] + x_col[None, :]
-        b = tl.load(x_ptr + b_off, mask=b_ok, other=0.0)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    for rs in range(r0, r1, BLOCK_K):
+        r_ok = lanes < r1 - rs
+        g_r = tl.load(lane_ptr + rs + lanes, mask=r_ok, other=0)
+        x_r = tl.load(lane_ptr + R + rs + lanes, mask=r_ok, other=0)
+        v_r = tl.load(lane_ptr + 2 * R + rs + lanes, mask=r_ok, other=0)  # 0 past the end: all masked
+        # g loaded as [r, o] and transposed: the operand then sits in shared memory with o fastest, and
+        # the FMA loop reads it with 16-byte shared loads
+        g_ptrs = g_ptr + g_r[:, None] + g_o[None, :]
+        a = tl.trans(tl.load(g_ptrs, mask=o_ok[None, :] & r_ok[:, None], other=0.0))
+        b_ok = ((v_r[:, None] >> kr[None, :]) & 1) != 0
+        b = tl.load(x_ptr + x_r[:, None] + x_k[None, :], mask=b_ok & k_ok[None, :], other=0.0)
         acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
-    w_off = ((s * NT + t) * CO + offs_o[:, None]) * K + offs_k[None, :]
-    tl.store(ws_ptr + w_off, acc.to(ws_ptr.dtype.element_ty), mask=o_ok[:, None] & k_ok[None, :])
+        if NSUB == 3:
+            a = tl.trans(tl.load(g_ptrs + BLOCK_M * L, mask=o_ok1[None, :] & r_ok[:, None], other=0.0))
+            acc1 += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+            a = tl.trans(tl.load(g_ptrs + 2 * BLOCK_M * L, mask=o_ok2[None, :] & r_ok[:, None], other=0.0))
+            acc2 += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+    w_ptrs = ws_ptr + ((s * NT + t) * CO + offs_o[:, None]) * K + offs_k[None, :]
+    tl.store(w_ptrs, acc.to(ws_ptr.dtype.element_ty), mask=o_ok[:, None] & k_ok[None, :])
+    if NSUB == 3:
+        tl.store(w_ptrs + BLOCK_M * K, acc1.to(ws_ptr.dtype.element_ty), mask=o_ok1[:, None] & k_ok[None, :])
+        tl.store(w_ptrs + 2 * BLOCK_M * K, acc2.to(ws_ptr.dtype.element_ty), mask=o_ok2[:, None] & k_ok[None, :])
 
 
 # ------------------------------------------------------------------------------------------------------
 # launchers (plain tensors, no autograd)
 # ------------------------------------------------------------------------------------------------------
-def _check(name, *tensors):
+def _check(name, *tensors, split=1):
     for t in tensors:
-        if t.numel() >= 2 ** 31:
+        if t.numel() * split >= 2 ** 31:
             raise ValueError(f"triton {name}: tensors of >= 2^31 elements are not supported (int32 offsets), "
-                             f"got shape {tuple(t.shape)}")
+                             f"got shape {tuple(t.shape)}" + (f" x {split} partial sums" if split > 1 else ""))
         if t.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"triton {name}: float32 or float64 tensors only, got {t.dtype}")
+
+
+def _reduce_split(ws):
+    """The partial sums of a split reduction, added in order (deterministic: no atomics)."""
+    return ws[0] if ws.shape[0] == 1 else ws.sum(0)
 
 
 def conv_forward(x, w, bias, meta):
     """F(x, w) + bias. x (n, B*Ci, H, W), w (B, Co, Ci, kh, kw), bias (B, Co) or None."""
     b, co, ci, kh, kw, h, wd, ho, wo, s, p = meta
-    x, w = x.contiguous(), w.contiguous()
+    x, w = x.contiguous(), w.permute(0, 3, 4, 2, 1).contiguous()  # (B, kh, kw, Ci, Co): vector loads along Co
     _check("conv forward", x, w)
     n = x.shape[0]
-    out = torch.empty(n, b * co, ho, wo, device=x.device, dtype=x.dtype)
     m = n * ho * wo
-    cfg = conv_block_config(m, co, ci * kh * kw, x.device)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(co, cfg["BLOCK_N"]), b)
+    cfg = conv_block_config("fwd", m, co, ci, kh * kw, b, _sms(x.device))
+    split, chunk = cfg.pop("SPLIT"), cfg.pop("CHUNK")
+    out = torch.empty(split, n, b * co, ho, wo, device=x.device, dtype=x.dtype)
+    _check("conv forward", out[0], split=split)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(co, cfg["BLOCK_N"] * cfg["NSUB"]), b * split)
     bias_arg = bias.contiguous() if bias is not None else x
-    _conv_fwd_kernel[grid](x, w, bias_arg, out, b, ci, co, h, wd, ho, wo, m, KH=kh, KW=kw, STRIDE=s, PAD=p,
-                           HAS_BIAS=bias is not None, PREC=_precision(x.dtype), **cfg)
-    return out
+    _conv_fwd_kernel[grid](x, w, bias_arg, out, b, ci, co, h, wd, ho, wo, m, chunk, KH=kh, KW=kw, STRIDE=s,
+                           PAD=p, HAS_BIAS=bias is not None, PREC=_precision(x.dtype), SPLIT=split,
+                           EVEN_K=ci % cfg["BLOCK_K"] == 0, EVEN_N=co % (cfg["BLOCK_N"] * cfg["NSUB"]) == 0, **cfg,
+                           **_register_cap(cfg))
+    return _reduce_split(out)
 
 
 def conv_data_grad(g, w, meta):
     """D(g, w): g (n, B*Co, Ho, Wo) -> (n, B*Ci, H, W)."""
     b, co, ci, kh, kw, h, wd, ho, wo, s, p = meta
-    g, w = g.contiguous(), w.contiguous()
+    g, w = g.contiguous(), w.permute(0, 3, 4, 1, 2).contiguous()  # (B, kh, kw, Co, Ci): vector loads along Ci
     _check("conv data gradient", g, w)
     n = g.shape[0]
-    dx = torch.empty(n, b * ci, h, wd, device=g.device, dtype=g.dtype)
     m = n * h * wd
-    cfg = conv_block_config(m, ci, co * kh * kw, g.device)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(ci, cfg["BLOCK_N"]), b)
-    _conv_dgrad_kernel[grid](g, w, dx, b, ci, co, h, wd, ho, wo, m, KH=kh, KW=kw, STRIDE=s, PAD=p,
-                             PREC=_precision(g.dtype), **cfg)
-    return dx
+    cfg = conv_block_config("dgrad", m, ci, co, kh * kw, b, _sms(g.device))
+    split, chunk = cfg.pop("SPLIT"), cfg.pop("CHUNK")
+    cap = _register_cap(cfg)
+    cfg.pop("SMALL")
+    dx = torch.empty(split, n, b * ci, h, wd, device=g.device, dtype=g.dtype)
+    _check("conv data gradient", dx[0], split=split)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(ci, cfg["BLOCK_N"] * cfg["NSUB"]), b * split)
+    _conv_dgrad_kernel[grid](g, w, dx, b, ci, co, h, wd, ho, wo, m, chunk, KH=kh, KW=kw, STRIDE=s, PAD=p,
+                             PREC=_precision(g.dtype), SPLIT=split, EVEN_K=co % cfg["BLOCK_K"] == 0,
+                             EVEN_N=ci % (cfg["BLOCK_N"] * cfg["NSUB"]) == 0, **cfg, **cap)
+    return _reduce_split(dx)
+
+
+_lane_tables: dict = {}
+
+
+def _lane_table(n, meta, device):
+    """(3, n*Ho*Wo) int32 per reduction lane r = (i, y, z) of the weight gradient: the g offset
+    i*B*Co*L + y*Wo + z, the x offset i*B*Ci*H*W + (y*s - pad)*W + (z*s - pad) of tap (0, 0), and bit
+    p*kw + q set when tap (p, q) reads inside the image. Depends on the shape only: built once per shape
+    and device and cached (not while a CUDA graph is being captured, so that no cached tensor lives in a
+    graph's private pool)."""
+    b, co, ci, kh, kw, h, wd, ho, wo, s, p = meta
+    key = (n, meta, str(device))
+    hit = _lane_tables.get(key)
+    if hit is not None:
+        return hit
+    r = torch.arange(n * ho * wo, device=device, dtype=torch.int64)
+    i, l_ = r // (ho * wo), r % (ho * wo)
+    ly, lz = (l_ // wo) * s - p, (l_ % wo) * s - p
+    bits = torch.zeros_like(r)
+    for pp in range(kh):
+        for qq in range(kw):
+            ok = (ly + pp >= 0) & (ly + pp < h) & (lz + qq >= 0) & (lz + qq < wd)
+            bits |= ok.to(torch.int64) << (pp * kw + qq)
+    table = torch.stack([i * b * co * ho * wo + l_, i * b * ci * h * wd + ly * wd + lz, bits]).to(torch.int32)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if not capturing:
+        _lane_tables[key] = table
+    return table
 
 
 def conv_weight_grad(x, g, meta):
@@ -286,16 +581,13 @@ def conv_weight_grad(x, g, meta):
     x, g = x.contiguous(), g.contiguous()
     _check("conv weight gradient", x, g)
     n = x.shape[0]
-    k = ci * kh * kw
     red = n * ho * wo
-    cfg = conv_block_config(co, k, red, x.device)
-    tiles = triton.cdiv(co, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_N"]) * b
-    split = _split_for(tiles, red, cfg["BLOCK_K"], x.device)
-    chunk = triton.cdiv(triton.cdiv(red, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-    split = triton.cdiv(red, chunk)
-    ws = torch.empty(split, b, co, k, device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(co, cfg["BLOCK_M"]), triton.cdiv(k, cfg["BLOCK_N"]), b * split)
-    _conv_wgrad_kernel[grid](x, g, ws, b, ci, co, h, wd, ho, wo, red, chunk, split, KH=kh, KW=kw, STRIDE=s,
-                             PAD=p, PREC=_precision(x.dtype), **cfg)
-    dw = ws[0] if split == 1 else ws.sum(0)
-    return dw.view(b, co, ci, kh, kw)
+    cfg = wgrad_block_config(co, ci, kh * kw, red, b, _sms(x.device))
+    split, chunk = cfg.pop("SPLIT"), cfg.pop("CHUNK")
+    ws = torch.empty(split, b, co, ci, kh, kw, device=x.device, dtype=x.dtype)
+    _check("conv weight gradient", ws)
+    grid = (triton.cdiv(co, cfg["BLOCK_M"] * cfg["NSUB"]), triton.cdiv(ci * kh * kw, cfg["BLOCK_N"]), b * split)
+    lanes = _lane_table(n, meta, x.device)
+    _conv_wgrad_kernel[grid](x, g, lanes, ws, b, ci, co, h, wd, ho, wo, red, chunk, KH=kh, KW=kw, STRIDE=s,
+                             PAD=p, PREC=_precision(x.dtype), SPLIT=split, **cfg)
+    return _reduce_split(ws)

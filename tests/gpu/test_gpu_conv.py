@@ -29,8 +29,10 @@ def strict_fp32():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("impl", CONV_IMPLS)
-@pytest.mark.parametrize("shape", SHAPES + [(20, 8, 64, 64, 14, 3, 1, 1), (20, 8, 1, 64, 28, 3, 1, 1)],
-                         ids=[str(s) for s in SHAPES] + ["omniglot-layer2", "omniglot-layer1"])
+@pytest.mark.parametrize("shape", SHAPES + [(20, 8, 64, 64, 14, 3, 1, 1), (20, 8, 1, 64, 28, 3, 1, 1),
+                                    (5, 2, 48, 48, 21, 3, 1, 1), (5, 2, 3, 48, 42, 3, 1, 1)],
+                         ids=[str(s) for s in SHAPES] + ["omniglot-layer2", "omniglot-layer1",
+                                                         "miniimagenet-layer3", "miniimagenet-layer1-half"])
 def test_matches_per_task_convolutions_on_cuda(impl, shape, dtype):
     seed = fresh_seed()
     x, w, bias, b, s, p = make_inputs(shape, torch.float64, seed, device="cuda")
