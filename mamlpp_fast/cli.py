@@ -170,11 +170,27 @@ def _configure_logging(verbosity: int) -> None:
     the root logger are left alone."""
     log = logging.getLogger("mamlpp_fast")
     log.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO if verbosity == 1 else logging.WARNING)
-    if not any(getattr(h, "_mamlpp_cli", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
-        handler._mamlpp_cli = True  # type: ignore[attr-defined]
         log.addHandler(handler)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler that writes to whatever sys.stderr is when a record is emitted (not the stream of the
+    moment it was made: main() may run several times in one process, e.g. under a test runner that swaps
+    sys.stderr, and a handler holding an old, closed stream would fail)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ and setStream assign it; the property always reads sys.stderr
+        pass
 
 
 def _resolve_command(argv: list[str]) -> list[str]:

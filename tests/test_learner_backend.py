@@ -104,3 +104,27 @@ def test_inner_loop_bn_with_one_fixed_parameter_runs_on_the_native_backend(fixed
         # steps of at most the learning rate, so they are compared to a bound far below one step
         tol = 1e-3 * step if key.endswith(("conv.bias", "conv-bias")) else 1e-9 * max(float(want.abs().max()), 1.0)
         assert float((fast.state_dict()[key] - want).abs().max()) <= tol, key
+
+
+def test_cli_log_handler_follows_the_current_stderr(monkeypatch):
+    """main() may run several times in one process (tests, notebooks) with sys.stderr swapped in between: the
+    one handler the CLI installs writes to the stderr of the moment, never to a stream that has been closed."""
+    import io
+    import logging
+
+    from mamlpp_fast import cli
+    log = logging.getLogger("mamlpp_fast")
+    saved = (log.level, list(log.handlers))
+    try:
+        first = io.StringIO()
+        monkeypatch.setattr("sys.stderr", first)
+        cli._configure_logging(1)
+        first.close()
+        second = io.StringIO()
+        monkeypatch.setattr("sys.stderr", second)
+        cli._configure_logging(1)
+        log.info("after the swap")
+        assert second.getvalue() == "mamlpp: after the swap\n"
+    finally:
+        log.setLevel(saved[0])
+        log.handlers[:] = saved[1]
