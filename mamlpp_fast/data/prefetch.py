@@ -134,6 +134,11 @@ def task_batch_loader(dataset: TaskBatchDataset, num_workers: int = 0,
     receiving a batch cost the main thread about as much CPU as drawing it). `receive_in_background`
     then takes the receiving (and pinning) off the main thread."""
     num_workers = max(0, min(int(num_workers), len(dataset), _cpu_count()))
+    if num_workers and torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Under torchrun the process runs the collective library's threads; forking worker processes then can
+        # copy a lock another thread holds (a fresh-clone test run hung in the torchrun experiment test). Data
+        # parallelism already splits the batch drawing over the ranks: draw in the main thread.
+        num_workers = 0
     kwargs: dict[str, Any] = {"collate_fn": _as_is}
     if num_workers > 0:
         kwargs["prefetch_factor"] = int(prefetch_factor)
