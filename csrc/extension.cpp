@@ -1,76 +1,82 @@
-// pybind11 module mamlpp_fast._C: the five functions of mamlpp_fast.ops.backend.BackendFunctions
-// (the contract; their Python signatures: mamlpp_fast/_C.pyi), plain tensors in and out (no autograd
-// inside); input errors raise RuntimeError. mamlpp_fast/_native.py loads it as the "native" backend;
-// the formulas are in kernels/bn_math.h and csrc/per_step_bn.cpp.
+// The compiled extension mamlpp_fast._C. Its kernels are registered with PyTorch's dispatcher as
+// torch.ops.mamlpp.native_* (the five functions of mamlpp_fast.ops.backend.BackendFunctions, the
+// contract), for the CPU dispatch key and, when compiled with the CUDA kernels, the CUDA key: the
+// dispatcher routes a call by the device of its tensors. Plain tensors in and out, no autograd inside
+// (the registered ops of mamlpp_fast/ops/library.py hold the derivatives; their fake implementations
+// of these kernels are registered there too). Input errors raise RuntimeError naming the argument.
+// The Python module itself only says what was compiled in (cuda_built, cuda_arch: mamlpp_fast/_C.pyi);
+// mamlpp_fast/_native.py wraps the ops as the "native" backend. Formulas: kernels/bn_math.h and
+// csrc/per_step_bn.cpp.
 #include <torch/extension.h>
-
-#include <stdexcept>
+#include <torch/library.h>
 
 #include "ops.h"
 
 namespace {
-// Input errors (TORCH_CHECK -> c10::Error) leave as RuntimeError carrying the message without the C++
-// backtrace; converting here keeps the Python side independent of how torch renders c10::Error.
-template <typename F>
-auto rethrow_plain(F&& f) -> decltype(f()) {
-  try {
-    return f();
-  } catch (const c10::Error& e) {
-    throw std::runtime_error(e.what_without_backtrace());
+using at::Tensor;
+using OptT = std::optional<Tensor>;
+
+std::vector<Tensor> to_vector(at::TensorList ts) { return std::vector<Tensor>(ts.begin(), ts.end()); }
+
+std::vector<Tensor> lslr_forward_op(at::TensorList thetas, at::TensorList grads, at::TensorList alphas,
+                                    int64_t step) {
+  return mamlpp::lslr_forward(to_vector(thetas), to_vector(grads), to_vector(alphas), step);
+}
+
+// A registered op's results may not alias its inputs: the per-task dthetas[l] that the core function
+// returns as douts[l] itself come back as 0-element tensors (the Python wrapper of the native backend
+// puts douts[l] back in their place, as the contract says).
+std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> lslr_backward_op(
+    const c10::List<OptT>& douts, at::TensorList grads, at::TensorList alphas, int64_t step,
+    const c10::List<bool>& shared) {
+  std::vector<OptT> d(douts.begin(), douts.end());
+  auto out = mamlpp::lslr_backward(d, to_vector(grads), to_vector(alphas), step,
+                                   std::vector<bool>(shared.begin(), shared.end()));
+  auto& dthetas = std::get<0>(out);
+  for (size_t l = 0; l < dthetas.size(); ++l) {
+    if (d[l].has_value() && d[l]->defined() && dthetas[l].is_alias_of(*d[l])) {
+      dthetas[l] = at::empty({0}, d[l]->options());
+    }
   }
+  return out;
 }
 }  // namespace
 
+TORCH_LIBRARY_FRAGMENT(mamlpp, m) {
+  m.def("native_bn_forward(Tensor x, Tensor gamma, Tensor beta, int num_tasks, float eps, float slope)"
+        " -> (Tensor, Tensor, Tensor)");
+  m.def("native_bn_backward(Tensor dy, Tensor x, Tensor gamma, Tensor beta, Tensor mean, Tensor invstd,"
+        " int num_tasks, float slope) -> (Tensor, Tensor, Tensor)");
+  m.def("native_bn_double_backward(Tensor? ggx, Tensor? gggamma, Tensor? ggbeta, Tensor dy, Tensor x,"
+        " Tensor gamma, Tensor beta, Tensor mean, Tensor invstd, int num_tasks, float slope)"
+        " -> (Tensor, Tensor, Tensor)");
+  m.def("native_lslr_forward(Tensor[] thetas, Tensor[] grads, Tensor[] alphas, int step) -> Tensor[]");
+  m.def("native_lslr_backward(Tensor?[] douts, Tensor[] grads, Tensor[] alphas, int step, bool[] shared)"
+        " -> (Tensor[], Tensor[], Tensor[])");
+}
+
+// The same entry points for both keys: each checks its inputs and launches the loops or kernels of
+// its tensors' device (csrc/*.cpp); the dispatcher chooses by device, and a device compiled out has no
+// kernel (the dispatcher's own error names the op and the device).
+#define MAMLPP_REGISTER_KERNELS(m)                                   \
+  m.impl("native_bn_forward", &mamlpp::bn_forward);                  \
+  m.impl("native_bn_backward", &mamlpp::bn_backward);                \
+  m.impl("native_bn_double_backward", &mamlpp::bn_double_backward);  \
+  m.impl("native_lslr_forward", &lslr_forward_op);                   \
+  m.impl("native_lslr_backward", &lslr_backward_op)
+
+TORCH_LIBRARY_IMPL(mamlpp, CPU, m) { MAMLPP_REGISTER_KERNELS(m); }
+
+#ifdef MAMLPP_WITH_CUDA
+TORCH_LIBRARY_IMPL(mamlpp, CUDA, m) { MAMLPP_REGISTER_KERNELS(m); }
+#endif
+
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "mamlpp_fast native ops: per-step batch norm + leaky ReLU (fwd, bwd, double bwd), LSLR";
-  namespace py = pybind11;
-  using at::Tensor;
-  using OptT = std::optional<Tensor>;
-  m.def(
-      "bn_forward",
-      [](const Tensor& x, const Tensor& g, const Tensor& b, int64_t T, double eps, double slope) {
-        return rethrow_plain([&] { return mamlpp::bn_forward(x, g, b, T, eps, slope); });
-      },
-      "y, mean, invstd = per-step BN + leaky ReLU forward", py::arg("x"), py::arg("gamma"),
-      py::arg("beta"), py::arg("num_tasks"), py::arg("eps"), py::arg("slope"));
-  m.def(
-      "bn_backward",
-      [](const Tensor& dy, const Tensor& x, const Tensor& g, const Tensor& b, const Tensor& mean,
-         const Tensor& invstd, int64_t T, double slope) {
-        return rethrow_plain(
-            [&] { return mamlpp::bn_backward(dy, x, g, b, mean, invstd, T, slope); });
-      },
-      "dx, dgamma, dbeta", py::arg("dy"), py::arg("x"), py::arg("gamma"), py::arg("beta"),
-      py::arg("mean"), py::arg("invstd"), py::arg("num_tasks"), py::arg("slope"));
-  m.def(
-      "bn_double_backward",
-      [](const OptT& ggx, const OptT& gggamma, const OptT& ggbeta, const Tensor& dy, const Tensor& x,
-         const Tensor& g, const Tensor& b, const Tensor& mean, const Tensor& invstd, int64_t T,
-         double slope) {
-        return rethrow_plain([&] {
-          return mamlpp::bn_double_backward(ggx, gggamma, ggbeta, dy, x, g, b, mean, invstd, T,
-                                            slope);
-        });
-      },
-      "gx, ggamma, gdy (ggx / gggamma / ggbeta may be None)", py::arg("ggx"), py::arg("gggamma"),
-      py::arg("ggbeta"), py::arg("dy"), py::arg("x"), py::arg("gamma"), py::arg("beta"),
-      py::arg("mean"), py::arg("invstd"), py::arg("num_tasks"), py::arg("slope"));
-  m.def(
-      "lslr_forward",
-      [](const std::vector<Tensor>& th, const std::vector<Tensor>& gr, const std::vector<Tensor>& al,
-         int64_t step) {
-        return rethrow_plain([&] { return mamlpp::lslr_forward(th, gr, al, step); });
-      },
-      "out[l] = thetas[l] - alphas[l][step] * grads[l]", py::arg("thetas"), py::arg("grads"),
-      py::arg("alphas"), py::arg("step"));
-  m.def(
-      "lslr_backward",
-      [](const std::vector<OptT>& douts, const std::vector<Tensor>& gr, const std::vector<Tensor>& al,
-         int64_t step, const std::vector<bool>& shared) {
-        return rethrow_plain([&] { return mamlpp::lslr_backward(douts, gr, al, step, shared); });
-      },
-      "(dthetas, dgrads, dalphas); douts[l] may be None (= zeros)", py::arg("douts"),
-      py::arg("grads"), py::arg("alphas"), py::arg("step"), py::arg("shared"));
+  m.doc() = "mamlpp_fast native kernels, registered as torch.ops.mamlpp.native_* (CPU"
+#ifdef MAMLPP_WITH_CUDA
+            ", CUDA"
+#endif
+            ")";
   m.def("cuda_built", &mamlpp::cuda_built, "True when the CUDA kernels were compiled in");
   m.def("cuda_arch", &mamlpp::cuda_arch, "CUDA architectures compiled in (e.g. '90'), '' if none");
 }

@@ -10,6 +10,7 @@ run). ``from pkg import name`` is an edge to the submodule ``pkg.name`` when the
 from __future__ import annotations
 
 import ast
+import inspect
 from pathlib import Path
 
 import pytest
@@ -269,18 +270,33 @@ def test_python_backends_implement_the_protocol(module):
         assert got == params, f"{module}.{name}{tuple(got)} differs from BackendFunctions.{name}{tuple(params)}"
 
 
-def test_extension_stub_matches_the_protocol():
-    """_C.pyi (the extension's Python signatures) names the protocol's parameters, in order; the built
-    extension (when it loads) has every function of the stub."""
-    tree = ast.parse((ROOT / PKG / "_C.pyi").read_text())
-    stub = {n.name: [a.arg for a in n.args.args] for n in tree.body if isinstance(n, ast.FunctionDef)}
-    for name, params in _protocol_params().items():
-        assert stub.get(name) == params, f"_C.pyi {name}{stub.get(name)} vs BackendFunctions {params}"
+def test_extension_schemas_match_the_protocol():
+    """The schemas of the extension's registered kernels (csrc/extension.cpp, mamlpp::native_*) name the
+    protocol's parameters, in order, and so do the Python wrappers of the native backend; when the
+    extension loads, the registered ops carry those schemas; _C.pyi describes what the module holds."""
+    import re
+
+    source = (ROOT / "csrc" / "extension.cpp").read_text()
+    schemas = {}
+    for m in re.finditer(r'm\.def\(\s*"native_(\w+)\(((?:[^)"]|"\s*")*)\)', source):
+        args = re.sub(r'"\s*"', "", m.group(2))
+        schemas[m.group(1)] = [a.split()[-1] for a in args.split(",")]
     from mamlpp_fast import _native
+    for name, params in _protocol_params().items():
+        assert schemas.get(name) == params, f"native_{name}{schemas.get(name)} vs BackendFunctions {params}"
+        got = list(inspect.signature(getattr(_native.NativeFunctions, name)).parameters)
+        assert got == params, f"NativeFunctions.{name}{got} vs BackendFunctions {params}"
+    tree = ast.parse((ROOT / PKG / "_C.pyi").read_text())
+    stub = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert stub == {"cuda_built", "cuda_arch"}
     if _native.is_loaded():
+        import torch
         from mamlpp_fast.ops.backend import BackendFunctions
         assert isinstance(_native.get(), BackendFunctions)
-        assert all(callable(getattr(_native.get(), n)) for n in stub)
+        for name, params in _protocol_params().items():
+            schema = getattr(torch.ops.mamlpp, f"native_{name}").default._schema
+            assert [a.name for a in schema.arguments] == params
+        assert all(callable(getattr(_native._C, n)) for n in stub)
 
 
 def test_backend_names_agree_across_layers():

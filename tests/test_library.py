@@ -1,15 +1,17 @@
-"""The ops registered with PyTorch's dispatcher (torch.ops.mamlpp.*, mamlpp_fast/ops/library.py):
-torch.library.opcheck (schema, fake implementation, autograd registration, AOT dispatch) for every
-backend that runs on the CPU here, and the registered derivative chain against the public ops."""
+"""The ops registered with PyTorch's dispatcher (torch.ops.mamlpp.*, mamlpp_fast/ops/library.py), which
+the public ops run: torch.library.opcheck (schema, fake implementation, autograd registration, AOT
+dispatch) for every backend that runs on the CPU here (the Triton backend: tests/test_triton_interp.py,
+under the interpreter), the compiled extension's own registered kernels (mamlpp::native_*), and the
+registered derivative chain (gradcheck, gradgradcheck, equal values across backends)."""
 import pytest
 import torch
 
-import mamlpp_fast.ops.library  # noqa: F401  (registers torch.ops.mamlpp.*)
-from mamlpp_fast import ops
+from mamlpp_fast import _native, ops
 
 F64 = torch.float64
 CPU_BACKENDS = [b for b in ops.available_backends("cpu") if b in ("torch", "native")]
 M = torch.ops.mamlpp
+NEEDS = [[True, True, True], [True, False, False], [False, True, True]]
 
 
 def _bn_inputs(grad=False, shared=True, T=2, C=3, seed=0):
@@ -37,11 +39,14 @@ def test_opcheck_bn(backend, shared):
     with torch.no_grad():
         y, mean, invstd = M.bn_forward(x, gamma, beta, 2, 1e-5, 0.01, backend)
     dy = torch.randn_like(x).requires_grad_(True)
-    torch.library.opcheck(M.bn_backward.default, (dy, x, gamma, beta, mean, invstd, 2, 0.01, backend))
+    for needs in NEEDS:
+        torch.library.opcheck(M.bn_backward.default, (dy, x, gamma, beta, mean, invstd, 2, 0.01, needs, backend))
     plain = [t.detach() for t in (dy, x, gamma, beta)]
     u, ug, ub = torch.randn_like(x), torch.randn_like(gamma), torch.randn_like(beta)
     for gg in ((u, ug, ub), (u, None, None), (None, ug, ub)):
-        torch.library.opcheck(M.bn_double_backward.default, (*gg, *plain, mean, invstd, 2, 0.01, backend))
+        for needs in NEEDS:
+            torch.library.opcheck(M.bn_double_backward.default,
+                                  (*gg, *plain, mean, invstd, 2, 0.01, needs, backend))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -50,44 +55,96 @@ def test_opcheck_lslr(backend):
     torch.library.opcheck(M.lslr_forward.default, (thetas, grads, alphas, 1, backend))
     douts = [torch.randn(2, 3, 2, dtype=F64) for _ in range(2)]
     plain = [[t.detach() for t in seq] for seq in (grads, alphas)]
-    torch.library.opcheck(M.lslr_backward.default, (douts, *plain, 1, [True, False], backend))
+    for needs in ([True] * 6, [True, False, False, True, True, False], [False, False, False, False, True, True]):
+        g = [t if needs[4 + l] else None for l, t in enumerate(plain[0])]
+        torch.library.opcheck(M.lslr_backward.default, (douts, g, plain[1], 1, [True, False], needs, backend))
+
+
+@pytest.mark.skipif(not _native.is_loaded(), reason="the compiled extension did not load")
+def test_opcheck_native_kernels():
+    """The extension's kernels registered in C++ (TORCH_LIBRARY_FRAGMENT(mamlpp), CPU key) with their
+    Python fakes: what the native backend calls."""
+    x, gamma, beta = _bn_inputs(shared=False)
+    torch.library.opcheck(M.native_bn_forward.default, (x, gamma, beta, 2, 1e-5, 0.01))
+    y, mean, invstd = M.native_bn_forward(x, gamma, beta, 2, 1e-5, 0.01)
+    dy, u = torch.randn_like(x), torch.randn_like(x)
+    torch.library.opcheck(M.native_bn_backward.default, (dy, x, gamma, beta, mean, invstd, 2, 0.01))
+    torch.library.opcheck(M.native_bn_double_backward.default,
+                          (u, None, torch.randn_like(beta), dy, x, gamma, beta, mean, invstd, 2, 0.01))
+    thetas, grads, alphas = _lslr_inputs()
+    torch.library.opcheck(M.native_lslr_forward.default, (thetas, grads, alphas, 1))
+    douts = [torch.randn(2, 3, 2, dtype=F64) for _ in range(2)]
+    torch.library.opcheck(M.native_lslr_backward.default, (douts, grads, alphas, 1, [True, False]))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_registered_chain_is_twice_differentiable_and_equals_the_public_op(backend):
+def test_public_ops_run_the_registered_ops(backend):
+    """per_step_batch_norm and lslr_update are the registered ops behind one validation: their autograd
+    nodes are the dispatcher's, and the backward of the backward is mamlpp::bn_double_backward."""
+    x, gamma, beta = _bn_inputs(grad=True)
+    y, mean, invstd = ops.per_step_batch_norm(x, gamma, beta, 2, backend=backend)
+    assert "mamlpp_bn_forward" in type(y.grad_fn).__name__
+    assert not mean.requires_grad and not invstd.requires_grad
+    dx = torch.autograd.grad(y.square().sum(), x, create_graph=True)[0]
+    assert "mamlpp_bn_backward" in type(dx.grad_fn).__name__
+    thetas, grads, alphas = _lslr_inputs(grad=True)
+    outs = ops.lslr_update(thetas, grads, alphas, 1, backend=backend)
+    assert all("mamlpp_lslr_forward" in type(o.grad_fn).__name__ for o in outs)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_registered_chain_is_twice_differentiable(backend):
     """forward -> bn_backward -> bn_double_backward through the dispatcher: gradcheck and gradgradcheck
-    in float64, and the same values as per_step_batch_norm (which uses its own autograd Functions)."""
-    x, gamma, beta = _bn_inputs(grad=True, shared=False, seed=1)
+    in float64, per-task and shared parameters."""
+    for shared in (False, True):
+        x, gamma, beta = _bn_inputs(grad=True, shared=shared, seed=1)
 
-    def registered(x, gamma, beta):
-        return M.bn_forward(x, gamma, beta, 2, 1e-5, 0.01, backend)[0]
-    assert torch.autograd.gradcheck(registered, (x, gamma, beta))
-    assert torch.autograd.gradgradcheck(registered, (x, gamma, beta))
+        def registered(x, gamma, beta):
+            return M.bn_forward(x, gamma, beta, 2, 1e-5, 0.01, backend)[0]
+        assert torch.autograd.gradcheck(registered, (x, gamma, beta))
+        assert torch.autograd.gradgradcheck(registered, (x, gamma, beta))
 
-    def first_and_second(fn):
-        y = fn(x, gamma, beta)
-        w = torch.randn_like(y, generator=torch.Generator().manual_seed(2))
+
+@pytest.mark.skipif(len(CPU_BACKENDS) < 2, reason="needs the native backend beside torch")
+def test_backends_agree_through_the_registered_chain():
+    """The same first and second derivatives from every CPU backend (float64; the torch backend is
+    plain PyTorch arithmetic, the native one the C++ loops), and the LSLR gradients."""
+    x, gamma, beta = _bn_inputs(grad=True, shared=False, seed=4)
+    w = torch.randn(2, 6, 3, 3, dtype=F64, generator=torch.Generator().manual_seed(5))
+
+    def bn_derivatives(backend):
+        y = M.bn_forward(x, gamma, beta, 2, 1e-5, 0.01, backend)[0]
         first = torch.autograd.grad((y * w).sum(), (x, gamma, beta), create_graph=True)
         # beta enters the first derivatives only through the leaky-ReLU mask: its second is 0 (unused)
         second = torch.autograd.grad(sum((f * f).sum() for f in first), (x, gamma, beta), allow_unused=True,
                                      materialize_grads=True)
         return [y, *first, *second]
-    public = lambda x, g, b: ops.per_step_batch_norm(x, g, b, 2, backend=backend)[0]  # noqa: E731
-    for a, e in zip(first_and_second(registered), first_and_second(public)):
-        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+    thetas, grads, alphas = _lslr_inputs(grad=True, seed=3)
+    leaves = [*thetas, *grads, *alphas]
+
+    def lslr_derivatives(backend):
+        outs = M.lslr_forward(thetas, grads, alphas, 2, backend)
+        loss = sum((o * torch.arange(o.numel(), dtype=F64).reshape(o.shape)).sum() for o in outs)
+        return [*outs, *torch.autograd.grad(loss, leaves)]
+
+    for fn in (bn_derivatives, lslr_derivatives):
+        for a, e in zip(fn("native"), fn("torch")):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_registered_lslr_gradients_equal_the_public_op(backend):
+def test_registered_lslr_gradcheck(backend):
     thetas, grads, alphas = _lslr_inputs(grad=True, seed=3)
     leaves = [*thetas, *grads, *alphas]
     assert torch.autograd.gradcheck(lambda *t: tuple(M.lslr_forward(list(t[:2]), list(t[2:4]), list(t[4:]), 2,
                                                                      backend)), tuple(leaves))
-    res = {}
-    for name, fn in (("registered", lambda: M.lslr_forward(thetas, grads, alphas, 2, backend)),
-                     ("public", lambda: ops.lslr_update(thetas, grads, alphas, 2, backend=backend))):
-        outs = fn()
-        loss = sum((o * torch.arange(o.numel(), dtype=F64).reshape(o.shape)).sum() for o in outs)
-        res[name] = [*outs, *torch.autograd.grad(loss, leaves)]
-    for a, e in zip(res["registered"], res["public"]):
-        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+def test_a_backend_name_is_resolved_by_the_op():
+    """The ops take any name get_backend takes ("auto" here), resolved for the tensors' device."""
+    x, gamma, beta = _bn_inputs()
+    got = M.bn_forward(x, gamma, beta, 2, 1e-5, 0.01, "auto")
+    want = M.bn_forward(x, gamma, beta, 2, 1e-5, 0.01, ops.get_backend("auto", "cpu").name)
+    for a, e in zip(got, want):
+        assert torch.equal(a, e)

@@ -278,6 +278,43 @@ def test_learner_with_triton_convolutions_matches_reference_float64():
     compare(ref, fast, batch_for(args, 2, seed), 0, "float64", seed)
 
 
+@inner
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_registered_ops_opcheck_triton(dtype):
+    """torch.library.opcheck of the registered ops (torch.ops.mamlpp.*, mamlpp_fast/ops/library.py)
+    with backend="triton", on CPU tensors under the interpreter: schema, fake implementation, autograd
+    registration and AOT dispatch, for the needs variants the learner uses."""
+    import torch
+    import mamlpp_fast.ops  # noqa: F401  (registers torch.ops.mamlpp.*)
+
+    M, dt = torch.ops.mamlpp, getattr(torch, dtype)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 6, 3, 3, dtype=dt, generator=g).requires_grad_()
+    gamma = (torch.rand(2, 3, dtype=dt, generator=g) + 0.5).requires_grad_()
+    beta = (torch.randn(2, 3, dtype=dt, generator=g) * 0.1).requires_grad_()
+    torch.library.opcheck(M.bn_forward.default, (x, gamma, beta, 2, EPS, SLOPE, "triton"))
+    with torch.no_grad():
+        _, mean, invstd = M.bn_forward(x, gamma, beta, 2, EPS, SLOPE, "triton")
+    dy = torch.randn_like(x).requires_grad_()
+    for needs in ([True, True, True], [True, False, False]):
+        torch.library.opcheck(M.bn_backward.default, (dy, x, gamma, beta, mean, invstd, 2, SLOPE, needs, "triton"))
+    plain = [t.detach() for t in (dy, x, gamma, beta)]
+    u, ug, ub = torch.randn_like(x), torch.randn_like(gamma), torch.randn_like(beta)
+    for gg in ((u, ug, ub), (u, None, None)):
+        torch.library.opcheck(M.bn_double_backward.default,
+                              (*gg, *plain, mean, invstd, 2, SLOPE, [True, True, True], "triton"))
+    thetas = [torch.randn(3, 2, dtype=dt, generator=g).requires_grad_(),
+              torch.randn(2, 3, 2, dtype=dt, generator=g).requires_grad_()]
+    grads = [torch.randn(2, 3, 2, dtype=dt, generator=g).requires_grad_() for _ in range(2)]
+    alphas = [torch.rand(4, dtype=dt, generator=g).requires_grad_() for _ in range(2)]
+    torch.library.opcheck(M.lslr_forward.default, (thetas, grads, alphas, 1, "triton"))
+    douts = [torch.randn(2, 3, 2, dtype=dt, generator=g) for _ in range(2)]
+    plain_g, plain_a = [t.detach() for t in grads], [t.detach() for t in alphas]
+    for needs in ([True, False, True, True, True, True], [True, False, False, False, True, True]):
+        torch.library.opcheck(M.lslr_backward.default,
+                              (douts, plain_g, plain_a, 1, [True, False], needs, "triton"))
+
+
 # ---- every launch path of the convolution kernels (forced block configurations) ------------------------
 def _forced(real, over):
     """A launch heuristic that returns `real`'s configuration with the keys of `over` replaced and the

@@ -8,8 +8,9 @@
   its own weights, by one of several implementations (`mamlpp_fast.ops.conv`).
 - `BackendFunctions` (the backend contract), `get_backend`, `set_backend`, `available_backends`,
   `clear_cache`: see `mamlpp_fast.ops.backend`.
-- ``import mamlpp_fast.ops.library`` (opt-in) registers the backend functions with PyTorch's
-  dispatcher as ``torch.ops.mamlpp.*`` (`mamlpp_fast.ops.library`).
+- The public ops run the backend functions registered with PyTorch's dispatcher as
+  ``torch.ops.mamlpp.*`` (`mamlpp_fast.ops.library`), with fake implementations and registered
+  derivatives; the compiled extension adds its kernels as ``torch.ops.mamlpp.native_*``.
 """
 from .backend import (BACKEND_NAMES, Backend, BackendFallbackWarning, BackendFunctions, available_backends,
                       clear_cache, get_backend, set_backend)

@@ -52,6 +52,7 @@ __all__ = [
     "BackendFallbackWarning",
     "BackendFunctions",
     "available_backends",
+    "backend_key",
     "clear_cache",
     "get_backend",
     "set_backend",
@@ -175,6 +176,7 @@ _loaded: dict = {}                          # name -> (Backend | None, reason | 
 _resolved: dict = {}                        # (requested, device_type) -> Backend
 _native_missing: str | None = None          # why the compiled extension did not load, once known
 _native_warned = False                      # the one "no compiled extension" warning was given
+_adhoc: dict = {}                           # backend_key -> a Backend object made outside the registry
 
 
 def _normalize(name) -> str:
@@ -310,6 +312,9 @@ def get_backend(name=None, device=None) -> Backend:
 
     Returns a `Backend` with the five backend functions as attributes.
     """
+    adhoc = _adhoc.get(name) if isinstance(name, str) else None
+    if adhoc is not None:
+        name = adhoc
     device_type = _device_type(device)
     if isinstance(name, Backend):
         if name.supports(device_type):
@@ -339,6 +344,27 @@ def get_backend(name=None, device=None) -> Backend:
                         backend.name, device_type, requested)
             _resolved[key] = backend
     return backend
+
+
+def backend_key(backend: Backend) -> str:
+    """The name under which `get_backend` finds `backend` again: the ``backend`` argument of the
+    registered ops (`mamlpp_fast.ops.library`), which take a name, not an object. A backend of the
+    registry is its name; a `Backend` made elsewhere (a test's spy, bench.trace's recorder) is
+    remembered under ``name@id`` for the life of the process."""
+    if _loaded.get(backend.name, (None,))[0] is backend:
+        return backend.name
+    key = f"{backend.name}@{id(backend):x}"
+    _adhoc[key] = backend
+    return key
+
+
+def loaded_backend(key: str) -> Optional[Backend]:
+    """The backend a `backend_key` names (an ad-hoc one, or a loaded one of the registry), else None;
+    no resolution, fallback or logging (the registered ops' fast path)."""
+    impl = _adhoc.get(key)
+    if impl is None:
+        impl = _loaded.get(key, (None,))[0]
+    return impl
 
 
 def _warn_native_missing(backend, device_type):

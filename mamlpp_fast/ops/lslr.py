@@ -16,63 +16,13 @@ difference), so it matches the reference learner bit for bit.
 """
 from __future__ import annotations
 
-from collections import namedtuple
-
 import torch
-from torch.autograd.function import once_differentiable
 
-from .backend import get_backend
+from . import library
+from .backend import backend_key, get_backend
 from .torch_backend import lslr_backward, lslr_forward  # noqa: F401 (re-exported)
 
 __all__ = ["lslr_update", "lslr_forward", "lslr_backward"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Autograd
-# ----------------------------------------------------------------------------------------------
-_Spec = namedtuple("_Spec", "num step shared impl")
-
-
-class _LSLRUpdate(torch.autograd.Function):
-    """outs = lslr_forward(thetas, grads, alphas, step); args flattened: (spec, *thetas, *grads, *alphas)."""
-
-    @staticmethod
-    def forward(ctx, spec, *flat):
-        n = spec.num
-        thetas, grads, alphas = list(flat[:n]), list(flat[n:2 * n]), list(flat[2 * n:])
-        outs = spec.impl.lslr_forward(thetas, grads, alphas, spec.step)
-        need_a = ctx.needs_input_grad[1 + 2 * n:]
-        # grads are needed only for dalpha (every backend that does not take `needs` gets them all)
-        keep_grads = any(need_a) or not spec.impl.accepts_needs
-        ctx.save_for_backward(*(grads if keep_grads else [None] * n), *alphas)
-        ctx.spec = spec
-        ctx.set_materialize_grads(False)
-        return tuple(outs)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *douts):
-        spec = ctx.spec
-        n = spec.num
-        ni = ctx.needs_input_grad[1:]
-        saved = ctx.saved_tensors
-        grads, alphas = saved[:n], saved[n:]
-        idx = [l for l in range(n)
-               if douts[l] is not None and (ni[l] or ni[n + l] or ni[2 * n + l])]
-        result = [None] * (3 * n)
-        if idx:
-            sub = lambda seq: [seq[l] for l in idx]  # noqa: E731
-            args = (sub(douts), sub(grads), sub(alphas), spec.step, sub(spec.shared))
-            needs = (sub(ni[:n]), sub(ni[n:2 * n]), sub(ni[2 * n:]))
-            if spec.impl.accepts_needs:
-                parts = spec.impl.lslr_backward(*args, needs=needs)
-            else:
-                parts = spec.impl.lslr_backward(*args)
-            for k in range(3):
-                for j, l in enumerate(idx):
-                    if needs[k][j]:
-                        result[k * n + l] = parts[k][j]
-        return (None, *result)
 
 
 def _check_args(thetas, grads, alphas, step):
@@ -126,8 +76,9 @@ def lslr_update(thetas, grads, alphas, step, backend=None):
     r"""One LSLR inner step for a list of tensors: ``out[l] = thetas[l] - alphas[l][step] * grads[l]``.
 
     Description:
-        Updates all adapted tensors of all tasks in one autograd node. The backward is first order
-        (``once_differentiable``); gradients are computed only for the inputs that require them (e.g.
+        Updates all adapted tensors of all tasks in one autograd node (the registered op
+        ``torch.ops.mamlpp.lslr_forward``). The backward, ``torch.ops.mamlpp.lslr_backward``, is first
+        order (it has no derivative of its own); gradients are computed only for the inputs that require them (e.g.
         first-order MAML passes detached ``grads``).
 
     Arguments:
@@ -147,10 +98,11 @@ def lslr_update(thetas, grads, alphas, step, backend=None):
         >>> out[0].shape
         torch.Size([4, 2, 3])
     """
-    step, shared = _check_args(thetas, grads, alphas, step)
+    step, _shared = _check_args(thetas, grads, alphas, step)
     if not thetas:
         return []
     impl = get_backend(backend, thetas[0].device)
     impl.check_dtype("lslr_update", "thetas[0]", thetas[0].dtype)
-    spec = _Spec(len(thetas), step, shared, impl)
-    return list(_LSLRUpdate.apply(spec, *thetas, *grads, *alphas))
+    # the registered op mamlpp::lslr_forward, whose registered derivative is mamlpp::lslr_backward
+    # (mamlpp_fast.ops.library)
+    return list(library.lslr_forward(list(thetas), list(grads), list(alphas), step, backend_key(impl)))

@@ -15,7 +15,7 @@ Symbols (all per (task, channel), i.e. per channel of the T*C channels; ``j`` ru
     a_j     = 1 if z_j > 0 else slope             leaky-ReLU mask
     y_j     = a_j * z_j
 
-Backward (op ``per_step_batch_norm_backward``, given the upstream gradient ``dy``)::
+Backward (op ``mamlpp::bn_backward``, given the upstream gradient ``dy``)::
 
     g_j     = a_j * dy_j
     gbar    = mean(g)
@@ -75,75 +75,14 @@ import math
 import numbers
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from .backend import get_backend
+from . import library
+from .backend import backend_key, get_backend
 from .torch_backend import bn_backward, bn_double_backward, bn_forward  # noqa: F401 (re-exported)
 
 __all__ = ["per_step_batch_norm", "bn_forward", "bn_backward", "bn_double_backward"]
 
 _HALF = (torch.float16, torch.bfloat16)
-
-
-# ----------------------------------------------------------------------------------------------
-# Autograd: forward -> bn_backward (itself an autograd Function) -> bn_double_backward.
-# ----------------------------------------------------------------------------------------------
-def _call(fn, impl, needs, *args):
-    """Call a backend function, passing `needs` when the backend accepts it, else dropping the results
-    that are not needed."""
-    if impl.accepts_needs:
-        return fn(*args, needs=needs)
-    out = fn(*args)
-    return tuple(o if n else None for o, n in zip(out, needs))
-
-
-class _BNForward(torch.autograd.Function):
-    """y, mean, invstd = per-step BN + leaky ReLU; mean and invstd are not differentiable."""
-
-    @staticmethod
-    def forward(ctx, x, gamma, beta, num_tasks, eps, slope, impl):
-        y, mean, invstd = impl.bn_forward(x, gamma, beta, num_tasks, eps, slope)
-        ctx.save_for_backward(x, gamma, beta, mean, invstd)
-        ctx.num_tasks, ctx.slope, ctx.impl = num_tasks, slope, impl
-        ctx.mark_non_differentiable(mean, invstd)
-        ctx.set_materialize_grads(False)
-        return y, mean, invstd
-
-    @staticmethod
-    def backward(ctx, dy, _dmean, _dinvstd):
-        needs = tuple(ctx.needs_input_grad[:3])
-        if dy is None or not any(needs):
-            return (None,) * 7
-        x, gamma, beta, mean, invstd = ctx.saved_tensors
-        dx, dgamma, dbeta = _BNBackward.apply(dy, x, gamma, beta, mean, invstd, ctx.num_tasks,
-                                              ctx.slope, ctx.impl, needs)
-        return dx, dgamma, dbeta, None, None, None, None
-
-
-class _BNBackward(torch.autograd.Function):
-    """The op per_step_batch_norm_backward: (dx, dgamma, dbeta) from dy; its backward is the
-    hand-written double backward (first order only: third derivatives are not supported)."""
-
-    @staticmethod
-    def forward(ctx, dy, x, gamma, beta, mean, invstd, num_tasks, slope, impl, needs):
-        out = _call(impl.bn_backward, impl, needs, dy, x, gamma, beta, mean, invstd, num_tasks, slope)
-        ctx.save_for_backward(dy, x, gamma, beta, mean, invstd)
-        ctx.num_tasks, ctx.slope, ctx.impl = num_tasks, slope, impl
-        ctx.set_materialize_grads(False)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, ggx, gggamma, ggbeta):
-        need_gdy, need_gx, need_ggamma = ctx.needs_input_grad[:3]
-        if (ggx is None and gggamma is None and ggbeta is None) or not (need_gdy or need_gx or need_ggamma):
-            return (None,) * 10
-        dy, x, gamma, beta, mean, invstd = ctx.saved_tensors
-        impl = ctx.impl
-        gx, ggamma, gdy = _call(impl.bn_double_backward, impl, (need_gx, need_ggamma, need_gdy),
-                                ggx, gggamma, ggbeta, dy, x, gamma, beta, mean, invstd,
-                                ctx.num_tasks, ctx.slope)
-        return gdy, gx, ggamma, None, None, None, None, None, None, None
 
 
 def _check_args(x, gamma, beta, num_tasks, eps, slope):
@@ -188,8 +127,9 @@ def per_step_batch_norm(x, gamma, beta, num_tasks, eps=1e-5, slope=0.01, backend
         ``y = leaky_relu(gamma * (x - mean) * invstd + beta, slope)`` where mean and the biased
         variance are taken per channel of the ``T*C`` channels over (N, H, W); ``invstd =
         1/sqrt(var + eps)``. Differentiable twice: the backward is the op
-        ``per_step_batch_norm_backward`` whose own backward is hand-written (formulas in the module
-        docstring of ``mamlpp_fast.ops.per_step_bn``).
+        ``torch.ops.mamlpp.bn_backward`` whose own backward, ``torch.ops.mamlpp.bn_double_backward``,
+        is hand-written (formulas in the module docstring of ``mamlpp_fast.ops.per_step_bn``; the
+        registration in ``mamlpp_fast.ops.library``).
 
     Arguments:
         x: ``(N, T*C, H, W)``, channel ``t*C + c`` = channel c of task t.
@@ -219,4 +159,8 @@ def per_step_batch_norm(x, gamma, beta, num_tasks, eps=1e-5, slope=0.01, backend
     # expanded (autograd sums its gradient over the tasks).
     if gamma.shape != beta.shape:
         gamma, beta = (p.expand(num_tasks, -1) if p.dim() == 1 else p for p in (gamma, beta))
-    return _BNForward.apply(x.contiguous(), gamma, beta, num_tasks, float(eps), float(slope), impl)
+    # the registered op mamlpp::bn_forward, whose registered derivative is mamlpp::bn_backward, whose
+    # own is mamlpp::bn_double_backward (mamlpp_fast.ops.library)
+    y, mean, invstd = library.bn_forward(x.contiguous(), gamma, beta, num_tasks, float(eps), float(slope),
+                                         backend_key(impl))
+    return y, mean.detach(), invstd.detach()

@@ -227,11 +227,17 @@ def lslr_backward(douts, grads, alphas, step, shared, *, needs=None):
             dgrads[l] = v
     idx = [l for l in range(n) if need_a[l]]
     if idx:
+        # the dalphas are the rows of one zero table with the sums in column `step` (two launches for
+        # all tensors besides the products and sums)
         prods = torch._foreach_mul([douts[l] for l in idx], [grads[l] for l in idx])
-        for l, p in zip(idx, prods):
-            alpha = alphas[l]
-            s = p.sum(dtype=torch.float32) if p.dtype in _HALF else p.sum()
-            d = torch.zeros_like(alpha)
-            d[step] = s.neg_()
-            dalphas[l] = d
+        sums = torch.stack([p.sum(dtype=torch.float32) if p.dtype in _HALF else p.sum() for p in prods])
+        table = alphas[idx[0]].new_zeros((n, max(a.shape[0] for a in alphas)))
+        sums = sums.neg_().to(table.dtype)
+        if len(idx) == n:
+            table[:, step] = sums
+        else:  # (no index tensor: a host-to-device copy would break CUDA-graph capture)
+            for j, l in enumerate(idx):
+                table[l, step] = sums[j]
+        for l in idx:
+            dalphas[l] = table[l, :alphas[l].shape[0]]
     return dthetas, dgrads, dalphas
