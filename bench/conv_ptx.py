@@ -29,10 +29,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -41,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.static_metrics import ptx_loops, ptxas_verbose, triton_tools  # noqa: E402
 from bench.workloads import workload_by_name  # noqa: E402
 
 
@@ -169,39 +167,14 @@ def compile_ptx(kernel, args, kwargs):
     return compiled.asm["ptx"], key
 
 
-_INSTR = re.compile(r"^\s*(@!?%\w+\s+)?([a-z][\w.]*)")
-
-
 def innermost_loop(ptx: str):
-    """Instructions of the innermost loop with the most FMAs (see the module docstring)."""
-    lines = ptx.splitlines()
-    labels = {}
-    for i, line in enumerate(lines):
-        m = re.match(r"^(\$L__\w+):", line.strip())
-        if m:
-            labels[m.group(1)] = i
-    loops = []
-    for i, line in enumerate(lines):
-        m = re.search(r"\bbra(?:\.uni)?\s+(\$L__\w+);", line)
-        if m and m.group(1) in labels and labels[m.group(1)] < i:
-            loops.append((labels[m.group(1)], i))
-    inner = [(a, b) for a, b in loops if not any(a < c and d <= b and (c, d) != (a, b) for c, d in loops)]
-    if not inner:  # straight-line kernel (the whole reduction in one block): count all of it
-        inner = [(0, len(lines) - 1)]
-    best = None
-    for a, b in inner:
-        ins = []
-        for line in lines[a + 1:b + 1]:
-            s = line.strip()
-            if not s or s.startswith("//") or s.endswith(":") or s.startswith("{") or s.startswith("}"):
-                continue
-            m = _INSTR.match(s)
-            if m:
-                ins.append(m.group(2))
-        fma = sum(1 for x in ins if x.startswith("fma."))
-        if best is None or fma > best[0]:
-            best = (fma, ins)
-    return best[1] if best else []
+    """Mnemonics of the innermost loop with the most FMAs (see the module docstring); a straight-line
+    kernel (the whole reduction in one block) counts as one loop."""
+    inner = [body for body, innermost in ptx_loops(ptx) if innermost]
+    if not inner:
+        inner = [body for body, _ in ptx_loops("$L__whole:\n" + ptx + "\nbra $L__whole;")]
+        inner = [body[:-1] for body in inner]  # without the branch added above
+    return max(inner, key=lambda body: sum(1 for x in body if x.startswith("fma.")), default=[])
 
 
 def loop_mix(ins):
@@ -219,24 +192,13 @@ def loop_mix(ins):
 
 def ptxas_path(which: str) -> str:
     """`which` itself, or for "triton" the ptxas that the installed Triton ships."""
-    if which != "triton":
-        return which
-    import triton
-    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas")
+    return triton_tools()["ptxas"] if which == "triton" else which
 
 
 def ptxas(ptx: str, exe: str = "ptxas"):
-    with tempfile.TemporaryDirectory() as d:
-        f = Path(d) / "k.ptx"
-        f.write_text(ptx)
-        proc = subprocess.run([exe, "-arch=sm_90a", "-v", str(f), "-o", str(Path(d) / "k.cubin")],
-                              capture_output=True, text=True)
-    text = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        raise RuntimeError(text)
-    regs = int(re.search(r"Used (\d+) registers", text).group(1))
-    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    return dict(regs=regs, spill_st=int(m.group(1)), spill_ld=int(m.group(2)))
+    """Registers and spills of `ptx` for sm_90a (bench.static_metrics.ptxas_verbose)."""
+    v = ptxas_verbose(exe, ptx)
+    return dict(regs=v["registers"], spill_st=v["spill_stores"], spill_ld=v["spill_loads"])
 
 
 def triton_version() -> str:

@@ -36,7 +36,7 @@ import tempfile
 from collections import Counter
 
 __all__ = ["collect_calls", "capture_launches", "compile_launch", "kernel_metrics", "cuda_kernel_metrics",
-           "triton_tools", "main"]
+           "triton_tools", "ptx_loops", "main"]
 
 SMS = 132
 
@@ -272,24 +272,49 @@ def sass_hot_loop(cuobjdump: str, cubin: bytes) -> dict:
     return out
 
 
-def ptx_hot_loop(ptx: str) -> dict:
-    """Instruction count and FMA / mma count of the PTX loop whose body holds the most fma / mma."""
+_PTX_LABEL = re.compile(r"^(\$L__\w+):")
+_PTX_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
+_PTX_INSTR = re.compile(r"^\s*(@!?%\w+\s+)?([a-z][\w.]*)")
+
+
+def ptx_loops(ptx: str) -> list:
+    """The loops of a PTX listing, one per backward branch (``bra`` to a label above it): a list of
+    (mnemonics of the body from the label to the branch, whether no other loop lies inside it). The
+    one PTX loop parser of bench/ (this module and bench/conv_ptx.py)."""
     lines = ptx.splitlines()
     labels = {}
     for i, line in enumerate(lines):
-        m = re.match(r"^(\$L__BB\d+_\d+):", line.strip())
+        m = _PTX_LABEL.match(line.strip())
         if m:
             labels[m.group(1)] = i
-    best = None
+    spans = []
     for i, line in enumerate(lines):
-        m = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        m = _PTX_BRANCH.search(line)
         if m and m.group(1) in labels and labels[m.group(1)] < i:
-            body = [ln.strip() for ln in lines[labels[m.group(1)] + 1:i + 1]]
-            body = [b for b in body if b and not b.startswith(("//", "$", ".", "{", "}")) and b.endswith(";")]
-            fma = sum(1 for b in body if re.match(r"(@%p\d+\s+)?fma\.rn\.f32", b))
-            mma = sum(1 for b in body if "wgmma" in b or re.match(r"mma\.", b))
-            if best is None or (fma + 64 * mma, -len(body)) > best[0]:
-                best = ((fma + 64 * mma, -len(body)), len(body), fma, mma)
+            spans.append((labels[m.group(1)], i))
+    loops = []
+    for a, b in spans:
+        ins = []
+        for line in lines[a + 1:b + 1]:
+            text = line.strip()
+            if not text or text.startswith(("//", "{", "}")) or text.endswith(":"):
+                continue
+            m = _PTX_INSTR.match(text)
+            if m:
+                ins.append(m.group(2))
+        innermost = not any(a < c and d <= b and (c, d) != (a, b) for c, d in spans)
+        loops.append((ins, innermost))
+    return loops
+
+
+def ptx_hot_loop(ptx: str) -> dict:
+    """Instruction count and FMA / mma count of the PTX loop whose body holds the most fma / mma."""
+    best = None
+    for body, _ in ptx_loops(ptx):
+        fma = sum(1 for op in body if op.startswith("fma.rn.f32"))
+        mma = sum(1 for op in body if op.startswith(("wgmma", "mma.")))
+        if best is None or (fma + 64 * mma, -len(body)) > best[0]:
+            best = ((fma + 64 * mma, -len(body)), len(body), fma, mma)
     if best is None:
         return {"ptx_loop_instructions": 0, "ptx_loop_fma": 0, "ptx_loop_mma": 0}
     return {"ptx_loop_instructions": best[1], "ptx_loop_fma": best[2], "ptx_loop_mma": best[3]}
