@@ -407,11 +407,13 @@ def _conv_triton_patch(rec: _Recorder):
       reads and writes w), the main kernel (reads x or g, the re-laid weights and the bias, writes SPLIT
       partial outputs), and when SPLIT > 1 the in-order partial sum (reads SPLIT partials, writes one);
     - weight gradient: the main kernel (reads x, g and the lane table of 3 int32 per reduction lane,
-      writes SPLIT partials) and the partial sum when SPLIT > 1. The lane table itself is built once per
+      writes SPLIT partials; with the conv bias's gradient, also its (B, Co) sums) and the partial sum
+      when SPLIT > 1. The lane table itself is built once per
       shape and cached, so a steady-state meta-update launches nothing for it (not recorded).
 
     The main kernels carry all the FLOPs (2 x the MACs: bench/flops.py's count); the copies and sums none.
     A tree from before the kernel rework (conv_block_config(co, k, red, device)) is not modelled."""
+    import torch
     import torch.nn.functional as F
     from torch.nn.grad import conv2d_input, conv2d_weight
 
@@ -453,18 +455,21 @@ def _conv_triton_patch(rec: _Recorder):
              rec.layer_of([g, dx]), 2 * macs(meta, n), w, _nbytes(g) + _nbytes(w), dx, cfg["SPLIT"])
         return dx
 
-    def wgrad(x, g, meta):
+    def wgrad(x, g, meta, with_bias=False):
         b, co, ci, kh, kw, h, wd, ho, wo, s, p = meta
         n = x.shape[0]
         with rec.hide():
             dw = conv2d_weight(x, (b * co, ci, kh, kw), g, s, p, groups=b).view(b, co, ci, kh, kw)
+            db = g.reshape(n, b, co, -1).sum((0, 3)) if with_bias else None
+            # with the bias: its sums come from the g tiles the kernel loads anyway; one more (B, Co) result
+            out = dw if db is None else torch.cat([dw.reshape(-1), db.reshape(-1)])
         red = n * ho * wo
         cfg = wgrad_block_config(co, ci, kh * kw, red, b, rec.sms)
         lane_bytes = 3 * red * 4  # the cached lane table, read by every program column
-        gemm("conv_wgrad", "triton conv_wgrad", ("conv_weight_grad", tuple(x.shape), meta),
-             rec.layer_of([x, g]), 2 * macs(meta, n), None, _nbytes(x) + _nbytes(g) + lane_bytes, dw,
+        gemm("conv_wgrad", "triton conv_wgrad", ("conv_weight_grad", tuple(x.shape), meta, with_bias),
+             rec.layer_of([x, g]), 2 * macs(meta, n), None, _nbytes(x) + _nbytes(g) + lane_bytes, out,
              cfg["SPLIT"])
-        return dw
+        return dw if db is None else (dw, db)
 
     return fwd, dgrad, wgrad
 

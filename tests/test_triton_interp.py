@@ -367,7 +367,7 @@ def test_triton_conv_launch_paths(case, monkeypatch):
     16-column sub-tiles of one program (NSUB=3) and as three programs (NSUB=1), the weight gradient's
     48 rows as three 16-row sub-tiles and as one 64-row tile with an idle tail, split reductions
     (forward/data gradient over (tap, channel-block) steps, weight gradient over pixels) on and off,
-    sub-tiles idle at channel tails,
+    sub-tiles idle at channel tails, the bias gradient summed in the weight-gradient launch,
     3 input channels in one reduction block (SMALL) and through the tap loop, channel tails (20 = 16 + 4
     input, 17 output channels), stride 2, padding 0."""
     import torch
@@ -391,6 +391,11 @@ def test_triton_conv_launch_paths(case, monkeypatch):
            C.conv_weight_grad(x.detach(), gy, meta))
     for name, a, r in zip(("forward", "data gradient", "weight gradient"), got, (ref, gx, gw)):
         assert a.shape == r.shape and rel(a, r) < 1e-12, f"{name}: {rel(a, r):.3e}"
+    # the weight gradient with the bias's summed in the same launch (programs of the first k tile)
+    dw, db = C.conv_weight_grad(x.detach(), gy, meta, with_bias=True)
+    want_db = gy.reshape(n, b, co, -1).sum((0, 3))
+    assert rel(dw, gw) < 1e-12 and db.shape == want_db.shape and rel(db, want_db) < 1e-12, \
+        f"with bias: dw {rel(dw, gw):.3e}, db {rel(db, want_db):.3e}"
 
 
 @inner

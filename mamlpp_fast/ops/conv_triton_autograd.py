@@ -9,9 +9,13 @@ v (shape of w)::
     y  = F(x, w) + bias:  dx = D(gy, w),        dw = Wg(x, gy),   dbias[t,o] = sum_{i,y,z} gy[i, t*Co+o, y, z]
     dx = D(g, w):         dg = F(u, w),         dw = Wg(u, g)
     dw = Wg(x, g):        dx = D(g, v),         dg = F(x, v)
+    (dw, dbias) = WgB(x, g) (the weight gradient with the bias's, one launch):
+                          dx = D(g, v),         dg = F(x, v) + vb   (vb: upstream gradient of dbias,
+                                                                     the forward kernel's bias)
 
-so the three Functions below differentiate each other and the convolution is differentiable to any
-order (MAML++ needs two) with the three kernels only. Imported only when the triton implementation is
+so the Functions below differentiate each other and the convolution is differentiable to any order
+(MAML++ needs two) with the three kernels only: the bias gradient is summed inside the weight-gradient
+kernel, and its derivative (vb broadcast over the pixels) is the bias of a forward launch. Imported only when the triton implementation is
 used (it imports triton).
 """
 from __future__ import annotations
@@ -39,9 +43,13 @@ class _ConvF(torch.autograd.Function):
         x, w = ctx.saved_tensors
         meta = ctx.meta
         gx = _ConvD.apply(gy, w, meta) if ctx.needs_input_grad[0] else None
-        gw = _ConvW.apply(x, gy, meta) if ctx.needs_input_grad[1] else None
-        gb = None
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        gw = gb = None
+        if need_w and need_b:
+            gw, gb = _ConvWB.apply(x, gy, meta)
+        elif need_w:
+            gw = _ConvW.apply(x, gy, meta)
+        elif need_b:
             b, co = meta[0], meta[1]
             gb = gy.reshape(gy.shape[0], b, co, -1).sum((0, 3))
         return gx, gw, gb, None
@@ -76,6 +84,31 @@ class _ConvW(torch.autograd.Function):
         meta = ctx.meta
         dx = _ConvD.apply(g, v, meta) if ctx.needs_input_grad[0] else None
         dg = _ConvF.apply(x, v, None, meta) if ctx.needs_input_grad[1] else None
+        return dx, dg, None
+
+
+class _ConvWB(torch.autograd.Function):
+    """(dw, dbias) = WgB(x, g): the weight gradient and the bias gradient in one launch."""
+
+    @staticmethod
+    def forward(ctx, x, g, meta):
+        ctx.save_for_backward(x, g)
+        ctx.meta = meta
+        ctx.set_materialize_grads(False)
+        return conv_weight_grad(x, g, meta, with_bias=True)
+
+    @staticmethod
+    def backward(ctx, v, vb):
+        x, g = ctx.saved_tensors
+        meta = ctx.meta
+        dx = _ConvD.apply(g, v, meta) if ctx.needs_input_grad[0] and v is not None else None
+        dg = None
+        if ctx.needs_input_grad[1] and (v is not None or vb is not None):
+            if v is not None:  # F(x, v) with vb as its bias: the broadcast of vb rides on the forward kernel
+                dg = _ConvF.apply(x, v, vb, meta)
+            else:
+                b, co = meta[0], meta[1]
+                dg = vb.reshape(1, b * co, 1, 1).expand(g.shape)
         return dx, dg, None
 
 

@@ -426,12 +426,16 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, NT, CI, CO, H, W, HO, WO, M, CHUNK,
 
 
 @triton.jit
-def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO, R, CHUNK,
+def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO, R, CHUNK, TOT,
                        KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-                       PREC: tl.constexpr, SPLIT: tl.constexpr, NSUB: tl.constexpr,
+                       PREC: tl.constexpr, SPLIT: tl.constexpr, NSUB: tl.constexpr, HAS_DB: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """ws[s, t, o, k] = sum over r in chunk s of g[i, t*CO+o, y, z] * X[i, t*CI+c, y*S+p-PAD, z*S+q-PAD];
-    k = (c, p, q) (the weight's own layout), r = i*L + y*WO + z.
+    k = (c, p, q) (the weight's own layout), r = i*L + y*WO + z. Partial s starts at ws + s*TOT.
+
+    HAS_DB (the conv bias's gradient in the same pass): the programs of the first k tile also sum the
+    g tiles they load over the lanes, db[s, t, o] = sum over r in chunk s of g[i, t*CO+o, y, z], stored
+    after the NT*CO*K weight partials of partial s (ws + s*TOT + NT*CO*K + t*CO + o).
 
     Columns: k is split into (c, p, q) once per program (column offset c*HW + p*W + q and the tap's bit
     p*KW + q). Reduction lanes: a per-shape table (`_lane_table`, built once and cached) holds for every
@@ -465,6 +469,10 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO,
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    bias_tile = HAS_DB and pid_n == 0
+    bacc = tl.zeros([BLOCK_M], dtype=ACC)
+    bacc1 = tl.zeros([BLOCK_M], dtype=ACC)
+    bacc2 = tl.zeros([BLOCK_M], dtype=ACC)
     for rs in range(r0, r1, BLOCK_K):
         r_ok = lanes < r1 - rs
         g_r = tl.load(lane_ptr + rs + lanes, mask=r_ok, other=0)
@@ -477,12 +485,24 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO,
         b_ok = ((v_r[:, None] >> kr[None, :]) & 1) != 0
         b = tl.load(x_ptr + x_r[:, None] + x_k[None, :], mask=b_ok & k_ok[None, :], other=0.0)
         acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+        if bias_tile:
+            bacc += tl.sum(a.to(ACC), axis=1)
         if NSUB == 3:
             a = tl.trans(tl.load(g_ptrs + BLOCK_M * L, mask=o_ok1[None, :] & r_ok[:, None], other=0.0))
             acc1 += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+            if bias_tile:
+                bacc1 += tl.sum(a.to(ACC), axis=1)
             a = tl.trans(tl.load(g_ptrs + 2 * BLOCK_M * L, mask=o_ok2[None, :] & r_ok[:, None], other=0.0))
             acc2 += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
-    w_ptrs = ws_ptr + ((s * NT + t) * CO + offs_o[:, None]) * K + offs_k[None, :]
+            if bias_tile:
+                bacc2 += tl.sum(a.to(ACC), axis=1)
+    if bias_tile:
+        b_ptrs = ws_ptr + s * TOT + NT * CO * K + t * CO + offs_o
+        tl.store(b_ptrs, bacc.to(ws_ptr.dtype.element_ty), mask=o_ok)
+        if NSUB == 3:
+            tl.store(b_ptrs + BLOCK_M, bacc1.to(ws_ptr.dtype.element_ty), mask=o_ok1)
+            tl.store(b_ptrs + 2 * BLOCK_M, bacc2.to(ws_ptr.dtype.element_ty), mask=o_ok2)
+    w_ptrs = ws_ptr + s * TOT + (t * CO + offs_o[:, None]) * K + offs_k[None, :]
     tl.store(w_ptrs, acc.to(ws_ptr.dtype.element_ty), mask=o_ok[:, None] & k_ok[None, :])
     if NSUB == 3:
         tl.store(w_ptrs + BLOCK_M * K, acc1.to(ws_ptr.dtype.element_ty), mask=o_ok1[:, None] & k_ok[None, :])
@@ -575,8 +595,10 @@ def _lane_table(n, meta, device):
     return table
 
 
-def conv_weight_grad(x, g, meta):
-    """Wg(x, g): -> (B, Co, Ci, kh, kw)."""
+def conv_weight_grad(x, g, meta, with_bias=False):
+    """Wg(x, g): -> (B, Co, Ci, kh, kw); with_bias: also the conv bias's gradient, -> (dw, db) with
+    db (B, Co) = g summed over (n, Ho, Wo) per channel, in the same launch (and the same in-order sum
+    of the split partials: each partial holds the weights' then the bias's values)."""
     b, co, ci, kh, kw, h, wd, ho, wo, s, p = meta
     x, g = x.contiguous(), g.contiguous()
     _check("conv weight gradient", x, g)
@@ -584,10 +606,14 @@ def conv_weight_grad(x, g, meta):
     red = n * ho * wo
     cfg = wgrad_block_config(co, ci, kh * kw, red, b, _sms(x.device))
     split, chunk = cfg.pop("SPLIT"), cfg.pop("CHUNK")
-    ws = torch.empty(split, b, co, ci, kh, kw, device=x.device, dtype=x.dtype)
+    nw = b * co * ci * kh * kw
+    tot = nw + (b * co if with_bias else 0)
+    ws = torch.empty(split, tot, device=x.device, dtype=x.dtype)
     _check("conv weight gradient", ws)
     grid = (triton.cdiv(co, cfg["BLOCK_M"] * cfg["NSUB"]), triton.cdiv(ci * kh * kw, cfg["BLOCK_N"]), b * split)
     lanes = _lane_table(n, meta, x.device)
-    _conv_wgrad_kernel[grid](x, g, lanes, ws, b, ci, co, h, wd, ho, wo, red, chunk, KH=kh, KW=kw, STRIDE=s,
-                             PAD=p, PREC=_precision(x.dtype), SPLIT=split, **cfg)
-    return _reduce_split(ws)
+    _conv_wgrad_kernel[grid](x, g, lanes, ws, b, ci, co, h, wd, ho, wo, red, chunk, tot, KH=kh, KW=kw,
+                             STRIDE=s, PAD=p, PREC=_precision(x.dtype), SPLIT=split, HAS_DB=with_bias, **cfg)
+    red_ws = _reduce_split(ws)
+    dw = red_ws[:nw].view(b, co, ci, kh, kw)
+    return (dw, red_ws[nw:].view(b, co)) if with_bias else dw
