@@ -90,33 +90,50 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         return get_backend(self._op_backend, self.device).name
 
     # -- batched network ----------------------------------------------------------------------------
-    def _bn_params(self, layer: str, step: int, fast: dict):
+    def _bn_rows(self) -> dict:
+        """The per-step gamma and beta rows of every BN layer, split once per outer forward (`unbind`):
+        key "layer.name" -> the tuple of step rows. Indexing the (S, C) parameter at every use instead
+        made each use's backward a zero fill of all S rows plus a copy of one, then an (S, C) addition
+        per further use; one unbind's backward is one stack of the S row gradients."""
+        rows = {}
+        for i in range(self.classifier.num_stages):
+            layer = f"conv{i}"
+            norm = self.classifier.layer_dict[layer].norm_layer
+            if norm.per_step and not norm.inner_loop_bn:
+                for name, own in (("weight", norm.weight), ("bias", norm.bias)):
+                    rows[f"{layer}.{name}"] = own.unbind(0)
+        return rows
+
+    def _bn_params(self, layer: str, step: int, fast: dict, rows: dict):
         """gamma and beta of a BN call: adapted (B, C) fast tensors when the inner loop adapts them (each
-        separately: only the learnable one is adapted), else the step's row or the shared vector."""
+        separately: only the learnable one is adapted), else the step's row (`_bn_rows`) or the shared
+        vector."""
         norm = self.classifier.layer_dict[layer].norm_layer
-        per_row = norm.per_step and not norm.inner_loop_bn
         out = []
         for name, own in (("weight", norm.weight), ("bias", norm.bias)):
             key = f"layer_dict.{layer}.norm_layer.{name}"
-            out.append(fast[key] if key in fast else (own[step] if per_row else own))
+            row = rows.get(f"{layer}.{name}")
+            out.append(fast[key] if key in fast else (row[step] if row is not None else own))
         return out[0], out[1]
 
     def _net(self, x: torch.Tensor, num_tasks: int, step: int, fast: dict, stats: list | None,
-             pattern: str = "first_order"):
-        """Logits (B, n, classes) of all tasks; x is (n, B*C, H, W), fast maps names to (B, *shape).
+             pattern: str = "first_order", rows: dict | None = None):
+        """Logits (B, n, classes) of all tasks; x is (n, B*C, H, W), fast maps names to (B, *shape);
+        rows: the per-step BN rows of this outer forward (`_bn_rows`; split here when not given).
 
         When `stats` is a list, (layer, mean, invstd, M) of every BN call are appended to it. `pattern`
         ("second_order" for the support pass of a second-order step) tells conv_impl=auto which
         derivatives will be taken (mamlpp_fast.ops.conv)."""
         b = num_tasks
         out = x
+        rows = self._bn_rows() if rows is None else rows
         for i in range(self.classifier.num_stages):
             layer = f"conv{i}"
             conv = self.classifier.layer_dict[layer].conv
             w = fast[f"layer_dict.{layer}.conv.weight"]
             bias = fast[f"layer_dict.{layer}.conv.bias"]
             out = task_conv2d(out, w, bias, b, conv.stride, conv.padding, self.args.conv_impl, pattern)
-            gamma, beta = self._bn_params(layer, step, fast)
+            gamma, beta = self._bn_params(layer, step, fast, rows)
             out, mean, invstd = per_step_batch_norm(out, gamma, beta, b, BN_EPS, LEAKY_SLOPE,
                                                     backend=self._op_backend)
             if stats is not None:
@@ -256,12 +273,14 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         meta = [params[k] for k in names]
         alphas = [lrs[k.replace(".", "-")] for k in names]
         fast_list = [p.unsqueeze(0).expand(b, *p.shape) for p in meta]
+        rows = self._bn_rows()
         loss = None
         target_logits = None
         for step in range(last + 1):
             fast = dict(zip(names, fast_list))
             stats = [] if track else None
-            logits = self._net(xs, b, step, fast, stats, "second_order" if use_second_order else "first_order")
+            logits = self._net(xs, b, step, fast, stats, "second_order" if use_second_order else "first_order",
+                               rows)
             support_loss = F.cross_entropy(logits.reshape(-1, n_way), ys) * b
             grads = torch.autograd.grad(support_loss, fast_list, create_graph=use_second_order)
             fast_list = lslr_update(meta if step == 0 else fast_list, list(grads), alphas, step,
@@ -272,7 +291,7 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
             if use_msl or step == final_step:
                 stats = [] if track else None
                 with torch.set_grad_enabled(target_grad and torch.is_grad_enabled()):
-                    target_logits = self._net(xt, b, step, dict(zip(names, fast_list)), stats)
+                    target_logits = self._net(xt, b, step, dict(zip(names, fast_list)), stats, rows=rows)
                 target_loss = F.cross_entropy(target_logits.reshape(-1, n_way), yt)
                 term = importance[step] * target_loss if use_msl else target_loss
                 loss = term if loss is None else loss + term

@@ -54,6 +54,10 @@ def test_backend_kernel_mapping():
         assert not any(k.name.startswith("aten.") and ("bn_" in k.name or "lslr" in k.name) for k in r.kernels)
         bn_calls = sum(k.launches for k in r.kernels if k.kind == "bn")
         assert bn_calls == sum(k.launches for k in r.kernels if k.name.endswith(("_reduce", "_apply")))
+    # the per-step BN rows are split once per outer forward (fast.py `_bn_rows`): no per-use select,
+    # whose backward would fill all S rows with zeros and copy one
+    for r in res.values():
+        assert sum(k.launches for k in r.kernels if k.name == "aten.select_backward") == 0
     lslr = {b: sum(k.launches for k in r.kernels if k.kind == "lslr") for b, r in res.items()}
     steps = res["cuda"].config["workload_detail"]["steps"]
     assert lslr == {"cuda": 3 * steps, "triton": 4 * steps}
