@@ -187,6 +187,33 @@ def describe_learner(model: Any) -> tuple[str, str]:
     return kind, str(backend)
 
 
+class _TrainBar:
+    """The training progress bar, advanced in steps: the loop adds each meta-update to `pending` and keeps
+    its losses in `last`, and calls `show()` once `due` (a time.perf_counter value) has passed; the bar
+    then moves by the pending meta-updates with the last one's loss and accuracy. `due` is one refresh
+    interval of the bar after the previous step (never, for a disabled bar), so the bar is drawn as often
+    as before, at a fraction of the cost per meta-update."""
+
+    __slots__ = ("bar", "pending", "last", "due", "interval")
+
+    def __init__(self, bar: tqdm.tqdm):
+        self.bar, self.pending, self.last = bar, 0, None
+        self.interval = float("inf") if bar.disable else float(bar.mininterval)
+        self.due = time.perf_counter() + self.interval
+
+    def show(self) -> None:
+        if self.pending and not self.bar.disable:
+            if self.last is not None:
+                self.bar.set_postfix(ExperimentBuilder._postfix(self.last), refresh=False)
+            self.bar.update(self.pending)
+        self.pending = 0
+        self.due = time.perf_counter() + self.interval
+
+    def close(self) -> None:
+        self.show()
+        self.bar.close()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Who writes the experiment's files
 # ----------------------------------------------------------------------------------------------------
@@ -321,7 +348,9 @@ class ExperimentBuilder:
 
     def _bar(self, **kwargs: Any) -> tqdm.tqdm:
         interactive = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
-        return tqdm.tqdm(disable=not self.progress, mininterval=0.1 if interactive else 5.0,
+        # miniters=1: the bar is drawn at the first update after `mininterval` seconds (the training loop
+        # updates it at most that often, several meta-updates at a time: _TrainBar).
+        return tqdm.tqdm(disable=not self.progress, mininterval=0.1 if interactive else 5.0, miniters=1,
                          dynamic_ncols=interactive, file=sys.stderr, **kwargs)
 
     def _announce(self) -> None:
@@ -680,6 +709,16 @@ class ExperimentBuilder:
             total_losses.setdefault(key, []).append(value if _on_device(value) else float(value))
 
     @staticmethod
+    def _columns(updates: list[dict[str, Any]]) -> dict[str, list[Any]]:
+        """The losses dicts of an epoch's meta-updates, as one list per key (keys in order of first
+        appearance), the values as the learner returned them (_summary converts them)."""
+        columns: dict[str, list[Any]] = {}
+        for losses in updates:
+            for key, value in losses.items():
+                columns.setdefault(key, []).append(value)
+        return columns
+
+    @staticmethod
     def _postfix(losses: dict[str, Any]) -> dict[str, str]:
         """Progress-bar numbers: host values only (a value on the device is left out, never copied)."""
         out = {}
@@ -708,7 +747,8 @@ class ExperimentBuilder:
     def _task_batches(self, set_name: str, total_batches: int, augment: bool, tasks_per_item: int | None = None):
         """The tasks of get_<set_name>_batches, prepared in the background (config key
         `num_dataprovider_workers` processes, 0: this one) and copied to the device (through pinned
-        memory on a CUDA device) two batches ahead (mamlpp_fast.data.prefetch). A data loader without
+        memory on a CUDA device) two batches ahead (mamlpp_fast.data.prefetch; on a CPU device our loader's
+        batches are used as they come). A data loader without
         `batch_loader` (not ours) is read through its get_*_batches generators, re-cut to
         `tasks_per_item` tasks."""
         from .data.prefetch import prefetch_to_device, regroup_batches
@@ -719,6 +759,8 @@ class ExperimentBuilder:
             host = make(set_name, total_batches, augment_images=augment, tasks_per_item=tasks_per_item,
                         num_workers=int(getattr(self.args, "num_dataprovider_workers", 0) or 0),
                         pin_memory=dev.type == "cuda")
+            if dev.type == "cpu":
+                return host  # CPU tensors already: nothing to copy (one generator less per batch)
         else:
             host = getattr(self.data, f"get_{set_name}_batches")(total_batches=total_batches, augment_images=augment)
             if tasks_per_item is not None and tasks_per_item != self.tasks_per_batch:
@@ -868,44 +910,55 @@ class ExperimentBuilder:
         total_epochs = int(self.args.total_epochs)
         remaining = self.total_iters - int(self.state["current_iter"])
         stream_start = getattr(self.data, "total_train_iters_produced", None)
-        consumed_tasks = 0
+        # Our loader's training batches all hold tasks_per_batch tasks: counting batches is enough there.
+        per_batch = self.tasks_per_batch if getattr(self.data, "batch_loader", None) is not None else None
+        consumed_tasks = consumed_batches = 0
         batches = self._task_batches("train", remaining, self.augment_flag)
-        total_losses: dict[str, list[float]] = {}
+        # The loop's own work per meta-update is kept to a minimum (it runs in series with the learner and
+        # with caches the learner has just evicted, where every line costs many times its warm cost): the
+        # losses dicts are kept as returned and summarised at the epoch's end, and the bar is advanced at
+        # most once per its refresh interval (_TrainBar).
+        updates: list[dict[str, Any]] = []
         skipped = 0
         bar = None
+        iters_per_epoch = self.iters_per_epoch
+        current_iter = int(self.state["current_iter"])
         t_train = time.perf_counter()
         try:
             for batch in batches:
-                consumed_tasks += len(batch[0])
+                consumed_batches += 1
+                if per_batch is None:
+                    consumed_tasks += len(batch[0])
                 if bar is None:
-                    done_in_epoch = self.state["current_iter"] % self.iters_per_epoch
-                    bar = self._bar(total=self.iters_per_epoch, initial=done_in_epoch,
-                                    desc=f"train epoch {self.epoch + 1}/{total_epochs}")
-                epoch = int(self.state["current_iter"]) // self.iters_per_epoch
-                losses, _ = self.model.run_train_iter(data_batch=tuple(batch[:4]), epoch=epoch)
+                    bar = _TrainBar(self._bar(total=iters_per_epoch, initial=current_iter % iters_per_epoch,
+                                              desc=f"train epoch {self.epoch + 1}/{total_epochs}"))
+                losses, _ = self.model.run_train_iter(data_batch=tuple(batch[:4]), epoch=current_iter // iters_per_epoch)
                 if losses.pop("skipped", False):
                     # A non-finite meta-update the learner withheld (nonfinite_policy 'skip'): counted,
                     # and left out of the epoch's statistics (its loss is not a number).
                     skipped += 1
                     self.state["skipped_iterations"] = int(self.state.get("skipped_iterations", 0)) + 1
                 else:
-                    self._accumulate(total_losses, losses)
-                self.state["current_iter"] += 1
-                bar.update(1)
-                self._set_postfix(bar, losses)
-                if self.state["current_iter"] % self.iters_per_epoch == 0:
+                    updates.append(losses)
+                current_iter += 1
+                self.state["current_iter"] = current_iter
+                bar.pending += 1
+                bar.last = losses
+                if bar.due <= time.perf_counter():
+                    bar.show()
+                if current_iter % iters_per_epoch == 0:
                     train_seconds = time.perf_counter() - t_train
                     bar.close()
                     bar = None
                     if skipped:
                         self.log(f"mamlpp: warning: {skipped} of {self.iters_per_epoch} meta-updates of epoch "
                                  f"{self.epoch + 1} were skipped (non-finite loss or gradient)")
-                    self._end_of_epoch(self._summary(total_losses, "train"), train_seconds)
-                    total_losses = {}
+                    self._end_of_epoch(self._summary(self._columns(updates), "train"), train_seconds)
+                    updates = []
                     skipped = 0
                     t_train = time.perf_counter()
                     self.epochs_done_in_this_run += 1
-                    if self.state["current_iter"] >= self.total_iters:
+                    if current_iter >= self.total_iters:
                         break
                     if self.epochs_done_in_this_run >= pause_after:
                         self.log(f"mamlpp: paused after {self.epochs_done_in_this_run} epochs "
@@ -917,7 +970,8 @@ class ExperimentBuilder:
             batches.close()
             if stream_start is not None:
                 # The prefetcher reads ahead: the stream position is what was used, not what was read.
-                self.data.total_train_iters_produced = stream_start + consumed_tasks
+                self.data.total_train_iters_produced = stream_start + (
+                    consumed_tasks if per_batch is None else consumed_batches * per_batch)
         if self.state["current_iter"] < self.total_iters:
             raise RuntimeError(f"the data loader stopped after iteration {self.state['current_iter']} of "
                                f"{self.total_iters}")

@@ -115,6 +115,59 @@ def test_end_to_end_files_and_columns(tmp_path):
     assert loaded["current_iter"] == 3
 
 
+@pytest.mark.parametrize("learner", ["fast", "reference"])
+def test_training_statistics_are_those_of_the_learners_values(tmp_path, learner):
+    """The loop keeps each meta-update's losses as the learner returned them and summarises the epoch at
+    its end: train_<metric>_mean/_std are numpy's mean and std of the returned values, per epoch."""
+    args = make_args(tmp_path, learner=learner)
+    b = build(args)
+    returned = []
+    real = b.model.run_train_iter
+
+    def recording(*a, **kw):
+        losses, preds = real(*a, **kw)
+        returned.append({k: float(v) for k, v in losses.items() if k != "skipped"})
+        return losses, preds
+
+    b.model.run_train_iter = recording
+    assert b.train() == "done"
+    header, rows = read_csv(tmp_path / "exp" / "tiny" / "logs" / "summary_statistics.csv")
+    n = args.total_iter_per_epoch
+    assert len(returned) == 2 * n and len(rows) == 2
+    for e, row in enumerate(rows):
+        epoch_values = returned[e * n:(e + 1) * n]
+        for key in epoch_values[0]:
+            values = [v[key] for v in epoch_values]
+            assert float(row[header.index(f"train_{key}_mean")]) == float(np.mean(values)), key
+            assert float(row[header.index(f"train_{key}_std")]) == float(np.std(values)), key
+    assert len({v["loss"] for v in returned}) == len(returned)  # distinct updates, not one value repeated
+
+
+def test_progress_bar_shows_every_meta_update_and_the_last_loss(tmp_path, monkeypatch):
+    """The training bar is advanced in steps (at most once per refresh interval); when an epoch's bar
+    closes it shows all of the epoch's meta-updates and the last one's loss and accuracy."""
+    args = make_args(tmp_path, total_iter_per_epoch=4)
+    model = learner_class(args.learner)(im_shape=(2, 1, 28, 28), device="cpu", args=args)
+    err = io.StringIO()
+    monkeypatch.setattr("sys.stderr", err)
+    b = ExperimentBuilder(args, MetaLearningSystemDataLoader, model, "cpu", progress=True, log=lambda m: None)
+    returned = []
+    real = b.model.run_train_iter
+
+    def recording(*a, **kw):
+        losses, preds = real(*a, **kw)
+        returned.append((float(losses["loss"]), float(losses["accuracy"])))
+        return losses, preds
+
+    b.model.run_train_iter = recording
+    assert b.train() == "done"
+    text = err.getvalue().replace("\r", "\n")
+    for epoch in (1, 2):
+        shown = [ln for ln in text.split("\n") if ln.startswith(f"train epoch {epoch}/2")]
+        loss, acc = returned[4 * epoch - 1]
+        assert "4/4" in shown[-1] and f"loss={loss:.4f}, acc={acc:.4f}" in shown[-1], shown
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_resume_gives_the_same_parameters(tmp_path, dtype):
     # Uninterrupted: 2 epochs.

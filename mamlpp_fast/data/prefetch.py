@@ -162,17 +162,23 @@ def receive_in_background(items: Iterable[Any], pin: bool = False, ahead: int = 
     the learner (whose kernels release the interpreter lock), the role the DataLoader's own pinning
     thread plays for tensors. The thread stops when the consumer stops; an error in it (a worker's
     DatasetError) is raised in the consumer."""
-    q: queue.Queue = queue.Queue(maxsize=max(1, int(ahead)))
+    # Two C-level queues rather than one queue.Queue, whose get() is Python code (a lock and a condition):
+    # the consumer's side of a batch is one get() and one put(), the least work in the main thread.
+    ready: queue.SimpleQueue = queue.SimpleQueue()  # batches (and the _End), in order
+    slots: queue.SimpleQueue = queue.SimpleQueue()  # one token per batch the thread may still queue
+    for _ in range(max(1, int(ahead))):
+        slots.put(None)
     stop = threading.Event()
     it = iter(items)
 
     def put(obj) -> bool:
         while not stop.is_set():
             try:
-                q.put(obj, timeout=0.1)
-                return True
-            except queue.Full:
+                slots.get(timeout=0.1)
+            except queue.Empty:
                 continue
+            ready.put(obj)
+            return True
         return False
 
     def run() -> None:
@@ -191,11 +197,12 @@ def receive_in_background(items: Iterable[Any], pin: bool = False, ahead: int = 
     thread.start()
     try:
         while True:
-            item = q.get()
-            if isinstance(item, _End):
+            item = ready.get()
+            if item.__class__ is _End:
                 if item.error is not None:
                     raise item.error
                 return
+            slots.put(None)
             yield item
     finally:
         stop.set()

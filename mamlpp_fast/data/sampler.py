@@ -534,7 +534,7 @@ class MetaLearningSystemDataLoader:
         try:
             for batch in batches:
                 if set_name == "train":
-                    self.total_train_iters_produced += len(batch[0])
+                    self.total_train_iters_produced += batch[0].shape[0]
                 yield batch
         finally:
             close = getattr(batches, "close", None)
