@@ -143,7 +143,9 @@ def capture_launches(call, tf32: bool = False) -> list:
                 meta = call[2]
                 b, co, ci, kh, kw, h, wd, ho, wo = meta[:9]
                 x = t(call[1])
-                tconv.conv_weight_grad(x, t((x.shape[0], b * co, ho, wo)), meta)
+                with_bias = bool(call[3]) if len(call) > 3 else False  # the trace records it (later trees)
+                tconv.conv_weight_grad(x, t((x.shape[0], b * co, ho, wo)), meta, **(
+                    {"with_bias": True} if with_bias else {}))
             else:
                 raise ValueError(f"unknown call {op!r}")
     finally:

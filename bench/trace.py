@@ -407,7 +407,8 @@ def _conv_triton_patch(rec: _Recorder):
       reads and writes w), the main kernel (reads x or g, the re-laid weights and the bias, writes SPLIT
       partial outputs), and when SPLIT > 1 the in-order partial sum (reads SPLIT partials, writes one);
     - weight gradient: the main kernel (reads x, g and the lane table of 3 int32 per reduction lane,
-      writes SPLIT partials; with the conv bias's gradient, also its (B, Co) sums) and the partial sum
+      writes SPLIT partials; with the conv bias's gradient, its programs read g once more and write the
+      (B, Co) sums, or, where the launcher keeps it apart, a separate reduction) and the partial sum
       when SPLIT > 1. The lane table itself is built once per
       shape and cached, so a steady-state meta-update launches nothing for it (not recorded).
 
@@ -418,6 +419,10 @@ def _conv_triton_patch(rec: _Recorder):
     from torch.nn.grad import conv2d_input, conv2d_weight
 
     from mamlpp_fast.triton.conv import conv_block_config, wgrad_block_config
+    try:
+        from mamlpp_fast.triton.conv import bias_in_wgrad as bias_in
+    except ImportError:  # a tree without the bias in the weight-gradient kernel
+        bias_in = None
 
     def macs(meta, n):
         b, co, ci, kh, kw, h, wd, ho, wo, s, p = meta
@@ -461,14 +466,18 @@ def _conv_triton_patch(rec: _Recorder):
         with rec.hide():
             dw = conv2d_weight(x, (b * co, ci, kh, kw), g, s, p, groups=b).view(b, co, ci, kh, kw)
             db = g.reshape(n, b, co, -1).sum((0, 3)) if with_bias else None
-            # with the bias: its sums come from the g tiles the kernel loads anyway; one more (B, Co) result
+            # with the bias: one more (B, Co) result, from the bias programs' own pass over g
             out = dw if db is None else torch.cat([dw.reshape(-1), db.reshape(-1)])
         red = n * ho * wo
         cfg = wgrad_block_config(co, ci, kh * kw, red, b, rec.sms)
         lane_bytes = 3 * red * 4  # the cached lane table, read by every program column
+        bias_read = _nbytes(g) if db is not None else 0
+        if db is not None and bias_in is not None and not bias_in(cfg):  # the launcher's separate sum
+            rec.add(name="bias grad reduction", kind="reduction", layer=rec.layer_of([g]), bytes=_nbytes(g))
+            out, bias_read = dw, 0
         gemm("conv_wgrad", "triton conv_wgrad", ("conv_weight_grad", tuple(x.shape), meta, with_bias),
-             rec.layer_of([x, g]), 2 * macs(meta, n), None, _nbytes(x) + _nbytes(g) + lane_bytes, out,
-             cfg["SPLIT"])
+             rec.layer_of([x, g]), 2 * macs(meta, n), None, _nbytes(x) + _nbytes(g) + lane_bytes + bias_read,
+             out, cfg["SPLIT"])
         return dw if db is None else (dw, db)
 
     return fwd, dgrad, wgrad

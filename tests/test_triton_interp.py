@@ -354,9 +354,11 @@ CONV_PATHS = [
      dict(BLOCK_M=16, BLOCK_N=32, NSUB=3, SPLIT=2)),
     ((2, 1, 16, 32, 6, 3, 1, 0), dict(BLOCK_M=32, BLOCK_N=32, NSUB=1, SPLIT=1),
      dict(BLOCK_M=32, BLOCK_N=64, SPLIT=1)),
+    ((2, 2, 48, 48, 4, 3, 1, 1), dict(BLOCK_M=16, BLOCK_N=16, NSUB=3, SPLIT=2),
+     dict(BLOCK_M=16, BLOCK_N=16, NSUB=3, SPLIT=2)),
 ]
 CONV_PATH_IDS = ["c48-subtiles-nosplit", "c48-tiles16-split", "cin3-small-s2", "cin3-small-c48-subtiles",
-                 "cin3-taps-s2-split", "tails-subtiles-s2-split5", "pad0-even"]
+                 "cin3-taps-s2-split", "tails-subtiles-s2-split5", "pad0-even", "k-multiple-of-tile"]
 
 
 @inner
@@ -367,7 +369,8 @@ def test_triton_conv_launch_paths(case, monkeypatch):
     16-column sub-tiles of one program (NSUB=3) and as three programs (NSUB=1), the weight gradient's
     48 rows as three 16-row sub-tiles and as one 64-row tile with an idle tail, split reductions
     (forward/data gradient over (tap, channel-block) steps, weight gradient over pixels) on and off,
-    sub-tiles idle at channel tails, the bias gradient summed in the weight-gradient launch,
+    sub-tiles idle at channel tails, the bias gradient summed in the weight-gradient launch (through a
+    ones column of the last k tile, and by row sums where K = Ci*9 is a multiple of the tile: the last case),
     3 input channels in one reduction block (SMALL) and through the tap loop, channel tails (20 = 16 + 4
     input, 17 output channels), stride 2, padding 0."""
     import torch

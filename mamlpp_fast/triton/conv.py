@@ -65,7 +65,8 @@ import triton.language as tl
 
 from ._device import num_sms
 
-__all__ = ["conv_forward", "conv_data_grad", "conv_weight_grad", "conv_block_config", "wgrad_block_config"]
+__all__ = ["conv_forward", "conv_data_grad", "conv_weight_grad", "conv_block_config", "wgrad_block_config",
+           "bias_in_wgrad"]
 
 
 def _precision(dtype) -> str:
@@ -171,6 +172,14 @@ def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int
     split = triton.cdiv(red, chunk)
     return dict(BLOCK_M=bm, BLOCK_N=bn, NSUB=nsub, BLOCK_K=bk, SPLIT=split, CHUNK=chunk,
                 num_warps=max(1, bm * bn // 1024) if nsub == 1 else max(1, bn // 32))  # ptxas: no spills
+
+
+def bias_in_wgrad(cfg: dict) -> bool:
+    """Whether the weight-gradient launch of configuration `cfg` (`wgrad_block_config`) also sums the
+    conv bias's gradient (its extra column of programs). Not in the one-warp, three-sub-tile tiles: there
+    the kernel is at 254 registers without it under Triton 3.6 (the device's version) and spilled 48 B
+    with it (bench.static_metrics); the bias's gradient is then a separate sum."""
+    return not (cfg["num_warps"] == 1 and cfg["NSUB"] == 3)
 
 
 _TRITON_VERSION = tuple(int(v) for v in triton.__version__.split(".")[:2] if v.isdigit())
@@ -433,9 +442,11 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO,
     """ws[s, t, o, k] = sum over r in chunk s of g[i, t*CO+o, y, z] * X[i, t*CI+c, y*S+p-PAD, z*S+q-PAD];
     k = (c, p, q) (the weight's own layout), r = i*L + y*WO + z. Partial s starts at ws + s*TOT.
 
-    HAS_DB (the conv bias's gradient in the same pass): the programs of the first k tile also sum the
-    g tiles they load over the lanes, db[s, t, o] = sum over r in chunk s of g[i, t*CO+o, y, z], stored
-    after the NT*CO*K weight partials of partial s (ws + s*TOT + NT*CO*K + t*CO + o).
+    HAS_DB (the conv bias's gradient in the same launch): one more column of programs on grid axis 1
+    (pid_n = the number of k tiles) sums g over the chunk's lanes, db[s, t, o] = sum over r in chunk s of
+    g[i, t*CO+o, y, z], stored after the NT*CO*K weight partials of partial s (ws + s*TOT + NT*CO*K +
+    t*CO + o). Its own branch: the weight programs' loop is the same code as without the bias (their
+    registers and instruction mix are what bench.static_metrics measured for it).
 
     Columns: k is split into (c, p, q) once per program (column offset c*HW + p*W + q and the tap's bit
     p*KW + q). Reduction lanes: a per-shape table (`_lane_table`, built once and cached) holds for every
@@ -443,7 +454,7 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO,
     has no division and per element one add (address) and one bit test (padding mask). NSUB = 3 (48
     output channels): three BLOCK_M = 16 row sub-tiles share each gathered x tile."""
     pid_m = tl.program_id(0)  # o tile
-    pid_n = tl.program_id(1)  # k tile
+    pid_n = tl.program_id(1)  # k tile (HAS_DB: the last column is the bias's)
     pid_z = tl.program_id(2)
     t = pid_z // SPLIT
     s = pid_z % SPLIT
@@ -453,60 +464,67 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO,
     K = CI * KK
     ACC = ws_ptr.dtype.element_ty
     offs_o = pid_m * (NSUB * BLOCK_M) + tl.arange(0, BLOCK_M)  # sub-tile j: offs_o + j*BLOCK_M
-    offs_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o_ok = offs_o < CO
     o_ok1 = offs_o + BLOCK_M < CO
     o_ok2 = offs_o + 2 * BLOCK_M < CO
-    k_ok = offs_k < K
-    kc = offs_k // KK  # once per program
-    kr = offs_k - kc * KK
-    kp = kr // KW
-    x_k = t * CI * HW + kc * HW + kp * W + (kr - kp * KW)
     g_o = t * CO * L + offs_o * L
     r0 = s * CHUNK
     r1 = tl.minimum(r0 + CHUNK, R)
     lanes = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    bias_tile = HAS_DB and pid_n == 0
-    bacc = tl.zeros([BLOCK_M], dtype=ACC)
-    bacc1 = tl.zeros([BLOCK_M], dtype=ACC)
-    bacc2 = tl.zeros([BLOCK_M], dtype=ACC)
-    for rs in range(r0, r1, BLOCK_K):
-        r_ok = lanes < r1 - rs
-        g_r = tl.load(lane_ptr + rs + lanes, mask=r_ok, other=0)
-        x_r = tl.load(lane_ptr + R + rs + lanes, mask=r_ok, other=0)
-        v_r = tl.load(lane_ptr + 2 * R + rs + lanes, mask=r_ok, other=0)  # 0 past the end: all masked
-        # g loaded as [r, o] and transposed: the operand then sits in shared memory with o fastest, and
-        # the FMA loop reads it with 16-byte shared loads
-        g_ptrs = g_ptr + g_r[:, None] + g_o[None, :]
-        a = tl.trans(tl.load(g_ptrs, mask=o_ok[None, :] & r_ok[:, None], other=0.0))
-        b_ok = ((v_r[:, None] >> kr[None, :]) & 1) != 0
-        b = tl.load(x_ptr + x_r[:, None] + x_k[None, :], mask=b_ok & k_ok[None, :], other=0.0)
-        acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
-        if bias_tile:
-            bacc += tl.sum(a.to(ACC), axis=1)
-        if NSUB == 3:
-            a = tl.trans(tl.load(g_ptrs + BLOCK_M * L, mask=o_ok1[None, :] & r_ok[:, None], other=0.0))
-            acc1 += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
-            if bias_tile:
-                bacc1 += tl.sum(a.to(ACC), axis=1)
-            a = tl.trans(tl.load(g_ptrs + 2 * BLOCK_M * L, mask=o_ok2[None, :] & r_ok[:, None], other=0.0))
-            acc2 += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
-            if bias_tile:
-                bacc2 += tl.sum(a.to(ACC), axis=1)
-    if bias_tile:
+    if HAS_DB and pid_n * BLOCK_N >= K:
+        # the bias programs: g summed over the chunk's lanes, rows as the weight programs'
+        bacc = tl.zeros([BLOCK_M], dtype=ACC)
+        bacc1 = tl.zeros([BLOCK_M], dtype=ACC)
+        bacc2 = tl.zeros([BLOCK_M], dtype=ACC)
+        for rs in range(r0, r1, BLOCK_K):
+            r_ok = lanes < r1 - rs
+            g_r = tl.load(lane_ptr + rs + lanes, mask=r_ok, other=0)
+            g_ptrs = g_ptr + g_r[:, None] + g_o[None, :]
+            bacc += tl.sum(tl.load(g_ptrs, mask=o_ok[None, :] & r_ok[:, None], other=0.0).to(ACC), axis=0)
+            if NSUB == 3:
+                bacc1 += tl.sum(tl.load(g_ptrs + BLOCK_M * L, mask=o_ok1[None, :] & r_ok[:, None],
+                                        other=0.0).to(ACC), axis=0)
+                bacc2 += tl.sum(tl.load(g_ptrs + 2 * BLOCK_M * L, mask=o_ok2[None, :] & r_ok[:, None],
+                                        other=0.0).to(ACC), axis=0)
         b_ptrs = ws_ptr + s * TOT + NT * CO * K + t * CO + offs_o
         tl.store(b_ptrs, bacc.to(ws_ptr.dtype.element_ty), mask=o_ok)
         if NSUB == 3:
             tl.store(b_ptrs + BLOCK_M, bacc1.to(ws_ptr.dtype.element_ty), mask=o_ok1)
             tl.store(b_ptrs + 2 * BLOCK_M, bacc2.to(ws_ptr.dtype.element_ty), mask=o_ok2)
-    w_ptrs = ws_ptr + s * TOT + (t * CO + offs_o[:, None]) * K + offs_k[None, :]
-    tl.store(w_ptrs, acc.to(ws_ptr.dtype.element_ty), mask=o_ok[:, None] & k_ok[None, :])
-    if NSUB == 3:
-        tl.store(w_ptrs + BLOCK_M * K, acc1.to(ws_ptr.dtype.element_ty), mask=o_ok1[:, None] & k_ok[None, :])
-        tl.store(w_ptrs + 2 * BLOCK_M * K, acc2.to(ws_ptr.dtype.element_ty), mask=o_ok2[:, None] & k_ok[None, :])
+    else:
+        offs_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_ok = offs_k < K
+        kc = offs_k // KK  # once per program
+        kr = offs_k - kc * KK
+        kp = kr // KW
+        x_k = t * CI * HW + kc * HW + kp * W + (kr - kp * KW)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        for rs in range(r0, r1, BLOCK_K):
+            r_ok = lanes < r1 - rs
+            g_r = tl.load(lane_ptr + rs + lanes, mask=r_ok, other=0)
+            x_r = tl.load(lane_ptr + R + rs + lanes, mask=r_ok, other=0)
+            v_r = tl.load(lane_ptr + 2 * R + rs + lanes, mask=r_ok, other=0)  # 0 past the end: all masked
+            # g loaded as [r, o] and transposed: the operand then sits in shared memory with o fastest, and
+            # the FMA loop reads it with 16-byte shared loads
+            g_ptrs = g_ptr + g_r[:, None] + g_o[None, :]
+            a = tl.trans(tl.load(g_ptrs, mask=o_ok[None, :] & r_ok[:, None], other=0.0))
+            b_ok = ((v_r[:, None] >> kr[None, :]) & 1) != 0
+            b = tl.load(x_ptr + x_r[:, None] + x_k[None, :], mask=b_ok & k_ok[None, :], other=0.0)
+            acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+            if NSUB == 3:
+                a = tl.trans(tl.load(g_ptrs + BLOCK_M * L, mask=o_ok1[None, :] & r_ok[:, None], other=0.0))
+                acc1 += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+                a = tl.trans(tl.load(g_ptrs + 2 * BLOCK_M * L, mask=o_ok2[None, :] & r_ok[:, None], other=0.0))
+                acc2 += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+        # (s * NT + t) * CO * K: the partial's start when TOT = NT*CO*K; s * TOT with the bias's values
+        w_ptrs = ws_ptr + (s * TOT + (t * CO + offs_o[:, None]) * K if HAS_DB else
+                           ((s * NT + t) * CO + offs_o[:, None]) * K) + offs_k[None, :]
+        tl.store(w_ptrs, acc.to(ws_ptr.dtype.element_ty), mask=o_ok[:, None] & k_ok[None, :])
+        if NSUB == 3:
+            tl.store(w_ptrs + BLOCK_M * K, acc1.to(ws_ptr.dtype.element_ty), mask=o_ok1[:, None] & k_ok[None, :])
+            tl.store(w_ptrs + 2 * BLOCK_M * K, acc2.to(ws_ptr.dtype.element_ty), mask=o_ok2[:, None] & k_ok[None, :])
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -597,20 +615,24 @@ def _lane_table(n, meta, device):
 
 def conv_weight_grad(x, g, meta, with_bias=False):
     """Wg(x, g): -> (B, Co, Ci, kh, kw); with_bias: also the conv bias's gradient, -> (dw, db) with
-    db (B, Co) = g summed over (n, Ho, Wo) per channel, in the same launch (and the same in-order sum
-    of the split partials: each partial holds the weights' then the bias's values)."""
+    db (B, Co) = g summed over (n, Ho, Wo) per channel, in the same launch where `bias_in_wgrad` (and
+    the same in-order sum of the split partials: each partial holds the weights' then the bias's
+    values), else by a separate sum."""
     b, co, ci, kh, kw, h, wd, ho, wo, s, p = meta
     x, g = x.contiguous(), g.contiguous()
     _check("conv weight gradient", x, g)
     n = x.shape[0]
     red = n * ho * wo
     cfg = wgrad_block_config(co, ci, kh * kw, red, b, _sms(x.device))
+    if with_bias and not bias_in_wgrad(cfg):
+        return conv_weight_grad(x, g, meta), g.reshape(n, b, co, -1).sum((0, 3))
     split, chunk = cfg.pop("SPLIT"), cfg.pop("CHUNK")
     nw = b * co * ci * kh * kw
     tot = nw + (b * co if with_bias else 0)
     ws = torch.empty(split, tot, device=x.device, dtype=x.dtype)
     _check("conv weight gradient", ws)
-    grid = (triton.cdiv(co, cfg["BLOCK_M"] * cfg["NSUB"]), triton.cdiv(ci * kh * kw, cfg["BLOCK_N"]), b * split)
+    k_tiles = triton.cdiv(ci * kh * kw, cfg["BLOCK_N"]) + (1 if with_bias else 0)  # + the bias's programs
+    grid = (triton.cdiv(co, cfg["BLOCK_M"] * cfg["NSUB"]), k_tiles, b * split)
     lanes = _lane_table(n, meta, x.device)
     _conv_wgrad_kernel[grid](x, g, lanes, ws, b, ci, co, h, wd, ho, wo, red, chunk, tot, KH=kh, KW=kw,
                              STRIDE=s, PAD=p, PREC=_precision(x.dtype), SPLIT=split, HAS_DB=with_bias, **cfg)
