@@ -151,8 +151,11 @@ def test_second_train_or_test_on_a_busy_folder_stops_at_once_naming_the_first(tm
     cfg = _write_config(tmp_path, total_iter_per_epoch=100000)  # the first run is still in epoch 1
     exp = tmp_path / "exp"
     root = exp / "safe"
+    # SIGINT at its default in the child, as in a terminal: a test run started in the background by a
+    # non-interactive shell inherits an ignored SIGINT, and Python then installs no KeyboardInterrupt handler
     first = subprocess.Popen(_cmd("train", "--config", cfg, "--experiment-dir", exp, "--no-progress"), env=_env(),
-                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         record = _wait_for_lock(root / LOCK_NAME, first)
         assert record["host"] == socket.gethostname() and record["command"] == "train"
