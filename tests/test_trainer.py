@@ -168,6 +168,54 @@ def test_progress_bar_shows_every_meta_update_and_the_last_loss(tmp_path, monkey
         assert "4/4" in shown[-1] and f"loss={loss:.4f}, acc={acc:.4f}" in shown[-1], shown
 
 
+def test_training_bar_is_drawn_off_the_loop_thread(tmp_path, monkeypatch):
+    """While an epoch trains, the loop's thread never draws the bar: it draws it when the bar is created
+    and when it closes (the epoch's final state), and every draw in between happens on the bar's own
+    thread. A refresh interval of 10 ms and meta-updates of >= 40 ms make draws between updates certain."""
+    import threading
+    import time as _time
+
+    import tqdm as _tqdm
+
+    args = make_args(tmp_path, total_iter_per_epoch=5)
+    model = learner_class(args.learner)(im_shape=(2, 1, 28, 28), device="cpu", args=args)
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    b = ExperimentBuilder(args, MetaLearningSystemDataLoader, model, "cpu", progress=True, log=lambda m: None)
+    make_bar = b._bar
+
+    def fast_bar(**kw):
+        bar = make_bar(**kw)
+        bar.mininterval = 0.01
+        return bar
+
+    b._bar = fast_bar
+    draws = []
+    real_refresh = _tqdm.tqdm.refresh
+
+    def recording_refresh(self, *a, **kw):
+        if str(self.desc).startswith("train epoch"):
+            draws.append((threading.current_thread().name, self.n))
+        return real_refresh(self, *a, **kw)
+
+    monkeypatch.setattr(_tqdm.tqdm, "refresh", recording_refresh)
+    real = b.model.run_train_iter
+
+    def slow(*a, **kw):
+        out = real(*a, **kw)
+        _time.sleep(0.04)
+        return out
+
+    b.model.run_train_iter = slow
+    assert b.train() == "done"
+    on_loop = [n for name, n in draws if name == threading.main_thread().name]
+    on_bar = [n for name, n in draws if name == "mamlpp-progress"]
+    assert len(on_bar) >= 2, draws
+    # On the loop's thread: tqdm's first draw when each epoch's bar is created (n = 0) and, at most once per
+    # epoch, the final step at close when the bar's thread had not yet shown the last update (n = 5).
+    assert on_loop.count(0) == 2 and all(n in (0, 5) for n in on_loop) and len(on_loop) <= 4, draws
+    assert not any(t.name == "mamlpp-progress" for t in threading.enumerate())
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_resume_gives_the_same_parameters(tmp_path, dtype):
     # Uninterrupted: 2 epochs.
