@@ -13,6 +13,10 @@ Reported: epoch 2's main-thread CPU time (time.thread_time) outside the stand-in
 does not use CPU, so the figure is what the loop itself costs the thread that feeds the device, and after
 each sleep the loop runs with caches other work has evicted, as it does after a real meta-update.
 
+`--evict-mb 64` makes the stand-in also write a 64 MiB buffer, so that the loop runs with the caches a
+real meta-update leaves (without it the loop's code and data stay cached across the sleep, and it
+measures the loop's work warm).
+
 `--bar-interval` sets the training bar's refresh interval (seconds; default: one draw per meta-update,
 which is what happens when every meta-update takes longer than the bar's own interval, e.g. the full
 learner on a CPU); a value out of reach (1e9) leaves the bar's drawing out.
@@ -28,11 +32,14 @@ import tempfile
 import time
 from typing import Any
 
+import numpy as np
+
 from . import workloads as W
 from .trainer_bench import trainer_args
 
 
-def measure(workload: str, updates: int, sleep_ms: float, bar_interval: float | None, workers: int) -> dict[str, Any]:
+def measure(workload: str, updates: int, sleep_ms: float, bar_interval: float | None, workers: int,
+            evict_mb: float = 0.0) -> dict[str, Any]:
     import torch
 
     from mamlpp_fast.data import MetaLearningSystemDataLoader
@@ -53,10 +60,13 @@ def measure(workload: str, updates: int, sleep_ms: float, bar_interval: float | 
         data.total_train_iters_produced = 0
         recorded, _ = model.run_train_iter(tuple(torch.as_tensor(t) for t in batch[:4]), 0)
         inside: list[float] = []
+        evict = np.zeros(int(evict_mb * 2 ** 20) // 8) if evict_mb > 0 else None
 
         def standin(*a: Any, **kw: Any):
             c = time.thread_time()
             time.sleep(sleep_ms / 1e3)
+            if evict is not None:
+                np.add(evict, 1.0, out=evict)  # what a real meta-update does to the caches: evicts the loop's code and data
             inside.append(time.thread_time() - c)
             return dict(recorded), None
 
@@ -89,7 +99,7 @@ def measure(workload: str, updates: int, sleep_ms: float, bar_interval: float | 
         err.close()
         shutil.rmtree(tmp, ignore_errors=True)
     cpu_ms = ((marks[2] - marks[1]) - sum(inside[updates:2 * updates])) / updates * 1e3
-    return {"workload": workload, "updates": updates, "sleep_ms": sleep_ms,
+    return {"workload": workload, "updates": updates, "sleep_ms": sleep_ms, "evict_mb": evict_mb,
             "bar_interval_s": sleep_ms / 2e3 if bar_interval is None else bar_interval, "workers": workers,
             "main_thread_cpu_ms_per_update": cpu_ms, "torch": torch.__version__,
             "threads": torch.get_num_threads()}
@@ -102,11 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sleep-ms", type=float, default=100.0)
     ap.add_argument("--bar-interval", type=float, default=None)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--evict-mb", type=float, default=0.0,
+                    help="the stand-in also writes a buffer of this size (MiB) after sleeping, evicting the "
+                         "caches as a real meta-update does (its time counts as the learner's)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     import torch
     torch.set_num_threads(1)
-    r = measure(a.workload, a.updates, a.sleep_ms, a.bar_interval, a.workers)
+    r = measure(a.workload, a.updates, a.sleep_ms, a.bar_interval, a.workers, a.evict_mb)
     if a.json:
         print(json.dumps(r))
     else:

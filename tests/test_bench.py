@@ -255,6 +255,10 @@ def test_trainer_item_end_to_end_and_projection(tmp_path):
         assert r["epochs"][-1]["val_tasks"] == 4 and r["val_ms_per_task"] > 0
         assert 0 <= r["overhead_in_loop_ms_per_update"] < r["end_to_end_ms_per_update"]
         assert 0 <= r["overhead_in_loop_cpu_ms_per_update"] < r["end_to_end_ms_per_update"]
+        # the steady-state part and the once-per-epoch part add up to the epoch's total
+        assert 0 <= r["overhead_in_loop_cpu_ms_between_updates"]
+        assert (r["overhead_in_loop_cpu_ms_between_updates"] * 2 + r["loop_cpu_ms_once_per_epoch"]
+                == pytest.approx(r["overhead_in_loop_cpu_ms_per_update"] * 2))
         assert len(r["epoch_log"]) == 2 and "checkpoint" in r["epoch_log"][0]
     # the reference learner's rates are measured once per workload, for the projection
     assert rows[0]["reference_learner_only_ms"] > 0 and "reference_learner_only_ms" not in rows[1]
