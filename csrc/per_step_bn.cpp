@@ -17,7 +17,7 @@
 //
 // CPU: at::parallel_for over the T*C columns, each column in the accumulation type
 // at::acc_type<scalar_t, /*is_cuda=*/false> (double for float32 and float64), its sums kept in
-// kLanes independent partial sums (LaneSums, fixed order); per row of HW values the statistics are
+// kLanes independent partial sums (fixed order, see kLanes); per row of HW values the statistics are
 // two-pass exact, rows are merged with bn_math.h's welford_combine. The results do not depend on the
 // thread count (bit-reproducible). Sums over tasks are done afterwards in task order.
 #include "ops.h"
@@ -102,7 +102,7 @@ void check_stats(const char* fn, const Tensor& mean, const Tensor& invstd, const
 
 int64_t grain_for(int64_t M) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(M, 1)); }
 
-// Sums over a column, kLanes partial sums per statistic. A single running sum makes every addition wait
+// Sums over a column: kLanes partial sums per statistic. A single running sum makes every addition wait
 // for the previous one (a chain of dependent adds, ~4 cycles each: the CPU kernels were latency-bound on
 // it); with kLanes independent partial sums the additions overlap and the compiler can vectorise them.
 // Element i of a row of n goes to lane i % kLanes (whole blocks) or, in the row's tail, to lane
@@ -110,38 +110,24 @@ int64_t grain_for(int64_t M) { return std::max<int64_t>(1, 32768 / std::max<int6
 // fixed by the shape alone, so the results stay independent of the thread count.
 constexpr int kLanes = 8;
 
-template <typename acc_t, int K>
-struct LaneSums {
-  acc_t v[K][kLanes];
+// The kLanes partial sums combined by a fixed pairwise tree.
+template <typename acc_t>
+inline acc_t lane_total(const acc_t (&a)[kLanes]) {
+  static_assert(kLanes == 8, "lane_total is written for 8 lanes");
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
 
-  LaneSums() {
-    for (int k = 0; k < K; ++k)
-      for (int l = 0; l < kLanes; ++l) v[k][l] = acc_t(0);
-  }
-
-  // Adds f(i, out) (which writes K values) for i in [0, n).
-  template <typename F>
-  inline void add_row(int64_t n, F&& f) {
-    const int64_t whole = n - n % kLanes;
-    acc_t t[K];
-    for (int64_t i = 0; i < whole; i += kLanes) {
-      for (int l = 0; l < kLanes; ++l) {
-        f(i + l, t);
-        for (int k = 0; k < K; ++k) v[k][l] += t[k];
-      }
-    }
-    for (int64_t i = whole; i < n; ++i) {
-      f(i, t);
-      for (int k = 0; k < K; ++k) v[k][i - whole] += t[k];
-    }
-  }
-
-  acc_t total(int k) const {
-    const acc_t* a = v[k];
-    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-  }
-};
-static_assert(kLanes == 8, "LaneSums::total is written for 8 lanes");
+// Sum of f(i) for i in [0, n), in kLanes partial sums (element i of the whole blocks in lane i % kLanes,
+// the tail's element i in lane i - (n - n % kLanes)), combined by lane_total.
+template <typename acc_t, typename F>
+inline acc_t lane_sum(int64_t n, F&& f) {
+  acc_t p[kLanes] = {};
+  const int64_t whole = n - n % kLanes;
+  for (int64_t i = 0; i < whole; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) p[l] += f(i + l);
+  for (int64_t i = whole; i < n; ++i) p[i - whole] += f(i);
+  return lane_total(p);
+}
 
 // ---------------------------------------------------------------------------------------------
 // CPU kernels
@@ -157,18 +143,14 @@ void bn_forward_cpu(const scalar_t* x, const scalar_t* gamma, const scalar_t* be
       bn::Welford<acc_t> w = bn::welford_empty<acc_t>();
       for (int64_t n = 0; n < N; ++n) {
         const scalar_t* row = x + (n * TC + cp) * HW;
-        LaneSums<acc_t, 1> sum;
-        sum.add_row(HW, [&](int64_t i, acc_t* o) { o[0] = acc_t(row[i]); });
         bn::Welford<acc_t> rw;
         rw.n = HW;
-        rw.mean = sum.total(0) / acc_t(HW);
+        rw.mean = lane_sum<acc_t>(HW, [&](int64_t i) { return acc_t(row[i]); }) / acc_t(HW);
         const acc_t rmean = rw.mean;
-        LaneSums<acc_t, 1> m2;
-        m2.add_row(HW, [&](int64_t i, acc_t* o) {
+        rw.m2 = lane_sum<acc_t>(HW, [&](int64_t i) {
           const acc_t d = acc_t(row[i]) - rmean;
-          o[0] = d * d;
+          return d * d;
         });
-        rw.m2 = m2.total(0);
         w = bn::welford_combine(w, rw);
       }
       // The saved statistics (rounded to scalar_t) are used for y, as the backward passes will.
@@ -199,19 +181,30 @@ void bn_backward_cpu(const scalar_t* dy, const scalar_t* x, const scalar_t* gamm
     for (int64_t cp = b; cp < e; ++cp) {
       const int64_t gi = per_task ? cp : cp % s.C;
       const acc_t mu = mean[cp], r = invstd[cp], ga = gamma[gi], be = beta[gi], sl = slope;
-      LaneSums<acc_t, 2> sg;
+      acc_t s0[kLanes] = {}, s1[kLanes] = {};  // Sg, Sgx in kLanes partial sums (see kLanes)
+      const int64_t whole = HW - HW % kLanes;
       for (int64_t n = 0; n < N; ++n) {
         const scalar_t* xr = x + (n * TC + cp) * HW;
         const scalar_t* dyr = dy + (n * TC + cp) * HW;
-        sg.add_row(HW, [&](int64_t i, acc_t* o) {
+        for (int64_t i = 0; i < whole; i += kLanes) {
+          for (int l = 0; l < kLanes; ++l) {
+            const acc_t xhat = (acc_t(xr[i + l]) - mu) * r;
+            const acc_t z = ga * xhat + be;
+            const acc_t a = z > acc_t(0) ? acc_t(1) : sl;
+            const acc_t g = a * acc_t(dyr[i + l]);
+            s0[l] += g;
+            s1[l] += g * xhat;
+          }
+        }
+        for (int64_t i = whole; i < HW; ++i) {
           acc_t xhat, a;
           bn::bn_xhat_a(acc_t(xr[i]), mu, r, ga, be, sl, xhat, a);
           const acc_t g = a * acc_t(dyr[i]);
-          o[0] = g;
-          o[1] = g * xhat;
-        });
+          s0[i - whole] += g;
+          s1[i - whole] += g * xhat;
+        }
       }
-      const acc_t Sg = sg.total(0), Sgx = sg.total(1);
+      const acc_t Sg = lane_total(s0), Sgx = lane_total(s1);
       sums[cp * 2 + 0] = Sg;
       sums[cp * 2 + 1] = Sgx;
       const bn::BwdCoef<acc_t> co = bn::bn_bwd_coef(Sg, Sgx, M, ga, r);
@@ -256,41 +249,55 @@ void bn_double_backward_cpu(const scalar_t* ggx, const scalar_t* gggamma, const 
     for (int64_t cp = b; cp < e; ++cp) {
       const int64_t gi = per_task ? cp : cp % s.C;
       const acc_t mu = mean[cp], r = invstd[cp], ga = gamma[gi], be = beta[gi], sl = slope;
-      acc_t S[bn::kNumDbwdSums] = {0, 0, 0, 0, 0};
-      if (ggx) {
-        LaneSums<acc_t, bn::kNumDbwdSums> ls;
-        for (int64_t n = 0; n < N; ++n) {
-          const int64_t base = (n * TC + cp) * HW;
-          const scalar_t *xr = x + base, *dyr = dy + base, *ur = ggx + base;
-          ls.add_row(HW, [&](int64_t i, acc_t* o) {
-            acc_t xhat, a;
-            bn::bn_xhat_a(acc_t(xr[i]), mu, r, ga, be, sl, xhat, a);
-            const acc_t g = a * acc_t(dyr[i]);
-            const acc_t u = ur[i];
-            o[bn::kSg] = g;
-            o[bn::kSgx] = g * xhat;
-            o[bn::kSu] = u;
-            o[bn::kSux] = u * xhat;
-            o[bn::kSug] = u * g;
-          });
+      // The five sums (three of them zero without ggx), each in kLanes partial sums (see kLanes).
+      acc_t P[bn::kNumDbwdSums][kLanes] = {};
+      const int64_t whole = HW - HW % kLanes;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t base = (n * TC + cp) * HW;
+        const scalar_t *xr = x + base, *dyr = dy + base;
+        if (ggx) {
+          const scalar_t* ur = ggx + base;
+          for (int64_t i = 0; i < whole; i += kLanes) {
+            for (int l = 0; l < kLanes; ++l) {
+              const acc_t xhat = (acc_t(xr[i + l]) - mu) * r;
+              const acc_t z = ga * xhat + be;
+              const acc_t g = (z > acc_t(0) ? acc_t(1) : sl) * acc_t(dyr[i + l]);
+              const acc_t u = acc_t(ur[i + l]);
+              P[bn::kSg][l] += g;
+              P[bn::kSgx][l] += g * xhat;
+              P[bn::kSu][l] += u;
+              P[bn::kSux][l] += u * xhat;
+              P[bn::kSug][l] += u * g;
+            }
+          }
+        } else {
+          for (int64_t i = 0; i < whole; i += kLanes) {
+            for (int l = 0; l < kLanes; ++l) {
+              const acc_t xhat = (acc_t(xr[i + l]) - mu) * r;
+              const acc_t z = ga * xhat + be;
+              const acc_t g = (z > acc_t(0) ? acc_t(1) : sl) * acc_t(dyr[i + l]);
+              P[bn::kSg][l] += g;
+              P[bn::kSgx][l] += g * xhat;
+            }
+          }
         }
-        for (int k = 0; k < bn::kNumDbwdSums; ++k) S[k] = ls.total(k);
-      } else {
-        LaneSums<acc_t, 2> ls;
-        for (int64_t n = 0; n < N; ++n) {
-          const int64_t base = (n * TC + cp) * HW;
-          const scalar_t *xr = x + base, *dyr = dy + base;
-          ls.add_row(HW, [&](int64_t i, acc_t* o) {
-            acc_t xhat, a;
-            bn::bn_xhat_a(acc_t(xr[i]), mu, r, ga, be, sl, xhat, a);
-            const acc_t g = a * acc_t(dyr[i]);
-            o[0] = g;
-            o[1] = g * xhat;
-          });
+        for (int64_t i = whole; i < HW; ++i) {
+          acc_t xhat, a;
+          bn::bn_xhat_a(acc_t(xr[i]), mu, r, ga, be, sl, xhat, a);
+          const acc_t g = a * acc_t(dyr[i]);
+          const int l = int(i - whole);
+          P[bn::kSg][l] += g;
+          P[bn::kSgx][l] += g * xhat;
+          if (ggx) {
+            const acc_t u = acc_t(ggx[base + i]);
+            P[bn::kSu][l] += u;
+            P[bn::kSux][l] += u * xhat;
+            P[bn::kSug][l] += u * g;
+          }
         }
-        S[bn::kSg] = ls.total(0);
-        S[bn::kSgx] = ls.total(1);
       }
+      acc_t S[bn::kNumDbwdSums];
+      for (int k = 0; k < bn::kNumDbwdSums; ++k) S[k] = lane_total(P[k]);
       const acc_t ugam = gggamma ? acc_t(gggamma[gi]) : acc_t(0);
       const acc_t ubet = ggbeta ? acc_t(ggbeta[gi]) : acc_t(0);
       const bn::DbwdCoef<acc_t> co = bn::bn_dbwd_coef(S, M, ga, r, ugam, ubet);
