@@ -1,0 +1,71 @@
+"""Where the CPU time of one meta-update goes: a per-op profile (torch.profiler, CPU activities).
+
+    python -m bench.cpu_profile [--learner native|torch|reference] [--workload omniglot_20w1s]
+                                [--batch-size 4] [--threads 1] [--out FILE]
+
+One untimed meta-update, one timed without the profiler (wall seconds), then one under the profiler; prints
+the ops sorted by self CPU time (the table torch.profiler's key_averages gives) and, with --out, writes it
+with the date, versions and command. `native` and `torch` are the fast learner on that backend;
+`reference` is the per-task reference learner (the original's structure).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+
+from . import workloads as W
+
+
+def profile(learner: str, workload: str, batch_size: int | None, threads: int, rows: int = 25) -> str:
+    import torch
+    torch.set_num_threads(threads)
+    w = W.workload_by_name(workload)
+    if batch_size:
+        w = w.with_(batch_size=batch_size)
+    if learner == "reference":
+        from mamlpp_fast.reference import MAMLFewShotClassifier as Learner
+        args = W.make_args(w)
+    else:
+        from mamlpp_fast.fast import MAMLFewShotClassifier as Learner
+        args = W.make_args(w, backend=learner)
+    model = Learner(W.im_shape(w), torch.device("cpu"), args)
+    batch = W.make_batch(w, "cpu")
+    model.run_train_iter(batch, 0)
+    t = time.perf_counter()
+    model.run_train_iter(batch, 0)
+    wall = time.perf_counter() - t
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model.run_train_iter(batch, 0)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60)
+    return (f"{w.name} B={w.batch_size}, learner {learner}, {threads} thread(s): one meta-update {wall:.3f} s "
+            f"(without the profiler)\n{table}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--learner", default="native", choices=["native", "torch", "reference"])
+    ap.add_argument("--workload", default="omniglot_20w1s")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--out", default=None, help="also write the report to this file")
+    a = ap.parse_args(argv)
+    import torch
+    text = profile(a.learner, a.workload, a.batch_size, a.threads, a.rows)
+    print(text)
+    if a.out:
+        from .run import _git, _revision_file
+        rev = _git("rev-parse", "HEAD") or _revision_file() or "unknown"
+        dirty = " (working tree modified)" if _git("status", "--porcelain", "--untracked-files=no") else ""
+        head = (f"# CPU per-op profile, {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n"
+                f"# torch {torch.__version__}, git {rev}{dirty}\n"
+                f"# command: python -m bench.cpu_profile {' '.join(sys.argv[1:] if argv is None else argv)}\n")
+        with open(a.out, "w") as f:
+            f.write(head + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
