@@ -404,7 +404,8 @@ def _conv_triton_patch(rec: _Recorder):
     configuration (`conv_block_config` / `wgrad_block_config`):
 
     - forward / data gradient: the weight re-layout copy (w to (B, kh, kw, Ci, Co) / (B, kh, kw, Co, Ci):
-      reads and writes w), the main kernel (reads x or g, the re-laid weights and the bias, writes SPLIT
+      reads and writes w; only the first call with a given weight tensor and layout, as the launcher
+      keeps the copy on the tensor: `relaid_weights`), the main kernel (reads x or g, the re-laid weights and the bias, writes SPLIT
       partial outputs), and when SPLIT > 1 the in-order partial sum (reads SPLIT partials, writes one);
     - weight gradient: the main kernel (reads x, g and the lane table of 3 int32 per reduction lane,
       writes SPLIT partials; with the conv bias's gradient, its programs read g once more and write the
@@ -428,11 +429,20 @@ def _conv_triton_patch(rec: _Recorder):
         b, co, ci, kh, kw, h, wd, ho, wo, s, p = meta
         return n * ho * wo * co * ci * kh * kw * b
 
+    try:
+        from mamlpp_fast.triton.conv import relaid_weights
+    except ImportError:  # a tree from before the re-laid weights were kept on the tensor: a copy per call
+        relaid_weights = None
+
     def gemm(kind, name, call, layer, flops, w, operands, out, split):
-        """The re-layout copy (forward / data gradient only), the main kernel, the partial sum."""
+        """The re-layout copy (forward / data gradient only, when the launcher makes one: `relaid_weights`
+        keeps a tensor's copy for its later calls), the main kernel, the partial sum."""
         if w is not None:
-            rec.add(name=f"triton {kind} weight re-layout (aten.copy_)", kind="conv", layer=layer,
-                    bytes=2 * _nbytes(w))
+            with rec.hide():
+                copied = True if relaid_weights is None else relaid_weights(w, kind.replace("conv_", ""))[1]
+            if copied:
+                rec.add(name=f"triton {kind} weight re-layout (aten.copy_)", kind="conv", layer=layer,
+                        bytes=2 * _nbytes(w))
         rec.add(name=name, kind="conv", layer=layer, flops=flops, tf32_ok=True, call=call,
                 bytes=operands + split * _nbytes(out))
         if split > 1:

@@ -429,3 +429,40 @@ def test_triton_conv_launches_fill_two_waves():
                 assert filt % (cfg["BLOCK_M"] * cfg["NSUB"]) == 0, ("wgrad", filt, cfg)
                 assert progs >= 2 * sms, ("wgrad", n, ci, h, cfg, progs)
                 ci, h = filt, h // 2
+
+
+@inner
+def test_relaid_weights_kept_per_tensor_and_version():
+    """The launchers' weight re-layout is made once per weight tensor and layout: a second call returns
+    the same tensor without a copy (for tensors computed in a graph; leaves are copied every time);
+    an in-place change of the weights (version counter) makes a new,
+    correct copy; the two layouts are kept apart; inference tensors are copied every time. And a forward
+    launch after an in-place change uses the new weights."""
+    import torch
+    from mamlpp_fast.triton import conv as C
+
+    leaf = torch.randn(2, 5, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert C.relaid_weights(leaf, "fwd")[1] and C.relaid_weights(leaf, "fwd")[1]  # a leaf: never kept
+    w = leaf * 1.0  # computed in a graph, as the fast weights are
+    f1, copied1 = C.relaid_weights(w, "fwd")
+    f2, copied2 = C.relaid_weights(w, "fwd")
+    assert copied1 and not copied2 and f2 is f1
+    assert torch.equal(f1, w.permute(0, 3, 4, 2, 1))
+    d1, copied_d = C.relaid_weights(w, "dgrad")
+    assert copied_d and torch.equal(d1, w.permute(0, 3, 4, 1, 2))
+    with torch.no_grad():
+        w.mul_(2.0)
+    f3, copied3 = C.relaid_weights(w, "fwd")
+    assert copied3 and f3 is not f1 and torch.equal(f3, w.permute(0, 3, 4, 2, 1))
+    with torch.inference_mode():
+        wi = torch.randn(2, 5, 3, 3, 3, dtype=torch.float64)
+        assert C.relaid_weights(wi, "fwd")[1] and C.relaid_weights(wi, "fwd")[1]
+    # a launch after an in-place change of the weights computes with the new values
+    b, co, ci, n, h = 2, 5, 3, 2, 6
+    x = torch.randn(n, b * ci, h, h, dtype=torch.float64)
+    meta = (b, co, ci, 3, 3, h, h, h, h, 1, 1)
+    C.conv_forward(x, w, None, meta)
+    with torch.no_grad():
+        w.add_(1.0)
+        ref = torch.nn.functional.conv2d(x, w.reshape(b * co, ci, 3, 3), padding=1, groups=b)
+    assert (C.conv_forward(x, w, None, meta) - ref).abs().max().item() < 1e-12

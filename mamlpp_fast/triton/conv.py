@@ -544,10 +544,45 @@ def _reduce_split(ws):
     return ws[0] if ws.shape[0] == 1 else ws.sum(0)
 
 
+# The weights' layouts the kernels read: forward (B, kh, kw, Ci, Co), vector loads along Co; data gradient
+# (B, kh, kw, Co, Ci), vector loads along Ci.
+_RELAYOUT = {"fwd": (0, 3, 4, 2, 1), "dgrad": (0, 3, 4, 1, 2)}
+_RELAID_ATTR = "_mamlpp_relaid"
+
+
+def relaid_weights(w, kind):
+    """(w permuted to the `kind` kernel's layout, contiguous; whether a copy was made for it).
+
+    A meta-update convolves with each weight tensor several times (the fast weights of step i+1 serve
+    the target forward of step i and the support forward of step i+1; the backward's data gradients and
+    double-backward forwards reuse them again), so the permuted copy is kept on the tensor itself, keyed
+    by the layout and the tensor's version counter (an in-place change of w makes a new copy), and lives
+    as long as w does. Only tensors computed in an autograd graph (`grad_fn` set: the fast weights of
+    every step, the gradients a double backward convolves with) are kept: a leaf, such as a parameter
+    or a tensor gradcheck perturbs, can be changed through `.data`, which the version counter does not
+    see, so its copy is made at every call (as are inference tensors, which have no version counter)."""
+    if w.grad_fn is None or w.is_inference():
+        t = w.permute(*_RELAYOUT[kind])
+        return t.contiguous(), not t.is_contiguous()
+    cache = w.__dict__.get(_RELAID_ATTR)
+    if cache is not None:
+        hit = cache.get(kind)
+        if hit is not None and hit[0] == w._version:
+            return hit[1], False
+    else:
+        cache = {}
+        setattr(w, _RELAID_ATTR, cache)
+    t = w.permute(*_RELAYOUT[kind])
+    copied = not t.is_contiguous()
+    t = t.contiguous()
+    cache[kind] = (w._version, t)
+    return t, copied
+
+
 def conv_forward(x, w, bias, meta):
     """F(x, w) + bias. x (n, B*Ci, H, W), w (B, Co, Ci, kh, kw), bias (B, Co) or None."""
     b, co, ci, kh, kw, h, wd, ho, wo, s, p = meta
-    x, w = x.contiguous(), w.permute(0, 3, 4, 2, 1).contiguous()  # (B, kh, kw, Ci, Co): vector loads along Co
+    x, w = x.contiguous(), relaid_weights(w, "fwd")[0]
     _check("conv forward", x, w)
     n = x.shape[0]
     m = n * ho * wo
@@ -567,7 +602,7 @@ def conv_forward(x, w, bias, meta):
 def conv_data_grad(g, w, meta):
     """D(g, w): g (n, B*Co, Ho, Wo) -> (n, B*Ci, H, W)."""
     b, co, ci, kh, kw, h, wd, ho, wo, s, p = meta
-    g, w = g.contiguous(), w.permute(0, 3, 4, 1, 2).contiguous()  # (B, kh, kw, Co, Ci): vector loads along Ci
+    g, w = g.contiguous(), relaid_weights(w, "dgrad")[0]
     _check("conv data gradient", g, w)
     n = g.shape[0]
     m = n * h * wd
