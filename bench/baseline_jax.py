@@ -260,6 +260,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-time", type=float, default=5.0)
     p.add_argument("--precision", default="default", choices=("default", "high", "highest"))
     p.add_argument("--json-out", default=None)
+    p.add_argument("--cpus", default=None,
+                   help="comma-separated CPUs this process was restricted to (recorded in the result)")
     a = p.parse_args(argv)
     w = workload_by_name(a.workload, a.quick)
     if a.batch_size:
@@ -271,6 +273,8 @@ def main(argv=None) -> int:
     except ImportError as e:
         res = {"status": "n/a", "reason": f"jax is not installed: {e}"}
     res["workload"] = w.name
+    if a.cpus:
+        res["cpus"] = [int(c) for c in a.cpus.split(",")]
     text = json.dumps(res)
     if a.json_out:
         with open(a.json_out, "w") as f:

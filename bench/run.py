@@ -500,8 +500,17 @@ def measure_jax_item(w, dev, a, warmup: int, remaining_s: float | None) -> dict[
         if a.jax_cache:
             env.setdefault("JAX_COMPILATION_CACHE_DIR", a.jax_cache)
         timeout = a.jax_timeout if remaining_s is None else max(30.0, min(a.jax_timeout, remaining_s))
+        preexec = None
+        if dev.type == "cpu" and a.threads and hasattr(os, "sched_setaffinity"):
+            # XLA's CPU client sizes its thread pools to the machine; torch runs with --threads. The JAX
+            # process gets as many cores as torch has threads (the first of this process's CPUs), so a
+            # 1-thread comparison is one core against one core.
+            cpus = sorted(os.sched_getaffinity(0))[:max(1, int(a.threads))]
+            preexec = lambda: os.sched_setaffinity(0, cpus)  # noqa: E731
+            cmd += ["--cpus", ",".join(map(str, cpus))]
         try:
-            p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+            p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+                               preexec_fn=preexec)
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"the JAX subprocess ran past {timeout:.0f} s and was stopped") from None
         if not os.path.exists(out):
