@@ -527,6 +527,7 @@ def measure_jax_item(w, dev, a, warmup: int, remaining_s: float | None) -> dict[
     r.pop("status", None)
     r.update(summarize(times))
     r["last_loss"] = r.pop("loss", None)
+    r["workload"] = w.name  # the subprocess names the main workload it derived a sweep point from
     return r
 
 
