@@ -187,6 +187,7 @@ void bn_backward_cpu(const scalar_t* dy, const scalar_t* x, const scalar_t* gamm
         const scalar_t* xr = x + (n * TC + cp) * HW;
         const scalar_t* dyr = dy + (n * TC + cp) * HW;
         for (int64_t i = 0; i < whole; i += kLanes) {
+#pragma omp simd
           for (int l = 0; l < kLanes; ++l) {
             const acc_t xhat = (acc_t(xr[i + l]) - mu) * r;
             const acc_t z = ga * xhat + be;
@@ -258,6 +259,7 @@ void bn_double_backward_cpu(const scalar_t* ggx, const scalar_t* gggamma, const 
         if (ggx) {
           const scalar_t* ur = ggx + base;
           for (int64_t i = 0; i < whole; i += kLanes) {
+#pragma omp simd
             for (int l = 0; l < kLanes; ++l) {
               const acc_t xhat = (acc_t(xr[i + l]) - mu) * r;
               const acc_t z = ga * xhat + be;
@@ -272,6 +274,7 @@ void bn_double_backward_cpu(const scalar_t* ggx, const scalar_t* gggamma, const 
           }
         } else {
           for (int64_t i = 0; i < whole; i += kLanes) {
+#pragma omp simd
             for (int l = 0; l < kLanes; ++l) {
               const acc_t xhat = (acc_t(xr[i + l]) - mu) * r;
               const acc_t z = ga * xhat + be;
