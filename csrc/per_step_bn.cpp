@@ -129,6 +129,47 @@ inline acc_t lane_sum(int64_t n, F&& f) {
   return lane_total(p);
 }
 
+// The backward passes' column statistics over one row of HW values, added to the kLanes partial sums P
+// of each statistic: P[kSg] += g and P[kSgx] += g xhat with g = a dy, and with U (the double backward's
+// ggx, row ur) also P[kSu] += u, P[kSux] += u xhat, P[kSug] += u g. The row's whole blocks of kLanes go
+// lane by lane (`omp simd`: each lane is its own sum, so vector code adds in the same order), the tail
+// to lanes 0.. .
+template <bool U, typename scalar_t, typename acc_t>
+inline void add_row_stats(const scalar_t* xr, const scalar_t* dyr, const scalar_t* ur, int64_t HW, acc_t mu,
+                          acc_t r, acc_t ga, acc_t be, acc_t sl, acc_t (*P)[kLanes]) {
+  const int64_t whole = HW - HW % kLanes;
+  for (int64_t i = 0; i < whole; i += kLanes) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t xhat = (acc_t(xr[i + l]) - mu) * r;
+      const acc_t z = ga * xhat + be;
+      const acc_t g = (z > acc_t(0) ? acc_t(1) : sl) * acc_t(dyr[i + l]);
+      P[bn::kSg][l] += g;
+      P[bn::kSgx][l] += g * xhat;
+      if constexpr (U) {
+        const acc_t u = acc_t(ur[i + l]);
+        P[bn::kSu][l] += u;
+        P[bn::kSux][l] += u * xhat;
+        P[bn::kSug][l] += u * g;
+      }
+    }
+  }
+  for (int64_t i = whole; i < HW; ++i) {
+    acc_t xhat, a;
+    bn::bn_xhat_a(acc_t(xr[i]), mu, r, ga, be, sl, xhat, a);
+    const acc_t g = a * acc_t(dyr[i]);
+    const int l = int(i - whole);
+    P[bn::kSg][l] += g;
+    P[bn::kSgx][l] += g * xhat;
+    if constexpr (U) {
+      const acc_t u = acc_t(ur[i]);
+      P[bn::kSu][l] += u;
+      P[bn::kSux][l] += u * xhat;
+      P[bn::kSug][l] += u * g;
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // CPU kernels
 // ---------------------------------------------------------------------------------------------
@@ -181,31 +222,13 @@ void bn_backward_cpu(const scalar_t* dy, const scalar_t* x, const scalar_t* gamm
     for (int64_t cp = b; cp < e; ++cp) {
       const int64_t gi = per_task ? cp : cp % s.C;
       const acc_t mu = mean[cp], r = invstd[cp], ga = gamma[gi], be = beta[gi], sl = slope;
-      acc_t s0[kLanes] = {}, s1[kLanes] = {};  // Sg, Sgx in kLanes partial sums (see kLanes)
-      const int64_t whole = HW - HW % kLanes;
+      acc_t P[2][kLanes] = {};  // Sg, Sgx (bn::kSg, bn::kSgx) in kLanes partial sums
       for (int64_t n = 0; n < N; ++n) {
-        const scalar_t* xr = x + (n * TC + cp) * HW;
-        const scalar_t* dyr = dy + (n * TC + cp) * HW;
-        for (int64_t i = 0; i < whole; i += kLanes) {
-#pragma omp simd
-          for (int l = 0; l < kLanes; ++l) {
-            const acc_t xhat = (acc_t(xr[i + l]) - mu) * r;
-            const acc_t z = ga * xhat + be;
-            const acc_t a = z > acc_t(0) ? acc_t(1) : sl;
-            const acc_t g = a * acc_t(dyr[i + l]);
-            s0[l] += g;
-            s1[l] += g * xhat;
-          }
-        }
-        for (int64_t i = whole; i < HW; ++i) {
-          acc_t xhat, a;
-          bn::bn_xhat_a(acc_t(xr[i]), mu, r, ga, be, sl, xhat, a);
-          const acc_t g = a * acc_t(dyr[i]);
-          s0[i - whole] += g;
-          s1[i - whole] += g * xhat;
-        }
+        const int64_t base = (n * TC + cp) * HW;
+        add_row_stats<false>(x + base, dy + base, static_cast<const scalar_t*>(nullptr), HW, mu, r, ga, be,
+                             sl, P);
       }
-      const acc_t Sg = lane_total(s0), Sgx = lane_total(s1);
+      const acc_t Sg = lane_total(P[bn::kSg]), Sgx = lane_total(P[bn::kSgx]);
       sums[cp * 2 + 0] = Sg;
       sums[cp * 2 + 1] = Sgx;
       const bn::BwdCoef<acc_t> co = bn::bn_bwd_coef(Sg, Sgx, M, ga, r);
@@ -252,52 +275,13 @@ void bn_double_backward_cpu(const scalar_t* ggx, const scalar_t* gggamma, const 
       const acc_t mu = mean[cp], r = invstd[cp], ga = gamma[gi], be = beta[gi], sl = slope;
       // The five sums (three of them zero without ggx), each in kLanes partial sums (see kLanes).
       acc_t P[bn::kNumDbwdSums][kLanes] = {};
-      const int64_t whole = HW - HW % kLanes;
       for (int64_t n = 0; n < N; ++n) {
         const int64_t base = (n * TC + cp) * HW;
-        const scalar_t *xr = x + base, *dyr = dy + base;
-        if (ggx) {
-          const scalar_t* ur = ggx + base;
-          for (int64_t i = 0; i < whole; i += kLanes) {
-#pragma omp simd
-            for (int l = 0; l < kLanes; ++l) {
-              const acc_t xhat = (acc_t(xr[i + l]) - mu) * r;
-              const acc_t z = ga * xhat + be;
-              const acc_t g = (z > acc_t(0) ? acc_t(1) : sl) * acc_t(dyr[i + l]);
-              const acc_t u = acc_t(ur[i + l]);
-              P[bn::kSg][l] += g;
-              P[bn::kSgx][l] += g * xhat;
-              P[bn::kSu][l] += u;
-              P[bn::kSux][l] += u * xhat;
-              P[bn::kSug][l] += u * g;
-            }
-          }
-        } else {
-          for (int64_t i = 0; i < whole; i += kLanes) {
-#pragma omp simd
-            for (int l = 0; l < kLanes; ++l) {
-              const acc_t xhat = (acc_t(xr[i + l]) - mu) * r;
-              const acc_t z = ga * xhat + be;
-              const acc_t g = (z > acc_t(0) ? acc_t(1) : sl) * acc_t(dyr[i + l]);
-              P[bn::kSg][l] += g;
-              P[bn::kSgx][l] += g * xhat;
-            }
-          }
-        }
-        for (int64_t i = whole; i < HW; ++i) {
-          acc_t xhat, a;
-          bn::bn_xhat_a(acc_t(xr[i]), mu, r, ga, be, sl, xhat, a);
-          const acc_t g = a * acc_t(dyr[i]);
-          const int l = int(i - whole);
-          P[bn::kSg][l] += g;
-          P[bn::kSgx][l] += g * xhat;
-          if (ggx) {
-            const acc_t u = acc_t(ggx[base + i]);
-            P[bn::kSu][l] += u;
-            P[bn::kSux][l] += u * xhat;
-            P[bn::kSug][l] += u * g;
-          }
-        }
+        if (ggx)
+          add_row_stats<true>(x + base, dy + base, ggx + base, HW, mu, r, ga, be, sl, P);
+        else
+          add_row_stats<false>(x + base, dy + base, static_cast<const scalar_t*>(nullptr), HW, mu, r, ga,
+                               be, sl, P);
       }
       acc_t S[bn::kNumDbwdSums];
       for (int k = 0; k < bn::kNumDbwdSums; ++k) S[k] = lane_total(P[k]);
