@@ -561,21 +561,16 @@ def relaid_weights(w, kind):
     every step, the gradients a double backward convolves with) are kept: a leaf, such as a parameter
     or a tensor gradcheck perturbs, can be changed through `.data`, which the version counter does not
     see, so its copy is made at every call (as are inference tensors, which have no version counter)."""
-    if w.grad_fn is None or w.is_inference():
-        t = w.permute(*_RELAYOUT[kind])
-        return t.contiguous(), not t.is_contiguous()
-    cache = w.__dict__.get(_RELAID_ATTR)
-    if cache is not None:
-        hit = cache.get(kind)
+    keep = w.grad_fn is not None and not w.is_inference()
+    if keep:
+        hit = w.__dict__.get(_RELAID_ATTR, {}).get(kind)
         if hit is not None and hit[0] == w._version:
             return hit[1], False
-    else:
-        cache = {}
-        setattr(w, _RELAID_ATTR, cache)
     t = w.permute(*_RELAYOUT[kind])
     copied = not t.is_contiguous()
     t = t.contiguous()
-    cache[kind] = (w._version, t)
+    if keep:
+        w.__dict__.setdefault(_RELAID_ATTR, {})[kind] = (w._version, t)
     return t, copied
 
 
