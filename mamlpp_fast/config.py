@@ -109,6 +109,7 @@ DEFAULTS: dict[str, Any] = {
     "cudnn_benchmark": True,  # fast learner: cuDNN picks convolution algorithms by timing them
     "allow_tf32": False,  # TF32 convolutions/matmuls on GPUs that have them (faster, ~1e-3 less exact)
     "conv_impl": "auto",  # fast learner: how the per-task convolutions run (mamlpp_fast.ops.conv)
+    "first_block": "auto",  # fast learner: "fused" | "unfused" | "auto" (mamlpp_fast.ops.conv_block)
     "evaluation_batch_size": 32,  # fast learner: validation/test tasks per evaluation call (trainer)
 }
 
@@ -132,6 +133,7 @@ _CHOICES = {
     "norm_layer": ("batch_norm",),
     "nonfinite_policy": ("skip", "stop"),
     "conv_impl": ("auto", "grouped", "channels_last", "unfold", "unfold_bmm", "per_task", "triton"),
+    "first_block": ("auto", "fused", "unfused"),
 }
 _POSITIVE_INT = (
     "batch_size", "image_height", "image_width", "image_channels", "num_classes_per_set",

@@ -43,6 +43,8 @@ import torch.nn.functional as F
 from .learner_core import LearnerAPI
 from .network import BN_EPS, BN_MOMENTUM, LEAKY_SLOPE
 from .ops import lslr_update, per_step_batch_norm
+from .ops.conv_block import block_supported, conv_bn_pool
+from .ops.conv_block import torch_impl as block_torch_impl
 from .ops.conv import task_conv2d
 
 __all__ = ["MAMLFewShotClassifier"]
@@ -132,6 +134,14 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
             conv = self.classifier.layer_dict[layer].conv
             w = fast[f"layer_dict.{layer}.conv.weight"]
             bias = fast[f"layer_dict.{layer}.conv.bias"]
+            block = self._first_block_impl(out, w, conv) if i == 0 else None
+            if block is not None:  # convolution, BN, leaky ReLU and pooling as one op (ops.conv_block)
+                gamma, beta = self._bn_params(layer, step, fast, rows)
+                out, mean, invstd = conv_bn_pool(out, w, bias, gamma, beta, b, conv.stride, conv.padding,
+                                                 BN_EPS, LEAKY_SLOPE, impl=block)
+                if stats is not None:
+                    stats.append((i, mean, invstd, out.shape[0] * out.shape[2] * out.shape[3] * 4))
+                continue
             out = task_conv2d(out, w, bias, b, conv.stride, conv.padding, self.args.conv_impl, pattern)
             gamma, beta = self._bn_params(layer, step, fast, rows)
             out, mean, invstd = per_step_batch_norm(out, gamma, beta, b, BN_EPS, LEAKY_SLOPE,
@@ -147,6 +157,39 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         weights = fast["layer_dict.linear.weights"]  # (B, classes, F)
         lin_bias = fast["layer_dict.linear.bias"]  # (B, classes)
         return torch.baddbmm(lin_bias.unsqueeze(1), feats, weights.transpose(1, 2))
+
+    def _first_block_impl(self, x: torch.Tensor, w: torch.Tensor, conv):
+        """The implementation of the fused first block (mamlpp_fast.ops.conv_block) for this call, or
+        None for the unfused ops. Config key `first_block`: "unfused"; "fused" (wherever the layer allows
+        it: max pooling, an even-sized convolution output, an input without gradient; the Triton kernels
+        where they run (a CUDA device, or TRITON_INTERPRET=1), else the PyTorch implementation, which
+        recomputes the convolution and saves memory, not time); "auto": fused where the Triton kernels
+        run on a CUDA device, else unfused. Decided once per (device, dtype, shape)."""
+        mode = getattr(self.args, "first_block", "auto")
+        if mode == "unfused":
+            return None
+        key = (mode, x.device, x.dtype, tuple(x.shape), tuple(w.shape), x.requires_grad)
+        cache = self.__dict__.setdefault("_first_block_cache", {})
+        if key in cache:
+            return cache[key]
+        why = block_supported(x, w, conv.stride, conv.padding, self.classifier.max_pooling)
+        impl = None
+        if why is None:
+            from . import triton as tb
+            from .ops import get_backend
+            triton_ok = (x.dtype in (torch.float32, torch.float64) and tb.is_available()
+                         and (x.device.type == "cuda" or (x.device.type == "cpu" and tb._interpret()))
+                         and get_backend(self._op_backend, x.device).name != "torch")
+            if triton_ok:
+                from .triton import conv_block as impl
+            elif mode == "fused":
+                impl = block_torch_impl
+            if mode == "auto" and x.device.type != "cuda":
+                impl = None
+        elif mode == "fused":
+            warnings.warn(f"first_block='fused': the first layer runs unfused: {why}", stacklevel=3)
+        cache[key] = impl
+        return impl
 
     def _importance(self) -> torch.Tensor:
         """The MSL weights of the current epoch on the device, computed once per epoch (with a host copy

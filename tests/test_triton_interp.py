@@ -466,3 +466,144 @@ def test_relaid_weights_kept_per_tensor_and_version():
         w.add_(1.0)
         ref = torch.nn.functional.conv2d(x, w.reshape(b * co, ci, 3, 3), padding=1, groups=b)
     assert (C.conv_forward(x, w, None, meta) - ref).abs().max().item() < 1e-12
+
+
+# ---- the fused first block (mamlpp_fast/triton/conv_block.py) --------------------------------------------
+def _block_case(shape, seed, dtype):
+    import torch
+    from test_conv_block import make_block_inputs
+
+    x, w, bias, gamma, beta, T, pad = make_block_inputs(shape, seed)
+    x, w, gamma, beta = (t.detach().to(dtype) for t in (x, w, gamma, beta))
+    bias = bias.detach().to(dtype) if bias is not None else None
+    return x, w, bias, gamma, beta, T, pad
+
+
+def _window_gap(x, w, bias, gamma, beta, T, pad):
+    """The smallest gap between the largest and the second largest y of a pooling window, relative to
+    max |y| (float64 unfused ops): below float32's resolution the window's maximum is a coin toss."""
+    import torch
+    from test_conv_block import EPS, SLOPE
+    from mamlpp_fast.ops import per_step_batch_norm
+    from mamlpp_fast.ops.conv import task_conv2d
+
+    z = task_conv2d(x.double(), w.double(), None if bias is None else bias.double(), T, 1, pad, "grouped")
+    y = per_step_batch_norm(z, gamma.double(), beta.double(), T, EPS, SLOPE, backend="torch")[0]
+    n, c, h, wd = y.shape
+    win = y.reshape(n, c, h // 2, 2, wd // 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(-1, 4)
+    top = win.topk(2, dim=1).values
+    return float((top[:, 0] - top[:, 1]).min() / y.abs().max())
+
+
+def _block_all(impl, x, w, bias, gamma, beta, T, pad, seed, us=(True, True, True, True)):
+    """forward, backward and double backward of impl: the results in order."""
+    import torch
+    from test_conv_block import EPS, SLOPE
+
+    meta = (T, 1, pad, EPS, SLOPE)
+    out, mean, invstd = impl.forward(x, w, bias, gamma, beta, meta)
+    g = torch.Generator().manual_seed(seed + 7)
+    rnd = lambda t: torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)  # noqa: E731
+    gout = rnd(out)
+    bwd = impl.backward(gout, x, w, bias, gamma, beta, mean, invstd, meta)
+    u = [rnd(w), rnd(bias) if bias is not None else None, rnd(gamma), rnd(beta)]
+    u = [t if on else None for t, on in zip(u, us)]
+    dbwd = impl.double_backward(*u, gout, x, w, bias, gamma, beta, mean, invstd, meta)
+    names = ["out", "mean", "invstd", "dw", "dbias", "dgamma", "dbeta", "ddgout", "ddw", "ddbias", "ddgamma"]
+    res = [out, mean, invstd, *bwd, *dbwd]
+    return [(n, r) for n, r in zip(names, res) if r is not None], invstd
+
+
+def _block_compare(got, ref, tol, seed):
+    from _numerics import rel
+
+    scale = max(float(r.abs().max()) for _, r in ref)
+    for (name, a), (_, r) in zip(got, ref):
+        # conv-bias results are rounding noise (0 in exact arithmetic): absolute, against the largest result
+        err = float((a.double() - r.double()).abs().max()) / (scale if "bias" in name else max(1.0, float(r.abs().max())))
+        assert err < tol, f"{name}: {err:.3e} (seed {seed}; rel {rel(a, r):.3e})"
+
+
+@inner
+@pytest.mark.parametrize("multi", [False, True], ids=["auto-chunks", "3-chunks-block16"])
+@pytest.mark.parametrize("idx", range(5))
+def test_conv_block_kernels_float64(idx, multi, monkeypatch):
+    """The Triton kernels against the PyTorch implementation of the block (itself tested against the
+    unfused ops in tests/test_conv_block.py), float64, 1e-10; with the interpreter's own configuration and
+    with 16-window blocks in 3 chunks (the merge of chunk sums and a ragged last chunk)."""
+    from _batches import fresh_seed
+    from test_conv_block import SHAPES
+    from mamlpp_fast.ops.conv_block import torch_impl
+    from mamlpp_fast.triton import conv_block as tcb
+    import torch
+
+    if multi:
+        def forced(mw, tc, kp, device):
+            chunk = -(-mw // 3)
+            return dict(BLOCK=16, CHUNK=chunk, CHUNKS=-(-mw // chunk), CBLOCK=4, num_warps=4)
+        monkeypatch.setattr(tcb, "block_config", forced)
+    seed = fresh_seed() % 2 ** 31
+    case = _block_case(SHAPES[idx], seed, torch.float64)
+    us = [(True, True, True, True), (True, False, True, False), (False, False, True, True),
+          (True, True, False, False), (False, True, False, False)][idx]
+    ref, _ = _block_all(torch_impl, *case, seed, us)
+    got, _ = _block_all(tcb, *case, seed, us)
+    _block_compare(got, ref, 1e-10, seed)
+
+
+@inner
+@pytest.mark.parametrize("idx", [0, 1, 4])
+def test_conv_block_kernels_float32(idx):
+    """float32 kernels against the float64 PyTorch implementation on the same inputs: 2e-5 forward and
+    backward, 1e-4 * max(1, max invstd) double backward (the batch-norm kernels' margins, test_bn_f32;
+    the patch sums add <= 28 products, ~2e-6 relative). Inputs whose pooling windows hold two values
+    closer than 1e-4 of max |y| are redrawn (the next seed): there float32 rounding may pick the other
+    maximum, a discontinuity of the function, not a fault."""
+    import torch
+    from _batches import fresh_seed
+    from test_conv_block import SHAPES
+    from mamlpp_fast.ops.conv_block import torch_impl
+    from mamlpp_fast.triton import conv_block as tcb
+
+    seed = fresh_seed() % 2 ** 31
+    while True:
+        case = _block_case(SHAPES[idx], seed, torch.float32)
+        if _window_gap(*case) > 1e-4:
+            break
+        seed += 1
+    ref, invstd = _block_all(torch_impl, *[t.double() if isinstance(t, torch.Tensor) else t for t in case], seed)
+    got, _ = _block_all(tcb, *case, seed)
+    _block_compare(got[:7], ref[:7], 2e-5, seed)
+    _block_compare(got[7:], ref[7:], 1e-4 * max(1.0, float(invstd.max())), seed)
+
+
+@inner
+def test_conv_block_triton_gradcheck_and_gradgradcheck():
+    """float64 gradcheck and gradgradcheck of conv_bn_pool on the Triton kernels (fast mode: random
+    projections of the Jacobians, as for the Triton convolution)."""
+    import torch
+    from test_conv_block import SHAPES, fused
+    from mamlpp_fast.triton import conv_block as tcb
+
+    x, w, bias, gamma, beta, T, pad = _block_case(SHAPES[0], 11, torch.float64)
+    params = [t.requires_grad_(True) for t in (w, bias, gamma, beta)]
+    fn = lambda *p: fused(x, *p, T, pad, impl=tcb)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, params, fast_mode=True)
+    assert torch.autograd.gradgradcheck(fn, params, fast_mode=True)
+
+
+@inner
+def test_learner_with_fused_first_block_triton_matches_reference_float64():
+    """The fast learner with first_block="fused" on the Triton kernels (and Triton convolutions, BN and
+    LSLR for the other layers) against the reference learner, float64, from the same state."""
+    from _batches import fresh_seed
+    from test_fast_equivalence import batch_for, compare, make_pair
+    from mamlpp_fast.triton import conv_block as tcb
+
+    seed = fresh_seed()
+    cfg = dict(cnn_num_filters=4, num_stages=2, image_height=8, image_width=8, num_classes_per_set=3,
+               number_of_training_steps_per_iter=2, number_of_evaluation_steps_per_iter=2, conv_impl="triton",
+               first_block="fused")
+    ref, fast, args = make_pair("float64", "triton", **cfg)
+    compare(ref, fast, batch_for(args, 2, seed), 0, "float64", seed)
+    assert any(v is tcb for v in fast._first_block_cache.values())
