@@ -64,6 +64,10 @@ def _recording_launches(store: list):
 
     from mamlpp_fast.triton import conv as tconv
     from mamlpp_fast.triton import per_step_bn as tbn
+    try:
+        from mamlpp_fast.triton import conv_block as tblock
+    except ImportError:  # a tree without the fused first block
+        tblock = None
     orig_run, orig_bn_cfg = JITFunction.run, tbn.bn_block_config
     orig_bn_sms = tbn.num_sms
     cuda0 = torch.device("cuda", 0)
@@ -81,6 +85,9 @@ def _recording_launches(store: list):
         return None
 
     JITFunction.run = run
+    if tblock is not None:
+        orig_block_cfg = tblock.block_config
+        tblock.block_config = lambda mw, tc, kp, device, sms=None: orig_block_cfg(mw, tc, kp, device, sms=SMS)
     tbn.num_sms = lambda device: SMS
     tbn.bn_block_config = lambda M, TC, device: orig_bn_cfg(M, TC, cuda0)
     for name, val in conv_patches.items():
@@ -89,6 +96,8 @@ def _recording_launches(store: list):
         yield store
     finally:
         JITFunction.run = orig_run
+        if tblock is not None:
+            tblock.block_config = orig_block_cfg
         tbn.bn_block_config = orig_bn_cfg
         tbn.num_sms = orig_bn_sms
         for name, val in conv_saved.items():
@@ -146,6 +155,13 @@ def capture_launches(call, tf32: bool = False) -> list:
                 with_bias = bool(call[3]) if len(call) > 3 else False  # the trace records it (later trees)
                 tconv.conv_weight_grad(x, t((x.shape[0], b * co, ho, wo)), meta, **(
                     {"with_bias": True} if with_bias else {}))
+            elif op == "conv_bn_pool":  # the fused first block: forward, backward, double backward
+                from mamlpp_fast.triton import conv_block as tblock
+                xs, ws, meta = call[1], call[2], call[3]
+                x, w, bias, g = t(xs), t(ws), t(ws[:2]), t(ws[1:2])
+                out, mean, inv = tblock.forward(x, w, bias, g, g, meta)
+                tblock.backward(t(tuple(out.shape)), x, w, bias, g, g, mean, inv, meta)
+                tblock.double_backward(t(ws), t(ws[:2]), g, g, t(tuple(out.shape)), x, w, bias, g, g, mean, inv, meta)
             else:
                 raise ValueError(f"unknown call {op!r}")
     finally:

@@ -2,8 +2,8 @@
 
     python -m bench.trace [--workload NAME] [--batch-size B] [--backend cuda|triton|torch]
                           [--conv-impl triton|grouped|unfold|unfold_bmm|per_task|channels_last]
-                          [--no-cuda-graph] [--tf32] [--conv-efficiency F] [--device-ceilings h100|h200]
-                          [--quick] [--json] [--out FILE.json]
+                          [--first-block auto|fused|unfused] [--no-cuda-graph] [--tf32]
+                          [--conv-efficiency F] [--device-ceilings h100|h200] [--quick] [--json] [--out FILE.json]
     python -m bench.trace --calibrate     # launch costs and the comparison with the measured H100 update
 
 What it does: builds the fast learner (mamlpp_fast.fast) for the workload on the CPU in float32 and runs
@@ -23,6 +23,11 @@ one meta-update (second order, MSL, epoch 0, as bench.run measures) while record
   one backward launch for all tensors (one per tensor in trees before that kernel took tuples), one
   dalpha launch and the zero fill of its workspace. Backend `torch`
   runs the ops' aten operations, which are recorded as such.
+- the fused first block (`--first-block`, default: fused unless the backend is torch, as the learner's
+  `first_block="auto"` does on a CUDA device; mamlpp_fast/triton/conv_block.py): per forward a
+  statistics and an apply kernel, per backward and double backward a reduction, an apply and the
+  in-order sum of the per-program weight gradients (`_block_patch` below for bytes and FLOPs; the FLOPs
+  include the recomputation of the convolution output, so they exceed bench.flops' count).
 - convolutions with conv_impl `triton` (mamlpp_fast/triton/conv.py): per forward and data gradient the
   weight re-layout copy and the main kernel, per weight gradient the main kernel, and for each the sum of
   the split partials when its split is > 1 (split from the kernels' own `conv_block_config` /
@@ -493,6 +498,74 @@ def _conv_triton_patch(rec: _Recorder):
     return fwd, dgrad, wgrad
 
 
+def _block_patch(rec: _Recorder):
+    """An implementation of the fused first block (mamlpp_fast.ops.conv_block) that computes with the
+    PyTorch one (hidden) and records the Triton kernels (mamlpp_fast/triton/conv_block.py) with their
+    launch configuration for rec.sms SMs. Bytes: each pass reads the image and the pooled-size tensors
+    it needs (gout; the pooled output or d(gout) written) and the per-program partial weight gradients
+    (TC x CHUNKS x KP); FLOPs: 2 x the convolution's MACs for each evaluation of the convolution output
+    (z, and u = P' U' in the double backward) and for each weight-gradient contraction:
+    forward reduce 1 and apply 1; backward reduce 1 and apply 2 (z, dw'); double backward reduce 2
+    (z, u) and apply 3 (z, u, dw')."""
+    import types
+
+    from mamlpp_fast.ops.conv_block import torch_impl
+    from mamlpp_fast.triton.conv_block import block_config
+
+    def geometry(x, w, meta):
+        n = x.shape[0]
+        t, c, ci, kh, kw = w.shape
+        stride, pad = meta[1], meta[2]
+        ho = (x.shape[2] + 2 * pad - kh) // stride + 1
+        wo = (x.shape[3] + 2 * pad - kw) // stride + 1
+        kp = 1 << (ci * kh * kw).bit_length()  # next power of two of K + 1
+        cfg = block_config(n * (ho // 2) * (wo // 2), t * c, kp, x.device, sms=rec.sms)
+        macs = n * ho * wo * t * c * ci * kh * kw
+        return macs, t * c * cfg["CHUNKS"] * kp * x.element_size(), rec.layer_of([x])
+
+    def small(*ts):
+        return sum(_nbytes(t) for t in ts if t is not None)
+
+    def forward(x, w, bias, gamma, beta, meta):
+        with rec.hide():
+            out, mean, invstd = torch_impl.forward(x, w, bias, gamma, beta, meta)
+        macs, _, layer = geometry(x, w, meta)
+        call = ("conv_bn_pool", tuple(x.shape), tuple(w.shape), meta)
+        rec.add(name="triton block_fwd_reduce", kind="conv", layer=layer, flops=2 * macs,
+                bytes=small(x, w, bias), call=call)
+        rec.add(name="triton block_fwd_apply", kind="conv", layer=layer, flops=2 * macs,
+                bytes=small(x, w, bias, gamma, beta, out, mean, invstd))
+        return out, mean, invstd
+
+    def backward(gout, x, w, bias, gamma, beta, mean, invstd, meta):
+        with rec.hide():
+            res = torch_impl.backward(gout, x, w, bias, gamma, beta, mean, invstd, meta)
+        macs, partial, layer = geometry(x, w, meta)
+        params = small(w, bias, gamma, beta, mean, invstd)
+        rec.add(name="triton block_bwd_reduce", kind="conv", layer=layer, flops=2 * macs,
+                bytes=small(gout, x) + params)
+        rec.add(name="triton block_bwd_apply", kind="conv", layer=layer, flops=4 * macs,
+                bytes=small(gout, x) + params + partial + small(res[2], res[3]))
+        rec.add(name="triton block_wsum", kind="conv", layer=layer, bytes=partial + small(res[0], res[1]))
+        return res
+
+    def double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, mean, invstd, meta):
+        with rec.hide():
+            res = torch_impl.double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, mean,
+                                             invstd, meta)
+        macs, partial, layer = geometry(x, w, meta)
+        params = small(w, bias, gamma, beta, mean, invstd, uw, ubias, ugamma, ubeta)
+        rec.add(name="triton block_dbwd_reduce", kind="conv", layer=layer, flops=4 * macs,
+                bytes=small(gout, x) + params)
+        rec.add(name="triton block_dbwd_apply", kind="conv", layer=layer, flops=6 * macs,
+                bytes=small(gout, x, res[0], res[3]) + params + partial)
+        rec.add(name="triton block_wsum", kind="conv", layer=layer, bytes=partial + small(res[1], res[2]))
+        return res
+
+    return types.SimpleNamespace(name="trace-triton", forward=forward, backward=backward,
+                                 double_backward=double_backward)
+
+
 # ---- the trace -----------------------------------------------------------------------------------------------
 def _layer_sizes(w) -> dict:
     sizes, h = {}, w.height
@@ -504,8 +577,11 @@ def _layer_sizes(w) -> dict:
 
 def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None = None, backend: str = "cuda",
                       conv_impl: str = "triton", cuda_graph: bool = True, sms: int = 132,
-                      quick: bool = False, seed: int = 0) -> TraceResult:
-    """Run one meta-update of the fast learner on the CPU and return the simulated GPU kernels."""
+                      quick: bool = False, seed: int = 0, first_block: str = "auto") -> TraceResult:
+    """Run one meta-update of the fast learner on the CPU and return the simulated GPU kernels.
+    first_block: "fused" (the first layer as mamlpp_fast.ops.conv_block's op on its Triton kernels),
+    "unfused", or "auto": what the learner's `first_block="auto"` does on a CUDA device with Triton,
+    fused with the cuda and triton backends, unfused with torch (trees without the block: unfused)."""
     import torch
 
     from mamlpp_fast import fast as fast_mod
@@ -535,6 +611,13 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
         raise MamlppError(f"bench.trace: --conv-impl must be one of {', '.join(impls)}, got {conv_impl!r}")
     if batch_size is not None and batch_size < 1:
         raise MamlppError(f"bench.trace: --batch-size must be >= 1, got {batch_size}")
+    if first_block not in ("auto", "fused", "unfused"):
+        raise MamlppError(f"bench.trace: --first-block must be auto, fused or unfused, got {first_block!r}")
+    has_block = hasattr(fast_mod, "block_torch_impl")
+    if first_block == "auto":
+        first_block = "fused" if backend != "torch" and has_block else "unfused"
+    if first_block == "fused" and not has_block:
+        raise MamlppError("bench.trace: --first-block fused: this tree has no fused first block")
     try:
         w = workload_by_name(workload, quick=quick)
     except KeyError as e:
@@ -572,6 +655,8 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
     patches = [(bn_mod, "get_backend"), (lslr_mod, "get_backend"),
                (fast_mod.MAMLFewShotClassifier, "_update_running_stats"),
                (core_cls, flag_name)]
+    if first_block == "fused":
+        patches.append((fast_mod, "block_torch_impl"))
     if conv_mod is not None:
         patches += [(tconv_autograd, "conv_forward"), (tconv_autograd, "conv_data_grad"),
                     (tconv_autograd, "conv_weight_grad"), (conv_mod._IMPLS, "triton")]
@@ -612,6 +697,12 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
             setp(tconv_autograd, "conv_weight_grad", wg)
             setp(conv_mod._IMPLS, "triton", lambda x, wt, bias, b, stride, padding:
                  tconv_autograd.task_conv2d_triton(x, wt, bias, b, stride, padding))
+        if first_block == "fused":
+            # on this CPU the learner's fused block takes the PyTorch implementation: the recording one
+            setp(fast_mod, "block_torch_impl", _block_patch(rec))
+            model.args.first_block = "fused"
+        elif has_block:
+            model.args.first_block = "unfused"
         setp(fast_mod.MAMLFewShotClassifier, "_update_running_stats", running_stats)
         setp(core_cls, flag_name, finite_flag)
         if hasattr(fast_mod.MAMLFewShotClassifier, "_running_stats_constants"):
@@ -646,7 +737,7 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
     from .flops import flops_from_args
     an = flops_from_args(make_args(w), epoch=0)
     cfg = dict(workload=w.name, batch_size=w.batch_size, backend=backend, conv_impl=conv_impl,
-               cuda_graph=cuda_graph, sms=sms, analytic_flops_total=an["total"], analytic_flops_minimal=an["minimal"],
+               first_block=first_block, cuda_graph=cuda_graph, sms=sms, analytic_flops_total=an["total"], analytic_flops_minimal=an["minimal"],
                workload_detail=w.to_dict())
     return TraceResult(cfg, rec.kernels)
 
@@ -724,6 +815,8 @@ def _fmt_bytes(b):
 
 def to_markdown(s: dict) -> str:
     lines = [f"### Trace: {s['workload']} B={s['batch_size']}, backend {s['backend']}, conv_impl {s['conv_impl']}, "
+             + (f"first block {s['first_block']}, " if "first_block" in s else "")
+             + 
              f"{'CUDA graph' if s['cuda_graph'] else 'eager'}{', TF32' if s['tf32'] else ', strict fp32'}"
              + (f", convolutions at {s['conv_efficiency']:.0%} of the FMA ceiling"
                 if s.get("conv_efficiency", 1.0) != 1.0 else ""),
@@ -759,17 +852,24 @@ MEASURED_H100 = {
 }
 
 
+def _has_first_block() -> bool:
+    import inspect
+    return "first_block" in inspect.signature(trace_meta_update).parameters
+
+
 def calibrate(ceilings: str = "h100") -> dict:
     """Derive the launch costs of CEILINGS from MEASURED_H100 and the trace's kernel counts, and compare
     the prediction for the measured configuration (cuda backend, grouped cuDNN convolutions, CUDA graph,
     Omniglot 20w1s B=8: 74.76 ms) with the measurement. Returns the numbers (all Omniglot 20w1s)."""
     m = MEASURED_H100
-    k_b1 = summarize(trace_meta_update("omniglot_20w1s", 1, "triton", "grouped", True), ceilings)["kernels"]
-    k_b8 = summarize(trace_meta_update("omniglot_20w1s", 8, "triton", "grouped", True), ceilings)["kernels"]
+    # the measured configuration had no fused first block
+    kw = {} if not _has_first_block() else {"first_block": "unfused"}
+    k_b1 = summarize(trace_meta_update("omniglot_20w1s", 1, "triton", "grouped", True, **kw), ceilings)["kernels"]
+    k_b8 = summarize(trace_meta_update("omniglot_20w1s", 8, "triton", "grouped", True, **kw), ceilings)["kernels"]
     intercept = 2 * m["graph_triton_grouped_b1_ms"] - m["graph_triton_grouped_b2_ms"]
     graph_launch_us = intercept / k_b1 * 1e3
     eager_launch_us = (m["eager_triton_grouped_b8_ms"] - m["graph_triton_grouped_b8_ms"]) / k_b8 * 1e3
-    res = trace_meta_update("omniglot_20w1s", 8, "cuda", "grouped", True)
+    res = trace_meta_update("omniglot_20w1s", 8, "cuda", "grouped", True, **kw)
     s = summarize(res, ceilings)
     conv_kinds = ("conv", "conv transpose")
     conv_ms = sum(v["predicted_ms"] for k, v in s["by_kind"].items() if k in conv_kinds)
@@ -794,6 +894,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="tasks per meta-update (default: the workload's)")
     p.add_argument("--backend", default="cuda", help="op backend simulated: cuda, triton or torch")
     p.add_argument("--conv-impl", default="triton", help="conv_impl simulated (mamlpp_fast.ops.conv.CONV_IMPLS)")
+    p.add_argument("--first-block", default="auto", choices=("auto", "fused", "unfused"),
+                   help="the first layer as the fused block (auto: fused unless --backend torch)")
     p.add_argument("--no-cuda-graph", action="store_true", help="eager launches instead of a captured graph")
     p.add_argument("--tf32", action="store_true", help="convolutions and matmuls at the TF32 rate")
     p.add_argument("--device-ceilings", default="h100", choices=sorted(CEILINGS))
@@ -812,7 +914,8 @@ def main(argv=None) -> int:
         if a.workload is None:
             from .workloads import main_workloads
             a.workload = main_workloads(a.quick)[0].name
-        res = trace_meta_update(a.workload, a.batch_size, a.backend, a.conv_impl, not a.no_cuda_graph, quick=a.quick)
+        res = trace_meta_update(a.workload, a.batch_size, a.backend, a.conv_impl, not a.no_cuda_graph, quick=a.quick,
+                                first_block=a.first_block)
     except MamlppError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -299,7 +299,9 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         no graph kept: what evaluation needs, with much less memory)."""
         x_support, x_target, y_support, y_target = data_batch
         b, n_way = x_support.shape[0], x_support.shape[1]
-        xs, xt = _task_major(x_support), _task_major(x_target)
+        # contiguous once here: with one input channel the task-major view is not, and the first layer's
+        # ops would each copy it
+        xs, xt = _task_major(x_support).contiguous(), _task_major(x_target).contiguous()
         ys, yt = y_support.reshape(-1), y_target.reshape(-1)  # task-major, matching logits (B, n, N)
         s_train = self.args.number_of_training_steps_per_iter
         use_msl = (use_multi_step_loss_optimization and training_phase

@@ -25,11 +25,39 @@ def test_flops_equal_analytic_count(workload, backend):
     # Triton convolutions compute exactly the needed work: the analytic "minimal" count. PyTorch's
     # convolution double backward (grouped cuDNN) also computes the first layer's unused data
     # gradient: the analytic "total" (= FlopCounterMode's count). Integer equality.
-    tri = summarize(trace_meta_update(workload, None, backend, "triton", True, quick=True))
+    tri = summarize(trace_meta_update(workload, None, backend, "triton", True, quick=True, first_block="unfused"))
     assert tri["flops"] - _non_learner_flops(tri) == tri["analytic_flops_minimal"] == tri["conv_linear_flops"]
-    grp = summarize(trace_meta_update(workload, None, backend, "grouped", True, quick=True))
+    grp = summarize(trace_meta_update(workload, None, backend, "grouped", True, quick=True, first_block="unfused"))
     assert grp["flops"] - _non_learner_flops(grp) == grp["analytic_flops_total"] == grp["conv_linear_flops"]
     assert grp["analytic_flops_total"] > grp["analytic_flops_minimal"]
+
+
+@pytest.mark.parametrize("workload", ["quick_omniglot_3w1s", "quick_miniimagenet_3w1s"])
+def test_fused_first_block_kernels(workload):
+    """With the fused first block (the default of the cuda and triton backends) layer 0 launches only the
+    block's kernels: per inner step (second order, MSL) the support forward (2), its inner backward (3),
+    the outer pass's backward and double backward of it (3 + 3), the target forward (2) and its backward
+    (3), plus, with one image channel (whose task-major view is not contiguous), one copy of the support
+    and one of the target images per meta-update; no batch norm, pooling or full-resolution adds remain
+    there, and it moves fewer bytes than unfused."""
+    fused = trace_meta_update(workload, None, "cuda", "triton", True, quick=True)
+    unfused = trace_meta_update(workload, None, "cuda", "triton", True, quick=True, first_block="unfused")
+    assert fused.config["first_block"] == "fused" and unfused.config["first_block"] == "unfused"
+    steps = fused.config["workload_detail"]["steps"]
+    layer0 = [k for k in fused.kernels if k.layer == "conv0"]
+    names = [k.name for k in layer0 for _ in range(k.launches)]
+    assert sum(n.startswith("triton block_") for n in names) == 16 * steps
+    others = [n for n in names if not n.startswith("triton block_")]
+    assert others == (["aten.clone"] * 2 if "omniglot" in workload else []), others
+    for op in ("fwd", "bwd", "dbwd"):
+        assert names.count(f"triton block_{op}_reduce") == names.count(f"triton block_{op}_apply")
+    assert names.count("triton block_wsum") == names.count("triton block_bwd_apply") + names.count(
+        "triton block_dbwd_apply")
+    s_f, s_u = summarize(fused), summarize(unfused)
+    assert s_f["by_layer"]["conv0"]["bytes"] < s_u["by_layer"]["conv0"]["bytes"] / 4
+    assert s_f["bytes"] < s_u["bytes"] and s_f["kernels"] < s_u["kernels"]
+    # torch backend: the learner's auto keeps the first layer unfused
+    assert trace_meta_update(workload, None, "torch", "triton", True, quick=True).config["first_block"] == "unfused"
 
 
 def test_batch_size_scales_convolution_flops():
@@ -53,7 +81,8 @@ def test_backend_kernel_mapping():
     for r in res.values():
         assert not any(k.name.startswith("aten.") and ("bn_" in k.name or "lslr" in k.name) for k in r.kernels)
         bn_calls = sum(k.launches for k in r.kernels if k.kind == "bn")
-        assert bn_calls == sum(k.launches for k in r.kernels if k.name.endswith(("_reduce", "_apply")))
+        assert bn_calls == sum(k.launches for k in r.kernels if k.name.endswith(("_reduce", "_apply"))
+                               and "block_" not in k.name)
     # the per-step BN rows are split once per outer forward (fast.py `_bn_rows`): no per-use select,
     # whose backward would fill all S rows with zeros and copy one
     for r in res.values():

@@ -139,10 +139,13 @@ class _BlockForward(torch.autograd.Function):
         ctx.save_for_backward(x, w, bias, gamma, beta, mean, invstd)
         ctx.meta, ctx.impl = meta, impl
         ctx.mark_non_differentiable(mean, invstd)
+        ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) gradients
         return out, mean, invstd
 
     @staticmethod
     def backward(ctx, gout, _gmean, _ginvstd):
+        if gout is None:
+            return (None,) * 7
         x, w, bias, gamma, beta, mean, invstd = ctx.saved_tensors
         dw, dbias, dgamma, dbeta = _BlockBackward.apply(gout, x, w, bias, gamma, beta, mean, invstd,
                                                         ctx.meta, ctx.impl)

@@ -44,20 +44,23 @@ _MAX_CHUNKS = 256
 _PROGRAMS_PER_SM = 4
 
 
-def block_config(mw: int, tc: int, kp: int, device: torch.device) -> dict:
-    """Launch configuration for `mw` windows per column, `tc` columns, patch width `kp`.
+def block_config(mw: int, tc: int, kp: int, device: torch.device, sms: int | None = None) -> dict:
+    """Launch configuration for `mw` windows per column, `tc` columns, patch width `kp`; `sms`: the
+    multiprocessors to fill (default: the CUDA device's; bench.trace passes its simulated count).
 
     - BLOCK: windows per vector step, 2048 / KP clamped to [16, 128]: a program holds the four
       (BLOCK, KP) patch tiles of a window step and one (BLOCK, KP) weight-gradient accumulator,
       5 x 2048 values over 4 warps (~80 registers per thread).
     - CHUNKS: programs per column, ~4 programs per SM over the (TC, CHUNKS) grid, each with at least
-      2 BLOCK steps; at most 256. On the interpreter (CPU tensors) up to 3, so that tests cover the
-      merge of several chunks.
+      2 BLOCK steps; at most 256. On the interpreter (CPU tensors, no `sms`) up to 3, so that tests cover
+      the merge of several chunks.
     """
     block = max(16, min(128, 2048 // kp))
     steps = triton.cdiv(mw, block)
-    if device.type == "cuda":
-        want = _PROGRAMS_PER_SM * num_sms(device)
+    if sms is None and device.type == "cuda":
+        sms = num_sms(device)
+    if sms is not None:
+        want = _PROGRAMS_PER_SM * sms
         chunks = max(1, min(triton.cdiv(want, tc), triton.cdiv(steps, 2), _MAX_CHUNKS))
     else:
         chunks = max(1, min(3, steps))
