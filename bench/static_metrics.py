@@ -87,7 +87,7 @@ def _recording_launches(store: list):
     JITFunction.run = run
     if tblock is not None:
         orig_block_cfg = tblock.block_config
-        tblock.block_config = lambda mw, tc, kp, device, sms=None: orig_block_cfg(mw, tc, kp, device, sms=SMS)
+        tblock.block_config = lambda *a, sms=None: orig_block_cfg(*a, sms=SMS)
     tbn.num_sms = lambda device: SMS
     tbn.bn_block_config = lambda M, TC, device: orig_bn_cfg(M, TC, cuda0)
     for name, val in conv_patches.items():
@@ -159,9 +159,10 @@ def capture_launches(call, tf32: bool = False) -> list:
                 from mamlpp_fast.triton import conv_block as tblock
                 xs, ws, meta = call[1], call[2], call[3]
                 x, w, bias, g = t(xs), t(ws), t(ws[:2]), t(ws[1:2])
-                out, mean, inv = tblock.forward(x, w, bias, g, g, meta)
-                tblock.backward(t(tuple(out.shape)), x, w, bias, g, g, mean, inv, meta)
-                tblock.double_backward(t(ws), t(ws[:2]), g, g, t(tuple(out.shape)), x, w, bias, g, g, mean, inv, meta)
+                out, mean, inv, sel = tblock.forward(x, w, bias, g, g, meta)
+                tblock.backward(t(tuple(out.shape)), x, w, bias, g, g, mean, inv, sel, meta)
+                tblock.double_backward(t(ws), t(ws[:2]), g, g, t(tuple(out.shape)), x, w, bias, g, g, mean, inv, sel,
+                                       meta)
             else:
                 raise ValueError(f"unknown call {op!r}")
     finally:

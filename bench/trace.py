@@ -502,11 +502,13 @@ def _block_patch(rec: _Recorder):
     """An implementation of the fused first block (mamlpp_fast.ops.conv_block) that computes with the
     PyTorch one (hidden) and records the Triton kernels (mamlpp_fast/triton/conv_block.py) with their
     launch configuration for rec.sms SMs. Bytes: each pass reads the image and the pooled-size tensors
-    it needs (gout; the pooled output or d(gout) written) and the per-program partial weight gradients
-    (TC x CHUNKS x KP); FLOPs: 2 x the convolution's MACs for each evaluation of the convolution output
-    (z, and u = P' U' in the double backward) and for each weight-gradient contraction:
-    forward reduce 1 and apply 1; backward reduce 1 and apply 2 (z, dw'); double backward reduce 2
-    (z, u) and apply 3 (z, u, dw')."""
+    it needs (gout; the pooled output or d(gout) written; the int8 position of each window's maximum,
+    written by the forward and read by every backward pass) and the per-program partial weight gradients
+    (TC x CHUNKS x KP); FLOPs: the products the kernels execute, padding included: 2 x n*Ho*Wo*T*C*KP
+    (KP = the patch width, the next power of two >= 16 of K + 1) per evaluation of the convolution output
+    (z, or u = P' U' in the double backward) and per weight-gradient contraction: forward reduce 1 and
+    apply 1; backward reduce 1 and apply 2 (z, dw'); double backward reduce 2 (z, u) and apply 3
+    (z, u, dw')."""
     import types
 
     from mamlpp_fast.ops.conv_block import torch_impl
@@ -518,9 +520,9 @@ def _block_patch(rec: _Recorder):
         stride, pad = meta[1], meta[2]
         ho = (x.shape[2] + 2 * pad - kh) // stride + 1
         wo = (x.shape[3] + 2 * pad - kw) // stride + 1
-        kp = 1 << (ci * kh * kw).bit_length()  # next power of two of K + 1
-        cfg = block_config(n * (ho // 2) * (wo // 2), t * c, kp, x.device, sms=rec.sms)
-        macs = n * ho * wo * t * c * ci * kh * kw
+        kp = max(16, 1 << (ci * kh * kw).bit_length())  # the patch width: next power of two of K + 1
+        cfg = block_config(n * (ho // 2) * (wo // 2), t, c, kp, x.device, sms=rec.sms)
+        macs = n * ho * wo * t * c * kp  # one evaluation of the (padded) patch products
         return macs, t * c * cfg["CHUNKS"] * kp * x.element_size(), rec.layer_of([x])
 
     def small(*ts):
@@ -528,38 +530,38 @@ def _block_patch(rec: _Recorder):
 
     def forward(x, w, bias, gamma, beta, meta):
         with rec.hide():
-            out, mean, invstd = torch_impl.forward(x, w, bias, gamma, beta, meta)
+            out, mean, invstd, aux = torch_impl.forward(x, w, bias, gamma, beta, meta)
         macs, _, layer = geometry(x, w, meta)
         call = ("conv_bn_pool", tuple(x.shape), tuple(w.shape), meta)
         rec.add(name="triton block_fwd_reduce", kind="conv", layer=layer, flops=2 * macs,
                 bytes=small(x, w, bias), call=call)
         rec.add(name="triton block_fwd_apply", kind="conv", layer=layer, flops=2 * macs,
-                bytes=small(x, w, bias, gamma, beta, out, mean, invstd))
-        return out, mean, invstd
+                bytes=small(x, w, bias, gamma, beta, out, mean, invstd) + out.numel())  # + sel (int8)
+        return out, mean, invstd, aux
 
-    def backward(gout, x, w, bias, gamma, beta, mean, invstd, meta):
+    def backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta):
         with rec.hide():
-            res = torch_impl.backward(gout, x, w, bias, gamma, beta, mean, invstd, meta)
+            res = torch_impl.backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta)
         macs, partial, layer = geometry(x, w, meta)
-        params = small(w, bias, gamma, beta, mean, invstd)
+        params = small(w, bias, gamma, beta, mean, invstd) + gout.numel()  # + sel (int8)
         rec.add(name="triton block_bwd_reduce", kind="conv", layer=layer, flops=2 * macs,
                 bytes=small(gout, x) + params)
         rec.add(name="triton block_bwd_apply", kind="conv", layer=layer, flops=4 * macs,
                 bytes=small(gout, x) + params + partial + small(res[2], res[3]))
-        rec.add(name="triton block_wsum", kind="conv", layer=layer, bytes=partial + small(res[0], res[1]))
+        rec.add(name="triton block_finish", kind="conv", layer=layer, bytes=partial + small(res[0], res[1]))
         return res
 
-    def double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, mean, invstd, meta):
+    def double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta):
         with rec.hide():
             res = torch_impl.double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, mean,
-                                             invstd, meta)
+                                             invstd, aux, meta)
         macs, partial, layer = geometry(x, w, meta)
-        params = small(w, bias, gamma, beta, mean, invstd, uw, ubias, ugamma, ubeta)
+        params = small(w, bias, gamma, beta, mean, invstd, uw, ubias, ugamma, ubeta) + gout.numel()  # + sel
         rec.add(name="triton block_dbwd_reduce", kind="conv", layer=layer, flops=4 * macs,
                 bytes=small(gout, x) + params)
         rec.add(name="triton block_dbwd_apply", kind="conv", layer=layer, flops=6 * macs,
                 bytes=small(gout, x, res[0], res[3]) + params + partial)
-        rec.add(name="triton block_wsum", kind="conv", layer=layer, bytes=partial + small(res[1], res[2]))
+        rec.add(name="triton block_finish", kind="conv", layer=layer, bytes=partial + small(res[1], res[2]))
         return res
 
     return types.SimpleNamespace(name="trace-triton", forward=forward, backward=backward,

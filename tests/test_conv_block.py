@@ -26,7 +26,7 @@ EPS, SLOPE = 1e-5, 0.01
 # (T, C, Ci, n, H, k, pad, gamma per task, bias)
 SHAPES = [(2, 3, 1, 3, 6, 3, 1, False, True), (2, 4, 3, 2, 8, 3, 1, True, True),
           (3, 2, 1, 2, 4, 3, 1, False, False), (2, 2, 2, 2, 9, 4, 1, False, True),
-          (2, 2, 1, 2, 10, 5, 2, True, True)]
+          (2, 2, 1, 2, 10, 5, 2, True, True), (2, 20, 1, 2, 6, 3, 1, False, True)]
 
 
 def make_block_inputs(shape, seed, dtype=torch.float64):
@@ -118,7 +118,7 @@ def test_double_backward_with_some_upstream_gradients_absent():
         u = [uw, ub, ug, ubt]
         u = [t if i == which else None for i, t in enumerate(u)]
         got = torch_impl.double_backward(*u, gout, x, w.detach(), bias.detach(), gamma.detach(), beta.detach(),
-                                         mean, invstd, meta)
+                                         mean, invstd, None, meta)
         out = unfused(x, w, bias, gamma, beta, T, pad)[0]
         first = torch.autograd.grad(out, (w, bias, gamma, beta), gout_v, create_graph=True)
         scalar = sum((f * v).sum() for f, v in zip(first, u) if v is not None)

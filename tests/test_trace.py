@@ -51,7 +51,7 @@ def test_fused_first_block_kernels(workload):
     assert others == (["aten.clone"] * 2 if "omniglot" in workload else []), others
     for op in ("fwd", "bwd", "dbwd"):
         assert names.count(f"triton block_{op}_reduce") == names.count(f"triton block_{op}_apply")
-    assert names.count("triton block_wsum") == names.count("triton block_bwd_apply") + names.count(
+    assert names.count("triton block_finish") == names.count("triton block_bwd_apply") + names.count(
         "triton block_dbwd_apply")
     s_f, s_u = summarize(fused), summarize(unfused)
     assert s_f["by_layer"]["conv0"]["bytes"] < s_u["by_layer"]["conv0"]["bytes"] / 4

@@ -501,14 +501,14 @@ def _block_all(impl, x, w, bias, gamma, beta, T, pad, seed, us=(True, True, True
     from test_conv_block import EPS, SLOPE
 
     meta = (T, 1, pad, EPS, SLOPE)
-    out, mean, invstd = impl.forward(x, w, bias, gamma, beta, meta)
+    out, mean, invstd, aux = impl.forward(x, w, bias, gamma, beta, meta)
     g = torch.Generator().manual_seed(seed + 7)
     rnd = lambda t: torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)  # noqa: E731
     gout = rnd(out)
-    bwd = impl.backward(gout, x, w, bias, gamma, beta, mean, invstd, meta)
+    bwd = impl.backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta)
     u = [rnd(w), rnd(bias) if bias is not None else None, rnd(gamma), rnd(beta)]
     u = [t if on else None for t, on in zip(u, us)]
-    dbwd = impl.double_backward(*u, gout, x, w, bias, gamma, beta, mean, invstd, meta)
+    dbwd = impl.double_backward(*u, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta)
     names = ["out", "mean", "invstd", "dw", "dbias", "dgamma", "dbeta", "ddgout", "ddw", "ddbias", "ddgamma"]
     res = [out, mean, invstd, *bwd, *dbwd]
     return [(n, r) for n, r in zip(names, res) if r is not None], invstd
@@ -526,11 +526,12 @@ def _block_compare(got, ref, tol, seed):
 
 @inner
 @pytest.mark.parametrize("multi", [False, True], ids=["auto-chunks", "3-chunks-block16"])
-@pytest.mark.parametrize("idx", range(5))
+@pytest.mark.parametrize("idx", range(6))
 def test_conv_block_kernels_float64(idx, multi, monkeypatch):
     """The Triton kernels against the PyTorch implementation of the block (itself tested against the
     unfused ops in tests/test_conv_block.py), float64, 1e-10; with the interpreter's own configuration and
-    with 16-window blocks in 3 chunks (the merge of chunk sums and a ragged last chunk)."""
+    with 16-window steps in 3 chunks (the merge of chunk sums and a ragged last chunk); the last shape
+    has 20 channels: two channel blocks of 16, the second masked."""
     from _batches import fresh_seed
     from test_conv_block import SHAPES
     from mamlpp_fast.ops.conv_block import torch_impl
@@ -538,14 +539,15 @@ def test_conv_block_kernels_float64(idx, multi, monkeypatch):
     import torch
 
     if multi:
-        def forced(mw, tc, kp, device):
+        def forced(mw, t, c, kp, device, sms=None):
             chunk = -(-mw // 3)
-            return dict(BLOCK=16, CHUNK=chunk, CHUNKS=-(-mw // chunk), CBLOCK=4, num_warps=4)
+            return dict(BLOCK_W=16, BLOCK_C=16, CB=-(-c // 16), CHUNK=chunk, CHUNKS=-(-mw // chunk), CBLOCK=4,
+                        num_warps=4)
         monkeypatch.setattr(tcb, "block_config", forced)
     seed = fresh_seed() % 2 ** 31
     case = _block_case(SHAPES[idx], seed, torch.float64)
     us = [(True, True, True, True), (True, False, True, False), (False, False, True, True),
-          (True, True, False, False), (False, True, False, False)][idx]
+          (True, True, False, False), (False, True, False, False), (True, True, True, True)][idx]
     ref, _ = _block_all(torch_impl, *case, seed, us)
     got, _ = _block_all(tcb, *case, seed, us)
     _block_compare(got, ref, 1e-10, seed)

@@ -47,7 +47,13 @@ and refuses an x that requires one.
 
 This module holds the autograd (`conv_bn_pool`) and the implementation in plain PyTorch (`torch_impl`:
 it recomputes the convolution output in full, so it saves memory but not work; it is the oracle of
-the Triton kernels, mamlpp_fast.triton.conv_block, which never write it).
+the Triton kernels, mamlpp_fast.triton.conv_block, which never write it). An implementation is three
+functions on plain tensors: ``forward(x, w, bias, gamma, beta, meta) -> (out, mean, invstd, aux)``,
+``backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta) -> (dw, dbias, dgamma, dbeta)``,
+``double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta) ->
+(dgout, dw, dbias, dgamma)``; ``aux`` is a tensor the implementation keeps from its forward for its
+backward passes (the Triton kernels: the position of each window's maximum), or None; ``meta`` is
+``(T, stride, padding, eps, slope)``.
 """
 from __future__ import annotations
 
@@ -95,13 +101,13 @@ def _wgrad(x, gz, w_shape, meta):
 
 
 def _forward(x, w, bias, gamma, beta, meta):
-    """(out, mean, invstd)."""
+    """(out, mean, invstd, aux): this implementation keeps nothing beside the statistics (aux None)."""
     t, _, _, eps, slope = meta
     y, mean, invstd = tb.bn_forward(_conv(x, w, bias, meta), gamma, beta, t, eps, slope)
-    return F.max_pool2d(y, 2, 2), mean, invstd
+    return F.max_pool2d(y, 2, 2), mean, invstd, None
 
 
-def _backward(gout, x, w, bias, gamma, beta, mean, invstd, meta):
+def _backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta):
     """(dw, dbias or None, dgamma, dbeta)."""
     t, slope = meta[0], meta[4]
     z, y, idx = _recompute(x, w, bias, gamma, beta, mean, invstd, meta)
@@ -111,7 +117,7 @@ def _backward(gout, x, w, bias, gamma, beta, mean, invstd, meta):
     return dw, (dbias if bias is not None else None), dgamma, dbeta
 
 
-def _double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, mean, invstd, meta):
+def _double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta):
     """(d gout, d w, d bias or None, d gamma); uw, ubias, ugamma, ubeta may be None (= zeros)."""
     t, slope = meta[0], meta[4]
     z, y, idx = _recompute(x, w, bias, gamma, beta, mean, invstd, meta)
@@ -135,8 +141,8 @@ torch_impl = types.SimpleNamespace(name="torch", forward=_forward, backward=_bac
 class _BlockForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, bias, gamma, beta, meta, impl):
-        out, mean, invstd = impl.forward(x, w, bias, gamma, beta, meta)
-        ctx.save_for_backward(x, w, bias, gamma, beta, mean, invstd)
+        out, mean, invstd, aux = impl.forward(x, w, bias, gamma, beta, meta)
+        ctx.save_for_backward(x, w, bias, gamma, beta, mean, invstd, aux)
         ctx.meta, ctx.impl = meta, impl
         ctx.mark_non_differentiable(mean, invstd)
         ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) gradients
@@ -146,29 +152,29 @@ class _BlockForward(torch.autograd.Function):
     def backward(ctx, gout, _gmean, _ginvstd):
         if gout is None:
             return (None,) * 7
-        x, w, bias, gamma, beta, mean, invstd = ctx.saved_tensors
-        dw, dbias, dgamma, dbeta = _BlockBackward.apply(gout, x, w, bias, gamma, beta, mean, invstd,
+        x, w, bias, gamma, beta, mean, invstd, aux = ctx.saved_tensors
+        dw, dbias, dgamma, dbeta = _BlockBackward.apply(gout, x, w, bias, gamma, beta, mean, invstd, aux,
                                                         ctx.meta, ctx.impl)
         return None, dw, dbias, dgamma, dbeta, None, None
 
 
 class _BlockBackward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gout, x, w, bias, gamma, beta, mean, invstd, meta, impl):
-        ctx.save_for_backward(gout, x, w, bias, gamma, beta, mean, invstd)
+    def forward(ctx, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, impl):
+        ctx.save_for_backward(gout, x, w, bias, gamma, beta, mean, invstd, aux)
         ctx.meta, ctx.impl = meta, impl
         ctx.set_materialize_grads(False)
-        return impl.backward(gout.contiguous(), x, w, bias, gamma, beta, mean, invstd, meta)
+        return impl.backward(gout.contiguous(), x, w, bias, gamma, beta, mean, invstd, aux, meta)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, uw, ubias, ugamma, ubeta):
-        gout, x, w, bias, gamma, beta, mean, invstd = ctx.saved_tensors
+        gout, x, w, bias, gamma, beta, mean, invstd, aux = ctx.saved_tensors
         if uw is None and ubias is None and ugamma is None and ubeta is None:
-            return (None,) * 10
+            return (None,) * 11
         dgout, dw, dbias, dgamma = ctx.impl.double_backward(
-            uw, ubias, ugamma, ubeta, gout.contiguous(), x, w, bias, gamma, beta, mean, invstd, ctx.meta)
-        return dgout, None, dw, dbias, dgamma, None, None, None, None, None
+            uw, ubias, ugamma, ubeta, gout.contiguous(), x, w, bias, gamma, beta, mean, invstd, aux, ctx.meta)
+        return dgout, None, dw, dbias, dgamma, None, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------------------

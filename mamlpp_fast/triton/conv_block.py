@@ -5,26 +5,32 @@ never writing the full-resolution convolution output.
 Formulas and symbols: the docstring of mamlpp_fast.ops.conv_block (the op) and of
 mamlpp_fast.triton.per_step_bn (the batch norm's sums and coefficients, shared with it: `_dbwd_coef`).
 
-Work unit. An element is a pooling window v = (i, ph, pw) of one column cp = t*C + c (Mw = n*Hp*Wp
-windows per column); a program takes BLOCK windows per vector step and, for each of the window's four
-convolution outputs, gathers the patch P' (the K = Ci*kh*kw image values under it, and a 1 for the
-bias: a (BLOCK, KP) tile, KP = next power of two of K+1) and forms z = P' w' (a row sum). The tap
-decomposition k -> (ci, p, q) is computed once per program on the KP axis: no division in the
-per-window work but the window's own coordinates.
+Work unit. A program takes one task t, a block of BLOCK_C channels (columns cp = t*C + c) and a chunk
+of the Mw = n*Hp*Wp pooling windows v = (i, ph, pw), BLOCK_W windows per step. For each of a window's
+four convolution outputs it gathers the patch P' once for all its channels (the K = Ci*kh*kw image
+values under the output and a 1 for the bias: a (BLOCK_W, KP) tile, KP = the next power of two >= 16
+of K + 1, zero-padded) and forms z = P' W' as one small matrix product with the (KP, BLOCK_C) tile W'
+(the weights and the bias of the block's channels), strict fp32 (`input_precision="ieee"`, or TF32
+under `allow_tf32`), float64 in float64. The weight gradients are products of the same kind:
+dW' += P'^T gz. The tap decomposition k -> (ci, p, q) is computed once per program on the KP axis.
 
-Each op is two passes over the grid (TC, CHUNKS), like the batch norm's kernels: a reduction of its
-chunk of the column to a few sums into a workspace, then an apply pass that adds the chunk sums of its
-column in chunk order. The weight gradients are summed per program into a (TC, CHUNKS, KP) workspace
-and added in chunk order by a third small kernel (`_wsum_kernel`) that writes dw and dbias. No atomics:
-results are reproducible.
+Each op is two passes over the grid (T * channel blocks, CHUNKS), like the batch norm's kernels: a
+reduction of its chunk of each column to a few sums into a workspace, then an apply pass that adds the
+chunk sums of its columns in chunk order. A small last kernel (`_finish_kernel`, one program per
+channel) adds the programs' partial weight gradients (a (TC, CHUNKS, KP) workspace) in chunk order and
+forms the gamma/beta gradients from the column sums, per task or added in task order for a shared gamma.
+No atomics: results are reproducible.
 
-- forward:   reduce: per-lane Welford over the 4 outputs of each window, Chan over lanes -> (mean, m2);
-             apply: Chan over chunks -> mean, invstd; out = max of the window's y.
-- backward:  reduce: (sum g, sum g xhat), g = a dy nonzero at the window's maximum only;
-             apply: dz = gamma r (g - gbar - xhat m) at the 4 outputs, dw' += dz P'; dgamma, dbeta.
+- forward:   reduce: per chunk and column, sums of z - ref and (z - ref)^2 (ref = the column's first
+             output in the chunk), turned into (mean, m2); apply: Chan's merge of the chunks -> mean,
+             invstd; out = the maximum of each window's y, and `sel`, its position 0..3 (int8), which
+             the backward passes read instead of finding the maximum again.
+- backward:  reduce: (sum g, sum g xhat), g = a gout at the window's maximum, 0 at its other outputs;
+             apply: dz = gamma r (g - gbar - xhat m) at the 4 outputs, dw' += P'^T dz;
+             finish: dw, dbias; dgamma = sum g xhat, dbeta = sum g.
 - double backward: reduce: (sum g, sum g xhat, sum u, sum u xhat, sum u g) with u = P' U';
              apply: d(gout) = a (cu u + cx xhat + c0) at the maximum, gz = eu u + eg g + ex xhat + e0 at
-             the 4 outputs, d(w') += gz P'; d(gamma) = r M Q.
+             the 4 outputs, d(w') += P'^T gz; finish: d(w), d(bias), d(gamma) = r M Q.
 
 Launch configuration from `block_config` (no autotune: the kernels also run under TRITON_INTERPRET=1).
 """
@@ -35,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ._device import num_sms
-from .per_step_bn import _chunk_sum, _dbwd_coef, _f2acc, _split, _task_chunk_sums, _to_acc
+from .per_step_bn import _dbwd_coef, _f2acc, _split, _task_chunk_sums, _to_acc
 
 __all__ = ["forward", "backward", "double_backward", "block_config", "name"]
 
@@ -44,37 +50,52 @@ _MAX_CHUNKS = 256
 _PROGRAMS_PER_SM = 4
 
 
-def block_config(mw: int, tc: int, kp: int, device: torch.device, sms: int | None = None) -> dict:
-    """Launch configuration for `mw` windows per column, `tc` columns, patch width `kp`; `sms`: the
-    multiprocessors to fill (default: the CUDA device's; bench.trace passes its simulated count).
+def _channel_tile(c: int) -> int:
+    """Channels per program: the largest of 64, 32, 16 that divides C (48 channels: 16, no idle
+    lanes), else the next power of two in [16, 64] (masked)."""
+    for bc in (64, 32, 16):
+        if c % bc == 0:
+            return bc
+    return max(16, min(64, triton.next_power_of_2(max(int(c), 1))))
 
-    - BLOCK: windows per vector step, 2048 / KP clamped to [16, 128]: a program holds the four
-      (BLOCK, KP) patch tiles of a window step and one (BLOCK, KP) weight-gradient accumulator,
-      5 x 2048 values over 4 warps (~80 registers per thread).
-    - CHUNKS: programs per column, ~4 programs per SM over the (TC, CHUNKS) grid, each with at least
-      2 BLOCK steps; at most 256. On the interpreter (CPU tensors, no `sms`) up to 3, so that tests cover
-      the merge of several chunks.
+
+def block_config(mw: int, t: int, c: int, kp: int, device: torch.device, sms: int | None = None) -> dict:
+    """Launch configuration for `mw` windows per column, `t` tasks of `c` channels, patch width `kp`;
+    `sms`: the multiprocessors to fill (default: the CUDA device's; bench.trace passes its simulated
+    count).
+
+    - BLOCK_C: channels per program (`_channel_tile`); BLOCK_W = 16 windows per step; 8 warps for 64
+      channels, else 4. The four outputs of a window step are a loop, not unrolled, so one output's
+      (16, BLOCK_C) tiles are live at a time. Chosen from the sm_90a compile (bench.static_metrics):
+      with 32 windows, or the outputs unrolled, the double backward's kernels spilled at 255 registers
+      (Triton 3.7.1); at 16 x 64 over 8 warps they take <= 128 registers, no spill, 31-54% FFMA in the
+      loop (bench/NOTES.md, cut 3b).
+    - CHUNKS: window chunks per (task, channel block), so that the grid holds ~4 programs per SM, each
+      with at least 2 steps; at most 256. On the interpreter (CPU tensors, no `sms`) up to 3, so that
+      tests cover the merge of several chunks.
     """
-    block = max(16, min(128, 2048 // kp))
-    steps = triton.cdiv(mw, block)
+    bc = _channel_tile(c)
+    bw = 16
+    steps = triton.cdiv(mw, bw)
+    cols = t * triton.cdiv(c, bc)
     if sms is None and device.type == "cuda":
         sms = num_sms(device)
     if sms is not None:
         want = _PROGRAMS_PER_SM * sms
-        chunks = max(1, min(triton.cdiv(want, tc), triton.cdiv(steps, 2), _MAX_CHUNKS))
+        chunks = max(1, min(triton.cdiv(want, cols), triton.cdiv(steps, 2), _MAX_CHUNKS))
     else:
         chunks = max(1, min(3, steps))
     chunk = triton.cdiv(mw, chunks)
     chunks = triton.cdiv(mw, chunk)
-    return dict(BLOCK=block, CHUNK=chunk, CHUNKS=chunks, CBLOCK=triton.next_power_of_2(chunks),
-                num_warps=4)
+    return dict(BLOCK_W=bw, BLOCK_C=bc, CB=triton.cdiv(c, bc), CHUNK=chunk, CHUNKS=chunks,
+                CBLOCK=triton.next_power_of_2(chunks), num_warps=8 if bc == 64 else 4)
 
 
 # ------------------------------------------------------------------------------------------------------
 # jit helpers
 # ------------------------------------------------------------------------------------------------------
 @triton.jit
-def _taps(KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr, KP: tl.constexpr):
+def _taps(KK: tl.constexpr, KW: tl.constexpr, KP: tl.constexpr):
     """The KP axis: tap k = (ci, p, q) for k < K, the bias column k = K, padding beyond."""
     ks = tl.arange(0, KP)
     ci = ks // KK
@@ -85,18 +106,19 @@ def _taps(KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr, KP: tl.constexpr)
 
 
 @triton.jit
-def _weights(w_ptr, b_ptr, cp, K: tl.constexpr, KP: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr):
-    """w' of column cp as a (KP,) vector: w[cp, :K], the bias at K (0 without one), 0 beyond."""
-    ks = tl.arange(0, KP)
-    wv = tl.load(w_ptr + cp * K + ks, mask=ks < K, other=0.0).to(ACC)
+def _wtile(w_ptr, b_ptr, cps, cmask, ks, K: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr):
+    """(KP, BLOCK_C) tile W'[k, c] = w[cp, k] for k < K, the bias of column cp at k = K (0 without one),
+    0 beyond; cps = t*C + c of the program's channels."""
+    m = (ks < K)[:, None] & cmask[None, :]
+    wt = tl.load(w_ptr + cps[None, :] * K + ks[:, None], mask=m, other=0.0).to(ACC)
     if HAS_B:
-        bv = tl.load(b_ptr + cp + ks * 0, mask=ks == K, other=0.0).to(ACC)
-        wv = wv + bv
-    return wv
+        mb = (ks == K)[:, None] & cmask[None, :]
+        wt += tl.load(b_ptr + cps[None, :] + ks[:, None] * 0, mask=mb, other=0.0).to(ACC)
+    return wt
 
 
 @triton.jit
-def _windows(j, mask, HWp, Wp):
+def _windows(j, HWp, Wp):
     i = j // HWp
     rem = j - i * HWp
     ph = rem // Wp
@@ -107,7 +129,8 @@ def _windows(j, mask, HWp, Wp):
 @triton.jit
 def _patch(x_ptr, i, oh, ow, rmask, t, ks, ci, p, q, Ci, TCi, H, W, stride, pad,
            K: tl.constexpr, ACC: tl.constexpr):
-    """(BLOCK, KP) tile P': the image under output (oh, ow) of example i, the bias column = 1."""
+    """(BLOCK_W, KP) tile P': the image under output (oh, ow) of example i, the bias column = 1 (0 on
+    masked rows: their z is 0 and they are kept out of every sum)."""
     ih = (oh * stride - pad)[:, None] + p[None, :]
     iw = (ow * stride - pad)[:, None] + q[None, :]
     inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -120,91 +143,122 @@ def _patch(x_ptr, i, oh, ow, rmask, t, ks, ci, p, q, Ci, TCi, H, W, stride, pad,
 
 @triton.jit
 def _act(z, mu, r, ga, be, slope):
-    """xhat, the leaky-ReLU factor a and y = a (gamma xhat + beta), in the batch norm's order."""
-    xhat = (z - mu) * r
-    zz = ga * xhat + be
+    """xhat, the leaky-ReLU factor a and y = a (gamma xhat + beta), in the batch norm's order
+    (per-channel vectors broadcast over the rows)."""
+    xhat = (z - mu[None, :]) * r[None, :]
+    zz = ga[None, :] * xhat + be[None, :]
     a = tl.where(zz > 0, 1.0, slope).to(z.dtype)
     return xhat, a, a * zz
 
 
 @triton.jit
-def _pick(upd, new, old):
-    return tl.where(upd, new, old)
+def _col_sums(ws_ptr, cps, cmask, CHUNKS, i, NSUM: tl.constexpr, CBLOCK: tl.constexpr):
+    """(BLOCK_C,) vector: statistic i of each column, summed over its chunks in chunk order."""
+    kk = tl.arange(0, CBLOCK)
+    m = (kk < CHUNKS)[:, None] & cmask[None, :]
+    v = tl.load(ws_ptr + (cps[None, :] * CHUNKS + kk[:, None]) * NSUM + i, mask=m, other=0.0)
+    return tl.sum(v, axis=0)
+
+
+@triton.jit
+def _program(C, BLOCK_C: tl.constexpr, CB):
+    """(t, channels cs, columns cps = t*C + cs, channel mask, chunk k) of this program."""
+    pid = tl.program_id(0)
+    t = pid // CB
+    cs = (pid - t * CB) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cs < C
+    return t, cs, t * C + cs, cmask, tl.program_id(1)
+
+
+@triton.jit
+def _params(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cs, cps, cmask, GAMMA_PER_TASK: tl.constexpr,
+            ACC: tl.constexpr):
+    if GAMMA_PER_TASK:
+        gi = cps
+    else:
+        gi = cs
+    ga = tl.load(gamma_ptr + gi, mask=cmask, other=1.0).to(ACC)
+    be = tl.load(beta_ptr + gi, mask=cmask, other=0.0).to(ACC)
+    mu = tl.load(mean_ptr + cps, mask=cmask, other=0.0).to(ACC)
+    r = tl.load(invstd_ptr + cps, mask=cmask, other=1.0).to(ACC)
+    return gi, ga, be, mu, r
+
+
+@triton.jit
+def _zdot(P, Wt, PREC: tl.constexpr, ACC: tl.constexpr):
+    return tl.dot(P, Wt, input_precision=PREC, out_dtype=ACC)
 
 
 # ------------------------------------------------------------------------------------------------------
 # forward
 # ------------------------------------------------------------------------------------------------------
 @triton.jit
-def _welford(cnt, mean, m2, v, mask):
-    cnt_new = cnt + mask.to(v.dtype)
-    d = v - mean
-    mean = tl.where(mask, mean + d / tl.maximum(cnt_new, 1.0), mean)
-    m2 = tl.where(mask, m2 + d * (v - mean), m2)
-    return cnt_new, mean, m2
-
-
-@triton.jit
-def _fwd_reduce_kernel(x_ptr, w_ptr, b_ptr, ws_ptr, C, Ci, TCi, H, W, HWp, Wp, MW, CHUNK, CHUNKS,
+def _fwd_reduce_kernel(x_ptr, w_ptr, b_ptr, ws_ptr, C, CB, Ci, TCi, H, W, HWp, Wp, MW, CHUNK, CHUNKS,
                        stride, pad, KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                       HAS_B: tl.constexpr, BLOCK: tl.constexpr):
-    """ws[cp, k, :] = (mean, m2) of the convolution outputs of chunk k of column cp."""
-    cp = tl.program_id(0)
-    k = tl.program_id(1)
-    t = cp // C
+                       HAS_B: tl.constexpr, PREC: tl.constexpr, BLOCK_W: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+    """ws[cp, k, :] = (mean, m2) of the convolution outputs of chunk k of column cp: sums of z - ref and
+    (z - ref)^2 with ref = the column's first output of the chunk (a shift that keeps the sums of
+    squares small), turned into (mean, m2) at the end."""
+    t, cs, cps, cmask, k = _program(C, BLOCK_C, CB)
     ACC = x_ptr.dtype.element_ty
-    ks, ci, p, q = _taps(KK, KW, K, KP)
-    wv = _weights(w_ptr, b_ptr, cp, K, KP, HAS_B, ACC)
+    ks, ci, p, q = _taps(KK, KW, KP)
+    Wt = _wtile(w_ptr, b_ptr, cps, cmask, ks, K, HAS_B, ACC)
     begin = tl.minimum(k * CHUNK, MW)
     end = tl.minimum(begin + CHUNK, MW)
-    cnt = tl.zeros([BLOCK], dtype=ACC)
-    mean = tl.zeros([BLOCK], dtype=ACC)
-    m2 = tl.zeros([BLOCK], dtype=ACC)
-    for s in range(begin, end, BLOCK):
-        j = s + tl.arange(0, BLOCK)
+    rows = tl.arange(0, BLOCK_W)
+    j0 = begin + rows
+    i0, _r0, ph0, pw0 = _windows(j0, HWp, Wp)
+    z0 = _zdot(_patch(x_ptr, i0, 2 * ph0, 2 * pw0, j0 < end, t, ks, ci, p, q, Ci, TCi, H, W, stride, pad,
+                      K, ACC), Wt, PREC, ACC)
+    ref = tl.sum(tl.where((rows == 0)[:, None], z0, 0.0), axis=0)
+    s1 = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
+    s2 = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
+    for s in range(begin, end, BLOCK_W):
+        j = s + rows
         mask = j < end
-        i, rem, ph, pw = _windows(j, mask, HWp, Wp)
-        for d in tl.static_range(4):
+        i, _rem, ph, pw = _windows(j, HWp, Wp)
+        for d in range(4):  # a loop, not unrolled: one output's tiles live at a time
             P = _patch(x_ptr, i, 2 * ph + d // 2, 2 * pw + d % 2, mask, t, ks, ci, p, q, Ci, TCi, H, W,
                        stride, pad, K, ACC)
-            z = tl.sum(P * wv[None, :], axis=1)
-            cnt, mean, m2 = _welford(cnt, mean, m2, z, mask)
-    n = tl.sum(cnt, axis=0)
-    mu = tl.sum(cnt * mean, axis=0) / tl.maximum(n, 1.0)
-    dm = mean - mu
-    m2t = tl.sum(m2 + cnt * dm * dm, axis=0)
-    tl.store(ws_ptr + (cp * CHUNKS + k) * 2, mu)
-    tl.store(ws_ptr + (cp * CHUNKS + k) * 2 + 1, m2t)
+            dz = tl.where(mask[:, None], _zdot(P, Wt, PREC, ACC) - ref[None, :], 0.0)
+            s1 += dz
+            s2 += dz * dz
+    n = (4 * (end - begin)).to(ACC)
+    t1 = tl.sum(s1, axis=0)
+    t2 = tl.sum(s2, axis=0)
+    mean = ref + t1 / n
+    m2 = t2 - t1 * (t1 / n)
+    tl.store(ws_ptr + (cps * CHUNKS + k) * 2, mean, mask=cmask)
+    tl.store(ws_ptr + (cps * CHUNKS + k) * 2 + 1, m2, mask=cmask)
 
 
 @triton.jit
-def _window_max(x_ptr, i, ph, pw, mask, t, ks, ci, p, q, wv, mu, r, ga, be, slope, Ci, TCi, H, W,
-                stride, pad, K: tl.constexpr, ACC: tl.constexpr):
-    """The window's maximum y and, at it: xhat, a, and the position d in 0..3 (first on ties)."""
+def _window_max(x_ptr, i, ph, pw, mask, t, ks, ci, p, q, Wt, mu, r, ga, be, slope, Ci, TCi, H, W,
+                stride, pad, K: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """The windows' maximum y and its position d in 0..3 (the first on ties, as max_pool2d); (rows,
+    channels) tiles."""
     P = _patch(x_ptr, i, 2 * ph, 2 * pw, mask, t, ks, ci, p, q, Ci, TCi, H, W, stride, pad, K, ACC)
-    best_x, best_a, best = _act(tl.sum(P * wv[None, :], axis=1), mu, r, ga, be, slope)
+    _xh, _a, best = _act(_zdot(P, Wt, PREC, ACC), mu, r, ga, be, slope)
     sel = tl.zeros(best.shape, dtype=tl.int32)
-    for d in tl.static_range(1, 4):
+    for d in range(1, 4):  # a loop, not unrolled: one output's tiles live at a time
         P = _patch(x_ptr, i, 2 * ph + d // 2, 2 * pw + d % 2, mask, t, ks, ci, p, q, Ci, TCi, H, W,
                    stride, pad, K, ACC)
-        xh, a, y = _act(tl.sum(P * wv[None, :], axis=1), mu, r, ga, be, slope)
+        _xh, _a, y = _act(_zdot(P, Wt, PREC, ACC), mu, r, ga, be, slope)
         upd = y > best
-        best = _pick(upd, y, best)
-        best_x = _pick(upd, xh, best_x)
-        best_a = _pick(upd, a, best_a)
-        sel = _pick(upd, d, sel)
-    return best, best_x, best_a, sel
+        best = tl.where(upd, y, best)
+        sel = tl.where(upd, d, sel)
+    return best, sel
 
 
 @triton.jit
-def _fwd_apply_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, ws_ptr, out_ptr, mean_ptr, invstd_ptr,
-                      C, Ci, TC, TCi, H, W, HWp, Wp, MW, CHUNK, CHUNKS, stride, pad, eps_hi, eps_lo,
+def _fwd_apply_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, ws_ptr, out_ptr, sel_ptr, mean_ptr, invstd_ptr,
+                      C, CB, Ci, TC, TCi, H, W, HWp, Wp, MW, CHUNK, CHUNKS, stride, pad, eps_hi, eps_lo,
                       slope_hi, slope_lo, KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr,
                       KP: tl.constexpr, HAS_B: tl.constexpr, GAMMA_PER_TASK: tl.constexpr,
-                      IS_F64: tl.constexpr, BLOCK: tl.constexpr, CBLOCK: tl.constexpr):
-    cp = tl.program_id(0)
-    k = tl.program_id(1)
-    t = cp // C
+                      IS_F64: tl.constexpr, PREC: tl.constexpr, BLOCK_W: tl.constexpr,
+                      BLOCK_C: tl.constexpr, CBLOCK: tl.constexpr):
+    t, cs, cps, cmask, k = _program(C, BLOCK_C, CB)
     ACC = x_ptr.dtype.element_ty
     eps = _f2acc(eps_hi, eps_lo, ACC)
     slope = _f2acc(slope_hi, slope_lo, ACC)
@@ -213,278 +267,249 @@ def _fwd_apply_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, ws_ptr, out_ptr,
     kmask = kk < CHUNKS
     kb = tl.minimum(kk * CHUNK, MW)
     kn = tl.where(kmask, 4 * (tl.minimum(kb + CHUNK, MW) - kb), 0).to(ACC)
-    pm = tl.load(ws_ptr + (cp * CHUNKS + kk) * 2, mask=kmask, other=0.0)
-    pm2 = tl.load(ws_ptr + (cp * CHUNKS + kk) * 2 + 1, mask=kmask, other=0.0)
+    km = kmask[:, None] & cmask[None, :]
+    base = (cps[None, :] * CHUNKS + kk[:, None]) * 2
+    pm = tl.load(ws_ptr + base, mask=km, other=0.0)
+    pm2 = tl.load(ws_ptr + base + 1, mask=km, other=0.0)
     Mf = _to_acc(4 * MW, ACC)
-    mu = tl.sum(kn * pm, axis=0) / Mf
-    dmu = pm - mu
-    m2 = tl.sum(pm2 + kn * dmu * dmu, axis=0)
+    mu = tl.sum(kn[:, None] * pm, axis=0) / Mf
+    dmu = pm - mu[None, :]
+    m2 = tl.sum(pm2 + kn[:, None] * dmu * dmu, axis=0)
     if IS_F64:
         r = 1.0 / tl.sqrt(m2 / Mf + eps)
     else:
         r = 1.0 / tl.sqrt_rn(m2 / Mf + eps)
     if k == 0:
-        tl.store(mean_ptr + cp, mu)
-        tl.store(invstd_ptr + cp, r)
+        tl.store(mean_ptr + cps, mu, mask=cmask)
+        tl.store(invstd_ptr + cps, r, mask=cmask)
     if GAMMA_PER_TASK:
-        gi = cp
+        gi = cps
     else:
-        gi = cp % C
-    ga = tl.load(gamma_ptr + gi).to(ACC)
-    be = tl.load(beta_ptr + gi).to(ACC)
-    ks, ci, p, q = _taps(KK, KW, K, KP)
-    wv = _weights(w_ptr, b_ptr, cp, K, KP, HAS_B, ACC)
+        gi = cs
+    ga = tl.load(gamma_ptr + gi, mask=cmask, other=1.0).to(ACC)
+    be = tl.load(beta_ptr + gi, mask=cmask, other=0.0).to(ACC)
+    ks, ci, p, q = _taps(KK, KW, KP)
+    Wt = _wtile(w_ptr, b_ptr, cps, cmask, ks, K, HAS_B, ACC)
     begin = tl.minimum(k * CHUNK, MW)
     end = tl.minimum(begin + CHUNK, MW)
-    for s in range(begin, end, BLOCK):
-        j = s + tl.arange(0, BLOCK)
+    for s in range(begin, end, BLOCK_W):
+        j = s + tl.arange(0, BLOCK_W)
         mask = j < end
-        i, rem, ph, pw = _windows(j, mask, HWp, Wp)
-        best, _bx, _ba, _sel = _window_max(x_ptr, i, ph, pw, mask, t, ks, ci, p, q, wv, mu, r, ga, be,
-                                           slope, Ci, TCi, H, W, stride, pad, K, ACC)
-        tl.store(out_ptr + (i.to(tl.int64) * TC + cp) * HWp + rem, best.to(out_ptr.dtype.element_ty),
-                 mask=mask)
+        i, rem, ph, pw = _windows(j, HWp, Wp)
+        best, sel = _window_max(x_ptr, i, ph, pw, mask, t, ks, ci, p, q, Wt, mu, r, ga, be, slope, Ci, TCi,
+                                H, W, stride, pad, K, PREC, ACC)
+        off = (i.to(tl.int64)[:, None] * TC + cps[None, :]) * HWp + rem[:, None]
+        om = mask[:, None] & cmask[None, :]
+        tl.store(out_ptr + off, best.to(out_ptr.dtype.element_ty), mask=om)
+        tl.store(sel_ptr + off, sel.to(tl.int8), mask=om)
 
 
 # ------------------------------------------------------------------------------------------------------
 # backward and double backward
 # ------------------------------------------------------------------------------------------------------
 @triton.jit
-def _reduce_kernel(gout_ptr, x_ptr, w_ptr, b_ptr, uw_ptr, ub_ptr, gamma_ptr, beta_ptr, mean_ptr,
-                   invstd_ptr, ws_ptr, C, Ci, TC, TCi, H, W, HWp, Wp, MW, CHUNK, CHUNKS, stride, pad,
+def _uvec(uw_ptr, ub_ptr, cps, cmask, ks, K: tl.constexpr, HAS_UW: tl.constexpr, HAS_UB: tl.constexpr,
+          ACC: tl.constexpr):
+    """U' as a (KP, BLOCK_C) tile (zeros where absent)."""
+    if HAS_UW:
+        Ut = _wtile(uw_ptr, ub_ptr, cps, cmask, ks, K, HAS_UB, ACC)
+    else:
+        Ut = tl.zeros([ks.shape[0], cps.shape[0]], dtype=ACC)
+        if HAS_UB:
+            mb = (ks == K)[:, None] & cmask[None, :]
+            Ut += tl.load(ub_ptr + cps[None, :] + ks[:, None] * 0, mask=mb, other=0.0).to(ACC)
+    return Ut
+
+
+@triton.jit
+def _reduce_kernel(gout_ptr, sel_ptr, x_ptr, w_ptr, b_ptr, uw_ptr, ub_ptr, gamma_ptr, beta_ptr, mean_ptr,
+                   invstd_ptr, ws_ptr, C, CB, Ci, TC, TCi, H, W, HWp, Wp, MW, CHUNK, CHUNKS, stride, pad,
                    slope_hi, slope_lo, KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr,
                    KP: tl.constexpr, HAS_B: tl.constexpr, GAMMA_PER_TASK: tl.constexpr,
-                   NSUM: tl.constexpr, HAS_UW: tl.constexpr, HAS_UB: tl.constexpr, BLOCK: tl.constexpr):
+                   NSUM: tl.constexpr, HAS_UW: tl.constexpr, HAS_UB: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     """ws[cp, k, :NSUM] = (sum g, sum g xhat) (NSUM = 2, backward) and (sum u, sum u xhat, sum u g)
-    (NSUM = 5, double backward, u = P' U') over the windows of chunk k of column cp."""
-    cp = tl.program_id(0)
-    k = tl.program_id(1)
-    t = cp // C
+    (NSUM = 5, double backward, u = P' U') over the windows of chunk k of column cp; g = a gout at the
+    window's maximum (`sel`, kept by the forward), 0 at its other outputs."""
+    t, cs, cps, cmask, k = _program(C, BLOCK_C, CB)
     ACC = x_ptr.dtype.element_ty
     slope = _f2acc(slope_hi, slope_lo, ACC)
-    if GAMMA_PER_TASK:
-        gi = cp
-    else:
-        gi = cp % C
-    ga = tl.load(gamma_ptr + gi).to(ACC)
-    be = tl.load(beta_ptr + gi).to(ACC)
-    mu = tl.load(mean_ptr + cp).to(ACC)
-    r = tl.load(invstd_ptr + cp).to(ACC)
-    ks, ci, p, q = _taps(KK, KW, K, KP)
-    wv = _weights(w_ptr, b_ptr, cp, K, KP, HAS_B, ACC)
+    _gi, ga, be, mu, r = _params(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cs, cps, cmask, GAMMA_PER_TASK,
+                                 ACC)
+    ks, ci, p, q = _taps(KK, KW, KP)
+    Wt = _wtile(w_ptr, b_ptr, cps, cmask, ks, K, HAS_B, ACC)
     if NSUM == 5:
-        uv = tl.zeros([KP], dtype=ACC)
-        if HAS_UW:
-            uv = _weights(uw_ptr, ub_ptr, cp, K, KP, HAS_UB, ACC)
-        elif HAS_UB:
-            uv = tl.load(ub_ptr + cp + ks * 0, mask=ks == K, other=0.0).to(ACC)
+        Ut = _uvec(uw_ptr, ub_ptr, cps, cmask, ks, K, HAS_UW, HAS_UB, ACC)
     begin = tl.minimum(k * CHUNK, MW)
     end = tl.minimum(begin + CHUNK, MW)
-    sg = tl.zeros([BLOCK], dtype=ACC)
-    sgx = tl.zeros([BLOCK], dtype=ACC)
-    su = tl.zeros([BLOCK], dtype=ACC)
-    sux = tl.zeros([BLOCK], dtype=ACC)
-    sug = tl.zeros([BLOCK], dtype=ACC)
-    for s in range(begin, end, BLOCK):
-        j = s + tl.arange(0, BLOCK)
+    sg = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
+    sgx = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
+    if NSUM == 5:
+        su = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
+        sux = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
+        sug = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
+    for s in range(begin, end, BLOCK_W):
+        j = s + tl.arange(0, BLOCK_W)
         mask = j < end
-        i, rem, ph, pw = _windows(j, mask, HWp, Wp)
-        go = tl.load(gout_ptr + (i.to(tl.int64) * TC + cp) * HWp + rem, mask=mask, other=0.0).to(ACC)
-        if NSUM == 2:
-            _b, bx, ba, _sel = _window_max(x_ptr, i, ph, pw, mask, t, ks, ci, p, q, wv, mu, r, ga, be,
-                                           slope, Ci, TCi, H, W, stride, pad, K, ACC)
-            g = ba * go
+        m2d = mask[:, None] & cmask[None, :]
+        i, rem, ph, pw = _windows(j, HWp, Wp)
+        pool_off = (i.to(tl.int64)[:, None] * TC + cps[None, :]) * HWp + rem[:, None]
+        go = tl.load(gout_ptr + pool_off, mask=m2d, other=0.0).to(ACC)
+        sel = tl.load(sel_ptr + pool_off, mask=m2d, other=0).to(tl.int32)
+        for d in range(4):  # a loop, not unrolled: one output's tiles live at a time
+            P = _patch(x_ptr, i, 2 * ph + d // 2, 2 * pw + d % 2, mask, t, ks, ci, p, q, Ci, TCi, H, W,
+                       stride, pad, K, ACC)
+            xh, a, _y = _act(_zdot(P, Wt, PREC, ACC), mu, r, ga, be, slope)
+            g = tl.where(sel == d, a * go, 0.0)  # go is 0 on masked rows
             sg += g
-            sgx += g * bx
-        else:
-            # the four outputs in order, keeping the running maximum (first on ties) and its u
-            P = _patch(x_ptr, i, 2 * ph, 2 * pw, mask, t, ks, ci, p, q, Ci, TCi, H, W, stride, pad, K, ACC)
-            bx, ba, best = _act(tl.sum(P * wv[None, :], axis=1), mu, r, ga, be, slope)
-            u = tl.sum(P * uv[None, :], axis=1)
-            bu = u
-            su += u
-            sux += u * bx
-            for d in tl.static_range(1, 4):
-                P = _patch(x_ptr, i, 2 * ph + d // 2, 2 * pw + d % 2, mask, t, ks, ci, p, q, Ci, TCi, H, W,
-                           stride, pad, K, ACC)
-                xh, a, y = _act(tl.sum(P * wv[None, :], axis=1), mu, r, ga, be, slope)
-                u = tl.sum(P * uv[None, :], axis=1)
+            sgx += g * xh
+            if NSUM == 5:
+                u = _zdot(P, Ut, PREC, ACC)  # 0 on masked rows (their patch is 0)
                 su += u
-                sux += u * xh
-                upd = y > best
-                best = _pick(upd, y, best)
-                bx = _pick(upd, xh, bx)
-                ba = _pick(upd, a, ba)
-                bu = _pick(upd, u, bu)
-            g = ba * go
-            sg += g
-            sgx += g * bx
-            sug += bu * g
-    base = ws_ptr + (cp * CHUNKS + k) * NSUM
-    tl.store(base, tl.sum(sg, axis=0))
-    tl.store(base + 1, tl.sum(sgx, axis=0))
+                sux += tl.where(m2d, u * xh, 0.0)
+                sug += u * g
+    base = ws_ptr + (cps * CHUNKS + k) * NSUM
+    tl.store(base, tl.sum(sg, axis=0), mask=cmask)
+    tl.store(base + 1, tl.sum(sgx, axis=0), mask=cmask)
     if NSUM == 5:
-        tl.store(base + 2, tl.sum(su, axis=0))
-        tl.store(base + 3, tl.sum(sux, axis=0))
-        tl.store(base + 4, tl.sum(sug, axis=0))
+        tl.store(base + 2, tl.sum(su, axis=0), mask=cmask)
+        tl.store(base + 3, tl.sum(sux, axis=0), mask=cmask)
+        tl.store(base + 4, tl.sum(sug, axis=0), mask=cmask)
 
 
 @triton.jit
-def _output_terms(x_ptr, i, ph, pw, d: tl.constexpr, mask, t, ks, ci, p, q, wv, uv, mu, r, ga, be, slope,
-                  c_u, c_x, c_0, Ci, TCi, H, W, stride, pad, K: tl.constexpr, ACC: tl.constexpr,
-                  NSUM: tl.constexpr):
-    """Output d (0..3, row-major) of the windows: its patch P', xhat, a, y, u = P' U' (0 for the
-    backward) and the part of its z-gradient without g: c_u u + c_x xhat + c_0 (0 on masked rows)."""
-    P = _patch(x_ptr, i, 2 * ph + d // 2, 2 * pw + d % 2, mask, t, ks, ci, p, q, Ci, TCi, H, W, stride, pad,
-               K, ACC)
-    xh, a, y = _act(tl.sum(P * wv[None, :], axis=1), mu, r, ga, be, slope)
-    if NSUM == 5:
-        u = tl.sum(P * uv[None, :], axis=1)
-        gz = c_u * u + c_x * xh + c_0
-    else:
-        u = tl.zeros(xh.shape, dtype=ACC)
-        gz = c_x * xh + c_0
-    return P, xh, a, y, u, tl.where(mask, gz, 0.0)
-
-
-@triton.jit
-def _apply_kernel(gout_ptr, x_ptr, w_ptr, b_ptr, uw_ptr, ub_ptr, ugam_ptr, ubet_ptr, gamma_ptr, beta_ptr,
-                  mean_ptr, invstd_ptr, ws_ptr, wws_ptr, dgout_ptr, dgamma_ptr, dbeta_ptr,
-                  C, T, Ci, TC, TCi, H, W, HWp, Wp, MW, CHUNK, CHUNKS, stride, pad, slope_hi, slope_lo,
+def _apply_kernel(gout_ptr, sel_ptr, x_ptr, w_ptr, b_ptr, uw_ptr, ub_ptr, ugam_ptr, ubet_ptr, gamma_ptr,
+                  beta_ptr, mean_ptr, invstd_ptr, ws_ptr, wws_ptr, dgout_ptr,
+                  C, CB, Ci, TC, TCi, H, W, HWp, Wp, MW, CHUNK, CHUNKS, stride, pad, slope_hi, slope_lo,
                   KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                   HAS_B: tl.constexpr, GAMMA_PER_TASK: tl.constexpr, NSUM: tl.constexpr,
                   HAS_UW: tl.constexpr, HAS_UB: tl.constexpr, HAS_UG: tl.constexpr, HAS_UBETA: tl.constexpr,
-                  BLOCK: tl.constexpr, CBLOCK: tl.constexpr, TBLOCK: tl.constexpr):
-    """NSUM = 2 (backward): dz = gamma r (g - gbar - xhat m), wws[cp, k] = sum dz P'; dgamma, dbeta.
-    NSUM = 5 (double backward): d(gout) = a (cu u + cx xhat + c0) at the maximum, gz = eu u + eg g +
-    ex xhat + e0, wws[cp, k] = sum gz P'; d(gamma) = r M Q (dgamma_ptr)."""
-    cp = tl.program_id(0)
-    k = tl.program_id(1)
-    t = cp // C
+                  PREC: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, CBLOCK: tl.constexpr):
+    """z-gradient gz = c_u u + c_x xhat + c_0 + c_g g at each of the windows' outputs, wws[cp, k] =
+    sum gz P' (KP values per column), one pass over the four outputs (the maximum's position `sel`
+    comes from the forward):
+    NSUM = 2 (backward): gz = dz = gamma r (g - gbar - xhat m): c_u = 0, c_x = -gamma r m,
+    c_0 = -gamma r gbar, c_g = gamma r;
+    NSUM = 5 (double backward): gz = eu u + eg g + ex xhat + e0, and d(gout) = a (cu u + cx xhat + c0)
+    at the maximum (per_step_bn `_dbwd_coef`)."""
+    t, cs, cps, cmask, k = _program(C, BLOCK_C, CB)
     ACC = x_ptr.dtype.element_ty
     slope = _f2acc(slope_hi, slope_lo, ACC)
-    if GAMMA_PER_TASK:
-        gi = cp
-    else:
-        gi = cp % C
-    ga = tl.load(gamma_ptr + gi).to(ACC)
-    be = tl.load(beta_ptr + gi).to(ACC)
-    mu = tl.load(mean_ptr + cp).to(ACC)
-    r = tl.load(invstd_ptr + cp).to(ACC)
+    gi, ga, be, mu, r = _params(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cs, cps, cmask, GAMMA_PER_TASK,
+                                ACC)
     Mf = _to_acc(4 * MW, ACC)
-    Sg = _chunk_sum(ws_ptr, cp, CHUNKS, 0, NSUM, CBLOCK)
-    Sgx = _chunk_sum(ws_ptr, cp, CHUNKS, 1, NSUM, CBLOCK)
-    ks, ci, p, q = _taps(KK, KW, K, KP)
-    wv = _weights(w_ptr, b_ptr, cp, K, KP, HAS_B, ACC)
+    Sg = _col_sums(ws_ptr, cps, cmask, CHUNKS, 0, NSUM, CBLOCK)
+    Sgx = _col_sums(ws_ptr, cps, cmask, CHUNKS, 1, NSUM, CBLOCK)
+    ks, ci, p, q = _taps(KK, KW, KP)
+    Wt = _wtile(w_ptr, b_ptr, cps, cmask, ks, K, HAS_B, ACC)
     if NSUM == 2:
-        gbar = Sg / Mf
-        m = Sgx / Mf
         kk = ga * r
-        # dz = kk (g - gbar - xhat m) = c_g g + c_x xhat + c_0
-        uv = tl.zeros([KP], dtype=ACC)
-        c_u = tl.zeros([], dtype=ACC)
-        c_x = -kk * m
-        c_0 = -kk * gbar
+        c_x = -kk * (Sgx / Mf)
+        c_0 = -kk * (Sg / Mf)
         c_g = kk
-        if k == 0:
-            if GAMMA_PER_TASK:
-                tl.store(dgamma_ptr + cp, Sgx.to(dgamma_ptr.dtype.element_ty))
-                tl.store(dbeta_ptr + cp, Sg.to(dbeta_ptr.dtype.element_ty))
-            else:
-                if cp < C:  # task 0: the per-task sums added in task order
-                    dbt = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 0, 2, TBLOCK, CBLOCK)
-                    dgt = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 1, 2, TBLOCK, CBLOCK)
-                    tl.store(dgamma_ptr + cp, tl.sum(dgt, axis=0).to(dgamma_ptr.dtype.element_ty))
-                    tl.store(dbeta_ptr + cp, tl.sum(dbt, axis=0).to(dbeta_ptr.dtype.element_ty))
     else:
-        uv = tl.zeros([KP], dtype=ACC)
-        if HAS_UW:
-            uv = _weights(uw_ptr, ub_ptr, cp, K, KP, HAS_UB, ACC)
-        elif HAS_UB:
-            uv = tl.load(ub_ptr + cp + ks * 0, mask=ks == K, other=0.0).to(ACC)
+        Ut = _uvec(uw_ptr, ub_ptr, cps, cmask, ks, K, HAS_UW, HAS_UB, ACC)
         if HAS_UG:
-            ugam = tl.load(ugam_ptr + gi).to(ACC)
+            ugam = tl.load(ugam_ptr + gi, mask=cmask, other=0.0).to(ACC)
         else:
-            ugam = tl.zeros([], dtype=ACC)
+            ugam = tl.zeros_like(ga)
         if HAS_UBETA:
-            ubet = tl.load(ubet_ptr + gi).to(ACC)
+            ubet = tl.load(ubet_ptr + gi, mask=cmask, other=0.0).to(ACC)
         else:
-            ubet = tl.zeros([], dtype=ACC)
-        Su = _chunk_sum(ws_ptr, cp, CHUNKS, 2, 5, CBLOCK)
-        Sux = _chunk_sum(ws_ptr, cp, CHUNKS, 3, 5, CBLOCK)
-        Sug = _chunk_sum(ws_ptr, cp, CHUNKS, 4, 5, CBLOCK)
-        cu, cx, c0, eu, eg, ex, e0, ggam = _dbwd_coef(Sg, Sgx, Su, Sux, Sug, Mf, ga, r, ugam, ubet)
-        # gz = eu u + eg g + ex xhat + e0
+            ubet = tl.zeros_like(ga)
+        Su = _col_sums(ws_ptr, cps, cmask, CHUNKS, 2, 5, CBLOCK)
+        Sux = _col_sums(ws_ptr, cps, cmask, CHUNKS, 3, 5, CBLOCK)
+        Sug = _col_sums(ws_ptr, cps, cmask, CHUNKS, 4, 5, CBLOCK)
+        cu, cx, c0, eu, eg, ex, e0, _ggam = _dbwd_coef(Sg, Sgx, Su, Sux, Sug, Mf, ga, r, ugam, ubet)
         c_u, c_x, c_0, c_g = eu, ex, e0, eg
-        if k == 0:
-            if GAMMA_PER_TASK:
-                tl.store(dgamma_ptr + cp, ggam.to(dgamma_ptr.dtype.element_ty))
-            else:
-                if cp < C:  # task 0: d(gamma)[c] = sum_t r_t M Q_t, in task order
-                    ts = tl.arange(0, TBLOCK)
-                    rt = tl.load(invstd_ptr + ts * C + cp, mask=ts < T, other=0.0).to(ACC)
-                    Sgt = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 0, 5, TBLOCK, CBLOCK)
-                    Sgxt = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 1, 5, TBLOCK, CBLOCK)
-                    Sut = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 2, 5, TBLOCK, CBLOCK)
-                    Suxt = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 3, 5, TBLOCK, CBLOCK)
-                    Sugt = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 4, 5, TBLOCK, CBLOCK)
-                    Qt = Sugt / Mf - (Sut / Mf) * (Sgt / Mf) - (Suxt / Mf) * (Sgxt / Mf)
-                    tl.store(dgamma_ptr + cp, tl.sum(rt * Mf * Qt, axis=0).to(dgamma_ptr.dtype.element_ty))
-    acc = tl.zeros([BLOCK, KP], dtype=ACC)
+    acc = tl.zeros([KP, BLOCK_C], dtype=ACC)
     begin = tl.minimum(k * CHUNK, MW)
     end = tl.minimum(begin + CHUNK, MW)
-    for s in range(begin, end, BLOCK):
-        j = s + tl.arange(0, BLOCK)
+    for s in range(begin, end, BLOCK_W):
+        j = s + tl.arange(0, BLOCK_W)
         mask = j < end
-        i, rem, ph, pw = _windows(j, mask, HWp, Wp)
-        pool_off = (i.to(tl.int64) * TC + cp) * HWp + rem
-        go = tl.load(gout_ptr + pool_off, mask=mask, other=0.0).to(ACC)
-        # one pass over the window's four outputs: the terms of gz that do not involve g go into acc at
-        # once; g is nonzero only at the maximum, known after the fourth output, so its term is added
-        # with the patch kept at the running maximum (Psel)
-        P, xh, a, y, u, gz = _output_terms(x_ptr, i, ph, pw, 0, mask, t, ks, ci, p, q, wv, uv, mu, r, ga, be,
-                                           slope, c_u, c_x, c_0, Ci, TCi, H, W, stride, pad, K, ACC,
-                                           NSUM)
-        acc += gz[:, None] * P
-        best, bx, ba, bu, Psel = y, xh, a, u, P
-        for d in tl.static_range(1, 4):
-            P, xh, a, y, u, gz = _output_terms(x_ptr, i, ph, pw, d, mask, t, ks, ci, p, q, wv, uv, mu, r, ga,
-                                               be, slope, c_u, c_x, c_0, Ci, TCi, H, W, stride, pad, K, ACC,
-                                               NSUM)
-            acc += gz[:, None] * P
-            upd = y > best
-            best = _pick(upd, y, best)
-            bx = _pick(upd, xh, bx)
-            ba = _pick(upd, a, ba)
-            bu = _pick(upd, u, bu)
-            Psel = _pick(upd[:, None], P, Psel)
-        g_at = ba * go  # g at the window's maximum (0 at its other outputs; 0 on masked rows)
-        acc += (c_g * g_at)[:, None] * Psel
+        m2d = mask[:, None] & cmask[None, :]
+        i, rem, ph, pw = _windows(j, HWp, Wp)
+        pool_off = (i.to(tl.int64)[:, None] * TC + cps[None, :]) * HWp + rem[:, None]
+        go = tl.load(gout_ptr + pool_off, mask=m2d, other=0.0).to(ACC)
+        sel = tl.load(sel_ptr + pool_off, mask=m2d, other=0).to(tl.int32)
         if NSUM == 5:
-            dgo = ba * (cu * bu + cx * bx + c0)
-            tl.store(dgout_ptr + pool_off, dgo.to(dgout_ptr.dtype.element_ty), mask=mask)
-    tl.store(wws_ptr + (cp * CHUNKS + k) * KP + ks, tl.sum(acc, axis=0))
+            dgo = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
+        for d in range(4):  # a loop, not unrolled: one output's tiles live at a time
+            P = _patch(x_ptr, i, 2 * ph + d // 2, 2 * pw + d % 2, mask, t, ks, ci, p, q, Ci, TCi, H, W,
+                       stride, pad, K, ACC)
+            xh, a, _y = _act(_zdot(P, Wt, PREC, ACC), mu, r, ga, be, slope)
+            at_max = sel == d
+            g = tl.where(at_max, a * go, 0.0)
+            gz = c_x[None, :] * xh + c_0[None, :] + c_g[None, :] * g
+            if NSUM == 5:
+                u = _zdot(P, Ut, PREC, ACC)
+                gz += c_u[None, :] * u
+                dgo += tl.where(at_max, a * (cu[None, :] * u + cx[None, :] * xh + c0[None, :]), 0.0)
+            gz = tl.where(m2d, gz, 0.0)
+            acc += tl.dot(tl.trans(P), gz, input_precision=PREC, out_dtype=ACC)
+        if NSUM == 5:
+            tl.store(dgout_ptr + pool_off, dgo.to(dgout_ptr.dtype.element_ty), mask=m2d)
+    off = (cps[None, :] * CHUNKS + k) * KP + ks[:, None]
+    tl.store(wws_ptr + off, acc, mask=cmask[None, :])
 
 
 @triton.jit
-def _wsum_kernel(wws_ptr, dw_ptr, db_ptr, CHUNKS, K: tl.constexpr, KP: tl.constexpr, HAS_B: tl.constexpr,
-                 CBLOCK: tl.constexpr):
-    """dw[cp, :K] and dbias[cp] = the chunk partials of wws[cp] added in chunk order."""
-    cp = tl.program_id(0)
+def _finish_kernel(ws_ptr, wws_ptr, invstd_ptr, dw_ptr, db_ptr, dgamma_ptr, dbeta_ptr, C, T, CHUNKS, MW,
+                   K: tl.constexpr, KP: tl.constexpr, HAS_B: tl.constexpr, NSUM: tl.constexpr,
+                   GAMMA_PER_TASK: tl.constexpr, CBLOCK: tl.constexpr, TBLOCK: tl.constexpr):
+    """Program c: dw[t, c] and dbias[t, c] = the chunk partials of wws added in chunk order, for every
+    task t; the gamma (and beta) gradients of channel c from the column sums: backward dgamma = sum g
+    xhat, dbeta = sum g; double backward d(gamma) = r M Q (per_step_bn's formulas), per task or added
+    in task order for a shared gamma."""
+    c = tl.program_id(0)
+    ACC = wws_ptr.dtype.element_ty
     kk = tl.arange(0, CBLOCK)
     ks = tl.arange(0, KP)
-    v = tl.load(wws_ptr + (cp * CHUNKS + kk[:, None]) * KP + ks[None, :], mask=(kk < CHUNKS)[:, None],
-                other=0.0)
-    tot = tl.sum(v, axis=0)
-    tl.store(dw_ptr + cp * K + ks, tot.to(dw_ptr.dtype.element_ty), mask=ks < K)
-    if HAS_B:
-        tl.store(db_ptr + cp + ks * 0, tot.to(db_ptr.dtype.element_ty), mask=ks == K)
+    for t in range(0, T):
+        cp = t * C + c
+        v = tl.load(wws_ptr + (cp * CHUNKS + kk[:, None]) * KP + ks[None, :], mask=(kk < CHUNKS)[:, None],
+                    other=0.0)
+        tot = tl.sum(v, axis=0)
+        tl.store(dw_ptr + cp * K + ks, tot.to(dw_ptr.dtype.element_ty), mask=ks < K)
+        if HAS_B:
+            tl.store(db_ptr + cp + ks * 0, tot.to(db_ptr.dtype.element_ty), mask=ks == K)
+    ts = tl.arange(0, TBLOCK)
+    tmask = ts < T
+    Sgt = _task_chunk_sums(ws_ptr, c, C, T, CHUNKS, 0, NSUM, TBLOCK, CBLOCK)
+    Sgxt = _task_chunk_sums(ws_ptr, c, C, T, CHUNKS, 1, NSUM, TBLOCK, CBLOCK)
+    if NSUM == 2:
+        dg = Sgxt
+        dbt = Sgt
+    else:
+        Mf = _to_acc(4 * MW, ACC)
+        rt = tl.load(invstd_ptr + ts * C + c, mask=tmask, other=0.0).to(ACC)
+        Sut = _task_chunk_sums(ws_ptr, c, C, T, CHUNKS, 2, 5, TBLOCK, CBLOCK)
+        Suxt = _task_chunk_sums(ws_ptr, c, C, T, CHUNKS, 3, 5, TBLOCK, CBLOCK)
+        Sugt = _task_chunk_sums(ws_ptr, c, C, T, CHUNKS, 4, 5, TBLOCK, CBLOCK)
+        Qt = Sugt / Mf - (Sut / Mf) * (Sgt / Mf) - (Suxt / Mf) * (Sgxt / Mf)
+        dg = rt * Mf * Qt
+        dbt = dg
+    if GAMMA_PER_TASK:
+        tl.store(dgamma_ptr + ts * C + c, dg.to(dgamma_ptr.dtype.element_ty), mask=tmask)
+        if NSUM == 2:
+            tl.store(dbeta_ptr + ts * C + c, dbt.to(dbeta_ptr.dtype.element_ty), mask=tmask)
+    else:
+        tl.store(dgamma_ptr + c, tl.sum(tl.where(tmask, dg, 0.0), axis=0).to(dgamma_ptr.dtype.element_ty))
+        if NSUM == 2:
+            tl.store(dbeta_ptr + c, tl.sum(tl.where(tmask, dbt, 0.0), axis=0).to(dbeta_ptr.dtype.element_ty))
 
 
 # ------------------------------------------------------------------------------------------------------
 # host functions (the implementation protocol of mamlpp_fast.ops.conv_block: forward, backward,
 # double_backward)
 # ------------------------------------------------------------------------------------------------------
+def _precision(dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
 def _geometry(x, w, meta):
     t, stride, pad = meta[0], meta[1], meta[2]
     n, tci, h, wd = x.shape
@@ -495,40 +520,49 @@ def _geometry(x, w, meta):
     if ho % 2 or wo % 2:
         raise ValueError(f"triton conv_bn_pool: the convolution output {ho}x{wo} must be of even size")
     k = ci * kh * kw
-    kp = triton.next_power_of_2(k + 1)
+    kp = max(16, triton.next_power_of_2(k + 1))
     hp, wp = ho // 2, wo // 2
     g = dict(n=n, t=t, c=c, ci=ci, tc=t * c, tci=tci, h=h, w=wd, hp=hp, wp=wp, mw=n * hp * wp, k=k, kp=kp,
              kk=kh * kw, kw=kw, stride=stride, pad=pad)
-    g["cfg"] = block_config(g["mw"], g["tc"], kp, x.device)
+    g["cfg"] = block_config(g["mw"], t, c, kp, x.device)
     return g
 
 
+def _launch(g, prec):
+    cfg = g["cfg"]
+    grid = (g["t"] * cfg["CB"], cfg["CHUNKS"])
+    geo = (g["c"], cfg["CB"], g["ci"], g["tc"], g["tci"], g["h"], g["w"], g["hp"] * g["wp"], g["wp"], g["mw"],
+           cfg["CHUNK"], cfg["CHUNKS"], g["stride"], g["pad"])
+    const = dict(KK=g["kk"], KW=g["kw"], K=g["k"], KP=g["kp"], PREC=prec, BLOCK_W=cfg["BLOCK_W"],
+                 BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
+    return grid, geo, const
+
+
 def forward(x, w, bias, gamma, beta, meta):
-    """(out, mean, invstd) of conv_bn_pool."""
+    """(out, mean, invstd, sel) of conv_bn_pool; sel (int8, the shape of out): the position 0..3 of each
+    window's maximum, which the backward passes read instead of recomputing it."""
     g = _geometry(x, w, meta)
     cfg = g["cfg"]
     w = w.contiguous()
     gamma, beta = gamma.contiguous(), beta.contiguous()
     b = bias.contiguous() if bias is not None else w
     out = torch.empty(g["n"], g["tc"], g["hp"], g["wp"], dtype=x.dtype, device=x.device)
+    sel = torch.empty(out.shape, dtype=torch.int8, device=x.device)
     mean = torch.empty(g["tc"], dtype=x.dtype, device=x.device)
     invstd = torch.empty_like(mean)
     ws = torch.empty(g["tc"] * cfg["CHUNKS"] * 2, dtype=x.dtype, device=x.device)
-    grid = (g["tc"], cfg["CHUNKS"])
-    geo = (g["hp"] * g["wp"], g["wp"], g["mw"], cfg["CHUNK"], cfg["CHUNKS"], g["stride"], g["pad"])
-    const = dict(KK=g["kk"], KW=g["kw"], K=g["k"], KP=g["kp"], HAS_B=bias is not None, BLOCK=cfg["BLOCK"],
-                 num_warps=cfg["num_warps"])
-    _fwd_reduce_kernel[grid](x, w, b, ws, g["c"], g["ci"], g["tci"], g["h"], g["w"], *geo, **const)
+    grid, geo, const = _launch(g, _precision(x.dtype))
+    geo_r = geo[:3] + geo[4:]  # the reduction takes no TC
+    _fwd_reduce_kernel[grid](x, w, b, ws, *geo_r, HAS_B=bias is not None, **const)
     eps_hi, eps_lo = _split(meta[3])
     sl_hi, sl_lo = _split(meta[4])
-    _fwd_apply_kernel[grid](x, w, b, gamma, beta, ws, out, mean, invstd, g["c"], g["ci"], g["tc"], g["tci"],
-                            g["h"], g["w"], *geo, eps_hi, eps_lo, sl_hi, sl_lo, **const,
-                            GAMMA_PER_TASK=gamma.dim() == 2, IS_F64=x.dtype == torch.float64,
-                            CBLOCK=cfg["CBLOCK"])
-    return out, mean, invstd
+    _fwd_apply_kernel[grid](x, w, b, gamma, beta, ws, out, sel, mean, invstd, *geo, eps_hi, eps_lo, sl_hi, sl_lo,
+                            HAS_B=bias is not None, GAMMA_PER_TASK=gamma.dim() == 2,
+                            IS_F64=x.dtype == torch.float64, CBLOCK=cfg["CBLOCK"], **const)
+    return out, mean, invstd, sel
 
 
-def _backward_pass(nsum, gout, x, w, bias, gamma, beta, mean, invstd, meta, uw=None, ubias=None,
+def _backward_pass(nsum, gout, x, w, bias, gamma, beta, mean, invstd, sel, meta, uw=None, ubias=None,
                    ugamma=None, ubeta=None):
     g = _geometry(x, w, meta)
     cfg = g["cfg"]
@@ -539,38 +573,38 @@ def _backward_pass(nsum, gout, x, w, bias, gamma, beta, mean, invstd, meta, uw=N
     ub_t = ubias.contiguous() if ubias is not None else w
     ws = torch.empty(g["tc"] * cfg["CHUNKS"] * nsum, dtype=x.dtype, device=x.device)
     wws = torch.empty(g["tc"] * cfg["CHUNKS"] * g["kp"], dtype=x.dtype, device=x.device)
-    grid = (g["tc"], cfg["CHUNKS"])
-    geo = (g["hp"] * g["wp"], g["wp"], g["mw"], cfg["CHUNK"], cfg["CHUNKS"], g["stride"], g["pad"])
+    grid, geo, const = _launch(g, _precision(x.dtype))
     sl_hi, sl_lo = _split(meta[4])
-    const = dict(KK=g["kk"], KW=g["kw"], K=g["k"], KP=g["kp"], HAS_B=bias is not None,
-                 GAMMA_PER_TASK=gamma.dim() == 2, NSUM=nsum, HAS_UW=uw is not None, HAS_UB=ubias is not None,
-                 BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
-    _reduce_kernel[grid](gout, x, w, b, uw_t, ub_t, gamma, beta, mean, invstd, ws, g["c"], g["ci"], g["tc"],
-                         g["tci"], g["h"], g["w"], *geo, sl_hi, sl_lo, **const)
+    flags = dict(HAS_B=bias is not None, GAMMA_PER_TASK=gamma.dim() == 2, NSUM=nsum, HAS_UW=uw is not None,
+                 HAS_UB=ubias is not None)
+    _reduce_kernel[grid](gout, sel, x, w, b, uw_t, ub_t, gamma, beta, mean, invstd, ws, *geo, sl_hi, sl_lo,
+                         **flags, **const)
     dgout = torch.empty_like(gout) if nsum == 5 else gout
-    dgamma = torch.empty_like(gamma)
-    dbeta = torch.empty_like(gamma) if nsum == 2 else dgamma
     ug = ugamma.contiguous() if ugamma is not None else gamma
     ubt = ubeta.contiguous() if ubeta is not None else gamma
-    _apply_kernel[grid](gout, x, w, b, uw_t, ub_t, ug, ubt, gamma, beta, mean, invstd, ws, wws, dgout, dgamma,
-                        dbeta, g["c"], g["t"], g["ci"], g["tc"], g["tci"], g["h"], g["w"], *geo, sl_hi, sl_lo,
-                        **const, HAS_UG=ugamma is not None, HAS_UBETA=ubeta is not None,
-                        CBLOCK=cfg["CBLOCK"], TBLOCK=triton.next_power_of_2(g["t"]))
+    _apply_kernel[grid](gout, sel, x, w, b, uw_t, ub_t, ug, ubt, gamma, beta, mean, invstd, ws, wws, dgout, *geo,
+                        sl_hi, sl_lo, **flags, HAS_UG=ugamma is not None, HAS_UBETA=ubeta is not None,
+                        CBLOCK=cfg["CBLOCK"], **const)
     dw = torch.empty_like(w)
     db = torch.empty(g["t"], g["c"], dtype=x.dtype, device=x.device) if bias is not None else None
-    _wsum_kernel[(g["tc"],)](wws, dw, db if db is not None else dw, cfg["CHUNKS"], K=g["k"], KP=g["kp"],
-                             HAS_B=bias is not None, CBLOCK=cfg["CBLOCK"], num_warps=1)
+    dgamma = torch.empty_like(gamma)
+    dbeta = torch.empty_like(gamma) if nsum == 2 else None
+    _finish_kernel[(g["c"],)](ws, wws, invstd, dw, db if db is not None else dw, dgamma,
+                              dbeta if dbeta is not None else dgamma, g["c"], g["t"], cfg["CHUNKS"], g["mw"],
+                              K=g["k"], KP=g["kp"], HAS_B=bias is not None, NSUM=nsum,
+                              GAMMA_PER_TASK=gamma.dim() == 2, CBLOCK=cfg["CBLOCK"],
+                              TBLOCK=triton.next_power_of_2(g["t"]), num_warps=1)
     return dgout, dw, db, dgamma, dbeta
 
 
-def backward(gout, x, w, bias, gamma, beta, mean, invstd, meta):
+def backward(gout, x, w, bias, gamma, beta, mean, invstd, sel, meta):
     """(dw, dbias or None, dgamma, dbeta) of conv_bn_pool."""
-    _, dw, db, dgamma, dbeta = _backward_pass(2, gout, x, w, bias, gamma, beta, mean, invstd, meta)
+    _, dw, db, dgamma, dbeta = _backward_pass(2, gout, x, w, bias, gamma, beta, mean, invstd, sel, meta)
     return dw, db, dgamma, dbeta
 
 
-def double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, mean, invstd, meta):
+def double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, mean, invstd, sel, meta):
     """(d gout, d w, d bias or None, d gamma) of conv_bn_pool's backward."""
-    dgout, dw, db, dgamma, _ = _backward_pass(5, gout, x, w, bias, gamma, beta, mean, invstd, meta, uw, ubias,
-                                              ugamma, ubeta)
+    dgout, dw, db, dgamma, _ = _backward_pass(5, gout, x, w, bias, gamma, beta, mean, invstd, sel, meta, uw,
+                                              ubias, ugamma, ubeta)
     return dgout, dw, db, dgamma
