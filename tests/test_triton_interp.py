@@ -503,7 +503,7 @@ def _block_all(impl, x, w, bias, gamma, beta, T, pad, seed, us=(True, True, True
     meta = (T, 1, pad, EPS, SLOPE)
     out, mean, invstd, aux = impl.forward(x, w, bias, gamma, beta, meta)
     g = torch.Generator().manual_seed(seed + 7)
-    rnd = lambda t: torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)  # noqa: E731
+    rnd = lambda t: torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device, t.dtype)  # noqa: E731
     gout = rnd(out)
     bwd = impl.backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta)
     u = [rnd(w), rnd(bias) if bias is not None else None, rnd(gamma), rnd(beta)]
@@ -525,13 +525,14 @@ def _block_compare(got, ref, tol, seed):
 
 
 @inner
-@pytest.mark.parametrize("multi", [False, True], ids=["auto-chunks", "3-chunks-block16"])
+@pytest.mark.parametrize("multi", [0, 3, 20], ids=["auto-chunks", "3-chunks-block16", "20-chunks-block16"])
 @pytest.mark.parametrize("idx", range(6))
 def test_conv_block_kernels_float64(idx, multi, monkeypatch):
     """The Triton kernels against the PyTorch implementation of the block (itself tested against the
     unfused ops in tests/test_conv_block.py), float64, 1e-10; with the interpreter's own configuration and
-    with 16-window steps in 3 chunks (the merge of chunk sums and a ragged last chunk); the last shape
-    has 20 channels: two channel blocks of 16, the second masked."""
+    with 16-window steps in 3 chunks (the merge of chunk sums and a ragged last chunk) or in up to 20
+    (17 and 18 for the two largest shapes: more than the 16 chunk sums read at a time); the last shape has 20 channels: two channel blocks of
+    16, the second masked."""
     from _batches import fresh_seed
     from test_conv_block import SHAPES
     from mamlpp_fast.ops.conv_block import torch_impl
@@ -540,9 +541,8 @@ def test_conv_block_kernels_float64(idx, multi, monkeypatch):
 
     if multi:
         def forced(mw, t, c, kp, device, sms=None):
-            chunk = -(-mw // 3)
-            return dict(BLOCK_W=16, BLOCK_C=16, CB=-(-c // 16), CHUNK=chunk, CHUNKS=-(-mw // chunk), CBLOCK=4,
-                        num_warps=4)
+            chunk = -(-mw // multi)
+            return dict(BLOCK_W=16, BLOCK_C=16, CB=-(-c // 16), CHUNK=chunk, CHUNKS=-(-mw // chunk), num_warps=4)
         monkeypatch.setattr(tcb, "block_config", forced)
     seed = fresh_seed() % 2 ** 31
     case = _block_case(SHAPES[idx], seed, torch.float64)

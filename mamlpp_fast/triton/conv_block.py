@@ -41,13 +41,14 @@ import triton
 import triton.language as tl
 
 from ._device import num_sms
-from .per_step_bn import _dbwd_coef, _f2acc, _split, _task_chunk_sums, _to_acc
+from .per_step_bn import _dbwd_coef, _f2acc, _split, _to_acc
 
 __all__ = ["forward", "backward", "double_backward", "block_config", "name"]
 
 name = "triton"
 _MAX_CHUNKS = 256
 _PROGRAMS_PER_SM = 4
+_KSTEP = 16  # chunk sums are read 16 chunks at a time
 
 
 def _channel_tile(c: int) -> int:
@@ -88,7 +89,7 @@ def block_config(mw: int, t: int, c: int, kp: int, device: torch.device, sms: in
     chunk = triton.cdiv(mw, chunks)
     chunks = triton.cdiv(mw, chunk)
     return dict(BLOCK_W=bw, BLOCK_C=bc, CB=triton.cdiv(c, bc), CHUNK=chunk, CHUNKS=chunks,
-                CBLOCK=triton.next_power_of_2(chunks), num_warps=8 if bc == 64 else 4)
+                num_warps=8 if bc == 64 else 4)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -152,12 +153,25 @@ def _act(z, mu, r, ga, be, slope):
 
 
 @triton.jit
-def _col_sums(ws_ptr, cps, cmask, CHUNKS, i, NSUM: tl.constexpr, CBLOCK: tl.constexpr):
-    """(BLOCK_C,) vector: statistic i of each column, summed over its chunks in chunk order."""
-    kk = tl.arange(0, CBLOCK)
-    m = (kk < CHUNKS)[:, None] & cmask[None, :]
-    v = tl.load(ws_ptr + (cps[None, :] * CHUNKS + kk[:, None]) * NSUM + i, mask=m, other=0.0)
-    return tl.sum(v, axis=0)
+def _col_sums(ws_ptr, cps, cmask, CHUNKS, i, NSUM: tl.constexpr, KSTEP: tl.constexpr):
+    """(BLOCK_C,) vector: statistic i of each column, summed over its chunks, KSTEP chunks at a time
+    (a fixed order; a tile of all chunks at once spilled under Triton 3.6 with ~100 chunks)."""
+    kk = tl.arange(0, KSTEP)
+    acc = tl.zeros([KSTEP, cps.shape[0]], dtype=ws_ptr.dtype.element_ty)
+    for k0 in range(0, CHUNKS, KSTEP):
+        m = ((k0 + kk) < CHUNKS)[:, None] & cmask[None, :]
+        acc += tl.load(ws_ptr + (cps[None, :] * CHUNKS + k0 + kk[:, None]) * NSUM + i, mask=m, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _col_sum(ws_ptr, cp, CHUNKS, i, NSUM: tl.constexpr, KSTEP: tl.constexpr):
+    """Statistic i of column cp summed over its chunks (a scalar; `_col_sums`' order)."""
+    kk = tl.arange(0, KSTEP)
+    acc = tl.zeros([KSTEP], dtype=ws_ptr.dtype.element_ty)
+    for k0 in range(0, CHUNKS, KSTEP):
+        acc += tl.load(ws_ptr + (cp * CHUNKS + k0 + kk) * NSUM + i, mask=(k0 + kk) < CHUNKS, other=0.0)
+    return tl.sum(acc, axis=0)
 
 
 @triton.jit
@@ -257,24 +271,35 @@ def _fwd_apply_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, ws_ptr, out_ptr,
                       slope_hi, slope_lo, KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr,
                       KP: tl.constexpr, HAS_B: tl.constexpr, GAMMA_PER_TASK: tl.constexpr,
                       IS_F64: tl.constexpr, PREC: tl.constexpr, BLOCK_W: tl.constexpr,
-                      BLOCK_C: tl.constexpr, CBLOCK: tl.constexpr):
+                      BLOCK_C: tl.constexpr, KSTEP: tl.constexpr):
     t, cs, cps, cmask, k = _program(C, BLOCK_C, CB)
     ACC = x_ptr.dtype.element_ty
     eps = _f2acc(eps_hi, eps_lo, ACC)
     slope = _f2acc(slope_hi, slope_lo, ACC)
-    # Chan merge of the chunk states (4 outputs per window), in chunk order
-    kk = tl.arange(0, CBLOCK)
-    kmask = kk < CHUNKS
-    kb = tl.minimum(kk * CHUNK, MW)
-    kn = tl.where(kmask, 4 * (tl.minimum(kb + CHUNK, MW) - kb), 0).to(ACC)
-    km = kmask[:, None] & cmask[None, :]
-    base = (cps[None, :] * CHUNKS + kk[:, None]) * 2
-    pm = tl.load(ws_ptr + base, mask=km, other=0.0)
-    pm2 = tl.load(ws_ptr + base + 1, mask=km, other=0.0)
+    # Chan merge of the chunk states (4 outputs per window), KSTEP chunks at a time
     Mf = _to_acc(4 * MW, ACC)
-    mu = tl.sum(kn[:, None] * pm, axis=0) / Mf
-    dmu = pm - mu[None, :]
-    m2 = tl.sum(pm2 + kn[:, None] * dmu * dmu, axis=0)
+    kk = tl.arange(0, KSTEP)
+    acc = tl.zeros([KSTEP, BLOCK_C], dtype=ACC)
+    for k0 in range(0, CHUNKS, KSTEP):
+        kc = k0 + kk
+        kb = tl.minimum(kc * CHUNK, MW)
+        kn = tl.where(kc < CHUNKS, 4 * (tl.minimum(kb + CHUNK, MW) - kb), 0).to(ACC)
+        km = (kc < CHUNKS)[:, None] & cmask[None, :]
+        pm = tl.load(ws_ptr + (cps[None, :] * CHUNKS + kc[:, None]) * 2, mask=km, other=0.0)
+        acc += kn[:, None] * pm
+    mu = tl.sum(acc, axis=0) / Mf
+    acc = tl.zeros([KSTEP, BLOCK_C], dtype=ACC)
+    for k0 in range(0, CHUNKS, KSTEP):
+        kc = k0 + kk
+        kb = tl.minimum(kc * CHUNK, MW)
+        kn = tl.where(kc < CHUNKS, 4 * (tl.minimum(kb + CHUNK, MW) - kb), 0).to(ACC)
+        km = (kc < CHUNKS)[:, None] & cmask[None, :]
+        base = (cps[None, :] * CHUNKS + kc[:, None]) * 2
+        pm = tl.load(ws_ptr + base, mask=km, other=0.0)
+        pm2 = tl.load(ws_ptr + base + 1, mask=km, other=0.0)
+        dmu = pm - mu[None, :]
+        acc += pm2 + kn[:, None] * dmu * dmu
+    m2 = tl.sum(acc, axis=0)
     if IS_F64:
         r = 1.0 / tl.sqrt(m2 / Mf + eps)
     else:
@@ -384,7 +409,7 @@ def _apply_kernel(gout_ptr, sel_ptr, x_ptr, w_ptr, b_ptr, uw_ptr, ub_ptr, ugam_p
                   KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                   HAS_B: tl.constexpr, GAMMA_PER_TASK: tl.constexpr, NSUM: tl.constexpr,
                   HAS_UW: tl.constexpr, HAS_UB: tl.constexpr, HAS_UG: tl.constexpr, HAS_UBETA: tl.constexpr,
-                  PREC: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, CBLOCK: tl.constexpr):
+                  PREC: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, KSTEP: tl.constexpr):
     """z-gradient gz = c_u u + c_x xhat + c_0 + c_g g at each of the windows' outputs, wws[cp, k] =
     sum gz P' (KP values per column), one pass over the four outputs (the maximum's position `sel`
     comes from the forward):
@@ -398,8 +423,8 @@ def _apply_kernel(gout_ptr, sel_ptr, x_ptr, w_ptr, b_ptr, uw_ptr, ub_ptr, ugam_p
     gi, ga, be, mu, r = _params(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cs, cps, cmask, GAMMA_PER_TASK,
                                 ACC)
     Mf = _to_acc(4 * MW, ACC)
-    Sg = _col_sums(ws_ptr, cps, cmask, CHUNKS, 0, NSUM, CBLOCK)
-    Sgx = _col_sums(ws_ptr, cps, cmask, CHUNKS, 1, NSUM, CBLOCK)
+    Sg = _col_sums(ws_ptr, cps, cmask, CHUNKS, 0, NSUM, KSTEP)
+    Sgx = _col_sums(ws_ptr, cps, cmask, CHUNKS, 1, NSUM, KSTEP)
     ks, ci, p, q = _taps(KK, KW, KP)
     Wt = _wtile(w_ptr, b_ptr, cps, cmask, ks, K, HAS_B, ACC)
     if NSUM == 2:
@@ -417,9 +442,9 @@ def _apply_kernel(gout_ptr, sel_ptr, x_ptr, w_ptr, b_ptr, uw_ptr, ub_ptr, ugam_p
             ubet = tl.load(ubet_ptr + gi, mask=cmask, other=0.0).to(ACC)
         else:
             ubet = tl.zeros_like(ga)
-        Su = _col_sums(ws_ptr, cps, cmask, CHUNKS, 2, 5, CBLOCK)
-        Sux = _col_sums(ws_ptr, cps, cmask, CHUNKS, 3, 5, CBLOCK)
-        Sug = _col_sums(ws_ptr, cps, cmask, CHUNKS, 4, 5, CBLOCK)
+        Su = _col_sums(ws_ptr, cps, cmask, CHUNKS, 2, 5, KSTEP)
+        Sux = _col_sums(ws_ptr, cps, cmask, CHUNKS, 3, 5, KSTEP)
+        Sug = _col_sums(ws_ptr, cps, cmask, CHUNKS, 4, 5, KSTEP)
         cu, cx, c0, eu, eg, ex, e0, _ggam = _dbwd_coef(Sg, Sgx, Su, Sux, Sug, Mf, ga, r, ugam, ubet)
         c_u, c_x, c_0, c_g = eu, ex, e0, eg
     acc = tl.zeros([KP, BLOCK_C], dtype=ACC)
@@ -457,47 +482,52 @@ def _apply_kernel(gout_ptr, sel_ptr, x_ptr, w_ptr, b_ptr, uw_ptr, ub_ptr, ugam_p
 @triton.jit
 def _finish_kernel(ws_ptr, wws_ptr, invstd_ptr, dw_ptr, db_ptr, dgamma_ptr, dbeta_ptr, C, T, CHUNKS, MW,
                    K: tl.constexpr, KP: tl.constexpr, HAS_B: tl.constexpr, NSUM: tl.constexpr,
-                   GAMMA_PER_TASK: tl.constexpr, CBLOCK: tl.constexpr, TBLOCK: tl.constexpr):
+                   GAMMA_PER_TASK: tl.constexpr, KSTEP: tl.constexpr):
     """Program c: dw[t, c] and dbias[t, c] = the chunk partials of wws added in chunk order, for every
     task t; the gamma (and beta) gradients of channel c from the column sums: backward dgamma = sum g
     xhat, dbeta = sum g; double backward d(gamma) = r M Q (per_step_bn's formulas), per task or added
     in task order for a shared gamma."""
     c = tl.program_id(0)
     ACC = wws_ptr.dtype.element_ty
-    kk = tl.arange(0, CBLOCK)
+    kk = tl.arange(0, KSTEP)
     ks = tl.arange(0, KP)
+    Mf = _to_acc(4 * MW, ACC)
+    tot_g = tl.zeros([], dtype=ACC)
+    tot_b = tl.zeros([], dtype=ACC)
     for t in range(0, T):
         cp = t * C + c
-        v = tl.load(wws_ptr + (cp * CHUNKS + kk[:, None]) * KP + ks[None, :], mask=(kk < CHUNKS)[:, None],
-                    other=0.0)
-        tot = tl.sum(v, axis=0)
+        acc = tl.zeros([KSTEP, KP], dtype=ACC)
+        for k0 in range(0, CHUNKS, KSTEP):
+            acc += tl.load(wws_ptr + (cp * CHUNKS + k0 + kk[:, None]) * KP + ks[None, :],
+                           mask=((k0 + kk) < CHUNKS)[:, None], other=0.0)
+        tot = tl.sum(acc, axis=0)
         tl.store(dw_ptr + cp * K + ks, tot.to(dw_ptr.dtype.element_ty), mask=ks < K)
         if HAS_B:
             tl.store(db_ptr + cp + ks * 0, tot.to(db_ptr.dtype.element_ty), mask=ks == K)
-    ts = tl.arange(0, TBLOCK)
-    tmask = ts < T
-    Sgt = _task_chunk_sums(ws_ptr, c, C, T, CHUNKS, 0, NSUM, TBLOCK, CBLOCK)
-    Sgxt = _task_chunk_sums(ws_ptr, c, C, T, CHUNKS, 1, NSUM, TBLOCK, CBLOCK)
-    if NSUM == 2:
-        dg = Sgxt
-        dbt = Sgt
-    else:
-        Mf = _to_acc(4 * MW, ACC)
-        rt = tl.load(invstd_ptr + ts * C + c, mask=tmask, other=0.0).to(ACC)
-        Sut = _task_chunk_sums(ws_ptr, c, C, T, CHUNKS, 2, 5, TBLOCK, CBLOCK)
-        Suxt = _task_chunk_sums(ws_ptr, c, C, T, CHUNKS, 3, 5, TBLOCK, CBLOCK)
-        Sugt = _task_chunk_sums(ws_ptr, c, C, T, CHUNKS, 4, 5, TBLOCK, CBLOCK)
-        Qt = Sugt / Mf - (Sut / Mf) * (Sgt / Mf) - (Suxt / Mf) * (Sgxt / Mf)
-        dg = rt * Mf * Qt
-        dbt = dg
-    if GAMMA_PER_TASK:
-        tl.store(dgamma_ptr + ts * C + c, dg.to(dgamma_ptr.dtype.element_ty), mask=tmask)
+        Sg = _col_sum(ws_ptr, cp, CHUNKS, 0, NSUM, KSTEP)
+        Sgx = _col_sum(ws_ptr, cp, CHUNKS, 1, NSUM, KSTEP)
         if NSUM == 2:
-            tl.store(dbeta_ptr + ts * C + c, dbt.to(dbeta_ptr.dtype.element_ty), mask=tmask)
-    else:
-        tl.store(dgamma_ptr + c, tl.sum(tl.where(tmask, dg, 0.0), axis=0).to(dgamma_ptr.dtype.element_ty))
+            dg = Sgx
+            dbt = Sg
+        else:
+            r = tl.load(invstd_ptr + cp).to(ACC)
+            Su = _col_sum(ws_ptr, cp, CHUNKS, 2, 5, KSTEP)
+            Sux = _col_sum(ws_ptr, cp, CHUNKS, 3, 5, KSTEP)
+            Sug = _col_sum(ws_ptr, cp, CHUNKS, 4, 5, KSTEP)
+            Q = Sug / Mf - (Su / Mf) * (Sg / Mf) - (Sux / Mf) * (Sgx / Mf)
+            dg = r * Mf * Q
+            dbt = dg
+        if GAMMA_PER_TASK:
+            tl.store(dgamma_ptr + cp, dg.to(dgamma_ptr.dtype.element_ty))
+            if NSUM == 2:
+                tl.store(dbeta_ptr + cp, dbt.to(dbeta_ptr.dtype.element_ty))
+        else:
+            tot_g += dg
+            tot_b += dbt
+    if not GAMMA_PER_TASK:
+        tl.store(dgamma_ptr + c, tot_g.to(dgamma_ptr.dtype.element_ty))
         if NSUM == 2:
-            tl.store(dbeta_ptr + c, tl.sum(tl.where(tmask, dbt, 0.0), axis=0).to(dbeta_ptr.dtype.element_ty))
+            tl.store(dbeta_ptr + c, tot_b.to(dbeta_ptr.dtype.element_ty))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -558,7 +588,7 @@ def forward(x, w, bias, gamma, beta, meta):
     sl_hi, sl_lo = _split(meta[4])
     _fwd_apply_kernel[grid](x, w, b, gamma, beta, ws, out, sel, mean, invstd, *geo, eps_hi, eps_lo, sl_hi, sl_lo,
                             HAS_B=bias is not None, GAMMA_PER_TASK=gamma.dim() == 2,
-                            IS_F64=x.dtype == torch.float64, CBLOCK=cfg["CBLOCK"], **const)
+                            IS_F64=x.dtype == torch.float64, KSTEP=_KSTEP, **const)
     return out, mean, invstd, sel
 
 
@@ -584,7 +614,7 @@ def _backward_pass(nsum, gout, x, w, bias, gamma, beta, mean, invstd, sel, meta,
     ubt = ubeta.contiguous() if ubeta is not None else gamma
     _apply_kernel[grid](gout, sel, x, w, b, uw_t, ub_t, ug, ubt, gamma, beta, mean, invstd, ws, wws, dgout, *geo,
                         sl_hi, sl_lo, **flags, HAS_UG=ugamma is not None, HAS_UBETA=ubeta is not None,
-                        CBLOCK=cfg["CBLOCK"], **const)
+                        KSTEP=_KSTEP, **const)
     dw = torch.empty_like(w)
     db = torch.empty(g["t"], g["c"], dtype=x.dtype, device=x.device) if bias is not None else None
     dgamma = torch.empty_like(gamma)
@@ -592,8 +622,7 @@ def _backward_pass(nsum, gout, x, w, bias, gamma, beta, mean, invstd, sel, meta,
     _finish_kernel[(g["c"],)](ws, wws, invstd, dw, db if db is not None else dw, dgamma,
                               dbeta if dbeta is not None else dgamma, g["c"], g["t"], cfg["CHUNKS"], g["mw"],
                               K=g["k"], KP=g["kp"], HAS_B=bias is not None, NSUM=nsum,
-                              GAMMA_PER_TASK=gamma.dim() == 2, CBLOCK=cfg["CBLOCK"],
-                              TBLOCK=triton.next_power_of_2(g["t"]), num_warps=1)
+                              GAMMA_PER_TASK=gamma.dim() == 2, KSTEP=_KSTEP, num_warps=1)
     return dgout, dw, db, dgamma, dbeta
 
 

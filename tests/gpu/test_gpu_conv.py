@@ -101,3 +101,59 @@ def test_triton_conv_full_gradcheck_and_gradgradcheck_on_cuda():
         fn = lambda x_, w_, b_: task_conv2d_triton(x_, w_, b_, b, (s, s), (p, p))  # noqa: E731
         assert torch.autograd.gradcheck(fn, (x, w, bias))
         assert torch.autograd.gradgradcheck(fn, (x, w, bias))
+
+
+# ---- the fused first block (mamlpp_fast/triton/conv_block.py) on the device ------------------------------
+BLOCK_GPU_SHAPES = [(8, 64, 1, 20, 28, 3, 1, False, True), (2, 48, 3, 75, 84, 3, 1, False, True),
+                    (2, 48, 3, 5, 84, 3, 1, True, True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shape", BLOCK_GPU_SHAPES, ids=["omniglot-20w", "miniimagenet-target", "miniimagenet-support"])
+def test_fused_block_kernels_on_cuda(shape, dtype):
+    """The Triton block at the learner's full shapes and launch configuration (many chunks per column)
+    against the float64 PyTorch implementation on the same device: float64 1e-10; float32 2e-5 forward
+    and backward, 1e-4 * max(1, max invstd) double backward (tests/test_triton_interp.py), inputs whose
+    windows hold near-ties redrawn there too."""
+    from test_triton_interp import _block_all, _block_case, _block_compare, _window_gap
+    from mamlpp_fast.ops.conv_block import torch_impl
+    from mamlpp_fast.triton import conv_block as tcb
+
+    seed = fresh_seed() % 2 ** 31
+    while True:
+        case = [t.cuda() if isinstance(t, torch.Tensor) else t for t in _block_case(shape, seed, dtype)]
+        if dtype == torch.float64 or _window_gap(*case) > 1e-4:
+            break
+        seed += 1
+    ref, invstd = _block_all(torch_impl, *[t.double() if isinstance(t, torch.Tensor) else t for t in case], seed)
+    got, _ = _block_all(tcb, *case, seed)
+    if dtype == torch.float64:
+        _block_compare(got, ref, 1e-10, seed)
+    else:
+        _block_compare(got[:7], ref[:7], 2e-5, seed)
+        _block_compare(got[7:], ref[7:], 1e-4 * max(1.0, float(invstd.max())), seed)
+
+
+def test_fused_first_block_is_auto_on_cuda_and_matches_unfused():
+    """first_block="auto" fuses the first layer on a CUDA device with Triton; the learner's results equal
+    the unfused learner's (float64, 1e-9), captured in a CUDA graph."""
+    from mamlpp_fast.config import default_args
+    from mamlpp_fast.fast import MAMLFewShotClassifier as Fast
+    from mamlpp_fast.triton import conv_block as tcb
+
+    seed = fresh_seed()
+    common = dict(dtype="float64", cnn_num_filters=32, num_classes_per_set=5, number_of_training_steps_per_iter=3,
+                  number_of_evaluation_steps_per_iter=3, cuda_graph=True, backend="triton", conv_impl="triton")
+    shape = (2, 1, 28, 28)
+    fused = Fast(shape, "cuda", default_args(first_block="auto", **common))
+    plain = Fast(shape, "cuda", default_args(first_block="unfused", **common))
+    plain.load_state_dict(fused.state_dict())
+    for it in range(3):
+        batch = learnable_batch(4, 5, 1, 2, 1, 28, 28, seed + it)
+        lf, pf = fused.run_train_iter(batch, 0)
+        lp, pp = plain.run_train_iter(batch, 0)
+        assert rel(torch.as_tensor(lf["loss"]), torch.as_tensor(lp["loss"])) < 1e-9, (it, seed)
+        for a, b in zip(pf, pp):
+            assert rel(torch.as_tensor(a), torch.as_tensor(b)) < 1e-9, (it, seed)
+    assert any(v is tcb for v in fused._first_block_cache.values())
+    assert fused._graph_failed is None and len(fused._graphs) == 1
