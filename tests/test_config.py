@@ -124,7 +124,7 @@ def test_harmless_coercions():
     ("number_of_evaluation_steps_per_iter", 0), ("cnn_num_filters", 0), ("num_stages", 0), ("total_epochs", 0),
     ("multi_step_loss_num_epochs", 0), ("meta_learning_rate", -0.1), ("min_learning_rate", -1.0),
     ("dtype", "float16"), ("learner", "slow"), ("backend", "opencl"), ("norm_layer", "layer_norm"),
-    ("conv_impl", "winograd"), ("conv_impl", 3),
+    ("conv_impl", "winograd"), ("conv_impl", 3), ("first_block", "always"), ("first_block", True),
     ("image_height", 0), ("train_val_test_split", [0.5, 0.5]),
 ])
 def test_range_checks_name_the_key(key, value):
