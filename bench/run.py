@@ -346,7 +346,7 @@ def _build_torchfunc(w, dev, a):
     return (lambda: base.meta_update(batch, 0)), {}, base
 
 
-def _build_fast(w, dev, a, backend: str, variant: str, conv_impl: str | None = None):
+def _build_fast(w, dev, a, backend: str, variant: str, conv_impl: str | None = None, first_block: str | None = None):
     from mamlpp_fast import config as C
     from mamlpp_fast.ops import BackendFallbackWarning, available_backends, get_backend, set_backend
     from mamlpp_fast.ops.conv import clear_conv_cache
@@ -357,6 +357,10 @@ def _build_fast(w, dev, a, backend: str, variant: str, conv_impl: str | None = N
     if conv_impl is not None and "conv_impl" in C.DEFAULTS:
         over["conv_impl"] = conv_impl
         clear_conv_cache()  # conv_impl=auto times its candidates again for this item (during the warm-up)
+    if first_block is not None:
+        if "first_block" not in C.DEFAULTS:
+            raise NotApplicable("the fast learner has no config key 'first_block' yet")
+        over["first_block"] = first_block
     if variant == "cuda_graph":
         if dev.type != "cuda":
             raise NotApplicable("CUDA graphs need a CUDA device")
@@ -376,7 +380,14 @@ def _build_fast(w, dev, a, backend: str, variant: str, conv_impl: str | None = N
         raise NotApplicable("model.supports_cuda_graph is False for this configuration")
     batch = W.make_batch(w, dev)
     extra = {"backend_used": used, "conv_impl": getattr(model.args, "conv_impl", None)}
-    return (lambda: model.run_train_iter(batch, 0)), extra, model
+
+    def step():
+        out = model.run_train_iter(batch, 0)
+        # whether the first layer ran fused (mamlpp_fast.ops.conv_block), as decided at its first call
+        cache = model.__dict__.get("_first_block_cache", {})
+        extra["first_block_fused"] = any(v is not None for v in cache.values())
+        return out
+    return step, extra, model
 
 
 def _conv_choices_made() -> list[dict[str, Any]]:
@@ -573,8 +584,10 @@ def plan(a, dev) -> list[dict[str, Any]]:
                 for be in backends:
                     for v in VARIANTS:
                         for ci in a.conv_impls:
-                            items.append({"section": "main", "workload": w, "learner": "fast", "backend": be,
-                                          "variant": v, "conv_impl": ci})
+                            for fb in a.first_blocks:
+                                items.append({"section": "main", "workload": w, "learner": "fast", "backend": be,
+                                              "variant": v, "conv_impl": ci,
+                                              "first_block": None if fb == "auto" else fb})
             elif learner == "trainer":  # the experiment loop end to end (bench/trainer_bench.py)
                 for source in TB.sources_for(w, a.omniglot_dir):
                     for workers in a.trainer_workers:
@@ -627,6 +640,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--conv-impls", default="auto",
                    help="comma-separated conv_impl values of the fast learner's main items (auto and/or "
                         "mamlpp_fast.ops.conv.CONV_IMPLS; default auto); the sweeps use the first")
+    p.add_argument("--first-blocks", default="auto",
+                   help="comma-separated first_block values of the fast learner's main items (auto, fused, "
+                        "unfused; default auto: the learner's own choice)")
     p.add_argument("--no-conv-table", action="store_true",
                    help="do not time the convolution implementations at the workloads' layer shapes")
     p.add_argument("--time-budget", type=float, default=None,
@@ -682,6 +698,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"--batch-sweep takes comma-separated integers, got {a.batch_sweep!r}")
     from mamlpp_fast.ops.conv import CONV_IMPLS
     a.conv_impls = [x.strip() for x in a.conv_impls.split(",") if x.strip()] or ["auto"]
+    a.first_blocks = [x.strip() for x in a.first_blocks.split(",") if x.strip()] or ["auto"]
+    bad = [x for x in a.first_blocks if x not in ("auto", "fused", "unfused")]
+    if bad:
+        p.error(f"unknown first block value(s) {bad}; choose from auto,fused,unfused")
     bad = [x for x in a.conv_impls if x != "auto" and x not in CONV_IMPLS]
     if bad:
         p.error(f"unknown conv impl(s) {bad}; choose from auto,{','.join(CONV_IMPLS)}")
@@ -775,17 +795,20 @@ def _run(a, argv: list[str]) -> int:
         w = item["workload"]
         row: dict[str, Any] = {"section": item["section"], "workload": w.name, "learner": item["learner"],
                                "backend": item["backend"], "variant": item["variant"], "batch_size": w.batch_size,
-                               "steps": w.steps, "config": w.to_dict(), "conv_impl": item.get("conv_impl")}
+                               "steps": w.steps, "config": w.to_dict(), "conv_impl": item.get("conv_impl"),
+                               "first_block": item.get("first_block")}
         if item["learner"] == "trainer":
             row.update(dataset=item["dataset"], num_dataprovider_workers=item["workers"])
         label = f"{w.name} {item['learner']}" + (f"[{item['backend']}]" if item["backend"] else "") + \
             (f"[{item['dataset']}, workers={item['workers']}]" if item["learner"] == "trainer" else "") + \
             ("" if item["variant"] == "eager" else f" {item['variant']}") + \
-            (f" conv={item['conv_impl']}" if item.get("conv_impl") else "")
+            (f" conv={item['conv_impl']}" if item.get("conv_impl") else "") + \
+            (f" first_block={item['first_block']}" if item.get("first_block") else "")
         # a sweep point identical to a main-table item reuses that measurement
         twin = next((r for r in results if r["section"] == "main" and r["learner"] == row["learner"]
                      and r["backend"] == row["backend"] and r["variant"] == row["variant"]
-                     and r.get("conv_impl") == row["conv_impl"] and _same_config(W.Workload(**r["config"]), w)), None)
+                     and r.get("conv_impl") == row["conv_impl"] and r.get("first_block") == row["first_block"]
+                     and _same_config(W.Workload(**r["config"]), w)), None)
         if item["section"] != "main" and twin is not None:
             row.update({k: v for k, v in twin.items() if k not in row or k in ("status", "reason")})
             row["note"] = f"same measurement as the main table's {twin['workload']}"
@@ -810,8 +833,8 @@ def _run(a, argv: list[str]) -> int:
                 r = TB.measure_trainer_item(w, dev, a, item["dataset"], item["workers"], _precision_overrides(a),
                                             measure_reference=first)
             elif item["learner"] == "fast":
-                be, var, ci = item["backend"], item["variant"], item.get("conv_impl")
-                r = measure_torch_item(lambda w_, d_, a_: _build_fast(w_, d_, a_, be, var, ci), w, dev, a, warmup)
+                be, var, ci, fb = item["backend"], item["variant"], item.get("conv_impl"), item.get("first_block")
+                r = measure_torch_item(lambda w_, d_, a_: _build_fast(w_, d_, a_, be, var, ci, fb), w, dev, a, warmup)
                 if ci == "auto":
                     r["conv_choices"] = _conv_choices_made()
             else:
@@ -854,7 +877,7 @@ def speedups(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         tf = next((x for x in results if x["section"] == "main" and x["workload"] == r["workload"]
                    and x["learner"] == "torchfunc" and x.get("status") == "ok"), None)
         out.append({"workload": r["workload"], "learner": r["learner"], "backend": r["backend"],
-                    "variant": r["variant"], "conv_impl": r.get("conv_impl"),
+                    "variant": r["variant"], "conv_impl": r.get("conv_impl"), "first_block": r.get("first_block"),
                     "vs_reference": r["updates_per_s"] / ref["updates_per_s"] if ref else None,
                     "vs_torchfunc": r["updates_per_s"] / tf["updates_per_s"] if tf else None,
                     "vs_reference_process_cpu_time": (ref["cpu_time_median_s"] / r["cpu_time_median_s"]
@@ -907,6 +930,8 @@ def _learner_label(r) -> str:
         s += f" [{r['backend']}]"
     if r.get("conv_impl"):
         s += f" conv={r['conv_impl']}"
+    if r.get("first_block"):
+        s += f" first_block={r['first_block']}"
     if r.get("variant") and r["variant"] != "eager":
         s += " + CUDA graph"
     return s
@@ -943,7 +968,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     hdr = ("| workload | learner | meta-updates/s | median ms | p10-p90 ms | iters | peak mem MiB | "
            "TFLOP/s | % fp32 peak | % tf32 peak | x reference | status |" + (" process CPU ms (median) |" if cpu else ""))
     sep = "|" + "---|" * (13 if cpu else 12)
-    sp = {(s["workload"], s["learner"], s["backend"], s["variant"], s.get("conv_impl")): s for s in report["speedups"]}
+    sp = {(s["workload"], s["learner"], s["backend"], s["variant"], s.get("conv_impl"), s.get("first_block")): s
+          for s in report["speedups"]}
     for section, title in (("main", "Meta-updates per second (second order, MSL, all MAML++ parts; epoch 0)"),
                            ("sweep_batch", "Fast learner: meta-batch size sweep"),
                            ("sweep_steps", "Fast learner: inner-step sweep")):
@@ -953,7 +979,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         L += [f"## {title}", "", hdr, sep]
         for r in rows:
             if r.get("status") == "ok":
-                s = sp.get((r["workload"], r["learner"], r["backend"], r["variant"], r.get("conv_impl")), {})
+                s = sp.get((r["workload"], r["learner"], r["backend"], r["variant"], r.get("conv_impl"),
+                            r.get("first_block")), {})
                 L.append(f"| {r['workload']} | {_learner_label(r)} | {r['updates_per_s']:.3f} | "
                          f"{r['median_s'] * 1e3:.2f} | {r['p10_s'] * 1e3:.2f}-{r['p90_s'] * 1e3:.2f} | {r['iters']} | "
                          f"{_mib(r.get('peak_mem_bytes'))} | {_fmt(r.get('achieved_tflops'), '.3f')} | "

@@ -10,8 +10,8 @@
 #   build     pip install -e . --no-build-isolation --no-deps (+ CMake log)     -> build.log
 #   import    which backends loaded                                            -> build.log
 #   tests     tests/gpu (conv, ops, learner, capture) + the CPU op tests        -> gpu_tests.log, junit.xml
-#   bench     python -m bench.run: the conv table, fast (cuda backend; conv_impl auto and grouped;
-#             eager and CUDA graph), reference, torch.func and JAX on Omniglot 20-way 1-shot B=8 and
+#   bench     python -m bench.run: the conv table, fast (cuda backend; conv_impl auto; the first block
+#             fused and unfused; eager and CUDA graph), reference, torch.func and JAX on Omniglot 20-way 1-shot B=8 and
 #             mini-ImageNet 5-way 1-shot B=2, then the B=8/B=64 roofline points  -> bench/
 #   memcheck  compute-sanitizer memcheck on the non-slow GPU op tests          -> memcheck.log
 #   opbench   pytest-benchmark bench/bench_ops.py                              -> bench_ops.json
@@ -60,7 +60,7 @@ stage tests "${TESTS_LIMIT:-150}" "$W/gpu_tests.log" \
 
 # ---- learner benchmark ----------------------------------------------------------------------------------
 DEFAULT_BENCH_ARGS="--device cuda --workloads omniglot_20w1s,miniimagenet_5w1s --learners fast,reference,torchfunc,jax \
---backends cuda --conv-impls auto,grouped --batch-sweep 8,64 --no-steps-sweep --time-budget 200 --max-time 1.5"
+--backends cuda --conv-impls auto --first-blocks fused,unfused --batch-sweep 8,64 --no-steps-sweep --time-budget 200 --max-time 1.5"
 # shellcheck disable=SC2086
 stage bench "${BENCH_LIMIT:-240}" "$W/bench.log" "$PY" -m bench.run ${BENCH_ARGS:-$DEFAULT_BENCH_ARGS} --out "$W/bench"
 

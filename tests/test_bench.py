@@ -135,6 +135,22 @@ def test_time_budget_skips_and_lists(tmp_path):
     assert "Skipped (time budget)" in (tmp_path / "latest_cpu_quick.md").read_text()
 
 
+def test_first_block_items(tmp_path):
+    """--first-blocks: one fast item per value, labelled, each row saying whether the first layer ran fused."""
+    from bench.run import main
+    rc = main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--learners", "fast", "--backends", "torch",
+               "--workloads", "quick_omniglot_3w1s", "--first-blocks", "fused,unfused", "--no-sweeps",
+               "--no-ceiling", "--no-conv-table"])
+    assert rc == 0
+    report = json.loads((tmp_path / "latest_cpu_quick.json").read_text())
+    ok = [r for r in report["results"] if r["status"] == "ok"]
+    assert [(r["first_block"], r["first_block_fused"]) for r in ok] == [("fused", True), ("unfused", False)]
+    md = (tmp_path / "latest_cpu_quick.md").read_text()
+    assert "first_block=fused" in md and "first_block=unfused" in md
+    with pytest.raises(SystemExit):
+        main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--first-blocks", "sometimes"])
+
+
 FLOP_CASES = [  # (steps, stages, max_pooling, second_order, msl)
     (2, 4, True, True, True),
     (3, 2, True, True, True),
