@@ -599,9 +599,12 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
         from mamlpp_fast.ops import conv as conv_mod
         from mamlpp_fast.triton import conv as tconv
         impls = conv_mod.CONV_IMPLS
-    except ImportError:  # a tree older than task_conv2d: grouped F.conv2d only
+    except ImportError as e:  # a tree older than task_conv2d: grouped F.conv2d only
         conv_mod = tconv = None
         impls = ("grouped",)
+        import_error = f" (the convolution modules do not import: {type(e).__name__}: {e})"
+    else:
+        import_error = ""
     try:  # where the Triton convolution's autograd Functions live (triton/conv.py in older trees)
         from mamlpp_fast.ops import conv_triton_autograd as tconv_autograd
     except ImportError:
@@ -610,7 +613,8 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
     if backend not in ("cuda", "triton", "torch"):
         raise MamlppError(f"bench.trace: --backend must be cuda, triton or torch (a GPU backend), got {backend!r}")
     if conv_impl not in impls:
-        raise MamlppError(f"bench.trace: --conv-impl must be one of {', '.join(impls)}, got {conv_impl!r}")
+        raise MamlppError(f"bench.trace: --conv-impl must be one of {', '.join(impls)}, got {conv_impl!r}"
+                          f"{import_error}")
     if batch_size is not None and batch_size < 1:
         raise MamlppError(f"bench.trace: --batch-size must be >= 1, got {batch_size}")
     if first_block not in ("auto", "fused", "unfused"):

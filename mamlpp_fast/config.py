@@ -108,6 +108,7 @@ DEFAULTS: dict[str, Any] = {
     "cuda_graph": False,  # capture the whole meta-update in a CUDA graph (fast learner, CUDA only)
     "cudnn_benchmark": True,  # fast learner: cuDNN picks convolution algorithms by timing them
     "allow_tf32": False,  # TF32 convolutions/matmuls on GPUs that have them (faster, ~1e-3 less exact)
+    "conv_precision": "auto",  # Triton conv / fused-block products: "auto" (follows allow_tf32) | "ieee" | "tf32" | "tf32x3"
     "conv_impl": "auto",  # fast learner: how the per-task convolutions run (mamlpp_fast.ops.conv)
     "first_block": "auto",  # fast learner: "fused" | "unfused" | "auto" (mamlpp_fast.ops.conv_block)
     "evaluation_batch_size": 32,  # fast learner: validation/test tasks per evaluation call (trainer)
@@ -134,6 +135,7 @@ _CHOICES = {
     "nonfinite_policy": ("skip", "stop"),
     "conv_impl": ("auto", "grouped", "channels_last", "unfold", "unfold_bmm", "per_task", "triton"),
     "first_block": ("auto", "fused", "unfused"),
+    "conv_precision": ("auto", "ieee", "tf32", "tf32x3"),
 }
 _POSITIVE_INT = (
     "batch_size", "image_height", "image_width", "image_channels", "num_classes_per_set",

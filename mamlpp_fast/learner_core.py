@@ -160,7 +160,8 @@ class LearnerCore:
     def precision(self):
         """Numerics of an iteration: strict float32 unless allow_tf32 (PyTorch's cuDNN defaults otherwise),
         and cuDNN algorithm search when the learner asked for it (common.float32_precision)."""
-        return float32_precision(self.args.allow_tf32, self.cudnn_benchmark)
+        return float32_precision(self.args.allow_tf32, self.cudnn_benchmark,
+                                 getattr(self.args, "conv_precision", "auto"))
 
     def batch(self, data_batch):
         """The checked batch on the learner's device and dtype (common.coerce_batch)."""

@@ -57,3 +57,29 @@ def test_sass_loop_mix_of_a_strict_fp32_convolution():
     assert fp32["loop"] and fp32["ffma"] > 0 and fp32["hgmma"] == 0 and fp32["hmma"] == 0
     assert 0 < fp32["ffma_share"] < 1 and fp32["ptx_loop_fma"] > 0
     assert tf32["loop"] and tf32["ffma"] == 0 and tf32["hgmma"] + tf32["hmma"] > 0
+
+
+def test_conv_precision_reaches_the_kernels():
+    """Config key conv_precision (common.float32_precision): the Triton convolution and fused-block launches
+    get the forced input precision for float32 ("ieee", "tf32", "tf32x3"); "auto" follows allow_tf32; the
+    setting is restored afterwards. The launches are recorded, not compiled (bench.static_metrics)."""
+    pytest.importorskip("triton")
+    from bench.static_metrics import capture_launches
+    from mamlpp_fast.common import float32_precision
+    from mamlpp_fast.triton._device import conv_precision
+
+    calls = [("conv_forward", (20, 512, 14, 14), (8, 64, 64, 3, 3, 14, 14, 14, 14, 1, 1), True),
+             ("conv_bn_pool", (20, 8, 28, 28), (8, 64, 1, 3, 3), (8, 1, 1, 1e-05, 0.01))]
+
+    def precs(call, tf32):
+        return {kw["PREC"] for _, _, kw in capture_launches(call, tf32) if "PREC" in kw}
+
+    for allow, mode, want in ((False, "auto", "ieee"), (True, "auto", "tf32"), (False, "tf32", "tf32"),
+                              (True, "ieee", "ieee"), (False, "tf32x3", "tf32x3")):
+        with float32_precision(allow, None, mode):
+            assert conv_precision() == (None if mode == "auto" else mode)
+            for call in calls:
+                # capture_launches sets torch's allow_tf32 itself, to its tf32 argument
+                got = precs(call, allow)
+                assert got == {want}, (call[0], allow, mode, got)
+        assert conv_precision() is None

@@ -350,7 +350,8 @@ def choose_conv_impl(x_shape, w_shape, stride, padding, dtype, device, input_gra
     device = torch.device(device)
     if device.type != "cuda":
         return cpu_rule(w_shape)
-    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    from ..triton._device import conv_precision
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, conv_precision()
     key = (tuple(x_shape), tuple(w_shape), _pair(stride), _pair(padding), dtype, str(device), tf32,
            bool(input_grad), pattern)
     with _lock:

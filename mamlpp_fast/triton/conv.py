@@ -49,8 +49,10 @@ What keeps the inner loops on FMAs (instruction counts per kernel: bench/conv_pt
   summed in order afterwards (deterministic: no atomics).
 
 Precision: fp32 inputs accumulate in fp32 with ``input_precision="ieee"`` (strict float32, the
-learner's default) or ``"tf32"`` when ``torch.backends.cudnn.allow_tf32`` is on (config key
-allow_tf32); fp64 accumulates in fp64. Offsets are int32: every tensor must have < 2^31 elements.
+learner's default), ``"tf32"`` when ``torch.backends.cudnn.allow_tf32`` is on (config key
+allow_tf32), or what config key conv_precision forces (``"ieee"``, ``"tf32"``, ``"tf32x3"``: three TF32
+products per pair of operands split into high and low parts, close to float32; `_precision`); fp64
+accumulates in fp64. Offsets are int32: every tensor must have < 2^31 elements.
 Block sizes: `conv_block_config` and `wgrad_block_config` (no autotune; ptxas register cap of the
 forward and data gradient under Triton >= 3.7: `_register_cap`), so the kernels also run
 under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors; slowly, tests only). At most 32 filter
@@ -63,16 +65,22 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import num_sms
+from ._device import conv_precision, num_sms
 
 __all__ = ["conv_forward", "conv_data_grad", "conv_weight_grad", "conv_block_config", "wgrad_block_config",
            "bias_in_wgrad"]
 
 
 def _precision(dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
-        return "tf32"
-    return "ieee"
+    """tl.dot's input_precision for operands of `dtype`: float64 "ieee"; float32 the forced one (config
+    key conv_precision: "ieee", "tf32" or "tf32x3", `_device.forced_conv_precision`), else "tf32" under
+    torch.backends.cudnn.allow_tf32 (config key allow_tf32) and "ieee" (strict) otherwise."""
+    if dtype != torch.float32:
+        return "ieee"
+    forced = conv_precision()
+    if forced is not None:
+        return forced
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
 
 
 def _tile(cols: int) -> int:

@@ -10,8 +10,8 @@ of the Mw = n*Hp*Wp pooling windows v = (i, ph, pw), BLOCK_W windows per step. F
 four convolution outputs it gathers the patch P' once for all its channels (the K = Ci*kh*kw image
 values under the output and a 1 for the bias: a (BLOCK_W, KP) tile, KP = the next power of two >= 16
 of K + 1, zero-padded) and forms z = P' W' as one small matrix product with the (KP, BLOCK_C) tile W'
-(the weights and the bias of the block's channels), strict fp32 (`input_precision="ieee"`, or TF32
-under `allow_tf32`), float64 in float64. The weight gradients are products of the same kind:
+(the weights and the bias of the block's channels), strict fp32 (`input_precision="ieee"`), or as
+config key conv_precision / allow_tf32 ask (triton/conv.py `_precision`), float64 in float64. The weight gradients are products of the same kind:
 dW' += P'^T gz. The tap decomposition k -> (ci, p, q) is computed once per program on the KP axis.
 
 Each op is two passes over the grid (T * channel blocks, CHUNKS), like the batch norm's kernels: a
@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from ._device import num_sms
+from .conv import _precision
 from .per_step_bn import _dbwd_coef, _f2acc, _split, _to_acc
 
 __all__ = ["forward", "backward", "double_backward", "block_config", "name"]
@@ -534,12 +535,6 @@ def _finish_kernel(ws_ptr, wws_ptr, invstd_ptr, dw_ptr, db_ptr, dgamma_ptr, dbet
 # host functions (the implementation protocol of mamlpp_fast.ops.conv_block: forward, backward,
 # double_backward)
 # ------------------------------------------------------------------------------------------------------
-def _precision(dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
 def _geometry(x, w, meta):
     t, stride, pad = meta[0], meta[1], meta[2]
     n, tci, h, wd = x.shape
