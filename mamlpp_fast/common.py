@@ -228,24 +228,20 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
 
 
 @contextlib.contextmanager
-def float32_precision(allow_tf32: bool, cudnn_benchmark: bool | None = None, conv_precision: str = "auto"):
+def float32_precision(allow_tf32: bool, cudnn_benchmark: bool | None = None):
     """Run convolutions and matmuls in strict float32 unless `allow_tf32` (config key `allow_tf32`).
 
     cuDNN convolutions use TF32 by default on Ampere and newer GPUs (torch.backends.cudnn.allow_tf32),
     which rounds operands to 10 mantissa bits: ~5e-4 relative error in a MAML++ loss, enough to make
     two learners disagree. The learners keep float32 semantics by default and restore the caller's
-    settings afterwards. `conv_precision` (config key) forces the input precision of our Triton
-    convolution and fused-block products ("ieee", "tf32", "tf32x3"; "auto": TF32 exactly when
-    allow_tf32)."""
-    from .triton._device import forced_conv_precision
+    settings afterwards."""
     old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark)
     torch.backends.cudnn.allow_tf32 = allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     if cudnn_benchmark is not None:  # let cuDNN time its algorithms per shape (cached after the first call)
         torch.backends.cudnn.benchmark = cudnn_benchmark
     try:
-        with forced_conv_precision(None if conv_precision == "auto" else conv_precision):
-            yield
+        yield
     finally:
         (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
          torch.backends.cudnn.benchmark) = old

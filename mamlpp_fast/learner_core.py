@@ -35,6 +35,8 @@ nothing is reduced.
 """
 from __future__ import annotations
 
+import contextlib
+
 import os
 import warnings
 from typing import Any, Protocol
@@ -157,11 +159,17 @@ class LearnerCore:
                     num_steps=self.args.number_of_evaluation_steps_per_iter, training_phase=False)
 
     # -- numerics and batches ---------------------------------------------------------------------------
+    @contextlib.contextmanager
     def precision(self):
         """Numerics of an iteration: strict float32 unless allow_tf32 (PyTorch's cuDNN defaults otherwise),
-        and cuDNN algorithm search when the learner asked for it (common.float32_precision)."""
-        return float32_precision(self.args.allow_tf32, self.cudnn_benchmark,
-                                 getattr(self.args, "conv_precision", "auto"))
+        cuDNN algorithm search when the learner asked for it (common.float32_precision), and the input
+        precision of our Triton convolution and fused-block products (config key conv_precision: "ieee",
+        "tf32", "tf32x3"; "auto": TF32 exactly when allow_tf32; triton._device.forced_conv_precision)."""
+        from .triton._device import forced_conv_precision
+        mode = getattr(self.args, "conv_precision", "auto")
+        with float32_precision(self.args.allow_tf32, self.cudnn_benchmark), \
+                forced_conv_precision(None if mode == "auto" else mode):
+            yield
 
     def batch(self, data_batch):
         """The checked batch on the learner's device and dtype (common.coerce_batch)."""

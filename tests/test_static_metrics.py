@@ -60,12 +60,13 @@ def test_sass_loop_mix_of_a_strict_fp32_convolution():
 
 
 def test_conv_precision_reaches_the_kernels():
-    """Config key conv_precision (common.float32_precision): the Triton convolution and fused-block launches
+    """Config key conv_precision (LearnerCore.precision): the Triton convolution and fused-block launches
     get the forced input precision for float32 ("ieee", "tf32", "tf32x3"); "auto" follows allow_tf32; the
     setting is restored afterwards. The launches are recorded, not compiled (bench.static_metrics)."""
     pytest.importorskip("triton")
     from bench.static_metrics import capture_launches
-    from mamlpp_fast.common import float32_precision
+    from mamlpp_fast.config import default_args
+    from mamlpp_fast.learner_core import LearnerCore
     from mamlpp_fast.triton._device import conv_precision
 
     calls = [("conv_forward", (20, 512, 14, 14), (8, 64, 64, 3, 3, 14, 14, 14, 14, 1, 1), True),
@@ -76,7 +77,9 @@ def test_conv_precision_reaches_the_kernels():
 
     for allow, mode, want in ((False, "auto", "ieee"), (True, "auto", "tf32"), (False, "tf32", "tf32"),
                               (True, "ieee", "ieee"), (False, "tf32x3", "tf32x3")):
-        with float32_precision(allow, None, mode):
+        core = LearnerCore.__new__(LearnerCore)  # only what precision() reads
+        core.args, core.cudnn_benchmark = default_args(allow_tf32=allow, conv_precision=mode), None
+        with core.precision():
             assert conv_precision() == (None if mode == "auto" else mode)
             for call in calls:
                 # capture_launches sets torch's allow_tf32 itself, to its tf32 argument
