@@ -525,13 +525,14 @@ def _block_compare(got, ref, tol, seed):
 
 
 @inner
-@pytest.mark.parametrize("multi", [0, 3, 20], ids=["auto-chunks", "3-chunks-block16", "20-chunks-block16"])
-@pytest.mark.parametrize("idx", range(6))
+@pytest.mark.parametrize("idx,multi", [(i, m) for m in (0, 3) for i in range(6)] + [(4, 20), (5, 20)],
+                         ids=[f"{i}-{m}" for m in ("auto-chunks", "3-chunks-block16") for i in range(6)]
+                         + ["4-20-chunks-block16", "5-20-chunks-block16"])
 def test_conv_block_kernels_float64(idx, multi, monkeypatch):
     """The Triton kernels against the PyTorch implementation of the block (itself tested against the
     unfused ops in tests/test_conv_block.py), float64, 1e-10; with the interpreter's own configuration and
-    with 16-window steps in 3 chunks (the merge of chunk sums and a ragged last chunk) or in up to 20
-    (17 and 18 for the two largest shapes: more than the 16 chunk sums read at a time); the last shape has 20 channels: two channel blocks of
+    with 16-window steps in 3 chunks (the merge of chunk sums and a ragged last chunk) or, for the two
+    largest shapes, in up to 20 (17 and 18: more than the 16 chunk sums read at a time); the last shape has 20 channels: two channel blocks of
     16, the second masked."""
     from _batches import fresh_seed
     from test_conv_block import SHAPES
