@@ -70,7 +70,8 @@ def derivatives(fn, x, w, bias, gamma, beta, T, pad, seed):
 def assert_close(got, ref, names, seed, tol=FP64_RTOL, floor=None):
     """rel < tol for each result; the conv bias's results (noise) against a floor of 1e-3 of the largest
     reference norm, or against `floor` for every result when given."""
-    bias_floor = 1e-3 * max(float(r.detach().norm()) for r in ref)
+    got, ref = [t.detach() for t in got], [t.detach() for t in ref]
+    bias_floor = 1e-3 * max(float(r.norm()) for r in ref)
     for name, a, r in zip(names, got, ref):
         f = floor if floor is not None else (bias_floor if "bias" in name else 0.0)
         assert a.shape == r.shape and rel(a, r, f) < tol, f"{name}: {rel(a, r, f):.3e} (seed {seed})"
@@ -126,7 +127,7 @@ def test_double_backward_with_some_upstream_gradients_absent():
         ref = [r if r is not None else torch.zeros_like(t) for r, t in zip(ref, (gout, w, bias, gamma))]
         got = [t if t is not None else torch.zeros_like(r) for t, r in zip(got, ref)]
         if floor is None:
-            floor = 1e-3 * max(float(r.norm()) for r in ref)
+            floor = 1e-3 * max(float(r.detach().norm()) for r in ref)
         assert_close(got, ref, ["dgout", "dw", "dbias", "dgamma"], seed, floor=floor)
 
 
@@ -142,6 +143,8 @@ def test_bad_input_names_the_cause():
         fused(x, w, bias[:, :2], gamma, beta, T, pad)
     with pytest.raises(ValueError, match="gamma has shape"):
         fused(x, w, bias, gamma[:2], beta, T, pad)
+    with pytest.raises(ValueError, match=r"gamma \(torch.float32, cpu\) must match x"):
+        fused(x, w, bias, gamma.detach().float(), beta, T, pad)
     with pytest.raises(ValueError, match="does not fit"):
         conv_bn_pool(x, w, bias, gamma, beta, T + 1, 1, pad, EPS, SLOPE)
     assert block_supported(x, w, 1, pad, max_pooling=False) == "the network does not max-pool"

@@ -229,6 +229,9 @@ def conv_bn_pool(x, w, bias, gamma, beta, num_tasks, stride, padding, eps, slope
     for name, p in (("gamma", gamma), ("beta", beta)):
         if tuple(p.shape) not in ((c,), (t, c)):
             raise ValueError(f"conv_bn_pool: {name} has shape {tuple(p.shape)}, expected ({c},) or ({t}, {c})")
+    for name, p in (("w", w), ("bias", bias), ("gamma", gamma), ("beta", beta)):
+        if p is not None and (p.dtype != x.dtype or p.device != x.device):
+            raise ValueError(f"conv_bn_pool: {name} ({p.dtype}, {p.device}) must match x ({x.dtype}, {x.device})")
     if gamma.shape != beta.shape:
         gamma, beta = (p.expand(t, -1) if p.dim() == 1 else p for p in (gamma, beta))
     meta = (t, int(stride), int(padding), float(eps), float(slope))
