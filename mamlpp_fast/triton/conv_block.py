@@ -69,9 +69,9 @@ def block_config(mw: int, t: int, c: int, kp: int, device: torch.device, sms: in
     - BLOCK_C: channels per program (`_channel_tile`); BLOCK_W = 16 windows per step; 8 warps for 64
       channels, else 4. The four outputs of a window step are a loop, not unrolled, so one output's
       (16, BLOCK_C) tiles are live at a time. Chosen from the sm_90a compile (bench.static_metrics):
-      with 32 windows, or the outputs unrolled, the double backward's kernels spilled at 255 registers
-      (Triton 3.7.1); at 16 x 64 over 8 warps they take <= 128 registers, no spill, 31-54% FFMA in the
-      loop (bench/NOTES.md, cut 3b).
+      with 32 windows, or the outputs unrolled, the double backward's kernels spilled at 255 registers;
+      as configured no kernel spills under the Triton versions we compile with
+      (tests/test_static_metrics.py; registers and FFMA shares in bench/NOTES.md, cut 3b).
     - CHUNKS: window chunks per (task, channel block), so that the grid holds ~4 programs per SM, each
       with at least 2 steps; at most 256. On the interpreter (CPU tensors, no `sms`) up to 3, so that
       tests cover the merge of several chunks.
