@@ -2,7 +2,7 @@
 
     python -m bench.trace [--workload NAME] [--batch-size B] [--backend cuda|triton|torch]
                           [--conv-impl triton|grouped|unfold|unfold_bmm|per_task|channels_last]
-                          [--first-block auto|fused|unfused] [--no-cuda-graph] [--tf32]
+                          [--first-block auto|fused|unfused] [--no-cuda-graph] [--tf32] [--tf32x3]
                           [--conv-efficiency F] [--device-ceilings h100|h200] [--quick] [--json] [--out FILE.json]
     python -m bench.trace --calibrate     # launch costs and the comparison with the measured H100 update
 
@@ -533,9 +533,9 @@ def _block_patch(rec: _Recorder):
             out, mean, invstd, aux = torch_impl.forward(x, w, bias, gamma, beta, meta)
         macs, _, layer = geometry(x, w, meta)
         call = ("conv_bn_pool", tuple(x.shape), tuple(w.shape), meta)
-        rec.add(name="triton block_fwd_reduce", kind="conv", layer=layer, flops=2 * macs,
+        rec.add(name="triton block_fwd_reduce", kind="conv", layer=layer, flops=2 * macs, tf32_ok=True,
                 bytes=small(x, w, bias), call=call)
-        rec.add(name="triton block_fwd_apply", kind="conv", layer=layer, flops=2 * macs,
+        rec.add(name="triton block_fwd_apply", kind="conv", layer=layer, flops=2 * macs, tf32_ok=True,
                 bytes=small(x, w, bias, gamma, beta, out, mean, invstd) + out.numel())  # + sel (int8)
         return out, mean, invstd, aux
 
@@ -544,9 +544,9 @@ def _block_patch(rec: _Recorder):
             res = torch_impl.backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta)
         macs, partial, layer = geometry(x, w, meta)
         params = small(w, bias, gamma, beta, mean, invstd) + gout.numel()  # + sel (int8)
-        rec.add(name="triton block_bwd_reduce", kind="conv", layer=layer, flops=2 * macs,
+        rec.add(name="triton block_bwd_reduce", kind="conv", layer=layer, flops=2 * macs, tf32_ok=True,
                 bytes=small(gout, x) + params)
-        rec.add(name="triton block_bwd_apply", kind="conv", layer=layer, flops=4 * macs,
+        rec.add(name="triton block_bwd_apply", kind="conv", layer=layer, flops=4 * macs, tf32_ok=True,
                 bytes=small(gout, x) + params + partial + small(res[2], res[3]))
         rec.add(name="triton block_finish", kind="conv", layer=layer, bytes=partial + small(res[0], res[1]))
         return res
@@ -557,9 +557,9 @@ def _block_patch(rec: _Recorder):
                                              invstd, aux, meta)
         macs, partial, layer = geometry(x, w, meta)
         params = small(w, bias, gamma, beta, mean, invstd, uw, ubias, ugamma, ubeta) + gout.numel()  # + sel
-        rec.add(name="triton block_dbwd_reduce", kind="conv", layer=layer, flops=4 * macs,
+        rec.add(name="triton block_dbwd_reduce", kind="conv", layer=layer, flops=4 * macs, tf32_ok=True,
                 bytes=small(gout, x) + params)
-        rec.add(name="triton block_dbwd_apply", kind="conv", layer=layer, flops=6 * macs,
+        rec.add(name="triton block_dbwd_apply", kind="conv", layer=layer, flops=6 * macs, tf32_ok=True,
                 bytes=small(gout, x, res[0], res[3]) + params + partial)
         rec.add(name="triton block_finish", kind="conv", layer=layer, bytes=partial + small(res[1], res[2]))
         return res
@@ -749,23 +749,30 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
 
 
 # ---- prediction and summaries ----------------------------------------------------------------------------
-def _rate(k: Kernel, ceil: dict, tf32: bool, conv_efficiency: float) -> float:
-    """FLOP/s of kernel group k: the fp32 (or TF32) ceiling, times conv_efficiency for convolutions."""
-    rate = (ceil["tf32_tflops"] if (tf32 and k.tf32_ok) else ceil["fp32_tflops"]) * 1e12
+def _rate(k: Kernel, ceil: dict, tf32: bool, conv_efficiency: float, tf32x3: bool = False) -> float:
+    """FLOP/s of kernel group k: the fp32 (or TF32) ceiling, times conv_efficiency for convolutions.
+    tf32x3 (config key conv_precision="tf32x3"): our convolution kernels run three TF32 products per
+    product, a third of the TF32 rate (matmuls follow `tf32`)."""
+    if tf32x3 and k.tf32_ok and k.kind == "conv":
+        rate = ceil["tf32_tflops"] / 3 * 1e12
+    else:
+        rate = (ceil["tf32_tflops"] if (tf32 and k.tf32_ok) else ceil["fp32_tflops"]) * 1e12
     return rate * (conv_efficiency if k.kind == "conv" else 1.0)
 
 
-def predict(k: Kernel, ceil: dict, tf32: bool, cuda_graph: bool, conv_efficiency: float = 1.0) -> float:
+def predict(k: Kernel, ceil: dict, tf32: bool, cuda_graph: bool, conv_efficiency: float = 1.0,
+            tf32x3: bool = False) -> float:
     """Predicted milliseconds of kernel group k at the ceilings `ceil` (None when not measured)."""
     if ceil.get("fp32_tflops") is None:
         return None
-    rate = _rate(k, ceil, tf32, conv_efficiency)
+    rate = _rate(k, ceil, tf32, conv_efficiency, tf32x3)
     t = max(k.flops / rate, k.bytes / (ceil["bandwidth_tbs"] * 1e12)) * 1e3
     launch = ceil["graph_launch_us"] if cuda_graph else ceil["eager_launch_us"]
     return t + k.launches * launch * 1e-3
 
 
-def summarize(res: TraceResult, ceilings: str = "h100", tf32: bool = False, conv_efficiency: float = 1.0) -> dict:
+def summarize(res: TraceResult, ceilings: str = "h100", tf32: bool = False, conv_efficiency: float = 1.0,
+              tf32x3: bool = False) -> dict:
     """Totals, per layer, per op kind and per (layer, kind), and the 20 most launched kernel names.
     conv_efficiency: the fraction of the FMA ceiling the convolution kernels are assumed to reach
     (1.0: the ceiling; bench.static_metrics' FFMA share of their inner loops bounds it from above)."""
@@ -779,11 +786,11 @@ def summarize(res: TraceResult, ceilings: str = "h100", tf32: bool = False, conv
     compute_ms = bytes_ms = launch_ms = 0.0
     measured = ceil.get("fp32_tflops") is not None
     for k in res.kernels:
-        ms = predict(k, ceil, tf32, graph, conv_efficiency) if measured else 0.0
+        ms = predict(k, ceil, tf32, graph, conv_efficiency, tf32x3) if measured else 0.0
         by_name[k.name]["kernels"] += k.launches
         by_name[k.name]["bytes"] += k.bytes
         if measured:
-            rate = _rate(k, ceil, tf32, conv_efficiency)
+            rate = _rate(k, ceil, tf32, conv_efficiency, tf32x3)
             c, b = k.flops / rate * 1e3, k.bytes / (ceil["bandwidth_tbs"] * 1e12) * 1e3
             compute_ms += c if c >= b else 0.0
             bytes_ms += b if b > c else 0.0
@@ -801,7 +808,7 @@ def summarize(res: TraceResult, ceilings: str = "h100", tf32: bool = False, conv
     out.update(dict(
         prediction=("PREDICTION from device ceilings (%s), not a measurement" % ceil["device"]) if measured
         else f"no prediction: {ceil['device']}",
-        ceilings=ceilings, tf32=tf32, conv_efficiency=conv_efficiency,
+        ceilings=ceilings, tf32=tf32, tf32x3=tf32x3, conv_efficiency=conv_efficiency,
         top_names=dict(sorted(by_name.items(), key=lambda kv: -kv[1]["kernels"])[:20]),
         ceiling_values={k: v for k, v in ceil.items() if k != "sources"},
         predicted_split_ms=(dict(compute_bound=compute_ms, bandwidth_bound=bytes_ms, launches=launch_ms)
@@ -823,7 +830,9 @@ def to_markdown(s: dict) -> str:
     lines = [f"### Trace: {s['workload']} B={s['batch_size']}, backend {s['backend']}, conv_impl {s['conv_impl']}, "
              + (f"first block {s['first_block']}, " if "first_block" in s else "")
              + 
-             f"{'CUDA graph' if s['cuda_graph'] else 'eager'}{', TF32' if s['tf32'] else ', strict fp32'}"
+             f"{'CUDA graph' if s['cuda_graph'] else 'eager'}"
+             + (", convolutions in tf32x3" + (", matmuls TF32" if s["tf32"] else "") if s.get("tf32x3")
+                else (", TF32" if s["tf32"] else ", strict fp32"))
              + (f", convolutions at {s['conv_efficiency']:.0%} of the FMA ceiling"
                 if s.get("conv_efficiency", 1.0) != 1.0 else ""),
              "",
@@ -904,6 +913,8 @@ def main(argv=None) -> int:
                    help="the first layer as the fused block (auto: fused unless --backend torch)")
     p.add_argument("--no-cuda-graph", action="store_true", help="eager launches instead of a captured graph")
     p.add_argument("--tf32", action="store_true", help="convolutions and matmuls at the TF32 rate")
+    p.add_argument("--tf32x3", action="store_true",
+                   help="our convolution kernels in tf32x3 (conv_precision): a third of the TF32 rate")
     p.add_argument("--device-ceilings", default="h100", choices=sorted(CEILINGS))
     p.add_argument("--conv-efficiency", type=float, default=1.0,
                    help="fraction of the FMA ceiling assumed for the convolution kernels (default 1.0)")
@@ -928,7 +939,7 @@ def main(argv=None) -> int:
     if not 0 < a.conv_efficiency <= 1:
         print(f"error: --conv-efficiency must be in (0, 1], got {a.conv_efficiency}", file=sys.stderr)
         return 2
-    s = summarize(res, a.device_ceilings, a.tf32, a.conv_efficiency)
+    s = summarize(res, a.device_ceilings, a.tf32, a.conv_efficiency, a.tf32x3)
     s["command"] = "python -m bench.trace " + " ".join(sys.argv[1:] if argv is None else argv)
     import datetime
     import os
@@ -947,7 +958,8 @@ def main(argv=None) -> int:
             f.write(to_markdown(s) + f"\nCommand: `{s['command']}`; git {s['git_revision'][:10]}"
                     f"{' (modified)' if s['git_dirty'] else ''}, torch {s['torch']}, {s['date']}.\n")
     if a.json:
-        keys = ("workload", "batch_size", "backend", "conv_impl", "cuda_graph", "tf32", "conv_efficiency", "kernels",
+        keys = ("workload", "batch_size", "backend", "conv_impl", "cuda_graph", "tf32", "tf32x3", "conv_efficiency",
+                "kernels",
                 "bytes", "flops", "conv_linear_flops", "predicted_ms", "prediction", "analytic_flops_total", "analytic_flops_minimal")
         print(json.dumps({k: s[k] for k in keys}))
     else:

@@ -118,3 +118,20 @@ def test_bad_input_one_line_error(args, word):
     assert p.returncode == 2
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and word in err[0]
+
+
+def test_tf32x3_rate():
+    """--tf32x3 (config key conv_precision="tf32x3"): our convolution kernels at a third of the TF32 rate,
+    matmuls as --tf32 says; the prediction lies between TF32 and strict fp32."""
+    from bench.trace import Kernel, _rate
+    ceil = CEILINGS["h100"]
+    conv = Kernel(name="triton conv_fwd", kind="conv", layer="conv1", flops=10 ** 9, tf32_ok=True)
+    mm = Kernel(name="aten.bmm", kind="matmul", layer="head+grads", flops=10 ** 9, tf32_ok=True)
+    assert _rate(conv, ceil, False, 1.0, True) == ceil["tf32_tflops"] / 3 * 1e12
+    assert _rate(mm, ceil, False, 1.0, True) == ceil["fp32_tflops"] * 1e12
+    assert _rate(mm, ceil, True, 1.0, True) == ceil["tf32_tflops"] * 1e12
+    res = trace_meta_update(QUICK, None, "cuda", "triton", True, quick=True)
+    fp32, tf32, x3 = (summarize(res, "h100", t, 1.0, x)["predicted_ms"] for t, x in
+                      ((False, False), (True, False), (False, True)))
+    assert tf32 <= x3 <= fp32
+    assert main(["--quick", "--workload", QUICK, "--tf32x3", "--json"]) == 0
