@@ -95,14 +95,14 @@ def emulated_launchers(mode: str):
 
 
 @contextlib.contextmanager
-def emulation(mode: str):
-    """conv_impl "triton" runs the emulated launchers inside the block."""
+def emulation(mode: str, launchers=None):
+    """conv_impl "triton" runs the emulated launchers of `mode` (or the given three) inside the block."""
     from mamlpp_fast.ops import conv as conv_mod
     from mamlpp_fast.ops import conv_triton_autograd as ta
     names = ("conv_forward", "conv_data_grad", "conv_weight_grad")
     saved = [getattr(ta, n) for n in names] + [conv_mod._IMPLS["triton"]]
     try:
-        for n, f in zip(names, emulated_launchers(mode)):
+        for n, f in zip(names, launchers if launchers is not None else emulated_launchers(mode)):
             setattr(ta, n, f)
         conv_mod._IMPLS["triton"] = lambda x, w, bias, b, stride, padding: ta.task_conv2d_triton(
             x, w, bias, b, stride, padding)
@@ -159,6 +159,37 @@ def measure(w, seeds: int, modes=MODES, first_seed: int = 0) -> dict:
     return dict(errors=errors, summary=summary)
 
 
+def per_layer(w, seeds: int, first_seed: int = 0) -> dict:
+    """TF32 in one convolution layer at a time (the layer whose input is H x H; the others strict):
+    the meta-gradient and meta-loss relative errors against float64 per batch, keyed by H."""
+    torch.manual_seed(first_seed)
+    oracle = _model(w, "float64", "grouped")
+    state = {k: v.clone() for k, v in oracle.state_dict().items()}
+    fast = _model(w, "float32", "triton")
+    tf32, strict = emulated_launchers("tf32"), emulated_launchers("ieee")
+    sizes, h = [], w.height
+    for _ in range(w.num_stages):
+        sizes.append(h)
+        h //= 2
+    out = {str(h): [] for h in sizes}
+    for k in range(seeds):
+        batch = W.make_batch_numpy(w, seed=first_seed + k)
+        oracle.load_state_dict(state)
+        loss64, g64 = _meta_gradient(oracle, batch)
+        for h in sizes:
+            def pick(meta, h=h):
+                return tf32 if meta[5] == h else strict
+            launchers = (lambda x, w_, b, meta: pick(meta)[0](x, w_, b, meta),
+                         lambda g, w_, meta: pick(meta)[1](g, w_, meta),
+                         lambda x, g, meta, with_bias=False: pick(meta)[2](x, g, meta, with_bias))
+            fast.load_state_dict(state)
+            with emulation("ieee", launchers):
+                loss32, g32 = _meta_gradient(fast, batch)
+            out[str(h)].append(dict(grad=float((g32 - g64).norm() / g64.norm()),
+                                    loss=abs(loss32 - loss64) / abs(loss64)))
+    return out
+
+
 def real_run(w, omniglot_dir: str, modes, updates: int, val_tasks: int) -> dict:
     """Per mode: N meta-updates on real Omniglot tasks from the same initial state, then validation."""
     import tempfile
@@ -202,6 +233,13 @@ def to_markdown(rep: dict) -> str:
         g, lo = s["grad"], s["loss"]
         lines.append(f"| {m} | {g['median']:.2e} | {g['p90']:.2e} | {g['max']:.2e} | {lo['median']:.2e} | "
                      f"{lo['max']:.2e} |")
+    per = rep.get("per_layer")
+    if per:
+        lines += ["", "TF32 in one layer only (the others strict), per batch: meta-gradient / meta-loss rel. error:",
+                  "", "| layer input | " + " | ".join(f"batch {k}" for k in range(len(next(iter(per.values()))))) + " |",
+                  "|---|" + "---|" * len(next(iter(per.values())))]
+        for h, v in per.items():
+            lines.append(f"| {h} x {h} | " + " | ".join(f"{e['grad']:.2e} / {e['loss']:.2e}" for e in v) + " |")
     real = rep.get("real_run")
     if real:
         lines += ["", f"Short real-Omniglot run ({rep['real_run_config']}), the same initial state and tasks per mode:",
@@ -224,6 +262,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=20)
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--per-layer", action="store_true",
+                   help="also TF32 in one convolution layer at a time, the others strict (same seeds)")
     p.add_argument("--real-updates", type=int, default=0, help="meta-updates of the real-Omniglot run (0: none)")
     p.add_argument("--val-tasks", type=int, default=100, help="validation tasks after the real-Omniglot run")
     p.add_argument("--omniglot-dir", default=None, help="folder of the Omniglot zips (default: bench.trainer_bench's)")
@@ -243,6 +283,8 @@ def main(argv=None) -> int:
     w = w.with_(**over)
     t0 = time.time()
     res = measure(w, a.seeds, modes, a.first_seed) if a.seeds > 0 else dict(errors={}, summary={})
+    if a.per_layer:
+        res["per_layer"] = per_layer(w, a.seeds, a.first_seed)
     if a.real_updates > 0:
         from .trainer_bench import default_omniglot_dir, omniglot_zips_present
         folder = a.omniglot_dir or default_omniglot_dir()

@@ -383,9 +383,9 @@ def _build_fast(w, dev, a, backend: str, variant: str, conv_impl: str | None = N
 
     def step():
         out = model.run_train_iter(batch, 0)
-        # whether the first layer ran fused (mamlpp_fast.ops.conv_block), as decided at its first call
-        cache = model.__dict__.get("_first_block_cache", {})
-        extra["first_block_fused"] = any(v is not None for v in cache.values())
+        if "first_block_fused" not in extra:  # once: whether the first layer ran fused (ops.conv_block)
+            cache = model.__dict__.get("_first_block_cache", {})
+            extra["first_block_fused"] = any(v is not None for v in cache.values())
         return out
     return step, extra, model
 

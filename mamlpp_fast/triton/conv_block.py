@@ -129,6 +129,28 @@ def _windows(j, HWp, Wp):
 
 
 @triton.jit
+def _chunk_outputs(kc, CHUNK, CHUNKS, MW, ACC: tl.constexpr):
+    """Convolution outputs (4 per window) of chunks kc (0 beyond the last chunk)."""
+    kb = tl.minimum(kc * CHUNK, MW)
+    return tl.where(kc < CHUNKS, 4 * (tl.minimum(kb + CHUNK, MW) - kb), 0).to(ACC)
+
+
+@triton.jit
+def _backward_step(gout_ptr, sel_ptr, s, end, cps, cmask, TC, HWp, Wp, BLOCK_W: tl.constexpr,
+                   ACC: tl.constexpr):
+    """The windows s .. s+BLOCK_W of a backward pass: row mask, (row, channel) mask, coordinates, their
+    pooled offsets, gout there and the position of each window's maximum (kept by the forward)."""
+    j = s + tl.arange(0, BLOCK_W)
+    mask = j < end
+    m2d = mask[:, None] & cmask[None, :]
+    i, rem, ph, pw = _windows(j, HWp, Wp)
+    pool_off = (i.to(tl.int64)[:, None] * TC + cps[None, :]) * HWp + rem[:, None]
+    go = tl.load(gout_ptr + pool_off, mask=m2d, other=0.0).to(ACC)
+    sel = tl.load(sel_ptr + pool_off, mask=m2d, other=0).to(tl.int32)
+    return mask, m2d, i, ph, pw, pool_off, go, sel
+
+
+@triton.jit
 def _patch(x_ptr, i, oh, ow, rmask, t, ks, ci, p, q, Ci, TCi, H, W, stride, pad,
            K: tl.constexpr, ACC: tl.constexpr):
     """(BLOCK_W, KP) tile P': the image under output (oh, ow) of example i, the bias column = 1 (0 on
@@ -283,8 +305,7 @@ def _fwd_apply_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, ws_ptr, out_ptr,
     acc = tl.zeros([KSTEP, BLOCK_C], dtype=ACC)
     for k0 in range(0, CHUNKS, KSTEP):
         kc = k0 + kk
-        kb = tl.minimum(kc * CHUNK, MW)
-        kn = tl.where(kc < CHUNKS, 4 * (tl.minimum(kb + CHUNK, MW) - kb), 0).to(ACC)
+        kn = _chunk_outputs(kc, CHUNK, CHUNKS, MW, ACC)
         km = (kc < CHUNKS)[:, None] & cmask[None, :]
         pm = tl.load(ws_ptr + (cps[None, :] * CHUNKS + kc[:, None]) * 2, mask=km, other=0.0)
         acc += kn[:, None] * pm
@@ -292,8 +313,7 @@ def _fwd_apply_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, ws_ptr, out_ptr,
     acc = tl.zeros([KSTEP, BLOCK_C], dtype=ACC)
     for k0 in range(0, CHUNKS, KSTEP):
         kc = k0 + kk
-        kb = tl.minimum(kc * CHUNK, MW)
-        kn = tl.where(kc < CHUNKS, 4 * (tl.minimum(kb + CHUNK, MW) - kb), 0).to(ACC)
+        kn = _chunk_outputs(kc, CHUNK, CHUNKS, MW, ACC)
         km = (kc < CHUNKS)[:, None] & cmask[None, :]
         base = (cps[None, :] * CHUNKS + kc[:, None]) * 2
         pm = tl.load(ws_ptr + base, mask=km, other=0.0)
@@ -375,13 +395,8 @@ def _reduce_kernel(gout_ptr, sel_ptr, x_ptr, w_ptr, b_ptr, uw_ptr, ub_ptr, gamma
         sux = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
         sug = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
     for s in range(begin, end, BLOCK_W):
-        j = s + tl.arange(0, BLOCK_W)
-        mask = j < end
-        m2d = mask[:, None] & cmask[None, :]
-        i, rem, ph, pw = _windows(j, HWp, Wp)
-        pool_off = (i.to(tl.int64)[:, None] * TC + cps[None, :]) * HWp + rem[:, None]
-        go = tl.load(gout_ptr + pool_off, mask=m2d, other=0.0).to(ACC)
-        sel = tl.load(sel_ptr + pool_off, mask=m2d, other=0).to(tl.int32)
+        mask, m2d, i, ph, pw, pool_off, go, sel = _backward_step(gout_ptr, sel_ptr, s, end, cps, cmask, TC, HWp,
+                                                                 Wp, BLOCK_W, ACC)
         for d in range(4):  # a loop, not unrolled: one output's tiles live at a time
             P = _patch(x_ptr, i, 2 * ph + d // 2, 2 * pw + d % 2, mask, t, ks, ci, p, q, Ci, TCi, H, W,
                        stride, pad, K, ACC)
@@ -452,13 +467,8 @@ def _apply_kernel(gout_ptr, sel_ptr, x_ptr, w_ptr, b_ptr, uw_ptr, ub_ptr, ugam_p
     begin = tl.minimum(k * CHUNK, MW)
     end = tl.minimum(begin + CHUNK, MW)
     for s in range(begin, end, BLOCK_W):
-        j = s + tl.arange(0, BLOCK_W)
-        mask = j < end
-        m2d = mask[:, None] & cmask[None, :]
-        i, rem, ph, pw = _windows(j, HWp, Wp)
-        pool_off = (i.to(tl.int64)[:, None] * TC + cps[None, :]) * HWp + rem[:, None]
-        go = tl.load(gout_ptr + pool_off, mask=m2d, other=0.0).to(ACC)
-        sel = tl.load(sel_ptr + pool_off, mask=m2d, other=0).to(tl.int32)
+        mask, m2d, i, ph, pw, pool_off, go, sel = _backward_step(gout_ptr, sel_ptr, s, end, cps, cmask, TC, HWp,
+                                                                 Wp, BLOCK_W, ACC)
         if NSUM == 5:
             dgo = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
         for d in range(4):  # a loop, not unrolled: one output's tiles live at a time
