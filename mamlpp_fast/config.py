@@ -111,6 +111,7 @@ DEFAULTS: dict[str, Any] = {
     "conv_precision": "auto",  # Triton conv / fused-block products: "auto" (follows allow_tf32) | "ieee" | "tf32" | "tf32x3"
     "conv_impl": "auto",  # fast learner: how the per-task convolutions run (mamlpp_fast.ops.conv)
     "first_block": "auto",  # fast learner: "fused" | "unfused" | "auto" (mamlpp_fast.ops.conv_block)
+    "bn_pool": "auto",  # fast learner, layers after the first: "fused" | "unfused" | "auto" (mamlpp_fast.ops.bn_pool)
     "evaluation_batch_size": 32,  # fast learner: validation/test tasks per evaluation call (trainer)
 }
 
@@ -135,6 +136,7 @@ _CHOICES = {
     "nonfinite_policy": ("skip", "stop"),
     "conv_impl": ("auto", "grouped", "channels_last", "unfold", "unfold_bmm", "per_task", "triton"),
     "first_block": ("auto", "fused", "unfused"),
+    "bn_pool": ("auto", "fused", "unfused"),
     "conv_precision": ("auto", "ieee", "tf32", "tf32x3"),
 }
 _POSITIVE_INT = (

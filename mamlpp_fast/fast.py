@@ -45,6 +45,8 @@ from .network import BN_EPS, BN_MOMENTUM, LEAKY_SLOPE
 from .ops import lslr_update, per_step_batch_norm
 from .ops.conv_block import block_supported, conv_bn_pool
 from .ops.conv_block import torch_impl as block_torch_impl
+from .ops.bn_pool import bn_pool, bn_pool_supported
+from .ops.bn_pool import torch_impl as bn_pool_torch_impl
 from .ops.conv import task_conv2d
 
 __all__ = ["MAMLFewShotClassifier"]
@@ -144,12 +146,17 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
                 continue
             out = task_conv2d(out, w, bias, b, conv.stride, conv.padding, self.args.conv_impl, pattern)
             gamma, beta = self._bn_params(layer, step, fast, rows)
-            out, mean, invstd = per_step_batch_norm(out, gamma, beta, b, BN_EPS, LEAKY_SLOPE,
-                                                    backend=self._op_backend)
+            m = out.shape[0] * out.shape[2] * out.shape[3]
+            pool = self._bn_pool_impl(out) if self.classifier.max_pooling else None
+            if pool is not None:  # batch norm, leaky ReLU and pooling as one op (ops.bn_pool)
+                out, mean, invstd = bn_pool(out, gamma, beta, b, BN_EPS, LEAKY_SLOPE, impl=pool)
+            else:
+                out, mean, invstd = per_step_batch_norm(out, gamma, beta, b, BN_EPS, LEAKY_SLOPE,
+                                                        backend=self._op_backend)
+                if self.classifier.max_pooling:
+                    out = F.max_pool2d(out, 2, 2, 0)
             if stats is not None:
-                stats.append((i, mean, invstd, out.shape[0] * out.shape[2] * out.shape[3]))
-            if self.classifier.max_pooling:
-                out = F.max_pool2d(out, 2, 2, 0)
+                stats.append((i, mean, invstd, m))
         if not self.classifier.max_pooling:
             out = F.avg_pool2d(out, out.shape[2])
         n = out.shape[0]
@@ -165,30 +172,50 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         where they run (a CUDA device, or TRITON_INTERPRET=1), else the PyTorch implementation, which
         recomputes the convolution and saves memory, not time); "auto": fused where the Triton kernels
         run on a CUDA device, else unfused. Decided once per (device, dtype, shape)."""
-        mode = getattr(self.args, "first_block", "auto")
+        return self._fused_impl("first_block", x, (tuple(w.shape), x.requires_grad),
+                                lambda: block_supported(x, w, conv.stride, conv.padding,
+                                                        self.classifier.max_pooling),
+                                "conv_block", block_torch_impl, "the first layer")
+
+    def _bn_pool_impl(self, x: torch.Tensor):
+        """The implementation of `bn_pool` (batch norm, leaky ReLU and max pooling as one op,
+        mamlpp_fast.ops.bn_pool) for the layer whose convolution output is x, or None for the unfused
+        ops. Config key `bn_pool`: "unfused"; "fused" (the Triton kernels where they run, else the
+        PyTorch implementation: the same work as unfused); "auto": fused where the Triton kernels run on
+        a CUDA device, else unfused. Decided once per (device, dtype, shape)."""
+        return self._fused_impl("bn_pool", x, (), lambda: bn_pool_supported(x), "bn_pool", bn_pool_torch_impl,
+                                f"a {x.shape[2]}x{x.shape[3]} layer")
+
+    def _fused_impl(self, key: str, x: torch.Tensor, extra: tuple, why_not, triton_module: str, torch_impl,
+                    what: str):
+        """Shared decision of `_first_block_impl` and `_bn_pool_impl`: config key `key`, cached per
+        (mode, device, dtype, shape, extra); `why_not()` is None where the fused op takes the call."""
+        mode = getattr(self.args, key, "auto")
         if mode == "unfused":
             return None
-        key = (mode, x.device, x.dtype, tuple(x.shape), tuple(w.shape), x.requires_grad)
-        cache = self.__dict__.setdefault("_first_block_cache", {})
-        if key in cache:
-            return cache[key]
-        why = block_supported(x, w, conv.stride, conv.padding, self.classifier.max_pooling)
+        ck = (key, mode, x.device, x.dtype, tuple(x.shape)) + extra
+        cache = self.__dict__.setdefault(f"_{key}_cache", {})
+        if ck in cache:
+            return cache[ck]
+        why = why_not()
         impl = None
         if why is None:
+            import importlib
+
             from . import triton as tb
             from .ops import get_backend
             triton_ok = (x.dtype in (torch.float32, torch.float64) and tb.is_available()
                          and (x.device.type == "cuda" or (x.device.type == "cpu" and tb._interpret()))
                          and get_backend(self._op_backend, x.device).name != "torch")
             if triton_ok:
-                from .triton import conv_block as impl
+                impl = importlib.import_module(f".triton.{triton_module}", __package__)
             elif mode == "fused":
-                impl = block_torch_impl
+                impl = torch_impl
             if mode == "auto" and x.device.type != "cuda":
                 impl = None
         elif mode == "fused":
-            warnings.warn(f"first_block='fused': the first layer runs unfused: {why}", stacklevel=3)
-        cache[key] = impl
+            warnings.warn(f"{key}='fused': {what} runs unfused: {why}", stacklevel=4)
+        cache[ck] = impl
         return impl
 
     def _importance(self) -> torch.Tensor:

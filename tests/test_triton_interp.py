@@ -488,9 +488,15 @@ def _window_gap(x, w, bias, gamma, beta, T, pad):
     from mamlpp_fast.ops.conv import task_conv2d
 
     z = task_conv2d(x.double(), w.double(), None if bias is None else bias.double(), T, 1, pad, "grouped")
-    y = per_step_batch_norm(z, gamma.double(), beta.double(), T, EPS, SLOPE, backend="torch")[0]
+    return _pool_gap(per_step_batch_norm(z, gamma.double(), beta.double(), T, EPS, SLOPE, backend="torch")[0])
+
+
+def _pool_gap(y):
+    """The smallest gap between the two largest values of a 2x2 pooling window of y (an odd last row or
+    column is in no window), relative to max |y|."""
     n, c, h, wd = y.shape
-    win = y.reshape(n, c, h // 2, 2, wd // 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(-1, 4)
+    y2 = y[:, :, :h // 2 * 2, :wd // 2 * 2]
+    win = y2.reshape(n, c, h // 2, 2, wd // 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(-1, 4)
     top = win.topk(2, dim=1).values
     return float((top[:, 0] - top[:, 1]).min() / y.abs().max())
 
@@ -610,3 +616,126 @@ def test_learner_with_fused_first_block_triton_matches_reference_float64():
     ref, fast, args = make_pair("float64", "triton", **cfg)
     compare(ref, fast, batch_for(args, 2, seed), 0, "float64", seed)
     assert any(v is tcb for v in fast._first_block_cache.values())
+
+
+# ---- bn_pool (mamlpp_fast.ops.bn_pool; kernels in mamlpp_fast/triton/bn_pool.py) ----------------------------
+def _bn_pool_all(impl, x, gamma, beta, T, seed, us=(True, True, True)):
+    """forward, backward and double backward of bn_pool's implementation `impl` on plain tensors, with
+    random upstream gradients (drawn from seed; those whose flag in `us` is False are None)."""
+    import torch
+    from test_bn_pool import EPS, SLOPE
+
+    meta = (T, EPS, SLOPE)
+    out, mean, invstd, aux = impl.forward(x, gamma, beta, meta)
+    g = torch.Generator().manual_seed(seed + 7)
+    rnd = lambda t: torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)  # noqa: E731
+    gout = rnd(out)
+    bwd = impl.backward(gout, x, gamma, beta, mean, invstd, aux, meta)
+    u = [t if on else None for t, on in zip((rnd(x), rnd(gamma), rnd(beta)), us)]
+    dbwd = impl.double_backward(*u, gout, x, gamma, beta, mean, invstd, aux, meta)
+    names = ["out", "mean", "invstd", "dx", "dgamma", "dbeta", "ddgout", "ddx", "ddgamma"]
+    return list(zip(names, [out, mean, invstd, *bwd, *dbwd])), invstd
+
+
+def _bn_pool_case(idx, seed, dtype):
+    from test_bn_pool import SHAPES, make_inputs
+
+    x, gamma, beta, T = make_inputs(SHAPES[idx], seed, dtype)
+    gamma, beta = gamma.detach(), beta.detach()
+    if gamma.shape != beta.shape:  # the implementations take one shape (the op expands, as here)
+        gamma, beta = (p.expand(T, -1).contiguous() if p.dim() == 1 else p for p in (gamma, beta))
+    return x.detach(), gamma, beta, T
+
+
+def _bn_pool_compare(got, ref, tol, seed):
+    for (name, a), (_, r) in zip(got, ref):
+        err = float((a.double() - r.double()).abs().max()) / max(1.0, float(r.abs().max()))
+        assert err < tol, f"{name}: {err:.3e} (seed {seed})"
+
+
+@inner
+@pytest.mark.parametrize("idx,multi", [(i, m) for m in (0, 3) for i in range(5)],
+                         ids=[f"{i}-{m}" for m in ("auto-chunks", "3-chunks-16-cells") for i in range(5)])
+def test_bn_pool_kernels_float64(idx, multi, monkeypatch):
+    """The Triton kernels against the PyTorch implementation of bn_pool (itself tested against the unfused
+    ops in tests/test_bn_pool.py), float64, 1e-10, on shapes with even and odd sizes (an unpooled last row
+    or column), shared and per-task gamma/beta; with the interpreter's configuration (one chunk) and with
+    3 chunks of 16 cells (the merge of chunk sums, ragged last chunks); each upstream gradient of the
+    double backward alone in turn."""
+    from _batches import fresh_seed
+    from mamlpp_fast.ops.bn_pool import torch_impl
+    from mamlpp_fast.triton import bn_pool as tbp
+    import torch
+
+    if multi:
+        def forced(n, tc, h, w, device):
+            m, mc = n * h * w, n * -(-h // 2) * -(-w // 2)
+            chunk = -(-m // multi)
+            chunks = -(-m // chunk)
+            return dict(BLOCK=16, CHUNK=chunk, CHUNKS=chunks, CBLOCK=4, num_warps=1, MC=mc,
+                        CCHUNK=-(-mc // chunks), CELLS=16)
+        monkeypatch.setattr(tbp, "pool_config", forced)
+    seed = fresh_seed() % 2 ** 31
+    case = _bn_pool_case(idx, seed, torch.float64)
+    us = [(True, True, True), (True, False, False), (False, True, False), (False, False, True),
+          (True, True, True)][idx]
+    ref, _ = _bn_pool_all(torch_impl, *case, seed, us)
+    got, _ = _bn_pool_all(tbp, *case, seed, us)
+    _bn_pool_compare(got, ref, 1e-10, seed)
+
+
+@inner
+@pytest.mark.parametrize("idx", [0, 1, 2])
+def test_bn_pool_kernels_float32(idx):
+    """float32 kernels against the float64 PyTorch implementation on the same inputs, with the batch-norm
+    kernels' margins: 2e-5 forward and backward, 1e-4 * max(1, max invstd) double backward (test_bn_f32).
+    Inputs with a pooling window whose two largest y are closer than 1e-4 of max |y| are redrawn (the next
+    seed): there float32 rounding may pick the other maximum, a discontinuity of the function."""
+    import torch
+    from _batches import fresh_seed
+    from test_bn_pool import EPS, SLOPE
+    from mamlpp_fast.ops import per_step_batch_norm
+    from mamlpp_fast.ops.bn_pool import torch_impl
+    from mamlpp_fast.triton import bn_pool as tbp
+
+    seed = fresh_seed() % 2 ** 31
+    while True:
+        x, gamma, beta, T = _bn_pool_case(idx, seed, torch.float32)
+        y = per_step_batch_norm(x.double(), gamma.double(), beta.double(), T, EPS, SLOPE, backend="torch")[0]
+        if _pool_gap(y) > 1e-4:
+            break
+        seed += 1
+    ref, invstd = _bn_pool_all(torch_impl, x.double(), gamma.double(), beta.double(), T, seed)
+    got, _ = _bn_pool_all(tbp, x, gamma, beta, T, seed)
+    _bn_pool_compare(got[:6], ref[:6], 2e-5, seed)
+    _bn_pool_compare(got[6:], ref[6:], 1e-4 * max(1.0, float(invstd.max())), seed)
+
+
+@inner
+def test_bn_pool_triton_gradcheck_and_gradgradcheck():
+    """float64 gradcheck and gradgradcheck of bn_pool on the Triton kernels (fast mode), odd sizes."""
+    import torch
+    from test_bn_pool import SHAPES, fused, make_inputs
+    from mamlpp_fast.triton import bn_pool as tbp
+
+    x, gamma, beta, T = make_inputs(SHAPES[1], 12)
+    fn = lambda *p: fused(*p, T, impl=tbp)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, gamma, beta), fast_mode=True)
+    assert torch.autograd.gradgradcheck(fn, (x, gamma, beta), fast_mode=True)
+
+
+@inner
+def test_learner_with_bn_pool_triton_matches_reference_float64():
+    """The fast learner with bn_pool="fused" on the Triton kernels (with the Triton first block,
+    convolutions, BN and LSLR) against the reference learner, float64, from the same state; odd sizes."""
+    from _batches import fresh_seed
+    from test_fast_equivalence import batch_for, compare, make_pair
+    from mamlpp_fast.triton import bn_pool as tbp
+
+    seed = fresh_seed()
+    cfg = dict(cnn_num_filters=4, num_stages=3, image_height=10, image_width=10, num_classes_per_set=3,
+               number_of_training_steps_per_iter=2, number_of_evaluation_steps_per_iter=2, conv_impl="triton",
+               first_block="fused", bn_pool="fused")
+    ref, fast, args = make_pair("float64", "triton", **cfg)
+    compare(ref, fast, batch_for(args, 2, seed), 0, "float64", seed)
+    assert fast._bn_pool_cache and all(v is tbp for v in fast._bn_pool_cache.values())

@@ -165,6 +165,73 @@ def _dbwd_coef(Sg, Sgx, Su, Sux, Sug, M, ga, r, ugam, ubet):
     return cu, cx, c0, eu, eg, ex, e0, ggamma
 
 
+@triton.jit
+def _merged_stats(ws_ptr, mean_ptr, invstd_ptr, cp, k, CHUNK, CHUNKS, M, eps, IS_F64: tl.constexpr,
+                  CBLOCK: tl.constexpr, ACC: tl.constexpr):
+    """(mu, r) of column cp: Chan's merge of the forward reduction's chunk states (mean, m2) in chunk
+    order, counts from the chunk bounds (CHUNK elements of M per chunk); program k == 0 stores them.
+    Returned as stored (rounded to the statistics' dtype): the values the backward passes see."""
+    ks = tl.arange(0, CBLOCK)
+    kmask = ks < CHUNKS
+    kb = tl.minimum(ks * CHUNK, M)
+    kn = tl.where(kmask, tl.minimum(kb + CHUNK, M) - kb, 0).to(ACC)
+    pm = tl.load(ws_ptr + (cp * CHUNKS + ks) * 2, mask=kmask, other=0.0)
+    pm2 = tl.load(ws_ptr + (cp * CHUNKS + ks) * 2 + 1, mask=kmask, other=0.0)
+    Mf = _to_acc(M, ACC)
+    mu = tl.sum(kn * pm, axis=0) / Mf
+    dmu = pm - mu
+    m2 = tl.sum(pm2 + kn * dmu * dmu, axis=0)
+    if IS_F64:
+        r = 1.0 / tl.sqrt(m2 / Mf + eps)
+    else:
+        r = 1.0 / tl.sqrt_rn(m2 / Mf + eps)
+    mu = mu.to(mean_ptr.dtype.element_ty).to(ACC)
+    r = r.to(invstd_ptr.dtype.element_ty).to(ACC)
+    if k == 0:
+        tl.store(mean_ptr + cp, mu)
+        tl.store(invstd_ptr + cp, r)
+    return mu, r
+
+
+@triton.jit
+def _store_bwd_params(ws_ptr, dgamma_ptr, dbeta_ptr, cp, k, C, T, CHUNKS, Sg, Sgx,
+                      GAMMA_PER_TASK: tl.constexpr, CBLOCK: tl.constexpr, TBLOCK: tl.constexpr):
+    """Program (cp, 0): dgamma = sum g xhat, dbeta = sum g of its column; for a shared gamma the
+    programs of task 0 add the per-task sums in task order."""
+    if k == 0:
+        if GAMMA_PER_TASK:
+            tl.store(dgamma_ptr + cp, Sgx.to(dgamma_ptr.dtype.element_ty))
+            tl.store(dbeta_ptr + cp, Sg.to(dbeta_ptr.dtype.element_ty))
+        else:
+            if cp < C:
+                dbt = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 0, 2, TBLOCK, CBLOCK)
+                dgt = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 1, 2, TBLOCK, CBLOCK)
+                tl.store(dgamma_ptr + cp, tl.sum(dgt, axis=0).to(dgamma_ptr.dtype.element_ty))
+                tl.store(dbeta_ptr + cp, tl.sum(dbt, axis=0).to(dbeta_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _store_dbwd_gamma(ws_ptr, invstd_ptr, ggamma_ptr, cp, k, C, T, CHUNKS, ggam, Mf,
+                      GAMMA_PER_TASK: tl.constexpr, CBLOCK: tl.constexpr, TBLOCK: tl.constexpr,
+                      ACC: tl.constexpr):
+    """Program (cp, 0): ggamma = r M Q of its column; for a shared gamma the programs of task 0 add
+    sum_t r_t M Q_t in task order."""
+    if k == 0:
+        if GAMMA_PER_TASK:
+            tl.store(ggamma_ptr + cp, ggam.to(ggamma_ptr.dtype.element_ty))
+        else:
+            if cp < C:
+                ts = tl.arange(0, TBLOCK)
+                rt = tl.load(invstd_ptr + ts * C + cp, mask=ts < T, other=0.0).to(ACC)
+                Sgt = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 0, 5, TBLOCK, CBLOCK)
+                Sgxt = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 1, 5, TBLOCK, CBLOCK)
+                Sut = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 2, 5, TBLOCK, CBLOCK)
+                Suxt = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 3, 5, TBLOCK, CBLOCK)
+                Sugt = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 4, 5, TBLOCK, CBLOCK)
+                Qt = Sugt / Mf - (Sut / Mf) * (Sgt / Mf) - (Suxt / Mf) * (Sgxt / Mf)
+                tl.store(ggamma_ptr + cp, tl.sum(rt * Mf * Qt, axis=0).to(ggamma_ptr.dtype.element_ty))
+
+
 # ------------------------------------------------------------------------------------------------
 # forward
 # ------------------------------------------------------------------------------------------------
@@ -205,27 +272,7 @@ def _bn_fwd_apply_kernel(x_ptr, y_ptr, gamma_ptr, beta_ptr, ws_ptr, mean_ptr, in
     ACC = x_ptr.dtype.element_ty
     eps = _f2acc(eps_hi, eps_lo, ACC)
     slope = _f2acc(slope_hi, slope_lo, ACC)
-    # Chan merge of the chunk states (counts from the chunk bounds), in chunk order.
-    ks = tl.arange(0, CBLOCK)
-    kmask = ks < CHUNKS
-    kb = tl.minimum(ks * CHUNK, M)
-    kn = tl.where(kmask, tl.minimum(kb + CHUNK, M) - kb, 0).to(ACC)
-    pm = tl.load(ws_ptr + (cp * CHUNKS + ks) * 2, mask=kmask, other=0.0)
-    pm2 = tl.load(ws_ptr + (cp * CHUNKS + ks) * 2 + 1, mask=kmask, other=0.0)
-    Mf = _to_acc(M, ACC)
-    mu = tl.sum(kn * pm, axis=0) / Mf
-    dmu = pm - mu
-    m2 = tl.sum(pm2 + kn * dmu * dmu, axis=0)
-    if IS_F64:
-        r = 1.0 / tl.sqrt(m2 / Mf + eps)
-    else:
-        r = 1.0 / tl.sqrt_rn(m2 / Mf + eps)
-    # the saved (rounded) statistics are the ones the backward passes see
-    mu = mu.to(mean_ptr.dtype.element_ty).to(ACC)
-    r = r.to(invstd_ptr.dtype.element_ty).to(ACC)
-    if k == 0:
-        tl.store(mean_ptr + cp, mu)
-        tl.store(invstd_ptr + cp, r)
+    mu, r = _merged_stats(ws_ptr, mean_ptr, invstd_ptr, cp, k, CHUNK, CHUNKS, M, eps, IS_F64, CBLOCK, ACC)
     gi = _gamma_index(cp, C, GAMMA_PER_TASK)
     ga = tl.load(gamma_ptr + gi).to(ACC)
     be = tl.load(beta_ptr + gi).to(ACC)
@@ -295,16 +342,8 @@ def _bn_bwd_apply_kernel(dy_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_pt
     gbar = Sg / Mf
     m = Sgx / Mf
     kk = ga * r
-    if k == 0:
-        if GAMMA_PER_TASK:
-            tl.store(dgamma_ptr + cp, Sgx.to(dgamma_ptr.dtype.element_ty))
-            tl.store(dbeta_ptr + cp, Sg.to(dbeta_ptr.dtype.element_ty))
-        else:
-            if cp < C:  # task 0: add the per-task sums in task order
-                dbt = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 0, 2, TBLOCK, CBLOCK)
-                dgt = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 1, 2, TBLOCK, CBLOCK)
-                tl.store(dgamma_ptr + cp, tl.sum(dgt, axis=0).to(dgamma_ptr.dtype.element_ty))
-                tl.store(dbeta_ptr + cp, tl.sum(dbt, axis=0).to(dbeta_ptr.dtype.element_ty))
+    _store_bwd_params(ws_ptr, dgamma_ptr, dbeta_ptr, cp, k, C, T, CHUNKS, Sg, Sgx, GAMMA_PER_TASK, CBLOCK,
+                      TBLOCK)
     begin, end = _chunk_bounds(k, CHUNK, M)
     for s in range(begin, end, BLOCK):
         j = s + tl.arange(0, BLOCK)
@@ -395,20 +434,8 @@ def _bn_dbwd_apply_kernel(ggx_ptr, gggamma_ptr, ggbeta_ptr, dy_ptr, x_ptr, gamma
         ubet = tl.zeros([], dtype=ACC)
     Mf = _to_acc(M, ACC)
     cu, cx, c0, eu, eg, ex, e0, ggam = _dbwd_coef(Sg, Sgx, Su, Sux, Sug, Mf, ga, r, ugam, ubet)
-    if k == 0:
-        if GAMMA_PER_TASK:
-            tl.store(ggamma_ptr + cp, ggam.to(ggamma_ptr.dtype.element_ty))
-        else:
-            if cp < C:  # task 0: ggamma[c] = sum_t r_t M Q_t, in task order
-                ts = tl.arange(0, TBLOCK)
-                rt = tl.load(invstd_ptr + ts * C + cp, mask=ts < T, other=0.0).to(ACC)
-                Sgt = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 0, 5, TBLOCK, CBLOCK)
-                Sgxt = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 1, 5, TBLOCK, CBLOCK)
-                Sut = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 2, 5, TBLOCK, CBLOCK)
-                Suxt = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 3, 5, TBLOCK, CBLOCK)
-                Sugt = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 4, 5, TBLOCK, CBLOCK)
-                Qt = Sugt / Mf - (Sut / Mf) * (Sgt / Mf) - (Suxt / Mf) * (Sgxt / Mf)
-                tl.store(ggamma_ptr + cp, tl.sum(rt * Mf * Qt, axis=0).to(ggamma_ptr.dtype.element_ty))
+    _store_dbwd_gamma(ws_ptr, invstd_ptr, ggamma_ptr, cp, k, C, T, CHUNKS, ggam, Mf, GAMMA_PER_TASK, CBLOCK,
+                      TBLOCK, ACC)
     begin, end = _chunk_bounds(k, CHUNK, M)
     for s in range(begin, end, BLOCK):
         j = s + tl.arange(0, BLOCK)
