@@ -122,7 +122,14 @@ def capture_launches(call, tf32: bool = False) -> list:
     try:
         with _recording_launches(store):
             op = call[0]
-            if op.startswith("bn_"):
+            if op == "bn_pool":  # batch norm + pooling of layers 1-3: forward, backward, double backward
+                from mamlpp_fast.triton import bn_pool as tpool
+                xs, gs, meta = call[1], call[2], call[3]
+                x, g = t(xs), t(gs)
+                out, mean, inv, sel = tpool.forward(x, g, g, meta)
+                tpool.backward(t(tuple(out.shape)), x, g, g, mean, inv, sel, meta)
+                tpool.double_backward(t(xs), g, g, t(tuple(out.shape)), x, g, g, mean, inv, sel, meta)
+            elif op.startswith("bn_"):
                 xs, gs, nt = call[1], call[2], call[3]
                 x, g, b = t(xs), t(gs), t(gs)
                 mean, inv = t((xs[1],)), t((xs[1],))

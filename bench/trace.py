@@ -568,6 +568,54 @@ def _block_patch(rec: _Recorder):
                                  double_backward=double_backward)
 
 
+def _bn_pool_patch(rec: _Recorder):
+    """An implementation of bn_pool (mamlpp_fast.ops.bn_pool: batch norm, leaky ReLU and max pooling of
+    layers 1-3) that computes with the PyTorch one (hidden) and records the Triton kernels
+    (mamlpp_fast/triton/bn_pool.py), two per pass. Bytes: each kernel reads x (the backward's reduction
+    reads it at the windows' maxima only, but those touch ~94% of x's 32-byte sectors: counted whole),
+    the pooled-size tensors it needs (gout; out or d(gout) written; the int8 positions of the maxima,
+    written by the forward and read by every backward pass), the upstream gradient u of the double
+    backward and writes dx / gx."""
+    import types
+
+    from mamlpp_fast.ops.bn_pool import torch_impl
+
+    def small(*ts):
+        return sum(_nbytes(t) for t in ts if t is not None)
+
+    def forward(x, gamma, beta, meta):
+        with rec.hide():
+            out, mean, invstd, aux = torch_impl.forward(x, gamma, beta, meta)
+        layer = rec.layer_of([x])
+        call = ("bn_pool", tuple(x.shape), tuple(gamma.shape), meta)
+        rec.add(name="triton bn_pool_fwd_reduce", kind="bn", layer=layer, bytes=small(x), call=call)
+        rec.add(name="triton bn_pool_fwd_apply", kind="bn", layer=layer,
+                bytes=small(x, gamma, beta, out, mean, invstd) + out.numel())  # + sel (int8)
+        return out, mean, invstd, aux
+
+    def backward(gout, x, gamma, beta, mean, invstd, aux, meta):
+        with rec.hide():
+            dx, dgamma, dbeta = torch_impl.backward(gout, x, gamma, beta, mean, invstd, aux, meta)
+        layer = rec.layer_of([x])
+        read = small(gout, x, gamma, beta, mean, invstd) + gout.numel()  # + sel
+        rec.add(name="triton bn_pool_bwd_reduce", kind="bn", layer=layer, bytes=read)
+        rec.add(name="triton bn_pool_bwd_apply", kind="bn", layer=layer, bytes=read + small(dx, dgamma, dbeta))
+        return dx, dgamma, dbeta
+
+    def double_backward(u, ugamma, ubeta, gout, x, gamma, beta, mean, invstd, aux, meta):
+        with rec.hide():
+            dgout, gx, ggamma = torch_impl.double_backward(u, ugamma, ubeta, gout, x, gamma, beta, mean, invstd,
+                                                           aux, meta)
+        layer = rec.layer_of([x])
+        read = small(u, ugamma, ubeta, gout, x, gamma, beta, mean, invstd) + gout.numel()  # + sel
+        rec.add(name="triton bn_pool_dbwd_reduce", kind="bn", layer=layer, bytes=read)
+        rec.add(name="triton bn_pool_dbwd_apply", kind="bn", layer=layer, bytes=read + small(dgout, gx, ggamma))
+        return dgout, gx, ggamma
+
+    return types.SimpleNamespace(name="trace-triton", forward=forward, backward=backward,
+                                 double_backward=double_backward)
+
+
 # ---- the trace -----------------------------------------------------------------------------------------------
 def _layer_sizes(w) -> dict:
     sizes, h = {}, w.height
@@ -579,11 +627,13 @@ def _layer_sizes(w) -> dict:
 
 def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None = None, backend: str = "cuda",
                       conv_impl: str = "triton", cuda_graph: bool = True, sms: int = 132,
-                      quick: bool = False, seed: int = 0, first_block: str = "auto") -> TraceResult:
+                      quick: bool = False, seed: int = 0, first_block: str = "auto",
+                      bn_pool: str = "auto") -> TraceResult:
     """Run one meta-update of the fast learner on the CPU and return the simulated GPU kernels.
     first_block: "fused" (the first layer as mamlpp_fast.ops.conv_block's op on its Triton kernels),
     "unfused", or "auto": what the learner's `first_block="auto"` does on a CUDA device with Triton,
-    fused with the cuda and triton backends, unfused with torch (trees without the block: unfused)."""
+    fused with the cuda and triton backends, unfused with torch (trees without the block: unfused).
+    bn_pool: the same for the batch norm + pooling of the later layers (mamlpp_fast.ops.bn_pool)."""
     import torch
 
     from mamlpp_fast import fast as fast_mod
@@ -624,6 +674,13 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
         first_block = "fused" if backend != "torch" and has_block else "unfused"
     if first_block == "fused" and not has_block:
         raise MamlppError("bench.trace: --first-block fused: this tree has no fused first block")
+    if bn_pool not in ("auto", "fused", "unfused"):
+        raise MamlppError(f"bench.trace: --bn-pool must be auto, fused or unfused, got {bn_pool!r}")
+    has_pool = hasattr(fast_mod, "bn_pool_torch_impl")
+    if bn_pool == "auto":
+        bn_pool = "fused" if backend != "torch" and has_pool else "unfused"
+    if bn_pool == "fused" and not has_pool:
+        raise MamlppError("bench.trace: --bn-pool fused: this tree has no bn_pool op")
     try:
         w = workload_by_name(workload, quick=quick)
     except KeyError as e:
@@ -663,6 +720,8 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
                (core_cls, flag_name)]
     if first_block == "fused":
         patches.append((fast_mod, "block_torch_impl"))
+    if bn_pool == "fused":
+        patches.append((fast_mod, "bn_pool_torch_impl"))
     if conv_mod is not None:
         patches += [(tconv_autograd, "conv_forward"), (tconv_autograd, "conv_data_grad"),
                     (tconv_autograd, "conv_weight_grad"), (conv_mod._IMPLS, "triton")]
@@ -709,6 +768,11 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
             model.args.first_block = "fused"
         elif has_block:
             model.args.first_block = "unfused"
+        if bn_pool == "fused":
+            setp(fast_mod, "bn_pool_torch_impl", _bn_pool_patch(rec))
+            model.args.bn_pool = "fused"
+        elif has_pool:
+            model.args.bn_pool = "unfused"
         setp(fast_mod.MAMLFewShotClassifier, "_update_running_stats", running_stats)
         setp(core_cls, flag_name, finite_flag)
         if hasattr(fast_mod.MAMLFewShotClassifier, "_running_stats_constants"):
@@ -743,7 +807,7 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
     from .flops import flops_from_args
     an = flops_from_args(make_args(w), epoch=0)
     cfg = dict(workload=w.name, batch_size=w.batch_size, backend=backend, conv_impl=conv_impl,
-               first_block=first_block, cuda_graph=cuda_graph, sms=sms, analytic_flops_total=an["total"], analytic_flops_minimal=an["minimal"],
+               first_block=first_block, bn_pool=bn_pool, cuda_graph=cuda_graph, sms=sms, analytic_flops_total=an["total"], analytic_flops_minimal=an["minimal"],
                workload_detail=w.to_dict())
     return TraceResult(cfg, rec.kernels)
 
@@ -829,6 +893,7 @@ def _fmt_bytes(b):
 def to_markdown(s: dict) -> str:
     lines = [f"### Trace: {s['workload']} B={s['batch_size']}, backend {s['backend']}, conv_impl {s['conv_impl']}, "
              + (f"first block {s['first_block']}, " if "first_block" in s else "")
+             + (f"bn_pool {s['bn_pool']}, " if "bn_pool" in s else "")
              + 
              f"{'CUDA graph' if s['cuda_graph'] else 'eager'}"
              + (", convolutions in tf32x3" + (", matmuls TF32" if s["tf32"] else "") if s.get("tf32x3")
@@ -872,13 +937,20 @@ def _has_first_block() -> bool:
     return "first_block" in inspect.signature(trace_meta_update).parameters
 
 
+def _unfused_kw() -> dict:
+    """trace_meta_update keywords for the measured configuration (no fused op: it had none)."""
+    import inspect
+    params = inspect.signature(trace_meta_update).parameters
+    return {k: "unfused" for k in ("first_block", "bn_pool") if k in params}
+
+
 def calibrate(ceilings: str = "h100") -> dict:
     """Derive the launch costs of CEILINGS from MEASURED_H100 and the trace's kernel counts, and compare
     the prediction for the measured configuration (cuda backend, grouped cuDNN convolutions, CUDA graph,
     Omniglot 20w1s B=8: 74.76 ms) with the measurement. Returns the numbers (all Omniglot 20w1s)."""
     m = MEASURED_H100
     # the measured configuration had no fused first block
-    kw = {} if not _has_first_block() else {"first_block": "unfused"}
+    kw = _unfused_kw()
     k_b1 = summarize(trace_meta_update("omniglot_20w1s", 1, "triton", "grouped", True, **kw), ceilings)["kernels"]
     k_b8 = summarize(trace_meta_update("omniglot_20w1s", 8, "triton", "grouped", True, **kw), ceilings)["kernels"]
     intercept = 2 * m["graph_triton_grouped_b1_ms"] - m["graph_triton_grouped_b2_ms"]
@@ -911,6 +983,8 @@ def main(argv=None) -> int:
     p.add_argument("--conv-impl", default="triton", help="conv_impl simulated (mamlpp_fast.ops.conv.CONV_IMPLS)")
     p.add_argument("--first-block", default="auto", choices=("auto", "fused", "unfused"),
                    help="the first layer as the fused block (auto: fused unless --backend torch)")
+    p.add_argument("--bn-pool", default="auto", choices=("auto", "fused", "unfused"),
+                   help="batch norm + max pooling of the later layers as one op (auto: fused unless --backend torch)")
     p.add_argument("--no-cuda-graph", action="store_true", help="eager launches instead of a captured graph")
     p.add_argument("--tf32", action="store_true", help="convolutions and matmuls at the TF32 rate")
     p.add_argument("--tf32x3", action="store_true",
@@ -932,7 +1006,7 @@ def main(argv=None) -> int:
             from .workloads import main_workloads
             a.workload = main_workloads(a.quick)[0].name
         res = trace_meta_update(a.workload, a.batch_size, a.backend, a.conv_impl, not a.no_cuda_graph, quick=a.quick,
-                                first_block=a.first_block)
+                                first_block=a.first_block, bn_pool=a.bn_pool)
     except MamlppError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -33,9 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import per_step_bn as _bn
 from .per_step_bn import (_bn_fwd_reduce_kernel, _chunk_bounds, _chunk_sum, _dbwd_coef, _f2acc, _gamma_index,
-                          _merged_stats, _split, _store_bwd_params, _store_dbwd_gamma, _to_acc, _xhat_a,
-                          bn_block_config)
+                          _merged_stats, _split, _store_bwd_params, _store_dbwd_gamma, _to_acc, _xhat_a)
 
 __all__ = ["forward", "backward", "double_backward", "pool_config", "name"]
 
@@ -47,7 +47,7 @@ def pool_config(n: int, tc: int, h: int, w: int, device: torch.device) -> dict:
     (the statistics pass and the number of chunks CHUNKS); the cell passes split the column's MC cells
     into the same CHUNKS chunks of CCHUNK cells and take CELLS = BLOCK/4 cells per step (>= 16), so that a
     step touches about BLOCK elements, as the batch norm's kernels."""
-    cfg = bn_block_config(n * h * w, tc, device)
+    cfg = _bn.bn_block_config(n * h * w, tc, device)  # through the module: bench.static_metrics patches it
     mc = n * triton.cdiv(h, 2) * triton.cdiv(w, 2)
     cfg["MC"] = mc
     cfg["CCHUNK"] = triton.cdiv(mc, cfg["CHUNKS"])
@@ -104,7 +104,7 @@ def _gout_sel(gout_ptr, sel_ptr, pool_off, win, ACC: tl.constexpr):
 # forward (the statistics pass is per_step_bn's _bn_fwd_reduce_kernel)
 # ------------------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_apply_kernel(x_ptr, gamma_ptr, beta_ptr, ws_ptr, out_ptr, sel_ptr, mean_ptr, invstd_ptr, C, TC, H, W,
+def _pool_fwd_apply_kernel(x_ptr, gamma_ptr, beta_ptr, ws_ptr, out_ptr, sel_ptr, mean_ptr, invstd_ptr, C, TC, H, W,
                       Hp, Wp, HcWc, Wc, M, CHUNK, CHUNKS, MC, CCHUNK, eps_hi, eps_lo, slope_hi, slope_lo,
                       GAMMA_PER_TASK: tl.constexpr, IS_F64: tl.constexpr, CELLS: tl.constexpr,
                       CBLOCK: tl.constexpr):
@@ -139,7 +139,7 @@ def _fwd_apply_kernel(x_ptr, gamma_ptr, beta_ptr, ws_ptr, out_ptr, sel_ptr, mean
 # backward
 # ------------------------------------------------------------------------------------------------------
 @triton.jit
-def _bwd_reduce_kernel(gout_ptr, sel_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, ws_ptr, C, TC, H,
+def _pool_bwd_reduce_kernel(gout_ptr, sel_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, ws_ptr, C, TC, H,
                        W, Hp, Wp, HcWc, Wc, MC, CCHUNK, CHUNKS, slope_hi, slope_lo,
                        GAMMA_PER_TASK: tl.constexpr, CELLS: tl.constexpr):
     """ws[cp, k, :] = (sum g, sum g xhat) over chunk k of column cp: g = a gout at the windows' maxima
@@ -166,7 +166,7 @@ def _bwd_reduce_kernel(gout_ptr, sel_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, 
 
 
 @triton.jit
-def _bwd_apply_kernel(gout_ptr, sel_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, ws_ptr, dx_ptr,
+def _pool_bwd_apply_kernel(gout_ptr, sel_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, ws_ptr, dx_ptr,
                       dgamma_ptr, dbeta_ptr, C, T, TC, H, W, Hp, Wp, HcWc, Wc, M, MC, CCHUNK, CHUNKS,
                       slope_hi, slope_lo, GAMMA_PER_TASK: tl.constexpr, CELLS: tl.constexpr,
                       CBLOCK: tl.constexpr, TBLOCK: tl.constexpr):
@@ -201,7 +201,7 @@ def _bwd_apply_kernel(gout_ptr, sel_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, i
 # double backward
 # ------------------------------------------------------------------------------------------------------
 @triton.jit
-def _dbwd_reduce_kernel(u_ptr, gout_ptr, sel_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, ws_ptr,
+def _pool_dbwd_reduce_kernel(u_ptr, gout_ptr, sel_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, ws_ptr,
                         C, TC, H, W, Hp, Wp, HcWc, Wc, MC, CCHUNK, CHUNKS, slope_hi, slope_lo,
                         GAMMA_PER_TASK: tl.constexpr, HAS_U: tl.constexpr, CELLS: tl.constexpr):
     """ws[cp, k, :] = (sum g, sum g xhat, sum u, sum u xhat, sum u g) over chunk k of column cp."""
@@ -240,7 +240,7 @@ def _dbwd_reduce_kernel(u_ptr, gout_ptr, sel_ptr, x_ptr, gamma_ptr, beta_ptr, me
 
 
 @triton.jit
-def _dbwd_apply_kernel(u_ptr, ugam_ptr, ubet_ptr, gout_ptr, sel_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr,
+def _pool_dbwd_apply_kernel(u_ptr, ugam_ptr, ubet_ptr, gout_ptr, sel_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr,
                        invstd_ptr, ws_ptr, gx_ptr, ggamma_ptr, dgout_ptr, C, T, TC, H, W, Hp, Wp, HcWc, Wc, M,
                        MC, CCHUNK, CHUNKS, slope_hi, slope_lo, GAMMA_PER_TASK: tl.constexpr,
                        HAS_U: tl.constexpr, HAS_UG: tl.constexpr, HAS_UB: tl.constexpr, CELLS: tl.constexpr,
@@ -327,7 +327,7 @@ def forward(x, gamma, beta, meta):
                                 num_warps=cfg["num_warps"])
     eps_hi, eps_lo = _split(meta[1])
     sl_hi, sl_lo = _split(meta[2])
-    _fwd_apply_kernel[grid](x, gamma, beta, ws, out, sel, mean, invstd, c, *geo, m, cfg["CHUNK"], cfg["CHUNKS"],
+    _pool_fwd_apply_kernel[grid](x, gamma, beta, ws, out, sel, mean, invstd, c, *geo, m, cfg["CHUNK"], cfg["CHUNKS"],
                             cfg["MC"], cfg["CCHUNK"], eps_hi, eps_lo, sl_hi, sl_lo,
                             GAMMA_PER_TASK=gamma.dim() == 2, IS_F64=x.dtype == torch.float64,
                             CELLS=cfg["CELLS"], CBLOCK=cfg["CBLOCK"], num_warps=cfg["num_warps"])
@@ -346,9 +346,9 @@ def backward(gout, x, gamma, beta, mean, invstd, sel, meta):
     sl_hi, sl_lo = _split(meta[2])
     per_task = gamma.dim() == 2
     cells = (cfg["MC"], cfg["CCHUNK"], cfg["CHUNKS"], sl_hi, sl_lo)
-    _bwd_reduce_kernel[grid](gout, sel, x, gamma, beta, mean, invstd, ws, c, *geo, *cells,
+    _pool_bwd_reduce_kernel[grid](gout, sel, x, gamma, beta, mean, invstd, ws, c, *geo, *cells,
                              GAMMA_PER_TASK=per_task, CELLS=cfg["CELLS"], num_warps=cfg["num_warps"])
-    _bwd_apply_kernel[grid](gout, sel, x, gamma, beta, mean, invstd, ws, dx, dgamma, dbeta, c, t, *geo,
+    _pool_bwd_apply_kernel[grid](gout, sel, x, gamma, beta, mean, invstd, ws, dx, dgamma, dbeta, c, t, *geo,
                             x.numel() // tc, *cells, GAMMA_PER_TASK=per_task, CELLS=cfg["CELLS"],
                             CBLOCK=cfg["CBLOCK"], TBLOCK=triton.next_power_of_2(t), num_warps=cfg["num_warps"])
     return dx, dgamma, dbeta
@@ -370,12 +370,12 @@ def double_backward(u, ugamma, ubeta, gout, x, gamma, beta, mean, invstd, sel, m
     per_task = gamma.dim() == 2
     cells = (cfg["MC"], cfg["CCHUNK"], cfg["CHUNKS"], sl_hi, sl_lo)
     has_u = u is not None
-    _dbwd_reduce_kernel[grid](u if has_u else x, gout, sel, x, gamma, beta, mean, invstd, ws, c, *geo, *cells,
+    _pool_dbwd_reduce_kernel[grid](u if has_u else x, gout, sel, x, gamma, beta, mean, invstd, ws, c, *geo, *cells,
                               GAMMA_PER_TASK=per_task, HAS_U=has_u, CELLS=cfg["CELLS"],
                               num_warps=cfg["num_warps"])
     ug = ugamma.contiguous() if ugamma is not None else gamma
     ub = ubeta.contiguous() if ubeta is not None else gamma
-    _dbwd_apply_kernel[grid](u if has_u else x, ug, ub, gout, sel, x, gamma, beta, mean, invstd, ws, gx, ggamma,
+    _pool_dbwd_apply_kernel[grid](u if has_u else x, ug, ub, gout, sel, x, gamma, beta, mean, invstd, ws, gx, ggamma,
                              dgout, c, t, *geo, x.numel() // tc, *cells, GAMMA_PER_TASK=per_task, HAS_U=has_u,
                              HAS_UG=ugamma is not None, HAS_UB=ubeta is not None, CELLS=cfg["CELLS"],
                              CBLOCK=cfg["CBLOCK"], TBLOCK=triton.next_power_of_2(t), num_warps=cfg["num_warps"])
