@@ -361,6 +361,8 @@ def _build_fast(w, dev, a, backend: str, variant: str, conv_impl: str | None = N
         if "first_block" not in C.DEFAULTS:
             raise NotApplicable("the fast learner has no config key 'first_block' yet")
         over["first_block"] = first_block
+        if "bn_pool" in C.DEFAULTS:  # the other fused op (ops.bn_pool) follows the same value
+            over["bn_pool"] = first_block
     if variant == "cuda_graph":
         if dev.type != "cuda":
             raise NotApplicable("CUDA graphs need a CUDA device")
@@ -386,6 +388,8 @@ def _build_fast(w, dev, a, backend: str, variant: str, conv_impl: str | None = N
         if "first_block_fused" not in extra:  # once: whether the first layer ran fused (ops.conv_block)
             cache = model.__dict__.get("_first_block_cache", {})
             extra["first_block_fused"] = any(v is not None for v in cache.values())
+            cache = model.__dict__.get("_bn_pool_cache", {})
+            extra["bn_pool_fused"] = any(v is not None for v in cache.values())
         return out
     return step, extra, model
 
@@ -641,8 +645,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="comma-separated conv_impl values of the fast learner's main items (auto and/or "
                         "mamlpp_fast.ops.conv.CONV_IMPLS; default auto); the sweeps use the first")
     p.add_argument("--first-blocks", default="auto",
-                   help="comma-separated first_block values of the fast learner's main items (auto, fused, "
-                        "unfused; default auto: the learner's own choice)")
+                   help="comma-separated values of the fast learner's config keys first_block and bn_pool "
+                        "(both take the value) for its main items (auto, fused, unfused; default auto: the "
+                        "learner's own choice)")
     p.add_argument("--no-conv-table", action="store_true",
                    help="do not time the convolution implementations at the workloads' layer shapes")
     p.add_argument("--time-budget", type=float, default=None,

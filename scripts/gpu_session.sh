@@ -10,8 +10,8 @@
 #   build     pip install -e . --no-build-isolation --no-deps (+ CMake log)     -> build.log
 #   import    which backends loaded                                            -> build.log
 #   tests     tests/gpu (conv, ops, learner, capture) + the CPU op tests        -> gpu_tests.log, junit.xml
-#   bench     python -m bench.run: the conv table, fast (cuda backend; conv_impl auto; the first block
-#             fused and unfused; eager and CUDA graph), reference, torch.func and JAX on Omniglot 20-way 1-shot B=8 and
+#   bench     python -m bench.run: the conv table, fast (cuda backend; conv_impl auto; the fused ops,
+#             first block and bn_pool, on and off; eager and CUDA graph), reference, torch.func and JAX on Omniglot 20-way 1-shot B=8 and
 #             mini-ImageNet 5-way 1-shot B=2, then the B=8/B=64 roofline points  -> bench/
 #   memcheck  compute-sanitizer memcheck on the non-slow GPU op tests          -> memcheck.log
 #   opbench   pytest-benchmark bench/bench_ops.py                              -> bench_ops.json

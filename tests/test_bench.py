@@ -136,7 +136,8 @@ def test_time_budget_skips_and_lists(tmp_path):
 
 
 def test_first_block_items(tmp_path):
-    """--first-blocks: one fast item per value, labelled, each row saying whether the first layer ran fused."""
+    """--first-blocks: one fast item per value (config keys first_block and bn_pool), labelled, each row
+    saying whether the first layer and the later layers' batch norm + pooling ran fused."""
     from bench.run import main
     rc = main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--learners", "fast", "--backends", "torch",
                "--workloads", "quick_omniglot_3w1s", "--first-blocks", "fused,unfused", "--no-sweeps",
@@ -144,7 +145,8 @@ def test_first_block_items(tmp_path):
     assert rc == 0
     report = json.loads((tmp_path / "latest_cpu_quick.json").read_text())
     ok = [r for r in report["results"] if r["status"] == "ok"]
-    assert [(r["first_block"], r["first_block_fused"]) for r in ok] == [("fused", True), ("unfused", False)]
+    assert [(r["first_block"], r["first_block_fused"], r["bn_pool_fused"]) for r in ok] == [
+        ("fused", True, True), ("unfused", False, False)]
     md = (tmp_path / "latest_cpu_quick.md").read_text()
     assert "first_block=fused" in md and "first_block=unfused" in md
     with pytest.raises(SystemExit):

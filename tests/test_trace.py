@@ -41,7 +41,8 @@ def test_fused_first_block_kernels(workload):
     and one of the target images per meta-update; no batch norm, pooling or full-resolution adds remain
     there, and it moves fewer bytes than unfused."""
     fused = trace_meta_update(workload, None, "cuda", "triton", True, quick=True)
-    unfused = trace_meta_update(workload, None, "cuda", "triton", True, quick=True, first_block="unfused")
+    unfused = trace_meta_update(workload, None, "cuda", "triton", True, quick=True, first_block="unfused",
+                                bn_pool="unfused")
     assert fused.config["first_block"] == "fused" and unfused.config["first_block"] == "unfused"
     steps = fused.config["workload_detail"]["steps"]
     layer0 = [k for k in fused.kernels if k.layer == "conv0"]
@@ -60,6 +61,30 @@ def test_fused_first_block_kernels(workload):
     assert trace_meta_update(workload, None, "torch", "triton", True, quick=True).config["first_block"] == "unfused"
 
 
+@pytest.mark.parametrize("workload", ["quick_omniglot_3w1s", "quick_miniimagenet_3w1s"])
+def test_bn_pool_kernels(workload):
+    """With bn_pool (the default of the cuda and triton backends) the layers after the first launch no
+    pooling kernel, and their batch norm runs as bn_pool's reduce + apply pairs, as many as the unfused
+    batch norm's (one pair per forward, backward and double backward); fewer kernels and bytes overall,
+    the same FLOPs; the torch backend keeps the ops unfused."""
+    fused = trace_meta_update(workload, None, "cuda", "triton", True, quick=True)
+    unfused = trace_meta_update(workload, None, "cuda", "triton", True, quick=True, bn_pool="unfused")
+    assert fused.config["bn_pool"] == "fused" and unfused.config["bn_pool"] == "unfused"
+
+    def count(res, pred):
+        return sum(k.launches for k in res.kernels if k.layer not in ("conv0", "params", "head+grads")
+                   and pred(k.name))
+    assert count(fused, lambda n: "max_pool" in n) == 0 < count(unfused, lambda n: "max_pool" in n)
+    for op in ("fwd", "bwd", "dbwd"):
+        n_pool = count(fused, lambda n: n == f"triton bn_pool_{op}_reduce")
+        assert n_pool == count(fused, lambda n: n == f"triton bn_pool_{op}_apply") > 0
+        assert n_pool == count(unfused, lambda n: n == f"cuda bn_{op}_reduce")
+    assert count(fused, lambda n: n.startswith("cuda bn_")) == 0
+    s_f, s_u = summarize(fused), summarize(unfused)
+    assert s_f["bytes"] < s_u["bytes"] and s_f["kernels"] < s_u["kernels"] and s_f["flops"] == s_u["flops"]
+    assert trace_meta_update(workload, None, "torch", "triton", True, quick=True).config["bn_pool"] == "unfused"
+
+
 def test_batch_size_scales_convolution_flops():
     one = summarize(trace_meta_update(QUICK, 1, "cuda", "triton", True, quick=True))
     three = summarize(trace_meta_update(QUICK, 3, "cuda", "triton", True, quick=True))
@@ -71,7 +96,8 @@ def test_backend_kernel_mapping():
     # the same meta-update: both backends run LSLR in multi-tensor launches (per inner step: cuda
     # forward + backward + dalpha, triton the same plus its workspace fill) and each BN forward /
     # backward / double backward as a reduce + apply pair
-    res = {b: trace_meta_update(QUICK, None, b, "triton", True, quick=True) for b in ("cuda", "triton")}
+    res = {b: trace_meta_update(QUICK, None, b, "triton", True, quick=True, bn_pool="unfused")
+           for b in ("cuda", "triton")}
     for b, r in res.items():
         names = [k.name for k in r.kernels for _ in range(k.launches)]
         for op in ("fwd", "bwd", "dbwd"):

@@ -628,7 +628,7 @@ def _bn_pool_all(impl, x, gamma, beta, T, seed, us=(True, True, True)):
     meta = (T, EPS, SLOPE)
     out, mean, invstd, aux = impl.forward(x, gamma, beta, meta)
     g = torch.Generator().manual_seed(seed + 7)
-    rnd = lambda t: torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)  # noqa: E731
+    rnd = lambda t: torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device, t.dtype)  # noqa: E731
     gout = rnd(out)
     bwd = impl.backward(gout, x, gamma, beta, mean, invstd, aux, meta)
     u = [t if on else None for t, on in zip((rnd(x), rnd(gamma), rnd(beta)), us)]

@@ -134,9 +134,43 @@ def test_fused_block_kernels_on_cuda(shape, dtype):
         _block_compare(got[7:], ref[7:], 1e-4 * max(1.0, float(invstd.max())), seed)
 
 
+# ---- bn_pool (mamlpp_fast/triton/bn_pool.py) on the device ----------------------------------------------
+POOL_GPU_SHAPES = [(8, 64, 20, 14, 14, False, False), (2, 48, 75, 42, 42, True, True), (2, 48, 5, 21, 21, False, True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shape", POOL_GPU_SHAPES, ids=["omniglot-layer1", "miniimagenet-layer1-target",
+                                                        "miniimagenet-layer2-support"])
+def test_bn_pool_kernels_on_cuda(shape, dtype):
+    """bn_pool's Triton kernels at the learner's shapes and launch configuration (many chunks per column)
+    against the float64 PyTorch implementation on the same device, with tests/test_triton_interp.py's
+    margins; near-tied windows redrawn for float32."""
+    from test_bn_pool import EPS, SLOPE, make_inputs
+    from test_triton_interp import _bn_pool_all, _bn_pool_compare, _pool_gap
+    from mamlpp_fast.ops import per_step_batch_norm
+    from mamlpp_fast.ops.bn_pool import torch_impl
+    from mamlpp_fast.triton import bn_pool as tbp
+
+    seed = fresh_seed() % 2 ** 31
+    while True:
+        x, gamma, beta, T = make_inputs(shape, seed, dtype)
+        x, gamma, beta = (t.detach().cuda() for t in (x, gamma, beta))
+        y = per_step_batch_norm(x.double(), gamma.double(), beta.double(), T, EPS, SLOPE, backend="torch")[0]
+        if dtype == torch.float64 or _pool_gap(y) > 1e-4:
+            break
+        seed += 1
+    ref, invstd = _bn_pool_all(torch_impl, x.double(), gamma.double(), beta.double(), T, seed)
+    got, _ = _bn_pool_all(tbp, x, gamma, beta, T, seed)
+    if dtype == torch.float64:
+        _bn_pool_compare(got, ref, 1e-10, seed)
+    else:
+        _bn_pool_compare(got[:6], ref[:6], 2e-5, seed)
+        _bn_pool_compare(got[6:], ref[6:], 1e-4 * max(1.0, float(invstd.max())), seed)
+
+
 def test_fused_first_block_is_auto_on_cuda_and_matches_unfused():
-    """first_block="auto" fuses the first layer on a CUDA device with Triton; the learner's results equal
-    the unfused learner's (float64, 1e-9), captured in a CUDA graph."""
+    """first_block="auto" and bn_pool="auto" fuse on a CUDA device with Triton; the learner's results
+    equal the unfused learner's (float64, 1e-9), captured in a CUDA graph."""
     from mamlpp_fast.config import default_args
     from mamlpp_fast.fast import MAMLFewShotClassifier as Fast
     from mamlpp_fast.triton import conv_block as tcb
@@ -145,8 +179,8 @@ def test_fused_first_block_is_auto_on_cuda_and_matches_unfused():
     common = dict(dtype="float64", cnn_num_filters=32, num_classes_per_set=5, number_of_training_steps_per_iter=3,
                   number_of_evaluation_steps_per_iter=3, cuda_graph=True, backend="triton", conv_impl="triton")
     shape = (2, 1, 28, 28)
-    fused = Fast(shape, "cuda", default_args(first_block="auto", **common))
-    plain = Fast(shape, "cuda", default_args(first_block="unfused", **common))
+    fused = Fast(shape, "cuda", default_args(first_block="auto", bn_pool="auto", **common))
+    plain = Fast(shape, "cuda", default_args(first_block="unfused", bn_pool="unfused", **common))
     plain.load_state_dict(fused.state_dict())
     for it in range(3):
         batch = learnable_batch(4, 5, 1, 2, 1, 28, 28, seed + it)
@@ -156,4 +190,6 @@ def test_fused_first_block_is_auto_on_cuda_and_matches_unfused():
         for a, b in zip(pf, pp):
             assert rel(torch.as_tensor(a), torch.as_tensor(b)) < 1e-9, (it, seed)
     assert any(v is tcb for v in fused._first_block_cache.values())
+    from mamlpp_fast.triton import bn_pool as tbp
+    assert fused._bn_pool_cache and all(v is tbp for v in fused._bn_pool_cache.values())
     assert fused._graph_failed is None and len(fused._graphs) == 1
