@@ -44,14 +44,17 @@ SMS = 132
 # ---- which launches ------------------------------------------------------------------------------------
 def collect_calls(workloads, quick: bool = False) -> list:
     """Distinct custom-op calls (bench.trace Kernel.call) of one meta-update per workload, triton backend
-    and triton convolutions."""
-    from .trace import trace_meta_update
+    and triton convolutions: as the learner runs them by default (the fused first block and bn_pool) and
+    with those unfused (the per-step batch norm's own kernels, which the unfused layers and networks
+    without max pooling run)."""
+    from .trace import _unfused_kw, trace_meta_update
     calls = []
     for w in workloads:
-        res = trace_meta_update(w, None, "triton", "triton", True, sms=SMS, quick=quick)
-        for k in res.kernels:
-            if k.call is not None and k.call not in calls:
-                calls.append(k.call)
+        for kw in ({}, _unfused_kw()):
+            res = trace_meta_update(w, None, "triton", "triton", True, sms=SMS, quick=quick, **kw)
+            for k in res.kernels:
+                if k.call is not None and k.call not in calls:
+                    calls.append(k.call)
     return calls
 
 

@@ -139,6 +139,7 @@ class Kernel:
     bytes: int = 0
     tf32_ok: bool = False   # runs at the TF32 rate with --tf32 (convolutions, matmuls)
     call: Any = None        # custom ops: what bench.static_metrics needs to replay the launch
+    node: str = "forward"   # the autograd node whose backward launched it ("forward": none running)
 
 
 @dataclass
@@ -223,7 +224,27 @@ class _Recorder:
     def add(self, **kw):
         if self.scope and kw.get("kind") not in ("conv", "bn", "lslr"):
             kw["kind"] = self.scope[-1]  # adam, running_stats, finite_check
+        kw.setdefault("node", _node_label())
         self.kernels.append(Kernel(**kw))
+
+
+def _node_label() -> str:
+    """The autograd node running now, as a short label: "forward" when none (the forward passes and the
+    optimizer), else its class name without the generated prefixes and the "Backward" suffix (e.g.
+    "_ConvF" = the backward of the Triton convolution's forward, "mamlpp_bn_forward" = the registered
+    batch norm's backward, "MaxPool2DWithIndices")."""
+    import torch
+    node = torch._C._current_autograd_node()
+    if node is None:
+        return "forward"
+    name = type(node).__name__
+    for prefix in ("GeneratedBackwardFor_",):
+        name = name[len(prefix):] if name.startswith(prefix) else name
+    for suffix in ("_defaultBackward", "Backward0", "Backward"):
+        if name.endswith(suffix):
+            name = name[:-len(suffix)]
+            break
+    return name
 
 
 def _aten_kind(name: str) -> str:
@@ -847,6 +868,7 @@ def summarize(res: TraceResult, ceilings: str = "h100", tf32: bool = False, conv
     by_kind = defaultdict(lambda: dict(kernels=0, bytes=0, flops=0, predicted_ms=0.0))
     by_layer = defaultdict(lambda: dict(kernels=0, bytes=0, flops=0, predicted_ms=0.0))
     by_layer_kind = defaultdict(lambda: dict(kernels=0, bytes=0, flops=0, predicted_ms=0.0))
+    by_node = defaultdict(lambda: dict(kernels=0, bytes=0, flops=0, predicted_ms=0.0))
     compute_ms = bytes_ms = launch_ms = 0.0
     measured = ceil.get("fp32_tflops") is not None
     for k in res.kernels:
@@ -859,7 +881,7 @@ def summarize(res: TraceResult, ceilings: str = "h100", tf32: bool = False, conv
             compute_ms += c if c >= b else 0.0
             bytes_ms += b if b > c else 0.0
             launch_ms += k.launches * (ceil["graph_launch_us"] if graph else ceil["eager_launch_us"]) * 1e-3
-        for d in (tot, by_kind[k.kind], by_layer[k.layer], by_layer_kind[(k.layer, k.kind)]):
+        for d in (tot, by_kind[k.kind], by_layer[k.layer], by_layer_kind[(k.layer, k.kind)], by_node[k.node]):
             d["kernels"] += k.launches
             d["bytes"] += k.bytes
             d["flops"] += k.flops
@@ -882,6 +904,10 @@ def summarize(res: TraceResult, ceilings: str = "h100", tf32: bool = False, conv
         by_kind={k: v for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]["kernels"])},
         by_layer=dict(sorted(by_layer.items())),
         by_layer_kind={f"{a}/{b}": v for (a, b), v in sorted(by_layer_kind.items())},
+        # where the launches come from: the autograd node that ran them (bench.trace `_node_label`)
+        by_node={k: v for k, v in sorted(by_node.items(), key=lambda kv: -kv[1]["kernels"])},
+        # gradient accumulation: autograd adds the gradients of a tensor used more than once
+        accumulation_adds=sum(k.launches for k in res.kernels if k.name == "aten.add" and k.node != "forward"),
     ))
     return out
 
@@ -917,6 +943,11 @@ def to_markdown(s: dict) -> str:
     for name, v in s["by_kind"].items():
         lines.append(f"| {name} | {v['kernels']:,} | {_fmt_bytes(v['bytes'])} | {v['flops'] / 1e9:.2f} | "
                      f"{v['predicted_ms']:.2f} |")
+    if s.get("by_node"):
+        lines += ["", "| launched by (autograd node; forward: none) | kernels | bytes | predicted ms |", "|---|---|---|---|"]
+        for name, v in list(s["by_node"].items())[:12]:
+            lines.append(f"| {name} | {v['kernels']:,} | {_fmt_bytes(v['bytes'])} | {v['predicted_ms']:.2f} |")
+        lines += ["", f"Gradient-accumulation adds (aten.add inside the backward): {s['accumulation_adds']:,}."]
     if s.get("top_names"):
         lines += ["", "Most launched: " + ", ".join(f"{n} {v['kernels']}" for n, v in list(s["top_names"].items())[:12])]
     return "\n".join(lines) + "\n"

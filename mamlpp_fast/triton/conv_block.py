@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ._device import num_sms
-from .conv import _precision
+from .conv import _TRITON_VERSION, _precision
 from .per_step_bn import _dbwd_coef, _f2acc, _split, _to_acc
 
 __all__ = ["forward", "backward", "double_backward", "block_config", "name"]
@@ -53,12 +53,15 @@ _KSTEP = 16  # chunk sums are read 16 chunks at a time
 
 
 def _channel_tile(c: int) -> int:
-    """Channels per program: the largest of 64, 32, 16 that divides C (48 channels: 16, no idle
-    lanes), else the next power of two in [16, 64] (masked)."""
+    """Channels per program: all of them in one block when C <= 64 (the next power of two >= 16, masked:
+    at 48 channels 16 idle lanes, but each gathered patch value feeds 48 useful FMAs instead of 16 in
+    three 16-wide blocks); beyond, the largest of 64, 32, 16 that divides C, else 64 (masked)."""
+    if c <= 64:
+        return max(16, triton.next_power_of_2(max(int(c), 1)))
     for bc in (64, 32, 16):
         if c % bc == 0:
             return bc
-    return max(16, min(64, triton.next_power_of_2(max(int(c), 1))))
+    return 64
 
 
 def block_config(mw: int, t: int, c: int, kp: int, device: torch.device, sms: int | None = None) -> dict:
@@ -67,7 +70,9 @@ def block_config(mw: int, t: int, c: int, kp: int, device: torch.device, sms: in
     count).
 
     - BLOCK_C: channels per program (`_channel_tile`); BLOCK_W = 16 windows per step; 8 warps for 64
-      channels, else 4. The four outputs of a window step are a loop, not unrolled, so one output's
+      channels, else 4; REDUCE_WARPS, those of the passes without a weight-gradient accumulator (forward
+      statistics and apply, the backward reductions): 4 for 64 channels with patches of KP >= 32 (the
+      mini-ImageNet block: more FFMA share, no spills; bench/NOTES.md), else the same. The four outputs of a window step are a loop, not unrolled, so one output's
       (16, BLOCK_C) tiles are live at a time. Chosen from the sm_90a compile (bench.static_metrics):
       with 32 windows, or the outputs unrolled, the double backward's kernels spilled at 255 registers;
       as configured no kernel spills under the Triton versions we compile with
@@ -89,8 +94,9 @@ def block_config(mw: int, t: int, c: int, kp: int, device: torch.device, sms: in
         chunks = max(1, min(3, steps))
     chunk = triton.cdiv(mw, chunks)
     chunks = triton.cdiv(mw, chunk)
-    return dict(BLOCK_W=bw, BLOCK_C=bc, CB=triton.cdiv(c, bc), CHUNK=chunk, CHUNKS=chunks,
-                num_warps=8 if bc == 64 else 4)
+    warps = 8 if bc == 64 else 4
+    return dict(BLOCK_W=bw, BLOCK_C=bc, CB=triton.cdiv(c, bc), CHUNK=chunk, CHUNKS=chunks, num_warps=warps,
+                REDUCE_WARPS=4 if (bc == 64 and kp >= 32) else warps)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -570,7 +576,14 @@ def _launch(g, prec):
            cfg["CHUNK"], cfg["CHUNKS"], g["stride"], g["pad"])
     const = dict(KK=g["kk"], KW=g["kw"], K=g["k"], KP=g["kp"], PREC=prec, BLOCK_W=cfg["BLOCK_W"],
                  BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
-    return grid, geo, const
+    const_r = dict(const, num_warps=cfg.get("REDUCE_WARPS", cfg["num_warps"]))
+    if _TRITON_VERSION >= (3, 7) and g["kp"] >= 32 and cfg["BLOCK_C"] == 64:
+        # the apply passes at 8 warps: left alone, Triton 3.7.1's ptxas settles on 128 registers for the
+        # TF32 backward apply and spills 8 bytes; with .maxnreg 255 it takes 174 and none (the other three
+        # variants: 143-248, none; caps of 200-232 made the fp32 double backward spill). Triton 3.6
+        # needs no cap (bench/NOTES.md, the block's tiles at 48 channels)
+        const["maxnreg"] = 255
+    return grid, geo, const, const_r
 
 
 def forward(x, w, bias, gamma, beta, meta):
@@ -586,7 +599,7 @@ def forward(x, w, bias, gamma, beta, meta):
     mean = torch.empty(g["tc"], dtype=x.dtype, device=x.device)
     invstd = torch.empty_like(mean)
     ws = torch.empty(g["tc"] * cfg["CHUNKS"] * 2, dtype=x.dtype, device=x.device)
-    grid, geo, const = _launch(g, _precision(x.dtype))
+    grid, geo, _const, const = _launch(g, _precision(x.dtype))  # both forward passes: REDUCE_WARPS
     geo_r = geo[:3] + geo[4:]  # the reduction takes no TC
     _fwd_reduce_kernel[grid](x, w, b, ws, *geo_r, HAS_B=bias is not None, **const)
     eps_hi, eps_lo = _split(meta[3])
@@ -608,12 +621,12 @@ def _backward_pass(nsum, gout, x, w, bias, gamma, beta, mean, invstd, sel, meta,
     ub_t = ubias.contiguous() if ubias is not None else w
     ws = torch.empty(g["tc"] * cfg["CHUNKS"] * nsum, dtype=x.dtype, device=x.device)
     wws = torch.empty(g["tc"] * cfg["CHUNKS"] * g["kp"], dtype=x.dtype, device=x.device)
-    grid, geo, const = _launch(g, _precision(x.dtype))
+    grid, geo, const, const_r = _launch(g, _precision(x.dtype))
     sl_hi, sl_lo = _split(meta[4])
     flags = dict(HAS_B=bias is not None, GAMMA_PER_TASK=gamma.dim() == 2, NSUM=nsum, HAS_UW=uw is not None,
                  HAS_UB=ubias is not None)
     _reduce_kernel[grid](gout, sel, x, w, b, uw_t, ub_t, gamma, beta, mean, invstd, ws, *geo, sl_hi, sl_lo,
-                         **flags, **const)
+                         **flags, **const_r)
     dgout = torch.empty_like(gout) if nsum == 5 else gout
     ug = ugamma.contiguous() if ugamma is not None else gamma
     ubt = ubeta.contiguous() if ubeta is not None else gamma
