@@ -525,8 +525,9 @@ def _block_patch(rec: _Recorder):
     launch configuration for rec.sms SMs. Bytes: each pass reads the image and the pooled-size tensors
     it needs (gout; the pooled output or d(gout) written; the int8 position of each window's maximum,
     written by the forward and read by every backward pass) and the per-program partial weight gradients
-    (TC x CHUNKS x KP); FLOPs: the products the kernels execute, padding included: 2 x n*Ho*Wo*T*C*KP
-    (KP = the patch width, the next power of two >= 16 of K + 1) per evaluation of the convolution output
+    (TC x CHUNKS x KP); FLOPs: the products the kernels execute, padding included: 2 x n*Ho*Wo*T*C'*KP
+    (KP = the patch width, the next power of two >= 16 of K + 1; C' = the channels as the kernels' channel
+    blocks execute them, masked lanes included) per evaluation of the convolution output
     (z, or u = P' U' in the double backward) and per weight-gradient contraction: forward reduce 1 and
     apply 1; backward reduce 1 and apply 2 (z, dw'); double backward reduce 2 (z, u) and apply 3
     (z, u, dw')."""
@@ -543,7 +544,8 @@ def _block_patch(rec: _Recorder):
         wo = (x.shape[3] + 2 * pad - kw) // stride + 1
         kp = max(16, 1 << (ci * kh * kw).bit_length())  # the patch width: next power of two of K + 1
         cfg = block_config(n * (ho // 2) * (wo // 2), t, c, kp, x.device, sms=rec.sms)
-        macs = n * ho * wo * t * c * kp  # one evaluation of the (padded) patch products
+        lanes = cfg["CB"] * cfg["BLOCK_C"]  # channels as executed: 48 run as 64 (masked lanes)
+        macs = n * ho * wo * t * lanes * kp  # one evaluation of the (padded) patch products
         return macs, t * c * cfg["CHUNKS"] * kp * x.element_size(), rec.layer_of([x])
 
     def small(*ts):
