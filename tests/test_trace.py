@@ -161,3 +161,17 @@ def test_tf32x3_rate():
                       ((False, False), (True, False), (False, True)))
     assert tf32 <= x3 <= fp32
     assert main(["--quick", "--workload", QUICK, "--tf32x3", "--json"]) == 0
+
+
+def test_launches_by_autograd_node():
+    """Every kernel is attributed to the autograd node that launched it ("forward" outside backward): the
+    per-node counts add up to the total; the backward of the convolution and the gradient-accumulation adds
+    are there; the report prints the table."""
+    res = trace_meta_update(QUICK, None, "cuda", "triton", True, quick=True)
+    s = summarize(res)
+    assert sum(v["kernels"] for v in s["by_node"].values()) == s["kernels"]
+    assert s["by_node"]["forward"]["kernels"] > 0 and s["by_node"]["_ConvF"]["kernels"] > 0
+    assert 0 < s["accumulation_adds"] <= s["top_names"]["aten.add"]["kernels"]
+    assert all(k.node == "forward" for k in res.kernels if k.kind == "adam")
+    from bench.trace import to_markdown
+    assert "launched by (autograd node" in to_markdown(s)
