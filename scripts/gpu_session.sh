@@ -10,14 +10,17 @@
 #   build     pip install -e . --no-build-isolation --no-deps (+ CMake log)     -> build.log
 #   import    which backends loaded                                            -> build.log
 #   tests     tests/gpu (conv, ops, learner, capture) + the CPU op tests        -> gpu_tests.log, junit.xml
+#   profile   python -m bench.gpu_profile: the captured update's time, device time per kernel category
+#             beside bench.trace's prediction (both workloads)                  -> profile.{md,json}
 #   bench     python -m bench.run: the conv table, fast (cuda backend; conv_impl auto; the fused ops,
-#             first block and bn_pool, on and off; eager and CUDA graph), reference, torch.func and JAX on Omniglot 20-way 1-shot B=8 and
-#             mini-ImageNet 5-way 1-shot B=2, then the B=8/B=64 roofline points  -> bench/
+#             first block and bn_pool, on and off; eager and CUDA graph), reference, torch.func and JAX on
+#             Omniglot 20-way 1-shot B=8 and mini-ImageNet 5-way 1-shot B=2, then the B=8/B=64 roofline
+#             points                                                            -> bench/
 #   memcheck  compute-sanitizer memcheck on the non-slow GPU op tests          -> memcheck.log
 #   opbench   pytest-benchmark bench/bench_ops.py                              -> bench_ops.json
 # The device tool returns at most 8 files, so everything is packed into $OUT/gpu_session.tgz, beside
-# $OUT/summary.txt and a copy of the benchmark's markdown ($OUT/bench.md).
-# Limits (s, env): DEADLINE=560 BUILD_LIMIT=180 TESTS_LIMIT=150 BENCH_LIMIT=240 MEMCHECK_LIMIT=60
+# $OUT/summary.txt and copies of the benchmark's and the profile's markdown ($OUT/bench.md, profile.md).
+# Limits (s, env): DEADLINE=560 BUILD_LIMIT=180 TESTS_LIMIT=150 BENCH_LIMIT=240 PROFILE_LIMIT=60 MEMCHECK_LIMIT=60
 # OPBENCH_LIMIT=45; BENCH_ARGS replaces the benchmark's arguments. Python: $PYTHON (default python3).
 set -u
 : "${OUT:?set OUT to the results directory}"
@@ -58,6 +61,9 @@ stage tests "${TESTS_LIMIT:-150}" "$W/gpu_tests.log" \
   tests/test_ops_bn.py tests/test_ops_lslr.py tests/test_conv.py tests/gpu/test_gpu_conv.py \
   -q -rfEs -p no:cacheprovider $XDIST --junitxml="$W/junit.xml"
 
+# ---- device profile of the captured update beside the trace's prediction -------------------------------
+stage profile "${PROFILE_LIMIT:-60}" "$W/profile.log" "$PY" -m bench.gpu_profile --out "$W/profile"
+
 # ---- learner benchmark ----------------------------------------------------------------------------------
 DEFAULT_BENCH_ARGS="--device cuda --workloads omniglot_20w1s,miniimagenet_5w1s --learners fast,reference,torchfunc,jax \
 --backends cuda --conv-impls auto --first-blocks fused,unfused --batch-sweep 8,64 --no-steps-sweep --time-budget 200 --max-time 1.5"
@@ -87,9 +93,11 @@ fail=0
   grep -E "^(FAILED|ERROR) " "$W/gpu_tests.log" | head -n 20
   grep -E "ERROR SUMMARY" "$W/memcheck.log" | tail -n 1 | sed 's/^/memcheck: /'
   grep -E "^bench: " "$W/bench.log" | cut -c1-220 | tail -n 40
+  grep -E "^(## |Captured update|Eager update)" "$W/profile.log" | cut -c1-220
 } >"$OUT/summary.txt" 2>&1
 md=$(ls "$W"/bench/latest_cuda*.md 2>/dev/null | head -n 1)
 [ -n "$md" ] && cp "$md" "$OUT/bench.md"
+[ -f "$W/profile.md" ] && cp "$W/profile.md" "$OUT/profile.md"
 tar -czf "$OUT/gpu_session.tgz" -C "$OUT" session && rm -rf "$W"
 cat "$OUT/summary.txt"
 exit $fail

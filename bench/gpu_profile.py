@@ -1,0 +1,249 @@
+"""python -m bench.gpu_profile: where the fast learner's meta-update spends its device time, beside what
+bench.trace predicts for it (the check of the trace's model that a lent GPU can make in ~30 s).
+
+For each workload (default: Omniglot 20w1s B=8 and mini-ImageNet 5w1s B=2, the learner's default
+configuration: op backend auto, conv_impl auto, the fused first block and bn_pool where they run):
+
+1. the captured meta-update (CUDA graph): mean milliseconds per update over --iters replays after a
+   warm-up (CUDA events), and its peak memory;
+2. one eager meta-update under torch.profiler: every kernel's device time, grouped into categories
+   (`CATEGORIES`: our Triton convolutions, the fused block, bn_pool, the CUDA batch norm, LSLR, cuDNN /
+   cuBLAS, aten reductions, copies, other aten kernels), with their launch counts; the kernels are the
+   captured update's (a graph replays the same kernels without the CPU launch cost);
+3. bench.trace's prediction for the same workload, grouped the same way (`trace_category`).
+
+Writes PREFIX.json and PREFIX.md (--out PREFIX) with the device, versions, date and command. On a machine
+without CUDA it refuses (exit status 2) unless --device cpu is given, which profiles the CPU ops instead
+(a smoke test of the plumbing: no graph, no device kernels, no comparison).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from datetime import datetime, timezone
+
+__all__ = ["CATEGORIES", "profile_category", "trace_category", "profile_workload", "main"]
+
+# (category, regular expression on the profiler's kernel name), first match wins
+CATEGORIES = [
+    ("triton conv", r"^_conv_(fwd|dgrad|wgrad)_kernel"),
+    ("fused block", r"^_(fwd_reduce|fwd_apply|reduce|apply|finish)_kernel$"),
+    ("bn_pool", r"^_pool_|^_bn_fwd_reduce_kernel$"),
+    ("batch norm (cuda/triton)", r"bn_(fwd|bwd|dbwd)|^_bn_"),
+    ("lslr", r"lslr"),
+    ("cudnn / cublas", r"cudnn|cutlass|xmma|gemm|gemv|implicit_convolve|winograd|fft|conv2d|sm\d+_"),
+    ("aten reductions", r"reduce_kernel|Reduce|reduction"),
+    ("aten copies / fills", r"copy|Copy|fill|Fill|cat|Cat|index|scatter|gather|memset|Memset|Memcpy|memcpy"),
+]
+
+
+def profile_category(name: str) -> str:
+    """The category of a kernel as the profiler names it."""
+    for cat, rx in CATEGORIES:
+        if re.search(rx, name):
+            return cat
+    return "aten elementwise / other"
+
+
+def trace_category(name: str) -> str:
+    """The category of a kernel as bench.trace names it (the same categories as `profile_category`)."""
+    if name.startswith("triton conv_") and "re-layout" not in name:
+        return "triton conv"
+    if name.startswith("triton block_"):
+        return "fused block"
+    if name.startswith("triton bn_pool_"):
+        return "bn_pool"
+    if re.match(r"^(cuda|triton) bn_", name):
+        return "batch norm (cuda/triton)"
+    if "lslr" in name:
+        return "lslr"
+    if name.startswith("cudnn") or name in ("aten.bmm", "aten.baddbmm", "aten.mm", "aten.addmm"):
+        return "cudnn / cublas"
+    if "split partial sum" in name or name in ("aten.sum", "bias grad reduction", "aten.mean", "aten.amax"):
+        return "aten reductions"
+    if "re-layout" in name or name in ("aten.copy_", "aten.clone", "aten.cat", "aten.stack", "aten.zeros",
+                                       "aten.fill_", "aten.zero_", "aten.gather", "aten._to_copy",
+                                       "aten.select_backward", "aten.slice_backward"):
+        return "aten copies / fills"
+    return "aten elementwise / other"
+
+
+def _kernel_events(prof):
+    """(name, device microseconds, count) per distinct kernel of a torch.profiler run."""
+    out = []
+    for e in prof.key_averages():
+        dev_us = getattr(e, "self_device_time_total", None)
+        if dev_us is None:
+            dev_us = getattr(e, "self_cuda_time_total", 0.0)
+        if not dev_us:
+            continue
+        dtype = str(getattr(e, "device_type", ""))
+        if "CUDA" not in dtype and "cuda" not in dtype:
+            continue
+        out.append((e.key, float(dev_us), int(e.count)))
+    return out
+
+
+def group(rows, categorize) -> dict:
+    """{category: {"ms", "kernels"}} from (name, microseconds, count) rows."""
+    cats: dict = {}
+    for name, us, n in rows:
+        d = cats.setdefault(categorize(name), {"ms": 0.0, "kernels": 0})
+        d["ms"] += us / 1e3
+        d["kernels"] += n
+    return dict(sorted(cats.items(), key=lambda kv: -kv[1]["ms"]))
+
+
+def profile_workload(name: str, batch_size: int | None, device: str, iters: int, quick: bool = False) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from mamlpp_fast.fast import MAMLFewShotClassifier
+
+    from . import workloads as W
+    w = W.workload_by_name(name, quick=quick)
+    if batch_size is not None:
+        w = w.with_(batch_size=batch_size)
+    dev = torch.device(device)
+    batch = W.make_batch(w, dev)
+    res: dict = {"workload": w.name, "batch_size": w.batch_size}
+    if dev.type == "cuda":
+        graph = MAMLFewShotClassifier(W.im_shape(w), dev, W.make_args(w, cuda_graph=True))
+        for _ in range(3):
+            graph.run_train_iter(batch, 0)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            graph.run_train_iter(batch, 0)
+        end.record()
+        torch.cuda.synchronize()
+        res.update(captured_ms=start.elapsed_time(end) / iters,
+                   captured_peak_mib=torch.cuda.max_memory_allocated() / 2 ** 20,
+                   graph_failed=getattr(graph, "_graph_failed", None),
+                   first_block_fused=any(v is not None for v in graph.__dict__.get("_first_block_cache", {}).values()),
+                   bn_pool_fused=any(v is not None for v in graph.__dict__.get("_bn_pool_cache", {}).values()))
+        del graph
+    eager = MAMLFewShotClassifier(W.im_shape(w), dev, W.make_args(w))
+    for _ in range(2):  # compiles, conv_impl=auto's timing
+        eager.run_train_iter(batch, 0)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    with profile(activities=acts) as prof:
+        eager.run_train_iter(batch, 0)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    rows = _kernel_events(prof)
+    res["profile_kernels"] = sum(n for _, _, n in rows)
+    res["profile_kernel_ms"] = sum(us for _, us, _ in rows) / 1e3
+    res["profile_by_category"] = group(rows, profile_category)
+    res["profile_top"] = [dict(name=n[:120], ms=us / 1e3, kernels=c)
+                          for n, us, c in sorted(rows, key=lambda r: -r[1])[:30]]
+    res["conv_choices"] = _conv_choices()
+    if dev.type == "cpu":
+        res["cpu_ops_ms"] = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e3
+    from .trace import predict, summarize, trace_meta_update, CEILINGS
+    t = trace_meta_update(w.name, w.batch_size, "cuda", "triton", True, quick=quick)
+    s = summarize(t)
+    cats: dict = {}
+    for k in t.kernels:
+        d = cats.setdefault(trace_category(k.name), {"ms": 0.0, "kernels": 0})
+        d["ms"] += predict(k, CEILINGS["h100"], False, True)
+        d["kernels"] += k.launches
+    res["trace"] = dict(kernels=s["kernels"], bytes=s["bytes"], predicted_ms=s["predicted_ms"],
+                        prediction=s["prediction"], by_category=cats)
+    return res
+
+
+def _conv_choices():
+    """What conv_impl=auto chose: [{"key": ..., "impl": ..., "ms": {impl: ms}}] (bench.run reports the same)."""
+    try:
+        from mamlpp_fast.ops.conv import conv_choices
+        return [dict(key=str(k), impl=v[0], ms=v[1]) for k, v in conv_choices().items()]
+    except Exception:  # noqa: BLE001 - a tree without the record: nothing to report
+        return []
+
+
+def to_markdown(rep: dict) -> str:
+    lines = [f"# Device profile of the fast learner's meta-update ({rep['device']})", "",
+             f"Command: `{rep['command']}`; git {rep['git']}; torch {rep['torch']}, triton {rep['triton']}; "
+             f"{rep['date']}.", "",
+             "Measured: the captured update (CUDA graph, mean of the replays) and one eager update under "
+             "torch.profiler (device time per kernel). Predicted: bench.trace, H100 ceilings, every "
+             "convolution as our Triton kernels (conv_impl=auto may have chosen others: conv_choices in the "
+             "JSON).", ""]
+    for r in rep["workloads"]:
+        lines += [f"## {r['workload']} B={r['batch_size']}", ""]
+        if "captured_ms" in r:
+            lines.append(f"Captured update: **{r['captured_ms']:.2f} ms** measured (peak {r['captured_peak_mib']:.0f} MiB; "
+                         f"fused block {r['first_block_fused']}, bn_pool {r['bn_pool_fused']}, graph_failed "
+                         f"{r['graph_failed']}); trace prediction {r['trace']['predicted_ms']:.2f} ms, "
+                         f"{r['trace']['kernels']:,} kernels.")
+        lines += ["", f"Eager update under the profiler: {r['profile_kernels']:,} kernels, "
+                      f"{r['profile_kernel_ms']:.2f} ms of device time.", "",
+                  "| category | measured ms | kernels | predicted ms | kernels |", "|---|---|---|---|---|"]
+        cats = list(dict.fromkeys(list(r["profile_by_category"]) + list(r["trace"]["by_category"])))
+        for c in cats:
+            m = r["profile_by_category"].get(c, {"ms": 0.0, "kernels": 0})
+            p = r["trace"]["by_category"].get(c, {"ms": 0.0, "kernels": 0})
+            lines.append(f"| {c} | {m['ms']:.3f} | {m['kernels']:,} | {p['ms']:.3f} | {p['kernels']:,} |")
+        lines += ["", "| top kernels | ms | launches |", "|---|---|---|"]
+        for t in r["profile_top"][:15]:
+            lines.append(f"| `{t['name']}` | {t['ms']:.3f} | {t['kernels']} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    """python -m bench.gpu_profile: device time of the fast learner's meta-update by kernel category,
+    beside bench.trace's prediction."""
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_profile", description=main.__doc__)
+    p.add_argument("--workloads", default="omniglot_20w1s,miniimagenet_5w1s")
+    p.add_argument("--batch-size", type=int, default=None, help="tasks per meta-update (default: the workload's)")
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke test of the plumbing)")
+    p.add_argument("--iters", type=int, default=20, help="replays of the captured update timed")
+    p.add_argument("--quick", action="store_true", help="the --quick workloads (tiny shapes)")
+    p.add_argument("--out", default=None, help="PREFIX: write PREFIX.json and PREFIX.md")
+    a = p.parse_args(argv)
+    import torch
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print("error: no CUDA device here (use --device cpu for a smoke test)", file=sys.stderr)
+        return 2
+    if a.device not in ("cuda", "cpu"):
+        print(f"error: --device must be cuda or cpu, got {a.device!r}", file=sys.stderr)
+        return 2
+    import triton
+
+    import os
+
+    from .run import _git, _revision_file
+    rep = dict(device=torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu", torch=torch.__version__,
+               triton=triton.__version__,
+               git=_git("rev-parse", "HEAD") or os.environ.get("MAMLPP_GIT_REV") or _revision_file() or "unknown", date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               command="python -m bench.gpu_profile " + " ".join(argv if argv is not None else sys.argv[1:]),
+               workloads=[])
+    t0 = time.perf_counter()
+    for name in [x.strip() for x in a.workloads.split(",") if x.strip()]:
+        try:
+            rep["workloads"].append(profile_workload(name, a.batch_size, a.device, a.iters, a.quick))
+        except KeyError as e:
+            print(f"error: {e.args[0]}", file=sys.stderr)
+            return 2
+    rep["seconds"] = time.perf_counter() - t0
+    md = to_markdown(rep)
+    if a.out:
+        with open(a.out + ".json", "w") as f:
+            json.dump(rep, f, indent=1, default=str)
+        with open(a.out + ".md", "w") as f:
+            f.write(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""bench.gpu_profile, the device-time profile for a lent GPU: its kernel categories (the profiler's kernel
+names and bench.trace's names fall into the same categories), and its plumbing on the CPU (--device cpu),
+and its refusal without CUDA. The device run itself is part of scripts/gpu_session.sh."""
+import json
+
+import pytest
+
+from bench.gpu_profile import CATEGORIES, main, profile_category, trace_category
+
+
+@pytest.mark.parametrize("name,cat", [
+    ("_conv_fwd_kernel", "triton conv"), ("_conv_wgrad_kernel", "triton conv"),
+    ("_fwd_reduce_kernel", "fused block"), ("_apply_kernel", "fused block"), ("_finish_kernel", "fused block"),
+    ("_pool_bwd_apply_kernel", "bn_pool"), ("_bn_fwd_reduce_kernel", "bn_pool"),
+    ("void bn_dbwd_apply_kernel<float>(float const*, float*)", "batch norm (cuda/triton)"),
+    ("_bn_bwd_apply_kernel", "batch norm (cuda/triton)"),
+    ("void lslr_fwd_kernel<float>(LslrArgs<float>)", "lslr"), ("_lslr_bwd_kernel", "lslr"),
+    ("sm90_xmma_gemm_f32f32_tf32f32_f32_nn_n_tilesize128x128x32", "cudnn / cublas"),
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::func_wrapper_t<float>>>",
+     "aten reductions"),
+    ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<float, unsigned int, 3, 64, 64>",
+     "aten copies / fills"),
+    ("Memset (Device)", "aten copies / fills"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>", "aten elementwise / other"),
+])
+def test_profile_categories(name, cat):
+    assert profile_category(name) == cat
+
+
+def test_trace_names_fall_into_the_profile_categories():
+    """Every kernel name of a trace maps to one of the categories the profile uses."""
+    from bench.trace import trace_meta_update
+    cats = {c for c, _ in CATEGORIES} | {"aten elementwise / other"}
+    res = trace_meta_update("quick_omniglot_3w1s", None, "cuda", "triton", True, quick=True)
+    got = {trace_category(k.name) for k in res.kernels}
+    assert got <= cats, got - cats
+    assert {"triton conv", "fused block", "bn_pool", "lslr", "aten reductions"} <= got
+    assert trace_category("triton conv_fwd weight re-layout (aten.copy_)") == "aten copies / fills"
+    assert trace_category("split partial sum (aten.sum)") == "aten reductions"
+
+
+def test_cpu_smoke_run_writes_json_and_markdown(tmp_path):
+    prefix = str(tmp_path / "prof")
+    assert main(["--device", "cpu", "--quick", "--workloads", "quick_omniglot_3w1s", "--out", prefix]) == 0
+    rep = json.loads((tmp_path / "prof.json").read_text())
+    r = rep["workloads"][0]
+    assert r["workload"] == "quick_omniglot_3w1s" and r["trace"]["kernels"] > 0 and r["trace"]["predicted_ms"] > 0
+    assert r["profile_kernels"] == 0  # no device kernels on a CPU
+    assert "quick_omniglot_3w1s" in (tmp_path / "prof.md").read_text()
+    for key in ("device", "torch", "triton", "git", "date", "command"):
+        assert key in rep
+
+
+def test_refusals(capsys):
+    import torch
+    if not torch.cuda.is_available():
+        assert main(["--workloads", "quick_omniglot_3w1s", "--quick"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    assert main(["--device", "cpu", "--workloads", "nosuch"]) == 2
+    assert "unknown workload" in capsys.readouterr().err
