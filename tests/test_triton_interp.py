@@ -739,3 +739,27 @@ def test_learner_with_bn_pool_triton_matches_reference_float64():
     ref, fast, args = make_pair("float64", "triton", **cfg)
     compare(ref, fast, batch_for(args, 2, seed), 0, "float64", seed)
     assert fast._bn_pool_cache and all(v is tbp for v in fast._bn_pool_cache.values())
+
+
+@inner
+def test_conv_block_reads_expanded_weights_in_place():
+    """The fast weights of step 0 are the meta-parameters expanded over the tasks (task stride 0): the
+    block's kernels read them in place (`_task_rows` makes no copy) with results identical to a
+    contiguous copy's, in all three passes; a weight whose rows are not contiguous is copied."""
+    import torch
+    from _batches import fresh_seed
+    from test_conv_block import SHAPES
+    from mamlpp_fast.triton import conv_block as tcb
+
+    seed = fresh_seed() % 2 ** 31
+    x, w, bias, gamma, beta, T, pad = _block_case(SHAPES[1], seed, torch.float64)
+    w_exp = w[:1].expand_as(w)
+    b_exp = bias[:1].expand_as(bias)
+    rows = tcb._task_rows(w_exp, b_exp)
+    assert rows[0] is w_exp and rows[1] == 0 and rows[2] is b_exp and rows[3] == 0
+    got, _ = _block_all(tcb, x, w_exp, b_exp, gamma, beta, T, pad, seed)
+    ref, _ = _block_all(tcb, x, w_exp.contiguous(), b_exp.contiguous(), gamma, beta, T, pad, seed)
+    for (name, a), (_, r) in zip(got, ref):
+        assert torch.equal(a, r), name
+    w_t = w.transpose(3, 4)  # rows not contiguous: copied
+    assert tcb._task_rows(w_t, None)[0] is not w_t

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ._device import num_sms
-from .conv import _TRITON_VERSION, _precision
+from .conv import _precision
 from .per_step_bn import _dbwd_coef, _f2acc, _split, _to_acc
 
 __all__ = ["forward", "backward", "double_backward", "block_config", "name"]
@@ -114,14 +114,15 @@ def _taps(KK: tl.constexpr, KW: tl.constexpr, KP: tl.constexpr):
 
 
 @triton.jit
-def _wtile(w_ptr, b_ptr, cps, cmask, ks, K: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr):
-    """(KP, BLOCK_C) tile W'[k, c] = w[cp, k] for k < K, the bias of column cp at k = K (0 without one),
-    0 beyond; cps = t*C + c of the program's channels."""
+def _wtile(w_ptr, b_ptr, wrow, brow, cmask, ks, K: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr):
+    """(KP, BLOCK_C) tile W'[k, c] = w[t, c, k] for k < K, the bias of (t, c) at k = K (0 without one),
+    0 beyond; wrow / brow: the offsets of the program's channels' rows of w and bias (a task stride of 0
+    reads a weight expanded over the tasks, as the fast weights of step 0 are, without a copy)."""
     m = (ks < K)[:, None] & cmask[None, :]
-    wt = tl.load(w_ptr + cps[None, :] * K + ks[:, None], mask=m, other=0.0).to(ACC)
+    wt = tl.load(w_ptr + wrow[None, :] + ks[:, None], mask=m, other=0.0).to(ACC)
     if HAS_B:
         mb = (ks == K)[:, None] & cmask[None, :]
-        wt += tl.load(b_ptr + cps[None, :] + ks[:, None] * 0, mask=mb, other=0.0).to(ACC)
+        wt += tl.load(b_ptr + brow[None, :] + ks[:, None] * 0, mask=mb, other=0.0).to(ACC)
     return wt
 
 
@@ -237,8 +238,8 @@ def _zdot(P, Wt, PREC: tl.constexpr, ACC: tl.constexpr):
 # ------------------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_reduce_kernel(x_ptr, w_ptr, b_ptr, ws_ptr, C, CB, Ci, TCi, H, W, HWp, Wp, MW, CHUNK, CHUNKS,
-                       stride, pad, KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                       HAS_B: tl.constexpr, PREC: tl.constexpr, BLOCK_W: tl.constexpr,
+                       stride, pad, W_TS, B_TS, KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr,
+                       KP: tl.constexpr, HAS_B: tl.constexpr, PREC: tl.constexpr, BLOCK_W: tl.constexpr,
                        BLOCK_C: tl.constexpr):
     """ws[cp, k, :] = (mean, m2) of the convolution outputs of chunk k of column cp: sums of z - ref and
     (z - ref)^2 with ref = the column's first output of the chunk (a shift that keeps the sums of
@@ -246,7 +247,7 @@ def _fwd_reduce_kernel(x_ptr, w_ptr, b_ptr, ws_ptr, C, CB, Ci, TCi, H, W, HWp, W
     t, cs, cps, cmask, k = _program(C, BLOCK_C, CB)
     ACC = x_ptr.dtype.element_ty
     ks, ci, p, q = _taps(KK, KW, KP)
-    Wt = _wtile(w_ptr, b_ptr, cps, cmask, ks, K, HAS_B, ACC)
+    Wt = _wtile(w_ptr, b_ptr, t * W_TS + cs * K, t * B_TS + cs, cmask, ks, K, HAS_B, ACC)
     begin = tl.minimum(k * CHUNK, MW)
     end = tl.minimum(begin + CHUNK, MW)
     rows = tl.arange(0, BLOCK_W)
@@ -296,7 +297,8 @@ def _window_max(x_ptr, i, ph, pw, mask, t, ks, ci, p, q, Wt, mu, r, ga, be, slop
 
 @triton.jit
 def _fwd_apply_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, ws_ptr, out_ptr, sel_ptr, mean_ptr, invstd_ptr,
-                      C, CB, Ci, TC, TCi, H, W, HWp, Wp, MW, CHUNK, CHUNKS, stride, pad, eps_hi, eps_lo,
+                      C, CB, Ci, TC, TCi, H, W, HWp, Wp, MW, CHUNK, CHUNKS, stride, pad, W_TS, B_TS, eps_hi,
+                      eps_lo,
                       slope_hi, slope_lo, KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr,
                       KP: tl.constexpr, HAS_B: tl.constexpr, GAMMA_PER_TASK: tl.constexpr,
                       IS_F64: tl.constexpr, PREC: tl.constexpr, BLOCK_W: tl.constexpr,
@@ -341,7 +343,7 @@ def _fwd_apply_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, ws_ptr, out_ptr,
     ga = tl.load(gamma_ptr + gi, mask=cmask, other=1.0).to(ACC)
     be = tl.load(beta_ptr + gi, mask=cmask, other=0.0).to(ACC)
     ks, ci, p, q = _taps(KK, KW, KP)
-    Wt = _wtile(w_ptr, b_ptr, cps, cmask, ks, K, HAS_B, ACC)
+    Wt = _wtile(w_ptr, b_ptr, t * W_TS + cs * K, t * B_TS + cs, cmask, ks, K, HAS_B, ACC)
     begin = tl.minimum(k * CHUNK, MW)
     end = tl.minimum(begin + CHUNK, MW)
     for s in range(begin, end, BLOCK_W):
@@ -364,7 +366,7 @@ def _uvec(uw_ptr, ub_ptr, cps, cmask, ks, K: tl.constexpr, HAS_UW: tl.constexpr,
           ACC: tl.constexpr):
     """U' as a (KP, BLOCK_C) tile (zeros where absent)."""
     if HAS_UW:
-        Ut = _wtile(uw_ptr, ub_ptr, cps, cmask, ks, K, HAS_UB, ACC)
+        Ut = _wtile(uw_ptr, ub_ptr, cps * K, cps, cmask, ks, K, HAS_UB, ACC)
     else:
         Ut = tl.zeros([ks.shape[0], cps.shape[0]], dtype=ACC)
         if HAS_UB:
@@ -376,7 +378,7 @@ def _uvec(uw_ptr, ub_ptr, cps, cmask, ks, K: tl.constexpr, HAS_UW: tl.constexpr,
 @triton.jit
 def _reduce_kernel(gout_ptr, sel_ptr, x_ptr, w_ptr, b_ptr, uw_ptr, ub_ptr, gamma_ptr, beta_ptr, mean_ptr,
                    invstd_ptr, ws_ptr, C, CB, Ci, TC, TCi, H, W, HWp, Wp, MW, CHUNK, CHUNKS, stride, pad,
-                   slope_hi, slope_lo, KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr,
+                   W_TS, B_TS, slope_hi, slope_lo, KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr,
                    KP: tl.constexpr, HAS_B: tl.constexpr, GAMMA_PER_TASK: tl.constexpr,
                    NSUM: tl.constexpr, HAS_UW: tl.constexpr, HAS_UB: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -389,7 +391,7 @@ def _reduce_kernel(gout_ptr, sel_ptr, x_ptr, w_ptr, b_ptr, uw_ptr, ub_ptr, gamma
     _gi, ga, be, mu, r = _params(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cs, cps, cmask, GAMMA_PER_TASK,
                                  ACC)
     ks, ci, p, q = _taps(KK, KW, KP)
-    Wt = _wtile(w_ptr, b_ptr, cps, cmask, ks, K, HAS_B, ACC)
+    Wt = _wtile(w_ptr, b_ptr, t * W_TS + cs * K, t * B_TS + cs, cmask, ks, K, HAS_B, ACC)
     if NSUM == 5:
         Ut = _uvec(uw_ptr, ub_ptr, cps, cmask, ks, K, HAS_UW, HAS_UB, ACC)
     begin = tl.minimum(k * CHUNK, MW)
@@ -427,8 +429,8 @@ def _reduce_kernel(gout_ptr, sel_ptr, x_ptr, w_ptr, b_ptr, uw_ptr, ub_ptr, gamma
 @triton.jit
 def _apply_kernel(gout_ptr, sel_ptr, x_ptr, w_ptr, b_ptr, uw_ptr, ub_ptr, ugam_ptr, ubet_ptr, gamma_ptr,
                   beta_ptr, mean_ptr, invstd_ptr, ws_ptr, wws_ptr, dgout_ptr,
-                  C, CB, Ci, TC, TCi, H, W, HWp, Wp, MW, CHUNK, CHUNKS, stride, pad, slope_hi, slope_lo,
-                  KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                  C, CB, Ci, TC, TCi, H, W, HWp, Wp, MW, CHUNK, CHUNKS, stride, pad, W_TS, B_TS, slope_hi,
+                  slope_lo, KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                   HAS_B: tl.constexpr, GAMMA_PER_TASK: tl.constexpr, NSUM: tl.constexpr,
                   HAS_UW: tl.constexpr, HAS_UB: tl.constexpr, HAS_UG: tl.constexpr, HAS_UBETA: tl.constexpr,
                   PREC: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, KSTEP: tl.constexpr):
@@ -448,7 +450,7 @@ def _apply_kernel(gout_ptr, sel_ptr, x_ptr, w_ptr, b_ptr, uw_ptr, ub_ptr, ugam_p
     Sg = _col_sums(ws_ptr, cps, cmask, CHUNKS, 0, NSUM, KSTEP)
     Sgx = _col_sums(ws_ptr, cps, cmask, CHUNKS, 1, NSUM, KSTEP)
     ks, ci, p, q = _taps(KK, KW, KP)
-    Wt = _wtile(w_ptr, b_ptr, cps, cmask, ks, K, HAS_B, ACC)
+    Wt = _wtile(w_ptr, b_ptr, t * W_TS + cs * K, t * B_TS + cs, cmask, ks, K, HAS_B, ACC)
     if NSUM == 2:
         kk = ga * r
         c_x = -kk * (Sgx / Mf)
@@ -569,19 +571,34 @@ def _geometry(x, w, meta):
     return g
 
 
-def _launch(g, prec):
+def _task_rows(w, bias):
+    """(w, its task stride, bias or w, its task stride) as the kernels read them: each task's (C, K)
+    weight rows (and C biases) contiguous, the task stride free, so that a weight expanded over the
+    tasks (stride 0: the fast weights of step 0) is read in place instead of copied."""
+    t, c = w.shape[:2]
+    k = w[0, 0].numel()
+    if w.stride()[1:] != torch.empty(w.shape[1:], device="meta").stride():
+        w = w.contiguous()
+    b, b_ts = w, 0
+    if bias is not None:
+        b = bias if bias.stride(1) == 1 else bias.contiguous()
+        b_ts = b.stride(0)
+    return w, w.stride(0) if t > 1 else c * k, b, b_ts
+
+
+def _launch(g, prec, w_ts, b_ts):
     cfg = g["cfg"]
     grid = (g["t"] * cfg["CB"], cfg["CHUNKS"])
     geo = (g["c"], cfg["CB"], g["ci"], g["tc"], g["tci"], g["h"], g["w"], g["hp"] * g["wp"], g["wp"], g["mw"],
-           cfg["CHUNK"], cfg["CHUNKS"], g["stride"], g["pad"])
+           cfg["CHUNK"], cfg["CHUNKS"], g["stride"], g["pad"], w_ts, b_ts)
     const = dict(KK=g["kk"], KW=g["kw"], K=g["k"], KP=g["kp"], PREC=prec, BLOCK_W=cfg["BLOCK_W"],
                  BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
     const_r = dict(const, num_warps=cfg.get("REDUCE_WARPS", cfg["num_warps"]))
-    if _TRITON_VERSION >= (3, 7) and g["kp"] >= 32 and cfg["BLOCK_C"] == 64:
-        # the apply passes at 8 warps: left alone, Triton 3.7.1's ptxas settles on 128 registers for the
-        # TF32 backward apply and spills 8 bytes; with .maxnreg 255 it takes 174 and none (the other three
-        # variants: 143-248, none; caps of 200-232 made the fp32 double backward spill). Triton 3.6
-        # needs no cap (bench/NOTES.md, the block's tiles at 48 channels)
+    if g["kp"] >= 32 and cfg["BLOCK_C"] == 64:
+        # the apply passes at 8 warps: left alone, ptxas (Triton 3.6.0's and 3.7.1's) settles on 128
+        # registers for the TF32 backward apply and spills 4-8 bytes; with .maxnreg 255 it takes 174-190
+        # and none, and the other three variants 143-253, none (caps of 200-232 made the fp32 passes
+        # spill). bench/NOTES.md, the block's tiles at 48 channels
         const["maxnreg"] = 255
     return grid, geo, const, const_r
 
@@ -591,15 +608,14 @@ def forward(x, w, bias, gamma, beta, meta):
     window's maximum, which the backward passes read instead of recomputing it."""
     g = _geometry(x, w, meta)
     cfg = g["cfg"]
-    w = w.contiguous()
+    w, w_ts, b, b_ts = _task_rows(w, bias)
     gamma, beta = gamma.contiguous(), beta.contiguous()
-    b = bias.contiguous() if bias is not None else w
     out = torch.empty(g["n"], g["tc"], g["hp"], g["wp"], dtype=x.dtype, device=x.device)
     sel = torch.empty(out.shape, dtype=torch.int8, device=x.device)
     mean = torch.empty(g["tc"], dtype=x.dtype, device=x.device)
     invstd = torch.empty_like(mean)
     ws = torch.empty(g["tc"] * cfg["CHUNKS"] * 2, dtype=x.dtype, device=x.device)
-    grid, geo, _const, const = _launch(g, _precision(x.dtype))  # both forward passes: REDUCE_WARPS
+    grid, geo, _const, const = _launch(g, _precision(x.dtype), w_ts, b_ts)  # both forward passes: REDUCE_WARPS
     geo_r = geo[:3] + geo[4:]  # the reduction takes no TC
     _fwd_reduce_kernel[grid](x, w, b, ws, *geo_r, HAS_B=bias is not None, **const)
     eps_hi, eps_lo = _split(meta[3])
@@ -614,14 +630,13 @@ def _backward_pass(nsum, gout, x, w, bias, gamma, beta, mean, invstd, sel, meta,
                    ugamma=None, ubeta=None):
     g = _geometry(x, w, meta)
     cfg = g["cfg"]
-    w = w.contiguous()
+    w, w_ts, b, b_ts = _task_rows(w, bias)
     gamma, beta = gamma.contiguous(), beta.contiguous()
-    b = bias.contiguous() if bias is not None else w
     uw_t = uw.contiguous() if uw is not None else w
     ub_t = ubias.contiguous() if ubias is not None else w
     ws = torch.empty(g["tc"] * cfg["CHUNKS"] * nsum, dtype=x.dtype, device=x.device)
     wws = torch.empty(g["tc"] * cfg["CHUNKS"] * g["kp"], dtype=x.dtype, device=x.device)
-    grid, geo, const, const_r = _launch(g, _precision(x.dtype))
+    grid, geo, const, const_r = _launch(g, _precision(x.dtype), w_ts, b_ts)
     sl_hi, sl_lo = _split(meta[4])
     flags = dict(HAS_B=bias is not None, GAMMA_PER_TASK=gamma.dim() == 2, NSUM=nsum, HAS_UW=uw is not None,
                  HAS_UB=ubias is not None)
@@ -633,7 +648,7 @@ def _backward_pass(nsum, gout, x, w, bias, gamma, beta, mean, invstd, sel, meta,
     _apply_kernel[grid](gout, sel, x, w, b, uw_t, ub_t, ug, ubt, gamma, beta, mean, invstd, ws, wws, dgout, *geo,
                         sl_hi, sl_lo, **flags, HAS_UG=ugamma is not None, HAS_UBETA=ubeta is not None,
                         KSTEP=_KSTEP, **const)
-    dw = torch.empty_like(w)
+    dw = torch.empty(w.shape, dtype=w.dtype, device=w.device)
     db = torch.empty(g["t"], g["c"], dtype=x.dtype, device=x.device) if bias is not None else None
     dgamma = torch.empty_like(gamma)
     dbeta = torch.empty_like(gamma) if nsum == 2 else None
