@@ -92,7 +92,7 @@ def _recording_launches(store: list):
         orig_block_cfg = tblock.block_config
         tblock.block_config = lambda *a, sms=None: orig_block_cfg(*a, sms=SMS)
     tbn.num_sms = lambda device: SMS
-    tbn.bn_block_config = lambda M, TC, device: orig_bn_cfg(M, TC, cuda0)
+    tbn.bn_block_config = lambda M, TC, device, sms=None: orig_bn_cfg(M, TC, cuda0)
     for name, val in conv_patches.items():
         setattr(tconv, name, val)
     try:

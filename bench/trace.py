@@ -594,7 +594,8 @@ def _block_patch(rec: _Recorder):
 def _bn_pool_patch(rec: _Recorder):
     """An implementation of bn_pool (mamlpp_fast.ops.bn_pool: batch norm, leaky ReLU and max pooling of
     layers 1-3) that computes with the PyTorch one (hidden) and records the Triton kernels
-    (mamlpp_fast/triton/bn_pool.py), two per pass. Bytes: each kernel reads x (the backward's reduction
+    (mamlpp_fast/triton/bn_pool.py) with their launch configuration for rec.sms SMs: two per pass, or
+    one where a column is one chunk (plus a small one for a shared gamma's backward sums). Bytes: each kernel reads x (the backward's reduction
     reads it at the windows' maxima only, but those touch ~94% of x's 32-byte sectors: counted whole),
     the pooled-size tensors it needs (gout; out or d(gout) written; the int8 positions of the maxima,
     written by the forward and read by every backward pass), the upstream gradient u of the double
@@ -602,37 +603,49 @@ def _bn_pool_patch(rec: _Recorder):
     import types
 
     from mamlpp_fast.ops.bn_pool import torch_impl
+    from mamlpp_fast.triton.bn_pool import pool_config
 
     def small(*ts):
         return sum(_nbytes(t) for t in ts if t is not None)
 
+    def single(x):
+        """One kernel per pass where a column is one chunk on rec.sms SMs (triton/bn_pool.py `_single`)."""
+        return pool_config(*x.shape, x.device, sms=rec.sms)["CHUNKS"] == 1
+
+    def passes(op, x, gamma, layer, read, written, call=None, reduce_read=None):
+        """The pass's kernels: a reduction and an apply, or (single chunk) the apply alone, which then
+        reads x from the cache the second time (counted once), plus, in the backward passes with a gamma
+        shared by the tasks, the small kernel that adds the per-task sums."""
+        if single(x):
+            rec.add(name=f"triton bn_pool_{op}_single", kind="bn", layer=layer, bytes=read + written, call=call)
+            if op != "fwd" and gamma.dim() == 1:
+                rec.add(name=f"triton bn_pool_{op}_params", kind="bn", layer=layer, bytes=small(gamma) * 4)
+        else:
+            rec.add(name=f"triton bn_pool_{op}_reduce", kind="bn", layer=layer,
+                    bytes=read if reduce_read is None else reduce_read, call=call)
+            rec.add(name=f"triton bn_pool_{op}_apply", kind="bn", layer=layer, bytes=read + written)
+
     def forward(x, gamma, beta, meta):
         with rec.hide():
             out, mean, invstd, aux = torch_impl.forward(x, gamma, beta, meta)
-        layer = rec.layer_of([x])
         call = ("bn_pool", tuple(x.shape), tuple(gamma.shape), meta)
-        rec.add(name="triton bn_pool_fwd_reduce", kind="bn", layer=layer, bytes=small(x), call=call)
-        rec.add(name="triton bn_pool_fwd_apply", kind="bn", layer=layer,
-                bytes=small(x, gamma, beta, out, mean, invstd) + out.numel())  # + sel (int8)
+        passes("fwd", x, gamma, rec.layer_of([x]), small(x, gamma, beta),
+               small(out, mean, invstd) + out.numel(), call=call, reduce_read=small(x))  # + sel (int8)
         return out, mean, invstd, aux
 
     def backward(gout, x, gamma, beta, mean, invstd, aux, meta):
         with rec.hide():
             dx, dgamma, dbeta = torch_impl.backward(gout, x, gamma, beta, mean, invstd, aux, meta)
-        layer = rec.layer_of([x])
         read = small(gout, x, gamma, beta, mean, invstd) + gout.numel()  # + sel
-        rec.add(name="triton bn_pool_bwd_reduce", kind="bn", layer=layer, bytes=read)
-        rec.add(name="triton bn_pool_bwd_apply", kind="bn", layer=layer, bytes=read + small(dx, dgamma, dbeta))
+        passes("bwd", x, gamma, rec.layer_of([x]), read, small(dx, dgamma, dbeta))
         return dx, dgamma, dbeta
 
     def double_backward(u, ugamma, ubeta, gout, x, gamma, beta, mean, invstd, aux, meta):
         with rec.hide():
             dgout, gx, ggamma = torch_impl.double_backward(u, ugamma, ubeta, gout, x, gamma, beta, mean, invstd,
                                                            aux, meta)
-        layer = rec.layer_of([x])
         read = small(u, ugamma, ubeta, gout, x, gamma, beta, mean, invstd) + gout.numel()  # + sel
-        rec.add(name="triton bn_pool_dbwd_reduce", kind="bn", layer=layer, bytes=read)
-        rec.add(name="triton bn_pool_dbwd_apply", kind="bn", layer=layer, bytes=read + small(dgout, gx, ggamma))
+        passes("dbwd", x, gamma, rec.layer_of([x]), read, small(dgout, gx, ggamma))
         return dgout, gx, ggamma
 
     return types.SimpleNamespace(name="trace-triton", forward=forward, backward=backward,

@@ -763,3 +763,30 @@ def test_conv_block_reads_expanded_weights_in_place():
         assert torch.equal(a, r), name
     w_t = w.transpose(3, 4)  # rows not contiguous: copied
     assert tcb._task_rows(w_t, None)[0] is not w_t
+
+
+@inner
+@pytest.mark.parametrize("idx", [0, 1], ids=["shared-gamma", "per-task-gamma"])
+def test_bn_pool_single_pass_equals_two_kernels(idx, monkeypatch):
+    """Where a column is one chunk, each bn_pool pass runs as one kernel that forms the column's sums
+    itself (and, for a gamma shared by the tasks, a small kernel that adds them over the tasks): the
+    same values as the reduction + apply kernels, bit for bit, in all three passes."""
+    import torch
+    from _batches import fresh_seed
+    from mamlpp_fast.triton import bn_pool as tbp
+
+    seed = fresh_seed() % 2 ** 31
+    launched = []
+    orig_params = tbp._params_pass
+    monkeypatch.setattr(tbp, "_params_pass", lambda *a: (launched.append(a[0]), orig_params(*a)))
+    for dtype in (torch.float64, torch.float32):
+        case = _bn_pool_case(idx, seed, dtype)
+        assert tbp.pool_config(case[0].shape[0], case[0].shape[1], case[0].shape[2], case[0].shape[3],
+                               case[0].device)["CHUNKS"] == 1
+        one, _ = _bn_pool_all(tbp, *case, seed)
+        monkeypatch.setattr(tbp, "SINGLE_PASS", False)
+        two, _ = _bn_pool_all(tbp, *case, seed)
+        monkeypatch.setattr(tbp, "SINGLE_PASS", True)
+        for (name, a), (_, b) in zip(one, two):
+            assert torch.equal(a, b), (name, dtype, seed)
+    assert launched == ([2, 5] * 2 if idx == 0 else [])

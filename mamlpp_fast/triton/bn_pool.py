@@ -35,19 +35,24 @@ import triton.language as tl
 
 from . import per_step_bn as _bn
 from .per_step_bn import (_bn_fwd_reduce_kernel, _chunk_bounds, _chunk_sum, _dbwd_coef, _f2acc, _gamma_index,
-                          _merged_stats, _split, _store_bwd_params, _store_dbwd_gamma, _to_acc, _xhat_a)
+                          _merged_stats, _split, _store_bwd_params, _store_dbwd_gamma, _store_stats, _to_acc,
+                          _welford, _xhat_a)
 
 __all__ = ["forward", "backward", "double_backward", "pool_config", "name"]
 
 name = "triton"
+SINGLE_PASS = True  # `_single`
 
 
-def pool_config(n: int, tc: int, h: int, w: int, device: torch.device) -> dict:
+def pool_config(n: int, tc: int, h: int, w: int, device: torch.device, sms: int | None = None) -> dict:
     """Launch configuration: per_step_bn's `bn_block_config` for the M = n*h*w elements of a column
     (the statistics pass and the number of chunks CHUNKS); the cell passes split the column's MC cells
     into the same CHUNKS chunks of CCHUNK cells and take CELLS = BLOCK/4 cells per step (>= 16), so that a
-    step touches about BLOCK elements, as the batch norm's kernels."""
-    cfg = _bn.bn_block_config(n * h * w, tc, device)  # through the module: bench.static_metrics patches it
+    step touches about BLOCK elements, as the batch norm's kernels. With one chunk per column each pass
+    is one kernel (`_single`)."""
+    # through the module: bench.static_metrics patches it; `sms` as bn_block_config's (bench.trace)
+    cfg = _bn.bn_block_config(n * h * w, tc, device) if sms is None else _bn.bn_block_config(n * h * w, tc, device,
+                                                                                            sms=sms)
     mc = n * triton.cdiv(h, 2) * triton.cdiv(w, 2)
     cfg["MC"] = mc
     cfg["CCHUNK"] = triton.cdiv(mc, cfg["CHUNKS"])
@@ -107,14 +112,24 @@ def _gout_sel(gout_ptr, sel_ptr, pool_off, win, ACC: tl.constexpr):
 def _pool_fwd_apply_kernel(x_ptr, gamma_ptr, beta_ptr, ws_ptr, out_ptr, sel_ptr, mean_ptr, invstd_ptr, C, TC, H, W,
                       Hp, Wp, HcWc, Wc, M, CHUNK, CHUNKS, MC, CCHUNK, eps_hi, eps_lo, slope_hi, slope_lo,
                       GAMMA_PER_TASK: tl.constexpr, IS_F64: tl.constexpr, CELLS: tl.constexpr,
-                      CBLOCK: tl.constexpr):
-    """mean, invstd (program (cp, 0)); out = max of y over each window, sel = its position."""
+                      CBLOCK: tl.constexpr, SINGLE: tl.constexpr, BLOCK: tl.constexpr):
+    """mean, invstd (program (cp, 0)); out = max of y over each window, sel = its position. SINGLE (one
+    chunk per column): the statistics are formed here (per_step_bn `_welford`, the reduction kernel's
+    loop; the merge of one chunk state in `_merged_stats`' order of operations: the same values)."""
     cp = tl.program_id(0)
     k = tl.program_id(1)
     ACC = x_ptr.dtype.element_ty
     eps = _f2acc(eps_hi, eps_lo, ACC)
     slope = _f2acc(slope_hi, slope_lo, ACC)
-    mu, r = _merged_stats(ws_ptr, mean_ptr, invstd_ptr, cp, k, CHUNK, CHUNKS, M, eps, IS_F64, CBLOCK, ACC)
+    if SINGLE:  # the column is one chunk: its statistics here, as the reduction kernel would form them
+        pm, pm2 = _welford(x_ptr, cp, TC, H * W, 0, M, BLOCK)
+        Mf = _to_acc(M, ACC)
+        kn = Mf
+        mu = (kn * pm) / Mf
+        dmu = pm - mu
+        mu, r = _store_stats(mu, pm2 + kn * dmu * dmu, Mf, eps, mean_ptr, invstd_ptr, cp, k, IS_F64, ACC)
+    else:
+        mu, r = _merged_stats(ws_ptr, mean_ptr, invstd_ptr, cp, k, CHUNK, CHUNKS, M, eps, IS_F64, CBLOCK, ACC)
     gi = _gamma_index(cp, C, GAMMA_PER_TASK)
     ga = tl.load(gamma_ptr + gi).to(ACC)
     be = tl.load(beta_ptr + gi).to(ACC)
@@ -139,17 +154,10 @@ def _pool_fwd_apply_kernel(x_ptr, gamma_ptr, beta_ptr, ws_ptr, out_ptr, sel_ptr,
 # backward
 # ------------------------------------------------------------------------------------------------------
 @triton.jit
-def _pool_bwd_reduce_kernel(gout_ptr, sel_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, ws_ptr, C, TC, H,
-                       W, Hp, Wp, HcWc, Wc, MC, CCHUNK, CHUNKS, slope_hi, slope_lo,
-                       GAMMA_PER_TASK: tl.constexpr, CELLS: tl.constexpr):
-    """ws[cp, k, :] = (sum g, sum g xhat) over chunk k of column cp: g = a gout at the windows' maxima
-    (the only nonzero g), so x is read there only."""
-    cp = tl.program_id(0)
-    k = tl.program_id(1)
-    ACC = x_ptr.dtype.element_ty
-    slope = _f2acc(slope_hi, slope_lo, ACC)
-    _gi, ga, be, mu, r = _column(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cp, C, GAMMA_PER_TASK, ACC)
-    begin, end = _chunk_bounds(k, CCHUNK, MC)
+def _bwd_sums(gout_ptr, sel_ptr, x_ptr, cp, TC, H, W, Hp, Wp, HcWc, Wc, begin, end, ga, be, mu, r, slope,
+              CELLS: tl.constexpr, ACC: tl.constexpr):
+    """(sum g, sum g xhat) over cells begin..end of column cp: g = a gout at the windows' maxima (the only
+    nonzero g), so x is read there only."""
     sg = tl.zeros([CELLS], dtype=ACC)
     sgx = tl.zeros([CELLS], dtype=ACC)
     for s in range(begin, end, CELLS):
@@ -161,29 +169,55 @@ def _pool_bwd_reduce_kernel(gout_ptr, sel_ptr, x_ptr, gamma_ptr, beta_ptr, mean_
         g = a * go  # 0 outside the windows (go = 0 there)
         sg += g
         sgx += g * xhat
-    tl.store(ws_ptr + (cp * CHUNKS + k) * 2, tl.sum(sg, axis=0))
-    tl.store(ws_ptr + (cp * CHUNKS + k) * 2 + 1, tl.sum(sgx, axis=0))
+    return tl.sum(sg, axis=0), tl.sum(sgx, axis=0)
+
+
+@triton.jit
+def _pool_bwd_reduce_kernel(gout_ptr, sel_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, ws_ptr, C, TC, H,
+                            W, Hp, Wp, HcWc, Wc, MC, CCHUNK, CHUNKS, slope_hi, slope_lo,
+                            GAMMA_PER_TASK: tl.constexpr, CELLS: tl.constexpr):
+    """ws[cp, k, :] = (sum g, sum g xhat) over chunk k of column cp (`_bwd_sums`)."""
+    cp = tl.program_id(0)
+    k = tl.program_id(1)
+    ACC = x_ptr.dtype.element_ty
+    slope = _f2acc(slope_hi, slope_lo, ACC)
+    _gi, ga, be, mu, r = _column(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cp, C, GAMMA_PER_TASK, ACC)
+    begin, end = _chunk_bounds(k, CCHUNK, MC)
+    Sg, Sgx = _bwd_sums(gout_ptr, sel_ptr, x_ptr, cp, TC, H, W, Hp, Wp, HcWc, Wc, begin, end, ga, be, mu, r, slope,
+                        CELLS, ACC)
+    tl.store(ws_ptr + (cp * CHUNKS + k) * 2, Sg)
+    tl.store(ws_ptr + (cp * CHUNKS + k) * 2 + 1, Sgx)
 
 
 @triton.jit
 def _pool_bwd_apply_kernel(gout_ptr, sel_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, ws_ptr, dx_ptr,
                       dgamma_ptr, dbeta_ptr, C, T, TC, H, W, Hp, Wp, HcWc, Wc, M, MC, CCHUNK, CHUNKS,
                       slope_hi, slope_lo, GAMMA_PER_TASK: tl.constexpr, CELLS: tl.constexpr,
-                      CBLOCK: tl.constexpr, TBLOCK: tl.constexpr):
-    """dx = gamma r (g - gbar - xhat m) at every position; dgamma = sum g xhat, dbeta = sum g."""
+                      CBLOCK: tl.constexpr, TBLOCK: tl.constexpr, SINGLE: tl.constexpr):
+    """dx = gamma r (g - gbar - xhat m) at every position; dgamma = sum g xhat, dbeta = sum g. SINGLE (one
+    chunk per column): the sums are formed here (`_bwd_sums`, as the reduction kernel forms them) and,
+    for a gamma shared by the tasks, stored to ws for `_pool_params_kernel`."""
     cp = tl.program_id(0)
     k = tl.program_id(1)
     ACC = x_ptr.dtype.element_ty
     slope = _f2acc(slope_hi, slope_lo, ACC)
-    Sg = _chunk_sum(ws_ptr, cp, CHUNKS, 0, 2, CBLOCK)
-    Sgx = _chunk_sum(ws_ptr, cp, CHUNKS, 1, 2, CBLOCK)
     _gi, ga, be, mu, r = _column(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cp, C, GAMMA_PER_TASK, ACC)
+    if SINGLE:
+        Sg, Sgx = _bwd_sums(gout_ptr, sel_ptr, x_ptr, cp, TC, H, W, Hp, Wp, HcWc, Wc, 0, MC, ga, be, mu, r, slope,
+                            CELLS, ACC)
+        if not GAMMA_PER_TASK:
+            tl.store(ws_ptr + cp * 2, Sg)
+            tl.store(ws_ptr + cp * 2 + 1, Sgx)
+    else:
+        Sg = _chunk_sum(ws_ptr, cp, CHUNKS, 0, 2, CBLOCK)
+        Sgx = _chunk_sum(ws_ptr, cp, CHUNKS, 1, 2, CBLOCK)
     Mf = _to_acc(M, ACC)
     gbar = Sg / Mf
     m = Sgx / Mf
     kk = ga * r
-    _store_bwd_params(ws_ptr, dgamma_ptr, dbeta_ptr, cp, k, C, T, CHUNKS, Sg, Sgx, GAMMA_PER_TASK, CBLOCK,
-                      TBLOCK)
+    if GAMMA_PER_TASK or not SINGLE:
+        _store_bwd_params(ws_ptr, dgamma_ptr, dbeta_ptr, cp, k, C, T, CHUNKS, Sg, Sgx, GAMMA_PER_TASK, CBLOCK,
+                          TBLOCK)
     begin, end = _chunk_bounds(k, CCHUNK, MC)
     for s in range(begin, end, CELLS):
         i, ch, cw, mask, win, pool_off = _cells(s, end, CELLS, HcWc, Wc, Hp, Wp, cp, TC)
@@ -201,16 +235,9 @@ def _pool_bwd_apply_kernel(gout_ptr, sel_ptr, x_ptr, gamma_ptr, beta_ptr, mean_p
 # double backward
 # ------------------------------------------------------------------------------------------------------
 @triton.jit
-def _pool_dbwd_reduce_kernel(u_ptr, gout_ptr, sel_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, ws_ptr,
-                        C, TC, H, W, Hp, Wp, HcWc, Wc, MC, CCHUNK, CHUNKS, slope_hi, slope_lo,
-                        GAMMA_PER_TASK: tl.constexpr, HAS_U: tl.constexpr, CELLS: tl.constexpr):
-    """ws[cp, k, :] = (sum g, sum g xhat, sum u, sum u xhat, sum u g) over chunk k of column cp."""
-    cp = tl.program_id(0)
-    k = tl.program_id(1)
-    ACC = x_ptr.dtype.element_ty
-    slope = _f2acc(slope_hi, slope_lo, ACC)
-    _gi, ga, be, mu, r = _column(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cp, C, GAMMA_PER_TASK, ACC)
-    begin, end = _chunk_bounds(k, CCHUNK, MC)
+def _dbwd_sums(u_ptr, gout_ptr, sel_ptr, x_ptr, cp, TC, H, W, Hp, Wp, HcWc, Wc, begin, end, ga, be, mu, r, slope,
+               HAS_U: tl.constexpr, CELLS: tl.constexpr, ACC: tl.constexpr):
+    """(sum g, sum g xhat, sum u, sum u xhat, sum u g) over cells begin..end of column cp."""
     sg = tl.zeros([CELLS], dtype=ACC)
     sgx = tl.zeros([CELLS], dtype=ACC)
     su = tl.zeros([CELLS], dtype=ACC)
@@ -231,12 +258,33 @@ def _pool_dbwd_reduce_kernel(u_ptr, gout_ptr, sel_ptr, x_ptr, gamma_ptr, beta_pt
                 su += u
                 sux += u * xhat  # u = 0 where no position is
                 sug += u * g
-    base = ws_ptr + (cp * CHUNKS + k) * 5
-    tl.store(base, tl.sum(sg, axis=0))
-    tl.store(base + 1, tl.sum(sgx, axis=0))
-    tl.store(base + 2, tl.sum(su, axis=0))
-    tl.store(base + 3, tl.sum(sux, axis=0))
-    tl.store(base + 4, tl.sum(sug, axis=0))
+    return (tl.sum(sg, axis=0), tl.sum(sgx, axis=0), tl.sum(su, axis=0), tl.sum(sux, axis=0),
+            tl.sum(sug, axis=0))
+
+
+@triton.jit
+def _store_sums5(base, S0, S1, S2, S3, S4):
+    tl.store(base, S0)
+    tl.store(base + 1, S1)
+    tl.store(base + 2, S2)
+    tl.store(base + 3, S3)
+    tl.store(base + 4, S4)
+
+
+@triton.jit
+def _pool_dbwd_reduce_kernel(u_ptr, gout_ptr, sel_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, ws_ptr,
+                             C, TC, H, W, Hp, Wp, HcWc, Wc, MC, CCHUNK, CHUNKS, slope_hi, slope_lo,
+                             GAMMA_PER_TASK: tl.constexpr, HAS_U: tl.constexpr, CELLS: tl.constexpr):
+    """ws[cp, k, :] = (sum g, sum g xhat, sum u, sum u xhat, sum u g) over chunk k of column cp."""
+    cp = tl.program_id(0)
+    k = tl.program_id(1)
+    ACC = x_ptr.dtype.element_ty
+    slope = _f2acc(slope_hi, slope_lo, ACC)
+    _gi, ga, be, mu, r = _column(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cp, C, GAMMA_PER_TASK, ACC)
+    begin, end = _chunk_bounds(k, CCHUNK, MC)
+    S0, S1, S2, S3, S4 = _dbwd_sums(u_ptr, gout_ptr, sel_ptr, x_ptr, cp, TC, H, W, Hp, Wp, HcWc, Wc, begin, end, ga,
+                                    be, mu, r, slope, HAS_U, CELLS, ACC)
+    _store_sums5(ws_ptr + (cp * CHUNKS + k) * 5, S0, S1, S2, S3, S4)
 
 
 @triton.jit
@@ -244,19 +292,26 @@ def _pool_dbwd_apply_kernel(u_ptr, ugam_ptr, ubet_ptr, gout_ptr, sel_ptr, x_ptr,
                        invstd_ptr, ws_ptr, gx_ptr, ggamma_ptr, dgout_ptr, C, T, TC, H, W, Hp, Wp, HcWc, Wc, M,
                        MC, CCHUNK, CHUNKS, slope_hi, slope_lo, GAMMA_PER_TASK: tl.constexpr,
                        HAS_U: tl.constexpr, HAS_UG: tl.constexpr, HAS_UB: tl.constexpr, CELLS: tl.constexpr,
-                       CBLOCK: tl.constexpr, TBLOCK: tl.constexpr):
+                       CBLOCK: tl.constexpr, TBLOCK: tl.constexpr, SINGLE: tl.constexpr):
     """gx = eu u + eg g + ex xhat + e0 at every position; d(gout) = a (cu u + cx xhat + c0) at each
-    window's maximum; ggamma = r M Q."""
+    window's maximum; ggamma = r M Q. SINGLE (one chunk per column): the sums are formed here
+    (`_dbwd_sums`) and, for a gamma shared by the tasks, stored to ws for `_pool_params_kernel`."""
     cp = tl.program_id(0)
     k = tl.program_id(1)
     ACC = x_ptr.dtype.element_ty
     slope = _f2acc(slope_hi, slope_lo, ACC)
-    Sg = _chunk_sum(ws_ptr, cp, CHUNKS, 0, 5, CBLOCK)
-    Sgx = _chunk_sum(ws_ptr, cp, CHUNKS, 1, 5, CBLOCK)
-    Su = _chunk_sum(ws_ptr, cp, CHUNKS, 2, 5, CBLOCK)
-    Sux = _chunk_sum(ws_ptr, cp, CHUNKS, 3, 5, CBLOCK)
-    Sug = _chunk_sum(ws_ptr, cp, CHUNKS, 4, 5, CBLOCK)
     gi, ga, be, mu, r = _column(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cp, C, GAMMA_PER_TASK, ACC)
+    if SINGLE:
+        Sg, Sgx, Su, Sux, Sug = _dbwd_sums(u_ptr, gout_ptr, sel_ptr, x_ptr, cp, TC, H, W, Hp, Wp, HcWc, Wc, 0, MC,
+                                           ga, be, mu, r, slope, HAS_U, CELLS, ACC)
+        if not GAMMA_PER_TASK:
+            _store_sums5(ws_ptr + cp * 5, Sg, Sgx, Su, Sux, Sug)
+    else:
+        Sg = _chunk_sum(ws_ptr, cp, CHUNKS, 0, 5, CBLOCK)
+        Sgx = _chunk_sum(ws_ptr, cp, CHUNKS, 1, 5, CBLOCK)
+        Su = _chunk_sum(ws_ptr, cp, CHUNKS, 2, 5, CBLOCK)
+        Sux = _chunk_sum(ws_ptr, cp, CHUNKS, 3, 5, CBLOCK)
+        Sug = _chunk_sum(ws_ptr, cp, CHUNKS, 4, 5, CBLOCK)
     if HAS_UG:
         ugam = tl.load(ugam_ptr + gi).to(ACC)
     else:
@@ -267,8 +322,9 @@ def _pool_dbwd_apply_kernel(u_ptr, ugam_ptr, ubet_ptr, gout_ptr, sel_ptr, x_ptr,
         ubet = tl.zeros([], dtype=ACC)
     Mf = _to_acc(M, ACC)
     cu, cx, c0, eu, eg, ex, e0, ggam = _dbwd_coef(Sg, Sgx, Su, Sux, Sug, Mf, ga, r, ugam, ubet)
-    _store_dbwd_gamma(ws_ptr, invstd_ptr, ggamma_ptr, cp, k, C, T, CHUNKS, ggam, Mf, GAMMA_PER_TASK, CBLOCK,
-                      TBLOCK, ACC)
+    if GAMMA_PER_TASK or not SINGLE:
+        _store_dbwd_gamma(ws_ptr, invstd_ptr, ggamma_ptr, cp, k, C, T, CHUNKS, ggam, Mf, GAMMA_PER_TASK, CBLOCK,
+                          TBLOCK, ACC)
     begin, end = _chunk_bounds(k, CCHUNK, MC)
     for s in range(begin, end, CELLS):
         i, ch, cw, mask, win, pool_off = _cells(s, end, CELLS, HcWc, Wc, Hp, Wp, cp, TC)
@@ -288,6 +344,20 @@ def _pool_dbwd_apply_kernel(u_ptr, ugam_ptr, ubet_ptr, gout_ptr, sel_ptr, x_ptr,
             tl.store(gx_ptr + off, gx.to(gx_ptr.dtype.element_ty), mask=ok)
             dgo += tl.where(at_max, a * (cu * u + cx * xhat + c0), 0.0)
         tl.store(dgout_ptr + pool_off, dgo.to(dgout_ptr.dtype.element_ty), mask=win)
+
+
+@triton.jit
+def _pool_params_kernel(ws_ptr, invstd_ptr, dg_ptr, db_ptr, C, T, M, NSUM: tl.constexpr, TBLOCK: tl.constexpr):
+    """Single-pass backward (NSUM = 2) or double backward (NSUM = 5) with a gamma shared by the tasks:
+    program c adds the per-task sums that the apply programs stored (one chunk each) in task order,
+    exactly as the two-kernel path's task-0 programs do: dgamma, dbeta, resp. ggamma = sum_t r_t M Q_t."""
+    c = tl.program_id(0)
+    ACC = ws_ptr.dtype.element_ty
+    zero = tl.zeros([], dtype=ACC)
+    if NSUM == 2:
+        _store_bwd_params(ws_ptr, dg_ptr, db_ptr, c, 0, C, T, 1, zero, zero, False, 1, TBLOCK)
+    else:
+        _store_dbwd_gamma(ws_ptr, invstd_ptr, dg_ptr, c, 0, C, T, 1, zero, _to_acc(M, ACC), False, 1, TBLOCK, ACC)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -310,6 +380,12 @@ def _geometry(x, meta, gamma, beta):
     return n, t, tc // t, tc, cfg, geo
 
 
+def _single(cfg) -> bool:
+    """One kernel per pass (the column's sums formed by the apply program itself) where the
+    configuration gives each column one chunk; `SINGLE_PASS = False` forces the two-kernel path (tests)."""
+    return SINGLE_PASS and cfg["CHUNKS"] == 1
+
+
 def forward(x, gamma, beta, meta):
     """(out, mean, invstd, sel) of bn_pool; sel (int8, the shape of out): the position 0..3 of each
     window's maximum, which the backward passes read instead of finding it again."""
@@ -323,15 +399,22 @@ def forward(x, gamma, beta, meta):
     ws = torch.empty(tc * cfg["CHUNKS"] * 2, dtype=x.dtype, device=x.device)
     grid = (tc, cfg["CHUNKS"])
     m = n * h * w
-    _bn_fwd_reduce_kernel[grid](x, ws, tc, h * w, m, cfg["CHUNK"], cfg["CHUNKS"], BLOCK=cfg["BLOCK"],
-                                num_warps=cfg["num_warps"])
+    single = _single(cfg)
+    if not single:
+        _bn_fwd_reduce_kernel[grid](x, ws, tc, h * w, m, cfg["CHUNK"], cfg["CHUNKS"], BLOCK=cfg["BLOCK"],
+                                    num_warps=cfg["num_warps"])
     eps_hi, eps_lo = _split(meta[1])
     sl_hi, sl_lo = _split(meta[2])
-    _pool_fwd_apply_kernel[grid](x, gamma, beta, ws, out, sel, mean, invstd, c, *geo, m, cfg["CHUNK"], cfg["CHUNKS"],
-                            cfg["MC"], cfg["CCHUNK"], eps_hi, eps_lo, sl_hi, sl_lo,
-                            GAMMA_PER_TASK=gamma.dim() == 2, IS_F64=x.dtype == torch.float64,
-                            CELLS=cfg["CELLS"], CBLOCK=cfg["CBLOCK"], num_warps=cfg["num_warps"])
+    _pool_fwd_apply_kernel[grid](x, gamma, beta, ws, out, sel, mean, invstd, c, *geo, m, cfg["CHUNK"],
+                                 cfg["CHUNKS"], cfg["MC"], cfg["CCHUNK"], eps_hi, eps_lo, sl_hi, sl_lo,
+                                 GAMMA_PER_TASK=gamma.dim() == 2, IS_F64=x.dtype == torch.float64,
+                                 CELLS=cfg["CELLS"], CBLOCK=cfg["CBLOCK"], SINGLE=single, BLOCK=cfg["BLOCK"],
+                                 num_warps=cfg["num_warps"])
     return out, mean, invstd, sel
+
+
+def _params_pass(nsum, ws, invstd, dg, db, c, t, m):
+    _pool_params_kernel[(c,)](ws, invstd, dg, db, c, t, m, NSUM=nsum, TBLOCK=triton.next_power_of_2(t), num_warps=1)
 
 
 def backward(gout, x, gamma, beta, mean, invstd, sel, meta):
@@ -346,11 +429,16 @@ def backward(gout, x, gamma, beta, mean, invstd, sel, meta):
     sl_hi, sl_lo = _split(meta[2])
     per_task = gamma.dim() == 2
     cells = (cfg["MC"], cfg["CCHUNK"], cfg["CHUNKS"], sl_hi, sl_lo)
-    _pool_bwd_reduce_kernel[grid](gout, sel, x, gamma, beta, mean, invstd, ws, c, *geo, *cells,
-                             GAMMA_PER_TASK=per_task, CELLS=cfg["CELLS"], num_warps=cfg["num_warps"])
+    single = _single(cfg)
+    if not single:
+        _pool_bwd_reduce_kernel[grid](gout, sel, x, gamma, beta, mean, invstd, ws, c, *geo, *cells,
+                                      GAMMA_PER_TASK=per_task, CELLS=cfg["CELLS"], num_warps=cfg["num_warps"])
     _pool_bwd_apply_kernel[grid](gout, sel, x, gamma, beta, mean, invstd, ws, dx, dgamma, dbeta, c, t, *geo,
-                            x.numel() // tc, *cells, GAMMA_PER_TASK=per_task, CELLS=cfg["CELLS"],
-                            CBLOCK=cfg["CBLOCK"], TBLOCK=triton.next_power_of_2(t), num_warps=cfg["num_warps"])
+                                 x.numel() // tc, *cells, GAMMA_PER_TASK=per_task, CELLS=cfg["CELLS"],
+                                 CBLOCK=cfg["CBLOCK"], TBLOCK=triton.next_power_of_2(t), SINGLE=single,
+                                 num_warps=cfg["num_warps"])
+    if single and not per_task:
+        _params_pass(2, ws, invstd, dgamma, dbeta, c, t, x.numel() // tc)
     return dx, dgamma, dbeta
 
 
@@ -370,13 +458,18 @@ def double_backward(u, ugamma, ubeta, gout, x, gamma, beta, mean, invstd, sel, m
     per_task = gamma.dim() == 2
     cells = (cfg["MC"], cfg["CCHUNK"], cfg["CHUNKS"], sl_hi, sl_lo)
     has_u = u is not None
-    _pool_dbwd_reduce_kernel[grid](u if has_u else x, gout, sel, x, gamma, beta, mean, invstd, ws, c, *geo, *cells,
-                              GAMMA_PER_TASK=per_task, HAS_U=has_u, CELLS=cfg["CELLS"],
-                              num_warps=cfg["num_warps"])
+    single = _single(cfg)
+    if not single:
+        _pool_dbwd_reduce_kernel[grid](u if has_u else x, gout, sel, x, gamma, beta, mean, invstd, ws, c, *geo,
+                                       *cells, GAMMA_PER_TASK=per_task, HAS_U=has_u, CELLS=cfg["CELLS"],
+                                       num_warps=cfg["num_warps"])
     ug = ugamma.contiguous() if ugamma is not None else gamma
     ub = ubeta.contiguous() if ubeta is not None else gamma
-    _pool_dbwd_apply_kernel[grid](u if has_u else x, ug, ub, gout, sel, x, gamma, beta, mean, invstd, ws, gx, ggamma,
-                             dgout, c, t, *geo, x.numel() // tc, *cells, GAMMA_PER_TASK=per_task, HAS_U=has_u,
-                             HAS_UG=ugamma is not None, HAS_UB=ubeta is not None, CELLS=cfg["CELLS"],
-                             CBLOCK=cfg["CBLOCK"], TBLOCK=triton.next_power_of_2(t), num_warps=cfg["num_warps"])
+    _pool_dbwd_apply_kernel[grid](u if has_u else x, ug, ub, gout, sel, x, gamma, beta, mean, invstd, ws, gx,
+                                  ggamma, dgout, c, t, *geo, x.numel() // tc, *cells, GAMMA_PER_TASK=per_task,
+                                  HAS_U=has_u, HAS_UG=ugamma is not None, HAS_UB=ubeta is not None,
+                                  CELLS=cfg["CELLS"], CBLOCK=cfg["CBLOCK"], TBLOCK=triton.next_power_of_2(t),
+                                  SINGLE=single, num_warps=cfg["num_warps"])
+    if single and not per_task:
+        _params_pass(5, ws, invstd, ggamma, ggamma, c, t, x.numel() // tc)
     return dgout, gx, ggamma

@@ -41,7 +41,7 @@ _MAX_CHUNKS = 256   # programs per column (the apply kernel loads all chunk sums
 _PROGRAMS_PER_SM = 4
 
 
-def bn_block_config(M: int, TC: int, device: torch.device) -> dict:
+def bn_block_config(M: int, TC: int, device: torch.device, sms: int | None = None) -> dict:
     """Heuristic "bn_block_config": launch configuration of the BN kernels for M elements per column
     and TC columns.
 
@@ -52,10 +52,13 @@ def bn_block_config(M: int, TC: int, device: torch.device) -> dict:
       each program gets at least 4 BLOCK steps; at most 256. One chunk on the interpreter (CPU).
     - CBLOCK: next power of two of CHUNKS (the apply kernel loads the chunk sums as one vector).
     - num_warps: 4 for BLOCK >= 512, 2 for BLOCK >= 128, else 1.
+    `sms`: the multiprocessors to fill (default: the CUDA device's; bench.trace passes its simulated count).
     """
     block = max(_MIN_BLOCK, min(_MAX_BLOCK, triton.next_power_of_2(max(int(M), 1))))
-    if device.type == "cuda":
-        want = _PROGRAMS_PER_SM * num_sms(device)
+    if sms is None and device.type == "cuda":
+        sms = num_sms(device)
+    if sms is not None:
+        want = _PROGRAMS_PER_SM * sms
         by_occupancy = triton.cdiv(want, TC)
         by_work = triton.cdiv(M, 4 * block)
         chunks = max(1, min(by_occupancy, by_work, _MAX_CHUNKS))
@@ -181,6 +184,12 @@ def _merged_stats(ws_ptr, mean_ptr, invstd_ptr, cp, k, CHUNK, CHUNKS, M, eps, IS
     mu = tl.sum(kn * pm, axis=0) / Mf
     dmu = pm - mu
     m2 = tl.sum(pm2 + kn * dmu * dmu, axis=0)
+    return _store_stats(mu, m2, Mf, eps, mean_ptr, invstd_ptr, cp, k, IS_F64, ACC)
+
+
+@triton.jit
+def _store_stats(mu, m2, Mf, eps, mean_ptr, invstd_ptr, cp, k, IS_F64: tl.constexpr, ACC: tl.constexpr):
+    """(mu, r = 1/sqrt(m2/M + eps)) rounded to the statistics' dtype; program k == 0 stores them."""
     if IS_F64:
         r = 1.0 / tl.sqrt(m2 / Mf + eps)
     else:
@@ -236,12 +245,9 @@ def _store_dbwd_gamma(ws_ptr, invstd_ptr, ggamma_ptr, cp, k, C, T, CHUNKS, ggam,
 # forward
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _bn_fwd_reduce_kernel(x_ptr, ws_ptr, TC, HW, M, CHUNK, CHUNKS, BLOCK: tl.constexpr):
-    """ws[cp, k, :] = (mean, m2) of chunk k of column cp (per-lane Welford, then Chan over lanes)."""
-    cp = tl.program_id(0)
-    k = tl.program_id(1)
+def _welford(x_ptr, cp, TC, HW, begin, end, BLOCK: tl.constexpr):
+    """(mean, m2) of elements begin..end of column cp: per-lane Welford, then Chan over the lanes."""
     ACC = x_ptr.dtype.element_ty
-    begin, end = _chunk_bounds(k, CHUNK, M)
     cnt = tl.zeros([BLOCK], dtype=ACC)
     mean = tl.zeros([BLOCK], dtype=ACC)
     m2 = tl.zeros([BLOCK], dtype=ACC)
@@ -257,7 +263,16 @@ def _bn_fwd_reduce_kernel(x_ptr, ws_ptr, TC, HW, M, CHUNK, CHUNKS, BLOCK: tl.con
     n = tl.sum(cnt, axis=0)
     mu = tl.sum(cnt * mean, axis=0) / tl.maximum(n, 1.0)
     dm = mean - mu
-    m2t = tl.sum(m2 + cnt * dm * dm, axis=0)
+    return mu, tl.sum(m2 + cnt * dm * dm, axis=0)
+
+
+@triton.jit
+def _bn_fwd_reduce_kernel(x_ptr, ws_ptr, TC, HW, M, CHUNK, CHUNKS, BLOCK: tl.constexpr):
+    """ws[cp, k, :] = (mean, m2) of chunk k of column cp (per-lane Welford, then Chan over lanes)."""
+    cp = tl.program_id(0)
+    k = tl.program_id(1)
+    begin, end = _chunk_bounds(k, CHUNK, M)
+    mu, m2t = _welford(x_ptr, cp, TC, HW, begin, end, BLOCK)
     tl.store(ws_ptr + (cp * CHUNKS + k) * 2, mu)
     tl.store(ws_ptr + (cp * CHUNKS + k) * 2 + 1, m2t)
 
