@@ -664,12 +664,14 @@ def _layer_sizes(w) -> dict:
 def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None = None, backend: str = "cuda",
                       conv_impl: str = "triton", cuda_graph: bool = True, sms: int = 132,
                       quick: bool = False, seed: int = 0, first_block: str = "auto",
-                      bn_pool: str = "auto") -> TraceResult:
+                      bn_pool: str = "auto", epoch: int = 0) -> TraceResult:
     """Run one meta-update of the fast learner on the CPU and return the simulated GPU kernels.
     first_block: "fused" (the first layer as mamlpp_fast.ops.conv_block's op on its Triton kernels),
     "unfused", or "auto": what the learner's `first_block="auto"` does on a CUDA device with Triton,
     fused with the cuda and triton backends, unfused with torch (trees without the block: unfused).
-    bn_pool: the same for the batch norm + pooling of the later layers (mamlpp_fast.ops.bn_pool)."""
+    bn_pool: the same for the batch norm + pooling of the later layers (mamlpp_fast.ops.bn_pool).
+    epoch: the meta-training epoch (0: MSL on, a target loss after every inner step; from the workload's
+    msl_epochs on, MSL is off and the target set is passed after the last step only)."""
     import torch
 
     from mamlpp_fast import fast as fast_mod
@@ -701,6 +703,8 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
     if conv_impl not in impls:
         raise MamlppError(f"bench.trace: --conv-impl must be one of {', '.join(impls)}, got {conv_impl!r}"
                           f"{import_error}")
+    if epoch < 0:
+        raise MamlppError(f"bench.trace: --epoch must be >= 0, got {epoch}")
     if batch_size is not None and batch_size < 1:
         raise MamlppError(f"bench.trace: --batch-size must be >= 1, got {batch_size}")
     if first_block not in ("auto", "fused", "unfused"):
@@ -820,7 +824,8 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
             setp(fast_mod.MAMLFewShotClassifier, "_running_stats_constants", staticmethod(consts))
         if conv_mod is not None:
             model.args.conv_impl = conv_impl
-        epoch = 0
+        if hasattr(model, "current_epoch"):
+            model.current_epoch = epoch  # what run_train_iter sets before the captured region
         with _make_mode(rec):
             if cuda_graph:
                 # the captured region of fast.py's _train_iter: _train_step_tensors, then the Adam step
@@ -841,9 +846,9 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
             setp(obj, name, saved[(id(obj), name)])
         set_backend(previous_backend)
     from .flops import flops_from_args
-    an = flops_from_args(make_args(w), epoch=0)
+    an = flops_from_args(make_args(w), epoch=epoch)
     cfg = dict(workload=w.name, batch_size=w.batch_size, backend=backend, conv_impl=conv_impl,
-               first_block=first_block, bn_pool=bn_pool, cuda_graph=cuda_graph, sms=sms, analytic_flops_total=an["total"], analytic_flops_minimal=an["minimal"],
+               first_block=first_block, bn_pool=bn_pool, epoch=epoch, cuda_graph=cuda_graph, sms=sms, analytic_flops_total=an["total"], analytic_flops_minimal=an["minimal"],
                workload_detail=w.to_dict())
     return TraceResult(cfg, rec.kernels)
 
@@ -935,6 +940,8 @@ def to_markdown(s: dict) -> str:
     lines = [f"### Trace: {s['workload']} B={s['batch_size']}, backend {s['backend']}, conv_impl {s['conv_impl']}, "
              + (f"first block {s['first_block']}, " if "first_block" in s else "")
              + (f"bn_pool {s['bn_pool']}, " if "bn_pool" in s else "")
+             + (f"epoch {s['epoch']} (MSL {'on' if s['epoch'] < s['workload_detail']['msl_epochs'] else 'off'}), "
+                if s.get("epoch") else "")
              + 
              f"{'CUDA graph' if s['cuda_graph'] else 'eager'}"
              + (", convolutions in tf32x3" + (", matmuls TF32" if s["tf32"] else "") if s.get("tf32x3")
@@ -1031,6 +1038,8 @@ def main(argv=None) -> int:
                    help="the first layer as the fused block (auto: fused unless --backend torch)")
     p.add_argument("--bn-pool", default="auto", choices=("auto", "fused", "unfused"),
                    help="batch norm + max pooling of the later layers as one op (auto: fused unless --backend torch)")
+    p.add_argument("--epoch", type=int, default=0,
+                   help="meta-training epoch (default 0: MSL on; from the workload's msl_epochs on: MSL off)")
     p.add_argument("--no-cuda-graph", action="store_true", help="eager launches instead of a captured graph")
     p.add_argument("--tf32", action="store_true", help="convolutions and matmuls at the TF32 rate")
     p.add_argument("--tf32x3", action="store_true",
@@ -1052,7 +1061,7 @@ def main(argv=None) -> int:
             from .workloads import main_workloads
             a.workload = main_workloads(a.quick)[0].name
         res = trace_meta_update(a.workload, a.batch_size, a.backend, a.conv_impl, not a.no_cuda_graph, quick=a.quick,
-                                first_block=a.first_block, bn_pool=a.bn_pool)
+                                first_block=a.first_block, bn_pool=a.bn_pool, epoch=a.epoch)
     except MamlppError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

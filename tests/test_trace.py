@@ -181,3 +181,18 @@ def test_launches_by_autograd_node():
     assert all(k.node == "forward" for k in res.kernels if k.kind == "adam")
     from bench.trace import to_markdown
     assert "launched by (autograd node" in to_markdown(s)
+
+
+def test_epoch_after_msl():
+    """--epoch: from the workload's msl_epochs on, MSL is off (the target set after the last step only):
+    the FLOPs still equal the analytic count for that epoch, and fewer kernels, bytes and FLOPs remain
+    than at epoch 0; the report says which."""
+    from bench.trace import to_markdown
+    e0 = trace_meta_update(QUICK, None, "cuda", "triton", True, quick=True, first_block="unfused")
+    msl = e0.config["workload_detail"]["msl_epochs"]
+    late = trace_meta_update(QUICK, None, "cuda", "triton", True, quick=True, first_block="unfused", epoch=msl)
+    s0, s1 = summarize(e0), summarize(late)
+    assert s1["flops"] - _non_learner_flops(s1) == s1["analytic_flops_minimal"] < s0["analytic_flops_minimal"]
+    assert s1["kernels"] < s0["kernels"] and s1["bytes"] < s0["bytes"]
+    assert f"epoch {msl} (MSL off)" in to_markdown(s1) and "MSL" not in to_markdown(s0).splitlines()[0]
+    assert main(["--quick", "--workload", QUICK, "--epoch", "-1"]) == 2
