@@ -11,7 +11,7 @@ its cells: cell (i, ch, cw) holds the (up to) four positions (2ch + dh, 2cw + dw
 example i; there are N * ceil(H/2) * ceil(W/2) cells, so that every position of x lies in exactly one
 cell. A cell with ch < H//2 and cw < W//2 is a pooling window (pooled offset (i, cp, ch, cw)); the cells
 of an odd last row or column are not, but their positions enter the statistics and get a gradient.
-BLOCK cells per vector step, the four positions a loop (one position's vectors live at a time).
+CELLS cells per vector step, the four positions a loop (one position's vectors live at a time).
 
 - forward:   statistics: per_step_bn's reduction over the column's M = N*H*W elements (the same
              kernel, `_bn_fwd_reduce_kernel`); apply: Chan's merge of its chunks (`_merged_stats`),
@@ -24,8 +24,12 @@ BLOCK cells per vector step, the four positions a loop (one position's vectors l
              xhat + c0) at each window's maximum, ggamma = r M Q (per_step_bn `_dbwd_coef`).
 
 Each pass is two kernels over the grid (T*C, CHUNKS), and adds the chunk sums of a column in chunk
-order: no atomics, results are reproducible. Launch configuration from per_step_bn's
-`bn_block_config` (no autotune, so the kernels also run under TRITON_INTERPRET=1).
+order: no atomics, results are reproducible. Where a column is one chunk (CHUNKS = 1), each pass is one
+kernel instead (`_single`): the apply program forms its column's sums itself with the reduction's loop
+(the same values), and the backward passes of a gamma shared by the tasks add the tasks' sums in a small
+kernel (`_pool_params_kernel`), since no program can wait for the other tasks' columns. Launch
+configuration from per_step_bn's `bn_block_config` (no autotune, so the kernels also run under
+TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
