@@ -1,7 +1,8 @@
-"""What the precision options of our Triton products cost in accuracy, emulated on a CPU.
+"""What the precision options of our Triton products cost in accuracy, emulated on a CPU (or measured
+on a GPU with --device cuda).
 
     python -m bench.precision [--workload omniglot_5w1s] [--batch-size 2] [--filters 32] [--seeds 20]
-                              [--modes ieee,tf32,tf32x3] [--out FILE.json]
+                              [--modes ieee,tf32,tf32x3] [--device cpu|cuda] [--out FILE.json]
 
 Config key `conv_precision` chooses the input precision of the Triton convolution and fused-block
 products on a GPU: "ieee" (strict float32, the default), "tf32" (operands rounded to TF32, 10 mantissa
@@ -113,8 +114,10 @@ def emulation(mode: str, launchers=None):
         conv_mod._IMPLS["triton"] = saved[3]
 
 
-def _model(w, dtype, conv_impl):
+def _model(w, dtype, conv_impl, device="cpu"):
     from mamlpp_fast.fast import MAMLFewShotClassifier
+    if device != "cpu":  # the learner as it runs there: default backend, fused ops where they run
+        return MAMLFewShotClassifier(W.im_shape(w), device, W.make_args(w, dtype=dtype, conv_impl=conv_impl))
     args = W.make_args(w, dtype=dtype, backend="torch", conv_impl="grouped", first_block="unfused")
     model = MAMLFewShotClassifier(W.im_shape(w), "cpu", args)
     model.args.conv_impl = conv_impl  # set after construction: "triton" needs no device check here
@@ -132,11 +135,15 @@ def _meta_gradient(model, batch):
     return float(losses["loss"].detach()), torch.cat(grads)
 
 
-def measure(w, seeds: int, modes=MODES, first_seed: int = 0) -> dict:
+def measure(w, seeds: int, modes=MODES, first_seed: int = 0, device: str = "cpu") -> dict:
+    """Per mode, the meta-gradient's and meta-loss's relative errors against float64 over `seeds`
+    batches. device "cpu": the products emulated (`emulation`); "cuda": measured, the device's own
+    products (config key conv_precision; our Triton convolutions, and the fused block where it runs),
+    against the float64 learner with cuDNN's convolutions on the same device."""
     torch.manual_seed(first_seed)
-    oracle = _model(w, "float64", "grouped")
+    oracle = _model(w, "float64", "grouped", device)
     state = {k: v.clone() for k, v in oracle.state_dict().items()}
-    fast = _model(w, "float32", "triton")
+    fast = _model(w, "float32", "triton", device)
     fast.load_state_dict(state)
     errors = {m: {"grad": [], "loss": []} for m in modes}
     for k in range(seeds):
@@ -145,7 +152,11 @@ def measure(w, seeds: int, modes=MODES, first_seed: int = 0) -> dict:
         loss64, g64 = _meta_gradient(oracle, batch)
         for m in modes:
             fast.load_state_dict(state)
-            with emulation(m):
+            if device == "cpu":
+                with emulation(m):
+                    loss32, g32 = _meta_gradient(fast, batch)
+            else:
+                fast.args.conv_precision = m  # applied per call by LearnerCore.precision
                 loss32, g32 = _meta_gradient(fast, batch)
             errors[m]["grad"].append(float((g32 - g64).norm() / g64.norm()))
             errors[m]["loss"].append(abs(loss32 - loss64) / abs(loss64))
@@ -267,8 +278,17 @@ def main(argv=None) -> int:
     p.add_argument("--real-updates", type=int, default=0, help="meta-updates of the real-Omniglot run (0: none)")
     p.add_argument("--val-tasks", type=int, default=100, help="validation tasks after the real-Omniglot run")
     p.add_argument("--omniglot-dir", default=None, help="folder of the Omniglot zips (default: bench.trainer_bench's)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default: TF32 emulated) or cuda (measured: the device's own TF32; meta-gradient "
+                        "errors only, no --per-layer or --real-updates)")
     p.add_argument("--out", default=None, help="FILE.json (and FILE.md beside it)")
     a = p.parse_args(argv)
+    if a.device not in ("cpu", "cuda"):
+        p.error(f"--device must be cpu or cuda, got {a.device!r}")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
+    if a.device == "cuda" and (a.per_layer or a.real_updates):
+        p.error("--device cuda measures the meta-gradient errors only (no --per-layer, --real-updates)")
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad:
@@ -282,7 +302,7 @@ def main(argv=None) -> int:
         over["steps"] = a.steps
     w = w.with_(**over)
     t0 = time.time()
-    res = measure(w, a.seeds, modes, a.first_seed) if a.seeds > 0 else dict(errors={}, summary={})
+    res = measure(w, a.seeds, modes, a.first_seed, a.device) if a.seeds > 0 else dict(errors={}, summary={})
     if a.per_layer:
         res["per_layer"] = per_layer(w, a.seeds, a.first_seed)
     if a.real_updates > 0:
@@ -297,7 +317,10 @@ def main(argv=None) -> int:
     from .run import _git
     rep = dict(workload=f"{a.workload} (B={w.batch_size}, {w.filters} filters, {w.steps} steps)",
                note=("EMULATED on a CPU: operands rounded to TF32 as the mode says, products and sums by oneDNN in "
-                     "float32; not a GPU measurement"),
+                     "float32; not a GPU measurement") if a.device == "cpu" else
+                    (f"MEASURED on {torch.cuda.get_device_name(0)}: the device's own TF32 products in our Triton "
+                     "kernels (conv_precision), against the float64 learner with cuDNN convolutions there"),
+               device=a.device,
                command="python -m bench.precision " + " ".join(sys.argv[1:] if argv is None else argv),
                git_revision=_git("rev-parse", "--short", "HEAD") or "unknown", torch=torch.__version__,
                date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), seconds=time.time() - t0, **res)

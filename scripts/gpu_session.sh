@@ -16,11 +16,14 @@
 #             first block and bn_pool, on and off; eager and CUDA graph), reference, torch.func and JAX on
 #             Omniglot 20-way 1-shot B=8 and mini-ImageNet 5-way 1-shot B=2, then the B=8/B=64 roofline
 #             points                                                            -> bench/
+#   precision python -m bench.precision --device cuda: the meta-gradient error of strict fp32, TF32
+#             and 3xTF32 against float64, the device's own TF32                  -> precision.{json,md}
 #   memcheck  compute-sanitizer memcheck on the non-slow GPU op tests          -> memcheck.log
 #   opbench   pytest-benchmark bench/bench_ops.py                              -> bench_ops.json
 # The device tool returns at most 8 files, so everything is packed into $OUT/gpu_session.tgz, beside
 # $OUT/summary.txt and copies of the benchmark's and the profile's markdown ($OUT/bench.md, profile.md).
-# Limits (s, env): DEADLINE=560 BUILD_LIMIT=180 TESTS_LIMIT=150 BENCH_LIMIT=240 PROFILE_LIMIT=60 MEMCHECK_LIMIT=60
+# Limits (s, env): DEADLINE=560 BUILD_LIMIT=180 TESTS_LIMIT=150 PROFILE_LIMIT=60 BENCH_LIMIT=240
+# PRECISION_LIMIT=60 MEMCHECK_LIMIT=60
 # OPBENCH_LIMIT=45; BENCH_ARGS replaces the benchmark's arguments. Python: $PYTHON (default python3).
 set -u
 : "${OUT:?set OUT to the results directory}"
@@ -70,6 +73,10 @@ DEFAULT_BENCH_ARGS="--device cuda --workloads omniglot_20w1s,miniimagenet_5w1s -
 # shellcheck disable=SC2086
 stage bench "${BENCH_LIMIT:-240}" "$W/bench.log" "$PY" -m bench.run ${BENCH_ARGS:-$DEFAULT_BENCH_ARGS} --out "$W/bench"
 
+# ---- precision options measured on the device (config key conv_precision: strict, TF32, 3xTF32) ----------
+stage precision "${PRECISION_LIMIT:-60}" "$W/precision.log" "$PY" -m bench.precision --device cuda --seeds 5 \
+  --out "$W/precision.json"
+
 # ---- memcheck ------------------------------------------------------------------------------------------
 memcheck_stage "${MEMCHECK_LIMIT:-60}" "$W/memcheck.log"
 
@@ -94,6 +101,7 @@ fail=0
   grep -E "ERROR SUMMARY" "$W/memcheck.log" | tail -n 1 | sed 's/^/memcheck: /'
   grep -E "^bench: " "$W/bench.log" | cut -c1-220 | tail -n 40
   grep -E "^(## |Captured update|Eager update)" "$W/profile.log" | cut -c1-220
+  grep -E "^\| (ieee|tf32|tf32x3) \|" "$W/precision.log" | sed 's/^/precision: /' 
 } >"$OUT/summary.txt" 2>&1
 md=$(ls "$W"/bench/latest_cuda*.md 2>/dev/null | head -n 1)
 [ -n "$md" ] && cp "$md" "$OUT/bench.md"

@@ -50,3 +50,21 @@ def test_emulated_launcher_errors(which):
         err[mode] = float((out.double() - ref).norm() / ref.norm())
     assert err["ieee"] < 1e-5 and err["tf32x3"] < 1e-5, (err, seed)
     assert 2e-5 < err["tf32"] < 2e-3, (err, seed)
+
+
+def test_device_mode_refusals(capsys):
+    """--device cuda measures on a GPU (scripts/gpu_session.sh runs it); here it refuses with a message
+    that names the cause, as do an unknown device and the CPU-only options beside it."""
+    import torch
+    from bench.precision import main
+    with pytest.raises(SystemExit):
+        main(["--device", "tpu", "--seeds", "0"])
+    assert "--device must be cpu or cuda" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            main(["--device", "cuda", "--seeds", "0"])
+        assert "no CUDA device here" in capsys.readouterr().err
+    else:
+        with pytest.raises(SystemExit):
+            main(["--device", "cuda", "--seeds", "0", "--per-layer"])
+        assert "meta-gradient errors only" in capsys.readouterr().err
