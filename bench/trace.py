@@ -985,11 +985,6 @@ MEASURED_H100 = {
 }
 
 
-def _has_first_block() -> bool:
-    import inspect
-    return "first_block" in inspect.signature(trace_meta_update).parameters
-
-
 def _unfused_kw() -> dict:
     """trace_meta_update keywords for the measured configuration (no fused op: it had none)."""
     import inspect

@@ -92,6 +92,16 @@ def _position(i, ch, cw, d, mask, cp, TC, H, W):
 
 
 @triton.jit
+def _at(x_ptr, i, ch, cw, d, mask, cp, TC, H, W, mu, r, ga, be, slope, sel, go, ACC: tl.constexpr):
+    """Position d of each cell: its offsets in x and where it exists, xhat, the leaky-ReLU factor a and
+    g = a gout there if it is its window's maximum, else 0."""
+    off, ok = _position(i, ch, cw, d, mask, cp, TC, H, W)
+    v = tl.load(x_ptr + off, mask=ok, other=0.0).to(ACC)
+    xhat, a = _xhat_a(v, mu, r, ga, be, slope)
+    return off, ok, xhat, a, tl.where(sel == d, a * go, 0.0)
+
+
+@triton.jit
 def _column(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cp, C, GAMMA_PER_TASK: tl.constexpr, ACC: tl.constexpr):
     gi = _gamma_index(cp, C, GAMMA_PER_TASK)
     ga = tl.load(gamma_ptr + gi).to(ACC)
@@ -227,10 +237,7 @@ def _pool_bwd_apply_kernel(gout_ptr, sel_ptr, x_ptr, gamma_ptr, beta_ptr, mean_p
         i, ch, cw, mask, win, pool_off = _cells(s, end, CELLS, HcWc, Wc, Hp, Wp, cp, TC)
         go, sel = _gout_sel(gout_ptr, sel_ptr, pool_off, win, ACC)
         for d in range(4):  # a loop, not unrolled
-            off, ok = _position(i, ch, cw, d, mask, cp, TC, H, W)
-            v = tl.load(x_ptr + off, mask=ok, other=0.0).to(ACC)
-            xhat, a = _xhat_a(v, mu, r, ga, be, slope)
-            g = tl.where(sel == d, a * go, 0.0)
+            off, ok, xhat, a, g = _at(x_ptr, i, ch, cw, d, mask, cp, TC, H, W, mu, r, ga, be, slope, sel, go, ACC)
             dx = kk * (g - gbar - xhat * m)
             tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
@@ -251,10 +258,7 @@ def _dbwd_sums(u_ptr, gout_ptr, sel_ptr, x_ptr, cp, TC, H, W, Hp, Wp, HcWc, Wc, 
         i, ch, cw, mask, win, pool_off = _cells(s, end, CELLS, HcWc, Wc, Hp, Wp, cp, TC)
         go, sel = _gout_sel(gout_ptr, sel_ptr, pool_off, win, ACC)
         for d in range(4):  # a loop, not unrolled
-            off, ok = _position(i, ch, cw, d, mask, cp, TC, H, W)
-            v = tl.load(x_ptr + off, mask=ok, other=0.0).to(ACC)
-            xhat, a = _xhat_a(v, mu, r, ga, be, slope)
-            g = tl.where(sel == d, a * go, 0.0)
+            off, ok, xhat, a, g = _at(x_ptr, i, ch, cw, d, mask, cp, TC, H, W, mu, r, ga, be, slope, sel, go, ACC)
             sg += g
             sgx += g * xhat
             if HAS_U:
@@ -335,18 +339,14 @@ def _pool_dbwd_apply_kernel(u_ptr, ugam_ptr, ubet_ptr, gout_ptr, sel_ptr, x_ptr,
         go, sel = _gout_sel(gout_ptr, sel_ptr, pool_off, win, ACC)
         dgo = tl.zeros([CELLS], dtype=ACC)
         for d in range(4):  # a loop, not unrolled
-            off, ok = _position(i, ch, cw, d, mask, cp, TC, H, W)
-            v = tl.load(x_ptr + off, mask=ok, other=0.0).to(ACC)
+            off, ok, xhat, a, g = _at(x_ptr, i, ch, cw, d, mask, cp, TC, H, W, mu, r, ga, be, slope, sel, go, ACC)
             if HAS_U:
                 u = tl.load(u_ptr + off, mask=ok, other=0.0).to(ACC)
             else:
                 u = tl.zeros([CELLS], dtype=ACC)
-            xhat, a = _xhat_a(v, mu, r, ga, be, slope)
-            at_max = sel == d
-            g = tl.where(at_max, a * go, 0.0)
             gx = eu * u + eg * g + ex * xhat + e0
             tl.store(gx_ptr + off, gx.to(gx_ptr.dtype.element_ty), mask=ok)
-            dgo += tl.where(at_max, a * (cu * u + cx * xhat + c0), 0.0)
+            dgo += tl.where(sel == d, a * (cu * u + cx * xhat + c0), 0.0)
         tl.store(dgout_ptr + pool_off, dgo.to(dgout_ptr.dtype.element_ty), mask=win)
 
 

@@ -575,9 +575,9 @@ def _task_rows(w, bias):
     """(w, its task stride, bias or w, its task stride) as the kernels read them: each task's (C, K)
     weight rows (and C biases) contiguous, the task stride free, so that a weight expanded over the
     tasks (stride 0: the fast weights of step 0) is read in place instead of copied."""
-    t, c = w.shape[:2]
-    k = w[0, 0].numel()
-    if w.stride()[1:] != torch.empty(w.shape[1:], device="meta").stride():
+    t, c, ci, kh, kw = w.shape
+    k = ci * kh * kw
+    if w.stride()[1:] != (k, kh * kw, kw, 1):  # a task's rows not contiguous: copied
         w = w.contiguous()
     b, b_ts = w, 0
     if bias is not None:
