@@ -88,3 +88,9 @@ def test_conv_precision_reaches_the_kernels():
                 got = precs(call, allow)
                 assert got == {want}, (call[0], allow, mode, got)
         assert conv_precision() is None
+
+
+def test_probe_block_tiles_usage(capsys):
+    from bench.probe_block_tiles import main
+    assert main(["nosuch"]) == 2
+    assert "usage" in capsys.readouterr().err
