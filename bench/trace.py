@@ -29,9 +29,10 @@ one meta-update (second order, MSL, epoch 0, as bench.run measures) while record
   in-order sum of the per-program weight gradients (`_block_patch` below for bytes and FLOPs; the FLOPs
   include the recomputation of the convolution output, so they exceed bench.flops' count).
 - convolutions with conv_impl `triton` (mamlpp_fast/triton/conv.py): per forward and data gradient the
-  weight re-layout copy and the main kernel, per weight gradient the main kernel, and for each the sum of
-  the split partials when its split is > 1 (split from the kernels' own `conv_block_config` /
-  `wgrad_block_config` with the trace's SM count, 132 by default); the weight gradient's lane table is
+  weight re-layout copy and the main kernel, per weight gradient the main kernel; when its split is > 1
+  (split from the kernels' own `conv_block_config` / `wgrad_block_config` with the trace's SM count, 132
+  by default) the main kernel also sums the partials (or, with MAMLPP_CONV_SPLIT_SUM=separate, a
+  separate sum kernel does: `_conv_triton_patch`); the weight gradient's lane table is
   cached per shape (not launched in a steady-state meta-update). The other conv_impls are aten operations;
   for `grouped` and `channels_last`, cuDNN's kernels per aten convolution call are modelled as: one
   convolution kernel per computed result (forward; data gradient and weight gradient of
@@ -431,13 +432,17 @@ def _conv_triton_patch(rec: _Recorder):
 
     - forward / data gradient: the weight re-layout copy (w to (B, kh, kw, Ci, Co) / (B, kh, kw, Co, Ci):
       reads and writes w; only the first call with a given weight tensor and layout, as the launcher
-      keeps the copy on the tensor: `relaid_weights`), the main kernel (reads x or g, the re-laid weights and the bias, writes SPLIT
-      partial outputs), and when SPLIT > 1 the in-order partial sum (reads SPLIT partials, writes one);
+      keeps the copy on the tensor: `relaid_weights`), the main kernel (reads x or g, the re-laid weights
+      and the bias, writes the output, or with SPLIT > 1 its SPLIT partials);
     - weight gradient: the main kernel (reads x, g and the lane table of 3 int32 per reduction lane,
-      writes SPLIT partials; with the conv bias's gradient, its programs read g once more and write the
-      (B, Co) sums, or, where the launcher keeps it apart, a separate reduction) and the partial sum
-      when SPLIT > 1. The lane table itself is built once per
-      shape and cached, so a steady-state meta-update launches nothing for it (not recorded).
+      writes the output or SPLIT partials; with the conv bias's gradient, its programs read g once more
+      and write the (B, Co) sums, or, where the launcher keeps it apart, a separate reduction). The lane
+      table itself is built once per shape and cached, so a steady-state meta-update launches nothing
+      for it (not recorded);
+    - SPLIT > 1, the partials' sum: inside the main kernel where the launcher says so
+      (`split_sum_in_kernel`: the last chunk's program of each tile reads the SPLIT partials, its own
+      included, and writes the output; one atomic on a 4-byte counter per program, not counted), else
+      a separate in-order sum kernel (reads SPLIT partials, writes one output).
 
     The main kernels carry all the FLOPs (2 x the MACs: bench/flops.py's count); the copies and sums none.
     A tree from before the kernel rework (conv_block_config(co, k, red, device)) is not modelled."""
@@ -459,8 +464,16 @@ def _conv_triton_patch(rec: _Recorder):
         from mamlpp_fast.triton.conv import relaid_weights
     except ImportError:  # a tree from before the re-laid weights were kept on the tensor: a copy per call
         relaid_weights = None
+    try:
+        from mamlpp_fast.triton.conv import split_sum_in_kernel, wgrad_sums_split
+    except ImportError:  # a tree from before the in-kernel sum: always a separate sum
+        def split_sum_in_kernel():
+            return False
 
-    def gemm(kind, name, call, layer, flops, w, operands, out, split):
+        def wgrad_sums_split(cfg, with_bias):
+            return False
+
+    def gemm(kind, name, call, layer, flops, w, operands, out, split, sums_split=True):
         """The re-layout copy (forward / data gradient only, when the launcher makes one: `relaid_weights`
         keeps a tensor's copy for its later calls), the main kernel, the partial sum."""
         if w is not None:
@@ -469,9 +482,11 @@ def _conv_triton_patch(rec: _Recorder):
             if copied:
                 rec.add(name=f"triton {kind} weight re-layout (aten.copy_)", kind="conv", layer=layer,
                         bytes=2 * _nbytes(w))
+        in_kernel = split > 1 and sums_split and split_sum_in_kernel()
+        written = (2 * split + 1) * _nbytes(out) if in_kernel else split * _nbytes(out)  # in-kernel: + split read, 1 written
         rec.add(name=name, kind="conv", layer=layer, flops=flops, tf32_ok=True, call=call,
-                bytes=operands + split * _nbytes(out))
-        if split > 1:
+                bytes=operands + written)
+        if split > 1 and not in_kernel:
             rec.add(name="split partial sum (aten.sum)", kind="conv", layer=layer,
                     bytes=(split + 1) * _nbytes(out))
 
@@ -513,7 +528,7 @@ def _conv_triton_patch(rec: _Recorder):
             out, bias_read = dw, 0
         gemm("conv_wgrad", "triton conv_wgrad", ("conv_weight_grad", tuple(x.shape), meta, with_bias),
              rec.layer_of([x, g]), 2 * macs(meta, n), None, _nbytes(x) + _nbytes(g) + lane_bytes + bias_read,
-             out, cfg["SPLIT"])
+             out, cfg["SPLIT"], wgrad_sums_split(cfg, db is not None and bias_read > 0))
         return dw if db is None else (dw, db)
 
     return fwd, dgrad, wgrad

@@ -196,3 +196,23 @@ def test_epoch_after_msl():
     assert s1["kernels"] < s0["kernels"] and s1["bytes"] < s0["bytes"]
     assert f"epoch {msl} (MSL off)" in to_markdown(s1) and "MSL" not in to_markdown(s0).splitlines()[0]
     assert main(["--quick", "--workload", QUICK, "--epoch", "-1"]) == 2
+
+
+def test_split_sums_in_the_kernels(monkeypatch):
+    """The convolutions' split partials summed inside the kernels (the default) against
+    MAMLPP_CONV_SPLIT_SUM=separate: the separate sum kernels are gone except where the launcher keeps
+    them (`wgrad_sums_split`), the same bytes move (the main kernels now read the partials back and
+    write the result) and the same FLOPs run, and the prediction drops."""
+    def trace():
+        res = trace_meta_update(QUICK, None, "cuda", "triton", True, quick=True)
+        sums = sum(k.launches for k in res.kernels if k.name.startswith("split partial sum"))
+        return summarize(res), sums
+
+    monkeypatch.setenv("MAMLPP_CONV_SPLIT_SUM", "separate")
+    sep, sep_sums = trace()
+    monkeypatch.setenv("MAMLPP_CONV_SPLIT_SUM", "kernel")
+    ink, ink_sums = trace()
+    assert sep_sums > 0 and ink_sums < sep_sums
+    assert ink["kernels"] == sep["kernels"] - (sep_sums - ink_sums)
+    assert ink["bytes"] == sep["bytes"] and ink["flops"] == sep["flops"]
+    assert ink["predicted_ms"] < sep["predicted_ms"]

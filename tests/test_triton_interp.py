@@ -402,6 +402,82 @@ def test_triton_conv_launch_paths(case, monkeypatch):
 
 
 @inner
+@pytest.mark.parametrize("case", [CONV_PATHS[1], CONV_PATHS[5]], ids=["c48-tiles16-split", "tails-subtiles-split5"])
+def test_triton_conv_split_sum_in_kernel(case, monkeypatch):
+    """The split reductions' partials summed inside the kernels (the last chunk's program of each tile):
+    in float32, bit-identical to adding the kernel's own partials in chunk order 0, 1, ... (the partials
+    taken from a MAMLPP_CONV_SPLIT_SUM=separate launch), whichever chunk's program takes the last ticket
+    (ROT rotates the chunks, so that the interpreter, which runs programs in order, ends each tile on
+    another chunk); the separate in-order torch sum agrees to float32 rounding; the tile counters are
+    back to zero after every launch; an unknown MAMLPP_CONV_SPLIT_SUM value is refused by name."""
+    import functools
+
+    import torch
+    from mamlpp_fast.triton import conv as C
+
+    shape, over_f, over_w = case
+    monkeypatch.setattr(C, "conv_block_config", _forced(C.conv_block_config, over_f))
+    monkeypatch.setattr(C, "wgrad_block_config", _forced(C.wgrad_block_config, over_w))
+    n, b, ci, co, h, k, s, p = shape
+    gen = torch.Generator().manual_seed(7 + sum(shape))
+    x = torch.randn(n, b * ci, h, h, generator=gen)
+    w = torch.randn(b, co, ci, k, k, generator=gen)
+    bias = torch.randn(b, co, generator=gen)
+    ho = (h + 2 * p - k) // s + 1
+    gy = torch.randn(n, b * co, ho, ho, generator=gen)
+    meta = (b, co, ci, k, k, h, h, ho, ho, s, p)
+    # the bias's gradient where this configuration sums it in the weight-gradient launch (its own programs)
+    with_bias = C.bias_in_wgrad(C.wgrad_block_config(co, ci, k * k, n * ho * ho, b, C._sms(x.device)))
+
+    def wgrad():
+        r = C.conv_weight_grad(x, gy, meta, with_bias=with_bias)
+        return torch.cat([r[0].reshape(-1), r[1].reshape(-1)]) if with_bias else r
+
+    launches = {"forward": lambda: C.conv_forward(x, w, bias, meta),
+                "data gradient": lambda: C.conv_data_grad(gy, w, meta), "weight gradient": wgrad}
+    monkeypatch.setenv("MAMLPP_CONV_SPLIT_SUM", "separate")
+    result = C._result
+    parts, separate = {}, {}
+    for name, f in launches.items():
+        seen = []
+        monkeypatch.setattr(C, "_result", lambda out, ws, sum_in: (seen.append(ws), result(out, ws, sum_in))[1])
+        separate[name] = f().reshape(-1)
+        assert len(seen) == 1 and seen[0].shape[0] > 1, f"{name}: not one split launch"
+        parts[name] = seen[0]
+    monkeypatch.setattr(C, "_result", result)
+    monkeypatch.setenv("MAMLPP_CONV_SPLIT_SUM", "kernel")
+    for name, ws in parts.items():
+        in_order = functools.reduce(torch.add, list(ws)).reshape(-1)
+        err = (separate[name] - in_order).abs().max()
+        assert err <= 4 * ws.shape[0] * 2 ** -24 * ws.abs().sum(0).max(), f"{name}: separate sum off by {err:.3e}"
+        for rot in sorted({0, 1, ws.shape[0] - 1}):
+            monkeypatch.setattr(C, "_CHUNK_ROT", [rot])
+            got = launches[name]().reshape(-1)
+            assert torch.equal(got, in_order), f"{name}, ROT {rot}: {(got - in_order).abs().max():.3e}"
+            assert all(int(c.abs().sum()) == 0 for c in C._counters.values()), f"{name}, ROT {rot}: counters"
+    monkeypatch.setenv("MAMLPP_CONV_SPLIT_SUM", "atomics")
+    with pytest.raises(ValueError, match="MAMLPP_CONV_SPLIT_SUM"):
+        C.conv_forward(x, w, bias, meta)
+
+
+@inner
+def test_tile_counters_kept_and_grown():
+    """The in-kernel split sum's tile counters: one zeroed int32 buffer per device and stream, kept and
+    reused while large enough, replaced by a larger zeroed one when a launch has more tiles."""
+    import torch
+    from mamlpp_fast.triton import conv as C
+
+    C._counters.clear()
+    dev = torch.device("cpu")
+    a = C._tile_counters(dev, 10)
+    assert a.dtype == torch.int32 and a.numel() >= 10 and int(a.abs().sum()) == 0
+    assert C._tile_counters(dev, a.numel()) is a
+    big = C._tile_counters(dev, a.numel() + 1)
+    assert big is not a and big.numel() > a.numel() and int(big.abs().sum()) == 0
+    assert C._tile_counters(dev, 5) is big
+
+
+@inner
 def test_triton_conv_launches_fill_two_waves():
     """Every convolution launch of one meta-update of both paper workloads (support and target sets,
     forward, data and weight gradients) has >= 2 waves of programs on a 132-SM H100/H200, and the

@@ -45,8 +45,15 @@ What keeps the inner loops on FMAs (instruction counts per kernel: bench/conv_pt
   gathered tile: no idle lanes, and every gathered value feeds 48 FMAs.
 - split reductions for the small layers: forward and data gradient over k-steps, weight gradient
   over pixels, SPLIT chunks on grid axis 2 (= task * SPLIT), so that every layer of the paper's
-  workloads launches >= 2 waves of programs; each chunk writes its own partial and the partials are
-  summed in order afterwards (deterministic: no atomics).
+  workloads launches >= 2 waves of programs. Each chunk's program stores its partial, then takes a
+  ticket from its tile's counter (`_last_chunk`: one integer atomic add, acquire-release at GPU scope,
+  after a CTA barrier); the program that takes the last ticket adds the partials in chunk order
+  0..SPLIT-1 (`_chunk_sum`, read through L2) and writes the result, then
+  sets the counter back to zero for the next launch. The order of the sum does not depend on which
+  program arrives last, so results are deterministic (no floating-point atomics), and no separate sum
+  kernel runs. The counters are one cached int32 buffer per device and stream (`_tile_counters`).
+  MAMLPP_CONV_SPLIT_SUM=separate (`split_sum_in_kernel`) keeps the partials and adds them in order
+  with a torch sum instead (one more kernel per split launch), for comparison or as a way out.
 
 Precision: fp32 inputs accumulate in fp32 with ``input_precision="ieee"`` (strict float32, the
 learner's default), ``"tf32"`` when ``torch.backends.cudnn.allow_tf32`` is on (config key
@@ -60,6 +67,7 @@ taps (one bit each).
 """
 from __future__ import annotations
 
+import os
 
 import torch
 import triton
@@ -68,7 +76,7 @@ import triton.language as tl
 from ._device import conv_precision, num_sms
 
 __all__ = ["conv_forward", "conv_data_grad", "conv_weight_grad", "conv_block_config", "wgrad_block_config",
-           "bias_in_wgrad"]
+           "bias_in_wgrad", "split_sum_in_kernel", "wgrad_sums_split"]
 
 
 def _precision(dtype) -> str:
@@ -105,7 +113,8 @@ def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, task
     rows m (n*Ho*Wo / n*H*W per task) x cols (Co / Ci), reduction over kk taps x `chans` channels (Ci /
     Co) in k-steps of BLOCK_K = 16 channels. Returns BLOCK_M (pixels), BLOCK_N (channels) and NSUB
     (channel sub-tiles per program: 3 at 48 channels, else 1), BLOCK_K, SPLIT and CHUNK (k-steps per
-    chunk; each chunk writes its own partial output, summed in order: deterministic), SMALL (forward
+    chunk; each chunk writes its own partial output, summed in chunk order by the tile's last program:
+    deterministic, `_store_result`), SMALL (forward
     only: the whole reduction Ci*kh*kw <= 32 in one block, the first layer) and num_warps.
 
     Rules: BLOCK_N = `_tile(cols)`; BLOCK_M the largest of 128, 64 (128 with sub-tiles) whose programs
@@ -160,7 +169,7 @@ def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int
     BLOCK_N the widest of 128, 64, 32 columns that still reaches 2 waves),
     reduction over red = n*Ho*Wo in lanes of BLOCK_K = 16, split into SPLIT chunks (multiples of
     BLOCK_K, >= 2 steps each) so that the programs reach 2 waves of `sms`; each chunk writes its own
-    partial, summed in order afterwards (deterministic)."""
+    partial, summed in chunk order by the tile's last program (`_store_result`; deterministic)."""
     k = ci * kk
     nsub = 3 if co % 48 == 0 and co % 64 != 0 else 1  # 48 rows: three 16-row sub-tiles per program
     bm = 16 if nsub == 3 else 64 if co > 32 else max(16, triton.next_power_of_2(co))
@@ -190,6 +199,16 @@ def bias_in_wgrad(cfg: dict) -> bool:
     return not (cfg["num_warps"] == 1 and cfg["NSUB"] == 3)
 
 
+def wgrad_sums_split(cfg: dict, with_bias: bool) -> bool:
+    """Whether a weight-gradient launch of configuration `cfg` with SPLIT > 1 sums its partials itself
+    (under `split_sum_in_kernel`). Not where the bias's programs share the launch with the four-warp,
+    three-sub-tile tiles (48 output channels): there the kernel is at 252-254 registers under Triton 3.6
+    and spilled 20-24 B into its inner loop with both (bench.static_metrics); a separate sum of its
+    small partials (48 x 48 x 9 weights per task) costs one launch, where a separate bias sum would
+    re-read the layer's whole output gradient."""
+    return not (with_bias and bias_in_wgrad(cfg) and cfg["NSUB"] == 3 and cfg["num_warps"] == 4)
+
+
 _TRITON_VERSION = tuple(int(v) for v in triton.__version__.split(".")[:2] if v.isdigit())
 
 
@@ -214,13 +233,92 @@ def _register_cap(cfg: dict) -> dict:
 # kernels
 # ------------------------------------------------------------------------------------------------------
 @triton.jit
-def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, NT, CI, CO, H, W, HO, WO, M, CHUNK,
+def _chunk_of(pid_z, SPLIT: tl.constexpr, ROT: tl.constexpr):
+    """(task, chunk) of grid axis 2 (= task * SPLIT + program's chunk slot). ROT (0 when launched by the
+    package) rotates which chunk a slot computes: tests set it so that a chunk other than the last takes
+    the last ticket under the interpreter, which runs the programs in order."""
+    t = pid_z // SPLIT
+    s = pid_z % SPLIT
+    if ROT != 0:
+        s = (s + ROT) % SPLIT
+    return t, s
+
+
+@triton.jit
+def _last_chunk(cnt_ptr, tile, SPLIT: tl.constexpr):
+    """Whether this program is the last of its tile's SPLIT chunk programs to finish storing its partial.
+
+    Called after the program's partial stores: a CTA barrier orders all its threads' stores before one
+    atomic add on the tile's counter with acquire-release semantics at GPU scope (the release makes the
+    stores visible to whichever program later acquires the counter; the acquire makes the other
+    programs' released stores visible to this one). The ticket SPLIT - 1 is taken by exactly one
+    program, after every other chunk's partial is visible."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    return ticket == SPLIT - 1
+
+
+@triton.jit
+def _chunk_sum(ws_ptr, offs, part, mask, SPLIT: tl.constexpr):
+    """sum_{j=0..SPLIT-1} partial_j (partial j at ws + j * part + offs), added in the order j = 0, 1, ...
+    whichever program runs it, read through L2 only (.cg: written by other multiprocessors in this
+    launch). The program's own partial is read back too rather than kept in registers: kept, it lifted
+    the 2-warp forward / data-gradient tiles over their 128-register cap (spills) and, under a raised
+    cap, cost their inner loop 1-3 points of FMA share (bench/NOTES.md); re-read, it is an L2 hit. A
+    loop, not unrolled, and not pipelined (num_stages=1): unrolled, Triton 3.6's code kept every chunk's
+    tile live at once and spilled."""
+    total = tl.load(ws_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    for j in tl.range(1, SPLIT, num_stages=1):
+        total += tl.load((ws_ptr + j * part) + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    return total
+
+
+@triton.jit
+def _store_result(acc, acc1, acc2, out_ptr, ws_ptr, cnt_ptr, offs, sub, mask, mask1, mask2, s, part, tile,
+                  SPLIT: tl.constexpr, SUM_IN: tl.constexpr, NSUB: tl.constexpr):
+    """The epilogue of every convolution kernel: a program's accumulators `acc` (and, NSUB = 3, the
+    sub-tiles acc1, acc2 at offsets + sub, + 2 sub) at element offsets `offs` of the result.
+
+    SPLIT = 1: stored into out. SPLIT > 1: stored as partial s (ws + s * part + offs); with SUM_IN the
+    program that takes the tile's last ticket (`_last_chunk`) then writes out = the in-order sum of the
+    tile's partials (`_chunk_sum`) and resets the tile's counter to 0; without, the launcher sums ws."""
+    if SPLIT == 1:
+        dst = out_ptr + offs
+    else:
+        dst = ws_ptr + s * part + offs
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if NSUB == 3:
+        tl.store(dst + sub, acc1.to(out_ptr.dtype.element_ty), mask=mask1)
+        tl.store(dst + 2 * sub, acc2.to(out_ptr.dtype.element_ty), mask=mask2)
+    if SPLIT > 1 and SUM_IN:
+        last = _last_chunk(cnt_ptr, tile, SPLIT)
+        if last:
+            tl.store(out_ptr + offs, _chunk_sum(ws_ptr, offs, part, mask, SPLIT).to(out_ptr.dtype.element_ty),
+                     mask=mask)
+            if NSUB == 3:
+                tl.store(out_ptr + offs + sub, _chunk_sum(ws_ptr, offs + sub, part, mask1, SPLIT).to(
+                    out_ptr.dtype.element_ty), mask=mask1)
+                tl.store(out_ptr + offs + 2 * sub, _chunk_sum(ws_ptr, offs + 2 * sub, part, mask2, SPLIT).to(
+                    out_ptr.dtype.element_ty), mask=mask2)
+            tl.store(cnt_ptr + tile, 0)
+
+
+@triton.jit
+def _tile_id(pid_m, pid_n, t):
+    """The program's output tile over all tasks: its counter's index (grid axes 0 and 1 per task)."""
+    return (t * tl.num_programs(1) + pid_n) * tl.num_programs(0) + pid_m
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI, CO, H, W, HO, WO, M, CHUNK,
                      KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
                      HAS_BIAS: tl.constexpr, PREC: tl.constexpr, SMALL: tl.constexpr, SPLIT: tl.constexpr,
                      EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, NSUB: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[s][i, t*CO+o, y, z] = sum over the k-steps of chunk s of x-gather[m, k] * w[t, o, k] (+ bias[t, o]
-    in chunk 0); m = i*L + (y*WO + z).
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     SUM_IN: tl.constexpr = True, ROT: tl.constexpr = 0):
+    """out[i, t*CO+o, y, z] = sum over the chunks s of (sum over the k-steps of chunk s of x-gather[m, k] *
+    w[t, o, k]) (+ bias[t, o], added to chunk 0's partial); m = i*L + (y*WO + z). Partials and their sum:
+    `_store_result`.
 
     k-steps: (tap, channel block) pairs, tap-major; step kk covers the taps' channels
     [cb*BLOCK_K, cb*BLOCK_K + BLOCK_K) of tap (p, q). Per step the gather is x_row[m] + (c0*HW + p*W + q)
@@ -231,8 +329,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, NT, CI, CO, H, W, HO, WO, M, 
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_z = tl.program_id(2)
-    t = pid_z // SPLIT
-    s = pid_z % SPLIT
+    t, s = _chunk_of(pid_z, SPLIT, ROT)
     L = HO * WO
     HW = H * W
     KK: tl.constexpr = KH * KW
@@ -332,21 +429,22 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, NT, CI, CO, H, W, HO, WO, M, 
         if NSUB == 3:
             acc1 += tl.load(b_ptr + t * CO + BLOCK_N + offs_n, mask=n_ok1 & (s == 0), other=0.0)[:, None]
             acc2 += tl.load(b_ptr + t * CO + 2 * BLOCK_N + offs_n, mask=n_ok2 & (s == 0), other=0.0)[:, None]
-    o_ptrs = out_ptr + (s * NT * CO * M + (i * NT + t) * CO * L + l_)[None, :] + (offs_n * L)[:, None]
-    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
-    if NSUB == 3:
-        tl.store(o_ptrs + BLOCK_N * L, acc1.to(out_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok1[:, None])
-        tl.store(o_ptrs + 2 * BLOCK_N * L, acc2.to(out_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok2[:, None])
+    offs = ((i * NT + t) * CO * L + l_)[None, :] + (offs_n * L)[:, None]
+    _store_result(acc, acc1, acc2, out_ptr, ws_ptr, cnt_ptr, offs, BLOCK_N * L, m_ok[None, :] & n_ok[:, None],
+                  m_ok[None, :] & n_ok1[:, None], m_ok[None, :] & n_ok2[:, None], s, NT * CO * M,
+                  _tile_id(pid_m, pid_n, t), SPLIT, SUM_IN, NSUB)
 
 
 @triton.jit
-def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, NT, CI, CO, H, W, HO, WO, M, CHUNK,
+def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, ws_ptr, cnt_ptr, NT, CI, CO, H, W, HO, WO, M, CHUNK,
                        KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
                        PREC: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                        NSUB: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dx[s][i, t*CI+c, h, v] = sum over the k-steps of chunk s of g-gather[m, k] * w[t, o, c, p, q];
-    m = i*H*W + h*W + v, k-steps (tap, output-channel block) as in the forward.
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       SUM_IN: tl.constexpr = True, ROT: tl.constexpr = 0):
+    """dx[i, t*CI+c, h, v] = sum over the chunks s of (sum over the k-steps of chunk s of g-gather[m, k] *
+    w[t, o, c, p, q]); m = i*H*W + h*W + v, k-steps (tap, output-channel block) as in the forward;
+    partials and their sum: `_store_result`.
 
     The term of tap (p, q) reads g at y = (h + PAD - p) / S, z = (v + PAD - q) / S, kept when both are
     integers inside the output: a per-row base and mask per step (with S > 1 the divisibility test and
@@ -354,8 +452,7 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, NT, CI, CO, H, W, HO, WO, M, CHUNK,
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_z = tl.program_id(2)
-    t = pid_z // SPLIT
-    s = pid_z % SPLIT
+    t, s = _chunk_of(pid_z, SPLIT, ROT)
     HW = H * W
     L = HO * WO
     KK: tl.constexpr = KH * KW
@@ -435,25 +532,26 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, NT, CI, CO, H, W, HO, WO, M, CHUNK,
         wq = q == KW
         q = tl.where(wq, 0, q)
         p += wq.to(tl.int32)
-    o_ptrs = dx_ptr + (s * NT * CI * M + (i * NT + t) * CI * HW + hw)[None, :] + (offs_n * HW)[:, None]
-    tl.store(o_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
-    if NSUB == 3:
-        tl.store(o_ptrs + BLOCK_N * HW, acc1.to(dx_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok1[:, None])
-        tl.store(o_ptrs + 2 * BLOCK_N * HW, acc2.to(dx_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok2[:, None])
+    offs = ((i * NT + t) * CI * HW + hw)[None, :] + (offs_n * HW)[:, None]
+    _store_result(acc, acc1, acc2, dx_ptr, ws_ptr, cnt_ptr, offs, BLOCK_N * HW, m_ok[None, :] & n_ok[:, None],
+                  m_ok[None, :] & n_ok1[:, None], m_ok[None, :] & n_ok2[:, None], s, NT * CI * M,
+                  _tile_id(pid_m, pid_n, t), SPLIT, SUM_IN, NSUB)
 
 
 @triton.jit
-def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO, R, CHUNK, TOT,
-                       KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI, CO, H, W, HO, WO, R, CHUNK,
+                       TOT, KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
                        PREC: tl.constexpr, SPLIT: tl.constexpr, NSUB: tl.constexpr, HAS_DB: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """ws[s, t, o, k] = sum over r in chunk s of g[i, t*CO+o, y, z] * X[i, t*CI+c, y*S+p-PAD, z*S+q-PAD];
-    k = (c, p, q) (the weight's own layout), r = i*L + y*WO + z. Partial s starts at ws + s*TOT.
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       SUM_IN: tl.constexpr = True, ROT: tl.constexpr = 0):
+    """out[t, o, k] = sum over the chunks s of (sum over r in chunk s of g[i, t*CO+o, y, z] *
+    X[i, t*CI+c, y*S+p-PAD, z*S+q-PAD]); k = (c, p, q) (the weight's own layout), r = i*L + y*WO + z.
+    out holds TOT values; partial s (SPLIT > 1) starts at ws + s*TOT (`_store_result`).
 
     HAS_DB (the conv bias's gradient in the same launch): one more column of programs on grid axis 1
-    (pid_n = the number of k tiles) sums g over the chunk's lanes, db[s, t, o] = sum over r in chunk s of
-    g[i, t*CO+o, y, z], stored after the NT*CO*K weight partials of partial s (ws + s*TOT + NT*CO*K +
-    t*CO + o). Its own branch: the weight programs' loop is the same code as without the bias (their
+    (pid_n = the number of k tiles) sums g over the chunks' lanes, db[t, o] = sum over r of
+    g[i, t*CO+o, y, z], stored after the NT*CO*K weight values (out + NT*CO*K + t*CO + o; in the partials
+    likewise). Its own branch: the weight programs' loop is the same code as without the bias (their
     registers and instruction mix are what bench.static_metrics measured for it).
 
     Columns: k is split into (c, p, q) once per program (column offset c*HW + p*W + q and the tap's bit
@@ -464,13 +562,13 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO,
     pid_m = tl.program_id(0)  # o tile
     pid_n = tl.program_id(1)  # k tile (HAS_DB: the last column is the bias's)
     pid_z = tl.program_id(2)
-    t = pid_z // SPLIT
-    s = pid_z % SPLIT
+    t, s = _chunk_of(pid_z, SPLIT, ROT)
+    tile = _tile_id(pid_m, pid_n, t)
     L = HO * WO
     HW = H * W
     KK: tl.constexpr = KH * KW
     K = CI * KK
-    ACC = ws_ptr.dtype.element_ty
+    ACC = out_ptr.dtype.element_ty
     offs_o = pid_m * (NSUB * BLOCK_M) + tl.arange(0, BLOCK_M)  # sub-tile j: offs_o + j*BLOCK_M
     o_ok = offs_o < CO
     o_ok1 = offs_o + BLOCK_M < CO
@@ -494,11 +592,8 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO,
                                         other=0.0).to(ACC), axis=0)
                 bacc2 += tl.sum(tl.load(g_ptrs + 2 * BLOCK_M * L, mask=o_ok2[None, :] & r_ok[:, None],
                                         other=0.0).to(ACC), axis=0)
-        b_ptrs = ws_ptr + s * TOT + NT * CO * K + t * CO + offs_o
-        tl.store(b_ptrs, bacc.to(ws_ptr.dtype.element_ty), mask=o_ok)
-        if NSUB == 3:
-            tl.store(b_ptrs + BLOCK_M, bacc1.to(ws_ptr.dtype.element_ty), mask=o_ok1)
-            tl.store(b_ptrs + 2 * BLOCK_M, bacc2.to(ws_ptr.dtype.element_ty), mask=o_ok2)
+        _store_result(bacc, bacc1, bacc2, out_ptr, ws_ptr, cnt_ptr, NT * CO * K + t * CO + offs_o, BLOCK_M,
+                      o_ok, o_ok1, o_ok2, s, TOT, tile, SPLIT, SUM_IN, NSUB)
     else:
         offs_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         k_ok = offs_k < K
@@ -526,13 +621,9 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, ws_ptr, NT, CI, CO, H, W, HO, WO,
                 acc1 += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
                 a = tl.trans(tl.load(g_ptrs + 2 * BLOCK_M * L, mask=o_ok2[None, :] & r_ok[:, None], other=0.0))
                 acc2 += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
-        # (s * NT + t) * CO * K: the partial's start when TOT = NT*CO*K; s * TOT with the bias's values
-        w_ptrs = ws_ptr + (s * TOT + (t * CO + offs_o[:, None]) * K if HAS_DB else
-                           ((s * NT + t) * CO + offs_o[:, None]) * K) + offs_k[None, :]
-        tl.store(w_ptrs, acc.to(ws_ptr.dtype.element_ty), mask=o_ok[:, None] & k_ok[None, :])
-        if NSUB == 3:
-            tl.store(w_ptrs + BLOCK_M * K, acc1.to(ws_ptr.dtype.element_ty), mask=o_ok1[:, None] & k_ok[None, :])
-            tl.store(w_ptrs + 2 * BLOCK_M * K, acc2.to(ws_ptr.dtype.element_ty), mask=o_ok2[:, None] & k_ok[None, :])
+        _store_result(acc, acc1, acc2, out_ptr, ws_ptr, cnt_ptr, (t * CO + offs_o[:, None]) * K + offs_k[None, :],
+                      BLOCK_M * K, o_ok[:, None] & k_ok[None, :], o_ok1[:, None] & k_ok[None, :],
+                      o_ok2[:, None] & k_ok[None, :], s, TOT, tile, SPLIT, SUM_IN, NSUB)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -547,9 +638,61 @@ def _check(name, *tensors, split=1):
             raise TypeError(f"triton {name}: float32 or float64 tensors only, got {t.dtype}")
 
 
-def _reduce_split(ws):
-    """The partial sums of a split reduction, added in order (deterministic: no atomics)."""
-    return ws[0] if ws.shape[0] == 1 else ws.sum(0)
+SPLIT_SUM_ENV = "MAMLPP_CONV_SPLIT_SUM"
+
+
+def split_sum_in_kernel() -> bool:
+    """Whether split reductions add their partials inside the convolution kernels (the default, "kernel":
+    the last chunk's program of each tile, `_store_result`) or with a separate in-order torch sum after
+    the kernel ("separate", environment variable MAMLPP_CONV_SPLIT_SUM: one more launch and one more
+    output-sized write per split launch; kept for comparison on a device and as a way out). Both add the
+    partials in chunk order; their results agree to rounding (torch's sum may associate differently)."""
+    mode = os.environ.get(SPLIT_SUM_ENV, "kernel")
+    if mode not in ("kernel", "separate"):
+        raise ValueError(f"{SPLIT_SUM_ENV} must be 'kernel' or 'separate', got {mode!r}")
+    return mode == "kernel"
+
+
+_CHUNK_ROT = [0]  # the kernels' ROT (`_chunk_of`); 0 except in the tests of the in-kernel sum
+_counters: dict = {}
+
+
+def _tile_counters(device, tiles: int):
+    """An int32 buffer of >= `tiles` zeros: the per-tile tickets of the in-kernel split sum. Every launch
+    leaves its counters at zero (the last program of a tile resets its own), so one buffer per device and
+    stream serves all launches, which run one after another on their stream, CUDA-graph replays
+    included. Kept (and grown) outside graph capture only, so that no cached tensor lives in a graph's
+    private pool; a capture that needs a larger buffer allocates and zeroes one of its own."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _counters.get(key)
+    if buf is not None and buf.numel() >= tiles:
+        return buf
+    size = max(tiles, 4096, 2 * (buf.numel() if buf is not None else 0))
+    buf = torch.zeros(size, dtype=torch.int32, device=device)
+    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        _counters[key] = buf
+    return buf
+
+
+def _split_buffers(shape, split: int, like, tiles: int, in_kernel: bool = True) -> tuple:
+    """(out, ws, counters, sum_in) of a launch with `split` chunks and `tiles` output tiles: the result
+    (None when the launcher sums the partials itself), the partials' workspace (split, *shape) (the
+    result itself when split is 1), the tile counters, and whether the kernel sums the partials (where
+    `split_sum_in_kernel` and the launch's own `in_kernel` allow)."""
+    if split == 1:
+        out = torch.empty(shape, device=like.device, dtype=like.dtype)
+        return out, out, out, True
+    ws = torch.empty((split, *shape), device=like.device, dtype=like.dtype)
+    if not (in_kernel and split_sum_in_kernel()):
+        return None, ws, ws, False
+    out = torch.empty(shape, device=like.device, dtype=like.dtype)
+    return out, ws, _tile_counters(like.device, tiles), True
+
+
+def _result(out, ws, sum_in):
+    """The launch's result: `out`, or (the separate sum) ws's partials added in order."""
+    return out if sum_in else ws.sum(0)
 
 
 # The weights' layouts the kernels read: forward (B, kh, kw, Ci, Co), vector loads along Co; data gradient
@@ -591,15 +734,16 @@ def conv_forward(x, w, bias, meta):
     m = n * ho * wo
     cfg = conv_block_config("fwd", m, co, ci, kh * kw, b, _sms(x.device))
     split, chunk = cfg.pop("SPLIT"), cfg.pop("CHUNK")
-    out = torch.empty(split, n, b * co, ho, wo, device=x.device, dtype=x.dtype)
-    _check("conv forward", out[0], split=split)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(co, cfg["BLOCK_N"] * cfg["NSUB"]), b * split)
+    out, ws, cnt, sum_in = _split_buffers((n, b * co, ho, wo), split, x, grid[0] * grid[1] * b)
+    _check("conv forward", ws, split=1)
     bias_arg = bias.contiguous() if bias is not None else x
-    _conv_fwd_kernel[grid](x, w, bias_arg, out, b, ci, co, h, wd, ho, wo, m, chunk, KH=kh, KW=kw, STRIDE=s,
-                           PAD=p, HAS_BIAS=bias is not None, PREC=_precision(x.dtype), SPLIT=split,
-                           EVEN_K=ci % cfg["BLOCK_K"] == 0, EVEN_N=co % (cfg["BLOCK_N"] * cfg["NSUB"]) == 0, **cfg,
-                           **_register_cap(cfg))
-    return _reduce_split(out)
+    _conv_fwd_kernel[grid](x, w, bias_arg, ws if out is None else out, ws, cnt, b, ci, co, h, wd, ho, wo, m, chunk,
+                           KH=kh, KW=kw, STRIDE=s, PAD=p, HAS_BIAS=bias is not None, PREC=_precision(x.dtype),
+                           SPLIT=split, EVEN_K=ci % cfg["BLOCK_K"] == 0,
+                           EVEN_N=co % (cfg["BLOCK_N"] * cfg["NSUB"]) == 0, SUM_IN=sum_in, ROT=_CHUNK_ROT[0],
+                           **cfg, **_register_cap(cfg))
+    return _result(out, ws, sum_in)
 
 
 def conv_data_grad(g, w, meta):
@@ -613,13 +757,14 @@ def conv_data_grad(g, w, meta):
     split, chunk = cfg.pop("SPLIT"), cfg.pop("CHUNK")
     cap = _register_cap(cfg)
     cfg.pop("SMALL")
-    dx = torch.empty(split, n, b * ci, h, wd, device=g.device, dtype=g.dtype)
-    _check("conv data gradient", dx[0], split=split)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(ci, cfg["BLOCK_N"] * cfg["NSUB"]), b * split)
-    _conv_dgrad_kernel[grid](g, w, dx, b, ci, co, h, wd, ho, wo, m, chunk, KH=kh, KW=kw, STRIDE=s, PAD=p,
-                             PREC=_precision(g.dtype), SPLIT=split, EVEN_K=co % cfg["BLOCK_K"] == 0,
-                             EVEN_N=ci % (cfg["BLOCK_N"] * cfg["NSUB"]) == 0, **cfg, **cap)
-    return _reduce_split(dx)
+    dx, ws, cnt, sum_in = _split_buffers((n, b * ci, h, wd), split, g, grid[0] * grid[1] * b)
+    _check("conv data gradient", ws, split=1)
+    _conv_dgrad_kernel[grid](g, w, ws if dx is None else dx, ws, cnt, b, ci, co, h, wd, ho, wo, m, chunk, KH=kh,
+                             KW=kw, STRIDE=s, PAD=p, PREC=_precision(g.dtype), SPLIT=split,
+                             EVEN_K=co % cfg["BLOCK_K"] == 0, EVEN_N=ci % (cfg["BLOCK_N"] * cfg["NSUB"]) == 0,
+                             SUM_IN=sum_in, ROT=_CHUNK_ROT[0], **cfg, **cap)
+    return _result(dx, ws, sum_in)
 
 
 _lane_tables: dict = {}
@@ -667,13 +812,15 @@ def conv_weight_grad(x, g, meta, with_bias=False):
     split, chunk = cfg.pop("SPLIT"), cfg.pop("CHUNK")
     nw = b * co * ci * kh * kw
     tot = nw + (b * co if with_bias else 0)
-    ws = torch.empty(split, tot, device=x.device, dtype=x.dtype)
-    _check("conv weight gradient", ws)
     k_tiles = triton.cdiv(ci * kh * kw, cfg["BLOCK_N"]) + (1 if with_bias else 0)  # + the bias's programs
     grid = (triton.cdiv(co, cfg["BLOCK_M"] * cfg["NSUB"]), k_tiles, b * split)
+    out, ws, cnt, sum_in = _split_buffers((tot,), split, x, grid[0] * grid[1] * b,
+                                          wgrad_sums_split(cfg, with_bias))
+    _check("conv weight gradient", ws)
     lanes = _lane_table(n, meta, x.device)
-    _conv_wgrad_kernel[grid](x, g, lanes, ws, b, ci, co, h, wd, ho, wo, red, chunk, tot, KH=kh, KW=kw,
-                             STRIDE=s, PAD=p, PREC=_precision(x.dtype), SPLIT=split, HAS_DB=with_bias, **cfg)
-    red_ws = _reduce_split(ws)
+    _conv_wgrad_kernel[grid](x, g, lanes, ws if out is None else out, ws, cnt, b, ci, co, h, wd, ho, wo, red, chunk,
+                             tot, KH=kh, KW=kw, STRIDE=s, PAD=p, PREC=_precision(x.dtype), SPLIT=split,
+                             HAS_DB=with_bias, SUM_IN=sum_in, ROT=_CHUNK_ROT[0], **cfg)
+    red_ws = _result(out, ws, sum_in)
     dw = red_ws[:nw].view(b, co, ci, kh, kw)
     return (dw, red_ws[nw:].view(b, co)) if with_bias else dw

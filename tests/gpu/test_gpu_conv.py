@@ -193,3 +193,45 @@ def test_fused_first_block_is_auto_on_cuda_and_matches_unfused():
     from mamlpp_fast.triton import bn_pool as tbp
     assert fused._bn_pool_cache and all(v is tbp for v in fused._bn_pool_cache.values())
     assert fused._graph_failed is None and len(fused._graphs) == 1
+
+
+# paper layers whose three launches all split their reductions on a 132-SM device (Omniglot layer 3,
+# 7x7 input, of the 20-image sets; mini-ImageNet layer 3, 10x10, of the 5-image support set)
+SPLIT_GPU_SHAPES = [(20, 8, 64, 64, 7, 3, 1, 1), (5, 2, 48, 48, 10, 3, 1, 1)]
+
+
+@pytest.mark.parametrize("shape", SPLIT_GPU_SHAPES, ids=["omniglot-layer3", "miniimagenet-layer3"])
+def test_split_sum_in_kernel_on_cuda(shape, monkeypatch):
+    """The in-kernel split sum on the device, where programs run concurrently and the partials cross
+    multiprocessors (the interpreter runs them in order): float32 results of 20 repeated launches are
+    bit-identical (a program that summed before another's partial was visible would make them differ),
+    agree with the separate in-order torch sum (MAMLPP_CONV_SPLIT_SUM=separate) to float32 rounding, and
+    the tile counters are zero afterwards; and the launches did split (SPLIT > 1)."""
+    from mamlpp_fast.triton import conv as T
+
+    n, b, ci, co, h, k, s, p = shape
+    ho = (h + 2 * p - k) // s + 1
+    sms = T._sms(torch.device("cuda"))
+    assert T.conv_block_config("fwd", n * ho * ho, co, ci, k * k, b, sms)["SPLIT"] > 1
+    assert T.conv_block_config("dgrad", n * h * h, ci, co, k * k, b, sms)["SPLIT"] > 1
+    assert T.wgrad_block_config(co, ci, k * k, n * ho * ho, b, sms)["SPLIT"] > 1
+    gen = torch.Generator(device="cuda").manual_seed(fresh_seed())
+    x = torch.randn(n, b * ci, h, h, device="cuda", generator=gen)
+    w = torch.randn(b, co, ci, k, k, device="cuda", generator=gen)
+    bias = torch.randn(b, co, device="cuda", generator=gen)
+    gy = torch.randn(n, b * co, ho, ho, device="cuda", generator=gen)
+    meta = (b, co, ci, k, k, h, h, ho, ho, s, p)
+
+    def run():
+        dw, db = T.conv_weight_grad(x, gy, meta, with_bias=True)
+        return [T.conv_forward(x, w, bias, meta), T.conv_data_grad(gy, w, meta), dw, db]
+
+    monkeypatch.setenv("MAMLPP_CONV_SPLIT_SUM", "kernel")
+    first = run()
+    for _ in range(19):
+        assert all(torch.equal(a, r) for a, r in zip(run(), first)), "in-kernel split sum not deterministic"
+    torch.cuda.synchronize()
+    assert all(int(c.abs().sum()) == 0 for c in T._counters.values())
+    monkeypatch.setenv("MAMLPP_CONV_SPLIT_SUM", "separate")
+    for name, a, r in zip(("forward", "data gradient", "weight gradient", "bias gradient"), first, run()):
+        assert rel(a, r) < FP32_RTOL, f"{name}: {rel(a, r):.3e}"
