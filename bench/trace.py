@@ -441,7 +441,8 @@ def _conv_triton_patch(rec: _Recorder):
       for it (not recorded);
     - SPLIT > 1, the partials' sum: inside the main kernel where the launcher says so
       (`split_sum_in_kernel`: the last chunk's program of each tile reads the SPLIT partials, its own
-      included, and writes the output; one atomic on a 4-byte counter per program, not counted), else
+      included except in the weight gradients of `wgrad_keeps_own`, and writes the output; one atomic on
+      a 4-byte counter per program, not counted), else
       a separate in-order sum kernel (reads SPLIT partials, writes one output).
 
     The main kernels carry all the FLOPs (2 x the MACs: bench/flops.py's count); the copies and sums none.
@@ -472,8 +473,13 @@ def _conv_triton_patch(rec: _Recorder):
 
         def wgrad_sums_split(cfg, with_bias):
             return False
+    try:
+        from mamlpp_fast.triton.conv import wgrad_keeps_own
+    except ImportError:  # a tree whose last program always reads its own partial back
+        def wgrad_keeps_own(cfg):
+            return False
 
-    def gemm(kind, name, call, layer, flops, w, operands, out, split, sums_split=True):
+    def gemm(kind, name, call, layer, flops, w, operands, out, split, sums_split=True, kept=0):
         """The re-layout copy (forward / data gradient only, when the launcher makes one: `relaid_weights`
         keeps a tensor's copy for its later calls), the main kernel, the partial sum."""
         if w is not None:
@@ -483,7 +489,8 @@ def _conv_triton_patch(rec: _Recorder):
                 rec.add(name=f"triton {kind} weight re-layout (aten.copy_)", kind="conv", layer=layer,
                         bytes=2 * _nbytes(w))
         in_kernel = split > 1 and sums_split and split_sum_in_kernel()
-        written = (2 * split + 1) * _nbytes(out) if in_kernel else split * _nbytes(out)  # in-kernel: + split read, 1 written
+        # in-kernel: + split partials read (less `kept` bytes the last programs add from registers), 1 written
+        written = (2 * split + 1) * _nbytes(out) - kept if in_kernel else split * _nbytes(out)
         rec.add(name=name, kind="conv", layer=layer, flops=flops, tf32_ok=True, call=call,
                 bytes=operands + written)
         if split > 1 and not in_kernel:
@@ -528,7 +535,8 @@ def _conv_triton_patch(rec: _Recorder):
             out, bias_read = dw, 0
         gemm("conv_wgrad", "triton conv_wgrad", ("conv_weight_grad", tuple(x.shape), meta, with_bias),
              rec.layer_of([x, g]), 2 * macs(meta, n), None, _nbytes(x) + _nbytes(g) + lane_bytes + bias_read,
-             out, cfg["SPLIT"], wgrad_sums_split(cfg, db is not None and bias_read > 0))
+             out, cfg["SPLIT"], wgrad_sums_split(cfg, db is not None and bias_read > 0),
+             _nbytes(dw) if wgrad_keeps_own(cfg) else 0)
         return dw if db is None else (dw, db)
 
     return fwd, dgrad, wgrad

@@ -401,15 +401,22 @@ def test_triton_conv_launch_paths(case, monkeypatch):
         f"with bias: dw {rel(dw, gw):.3e}, db {rel(db, want_db):.3e}"
 
 
+SPLIT_SUM_CASES = [CONV_PATHS[1], CONV_PATHS[5],
+                   ((2, 1, 16, 32, 6, 3, 1, 0), dict(BLOCK_M=32, BLOCK_N=32, NSUB=1, SPLIT=3),
+                    dict(BLOCK_M=32, BLOCK_N=64, NSUB=1, SPLIT=3, num_warps=4))]
+
+
 @inner
-@pytest.mark.parametrize("case", [CONV_PATHS[1], CONV_PATHS[5]], ids=["c48-tiles16-split", "tails-subtiles-split5"])
+@pytest.mark.parametrize("case", SPLIT_SUM_CASES, ids=["c48-tiles16-split", "tails-subtiles-split5", "wgrad-keeps-own"])
 def test_triton_conv_split_sum_in_kernel(case, monkeypatch):
     """The split reductions' partials summed inside the kernels (the last chunk's program of each tile):
     in float32, bit-identical to adding the kernel's own partials in chunk order 0, 1, ... (the partials
     taken from a MAMLPP_CONV_SPLIT_SUM=separate launch), whichever chunk's program takes the last ticket
     (ROT rotates the chunks, so that the interpreter, which runs programs in order, ends each tile on
-    another chunk); the separate in-order torch sum agrees to float32 rounding; the tile counters are
-    back to zero after every launch; an unknown MAMLPP_CONV_SPLIT_SUM value is refused by name."""
+    another chunk), also where the weight gradient's last program adds its own partial from registers
+    (`wgrad_keeps_own`, the third case); the separate in-order torch sum agrees to float32 rounding; the
+    tile counters are back to zero after every launch; an unknown MAMLPP_CONV_SPLIT_SUM value is refused
+    by name."""
     import functools
 
     import torch
@@ -427,7 +434,9 @@ def test_triton_conv_split_sum_in_kernel(case, monkeypatch):
     gy = torch.randn(n, b * co, ho, ho, generator=gen)
     meta = (b, co, ci, k, k, h, h, ho, ho, s, p)
     # the bias's gradient where this configuration sums it in the weight-gradient launch (its own programs)
-    with_bias = C.bias_in_wgrad(C.wgrad_block_config(co, ci, k * k, n * ho * ho, b, C._sms(x.device)))
+    wcfg = C.wgrad_block_config(co, ci, k * k, n * ho * ho, b, C._sms(x.device))
+    with_bias = C.bias_in_wgrad(wcfg)
+    assert C.wgrad_keeps_own(wcfg) == (over_w.get("num_warps") == 4)
 
     def wgrad():
         r = C.conv_weight_grad(x, gy, meta, with_bias=with_bias)

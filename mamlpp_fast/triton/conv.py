@@ -76,7 +76,7 @@ import triton.language as tl
 from ._device import conv_precision, num_sms
 
 __all__ = ["conv_forward", "conv_data_grad", "conv_weight_grad", "conv_block_config", "wgrad_block_config",
-           "bias_in_wgrad", "split_sum_in_kernel", "wgrad_sums_split"]
+           "bias_in_wgrad", "split_sum_in_kernel", "wgrad_sums_split", "wgrad_keeps_own"]
 
 
 def _precision(dtype) -> str:
@@ -259,23 +259,29 @@ def _last_chunk(cnt_ptr, tile, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _chunk_sum(ws_ptr, offs, part, mask, SPLIT: tl.constexpr):
+def _chunk_sum(acc, ws_ptr, offs, part, s, mask, SPLIT: tl.constexpr, KEEP: tl.constexpr):
     """sum_{j=0..SPLIT-1} partial_j (partial j at ws + j * part + offs), added in the order j = 0, 1, ...
     whichever program runs it, read through L2 only (.cg: written by other multiprocessors in this
-    launch). The program's own partial is read back too rather than kept in registers: kept, it lifted
-    the 2-warp forward / data-gradient tiles over their 128-register cap (spills) and, under a raised
-    cap, cost their inner loop 1-3 points of FMA share (bench/NOTES.md); re-read, it is an L2 hit. A
-    loop, not unrolled, and not pipelined (num_stages=1): unrolled, Triton 3.6's code kept every chunk's
-    tile live at once and spilled."""
-    total = tl.load(ws_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-    for j in tl.range(1, SPLIT, num_stages=1):
-        total += tl.load((ws_ptr + j * part) + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    launch). KEEP: partial s, this program's own, is `acc` (registers) instead of a read. Without KEEP it
+    is read back too: kept, it lifted the 2-warp forward / data-gradient tiles over their 128-register
+    cap (spills) and, under a raised cap, cost their inner loop 1-3 points of FMA share
+    (bench/NOTES.md); re-read, it is an L2 hit. A loop, not unrolled, and not pipelined (num_stages=1):
+    unrolled, Triton 3.6's code kept every chunk's tile live at once and spilled."""
+    if KEEP:
+        total = tl.where(s == 0, acc, tl.load(ws_ptr + offs, mask=mask & (s != 0), other=0.0, cache_modifier=".cg"))
+        for j in tl.range(1, SPLIT, num_stages=1):
+            pj = tl.load((ws_ptr + j * part) + offs, mask=mask & (s != j), other=0.0, cache_modifier=".cg")
+            total += tl.where(s == j, acc, pj)
+    else:
+        total = tl.load(ws_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        for j in tl.range(1, SPLIT, num_stages=1):
+            total += tl.load((ws_ptr + j * part) + offs, mask=mask, other=0.0, cache_modifier=".cg")
     return total
 
 
 @triton.jit
 def _store_result(acc, acc1, acc2, out_ptr, ws_ptr, cnt_ptr, offs, sub, mask, mask1, mask2, s, part, tile,
-                  SPLIT: tl.constexpr, SUM_IN: tl.constexpr, NSUB: tl.constexpr):
+                  SPLIT: tl.constexpr, SUM_IN: tl.constexpr, NSUB: tl.constexpr, KEEP: tl.constexpr = False):
     """The epilogue of every convolution kernel: a program's accumulators `acc` (and, NSUB = 3, the
     sub-tiles acc1, acc2 at offsets + sub, + 2 sub) at element offsets `offs` of the result.
 
@@ -293,12 +299,12 @@ def _store_result(acc, acc1, acc2, out_ptr, ws_ptr, cnt_ptr, offs, sub, mask, ma
     if SPLIT > 1 and SUM_IN:
         last = _last_chunk(cnt_ptr, tile, SPLIT)
         if last:
-            tl.store(out_ptr + offs, _chunk_sum(ws_ptr, offs, part, mask, SPLIT).to(out_ptr.dtype.element_ty),
+            tl.store(out_ptr + offs, _chunk_sum(acc, ws_ptr, offs, part, s, mask, SPLIT, KEEP).to(out_ptr.dtype.element_ty),
                      mask=mask)
             if NSUB == 3:
-                tl.store(out_ptr + offs + sub, _chunk_sum(ws_ptr, offs + sub, part, mask1, SPLIT).to(
+                tl.store(out_ptr + offs + sub, _chunk_sum(acc1, ws_ptr, offs + sub, part, s, mask1, SPLIT, KEEP).to(
                     out_ptr.dtype.element_ty), mask=mask1)
-                tl.store(out_ptr + offs + 2 * sub, _chunk_sum(ws_ptr, offs + 2 * sub, part, mask2, SPLIT).to(
+                tl.store(out_ptr + offs + 2 * sub, _chunk_sum(acc2, ws_ptr, offs + 2 * sub, part, s, mask2, SPLIT, KEEP).to(
                     out_ptr.dtype.element_ty), mask=mask2)
             tl.store(cnt_ptr + tile, 0)
 
@@ -543,10 +549,11 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI,
                        TOT, KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
                        PREC: tl.constexpr, SPLIT: tl.constexpr, NSUB: tl.constexpr, HAS_DB: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       SUM_IN: tl.constexpr = True, ROT: tl.constexpr = 0):
+                       SUM_IN: tl.constexpr = True, ROT: tl.constexpr = 0, KEEP: tl.constexpr = False):
     """out[t, o, k] = sum over the chunks s of (sum over r in chunk s of g[i, t*CO+o, y, z] *
     X[i, t*CI+c, y*S+p-PAD, z*S+q-PAD]); k = (c, p, q) (the weight's own layout), r = i*L + y*WO + z.
-    out holds TOT values; partial s (SPLIT > 1) starts at ws + s*TOT (`_store_result`).
+    out holds TOT values; partial s (SPLIT > 1) starts at ws + s*TOT (`_store_result`; KEEP: the weight
+    programs' last chunk adds its own partial from registers, `wgrad_keeps_own`).
 
     HAS_DB (the conv bias's gradient in the same launch): one more column of programs on grid axis 1
     (pid_n = the number of k tiles) sums g over the chunks' lanes, db[t, o] = sum over r of
@@ -623,7 +630,7 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI,
                 acc2 += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
         _store_result(acc, acc1, acc2, out_ptr, ws_ptr, cnt_ptr, (t * CO + offs_o[:, None]) * K + offs_k[None, :],
                       BLOCK_M * K, o_ok[:, None] & k_ok[None, :], o_ok1[:, None] & k_ok[None, :],
-                      o_ok2[:, None] & k_ok[None, :], s, TOT, tile, SPLIT, SUM_IN, NSUB)
+                      o_ok2[:, None] & k_ok[None, :], s, TOT, tile, SPLIT, SUM_IN, NSUB, KEEP)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -673,6 +680,15 @@ def _tile_counters(device, tiles: int):
     if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         _counters[key] = buf
     return buf
+
+
+def wgrad_keeps_own(cfg: dict) -> bool:
+    """Whether the weight programs of a weight-gradient launch of configuration `cfg` that sums its split
+    partials itself add their own partial from registers (`_chunk_sum` KEEP) rather than reading it back:
+    the one-sub-tile tiles at >= 4 warps (Omniglot's 64-channel layers), where bench.static_metrics
+    showed no spill and the same inner loop under Triton 3.6.0 and 3.7.1 with it. Not the three-sub-tile
+    tiles (250-254 registers under 3.6.0 already) nor the one-warp tiles (176 -> 255 registers)."""
+    return cfg["NSUB"] == 1 and cfg["num_warps"] >= 4
 
 
 def _split_buffers(shape, split: int, like, tiles: int, in_kernel: bool = True) -> tuple:
@@ -820,7 +836,7 @@ def conv_weight_grad(x, g, meta, with_bias=False):
     lanes = _lane_table(n, meta, x.device)
     _conv_wgrad_kernel[grid](x, g, lanes, ws if out is None else out, ws, cnt, b, ci, co, h, wd, ho, wo, red, chunk,
                              tot, KH=kh, KW=kw, STRIDE=s, PAD=p, PREC=_precision(x.dtype), SPLIT=split,
-                             HAS_DB=with_bias, SUM_IN=sum_in, ROT=_CHUNK_ROT[0], **cfg)
+                             HAS_DB=with_bias, SUM_IN=sum_in, ROT=_CHUNK_ROT[0], KEEP=wgrad_keeps_own(cfg), **cfg)
     red_ws = _result(out, ws, sum_in)
     dw = red_ws[:nw].view(b, co, ci, kh, kw)
     return (dw, red_ws[nw:].view(b, co)) if with_bias else dw
