@@ -58,9 +58,10 @@ assert 'cuda' in _native.device_types(), 'native backend built without CUDA'
 XDIST=""
 "$PY" -c "import xdist" >/dev/null 2>&1 && XDIST="-n 4"
 # shellcheck disable=SC2086
-# the new convolution tests last: their Triton kernels compile on first use (tens of seconds)
+# the new convolution tests last: their Triton kernels compile on first use (tens of seconds); first of
+# all, the check of the in-kernel split sum's memory ordering, which only a device can run
 stage tests "${TESTS_LIMIT:-150}" "$W/gpu_tests.log" \
-  "$PY" -m pytest tests/gpu/test_gpu_ops.py tests/gpu/test_gpu_learner.py tests/test_native_cpp.py \
+  "$PY" -m pytest tests/gpu/test_gpu_conv.py::test_split_sum_in_kernel_on_cuda tests/gpu/test_gpu_ops.py tests/gpu/test_gpu_learner.py tests/test_native_cpp.py \
   tests/test_ops_bn.py tests/test_ops_lslr.py tests/test_conv.py tests/gpu/test_gpu_conv.py \
   -q -rfEs -p no:cacheprovider $XDIST --junitxml="$W/junit.xml"
 
