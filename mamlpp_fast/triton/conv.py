@@ -201,12 +201,13 @@ def bias_in_wgrad(cfg: dict) -> bool:
 
 def wgrad_sums_split(cfg: dict, with_bias: bool) -> bool:
     """Whether a weight-gradient launch of configuration `cfg` with SPLIT > 1 sums its partials itself
-    (under `split_sum_in_kernel`). Not where the bias's programs share the launch with the four-warp,
-    three-sub-tile tiles (48 output channels): there the kernel is at 252-254 registers under Triton 3.6
-    and spilled 20-24 B into its inner loop with both (bench.static_metrics); a separate sum of its
-    small partials (48 x 48 x 9 weights per task) costs one launch, where a separate bias sum would
-    re-read the layer's whole output gradient."""
-    return not (with_bias and bias_in_wgrad(cfg) and cfg["NSUB"] == 3 and cfg["num_warps"] == 4)
+    (under `split_sum_in_kernel`); with_bias: the bias's programs are in the launch (`bias_in_wgrad`).
+    Not where they share it with the four-warp, three-sub-tile tiles (48 output channels): there the
+    kernel is at 254 registers under Triton 3.6 and spilled 20 B into its inner loop with both
+    (`python -m bench.probe_split_sum bias`); a separate sum of its small partials (48 x 48 x 9 weights
+    per task) costs one launch, where a separate bias sum would re-read the layer's whole output
+    gradient."""
+    return not (with_bias and cfg["NSUB"] == 3 and cfg["num_warps"] == 4)
 
 
 _TRITON_VERSION = tuple(int(v) for v in triton.__version__.split(".")[:2] if v.isdigit())
@@ -687,7 +688,8 @@ def wgrad_keeps_own(cfg: dict) -> bool:
     partials itself add their own partial from registers (`_chunk_sum` KEEP) rather than reading it back:
     the one-sub-tile tiles at >= 4 warps (Omniglot's 64-channel layers), where bench.static_metrics
     showed no spill and the same inner loop under Triton 3.6.0 and 3.7.1 with it. Not the three-sub-tile
-    tiles (250-254 registers under 3.6.0 already) nor the one-warp tiles (176 -> 255 registers)."""
+    tiles (250-254 registers under 3.6.0 already) nor the one-warp tiles (176 -> 255 registers under 3.7.1;
+    `python -m bench.probe_split_sum keep`)."""
     return cfg["NSUB"] == 1 and cfg["num_warps"] >= 4
 
 
