@@ -94,3 +94,22 @@ def test_probe_block_tiles_usage(capsys):
     from bench.probe_block_tiles import main
     assert main(["nosuch"]) == 2
     assert "usage" in capsys.readouterr().err
+
+
+def test_probe_split_sum_selects_the_launches_it_is_about(capsys):
+    """bench.probe_split_sum's `bias` mode examines mini-ImageNet's 48-channel, 4-warp weight-gradient
+    launches with the conv bias, which are exactly those the launcher keeps on the separate split sum
+    (`wgrad_sums_split` False); a bad mode is refused with the usage line."""
+    from bench.probe_split_sum import _wgrad_calls, main
+    from bench.static_metrics import SMS
+    from mamlpp_fast.triton import conv as C
+
+    calls = _wgrad_calls(bias_48=True)
+    assert calls
+    for c in _wgrad_calls():
+        b, co, ci, kh, kw, h, wd, ho, wo = c[2][:9]
+        cfg = C.wgrad_block_config(co, ci, kh * kw, c[1][0] * ho * wo, b, SMS)
+        with_bias = bool(c[3]) if len(c) > 3 else False
+        assert (c in calls) == (cfg["SPLIT"] > 1 and with_bias and not C.wgrad_sums_split(cfg, with_bias)), c
+    assert main(["nosuch"]) == 2
+    assert "usage" in capsys.readouterr().err
