@@ -141,6 +141,7 @@ class Kernel:
     tf32_ok: bool = False   # runs at the TF32 rate with --tf32 (convolutions, matmuls)
     call: Any = None        # custom ops: what bench.static_metrics needs to replay the launch
     node: str = "forward"   # the autograd node whose backward launched it ("forward": none running)
+    programs: int = 0       # CTAs of a launch that cannot fill the device (0: it fills it); see `_share`
 
 
 @dataclass
@@ -675,6 +676,62 @@ def _bn_pool_patch(rec: _Recorder):
                                  double_backward=double_backward)
 
 
+def _head_patch(rec: _Recorder):
+    """An implementation of head_loss (mamlpp_fast.ops.head: the linear head and its cross-entropy) that
+    computes with the PyTorch one (hidden) and records the Triton kernels (mamlpp_fast/triton/head.py):
+    one per pass, with T x S programs (forward and backward, split over the features for rec.sms SMs) or
+    T (double backward), which `_share` prices. Bytes: the tensors each kernel reads and writes (x, W,
+    b, the int64 labels, logits, lse; the forward's slice partials where S > 1); FLOPs: the products of
+    the contractions (2 n C F per task each: forward 1, backward 2, double backward 2 plus one per
+    upstream gradient of x or W in each of its two phases). The double backward's d(upstream) is summed
+    over the tasks by a small torch sum when asked (not on the learner's path)."""
+    import types
+
+    from mamlpp_fast.ops.head import torch_impl
+    from mamlpp_fast.triton.head import head_config
+
+    def small(*ts):
+        return _unique_bytes([t for t in ts if t is not None])
+
+    def geometry(x, w):
+        t, c, f = w.shape
+        n = x.shape[0]
+        return t, n, c, f, head_config(n, c, f, t, rec.sms), rec.layer_of([x.view(n, -1, 1, 1)])
+
+    def forward(x, w, b, labels, lw, prev, meta):
+        with rec.hide():
+            loss, logits, lse = torch_impl.forward(x, w, b, labels, lw, prev, meta)
+        t, n, c, f, cfg, layer = geometry(x, w)
+        ws = 2 * t * cfg["S"] * cfg["BN"] * cfg["BC"] * x.element_size() if cfg["S"] > 1 else 0
+        rec.add(name="triton head_fwd", kind="head", layer=layer, flops=2 * t * n * c * f, programs=t * cfg["S"],
+                bytes=small(x, w, b, labels, lw, prev, logits, lse, loss) + ws, call=("head", n, c, f, t))
+        return loss, logits, lse
+
+    def backward(g, x, w, logits, lse, labels, lw, meta):
+        with rec.hide():
+            res = torch_impl.backward(g, x, w, logits, lse, labels, lw, meta)
+        t, n, c, f, cfg, layer = geometry(x, w)
+        rec.add(name="triton head_bwd", kind="head", layer=layer, flops=4 * t * n * c * f, programs=t * cfg["S"],
+                bytes=small(g, x, w, logits, lse, labels, lw, *res))
+        return res
+
+    def double_backward(vx, vw, vb, g, x, w, logits, lse, labels, lw, meta, need_g=True):
+        with rec.hide():
+            res = torch_impl.double_backward(vx, vw, vb, g, x, w, logits, lse, labels, lw, meta, need_g=need_g)
+        if res[1] is None:
+            return res
+        t, n, c, f, cfg, layer = geometry(x, w)
+        products = 2 + 2 * (vx is not None) + 2 * (vw is not None)
+        rec.add(name="triton head_dbwd", kind="head", layer=layer, flops=2 * products * t * n * c * f, programs=t,
+                bytes=small(vx, vw, vb, g, x, w, logits, lse, labels, lw, *res[1:]) + t * x.element_size())
+        if need_g:
+            rec.add(name="aten.sum", kind="reduction", layer=layer, bytes=t * x.element_size())
+        return res
+
+    return types.SimpleNamespace(name="trace-triton", forward=forward, backward=backward,
+                                 double_backward=double_backward)
+
+
 # ---- the trace -----------------------------------------------------------------------------------------------
 def _layer_sizes(w) -> dict:
     sizes, h = {}, w.height
@@ -687,12 +744,13 @@ def _layer_sizes(w) -> dict:
 def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None = None, backend: str = "cuda",
                       conv_impl: str = "triton", cuda_graph: bool = True, sms: int = 132,
                       quick: bool = False, seed: int = 0, first_block: str = "auto",
-                      bn_pool: str = "auto", epoch: int = 0) -> TraceResult:
+                      bn_pool: str = "auto", epoch: int = 0, head: str = "auto") -> TraceResult:
     """Run one meta-update of the fast learner on the CPU and return the simulated GPU kernels.
     first_block: "fused" (the first layer as mamlpp_fast.ops.conv_block's op on its Triton kernels),
     "unfused", or "auto": what the learner's `first_block="auto"` does on a CUDA device with Triton,
     fused with the cuda and triton backends, unfused with torch (trees without the block: unfused).
-    bn_pool: the same for the batch norm + pooling of the later layers (mamlpp_fast.ops.bn_pool).
+    bn_pool: the same for the batch norm + pooling of the later layers (mamlpp_fast.ops.bn_pool);
+    head: the same for the linear head and its loss (mamlpp_fast.ops.head).
     epoch: the meta-training epoch (0: MSL on, a target loss after every inner step; from the workload's
     msl_epochs on, MSL is off and the target set is passed after the last step only)."""
     import torch
@@ -744,6 +802,13 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
         bn_pool = "fused" if backend != "torch" and has_pool else "unfused"
     if bn_pool == "fused" and not has_pool:
         raise MamlppError("bench.trace: --bn-pool fused: this tree has no bn_pool op")
+    if head not in ("auto", "fused", "unfused"):
+        raise MamlppError(f"bench.trace: --head must be auto, fused or unfused, got {head!r}")
+    has_head = hasattr(fast_mod, "head_torch_impl")
+    if head == "auto":
+        head = "fused" if backend != "torch" and has_head else "unfused"
+    if head == "fused" and not has_head:
+        raise MamlppError("bench.trace: --head fused: this tree has no head_loss op")
     try:
         w = workload_by_name(workload, quick=quick)
     except KeyError as e:
@@ -785,6 +850,8 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
         patches.append((fast_mod, "block_torch_impl"))
     if bn_pool == "fused":
         patches.append((fast_mod, "bn_pool_torch_impl"))
+    if head == "fused":
+        patches.append((fast_mod, "head_torch_impl"))
     if conv_mod is not None:
         patches += [(tconv_autograd, "conv_forward"), (tconv_autograd, "conv_data_grad"),
                     (tconv_autograd, "conv_weight_grad"), (conv_mod._IMPLS, "triton")]
@@ -836,6 +903,11 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
             model.args.bn_pool = "fused"
         elif has_pool:
             model.args.bn_pool = "unfused"
+        if head == "fused":
+            setp(fast_mod, "head_torch_impl", _head_patch(rec))
+            model.args.head = "fused"
+        elif has_head:
+            model.args.head = "unfused"
         setp(fast_mod.MAMLFewShotClassifier, "_update_running_stats", running_stats)
         setp(core_cls, flag_name, finite_flag)
         if hasattr(fast_mod.MAMLFewShotClassifier, "_running_stats_constants"):
@@ -871,7 +943,7 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
     from .flops import flops_from_args
     an = flops_from_args(make_args(w), epoch=epoch)
     cfg = dict(workload=w.name, batch_size=w.batch_size, backend=backend, conv_impl=conv_impl,
-               first_block=first_block, bn_pool=bn_pool, epoch=epoch, cuda_graph=cuda_graph, sms=sms, analytic_flops_total=an["total"], analytic_flops_minimal=an["minimal"],
+               first_block=first_block, bn_pool=bn_pool, head=head, epoch=epoch, cuda_graph=cuda_graph, sms=sms, analytic_flops_total=an["total"], analytic_flops_minimal=an["minimal"],
                workload_detail=w.to_dict())
     return TraceResult(cfg, rec.kernels)
 
@@ -888,13 +960,21 @@ def _rate(k: Kernel, ceil: dict, tf32: bool, conv_efficiency: float, tf32x3: boo
     return rate * (conv_efficiency if k.kind == "conv" else 1.0)
 
 
+def _share(k: Kernel, ceil: dict) -> float:
+    """The fraction of the device a launch of k.programs CTAs can use: programs / SMs, at most 1 (a
+    launch of T programs, one per task, gets T multiprocessors' share of the FMA rate and of the
+    bandwidth; an approximation: one CTA may draw more than 1/SMs of the bandwidth)."""
+    return min(1.0, k.programs / ceil["sms"]) if k.programs else 1.0
+
+
 def predict(k: Kernel, ceil: dict, tf32: bool, cuda_graph: bool, conv_efficiency: float = 1.0,
             tf32x3: bool = False) -> float:
     """Predicted milliseconds of kernel group k at the ceilings `ceil` (None when not measured)."""
     if ceil.get("fp32_tflops") is None:
         return None
     rate = _rate(k, ceil, tf32, conv_efficiency, tf32x3)
-    t = max(k.flops / rate, k.bytes / (ceil["bandwidth_tbs"] * 1e12)) * 1e3
+    share = _share(k, ceil)
+    t = max(k.flops / rate, k.bytes / (ceil["bandwidth_tbs"] * 1e12)) / share * 1e3
     launch = ceil["graph_launch_us"] if cuda_graph else ceil["eager_launch_us"]
     return t + k.launches * launch * 1e-3
 
@@ -920,7 +1000,8 @@ def summarize(res: TraceResult, ceilings: str = "h100", tf32: bool = False, conv
         by_name[k.name]["bytes"] += k.bytes
         if measured:
             rate = _rate(k, ceil, tf32, conv_efficiency, tf32x3)
-            c, b = k.flops / rate * 1e3, k.bytes / (ceil["bandwidth_tbs"] * 1e12) * 1e3
+            share = _share(k, ceil)
+            c, b = k.flops / rate / share * 1e3, k.bytes / (ceil["bandwidth_tbs"] * 1e12) / share * 1e3
             compute_ms += c if c >= b else 0.0
             bytes_ms += b if b > c else 0.0
             launch_ms += k.launches * (ceil["graph_launch_us"] if graph else ceil["eager_launch_us"]) * 1e-3
@@ -963,6 +1044,7 @@ def to_markdown(s: dict) -> str:
     lines = [f"### Trace: {s['workload']} B={s['batch_size']}, backend {s['backend']}, conv_impl {s['conv_impl']}, "
              + (f"first block {s['first_block']}, " if "first_block" in s else "")
              + (f"bn_pool {s['bn_pool']}, " if "bn_pool" in s else "")
+             + (f"head {s['head']}, " if "head" in s else "")
              + (f"epoch {s['epoch']} (MSL {'on' if s['epoch'] < s['workload_detail']['msl_epochs'] else 'off'}), "
                 if s.get("epoch") else "")
              + 
@@ -1012,7 +1094,7 @@ def _unfused_kw() -> dict:
     """trace_meta_update keywords for the measured configuration (no fused op: it had none)."""
     import inspect
     params = inspect.signature(trace_meta_update).parameters
-    return {k: "unfused" for k in ("first_block", "bn_pool") if k in params}
+    return {k: "unfused" for k in ("first_block", "bn_pool", "head") if k in params}
 
 
 def calibrate(ceilings: str = "h100") -> dict:
@@ -1056,6 +1138,8 @@ def main(argv=None) -> int:
                    help="the first layer as the fused block (auto: fused unless --backend torch)")
     p.add_argument("--bn-pool", default="auto", choices=("auto", "fused", "unfused"),
                    help="batch norm + max pooling of the later layers as one op (auto: fused unless --backend torch)")
+    p.add_argument("--head", default="auto", choices=("auto", "fused", "unfused"),
+                   help="the linear head and its loss as one op (auto: fused unless --backend torch)")
     p.add_argument("--epoch", type=int, default=0,
                    help="meta-training epoch (default 0: MSL on; from the workload's msl_epochs on: MSL off)")
     p.add_argument("--no-cuda-graph", action="store_true", help="eager launches instead of a captured graph")
@@ -1079,7 +1163,7 @@ def main(argv=None) -> int:
             from .workloads import main_workloads
             a.workload = main_workloads(a.quick)[0].name
         res = trace_meta_update(a.workload, a.batch_size, a.backend, a.conv_impl, not a.no_cuda_graph, quick=a.quick,
-                                first_block=a.first_block, bn_pool=a.bn_pool, epoch=a.epoch)
+                                first_block=a.first_block, bn_pool=a.bn_pool, epoch=a.epoch, head=a.head)
     except MamlppError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -112,6 +112,7 @@ DEFAULTS: dict[str, Any] = {
     "conv_impl": "auto",  # fast learner: how the per-task convolutions run (mamlpp_fast.ops.conv)
     "first_block": "auto",  # fast learner: "fused" | "unfused" | "auto" (mamlpp_fast.ops.conv_block)
     "bn_pool": "auto",  # fast learner, layers after the first: "fused" | "unfused" | "auto" (mamlpp_fast.ops.bn_pool)
+    "head": "auto",  # fast learner, linear head + cross-entropy: "fused" | "unfused" | "auto" (mamlpp_fast.ops.head)
     "evaluation_batch_size": 32,  # fast learner: validation/test tasks per evaluation call (trainer)
 }
 
@@ -137,6 +138,7 @@ _CHOICES = {
     "conv_impl": ("auto", "grouped", "channels_last", "unfold", "unfold_bmm", "per_task", "triton"),
     "first_block": ("auto", "fused", "unfused"),
     "bn_pool": ("auto", "fused", "unfused"),
+    "head": ("auto", "fused", "unfused"),
     "conv_precision": ("auto", "ieee", "tf32", "tf32x3"),
 }
 _POSITIVE_INT = (

@@ -411,7 +411,7 @@ FREE_KEYS = frozenset((
     "name_of_args_json_file", "num_dataprovider_workers", "gpu_to_use", "num_of_gpus", "use_cuda", "use_gdrive",
     "reset_stored_filepaths", "reset_stored_paths", "load_into_memory",
     # same function, other implementation
-    "learner", "backend", "device", "conv_impl", "first_block", "bn_pool", "cudnn_benchmark", "cuda_graph",
+    "learner", "backend", "device", "conv_impl", "first_block", "bn_pool", "head", "cudnn_benchmark", "cuda_graph",
 ))
 
 

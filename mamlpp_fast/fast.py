@@ -48,6 +48,8 @@ from .ops.conv_block import torch_impl as block_torch_impl
 from .ops.bn_pool import bn_pool, bn_pool_supported
 from .ops.bn_pool import torch_impl as bn_pool_torch_impl
 from .ops.conv import task_conv2d
+from .ops.head import head_loss, head_supported
+from .ops.head import torch_impl as head_torch_impl
 
 __all__ = ["MAMLFewShotClassifier"]
 
@@ -122,8 +124,10 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
 
     def _net(self, x: torch.Tensor, num_tasks: int, step: int, fast: dict, stats: list | None,
              pattern: str = "first_order", rows: dict | None = None):
-        """Logits (B, n, classes) of all tasks; x is (n, B*C, H, W), fast maps names to (B, *shape);
-        rows: the per-step BN rows of this outer forward (`_bn_rows`; split here when not given).
+        """The features of all tasks before the linear head (`_head`): the last activation (n, B*C, h, w)
+        (after the average pooling when the network does not max-pool); x is (n, B*C, H, W), fast maps
+        names to (B, *shape); rows: the per-step BN rows of this outer forward (`_bn_rows`; split here
+        when not given).
 
         When `stats` is a list, (layer, mean, invstd, M) of every BN call are appended to it. `pattern`
         ("second_order" for the support pass of a second-order step) tells conv_impl=auto which
@@ -159,11 +163,35 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
                 stats.append((i, mean, invstd, m))
         if not self.classifier.max_pooling:
             out = F.avg_pool2d(out, out.shape[2])
+        return out
+
+    def _head(self, out: torch.Tensor, num_tasks: int, fast: dict, labels: torch.Tensor, support: bool,
+              weight: torch.Tensor | None = None, prev: torch.Tensor | None = None):
+        """The linear head and loss of a pass: (loss, logits (B, n, classes)). out: the features of `_net`;
+        labels (B*n,) task-major. Support pass: the sum over the tasks of each task's mean
+        cross-entropy (B times the mean over all examples: its gradient w.r.t. task t's weights is that
+        task's own loss gradient); target pass: the mean over all examples, times `weight` (the step's
+        MSL importance) when given, plus `prev` (the MSL sum so far) when given.
+
+        Config key `head`: "fused" runs the op `head_loss` (one kernel per pass and derivative on the
+        Triton backend, mamlpp_fast.ops.head), "unfused" a batched matmul and F.cross_entropy (autograd's
+        formulas), "auto" fused where the Triton kernels run on a CUDA device."""
+        b = num_tasks
         n = out.shape[0]
-        feats = out.reshape(n, b, -1).transpose(0, 1)  # (B, n, F), each row flattened as (C, h, w)
         weights = fast["layer_dict.linear.weights"]  # (B, classes, F)
         lin_bias = fast["layer_dict.linear.bias"]  # (B, classes)
-        return torch.baddbmm(lin_bias.unsqueeze(1), feats, weights.transpose(1, 2))
+        impl = self._head_impl(out, weights.shape[1])
+        if impl is not None:
+            scale = 1.0 / n if support else 1.0 / labels.numel()
+            return head_loss(out, weights, lin_bias, labels, b, scale, weight, prev, impl=impl)
+        feats = out.reshape(n, b, -1).transpose(0, 1)  # (B, n, F), each row flattened as (C, h, w)
+        logits = torch.baddbmm(lin_bias.unsqueeze(1), feats, weights.transpose(1, 2))
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels)
+        if support:
+            return loss * b, logits
+        if weight is not None:
+            loss = weight * loss
+        return (loss if prev is None else prev + loss), logits
 
     def _first_block_impl(self, x: torch.Tensor, w: torch.Tensor, conv):
         """The implementation of the fused first block (mamlpp_fast.ops.conv_block) for this call, or
@@ -185,6 +213,12 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         a CUDA device, else unfused. Decided once per (device, dtype, shape)."""
         return self._fused_impl("bn_pool", x, (), lambda: bn_pool_supported(x), "bn_pool", bn_pool_torch_impl,
                                 f"a {x.shape[2]}x{x.shape[3]} layer")
+
+    def _head_impl(self, x: torch.Tensor, classes: int):
+        """The implementation of `head_loss` (mamlpp_fast.ops.head) for features x, or None for the
+        unfused ops (config key `head`, as `_bn_pool_impl`; `_head`)."""
+        return self._fused_impl("head", x, (classes,), lambda: head_supported(x.shape[0], classes), "head",
+                                head_torch_impl, "the head")
 
     def _fused_impl(self, key: str, x: torch.Tensor, extra: tuple, why_not, triton_module: str, torch_impl,
                     what: str):
@@ -325,7 +359,7 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         (B, n_t, N) detached). `target_grad=False` runs the target passes without autograd (same values,
         no graph kept: what evaluation needs, with much less memory)."""
         x_support, x_target, y_support, y_target = data_batch
-        b, n_way = x_support.shape[0], x_support.shape[1]
+        b = x_support.shape[0]
         # contiguous once here: with one input channel the task-major view is not, and the first layer's
         # ops would each copy it
         xs, xt = _task_major(x_support).contiguous(), _task_major(x_target).contiguous()
@@ -351,9 +385,9 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         for step in range(last + 1):
             fast = dict(zip(names, fast_list))
             stats = [] if track else None
-            logits = self._net(xs, b, step, fast, stats, "second_order" if use_second_order else "first_order",
-                               rows)
-            support_loss = F.cross_entropy(logits.reshape(-1, n_way), ys) * b
+            feats = self._net(xs, b, step, fast, stats, "second_order" if use_second_order else "first_order",
+                              rows)
+            support_loss, _ = self._head(feats, b, fast, ys, support=True)
             grads = torch.autograd.grad(support_loss, fast_list, create_graph=use_second_order)
             fast_list = lslr_update(meta if step == 0 else fast_list, list(grads), alphas, step,
                                     backend=self._op_backend)
@@ -363,10 +397,10 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
             if use_msl or step == final_step:
                 stats = [] if track else None
                 with torch.set_grad_enabled(target_grad and torch.is_grad_enabled()):
-                    target_logits = self._net(xt, b, step, dict(zip(names, fast_list)), stats, rows=rows)
-                target_loss = F.cross_entropy(target_logits.reshape(-1, n_way), yt)
-                term = importance[step] * target_loss if use_msl else target_loss
-                loss = term if loss is None else loss + term
+                    fast = dict(zip(names, fast_list))
+                    feats = self._net(xt, b, step, fast, stats, rows=rows)
+                    loss, target_logits = self._head(feats, b, fast, yt, support=False,
+                                                     weight=importance[step] if use_msl else None, prev=loss)
                 if track:
                     for layer, mean, invstd, m in stats:
                         pending.setdefault((layer, step), []).append((mean, invstd, m))

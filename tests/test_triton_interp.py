@@ -811,19 +811,116 @@ def test_bn_pool_triton_gradcheck_and_gradgradcheck():
 
 @inner
 def test_learner_with_bn_pool_triton_matches_reference_float64():
-    """The fast learner with bn_pool="fused" on the Triton kernels (with the Triton first block,
-    convolutions, BN and LSLR) against the reference learner, float64, from the same state; odd sizes."""
+    """The fast learner with bn_pool="fused" and head="fused" on the Triton kernels (with the Triton first
+    block, convolutions, BN and LSLR: every op on its Triton kernels) against the reference learner,
+    float64, from the same state; odd sizes."""
     from _batches import fresh_seed
     from test_fast_equivalence import batch_for, compare, make_pair
     from mamlpp_fast.triton import bn_pool as tbp
+    from mamlpp_fast.triton import head as th
 
     seed = fresh_seed()
     cfg = dict(cnn_num_filters=4, num_stages=3, image_height=10, image_width=10, num_classes_per_set=3,
                number_of_training_steps_per_iter=2, number_of_evaluation_steps_per_iter=2, conv_impl="triton",
-               first_block="fused", bn_pool="fused")
+               first_block="fused", bn_pool="fused", head="fused")
     ref, fast, args = make_pair("float64", "triton", **cfg)
     compare(ref, fast, batch_for(args, 2, seed), 0, "float64", seed)
     assert fast._bn_pool_cache and all(v is tbp for v in fast._bn_pool_cache.values())
+    assert fast._head_cache and all(v is th for v in fast._head_cache.values())
+
+
+# ---- head_loss (mamlpp_fast.ops.head; kernels in mamlpp_fast/triton/head.py) ------------------------------
+def _head_all(impl, x, w, b, labels, lw, prev, T, seed, us=(True, True, True)):
+    """forward, backward and double backward of head_loss's implementation `impl` on plain tensors (x as
+    (n, T*F)), with random upstream gradients drawn from seed (those whose flag in `us` is False: None)."""
+    import torch
+
+    meta = (T, 0.37)
+    x = x.reshape(x.shape[0], -1)
+    loss, logits, lse = impl.forward(x, w, b, labels, lw, prev, meta)
+    g = torch.Generator().manual_seed(seed + 7)
+    rnd = lambda t: torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device, t.dtype)  # noqa: E731
+    gl = rnd(loss)
+    bwd = impl.backward(gl, x, w, logits, lse, labels, lw, meta)
+    u = [t if on else None for t, on in zip((rnd(x), rnd(w), rnd(b)), us)]
+    dbwd = impl.double_backward(*u, gl, x, w, logits, lse, labels, lw, meta)
+    names = ["loss", "logits", "lse", "dx", "dW", "db", "gg", "gx", "gW", "gb"]
+    return list(zip(names, [loss, logits, lse, *bwd, *dbwd]))
+
+
+def _head_case(idx, seed, dtype, expanded=False):
+    from test_head import SHAPES, make_inputs
+
+    x, w, b, labels, lw, prev, T = make_inputs(SHAPES[idx], seed, dtype, expanded)
+    x, w, b, prev = (t.detach() for t in (x, w, b, prev))
+    if expanded:
+        w, b = w.expand(T, *w.shape), b.expand(T, *b.shape)
+    return x, w, b, labels, lw, prev, T
+
+
+@inner
+@pytest.mark.parametrize("idx", [0, 1, 2, 3, 4])
+def test_head_kernels_float64(idx):
+    """The Triton kernels against the PyTorch implementation of head_loss (itself tested against the
+    unfused ops in tests/test_head.py), float64, 1e-10; with the loss weight and prev or without them,
+    expanded (task stride 0) or per-task weights, each upstream gradient of the double backward alone in
+    turn, and (shape 4, F = 200) the forward and backward split over F (4 chunks under the interpreter's
+    4 multiprocessors: the slice partials summed by the task's last program)."""
+    from _batches import fresh_seed
+    from mamlpp_fast.ops.head import torch_impl
+    from mamlpp_fast.triton import head as th
+    import torch
+
+    seed = fresh_seed() % 2 ** 31
+    x, w, b, labels, lw, prev, T = _head_case(idx, seed, torch.float64, expanded=idx == 1)
+    if idx == 2:
+        lw = prev = None
+    us = [(True, True, True), (True, False, False), (False, True, False), (False, False, True),
+          (True, True, True)][idx]
+    if idx == 4:
+        assert th.head_config(x.shape[0], w.shape[1], w.shape[2], T, 4)["S"] == 4
+    ref = _head_all(torch_impl, x, w, b, labels, lw, prev, T, seed, us)
+    got = _head_all(th, x, w, b, labels, lw, prev, T, seed, us)
+    _bn_pool_compare(got, ref, 1e-10, seed)
+
+
+@inner
+@pytest.mark.parametrize("idx", [0, 3, 4])
+def test_head_kernels_float32(idx):
+    """float32 kernels against the float64 PyTorch implementation on the same (float32) inputs. Margin
+    8 K u of max(1, max |ref|), u = 2^-24, K = max(F, n, C): the rounding bound gamma_K of a K-term
+    float32 sum is ~K u of the sum of the terms' magnitudes, which for these random inputs is within ~2x
+    of the largest result, times 2 for the second product of the double backward and 2 for exp and log."""
+    import torch
+    from _batches import fresh_seed
+    from mamlpp_fast.ops.head import torch_impl
+    from mamlpp_fast.triton import head as th
+
+    seed = fresh_seed() % 2 ** 31
+    x, w, b, labels, lw, prev, T = _head_case(idx, seed, torch.float32)
+    n, f = x.shape[0], w.shape[2]
+    k = max(f, n, w.shape[1])
+    ref = _head_all(torch_impl, x.double(), w.double(), b.double(), labels, lw.double(), prev.double(), T, seed)
+    got = _head_all(th, x, w, b, labels, lw, prev, T, seed)
+    _bn_pool_compare(got, ref, 8 * k * 2.0 ** -24, seed)
+
+
+@inner
+def test_head_triton_gradcheck_and_gradgradcheck():
+    """float64 gradcheck and gradgradcheck of head_loss on the Triton kernels (fast mode) w.r.t. x, W, b
+    and prev, and the loss NaN for a label outside [0, C) (a device's labels are not checked on the host)."""
+    import torch
+    from test_head import SHAPES, fused, make_inputs
+    from mamlpp_fast.triton import head as th
+
+    x, w, b, labels, lw, prev, T = make_inputs(SHAPES[1], 12)
+    fn = lambda *p: fused(*p[:3], labels, T, 0.37, lw, p[3], impl=th)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b, prev), fast_mode=True)
+    assert torch.autograd.gradgradcheck(fn, (x, w, b, prev), fast_mode=True)
+    bad = labels.clone()
+    bad[3] = w.shape[1]
+    loss = th.forward(x.detach().reshape(x.shape[0], -1), w.detach(), b.detach(), bad, None, None, (T, 1.0))[0]
+    assert torch.isnan(loss)
 
 
 @inner
