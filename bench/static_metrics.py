@@ -71,6 +71,10 @@ def _recording_launches(store: list):
         from mamlpp_fast.triton import conv_block as tblock
     except ImportError:  # a tree without the fused first block
         tblock = None
+    try:
+        from mamlpp_fast.triton import head as thead
+    except ImportError:  # a tree without the fused head
+        thead = None
     orig_run, orig_bn_cfg = JITFunction.run, tbn.bn_block_config
     orig_bn_sms = tbn.num_sms
     cuda0 = torch.device("cuda", 0)
@@ -92,6 +96,9 @@ def _recording_launches(store: list):
         orig_block_cfg = tblock.block_config
         tblock.block_config = lambda *a, sms=None: orig_block_cfg(*a, sms=SMS)
     tbn.num_sms = lambda device: SMS
+    if thead is not None:
+        orig_head_sms = thead._sms
+        thead._sms = lambda device: SMS
     tbn.bn_block_config = lambda M, TC, device, sms=None: orig_bn_cfg(M, TC, cuda0)
     for name, val in conv_patches.items():
         setattr(tconv, name, val)
@@ -103,6 +110,8 @@ def _recording_launches(store: list):
             tblock.block_config = orig_block_cfg
         tbn.bn_block_config = orig_bn_cfg
         tbn.num_sms = orig_bn_sms
+        if thead is not None:
+            thead._sms = orig_head_sms
         for name, val in conv_saved.items():
             setattr(tconv, name, val)
 
@@ -173,6 +182,18 @@ def capture_launches(call, tf32: bool = False) -> list:
                 tblock.backward(t(tuple(out.shape)), x, w, bias, g, g, mean, inv, sel, meta)
                 tblock.double_backward(t(ws), t(ws[:2]), g, g, t(tuple(out.shape)), x, w, bias, g, g, mean, inv, sel,
                                        meta)
+            elif op == "head":  # the linear head and its loss: forward (with and without the MSL weight and
+                # sum), backward, double backward (all upstream gradients, as the learner's support passes)
+                from mamlpp_fast.triton import head as thead
+                n, c, f, nt = call[1]
+                x, w, b = t((n, nt * f)), t((nt, c, f)), t((nt, c))
+                labels = torch.empty(nt * n, device="meta", dtype=torch.int64)
+                meta = (nt, 0.5)
+                _, logits, lse = thead.forward(x, w, b, labels, None, None, meta)
+                thead.forward(x, w, b, labels, t(()), t(()), meta)
+                thead.backward(t(()), x, w, logits, lse, labels, t(()), meta)
+                thead.double_backward(t((n, nt * f)), t((nt, c, f)), t((nt, c)), t(()), x, w, logits, lse, labels,
+                                      None, meta, need_g=False)
             else:
                 raise ValueError(f"unknown call {op!r}")
     finally:

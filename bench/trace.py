@@ -704,7 +704,7 @@ def _head_patch(rec: _Recorder):
         t, n, c, f, cfg, layer = geometry(x, w)
         ws = 2 * t * cfg["S"] * cfg["BN"] * cfg["BC"] * x.element_size() if cfg["S"] > 1 else 0
         rec.add(name="triton head_fwd", kind="head", layer=layer, flops=2 * t * n * c * f, programs=t * cfg["S"],
-                bytes=small(x, w, b, labels, lw, prev, logits, lse, loss) + ws, call=("head", n, c, f, t))
+                bytes=small(x, w, b, labels, lw, prev, logits, lse, loss) + ws, call=("head", (n, c, f, t)))
         return loss, logits, lse
 
     def backward(g, x, w, logits, lse, labels, lw, meta):

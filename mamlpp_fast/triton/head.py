@@ -45,7 +45,9 @@ from .per_step_bn import _f2acc, _split
 __all__ = ["forward", "backward", "double_backward", "head_config", "name"]
 
 name = "triton"
-TILE_BUDGET = 2048  # elements of a (BN, BC, BF) product tile: 16 per thread at 4 warps
+# elements of a (BN, BC, BF) product tile: 8 per thread at 4 warps. 2048 made the backward spill 8 B under
+# Triton 3.6.0 at (8, 8, 32) and took the Omniglot double backward to 230 registers (bench.static_metrics)
+TILE_BUDGET = 1024
 MIN_CHUNK = 64  # features per program at least, where the forward and backward split F
 
 
