@@ -46,3 +46,28 @@ def forced_conv_precision(mode: str | None):
         yield
     finally:
         _PRECISION[0] = old
+
+
+# the in-kernel tickets (the convolutions' split sums, the head's loss, bn_pool's shared-gamma sums)
+_counters: dict = {}
+
+
+def _tile_counters(device, tiles: int):
+    """An int32 buffer of >= `tiles` zeros: the tickets of the kernels that elect the last program of a
+    group (triton/conv.py `_last_chunk`, triton/head.py, triton/bn_pool.py). Every launch
+    leaves its counters at zero (the last program of a tile resets its own), so one buffer per device and
+    stream serves all launches, which run one after another on their stream, CUDA-graph replays
+    included. Kept (and grown) outside graph capture only, so that no cached tensor lives in a graph's
+    private pool; a capture that needs a larger buffer allocates and zeroes one of its own."""
+    import torch
+
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _counters.get(key)
+    if buf is not None and buf.numel() >= tiles:
+        return buf
+    size = max(tiles, 4096, 2 * (buf.numel() if buf is not None else 0))
+    buf = torch.zeros(size, dtype=torch.int32, device=device)
+    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        _counters[key] = buf
+    return buf

@@ -73,7 +73,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import conv_precision, num_sms
+from ._device import _counters, _tile_counters, conv_precision, num_sms  # noqa: F401 (_counters: tests)
 
 __all__ = ["conv_forward", "conv_data_grad", "conv_weight_grad", "conv_block_config", "wgrad_block_config",
            "bias_in_wgrad", "split_sum_in_kernel", "wgrad_sums_split", "wgrad_keeps_own"]
@@ -662,25 +662,6 @@ def split_sum_in_kernel() -> bool:
 
 
 _CHUNK_ROT = [0]  # the kernels' ROT (`_chunk_of`); 0 except in the tests of the in-kernel sum
-_counters: dict = {}
-
-
-def _tile_counters(device, tiles: int):
-    """An int32 buffer of >= `tiles` zeros: the per-tile tickets of the in-kernel split sum. Every launch
-    leaves its counters at zero (the last program of a tile resets its own), so one buffer per device and
-    stream serves all launches, which run one after another on their stream, CUDA-graph replays
-    included. Kept (and grown) outside graph capture only, so that no cached tensor lives in a graph's
-    private pool; a capture that needs a larger buffer allocates and zeroes one of its own."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    buf = _counters.get(key)
-    if buf is not None and buf.numel() >= tiles:
-        return buf
-    size = max(tiles, 4096, 2 * (buf.numel() if buf is not None else 0))
-    buf = torch.zeros(size, dtype=torch.int32, device=device)
-    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        _counters[key] = buf
-    return buf
 
 
 def wgrad_keeps_own(cfg: dict) -> bool:

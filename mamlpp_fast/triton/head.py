@@ -38,8 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import num_sms
-from .conv import _tile_counters
+from ._device import _tile_counters, num_sms
 from .per_step_bn import _f2acc, _split
 
 __all__ = ["forward", "backward", "double_backward", "head_config", "name"]
