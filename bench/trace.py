@@ -638,12 +638,13 @@ def _bn_pool_patch(rec: _Recorder):
 
     def passes(op, x, gamma, layer, read, written, call=None, reduce_read=None):
         """The pass's kernels: a reduction and an apply, or (single chunk) the apply alone, which then
-        reads x from the cache the second time (counted once), plus, in the backward passes with a gamma
-        shared by the tasks, the small kernel that adds the per-task sums."""
+        reads x from the cache the second time (counted once) and, in the backward passes with a gamma
+        shared by the tasks, adds the per-task sums in each channel's last program."""
         if single(x):
-            rec.add(name=f"triton bn_pool_{op}_single", kind="bn", layer=layer, bytes=read + written, call=call)
-            if op != "fwd" and gamma.dim() == 1:
-                rec.add(name=f"triton bn_pool_{op}_params", kind="bn", layer=layer, bytes=small(gamma) * 4)
+            # a shared gamma's sums over the tasks: stored and re-read by the channel's last program
+            extra = small(gamma) * 4 if op != "fwd" and gamma.dim() == 1 else 0
+            rec.add(name=f"triton bn_pool_{op}_single", kind="bn", layer=layer, bytes=read + written + extra,
+                    call=call)
         else:
             rec.add(name=f"triton bn_pool_{op}_reduce", kind="bn", layer=layer,
                     bytes=read if reduce_read is None else reduce_read, call=call)

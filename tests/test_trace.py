@@ -82,13 +82,44 @@ def test_bn_pool_kernels(workload):
         assert n_two == count(fused, lambda n: n == f"triton bn_pool_{op}_apply")
         n_single = count(fused, lambda n: n == f"triton bn_pool_{op}_single")
         assert n_two + n_single == count(unfused, lambda n: n == f"cuda bn_{op}_reduce") > 0
-        # shared gamma (the workloads' default): the single-pass backward passes add the tasks' sums
-        n_params = count(fused, lambda n: n == f"triton bn_pool_{op}_params")
-        assert n_params == (n_single if op != "fwd" else 0)
+        # shared gamma (the workloads' default): the single-pass backward passes add the tasks' sums in
+        # the channel's last program, no kernel of their own
+        assert count(fused, lambda n: n.endswith("_params")) == 0
     assert count(fused, lambda n: n.startswith("cuda bn_")) == 0
     s_f, s_u = summarize(fused), summarize(unfused)
     assert s_f["bytes"] < s_u["bytes"] and s_f["kernels"] < s_u["kernels"] and s_f["flops"] == s_u["flops"]
     assert trace_meta_update(workload, None, "torch", "triton", True, quick=True).config["bn_pool"] == "unfused"
+
+
+def test_head_kernels():
+    """With the fused head (the default of the cuda and triton backends) every head pass is one kernel:
+    as many forwards and backwards as the unfused head's NLL losses and their backwards, a double
+    backward for the second-order support passes, and none of the unfused head's matmuls, log-softmax
+    or NLL kernels; fewer kernels overall; the torch backend keeps it unfused."""
+    fused = trace_meta_update(QUICK, None, "cuda", "triton", True, quick=True)
+    unfused = trace_meta_update(QUICK, None, "cuda", "triton", True, quick=True, head="unfused")
+    assert fused.config["head"] == "fused" and unfused.config["head"] == "unfused"
+
+    def count(res, pred):
+        return sum(k.launches for k in res.kernels if pred(k.name))
+    assert count(fused, lambda n: n == "triton head_fwd") == count(unfused, lambda n: n == "aten.nll_loss_forward") > 0
+    assert count(fused, lambda n: n == "triton head_bwd") == count(unfused, lambda n: n == "aten.nll_loss_backward")
+    assert 0 < count(fused, lambda n: n == "triton head_dbwd") <= count(fused, lambda n: n == "triton head_bwd")
+    # (the running-statistics update's batched matmul is no head kernel)
+    assert not [k for k in fused.kernels if k.kind != "running_stats"
+                and any(w in k.name for w in ("baddbmm", "bmm", "log_softmax", "nll_loss"))]
+    assert summarize(fused)["kernels"] < summarize(unfused)["kernels"]
+    assert trace_meta_update(QUICK, None, "torch", "triton", True, quick=True).config["head"] == "unfused"
+
+
+def test_few_program_launches_priced_at_their_share():
+    """A launch of P < SMs programs gets P/SMs of the device's rate and bandwidth in the prediction."""
+    from bench.trace import CEILINGS, Kernel, predict
+    ceil = CEILINGS["h100"]
+    full = Kernel(name="k", kind="head", layer="x", bytes=10 ** 8)
+    few = Kernel(name="k", kind="head", layer="x", bytes=10 ** 8, programs=ceil["sms"] // 4)
+    launch = ceil["graph_launch_us"] * 1e-3
+    assert abs((predict(few, ceil, False, True) - launch) - 4 * (predict(full, ceil, False, True) - launch)) < 1e-9
 
 
 def test_batch_size_scales_convolution_flops():

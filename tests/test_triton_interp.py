@@ -951,24 +951,30 @@ def test_conv_block_reads_expanded_weights_in_place():
 @pytest.mark.parametrize("idx", [0, 1], ids=["shared-gamma", "per-task-gamma"])
 def test_bn_pool_single_pass_equals_two_kernels(idx, monkeypatch):
     """Where a column is one chunk, each bn_pool pass runs as one kernel that forms the column's sums
-    itself (and, for a gamma shared by the tasks, a small kernel that adds them over the tasks): the
-    same values as the reduction + apply kernels, bit for bit, in all three passes."""
+    itself (for a gamma shared by the tasks, the last program of each channel adds them over the tasks:
+    `_shared_params`): the same values as the reduction + apply kernels, bit for bit, in all three
+    passes, one launch per pass, and the tickets' counters left at zero."""
     import torch
     from _batches import fresh_seed
+    from triton.runtime.interpreter import InterpretedFunction
+    from mamlpp_fast.triton import _device
     from mamlpp_fast.triton import bn_pool as tbp
 
     seed = fresh_seed() % 2 ** 31
     launched = []
-    orig_params = tbp._params_pass
-    monkeypatch.setattr(tbp, "_params_pass", lambda *a: (launched.append(a[0]), orig_params(*a)))
+    orig_run = InterpretedFunction.run
+    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *a, **k: (launched.append(self.fn.__name__),
+                                                                           orig_run(self, *a, **k))[1])
     for dtype in (torch.float64, torch.float32):
         case = _bn_pool_case(idx, seed, dtype)
         assert tbp.pool_config(case[0].shape[0], case[0].shape[1], case[0].shape[2], case[0].shape[3],
                                case[0].device)["CHUNKS"] == 1
+        launched.clear()
         one, _ = _bn_pool_all(tbp, *case, seed)
+        assert launched == ["_pool_fwd_apply_kernel", "_pool_bwd_apply_kernel", "_pool_dbwd_apply_kernel"]
+        assert all(int(c.abs().sum()) == 0 for c in _device._counters.values())
         monkeypatch.setattr(tbp, "SINGLE_PASS", False)
         two, _ = _bn_pool_all(tbp, *case, seed)
         monkeypatch.setattr(tbp, "SINGLE_PASS", True)
         for (name, a), (_, b) in zip(one, two):
             assert torch.equal(a, b), (name, dtype, seed)
-    assert launched == ([2, 5] * 2 if idx == 0 else [])

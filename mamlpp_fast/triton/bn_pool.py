@@ -24,10 +24,12 @@ CELLS cells per vector step, the four positions a loop (one position's vectors l
              xhat + c0) at each window's maximum, ggamma = r M Q (per_step_bn `_dbwd_coef`).
 
 Each pass is two kernels over the grid (T*C, CHUNKS), and adds the chunk sums of a column in chunk
-order: no atomics, results are reproducible. Where a column is one chunk (CHUNKS = 1), each pass is one
-kernel instead (`_single`): the apply program forms its column's sums itself with the reduction's loop
-(the same values), and the backward passes of a gamma shared by the tasks add the tasks' sums in a small
-kernel (`_pool_params_kernel`), since no program can wait for the other tasks' columns. Launch
+order: no floating-point atomics, results are reproducible. Where a column is one chunk (CHUNKS = 1),
+each pass is one kernel instead (`_single`): the apply program forms its column's sums itself with the
+reduction's loop (the same values). With a gamma shared by the tasks, the backward passes need each
+channel's sums over the T tasks' columns, which no program can wait for: each program stores its sums
+and takes a ticket on its channel's counter (an integer atomic, `_last_ticket`), and the last of the T
+adds them in task order (`_shared_params`: the same loads and reduction as the two-kernel path). Launch
 configuration from per_step_bn's `bn_block_config` (no autotune, so the kernels also run under
 TRITON_INTERPRET=1).
 """
@@ -38,8 +40,10 @@ import triton
 import triton.language as tl
 
 from . import per_step_bn as _bn
+from ._device import _tile_counters
 from .per_step_bn import (_bn_fwd_reduce_kernel, _chunk_bounds, _chunk_sum, _dbwd_coef, _f2acc, _gamma_index,
-                          _merged_stats, _split, _store_bwd_params, _store_dbwd_gamma, _store_stats, _to_acc,
+                          _last_ticket, _merged_stats, _split, _store_bwd_params, _store_dbwd_gamma, _store_stats,
+                          _to_acc,
                           _welford, _xhat_a)
 
 __all__ = ["forward", "backward", "double_backward", "pool_config", "name"]
@@ -205,12 +209,13 @@ def _pool_bwd_reduce_kernel(gout_ptr, sel_ptr, x_ptr, gamma_ptr, beta_ptr, mean_
 
 @triton.jit
 def _pool_bwd_apply_kernel(gout_ptr, sel_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, ws_ptr, dx_ptr,
-                      dgamma_ptr, dbeta_ptr, C, T, TC, H, W, Hp, Wp, HcWc, Wc, M, MC, CCHUNK, CHUNKS,
+                      dgamma_ptr, dbeta_ptr, cnt_ptr, C, T, TC, H, W, Hp, Wp, HcWc, Wc, M, MC, CCHUNK, CHUNKS,
                       slope_hi, slope_lo, GAMMA_PER_TASK: tl.constexpr, CELLS: tl.constexpr,
                       CBLOCK: tl.constexpr, TBLOCK: tl.constexpr, SINGLE: tl.constexpr):
     """dx = gamma r (g - gbar - xhat m) at every position; dgamma = sum g xhat, dbeta = sum g. SINGLE (one
     chunk per column): the sums are formed here (`_bwd_sums`, as the reduction kernel forms them) and,
-    for a gamma shared by the tasks, stored to ws for `_pool_params_kernel`."""
+    for a gamma shared by the tasks, stored to ws; the last of the T programs of channel c to store them
+    (`_last_ticket` on counter c) adds them in task order (`_shared_params`)."""
     cp = tl.program_id(0)
     k = tl.program_id(1)
     ACC = x_ptr.dtype.element_ty
@@ -222,6 +227,7 @@ def _pool_bwd_apply_kernel(gout_ptr, sel_ptr, x_ptr, gamma_ptr, beta_ptr, mean_p
         if not GAMMA_PER_TASK:
             tl.store(ws_ptr + cp * 2, Sg)
             tl.store(ws_ptr + cp * 2 + 1, Sgx)
+            _shared_params(ws_ptr, invstd_ptr, dgamma_ptr, dbeta_ptr, cnt_ptr, cp % C, C, T, M, 2, TBLOCK, ACC)
     else:
         Sg = _chunk_sum(ws_ptr, cp, CHUNKS, 0, 2, CBLOCK)
         Sgx = _chunk_sum(ws_ptr, cp, CHUNKS, 1, 2, CBLOCK)
@@ -297,13 +303,14 @@ def _pool_dbwd_reduce_kernel(u_ptr, gout_ptr, sel_ptr, x_ptr, gamma_ptr, beta_pt
 
 @triton.jit
 def _pool_dbwd_apply_kernel(u_ptr, ugam_ptr, ubet_ptr, gout_ptr, sel_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr,
-                       invstd_ptr, ws_ptr, gx_ptr, ggamma_ptr, dgout_ptr, C, T, TC, H, W, Hp, Wp, HcWc, Wc, M,
+                       invstd_ptr, ws_ptr, gx_ptr, ggamma_ptr, dgout_ptr, cnt_ptr, C, T, TC, H, W, Hp, Wp, HcWc, Wc, M,
                        MC, CCHUNK, CHUNKS, slope_hi, slope_lo, GAMMA_PER_TASK: tl.constexpr,
                        HAS_U: tl.constexpr, HAS_UG: tl.constexpr, HAS_UB: tl.constexpr, CELLS: tl.constexpr,
                        CBLOCK: tl.constexpr, TBLOCK: tl.constexpr, SINGLE: tl.constexpr):
     """gx = eu u + eg g + ex xhat + e0 at every position; d(gout) = a (cu u + cx xhat + c0) at each
     window's maximum; ggamma = r M Q. SINGLE (one chunk per column): the sums are formed here
-    (`_dbwd_sums`) and, for a gamma shared by the tasks, stored to ws for `_pool_params_kernel`."""
+    (`_dbwd_sums`) and, for a gamma shared by the tasks, stored to ws and added over the tasks by the
+    channel's last program (`_shared_params`), as in the backward."""
     cp = tl.program_id(0)
     k = tl.program_id(1)
     ACC = x_ptr.dtype.element_ty
@@ -314,6 +321,7 @@ def _pool_dbwd_apply_kernel(u_ptr, ugam_ptr, ubet_ptr, gout_ptr, sel_ptr, x_ptr,
                                            ga, be, mu, r, slope, HAS_U, CELLS, ACC)
         if not GAMMA_PER_TASK:
             _store_sums5(ws_ptr + cp * 5, Sg, Sgx, Su, Sux, Sug)
+            _shared_params(ws_ptr, invstd_ptr, ggamma_ptr, ggamma_ptr, cnt_ptr, cp % C, C, T, M, 5, TBLOCK, ACC)
     else:
         Sg = _chunk_sum(ws_ptr, cp, CHUNKS, 0, 5, CBLOCK)
         Sgx = _chunk_sum(ws_ptr, cp, CHUNKS, 1, 5, CBLOCK)
@@ -351,17 +359,21 @@ def _pool_dbwd_apply_kernel(u_ptr, ugam_ptr, ubet_ptr, gout_ptr, sel_ptr, x_ptr,
 
 
 @triton.jit
-def _pool_params_kernel(ws_ptr, invstd_ptr, dg_ptr, db_ptr, C, T, M, NSUM: tl.constexpr, TBLOCK: tl.constexpr):
-    """Single-pass backward (NSUM = 2) or double backward (NSUM = 5) with a gamma shared by the tasks:
-    program c adds the per-task sums that the apply programs stored (one chunk each) in task order,
-    exactly as the two-kernel path's task-0 programs do: dgamma, dbeta, resp. ggamma = sum_t r_t M Q_t."""
-    c = tl.program_id(0)
-    ACC = ws_ptr.dtype.element_ty
-    zero = tl.zeros([], dtype=ACC)
-    if NSUM == 2:
-        _store_bwd_params(ws_ptr, dg_ptr, db_ptr, c, 0, C, T, 1, zero, zero, False, 1, TBLOCK)
-    else:
-        _store_dbwd_gamma(ws_ptr, invstd_ptr, dg_ptr, c, 0, C, T, 1, zero, _to_acc(M, ACC), False, 1, TBLOCK, ACC)
+def _shared_params(ws_ptr, invstd_ptr, dg_ptr, db_ptr, cnt_ptr, c, C, T, M, NSUM: tl.constexpr,
+                   TBLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Single-pass backward (NSUM = 2) or double backward (NSUM = 5) with a gamma shared by the tasks,
+    called by every program of channel c after it stored its column's sums (one chunk each): the last of
+    the channel's T programs adds the T sums in task order, exactly as the two-kernel path's task-0
+    programs do (dgamma, dbeta, resp. ggamma = sum_t r_t M Q_t; the same loads and reduction: the same
+    bits), and resets the counter."""
+    if _last_ticket(cnt_ptr + c, T):
+        zero = tl.zeros([], dtype=ACC)
+        if NSUM == 2:
+            _store_bwd_params(ws_ptr, dg_ptr, db_ptr, c, 0, C, T, 1, zero, zero, False, 1, TBLOCK, CG=True)
+        else:
+            _store_dbwd_gamma(ws_ptr, invstd_ptr, dg_ptr, c, 0, C, T, 1, zero, _to_acc(M, ACC), False, 1, TBLOCK, ACC,
+                              CG=True)
+        tl.store(cnt_ptr + c, 0)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -418,10 +430,6 @@ def forward(x, gamma, beta, meta):
     return out, mean, invstd, sel
 
 
-def _params_pass(nsum, ws, invstd, dg, db, c, t, m):
-    _pool_params_kernel[(c,)](ws, invstd, dg, db, c, t, m, NSUM=nsum, TBLOCK=triton.next_power_of_2(t), num_warps=1)
-
-
 def backward(gout, x, gamma, beta, mean, invstd, sel, meta):
     """(dx, dgamma, dbeta) of bn_pool; dgamma, dbeta shaped like gamma (summed over tasks when shared)."""
     n, t, c, tc, cfg, geo = _geometry(x, meta, gamma, beta)
@@ -438,12 +446,11 @@ def backward(gout, x, gamma, beta, mean, invstd, sel, meta):
     if not single:
         _pool_bwd_reduce_kernel[grid](gout, sel, x, gamma, beta, mean, invstd, ws, c, *geo, *cells,
                                       GAMMA_PER_TASK=per_task, CELLS=cfg["CELLS"], num_warps=cfg["num_warps"])
-    _pool_bwd_apply_kernel[grid](gout, sel, x, gamma, beta, mean, invstd, ws, dx, dgamma, dbeta, c, t, *geo,
+    cnt = _tile_counters(x.device, c)  # the shared gamma's tickets, one per channel (`_shared_params`)
+    _pool_bwd_apply_kernel[grid](gout, sel, x, gamma, beta, mean, invstd, ws, dx, dgamma, dbeta, cnt, c, t, *geo,
                                  x.numel() // tc, *cells, GAMMA_PER_TASK=per_task, CELLS=cfg["CELLS"],
                                  CBLOCK=cfg["CBLOCK"], TBLOCK=triton.next_power_of_2(t), SINGLE=single,
                                  num_warps=cfg["num_warps"])
-    if single and not per_task:
-        _params_pass(2, ws, invstd, dgamma, dbeta, c, t, x.numel() // tc)
     return dx, dgamma, dbeta
 
 
@@ -471,10 +478,8 @@ def double_backward(u, ugamma, ubeta, gout, x, gamma, beta, mean, invstd, sel, m
     ug = ugamma.contiguous() if ugamma is not None else gamma
     ub = ubeta.contiguous() if ubeta is not None else gamma
     _pool_dbwd_apply_kernel[grid](u if has_u else x, ug, ub, gout, sel, x, gamma, beta, mean, invstd, ws, gx,
-                                  ggamma, dgout, c, t, *geo, x.numel() // tc, *cells, GAMMA_PER_TASK=per_task,
+                                  ggamma, dgout, _tile_counters(x.device, c), c, t, *geo, x.numel() // tc, *cells, GAMMA_PER_TASK=per_task,
                                   HAS_U=has_u, HAS_UG=ugamma is not None, HAS_UB=ubeta is not None,
                                   CELLS=cfg["CELLS"], CBLOCK=cfg["CBLOCK"], TBLOCK=triton.next_power_of_2(t),
                                   SINGLE=single, num_warps=cfg["num_warps"])
-    if single and not per_task:
-        _params_pass(5, ws, invstd, ggamma, ggamma, c, t, x.numel() // tc)
     return dgout, gx, ggamma

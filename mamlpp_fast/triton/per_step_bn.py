@@ -133,14 +133,30 @@ def _chunk_sum(ws_ptr, cp, CHUNKS, i, K: tl.constexpr, CBLOCK: tl.constexpr):
 
 @triton.jit
 def _task_chunk_sums(ws_ptr, c, C, T, CHUNKS, i, K: tl.constexpr, TBLOCK: tl.constexpr,
-                     CBLOCK: tl.constexpr):
-    """(TBLOCK,) vector: for each task t, the sum over chunks of statistic i of column t*C + c."""
+                     CBLOCK: tl.constexpr, CG: tl.constexpr = False):
+    """(TBLOCK,) vector: for each task t, the sum over chunks of statistic i of column t*C + c. CG: read
+    through L2 only (.cg: sums stored by other multiprocessors in the same launch, `_last_ticket`)."""
     ts = tl.arange(0, TBLOCK)
     ks = tl.arange(0, CBLOCK)
     rows = ts[:, None] * C + c
     mask = (ts[:, None] < T) & (ks[None, :] < CHUNKS)
-    v = tl.load(ws_ptr + (rows * CHUNKS + ks[None, :]) * K + i, mask=mask, other=0.0)
+    if CG:
+        v = tl.load(ws_ptr + (rows * CHUNKS + ks[None, :]) * K + i, mask=mask, other=0.0, cache_modifier=".cg")
+    else:
+        v = tl.load(ws_ptr + (rows * CHUNKS + ks[None, :]) * K + i, mask=mask, other=0.0)
     return tl.sum(v, axis=1)
+
+
+@triton.jit
+def _last_ticket(cnt_ptr, count):
+    """Whether this program is the last of `count` programs to reach the counter at cnt_ptr (an int32
+    that every group leaves at zero: the last program resets it). A CTA barrier orders all the
+    program's threads' stores before one atomic add with acquire-release semantics at GPU scope: the
+    release publishes the stores to whichever program later acquires the counter, the acquire makes the
+    other programs' released stores visible to this one, which then reads them with .cg loads (as
+    triton/conv.py `_last_chunk`, for a count known only at run time)."""
+    tl.debug_barrier()
+    return tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == count - 1
 
 
 @triton.jit
@@ -204,17 +220,18 @@ def _store_stats(mu, m2, Mf, eps, mean_ptr, invstd_ptr, cp, k, IS_F64: tl.conste
 
 @triton.jit
 def _store_bwd_params(ws_ptr, dgamma_ptr, dbeta_ptr, cp, k, C, T, CHUNKS, Sg, Sgx,
-                      GAMMA_PER_TASK: tl.constexpr, CBLOCK: tl.constexpr, TBLOCK: tl.constexpr):
+                      GAMMA_PER_TASK: tl.constexpr, CBLOCK: tl.constexpr, TBLOCK: tl.constexpr,
+                      CG: tl.constexpr = False):
     """Program (cp, 0): dgamma = sum g xhat, dbeta = sum g of its column; for a shared gamma the
-    programs of task 0 add the per-task sums in task order."""
+    programs of task 0 add the per-task sums in task order (CG: `_task_chunk_sums`)."""
     if k == 0:
         if GAMMA_PER_TASK:
             tl.store(dgamma_ptr + cp, Sgx.to(dgamma_ptr.dtype.element_ty))
             tl.store(dbeta_ptr + cp, Sg.to(dbeta_ptr.dtype.element_ty))
         else:
             if cp < C:
-                dbt = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 0, 2, TBLOCK, CBLOCK)
-                dgt = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 1, 2, TBLOCK, CBLOCK)
+                dbt = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 0, 2, TBLOCK, CBLOCK, CG)
+                dgt = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 1, 2, TBLOCK, CBLOCK, CG)
                 tl.store(dgamma_ptr + cp, tl.sum(dgt, axis=0).to(dgamma_ptr.dtype.element_ty))
                 tl.store(dbeta_ptr + cp, tl.sum(dbt, axis=0).to(dbeta_ptr.dtype.element_ty))
 
@@ -222,9 +239,9 @@ def _store_bwd_params(ws_ptr, dgamma_ptr, dbeta_ptr, cp, k, C, T, CHUNKS, Sg, Sg
 @triton.jit
 def _store_dbwd_gamma(ws_ptr, invstd_ptr, ggamma_ptr, cp, k, C, T, CHUNKS, ggam, Mf,
                       GAMMA_PER_TASK: tl.constexpr, CBLOCK: tl.constexpr, TBLOCK: tl.constexpr,
-                      ACC: tl.constexpr):
+                      ACC: tl.constexpr, CG: tl.constexpr = False):
     """Program (cp, 0): ggamma = r M Q of its column; for a shared gamma the programs of task 0 add
-    sum_t r_t M Q_t in task order."""
+    sum_t r_t M Q_t in task order (CG: `_task_chunk_sums`)."""
     if k == 0:
         if GAMMA_PER_TASK:
             tl.store(ggamma_ptr + cp, ggam.to(ggamma_ptr.dtype.element_ty))
@@ -232,11 +249,11 @@ def _store_dbwd_gamma(ws_ptr, invstd_ptr, ggamma_ptr, cp, k, C, T, CHUNKS, ggam,
             if cp < C:
                 ts = tl.arange(0, TBLOCK)
                 rt = tl.load(invstd_ptr + ts * C + cp, mask=ts < T, other=0.0).to(ACC)
-                Sgt = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 0, 5, TBLOCK, CBLOCK)
-                Sgxt = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 1, 5, TBLOCK, CBLOCK)
-                Sut = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 2, 5, TBLOCK, CBLOCK)
-                Suxt = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 3, 5, TBLOCK, CBLOCK)
-                Sugt = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 4, 5, TBLOCK, CBLOCK)
+                Sgt = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 0, 5, TBLOCK, CBLOCK, CG)
+                Sgxt = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 1, 5, TBLOCK, CBLOCK, CG)
+                Sut = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 2, 5, TBLOCK, CBLOCK, CG)
+                Suxt = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 3, 5, TBLOCK, CBLOCK, CG)
+                Sugt = _task_chunk_sums(ws_ptr, cp, C, T, CHUNKS, 4, 5, TBLOCK, CBLOCK, CG)
                 Qt = Sugt / Mf - (Sut / Mf) * (Sgt / Mf) - (Suxt / Mf) * (Sgxt / Mf)
                 tl.store(ggamma_ptr + cp, tl.sum(rt * Mf * Qt, axis=0).to(ggamma_ptr.dtype.element_ty))
 
