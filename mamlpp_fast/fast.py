@@ -377,7 +377,10 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         lrs = self.inner_loop_optimizer.names_learning_rates_dict
         names = self._adapted_names
         meta = [params[k] for k in names]
-        alphas = [lrs[k.replace(".", "-")] for k in names]
+        # the learning rates as the rows of one (L, S+1) tensor: their gradients over the steps add up as
+        # one table per step rather than L vectors (ops.lslr `_StackedRates`)
+        rates = [lrs[k.replace(".", "-")] for k in names]
+        alphas = torch.stack(rates) if len({tuple(r.shape) for r in rates}) == 1 else rates
         fast_list = [p.unsqueeze(0).expand(b, *p.shape) for p in meta]
         rows = self._bn_rows()
         loss = None

@@ -181,3 +181,41 @@ def test_bad_arguments_raise_with_clear_messages():
     for fn, exc, msg in bad:
         with pytest.raises(exc, match=msg):
             fn()
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torch", "native") if b in available_backends()])
+def test_stacked_rates_match_the_list_form(rng, backend):
+    """alphas as the rows of one (L, S+1) tensor: the same outputs and gradients, bit for bit, as the list
+    of vectors over a 3-step inner loop (thetas shared at step 0, then per task; one tensor left out of
+    the loss at every step, whose rate row gets a zero gradient), and the table's gradient is the
+    per-row gradients stacked; without a rate gradient wanted none is formed."""
+    T, S = 3, 3
+    shared = [True, False, True, False]
+    thetas, grads, alphas = draw(rng, T, S, shared)
+    thetas = [t.requires_grad_() for t in thetas]
+    grads = [g.requires_grad_() for g in grads]
+
+    def run(rates):
+        w = thetas
+        for step in range(S):
+            w = lslr_update(w, [g * (1 + step) for g in grads], rates, step, backend=backend)
+        return sum((x ** 2).sum() for x in w[:-1])  # the last tensor does not enter the loss
+
+    rows = [a.clone().requires_grad_() for a in alphas]
+    table = torch.stack(alphas).requires_grad_()
+    ref = run(rows)
+    got = run(table)
+    kw = dict(allow_unused=True, materialize_grads=True)
+    g_ref = torch.autograd.grad(ref, thetas + grads + rows, **kw)
+    g_got = torch.autograd.grad(got, thetas + grads + [table], **kw)
+    assert torch.equal(ref, got), rng.seed
+    for a, b in zip(g_ref[:-len(rows)], g_got[:-1]):
+        assert torch.equal(a, b), rng.seed
+    assert torch.equal(torch.stack(g_ref[-len(rows):]), g_got[-1]), rng.seed
+    assert not g_got[-1][-1].any()
+    # rates without gradient: thetas and grads only
+    g2 = torch.autograd.grad(run(table.detach()), thetas + grads, **kw)
+    for a, b in zip(g_ref[:-len(rows)], g2):
+        assert torch.equal(a, b), rng.seed
+    with pytest.raises(ValueError, match=r"\(L, S\+1\)"):
+        lslr_update(thetas, grads, table[0], 0, backend=backend)

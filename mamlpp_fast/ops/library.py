@@ -266,32 +266,46 @@ def _lslr_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _lslr_grad(ctx, douts):
-    n = ctx.n
-    need_t, need_g, need_a = (list(map(bool, v)) for v in ctx.needs_input_grad[:3])
-    saved = ctx.saved_tensors
-    grads, alphas = saved[:n], saved[n:]
-    dthetas, dgrads, dalphas = [None] * n, [None] * n, [None] * n
-    # a per-task dtheta is dout itself; the op computes the rest for the tensors that got a gradient
+def lslr_gradients(douts, grads, alphas, step, shared, need_t, need_g, need_a, backend):
+    """(dthetas, dgrads, table, rows) of an LSLR step (the registered op's derivative, shared by
+    `_lslr_grad` and ops.lslr's stacked learning rates): a per-task dtheta is dout itself; the registered
+    backward op computes the rest for the tensors that got a gradient. table: the op's (m, max S+1)
+    dalpha table, or None when no dalpha is wanted; rows: the (row of table, index l into the lists)
+    pairs of the wanted dalphas (the other rows of table are unspecified)."""
+    n = len(douts)
+    dthetas, dgrads = [None] * n, [None] * n
     idx = [l for l in range(n) if douts[l] is not None and (need_t[l] or need_g[l] or need_a[l])]
     for l in idx:
-        if need_t[l] and not ctx.shared[l]:
+        if need_t[l] and not shared[l]:
             dthetas[l] = douts[l]
-    sub = [l for l in idx if (need_t[l] and ctx.shared[l]) or need_g[l] or need_a[l]]
+    sub = [l for l in idx if (need_t[l] and shared[l]) or need_g[l] or need_a[l]]
+    table, rows = None, []
     if sub:
-        needs = ([need_t[l] and ctx.shared[l] for l in sub] + [need_g[l] for l in sub]
-                 + [need_a[l] for l in sub])
+        needs = ([need_t[l] and shared[l] for l in sub] + [need_g[l] for l in sub] + [need_a[l] for l in sub])
         parts = torch.ops.mamlpp.lslr_backward(
             [douts[l] for l in sub], [grads[l] if need_a[l] else None for l in sub], [alphas[l] for l in sub],
-            ctx.step, [ctx.shared[l] for l in sub], needs, ctx.backend)
+            step, [shared[l] for l in sub], needs, backend)
         m = len(sub)
         for j, l in enumerate(sub):
             if needs[j]:
                 dthetas[l] = parts[0][j]
             if needs[m + j]:
                 dgrads[l] = parts[1][j]
-            if needs[2 * m + j]:
-                dalphas[l] = parts[2][j, :alphas[l].shape[0]]
+        rows = [(j, l) for j, l in enumerate(sub) if needs[2 * m + j]]
+        table = parts[2] if rows else None
+    return dthetas, dgrads, table, rows
+
+
+def _lslr_grad(ctx, douts):
+    n = ctx.n
+    need_t, need_g, need_a = (list(map(bool, v)) for v in ctx.needs_input_grad[:3])
+    saved = ctx.saved_tensors
+    grads, alphas = saved[:n], saved[n:]
+    dthetas, dgrads, table, rows = lslr_gradients(douts, grads, alphas, ctx.step, ctx.shared, need_t, need_g, need_a,
+                                                  ctx.backend)
+    dalphas = [None] * n
+    for j, l in rows:
+        dalphas[l] = table[j, :alphas[l].shape[0]]
     return dthetas, dgrads, dalphas, None, None
 
 

@@ -72,6 +72,43 @@ def _check_args(thetas, grads, alphas, step):
     return step, tuple(shared)
 
 
+class _StackedRates(torch.autograd.Function):
+    """`lslr_update` with the learning rates as the rows of one ``(L, S+1)`` tensor. The forward is the
+    registered op on the table's rows; the backward returns the registered backward's dalpha table as
+    the gradient of the whole table. Why: autograd adds the gradients of each input tensor over its
+    uses, so with L separate rate vectors an inner loop of S steps costs L (S - 1) additions of
+    (S+1)-element vectors (40 launches for Omniglot's 10 tensors over 5 steps); one table costs S - 1.
+    First order, as the registered op's derivative (the outer backward is never differentiated)."""
+
+    @staticmethod
+    def forward(ctx, table, step, key, n, *tensors):
+        thetas, grads = list(tensors[:n]), list(tensors[n:])
+        ctx.save_for_backward(table, *grads)
+        ctx.step, ctx.key, ctx.n = step, key, n
+        ctx.shared = [t.dim() != g.dim() for t, g in zip(thetas, grads)]
+        ctx.set_materialize_grads(False)
+        return tuple(library.lslr_forward(thetas, grads, list(table.unbind(0)), step, key))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *douts):
+        n = ctx.n
+        table, *grads = ctx.saved_tensors
+        need_a = bool(ctx.needs_input_grad[0])
+        need_t = [bool(v) for v in ctx.needs_input_grad[4:4 + n]]
+        need_g = [bool(v) for v in ctx.needs_input_grad[4 + n:]]
+        dthetas, dgrads, dtable, rows = library.lslr_gradients(
+            list(douts), grads, list(table.unbind(0)), ctx.step, ctx.shared, need_t, need_g, [need_a] * n, ctx.key)
+        if dtable is not None and [l for _, l in rows] == list(range(n)) and [j for j, _ in rows] == list(range(n)):
+            dtable = dtable[:, :table.shape[1]]  # every row, in order: the op's table itself
+        elif dtable is not None:  # some tensor got no gradient: its row is zero
+            full = table.new_zeros(table.shape)
+            for j, l in rows:
+                full[l] = dtable[j, :table.shape[1]]
+            dtable = full
+        return (dtable, None, None, None, *dthetas, *dgrads)
+
+
 def lslr_update(thetas, grads, alphas, step, backend=None):
     r"""One LSLR inner step for a list of tensors: ``out[l] = thetas[l] - alphas[l][step] * grads[l]``.
 
@@ -85,7 +122,9 @@ def lslr_update(thetas, grads, alphas, step, backend=None):
         thetas: list of ``(T, *shape_l)`` per-task fast weights, or ``shape_l`` (a shared
             meta-parameter, broadcast over the tasks).
         grads: list of ``(T, *shape_l)``.
-        alphas: list of ``(S+1,)`` learning-rate vectors.
+        alphas: list of ``(S+1,)`` learning-rate vectors, or one ``(L, S+1)`` tensor whose rows they are
+            (its gradient is then one table per step instead of L vectors: fewer additions when the
+            steps' gradients are accumulated; `_StackedRates`).
         step: int in ``[0, S]``.
         backend: as for `per_step_batch_norm`.
 
@@ -98,11 +137,16 @@ def lslr_update(thetas, grads, alphas, step, backend=None):
         >>> out[0].shape
         torch.Size([4, 2, 3])
     """
-    step, _shared = _check_args(thetas, grads, alphas, step)
+    stacked = isinstance(alphas, torch.Tensor)
+    if stacked and alphas.dim() != 2:
+        raise ValueError(f"lslr_update: alphas as one tensor must be (L, S+1), got shape {tuple(alphas.shape)}")
+    step, _shared = _check_args(thetas, grads, list(alphas.unbind(0)) if stacked else alphas, step)
     if not thetas:
         return []
     impl = get_backend(backend, thetas[0].device)
     impl.check_dtype("lslr_update", "thetas[0]", thetas[0].dtype)
+    if stacked:
+        return list(_StackedRates.apply(alphas, step, backend_key(impl), len(thetas), *thetas, *grads))
     # the registered op mamlpp::lslr_forward, whose registered derivative is mamlpp::lslr_backward
     # (mamlpp_fast.ops.library)
     return list(library.lslr_forward(list(thetas), list(grads), list(alphas), step, backend_key(impl)))
