@@ -93,8 +93,10 @@ def _labels(a: Any, name: str, n_way: int, device: torch.device) -> torch.Tensor
     elif t.dtype == torch.bool or t.is_complex():
         raise BatchError(f"{name} must hold integer class indices, got dtype {t.dtype}")
     t = t.long()
-    if on_host and t.numel() and (int(t.min()) < 0 or int(t.max()) >= n_way):
-        raise BatchError(f"{name} holds labels outside [0, {n_way}): min {int(t.min())}, max {int(t.max())}")
+    if on_host and t.numel():
+        lab = t.numpy()  # host memory: read there (no tensor op, nothing a device would run)
+        if lab.min() < 0 or lab.max() >= n_way:
+            raise BatchError(f"{name} holds labels outside [0, {n_way}): min {int(lab.min())}, max {int(lab.max())}")
     return t.to(device)
 
 

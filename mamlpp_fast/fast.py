@@ -385,13 +385,16 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         rows = self._bn_rows()
         loss = None
         target_logits = None
+        one = None
         for step in range(last + 1):
             fast = dict(zip(names, fast_list))
             stats = [] if track else None
             feats = self._net(xs, b, step, fast, stats, "second_order" if use_second_order else "first_order",
                               rows)
             support_loss, _ = self._head(feats, b, fast, ys, support=True)
-            grads = torch.autograd.grad(support_loss, fast_list, create_graph=use_second_order)
+            if one is None:  # the seed of every support gradient: one fill per outer forward, not per step
+                one = torch.ones_like(support_loss)
+            grads = torch.autograd.grad(support_loss, fast_list, grad_outputs=one, create_graph=use_second_order)
             fast_list = lslr_update(meta if step == 0 else fast_list, list(grads), alphas, step,
                                     backend=self._op_backend)
             if track:
