@@ -32,6 +32,7 @@ CATEGORIES = [
     ("triton conv", r"^_conv_(fwd|dgrad|wgrad)_kernel"),
     ("fused block", r"^_(fwd_reduce|fwd_apply|reduce|apply|finish)_kernel$"),
     ("bn_pool", r"^_pool_|^_bn_fwd_reduce_kernel$"),
+    ("head", r"^_head_(fwd|bwd|dbwd)_kernel$"),
     ("batch norm (cuda/triton)", r"bn_(fwd|bwd|dbwd)|^_bn_"),
     ("lslr", r"lslr"),
     ("cudnn / cublas", r"cudnn|cutlass|xmma|gemm|gemv|implicit_convolve|winograd|fft|conv2d|sm\d+_"),
@@ -56,6 +57,8 @@ def trace_category(name: str) -> str:
         return "fused block"
     if name.startswith("triton bn_pool_"):
         return "bn_pool"
+    if name.startswith("triton head_"):
+        return "head"
     if re.match(r"^(cuda|triton) bn_", name):
         return "batch norm (cuda/triton)"
     if "lslr" in name:

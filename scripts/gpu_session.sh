@@ -9,7 +9,7 @@
 #   env       nvidia-smi, versions, date, git revision                         -> env.txt
 #   build     pip install -e . --no-build-isolation --no-deps (+ CMake log)     -> build.log
 #   import    which backends loaded                                            -> build.log
-#   tests     tests/gpu (conv, ops, learner, capture) + the CPU op tests        -> gpu_tests.log, junit.xml
+#   tests     tests/gpu (conv, head, ops, learner, capture) + the CPU op tests  -> gpu_tests.log, junit.xml
 #   profile   python -m bench.gpu_profile: the captured update's time, device time per kernel category
 #             beside bench.trace's prediction (both workloads)                  -> profile.{md,json}
 #   bench     python -m bench.run: the conv table, fast (cuda backend; conv_impl auto; the fused ops,
@@ -58,11 +58,14 @@ assert 'cuda' in _native.device_types(), 'native backend built without CUDA'
 XDIST=""
 "$PY" -c "import xdist" >/dev/null 2>&1 && XDIST="-n 4"
 # shellcheck disable=SC2086
-# the new convolution tests last: their Triton kernels compile on first use (tens of seconds); first of
-# all, the check of the in-kernel split sum's memory ordering, which only a device can run
+# the new convolution and head tests last: their Triton kernels compile on first use (tens of seconds);
+# first of all, the checks of the in-kernel sums' memory ordering (split sums, tickets), which only a
+# device can run
 stage tests "${TESTS_LIMIT:-150}" "$W/gpu_tests.log" \
-  "$PY" -m pytest tests/gpu/test_gpu_conv.py::test_split_sum_in_kernel_on_cuda tests/gpu/test_gpu_ops.py tests/gpu/test_gpu_learner.py tests/test_native_cpp.py \
-  tests/test_ops_bn.py tests/test_ops_lslr.py tests/test_conv.py tests/gpu/test_gpu_conv.py \
+  "$PY" -m pytest tests/gpu/test_gpu_conv.py::test_split_sum_in_kernel_on_cuda \
+  tests/gpu/test_gpu_head.py::test_ticket_sums_deterministic_on_cuda tests/gpu/test_gpu_ops.py tests/gpu/test_gpu_learner.py \
+  tests/test_native_cpp.py tests/test_ops_bn.py tests/test_ops_lslr.py tests/test_head.py tests/test_conv.py \
+  tests/gpu/test_gpu_conv.py tests/gpu/test_gpu_head.py \
   -q -rfEs -p no:cacheprovider $XDIST --junitxml="$W/junit.xml"
 
 # ---- device profile of the captured update beside the trace's prediction -------------------------------

@@ -12,6 +12,7 @@ from bench.gpu_profile import CATEGORIES, main, profile_category, trace_category
     ("_conv_fwd_kernel", "triton conv"), ("_conv_wgrad_kernel", "triton conv"),
     ("_fwd_reduce_kernel", "fused block"), ("_apply_kernel", "fused block"), ("_finish_kernel", "fused block"),
     ("_pool_bwd_apply_kernel", "bn_pool"), ("_bn_fwd_reduce_kernel", "bn_pool"),
+    ("_head_fwd_kernel", "head"), ("_head_dbwd_kernel", "head"),
     ("void bn_dbwd_apply_kernel<float>(float const*, float*)", "batch norm (cuda/triton)"),
     ("_bn_bwd_apply_kernel", "batch norm (cuda/triton)"),
     ("void lslr_fwd_kernel<float>(LslrArgs<float>)", "lslr"), ("_lslr_bwd_kernel", "lslr"),
@@ -34,7 +35,7 @@ def test_trace_names_fall_into_the_profile_categories():
     res = trace_meta_update("quick_omniglot_3w1s", None, "cuda", "triton", True, quick=True)
     got = {trace_category(k.name) for k in res.kernels}
     assert got <= cats, got - cats
-    assert {"triton conv", "fused block", "bn_pool", "lslr", "aten reductions"} <= got
+    assert {"triton conv", "fused block", "bn_pool", "head", "lslr", "aten reductions"} <= got
     assert trace_category("triton conv_fwd weight re-layout (aten.copy_)") == "aten copies / fills"
     assert trace_category("split partial sum (aten.sum)") == "aten reductions"
 
