@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from ._device import _tile_counters, num_sms
-from .per_step_bn import _f2acc, _split
+from .per_step_bn import _f2acc, _last_ticket, _split
 
 __all__ = ["forward", "backward", "double_backward", "head_config", "name"]
 
@@ -83,6 +83,18 @@ def _probs(logits_ptr, lse_ptr, y_ptr, t, n, C, rows, cols, ACC: tl.constexpr):
     y = tl.load(y_ptr + t * n + rows, mask=rows < n, other=-1)
     p = tl.where(m2, tl.exp(z - lse[:, None]), 0.0)
     return p, p - tl.where(m2 & (cols[None, :] == y[:, None]), 1.0, 0.0)
+
+
+@triton.jit
+def _x_slice(ptr, t, F, TF, f, rows, rmask):
+    """The (BN, BF) slice of task t's rows of an (n, T*F) tensor at features f (0 outside)."""
+    return tl.load(ptr + rows[:, None] * TF + (t * F + f)[None, :], mask=rmask[:, None] & (f < F)[None, :], other=0.0)
+
+
+@triton.jit
+def _w_slice(ptr, task_off, F, f, cols, cmask):
+    """The (BC, BF) slice at features f of a (C, F) matrix starting at ptr + task_off (0 outside)."""
+    return tl.load(ptr + task_off + cols[:, None] * F + f[None, :], mask=cmask[:, None] & (f < F)[None, :], other=0.0)
 
 
 @triton.jit
@@ -135,16 +147,6 @@ def _finish_task(z, b_ptr, y_ptr, lw_ptr, prev_ptr, logits_ptr, lse_ptr, part_pt
 
 
 @triton.jit
-def _last_ticket(cnt_ptr, count):
-    """Whether this program is the last of `count` programs to reach this counter: a CTA barrier orders
-    the program's stores before one atomic add with acquire-release semantics at GPU scope (the release
-    publishes them to whichever program later acquires the counter, the acquire makes the others'
-    visible to this one), as triton/conv.py `_last_chunk`."""
-    tl.debug_barrier()
-    return tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == count - 1
-
-
-@triton.jit
 def _head_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, lw_ptr, prev_ptr, logits_ptr, lse_ptr, ws_ptr, part_ptr, loss_ptr,
                      cnt_ptr, n, C, F, TF, T, S, FCH, w_ts, b_ts, sc_hi, sc_lo, HAS_LW: tl.constexpr,
                      HAS_PREV: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
@@ -160,10 +162,8 @@ def _head_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, lw_ptr, prev_ptr, logits_ptr, l
     z = tl.zeros([BN, BC], dtype=ACC)
     for f0 in range(s * FCH, tl.minimum(F, s * FCH + FCH), BF):
         f = f0 + fo
-        fm = f < F
-        xv = tl.load(x_ptr + rows[:, None] * TF + (t * F + f)[None, :], mask=rmask[:, None] & fm[None, :], other=0.0)
-        wv = tl.load(w_ptr + t * w_ts + cols[:, None] * F + f[None, :], mask=cmask[:, None] & fm[None, :], other=0.0)
-        z += _rowdot(xv.to(ACC), wv.to(ACC))
+        z += _rowdot(_x_slice(x_ptr, t, F, TF, f, rows, rmask).to(ACC),
+                     _w_slice(w_ptr, t * w_ts, F, f, cols, cmask).to(ACC))
     if SPLIT:
         # slice s's partial logits; the task's last slice program adds the S partials in slice order
         tile = rows[:, None] * BC + cols[None, :]
@@ -200,8 +200,8 @@ def _head_bwd_kernel(g_ptr, lw_ptr, x_ptr, w_ptr, logits_ptr, lse_ptr, y_ptr, dx
     for f0 in range(s * FCH, tl.minimum(F, s * FCH + FCH), BF):
         f = f0 + fo
         fm = f < F
-        wv = tl.load(w_ptr + t * w_ts + cols[:, None] * F + f[None, :], mask=cmask[:, None] & fm[None, :], other=0.0)
-        xv = tl.load(x_ptr + rows[:, None] * TF + (t * F + f)[None, :], mask=rmask[:, None] & fm[None, :], other=0.0)
+        wv = _w_slice(w_ptr, t * w_ts, F, f, cols, cmask)
+        xv = _x_slice(x_ptr, t, F, TF, f, rows, rmask)
         tl.store(dx_ptr + rows[:, None] * TF + (t * F + f)[None, :], _mix_rows(G, wv.to(ACC)),
                  mask=rmask[:, None] & fm[None, :])
         tl.store(dw_ptr + (t * C + cols[:, None]) * F + f[None, :], _mix_cols(G, xv.to(ACC)),
@@ -228,16 +228,12 @@ def _head_dbwd_kernel(vx_ptr, vw_ptr, vb_ptr, g_ptr, lw_ptr, x_ptr, w_ptr, logit
     if HAS_VX or HAS_VW:
         for f0 in range(0, F, BF):
             f = f0 + fo
-            xm = rmask[:, None] & (f < F)[None, :]
-            wm = cmask[:, None] & (f < F)[None, :]
             if HAS_VX:
-                vxv = tl.load(vx_ptr + rows[:, None] * TF + (t * F + f)[None, :], mask=xm, other=0.0).to(ACC)
-                wv = tl.load(w_ptr + t * w_ts + cols[:, None] * F + f[None, :], mask=wm, other=0.0).to(ACC)
-                H += _rowdot(vxv, wv)
+                H += _rowdot(_x_slice(vx_ptr, t, F, TF, f, rows, rmask).to(ACC),
+                             _w_slice(w_ptr, t * w_ts, F, f, cols, cmask).to(ACC))
             if HAS_VW:
-                xv = tl.load(x_ptr + rows[:, None] * TF + (t * F + f)[None, :], mask=xm, other=0.0).to(ACC)
-                vwv = tl.load(vw_ptr + (t * C + cols[:, None]) * F + f[None, :], mask=wm, other=0.0).to(ACC)
-                H += _rowdot(xv, vwv)
+                H += _rowdot(_x_slice(x_ptr, t, F, TF, f, rows, rmask).to(ACC),
+                             _w_slice(vw_ptr, t * C * F, F, f, cols, cmask).to(ACC))
     if HAS_VB:
         H += tl.load(vb_ptr + t * C + cols, mask=cmask, other=0.0).to(ACC)[None, :]
     tl.store(gg_ptr + t, c * tl.sum(tl.sum(d * H, axis=1), axis=0))
@@ -249,14 +245,14 @@ def _head_dbwd_kernel(vx_ptr, vw_ptr, vb_ptr, g_ptr, lw_ptr, x_ptr, w_ptr, logit
         f = f0 + fo
         xm = rmask[:, None] & (f < F)[None, :]
         wm = cmask[:, None] & (f < F)[None, :]
-        wv = tl.load(w_ptr + t * w_ts + cols[:, None] * F + f[None, :], mask=wm, other=0.0).to(ACC)
-        xv = tl.load(x_ptr + rows[:, None] * TF + (t * F + f)[None, :], mask=xm, other=0.0).to(ACC)
+        wv = _w_slice(w_ptr, t * w_ts, F, f, cols, cmask).to(ACC)
+        xv = _x_slice(x_ptr, t, F, TF, f, rows, rmask).to(ACC)
         gx = _mix_rows(gz, wv)
         gw = _mix_cols(gz, xv)
         if HAS_VW:
-            gx += _mix_rows(G, tl.load(vw_ptr + (t * C + cols[:, None]) * F + f[None, :], mask=wm, other=0.0).to(ACC))
+            gx += _mix_rows(G, _w_slice(vw_ptr, t * C * F, F, f, cols, cmask).to(ACC))
         if HAS_VX:
-            gw += _mix_cols(G, tl.load(vx_ptr + rows[:, None] * TF + (t * F + f)[None, :], mask=xm, other=0.0).to(ACC))
+            gw += _mix_cols(G, _x_slice(vx_ptr, t, F, TF, f, rows, rmask).to(ACC))
         tl.store(gx_ptr + rows[:, None] * TF + (t * F + f)[None, :], gx, mask=xm)
         tl.store(gw_ptr + (t * C + cols[:, None]) * F + f[None, :], gw, mask=wm)
 
