@@ -789,27 +789,20 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
         raise MamlppError(f"bench.trace: --epoch must be >= 0, got {epoch}")
     if batch_size is not None and batch_size < 1:
         raise MamlppError(f"bench.trace: --batch-size must be >= 1, got {batch_size}")
-    if first_block not in ("auto", "fused", "unfused"):
-        raise MamlppError(f"bench.trace: --first-block must be auto, fused or unfused, got {first_block!r}")
-    has_block = hasattr(fast_mod, "block_torch_impl")
-    if first_block == "auto":
-        first_block = "fused" if backend != "torch" and has_block else "unfused"
-    if first_block == "fused" and not has_block:
-        raise MamlppError("bench.trace: --first-block fused: this tree has no fused first block")
-    if bn_pool not in ("auto", "fused", "unfused"):
-        raise MamlppError(f"bench.trace: --bn-pool must be auto, fused or unfused, got {bn_pool!r}")
-    has_pool = hasattr(fast_mod, "bn_pool_torch_impl")
-    if bn_pool == "auto":
-        bn_pool = "fused" if backend != "torch" and has_pool else "unfused"
-    if bn_pool == "fused" and not has_pool:
-        raise MamlppError("bench.trace: --bn-pool fused: this tree has no bn_pool op")
-    if head not in ("auto", "fused", "unfused"):
-        raise MamlppError(f"bench.trace: --head must be auto, fused or unfused, got {head!r}")
-    has_head = hasattr(fast_mod, "head_torch_impl")
-    if head == "auto":
-        head = "fused" if backend != "torch" and has_head else "unfused"
-    if head == "fused" and not has_head:
-        raise MamlppError("bench.trace: --head fused: this tree has no head_loss op")
+    def fused_choice(value, flag, attr, what):
+        """auto -> fused unless the backend is torch or this tree lacks the op (`attr` of fast.py)."""
+        if value not in ("auto", "fused", "unfused"):
+            raise MamlppError(f"bench.trace: --{flag} must be auto, fused or unfused, got {value!r}")
+        has = hasattr(fast_mod, attr)
+        if value == "auto":
+            value = "fused" if backend != "torch" and has else "unfused"
+        if value == "fused" and not has:
+            raise MamlppError(f"bench.trace: --{flag} fused: this tree has no {what}")
+        return value, has
+
+    first_block, has_block = fused_choice(first_block, "first-block", "block_torch_impl", "fused first block")
+    bn_pool, has_pool = fused_choice(bn_pool, "bn-pool", "bn_pool_torch_impl", "bn_pool op")
+    head, has_head = fused_choice(head, "head", "head_torch_impl", "head_loss op")
     try:
         w = workload_by_name(workload, quick=quick)
     except KeyError as e:
