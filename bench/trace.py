@@ -1143,6 +1143,10 @@ def main(argv=None) -> int:
     p.add_argument("--device-ceilings", default="h100", choices=sorted(CEILINGS))
     p.add_argument("--conv-efficiency", type=float, default=1.0,
                    help="fraction of the FMA ceiling assumed for the convolution kernels (default 1.0)")
+    p.add_argument("--triton-configs", default=None, metavar="X.Y",
+                   help="the Triton version whose launch configurations the convolutions use (they differ "
+                        "below 3.7: mamlpp_fast.triton.conv.conv_block_config; default: the installed one; the "
+                        "device machines run 3.6)")
     p.add_argument("--quick", action="store_true", help="workload names of --quick (tiny shapes)")
     p.add_argument("--json", action="store_true", help="print the totals as one JSON object")
     p.add_argument("--calibrate", action="store_true",
@@ -1152,7 +1156,14 @@ def main(argv=None) -> int:
     if a.calibrate:
         print(json.dumps(calibrate(a.device_ceilings), indent=1))
         return 0
+    from mamlpp_fast.triton import conv as tconv
+    installed = tconv._TRITON_VERSION
     try:
+        if a.triton_configs is not None:
+            try:
+                tconv._TRITON_VERSION = tuple(int(v) for v in a.triton_configs.split("."))[:2]
+            except ValueError:
+                raise MamlppError(f"--triton-configs must be a version X.Y, got {a.triton_configs!r}") from None
         if a.workload is None:
             from .workloads import main_workloads
             a.workload = main_workloads(a.quick)[0].name
@@ -1161,6 +1172,9 @@ def main(argv=None) -> int:
     except MamlppError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        configs = ".".join(map(str, tconv._TRITON_VERSION))
+        tconv._TRITON_VERSION = installed
     if not 0 < a.conv_efficiency <= 1:
         print(f"error: --conv-efficiency must be in (0, 1], got {a.conv_efficiency}", file=sys.stderr)
         return 2
@@ -1176,16 +1190,19 @@ def main(argv=None) -> int:
     s["git_dirty"] = bool(_git("status", "--porcelain", "--untracked-files=no"))
     s["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     s["torch"] = torch.__version__
+    s["triton_configs"] = configs
     if a.out:
         with open(a.out, "w") as f:
             json.dump(s, f, indent=1)
         with open(a.out.rsplit(".", 1)[0] + ".md", "w") as f:
             f.write(to_markdown(s) + f"\nCommand: `{s['command']}`; git {s['git_revision'][:10]}"
-                    f"{' (modified)' if s['git_dirty'] else ''}, torch {s['torch']}, {s['date']}.\n")
+                    f"{' (modified)' if s['git_dirty'] else ''}, torch {s['torch']}, convolution launch "
+                    f"configurations of Triton {s['triton_configs']}, {s['date']}.\n")
     if a.json:
         keys = ("workload", "batch_size", "backend", "conv_impl", "cuda_graph", "tf32", "tf32x3", "conv_efficiency",
                 "kernels",
-                "bytes", "flops", "conv_linear_flops", "predicted_ms", "prediction", "analytic_flops_total", "analytic_flops_minimal")
+                "bytes", "flops", "conv_linear_flops", "predicted_ms", "prediction", "analytic_flops_total", "analytic_flops_minimal",
+                "triton_configs")
         print(json.dumps({k: s[k] for k in keys}))
     else:
         print(to_markdown(s))

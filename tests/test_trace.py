@@ -166,6 +166,19 @@ def test_prediction_and_json_keys(capsys):
     assert out["predicted_ms"] >= out["kernels"] * CEILINGS["h100"]["graph_launch_us"] * 1e-3
 
 
+def test_triton_configs_recorded_and_restored(capsys):
+    """--triton-configs X.Y traces with that version's convolution launch configurations, says so in the
+    JSON, and leaves the package's own version in place afterwards."""
+    from mamlpp_fast.triton import conv
+    installed = conv._TRITON_VERSION
+    assert main(["--quick", "--workload", QUICK, "--triton-configs", "3.6", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["triton_configs"] == "3.6"
+    assert conv._TRITON_VERSION == installed
+    assert main(["--quick", "--workload", QUICK, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["triton_configs"] == \
+        ".".join(map(str, installed))
+
+
 def test_h200_has_no_prediction(capsys):
     assert main(["--quick", "--workload", QUICK, "--device-ceilings", "h200", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -175,7 +188,8 @@ def test_h200_has_no_prediction(capsys):
 @pytest.mark.parametrize("args, word", [(["--workload", "no_such_workload"], "unknown workload"),
                                         (["--backend", "cpp"], "--backend"),
                                         (["--conv-impl", "fft"], "--conv-impl"),
-                                        (["--batch-size", "0"], "--batch-size")])
+                                        (["--batch-size", "0"], "--batch-size"),
+                                        (["--triton-configs", "3.x"], "--triton-configs")])
 def test_bad_input_one_line_error(args, word):
     p = subprocess.run([sys.executable, "-m", "bench.trace", "--quick", *args], capture_output=True, text=True)
     assert p.returncode == 2

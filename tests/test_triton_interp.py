@@ -238,9 +238,10 @@ def test_triton_conv_gradcheck_and_gradgradcheck():
 
 
 @inner
-def test_triton_conv_bad_inputs_and_block_config():
+def test_triton_conv_bad_inputs_and_block_config(monkeypatch):
     import torch
     from mamlpp_fast.ops.conv_triton_autograd import task_conv2d_triton
+    from mamlpp_fast.triton import conv as C
     from mamlpp_fast.triton.conv import conv_block_config
 
     x, w = torch.randn(2, 4, 5, 5), torch.randn(2, 3, 2, 3, 3)
@@ -250,12 +251,31 @@ def test_triton_conv_bad_inputs_and_block_config():
         task_conv2d_triton(x, w, None, 2, (1, 2), (1, 1))
     with pytest.raises(ValueError, match="at most 32 filter taps"):
         task_conv2d_triton(torch.randn(2, 4, 9, 9), torch.randn(2, 3, 2, 7, 7), None, 2, (1, 1), (3, 3))
-    # Omniglot layer 2 (x (20, 512, 14, 14)): 64-row tiles reach 2 waves on 132 SMs without a split
+    # Omniglot layer 2 (x (20, 512, 14, 14)): 64-row tiles reach 2 waves on 132 SMs without a split; the
+    # gather k-major in 16-channel steps under Triton >= 3.7, pixel-major in 32-channel steps before
+    monkeypatch.setattr(C, "_TRITON_VERSION", (3, 7))
     assert conv_block_config("fwd", 20 * 196, 64, 64, 9, 8, 132) == dict(
-        BLOCK_M=64, BLOCK_N=64, NSUB=1, BLOCK_K=16, SPLIT=1, CHUNK=36, SMALL=False, num_warps=4)
+        BLOCK_M=64, BLOCK_N=64, NSUB=1, BLOCK_K=16, SPLIT=1, CHUNK=36, SMALL=False, GATHER_MK=False, num_warps=4)
     # its 3x3 layer: 32-row tiles and the 36 (tap, channel-block) steps split in 6 chunks
     cfg = conv_block_config("fwd", 20 * 9, 64, 64, 9, 8, 132)
     assert (cfg["BLOCK_M"], cfg["SPLIT"], cfg["CHUNK"]) == (32, 6, 6)
+    monkeypatch.setattr(C, "_TRITON_VERSION", (3, 6))
+    assert conv_block_config("fwd", 20 * 196, 64, 64, 9, 8, 132) == dict(
+        BLOCK_M=64, BLOCK_N=64, NSUB=1, BLOCK_K=32, SPLIT=1, CHUNK=18, SMALL=False, GATHER_MK=True, num_warps=4)
+    cfg = conv_block_config("dgrad", 20 * 9, 64, 64, 9, 8, 132)  # 18 steps of 32 channels in 6 chunks
+    assert (cfg["BLOCK_M"], cfg["BLOCK_K"], cfg["SPLIT"], cfg["CHUNK"]) == (32, 32, 6, 3)
+    # 48 channels stay in 16-channel steps (32 would pad a third of the reduction with zeros)
+    assert conv_block_config("dgrad", 75 * 42 * 42, 48, 48, 9, 2, 132)["BLOCK_K"] == 16
+    # the weight gradient under Triton < 3.7: one tap's 64 channels per column tile, 32 lanes per step where
+    # 2 waves of >= 2-step chunks remain (14 x 14), 16 where not (3 x 3: 180 lanes); 48 channels not tap-major
+    wcfg = C.wgrad_block_config(64, 64, 9, 20 * 196, 8, 132)
+    assert (wcfg["TAP_MAJOR"], wcfg["BLOCK_N"], wcfg["BLOCK_K"]) == (True, 64, 32)
+    assert C.wgrad_block_config(64, 64, 9, 20 * 9, 8, 132)["BLOCK_K"] == 16
+    assert not C.wgrad_block_config(48, 48, 9, 5 * 441, 2, 132)["TAP_MAJOR"]
+    monkeypatch.setattr(C, "wgrad_block_config", lambda *a: dict(wcfg, BLOCK_N=64))
+    with pytest.raises(ValueError, match="TAP_MAJOR needs one sub-tile and Ci a multiple of BLOCK_N"):
+        C.conv_weight_grad(torch.randn(2, 2 * 48, 5, 5), torch.randn(2, 2 * 64, 5, 5),
+                           (2, 64, 48, 3, 3, 5, 5, 5, 5, 1, 1))
     # the first layer (1 input channel): the whole reduction in one block, no split
     cfg = conv_block_config("fwd", 20 * 784, 64, 1, 9, 8, 132)
     assert cfg["SMALL"] and cfg["BLOCK_K"] == 16 and cfg["SPLIT"] == 1
@@ -356,9 +376,16 @@ CONV_PATHS = [
      dict(BLOCK_M=32, BLOCK_N=64, SPLIT=1)),
     ((2, 2, 48, 48, 4, 3, 1, 1), dict(BLOCK_M=16, BLOCK_N=16, NSUB=3, SPLIT=2),
      dict(BLOCK_M=16, BLOCK_N=16, NSUB=3, SPLIT=2)),
+    ((2, 2, 64, 64, 5, 3, 1, 1), dict(BLOCK_M=16, BLOCK_N=64, NSUB=1, BLOCK_K=32, GATHER_MK=True, SPLIT=3), {}),
+    ((2, 2, 20, 17, 5, 3, 2, 1), dict(BLOCK_M=16, BLOCK_N=16, NSUB=3, BLOCK_K=32, GATHER_MK=True, SPLIT=1), {}),
+    ((2, 2, 48, 48, 4, 3, 1, 0), dict(BLOCK_M=32, BLOCK_N=16, NSUB=3, GATHER_MK=True, SPLIT=2), {}),
+    ((2, 2, 32, 16, 5, 3, 1, 1), {}, dict(BLOCK_M=16, BLOCK_N=16, NSUB=1, TAP_MAJOR=True, SPLIT=2)),
+    ((3, 2, 16, 5, 7, 3, 2, 1), {}, dict(BLOCK_M=16, BLOCK_N=16, NSUB=1, BLOCK_K=32, TAP_MAJOR=True, SPLIT=1)),
 ]
 CONV_PATH_IDS = ["c48-subtiles-nosplit", "c48-tiles16-split", "cin3-small-s2", "cin3-small-c48-subtiles",
-                 "cin3-taps-s2-split", "tails-subtiles-s2-split5", "pad0-even", "k-multiple-of-tile"]
+                 "cin3-taps-s2-split", "tails-subtiles-s2-split5", "pad0-even", "k-multiple-of-tile",
+                 "pixel-major-k32-split", "pixel-major-k32-tails-s2", "pixel-major-c48-pad0-split",
+                 "wgrad-tap-major-split", "wgrad-tap-major-lanes32-s2-row-tails"]
 
 
 @inner
@@ -403,11 +430,14 @@ def test_triton_conv_launch_paths(case, monkeypatch):
 
 SPLIT_SUM_CASES = [CONV_PATHS[1], CONV_PATHS[5],
                    ((2, 1, 16, 32, 6, 3, 1, 0), dict(BLOCK_M=32, BLOCK_N=32, NSUB=1, SPLIT=3),
-                    dict(BLOCK_M=32, BLOCK_N=64, NSUB=1, SPLIT=3, num_warps=4))]
+                    dict(BLOCK_M=32, BLOCK_N=64, NSUB=1, SPLIT=3, num_warps=4)),
+                   ((2, 1, 32, 32, 10, 3, 1, 1), dict(BLOCK_M=32, BLOCK_N=32, NSUB=1, BLOCK_K=32, GATHER_MK=True, SPLIT=3),
+                    dict(BLOCK_M=32, BLOCK_N=32, NSUB=1, BLOCK_K=32, TAP_MAJOR=True, SPLIT=3, num_warps=4))]
 
 
 @inner
-@pytest.mark.parametrize("case", SPLIT_SUM_CASES, ids=["c48-tiles16-split", "tails-subtiles-split5", "wgrad-keeps-own"])
+@pytest.mark.parametrize("case", SPLIT_SUM_CASES, ids=["c48-tiles16-split", "tails-subtiles-split5", "wgrad-keeps-own",
+                                                       "pixel-major-tap-major-keeps-own"])
 def test_triton_conv_split_sum_in_kernel(case, monkeypatch):
     """The split reductions' partials summed inside the kernels (the last chunk's program of each tile):
     in float32, bit-identical to adding the kernel's own partials in chunk order 0, 1, ... (the partials
@@ -449,10 +479,11 @@ def test_triton_conv_split_sum_in_kernel(case, monkeypatch):
     parts, separate = {}, {}
     for name, f in launches.items():
         seen = []
-        monkeypatch.setattr(C, "_result", lambda out, ws, sum_in: (seen.append(ws), result(out, ws, sum_in))[1])
+        monkeypatch.setattr(C, "_result", lambda out, ws, sum_in: (seen.append((out, ws)), result(out, ws, sum_in))[1])
         separate[name] = f().reshape(-1)
-        assert len(seen) == 1 and seen[0].shape[0] > 1, f"{name}: not one split launch"
-        parts[name] = seen[0]
+        # one launch, split (no result buffer: the separate sum makes it) into more than one partial
+        assert len(seen) == 1 and seen[0][0] is None and seen[0][1].shape[0] > 1, f"{name}: not one split launch"
+        parts[name] = seen[0][1]
     monkeypatch.setattr(C, "_result", result)
     monkeypatch.setenv("MAMLPP_CONV_SPLIT_SUM", "kernel")
     for name, ws in parts.items():

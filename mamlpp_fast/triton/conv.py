@@ -111,11 +111,12 @@ def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, task
     autotune: it also runs under the interpreter).
 
     rows m (n*Ho*Wo / n*H*W per task) x cols (Co / Ci), reduction over kk taps x `chans` channels (Ci /
-    Co) in k-steps of BLOCK_K = 16 channels. Returns BLOCK_M (pixels), BLOCK_N (channels) and NSUB
-    (channel sub-tiles per program: 3 at 48 channels, else 1), BLOCK_K, SPLIT and CHUNK (k-steps per
-    chunk; each chunk writes its own partial output, summed in chunk order by the tile's last program:
-    deterministic, `_store_result`), SMALL (forward
-    only: the whole reduction Ci*kh*kw <= 32 in one block, the first layer) and num_warps.
+    Co) in k-steps of BLOCK_K = 16 channels (32 with GATHER_MK where the channels are a multiple of 32).
+    Returns BLOCK_M (pixels), BLOCK_N (channels) and NSUB (channel sub-tiles per program: 3 at 48
+    channels, else 1), BLOCK_K, SPLIT and CHUNK (k-steps per chunk; each chunk writes its own partial
+    output, summed in chunk order by the tile's last program: deterministic, `_store_result`), SMALL
+    (forward only: the whole reduction Ci*kh*kw <= 32 in one block, the first layer), GATHER_MK (the
+    gather's load orientation, `_gather_mk`: pixel-major under Triton < 3.7) and num_warps.
 
     Rules: BLOCK_N = `_tile(cols)`; BLOCK_M the largest of 128, 64 (128 with sub-tiles) whose programs
     reach 2 waves of `sms`, else the smallest (32, or 512 / BLOCK_N) with SPLIT chunks of >= 2 k-steps
@@ -125,11 +126,17 @@ def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, task
     bn = _tile(cols)
     nsub = 3 if bn == 16 and cols % 48 == 0 else 1  # 48 channels: three 16-column sub-tiles per program
     small = kind == "fwd" and chans * kk <= 32
+    gather_mk = _TRITON_VERSION < (3, 7)
     if small:
         bk = max(16, triton.next_power_of_2(chans * kk))
         steps = 1
     else:
-        bk = 16
+        # 32-channel k-steps where the channels come in whole blocks of 32 (Omniglot's 64) and the gather
+        # is loaded pixel-major (Triton < 3.7, `_gather_mk`): the loop's fixed cost (pipeline stage
+        # bookkeeping, barriers, the tap counters, one mask test per row) is then shared by twice the FMAs
+        # (~76-78% -> 80-81% FFMA under Triton 3.6); 48 channels keep 16 (32 would pad a third of the
+        # reduction with zeros); under Triton 3.7.1 32 spilled at its register cap
+        bk = 32 if gather_mk and chans % 32 == 0 else 16
         steps = kk * triton.cdiv(chans, bk)
     want = 2 * sms
     col_tiles = triton.cdiv(cols, bn * nsub) * tasks
@@ -160,34 +167,46 @@ def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, task
         if nsub == 3:
             warps = max(2, warps)  # 32 x 16 x 3 at one warp spilled 12 bytes in the data gradient (3.6)
     return dict(BLOCK_M=bm, BLOCK_N=bn, NSUB=nsub, BLOCK_K=bk, SPLIT=split, CHUNK=chunk, SMALL=small,
-                num_warps=warps)
+                GATHER_MK=gather_mk, num_warps=warps)
 
 
 def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int) -> dict:
     """Launch configuration of the weight gradient: per task a (Co x Ci*kh*kw) output in BLOCK_M x BLOCK_N
     tiles (BLOCK_M 64 rows of Co, or three 16-row sub-tiles per program (NSUB=3) at 48 channels;
-    BLOCK_N the widest of 128, 64, 32 columns that still reaches 2 waves),
-    reduction over red = n*Ho*Wo in lanes of BLOCK_K = 16, split into SPLIT chunks (multiples of
-    BLOCK_K, >= 2 steps each) so that the programs reach 2 waves of `sms`; each chunk writes its own
-    partial, summed in chunk order by the tile's last program (`_store_result`; deterministic)."""
+    BLOCK_N the widest of 128, 64, 32 columns that still reaches 2 waves; TAP_MAJOR (Triton < 3.7,
+    Ci a multiple of 64): 64 channels of one tap per column tile),
+    reduction over red = n*Ho*Wo in lanes of BLOCK_K = 16 (32 with TAP_MAJOR where 2 waves remain),
+    split into SPLIT chunks (multiples of BLOCK_K, >= 2 steps each) so that the programs reach 2 waves of
+    `sms`; each chunk writes its own partial, summed in chunk order by the tile's last program
+    (`_store_result`; deterministic)."""
     k = ci * kk
     nsub = 3 if co % 48 == 0 and co % 64 != 0 else 1  # 48 rows: three 16-row sub-tiles per program
     bm = 16 if nsub == 3 else 64 if co > 32 else max(16, triton.next_power_of_2(co))
-    bk = 16
     want = 2 * sms
-    max_split = max(1, triton.cdiv(red, 2 * bk))
-    for bn in (128, 64, 32):
-        if bn > 32 and bn > max(16, triton.next_power_of_2(k)):
-            continue
+    # one tap's 64 channels per column tile (`_conv_wgrad_kernel` TAP_MAJOR; Triton < 3.7, where it took
+    # Omniglot's loops from 70-72% to 75% FFMA, 78% with 32 lanes per step; under 3.7.1 it did not help)
+    tap_major = nsub == 1 and ci % 64 == 0 and _TRITON_VERSION < (3, 7)
+    if tap_major:
+        bn = 64
+        tiles = triton.cdiv(co, bm) * kk * (ci // bn) * tasks
+        # 32 reduction lanes per step where that still leaves 2 waves of >= 2-step chunks
+        bk = 32 if tiles * triton.cdiv(red, 64) >= want else 16
+        max_split = max(1, triton.cdiv(red, 2 * bk))
+    else:
+        bk = 16
+        max_split = max(1, triton.cdiv(red, 2 * bk))
+        for bn in (128, 64, 32):
+            if bn > 32 and bn > max(16, triton.next_power_of_2(k)):
+                continue
+            tiles = triton.cdiv(co, bm * nsub) * triton.cdiv(k, bn) * tasks
+            if tiles * max_split >= want:
+                break
+        bn = min(bn, max(16, triton.next_power_of_2(k)))
         tiles = triton.cdiv(co, bm * nsub) * triton.cdiv(k, bn) * tasks
-        if tiles * max_split >= want:
-            break
-    bn = min(bn, max(16, triton.next_power_of_2(k)))
-    tiles = triton.cdiv(co, bm * nsub) * triton.cdiv(k, bn) * tasks
     split = max(1, min(triton.cdiv(want, tiles), max_split))
     chunk = max(2 * bk, red // split // bk * bk) if split > 1 else triton.cdiv(red, bk) * bk
     split = triton.cdiv(red, chunk)
-    return dict(BLOCK_M=bm, BLOCK_N=bn, NSUB=nsub, BLOCK_K=bk, SPLIT=split, CHUNK=chunk,
+    return dict(BLOCK_M=bm, BLOCK_N=bn, NSUB=nsub, BLOCK_K=bk, SPLIT=split, CHUNK=chunk, TAP_MAJOR=tap_major,
                 num_warps=max(1, bm * bn // 1024) if nsub == 1 else max(1, bn // 32))  # ptxas: no spills
 
 
@@ -311,6 +330,28 @@ def _store_result(acc, acc1, acc2, out_ptr, ws_ptr, cnt_ptr, offs, sub, mask, ma
 
 
 @triton.jit
+def _gather_mk(base_ptr, row, koff, row_ok, k_ok, EVEN_K: tl.constexpr):
+    """The k-step's gathered operand [BLOCK_K, BLOCK_M], element (k, m) = base[row[m] + koff[k]], zero where
+    row m's tap is outside (`row_ok`) or, without EVEN_K, k is past the channels (`k_ok`), loaded as a
+    [BLOCK_M, BLOCK_K] tile and transposed (GATHER_MK, `conv_block_config`: Triton < 3.7).
+
+    Why: loaded as [BLOCK_K, BLOCK_M], Triton 3.6 (the device's) lays the load out k-fastest, one k and 8
+    pixels per thread: 8 row-mask tests and 8 row bases per step. Loaded this way each thread holds 4
+    consecutive pixels x 2 channels (one mask test and one base per row, shared by its channels), the
+    offsets are added in int32 before the pointer, and the FMA loop's shared loads are all 16-byte: the
+    forward and data-gradient loops went from ~76% to 77-78% FFMA, 80-81% with 32-channel steps
+    (bench/NOTES.md). Under Triton 3.7.1 the same source, at its 128-register cap, lost 4-5 points and
+    spilled at 32-channel steps, so the kernels keep their k-major load there (written out in each kernel:
+    routed through a helper, that load cost 3.7.1's TF32 data gradient 8 B of spills)."""
+    ptrs = base_ptr + (row[:, None] + koff[None, :])
+    if EVEN_K:
+        v = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        v = tl.load(ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    return tl.trans(v)
+
+
+@triton.jit
 def _tile_id(pid_m, pid_n, t):
     """The program's output tile over all tasks: its counter's index (grid axes 0 and 1 per task)."""
     return (t * tl.num_programs(1) + pid_n) * tl.num_programs(0) + pid_m
@@ -322,7 +363,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI, CO, 
                      HAS_BIAS: tl.constexpr, PREC: tl.constexpr, SMALL: tl.constexpr, SPLIT: tl.constexpr,
                      EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, NSUB: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     SUM_IN: tl.constexpr = True, ROT: tl.constexpr = 0):
+                     SUM_IN: tl.constexpr = True, ROT: tl.constexpr = 0, GATHER_MK: tl.constexpr = False):
     """out[i, t*CO+o, y, z] = sum over the chunks s of (sum over the k-steps of chunk s of x-gather[m, k] *
     w[t, o, k]) (+ bias[t, o], added to chunk 0's partial); m = i*L + (y*WO + z). Partials and their sum:
     `_store_result`.
@@ -399,14 +440,19 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI, CO, 
         for kk in range(k0, k1):
             c0 = cb * BLOCK_K
             row_ok = ((vbits >> tap) & 1) != 0
-            x_ptrs = x_ptr + (x_row + (c0 * HW + p * W + q))[None, :] + (offs_k * HW)[:, None]
             w_ptrs = w_ptr + (w_task + (tap * CI + c0) * CO + offs_n)[:, None] + (offs_k * CO)[None, :]
             if EVEN_K:
-                xg = tl.load(x_ptrs, mask=row_ok[None, :], other=0.0)
                 c_ok = offs_k < BLOCK_K
             else:
                 c_ok = offs_k < CI - c0
-                xg = tl.load(x_ptrs, mask=row_ok[None, :] & c_ok[:, None], other=0.0)
+            if GATHER_MK:
+                xg = _gather_mk(x_ptr, x_row + (c0 * HW + p * W + q), offs_k * HW, row_ok, c_ok, EVEN_K)
+            else:  # k-major (see `_gather_mk`)
+                x_ptrs = x_ptr + (x_row + (c0 * HW + p * W + q))[None, :] + (offs_k * HW)[:, None]
+                if EVEN_K:
+                    xg = tl.load(x_ptrs, mask=row_ok[None, :], other=0.0)
+                else:
+                    xg = tl.load(x_ptrs, mask=row_ok[None, :] & c_ok[:, None], other=0.0)
             if EVEN_K and EVEN_N:
                 wk = tl.load(w_ptrs)
             else:
@@ -448,7 +494,7 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, ws_ptr, cnt_ptr, NT, CI, CO, H, W, 
                        PREC: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                        NSUB: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       SUM_IN: tl.constexpr = True, ROT: tl.constexpr = 0):
+                       SUM_IN: tl.constexpr = True, ROT: tl.constexpr = 0, GATHER_MK: tl.constexpr = False):
     """dx[i, t*CI+c, h, v] = sum over the chunks s of (sum over the k-steps of chunk s of g-gather[m, k] *
     w[t, o, c, p, q]); m = i*H*W + h*W + v, k-steps (tap, output-channel block) as in the forward;
     partials and their sum: `_store_result`.
@@ -507,14 +553,19 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, ws_ptr, cnt_ptr, NT, CI, CO, H, W, 
             a_row = g_base - (p * WO + q)
         else:  # the compile-time stride divides the row's (h + PAD - p), (v + PAD - q) where the bit is set
             a_row = g_row + (tl.maximum(ny0 - p, 0) // STRIDE) * WO + tl.maximum(nz0 - q, 0) // STRIDE
-        g_ptrs = g_ptr + (a_row + o0 * L)[None, :] + (offs_k * L)[:, None]
         w_ptrs = w_ptr + (w_task + (tap * CO + o0) * CI + offs_n)[:, None] + (offs_k * CI)[None, :]
         if EVEN_K:
-            gg = tl.load(g_ptrs, mask=row_ok[None, :], other=0.0)
             o_ok = offs_k < BLOCK_K
         else:
             o_ok = offs_k < CO - o0
-            gg = tl.load(g_ptrs, mask=row_ok[None, :] & o_ok[:, None], other=0.0)
+        if GATHER_MK:
+            gg = _gather_mk(g_ptr, a_row + o0 * L, offs_k * L, row_ok, o_ok, EVEN_K)
+        else:  # k-major (see `_gather_mk`)
+            g_ptrs = g_ptr + (a_row + o0 * L)[None, :] + (offs_k * L)[:, None]
+            if EVEN_K:
+                gg = tl.load(g_ptrs, mask=row_ok[None, :], other=0.0)
+            else:
+                gg = tl.load(g_ptrs, mask=row_ok[None, :] & o_ok[:, None], other=0.0)
         if EVEN_K and EVEN_N:
             wk = tl.load(w_ptrs)
         else:
@@ -550,7 +601,8 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI,
                        TOT, KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
                        PREC: tl.constexpr, SPLIT: tl.constexpr, NSUB: tl.constexpr, HAS_DB: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       SUM_IN: tl.constexpr = True, ROT: tl.constexpr = 0, KEEP: tl.constexpr = False):
+                       SUM_IN: tl.constexpr = True, ROT: tl.constexpr = 0, KEEP: tl.constexpr = False,
+                       TAP_MAJOR: tl.constexpr = False):
     """out[t, o, k] = sum over the chunks s of (sum over r in chunk s of g[i, t*CO+o, y, z] *
     X[i, t*CI+c, y*S+p-PAD, z*S+q-PAD]); k = (c, p, q) (the weight's own layout), r = i*L + y*WO + z.
     out holds TOT values; partial s (SPLIT > 1) starts at ws + s*TOT (`_store_result`; KEEP: the weight
@@ -563,7 +615,9 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI,
     registers and instruction mix are what bench.static_metrics measured for it).
 
     Columns: k is split into (c, p, q) once per program (column offset c*HW + p*W + q and the tap's bit
-    p*KW + q). Reduction lanes: a per-shape table (`_lane_table`, built once and cached) holds for every
+    p*KW + q). TAP_MAJOR (`wgrad_block_config`): a column tile is BLOCK_N channels of one tap (pid_n =
+    tap * (CI / BLOCK_N) + channel block), so the padding mask of the gathered x tile is one bit test per
+    reduction lane instead of one per element, and no column is masked (CI a multiple of BLOCK_N). Reduction lanes: a per-shape table (`_lane_table`, built once and cached) holds for every
     r its g offset, its x offset at tap (0, 0) and one bit per tap that is inside the image, so the loop
     has no division and per element one add (address) and one bit test (padding mask). NSUB = 3 (48
     output channels): three BLOCK_M = 16 row sub-tiles share each gathered x tile."""
@@ -585,7 +639,7 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI,
     r0 = s * CHUNK
     r1 = tl.minimum(r0 + CHUNK, R)
     lanes = tl.arange(0, BLOCK_K)
-    if HAS_DB and pid_n * BLOCK_N >= K:
+    if HAS_DB and pid_n == tl.num_programs(1) - 1:
         # the bias programs: g summed over the chunk's lanes, rows as the weight programs'
         bacc = tl.zeros([BLOCK_M], dtype=ACC)
         bacc1 = tl.zeros([BLOCK_M], dtype=ACC)
@@ -602,6 +656,31 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI,
                                         other=0.0).to(ACC), axis=0)
         _store_result(bacc, bacc1, bacc2, out_ptr, ws_ptr, cnt_ptr, NT * CO * K + t * CO + offs_o, BLOCK_M,
                       o_ok, o_ok1, o_ok2, s, TOT, tile, SPLIT, SUM_IN, NSUB)
+    elif TAP_MAJOR:
+        # one tap (p, q) and BLOCK_N channels per column tile (CI a multiple of BLOCK_N): the padding mask is
+        # one bit test per reduction lane, shared by the row of the gathered tile, and no column is masked
+        tl.static_assert(NSUB == 1)
+        CB = CI // BLOCK_N
+        tap = pid_n // CB  # once per program
+        tap_bit = 1 << tap
+        offs_c = (pid_n - tap * CB) * BLOCK_N + tl.arange(0, BLOCK_N)
+        kp = tap // KW
+        x_c = t * CI * HW + offs_c * HW + kp * W + (tap - kp * KW)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        for rs in range(r0, r1, BLOCK_K):
+            r_ok = lanes < r1 - rs
+            g_r = tl.load(lane_ptr + rs + lanes, mask=r_ok, other=0)
+            x_r = tl.load(lane_ptr + R + rs + lanes, mask=r_ok, other=0)
+            v_r = tl.load(lane_ptr + 2 * R + rs + lanes, mask=r_ok, other=0)  # 0 past the end: all masked
+            a = tl.trans(tl.load(g_ptr + g_r[:, None] + g_o[None, :], mask=o_ok[None, :] & r_ok[:, None], other=0.0))
+            b = tl.load(x_ptr + (x_r[:, None] + x_c[None, :]), mask=((v_r & tap_bit) != 0)[:, None], other=0.0)
+            acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+        col = offs_c * KK + tap
+        _store_result(acc, acc1, acc2, out_ptr, ws_ptr, cnt_ptr, (t * CO + offs_o[:, None]) * K + col[None, :],
+                      BLOCK_M * K, o_ok[:, None], o_ok1[:, None], o_ok2[:, None], s, TOT, tile, SPLIT, SUM_IN,
+                      NSUB, KEEP)
     else:
         offs_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         k_ok = offs_k < K
@@ -809,9 +888,13 @@ def conv_weight_grad(x, g, meta, with_bias=False):
     if with_bias and not bias_in_wgrad(cfg):
         return conv_weight_grad(x, g, meta), g.reshape(n, b, co, -1).sum((0, 3))
     split, chunk = cfg.pop("SPLIT"), cfg.pop("CHUNK")
+    if cfg["TAP_MAJOR"] and (ci % cfg["BLOCK_N"] or cfg["NSUB"] != 1):
+        raise ValueError(f"triton conv weight gradient: TAP_MAJOR needs one sub-tile and Ci a multiple of "
+                         f"BLOCK_N, got Ci={ci}, BLOCK_N={cfg['BLOCK_N']}, NSUB={cfg['NSUB']}")
     nw = b * co * ci * kh * kw
     tot = nw + (b * co if with_bias else 0)
-    k_tiles = triton.cdiv(ci * kh * kw, cfg["BLOCK_N"]) + (1 if with_bias else 0)  # + the bias's programs
+    k_tiles = (kh * kw * (ci // cfg["BLOCK_N"]) if cfg["TAP_MAJOR"] else triton.cdiv(ci * kh * kw, cfg["BLOCK_N"])) \
+        + (1 if with_bias else 0)  # + the bias's programs
     grid = (triton.cdiv(co, cfg["BLOCK_M"] * cfg["NSUB"]), k_tiles, b * split)
     out, ws, cnt, sum_in = _split_buffers((tot,), split, x, grid[0] * grid[1] * b,
                                           wgrad_sums_split(cfg, with_bias))
