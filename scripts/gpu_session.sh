@@ -19,11 +19,13 @@
 #   precision python -m bench.precision --device cuda: the meta-gradient error of strict fp32, TF32
 #             and 3xTF32 against float64, the device's own TF32                  -> precision.{json,md}
 #   memcheck  compute-sanitizer memcheck on the non-slow GPU op tests          -> memcheck.log
+#   convab    python -m bench.conv_ab: the Triton convolutions with the installed Triton's launch
+#             configurations against the k-major ones of Triton >= 3.7         -> conv_ab.{json,md}
 #   opbench   pytest-benchmark bench/bench_ops.py                              -> bench_ops.json
 # The device tool returns at most 8 files, so everything is packed into $OUT/gpu_session.tgz, beside
 # $OUT/summary.txt and copies of the benchmark's and the profile's markdown ($OUT/bench.md, profile.md).
 # Limits (s, env): DEADLINE=560 BUILD_LIMIT=180 TESTS_LIMIT=150 PROFILE_LIMIT=60 BENCH_LIMIT=240
-# PRECISION_LIMIT=60 MEMCHECK_LIMIT=60
+# PRECISION_LIMIT=60 MEMCHECK_LIMIT=60 CONVAB_LIMIT=40
 # OPBENCH_LIMIT=45; BENCH_ARGS replaces the benchmark's arguments. Python: $PYTHON (default python3).
 set -u
 : "${OUT:?set OUT to the results directory}"
@@ -84,6 +86,9 @@ stage precision "${PRECISION_LIMIT:-60}" "$W/precision.log" "$PY" -m bench.preci
 # ---- memcheck ------------------------------------------------------------------------------------------
 memcheck_stage "${MEMCHECK_LIMIT:-60}" "$W/memcheck.log"
 
+# ---- launch configurations A/B of the convolutions ----------------------------------------------------------
+stage convab "${CONVAB_LIMIT:-40}" "$W/conv_ab.log" "$PY" -m bench.conv_ab --iters 30 --out "$W/conv_ab"
+
 # ---- op benchmark --------------------------------------------------------------------------------------
 stage opbench "${OPBENCH_LIMIT:-45}" "$W/bench_ops.log" \
   "$PY" -m pytest bench/bench_ops.py -q -p no:cacheprovider --benchmark-only --benchmark-enable \
@@ -106,10 +111,12 @@ fail=0
   grep -E "^bench: " "$W/bench.log" | cut -c1-220 | tail -n 40
   grep -E "^(## |Captured update|Eager update)" "$W/profile.log" | cut -c1-220
   grep -E "^\| (ieee|tf32|tf32x3) \|" "$W/precision.log" | sed 's/^/precision: /' 
+  grep -E "^\| [0-9]+x[0-9]+ \|" "$W/conv_ab.log" | sed 's/^/conv_ab: /'
 } >"$OUT/summary.txt" 2>&1
 md=$(ls "$W"/bench/latest_cuda*.md 2>/dev/null | head -n 1)
 [ -n "$md" ] && cp "$md" "$OUT/bench.md"
 [ -f "$W/profile.md" ] && cp "$W/profile.md" "$OUT/profile.md"
+[ -f "$W/conv_ab.md" ] && cp "$W/conv_ab.md" "$OUT/conv_ab.md"
 tar -czf "$OUT/gpu_session.tgz" -C "$OUT" session && rm -rf "$W"
 cat "$OUT/summary.txt"
 exit $fail
