@@ -480,12 +480,13 @@ def _conv_triton_patch(rec: _Recorder):
         def wgrad_keeps_own(cfg):
             return False
 
-    def gemm(kind, name, call, layer, flops, w, operands, out, split, sums_split=True, kept=0):
+    def gemm(kind, name, call, layer, flops, w, operands, out, split, sums_split=True, kept=0, layout=None):
         """The re-layout copy (forward / data gradient only, when the launcher makes one: `relaid_weights`
-        keeps a tensor's copy for its later calls), the main kernel, the partial sum."""
+        keeps a tensor's copy for its later calls; `layout`: the one the kernel reads, default its own),
+        the main kernel, the partial sum."""
         if w is not None:
             with rec.hide():
-                copied = True if relaid_weights is None else relaid_weights(w, kind.replace("conv_", ""))[1]
+                copied = True if relaid_weights is None else relaid_weights(w, layout or kind.replace("conv_", ""))[1]
             if copied:
                 rec.add(name=f"triton {kind} weight re-layout (aten.copy_)", kind="conv", layer=layer,
                         bytes=2 * _nbytes(w))
@@ -516,7 +517,8 @@ def _conv_triton_patch(rec: _Recorder):
             dx = conv2d_input((n, b * ci, h, wd), w.reshape(-1, ci, kh, kw), g, s, p, groups=b)
         cfg = conv_block_config("dgrad", n * h * wd, ci, co, kh * kw, b, rec.sms)
         gemm("conv_dgrad", "triton conv_dgrad", ("conv_data_grad", tuple(g.shape), meta),
-             rec.layer_of([g, dx]), 2 * macs(meta, n), w, _nbytes(g) + _nbytes(w), dx, cfg["SPLIT"])
+             rec.layer_of([g, dx]), 2 * macs(meta, n), w, _nbytes(g) + _nbytes(w), dx, cfg["SPLIT"],
+             layout="fwd" if cfg.get("W_FWD") else "dgrad")
         return dx
 
     def wgrad(x, g, meta, with_bias=False):

@@ -256,6 +256,7 @@ def test_triton_conv_bad_inputs_and_block_config(monkeypatch):
     monkeypatch.setattr(C, "_TRITON_VERSION", (3, 7))
     assert conv_block_config("fwd", 20 * 196, 64, 64, 9, 8, 132) == dict(
         BLOCK_M=64, BLOCK_N=64, NSUB=1, BLOCK_K=16, SPLIT=1, CHUNK=36, SMALL=False, GATHER_MK=False, num_warps=4)
+    assert not conv_block_config("dgrad", 20 * 196, 64, 64, 9, 8, 132)["W_FWD"]
     # its 3x3 layer: 32-row tiles and the 36 (tap, channel-block) steps split in 6 chunks
     cfg = conv_block_config("fwd", 20 * 9, 64, 64, 9, 8, 132)
     assert (cfg["BLOCK_M"], cfg["SPLIT"], cfg["CHUNK"]) == (32, 6, 6)
@@ -264,6 +265,7 @@ def test_triton_conv_bad_inputs_and_block_config(monkeypatch):
         BLOCK_M=64, BLOCK_N=64, NSUB=1, BLOCK_K=32, SPLIT=1, CHUNK=18, SMALL=False, GATHER_MK=True, num_warps=4)
     cfg = conv_block_config("dgrad", 20 * 9, 64, 64, 9, 8, 132)  # 18 steps of 32 channels in 6 chunks
     assert (cfg["BLOCK_M"], cfg["BLOCK_K"], cfg["SPLIT"], cfg["CHUNK"]) == (32, 32, 6, 3)
+    assert cfg["W_FWD"] and "W_FWD" not in conv_block_config("fwd", 20 * 9, 64, 64, 9, 8, 132)
     # 48 channels stay in 16-channel steps (32 would pad a third of the reduction with zeros)
     assert conv_block_config("dgrad", 75 * 42 * 42, 48, 48, 9, 2, 132)["BLOCK_K"] == 16
     # the weight gradient under Triton < 3.7: one tap's 64 channels per column tile, 32 lanes per step where
@@ -376,15 +378,19 @@ CONV_PATHS = [
      dict(BLOCK_M=32, BLOCK_N=64, SPLIT=1)),
     ((2, 2, 48, 48, 4, 3, 1, 1), dict(BLOCK_M=16, BLOCK_N=16, NSUB=3, SPLIT=2),
      dict(BLOCK_M=16, BLOCK_N=16, NSUB=3, SPLIT=2)),
-    ((2, 2, 64, 64, 5, 3, 1, 1), dict(BLOCK_M=16, BLOCK_N=64, NSUB=1, BLOCK_K=32, GATHER_MK=True, SPLIT=3), {}),
-    ((2, 2, 20, 17, 5, 3, 2, 1), dict(BLOCK_M=16, BLOCK_N=16, NSUB=3, BLOCK_K=32, GATHER_MK=True, SPLIT=1), {}),
-    ((2, 2, 48, 48, 4, 3, 1, 0), dict(BLOCK_M=32, BLOCK_N=16, NSUB=3, GATHER_MK=True, SPLIT=2), {}),
+    ((2, 2, 64, 64, 5, 3, 1, 1), dict(BLOCK_M=16, BLOCK_N=64, NSUB=1, BLOCK_K=32, GATHER_MK=True, W_FWD=True, SPLIT=3),
+     {}),
+    ((2, 2, 20, 17, 5, 3, 2, 1), dict(BLOCK_M=16, BLOCK_N=16, NSUB=3, BLOCK_K=32, GATHER_MK=True, W_FWD=True, SPLIT=1),
+     {}),
+    ((2, 2, 48, 48, 4, 3, 1, 0), dict(BLOCK_M=32, BLOCK_N=16, NSUB=3, GATHER_MK=True, W_FWD=True, SPLIT=2), {}),
+    ((2, 2, 48, 48, 4, 3, 1, 1), dict(BLOCK_M=16, BLOCK_N=16, NSUB=3, W_FWD=True, SPLIT=2), {}),
     ((2, 2, 32, 16, 5, 3, 1, 1), {}, dict(BLOCK_M=16, BLOCK_N=16, NSUB=1, TAP_MAJOR=True, SPLIT=2)),
     ((3, 2, 16, 5, 7, 3, 2, 1), {}, dict(BLOCK_M=16, BLOCK_N=16, NSUB=1, BLOCK_K=32, TAP_MAJOR=True, SPLIT=1)),
 ]
 CONV_PATH_IDS = ["c48-subtiles-nosplit", "c48-tiles16-split", "cin3-small-s2", "cin3-small-c48-subtiles",
                  "cin3-taps-s2-split", "tails-subtiles-s2-split5", "pad0-even", "k-multiple-of-tile",
                  "pixel-major-k32-split", "pixel-major-k32-tails-s2", "pixel-major-c48-pad0-split",
+                 "dgrad-forward-layout-c48-subtiles",
                  "wgrad-tap-major-split", "wgrad-tap-major-lanes32-s2-row-tails"]
 
 
@@ -431,7 +437,7 @@ def test_triton_conv_launch_paths(case, monkeypatch):
 SPLIT_SUM_CASES = [CONV_PATHS[1], CONV_PATHS[5],
                    ((2, 1, 16, 32, 6, 3, 1, 0), dict(BLOCK_M=32, BLOCK_N=32, NSUB=1, SPLIT=3),
                     dict(BLOCK_M=32, BLOCK_N=64, NSUB=1, SPLIT=3, num_warps=4)),
-                   ((2, 1, 32, 32, 10, 3, 1, 1), dict(BLOCK_M=32, BLOCK_N=32, NSUB=1, BLOCK_K=32, GATHER_MK=True, SPLIT=3),
+                   ((2, 1, 32, 32, 10, 3, 1, 1), dict(BLOCK_M=32, BLOCK_N=32, NSUB=1, BLOCK_K=32, GATHER_MK=True, W_FWD=True, SPLIT=3),
                     dict(BLOCK_M=32, BLOCK_N=32, NSUB=1, BLOCK_K=32, TAP_MAJOR=True, SPLIT=3, num_warps=4))]
 
 

@@ -116,7 +116,8 @@ def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, task
     channels, else 1), BLOCK_K, SPLIT and CHUNK (k-steps per chunk; each chunk writes its own partial
     output, summed in chunk order by the tile's last program: deterministic, `_store_result`), SMALL
     (forward only: the whole reduction Ci*kh*kw <= 32 in one block, the first layer), GATHER_MK (the
-    gather's load orientation, `_gather_mk`: pixel-major under Triton < 3.7) and num_warps.
+    gather's load orientation, `_gather_mk`: pixel-major under Triton < 3.7), num_warps and, for the data
+    gradient, W_FWD (it reads the forward's weight layout: Triton < 3.7).
 
     Rules: BLOCK_N = `_tile(cols)`; BLOCK_M the largest of 128, 64 (128 with sub-tiles) whose programs
     reach 2 waves of `sms`, else the smallest (32, or 512 / BLOCK_N) with SPLIT chunks of >= 2 k-steps
@@ -166,8 +167,14 @@ def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, task
         warps = max(1, bm * bn // (1024 if bn >= 32 else 512))
         if nsub == 3:
             warps = max(2, warps)  # 32 x 16 x 3 at one warp spilled 12 bytes in the data gradient (3.6)
-    return dict(BLOCK_M=bm, BLOCK_N=bn, NSUB=nsub, BLOCK_K=bk, SPLIT=split, CHUNK=chunk, SMALL=small,
-                GATHER_MK=gather_mk, num_warps=warps)
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, NSUB=nsub, BLOCK_K=bk, SPLIT=split, CHUNK=chunk, SMALL=small,
+               GATHER_MK=gather_mk, num_warps=warps)
+    if kind == "dgrad":
+        # the data gradient reads the forward's weight layout (one re-layout copy per weight tensor instead
+        # of two) under Triton < 3.7, where its loop kept its 16-byte shared loads and FFMA share with it;
+        # under 3.7.1 it lost up to 3 points and spilled in one configuration (bench/NOTES.md)
+        cfg["W_FWD"] = gather_mk
+    return cfg
 
 
 def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int) -> dict:
@@ -494,7 +501,8 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, ws_ptr, cnt_ptr, NT, CI, CO, H, W, 
                        PREC: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                        NSUB: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       SUM_IN: tl.constexpr = True, ROT: tl.constexpr = 0, GATHER_MK: tl.constexpr = False):
+                       SUM_IN: tl.constexpr = True, ROT: tl.constexpr = 0, GATHER_MK: tl.constexpr = False,
+                       W_FWD: tl.constexpr = False):
     """dx[i, t*CI+c, h, v] = sum over the chunks s of (sum over the k-steps of chunk s of g-gather[m, k] *
     w[t, o, c, p, q]); m = i*H*W + h*W + v, k-steps (tap, output-channel block) as in the forward;
     partials and their sum: `_store_result`.
@@ -553,7 +561,11 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, ws_ptr, cnt_ptr, NT, CI, CO, H, W, 
             a_row = g_base - (p * WO + q)
         else:  # the compile-time stride divides the row's (h + PAD - p), (v + PAD - q) where the bit is set
             a_row = g_row + (tl.maximum(ny0 - p, 0) // STRIDE) * WO + tl.maximum(nz0 - q, 0) // STRIDE
-        w_ptrs = w_ptr + (w_task + (tap * CO + o0) * CI + offs_n)[:, None] + (offs_k * CI)[None, :]
+        if W_FWD:  # the forward's layout wt[t, p, q, c, o]: the tile runs along o (see `conv_block_config`)
+            w_ptrs = w_ptr + (w_task + tap * CI * CO + o0 + offs_n * CO)[:, None] + offs_k[None, :]
+        else:
+            w_ptrs = w_ptr + (w_task + (tap * CO + o0) * CI + offs_n)[:, None] + (offs_k * CI)[None, :]
+        w_sub = BLOCK_N * CO if W_FWD else BLOCK_N  # the next channel sub-tile (NSUB = 3)
         if EVEN_K:
             o_ok = offs_k < BLOCK_K
         else:
@@ -573,14 +585,14 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, ws_ptr, cnt_ptr, NT, CI, CO, H, W, 
         acc += tl.dot(wk, gg, input_precision=PREC, out_dtype=ACC)
         if NSUB == 3:
             if EVEN_K and EVEN_N:
-                wk = tl.load(w_ptrs + BLOCK_N)
+                wk = tl.load(w_ptrs + w_sub)
             else:
-                wk = tl.load(w_ptrs + BLOCK_N, mask=o_ok[None, :] & n_ok1[:, None], other=0.0)
+                wk = tl.load(w_ptrs + w_sub, mask=o_ok[None, :] & n_ok1[:, None], other=0.0)
             acc1 += tl.dot(wk, gg, input_precision=PREC, out_dtype=ACC)
             if EVEN_K and EVEN_N:
-                wk = tl.load(w_ptrs + 2 * BLOCK_N)
+                wk = tl.load(w_ptrs + 2 * w_sub)
             else:
-                wk = tl.load(w_ptrs + 2 * BLOCK_N, mask=o_ok[None, :] & n_ok2[:, None], other=0.0)
+                wk = tl.load(w_ptrs + 2 * w_sub, mask=o_ok[None, :] & n_ok2[:, None], other=0.0)
             acc2 += tl.dot(wk, gg, input_precision=PREC, out_dtype=ACC)
         cb += 1
         wrap = cb == CB
@@ -774,7 +786,7 @@ def _result(out, ws, sum_in):
 
 
 # The weights' layouts the kernels read: forward (B, kh, kw, Ci, Co), vector loads along Co; data gradient
-# (B, kh, kw, Co, Ci), vector loads along Ci.
+# (B, kh, kw, Co, Ci), vector loads along Ci, or, with W_FWD (`conv_block_config`), the forward's.
 _RELAYOUT = {"fwd": (0, 3, 4, 2, 1), "dgrad": (0, 3, 4, 1, 2)}
 _RELAID_ATTR = "_mamlpp_relaid"
 
@@ -811,6 +823,7 @@ def conv_forward(x, w, bias, meta):
     n = x.shape[0]
     m = n * ho * wo
     cfg = conv_block_config("fwd", m, co, ci, kh * kw, b, _sms(x.device))
+    cfg.pop("W_FWD", None)  # a data-gradient key (tests force configurations onto both)
     split, chunk = cfg.pop("SPLIT"), cfg.pop("CHUNK")
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(co, cfg["BLOCK_N"] * cfg["NSUB"]), b * split)
     out, ws, cnt, sum_in = _split_buffers((n, b * co, ho, wo), split, x, grid[0] * grid[1] * b)
@@ -827,11 +840,12 @@ def conv_forward(x, w, bias, meta):
 def conv_data_grad(g, w, meta):
     """D(g, w): g (n, B*Co, Ho, Wo) -> (n, B*Ci, H, W)."""
     b, co, ci, kh, kw, h, wd, ho, wo, s, p = meta
-    g, w = g.contiguous(), relaid_weights(w, "dgrad")[0]
-    _check("conv data gradient", g, w)
+    g = g.contiguous()
     n = g.shape[0]
     m = n * h * wd
     cfg = conv_block_config("dgrad", m, ci, co, kh * kw, b, _sms(g.device))
+    w = relaid_weights(w, "fwd" if cfg["W_FWD"] else "dgrad")[0]
+    _check("conv data gradient", g, w)
     split, chunk = cfg.pop("SPLIT"), cfg.pop("CHUNK")
     cap = _register_cap(cfg)
     cfg.pop("SMALL")
