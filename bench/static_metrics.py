@@ -163,7 +163,9 @@ def capture_launches(call, tf32: bool = False) -> list:
             elif op == "conv_forward":
                 meta = call[2]
                 b, co, ci, kh, kw = meta[:5]
-                tconv.conv_forward(t(call[1]), t((b, co, ci, kh, kw)), t((b, co)) if call[3] else None, meta)
+                dual = {"x2": t(call[1]), "w2": t((b, co, ci, kh, kw))} if len(call) > 4 and call[4] else {}
+                tconv.conv_forward(t(call[1]), t((b, co, ci, kh, kw)), t((b, co)) if call[3] else None, meta,
+                                   **dual)
             elif op == "conv_data_grad":
                 meta = call[2]
                 tconv.conv_data_grad(t(call[1]), t(tuple(meta[:5])), meta)
@@ -458,7 +460,7 @@ def _demangle(sym: str) -> str:
 # ---- report ---------------------------------------------------------------------------------------------------------
 def _cfg_str(cfg: dict) -> str:
     keep = ("BLOCK", "BLOCK_M", "BLOCK_N", "BLOCK_K", "NSUB", "SPLIT", "CBLOCK", "PBLOCK", "num_warps", "maxnreg", "KH",
-            "HAS_U", "HAS_DTHETA", "GAMMA_PER_TASK", "HAS_BIAS", "GATHER_MK", "TAP_MAJOR", "W_FWD")
+            "HAS_U", "HAS_DTHETA", "GAMMA_PER_TASK", "HAS_BIAS", "GATHER_MK", "TAP_MAJOR", "W_FWD", "DUAL")
     return " ".join(f"{k}={cfg[k]}" for k in keep if k in cfg)
 
 

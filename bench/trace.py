@@ -359,6 +359,11 @@ def _make_backend(rec: _Recorder):
     import types
 
     sim = rec.sim_backend
+    try:
+        from mamlpp_fast.ops.torch_backend import task_major_dense as _task_major_dense
+    except ImportError:  # a tree whose compiled backends make every LSLR operand contiguous (not modelled)
+        def _task_major_dense(t):
+            return False
 
     def nb(*ts):
         return sum(_nbytes(t) for t in ts if t is not None)
@@ -396,6 +401,13 @@ def _make_backend(rec: _Recorder):
         with rec.hide():
             outs = torch_lslr.lslr_forward(thetas, grads, alphas, step)
         n = len(grads)
+        # the compiled backends bring a theta whose layout differs from its gradient's into that layout
+        # first (a copy: mamlpp_fast.ops.torch_backend, Layouts); the torch backend computed without one
+        for t, g in zip(thetas, grads):
+            ref = g[0] if t.dim() < g.dim() else g
+            if g.shape[0] > 0 and _task_major_dense(g) and t.stride() != ref.stride():
+                rec.add(name=f"{sim} lslr theta re-layout (aten.copy_)", kind="lslr", layer="params",
+                        bytes=2 * _nbytes(t))
         total = sum(nb(t, g, o) for t, g, o in zip(thetas, grads, outs))
         call = ("lslr_forward", tuple(tuple(t.shape) for t in thetas), tuple(tuple(g.shape) for g in grads))
         launches = math.ceil(n / 24) if sim == "cuda" else _triton_lslr_launches(n)
@@ -436,7 +448,7 @@ def _conv_triton_patch(rec: _Recorder):
       keeps the copy on the tensor: `relaid_weights`), the main kernel (reads x or g, the re-laid weights
       and the bias, writes the output, or with SPLIT > 1 its SPLIT partials);
     - weight gradient: the main kernel (reads x, g and the lane table of 3 int32 per reduction lane,
-      writes the output or SPLIT partials; with the conv bias's gradient, its programs read g once more
+      writes the output, in the forward's weight layout, or SPLIT partials; with the conv bias's gradient, its programs read g once more
       and write the (B, Co) sums, or, where the launcher keeps it apart, a separate reduction). The lane
       table itself is built once per shape and cached, so a steady-state meta-update launches nothing
       for it (not recorded);
@@ -479,17 +491,24 @@ def _conv_triton_patch(rec: _Recorder):
     except ImportError:  # a tree whose last program always reads its own partial back
         def wgrad_keeps_own(cfg):
             return False
+    try:
+        from mamlpp_fast.triton.conv import forward_layout
+    except ImportError:  # a tree whose weight gradient is stored in the weight's own layout
+        def forward_layout(w):
+            return w
 
     def gemm(kind, name, call, layer, flops, w, operands, out, split, sums_split=True, kept=0, layout=None):
         """The re-layout copy (forward / data gradient only, when the launcher makes one: `relaid_weights`
         keeps a tensor's copy for its later calls; `layout`: the one the kernel reads, default its own),
         the main kernel, the partial sum."""
-        if w is not None:
+        for wt in (w if isinstance(w, (list, tuple)) else [w]):
+            if wt is None:
+                continue
             with rec.hide():
-                copied = True if relaid_weights is None else relaid_weights(w, layout or kind.replace("conv_", ""))[1]
+                copied = True if relaid_weights is None else relaid_weights(wt, layout or kind.replace("conv_", ""))[1]
             if copied:
                 rec.add(name=f"triton {kind} weight re-layout (aten.copy_)", kind="conv", layer=layer,
-                        bytes=2 * _nbytes(w))
+                        bytes=2 * _nbytes(wt))
         in_kernel = split > 1 and sums_split and split_sum_in_kernel()
         # in-kernel: + split partials read (less `kept` bytes the last programs add from registers), 1 written
         written = (2 * split + 1) * _nbytes(out) - kept if in_kernel else split * _nbytes(out)
@@ -499,15 +518,24 @@ def _conv_triton_patch(rec: _Recorder):
             rec.add(name="split partial sum (aten.sum)", kind="conv", layer=layer,
                     bytes=(split + 1) * _nbytes(out))
 
-    def fwd(x, w, bias, meta):
+    def fwd(x, w, bias, meta, x2=None, w2=None):
+        """F(x, w) + bias, or with x2, w2 the launcher's dual launch F(x, w) + F(x2, w2) + bias (one
+        kernel over both pairs' taps; where the configuration is SMALL, two launches and an add)."""
         b, co, ci, kh, kw, h, wd, ho, wo, s, p = meta
         n = x.shape[0]
+        dual = x2 is not None
+        cfg = conv_block_config("fwd", n * ho * wo, co, ci, (2 if dual else 1) * kh * kw, b, rec.sms)
+        if dual and cfg.get("SMALL"):
+            out = fwd(x, w, bias, meta) + fwd(x2, w2, None, meta)  # the add is recorded by the mode
+            return out
         with rec.hide():
             out = F.conv2d(x, w.reshape(-1, ci, kh, kw), None if bias is None else bias.reshape(-1), s, p, groups=b)
-        cfg = conv_block_config("fwd", n * ho * wo, co, ci, kh * kw, b, rec.sms)
-        gemm("conv_fwd", "triton conv_fwd", ("conv_forward", tuple(x.shape), meta, bias is not None),
-             rec.layer_of([x, out]), 2 * macs(meta, n), w,
-             sum(_nbytes(t) for t in (x, w, bias) if t is not None), out, cfg["SPLIT"])
+            if dual:
+                out = out + F.conv2d(x2, w2.reshape(-1, ci, kh, kw), None, s, p, groups=b)
+        call = ("conv_forward", tuple(x.shape), meta, bias is not None) + ((True,) if dual else ())
+        gemm("conv_fwd", "triton conv_fwd" + (" (dual)" if dual else ""), call, rec.layer_of([x, out]),
+             (2 if dual else 1) * 2 * macs(meta, n), [w, w2] if dual else w,
+             sum(_nbytes(t) for t in (x, w, x2, w2, bias) if t is not None), out, cfg["SPLIT"])
         return out
 
     def dgrad(g, w, meta):
@@ -525,7 +553,9 @@ def _conv_triton_patch(rec: _Recorder):
         b, co, ci, kh, kw, h, wd, ho, wo, s, p = meta
         n = x.shape[0]
         with rec.hide():
-            dw = conv2d_weight(x, (b * co, ci, kh, kw), g, s, p, groups=b).view(b, co, ci, kh, kw)
+            # in the layout the launcher stores it in (so that the fast weights made from it, and the
+            # re-layout copies they need, are the device's)
+            dw = forward_layout(conv2d_weight(x, (b * co, ci, kh, kw), g, s, p, groups=b).view(b, co, ci, kh, kw))
             db = g.reshape(n, b, co, -1).sum((0, 3)) if with_bias else None
             # with the bias: one more (B, Co) result, from the bias programs' own pass over g
             out = dw if db is None else torch.cat([dw.reshape(-1), db.reshape(-1)])

@@ -8,8 +8,12 @@
 //             dalphas[l] = zeros(S+1) except [step] = -sum(douts[l] * grads[l])
 // Conventions of lslr_backward: all three lists are always returned in full (the caller ignores what
 // it does not need); douts[l] may be None (= zeros): then dthetas[l], dgrads[l], dalphas[l] are zeros.
-// Inputs that are not contiguous are made contiguous (copied); all tensors must share one dtype
-// (float32 or float64) and one device.
+// Layouts: the kernels index all tensors of one item by one flat offset r * P + p. The outputs take the
+// layout of grads[l] (forward) or douts[l] (backward) when it is dense with the task dim outermost (the
+// weight gradients of the Triton convolutions are, in the forward kernel's weight layout: fast weights
+// made from them need no re-layout before a convolution); otherwise that tensor is made contiguous. The
+// other operands are copied into the same layout where theirs differs. All tensors must share one
+// dtype (float32 or float64) and one device.
 // CPU: parallel over fixed blocks of positions; the dalpha partial sums are per fixed block (in the
 // accumulation type, double) and added in block order, so the result does not depend on the thread
 // count. CUDA: one launch for all tensors (kernels/lslr.cu), plus one tiny launch for dalpha.
@@ -37,6 +41,20 @@ namespace {
 using detail::check_float;
 
 constexpr int64_t kCpuBlock = 4096;  // positions per CPU work item (fixed: keeps sums deterministic)
+
+// Dense, non-overlapping, with dim 0 outermost: a flat offset r * numel(t[0]) + p walks t[r] like t[0].
+bool task_major_dense(const Tensor& t) {
+  if (!t.is_non_overlapping_and_dense()) return false;
+  return t.dim() == 0 || t.size(0) <= 1 || t.stride(0) == t.numel() / t.size(0);
+}
+
+Tensor task_major(const Tensor& t) { return task_major_dense(t) ? t : t.contiguous(); }
+
+// t (the shape of ref, which is dense) with ref's strides: t itself if it has them, else a copy.
+Tensor in_layout_of(const Tensor& t, const Tensor& ref) {
+  if (t.strides() == ref.strides()) return t;
+  return at::empty_like(ref).copy_(t);
+}
 
 std::string idx_name(const char* name, size_t l) {
   return std::string(name) + "[" + std::to_string(l) + "]";
@@ -139,10 +157,10 @@ std::vector<Tensor> lslr_forward(const std::vector<Tensor>& thetas, const std::v
                 " must have the shape of grads[", l, "] ", detail::dims(grads[l].sizes()),
                 " (per task) or that shape without the task dim (shared), got ",
                 detail::dims(thetas[l].sizes()));
-    th[l] = thetas[l].contiguous();
-    gr[l] = grads[l].contiguous();
+    gr[l] = task_major(grads[l]);
+    th[l] = T > 0 ? in_layout_of(thetas[l], shared ? gr[l].select(0, 0) : gr[l]) : thetas[l].contiguous();
     al[l] = alphas[l].contiguous();
-    outs[l] = at::empty_like(gr[l], at::MemoryFormat::Contiguous);
+    outs[l] = at::empty_like(gr[l]);
     reps[l] = shared ? T : 1;
     P[l] = shared ? th[l].numel() : gr[l].numel();
   }
@@ -210,11 +228,12 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> lslr_b
     const std::string dn = idx_name("douts", l);
     check_member(fn, dn, *douts[l], grads[0]);
     detail::check_same_shape(fn, dn.c_str(), *douts[l], idx_name("grads", l).c_str(), grads[l]);
-    dout[l] = douts[l]->contiguous();
-    gr[l] = grads[l].contiguous();
-    dgrads[l] = at::empty_like(gr[l], at::MemoryFormat::Contiguous);
+    dout[l] = task_major(*douts[l]);
+    gr[l] = in_layout_of(grads[l], dout[l]);
+    dgrads[l] = at::empty_like(dout[l]);
     if (shared[l]) {
-      dthetas[l] = at::empty(gr[l].sizes().slice(1), gr[l].options());
+      dthetas[l] = T > 0 ? at::empty_like(dout[l].select(0, 0))
+                         : at::empty(gr[l].sizes().slice(1), gr[l].options());
       reps[l] = T;
       P[l] = dthetas[l].numel();
     } else {

@@ -170,3 +170,45 @@ def compare(name, got, ref, tol):
         f"{name}: max rel err {err:.3e} > tol {tol:.1e} at flat index {worst} "
         f"(got {float(got64.reshape(-1)[worst]):.10g}, ref {float(ref64.reshape(-1)[worst]):.10g}); "
         f"mean |diff| {float(diff.mean()):.3e}, scale {scale:.3g}")
+
+
+def check_lslr_layouts(fns, gen):
+    """One backend's LSLR (`fns`: lslr_forward / lslr_backward) on operands in other layouts than
+    contiguous, float64, against the formulas: results within one rounding of the same float64 formula
+    (|err| <= 2^-52 (|theta| + |alpha g|), an FMA's single rounding against the product's and the
+    difference's), and in the layout of the gradient (forward: grad; backward: dout) when that is dense
+    with the task dim outermost, as a weight gradient of the Triton convolutions is ((B, kh, kw, Ci, Co)
+    storage of a (B, Co, Ci, kh, kw) tensor)."""
+    import torch
+    T, S, step = 3, 4, 3
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    fwd_layout = lambda t: t.permute(0, 3, 4, 2, 1).contiguous().permute(0, 4, 3, 1, 2)  # noqa: E731
+    shape = (5, 4, 3, 3)
+    g_fwd = fwd_layout(rnd(T, *shape))
+    g_strided = rnd(T, 5, 8, 3, 3)[:, :, ::2]         # not dense: made contiguous by the backends
+    g_task_inner = rnd(*shape, T).permute(4, 0, 1, 2, 3)  # dense, task dim innermost: contiguous too
+    grads = [g_fwd, g_fwd, fwd_layout(rnd(T, *shape)), g_strided, g_task_inner]
+    thetas = [rnd(*shape), rnd(T, *shape), fwd_layout(rnd(T, *shape)), rnd(*shape), rnd(T, *shape)]
+    shared = [th.dim() < g.dim() for th, g in zip(thetas, grads)]
+    alphas = [rnd(S + 1) for _ in grads]
+    douts = [fwd_layout(rnd(T, *shape)), rnd(T, *shape), fwd_layout(rnd(T, *shape)), g_strided.flip(0),
+             rnd(T, *shape)]
+
+    def close(name, got, want, scale):
+        err = (got - want).abs()
+        assert (err <= 2 ** -52 * scale).all(), f"{name}: off by {err.max():.3e}"
+
+    outs = fns.lslr_forward(thetas, grads, alphas, step)
+    for l, (o, r) in enumerate(zip(outs, ref_lslr_forward(thetas, grads, alphas, step))):
+        close(f"out[{l}]", o, r, thetas[l].abs() + (alphas[l][step] * grads[l]).abs())
+    for l in (0, 1, 2):  # grads in the forward layout: so are the fast weights, whatever theta's layout
+        assert outs[l].stride() == grads[l].stride(), f"out[{l}] strides {outs[l].stride()}"
+    dth, dgr, dal = fns.lslr_backward(douts, grads, alphas, step, shared)
+    rth, rgr, ral = ref_lslr_backward(douts, grads, alphas, step, shared)
+    for l in range(len(grads)):  # margins: a sum of n terms in any order is within n ulps of their |sum|
+        d, g = douts[l], grads[l]
+        close(f"dtheta[{l}]", dth[l], rth[l], T * d.abs().sum(0) if shared[l] else d.abs())
+        close(f"dgrad[{l}]", dgr[l], rgr[l], (alphas[l][step] * d).abs())
+        close(f"dalpha[{l}]", dal[l], ral[l], d.numel() * (d * g).abs().sum())
+    for l in (0, 2):  # douts in the forward layout: so are the gradients of grad a double backward reads
+        assert dgr[l].stride() == douts[l].stride(), f"dgrad[{l}] strides {dgr[l].stride()}"

@@ -219,3 +219,12 @@ def test_stacked_rates_match_the_list_form(rng, backend):
         assert torch.equal(a, b), rng.seed
     with pytest.raises(ValueError, match=r"\(L, S\+1\)"):
         lslr_update(thetas, grads, table[0], 0, backend=backend)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torch", "native") if b in available_backends("cpu")])
+def test_results_in_the_gradients_layout(rng, backend):
+    """Operands in the Triton weight gradient's layout, in another, and not dense: the formulas' values,
+    and the outputs in the gradient's layout where it is dense and task-major (tests/_bn_reference.py)."""
+    from _bn_reference import check_lslr_layouts
+    from mamlpp_fast.ops.backend import get_backend
+    check_lslr_layouts(get_backend(backend, "cpu"), rng.gen)

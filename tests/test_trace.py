@@ -150,9 +150,34 @@ def test_backend_kernel_mapping():
     # whose backward would fill all S rows with zeros and copy one
     for r in res.values():
         assert sum(k.launches for k in r.kernels if k.name == "aten.select_backward") == 0
-    lslr = {b: sum(k.launches for k in r.kernels if k.kind == "lslr") for b, r in res.items()}
+    lslr = {b: sum(k.launches for k in r.kernels if k.kind == "lslr" and "re-layout" not in k.name)
+            for b, r in res.items()}
     steps = res["cuda"].config["workload_detail"]["steps"]
     assert lslr == {"cuda": 3 * steps, "triton": 4 * steps}
+    # besides: step 0's copy of each shared meta-weight of a Triton convolution into its gradient's layout
+    # (the weight gradient's: the forward kernel's weight layout), the compiled backends' only operand copy
+    copies = {b: [k.layer for k in r.kernels if k.name == f"{b} lslr theta re-layout (aten.copy_)"]
+              for b, r in res.items()}
+    assert copies["cuda"] == copies["triton"] and len(copies["cuda"]) == 3  # conv1-3 (conv0: the block's)
+
+
+def test_fast_weights_need_no_relayout(monkeypatch):
+    """The weight gradients are stored in the forward kernel's weight layout and LSLR keeps it, so the
+    only weight re-layout copies of a meta-update are step 0's (the expanded meta-weights): one per
+    convolution layer on its Triton kernels, forward and data gradient alike under the device's Triton
+    3.6 configurations (the data gradient reads the forward's layout there); under >= 3.7's the data
+    gradient's own layout is one copy per tensor it reads."""
+    from mamlpp_fast.triton import conv
+    monkeypatch.setattr(conv, "_TRITON_VERSION", (3, 6))
+    r = trace_meta_update(QUICK, None, "cuda", "triton", True, quick=True)
+    relaid = [k for k in r.kernels if "weight re-layout" in k.name]
+    assert sorted(k.layer for k in relaid for _ in range(k.launches)) == ["conv1", "conv2", "conv3"]
+    assert all(k.node == "forward" for k in relaid)
+    monkeypatch.setattr(conv, "_TRITON_VERSION", (3, 7))
+    r = trace_meta_update(QUICK, None, "cuda", "triton", True, quick=True)
+    fwd = [k.layer for k in r.kernels if k.name == "triton conv_fwd weight re-layout (aten.copy_)"]
+    assert sorted(fwd) == ["conv1", "conv2", "conv3"]
+    assert sum(k.launches for k in r.kernels if k.name == "triton conv_dgrad weight re-layout (aten.copy_)") > 3
 
 
 def test_prediction_and_json_keys(capsys):
@@ -265,3 +290,15 @@ def test_split_sums_in_the_kernels(monkeypatch):
     assert ink["predicted_ms"] < sep["predicted_ms"]
     monkeypatch.setattr(conv, "wgrad_keeps_own", lambda cfg: False)
     assert trace()[0]["bytes"] == sep["bytes"]
+
+
+def test_second_order_data_gradient_terms_in_one_launch():
+    """In the outer backward each inner-loop convolution backward (`_ConvGrads`) forms the gradient of
+    its gy, F(u, w) + F(x, v) + vb, in one dual forward launch: one per conv layer on the Triton kernels
+    (conv1-3; conv0 is the fused block) and inner step, and no activation-sized addition of two terms."""
+    r = trace_meta_update(QUICK, None, "cuda", "triton", True, quick=True)
+    steps = r.config["workload_detail"]["steps"]
+    dual = [k.layer for k in r.kernels if k.name == "triton conv_fwd (dual)" for _ in range(k.launches)]
+    assert sorted(dual) == sorted(["conv1", "conv2", "conv3"] * steps)
+    assert all(k.node == "_ConvGrads" for k in r.kernels if k.name == "triton conv_fwd (dual)")
+    assert not [k for k in r.kernels if k.name == "aten.add" and k.node == "_ConvGrads" and k.layer.startswith("conv")]

@@ -167,6 +167,16 @@ def test_lslr(tb, dtype_name):
 
 
 @inner
+def test_lslr_layouts(tb):
+    """Operands in the Triton weight gradient's layout, in another, and not dense (tests/_bn_reference.py)."""
+    import torch
+    from _bn_reference import check_lslr_layouts
+    seed = int(os.environ.get("MAMLPP_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+    print(f"seed={seed} (rerun with MAMLPP_TEST_SEED={seed})")
+    check_lslr_layouts(tb, torch.Generator().manual_seed(seed))
+
+
+@inner
 def test_bad_inputs(tb):
     import torch
 
@@ -235,6 +245,70 @@ def test_triton_conv_gradcheck_and_gradgradcheck():
         fn = lambda x_, w_, b_: task_conv2d_triton(x_, w_, b_, b, (s, s), (p, p))  # noqa: E731
         assert torch.autograd.gradcheck(fn, (x, w, bias), fast_mode=True)
         assert torch.autograd.gradgradcheck(fn, (x, w, bias), fast_mode=True)
+
+
+@inner
+@pytest.mark.parametrize("chans,split,gather_mk", [(16, 1, False), (16, 4, True), (48, 5, True), (20, 3, False)],
+                         ids=["one-chunk", "split-crosses-pairs", "c48-subtiles-split", "uneven-k-split"])
+def test_triton_conv_dual_forward(monkeypatch, chans, split, gather_mk):
+    """conv_forward(x, w, bias, x2=, w2=) = F(x, w) + F(x2, w2) + bias in one launch, float64, against two
+    plain launches: chunks that start in the second pair's taps or cross into them (SPLIT 4 of 18 steps:
+    chunks of 5), 48-channel sub-tiles, a channel count that is not a multiple of BLOCK_K; and a SMALL
+    layer (two launches and an add); mismatched shapes are refused."""
+    import torch
+    from mamlpp_fast.triton import conv as C
+
+    monkeypatch.setattr(C, "conv_block_config", _forced(C.conv_block_config, dict(SPLIT=split, GATHER_MK=gather_mk)))
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    rnd = lambda *sh: torch.randn(*sh, generator=gen, dtype=torch.float64)  # noqa: E731
+    b, n, h = 2, 3, 5
+    meta = (b, chans, chans, 3, 3, h, h, h, h, 1, 1)
+    x, x2 = rnd(n, b * chans, h, h), rnd(n, b * chans, h, h)
+    w, w2, bias = rnd(b, chans, chans, 3, 3), rnd(b, chans, chans, 3, 3), rnd(b, chans)
+    launches = []
+    real = C._conv_fwd_kernel
+    monkeypatch.setattr(C, "_conv_fwd_kernel", type("K", (), {"__getitem__": lambda self, grid: (
+        lambda *a, **k: (launches.append(k.get("DUAL", False)), real[grid](*a, **k)))})())
+    got = C.conv_forward(x, w, bias, meta, x2=x2, w2=w2)
+    assert launches == [True]
+    want = C.conv_forward(x, w, bias, meta) + C.conv_forward(x2, w2, None, meta)
+    # two float64 sums of 2 * 9 * chans products in different orders: each within 2*9*chans ulps of sum |terms|
+    bound = 2 * 18 * chans * 2 ** -52 * (torch.nn.functional.conv2d(x.abs(), w.abs().reshape(-1, chans, 3, 3),
+                                                                    padding=1, groups=b)
+                                         + torch.nn.functional.conv2d(x2.abs(), w2.abs().reshape(-1, chans, 3, 3),
+                                                                      padding=1, groups=b) + bias.abs().reshape(1, -1, 1, 1))
+    assert ((got - want).abs() <= bound).all(), f"off by {(got - want).abs().max():.3e}"
+    # SMALL (1 input channel: the whole reduction in one block): two launches and an add
+    launches.clear()
+    m1 = (b, 4, 1, 3, 3, h, h, h, h, 1, 1)
+    xs, xs2, ws, ws2 = rnd(n, b, h, h), rnd(n, b, h, h), rnd(b, 4, 1, 3, 3), rnd(b, 4, 1, 3, 3)
+    got = C.conv_forward(xs, ws, None, m1, x2=xs2, w2=ws2)
+    assert launches == [False, False]
+    assert torch.equal(got, C.conv_forward(xs, ws, None, m1) + C.conv_forward(xs2, ws2, None, m1))
+    with pytest.raises(ValueError, match="the second pair must have the first's shapes"):
+        C.conv_forward(x, w, None, meta, x2=x[:1], w2=w2)
+
+
+@inner
+def test_triton_conv_dual_gradcheck_and_gradgradcheck():
+    """float64 gradcheck and gradgradcheck (fast mode) of the dual forward F(x, w) + F(x2, w2) + bias
+    (`_ConvF2`), whose backward is two `_ConvGrads` nodes, and of the backward node itself."""
+    import torch
+    from mamlpp_fast.ops.conv_triton_autograd import _ConvF2, _ConvGrads
+
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    rnd = lambda *sh: torch.randn(*sh, generator=gen, dtype=torch.float64).requires_grad_(True)  # noqa: E731
+    b, ci, co, n, h = 2, 2, 3, 1, 3
+    meta = (b, co, ci, 3, 3, h, h, h, h, 1, 1)
+    args = (rnd(n, b * ci, h, h), rnd(b, co, ci, 3, 3), rnd(n, b * ci, h, h), rnd(b, co, ci, 3, 3), rnd(b, co))
+    fn = lambda x, w, x2, w2, bias: _ConvF2.apply(x, w, x2, w2, bias, meta)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, args, fast_mode=True)
+    assert torch.autograd.gradgradcheck(fn, args, fast_mode=True)
+    x, w, gy = args[0], args[1], rnd(n, b * co, h, h)
+    for need in [(True, True, True), (True, False, False), (False, True, False), (False, False, True)]:
+        g = lambda x_, gy_, w_: _ConvGrads.apply(x_, gy_, w_, meta, *need)  # noqa: E731
+        assert torch.autograd.gradcheck(g, (x, gy, w), fast_mode=True), need
+    assert torch.autograd.gradgradcheck(g, (x, gy, w), fast_mode=True)  # the bias-only one: its expand
 
 
 @inner
@@ -474,9 +548,11 @@ def test_triton_conv_split_sum_in_kernel(case, monkeypatch):
     with_bias = C.bias_in_wgrad(wcfg)
     assert C.wgrad_keeps_own(wcfg) == (over_w.get("num_warps") == 4)
 
-    def wgrad():
+    def wgrad():  # in the order of the kernel's result buffer: the forward's weight layout, then the bias
         r = C.conv_weight_grad(x, gy, meta, with_bias=with_bias)
-        return torch.cat([r[0].reshape(-1), r[1].reshape(-1)]) if with_bias else r
+        dw = (r[0] if with_bias else r).permute(0, 3, 4, 2, 1)
+        assert dw.is_contiguous()
+        return torch.cat([dw.reshape(-1), r[1].reshape(-1)]) if with_bias else dw
 
     launches = {"forward": lambda: C.conv_forward(x, w, bias, meta),
                 "data gradient": lambda: C.conv_data_grad(gy, w, meta), "weight gradient": wgrad}

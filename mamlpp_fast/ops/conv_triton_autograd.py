@@ -9,9 +9,10 @@ v (shape of w)::
     y  = F(x, w) + bias:  dx = D(gy, w),        dw = Wg(x, gy),   dbias[t,o] = sum_{i,y,z} gy[i, t*Co+o, y, z]
     dx = D(g, w):         dg = F(u, w),         dw = Wg(u, g)
     dw = Wg(x, g):        dx = D(g, v),         dg = F(x, v)
-    (dw, dbias) = WgB(x, g) (the weight gradient with the bias's, one launch):
-                          dx = D(g, v),         dg = F(x, v) + vb   (vb: upstream gradient of dbias,
-                                                                     the forward kernel's bias)
+    (dx, dw, dbias) = the backward of y (`_ConvGrads`, one node; dw and dbias in one launch):
+                          dgy = F(u, w) + F(x, v) + vb,   dx = D(gy, v),   dw = Wg(u, gy)
+                          (vb: upstream gradient of dbias; dgy is ONE forward launch over both pairs,
+                          `_ConvF2`, with vb as its bias)
 
 so the Functions below differentiate each other and the convolution is differentiable to any order
 (MAML++ needs two) with the three kernels only: the bias gradient is summed inside the weight-gradient
@@ -31,6 +32,8 @@ __all__ = ["task_conv2d_triton"]
 # autograd: F, D and Wg differentiate each other (module docstring)
 # ------------------------------------------------------------------------------------------------------
 class _ConvF(torch.autograd.Function):
+    """y = F(x, w) + bias; its backward is one `_ConvGrads` node."""
+
     @staticmethod
     def forward(ctx, x, w, bias, meta):
         ctx.save_for_backward(x, w)
@@ -41,18 +44,89 @@ class _ConvF(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, w = ctx.saved_tensors
-        meta = ctx.meta
-        gx = _ConvD.apply(gy, w, meta) if ctx.needs_input_grad[0] else None
-        need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-        gw = gb = None
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
+        grads = iter(_ConvGrads.apply(x, gy, w, ctx.meta, *need) if any(need) else ())
+        gx, gw, gb = (next(grads) if n else None for n in need)
+        return gx, gw, gb, None
+
+
+class _ConvF2(torch.autograd.Function):
+    """y = F(x, w) + F(x2, w2) + bias in one launch (the forward kernel's DUAL: one reduction over both
+    pairs' taps). Backward for upstream h: the two pairs' `_ConvGrads`, the bias's with the first."""
+
+    @staticmethod
+    def forward(ctx, x, w, x2, w2, bias, meta):
+        ctx.save_for_backward(x, w, x2, w2)
+        ctx.meta = meta
+        ctx.has_bias = bias is not None
+        return conv_forward(x, w, bias, meta, x2=x2, w2=w2)
+
+    @staticmethod
+    def backward(ctx, h):
+        x, w, x2, w2 = ctx.saved_tensors
+        ni = ctx.needs_input_grad
+        out = [None] * 6
+        for j, (a, b, need) in enumerate(((x, w, (ni[0], ni[1], ctx.has_bias and ni[4])),
+                                          (x2, w2, (ni[2], ni[3], False)))):
+            if any(need):
+                grads = iter(_ConvGrads.apply(a, h, b, ctx.meta, *need))
+                da, db, dbias = (next(grads) if n else None for n in need)
+                out[2 * j], out[2 * j + 1] = da, db
+                if j == 0:
+                    out[4] = dbias
+        return tuple(out)
+
+
+class _ConvGrads(torch.autograd.Function):
+    """The backward of y = F(x, w) + bias for upstream gy as ONE node: the needed ones of gx = D(gy, w),
+    gw = Wg(x, gy) and gb[t, o] = sum_{i,y,z} gy[i, t*Co+o, y, z] (gw and gb in one launch), returned in
+    that order. Its backward, for upstream gradients (u, v, vb) of (gx, gw, gb)::
+
+        d gy = F(u, w) + F(x, v) + vb      (one forward launch over both pairs, vb as its bias)
+        d x  = D(gy, v)
+        d w  = Wg(u, gy)
+
+    As one node, the second-order backward forms d gy in one launch: as two (the data and the weight
+    gradient), each returned its term and autograd added them (one more forward launch and one addition
+    of a gy-sized tensor per convolution and inner step)."""
+
+    @staticmethod
+    def forward(ctx, x, gy, w, meta, need_x, need_w, need_b):
+        ctx.save_for_backward(x, gy, w)
+        ctx.meta = meta
+        ctx.need = (need_x, need_w, need_b)
+        ctx.set_materialize_grads(False)
+        outs = []
+        if need_x:
+            outs.append(conv_data_grad(gy, w, meta))
         if need_w and need_b:
-            gw, gb = _ConvWB.apply(x, gy, meta)
+            outs += conv_weight_grad(x, gy, meta, with_bias=True)
         elif need_w:
-            gw = _ConvW.apply(x, gy, meta)
+            outs.append(conv_weight_grad(x, gy, meta))
         elif need_b:
             b, co = meta[0], meta[1]
-            gb = gy.reshape(gy.shape[0], b, co, -1).sum((0, 3))
-        return gx, gw, gb, None
+            outs.append(gy.reshape(gy.shape[0], b, co, -1).sum((0, 3)))
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, gy, w = ctx.saved_tensors
+        meta = ctx.meta
+        it = iter(grads)
+        u, v, vb = (next(it) if n else None for n in ctx.need)
+        need_x, need_gy, need_w = ctx.needs_input_grad[:3]
+        dx = _ConvD.apply(gy, v, meta) if need_x and v is not None else None
+        dw = _ConvW.apply(u, gy, meta) if need_w and u is not None else None
+        dgy = None
+        if need_gy:
+            if u is not None and v is not None:
+                dgy = _ConvF2.apply(u, w, x, v, vb, meta)
+            elif u is not None or v is not None:  # vb rides on the one forward launch as its bias
+                dgy = _ConvF.apply(u, w, vb, meta) if u is not None else _ConvF.apply(x, v, vb, meta)
+            elif vb is not None:
+                b, co = meta[0], meta[1]
+                dgy = vb.reshape(1, b * co, 1, 1).expand(gy.shape)
+        return dx, dgy, dw, None, None, None, None
 
 
 class _ConvD(torch.autograd.Function):
@@ -84,31 +158,6 @@ class _ConvW(torch.autograd.Function):
         meta = ctx.meta
         dx = _ConvD.apply(g, v, meta) if ctx.needs_input_grad[0] else None
         dg = _ConvF.apply(x, v, None, meta) if ctx.needs_input_grad[1] else None
-        return dx, dg, None
-
-
-class _ConvWB(torch.autograd.Function):
-    """(dw, dbias) = WgB(x, g): the weight gradient and the bias gradient in one launch."""
-
-    @staticmethod
-    def forward(ctx, x, g, meta):
-        ctx.save_for_backward(x, g)
-        ctx.meta = meta
-        ctx.set_materialize_grads(False)
-        return conv_weight_grad(x, g, meta, with_bias=True)
-
-    @staticmethod
-    def backward(ctx, v, vb):
-        x, g = ctx.saved_tensors
-        meta = ctx.meta
-        dx = _ConvD.apply(g, v, meta) if ctx.needs_input_grad[0] and v is not None else None
-        dg = None
-        if ctx.needs_input_grad[1] and (v is not None or vb is not None):
-            if v is not None:  # F(x, v) with vb as its bias: the broadcast of vb rides on the forward kernel
-                dg = _ConvF.apply(x, v, vb, meta)
-            else:
-                b, co = meta[0], meta[1]
-                dg = vb.reshape(1, b * co, 1, 1).expand(g.shape)
         return dx, dg, None
 
 

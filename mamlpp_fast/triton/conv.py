@@ -41,6 +41,10 @@ What keeps the inner loops on FMAs (instruction counts per kernel: bench/conv_pt
   gather[k, pixel]) from weights pre-transposed once per call to (B, kh, kw, Cin, Cout) / (B, kh,
   kw, Cout, Cin), and the weight gradient transposes its g tile, so that the FMA loop reads both
   operands from shared memory with 16-byte loads (Triton 3.7; 3.6 vectorises fewer of them).
+- the weight gradient is stored in the forward's weight layout (returned as a (B, Cout, Cin, kh, kw)
+  view of it), and LSLR keeps its gradient's layout, so the fast weights of every step and the
+  gradients the double backward convolves with are already laid out for the forward kernel (and, under
+  Triton < 3.7, the data gradient): no re-layout copy but step 0's expanded meta-weights.
 - 48 channels (mini-ImageNet) run as three 16-wide sub-tiles of one program (NSUB=3) that share each
   gathered tile: no idle lanes, and every gathered value feeds 48 FMAs.
 - split reductions for the small layers: forward and data gradient over k-steps, weight gradient
@@ -370,10 +374,16 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI, CO, 
                      HAS_BIAS: tl.constexpr, PREC: tl.constexpr, SMALL: tl.constexpr, SPLIT: tl.constexpr,
                      EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, NSUB: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     SUM_IN: tl.constexpr = True, ROT: tl.constexpr = 0, GATHER_MK: tl.constexpr = False):
+                     SUM_IN: tl.constexpr = True, ROT: tl.constexpr = 0, GATHER_MK: tl.constexpr = False,
+                     x2_ptr=None, w2_ptr=None, DUAL: tl.constexpr = False):
     """out[i, t*CO+o, y, z] = sum over the chunks s of (sum over the k-steps of chunk s of x-gather[m, k] *
     w[t, o, k]) (+ bias[t, o], added to chunk 0's partial); m = i*L + (y*WO + z). Partials and their sum:
     `_store_result`.
+
+    DUAL (not with SMALL): F(x, w) + F(x2, w2) (+ bias) for x2 and w2 of x's and w's shapes: the k-steps
+    run over the taps of (x, w) and then over those of (x2, w2), 2*KH*KW*cdiv(CI, BLOCK_K) in all (split
+    into chunks like any reduction); when the tap counter passes the last tap, the input and weight
+    bases switch to the second pair (the rows' offsets and tap bits are the same for both).
 
     k-steps: (tap, channel block) pairs, tap-major; step kk covers the taps' channels
     [cb*BLOCK_K, cb*BLOCK_K + BLOCK_K) of tap (p, q). Per step the gather is x_row[m] + (c0*HW + p*W + q)
@@ -432,9 +442,16 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI, CO, 
     else:
         CB = tl.cdiv(CI, BLOCK_K)
         k0 = s * CHUNK
-        k1 = tl.minimum(k0 + CHUNK, KK * CB)
+        k1 = tl.minimum(k0 + CHUNK, (2 if DUAL else 1) * KK * CB)
         tap = k0 // CB
         cb = k0 - tap * CB
+        xb = x_ptr
+        wb = w_ptr
+        if DUAL:  # the chunk may start in the second pair's taps
+            second = tap >= KK
+            tap = tl.where(second, tap - KK, tap)
+            xb = tl.where(second, x2_ptr, x_ptr)
+            wb = tl.where(second, w2_ptr, w_ptr)
         p = tap // KW
         q = tap - p * KW
         # per row, one bit per tap: the tap's input pixel is inside the image (static loop over the taps,
@@ -447,15 +464,15 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI, CO, 
         for kk in range(k0, k1):
             c0 = cb * BLOCK_K
             row_ok = ((vbits >> tap) & 1) != 0
-            w_ptrs = w_ptr + (w_task + (tap * CI + c0) * CO + offs_n)[:, None] + (offs_k * CO)[None, :]
+            w_ptrs = wb + (w_task + (tap * CI + c0) * CO + offs_n)[:, None] + (offs_k * CO)[None, :]
             if EVEN_K:
                 c_ok = offs_k < BLOCK_K
             else:
                 c_ok = offs_k < CI - c0
             if GATHER_MK:
-                xg = _gather_mk(x_ptr, x_row + (c0 * HW + p * W + q), offs_k * HW, row_ok, c_ok, EVEN_K)
+                xg = _gather_mk(xb, x_row + (c0 * HW + p * W + q), offs_k * HW, row_ok, c_ok, EVEN_K)
             else:  # k-major (see `_gather_mk`)
-                x_ptrs = x_ptr + (x_row + (c0 * HW + p * W + q))[None, :] + (offs_k * HW)[:, None]
+                x_ptrs = xb + (x_row + (c0 * HW + p * W + q))[None, :] + (offs_k * HW)[:, None]
                 if EVEN_K:
                     xg = tl.load(x_ptrs, mask=row_ok[None, :], other=0.0)
                 else:
@@ -484,6 +501,12 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI, CO, 
             wq = q == KW
             q = tl.where(wq, 0, q)
             p += wq.to(tl.int32)
+            if DUAL:  # past the first pair's last tap: the second pair's first
+                wp = p == KH
+                p = tl.where(wp, 0, p)
+                tap = tl.where(wp, 0, tap)
+                xb = tl.where(wp, x2_ptr, xb)
+                wb = tl.where(wp, w2_ptr, wb)
     if HAS_BIAS:
         acc += tl.load(b_ptr + t * CO + offs_n, mask=n_ok & (s == 0), other=0.0)[:, None]
         if NSUB == 3:
@@ -615,8 +638,10 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        SUM_IN: tl.constexpr = True, ROT: tl.constexpr = 0, KEEP: tl.constexpr = False,
                        TAP_MAJOR: tl.constexpr = False):
-    """out[t, o, k] = sum over the chunks s of (sum over r in chunk s of g[i, t*CO+o, y, z] *
-    X[i, t*CI+c, y*S+p-PAD, z*S+q-PAD]); k = (c, p, q) (the weight's own layout), r = i*L + y*WO + z.
+    """out[t, p, q, c, o] = sum over the chunks s of (sum over r in chunk s of g[i, t*CO+o, y, z] *
+    X[i, t*CI+c, y*S+p-PAD, z*S+q-PAD]), r = i*L + y*WO + z: the weight gradient in the forward kernel's
+    weight layout (B, kh, kw, Ci, Co) (`conv_weight_grad` returns it as a (B, Co, Ci, kh, kw) view), so
+    that the fast weights and gradients computed from it need no re-layout copy before a convolution.
     out holds TOT values; partial s (SPLIT > 1) starts at ws + s*TOT (`_store_result`; KEEP: the weight
     programs' last chunk adds its own partial from registers, `wgrad_keeps_own`).
 
@@ -689,9 +714,9 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI,
             a = tl.trans(tl.load(g_ptr + g_r[:, None] + g_o[None, :], mask=o_ok[None, :] & r_ok[:, None], other=0.0))
             b = tl.load(x_ptr + (x_r[:, None] + x_c[None, :]), mask=((v_r & tap_bit) != 0)[:, None], other=0.0)
             acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
-        col = offs_c * KK + tap
-        _store_result(acc, acc1, acc2, out_ptr, ws_ptr, cnt_ptr, (t * CO + offs_o[:, None]) * K + col[None, :],
-                      BLOCK_M * K, o_ok[:, None], o_ok1[:, None], o_ok2[:, None], s, TOT, tile, SPLIT, SUM_IN,
+        col = tap * CI * CO + offs_c * CO
+        _store_result(acc, acc1, acc2, out_ptr, ws_ptr, cnt_ptr, t * CO * K + offs_o[:, None] + col[None, :],
+                      BLOCK_M, o_ok[:, None], o_ok1[:, None], o_ok2[:, None], s, TOT, tile, SPLIT, SUM_IN,
                       NSUB, KEEP)
     else:
         offs_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -720,8 +745,9 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI,
                 acc1 += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
                 a = tl.trans(tl.load(g_ptrs + 2 * BLOCK_M * L, mask=o_ok2[None, :] & r_ok[:, None], other=0.0))
                 acc2 += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
-        _store_result(acc, acc1, acc2, out_ptr, ws_ptr, cnt_ptr, (t * CO + offs_o[:, None]) * K + offs_k[None, :],
-                      BLOCK_M * K, o_ok[:, None] & k_ok[None, :], o_ok1[:, None] & k_ok[None, :],
+        col = kr * CI * CO + kc * CO  # the forward's layout (t, p, q, c, o)
+        _store_result(acc, acc1, acc2, out_ptr, ws_ptr, cnt_ptr, t * CO * K + offs_o[:, None] + col[None, :],
+                      BLOCK_M, o_ok[:, None] & k_ok[None, :], o_ok1[:, None] & k_ok[None, :],
                       o_ok2[:, None] & k_ok[None, :], s, TOT, tile, SPLIT, SUM_IN, NSUB, KEEP)
 
 
@@ -788,6 +814,13 @@ def _result(out, ws, sum_in):
 # The weights' layouts the kernels read: forward (B, kh, kw, Ci, Co), vector loads along Co; data gradient
 # (B, kh, kw, Co, Ci), vector loads along Ci, or, with W_FWD (`conv_block_config`), the forward's.
 _RELAYOUT = {"fwd": (0, 3, 4, 2, 1), "dgrad": (0, 3, 4, 1, 2)}
+_FROM_FWD = (0, 4, 3, 1, 2)  # (B, kh, kw, Ci, Co) -> the (B, Co, Ci, kh, kw) view
+
+
+def forward_layout(w):
+    """w (B, Co, Ci, kh, kw) as a view of the same values stored in the forward kernel's layout
+    (B, kh, kw, Ci, Co), as `conv_weight_grad` returns its result (a copy unless w is already so)."""
+    return w.permute(*_RELAYOUT["fwd"]).contiguous().permute(*_FROM_FWD)
 _RELAID_ATTR = "_mamlpp_relaid"
 
 
@@ -815,14 +848,29 @@ def relaid_weights(w, kind):
     return t, copied
 
 
-def conv_forward(x, w, bias, meta):
-    """F(x, w) + bias. x (n, B*Ci, H, W), w (B, Co, Ci, kh, kw), bias (B, Co) or None."""
+def conv_forward(x, w, bias, meta, x2=None, w2=None):
+    """F(x, w) + bias. x (n, B*Ci, H, W), w (B, Co, Ci, kh, kw), bias (B, Co) or None. With x2 and w2
+    (the shapes of x and w): F(x, w) + F(x2, w2) + bias in one launch whose reduction runs over the taps
+    of both pairs (the kernel's DUAL), except where the layer's configuration is SMALL (two launches and
+    an addition)."""
     b, co, ci, kh, kw, h, wd, ho, wo, s, p = meta
-    x, w = x.contiguous(), relaid_weights(w, "fwd")[0]
-    _check("conv forward", x, w)
+    dual = x2 is not None
     n = x.shape[0]
     m = n * ho * wo
-    cfg = conv_block_config("fwd", m, co, ci, kh * kw, b, _sms(x.device))
+    cfg = conv_block_config("fwd", m, co, ci, (2 if dual else 1) * kh * kw, b, _sms(x.device))
+    if dual and cfg["SMALL"]:
+        return conv_forward(x, w, bias, meta) + conv_forward(x2, w2, None, meta)
+    extra = {}
+    if dual:
+        if x2.shape != x.shape or w2.shape != w.shape:
+            raise ValueError(f"conv forward: the second pair must have the first's shapes, got x2 "
+                             f"{tuple(x2.shape)} for {tuple(x.shape)} and w2 {tuple(w2.shape)} for {tuple(w.shape)}")
+    x, w = x.contiguous(), relaid_weights(w, "fwd")[0]
+    if dual:
+        x2, w2 = x2.contiguous(), relaid_weights(w2, "fwd")[0]
+        _check("conv forward", x2, w2)
+        extra = dict(x2_ptr=x2, w2_ptr=w2, DUAL=True)
+    _check("conv forward", x, w)
     cfg.pop("W_FWD", None)  # a data-gradient key (tests force configurations onto both)
     split, chunk = cfg.pop("SPLIT"), cfg.pop("CHUNK")
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(co, cfg["BLOCK_N"] * cfg["NSUB"]), b * split)
@@ -833,7 +881,7 @@ def conv_forward(x, w, bias, meta):
                            KH=kh, KW=kw, STRIDE=s, PAD=p, HAS_BIAS=bias is not None, PREC=_precision(x.dtype),
                            SPLIT=split, EVEN_K=ci % cfg["BLOCK_K"] == 0,
                            EVEN_N=co % (cfg["BLOCK_N"] * cfg["NSUB"]) == 0, SUM_IN=sum_in, ROT=_CHUNK_ROT[0],
-                           **cfg, **_register_cap(cfg))
+                           **cfg, **_register_cap(cfg), **extra)
     return _result(out, ws, sum_in)
 
 
@@ -889,7 +937,8 @@ def _lane_table(n, meta, device):
 
 
 def conv_weight_grad(x, g, meta, with_bias=False):
-    """Wg(x, g): -> (B, Co, Ci, kh, kw); with_bias: also the conv bias's gradient, -> (dw, db) with
+    """Wg(x, g): -> (B, Co, Ci, kh, kw), a view with the strides of the forward's weight layout
+    (B, kh, kw, Ci, Co) in which the kernel stores it (`forward_layout`); with_bias: also the conv bias's gradient, -> (dw, db) with
     db (B, Co) = g summed over (n, Ho, Wo) per channel, in the same launch where `bias_in_wgrad` (and
     the same in-order sum of the split partials: each partial holds the weights' then the bias's
     values), else by a separate sum."""
@@ -918,5 +967,5 @@ def conv_weight_grad(x, g, meta, with_bias=False):
                              tot, KH=kh, KW=kw, STRIDE=s, PAD=p, PREC=_precision(x.dtype), SPLIT=split,
                              HAS_DB=with_bias, SUM_IN=sum_in, ROT=_CHUNK_ROT[0], KEEP=wgrad_keeps_own(cfg), **cfg)
     red_ws = _result(out, ws, sum_in)
-    dw = red_ws[:nw].view(b, co, ci, kh, kw)
+    dw = red_ws[:nw].view(b, kh, kw, ci, co).permute(*_FROM_FWD)
     return (dw, red_ws[nw:].view(b, co)) if with_bias else dw

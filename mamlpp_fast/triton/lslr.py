@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.torch_backend import in_layout_of, task_major
+
 __all__ = ["lslr_forward", "lslr_backward", "lslr_block_config"]
 
 
@@ -137,10 +139,11 @@ def lslr_forward(thetas, grads, alphas, step):
         if not shared and th.shape != g.shape:
             raise ValueError(f"lslr_forward: thetas[{l}] must have the shape of grads[{l}] "
                              f"{tuple(g.shape)} or that without the task dim, got {tuple(th.shape)}")
-        ths.append(th.contiguous())
-        gs.append(g.contiguous())
+        g = task_major(g)  # the outputs take grad's layout (mamlpp_fast.ops.torch_backend: Layouts)
+        ths.append(in_layout_of(th, g[0] if shared else g) if g.shape[0] > 0 else th.contiguous())
+        gs.append(g)
         als.append(a.contiguous())
-        outs.append(torch.empty_like(gs[-1]))
+        outs.append(torch.empty_like(g))
         sizes.append(th.numel() if shared else g.numel())
         reps.append(T if shared else 1)
     cfg = lslr_block_config(max(sizes))
@@ -181,9 +184,13 @@ def lslr_backward(douts, grads, alphas, step, shared):
             dgrads[l] = torch.zeros_like(g)
             dthetas[l] = torch.zeros_like(g[0]) if shared[l] else torch.zeros_like(g)
             continue
-        d, g = douts[l].contiguous(), g.contiguous()
-        dgrads[l] = torch.empty_like(g)
-        dthetas[l] = torch.empty_like(g[0]) if shared[l] else d
+        d = task_major(douts[l])  # the results take dout's layout (as the forward's take grad's)
+        g = in_layout_of(g, d)
+        dgrads[l] = torch.empty_like(d)
+        if shared[l]:
+            dthetas[l] = torch.empty_like(d[0]) if T > 0 else g.new_empty(g.shape[1:])
+        else:
+            dthetas[l] = d
         for lst, t in zip(args, (d, g, alphas[l].contiguous(), dgrads[l], dthetas[l])):
             lst.append(t)
     if live and starts[-1] > 0:
