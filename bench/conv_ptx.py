@@ -148,7 +148,13 @@ def compile_ptx(kernel, args, kwargs):
     values.update(kwargs)
     constexprs, signature, attrs = {}, {}, {}
     for i, name in enumerate(names):
+        if name not in values:  # a parameter the launch left at its default (e.g. the forward's x2_ptr=None)
+            values[name] = kernel.params[i].default
         v = values[name]
+        if v is None:
+            constexprs[name] = None
+            signature[name] = "constexpr"
+            continue
         if isinstance(v, torch.Tensor) or (isinstance(v, int) and not isinstance(v, bool) and v % 16 == 0):
             attrs[(i,)] = [["tt.divisibility", 16]]  # the launcher's specialisation (fresh tensors: aligned)
         if kernel.params[i].is_constexpr:

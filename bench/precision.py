@@ -74,9 +74,12 @@ def product(mode: str, f, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def emulated_launchers(mode: str):
     """The three launchers of mamlpp_fast.triton.conv (same signatures), as PyTorch convolutions whose
     operands are rounded as `mode` says."""
-    def fwd(x, w, bias, meta):
+    def fwd(x, w, bias, meta, x2=None, w2=None):
         b, co, ci, kh, kw, h, wd, ho, wo, s, p = meta
-        out = product(mode, lambda a, c: F.conv2d(a, c.reshape(-1, ci, kh, kw), None, s, p, groups=b), x, w)
+        conv = lambda a, c: F.conv2d(a, c.reshape(-1, ci, kh, kw), None, s, p, groups=b)  # noqa: E731
+        out = product(mode, conv, x, w)
+        if x2 is not None:  # the dual launch: one reduction over both pairs
+            out = out + product(mode, conv, x2, w2)
         return out if bias is None else out + bias.reshape(1, -1, 1, 1)
 
     def dgrad(g, w, meta):
