@@ -360,7 +360,7 @@ def _make_backend(rec: _Recorder):
 
     sim = rec.sim_backend
     try:
-        from mamlpp_fast.ops.torch_backend import task_major_dense as _task_major_dense
+        from mamlpp_fast.triton.lslr import task_major_dense as _task_major_dense
     except ImportError:  # a tree whose compiled backends make every LSLR operand contiguous (not modelled)
         def _task_major_dense(t):
             return False

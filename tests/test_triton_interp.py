@@ -460,12 +460,15 @@ CONV_PATHS = [
     ((2, 2, 48, 48, 4, 3, 1, 1), dict(BLOCK_M=16, BLOCK_N=16, NSUB=3, W_FWD=True, SPLIT=2), {}),
     ((2, 2, 32, 16, 5, 3, 1, 1), {}, dict(BLOCK_M=16, BLOCK_N=16, NSUB=1, TAP_MAJOR=True, SPLIT=2)),
     ((3, 2, 16, 5, 7, 3, 2, 1), {}, dict(BLOCK_M=16, BLOCK_N=16, NSUB=1, BLOCK_K=32, TAP_MAJOR=True, SPLIT=1)),
+    ((2, 2, 20, 17, 5, 3, 2, 1), {}, dict(BLOCK_M=16, BLOCK_N=32, NSUB=3, SPLIT=2, STORE_KO=True)),
+    ((2, 2, 48, 48, 4, 3, 1, 1), {}, dict(BLOCK_M=64, BLOCK_N=128, NSUB=1, SPLIT=3, STORE_KO=True)),
 ]
 CONV_PATH_IDS = ["c48-subtiles-nosplit", "c48-tiles16-split", "cin3-small-s2", "cin3-small-c48-subtiles",
                  "cin3-taps-s2-split", "tails-subtiles-s2-split5", "pad0-even", "k-multiple-of-tile",
                  "pixel-major-k32-split", "pixel-major-k32-tails-s2", "pixel-major-c48-pad0-split",
                  "dgrad-forward-layout-c48-subtiles",
-                 "wgrad-tap-major-split", "wgrad-tap-major-lanes32-s2-row-tails"]
+                 "wgrad-tap-major-split", "wgrad-tap-major-lanes32-s2-row-tails",
+                 "wgrad-store-ko-subtiles-tails-s2", "wgrad-store-ko-split"]
 
 
 @inner
@@ -479,7 +482,8 @@ def test_triton_conv_launch_paths(case, monkeypatch):
     sub-tiles idle at channel tails, the bias gradient summed in the weight-gradient launch (through a
     ones column of the last k tile, and by row sums where K = Ci*9 is a multiple of the tile: the last case),
     3 input channels in one reduction block (SMALL) and through the tap loop, channel tails (20 = 16 + 4
-    input, 17 output channels), stride 2, padding 0."""
+    input, 17 output channels), stride 2, padding 0; the weight gradient's tile stored as [o, k] and as
+    [k, o] (STORE_KO, and TAP_MAJOR)."""
     import torch
     from test_conv import per_task_reference, rel
     from mamlpp_fast.triton import conv as C

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["accepts_needs", "bn_forward", "bn_backward", "bn_double_backward", "lslr_forward",
-           "lslr_backward", "task_major_dense", "task_major", "in_layout_of"]
+           "lslr_backward"]
 
 accepts_needs = True
 _HALF = (torch.float16, torch.bfloat16)
@@ -202,38 +202,16 @@ def bn_double_backward(ggx, gggamma, ggbeta, dy, x, gamma, beta, mean, invstd, n
 # dimension outermost: a weight gradient computed in a convolution kernel's weight layout (the Triton
 # convolutions: `mamlpp_fast.triton.conv.conv_weight_grad`) then makes fast weights in that layout, and
 # the kernels read them without a re-layout copy. The compiled backends index all tensors of one item
-# by one flat offset, so the other operands are brought into that layout (a copy only where they differ).
-def task_major_dense(t) -> bool:
-    """Whether t's elements fill its storage span exactly once (dense, non-overlapping, in some order of
-    its dims) with dim 0 outermost: a flat offset r * numel(t[0]) + p then walks t[r] like t[0]."""
-    dims = sorted((d for d in range(t.dim()) if t.shape[d] != 1), key=lambda d: t.stride(d))
-    expected = 1
-    for d in dims:
-        if t.stride(d) != expected:
-            return False
-        expected *= t.shape[d]
-    return t.dim() == 0 or t.shape[0] <= 1 or not dims or dims[-1] == 0
-
-
-def task_major(t):
-    """t itself where `task_major_dense`, else a contiguous copy."""
-    return t if task_major_dense(t) else t.contiguous()
-
-
-def in_layout_of(t, ref):
-    """t (the shape of ref, which is dense) with ref's strides: t itself if it has them, else a copy."""
-    if t.stride() == ref.stride():
-        return t
-    return torch.empty_like(ref).copy_(t)
-
-
+# by one flat offset, so they bring the other operands into that layout (a copy only where they differ:
+# `mamlpp_fast.triton.lslr.task_major_dense`, csrc/lslr.cpp); here the elementwise ops keep it.
 def lslr_forward(thetas, grads, alphas, step):
     """``[theta - alpha[step] * grad for each tensor]``, each ``(T, *shape_l)``, in grad's layout
-    where that is not contiguous (a broadcast theta would otherwise give the difference its own)."""
+    where that is not contiguous (a broadcast theta would otherwise give the difference its own; a grad
+    that is not dense gives a contiguous result)."""
     lrs = [a[step] for a in alphas]
     prods = torch._foreach_mul(list(grads), lrs)
     outs = [None] * len(prods)
-    plain = [l for l, p in enumerate(prods) if p.is_contiguous() or not task_major_dense(p)]
+    plain = [l for l, p in enumerate(prods) if p.is_contiguous()]
     for l, o in zip(plain, torch._foreach_sub([thetas[l] for l in plain], [prods[l] for l in plain]) if plain else []):
         outs[l] = o
     for l, p in enumerate(prods):

@@ -189,7 +189,7 @@ def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int
     reduction over red = n*Ho*Wo in lanes of BLOCK_K = 16 (32 with TAP_MAJOR where 2 waves remain),
     split into SPLIT chunks (multiples of BLOCK_K, >= 2 steps each) so that the programs reach 2 waves of
     `sms`; each chunk writes its own partial, summed in chunk order by the tile's last program
-    (`_store_result`; deterministic)."""
+    (`_store_result`; deterministic). STORE_KO: the orientation of the stored tile (`_conv_wgrad_kernel`)."""
     k = ci * kk
     nsub = 3 if co % 48 == 0 and co % 64 != 0 else 1  # 48 rows: three 16-row sub-tiles per program
     bm = 16 if nsub == 3 else 64 if co > 32 else max(16, triton.next_power_of_2(co))
@@ -217,7 +217,10 @@ def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int
     split = max(1, min(triton.cdiv(want, tiles), max_split))
     chunk = max(2 * bk, red // split // bk * bk) if split > 1 else triton.cdiv(red, bk) * bk
     split = triton.cdiv(red, chunk)
+    # STORE_KO: the result tile stored as [k, o] under Triton < 3.7 (3.6 then keeps the 48-channel loops'
+    # integer instructions as they were before the forward-layout store; 3.7.1 is better with [o, k])
     return dict(BLOCK_M=bm, BLOCK_N=bn, NSUB=nsub, BLOCK_K=bk, SPLIT=split, CHUNK=chunk, TAP_MAJOR=tap_major,
+                STORE_KO=_TRITON_VERSION < (3, 7),
                 num_warps=max(1, bm * bn // 1024) if nsub == 1 else max(1, bn // 32))  # ptxas: no spills
 
 
@@ -637,7 +640,7 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI,
                        PREC: tl.constexpr, SPLIT: tl.constexpr, NSUB: tl.constexpr, HAS_DB: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        SUM_IN: tl.constexpr = True, ROT: tl.constexpr = 0, KEEP: tl.constexpr = False,
-                       TAP_MAJOR: tl.constexpr = False):
+                       TAP_MAJOR: tl.constexpr = False, STORE_KO: tl.constexpr = False):
     """out[t, p, q, c, o] = sum over the chunks s of (sum over r in chunk s of g[i, t*CO+o, y, z] *
     X[i, t*CI+c, y*S+p-PAD, z*S+q-PAD]), r = i*L + y*WO + z: the weight gradient in the forward kernel's
     weight layout (B, kh, kw, Ci, Co) (`conv_weight_grad` returns it as a (B, Co, Ci, kh, kw) view), so
@@ -650,6 +653,11 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI,
     g[i, t*CO+o, y, z], stored after the NT*CO*K weight values (out + NT*CO*K + t*CO + o; in the partials
     likewise). Its own branch: the weight programs' loop is the same code as without the bias (their
     registers and instruction mix are what bench.static_metrics measured for it).
+
+    Store: the result tile goes out as [k, o] (TAP_MAJOR, and STORE_KO: Triton < 3.7) or [o, k]. Which
+    one changes the loop's code, as the compiler carries the store's preferred register layout back into
+    the accumulator's: for the 48-channel per-column tiles Triton 3.6 gives [o, k] ~30 more integer
+    instructions per iteration (65 vs 68% FFMA), Triton 3.7.1 gives [k, o] ~50 more (bench/NOTES.md).
 
     Columns: k is split into (c, p, q) once per program (column offset c*HW + p*W + q and the tap's bit
     p*KW + q). TAP_MAJOR (`wgrad_block_config`): a column tile is BLOCK_N channels of one tap (pid_n =
@@ -715,9 +723,9 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI,
             b = tl.load(x_ptr + (x_r[:, None] + x_c[None, :]), mask=((v_r & tap_bit) != 0)[:, None], other=0.0)
             acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
         col = tap * CI * CO + offs_c * CO
-        _store_result(acc, acc1, acc2, out_ptr, ws_ptr, cnt_ptr, t * CO * K + offs_o[:, None] + col[None, :],
-                      BLOCK_M, o_ok[:, None], o_ok1[:, None], o_ok2[:, None], s, TOT, tile, SPLIT, SUM_IN,
-                      NSUB, KEEP)
+        _store_result(tl.trans(acc), tl.trans(acc1), tl.trans(acc2), out_ptr, ws_ptr, cnt_ptr,
+                      t * CO * K + col[:, None] + offs_o[None, :], BLOCK_M, o_ok[None, :], o_ok1[None, :],
+                      o_ok2[None, :], s, TOT, tile, SPLIT, SUM_IN, NSUB, KEEP)
     else:
         offs_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         k_ok = offs_k < K
@@ -746,9 +754,15 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI,
                 a = tl.trans(tl.load(g_ptrs + 2 * BLOCK_M * L, mask=o_ok2[None, :] & r_ok[:, None], other=0.0))
                 acc2 += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
         col = kr * CI * CO + kc * CO  # the forward's layout (t, p, q, c, o)
-        _store_result(acc, acc1, acc2, out_ptr, ws_ptr, cnt_ptr, t * CO * K + offs_o[:, None] + col[None, :],
-                      BLOCK_M, o_ok[:, None] & k_ok[None, :], o_ok1[:, None] & k_ok[None, :],
-                      o_ok2[:, None] & k_ok[None, :], s, TOT, tile, SPLIT, SUM_IN, NSUB, KEEP)
+        if STORE_KO:  # the tile stored as [k, o] (`wgrad_block_config`)
+            _store_result(tl.trans(acc), tl.trans(acc1), tl.trans(acc2), out_ptr, ws_ptr, cnt_ptr,
+                          t * CO * K + col[:, None] + offs_o[None, :],
+                          BLOCK_M, k_ok[:, None] & o_ok[None, :], k_ok[:, None] & o_ok1[None, :],
+                          k_ok[:, None] & o_ok2[None, :], s, TOT, tile, SPLIT, SUM_IN, NSUB, KEEP)
+        else:
+            _store_result(acc, acc1, acc2, out_ptr, ws_ptr, cnt_ptr, t * CO * K + offs_o[:, None] + col[None, :],
+                          BLOCK_M, o_ok[:, None] & k_ok[None, :], o_ok1[:, None] & k_ok[None, :],
+                          o_ok2[:, None] & k_ok[None, :], s, TOT, tile, SPLIT, SUM_IN, NSUB, KEEP)
 
 
 # ------------------------------------------------------------------------------------------------------

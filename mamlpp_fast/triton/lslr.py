@@ -23,9 +23,33 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.torch_backend import in_layout_of, task_major
+__all__ = ["lslr_forward", "lslr_backward", "lslr_block_config", "task_major_dense"]
 
-__all__ = ["lslr_forward", "lslr_backward", "lslr_block_config"]
+
+def task_major_dense(t) -> bool:
+    """Whether t's elements fill its storage span exactly once (dense, non-overlapping, in some order of
+    its dims) with dim 0 outermost: a flat offset r * numel(t[0]) + p then walks t[r] like t[0]. The
+    kernels below run in such a layout: the outputs take the gradient's (forward) or the upstream
+    gradient's (backward) when it is one (mamlpp_fast.ops.torch_backend, Layouts), else a contiguous one."""
+    dims = sorted((d for d in range(t.dim()) if t.shape[d] != 1), key=lambda d: t.stride(d))
+    expected = 1
+    for d in dims:
+        if t.stride(d) != expected:
+            return False
+        expected *= t.shape[d]
+    return t.dim() == 0 or t.shape[0] <= 1 or not dims or dims[-1] == 0
+
+
+def task_major(t):
+    """t itself where `task_major_dense`, else a contiguous copy."""
+    return t if task_major_dense(t) else t.contiguous()
+
+
+def in_layout_of(t, ref):
+    """t (the shape of ref, which is dense) with ref's strides: t itself if it has them, else a copy."""
+    if t.stride() == ref.stride():
+        return t
+    return torch.empty_like(ref).copy_(t)
 
 
 def lslr_block_config(P: int) -> dict:
@@ -139,7 +163,7 @@ def lslr_forward(thetas, grads, alphas, step):
         if not shared and th.shape != g.shape:
             raise ValueError(f"lslr_forward: thetas[{l}] must have the shape of grads[{l}] "
                              f"{tuple(g.shape)} or that without the task dim, got {tuple(th.shape)}")
-        g = task_major(g)  # the outputs take grad's layout (mamlpp_fast.ops.torch_backend: Layouts)
+        g = task_major(g)  # the outputs take grad's layout (`task_major_dense`)
         ths.append(in_layout_of(th, g[0] if shared else g) if g.shape[0] > 0 else th.contiguous())
         gs.append(g)
         als.append(a.contiguous())
