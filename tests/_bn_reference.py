@@ -172,16 +172,16 @@ def compare(name, got, ref, tol):
         f"mean |diff| {float(diff.mean()):.3e}, scale {scale:.3g}")
 
 
-def check_lslr_layouts(fns, gen):
+def check_lslr_layouts(fns, gen, device="cpu"):
     """One backend's LSLR (`fns`: lslr_forward / lslr_backward) on operands in other layouts than
     contiguous, float64, against the formulas: results within one rounding of the same float64 formula
     (|err| <= 2^-52 (|theta| + |alpha g|), an FMA's single rounding against the product's and the
     difference's), and in the layout of the gradient (forward: grad; backward: dout) when that is dense
     with the task dim outermost, as a weight gradient of the Triton convolutions is ((B, kh, kw, Ci, Co)
-    storage of a (B, Co, Ci, kh, kw) tensor)."""
+    storage of a (B, Co, Ci, kh, kw) tensor). `gen` is a CPU generator; the tensors go to `device`."""
     import torch
     T, S, step = 3, 4, 3
-    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(device)  # noqa: E731
     fwd_layout = lambda t: t.permute(0, 3, 4, 2, 1).contiguous().permute(0, 4, 3, 1, 2)  # noqa: E731
     shape = (5, 4, 3, 3)
     g_fwd = fwd_layout(rnd(T, *shape))

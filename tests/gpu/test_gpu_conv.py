@@ -103,6 +103,36 @@ def test_triton_conv_full_gradcheck_and_gradgradcheck_on_cuda():
         assert torch.autograd.gradgradcheck(fn, (x, w, bias))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shape", [(20, 8, 64, 14), (20, 8, 64, 3), (5, 2, 48, 21), (5, 2, 48, 10)],
+                         ids=["omniglot-14", "omniglot-3", "miniimagenet-21", "miniimagenet-10"])
+def test_dual_forward_on_cuda(shape, dtype):
+    """The dual forward launch F(x, w) + F(x2, w2) + bias (the double backward's d gy, `_ConvGrads`) at
+    the learner's shapes against two plain launches: float64 to 1e-12, float32 to FP32_RTOL."""
+    from mamlpp_fast.triton import conv as T
+    n, b, c, h = shape
+    gen = torch.Generator(device="cuda").manual_seed(fresh_seed())
+    rnd = lambda *s: torch.randn(*s, device="cuda", generator=gen, dtype=dtype)  # noqa: E731
+    meta = (b, c, c, 3, 3, h, h, h, h, 1, 1)
+    x, x2, w, w2, bias = rnd(n, b * c, h, h), rnd(n, b * c, h, h), rnd(b, c, c, 3, 3), rnd(b, c, c, 3, 3), rnd(b, c)
+    got = T.conv_forward(x, w, bias, meta, x2=x2, w2=w2)
+    want = T.conv_forward(x, w, bias, meta) + T.conv_forward(x2, w2, None, meta)
+    assert rel(got, want) < (1e-12 if dtype == torch.float64 else FP32_RTOL), f"{rel(got, want):.3e}"
+
+
+def test_dual_forward_full_gradcheck_and_gradgradcheck_on_cuda():
+    """Full Jacobians of `_ConvF2` (the dual forward; its backward is two `_ConvGrads`), float64."""
+    from mamlpp_fast.ops.conv_triton_autograd import _ConvF2
+    gen = torch.Generator(device="cuda").manual_seed(fresh_seed())
+    rnd = lambda *s: torch.randn(*s, device="cuda", generator=gen, dtype=torch.float64).requires_grad_(True)  # noqa: E731
+    b, ci, co, n, h = 2, 2, 3, 2, 4
+    meta = (b, co, ci, 3, 3, h, h, h, h, 1, 1)
+    args = (rnd(n, b * ci, h, h), rnd(b, co, ci, 3, 3), rnd(n, b * ci, h, h), rnd(b, co, ci, 3, 3), rnd(b, co))
+    fn = lambda x, w, x2, w2, bias: _ConvF2.apply(x, w, x2, w2, bias, meta)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, args)
+    assert torch.autograd.gradgradcheck(fn, args)
+
+
 # ---- the fused first block (mamlpp_fast/triton/conv_block.py) on the device ------------------------------
 BLOCK_GPU_SHAPES = [(8, 64, 1, 20, 28, 3, 1, False, True), (2, 48, 3, 75, 84, 3, 1, False, True),
                     (2, 48, 3, 5, 84, 3, 1, True, True)]

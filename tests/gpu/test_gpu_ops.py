@@ -192,6 +192,15 @@ def test_lslr(be, dtype):
     assert all(torch.equal(a, b) for a, b in zip(dal, again[2]))
 
 
+def test_lslr_layouts(be):
+    """Operands in the Triton weight gradient's layout (B, kh, kw, Ci, Co), in others, and not dense, on
+    the device: the formulas' values, and the outputs in the gradient's layout (tests/_bn_reference.py)."""
+    from _bn_reference import check_lslr_layouts
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed={seed}")
+    check_lslr_layouts(be, torch.Generator().manual_seed(seed), device=DEV)
+
+
 # ------------------------------------------------------------------------------------------------
 # learner shapes (float32), slow
 # ------------------------------------------------------------------------------------------------
