@@ -259,7 +259,9 @@ def test_triton_conv_dual_forward(monkeypatch, chans, split, gather_mk):
     from mamlpp_fast.triton import conv as C
 
     monkeypatch.setattr(C, "conv_block_config", _forced(C.conv_block_config, dict(SPLIT=split, GATHER_MK=gather_mk)))
-    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    seed = int(os.environ.get("MAMLPP_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+    print(f"seed={seed} (rerun with MAMLPP_TEST_SEED={seed})")
+    gen = torch.Generator().manual_seed(seed)
     rnd = lambda *sh: torch.randn(*sh, generator=gen, dtype=torch.float64)  # noqa: E731
     b, n, h = 2, 3, 5
     meta = (b, chans, chans, 3, 3, h, h, h, h, 1, 1)
@@ -292,11 +294,12 @@ def test_triton_conv_dual_forward(monkeypatch, chans, split, gather_mk):
 @inner
 def test_triton_conv_dual_gradcheck_and_gradgradcheck():
     """float64 gradcheck and gradgradcheck (fast mode) of the dual forward F(x, w) + F(x2, w2) + bias
-    (`_ConvF2`), whose backward is two `_ConvGrads` nodes, and of the backward node itself."""
+    (`_ConvF2`), whose backward is two `_ConvGrads` nodes, and of the backward node itself. A fixed seed,
+    as the other gradchecks here: the interpreter makes each run a minute."""
     import torch
     from mamlpp_fast.ops.conv_triton_autograd import _ConvF2, _ConvGrads
 
-    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    gen = torch.Generator().manual_seed(7)
     rnd = lambda *sh: torch.randn(*sh, generator=gen, dtype=torch.float64).requires_grad_(True)  # noqa: E731
     b, ci, co, n, h = 2, 2, 3, 1, 3
     meta = (b, co, ci, 3, 3, h, h, h, h, 1, 1)
