@@ -44,6 +44,7 @@ from .learner_core import LearnerAPI
 from .network import BN_EPS, BN_MOMENTUM, LEAKY_SLOPE
 from .ops import lslr_update, per_step_batch_norm
 from .ops.conv_block import block_supported, conv_bn_pool
+from .ops.fanout import fanout, fanout_rows
 from .ops.conv_block import torch_impl as block_torch_impl
 from .ops.bn_pool import bn_pool, bn_pool_supported
 from .ops.bn_pool import torch_impl as bn_pool_torch_impl
@@ -96,19 +97,30 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         return get_backend(self._op_backend, self.device).name
 
     # -- batched network ----------------------------------------------------------------------------
-    def _bn_rows(self) -> dict:
-        """The per-step gamma and beta rows of every BN layer, split once per outer forward (`unbind`):
-        key "layer.name" -> the tuple of step rows. Indexing the (S, C) parameter at every use instead
-        made each use's backward a zero fill of all S rows plus a copy of one, then an (S, C) addition
-        per further use; one unbind's backward is one stack of the S row gradients."""
-        rows = {}
+    def _bn_rows(self, uses: int = 1, saved: bool = False) -> list[dict]:
+        """The per-step gamma and beta rows of every BN layer, split once per outer forward: ``uses``
+        dicts (one per use: the support and the target passes), each mapping "layer.name" to the tuple
+        of step rows, and with `saved` one more dict of gamma rows only (the rows that the support pass's
+        backward nodes read again, `_net`). The rows are aliases made by one `fanout_rows` node, whose
+        backward stacks the row gradients of all tables and uses at once; indexing the (S, C) parameter
+        at every use instead made each use's backward a zero fill of all S rows plus a copy of one, then
+        an (S, C) addition per further use, and one `unbind` per table left autograd an addition per row
+        and extra use."""
+        keys, tables = [], []
         for i in range(self.classifier.num_stages):
             layer = f"conv{i}"
             norm = self.classifier.layer_dict[layer].norm_layer
             if norm.per_step and not norm.inner_loop_bn:
                 for name, own in (("weight", norm.weight), ("bias", norm.bias)):
-                    rows[f"{layer}.{name}"] = own.unbind(0)
-        return rows
+                    keys.append(f"{layer}.{name}")
+                    tables.append(own)
+        everything = list(range(len(tables)))
+        reads = [everything] * uses
+        if saved:
+            reads.append([t for t in everything if keys[t].endswith(".weight")])
+        if not tables:
+            return [{} for _ in reads]
+        return [dict(zip([keys[t] for t in use], rows)) for use, rows in zip(reads, fanout_rows(tables, reads))]
 
     def _bn_params(self, layer: str, step: int, fast: dict, rows: dict):
         """gamma and beta of a BN call: adapted (B, C) fast tensors when the inner loop adapts them (each
@@ -123,7 +135,7 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         return out[0], out[1]
 
     def _net(self, x: torch.Tensor, num_tasks: int, step: int, fast: dict, stats: list | None,
-             pattern: str = "first_order", rows: dict | None = None):
+             pattern: str = "first_order", rows: dict | None = None, saved: tuple | None = None):
         """The features of all tasks before the linear head (`_head`): the last activation (n, B*C, h, w)
         (after the average pooling when the network does not max-pool); x is (n, B*C, H, W), fast maps
         names to (B, *shape); rows: the per-step BN rows of this outer forward (`_bn_rows`; split here
@@ -131,29 +143,36 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
 
         When `stats` is a list, (layer, mean, invstd, M) of every BN call are appended to it. `pattern`
         ("second_order" for the support pass of a second-order step) tells conv_impl=auto which
-        derivatives will be taken (mamlpp_fast.ops.conv)."""
+        derivatives will be taken (mamlpp_fast.ops.conv). `saved`: (fast, rows) of the aliases that the
+        ops' backward nodes read instead (`mamlpp_fast.ops.fanout`), for the support pass."""
         b = num_tasks
         out = x
-        rows = self._bn_rows() if rows is None else rows
+        rows = self._bn_rows()[0] if rows is None else rows
         for i in range(self.classifier.num_stages):
             layer = f"conv{i}"
             conv = self.classifier.layer_dict[layer].conv
             w = fast[f"layer_dict.{layer}.conv.weight"]
             bias = fast[f"layer_dict.{layer}.conv.bias"]
+            w_s = bias_s = gamma_s = None
+            if saved is not None:
+                w_s, bias_s = saved[0][f"layer_dict.{layer}.conv.weight"], saved[0][f"layer_dict.{layer}.conv.bias"]
+                gamma_s = self._bn_params(layer, step, *saved)[0]
             block = self._first_block_impl(out, w, conv) if i == 0 else None
             if block is not None:  # convolution, BN, leaky ReLU and pooling as one op (ops.conv_block)
                 gamma, beta = self._bn_params(layer, step, fast, rows)
                 out, mean, invstd = conv_bn_pool(out, w, bias, gamma, beta, b, conv.stride, conv.padding,
-                                                 BN_EPS, LEAKY_SLOPE, impl=block)
+                                                 BN_EPS, LEAKY_SLOPE, impl=block, w_saved=w_s, bias_saved=bias_s,
+                                                 gamma_saved=gamma_s)
                 if stats is not None:
                     stats.append((i, mean, invstd, out.shape[0] * out.shape[2] * out.shape[3] * 4))
                 continue
-            out = task_conv2d(out, w, bias, b, conv.stride, conv.padding, self.args.conv_impl, pattern)
+            out = task_conv2d(out, w, bias, b, conv.stride, conv.padding, self.args.conv_impl, pattern,
+                              weight_saved=w_s)
             gamma, beta = self._bn_params(layer, step, fast, rows)
             m = out.shape[0] * out.shape[2] * out.shape[3]
             pool = self._bn_pool_impl(out) if self.classifier.max_pooling else None
             if pool is not None:  # batch norm, leaky ReLU and pooling as one op (ops.bn_pool)
-                out, mean, invstd = bn_pool(out, gamma, beta, b, BN_EPS, LEAKY_SLOPE, impl=pool)
+                out, mean, invstd = bn_pool(out, gamma, beta, b, BN_EPS, LEAKY_SLOPE, impl=pool, gamma_saved=gamma_s)
             else:
                 out, mean, invstd = per_step_batch_norm(out, gamma, beta, b, BN_EPS, LEAKY_SLOPE,
                                                         backend=self._op_backend)
@@ -381,30 +400,49 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         # one table per step rather than L vectors (ops.lslr `_StackedRates`)
         rates = [lrs[k.replace(".", "-")] for k in names]
         alphas = torch.stack(rates) if len({tuple(r.shape) for r in rates}) == 1 else rates
+        # Every fast weight is read by several uses: this step's target pass, the next step's support pass,
+        # the node its backward builds for the second-order derivative (which reads the weight again),
+        # and the next LSLR update. Each use reads its own alias from one `fanout` node per step, which
+        # sums their gradients in one multi-tensor addition per use instead of autograd's addition per
+        # tensor and use; the per-step BN rows likewise (`_bn_rows`), and step 0's meta-parameters.
+        rows_support, rows_target, rows_saved = self._bn_rows(2, saved=True)
+        grad_on = torch.is_grad_enabled() and meta[0].requires_grad
+        meta_lslr = meta
+        if grad_on:
+            meta, meta_lslr = fanout(2, meta)
         fast_list = [p.unsqueeze(0).expand(b, *p.shape) for p in meta]
-        rows = self._bn_rows()
+        support_list, saved_list = fanout(2, fast_list) if grad_on else (fast_list, fast_list)
+        theta_list = meta_lslr
         loss = None
         target_logits = None
         one = None
         for step in range(last + 1):
-            fast = dict(zip(names, fast_list))
+            fast = dict(zip(names, support_list))
             stats = [] if track else None
             feats = self._net(xs, b, step, fast, stats, "second_order" if use_second_order else "first_order",
-                              rows)
+                              rows_support, (dict(zip(names, saved_list)), rows_saved))
             support_loss, _ = self._head(feats, b, fast, ys, support=True)
             if one is None:  # the seed of every support gradient: one fill per outer forward, not per step
                 one = torch.ones_like(support_loss)
-            grads = torch.autograd.grad(support_loss, fast_list, grad_outputs=one, create_graph=use_second_order)
-            fast_list = lslr_update(meta if step == 0 else fast_list, list(grads), alphas, step,
-                                    backend=self._op_backend)
+            grads = torch.autograd.grad(support_loss, support_list, grad_outputs=one,
+                                        create_graph=use_second_order)
+            fast_list = lslr_update(theta_list, list(grads), alphas, step, backend=self._op_backend)
             if track:
                 for layer, mean, invstd, m in stats:
                     pending.setdefault((layer, step), []).append((mean, invstd, m))
-            if use_msl or step == final_step:
+            with_target = use_msl or step == final_step
+            nxt = step < last
+            uses = [with_target, nxt, nxt, nxt]  # target pass, next support pass, its backward, next LSLR
+            if sum(uses) >= 2 and fast_list[0].requires_grad:
+                aliases = iter(fanout(sum(uses), fast_list))
+                target_list, support_list, saved_list, theta_list = (next(aliases) if u else None for u in uses)
+            else:
+                target_list = support_list = saved_list = theta_list = fast_list
+            if with_target:
                 stats = [] if track else None
                 with torch.set_grad_enabled(target_grad and torch.is_grad_enabled()):
-                    fast = dict(zip(names, fast_list))
-                    feats = self._net(xt, b, step, fast, stats, rows=rows)
+                    fast = dict(zip(names, target_list))
+                    feats = self._net(xt, b, step, fast, stats, rows=rows_target)
                     loss, target_logits = self._head(feats, b, fast, yt, support=False,
                                                      weight=importance[step] if use_msl else None, prev=loss)
                 if track:

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from . import torch_backend as tb
+from .fanout import saved_alias
 
 __all__ = ["bn_pool", "bn_pool_supported", "torch_impl"]
 
@@ -91,9 +92,11 @@ torch_impl = types.SimpleNamespace(name="torch", forward=_forward, backward=_bac
 # ------------------------------------------------------------------------------------------------------
 class _PoolForward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gamma, beta, meta, impl):
+    def forward(ctx, x, gamma, beta, meta, impl, gamma_saved=None):
         out, mean, invstd, aux = impl.forward(x, gamma, beta, meta)
-        ctx.save_for_backward(x, gamma, beta, mean, invstd, aux)
+        # the backward node reads gamma_saved (an alias of gamma, `bn_pool`), so that gamma's gradient from
+        # the double backward is summed by the caller's fan-out node, not added here by autograd
+        ctx.save_for_backward(x, gamma if gamma_saved is None else gamma_saved, beta, mean, invstd, aux)
         ctx.meta, ctx.impl = meta, impl
         ctx.mark_non_differentiable(mean, invstd)
         ctx.set_materialize_grads(False)
@@ -102,10 +105,10 @@ class _PoolForward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gout, _gmean, _ginvstd):
         if gout is None:
-            return (None,) * 5
+            return (None,) * 6
         x, gamma, beta, mean, invstd, aux = ctx.saved_tensors
         dx, dgamma, dbeta = _PoolBackward.apply(gout, x, gamma, beta, mean, invstd, aux, ctx.meta, ctx.impl)
-        return dx, dgamma, dbeta, None, None
+        return dx, dgamma, dbeta, None, None, None
 
 
 class _PoolBackward(torch.autograd.Function):
@@ -142,7 +145,7 @@ def bn_pool_supported(x) -> str | None:
     return None
 
 
-def bn_pool(x, gamma, beta, num_tasks, eps, slope, impl=None):
+def bn_pool(x, gamma, beta, num_tasks, eps, slope, impl=None, gamma_saved=None):
     r"""``max_pool2d(per_step_batch_norm(x, gamma, beta, num_tasks, eps, slope)[0], 2, 2)`` as one op.
 
     Description:
@@ -154,6 +157,8 @@ def bn_pool(x, gamma, beta, num_tasks, eps, slope, impl=None):
         eps: the batch norm's epsilon; slope: the leaky ReLU's negative slope (>= 0: monotone, so the
         pooling may pick the maximum of y).
         impl: `torch_impl` (default) or mamlpp_fast.triton.bn_pool.
+        gamma_saved: an alias of gamma (`mamlpp_fast.ops.fanout`) that the backward reads, so that the
+        gradient the double backward returns for gamma goes to it; None: gamma itself.
 
     Returns:
         ``(out, mean, invstd)``: out ``(N, T*C, H//2, W//2)``; mean and invstd ``(T*C,)`` (not
@@ -174,9 +179,13 @@ def bn_pool(x, gamma, beta, num_tasks, eps, slope, impl=None):
             raise ValueError(f"bn_pool: {name} has shape {tuple(p.shape)}, expected ({c},) or ({t}, {c})")
         if p.dtype != x.dtype or p.device != x.device:
             raise ValueError(f"bn_pool: {name} ({p.dtype}, {p.device}) must match x ({x.dtype}, {x.device})")
+    if gamma_saved is not None:
+        gamma_saved = saved_alias("bn_pool", "gamma", gamma, gamma_saved)
+        if gamma_saved.shape != beta.shape and gamma_saved.dim() == 1:
+            gamma_saved = gamma_saved.expand(t, -1)
     if gamma.shape != beta.shape:
         gamma, beta = (p.expand(t, -1) if p.dim() == 1 else p for p in (gamma, beta))
     meta = (t, float(eps), float(slope))
     out, mean, invstd = _PoolForward.apply(x.contiguous(), gamma, beta, meta,
-                                           impl if impl is not None else torch_impl)
+                                           impl if impl is not None else torch_impl, gamma_saved)
     return out, mean, invstd

@@ -44,6 +44,8 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from .fanout import saved_alias
+
 __all__ = ["CONV_IMPLS", "available_conv_impls", "task_conv2d", "choose_conv_impl", "time_conv_impls",
            "clear_conv_cache", "conv_choices", "fastest", "record_conv_calls"]
 
@@ -96,11 +98,19 @@ def check_task_conv_inputs(x, weight, bias, num_tasks) -> None:
 
 
 def task_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_tasks: int,
-                stride=1, padding=0, impl: str = "grouped", pattern: str = "second_order") -> torch.Tensor:
+                stride=1, padding=0, impl: str = "grouped", pattern: str = "second_order",
+                weight_saved: torch.Tensor | None = None) -> torch.Tensor:
     """Per-task convolution in the task-major layout (see the module docstring); differentiable to any
     order. `impl` is one of CONV_IMPLS or "auto" (`choose_conv_impl`). `pattern` only tells `auto`
-    what the caller will do with the result (see `_maml_pattern`), so that it times the right work."""
+    what the caller will do with the result (see `_maml_pattern`), so that it times the right work.
+
+    `weight_saved`: an alias of `weight` (`mamlpp_fast.ops.fanout`) that the backward reads in place of
+    `weight`, so that the gradient the second-order backward returns for the weight goes to that alias
+    (summed by the fan-out node with the others) rather than being added to the forward's by autograd.
+    Only the triton implementation has a backward of its own to give it to; the others ignore it."""
     check_task_conv_inputs(x, weight, bias, num_tasks)
+    if weight_saved is not None:
+        weight_saved = saved_alias("task_conv2d", "weight", weight, weight_saved)
     if pattern not in PATTERNS:
         raise ValueError(f"task_conv2d: unknown pattern {pattern!r} (choose from {', '.join(PATTERNS)})")
     stride, padding = _pair(stride), _pair(padding)
@@ -112,6 +122,8 @@ def task_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     fn = _IMPLS.get(impl)
     if fn is None:
         raise ValueError(f"task_conv2d: unknown impl {impl!r} (choose from {', '.join(CONV_IMPLS)} or auto)")
+    if impl == "triton":
+        return fn(x, weight, bias, num_tasks, stride, padding, w_saved=weight_saved)
     return fn(x, weight, bias, num_tasks, stride, padding)
 
 
@@ -165,7 +177,7 @@ def _per_task(x, w, bias, b, stride, padding):
     return out.view(n, -1, out.shape[3], out.shape[4])
 
 
-def _triton(x, w, bias, b, stride, padding):
+def _triton(x, w, bias, b, stride, padding, w_saved=None):
     from .. import triton as tb
     if not tb.is_available():
         raise RuntimeError(f"task_conv2d: impl 'triton' is not available here: {tb.unavailable_reason()}")
@@ -177,7 +189,7 @@ def _triton(x, w, bias, b, stride, padding):
         raise ValueError(f"task_conv2d: impl 'triton' takes a square stride and padding only, got stride "
                          f"{stride} and padding {padding}")
     from .conv_triton_autograd import task_conv2d_triton
-    return task_conv2d_triton(x, w, bias, b, stride, padding)
+    return task_conv2d_triton(x, w, bias, b, stride, padding, w_saved)
 
 
 _IMPLS = {"grouped": _grouped, "channels_last": _channels_last, "unfold": _unfold, "unfold_bmm": _unfold_bmm,

@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch.nn.grad import conv2d_weight
 
 from . import torch_backend as tb
+from .fanout import saved_alias
 
 __all__ = ["conv_bn_pool", "block_supported", "torch_impl"]
 
@@ -140,8 +141,12 @@ torch_impl = types.SimpleNamespace(name="torch", forward=_forward, backward=_bac
 # ------------------------------------------------------------------------------------------------------
 class _BlockForward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, bias, gamma, beta, meta, impl):
+    def forward(ctx, x, w, bias, gamma, beta, meta, impl, saved=None):
         out, mean, invstd, aux = impl.forward(x, w, bias, gamma, beta, meta)
+        # the backward node reads the aliases in `saved` (w, bias, gamma; `conv_bn_pool`) when given, so
+        # that their gradients from the double backward are summed by the caller's fan-out nodes
+        if saved is not None:
+            w, bias, gamma = saved
         ctx.save_for_backward(x, w, bias, gamma, beta, mean, invstd, aux)
         ctx.meta, ctx.impl = meta, impl
         ctx.mark_non_differentiable(mean, invstd)
@@ -151,11 +156,11 @@ class _BlockForward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gout, _gmean, _ginvstd):
         if gout is None:
-            return (None,) * 7
+            return (None,) * 8
         x, w, bias, gamma, beta, mean, invstd, aux = ctx.saved_tensors
         dw, dbias, dgamma, dbeta = _BlockBackward.apply(gout, x, w, bias, gamma, beta, mean, invstd, aux,
                                                         ctx.meta, ctx.impl)
-        return None, dw, dbias, dgamma, dbeta, None, None
+        return None, dw, dbias, dgamma, dbeta, None, None, None
 
 
 class _BlockBackward(torch.autograd.Function):
@@ -195,7 +200,8 @@ def block_supported(x, w, stride, padding, max_pooling=True) -> str | None:
     return None
 
 
-def conv_bn_pool(x, w, bias, gamma, beta, num_tasks, stride, padding, eps, slope, impl=None):
+def conv_bn_pool(x, w, bias, gamma, beta, num_tasks, stride, padding, eps, slope, impl=None, w_saved=None,
+                 bias_saved=None, gamma_saved=None):
     r"""``max_pool2d(per_step_batch_norm(task_conv2d(x, w, bias), gamma, beta), 2, 2)`` as one op.
 
     Description:
@@ -208,6 +214,9 @@ def conv_bn_pool(x, w, bias, gamma, beta, num_tasks, stride, padding, eps, slope
         gamma, beta: ``(C,)`` or ``(T, C)`` each. num_tasks: T. stride, padding: ints.
         eps, slope: the batch norm's epsilon and the leaky ReLU's negative slope (>= 0).
         impl: the implementation (`torch_impl`, or mamlpp_fast.triton.conv_block's); default `torch_impl`.
+        w_saved, bias_saved, gamma_saved: aliases of w, bias, gamma (`mamlpp_fast.ops.fanout`) that the
+        backward reads, so that the gradients the double backward returns for them go to the aliases;
+        None: the tensor itself.
 
     Returns:
         ``(out, mean, invstd)``: out ``(n, T*C, Ho/2, Wo/2)``; mean and invstd ``(T*C,)`` of the
@@ -232,9 +241,16 @@ def conv_bn_pool(x, w, bias, gamma, beta, num_tasks, stride, padding, eps, slope
     for name, p in (("w", w), ("bias", bias), ("gamma", gamma), ("beta", beta)):
         if p is not None and (p.dtype != x.dtype or p.device != x.device):
             raise ValueError(f"conv_bn_pool: {name} ({p.dtype}, {p.device}) must match x ({x.dtype}, {x.device})")
+    saved = None
+    if not (w_saved is None and bias_saved is None and gamma_saved is None):
+        saved = [saved_alias("conv_bn_pool", name, p, a)
+                 for name, p, a in (("w", w, w_saved), ("bias", bias, bias_saved), ("gamma", gamma, gamma_saved))]
+        if saved[2].shape != beta.shape and saved[2].dim() == 1:
+            saved[2] = saved[2].expand(t, -1)
+        saved = tuple(saved)
     if gamma.shape != beta.shape:
         gamma, beta = (p.expand(t, -1) if p.dim() == 1 else p for p in (gamma, beta))
     meta = (t, int(stride), int(padding), float(eps), float(slope))
     out, mean, invstd = _BlockForward.apply(x.contiguous(), w, bias, gamma, beta, meta,
-                                            impl if impl is not None else torch_impl)
+                                            impl if impl is not None else torch_impl, saved)
     return out, mean, invstd

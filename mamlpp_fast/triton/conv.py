@@ -77,6 +77,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._derived import derived
 from ._device import _counters, _tile_counters, conv_precision, num_sms  # noqa: F401 (_counters: tests)
 
 __all__ = ["conv_forward", "conv_data_grad", "conv_weight_grad", "conv_block_config", "wgrad_block_config",
@@ -835,7 +836,6 @@ def forward_layout(w):
     """w (B, Co, Ci, kh, kw) as a view of the same values stored in the forward kernel's layout
     (B, kh, kw, Ci, Co), as `conv_weight_grad` returns its result (a copy unless w is already so)."""
     return w.permute(*_RELAYOUT["fwd"]).contiguous().permute(*_FROM_FWD)
-_RELAID_ATTR = "_mamlpp_relaid"
 
 
 def relaid_weights(w, kind):
@@ -843,22 +843,23 @@ def relaid_weights(w, kind):
 
     A meta-update convolves with each weight tensor several times (the fast weights of step i+1 serve
     the target forward of step i and the support forward of step i+1; the backward's data gradients and
-    double-backward forwards reuse them again), so the permuted copy is kept on the tensor itself, keyed
-    by the layout and the tensor's version counter (an in-place change of w makes a new copy), and lives
-    as long as w does. Only tensors computed in an autograd graph (`grad_fn` set: the fast weights of
-    every step, the gradients a double backward convolves with) are kept: a leaf, such as a parameter
-    or a tensor gradcheck perturbs, can be changed through `.data`, which the version counter does not
-    see, so its copy is made at every call (as are inference tensors, which have no version counter)."""
-    keep = w.grad_fn is not None and not w.is_inference()
-    if keep:
-        hit = w.__dict__.get(_RELAID_ATTR, {}).get(kind)
+    double-backward forwards reuse them again), so the permuted copy is kept with the tensor's derived
+    data (`_derived`: shared with its aliases from mamlpp_fast.ops.fanout), keyed by the layout and the
+    tensor's version counter (an in-place change of w makes a new copy), and lives as long as w does.
+    Only tensors computed in an autograd graph (`grad_fn` set: the fast weights of every step, the
+    gradients a double backward convolves with) keep it: a leaf, such as a parameter or a tensor
+    gradcheck perturbs, can be changed through `.data`, which the version counter does not see, so its
+    copy is made at every call (as are inference tensors, which have no version counter)."""
+    kept = derived(w)
+    if kept is not None:
+        hit = kept.get(("relaid", kind))
         if hit is not None and hit[0] == w._version:
             return hit[1], False
     t = w.permute(*_RELAYOUT[kind])
     copied = not t.is_contiguous()
     t = t.contiguous()
-    if keep:
-        w.__dict__.setdefault(_RELAID_ATTR, {})[kind] = (w._version, t)
+    if kept is not None:
+        kept[("relaid", kind)] = (w._version, t)
     return t, copied
 
 

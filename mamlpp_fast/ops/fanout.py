@@ -1,0 +1,194 @@
+r"""Fan-out of tensors that several ops read: one alias per use, and the uses' gradients summed in one node.
+
+Autograd sums the gradients of a tensor over the nodes that read it one addition at a time, each a
+kernel launch of its own, as the gradients arrive. In the fast learner's unrolled inner loop every fast
+weight is read three or four times (the target forward of its step, the support forward and LSLR update
+of the next step, and the support backward built for the second-order derivative) and every per-step
+batch-norm row two or three times, so those additions were ~150 of a meta-update's launches.
+
+`fanout(uses, tensors)` returns ``uses`` lists of aliases (views, no copy) of ``tensors``; each list is
+meant to feed one use. Its backward receives the gradient of every alias and returns, for tensor j::
+
+    d tensors[j] = sum_u d aliases[u][j]        (undefined terms left out; None when all are)
+
+formed with one multi-tensor addition per use after the first (``torch._foreach_add``: one launch for
+all tensors of the group on a CUDA device) instead of one addition per tensor and use. The node runs
+when all the aliases' gradients are ready, which is when autograd would have finished its additions.
+
+`fanout_rows(tables, uses)`: the same for the per-step rows of (S, C) tables (what ``unbind(0)``
+gives); use u reads the tables listed in ``uses[u]``. Backward, for table t::
+
+    d tables[t][s] = sum over the uses u that read t of d rows[u][t][s]
+
+with the rows of all equally shaped tables read by the same uses stacked per use (one launch each) and
+the stacks added (one launch each after the first), where ``unbind`` gave one stack per table and autograd one addition
+per row and extra use. A use whose rows are only partly differentiated (the target pass after the MSL
+epochs reads the rows of the last step only) is stacked per step.
+
+The ops whose backward builds a node that reads a parameter again (the second-order backward of
+`task_conv2d` with the triton implementation, `bn_pool`, `conv_bn_pool`) take an alias for that read
+(``weight_saved``, ``gamma_saved``, ...), so that the parameter's gradient from that node is one more
+use summed here rather than an addition of autograd's; `saved_alias` checks it.
+
+The aliases of a tensor share the data the kernels derive from it and keep on it (the Triton
+convolutions' re-laid weight copies, mamlpp_fast.triton._derived), so that a weight read through
+three aliases is re-laid once, not three times.
+
+Neither node is differentiable again (its backward is only run by the outer, first-order backward:
+the inner loop's gradients are taken with respect to the aliases).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..triton._derived import share
+
+__all__ = ["fanout", "fanout_rows", "saved_alias"]
+
+
+def saved_alias(op: str, name: str, p, alias):
+    """The tensor an op's backward should read for its argument `name` = p: `alias` (an alias of p made
+    by `fanout`, for the ops that take one) when given, else p. A mismatch is the caller's error."""
+    if alias is None or p is None:
+        if alias is not None:
+            raise ValueError(f"{op}: {name}_saved was given but {name} is None")
+        return p
+    if not isinstance(alias, torch.Tensor):
+        raise TypeError(f"{op}: {name}_saved must be a torch.Tensor, got {type(alias).__name__}")
+    if alias.shape != p.shape or alias.dtype != p.dtype or alias.device != p.device:
+        raise ValueError(f"{op}: {name}_saved ({tuple(alias.shape)}, {alias.dtype}, {alias.device}) must be an "
+                         f"alias of {name} ({tuple(p.shape)}, {p.dtype}, {p.device})")
+    return alias
+
+
+def _sum_uses(per_use: list[list], n: int) -> list:
+    """Element-wise sums over the uses of n gradients; per_use[u][j] may be None."""
+    acc: list = [None] * n
+    owned = [False] * n  # acc[j] is a buffer this node created (safe to add into in place)
+    for grads in per_use:
+        idx = [j for j in range(n) if grads[j] is not None]
+        if not idx:
+            continue
+        fresh = [j for j in idx if acc[j] is None]
+        for j in fresh:
+            acc[j] = grads[j]
+        both = [j for j in idx if j not in fresh]
+        if not both:
+            continue
+        inplace = [j for j in both if owned[j]]
+        outplace = [j for j in both if not owned[j]]
+        if outplace:
+            sums = torch._foreach_add([acc[j] for j in outplace], [grads[j] for j in outplace])
+            for j, s in zip(outplace, sums):
+                acc[j], owned[j] = s, True
+        if inplace:
+            torch._foreach_add_([acc[j] for j in inplace], [grads[j] for j in inplace])
+    return acc
+
+
+class _Fanout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, uses: int, *tensors):
+        ctx.set_materialize_grads(False)
+        ctx.n = len(tensors)
+        ctx.uses = uses
+        return tuple(t.view_as(t) for _ in range(uses) for t in tensors)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        n = ctx.n
+        return (None, *_sum_uses([list(grads[u * n:(u + 1) * n]) for u in range(ctx.uses)], n))
+
+
+def fanout(uses: int, tensors: list) -> list[list]:
+    """``uses`` lists of aliases of ``tensors`` (module docstring); each alias should feed one use."""
+    if uses < 1:
+        raise ValueError(f"fanout: uses must be >= 1, got {uses}")
+    tensors = list(tensors)
+    if not tensors:
+        return [[] for _ in range(uses)]
+    flat = _Fanout.apply(uses, *tensors)
+    n = len(tensors)
+    for k, alias in enumerate(flat):  # one set of kept re-laid copies for a tensor and its aliases
+        share(tensors[k % n], alias)
+    return [list(flat[u * n:(u + 1) * n]) for u in range(uses)]
+
+
+class _FanoutRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, uses: tuple, *tables):
+        ctx.set_materialize_grads(False)
+        ctx.shapes = [tuple(t.shape) for t in tables]
+        ctx.uses = uses
+        return tuple(r.view_as(r) for use in uses for t in use for r in tables[t].unbind(0))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        shapes = ctx.shapes
+        # cell[u][t][s]: the gradient of use u's alias of row s of table t (None where u does not read t)
+        cells: list = []
+        pos = 0
+        for use in ctx.uses:
+            per = [None] * len(shapes)
+            for t in use:
+                per[t] = grads[pos:pos + shapes[t][0]]
+                pos += shapes[t][0]
+            cells.append(per)
+        groups: dict = {}  # tables of one shape read by the same uses are summed as one (T, S, C) stack
+        for t, s in enumerate(shapes):
+            groups.setdefault((s, tuple(u for u, use in enumerate(ctx.uses) if t in use)), []).append(t)
+        out: list = [None] * len(shapes)
+        for (shape, _), tabs in groups.items():
+            acc = None  # (len(tabs), *shape)
+            for per in cells:
+                rows = [per[t] if per[t] is not None else (None,) * shape[0] for t in tabs]
+                if all(g is not None for r in rows for g in r):  # the whole group: one stack, one addition
+                    stacked = torch.stack([g for r in rows for g in r]).view(len(tabs), *shape)
+                    acc = stacked if acc is None else acc.add_(stacked)
+                    continue
+                for s in range(shape[0]):
+                    col = [r[s] for r in rows]
+                    if all(g is None for g in col):
+                        continue
+                    if acc is None:
+                        acc = next(g for g in col if g is not None).new_zeros((len(tabs), *shape))
+                    if all(g is not None for g in col):  # one step of every table: one stack, one addition
+                        acc[:, s].add_(torch.stack(col))
+                        continue
+                    for k, g in enumerate(col):
+                        if g is not None:
+                            acc[k, s].add_(g)
+            if acc is not None:
+                for k, t in enumerate(tabs):
+                    out[t] = acc[k]
+        return (None, *out)
+
+
+def fanout_rows(tables: list, uses: list) -> list[list[tuple]]:
+    """Row aliases of (S, C) tables for several uses (module docstring). ``uses[u]`` lists the indices
+    of the tables that use u reads; the result holds, for each use, the tuple of S row aliases of each
+    of those tables, in that order. Each alias should feed one read."""
+    tables = list(tables)
+    for t, tab in enumerate(tables):
+        if not isinstance(tab, torch.Tensor) or tab.dim() < 1 or tab.shape[0] < 1:
+            raise ValueError(f"fanout_rows: tables[{t}] must be a tensor with a leading dimension of rows")
+    uses = tuple(tuple(int(t) for t in use) for use in uses)
+    for u, use in enumerate(uses):
+        for t in use:
+            if not 0 <= t < len(tables):
+                raise ValueError(f"fanout_rows: uses[{u}] names table {t}, but there are {len(tables)}")
+        if len(set(use)) != len(use):
+            raise ValueError(f"fanout_rows: uses[{u}] names a table twice: {use}")
+    if not any(uses):
+        return [[] for _ in uses]
+    flat = _FanoutRows.apply(uses, *tables)
+    out, pos = [], 0
+    for use in uses:
+        per = []
+        for t in use:
+            per.append(tuple(flat[pos:pos + tables[t].shape[0]]))
+            pos += tables[t].shape[0]
+        out.append(per)
+    return out
