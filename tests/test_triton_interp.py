@@ -315,6 +315,38 @@ def test_triton_conv_dual_gradcheck_and_gradgradcheck():
 
 
 @inner
+def test_triton_conv_weight_saved_routes_the_second_order_weight_term():
+    """task_conv2d(impl="triton", weight_saved=w2): the backward node reads w2 (an alias of w in the
+    learner, mamlpp_fast.ops.fanout; here a separate leaf of the same values), so the second-order term
+    of the weight goes to w2 and the forward's to w; their sum is the gradient without w2 (one addition
+    either way: at most 2 u (|a| + |b|) apart), and x's and the bias's are the same computation."""
+    import torch
+    from _batches import fresh_seed
+    from mamlpp_fast.ops.conv import task_conv2d
+
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *sh: torch.randn(*sh, generator=gen, dtype=torch.float64)  # noqa: E731
+    b, ci, co, n, h = 2, 2, 3, 2, 5
+    x, w, bias = rnd(n, b * ci, h, h).requires_grad_(), rnd(b, co, ci, 3, 3).requires_grad_(), rnd(b, co).requires_grad_()
+    proj, wts = rnd(n, b * co, h, h), [rnd(*p.shape) for p in (x, w, bias)]
+
+    def run(saved):
+        y = task_conv2d(x, w, bias, b, 1, 1, "triton", weight_saved=saved)
+        first = torch.autograd.grad((y * proj).sum(), [x, w, bias], create_graph=True)
+        scalar = sum((f * v).sum() for f, v in zip(first, wts)) + (y.tanh() * proj).sum()
+        return torch.autograd.grad(scalar, [x, w, bias] + ([saved] if saved is not None else []))
+
+    ref = run(None)
+    got = run(w.detach().clone().requires_grad_())
+    bound = 2 * 2.0 ** -53 * (got[1].abs() + got[3].abs())
+    assert float(got[3].abs().max()) > 0 and torch.all((got[1] + got[3] - ref[1]).abs() <= bound), f"seed {seed}"
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[2], ref[2]), f"seed {seed}"
+    with pytest.raises(ValueError, match="weight_saved"):
+        task_conv2d(x, w, bias, b, 1, 1, "triton", weight_saved=w.detach()[:1])
+
+
+@inner
 def test_triton_conv_bad_inputs_and_block_config(monkeypatch):
     import torch
     from mamlpp_fast.ops.conv_triton_autograd import task_conv2d_triton
