@@ -39,3 +39,22 @@ def test_one_line_error_without_a_device(args, word):
     assert p.returncode == 2
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and word in err[0]
+
+
+def test_two_warp_weight_gradient_tiles_only_for_strict_fp32_under_triton_36(monkeypatch):
+    """The tap-major 64 x 64 weight-gradient tiles with 32 lanes per step run on 2 warps under Triton < 3.7
+    in strict float32 only (`wgrad_block_config`): tl.dot's TF32 path needs a 4-warp group, float64 twice
+    the registers; the grid and the other parameters do not change."""
+    from mamlpp_fast.triton import conv as C
+    monkeypatch.setattr(C, "_TRITON_VERSION", (3, 6))
+    for red in (20 * 196, 20 * 49):  # Omniglot's 14x14 and 7x7 layers: 32 lanes per step
+        strict = C.wgrad_block_config(64, 64, 9, red, 8, 132, strict_fp32=True)
+        other = C.wgrad_block_config(64, 64, 9, red, 8, 132)
+        assert strict["TAP_MAJOR"] and strict["BLOCK_K"] == 32
+        assert strict["num_warps"] == 2 and other["num_warps"] == 4
+        assert {k: v for k, v in strict.items() if k != "num_warps"} == {k: v for k, v in other.items() if k != "num_warps"}
+    small = C.wgrad_block_config(64, 64, 9, 20 * 9, 8, 132, strict_fp32=True)  # 3x3: 16 lanes per step
+    assert small["BLOCK_K"] == 16 and small["num_warps"] == 4
+    monkeypatch.setattr(C, "_TRITON_VERSION", (3, 7))
+    assert (C.wgrad_block_config(64, 64, 9, 20 * 196, 8, 132, strict_fp32=True)
+            == C.wgrad_block_config(64, 64, 9, 20 * 196, 8, 132))

@@ -383,7 +383,7 @@ def test_triton_conv_bad_inputs_and_block_config(monkeypatch):
     assert (wcfg["TAP_MAJOR"], wcfg["BLOCK_N"], wcfg["BLOCK_K"]) == (True, 64, 32)
     assert C.wgrad_block_config(64, 64, 9, 20 * 9, 8, 132)["BLOCK_K"] == 16
     assert not C.wgrad_block_config(48, 48, 9, 5 * 441, 2, 132)["TAP_MAJOR"]
-    monkeypatch.setattr(C, "wgrad_block_config", lambda *a: dict(wcfg, BLOCK_N=64))
+    monkeypatch.setattr(C, "wgrad_block_config", lambda *a, **k: dict(wcfg, BLOCK_N=64))
     with pytest.raises(ValueError, match="TAP_MAJOR needs one sub-tile and Ci a multiple of BLOCK_N"):
         C.conv_weight_grad(torch.randn(2, 2 * 48, 5, 5), torch.randn(2, 2 * 64, 5, 5),
                            (2, 64, 48, 3, 3, 5, 5, 5, 5, 1, 1))
@@ -460,8 +460,8 @@ def _forced(real, over):
         cfg["SPLIT"] = triton.cdiv(steps, cfg["CHUNK"])
         return cfg
 
-    def wgrad(co, ci, kk, red, tasks, sms):
-        cfg = real(co, ci, kk, red, tasks, sms)
+    def wgrad(co, ci, kk, red, tasks, sms, **kw):
+        cfg = real(co, ci, kk, red, tasks, sms, **kw)
         cfg.update(over)
         bk = cfg["BLOCK_K"]
         cfg["CHUNK"] = triton.cdiv(triton.cdiv(red, cfg["SPLIT"]), bk) * bk

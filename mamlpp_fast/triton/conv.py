@@ -182,7 +182,7 @@ def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, task
     return cfg
 
 
-def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int) -> dict:
+def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int, strict_fp32: bool = False) -> dict:
     """Launch configuration of the weight gradient: per task a (Co x Ci*kh*kw) output in BLOCK_M x BLOCK_N
     tiles (BLOCK_M 64 rows of Co, or three 16-row sub-tiles per program (NSUB=3) at 48 channels;
     BLOCK_N the widest of 128, 64, 32 columns that still reaches 2 waves; TAP_MAJOR (Triton < 3.7,
@@ -190,7 +190,12 @@ def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int
     reduction over red = n*Ho*Wo in lanes of BLOCK_K = 16 (32 with TAP_MAJOR where 2 waves remain),
     split into SPLIT chunks (multiples of BLOCK_K, >= 2 steps each) so that the programs reach 2 waves of
     `sms`; each chunk writes its own partial, summed in chunk order by the tile's last program
-    (`_store_result`; deterministic). STORE_KO: the orientation of the stored tile (`_conv_wgrad_kernel`)."""
+    (`_store_result`; deterministic). STORE_KO: the orientation of the stored tile (`_conv_wgrad_kernel`).
+    strict_fp32 (float32 operands, strict precision): the tap-major 64 x 64 tiles with 32 lanes per step
+    run on 2 warps instead of 4 under Triton < 3.7 (64 accumulators per thread: the loop's FFMA share
+    78-79% -> 82% with 255 registers and no spill under 3.6's ptxas; 4 such programs per SM hold the same
+    8 warps as 2 of the 4-warp ones did). Not with tl.dot (TF32 needs a 4-warp group for wgmma) or float64
+    (twice the registers)."""
     k = ci * kk
     nsub = 3 if co % 48 == 0 and co % 64 != 0 else 1  # 48 rows: three 16-row sub-tiles per program
     bm = 16 if nsub == 3 else 64 if co > 32 else max(16, triton.next_power_of_2(co))
@@ -220,9 +225,11 @@ def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int
     split = triton.cdiv(red, chunk)
     # STORE_KO: the result tile stored as [k, o] under Triton < 3.7 (3.6 then keeps the 48-channel loops'
     # integer instructions as they were before the forward-layout store; 3.7.1 is better with [o, k])
+    num_warps = max(1, bm * bn // 1024) if nsub == 1 else max(1, bn // 32)  # ptxas: no spills
+    if tap_major and bk == 32 and strict_fp32 and bm * bn == 64 * 64:
+        num_warps = 2
     return dict(BLOCK_M=bm, BLOCK_N=bn, NSUB=nsub, BLOCK_K=bk, SPLIT=split, CHUNK=chunk, TAP_MAJOR=tap_major,
-                STORE_KO=_TRITON_VERSION < (3, 7),
-                num_warps=max(1, bm * bn // 1024) if nsub == 1 else max(1, bn // 32))  # ptxas: no spills
+                STORE_KO=_TRITON_VERSION < (3, 7), num_warps=num_warps)
 
 
 def bias_in_wgrad(cfg: dict) -> bool:
@@ -962,7 +969,9 @@ def conv_weight_grad(x, g, meta, with_bias=False):
     _check("conv weight gradient", x, g)
     n = x.shape[0]
     red = n * ho * wo
-    cfg = wgrad_block_config(co, ci, kh * kw, red, b, _sms(x.device))
+    prec = _precision(x.dtype)
+    cfg = wgrad_block_config(co, ci, kh * kw, red, b, _sms(x.device),
+                             strict_fp32=x.dtype == torch.float32 and prec == "ieee")
     if with_bias and not bias_in_wgrad(cfg):
         return conv_weight_grad(x, g, meta), g.reshape(n, b, co, -1).sum((0, 3))
     split, chunk = cfg.pop("SPLIT"), cfg.pop("CHUNK")
@@ -979,7 +988,7 @@ def conv_weight_grad(x, g, meta, with_bias=False):
     _check("conv weight gradient", ws)
     lanes = _lane_table(n, meta, x.device)
     _conv_wgrad_kernel[grid](x, g, lanes, ws if out is None else out, ws, cnt, b, ci, co, h, wd, ho, wo, red, chunk,
-                             tot, KH=kh, KW=kw, STRIDE=s, PAD=p, PREC=_precision(x.dtype), SPLIT=split,
+                             tot, KH=kh, KW=kw, STRIDE=s, PAD=p, PREC=prec, SPLIT=split,
                              HAS_DB=with_bias, SUM_IN=sum_in, ROT=_CHUNK_ROT[0], KEEP=wgrad_keeps_own(cfg), **cfg)
     red_ws = _result(out, ws, sum_in)
     dw = red_ws[:nw].view(b, kh, kw, ci, co).permute(*_FROM_FWD)
