@@ -981,6 +981,25 @@ def test_learner_with_bn_pool_triton_matches_reference_float64():
     assert fast._head_cache and all(v is th for v in fast._head_cache.values())
 
 
+@inner
+def test_learner_all_fused_inner_loop_bn_after_msl_matches_reference_float64():
+    """Every op on its Triton kernels with the BN gamma/beta adapted in the inner loop (per-task fast
+    tensors: the saved aliases of the fused ops come from the fast weights' fan-out, not the per-step
+    rows), three steps, after the MSL epochs (the target pass follows the last step only), against the
+    reference learner, float64."""
+    from _batches import fresh_seed
+    from test_fast_equivalence import batch_for, compare, make_pair
+
+    seed = fresh_seed()
+    cfg = dict(cnn_num_filters=4, num_stages=3, image_height=10, image_width=10, num_classes_per_set=3,
+               number_of_training_steps_per_iter=3, number_of_evaluation_steps_per_iter=3, conv_impl="triton",
+               first_block="fused", bn_pool="fused", head="fused", enable_inner_loop_optimizable_bn_params=True,
+               multi_step_loss_num_epochs=2)
+    ref, fast, args = make_pair("float64", "triton", **cfg)
+    compare(ref, fast, batch_for(args, 2, seed), 3, "float64", seed)
+    assert fast._bn_pool_cache and fast._first_block_cache
+
+
 # ---- head_loss (mamlpp_fast.ops.head; kernels in mamlpp_fast/triton/head.py) ------------------------------
 def _head_all(impl, x, w, b, labels, lw, prev, T, seed, us=(True, True, True)):
     """forward, backward and double backward of head_loss's implementation `impl` on plain tensors (x as
