@@ -122,17 +122,17 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
             return [{} for _ in reads]
         return [dict(zip([keys[t] for t in use], rows)) for use, rows in zip(reads, fanout_rows(tables, reads))]
 
-    def _bn_params(self, layer: str, step: int, fast: dict, rows: dict):
-        """gamma and beta of a BN call: adapted (B, C) fast tensors when the inner loop adapts them (each
-        separately: only the learnable one is adapted), else the step's row (`_bn_rows`) or the shared
-        vector."""
+    def _bn_params(self, layer: str, step: int, fast: dict, rows: dict, names=("weight", "bias")):
+        """gamma and beta of a BN call (or those of `names`): adapted (B, C) fast tensors when the inner
+        loop adapts them (each separately: only the learnable one is adapted), else the step's row
+        (`_bn_rows`) or the shared vector."""
         norm = self.classifier.layer_dict[layer].norm_layer
         out = []
-        for name, own in (("weight", norm.weight), ("bias", norm.bias)):
+        for name in names:
             key = f"layer_dict.{layer}.norm_layer.{name}"
             row = rows.get(f"{layer}.{name}")
-            out.append(fast[key] if key in fast else (row[step] if row is not None else own))
-        return out[0], out[1]
+            out.append(fast[key] if key in fast else (row[step] if row is not None else getattr(norm, name)))
+        return tuple(out)
 
     def _net(self, x: torch.Tensor, num_tasks: int, step: int, fast: dict, stats: list | None,
              pattern: str = "first_order", rows: dict | None = None, saved: tuple | None = None):
@@ -156,10 +156,11 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
             w_s = bias_s = gamma_s = None
             if saved is not None:
                 w_s, bias_s = saved[0][f"layer_dict.{layer}.conv.weight"], saved[0][f"layer_dict.{layer}.conv.bias"]
-                gamma_s = self._bn_params(layer, step, *saved)[0]
+                (gamma_s,) = self._bn_params(layer, step, *saved, names=("weight",))
             block = self._first_block_impl(out, w, conv) if i == 0 else None
             if block is not None:  # convolution, BN, leaky ReLU and pooling as one op (ops.conv_block)
                 gamma, beta = self._bn_params(layer, step, fast, rows)
+                gamma_s = None if gamma_s is gamma else gamma_s  # a shared, unsplit gamma: no alias
                 out, mean, invstd = conv_bn_pool(out, w, bias, gamma, beta, b, conv.stride, conv.padding,
                                                  BN_EPS, LEAKY_SLOPE, impl=block, w_saved=w_s, bias_saved=bias_s,
                                                  gamma_saved=gamma_s)
@@ -169,6 +170,7 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
             out = task_conv2d(out, w, bias, b, conv.stride, conv.padding, self.args.conv_impl, pattern,
                               weight_saved=w_s)
             gamma, beta = self._bn_params(layer, step, fast, rows)
+            gamma_s = None if gamma_s is gamma else gamma_s
             m = out.shape[0] * out.shape[2] * out.shape[3]
             pool = self._bn_pool_impl(out) if self.classifier.max_pooling else None
             if pool is not None:  # batch norm, leaky ReLU and pooling as one op (ops.bn_pool)
