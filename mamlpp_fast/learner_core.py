@@ -214,12 +214,13 @@ class LearnerCore:
                     param.grad.clamp_(-10, 10)
 
     def finite_flag(self, loss) -> torch.Tensor:
-        """0-d bool device tensor: loss and every meta-gradient finite (no host synchronisation)."""
-        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
-        total = loss.detach().reshape(1).to(torch.float64)
-        if grads:
-            total = total + torch.stack(torch._foreach_norm(grads)).sum().to(torch.float64)
-        return torch.isfinite(total).reshape(())
+        """0-d bool device tensor: loss and every meta-gradient finite (no host synchronisation). The L2
+        norms of the loss and of every gradient (one multi-tensor norm) have a largest value below
+        infinity exactly when none of them holds an infinity or a NaN (a NaN propagates through the norm
+        and the maximum, and compares false): 4 kernels, where a float64 sum and isfinite took 10."""
+        tensors = [loss.detach().reshape(1)] + [p.grad for p in self.trainable_parameters() if p.grad is not None]
+        norms = torch._foreach_norm(tensors)
+        return torch.stack([n.to(norms[0].dtype) for n in norms]).amax() < float("inf")
 
     def backward(self, loss) -> None:
         """The outer backward, the gradient reduction (during a reduced training iteration) and the clamp."""

@@ -58,3 +58,28 @@ def test_locate_names_inner_step_of_exploding_learning_rate():
             p.fill_(1e38)
     with pytest.raises(NonFiniteError, match=r"task 0, inner step 0"):
         model.run_train_iter(learnable_batch(3, 5, 1, 1, 1, 14, 14, fresh_seed()), 0)
+
+
+@pytest.mark.parametrize("where, finite", [("none", True), ("huge", True), ("loss-nan", False), ("loss-inf", False),
+                                           ("grad-nan", False), ("grad-inf", False), ("grad-minus-inf", False)])
+def test_finite_flag_finds_any_nonfinite_value(where, finite):
+    """LearnerCore.finite_flag on the device: false exactly when the loss or one element of one gradient
+    is an infinity or a NaN; a large finite gradient (1e18: its squared norm still fits float32) is
+    finite."""
+    model = Fast((2, 1, 14, 14), "cpu", default_args(**CFG))
+    params = list(model.core.trainable_parameters())
+    g = torch.Generator().manual_seed(fresh_seed())
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+    loss = torch.tensor(1.5)
+    last = params[-1].grad.view(-1)
+    if where == "huge":
+        last[0] = 1e18
+    elif where == "none":
+        pass
+    elif where.startswith("loss"):
+        loss = torch.tensor(float("nan") if where.endswith("nan") else float("inf"))
+    else:
+        last[-1] = {"grad-nan": float("nan"), "grad-inf": float("inf"), "grad-minus-inf": float("-inf")}[where]
+    flag = model.core.finite_flag(loss)
+    assert flag.dim() == 0 and flag.dtype == torch.bool and bool(flag) == finite
