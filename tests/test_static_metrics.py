@@ -114,3 +114,18 @@ def test_probe_split_sum_selects_the_launches_it_is_about(capsys):
         assert (c in calls) == (cfg["SPLIT"] > 1 and with_bias and not C.wgrad_sums_split(cfg, with_bias)), c
     assert main(["nosuch"]) == 2
     assert "usage" in capsys.readouterr().err
+
+
+def test_probe_tiles_selects_calls_and_refuses_bad_arguments(capsys):
+    """bench.probe_tiles picks the op's calls of one meta-update (only those of the given input shape with
+    --shape) and refuses a bad op, workload or variant list with its usage line."""
+    from bench.probe_tiles import main, select_calls
+    calls = select_calls("omniglot_20w1s", "conv_weight_grad")
+    shapes = {tuple(c[1]) for c in calls}
+    assert (20, 512, 14, 14) in shapes and len(shapes) > 1 and all(c[0] == "conv_weight_grad" for c in calls)
+    assert {tuple(c[1]) for c in select_calls("omniglot_20w1s", "conv_weight_grad", (20, 512, 14, 14))} == \
+        {(20, 512, 14, 14)}
+    for argv in (["omniglot_20w1s", "conv_nosuch"], ["nosuch", "conv_forward"],
+                 ["omniglot_20w1s", "conv_forward", "--variants", '{"num_warps": 2}']):
+        assert main(argv) == 2
+        assert "usage" in capsys.readouterr().err

@@ -1,0 +1,96 @@
+"""python -m bench.probe_tiles: launch-configuration variants of the Triton convolutions, compiled for sm_90a
+without a GPU (through bench.static_metrics), so that a tile change is judged on the compiler's output
+before it is made: registers, spill bytes and the strict-fp32 inner loop's SASS mix per variant.
+
+    python -m bench.probe_tiles WORKLOAD OP [--shape N,C,H,W] [--variants JSON]
+
+WORKLOAD: a name of bench.workloads; OP: conv_forward, conv_data_grad or conv_weight_grad (the custom-op
+calls of one meta-update of the fast learner, triton backend and convolutions, as bench.trace records
+them); --shape keeps the calls whose input has that shape (e.g. 5,96,10,10); --variants: a JSON list of
+dicts whose keys replace those of the shipped launch (default [{}]: the shipped configuration only),
+e.g. '[{}, {"num_warps": 2}, {"BLOCK_M": 64}]'. The launch configurations are the installed Triton's:
+run it with the device's version (3.6) to read what the device would compile.
+
+Each line: the call, the resulting configuration, the variant, registers, spill bytes (stores), FFMA,
+LDS and integer instructions of the hot loop and its FFMA share. bench/NOTES.md quotes its output.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+KERNELS = {"conv_forward": "_conv_fwd_kernel", "conv_data_grad": "_conv_dgrad_kernel",
+           "conv_weight_grad": "_conv_wgrad_kernel"}
+USAGE = "usage: python -m bench.probe_tiles WORKLOAD OP [--shape N,C,H,W] [--variants JSON]"
+
+
+def select_calls(workload: str, op: str, shape: tuple | None = None) -> list:
+    """The distinct calls of `op` in one meta-update of `workload` (input shape `shape` when given)."""
+    from .trace import trace_meta_update
+    res = trace_meta_update(workload, None, "triton", "triton", True, sms=132)
+    calls = []
+    for k in res.kernels:
+        c = k.call
+        if c is not None and c[0] == op and (shape is None or tuple(c[1]) == shape) and c not in calls:
+            calls.append(c)
+    return calls
+
+
+def probe(calls, op: str, variants: list) -> list:
+    """One row (dict) per launch of `op`'s kernel in `calls` and variant."""
+    from . import static_metrics as sm
+    tools = sm.triton_tools()
+    rows = []
+    for call in calls:
+        for fn, args, kwargs in sm.capture_launches(call):
+            if fn.__name__ != KERNELS[op]:
+                continue
+            for var in variants:
+                kw = dict(kwargs, **var)
+                _, ck = sm.compile_launch(fn, args, kw)
+                row = dict(call=sm._call_str(call), config=sm._cfg_str(kw), variant=var)
+                row.update(sm.ptxas_verbose(tools["ptxas"], ck.asm["ptx"]))
+                if tools.get("cuobjdump"):
+                    row.update(sm.sass_hot_loop(tools["cuobjdump"], ck.asm["cubin"]))
+                rows.append(row)
+    return rows
+
+
+def _parse(argv):
+    if len(argv) < 2 or argv[1] not in KERNELS:
+        raise ValueError(f"OP must be one of {', '.join(KERNELS)}")
+    workload, op, shape, variants = argv[0], argv[1], None, [{}]
+    rest = argv[2:]
+    while rest:
+        if rest[0] == "--shape" and len(rest) > 1:
+            shape = tuple(int(v) for v in rest[1].split(","))
+        elif rest[0] == "--variants" and len(rest) > 1:
+            variants = json.loads(rest[1])
+            if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
+                raise ValueError("--variants must be a JSON list of objects")
+        else:
+            raise ValueError(f"unknown argument {rest[0]!r}")
+        rest = rest[2:]
+    return workload, op, shape, variants
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        workload, op, shape, variants = _parse(argv)
+        from .workloads import workload_by_name
+        workload_by_name(workload)
+    except (ValueError, KeyError) as e:
+        print(f"{USAGE}\nbench.probe_tiles: {e}", file=sys.stderr)
+        return 2
+    import triton
+    print(f"Triton {triton.__version__}, sm_90a, {workload} {op}" + (f" input {shape}" if shape else ""))
+    for r in probe(select_calls(workload, op, shape), op, variants):
+        print(f"{r['call']} | {r['config']} | variant {r['variant']} | regs {r.get('registers')} | "
+              f"spill {r.get('spill_stores')} B | FFMA {r.get('ffma')} LDS {r.get('lds')} int {r.get('int')} | "
+              f"FFMA share {r.get('ffma_share', 0):.1%}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
