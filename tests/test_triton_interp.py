@@ -1001,14 +1001,21 @@ def test_learner_all_fused_inner_loop_bn_after_msl_matches_reference_float64():
 
 
 # ---- head_loss (mamlpp_fast.ops.head; kernels in mamlpp_fast/triton/head.py) ------------------------------
-def _head_all(impl, x, w, b, labels, lw, prev, T, seed, us=(True, True, True)):
+HEAD_SCALE = 0.37  # the loss scale s of the head kernels' tests
+
+
+def _head_all(impl, x, w, b, labels, lw, prev, T, seed, us=(True, True, True), saved=None):
     """forward, backward and double backward of head_loss's implementation `impl` on plain tensors (x as
-    (n, T*F)), with random upstream gradients drawn from seed (those whose flag in `us` is False: None)."""
+    (n, T*F)), with random upstream gradients drawn from seed (those whose flag in `us` is False: None);
+    the two backward passes read `saved` (logits, lse) when given, else the forward's own."""
     import torch
 
-    meta = (T, 0.37)
+    meta = (T, HEAD_SCALE)
     x = x.reshape(x.shape[0], -1)
     loss, logits, lse = impl.forward(x, w, b, labels, lw, prev, meta)
+    fwd = (loss, logits, lse)
+    if saved is not None:
+        logits, lse = saved
     g = torch.Generator().manual_seed(seed + 7)
     rnd = lambda t: torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device, t.dtype)  # noqa: E731
     gl = rnd(loss)
@@ -1016,7 +1023,7 @@ def _head_all(impl, x, w, b, labels, lw, prev, T, seed, us=(True, True, True)):
     u = [t if on else None for t, on in zip((rnd(x), rnd(w), rnd(b)), us)]
     dbwd = impl.double_backward(*u, gl, x, w, logits, lse, labels, lw, meta)
     names = ["loss", "logits", "lse", "dx", "dW", "db", "gg", "gx", "gW", "gb"]
-    return list(zip(names, [loss, logits, lse, *bwd, *dbwd]))
+    return list(zip(names, [*fwd, *bwd, *dbwd]))
 
 
 def _head_case(idx, seed, dtype, expanded=False):
@@ -1055,13 +1062,90 @@ def test_head_kernels_float64(idx):
     _bn_pool_compare(got, ref, 1e-10, seed)
 
 
+def _head_f32_bounds(x, w, b, labels, lw, prev, T, seed, saved):
+    """Elementwise first-order bounds on the error of float32 head kernels against the float64 oracle on
+    the same float32 inputs, derived from the terms' magnitudes (module docstring of ops/head.py for the
+    formulas; u = 2^-24; a K-term float32 sum of terms t_i has error <= K u sum |t_i|, any order):
+
+    - z = x W^T + b: ez = (F + 2) u zm with zm = |x| |W|^T + |b| (F products, F + 1 additions);
+    - lse = m + log(sum_c exp(z_c - m)): else = max_c ez + (C + 4) u + u |lse| (the sum is in [1, C];
+      exp and log are a few ulp);
+    - p = exp(z - lse), formed by both implementations' backward passes from the same saved float32 z and
+      lse (the kernels' forward outputs): relative error dp = u (2 max |z - lse| + 4) (the rounded
+      difference, then exp within 2 ulp), so the error of p - Y is <= (p + Y)(dp + u);
+    - G = sigma (p - Y), sigma = g lw s: relative error dp + 6u (g, lw s and the float32 s rounded);
+      dx = G W, dW = G^T x, db = sum_i G: magnitudes Gm |W|, Gm^T |x|, sum_i Gm, Gm = |sigma| (p + Y),
+      with C + 6, n + 6 and n + 6 roundings;
+    - H = vx W^T + x vW^T + vb: magnitude Hm with 2F + 4 roundings (2F products and additions, and the
+      upstream gradients rounded to float32 in the kernels' run, not in the oracle's);
+    - gg = c <p - Y, H>: magnitude |c| sum (p + Y) Hm, T n C + 2F + 9 roundings and dp;
+    - Gz = sigma (p H - p rowsum(p H)): magnitude Gzm = |sigma| (p Hm + p rowsum(p Hm)), 2F + C + 10
+      roundings and 2 dp (p enters twice); gx = Gz W + G vW, gW = Gz^T x + G^T vx, gb = sum_i Gz add
+      C + 2, n + 2, n + 1 roundings on the magnitudes Gzm |W| + Gm |vW|, Gzm^T |x| + Gm^T |vx|, sum Gzm;
+    - the loss, s lw sum_rows (lse - z_y) + prev: s |lw| sum_rows (else + ez_y) + (T n + 4) u of its
+      terms' magnitude s |lw| sum (|lse| + |z_y|) + |prev|.
+
+    Each bound is doubled for the neglected second-order terms. Returns {name: (bound tensor, magnitude
+    tensor)} in the layout of the outputs; `saved` holds the kernels' (z, lse) that both runs' backward
+    passes read."""
+    import torch
+
+    u = 2.0 ** -24
+    d = torch.float64
+    n = x.shape[0]
+    x = x.reshape(n, -1).to(d)
+    w, b, lw, prev = w.to(d), b.to(d), lw.to(d), prev.to(d)
+    F, C = w.shape[2], w.shape[1]
+    g = torch.Generator().manual_seed(seed + 7)
+    gl = torch.randn((), generator=g, dtype=d)
+    vx, vw, vb = (torch.randn(t.shape, generator=g, dtype=d) for t in (x, w, b))
+    feats = lambda t: t.view(n, T, -1).transpose(0, 1)  # noqa: E731
+    rows = lambda t: t.transpose(0, 1).reshape(n, -1)  # noqa: E731
+    ax, aw = feats(x).abs(), w.abs()
+    z, lse = (t.to(d) for t in saved)
+    zm = torch.bmm(ax, aw.transpose(1, 2)) + b.abs().unsqueeze(1)
+    ez = (F + 2) * u * zm
+    else_ = ez.amax(-1) + (C + 4) * u + u * lse.abs()
+    dp = float(u * (2 * (z - lse.unsqueeze(-1)).abs().max() + 4))
+    p = torch.exp(z - lse.unsqueeze(-1))
+    Y = torch.zeros_like(p).scatter_(-1, labels.view(T, n, 1), 1.0)
+    c = abs(float(lw)) * HEAD_SCALE
+    sig = c * abs(float(gl))
+    Gm = sig * (p + Y)
+    Hm = (torch.bmm(feats(vx).abs(), aw.transpose(1, 2)) + torch.bmm(ax, vw.abs().transpose(1, 2))
+          + vb.abs().unsqueeze(1))
+    ph = p * Hm
+    Gzm = sig * (ph + p * ph.sum(-1, keepdim=True))
+    zy = z.gather(-1, labels.view(T, n, 1)).squeeze(-1)
+    eyz = ez.gather(-1, labels.view(T, n, 1)).squeeze(-1)
+    loss_mag = c * (lse.abs() + zy.abs()).sum() + prev.abs()
+    kh, kz = 2 * F + 4, 2 * F + C + 10
+    out = {
+        "loss": (c * (else_ + eyz).sum() + (T * n + 4) * u * loss_mag, loss_mag),
+        "logits": (ez, zm),
+        "lse": (else_, zm.amax(-1)),
+        "dx": (rows(torch.bmm(Gm, aw)),) * 2,
+        "dW": (torch.bmm(Gm.transpose(1, 2), ax),) * 2,
+        "db": (Gm.sum(1),) * 2,
+        "gg": ((c * ((p + Y) * Hm).sum()).reshape(()),) * 2,
+        "gx": (rows(torch.bmm(Gzm, aw) + torch.bmm(Gm, vw.abs())),) * 2,
+        "gW": (torch.bmm(Gzm.transpose(1, 2), ax) + torch.bmm(Gm.transpose(1, 2), feats(vx).abs()),) * 2,
+        "gb": (Gzm.sum(1),) * 2,
+    }
+    rel = {"dx": (C + 6) * u + dp, "dW": (n + 6) * u + dp, "db": (n + 6) * u + dp,
+           "gg": (T * n * C + kh + 5) * u + dp, "gx": (kz + C + 2) * u + 2 * dp,
+           "gW": (kz + n + 2) * u + 2 * dp, "gb": (kz + n + 1) * u + 2 * dp}
+    return {k: (2 * (m * rel[k] if k in rel else bnd), m) for k, (bnd, m) in out.items()}
+
+
 @inner
 @pytest.mark.parametrize("idx", [0, 3, 4])
 def test_head_kernels_float32(idx):
-    """float32 kernels against the float64 PyTorch implementation on the same (float32) inputs. Margin
-    8 K u of max(1, max |ref|), u = 2^-24, K = max(F, n, C): the rounding bound gamma_K of a K-term
-    float32 sum is ~K u of the sum of the terms' magnitudes, which for these random inputs is within ~2x
-    of the largest result, times 2 for the second product of the double backward and 2 for exp and log."""
+    """float32 kernels against the float64 PyTorch implementation on the same (float32) inputs, every
+    element within the first-order rounding bound derived from its terms' magnitudes (_head_f32_bounds:
+    a correct float32 evaluation cannot exceed it, in any summation order). So that the bound still
+    catches a fault, each output's largest bound is checked to be under 0.1% of its largest magnitude (an
+    omitted or doubled term moves an element by the order of its magnitude)."""
     import torch
     from _batches import fresh_seed
     from mamlpp_fast.ops.head import torch_impl
@@ -1069,11 +1153,19 @@ def test_head_kernels_float32(idx):
 
     seed = fresh_seed() % 2 ** 31
     x, w, b, labels, lw, prev, T = _head_case(idx, seed, torch.float32)
-    n, f = x.shape[0], w.shape[2]
-    k = max(f, n, w.shape[1])
-    ref = _head_all(torch_impl, x.double(), w.double(), b.double(), labels, lw.double(), prev.double(), T, seed)
     got = _head_all(th, x, w, b, labels, lw, prev, T, seed)
-    _bn_pool_compare(got, ref, 8 * k * 2.0 ** -24, seed)
+    saved = tuple(dict(got)[k].double() for k in ("logits", "lse"))
+    ref = _head_all(torch_impl, x.double(), w.double(), b.double(), labels, lw.double(), prev.double(), T, seed,
+                    saved=saved)
+    bounds = _head_f32_bounds(x, w, b, labels, lw, prev, T, seed, saved)
+    for (name, a), (_, r) in zip(got, ref):
+        bound, mag = bounds[name]
+        assert float(bound.max()) < 1e-3 * float(mag.max()), f"{name}: bound too loose (seed {seed})"
+        err = (a.double() - r).abs()
+        worst = int((err - bound).argmax())
+        assert bool((err <= bound).all()), (
+            f"{name}: error {float(err.flatten()[worst]):.3e} over its bound "
+            f"{float(bound.flatten()[worst]):.3e} (seed {seed})")
 
 
 @inner
