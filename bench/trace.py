@@ -13,7 +13,8 @@ one meta-update (second order, MSL, epoch 0, as bench.run measures) while record
   autograd engine runs are recorded too): one GPU kernel per operation that is not a view, an empty
   allocation or a metadata query; a `_foreach_*` operation launches ceil(tensors / T) kernels, T being
   the tensors-per-launch limit of PyTorch's multi_tensor_apply for its number of tensor lists (110, 64,
-  48, 36, 30 for 1..5 lists); `select_backward` / `slice_backward` launch two (zero fill, copy). FLOPs: torch.utils.flop_counter's formulas (the same as bench.flops'
+  48, 36, 30 for 1..5 lists), or one kernel per tensor where PyTorch takes its slow route (tensors
+  not dense, or of different strides across the lists); `select_backward` / `slice_backward` launch two (zero fill, copy). FLOPs: torch.utils.flop_counter's formulas (the same as bench.flops'
   FlopCounterMode count, with the grouped-convolution weight-gradient correction of bench.flops).
 - the custom ops, mapped to the kernels of the simulated backend (their aten operations on the CPU are
   hidden): per-step batch norm with backend `cuda` (kernels/per_step_bn.cu) or `triton`
@@ -173,6 +174,34 @@ def _nbytes(t) -> int:
     return n
 
 
+def _foreach_fast_route(lists) -> bool:
+    """Whether a `_foreach_*` operation on these tensor lists takes PyTorch's multi-tensor route on a CUDA
+    device (its ForeachUtils' conditions): every tensor of one dtype and device, non-overlapping and
+    dense, and the corresponding tensors of the lists of equal sizes and equal strides (dimensions of
+    size 1 aside). Otherwise it runs the operation once per tensor."""
+    first = lists[0][0]
+    for lst in lists:
+        for t in lst:
+            if t.dtype != first.dtype or t.device != first.device or not _dense(t):
+                return False
+    for lst in lists[1:]:
+        for a, b in zip(lists[0], lst):
+            if a.shape != b.shape or any(n != 1 and x != y for n, x, y in zip(a.shape, a.stride(), b.stride())):
+                return False
+    return True
+
+
+def _dense(t) -> bool:
+    """Non-overlapping and dense: the elements fill a contiguous block in some order of the dimensions."""
+    dims = sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1)
+    expected = 1
+    for st, n in dims:
+        if st != expected:
+            return False
+        expected *= n
+    return True
+
+
 def _unique_bytes(ts) -> int:
     seen, total = set(), 0
     for t in ts:
@@ -313,6 +342,9 @@ def _make_mode(rec: _Recorder):
                 depth = len(lists) + (0 if name.endswith("_") else 1)
                 n = max((len(a) for a in lists), default=1)
                 launches = max(1, math.ceil(n / _FOREACH_MAX_TENSORS.get(min(max(depth, 1), 5), 30)))
+                if not _foreach_fast_route(lists):
+                    launches = n  # PyTorch's slow route: the operation once per tensor
+                    name += " (per tensor)"
             if name in ("convolution", "convolution_backward") and rec.conv_impl in ("grouped", "channels_last"):
                 results = 1 if name == "convolution" else sum(bool(m) for m in args[-1][:2])
                 has_bias_grad = name == "convolution_backward" and bool(args[-1][2])

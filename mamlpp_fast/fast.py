@@ -44,7 +44,7 @@ from .learner_core import LearnerAPI
 from .network import BN_EPS, BN_MOMENTUM, LEAKY_SLOPE
 from .ops import lslr_update, per_step_batch_norm
 from .ops.conv_block import block_supported, conv_bn_pool
-from .ops.fanout import fanout, fanout_rows
+from .ops.fanout import expand_tasks, fanout, fanout_rows
 from .ops.conv_block import torch_impl as block_torch_impl
 from .ops.bn_pool import bn_pool, bn_pool_supported
 from .ops.bn_pool import torch_impl as bn_pool_torch_impl
@@ -412,7 +412,8 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         meta_lslr = meta
         if grad_on:
             meta, meta_lslr = fanout(2, meta)
-        fast_list = [p.unsqueeze(0).expand(b, *p.shape) for p in meta]
+        # step 0's fast weights: the meta-parameters for every task (their task sums in one node)
+        fast_list = expand_tasks(b, meta)
         support_list, saved_list = fanout(2, fast_list) if grad_on else (fast_list, fast_list)
         theta_list = meta_lslr
         loss = None

@@ -14,7 +14,7 @@ import torch
 from _batches import fresh_seed
 from mamlpp_fast.ops.bn_pool import bn_pool
 from mamlpp_fast.ops.conv_block import conv_bn_pool
-from mamlpp_fast.ops.fanout import fanout, fanout_rows
+from mamlpp_fast.ops.fanout import expand_tasks, fanout, fanout_rows
 from mamlpp_fast.triton._derived import derived
 
 U = 2.0 ** -53
@@ -141,6 +141,62 @@ def test_fanout_rows_bad_inputs():
         fanout_rows([t], [[0, 0]])
     with pytest.raises(ValueError, match=r"tables\[0\] must be a tensor"):
         fanout_rows([torch.tensor(1.0)], [[0]])
+
+
+def test_expand_tasks_sums_each_gradient_over_the_tasks():
+    """expand_tasks against autograd's expand: contiguous gradients (summed as one concatenation), a
+    gradient in a permuted layout and one expanded over the tasks (each summed alone), a float32 tensor
+    (another group), a tensor no use reads (None), float64 on fresh inputs, every result contiguous.
+    The margin is a reordered b-term sum's, with the terms' magnitudes measured (sum of |per-task
+    gradient|)."""
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    b = 5
+    shapes = [(3, 4), (6,), (2, 3, 2), (4, 2), (3,), (7,)]
+    srcs = [_rnd(g, *s) for s in shapes]
+    srcs[4] = srcs[4].float()
+    coef = [_rnd(g, b, *s) for s in shapes]
+
+    def run(fast):
+        ps = [s.clone().requires_grad_() for s in srcs]
+        ex = expand_tasks(b, ps) if fast else [p.unsqueeze(0).expand(b, *p.shape) for p in ps]
+        terms = [None] * len(ps)
+
+        def keep(j):
+            return lambda gr: terms.__setitem__(j, gr.abs())
+        for j, e in enumerate(ex):
+            if j != 5:
+                e.register_hook(keep(j))
+        loss = sum((e * c.to(e.dtype)).sum().double() for j, (e, c) in enumerate(zip(ex, coef)) if j not in (2, 3, 5))
+        # a gradient in a permuted layout (as a convolution's weight gradient) and one expanded over the tasks
+        loss = loss + (ex[2].permute(0, 3, 1, 2).contiguous() * coef[2].permute(0, 3, 1, 2)).sum()
+        loss = loss + (ex[3] * coef[3][:1]).sum()
+        loss.backward()
+        return [p.grad for p in ps], terms
+
+    got, terms = run(True)
+    want, _ = run(False)
+    assert got[5] is None and want[5] is None
+    for j in range(5):
+        assert got[j].shape == srcs[j].shape and got[j].dtype == srcs[j].dtype and got[j].is_contiguous()
+        u = 2.0 ** -24 if srcs[j].dtype == torch.float32 else U
+        bound = 2 * (b - 1) * u * terms[j].double().sum(0)
+        assert torch.all((got[j].double() - want[j].double()).abs() <= bound), f"tensor {j} (seed {seed})"
+        assert float(got[j].abs().max()) > 0
+
+
+def test_expand_tasks_views_bad_inputs_and_once_differentiable():
+    p = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    (e,) = expand_tasks(4, [p])
+    assert e.shape == (4, 3, 2) and e.stride() == (0, 2, 1) and e.data_ptr() == p.data_ptr()
+    assert expand_tasks(2, []) == []
+    with pytest.raises(ValueError, match="b must be >= 1"):
+        expand_tasks(0, [p])
+    with pytest.raises(TypeError, match=r"tensors\[1\] must be a torch.Tensor"):
+        expand_tasks(2, [p, 3.0])
+    (gp,) = torch.autograd.grad((e ** 2).sum(), [p], create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(gp.sum(), [p])
 
 
 @pytest.mark.parametrize("per_task", [False, True])

@@ -319,4 +319,28 @@ def test_parameter_gradients_summed_by_fanout_nodes():
     assert sum(k.launches for k in adds if k.node == "_StackedRates") <= steps - 1
     foreach = sum(k.launches for k in r.kernels if k.node == "_Fanout")
     assert 0 < foreach <= 3 * steps
+    # every multi-tensor addition takes PyTorch's multi-tensor route (equal strides across the lists)
+    assert not [k.name for k in r.kernels if k.name.endswith("(per tensor)")]
+    # step 0's expansion: its task sums as one concatenation and one sum, but for the Triton weight
+    # gradients in the kernels' layout (conv1..3), summed alone
+    assert not [k for k in r.kernels if k.node == "Expand"]
+    assert sum(k.launches for k in r.kernels if k.node == "_ExpandTasks") == 2 + 3
     assert 0 < sum(k.launches for k in r.kernels if k.node == "_FanoutRows") <= 8
+
+
+def test_foreach_fast_route_conditions():
+    """bench.trace counts a `_foreach_*` operation as PyTorch's multi-tensor launches only where PyTorch
+    takes that route: one dtype, dense tensors, equal strides across the lists (size-1 dimensions
+    aside); else one launch per tensor."""
+    import torch
+    from bench.trace import _foreach_fast_route
+
+    a, b = torch.zeros(4, 3), torch.zeros(4, 3)
+    t = torch.zeros(3, 4).t()
+    assert _foreach_fast_route([[a, a], [b, b]])
+    assert _foreach_fast_route([[t], [torch.zeros(3, 4).t()]])  # permuted but dense, equal strides
+    assert not _foreach_fast_route([[a], [t]])                  # dense, different strides
+    assert not _foreach_fast_route([[a], [torch.zeros(4, 6)[:, :3]]])  # not dense
+    assert not _foreach_fast_route([[a, b.double()]])
+    assert not _foreach_fast_route([[torch.zeros(3).expand(4, 3)]])
+    assert _foreach_fast_route([[torch.zeros(1, 3)], [torch.zeros(3, 3)[:1]]])  # size-1 dim's stride ignored

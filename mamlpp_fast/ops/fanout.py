@@ -34,7 +34,19 @@ The aliases of a tensor share the data the kernels derive from it and keep on it
 convolutions' re-laid weight copies, mamlpp_fast.triton._derived), so that a weight read through
 three aliases is re-laid once, not three times.
 
-Neither node is differentiable again (its backward is only run by the outer, first-order backward:
+`expand_tasks(b, tensors)` gives each tensor's (b, ...) view repeated over the tasks (what
+``t.unsqueeze(0).expand(b, *t.shape)`` gives: step 0's fast weights are the meta-parameters for every
+task). Autograd's backward of an expansion is one sum over the tasks per tensor; this node's is, for
+the tensors j of one dtype and device whose gradient is defined::
+
+    d tensors[j] = sum_i d expanded[j][i]   (i over the b tasks)
+
+formed as one sum over the tasks of the gradients laid side by side as (b, sum_j numel_j) columns: a
+concatenation and a sum, two launches for all tensors instead of one per tensor. A gradient whose task
+slices are not contiguous (a weight gradient in a convolution kernel's layout) is summed on its own, so
+that every result is contiguous like the tensor it belongs to.
+
+None of these nodes is differentiable again (its backward is only run by the outer, first-order backward:
 the inner loop's gradients are taken with respect to the aliases).
 """
 from __future__ import annotations
@@ -43,7 +55,7 @@ import torch
 
 from ..triton._derived import share
 
-__all__ = ["fanout", "fanout_rows", "saved_alias"]
+__all__ = ["expand_tasks", "fanout", "fanout_rows", "saved_alias"]
 
 
 def saved_alias(op: str, name: str, p, alias):
@@ -192,3 +204,50 @@ def fanout_rows(tables: list, uses: list) -> list[list[tuple]]:
             pos += tables[t].shape[0]
         out.append(per)
     return out
+
+
+class _ExpandTasks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, b: int, *tensors):
+        ctx.set_materialize_grads(False)
+        ctx.b = b
+        return tuple(t.unsqueeze(0).expand(b, *t.shape) for t in tensors)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        b = ctx.b
+        out: list = [None] * len(grads)
+        groups: dict = {}
+        for j, g in enumerate(grads):
+            if g is not None:
+                groups.setdefault((g.dtype, g.device), []).append(j)
+        for idx in groups.values():
+            # gradients in another layout than the tensor's (a weight gradient in a kernel's own layout)
+            # are summed alone: a sum's result is contiguous, the layout of the tensor's other gradients
+            # (the fan-out's multi-tensor addition and the parameter's .grad need equal strides); laid
+            # side by side they would need a copy each
+            dense = [j for j in idx if grads[j].is_contiguous()]
+            for j in idx:
+                if j not in dense or len(dense) == 1:
+                    out[j] = grads[j].sum(0)
+            if len(dense) < 2:
+                continue
+            total = torch.cat([grads[j].reshape(b, -1) for j in dense], 1).sum(0)
+            for j, piece in zip(dense, total.split([grads[j][0].numel() for j in dense])):
+                out[j] = piece.view(grads[j].shape[1:])
+        return (None, *out)
+
+
+def expand_tasks(b: int, tensors: list) -> list:
+    """Each tensor expanded over b tasks as a (b, ...) view; their gradients summed over the tasks in
+    one node (module docstring)."""
+    if b < 1:
+        raise ValueError(f"expand_tasks: b must be >= 1, got {b}")
+    tensors = list(tensors)
+    for j, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"expand_tasks: tensors[{j}] must be a torch.Tensor, got {type(t).__name__}")
+    if not tensors:
+        return []
+    return list(_ExpandTasks.apply(b, *tensors))
