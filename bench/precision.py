@@ -108,8 +108,7 @@ def emulation(mode: str, launchers=None):
     try:
         for n, f in zip(names, launchers if launchers is not None else emulated_launchers(mode)):
             setattr(ta, n, f)
-        conv_mod._IMPLS["triton"] = lambda x, w, bias, b, stride, padding, w_saved=None: ta.task_conv2d_triton(
-            x, w, bias, b, stride, padding, w_saved)
+        conv_mod._IMPLS["triton"] = conv_mod.triton_unchecked
         yield
     finally:
         for n, f in zip(names, saved[:3]):

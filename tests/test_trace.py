@@ -344,3 +344,13 @@ def test_foreach_fast_route_conditions():
     assert not _foreach_fast_route([[a, b.double()]])
     assert not _foreach_fast_route([[torch.zeros(3).expand(4, 3)]])
     assert _foreach_fast_route([[torch.zeros(1, 3)], [torch.zeros(3, 3)[:1]]])  # size-1 dim's stride ignored
+
+
+def test_cpu_stand_ins_share_the_triton_implementations_signature():
+    """bench.trace and bench.precision run `triton_unchecked` in place of the triton implementation (no
+    device check); it must take every argument `task_conv2d` passes the implementation (a stand-in with
+    its own copy of the signature broke when the saved weight alias was added)."""
+    import inspect
+    from mamlpp_fast.ops import conv
+
+    assert inspect.signature(conv.triton_unchecked) == inspect.signature(conv._triton)

@@ -188,6 +188,14 @@ def _triton(x, w, bias, b, stride, padding, w_saved=None):
     if stride[0] != stride[1] or padding[0] != padding[1]:
         raise ValueError(f"task_conv2d: impl 'triton' takes a square stride and padding only, got stride "
                          f"{stride} and padding {padding}")
+    return triton_unchecked(x, w, bias, b, stride, padding, w_saved)
+
+
+def triton_unchecked(x, w, bias, b, stride, padding, w_saved=None):
+    """The triton implementation's autograd op without `_triton`'s availability and device checks: what
+    the CPU stand-ins of bench.trace and bench.precision put in its place (they replace the kernels'
+    launchers of mamlpp_fast.ops.conv_triton_autograd), so that they take the implementation's
+    signature from here rather than repeating it."""
     from .conv_triton_autograd import task_conv2d_triton
     return task_conv2d_triton(x, w, bias, b, stride, padding, w_saved)
 
