@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import torch
 
-from ..triton._derived import share
+from ..triton._derived import share_views
 
 __all__ = ["expand_tasks", "fanout", "fanout_rows", "saved_alias"]
 
@@ -122,8 +122,7 @@ def fanout(uses: int, tensors: list) -> list[list]:
         return [[] for _ in range(uses)]
     flat = _Fanout.apply(uses, *tensors)
     n = len(tensors)
-    for k, alias in enumerate(flat):  # one set of kept re-laid copies for a tensor and its aliases
-        share(tensors[k % n], alias)
+    share_views(tensors, flat)  # one set of kept re-laid copies for a tensor and its aliases
     return [list(flat[u * n:(u + 1) * n]) for u in range(uses)]
 
 

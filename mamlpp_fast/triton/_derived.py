@@ -3,7 +3,7 @@
 The Triton convolutions keep a re-laid copy of each weight tensor they read (`conv.relaid_weights`);
 the fast learner hands the same fast weight to several ops as separate alias objects
 (mamlpp_fast.ops.fanout), which must find one another's copies. Both go through this module: one dict
-per tensor, under one attribute, which `share` makes common to a tensor and its aliases.
+per tensor, under one attribute, which `share_views` makes common to a tensor and its aliases.
 
 Only tensors computed in an autograd graph (`grad_fn` set) keep anything: a leaf, such as a parameter,
 can be changed through `.data`, which its version counter does not see; inference tensors have no
@@ -24,13 +24,15 @@ def derived(t) -> dict | None:
     return t.__dict__.setdefault(_ATTR, {}) if keeps(t) else None
 
 
-def share(src, alias) -> bool:
-    """Make alias (a second tensor object over src's very elements: same storage, offset, shape and
-    strides, and so the same version counter) use src's dict. Returns whether it did."""
-    if alias is src or not (keeps(src) and keeps(alias)):
-        return False
-    if (alias.data_ptr() != src.data_ptr() or alias.shape != src.shape or alias.stride() != src.stride()
-            or alias.dtype != src.dtype or alias.device != src.device or alias._version != src._version):
-        return False
-    alias.__dict__[_ATTR] = derived(src)
-    return True
+def share_views(srcs, aliases) -> None:
+    """Make aliases[k] use the dict of srcs[k % n] (n = len(srcs)) where both may keep data. Only for
+    aliases that are views of their source over the very same elements, and so share its version
+    counter, by construction: what mamlpp_fast.ops.fanout's node returns (``t.view_as(t)``). Nothing is
+    compared (storage, offset, strides: per alias such checks cost more host time than the rest of the
+    fan-out), and each source's dict is looked up once."""
+    n = len(srcs)
+    dicts = [derived(t) for t in srcs]
+    for k, alias in enumerate(aliases):
+        d = dicts[k % n]
+        if d is not None and alias.grad_fn is not None:
+            alias.__dict__[_ATTR] = d
