@@ -1145,8 +1145,9 @@ def test_head_kernels_float32(idx):
     """float32 kernels against the float64 PyTorch implementation on the same (float32) inputs, every
     element within the first-order rounding bound derived from its terms' magnitudes (_head_f32_bounds:
     a correct float32 evaluation cannot exceed it, in any summation order). So that the bound still
-    catches a fault, each output's largest bound is checked to be under 0.1% of its largest magnitude (an
-    omitted or doubled term moves an element by the order of its magnitude)."""
+    catches a fault, each output's largest bound is checked to be under 1% of its largest magnitude (an
+    omitted or doubled term moves an element by the order of its magnitude; over 300 seeds per shape the
+    largest ratio was 3.9e-4, the loss's at F = 200)."""
     import torch
     from _batches import fresh_seed
     from mamlpp_fast.ops.head import torch_impl
@@ -1161,7 +1162,7 @@ def test_head_kernels_float32(idx):
     bounds = _head_f32_bounds(x, w, b, labels, lw, prev, T, seed, saved)
     for (name, a), (_, r) in zip(got, ref):
         bound, mag = bounds[name]
-        assert float(bound.max()) < 1e-3 * float(mag.max()), f"{name}: bound too loose (seed {seed})"
+        assert float(bound.max()) < 1e-2 * float(mag.max()), f"{name}: bound too loose (seed {seed})"
         err = (a.double() - r).abs()
         worst = int((err - bound).argmax())
         assert bool((err <= bound).all()), (
