@@ -414,6 +414,11 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
             meta, meta_lslr = fanout(2, meta)
         # step 0's fast weights: the meta-parameters for every task (their task sums in one node)
         fast_list = expand_tasks(b, meta)
+        # the learning-rate table is read once per step: its gradients summed by one fan-out node
+        if grad_on and isinstance(alphas, torch.Tensor) and alphas.requires_grad:
+            alpha_uses = [use[0] for use in fanout(last + 1, [alphas])]
+        else:
+            alpha_uses = [alphas] * (last + 1)
         support_list, saved_list = fanout(2, fast_list) if grad_on else (fast_list, fast_list)
         theta_list = meta_lslr
         loss = None
@@ -429,7 +434,7 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
                 one = torch.ones_like(support_loss)
             grads = torch.autograd.grad(support_loss, support_list, grad_outputs=one,
                                         create_graph=use_second_order)
-            fast_list = lslr_update(theta_list, list(grads), alphas, step, backend=self._op_backend)
+            fast_list = lslr_update(theta_list, list(grads), alpha_uses[step], step, backend=self._op_backend)
             if track:
                 for layer, mean, invstd, m in stats:
                     pending.setdefault((layer, step), []).append((mean, invstd, m))

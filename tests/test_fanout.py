@@ -85,6 +85,41 @@ def test_fanout_aliases_share_elements_and_unused_uses_give_no_gradient():
     assert fanout(2, []) == [[], []]
 
 
+def test_fanout_many_uses_of_few_tensors_summed_by_one_stack(monkeypatch):
+    """A tensor read by 6 uses (as the learning-rate table, once per step): its gradients stacked and
+    summed (2 n < uses - 1) against autograd's additions, float64, a reordered 6-term sum's margin from
+    the measured terms; with a use that gets no gradient, the per-use additions (same margin)."""
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    t0 = _rnd(g, 4, 6)
+    coefs = [_rnd(g, 4, 6) for _ in range(6)]
+
+    def run(fan, skip=None):
+        a = t0.clone().requires_grad_()
+        uses = [use[0] for use in fanout(6, [a])] if fan else [a] * 6
+        terms = []
+        loss = 0
+        for u, (al, c) in enumerate(zip(uses, coefs)):
+            if u == skip:
+                continue
+            if fan:
+                al.register_hook(lambda gr: terms.append(gr.abs()))
+            loss = loss + (al.sin() * c).sum()
+        loss.backward()
+        return a.grad, (sum(terms) if terms else None)
+
+    stacks = []
+    real_stack = torch.stack
+    monkeypatch.setattr(torch, "stack", lambda ts, *a, **k: stacks.append(len(ts)) or real_stack(ts, *a, **k))
+    for skip, stacked in ((None, [6]), (3, [])):
+        stacks.clear()
+        got, scale = run(True, skip)
+        assert stacks == stacked
+        want, _ = run(False, skip)
+        _close(got, want, scale, 6)
+        assert float(got.abs().max()) > 0
+
+
 def test_fanout_aliases_share_kept_derived_data():
     """Aliases of a tensor computed in a graph share one dict of derived data (the Triton convolutions'
     re-laid copies): a weight read through three aliases is re-laid once. A leaf keeps nothing."""

@@ -12,7 +12,8 @@ meant to feed one use. Its backward receives the gradient of every alias and ret
     d tensors[j] = sum_u d aliases[u][j]        (undefined terms left out; None when all are)
 
 formed with one multi-tensor addition per use after the first (``torch._foreach_add``: one launch for
-all tensors of the group on a CUDA device) instead of one addition per tensor and use. The node runs
+all tensors of the group on a CUDA device) instead of one addition per tensor and use; or, for a few
+tensors read many times (2 n < uses - 1, every gradient defined), as a stack and a sum per tensor. The node runs
 when all the aliases' gradients are ready, which is when autograd would have finished its additions.
 
 `fanout_rows(tables, uses)`: the same for the per-step rows of (S, C) tables (what ``unbind(0)``
@@ -74,7 +75,13 @@ def saved_alias(op: str, name: str, p, alias):
 
 
 def _sum_uses(per_use: list[list], n: int) -> list:
-    """Element-wise sums over the uses of n gradients; per_use[u][j] may be None."""
+    """Element-wise sums over the uses of n gradients; per_use[u][j] may be None. With every gradient
+    defined and 2 n < uses - 1 (few tensors read many times: the learning-rate table, once per step),
+    each tensor's gradients are stacked and summed (2 launches per tensor instead of one multi-tensor
+    addition per use after the first)."""
+    k = len(per_use)
+    if 2 * n < k - 1 and all(g is not None for grads in per_use for g in grads):
+        return [torch.stack([grads[j] for grads in per_use]).sum(0) for j in range(n)]
     acc: list = [None] * n
     owned = [False] * n  # acc[j] is a buffer this node created (safe to add into in place)
     for grads in per_use:
