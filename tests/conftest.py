@@ -14,3 +14,14 @@ def fresh_registry(monkeypatch):
     yield monkeypatch
     registry.set_backend(previous)
     registry.clear_cache()
+
+
+def pytest_collection_finish(session):
+    """Start the Triton-interpreter suite's subprocess now when its driver is selected (tests/_interp_suite.py)."""
+    import _interp_suite
+    _interp_suite.start_if_selected(session)
+
+
+def pytest_unconfigure(config):
+    import _interp_suite
+    _interp_suite.stop_pending(config)

@@ -2,9 +2,10 @@
 autograd reference (tests/_bn_reference.py).
 
 How TRITON_INTERPRET is handled: it must be set before `import triton` anywhere in the process, and the
-rest of the test session must not be affected. So the single outer test here re-runs THIS file in a
-subprocess (`python -m pytest tests/test_triton_interp.py`) with TRITON_INTERPRET=1 and
-MAMLPP_TRITON_INNER=1; the inner tests below run only in that subprocess (skipped otherwise), and the
+rest of the test session must not be affected. So THIS file is re-run in a subprocess (`python -m pytest
+tests/test_triton_interp.py`) with TRITON_INTERPRET=1 and MAMLPP_TRITON_INNER=1 (tests/_interp_suite.py:
+started at the end of collection when the single outer test here is selected, so that it runs beside
+the rest of the suite); the inner tests below run only in that subprocess (skipped otherwise), and the
 outer test fails with the inner output when any inner test fails. The outer process never imports
 triton. Grids are kept small (interpreter: one program at a time, ~0.4 ms each plus launch overhead).
 
@@ -15,8 +16,6 @@ a large invstd r that amplifies the rounding of the saved fp32 statistics); floa
 import importlib.util
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -25,19 +24,22 @@ EPS, SLOPE = 1e-5, 0.01
 
 
 @pytest.mark.skipif(INNER, reason="outer driver: runs only in the parent pytest process")
-def test_triton_interpreter_suite():
+def test_triton_interpreter_suite(request):
+    """Collects the subprocess that the conftest hook started at the end of collection (it has been
+    running beside the other tests since), or runs it now if none was started."""
+    import _interp_suite
+
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1", MAMLPP_TRITON_INNER="1")
-    cmd = [sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider",
-           "-o", "addopts=-ra", "-x"]
-    # the timeout guards against a hang only: the suite alone takes ~8-10 minutes on a 2-core machine
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    tail = proc.stdout[-6000:] + "\n" + proc.stderr[-3000:]
+    run = _interp_suite.take(request.config) or _interp_suite.Run(_interp_suite.root_dir())
+    try:
+        rc, out = run.wait()
+    finally:
+        run.stop()
+    tail = out[-9000:]
     print(tail)
-    assert proc.returncode == 0, f"inner triton-interpreter tests failed (rc={proc.returncode}):\n{tail}"
-    summary = proc.stdout.strip().splitlines()[-1]
+    assert rc == 0, f"inner triton-interpreter tests failed (rc={rc}):\n{tail}"
+    summary = out.strip().splitlines()[-1]
     passed = re.search(r"(\d+) passed", summary)
     skipped = re.search(r"(\d+) skipped", summary)
     # the only inner skip allowed is this driver itself
