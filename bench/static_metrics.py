@@ -140,6 +140,11 @@ def capture_launches(call, tf32: bool = False) -> list:
                 x, g = t(xs), t(gs)
                 out, mean, inv, sel = tpool.forward(x, g, g, meta)
                 tpool.backward(t(tuple(out.shape)), x, g, g, mean, inv, sel, meta)
+                # the outer pass: the input alias's gradient added to dx (HAS_DX2), with (layers 1-2) and without
+                # (layer 3) the output alias's gradient beside gout (HAS_G2)
+                tpool.backward(t(tuple(out.shape)), x, g, g, mean, inv, sel, meta, gout2=t(tuple(out.shape)),
+                               dx2=t(xs))
+                tpool.backward(t(tuple(out.shape)), x, g, g, mean, inv, sel, meta, dx2=t(xs))
                 tpool.double_backward(t(xs), g, g, t(tuple(out.shape)), x, g, g, mean, inv, sel, meta)
             elif op.startswith("bn_"):
                 xs, gs, nt = call[1], call[2], call[3]
@@ -182,6 +187,8 @@ def capture_launches(call, tf32: bool = False) -> list:
                 x, w, bias, g = t(xs), t(ws), t(ws[:2]), t(ws[1:2])
                 out, mean, inv, sel = tblock.forward(x, w, bias, g, g, meta)
                 tblock.backward(t(tuple(out.shape)), x, w, bias, g, g, mean, inv, sel, meta)
+                tblock.backward(t(tuple(out.shape)), x, w, bias, g, g, mean, inv, sel, meta,
+                                gout2=t(tuple(out.shape)))  # the outer pass's two gradients (HAS_G2)
                 tblock.double_backward(t(ws), t(ws[:2]), g, g, t(tuple(out.shape)), x, w, bias, g, g, mean, inv, sel,
                                        meta)
             elif op == "head":  # the linear head and its loss: forward (with and without the MSL weight and
@@ -460,8 +467,10 @@ def _demangle(sym: str) -> str:
 # ---- report ---------------------------------------------------------------------------------------------------------
 def _cfg_str(cfg: dict) -> str:
     keep = ("BLOCK", "BLOCK_M", "BLOCK_N", "BLOCK_K", "NSUB", "SPLIT", "CBLOCK", "PBLOCK", "num_warps", "maxnreg", "KH",
-            "HAS_U", "HAS_DTHETA", "GAMMA_PER_TASK", "HAS_BIAS", "GATHER_MK", "TAP_MAJOR", "STORE_KO", "W_FWD", "DUAL")
-    return " ".join(f"{k}={cfg[k]}" for k in keep if k in cfg)
+            "HAS_U", "HAS_DTHETA", "GAMMA_PER_TASK", "HAS_BIAS", "GATHER_MK", "TAP_MAJOR", "STORE_KO", "W_FWD", "DUAL",
+            "HAS_G2", "HAS_DX2")
+    # HAS_G2, HAS_DX2 (the outer pass's extra gradients): shown where set only
+    return " ".join(f"{k}={cfg[k]}" for k in keep if k in cfg and (k not in ("HAS_G2", "HAS_DX2") or cfg[k]))
 
 
 def _row_key(r: dict) -> tuple:

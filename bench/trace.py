@@ -650,11 +650,12 @@ def _block_patch(rec: _Recorder):
                 bytes=small(x, w, bias, gamma, beta, out, mean, invstd) + out.numel())  # + sel (int8)
         return out, mean, invstd, aux
 
-    def backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta):
+    def backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, gout2=None):
         with rec.hide():
-            res = torch_impl.backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta)
+            res = torch_impl.backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, gout2=gout2)
         macs, partial, layer = geometry(x, w, meta)
-        params = small(w, bias, gamma, beta, mean, invstd) + gout.numel()  # + sel (int8)
+        # + sel (int8); gout2: the output alias's gradient, loaded beside gout by both kernels
+        params = small(w, bias, gamma, beta, mean, invstd, gout2) + gout.numel()
         rec.add(name="triton block_bwd_reduce", kind="conv", layer=layer, flops=2 * macs, tf32_ok=True,
                 bytes=small(gout, x) + params)
         rec.add(name="triton block_bwd_apply", kind="conv", layer=layer, flops=4 * macs, tf32_ok=True,
@@ -722,10 +723,13 @@ def _bn_pool_patch(rec: _Recorder):
                small(out, mean, invstd) + out.numel(), call=call, reduce_read=small(x))  # + sel (int8)
         return out, mean, invstd, aux
 
-    def backward(gout, x, gamma, beta, mean, invstd, aux, meta):
+    def backward(gout, x, gamma, beta, mean, invstd, aux, meta, gout2=None, dx2=None):
         with rec.hide():
-            dx, dgamma, dbeta = torch_impl.backward(gout, x, gamma, beta, mean, invstd, aux, meta)
-        read = small(gout, x, gamma, beta, mean, invstd) + gout.numel()  # + sel
+            dx, dgamma, dbeta = torch_impl.backward(gout, x, gamma, beta, mean, invstd, aux, meta, gout2=gout2,
+                                                    dx2=dx2)
+        # + sel; gout2: the output alias's gradient, loaded beside gout; dx2: the input alias's, added to dx
+        # by the apply kernel (the single pass reads it once; counted once either way)
+        read = small(gout, gout2, x, gamma, beta, mean, invstd, dx2) + gout.numel()
         passes("bwd", x, gamma, rec.layer_of([x]), read, small(dx, dgamma, dbeta))
         return dx, dgamma, dbeta
 

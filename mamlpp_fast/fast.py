@@ -148,6 +148,9 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         b = num_tasks
         out = x
         rows = self._bn_rows()[0] if rows is None else rows
+        # the support pass's activations are read again by the nodes the inner backward builds: the
+        # producer returns an alias for them (ops.fanout, "activations"), None where none is made
+        out_s = None
         for i in range(self.classifier.num_stages):
             layer = f"conv{i}"
             conv = self.classifier.layer_dict[layer].conv
@@ -161,21 +164,26 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
             if block is not None:  # convolution, BN, leaky ReLU and pooling as one op (ops.conv_block)
                 gamma, beta = self._bn_params(layer, step, fast, rows)
                 gamma_s = None if gamma_s is gamma else gamma_s  # a shared, unsplit gamma: no alias
-                out, mean, invstd = conv_bn_pool(out, w, bias, gamma, beta, b, conv.stride, conv.padding,
-                                                 BN_EPS, LEAKY_SLOPE, impl=block, w_saved=w_s, bias_saved=bias_s,
-                                                 gamma_saved=gamma_s)
+                out, mean, invstd, *alias = conv_bn_pool(out, w, bias, gamma, beta, b, conv.stride, conv.padding,
+                                                         BN_EPS, LEAKY_SLOPE, impl=block, w_saved=w_s,
+                                                         bias_saved=bias_s, gamma_saved=gamma_s,
+                                                         alias=saved is not None)
+                out_s = alias[0] if alias else None
                 if stats is not None:
                     stats.append((i, mean, invstd, out.shape[0] * out.shape[2] * out.shape[3] * 4))
                 continue
             out = task_conv2d(out, w, bias, b, conv.stride, conv.padding, self.args.conv_impl, pattern,
-                              weight_saved=w_s)
+                              weight_saved=w_s, input_saved=out_s)
             gamma, beta = self._bn_params(layer, step, fast, rows)
             gamma_s = None if gamma_s is gamma else gamma_s
             m = out.shape[0] * out.shape[2] * out.shape[3]
             pool = self._bn_pool_impl(out) if self.classifier.max_pooling else None
             if pool is not None:  # batch norm, leaky ReLU and pooling as one op (ops.bn_pool)
-                out, mean, invstd = bn_pool(out, gamma, beta, b, BN_EPS, LEAKY_SLOPE, impl=pool, gamma_saved=gamma_s)
+                out, mean, invstd, *alias = bn_pool(out, gamma, beta, b, BN_EPS, LEAKY_SLOPE, impl=pool,
+                                                    gamma_saved=gamma_s, alias=saved is not None)
+                out_s = alias[0] if alias else None
             else:
+                out_s = None
                 out, mean, invstd = per_step_batch_norm(out, gamma, beta, b, BN_EPS, LEAKY_SLOPE,
                                                         backend=self._op_backend)
                 if self.classifier.max_pooling:

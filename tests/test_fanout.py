@@ -295,3 +295,102 @@ def test_conv_bn_pool_saved_aliases_route_the_double_backwards_terms():
     assert torch.equal(z(got[3], beta), z(ref[3], beta))
     with pytest.raises(ValueError, match="w_saved"):
         conv_bn_pool(x, w, bias, gamma, beta, t, 1, 1, 1e-5, 0.01, w_saved=w.detach()[:, :1])
+
+
+def _recording(impl, seen):
+    """impl with its backward recording whether it was given a second output gradient (gout2) and, for
+    bn_pool, a gradient of x to add (dx2): (gout2 given, dx2 given) per call."""
+    import types
+
+    def backward(*a, gout2=None, dx2=None):
+        seen.append((gout2 is not None, dx2 is not None))
+        return impl.backward(*a, gout2=gout2) if dx2 is None else impl.backward(*a, gout2=gout2, dx2=dx2)
+
+    return types.SimpleNamespace(name=impl.name, forward=impl.forward, backward=backward,
+                                 double_backward=impl.double_backward)
+
+
+class _Cube(torch.autograd.Function):
+    """y = x^3, whose backward node (`_CubeGrad`) reads x_saved in place of x: a consumer of an op's output
+    alias, as the Triton convolution (``input_saved``) is in the learner."""
+
+    @staticmethod
+    def forward(ctx, x, x_saved):
+        ctx.save_for_backward(x_saved)
+        return x ** 3
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return _CubeGrad.apply(g, x), None
+
+
+class _CubeGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, g, x):
+        ctx.save_for_backward(g, x)
+        return 3 * x * x * g
+
+    @staticmethod
+    def backward(ctx, u):
+        g, x = ctx.saved_tensors
+        return 3 * x * x * u, 6 * x * g * u
+
+
+@pytest.mark.parametrize("producer", ["conv_bn_pool", "bn_pool"])
+def test_activation_alias_gives_the_producer_both_gradients(producer):
+    """An op's output alias (``alias=True``) read by the next op's backward node, as in the learner's
+    support pass: the inner gradient taken with create_graph, the outer one without. The producer's
+    backward then receives the two gradients of its output separately in the outer pass (and their sum
+    in the recorded inner pass: `two_gradients`) and adds them where it reads them (here torch_impl: one
+    addition of the same two terms as autograd's, commutative), so every outer gradient is bitwise the
+    one without the alias. bn_pool's own input alias (the double backward's gradient of x added to dx
+    by its backward, ``dx2``) reaches the outer pass's backward too."""
+    from mamlpp_fast.ops import bn_pool as bp
+    from mamlpp_fast.ops import conv_block as cb
+
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    t, c, ci = 2, 3, 2
+    img = _rnd(g, 2, t * ci, 12, 12)
+    w, bias = _rnd(g, t, c, ci, 3, 3).requires_grad_(), _rnd(g, t, c).requires_grad_()
+    x0 = (_rnd(g, 2, t * c, 12, 12) * 2 + 0.5).requires_grad_()
+    gam0, bet0 = (1 + 0.5 * _rnd(g, t, c)).requires_grad_(), _rnd(g, t, c).requires_grad_()
+    params = ([w, bias] if producer == "conv_bn_pool" else [x0]) + [gam0, bet0]
+    proj, proj2 = _rnd(g, 2, t * c, 6, 6), _rnd(g, 2, t * c, 6, 6)
+    wts = [_rnd(g, *p.shape) for p in params]
+
+    def run(alias, seen):
+        if producer == "conv_bn_pool":
+            res = conv_bn_pool(img, w, bias, gam0, bet0, t, 1, 1, 1e-5, 0.01, impl=_recording(cb.torch_impl, seen),
+                               alias=alias)
+        else:
+            res = bn_pool(x0, gam0, bet0, t, 1e-5, 0.01, impl=_recording(bp.torch_impl, seen), alias=alias)
+        out = _Cube.apply(res[0], res[3] if alias else res[0])
+        first = torch.autograd.grad((out * proj).sum(), params, create_graph=True)
+        scalar = sum((f * v).sum() for f, v in zip(first, wts)) + (out.tanh() * proj2).sum()
+        return torch.autograd.grad(scalar, params, allow_unused=True)
+
+    ref_seen, got_seen = [], []
+    ref, got = run(False, ref_seen), run(True, got_seen)
+    dx2 = producer == "bn_pool"  # x0's double-backward gradient, added by bn_pool's backward
+    assert ref_seen == [(False, False), (False, dx2)] and got_seen == [(False, False), (True, dx2)], \
+        (ref_seen, got_seen)
+    for k, (a, r) in enumerate(zip(got, ref)):
+        assert a is not None and torch.equal(a, r), f"gradient {k} differs (seed {seed})"
+
+
+def test_two_gradients():
+    """The gradients an op with an output alias reads: both where its backward is not recorded, their
+    sum where it is (create_graph), the defined one where one is None."""
+    from mamlpp_fast.ops.fanout import two_gradients
+
+    a, b = torch.ones(3), torch.full((3,), 2.0)
+    assert two_gradients(None, None) == (None, None)
+    assert two_gradients(None, b)[0] is b and two_gradients(a, None)[0] is a
+    with torch.no_grad():
+        ga, gb = two_gradients(a, b)
+        assert ga is a and gb is b
+    with torch.enable_grad():
+        s, none = two_gradients(a, b)
+        assert none is None and torch.equal(s, a + b)

@@ -1245,3 +1245,64 @@ def test_bn_pool_single_pass_equals_two_kernels(idx, monkeypatch):
         monkeypatch.setattr(tbp, "SINGLE_PASS", True)
         for (name, a), (_, b) in zip(one, two):
             assert torch.equal(a, b), (name, dtype, seed)
+
+
+@inner
+@pytest.mark.parametrize("single", [True, False], ids=["one-kernel", "two-kernels"])
+def test_activation_aliases_on_the_triton_kernels(single, monkeypatch):
+    """The learner's chain on the Triton kernels: the fused block and bn_pool return an alias of their
+    output (``alias=True``) that the next Triton convolution's backward node reads (``input_saved``); the
+    inner gradient is taken with create_graph, the outer one without. In the outer pass the producers'
+    backward kernels read the two gradients of their output (HAS_G2) and add them where they load it: one
+    addition of the same two terms as autograd's, so every outer gradient is bitwise the one without
+    aliases; and bn_pool's backward adds the double backward's gradient of its input (its own input
+    alias, HAS_DX2) before it stores dx: bitwise dx + dx2 of the same launch without it. bn_pool's
+    one-kernel and two-kernel backward passes both."""
+    import torch
+    from _batches import fresh_seed
+    from test_fanout import _recording
+    from mamlpp_fast.ops.bn_pool import bn_pool
+    from mamlpp_fast.ops.conv import task_conv2d
+    from mamlpp_fast.ops.conv_block import conv_bn_pool
+    from mamlpp_fast.triton import bn_pool as tbp
+    from mamlpp_fast.triton import conv_block as tcb
+
+    monkeypatch.setattr(tbp, "SINGLE_PASS", single)
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *sh: torch.randn(*sh, generator=gen, dtype=torch.float64)  # noqa: E731
+    t, c, ci, n = 2, 3, 1, 2
+    img = rnd(n, t * ci, 12, 12)
+    w0, b0 = rnd(t, c, ci, 3, 3).requires_grad_(), rnd(t, c).requires_grad_()
+    w1, b1 = rnd(t, c, c, 3, 3).requires_grad_(), rnd(t, c).requires_grad_()
+    w2 = rnd(t, c, c, 3, 3).requires_grad_()
+    gam, bet = (1 + 0.5 * rnd(t, c)).requires_grad_(), rnd(t, c).requires_grad_()
+    gam1, bet1 = (1 + 0.5 * rnd(c)).requires_grad_(), rnd(c).requires_grad_()
+    params = [w0, b0, w1, b1, w2, gam, bet, gam1, bet1]
+    proj, proj2 = rnd(n, t * c, 3, 3), rnd(n, t * c, 3, 3)
+    wts = [rnd(*p.shape) for p in params]
+
+    def run(alias, seen):
+        res = conv_bn_pool(img, w0, b0, gam, bet, t, 1, 1, 1e-5, 0.01, impl=_recording(tcb, seen), alias=alias)
+        z = task_conv2d(res[0], w1, b1, t, 1, 1, "triton", input_saved=res[3] if alias else None)
+        res = bn_pool(z, gam1, bet1, t, 1e-5, 0.01, impl=_recording(tbp, seen), alias=alias)
+        out = task_conv2d(res[0], w2, None, t, 1, 1, "triton", input_saved=res[3] if alias else None)
+        first = torch.autograd.grad((out * proj).sum(), params, create_graph=True)
+        scalar = sum((f * v).sum() for f, v in zip(first, wts)) + (out.tanh() * proj2).sum()
+        return torch.autograd.grad(scalar, params, allow_unused=True)
+
+    ref_seen, got_seen = [], []
+    ref, got = run(False, ref_seen), run(True, got_seen)
+    # inner pass: bn_pool, then the block; outer pass: bn_pool (its input alias's gradient), then the block
+    assert ref_seen == [(False, False)] * 2 + [(False, True), (False, False)], ref_seen
+    assert got_seen == [(False, False)] * 2 + [(True, True), (True, False)], got_seen
+    for k, (a, r) in enumerate(zip(got, ref)):
+        assert a is not None and torch.equal(a, r), f"gradient {k} differs (seed {seed})"
+    # bn_pool's backward with both extra gradients against the same launch on their sums
+    x = rnd(n, t * c, 6, 6)
+    gm, be = gam1.detach().expand(t, -1).contiguous(), bet1.detach().expand(t, -1).contiguous()
+    out, mean, invstd, sel = tbp.forward(x, gm, be, (t, 1e-5, 0.01))
+    g1, g2, d2 = rnd(*out.shape), rnd(*out.shape), rnd(*x.shape)
+    a = tbp.backward(g1, x, gm, be, mean, invstd, sel, (t, 1e-5, 0.01), gout2=g2, dx2=d2)
+    r = tbp.backward(g1 + g2, x, gm, be, mean, invstd, sel, (t, 1e-5, 0.01))
+    assert torch.equal(a[0], r[0] + d2) and torch.equal(a[1], r[1]) and torch.equal(a[2], r[2])

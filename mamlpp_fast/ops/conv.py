@@ -99,7 +99,8 @@ def check_task_conv_inputs(x, weight, bias, num_tasks) -> None:
 
 def task_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_tasks: int,
                 stride=1, padding=0, impl: str = "grouped", pattern: str = "second_order",
-                weight_saved: torch.Tensor | None = None) -> torch.Tensor:
+                weight_saved: torch.Tensor | None = None,
+                input_saved: torch.Tensor | None = None) -> torch.Tensor:
     """Per-task convolution in the task-major layout (see the module docstring); differentiable to any
     order. `impl` is one of CONV_IMPLS or "auto" (`choose_conv_impl`). `pattern` only tells `auto`
     what the caller will do with the result (see `_maml_pattern`), so that it times the right work.
@@ -107,10 +108,15 @@ def task_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     `weight_saved`: an alias of `weight` (`mamlpp_fast.ops.fanout`) that the backward reads in place of
     `weight`, so that the gradient the second-order backward returns for the weight goes to that alias
     (summed by the fan-out node with the others) rather than being added to the forward's by autograd.
-    Only the triton implementation has a backward of its own to give it to; the others ignore it."""
+    `input_saved`: the same for `x`: an alias of x returned by x's producer (``alias=True`` of `bn_pool`
+    and `conv_bn_pool`), so that the gradient the second-order backward returns for x reaches the
+    producer's backward as its second gradient, which its kernels add where they load the first.
+    Only the triton implementation has a backward of its own to give them to; the others ignore them."""
     check_task_conv_inputs(x, weight, bias, num_tasks)
     if weight_saved is not None:
         weight_saved = saved_alias("task_conv2d", "weight", weight, weight_saved)
+    if input_saved is not None:
+        input_saved = saved_alias("task_conv2d", "x", x, input_saved)
     if pattern not in PATTERNS:
         raise ValueError(f"task_conv2d: unknown pattern {pattern!r} (choose from {', '.join(PATTERNS)})")
     stride, padding = _pair(stride), _pair(padding)
@@ -123,7 +129,7 @@ def task_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if fn is None:
         raise ValueError(f"task_conv2d: unknown impl {impl!r} (choose from {', '.join(CONV_IMPLS)} or auto)")
     if impl == "triton":
-        return fn(x, weight, bias, num_tasks, stride, padding, w_saved=weight_saved)
+        return fn(x, weight, bias, num_tasks, stride, padding, w_saved=weight_saved, x_saved=input_saved)
     return fn(x, weight, bias, num_tasks, stride, padding)
 
 
@@ -177,7 +183,7 @@ def _per_task(x, w, bias, b, stride, padding):
     return out.view(n, -1, out.shape[3], out.shape[4])
 
 
-def _triton(x, w, bias, b, stride, padding, w_saved=None):
+def _triton(x, w, bias, b, stride, padding, w_saved=None, x_saved=None):
     from .. import triton as tb
     if not tb.is_available():
         raise RuntimeError(f"task_conv2d: impl 'triton' is not available here: {tb.unavailable_reason()}")
@@ -188,16 +194,16 @@ def _triton(x, w, bias, b, stride, padding, w_saved=None):
     if stride[0] != stride[1] or padding[0] != padding[1]:
         raise ValueError(f"task_conv2d: impl 'triton' takes a square stride and padding only, got stride "
                          f"{stride} and padding {padding}")
-    return triton_unchecked(x, w, bias, b, stride, padding, w_saved)
+    return triton_unchecked(x, w, bias, b, stride, padding, w_saved, x_saved)
 
 
-def triton_unchecked(x, w, bias, b, stride, padding, w_saved=None):
+def triton_unchecked(x, w, bias, b, stride, padding, w_saved=None, x_saved=None):
     """The triton implementation's autograd op without `_triton`'s availability and device checks: what
     the CPU stand-ins of bench.trace and bench.precision put in its place (they replace the kernels'
     launchers of mamlpp_fast.ops.conv_triton_autograd), so that they take the implementation's
     signature from here rather than repeating it."""
     from .conv_triton_autograd import task_conv2d_triton
-    return task_conv2d_triton(x, w, bias, b, stride, padding, w_saved)
+    return task_conv2d_triton(x, w, bias, b, stride, padding, w_saved, x_saved)
 
 
 _IMPLS = {"grouped": _grouped, "channels_last": _channels_last, "unfold": _unfold, "unfold_bmm": _unfold_bmm,

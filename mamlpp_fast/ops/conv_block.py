@@ -29,6 +29,11 @@ Backward, given ``gout`` (the gradient w.r.t. ``out``)::
     (dz, dgamma, dbeta) = the batch norm's backward of dy             (per_step_bn's formulas)
     dw'_k    = sum_j dz_j P'_jk           i.e. dw = Wg(x, dz), dbias = sum_j dz_j
 
+With an output alias (``alias=True``: out and out' = out, the alias read by the next convolution's
+backward node) the backward receives gout and gout' and is the above for ``gout + gout'``, the sum
+formed where the kernels load gout (``gout2`` of the implementations' backward; the recorded backward
+of an inner step receives one: `mamlpp_fast.ops.fanout.two_gradients`).
+
 Double backward. The backward is linear in ``gout``. Given the upstream gradients ``U'`` (of dw', i.e.
 ``(U, U_bias)``), ``u_gamma`` and ``u_beta``, differentiate ``F = <U', dw'> + u_gamma dgamma +
 u_beta dbeta``. Because ``<U', dw'> = sum_j dz_j u_j`` with ``u_j = sum_k U'_k P'_jk`` (the convolution
@@ -49,7 +54,8 @@ This module holds the autograd (`conv_bn_pool`) and the implementation in plain 
 it recomputes the convolution output in full, so it saves memory but not work; it is the oracle of
 the Triton kernels, mamlpp_fast.triton.conv_block, which never write it). An implementation is three
 functions on plain tensors: ``forward(x, w, bias, gamma, beta, meta) -> (out, mean, invstd, aux)``,
-``backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta) -> (dw, dbias, dgamma, dbeta)``,
+``backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, gout2=None) -> (dw, dbias, dgamma,
+dbeta)``,
 ``double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta) ->
 (dgout, dw, dbias, dgamma)``; ``aux`` is a tensor the implementation keeps from its forward for its
 backward passes (the Triton kernels: the position of each window's maximum), or None; ``meta`` is
@@ -64,7 +70,7 @@ import torch.nn.functional as F
 from torch.nn.grad import conv2d_weight
 
 from . import torch_backend as tb
-from .fanout import saved_alias
+from .fanout import saved_alias, two_gradients
 
 __all__ = ["conv_bn_pool", "block_supported", "torch_impl"]
 
@@ -108,9 +114,11 @@ def _forward(x, w, bias, gamma, beta, meta):
     return F.max_pool2d(y, 2, 2), mean, invstd, None
 
 
-def _backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta):
-    """(dw, dbias or None, dgamma, dbeta)."""
+def _backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, gout2=None):
+    """(dw, dbias or None, dgamma, dbeta); gout2: a second gradient of the output, added to gout."""
     t, slope = meta[0], meta[4]
+    if gout2 is not None:
+        gout = gout + gout2
     z, y, idx = _recompute(x, w, bias, gamma, beta, mean, invstd, meta)
     dy = torch.ops.aten.max_pool2d_with_indices_backward(gout, y, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
     dz, dgamma, dbeta = tb.bn_backward(dy, z, gamma, beta, mean, invstd, t, slope)
@@ -140,6 +148,9 @@ torch_impl = types.SimpleNamespace(name="torch", forward=_forward, backward=_bac
 # autograd: the forward's backward is _BlockBackward, whose backward is the double backward
 # ------------------------------------------------------------------------------------------------------
 class _BlockForward(torch.autograd.Function):
+    """out = conv_bn_pool(x); also returns an alias of out (the op's ``alias``) whose gradient reaches this
+    node's backward as a second argument rather than being added to out's by autograd."""
+
     @staticmethod
     def forward(ctx, x, w, bias, gamma, beta, meta, impl, saved=None):
         out, mean, invstd, aux = impl.forward(x, w, bias, gamma, beta, meta)
@@ -151,35 +162,39 @@ class _BlockForward(torch.autograd.Function):
         ctx.meta, ctx.impl = meta, impl
         ctx.mark_non_differentiable(mean, invstd)
         ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) gradients
-        return out, mean, invstd
+        return out, mean, invstd, out.view_as(out)
 
     @staticmethod
-    def backward(ctx, gout, _gmean, _ginvstd):
+    def backward(ctx, gout, _gmean, _ginvstd, gout2):
+        gout, gout2 = two_gradients(gout, gout2)
         if gout is None:
             return (None,) * 8
         x, w, bias, gamma, beta, mean, invstd, aux = ctx.saved_tensors
         dw, dbias, dgamma, dbeta = _BlockBackward.apply(gout, x, w, bias, gamma, beta, mean, invstd, aux,
-                                                        ctx.meta, ctx.impl)
+                                                        ctx.meta, ctx.impl, gout2)
         return None, dw, dbias, dgamma, dbeta, None, None, None
 
 
 class _BlockBackward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, impl):
+    def forward(ctx, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, impl, gout2=None):
+        # gout2 (the output alias's gradient) is only given where this node is not recorded
+        # (`two_gradients`): the double backward below reads gout alone
         ctx.save_for_backward(gout, x, w, bias, gamma, beta, mean, invstd, aux)
         ctx.meta, ctx.impl = meta, impl
         ctx.set_materialize_grads(False)
-        return impl.backward(gout.contiguous(), x, w, bias, gamma, beta, mean, invstd, aux, meta)
+        return impl.backward(gout.contiguous(), x, w, bias, gamma, beta, mean, invstd, aux, meta,
+                             gout2=None if gout2 is None else gout2.contiguous())
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, uw, ubias, ugamma, ubeta):
         gout, x, w, bias, gamma, beta, mean, invstd, aux = ctx.saved_tensors
         if uw is None and ubias is None and ugamma is None and ubeta is None:
-            return (None,) * 11
+            return (None,) * 12
         dgout, dw, dbias, dgamma = ctx.impl.double_backward(
             uw, ubias, ugamma, ubeta, gout.contiguous(), x, w, bias, gamma, beta, mean, invstd, aux, ctx.meta)
-        return dgout, None, dw, dbias, dgamma, None, None, None, None, None, None
+        return dgout, None, dw, dbias, dgamma, None, None, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -201,7 +216,7 @@ def block_supported(x, w, stride, padding, max_pooling=True) -> str | None:
 
 
 def conv_bn_pool(x, w, bias, gamma, beta, num_tasks, stride, padding, eps, slope, impl=None, w_saved=None,
-                 bias_saved=None, gamma_saved=None):
+                 bias_saved=None, gamma_saved=None, alias=False):
     r"""``max_pool2d(per_step_batch_norm(task_conv2d(x, w, bias), gamma, beta), 2, 2)`` as one op.
 
     Description:
@@ -217,10 +232,14 @@ def conv_bn_pool(x, w, bias, gamma, beta, num_tasks, stride, padding, eps, slope
         w_saved, bias_saved, gamma_saved: aliases of w, bias, gamma (`mamlpp_fast.ops.fanout`) that the
         backward reads, so that the gradients the double backward returns for them go to the aliases;
         None: the tensor itself.
+        alias: also return an alias of out, for the op whose backward reads out again (`task_conv2d`'s
+        ``input_saved``): its gradient reaches this op's backward as a second argument, and the
+        backward kernels add the two where they load the gradient (`mamlpp_fast.ops.fanout`).
 
     Returns:
         ``(out, mean, invstd)``: out ``(n, T*C, Ho/2, Wo/2)``; mean and invstd ``(T*C,)`` of the
-        convolution output (as per_step_batch_norm returns them), not differentiable.
+        convolution output (as per_step_batch_norm returns them), not differentiable;
+        ``(out, mean, invstd, out_alias)`` with ``alias=True``.
     """
     why = block_supported(x, w, stride, padding)
     if why is not None:
@@ -251,6 +270,6 @@ def conv_bn_pool(x, w, bias, gamma, beta, num_tasks, stride, padding, eps, slope
     if gamma.shape != beta.shape:
         gamma, beta = (p.expand(t, -1) if p.dim() == 1 else p for p in (gamma, beta))
     meta = (t, int(stride), int(padding), float(eps), float(slope))
-    out, mean, invstd = _BlockForward.apply(x.contiguous(), w, bias, gamma, beta, meta,
-                                            impl if impl is not None else torch_impl, saved)
-    return out, mean, invstd
+    out, mean, invstd, out_alias = _BlockForward.apply(x.contiguous(), w, bias, gamma, beta, meta,
+                                                       impl if impl is not None else torch_impl, saved)
+    return (out, mean, invstd, out_alias) if alias else (out, mean, invstd)

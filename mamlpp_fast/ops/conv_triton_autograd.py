@@ -34,11 +34,13 @@ __all__ = ["task_conv2d_triton"]
 class _ConvF(torch.autograd.Function):
     """y = F(x, w) + bias; its backward is one `_ConvGrads` node, which reads w_saved (an alias of w made
     by `mamlpp_fast.ops.fanout`, or None: w itself), so that the gradient it returns for the weight in
-    the second-order backward reaches the fan-out node rather than being added to this node's by autograd."""
+    the second-order backward reaches the fan-out node rather than being added to this node's by
+    autograd; and x_saved (an alias of x returned by x's producer, or None: x itself), so that the
+    gradient it returns for x reaches the producer's backward as its second gradient."""
 
     @staticmethod
-    def forward(ctx, x, w, bias, meta, w_saved=None):
-        ctx.save_for_backward(x, w if w_saved is None else w_saved)
+    def forward(ctx, x, w, bias, meta, w_saved=None, x_saved=None):
+        ctx.save_for_backward(x if x_saved is None else x_saved, w if w_saved is None else w_saved)
         ctx.meta = meta
         ctx.has_bias = bias is not None
         return conv_forward(x, w, bias, meta)
@@ -49,7 +51,7 @@ class _ConvF(torch.autograd.Function):
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
         grads = iter(_ConvGrads.apply(x, gy, w, ctx.meta, *need) if any(need) else ())
         gx, gw, gb = (next(grads) if n else None for n in need)
-        return gx, gw, gb, None, None
+        return gx, gw, gb, None, None, None
 
 
 class _ConvF2(torch.autograd.Function):
@@ -163,9 +165,9 @@ class _ConvW(torch.autograd.Function):
         return dx, dg, None
 
 
-def task_conv2d_triton(x, w, bias, b, stride, padding, w_saved=None):
+def task_conv2d_triton(x, w, bias, b, stride, padding, w_saved=None, x_saved=None):
     """task_conv2d's contract (mamlpp_fast.ops.conv) on the Triton kernels; square stride/padding.
-    w_saved: the alias of w that the backward reads (`_ConvF`), None for w itself."""
+    w_saved, x_saved: the aliases of w and x that the backward reads (`_ConvF`), None for w and x."""
     if stride[0] != stride[1] or padding[0] != padding[1]:
         raise ValueError(f"triton task_conv2d: square stride and padding only, got {stride}, {padding}")
     n, _, h, wd = x.shape
@@ -175,4 +177,4 @@ def task_conv2d_triton(x, w, bias, b, stride, padding, w_saved=None):
     s, p = stride[0], padding[0]
     ho, wo = (h + 2 * p - kh) // s + 1, (wd + 2 * p - kw) // s + 1
     meta = (b, co, ci, kh, kw, h, wd, ho, wo, s, p)
-    return _ConvF.apply(x, w, bias, meta, w_saved)
+    return _ConvF.apply(x, w, bias, meta, w_saved, x_saved)

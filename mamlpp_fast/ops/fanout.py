@@ -31,6 +31,18 @@ The ops whose backward builds a node that reads a parameter again (the second-or
 (``weight_saved``, ``gamma_saved``, ...), so that the parameter's gradient from that node is one more
 use summed here rather than an addition of autograd's; `saved_alias` checks it.
 
+Activations are read twice in the same way: a convolution's input by its forward and by the weight
+gradient its backward builds, a convolution's output by bn_pool's forward and by the node bn_pool's
+backward builds. For the first, the producer (`bn_pool`, `conv_bn_pool`) returns an alias of its output
+(``alias=True``), the convolution passes it as the tensor its backward node reads (``input_saved``),
+and the producer's backward receives the two gradients as two arguments (`two_gradients`): its kernels
+add them where they load the upstream gradient. For the second, bn_pool keeps an alias of its own
+input for its backward node, so that the double backward's gradient of the input reaches bn_pool's
+backward, whose kernel adds it to dx before storing it (the convolution's kernels, which load their
+upstream gradient once per filter tap, would pay for a second one in their inner loops: registers
+and spills, bench/NOTES.md). Either way autograd's addition of the two (an activation-sized read,
+read and write, and a launch) is gone.
+
 The aliases of a tensor share the data the kernels derive from it and keep on it (the Triton
 convolutions' re-laid weight copies, mamlpp_fast.triton._derived), so that a weight read through
 three aliases is re-laid once, not three times.
@@ -56,7 +68,7 @@ import torch
 
 from ..triton._derived import share_views
 
-__all__ = ["expand_tasks", "fanout", "fanout_rows", "saved_alias"]
+__all__ = ["expand_tasks", "fanout", "fanout_rows", "saved_alias", "two_gradients"]
 
 
 def saved_alias(op: str, name: str, p, alias):
@@ -72,6 +84,19 @@ def saved_alias(op: str, name: str, p, alias):
         raise ValueError(f"{op}: {name}_saved ({tuple(alias.shape)}, {alias.dtype}, {alias.device}) must be an "
                          f"alias of {name} ({tuple(p.shape)}, {p.dtype}, {p.device})")
     return alias
+
+
+def two_gradients(g, g2):
+    """What the backward of an op with an output alias reads, given the gradients g of the output and g2
+    of its alias (either may be None): (g, g2) with g None only when both are. Where the backward is
+    recorded for a further derivative (grad mode on: the inner loop's create_graph=True), their sum
+    and None, so that the recorded nodes depend on one gradient; where it is not (the meta-update's
+    outer, first-order backward), both, for the kernels to add where they load the gradient."""
+    if g is None:
+        return g2, None
+    if g2 is not None and torch.is_grad_enabled():
+        return g + g2, None
+    return g, g2
 
 
 def _sum_uses(per_use: list[list], n: int) -> list:

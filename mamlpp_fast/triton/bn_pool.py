@@ -116,9 +116,12 @@ def _column(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cp, C, GAMMA_PER_TASK: tl
 
 
 @triton.jit
-def _gout_sel(gout_ptr, sel_ptr, pool_off, win, ACC: tl.constexpr):
-    """gout at the windows (0 elsewhere) and the position of each window's maximum (-1 elsewhere)."""
+def _gout_sel(gout_ptr, gout2_ptr, sel_ptr, pool_off, win, HAS_G2: tl.constexpr, ACC: tl.constexpr):
+    """gout at the windows (0 elsewhere) and the position of each window's maximum (-1 elsewhere). HAS_G2:
+    gout is the sum of two gradients, read from gout_ptr and gout2_ptr (`backward`'s gout2)."""
     go = tl.load(gout_ptr + pool_off, mask=win, other=0.0).to(ACC)
+    if HAS_G2:
+        go += tl.load(gout2_ptr + pool_off, mask=win, other=0.0).to(ACC)
     sel = tl.load(sel_ptr + pool_off, mask=win, other=-1).to(tl.int32)
     return go, sel
 
@@ -172,15 +175,15 @@ def _pool_fwd_apply_kernel(x_ptr, gamma_ptr, beta_ptr, ws_ptr, out_ptr, sel_ptr,
 # backward
 # ------------------------------------------------------------------------------------------------------
 @triton.jit
-def _bwd_sums(gout_ptr, sel_ptr, x_ptr, cp, TC, H, W, Hp, Wp, HcWc, Wc, begin, end, ga, be, mu, r, slope,
-              CELLS: tl.constexpr, ACC: tl.constexpr):
+def _bwd_sums(gout_ptr, gout2_ptr, sel_ptr, x_ptr, cp, TC, H, W, Hp, Wp, HcWc, Wc, begin, end, ga, be, mu, r,
+              slope, HAS_G2: tl.constexpr, CELLS: tl.constexpr, ACC: tl.constexpr):
     """(sum g, sum g xhat) over cells begin..end of column cp: g = a gout at the windows' maxima (the only
     nonzero g), so x is read there only."""
     sg = tl.zeros([CELLS], dtype=ACC)
     sgx = tl.zeros([CELLS], dtype=ACC)
     for s in range(begin, end, CELLS):
         i, ch, cw, mask, win, pool_off = _cells(s, end, CELLS, HcWc, Wc, Hp, Wp, cp, TC)
-        go, sel = _gout_sel(gout_ptr, sel_ptr, pool_off, win, ACC)
+        go, sel = _gout_sel(gout_ptr, gout2_ptr, sel_ptr, pool_off, win, HAS_G2, ACC)
         off, _ok = _position(i, ch, cw, tl.maximum(sel, 0), win, cp, TC, H, W)
         v = tl.load(x_ptr + off, mask=win, other=0.0).to(ACC)
         xhat, a = _xhat_a(v, mu, r, ga, be, slope)
@@ -191,9 +194,9 @@ def _bwd_sums(gout_ptr, sel_ptr, x_ptr, cp, TC, H, W, Hp, Wp, HcWc, Wc, begin, e
 
 
 @triton.jit
-def _pool_bwd_reduce_kernel(gout_ptr, sel_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, ws_ptr, C, TC, H,
-                            W, Hp, Wp, HcWc, Wc, MC, CCHUNK, CHUNKS, slope_hi, slope_lo,
-                            GAMMA_PER_TASK: tl.constexpr, CELLS: tl.constexpr):
+def _pool_bwd_reduce_kernel(gout_ptr, gout2_ptr, sel_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, ws_ptr,
+                            C, TC, H, W, Hp, Wp, HcWc, Wc, MC, CCHUNK, CHUNKS, slope_hi, slope_lo,
+                            GAMMA_PER_TASK: tl.constexpr, HAS_G2: tl.constexpr, CELLS: tl.constexpr):
     """ws[cp, k, :] = (sum g, sum g xhat) over chunk k of column cp (`_bwd_sums`)."""
     cp = tl.program_id(0)
     k = tl.program_id(1)
@@ -201,18 +204,20 @@ def _pool_bwd_reduce_kernel(gout_ptr, sel_ptr, x_ptr, gamma_ptr, beta_ptr, mean_
     slope = _f2acc(slope_hi, slope_lo, ACC)
     _gi, ga, be, mu, r = _column(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cp, C, GAMMA_PER_TASK, ACC)
     begin, end = _chunk_bounds(k, CCHUNK, MC)
-    Sg, Sgx = _bwd_sums(gout_ptr, sel_ptr, x_ptr, cp, TC, H, W, Hp, Wp, HcWc, Wc, begin, end, ga, be, mu, r, slope,
-                        CELLS, ACC)
+    Sg, Sgx = _bwd_sums(gout_ptr, gout2_ptr, sel_ptr, x_ptr, cp, TC, H, W, Hp, Wp, HcWc, Wc, begin, end, ga, be, mu,
+                        r, slope, HAS_G2, CELLS, ACC)
     tl.store(ws_ptr + (cp * CHUNKS + k) * 2, Sg)
     tl.store(ws_ptr + (cp * CHUNKS + k) * 2 + 1, Sgx)
 
 
 @triton.jit
-def _pool_bwd_apply_kernel(gout_ptr, sel_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, ws_ptr, dx_ptr,
-                      dgamma_ptr, dbeta_ptr, cnt_ptr, C, T, TC, H, W, Hp, Wp, HcWc, Wc, M, MC, CCHUNK, CHUNKS,
-                      slope_hi, slope_lo, GAMMA_PER_TASK: tl.constexpr, CELLS: tl.constexpr,
-                      CBLOCK: tl.constexpr, TBLOCK: tl.constexpr, SINGLE: tl.constexpr):
-    """dx = gamma r (g - gbar - xhat m) at every position; dgamma = sum g xhat, dbeta = sum g. SINGLE (one
+def _pool_bwd_apply_kernel(gout_ptr, gout2_ptr, sel_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, ws_ptr,
+                      dx_ptr, dx2_ptr, dgamma_ptr, dbeta_ptr, cnt_ptr, C, T, TC, H, W, Hp, Wp, HcWc, Wc, M, MC, CCHUNK,
+                      CHUNKS, slope_hi, slope_lo, GAMMA_PER_TASK: tl.constexpr, HAS_G2: tl.constexpr,
+                      HAS_DX2: tl.constexpr, CELLS: tl.constexpr, CBLOCK: tl.constexpr, TBLOCK: tl.constexpr,
+                      SINGLE: tl.constexpr):
+    """dx = gamma r (g - gbar - xhat m) at every position, plus dx2 there with HAS_DX2 (`backward`'s dx2: a
+    gradient of x from elsewhere, added before the store); dgamma = sum g xhat, dbeta = sum g. SINGLE (one
     chunk per column): the sums are formed here (`_bwd_sums`, as the reduction kernel forms them) and,
     for a gamma shared by the tasks, stored to ws; the last of the T programs of channel c to store them
     (`_last_ticket` on counter c) adds them in task order (`_shared_params`)."""
@@ -222,8 +227,8 @@ def _pool_bwd_apply_kernel(gout_ptr, sel_ptr, x_ptr, gamma_ptr, beta_ptr, mean_p
     slope = _f2acc(slope_hi, slope_lo, ACC)
     _gi, ga, be, mu, r = _column(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cp, C, GAMMA_PER_TASK, ACC)
     if SINGLE:
-        Sg, Sgx = _bwd_sums(gout_ptr, sel_ptr, x_ptr, cp, TC, H, W, Hp, Wp, HcWc, Wc, 0, MC, ga, be, mu, r, slope,
-                            CELLS, ACC)
+        Sg, Sgx = _bwd_sums(gout_ptr, gout2_ptr, sel_ptr, x_ptr, cp, TC, H, W, Hp, Wp, HcWc, Wc, 0, MC, ga, be, mu, r,
+                            slope, HAS_G2, CELLS, ACC)
         if not GAMMA_PER_TASK:
             tl.store(ws_ptr + cp * 2, Sg)
             tl.store(ws_ptr + cp * 2 + 1, Sgx)
@@ -241,10 +246,12 @@ def _pool_bwd_apply_kernel(gout_ptr, sel_ptr, x_ptr, gamma_ptr, beta_ptr, mean_p
     begin, end = _chunk_bounds(k, CCHUNK, MC)
     for s in range(begin, end, CELLS):
         i, ch, cw, mask, win, pool_off = _cells(s, end, CELLS, HcWc, Wc, Hp, Wp, cp, TC)
-        go, sel = _gout_sel(gout_ptr, sel_ptr, pool_off, win, ACC)
+        go, sel = _gout_sel(gout_ptr, gout2_ptr, sel_ptr, pool_off, win, HAS_G2, ACC)
         for d in range(4):  # a loop, not unrolled
             off, ok, xhat, a, g = _at(x_ptr, i, ch, cw, d, mask, cp, TC, H, W, mu, r, ga, be, slope, sel, go, ACC)
             dx = kk * (g - gbar - xhat * m)
+            if HAS_DX2:
+                dx += tl.load(dx2_ptr + off, mask=ok, other=0.0).to(ACC)
             tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
@@ -262,7 +269,7 @@ def _dbwd_sums(u_ptr, gout_ptr, sel_ptr, x_ptr, cp, TC, H, W, Hp, Wp, HcWc, Wc, 
     sug = tl.zeros([CELLS], dtype=ACC)
     for s in range(begin, end, CELLS):
         i, ch, cw, mask, win, pool_off = _cells(s, end, CELLS, HcWc, Wc, Hp, Wp, cp, TC)
-        go, sel = _gout_sel(gout_ptr, sel_ptr, pool_off, win, ACC)
+        go, sel = _gout_sel(gout_ptr, gout_ptr, sel_ptr, pool_off, win, False, ACC)
         for d in range(4):  # a loop, not unrolled
             off, ok, xhat, a, g = _at(x_ptr, i, ch, cw, d, mask, cp, TC, H, W, mu, r, ga, be, slope, sel, go, ACC)
             sg += g
@@ -344,7 +351,7 @@ def _pool_dbwd_apply_kernel(u_ptr, ugam_ptr, ubet_ptr, gout_ptr, sel_ptr, x_ptr,
     begin, end = _chunk_bounds(k, CCHUNK, MC)
     for s in range(begin, end, CELLS):
         i, ch, cw, mask, win, pool_off = _cells(s, end, CELLS, HcWc, Wc, Hp, Wp, cp, TC)
-        go, sel = _gout_sel(gout_ptr, sel_ptr, pool_off, win, ACC)
+        go, sel = _gout_sel(gout_ptr, gout_ptr, sel_ptr, pool_off, win, False, ACC)
         dgo = tl.zeros([CELLS], dtype=ACC)
         for d in range(4):  # a loop, not unrolled
             off, ok, xhat, a, g = _at(x_ptr, i, ch, cw, d, mask, cp, TC, H, W, mu, r, ga, be, slope, sel, go, ACC)
@@ -430,9 +437,18 @@ def forward(x, gamma, beta, meta):
     return out, mean, invstd, sel
 
 
-def backward(gout, x, gamma, beta, mean, invstd, sel, meta):
-    """(dx, dgamma, dbeta) of bn_pool; dgamma, dbeta shaped like gamma (summed over tasks when shared)."""
+def backward(gout, x, gamma, beta, mean, invstd, sel, meta, gout2=None, dx2=None):
+    """(dx, dgamma, dbeta) of bn_pool; dgamma, dbeta shaped like gamma (summed over tasks when shared).
+    gout2: a second gradient of the output (the shape of gout, contiguous), added to gout where the kernels
+    load it, or None; dx2: a gradient of x from elsewhere (the shape of x, contiguous), added to dx before
+    the apply kernel stores it, or None."""
     n, t, c, tc, cfg, geo = _geometry(x, meta, gamma, beta)
+    for name, extra, like in (("gout2", gout2, gout), ("dx2", dx2, x)):
+        if extra is not None and (extra.shape != like.shape or not extra.is_contiguous() or not like.is_contiguous()):
+            raise ValueError(f"triton bn_pool: {name} {tuple(extra.shape)} must be contiguous and of shape "
+                             f"{tuple(like.shape)}")
+    g2 = dict(HAS_G2=gout2 is not None)
+    gout2 = gout if gout2 is None else gout2
     gamma, beta = gamma.contiguous(), beta.contiguous()
     dx = torch.empty_like(x)
     dgamma = torch.empty_like(gamma)
@@ -444,13 +460,13 @@ def backward(gout, x, gamma, beta, mean, invstd, sel, meta):
     cells = (cfg["MC"], cfg["CCHUNK"], cfg["CHUNKS"], sl_hi, sl_lo)
     single = _single(cfg)
     if not single:
-        _pool_bwd_reduce_kernel[grid](gout, sel, x, gamma, beta, mean, invstd, ws, c, *geo, *cells,
-                                      GAMMA_PER_TASK=per_task, CELLS=cfg["CELLS"], num_warps=cfg["num_warps"])
+        _pool_bwd_reduce_kernel[grid](gout, gout2, sel, x, gamma, beta, mean, invstd, ws, c, *geo, *cells,
+                                      GAMMA_PER_TASK=per_task, CELLS=cfg["CELLS"], num_warps=cfg["num_warps"], **g2)
     cnt = _tile_counters(x.device, c)  # the shared gamma's tickets, one per channel (`_shared_params`)
-    _pool_bwd_apply_kernel[grid](gout, sel, x, gamma, beta, mean, invstd, ws, dx, dgamma, dbeta, cnt, c, t, *geo,
-                                 x.numel() // tc, *cells, GAMMA_PER_TASK=per_task, CELLS=cfg["CELLS"],
-                                 CBLOCK=cfg["CBLOCK"], TBLOCK=triton.next_power_of_2(t), SINGLE=single,
-                                 num_warps=cfg["num_warps"])
+    _pool_bwd_apply_kernel[grid](gout, gout2, sel, x, gamma, beta, mean, invstd, ws, dx, x if dx2 is None else dx2,
+                                 dgamma, dbeta, cnt, c, t, *geo, x.numel() // tc, *cells, GAMMA_PER_TASK=per_task,
+                                 HAS_DX2=dx2 is not None, CELLS=cfg["CELLS"], CBLOCK=cfg["CBLOCK"],
+                                 TBLOCK=triton.next_power_of_2(t), SINGLE=single, num_warps=cfg["num_warps"], **g2)
     return dx, dgamma, dbeta
 
 

@@ -143,16 +143,19 @@ def _chunk_outputs(kc, CHUNK, CHUNKS, MW, ACC: tl.constexpr):
 
 
 @triton.jit
-def _backward_step(gout_ptr, sel_ptr, s, end, cps, cmask, TC, HWp, Wp, BLOCK_W: tl.constexpr,
-                   ACC: tl.constexpr):
+def _backward_step(gout_ptr, gout2_ptr, sel_ptr, s, end, cps, cmask, TC, HWp, Wp, BLOCK_W: tl.constexpr,
+                   HAS_G2: tl.constexpr, ACC: tl.constexpr):
     """The windows s .. s+BLOCK_W of a backward pass: row mask, (row, channel) mask, coordinates, their
-    pooled offsets, gout there and the position of each window's maximum (kept by the forward)."""
+    pooled offsets, gout there and the position of each window's maximum (kept by the forward). HAS_G2:
+    gout is the sum of two gradients, read from gout_ptr and gout2_ptr (`backward`'s gout2)."""
     j = s + tl.arange(0, BLOCK_W)
     mask = j < end
     m2d = mask[:, None] & cmask[None, :]
     i, rem, ph, pw = _windows(j, HWp, Wp)
     pool_off = (i.to(tl.int64)[:, None] * TC + cps[None, :]) * HWp + rem[:, None]
     go = tl.load(gout_ptr + pool_off, mask=m2d, other=0.0).to(ACC)
+    if HAS_G2:
+        go += tl.load(gout2_ptr + pool_off, mask=m2d, other=0.0).to(ACC)
     sel = tl.load(sel_ptr + pool_off, mask=m2d, other=0).to(tl.int32)
     return mask, m2d, i, ph, pw, pool_off, go, sel
 
@@ -376,12 +379,12 @@ def _uvec(uw_ptr, ub_ptr, cps, cmask, ks, K: tl.constexpr, HAS_UW: tl.constexpr,
 
 
 @triton.jit
-def _reduce_kernel(gout_ptr, sel_ptr, x_ptr, w_ptr, b_ptr, uw_ptr, ub_ptr, gamma_ptr, beta_ptr, mean_ptr,
+def _reduce_kernel(gout_ptr, gout2_ptr, sel_ptr, x_ptr, w_ptr, b_ptr, uw_ptr, ub_ptr, gamma_ptr, beta_ptr, mean_ptr,
                    invstd_ptr, ws_ptr, C, CB, Ci, TC, TCi, H, W, HWp, Wp, MW, CHUNK, CHUNKS, stride, pad,
                    W_TS, B_TS, slope_hi, slope_lo, KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr,
                    KP: tl.constexpr, HAS_B: tl.constexpr, GAMMA_PER_TASK: tl.constexpr,
                    NSUM: tl.constexpr, HAS_UW: tl.constexpr, HAS_UB: tl.constexpr, PREC: tl.constexpr,
-                   BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+                   BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, HAS_G2: tl.constexpr):
     """ws[cp, k, :NSUM] = (sum g, sum g xhat) (NSUM = 2, backward) and (sum u, sum u xhat, sum u g)
     (NSUM = 5, double backward, u = P' U') over the windows of chunk k of column cp; g = a gout at the
     window's maximum (`sel`, kept by the forward), 0 at its other outputs."""
@@ -403,8 +406,8 @@ def _reduce_kernel(gout_ptr, sel_ptr, x_ptr, w_ptr, b_ptr, uw_ptr, ub_ptr, gamma
         sux = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
         sug = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
     for s in range(begin, end, BLOCK_W):
-        mask, m2d, i, ph, pw, pool_off, go, sel = _backward_step(gout_ptr, sel_ptr, s, end, cps, cmask, TC, HWp,
-                                                                 Wp, BLOCK_W, ACC)
+        mask, m2d, i, ph, pw, pool_off, go, sel = _backward_step(gout_ptr, gout2_ptr, sel_ptr, s, end, cps, cmask,
+                                                                 TC, HWp, Wp, BLOCK_W, HAS_G2, ACC)
         for d in range(4):  # a loop, not unrolled: one output's tiles live at a time
             P = _patch(x_ptr, i, 2 * ph + d // 2, 2 * pw + d % 2, mask, t, ks, ci, p, q, Ci, TCi, H, W,
                        stride, pad, K, ACC)
@@ -427,13 +430,14 @@ def _reduce_kernel(gout_ptr, sel_ptr, x_ptr, w_ptr, b_ptr, uw_ptr, ub_ptr, gamma
 
 
 @triton.jit
-def _apply_kernel(gout_ptr, sel_ptr, x_ptr, w_ptr, b_ptr, uw_ptr, ub_ptr, ugam_ptr, ubet_ptr, gamma_ptr,
+def _apply_kernel(gout_ptr, gout2_ptr, sel_ptr, x_ptr, w_ptr, b_ptr, uw_ptr, ub_ptr, ugam_ptr, ubet_ptr, gamma_ptr,
                   beta_ptr, mean_ptr, invstd_ptr, ws_ptr, wws_ptr, dgout_ptr,
                   C, CB, Ci, TC, TCi, H, W, HWp, Wp, MW, CHUNK, CHUNKS, stride, pad, W_TS, B_TS, slope_hi,
                   slope_lo, KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                   HAS_B: tl.constexpr, GAMMA_PER_TASK: tl.constexpr, NSUM: tl.constexpr,
                   HAS_UW: tl.constexpr, HAS_UB: tl.constexpr, HAS_UG: tl.constexpr, HAS_UBETA: tl.constexpr,
-                  PREC: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, KSTEP: tl.constexpr):
+                  PREC: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, KSTEP: tl.constexpr,
+                  HAS_G2: tl.constexpr):
     """z-gradient gz = c_u u + c_x xhat + c_0 + c_g g at each of the windows' outputs, wws[cp, k] =
     sum gz P' (KP values per column), one pass over the four outputs (the maximum's position `sel`
     comes from the forward):
@@ -475,8 +479,8 @@ def _apply_kernel(gout_ptr, sel_ptr, x_ptr, w_ptr, b_ptr, uw_ptr, ub_ptr, ugam_p
     begin = tl.minimum(k * CHUNK, MW)
     end = tl.minimum(begin + CHUNK, MW)
     for s in range(begin, end, BLOCK_W):
-        mask, m2d, i, ph, pw, pool_off, go, sel = _backward_step(gout_ptr, sel_ptr, s, end, cps, cmask, TC, HWp,
-                                                                 Wp, BLOCK_W, ACC)
+        mask, m2d, i, ph, pw, pool_off, go, sel = _backward_step(gout_ptr, gout2_ptr, sel_ptr, s, end, cps, cmask,
+                                                                 TC, HWp, Wp, BLOCK_W, HAS_G2, ACC)
         if NSUM == 5:
             dgo = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
         for d in range(4):  # a loop, not unrolled: one output's tiles live at a time
@@ -627,8 +631,11 @@ def forward(x, w, bias, gamma, beta, meta):
 
 
 def _backward_pass(nsum, gout, x, w, bias, gamma, beta, mean, invstd, sel, meta, uw=None, ubias=None,
-                   ugamma=None, ubeta=None):
+                   ugamma=None, ubeta=None, gout2=None):
     g = _geometry(x, w, meta)
+    if gout2 is not None and (gout2.shape != gout.shape or not gout2.is_contiguous() or not gout.is_contiguous()):
+        raise ValueError(f"triton conv_bn_pool: gout2 {tuple(gout2.shape)} must be contiguous like gout "
+                         f"{tuple(gout.shape)}")
     cfg = g["cfg"]
     w, w_ts, b, b_ts = _task_rows(w, bias)
     gamma, beta = gamma.contiguous(), beta.contiguous()
@@ -639,13 +646,14 @@ def _backward_pass(nsum, gout, x, w, bias, gamma, beta, mean, invstd, sel, meta,
     grid, geo, const, const_r = _launch(g, _precision(x.dtype), w_ts, b_ts)
     sl_hi, sl_lo = _split(meta[4])
     flags = dict(HAS_B=bias is not None, GAMMA_PER_TASK=gamma.dim() == 2, NSUM=nsum, HAS_UW=uw is not None,
-                 HAS_UB=ubias is not None)
-    _reduce_kernel[grid](gout, sel, x, w, b, uw_t, ub_t, gamma, beta, mean, invstd, ws, *geo, sl_hi, sl_lo,
+                 HAS_UB=ubias is not None, HAS_G2=gout2 is not None)
+    gout2 = gout if gout2 is None else gout2
+    _reduce_kernel[grid](gout, gout2, sel, x, w, b, uw_t, ub_t, gamma, beta, mean, invstd, ws, *geo, sl_hi, sl_lo,
                          **flags, **const_r)
     dgout = torch.empty_like(gout) if nsum == 5 else gout
     ug = ugamma.contiguous() if ugamma is not None else gamma
     ubt = ubeta.contiguous() if ubeta is not None else gamma
-    _apply_kernel[grid](gout, sel, x, w, b, uw_t, ub_t, ug, ubt, gamma, beta, mean, invstd, ws, wws, dgout, *geo,
+    _apply_kernel[grid](gout, gout2, sel, x, w, b, uw_t, ub_t, ug, ubt, gamma, beta, mean, invstd, ws, wws, dgout, *geo,
                         sl_hi, sl_lo, **flags, HAS_UG=ugamma is not None, HAS_UBETA=ubeta is not None,
                         KSTEP=_KSTEP, **const)
     dw = torch.empty(w.shape, dtype=w.dtype, device=w.device)
@@ -659,9 +667,11 @@ def _backward_pass(nsum, gout, x, w, bias, gamma, beta, mean, invstd, sel, meta,
     return dgout, dw, db, dgamma, dbeta
 
 
-def backward(gout, x, w, bias, gamma, beta, mean, invstd, sel, meta):
-    """(dw, dbias or None, dgamma, dbeta) of conv_bn_pool."""
-    _, dw, db, dgamma, dbeta = _backward_pass(2, gout, x, w, bias, gamma, beta, mean, invstd, sel, meta)
+def backward(gout, x, w, bias, gamma, beta, mean, invstd, sel, meta, gout2=None):
+    """(dw, dbias or None, dgamma, dbeta) of conv_bn_pool; gout2: a second gradient of the output (gout's
+    shape, contiguous), added to gout where the kernels load it, or None."""
+    _, dw, db, dgamma, dbeta = _backward_pass(2, gout, x, w, bias, gamma, beta, mean, invstd, sel, meta,
+                                              gout2=gout2)
     return dw, db, dgamma, dbeta
 
 
