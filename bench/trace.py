@@ -1014,15 +1014,62 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
 
 
 # ---- prediction and summaries ----------------------------------------------------------------------------
-def _rate(k: Kernel, ceil: dict, tf32: bool, conv_efficiency: float, tf32x3: bool = False) -> float:
-    """FLOP/s of kernel group k: the fp32 (or TF32) ceiling, times conv_efficiency for convolutions.
+def _rate(k: Kernel, ceil: dict, tf32: bool, conv_efficiency: float, tf32x3: bool = False,
+          efficiencies: dict | None = None) -> float:
+    """FLOP/s of kernel group k: the fp32 (or TF32) ceiling, times conv_efficiency for convolutions, or,
+    in strict fp32, the call's own efficiency where `efficiencies` (`ffma_efficiencies`) holds it.
     tf32x3 (config key conv_precision="tf32x3"): our convolution kernels run three TF32 products per
     product, a third of the TF32 rate (matmuls follow `tf32`)."""
     if tf32x3 and k.tf32_ok and k.kind == "conv":
         rate = ceil["tf32_tflops"] / 3 * 1e12
     else:
         rate = (ceil["tf32_tflops"] if (tf32 and k.tf32_ok) else ceil["fp32_tflops"]) * 1e12
-    return rate * (conv_efficiency if k.kind == "conv" else 1.0)
+    if k.kind != "conv":
+        return rate
+    if efficiencies and not (tf32 or tf32x3) and k.call in efficiencies:
+        return rate * efficiencies[k.call]
+    return rate * conv_efficiency
+
+
+CONV_CALLS = ("conv_forward", "conv_data_grad", "conv_weight_grad")
+
+
+def ffma_efficiencies(res: TraceResult, table: str) -> dict:
+    """{call: FFMA share} for every convolution call of `res` (`CONV_CALLS`): the share of FFMA among the
+    SASS instructions of its kernel's strict-fp32 hot loop, read from a bench.static_metrics JSON (compiled
+    for the device with its Triton, e.g. bench/results/static_metrics_sm90a_triton3.6.0.json) by the
+    launch configuration the call gets here (bench.static_metrics `capture_launches`, the same
+    constexpr arguments the table records). An SM issues one instruction per FFMA slot, so a loop whose
+    share is f reaches at most f of the FMA ceiling: pricing each convolution at it makes the prediction
+    see what the loop's instruction mix costs (spills and extra integer work), which one global
+    --conv-efficiency cannot. Raises MamlppError naming a call the table does not hold (a table compiled
+    before the kernels or configurations changed, or with other --triton-configs)."""
+    from mamlpp_fast.errors import MamlppError
+
+    from .static_metrics import capture_launches
+    try:
+        with open(table) as f:
+            rows = [r for r in json.load(f)["triton_kernels"] if r.get("precision") == "fp32"]
+    except (OSError, ValueError, KeyError) as e:
+        raise MamlppError(f"--conv-efficiency-from: cannot read a bench.static_metrics JSON from {table!r}: {e}") from None
+    out: dict = {}
+    for k in res.kernels:
+        call = k.call
+        if call is None or call in out or call[0] not in CONV_CALLS:
+            continue
+        launches = [(fn, kw) for fn, _args, kw in capture_launches(call) if fn.__name__.startswith("_conv_")]
+        if not launches:
+            raise MamlppError(f"--conv-efficiency-from: no convolution kernel launched by {call[0]} {call[1]}")
+        fn, kw = launches[0]
+        consts = {n: v for n, v in kw.items() if n.isupper() or n in ("num_warps", "num_stages", "maxnreg")}
+        found = [r for r in rows if r["kernel"] == fn.__name__ and r["config"] == consts
+                 and r.get("ffma_share") is not None]
+        if not found:
+            raise MamlppError(f"--conv-efficiency-from: {table} has no strict-fp32 {fn.__name__} with the "
+                              f"configuration of {call[0]} {call[1]} ({consts}): regenerate it with "
+                              "python -m bench.static_metrics")
+        out[call] = float(found[0]["ffma_share"])
+    return out
 
 
 def _share(k: Kernel, ceil: dict) -> float:
@@ -1033,11 +1080,11 @@ def _share(k: Kernel, ceil: dict) -> float:
 
 
 def predict(k: Kernel, ceil: dict, tf32: bool, cuda_graph: bool, conv_efficiency: float = 1.0,
-            tf32x3: bool = False) -> float:
+            tf32x3: bool = False, efficiencies: dict | None = None) -> float:
     """Predicted milliseconds of kernel group k at the ceilings `ceil` (None when not measured)."""
     if ceil.get("fp32_tflops") is None:
         return None
-    rate = _rate(k, ceil, tf32, conv_efficiency, tf32x3)
+    rate = _rate(k, ceil, tf32, conv_efficiency, tf32x3, efficiencies)
     share = _share(k, ceil)
     t = max(k.flops / rate, k.bytes / (ceil["bandwidth_tbs"] * 1e12)) / share * 1e3
     launch = ceil["graph_launch_us"] if cuda_graph else ceil["eager_launch_us"]
@@ -1045,10 +1092,11 @@ def predict(k: Kernel, ceil: dict, tf32: bool, cuda_graph: bool, conv_efficiency
 
 
 def summarize(res: TraceResult, ceilings: str = "h100", tf32: bool = False, conv_efficiency: float = 1.0,
-              tf32x3: bool = False) -> dict:
+              tf32x3: bool = False, efficiencies: dict | None = None) -> dict:
     """Totals, per layer, per op kind and per (layer, kind), and the 20 most launched kernel names.
     conv_efficiency: the fraction of the FMA ceiling the convolution kernels are assumed to reach
-    (1.0: the ceiling; bench.static_metrics' FFMA share of their inner loops bounds it from above)."""
+    (1.0: the ceiling; bench.static_metrics' FFMA share of their inner loops bounds it from above);
+    efficiencies (`ffma_efficiencies`): per convolution call, that bound itself (strict fp32)."""
     ceil = CEILINGS[ceilings]
     by_name = defaultdict(lambda: dict(kernels=0, bytes=0))
     graph = res.config["cuda_graph"]
@@ -1060,11 +1108,11 @@ def summarize(res: TraceResult, ceilings: str = "h100", tf32: bool = False, conv
     compute_ms = bytes_ms = launch_ms = 0.0
     measured = ceil.get("fp32_tflops") is not None
     for k in res.kernels:
-        ms = predict(k, ceil, tf32, graph, conv_efficiency, tf32x3) if measured else 0.0
+        ms = predict(k, ceil, tf32, graph, conv_efficiency, tf32x3, efficiencies) if measured else 0.0
         by_name[k.name]["kernels"] += k.launches
         by_name[k.name]["bytes"] += k.bytes
         if measured:
-            rate = _rate(k, ceil, tf32, conv_efficiency, tf32x3)
+            rate = _rate(k, ceil, tf32, conv_efficiency, tf32x3, efficiencies)
             share = _share(k, ceil)
             c, b = k.flops / rate / share * 1e3, k.bytes / (ceil["bandwidth_tbs"] * 1e12) / share * 1e3
             compute_ms += c if c >= b else 0.0
@@ -1084,6 +1132,7 @@ def summarize(res: TraceResult, ceilings: str = "h100", tf32: bool = False, conv
         prediction=("PREDICTION from device ceilings (%s), not a measurement" % ceil["device"]) if measured
         else f"no prediction: {ceil['device']}",
         ceilings=ceilings, tf32=tf32, tf32x3=tf32x3, conv_efficiency=conv_efficiency,
+        conv_efficiency_per_call=bool(efficiencies) and not (tf32 or tf32x3),
         top_names=dict(sorted(by_name.items(), key=lambda kv: -kv[1]["kernels"])[:20]),
         ceiling_values={k: v for k, v in ceil.items() if k != "sources"},
         predicted_split_ms=(dict(compute_bound=compute_ms, bandwidth_bound=bytes_ms, launches=launch_ms)
@@ -1116,7 +1165,9 @@ def to_markdown(s: dict) -> str:
              f"{'CUDA graph' if s['cuda_graph'] else 'eager'}"
              + (", convolutions in tf32x3" + (", matmuls TF32" if s["tf32"] else "") if s.get("tf32x3")
                 else (", TF32" if s["tf32"] else ", strict fp32"))
-             + (f", convolutions at {s['conv_efficiency']:.0%} of the FMA ceiling"
+             + (", each convolution at its strict-fp32 loop's FFMA share of the FMA ceiling ("
+                f"{s.get('conv_efficiency_from')})" if s.get("conv_efficiency_per_call")
+                else f", convolutions at {s['conv_efficiency']:.0%} of the FMA ceiling"
                 if s.get("conv_efficiency", 1.0) != 1.0 else ""),
              "",
              f"{s['prediction']}.", "",
@@ -1214,6 +1265,10 @@ def main(argv=None) -> int:
     p.add_argument("--device-ceilings", default="h100", choices=sorted(CEILINGS))
     p.add_argument("--conv-efficiency", type=float, default=1.0,
                    help="fraction of the FMA ceiling assumed for the convolution kernels (default 1.0)")
+    p.add_argument("--conv-efficiency-from", default=None, metavar="JSON",
+                   help="price each convolution at its strict-fp32 loop's FFMA share, read from this "
+                        "bench.static_metrics JSON (e.g. bench/results/static_metrics_sm90a_triton3.6.0.json, "
+                        "with --triton-configs 3.6)")
     p.add_argument("--triton-configs", default=None, metavar="X.Y",
                    help="the Triton version whose launch configurations the convolutions use (they differ "
                         "below 3.7: mamlpp_fast.triton.conv.conv_block_config; default: the installed one; the "
@@ -1240,6 +1295,8 @@ def main(argv=None) -> int:
             a.workload = main_workloads(a.quick)[0].name
         res = trace_meta_update(a.workload, a.batch_size, a.backend, a.conv_impl, not a.no_cuda_graph, quick=a.quick,
                                 first_block=a.first_block, bn_pool=a.bn_pool, epoch=a.epoch, head=a.head)
+        # under the same launch configurations as the trace
+        effs = ffma_efficiencies(res, a.conv_efficiency_from) if a.conv_efficiency_from else None
     except MamlppError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -1249,7 +1306,8 @@ def main(argv=None) -> int:
     if not 0 < a.conv_efficiency <= 1:
         print(f"error: --conv-efficiency must be in (0, 1], got {a.conv_efficiency}", file=sys.stderr)
         return 2
-    s = summarize(res, a.device_ceilings, a.tf32, a.conv_efficiency, a.tf32x3)
+    s = summarize(res, a.device_ceilings, a.tf32, a.conv_efficiency, a.tf32x3, effs)
+    s["conv_efficiency_from"] = a.conv_efficiency_from
     s["command"] = "python -m bench.trace " + " ".join(sys.argv[1:] if argv is None else argv)
     import datetime
     import os
@@ -1271,7 +1329,7 @@ def main(argv=None) -> int:
                     f"configurations of Triton {s['triton_configs']}, {s['date']}.\n")
     if a.json:
         keys = ("workload", "batch_size", "backend", "conv_impl", "cuda_graph", "tf32", "tf32x3", "conv_efficiency",
-                "kernels",
+                "conv_efficiency_from", "kernels",
                 "bytes", "flops", "conv_linear_flops", "predicted_ms", "prediction", "analytic_flops_total", "analytic_flops_minimal",
                 "triton_configs")
         print(json.dumps({k: s[k] for k in keys}))

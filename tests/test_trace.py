@@ -360,3 +360,37 @@ def test_cpu_stand_ins_share_the_triton_implementations_signature():
     from mamlpp_fast.ops import conv
 
     assert inspect.signature(conv.triton_unchecked) == inspect.signature(conv._triton)
+
+
+def test_convolutions_priced_at_their_loops_ffma_share(monkeypatch, tmp_path):
+    """--conv-efficiency-from: every convolution call of an Omniglot meta-update (Triton 3.6's launch
+    configurations, the device's) finds its strict-fp32 kernel in the committed static-metrics table
+    (which this also keeps current: a configuration change without a regenerated table fails here),
+    gets its loop's FFMA share as its efficiency, and the prediction rises accordingly; a share of 1
+    everywhere gives the ceiling's prediction back; a table without a call's configuration is an error
+    naming the call."""
+    import os
+
+    from mamlpp_fast.errors import MamlppError
+    from mamlpp_fast.triton import conv as tconv
+    from bench.trace import CONV_CALLS, ffma_efficiencies
+
+    table = os.path.join(os.path.dirname(__file__), "..", "bench", "results",
+                         "static_metrics_sm90a_triton3.6.0.json")
+    monkeypatch.setattr(tconv, "_TRITON_VERSION", (3, 6))
+    res = trace_meta_update("omniglot_20w1s", 8, "cuda", "triton", True)
+    effs = ffma_efficiencies(res, table)
+    calls = {k.call for k in res.kernels if k.call is not None and k.call[0] in CONV_CALLS}
+    assert set(effs) == calls and len(calls) >= 9
+    assert all(0.3 < e < 1 for e in effs.values()), effs
+    base, priced = summarize(res), summarize(res, efficiencies=effs)
+    assert priced["conv_efficiency_per_call"] and priced["predicted_ms"] > base["predicted_ms"]
+    assert summarize(res, efficiencies={c: 1.0 for c in effs})["predicted_ms"] == pytest.approx(base["predicted_ms"])
+    assert summarize(res, tf32=True, efficiencies=effs)["predicted_ms"] == summarize(res, tf32=True)["predicted_ms"]
+    with open(table) as f:
+        data = json.load(f)
+    data["triton_kernels"] = [r for r in data["triton_kernels"] if r["kernel"] != "_conv_dgrad_kernel"]
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps(data))
+    with pytest.raises(MamlppError, match="has no strict-fp32 _conv_dgrad_kernel with the configuration of conv_data_grad"):
+        ffma_efficiencies(res, str(short))
