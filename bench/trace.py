@@ -1035,8 +1035,9 @@ CONV_CALLS = ("conv_forward", "conv_data_grad", "conv_weight_grad")
 
 
 def ffma_efficiencies(res: TraceResult, table: str) -> dict:
-    """{call: FFMA share} for every convolution call of `res` (`CONV_CALLS`): the share of FFMA among the
-    SASS instructions of its kernel's strict-fp32 hot loop, read from a bench.static_metrics JSON (compiled
+    """{call: efficiency} for every convolution call of `res` (`CONV_CALLS`): the share of FFMA among the
+    SASS instructions of its kernel's strict-fp32 hot loop times the launch's `tile_utilization` (the
+    padded products it executes for nothing); the share read from a bench.static_metrics JSON (compiled
     for the device with its Triton, e.g. bench/results/static_metrics_sm90a_triton3.6.0.json) by the
     launch configuration the call gets here (bench.static_metrics `capture_launches`, the same
     constexpr arguments the table records). An SM issues one instruction per FFMA slot, so a loop whose
@@ -1068,8 +1069,31 @@ def ffma_efficiencies(res: TraceResult, table: str) -> dict:
             raise MamlppError(f"--conv-efficiency-from: {table} has no strict-fp32 {fn.__name__} with the "
                               f"configuration of {call[0]} {call[1]} ({consts}): regenerate it with "
                               "python -m bench.static_metrics")
-        out[call] = float(found[0]["ffma_share"])
+        out[call] = float(found[0]["ffma_share"]) * tile_utilization(call, kw)
     return out
+
+
+def tile_utilization(call, kw: dict) -> float:
+    """Useful products / products a convolution launch executes: its tiles' padding (rows past the pixels
+    or output channels, columns past the channels or Ci*kh*kw, k-steps past the channels, lanes past a
+    split chunk's end), which the kernel multiplies by masked zeros. The trace's FLOPs are the useful
+    ones; the FMA pipe runs the executed ones. `call`: a bench.trace convolution call (op, input
+    shape, meta, ...); kw: the launch's keyword arguments (bench.static_metrics `capture_launches`)."""
+    b, co, ci, kh, kw_, h, wd, ho, wo, s, p = call[2]
+    n = call[1][0]
+
+    def used(x, tile):  # x items in tiles of `tile`
+        return x / (-(-x // tile) * tile)
+
+    bm, bn, bk, nsub = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw.get("NSUB", 1)
+    if call[0] == "conv_weight_grad":
+        red, chunk = n * ho * wo, kw.get("CHUNK", n * ho * wo)
+        lanes = red / (red // chunk * (-(-chunk // bk) * bk) + (-(-(red % chunk) // bk) * bk))
+        cols = used(ci, bn) if kw.get("TAP_MAJOR") else used(ci * kh * kw_, bn)
+        return used(co, bm * nsub) * cols * lanes
+    rows, chans, red_ch = (n * ho * wo, co, ci) if call[0] == "conv_forward" else (n * h * wd, ci, co)
+    k_used = used(red_ch * kh * kw_, bk) if kw.get("SMALL") else used(red_ch, bk)
+    return used(rows, bm) * used(chans, bn * nsub) * k_used
 
 
 def _share(k: Kernel, ceil: dict) -> float:

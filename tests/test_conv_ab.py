@@ -58,3 +58,27 @@ def test_two_warp_weight_gradient_tiles_only_for_strict_fp32_under_triton_36(mon
     monkeypatch.setattr(C, "_TRITON_VERSION", (3, 7))
     assert (C.wgrad_block_config(64, 64, 9, 20 * 196, 8, 132, strict_fp32=True)
             == C.wgrad_block_config(64, 64, 9, 20 * 196, 8, 132))
+
+
+def test_48_channel_weight_gradient_tiles_pad_least_in_strict_fp32_under_triton_36(monkeypatch):
+    """At 48 channels (K = 48 * 9 = 432 columns) the strict-fp32 weight gradient under Triton < 3.7 takes,
+    of the column widths that reach 2 waves, the one whose tiles pad least: 7 x 64 columns (3.6% padding,
+    2 warps) instead of 4 x 128 (16%, 4 warps); still >= 2 waves of programs. TF32 / float64 and Triton
+    3.7 keep the widest; a layer where only 32 reaches 2 waves (10 x 10 support set) is unchanged."""
+    import triton
+
+    from mamlpp_fast.triton import conv as C
+    monkeypatch.setattr(C, "_TRITON_VERSION", (3, 6))
+    for red in (75 * 42 * 42, 5 * 42 * 42, 75 * 21 * 21, 75 * 10 * 10):
+        strict = C.wgrad_block_config(48, 48, 9, red, 2, 132, strict_fp32=True)
+        other = C.wgrad_block_config(48, 48, 9, red, 2, 132)
+        assert (strict["BLOCK_N"], strict["num_warps"], strict["NSUB"]) == (64, 2, 3)
+        assert (other["BLOCK_N"], other["num_warps"]) == (128, 4)
+        assert triton.cdiv(432, 64) * 2 * strict["SPLIT"] >= 2 * 132
+        assert C.bias_in_wgrad(strict)
+    small = 5 * 10 * 10
+    assert (C.wgrad_block_config(48, 48, 9, small, 2, 132, strict_fp32=True)
+            == C.wgrad_block_config(48, 48, 9, small, 2, 132))
+    monkeypatch.setattr(C, "_TRITON_VERSION", (3, 7))
+    assert (C.wgrad_block_config(48, 48, 9, 75 * 42 * 42, 2, 132, strict_fp32=True)
+            == C.wgrad_block_config(48, 48, 9, 75 * 42 * 42, 2, 132))

@@ -212,12 +212,17 @@ def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int
     else:
         bk = 16
         max_split = max(1, triton.cdiv(red, 2 * bk))
-        for bn in (128, 64, 32):
+        for bn in (128, 64, 32):  # the widest that reaches 2 waves (the narrower ones do too)
             if bn > 32 and bn > max(16, triton.next_power_of_2(k)):
                 continue
             tiles = triton.cdiv(co, bm * nsub) * triton.cdiv(k, bn) * tasks
             if tiles * max_split >= want:
                 break
+        if nsub == 3 and strict_fp32 and _TRITON_VERSION < (3, 7):
+            # 48 channels, strict fp32 (Triton < 3.7): of those widths, the one whose last column tile pads
+            # least, the wider on a tie (K = 432: 4 x 128 columns multiply 16% padding, 7 x 64 3.6%); on
+            # 2 warps its loop keeps the 128-wide tile's FFMA share (69 vs 70%, bench/NOTES.md)
+            bn = min((b_ for b_ in (128, 64, 32) if b_ <= bn), key=lambda b_: (triton.cdiv(k, b_) * b_, -b_))
         bn = min(bn, max(16, triton.next_power_of_2(k)))
         tiles = triton.cdiv(co, bm * nsub) * triton.cdiv(k, bn) * tasks
     split = max(1, min(triton.cdiv(want, tiles), max_split))
@@ -243,12 +248,12 @@ def bias_in_wgrad(cfg: dict) -> bool:
 def wgrad_sums_split(cfg: dict, with_bias: bool) -> bool:
     """Whether a weight-gradient launch of configuration `cfg` with SPLIT > 1 sums its partials itself
     (under `split_sum_in_kernel`); with_bias: the bias's programs are in the launch (`bias_in_wgrad`).
-    Not where they share it with the four-warp, three-sub-tile tiles (48 output channels): there the
-    kernel is at 254 registers under Triton 3.6 and spilled 20 B into its inner loop with both
-    (`python -m bench.probe_split_sum bias`); a separate sum of its small partials (48 x 48 x 9 weights
-    per task) costs one launch, where a separate bias sum would re-read the layer's whole output
-    gradient."""
-    return not (with_bias and cfg["NSUB"] == 3 and cfg["num_warps"] == 4)
+    Not where they share it with the two- and four-warp, three-sub-tile tiles (48 output channels): there
+    the kernel is at 254 registers under Triton 3.6 and spilled 20 B (4 warps, 128 columns) and 40 B
+    (2 warps, 64 columns) into its inner loop with both (`python -m bench.probe_split_sum bias`,
+    bench.static_metrics); a separate sum of its small partials (48 x 48 x 9 weights per task) costs one
+    launch, where a separate bias sum would re-read the layer's whole output gradient."""
+    return not (with_bias and cfg["NSUB"] == 3 and cfg["num_warps"] in (2, 4))
 
 
 _TRITON_VERSION = tuple(int(v) for v in triton.__version__.split(".")[:2] if v.isdigit())
