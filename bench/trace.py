@@ -592,7 +592,15 @@ def _conv_triton_patch(rec: _Recorder):
             # with the bias: one more (B, Co) result, from the bias programs' own pass over g
             out = dw if db is None else torch.cat([dw.reshape(-1), db.reshape(-1)])
         red = n * ho * wo
-        cfg = wgrad_block_config(co, ci, kh * kw, red, b, rec.sms)
+        # the launcher's configuration as the trainer runs it by default (config key allow_tf32 False):
+        # strict fp32 for float32 unless config key conv_precision forces TF32 (this CPU process's
+        # torch.backends.cudnn.allow_tf32 is not the trainer's)
+        try:
+            from mamlpp_fast.triton._device import conv_precision as forced
+            strict = {"strict_fp32": x.dtype == torch.float32 and forced() in (None, "ieee")}
+        except ImportError:  # a tree without the precision-dependent tiles
+            strict = {}
+        cfg = wgrad_block_config(co, ci, kh * kw, red, b, rec.sms, **strict)
         lane_bytes = 3 * red * 4  # the cached lane table, read by every program column
         bias_read = _nbytes(g) if db is not None else 0
         if db is not None and bias_in is not None and not bias_in(cfg):  # the launcher's separate sum
