@@ -159,8 +159,23 @@ def profile_workload(name: str, batch_size: int | None, device: str, iters: int,
         d["ms"] += predict(k, CEILINGS["h100"], False, True)
         d["kernels"] += k.launches
     res["trace"] = dict(kernels=s["kernels"], bytes=s["bytes"], predicted_ms=s["predicted_ms"],
-                        prediction=s["prediction"], by_category=cats)
+                        prediction=s["prediction"], by_category=cats, **_per_call_prediction(t))
     return res
+
+
+def _per_call_prediction(t) -> dict:
+    """The trace's prediction with each convolution at its strict-fp32 loop's FFMA share times its tile
+    use (bench.trace `ffma_efficiencies`, from the committed Triton 3.6.0 static-metrics table: the
+    device's Triton), or why there is none (another Triton's configurations, shapes the table lacks)."""
+    import os
+
+    from .trace import ffma_efficiencies, summarize
+    table = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                         "static_metrics_sm90a_triton3.6.0.json")
+    try:
+        return dict(predicted_ms_per_call=summarize(t, efficiencies=ffma_efficiencies(t, table))["predicted_ms"])
+    except Exception as e:  # noqa: BLE001 - MamlppError (a call the table lacks) or no triton: reported
+        return dict(predicted_ms_per_call=None, per_call_why=str(e)[:300])
 
 
 def _conv_choices():
@@ -185,8 +200,10 @@ def to_markdown(rep: dict) -> str:
         if "captured_ms" in r:
             lines.append(f"Captured update: **{r['captured_ms']:.2f} ms** measured (peak {r['captured_peak_mib']:.0f} MiB; "
                          f"fused block {r['first_block_fused']}, bn_pool {r['bn_pool_fused']}, graph_failed "
-                         f"{r['graph_failed']}); trace prediction {r['trace']['predicted_ms']:.2f} ms, "
-                         f"{r['trace']['kernels']:,} kernels.")
+                         f"{r['graph_failed']}); trace prediction {r['trace']['predicted_ms']:.2f} ms"
+                         + (f" ({r['trace']['predicted_ms_per_call']:.2f} ms with each convolution at its loop's "
+                            "FFMA share x tile use)" if r["trace"].get("predicted_ms_per_call") else "")
+                         + f", {r['trace']['kernels']:,} kernels.")
         lines += ["", f"Eager update under the profiler: {r['profile_kernels']:,} kernels, "
                       f"{r['profile_kernel_ms']:.2f} ms of device time.", "",
                   "| category | measured ms | kernels | predicted ms | kernels |", "|---|---|---|---|---|"]
