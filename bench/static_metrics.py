@@ -385,6 +385,12 @@ def _call_str(call) -> str:
     return f"{call[0]} {tuple(call[1])}"
 
 
+def launch_consts(kwargs: dict) -> dict:
+    """The compile-time part of a launch's keyword arguments (constexprs, num_warps, num_stages,
+    maxnreg): what a row's ``config`` records and identifies a specialisation's configuration by."""
+    return {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages", "maxnreg")}
+
+
 def kernel_metrics(calls, tf32_variants: bool = True, tools: dict | None = None, sass: bool = True,
                    distinct_configs: bool = False) -> list:
     """One row per distinct compiled specialisation of the Triton kernels behind `calls`.
@@ -405,7 +411,7 @@ def kernel_metrics(calls, tf32_variants: bool = True, tools: dict | None = None,
                 if key in seen:
                     seen[key]["calls"] += 1
                     continue
-                consts = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages", "maxnreg")}
+                consts = launch_consts(kwargs)
                 row = dict(kernel=fn.__name__, precision="tf32" if tf32 else "fp32",
                            config=consts, call=_call_str(call), calls=1,
                            shared_bytes=int(getattr(ck.metadata, "shared", 0)),

@@ -498,6 +498,10 @@ def _conv_triton_patch(rec: _Recorder):
 
     from mamlpp_fast.triton.conv import conv_block_config, wgrad_block_config
     try:
+        from mamlpp_fast.triton._device import conv_precision as forced
+    except ImportError:  # a tree without the precision-dependent weight-gradient tiles
+        forced = None
+    try:
         from mamlpp_fast.triton.conv import bias_in_wgrad as bias_in
     except ImportError:  # a tree without the bias in the weight-gradient kernel
         bias_in = None
@@ -595,11 +599,7 @@ def _conv_triton_patch(rec: _Recorder):
         # the launcher's configuration as the trainer runs it by default (config key allow_tf32 False):
         # strict fp32 for float32 unless config key conv_precision forces TF32 (this CPU process's
         # torch.backends.cudnn.allow_tf32 is not the trainer's)
-        try:
-            from mamlpp_fast.triton._device import conv_precision as forced
-            strict = {"strict_fp32": x.dtype == torch.float32 and forced() in (None, "ieee")}
-        except ImportError:  # a tree without the precision-dependent tiles
-            strict = {}
+        strict = {} if forced is None else {"strict_fp32": x.dtype == torch.float32 and forced() in (None, "ieee")}
         cfg = wgrad_block_config(co, ci, kh * kw, red, b, rec.sms, **strict)
         lane_bytes = 3 * red * 4  # the cached lane table, read by every program column
         bias_read = _nbytes(g) if db is not None else 0
@@ -1055,7 +1055,7 @@ def ffma_efficiencies(res: TraceResult, table: str) -> dict:
     before the kernels or configurations changed, or with other --triton-configs)."""
     from mamlpp_fast.errors import MamlppError
 
-    from .static_metrics import capture_launches
+    from .static_metrics import capture_launches, launch_consts
     try:
         with open(table) as f:
             rows = [r for r in json.load(f)["triton_kernels"] if r.get("precision") == "fp32"]
@@ -1070,7 +1070,7 @@ def ffma_efficiencies(res: TraceResult, table: str) -> dict:
         if not launches:
             raise MamlppError(f"--conv-efficiency-from: no convolution kernel launched by {call[0]} {call[1]}")
         fn, kw = launches[0]
-        consts = {n: v for n, v in kw.items() if n.isupper() or n in ("num_warps", "num_stages", "maxnreg")}
+        consts = launch_consts(kw)
         found = [r for r in rows if r["kernel"] == fn.__name__ and r["config"] == consts
                  and r.get("ffma_share") is not None]
         if not found:
