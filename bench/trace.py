@@ -1179,7 +1179,27 @@ def summarize(res: TraceResult, ceilings: str = "h100", tf32: bool = False, conv
         # gradient accumulation: autograd adds the gradients of a tensor used more than once
         accumulation_adds=sum(k.launches for k in res.kernels if k.name == "aten.add" and k.node != "forward"),
     ))
+    if out["conv_efficiency_per_call"] and measured:
+        out["by_call"] = _by_call(res, ceil, graph, conv_efficiency, efficiencies)
     return out
+
+
+def _by_call(res: TraceResult, ceil: dict, graph: bool, conv_efficiency: float, efficiencies: dict) -> list:
+    """Per distinct convolution call priced per call (op, input shape): launches, the predicted ms at
+    conv_efficiency and at the call's own efficiency, and that efficiency (the lowest and highest where
+    its launches differ: with and without the bias); largest difference first."""
+    agg: dict = {}
+    for k in res.kernels:
+        if k.call not in efficiencies:
+            continue
+        a = agg.setdefault((k.call[0], tuple(k.call[1])), dict(op=k.call[0], shape=list(k.call[1]), launches=0,
+                                                               ceiling_ms=0.0, per_call_ms=0.0, efficiency=[]))
+        a["launches"] += k.launches
+        a["ceiling_ms"] += predict(k, ceil, False, graph, conv_efficiency)
+        a["per_call_ms"] += predict(k, ceil, False, graph, conv_efficiency, efficiencies=efficiencies)
+        e = efficiencies[k.call]
+        a["efficiency"] = [min([e] + a["efficiency"]), max([e] + a["efficiency"])]
+    return sorted(agg.values(), key=lambda a: a["ceiling_ms"] - a["per_call_ms"])
 
 
 def _fmt_bytes(b):
@@ -1223,6 +1243,14 @@ def to_markdown(s: dict) -> str:
         for name, v in list(s["by_node"].items())[:12]:
             lines.append(f"| {name} | {v['kernels']:,} | {_fmt_bytes(v['bytes'])} | {v['predicted_ms']:.2f} |")
         lines += ["", f"Gradient-accumulation adds (aten.add inside the backward): {s['accumulation_adds']:,}."]
+    if s.get("by_call"):
+        lines += ["", "| convolution call (op, input shape) | launches | predicted ms at the ceiling | per call | "
+                      "efficiency (FFMA share x tile use) |", "|---|---|---|---|---|"]
+        for c in s["by_call"]:
+            lines.append(f"| {c['op']} {tuple(c['shape'])} | {c['launches']} | {c['ceiling_ms']:.3f} | "
+                         f"{c['per_call_ms']:.3f} | {c['efficiency'][0]:.0%}"
+                         + (f"-{c['efficiency'][1]:.0%}" if round(c['efficiency'][1], 2) != round(c['efficiency'][0], 2)
+                            else "") + " |")
     if s.get("top_names"):
         lines += ["", "Most launched: " + ", ".join(f"{n} {v['kernels']}" for n, v in list(s["top_names"].items())[:12])]
     return "\n".join(lines) + "\n"

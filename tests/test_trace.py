@@ -385,6 +385,10 @@ def test_convolutions_priced_at_their_loops_ffma_share(monkeypatch, tmp_path):
     assert all(0.3 < e < 1 for e in effs.values()), effs
     base, priced = summarize(res), summarize(res, efficiencies=effs)
     assert priced["conv_efficiency_per_call"] and priced["predicted_ms"] > base["predicted_ms"]
+    # the per-call table accounts for the whole difference
+    diff = sum(c["per_call_ms"] - c["ceiling_ms"] for c in priced["by_call"])
+    assert diff == pytest.approx(priced["predicted_ms"] - base["predicted_ms"])
+    assert "by_call" not in base
     assert summarize(res, efficiencies={c: 1.0 for c in effs})["predicted_ms"] == pytest.approx(base["predicted_ms"])
     assert summarize(res, tf32=True, efficiencies=effs)["predicted_ms"] == summarize(res, tf32=True)["predicted_ms"]
     with open(table) as f:
