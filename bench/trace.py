@@ -900,9 +900,16 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
     owner = core if core is not None else model
     core_cls = type(core) if core is not None else fast_mod.MAMLFewShotClassifier
     flag_name = "finite_flag" if core is not None else "_finite_flag"
-    # Adam as it runs on a CUDA device: foreach (torch's default there; on a CPU it is a per-tensor loop)
+    # Adam as the learner core builds it on a CUDA device (its `adam_options`; older trees: torch's default
+    # there, the multi-tensor form), without `capturable`, which a CPU step refuses and which launches
+    # nothing more
+    try:
+        from mamlpp_fast.learner_core import adam_options
+        adam_kw = adam_options(torch.device("cuda"), capturable=False)
+    except ImportError:
+        adam_kw = {"foreach": True}
     owner.optimizer = torch.optim.Adam(model.trainable_parameters(), lr=args.meta_learning_rate, amsgrad=False,
-                                       foreach=True)
+                                       **adam_kw)
     batch = make_batch(w, "cpu", torch.float32, seed=seed)
     # Adam's state as in every meta-update after the first (not recorded): a step with zero gradients
     # creates it and changes no parameter.

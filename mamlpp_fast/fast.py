@@ -82,8 +82,8 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         self._importance_cache: tuple[int, torch.Tensor, list] | None = None
         self._graphs: dict = {}
         self._graph_failed: str | None = None
-        # The meta-optimizer: with CUDA graphs, Adam with its step count and learning rate on the device
-        # (capturable), so that the captured step reads the current epoch's rate from a tensor the host
+        # The meta-optimizer: with CUDA graphs, (fused) Adam with its step count and learning rate on the
+        # device (capturable), so that the captured step reads the current epoch's rate from a tensor the host
         # fills before each replay. cuDNN algorithm search (config key cudnn_benchmark, default on): the
         # grouped convolutions of the fast learner are where its GPU time goes, and letting cuDNN time its
         # algorithms took mini-ImageNet 5-way 5-shot (CUDA graph) from 206 ms to 78 ms per meta-update on

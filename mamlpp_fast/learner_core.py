@@ -6,9 +6,10 @@ at once) holds one `LearnerCore` as `learner.core` and supplies only its outer f
 - the configuration, device, dtype and seed: `LearnerCore(im_shape, device, args)` runs before the
   learner builds its modules (mamlpp_fast.network.build_network), so both learners draw the same
   initial parameters;
-- the meta-optimizer, Adam over the learner's trainable parameters (`attach`), and its cosine schedule
-  (`set_epoch_learning_rate`); with `capturable=True` (the fast learner's CUDA graphs) Adam keeps its
-  step count and learning rate on the device;
+- the meta-optimizer, Adam over the learner's trainable parameters (`attach`; fused on CUDA and CPU
+  devices: `adam_options`), and its cosine schedule (`set_epoch_learning_rate`); with
+  `capturable=True` (the fast learner's CUDA graphs) Adam keeps its step count and learning rate on
+  the device;
 - the MSL weights (`msl_weights`) and the MAML++ switches of a phase (`train_phase`, `evaluation_phase`);
 - the meta-update and the non-finite policy (`meta_update`): outer backward, the optional gradient
   reduction, the original's imagenet clamp, a device-side finiteness flag (`finite_flag`), the step
@@ -50,7 +51,7 @@ from .config import load_args
 from .errors import NonFiniteError
 from .network import build_network, inner_loop_parameter_dict
 
-__all__ = ["LearnerCore", "LearnerAPI", "Reducer"]
+__all__ = ["LearnerCore", "LearnerAPI", "Reducer", "adam_options"]
 
 
 class Reducer(Protocol):
@@ -65,6 +66,18 @@ class Reducer(Protocol):
 
     def statistics(self, pending: dict) -> dict:
         """The pending running-statistics updates of the whole meta-batch, in task order."""
+
+
+def adam_options(device: torch.device, capturable: bool) -> dict:
+    """Keyword arguments of the meta-optimizer's torch.optim.Adam on `device`. On CUDA and CPU devices
+    the fused implementation: one kernel for every parameter's moments and update (after one for the
+    step counts), where the multi-tensor form launches eight per meta-update; the same formulas in the
+    same order per element. capturable (the fast learner's CUDA graphs): the step counts and the
+    learning rate live on the device, read by a captured step."""
+    out: dict[str, Any] = {"capturable": True} if capturable else {}
+    if torch.device(device).type in ("cuda", "cpu"):
+        out["fused"] = True
+    return out
 
 
 class LearnerCore:
@@ -99,8 +112,8 @@ class LearnerCore:
         if capturable:
             # The learning rate a captured step reads: a device tensor the host fills before each replay.
             lr = torch.tensor(float(args.meta_learning_rate), device=self.device, dtype=torch.float32)
-        extra = {"capturable": True} if capturable else {}
-        self.optimizer = torch.optim.Adam(self.trainable_parameters(), lr=lr, amsgrad=False, **extra)
+        self.optimizer = torch.optim.Adam(self.trainable_parameters(), lr=lr, amsgrad=False,
+                                          **adam_options(self.device, capturable))
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer=self.optimizer, T_max=args.total_epochs, eta_min=args.min_learning_rate)
         self.capturable = capturable
@@ -334,6 +347,30 @@ class LearnerCore:
         return losses, preds
 
     # -- checkpoints ------------------------------------------------------------------------------------------
+    def _own_optimizer_flags(self, saved: dict) -> dict:
+        """A checkpoint's optimizer state with this optimizer's implementation flags (fused, capturable,
+        foreach, differentiable) and learning-rate type in place of the saved ones. torch's
+        load_state_dict takes both from the checkpoint, and places Adam's step counts by the saved
+        flags: a checkpoint written by a plain optimizer (a CPU run, an earlier version) would leave
+        the counts on the host, where a fused or capturable step refuses them, and one written on a
+        CUDA device would make a CPU optimizer capturable. The learning rate keeps its saved value."""
+        if not isinstance(saved, dict) or not isinstance(saved.get("param_groups"), list) or \
+                len(saved["param_groups"]) != len(self.optimizer.param_groups):
+            return saved  # load_state_dict names what does not fit
+        groups = []
+        for mine, theirs in zip(self.optimizer.param_groups, saved["param_groups"]):
+            group = dict(theirs)
+            for key in ("fused", "capturable", "foreach", "differentiable"):
+                if key in mine:
+                    group[key] = mine[key]
+            lr = theirs.get("lr", mine["lr"])
+            if isinstance(mine["lr"], torch.Tensor):
+                group["lr"] = mine["lr"].fill_(float(lr))  # the device tensor a captured step reads
+            else:
+                group["lr"] = float(lr)
+            groups.append(group)
+        return dict(saved, param_groups=groups)
+
     def save_model(self, model_save_dir, state):
         """Write `state` plus 'network' (state_dict) and 'optimizer' atomically to the path `model_save_dir`."""
         state["network"] = self.learner.state_dict()
@@ -350,7 +387,7 @@ class LearnerCore:
             raise CheckpointError(f"checkpoint {path} does not fit this model: {e}") from None
         if "optimizer" in state:
             try:
-                self.optimizer.load_state_dict(state["optimizer"])
+                self.optimizer.load_state_dict(self._own_optimizer_flags(state["optimizer"]))
             except (ValueError, KeyError) as e:
                 raise CheckpointError(f"checkpoint {path}: optimizer state does not fit: {e}") from None
         return state

@@ -357,3 +357,38 @@ def test_test_protocol_is_an_ensemble_of_the_best_checkpoints(tmp_path):
     again = tester.run_experiment()
     assert again["status"] == "tested" and again["current_iter"] == 7
     assert again["test_accuracy_mean"] == pytest.approx(result["test_accuracy_mean"])
+
+
+@pytest.mark.parametrize("learner", ["fast", "reference"])
+def test_fused_meta_optimizer_and_checkpoints_of_a_plain_one(tmp_path, learner):
+    """The meta-optimizer is torch's fused Adam on a CPU (learner_core.adam_options). A checkpoint written
+    by a plain (multi-tensor) Adam, as earlier versions and other devices wrote them, loads into it with
+    the core's own flags and the saved learning rate, and the next meta-updates give the parameters the
+    plain optimizer gives (float64: the same per-element formulas, compared to 1e-12 relative)."""
+    args = make_args(tmp_path, dtype="float64", learner=learner)
+    shape = (2, args.image_channels, args.image_height, args.image_width)
+    a = learner_class(learner)(im_shape=shape, device="cpu", args=args)
+    assert a.optimizer.param_groups[0]["fused"] is True
+    # the plain optimizer as an earlier version built it, then two meta-updates with it
+    a.core.optimizer = torch.optim.Adam(a.core.trainable_parameters(), lr=args.meta_learning_rate, foreach=True)
+    loader = MetaLearningSystemDataLoader(args, current_iter=0)
+    batches = [b for _, b in zip(range(4), loader.get_train_batches(total_batches=4))]
+    for batch in batches[:2]:
+        a.run_train_iter(batch, epoch=0)
+    a.core.optimizer.param_groups[0]["lr"] = 0.0007  # the saved rate must be the one that loads
+    a.save_model(str(tmp_path / "ckpt_0"), {"current_iter": 2})
+    b = learner_class(learner)(im_shape=shape, device="cpu", args=args)
+    b.load_model(str(tmp_path), "ckpt", 0)
+    group = b.optimizer.param_groups[0]
+    assert group["fused"] is True and not group["foreach"] and group["lr"] == 0.0007
+    assert all(st["step"].dtype == torch.float32 and float(st["step"]) == 2.0 for st in b.optimizer.state.values())
+    trained = list(b.optimizer.param_groups[0]["params"])
+    loaded = [p.detach().clone() for p in trained]
+    for batch in batches[2:]:
+        a.run_train_iter(batch, epoch=0)
+        b.run_train_iter(batch, epoch=0)
+    # the updates after loading move the weights (the conv biases' meta-gradients are zero: BN cancels
+    # them)
+    assert sum(not torch.equal(p0, p) for p0, p in zip(loaded, trained)) >= len(trained) // 2
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, rtol=1e-12, atol=1e-15), name
