@@ -203,6 +203,13 @@ def capture_launches(call, tf32: bool = False) -> list:
                 thead.backward(t(()), x, w, logits, lse, labels, t(()), meta)
                 thead.double_backward(t((n, nt * f)), t((nt, c, f)), t((nt, c)), t(()), x, w, logits, lse, labels,
                                       None, meta, need_g=False)
+            elif op == "running_stats":  # the one-launch running-statistics update: E forwards onto G rows
+                from mamlpp_fast.triton import running_stats as trs
+                e, g, b, c = call[1]
+                rows = tuple(i * g // e for i in range(e))  # the learner's order: each row's forwards together
+                trs.running_stats_update([t((b * c,)) for _ in range(e)], [t((b * c,)) for _ in range(e)],
+                                         [t((c,)) for _ in range(g)], [t((c,)) for _ in range(g)], t((2, e, b)),
+                                         t((g + 1,)), rows)
             else:
                 raise ValueError(f"unknown call {op!r}")
     finally:

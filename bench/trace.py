@@ -753,6 +753,35 @@ def _bn_pool_patch(rec: _Recorder):
                                  double_backward=double_backward)
 
 
+def _running_stats_patch(rec: _Recorder):
+    """A stand-in for fast.py's `running_stats_launcher` that, for every statistic, returns a launcher of
+    the one-launch Triton update (mamlpp_fast/triton/running_stats.py) which computes it with PyTorch
+    (hidden) and records one kernel: G x ceil(C / BLOCK_C) programs reading every forward's mean and
+    inverse std and the rows' old values, and writing the rows."""
+    from mamlpp_fast.triton.running_stats import running_stats_block_config
+
+    def launch(means, invstds, rmeans, rvars, weights, decays, rows):
+        import torch
+        with rec.hide(), torch.no_grad():
+            c = rmeans[0].numel()
+            b = means[0].numel() // c
+            eps = decays[-1]
+            new_m = [decays[g] * rmeans[g] for g in range(len(rmeans))]
+            new_v = [decays[g] * rvars[g] for g in range(len(rvars))]
+            for e, g in enumerate(rows):
+                mu, inv = means[e].view(b, c), invstds[e].view(b, c)
+                new_m[g] = new_m[g] + (weights[0, e][:, None] * mu).sum(0)
+                new_v[g] = new_v[g] + (weights[1, e][:, None] * (inv.pow(-2) - eps)).sum(0)
+            for dst, val in zip(rmeans + rvars, new_m + new_v):
+                dst.copy_(val)
+        block = running_stats_block_config(c)["BLOCK_C"]
+        rec.add(name="triton running_stats", kind="running_stats", layer="params",
+                programs=len(rmeans) * -(-c // block), call=("running_stats", (len(means), len(rmeans), b, c)),
+                bytes=sum(_nbytes(t) for t in means + invstds) + 3 * sum(_nbytes(t) for t in rmeans + rvars))
+
+    return lambda stats, op_backend: launch
+
+
 def _head_patch(rec: _Recorder):
     """An implementation of head_loss (mamlpp_fast.ops.head: the linear head and its cross-entropy) that
     computes with the PyTorch one (hidden) and records the Triton kernels (mamlpp_fast/triton/head.py):
@@ -923,6 +952,10 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
     patches = [(bn_mod, "get_backend"), (lslr_mod, "get_backend"),
                (fast_mod.MAMLFewShotClassifier, "_update_running_stats"),
                (core_cls, flag_name)]
+    # the running-statistics update as the learner runs it on a CUDA device (older trees: no kernel)
+    rs_kernel = hasattr(fast_mod, "running_stats_launcher") and backend != "torch"
+    if rs_kernel:
+        patches.append((fast_mod, "running_stats_launcher"))
     if first_block == "fused":
         patches.append((fast_mod, "block_torch_impl"))
     if bn_pool == "fused":
@@ -943,10 +976,11 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
 
     # one-time host-built constants of the running-statistics update (cached per structure: not part of
     # a steady-state meta-update) are not recorded
-    if hasattr(fast_mod.MAMLFewShotClassifier, "_running_stats_constants"):
-        patches.append((fast_mod.MAMLFewShotClassifier, "_running_stats_constants"))
-        saved[(id(fast_mod.MAMLFewShotClassifier), "_running_stats_constants")] = \
-            fast_mod.MAMLFewShotClassifier.__dict__["_running_stats_constants"]
+    const_builders = [n for n in ("_running_stats_constants", "_running_stats_kernel_constants")
+                      if hasattr(fast_mod.MAMLFewShotClassifier, n)]
+    for name in const_builders:
+        patches.append((fast_mod.MAMLFewShotClassifier, name))
+        saved[(id(fast_mod.MAMLFewShotClassifier), name)] = fast_mod.MAMLFewShotClassifier.__dict__[name]
     orig_rs = fast_mod.MAMLFewShotClassifier._update_running_stats
     orig_ff = getattr(core_cls, flag_name)
 
@@ -989,14 +1023,14 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
         elif has_head:
             model.args.head = "unfused"
         setp(fast_mod.MAMLFewShotClassifier, "_update_running_stats", running_stats)
+        if rs_kernel:
+            setp(fast_mod, "running_stats_launcher", _running_stats_patch(rec))
         setp(core_cls, flag_name, finite_flag)
-        if hasattr(fast_mod.MAMLFewShotClassifier, "_running_stats_constants"):
-            orig_consts = fast_mod.MAMLFewShotClassifier._running_stats_constants
-
-            def consts(*a, **k):
+        for name in const_builders:
+            def consts(*a, _orig=getattr(fast_mod.MAMLFewShotClassifier, name), **k):
                 with rec.hide():
-                    return orig_consts(*a, **k)
-            setp(fast_mod.MAMLFewShotClassifier, "_running_stats_constants", staticmethod(consts))
+                    return _orig(*a, **k)
+            setp(fast_mod.MAMLFewShotClassifier, name, staticmethod(consts))
         if conv_mod is not None:
             model.args.conv_impl = conv_impl
         if hasattr(model, "current_epoch"):

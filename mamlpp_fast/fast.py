@@ -61,6 +61,23 @@ def _task_major(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, n * k, c, h, w).transpose(0, 1).reshape(n * k, b * c, h, w)
 
 
+def running_stats_launcher(stats: torch.Tensor, op_backend: str):
+    """The one-launch Triton update of the running statistics (triton.running_stats
+    `running_stats_update`) for statistics like `stats`, or None where it does not run: it runs on a
+    CUDA device when Triton is available, and on a CPU only under TRITON_INTERPRET=1 with the Triton
+    op backend (the interpreter's tests)."""
+    from . import triton as tb
+    if stats.device.type == "cuda":
+        wanted = True
+    else:
+        from .triton._device import _interpret
+        wanted = stats.device.type == "cpu" and op_backend == "triton" and _interpret()
+    if not wanted or stats.dtype not in (torch.float32, torch.float64) or not tb.is_available():
+        return None
+    from .triton.running_stats import running_stats_update
+    return running_stats_update
+
+
 class MAMLFewShotClassifier(LearnerAPI, nn.Module):
     """MAML++ with all tasks of a meta-batch processed together. API identical to the reference.
 
@@ -300,7 +317,10 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         closed-form weights ((2, G, E*B) @ (2, E*B, C): means, and variances with the unbiasing factor
         M/(M-1) folded into their weights) gives every row's weighted sum; the old rows (stacked once)
         are added with their decay and written back by one multi-tensor copy: 7 kernels per
-        meta-update instead of ~17 per row (340 for Omniglot's 20 rows). The weights depend only on the
+        meta-update instead of ~17 per row (340 for Omniglot's 20 rows). Where the Triton kernels run
+        (a CUDA device, or the interpreter under the Triton op backend: `running_stats_launcher`) the
+        same closed form is ONE launch that reads every forward's statistics in place and writes the
+        rows (mamlpp_fast.triton.running_stats). The weights depend only on the
         structure (rows, forwards per row, M, B), so they are built on the host once per structure and
         cached on the device (never inside a CUDA-graph capture: the uncaptured warm-up meta-update
         builds them; a structure first seen during a capture takes the per-row form)."""
@@ -313,8 +333,23 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         if any(n.running_mean.shape[-1] != c for n in norms):
             return self._update_running_stats_rows(pending)
         b = first.numel() // c
-        key = (tuple((lk, tuple(e[2] for e in ents)) for lk, ents in groups), b, first.dtype, first.device)
+        structure = tuple((lk, tuple(e[2] for e in ents)) for lk, ents in groups)
         cache = self.__dict__.setdefault("_running_stats_consts", {})
+        launch = running_stats_launcher(first, self._op_backend)
+        if launch is not None and all(n.running_mean.dtype == first.dtype == n.running_var.dtype for n in norms):
+            key = ("triton", structure, b, first.dtype, first.device)
+            consts = cache.get(key)
+            if consts is None:
+                if first.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                    return self._update_running_stats_rows(pending)
+                consts = cache[key] = self._running_stats_kernel_constants(groups, b, first.dtype, first.device)
+            weights, decays, row_of = consts
+            flat = [e for _, ents in groups for e in ents]
+            launch([e[0] for e in flat], [e[1] for e in flat],
+                   [n.running_mean[step] for n, ((_, step), _) in zip(norms, groups)],
+                   [n.running_var[step] for n, ((_, step), _) in zip(norms, groups)], weights, decays, row_of)
+            return None
+        key = (structure, b, first.dtype, first.device)
         consts = cache.get(key)
         if consts is None:
             if first.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -335,6 +370,14 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         rows += [n.running_var[step] for n, ((_, step), _) in zip(norms, groups)]
         new = torch.addcmul(sums, torch.stack(rows).view(2, len(groups), c).to(sums.dtype), decay)
         torch._foreach_copy_(rows, list(new.view(2 * len(groups), c).unbind(0)))
+
+    @staticmethod
+    def _running_stats_kernel_constants(groups, b: int, dtype, device):
+        """(weights (2, E, b), decays and eps (G + 1,), row of each forward) of the one-launch update
+        (triton.running_stats `running_stats_weights`) for this structure, built on the host."""
+        from .triton.running_stats import running_stats_weights
+        return running_stats_weights([[e[2] for e in ents] for _, ents in groups], b, BN_MOMENTUM, BN_EPS,
+                                     dtype, device)
 
     @staticmethod
     def _running_stats_constants(groups, b: int, dtype, device):

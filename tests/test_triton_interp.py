@@ -1306,3 +1306,68 @@ def test_activation_aliases_on_the_triton_kernels(single, monkeypatch):
     a = tbp.backward(g1, x, gm, be, mean, invstd, sel, (t, 1e-5, 0.01), gout2=g2, dx2=d2)
     r = tbp.backward(g1 + g2, x, gm, be, mean, invstd, sel, (t, 1e-5, 0.01))
     assert torch.equal(a[0], r[0] + d2) and torch.equal(a[1], r[1]) and torch.equal(a[2], r[2])
+
+
+@inner
+@pytest.mark.parametrize("structure_idx", [0, 1, 2], ids=["msl", "no_msl", "one_row"])
+@pytest.mark.parametrize("dtype_name", ["float64", "float32"])
+def test_running_stats_kernel_equals_sequential(structure_idx, dtype_name):
+    """The one-launch running-statistics update (triton/running_stats.py), taken by the fast learner
+    under the Triton op backend, against the reference's sequential momentum updates computed in
+    float64 from the same (rounded) inputs. float64: 1e-12 of the largest value. float32: each row is
+    a convex combination of K + 1 values (K = tasks x forwards; the weights sum to 1), summed in fp32
+    with fp32-rounded weights, and a variance costs 1/(r*r) - eps (3 roundings): at most (K + 5) u of
+    the largest |value| to first order, u = 2^-24; the margin is (K + 6) u."""
+    import copy
+
+    import torch
+    from _batches import fresh_seed
+    from test_running_stats_batched import STRUCTURES, _model, _pending, _sequential
+
+    dtype = getattr(torch, dtype_name)
+    structure = STRUCTURES[structure_idx]
+    seed = fresh_seed()
+    model, gen = _model(seed)
+    pending = _pending(gen, structure)
+    # the inputs in the tested dtype; the float64 truth from exactly those values
+    pending = {k: [(m.to(dtype).to(torch.float64), r.to(dtype).to(torch.float64), c) for m, r, c in v]
+               for k, v in pending.items()}
+    truth = copy.deepcopy(model)
+    _sequential(truth, pending)
+    model = model.to(dtype)
+    before = copy.deepcopy(model.state_dict())
+    model._op_backend = "triton"
+    model._update_running_stats({k: [(m.to(dtype), r.to(dtype), c) for m, r, c in v] for k, v in pending.items()})
+    assert [k[0] for k in model._running_stats_consts] == ["triton"], "the kernel path was not taken"
+    k_max = max(3 * len(ms) for _, ms in structure)  # B = 3 tasks in _pending
+    tol = 1e-12 if dtype == torch.float64 else (k_max + 6) * 2.0 ** -24
+    changed = 0
+    for key, ref in truth.state_dict().items():
+        if "running" not in key:
+            continue
+        got = model.state_dict()[key].to(torch.float64)
+        scale = float(ref.abs().max())
+        assert float((got - ref).abs().max()) <= tol * scale, f"{key} (seed {seed})"
+        changed += int(not torch.equal(model.state_dict()[key], before[key]))
+    assert changed > 0
+
+
+@inner
+def test_running_stats_kernel_bad_inputs():
+    import torch
+    from mamlpp_fast.triton.running_stats import running_stats_update, running_stats_weights
+
+    w, d, rows = running_stats_weights([[5, 4]], 2, 0.1, 1e-5, torch.float32, "cpu")
+    m = [torch.randn(6), torch.randn(6)]
+    r = [torch.rand(6) + 0.5, torch.rand(6) + 0.5]
+    rm, rv = torch.zeros(3), torch.ones(3)
+    running_stats_update(m, r, [rm], [rv], w, d, rows)
+    assert rm.abs().sum() > 0
+    with pytest.raises(ValueError, match="weights must be"):
+        running_stats_update(m[:1], r[:1], [rm], [rv], w, d, rows[:1])
+    with pytest.raises(ValueError, match="contiguous \\(6,\\)"):
+        running_stats_update([torch.randn(12)[::2], m[1]], r, [rm], [rv], w, d, rows)
+    with pytest.raises(ValueError, match="row indices"):
+        running_stats_update(m, r, [rm], [rv], w, d, (0, 1))
+    with pytest.raises(ValueError, match="weights' dtype"):
+        running_stats_update(m, r, [rm], [rv], w.double(), d, rows)
