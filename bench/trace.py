@@ -978,6 +978,11 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
     # a steady-state meta-update) are not recorded
     const_builders = [n for n in ("_running_stats_constants", "_running_stats_kernel_constants")
                       if hasattr(fast_mod.MAMLFewShotClassifier, n)]
+    # the backward seeds are kept per shape (learner_core `ones`): built by the first update only
+    seeds = hasattr(core_cls, "ones")
+    if seeds:
+        patches.append((core_cls, "ones"))
+        saved[(id(core_cls), "ones")] = core_cls.__dict__["ones"]
     for name in const_builders:
         patches.append((fast_mod.MAMLFewShotClassifier, name))
         saved[(id(fast_mod.MAMLFewShotClassifier), name)] = fast_mod.MAMLFewShotClassifier.__dict__[name]
@@ -1026,6 +1031,11 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
         if rs_kernel:
             setp(fast_mod, "running_stats_launcher", _running_stats_patch(rec))
         setp(core_cls, flag_name, finite_flag)
+        if seeds:
+            def ones(self, like, _orig=core_cls.ones):
+                with rec.hide():
+                    return _orig(self, like)
+            setp(core_cls, "ones", ones)
         for name in const_builders:
             def consts(*a, _orig=getattr(fast_mod.MAMLFewShotClassifier, name), **k):
                 with rec.hide():
@@ -1035,11 +1045,18 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
             model.args.conv_impl = conv_impl
         if hasattr(model, "current_epoch"):
             model.current_epoch = epoch  # what run_train_iter sets before the captured region
+        # computed once per epoch, outside the captured region (fast.py `_importance`)
+        imp = model._importance() if cuda_graph else None
         with _make_mode(rec):
             if cuda_graph:
-                # the captured region of fast.py's _train_iter: _train_step_tensors, then the Adam step
-                imp = model._importance()
-                model._train_step_tensors(model._batch(batch), epoch, imp)
+                # the captured region of fast.py's _train_iter: _train_step_tensors on the static input
+                # buffers (older trees: the batch itself), then the Adam step
+                data = model._batch(batch)
+                static = getattr(model, "_static_inputs", None)
+                if static is not None:
+                    with rec.hide():
+                        data = static(data)
+                model._train_step_tensors(data, epoch, imp)
                 with rec.in_scope("adam"):
                     model.optimizer.step()
             else:

@@ -482,7 +482,7 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
                               rows_support, (dict(zip(names, saved_list)), rows_saved))
             support_loss, _ = self._head(feats, b, fast, ys, support=True)
             if one is None:  # the seed of every support gradient: one fill per outer forward, not per step
-                one = torch.ones_like(support_loss)
+                one = self.core.ones(support_loss)
             grads = torch.autograd.grad(support_loss, support_list, grad_outputs=one,
                                         create_graph=use_second_order)
             fast_list = lslr_update(theta_list, list(grads), alpha_uses[step], step, backend=self._op_backend)
@@ -682,8 +682,25 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         accuracy = preds.argmax(-1).eq(y_target.reshape(b, -1)).to(torch.float32).mean()
         return loss, accuracy
 
+    @staticmethod
+    def _static_inputs(data) -> list:
+        """The buffers a captured update reads its batch from (the host copies each batch into them
+        before a replay): the labels as clones, the (B, N, K, C, H, W) images in the storage order of
+        their task-major form (`_task_major`: (N*K, B*C, H, W) contiguous), so that the captured
+        forward's `_task_major(x).contiguous()` is a view, not a copy kernel; the copy into the buffer,
+        which runs anyway, lays the images out."""
+        out = []
+        for t in data:
+            if t.dim() == 6:
+                b, n, k, c, h, w = t.shape
+                buf = torch.empty((n * k, b, c, h, w), dtype=t.dtype, device=t.device)
+                out.append(buf.transpose(0, 1).view(b, n, k, c, h, w).copy_(t))
+            else:
+                out.append(t.clone())
+        return out
+
     def _capture(self, key, data, epoch, importance) -> None:
-        static_in = [t.clone() for t in data]
+        static_in = self._static_inputs(data)
         static_imp = importance.clone()
         graph = torch.cuda.CUDAGraph()
         step_graph = torch.cuda.CUDAGraph()

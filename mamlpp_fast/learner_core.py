@@ -235,9 +235,22 @@ class LearnerCore:
         norms = torch._foreach_norm(tensors)
         return torch.stack([n.to(norms[0].dtype) for n in norms]).amax() < float("inf")
 
+    def ones(self, like: torch.Tensor) -> torch.Tensor:
+        """A tensor of ones shaped like `like` (the seed of a backward), kept per (shape, dtype, device) so
+        that seeding costs no fill kernel per meta-update. Read only. Built outside a CUDA-graph
+        capture (the uncaptured warm-up update builds it); inside one a missing seed is a fresh fill."""
+        key = (tuple(like.shape), like.dtype, like.device)
+        cache = self.__dict__.setdefault("_ones", {})
+        one = cache.get(key)
+        if one is None:
+            one = torch.ones_like(like, memory_format=torch.contiguous_format)
+            if not (like.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+                cache[key] = one
+        return one
+
     def backward(self, loss) -> None:
         """The outer backward, the gradient reduction (during a reduced training iteration) and the clamp."""
-        loss.backward()
+        loss.backward(self.ones(loss))
         if self._reducing is not None:
             self._reducing.gradients([p.grad for p in self.trainable_parameters() if p.grad is not None])
         self.clamp_imagenet_grads()

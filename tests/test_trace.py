@@ -398,3 +398,30 @@ def test_convolutions_priced_at_their_loops_ffma_share(monkeypatch, tmp_path):
     short.write_text(json.dumps(data))
     with pytest.raises(MamlppError, match="has no strict-fp32 _conv_dgrad_kernel with the configuration of conv_data_grad"):
         ffma_efficiencies(res, str(short))
+
+
+def test_captured_update_copies_no_input_and_fills_no_seed():
+    """The captured update reads the images from static buffers already in their task-major storage
+    order (fast.py `_static_inputs`), so the forward's `.contiguous()` is a view, and its backward seeds
+    are kept per shape (learner_core `ones`): no clone, no ones_like in the captured region."""
+    res = trace_meta_update("quick_omniglot_3w1s", None, "cuda", "triton", True, quick=True)
+    names = [k.name for k in res.kernels if k.node == "forward"]
+    assert "aten.clone" not in names and "aten.ones_like" not in names, names
+
+
+def test_static_inputs_are_task_major_in_storage():
+    import torch
+
+    from mamlpp_fast.fast import MAMLFewShotClassifier as Fast
+    from mamlpp_fast.fast import _task_major
+    gen = torch.Generator().manual_seed(7)
+    for c in (1, 3):
+        xs = torch.randn(3, 4, 2, c, 5, 5, generator=gen)
+        ys = torch.randint(0, 4, (3, 4, 2), generator=gen)
+        buf, lab = Fast._static_inputs([xs, ys])
+        assert torch.equal(buf, xs) and torch.equal(lab, ys) and lab.data_ptr() != ys.data_ptr()
+        tm = _task_major(buf)
+        assert tm.is_contiguous() and tm.data_ptr() == buf.data_ptr()
+        assert torch.equal(tm, _task_major(xs).contiguous())
+        buf.copy_(xs + 1)  # the host's copy of the next batch keeps the layout
+        assert _task_major(buf).is_contiguous() and torch.equal(buf, xs + 1)
