@@ -203,6 +203,9 @@ def capture_launches(call, tf32: bool = False) -> list:
                 thead.backward(t(()), x, w, logits, lse, labels, t(()), meta)
                 thead.double_backward(t((n, nt * f)), t((nt, c, f)), t((nt, c)), t(()), x, w, logits, lse, labels,
                                       None, meta, need_g=False)
+            elif op == "fanout_sum":  # a fan-out node's sums: (size, uses) of each tensor
+                from mamlpp_fast.triton import fanout as tfan
+                tfan.sum_uses([[t((numel,)) for _ in range(uses)] for numel, uses in call[1]])
             elif op == "running_stats":  # the one-launch running-statistics update: E forwards onto G rows
                 from mamlpp_fast.triton import running_stats as trs
                 e, g, b, c = call[1]
@@ -387,7 +390,7 @@ def ptx_hot_loop(ptx: str) -> dict:
 
 
 def _call_str(call) -> str:
-    if call[0].startswith("lslr"):
+    if call[0].startswith("lslr") or call[0] == "fanout_sum":
         return f"{call[0]} ({len(call[1])} tensors)"
     return f"{call[0]} {tuple(call[1])}"
 

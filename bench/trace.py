@@ -782,6 +782,30 @@ def _running_stats_patch(rec: _Recorder):
     return lambda stats, op_backend: launch
 
 
+def _fanout_sum_patch(rec: _Recorder):
+    """A stand-in for ops.fanout's `sum_kernel_for` returning a launcher of the one-launch Triton sum
+    (mamlpp_fast/triton/fanout.py) that adds with PyTorch (hidden, in the kernel's order) and records
+    one kernel: it reads every gradient and writes every sum once."""
+    from mamlpp_fast.triton.fanout import sum_uses_block_config
+
+    def launch(groups):
+        with rec.hide():
+            outs = []
+            for g in groups:
+                acc = g[0].clone()
+                for t in g[1:]:
+                    acc.add_(t)
+                outs.append(acc)
+        block = sum_uses_block_config(max(g[0].numel() for g in groups))["BLOCK"]
+        rec.add(name="triton fanout_sum", kind="foreach", layer=rec.layer_of([t for g in groups for t in g]),
+                call=("fanout_sum", tuple((g[0].numel(), len(g)) for g in groups)),
+                programs=sum(-(-g[0].numel() // block) for g in groups),
+                bytes=sum(_nbytes(t) for g in groups for t in g) + sum(_nbytes(o) for o in outs))
+        return outs
+
+    return lambda t: launch
+
+
 def _head_patch(rec: _Recorder):
     """An implementation of head_loss (mamlpp_fast.ops.head: the linear head and its cross-entropy) that
     computes with the PyTorch one (hidden) and records the Triton kernels (mamlpp_fast/triton/head.py):
@@ -956,6 +980,11 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
     rs_kernel = hasattr(fast_mod, "running_stats_launcher") and backend != "torch"
     if rs_kernel:
         patches.append((fast_mod, "running_stats_launcher"))
+    # the fan-out nodes' sums as the learner runs them on a CUDA device (older trees: multi-tensor adds)
+    import mamlpp_fast.ops.fanout as fanout_mod
+    fan_kernel = hasattr(fanout_mod, "sum_kernel_for") and backend != "torch"
+    if fan_kernel:
+        patches.append((fanout_mod, "sum_kernel_for"))
     if first_block == "fused":
         patches.append((fast_mod, "block_torch_impl"))
     if bn_pool == "fused":
@@ -1030,6 +1059,8 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
         setp(fast_mod.MAMLFewShotClassifier, "_update_running_stats", running_stats)
         if rs_kernel:
             setp(fast_mod, "running_stats_launcher", _running_stats_patch(rec))
+        if fan_kernel:
+            setp(fanout_mod, "sum_kernel_for", _fanout_sum_patch(rec))
         setp(core_cls, flag_name, finite_flag)
         if seeds:
             def ones(self, like, _orig=core_cls.ones):

@@ -1371,3 +1371,52 @@ def test_running_stats_kernel_bad_inputs():
         running_stats_update(m, r, [rm], [rv], w, d, (0, 1))
     with pytest.raises(ValueError, match="weights' dtype"):
         running_stats_update(m, r, [rm], [rv], w.double(), d, rows)
+
+
+@inner
+@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+def test_fanout_sum_kernel_bitwise_equals_the_additions(dtype_name):
+    """The fan-out node's one-launch sum (triton/fanout.py, which ops.fanout takes under the
+    interpreter) against the multi-tensor additions it replaces (the same order and precision):
+    bitwise, for contiguous, permuted (a convolution kernel's weight layout) and per-task tensors,
+    uses without a gradient, a tensor with one gradient and one with none, and the learning-rate
+    table's many uses; the node's backward through autograd as the learner runs it."""
+    import torch
+    from _batches import fresh_seed
+    from mamlpp_fast.ops import fanout as F
+    from mamlpp_fast.triton.fanout import sum_uses
+
+    dtype = getattr(torch, dtype_name)
+    gen = torch.Generator().manual_seed(fresh_seed())
+
+    def r(*shape, perm=None):
+        t = torch.randn(*shape, generator=gen, dtype=dtype)
+        return t.permute(*perm) if perm else t
+
+    shapes = [((3, 4, 5, 3, 3), None), ((3, 3, 3, 5, 4), (0, 4, 3, 1, 2)), ((3, 7), None), ((300,), None)]
+    uses = 4
+    per_use = [[r(*s, perm=p) for s, p in shapes] for _ in range(uses)]
+    per_use[1][2] = None          # one use without a gradient of tensor 2
+    per_use[2][3] = per_use[3][3] = per_use[1][3] = None  # tensor 3: one gradient only
+    assert F.sum_kernel_for(per_use[0][0]) is sum_uses
+    got = F._sum_uses(per_use, len(shapes))
+    for j in range(len(shapes)):
+        defined = [g[j] for g in per_use if g[j] is not None]
+        want = defined[0]
+        for g in defined[1:]:
+            want = torch._foreach_add([want], [g])[0]
+        assert got[j].stride() == defined[0].stride() and torch.equal(got[j], want), j
+    assert got[3] is per_use[0][3]
+    # through the autograd node: 6 uses of a (2, 6) table, as the learner's learning rates
+    table = r(2, 6).requires_grad_()
+    aliases = F.fanout(6, [table])
+    gs = [r(2, 6) for _ in range(6)]
+    torch.autograd.backward([a[0] for a in aliases], gs)
+    want = gs[0]
+    for g in gs[1:]:
+        want = want + g
+    assert torch.equal(table.grad, want)
+    with pytest.raises(ValueError, match="at least two"):
+        sum_uses([[gs[0]]])
+    with pytest.raises(ValueError, match="share shape, strides"):
+        sum_uses([[gs[0], gs[1].t().contiguous().t()]])

@@ -11,9 +11,11 @@ meant to feed one use. Its backward receives the gradient of every alias and ret
 
     d tensors[j] = sum_u d aliases[u][j]        (undefined terms left out; None when all are)
 
-formed with one multi-tensor addition per use after the first (``torch._foreach_add``: one launch for
-all tensors of the group on a CUDA device) instead of one addition per tensor and use; or, for a few
-tensors read many times (2 n < uses - 1, every gradient defined), as a stack and a sum per tensor. The node runs
+formed in one launch for all tensors where the Triton kernel runs (mamlpp_fast/triton/fanout.py; the
+gradients of each tensor in one layout), else with one multi-tensor addition per use after the first
+(``torch._foreach_add``: one launch for all tensors of the group on a CUDA device) instead of one
+addition per tensor and use; or, for a few tensors read many times (2 n < uses - 1, every gradient
+defined), as a stack and a sum per tensor. The node runs
 when all the aliases' gradients are ready, which is when autograd would have finished its additions.
 
 `fanout_rows(tables, uses)`: the same for the per-step rows of (S, C) tables (what ``unbind(0)``
@@ -68,7 +70,7 @@ import torch
 
 from ..triton._derived import share_views
 
-__all__ = ["expand_tasks", "fanout", "fanout_rows", "saved_alias", "two_gradients"]
+__all__ = ["expand_tasks", "fanout", "fanout_rows", "saved_alias", "sum_kernel_for", "two_gradients"]
 
 
 def saved_alias(op: str, name: str, p, alias):
@@ -99,12 +101,36 @@ def two_gradients(g, g2):
     return g, g2
 
 
+def sum_kernel_for(t: torch.Tensor):
+    """The one-launch Triton sum (triton.fanout `sum_uses`) for gradients like t, or None where it does
+    not run: on a CUDA device when Triton is available, and on a CPU under TRITON_INTERPRET=1 (the
+    interpreter's tests)."""
+    from .. import triton as tb
+    from ..triton._device import _interpret
+    if not (t.device.type == "cuda" or (t.device.type == "cpu" and _interpret())) or not tb.is_available():
+        return None
+    from ..triton.fanout import sum_uses
+    return sum_uses
+
+
 def _sum_uses(per_use: list[list], n: int) -> list:
-    """Element-wise sums over the uses of n gradients; per_use[u][j] may be None. With every gradient
-    defined and 2 n < uses - 1 (few tensors read many times: the learning-rate table, once per step),
-    each tensor's gradients are stacked and summed (2 launches per tensor instead of one multi-tensor
-    addition per use after the first)."""
+    """Element-wise sums over the uses of n gradients; per_use[u][j] may be None. Where the Triton
+    kernel runs (`sum_kernel_for`) and every tensor's gradients share their layout: one launch for all
+    tensors, the same sums bitwise. Otherwise one multi-tensor addition per use after the first, or,
+    with every gradient defined and 2 n < uses - 1 (few tensors read many times: the learning-rate
+    table, once per step), each tensor's gradients stacked and summed (2 launches per tensor)."""
     k = len(per_use)
+    first = next((g for grads in per_use for g in grads if g is not None), None)
+    launch = sum_kernel_for(first) if first is not None else None
+    if launch is not None:
+        from ..triton.fanout import summable
+        groups = [[grads[j] for grads in per_use if grads[j] is not None] for j in range(n)]
+        multi = [j for j in range(n) if len(groups[j]) >= 2]
+        if multi and all(summable(groups[j]) for j in multi):
+            out = [g[0] if len(g) == 1 else None for g in groups]
+            for j, total in zip(multi, launch([groups[j] for j in multi])):
+                out[j] = total
+            return out
     if 2 * n < k - 1 and all(g is not None for grads in per_use for g in grads):
         return [torch.stack([grads[j] for grads in per_use]).sum(0) for j in range(n)]
     acc: list = [None] * n
