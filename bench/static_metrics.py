@@ -205,7 +205,16 @@ def capture_launches(call, tf32: bool = False) -> list:
                                       None, meta, need_g=False)
             elif op == "fanout_sum":  # a fan-out node's sums: (size, uses) of each tensor
                 from mamlpp_fast.triton import fanout as tfan
-                tfan.sum_uses([[t((numel,)) for _ in range(uses)] for numel, uses in call[1]])
+                tfan.sum_uses([[t((numel,)) for _ in range(uses)] for numel, uses in call[1]],
+                              [t((numel,)) for numel, _ in call[1]])
+            elif op == "expand_sum":  # step 0's expansion summed over the tasks: (shape, strides) per tensor
+                from mamlpp_fast.triton import fanout as tfan
+                tfan.sum_tasks([torch.empty_strided(shape, strides, device="meta", dtype=torch.float32)
+                                for shape, strides in call[1]])
+            elif op == "accuracy":  # the meta-update's accuracy: (rows, classes)
+                from mamlpp_fast.triton import metrics as tmet
+                rows, classes = call[1]
+                tmet.accuracy(t((rows, classes)), torch.empty(rows, device="meta", dtype=torch.int64))
             elif op == "running_stats":  # the one-launch running-statistics update: E forwards onto G rows
                 from mamlpp_fast.triton import running_stats as trs
                 e, g, b, c = call[1]
@@ -390,7 +399,7 @@ def ptx_hot_loop(ptx: str) -> dict:
 
 
 def _call_str(call) -> str:
-    if call[0].startswith("lslr") or call[0] == "fanout_sum":
+    if call[0].startswith("lslr") or call[0] in ("fanout_sum", "expand_sum"):
         return f"{call[0]} ({len(call[1])} tensors)"
     return f"{call[0]} {tuple(call[1])}"
 

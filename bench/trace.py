@@ -783,27 +783,65 @@ def _running_stats_patch(rec: _Recorder):
 
 
 def _fanout_sum_patch(rec: _Recorder):
-    """A stand-in for ops.fanout's `sum_kernel_for` returning a launcher of the one-launch Triton sum
-    (mamlpp_fast/triton/fanout.py) that adds with PyTorch (hidden, in the kernel's order) and records
-    one kernel: it reads every gradient and writes every sum once."""
-    from mamlpp_fast.triton.fanout import sum_uses_block_config
+    """A stand-in for ops.fanout's `fanout_kernels`: the one-launch Triton sums (mamlpp_fast/triton/fanout.py)
+    computing with PyTorch (hidden, in the kernels' order) and recording one kernel each. `sum_uses`
+    reads every gradient and writes every sum once; `sum_tasks` reads every task's gradient and writes
+    each tensor's sum."""
+    import types
 
-    def launch(groups):
+    import torch
+
+    from mamlpp_fast.triton import fanout as tfan
+
+    def sum_uses(groups, outs=None):
         with rec.hide():
-            outs = []
-            for g in groups:
-                acc = g[0].clone()
+            sums = []
+            for j, g in enumerate(groups):
+                acc = g[0].clone() if g else torch.zeros_like(outs[j])
                 for t in g[1:]:
                     acc.add_(t)
-                outs.append(acc)
-        block = sum_uses_block_config(max(g[0].numel() for g in groups))["BLOCK"]
+                sums.append(acc)
+            if outs is None:
+                outs = sums
+            else:
+                for o, v in zip(outs, sums):
+                    o.copy_(v)
+        block = tfan.sum_uses_block_config(max(o.numel() for o in outs))["BLOCK"]
         rec.add(name="triton fanout_sum", kind="foreach", layer=rec.layer_of([t for g in groups for t in g]),
-                call=("fanout_sum", tuple((g[0].numel(), len(g)) for g in groups)),
-                programs=sum(-(-g[0].numel() // block) for g in groups),
+                call=("fanout_sum", tuple((o.numel(), len(g)) for g, o in zip(groups, outs))),
+                programs=sum(-(-o.numel() // block) for o in outs),
                 bytes=sum(_nbytes(t) for g in groups for t in g) + sum(_nbytes(o) for o in outs))
         return outs
 
-    return lambda t: launch
+    def sum_tasks(grads):
+        with rec.hide():
+            outs = [g.sum(0).contiguous() for g in grads]
+        block = tfan.sum_uses_block_config(max(o.numel() for o in outs))["BLOCK"]
+        rec.add(name="triton expand_sum", kind="reduction", layer=rec.layer_of(grads),
+                call=("expand_sum", tuple((tuple(g.shape), tuple(g.stride())) for g in grads)),
+                programs=sum(-(-o.numel() // block) for o in outs),
+                bytes=sum(_nbytes(g) for g in grads) + sum(_nbytes(o) for o in outs))
+        return outs
+
+    kernels = types.SimpleNamespace(sum_uses=sum_uses, sum_tasks=sum_tasks, summable=tfan.summable,
+                                    summable_over_tasks=tfan.summable_over_tasks)
+    return lambda t: kernels
+
+
+def _accuracy_patch(rec: _Recorder):
+    """A stand-in for fast.py's `accuracy_launcher` returning a launcher of the one-launch Triton accuracy
+    (mamlpp_fast/triton/metrics.py) that computes it with PyTorch (hidden) and records one kernel of one
+    program reading the logits and labels."""
+    def launch(logits, labels):
+        import torch
+        with rec.hide():
+            c = logits.shape[-1]
+            acc = logits.reshape(-1, c).argmax(-1).eq(labels.reshape(-1)).to(torch.float32).mean()
+        rec.add(name="triton accuracy", kind="elementwise", layer="head+grads", programs=1,
+                call=("accuracy", (logits.numel() // c, c)), bytes=_nbytes(logits) + _nbytes(labels) + 4)
+        return acc
+
+    return lambda logits, op_backend: launch
 
 
 def _head_patch(rec: _Recorder):
@@ -980,11 +1018,14 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
     rs_kernel = hasattr(fast_mod, "running_stats_launcher") and backend != "torch"
     if rs_kernel:
         patches.append((fast_mod, "running_stats_launcher"))
+    acc_kernel = hasattr(fast_mod, "accuracy_launcher") and backend != "torch"
+    if acc_kernel:
+        patches.append((fast_mod, "accuracy_launcher"))
     # the fan-out nodes' sums as the learner runs them on a CUDA device (older trees: multi-tensor adds)
     import mamlpp_fast.ops.fanout as fanout_mod
-    fan_kernel = hasattr(fanout_mod, "sum_kernel_for") and backend != "torch"
+    fan_kernel = hasattr(fanout_mod, "fanout_kernels") and backend != "torch"
     if fan_kernel:
-        patches.append((fanout_mod, "sum_kernel_for"))
+        patches.append((fanout_mod, "fanout_kernels"))
     if first_block == "fused":
         patches.append((fast_mod, "block_torch_impl"))
     if bn_pool == "fused":
@@ -1060,7 +1101,9 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
         if rs_kernel:
             setp(fast_mod, "running_stats_launcher", _running_stats_patch(rec))
         if fan_kernel:
-            setp(fanout_mod, "sum_kernel_for", _fanout_sum_patch(rec))
+            setp(fanout_mod, "fanout_kernels", _fanout_sum_patch(rec))
+        if acc_kernel:
+            setp(fast_mod, "accuracy_launcher", _accuracy_patch(rec))
         setp(core_cls, flag_name, finite_flag)
         if seeds:
             def ones(self, like, _orig=core_cls.ones):

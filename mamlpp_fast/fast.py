@@ -61,21 +61,37 @@ def _task_major(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, n * k, c, h, w).transpose(0, 1).reshape(n * k, b * c, h, w)
 
 
-def running_stats_launcher(stats: torch.Tensor, op_backend: str):
-    """The one-launch Triton update of the running statistics (triton.running_stats
-    `running_stats_update`) for statistics like `stats`, or None where it does not run: it runs on a
-    CUDA device when Triton is available, and on a CPU only under TRITON_INTERPRET=1 with the Triton
-    op backend (the interpreter's tests)."""
+def _triton_kernels_run(t: torch.Tensor, op_backend: str) -> bool:
+    """Whether this learner's one-launch Triton kernels outside the op backends (running statistics,
+    accuracy) run for tensors like t: on a CUDA device when Triton is available, and on a CPU only under
+    TRITON_INTERPRET=1 with the Triton op backend (the interpreter's tests)."""
     from . import triton as tb
-    if stats.device.type == "cuda":
+    if t.device.type == "cuda":
         wanted = True
     else:
         from .triton._device import _interpret
-        wanted = stats.device.type == "cpu" and op_backend == "triton" and _interpret()
-    if not wanted or stats.dtype not in (torch.float32, torch.float64) or not tb.is_available():
+        wanted = t.device.type == "cpu" and op_backend == "triton" and _interpret()
+    return wanted and t.dtype in (torch.float32, torch.float64) and tb.is_available()
+
+
+def running_stats_launcher(stats: torch.Tensor, op_backend: str):
+    """The one-launch Triton update of the running statistics (triton.running_stats
+    `running_stats_update`) for statistics like `stats`, or None where it does not run
+    (`_triton_kernels_run`)."""
+    if not _triton_kernels_run(stats, op_backend):
         return None
     from .triton.running_stats import running_stats_update
     return running_stats_update
+
+
+def accuracy_launcher(logits: torch.Tensor, op_backend: str):
+    """The one-launch Triton accuracy (triton.metrics `accuracy`: torch's argmax, eq, cast and mean in
+    one kernel, the same float32 value) for logits like these, or None where it does not run
+    (`_triton_kernels_run`)."""
+    if not _triton_kernels_run(logits, op_backend):
+        return None
+    from .triton.metrics import accuracy
+    return accuracy
 
 
 class MAMLFewShotClassifier(LearnerAPI, nn.Module):
@@ -510,7 +526,11 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         if pending:
             self._update_running_stats(self.core.reduce_statistics(pending))
         preds = target_logits.detach()
-        accuracy = preds.argmax(-1).eq(y_target.reshape(b, -1)).to(torch.float32).mean()
+        launch = accuracy_launcher(preds, self._op_backend)
+        if launch is not None:
+            accuracy = launch(preds, y_target)
+        else:
+            accuracy = preds.argmax(-1).eq(y_target.reshape(b, -1)).to(torch.float32).mean()
         return loss, accuracy, preds
 
     def _host_losses(self, loss, accuracy, preds, importance, finite=None):

@@ -39,7 +39,8 @@ def test_no_spills_in_shipped_configurations():
                      "_pool_fwd_apply_kernel", "_pool_bwd_reduce_kernel", "_pool_bwd_apply_kernel",
                      "_pool_dbwd_reduce_kernel", "_pool_dbwd_apply_kernel",  # bn_pool
                      "_head_fwd_kernel", "_head_bwd_kernel", "_head_dbwd_kernel",  # head_loss
-                     "_running_stats_kernel", "_sum_uses_kernel"}
+                     "_running_stats_kernel", "_sum_uses_kernel", "_accuracy_kernel",
+                     "_sum_tasks_kernel"}
     assert {r["precision"] for r in rows if r["kernel"].startswith("_conv")} == {"fp32", "tf32"}
     for r in rows:
         where = f"{r['kernel']} {r['precision']} {r['config']}"

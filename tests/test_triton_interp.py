@@ -1384,6 +1384,7 @@ def test_fanout_sum_kernel_bitwise_equals_the_additions(dtype_name):
     import torch
     from _batches import fresh_seed
     from mamlpp_fast.ops import fanout as F
+    from mamlpp_fast.triton import fanout as tfan
     from mamlpp_fast.triton.fanout import sum_uses
 
     dtype = getattr(torch, dtype_name)
@@ -1398,7 +1399,7 @@ def test_fanout_sum_kernel_bitwise_equals_the_additions(dtype_name):
     per_use = [[r(*s, perm=p) for s, p in shapes] for _ in range(uses)]
     per_use[1][2] = None          # one use without a gradient of tensor 2
     per_use[2][3] = per_use[3][3] = per_use[1][3] = None  # tensor 3: one gradient only
-    assert F.sum_kernel_for(per_use[0][0]) is sum_uses
+    assert F.fanout_kernels(per_use[0][0]) is tfan
     got = F._sum_uses(per_use, len(shapes))
     for j in range(len(shapes)):
         defined = [g[j] for g in per_use if g[j] is not None]
@@ -1420,3 +1421,131 @@ def test_fanout_sum_kernel_bitwise_equals_the_additions(dtype_name):
         sum_uses([[gs[0]]])
     with pytest.raises(ValueError, match="share shape, strides"):
         sum_uses([[gs[0], gs[1].t().contiguous().t()]])
+
+
+@inner
+@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+def test_fanout_rows_by_the_sum_kernel(dtype_name, monkeypatch):
+    """`fanout_rows`' backward written row by row by one launch of the Triton sum equals its stacked form
+    (bitwise: the same additions in use order), with tables of two shapes, a use reading some tables
+    only, a use whose rows are only partly differentiated (zeros where no use has a gradient) and a
+    table without any gradient (None)."""
+    import torch
+    from _batches import fresh_seed
+    from mamlpp_fast.ops import fanout as F
+
+    dtype = getattr(torch, dtype_name)
+    gen = torch.Generator().manual_seed(fresh_seed())
+    shapes = [(4, 6), (4, 6), (3, 5), (4, 6)]
+    uses = [[0, 1, 2], [0, 1, 2], [0, 2]]  # table 3 is read by no use
+
+    def run():
+        tables = [torch.randn(*s, generator=g0, dtype=dtype).requires_grad_() for s in shapes]
+        rows = F.fanout_rows(tables, uses)
+        outs, gs = [], []
+        for u, per in enumerate(rows):
+            for t, tab_rows in zip(uses[u], per):
+                for s, r in enumerate(tab_rows):
+                    if u == 1 and s != 3 and t != 2:  # use 1 differentiates row 3 only (and all of table 2)
+                        continue
+                    if u == 2 and t == 0 and s == 0:
+                        continue  # row 0 of table 0: uses 0 only
+                    outs.append(r)
+                    gs.append(torch.randn(r.shape, generator=g1, dtype=dtype))
+        torch.autograd.backward(outs, gs)
+        return [t.grad for t in tables]
+
+    seed = int(torch.randint(0, 2 ** 31, (1,), generator=gen))
+    g0, g1 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+    launches = []
+    from mamlpp_fast.triton import fanout as tfan
+    orig = tfan.sum_uses
+    monkeypatch.setattr(tfan, "sum_uses", lambda *a, **k: (launches.append(1), orig(*a, **k))[1])
+    by_kernel = run()
+    assert launches == [1]
+    monkeypatch.setattr(F, "fanout_kernels", lambda t: None)
+    g0, g1 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+    stacked = run()
+    assert by_kernel[3] is None and stacked[3] is None
+    for t in range(3):
+        assert torch.equal(by_kernel[t], stacked[t]), (t, seed)
+
+
+@inner
+def test_accuracy_kernel_matches_torch_argmax():
+    """The one-launch accuracy (triton/metrics.py) against torch.argmax / eq / mean: the count exact (ties
+    go to the first index, a NaN counts as the largest value, a row of -inf picks index 0) and the value
+    that count times the float32 factor 1/rows (what torch's mean on a CUDA device computes)."""
+    import numpy as np
+    import torch
+    from _batches import fresh_seed
+    from mamlpp_fast.triton.metrics import accuracy
+
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    for shape, classes in (((8, 20), 20), ((2, 5), 5), ((3, 7), 3), ((700,), 37)):
+        x = torch.randn(*shape, classes, generator=gen)
+        x = torch.where(torch.rand(x.shape, generator=gen) < 0.3, x.round(), x)  # ties
+        flat = x.view(-1, classes)
+        flat[0] = float("-inf")
+        flat[1, 2] = float("nan")
+        flat[min(3, flat.shape[0] - 1), :] = flat[min(3, flat.shape[0] - 1), 0]  # a row of equal values
+        rows = flat.shape[0]
+        labels = torch.randint(0, classes, (rows,), generator=gen)
+        labels[: rows // 2] = flat[: rows // 2].argmax(-1)  # half the rows right, whatever the chance
+        hits = int(flat.argmax(-1).eq(labels).sum())
+        got = accuracy(x, labels.view(shape))
+        want = np.float32(hits) * (np.float32(1.0) / np.float32(rows))
+        assert got.dtype == torch.float32 and got.dim() == 0
+        assert float(got) == float(want), (shape, float(got), float(want), seed)
+        assert abs(float(got) - float(flat.argmax(-1).eq(labels).float().mean())) <= 2 ** -23
+    with pytest.raises(ValueError, match="labels must be"):
+        accuracy(torch.randn(4, 3), torch.zeros(5, dtype=torch.int64))
+
+
+@inner
+@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+def test_expand_tasks_sum_kernel(dtype_name):
+    """Step 0's expansion summed over the tasks by one launch (triton/fanout.py `sum_tasks`, which
+    `expand_tasks`' backward takes under the interpreter): each result contiguous and equal to the sum
+    over the tasks computed in float64 from the same values, for contiguous gradients, a convolution
+    kernel's weight layout ((B, kh, kw, Ci, Co) storage seen as (B, Co, Ci, kh, kw)), a vector, one
+    value per task, and a tensor without a gradient. float64: 1e-12 relative; float32: a sum of B terms
+    in order is within (B - 1) u sum |g| of the truth (u = 2^-24). An expanded (stride-0) gradient is
+    not taken by the kernel, and the node falls back to its PyTorch sums."""
+    import torch
+    from _batches import fresh_seed
+    from mamlpp_fast.ops import fanout as F
+    from mamlpp_fast.triton import fanout as tfan
+
+    dtype = getattr(torch, dtype_name)
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    b = 5
+    params = [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in
+              [(4, 3, 3, 3), (6, 4, 3, 3), (7,), (), (2, 2)]]
+    grads = [torch.randn(b, 4, 3, 3, 3, generator=gen, dtype=dtype),
+             torch.randn(b, 3, 3, 4, 6, generator=gen, dtype=dtype).permute(0, 4, 3, 1, 2),
+             torch.randn(b, 7, generator=gen, dtype=dtype),
+             torch.randn(b, generator=gen, dtype=dtype),
+             None]
+    assert all(tfan.summable_over_tasks(g) for g in grads[:4])
+    expanded = F.expand_tasks(b, params)
+    torch.autograd.backward([e for e, g in zip(expanded, grads) if g is not None], [g for g in grads if g is not None])
+    u = 2.0 ** -24 if dtype == torch.float32 else 1e-12
+    for p, g in zip(params, grads):
+        if g is None:
+            assert p.grad is None
+            continue
+        truth = g.double().sum(0)
+        assert p.grad.is_contiguous() and p.grad.shape == p.shape
+        bound = (b - 1) * u * g.double().abs().sum(0) + 1e-300
+        assert bool(((p.grad.double() - truth).abs() <= bound).all()), (tuple(p.shape), seed)
+    # not task-major dense: the PyTorch sums
+    e = torch.randn(3, generator=gen, dtype=dtype).expand(b, 3)
+    assert not tfan.summable_over_tasks(e)
+    q = torch.randn(3, generator=gen, dtype=dtype).requires_grad_()
+    torch.autograd.backward(F.expand_tasks(b, [q]), [e])
+    assert torch.allclose(q.grad, e.double().sum(0).to(dtype))
+    with pytest.raises(ValueError, match="task-major dense"):
+        tfan.sum_tasks([e])

@@ -23,9 +23,10 @@ gives); use u reads the tables listed in ``uses[u]``. Backward, for table t::
 
     d tables[t][s] = sum over the uses u that read t of d rows[u][t][s]
 
-with the rows of all equally shaped tables read by the same uses stacked per use (one launch each) and
-the stacks added (one launch each after the first), where ``unbind`` gave one stack per table and autograd one addition
-per row and extra use. A use whose rows are only partly differentiated (the target pass after the MSL
+written row by row by one launch of the Triton sum where it runs, else with the rows of all equally
+shaped tables read by the same uses stacked per use (one launch each) and the stacks added (one launch
+each after the first), where ``unbind`` gave one stack per table and autograd one addition per row and
+extra use. A use whose rows are only partly differentiated (the target pass after the MSL
 epochs reads the rows of the last step only) is stacked per step.
 
 The ops whose backward builds a node that reads a parameter again (the second-order backward of
@@ -56,8 +57,10 @@ the tensors j of one dtype and device whose gradient is defined::
 
     d tensors[j] = sum_i d expanded[j][i]   (i over the b tasks)
 
-formed as one sum over the tasks of the gradients laid side by side as (b, sum_j numel_j) columns: a
-concatenation and a sum, two launches for all tensors instead of one per tensor. A gradient whose task
+formed in one launch for all tensors where the Triton kernels run (each gradient read in its own
+task-major layout, each result written contiguous), else as one sum over the tasks of the gradients
+laid side by side as (b, sum_j numel_j) columns: a concatenation and a sum, two launches for all
+tensors instead of one per tensor. A gradient whose task
 slices are not contiguous (a weight gradient in a convolution kernel's layout) is summed on its own, so
 that every result is contiguous like the tensor it belongs to.
 
@@ -70,7 +73,7 @@ import torch
 
 from ..triton._derived import share_views
 
-__all__ = ["expand_tasks", "fanout", "fanout_rows", "saved_alias", "sum_kernel_for", "two_gradients"]
+__all__ = ["expand_tasks", "fanout", "fanout_rows", "fanout_kernels", "saved_alias", "two_gradients"]
 
 
 def saved_alias(op: str, name: str, p, alias):
@@ -101,34 +104,33 @@ def two_gradients(g, g2):
     return g, g2
 
 
-def sum_kernel_for(t: torch.Tensor):
-    """The one-launch Triton sum (triton.fanout `sum_uses`) for gradients like t, or None where it does
-    not run: on a CUDA device when Triton is available, and on a CPU under TRITON_INTERPRET=1 (the
-    interpreter's tests)."""
+def fanout_kernels(t: torch.Tensor):
+    """The one-launch Triton sums (the module mamlpp_fast.triton.fanout: `sum_uses`, `sum_tasks`) for
+    gradients like t, or None where they do not run: on a CUDA device when Triton is available, and on a
+    CPU under TRITON_INTERPRET=1 (the interpreter's tests)."""
     from .. import triton as tb
     from ..triton._device import _interpret
     if not (t.device.type == "cuda" or (t.device.type == "cpu" and _interpret())) or not tb.is_available():
         return None
-    from ..triton.fanout import sum_uses
-    return sum_uses
+    from ..triton import fanout as kernels
+    return kernels
 
 
 def _sum_uses(per_use: list[list], n: int) -> list:
     """Element-wise sums over the uses of n gradients; per_use[u][j] may be None. Where the Triton
-    kernel runs (`sum_kernel_for`) and every tensor's gradients share their layout: one launch for all
+    kernel runs (`fanout_kernels`) and every tensor's gradients share their layout: one launch for all
     tensors, the same sums bitwise. Otherwise one multi-tensor addition per use after the first, or,
     with every gradient defined and 2 n < uses - 1 (few tensors read many times: the learning-rate
     table, once per step), each tensor's gradients stacked and summed (2 launches per tensor)."""
     k = len(per_use)
     first = next((g for grads in per_use for g in grads if g is not None), None)
-    launch = sum_kernel_for(first) if first is not None else None
-    if launch is not None:
-        from ..triton.fanout import summable
+    kernels = fanout_kernels(first) if first is not None else None
+    if kernels is not None:
         groups = [[grads[j] for grads in per_use if grads[j] is not None] for j in range(n)]
         multi = [j for j in range(n) if len(groups[j]) >= 2]
-        if multi and all(summable(groups[j]) for j in multi):
+        if multi and all(kernels.summable(groups[j]) for j in multi):
             out = [g[0] if len(g) == 1 else None for g in groups]
-            for j, total in zip(multi, launch([groups[j] for j in multi])):
+            for j, total in zip(multi, kernels.sum_uses([groups[j] for j in multi])):
                 out[j] = total
             return out
     if 2 * n < k - 1 and all(g is not None for grads in per_use for g in grads):
@@ -205,6 +207,9 @@ class _FanoutRows(torch.autograd.Function):
                 per[t] = grads[pos:pos + shapes[t][0]]
                 pos += shapes[t][0]
             cells.append(per)
+        by_kernel = _rows_by_kernel(cells, shapes, grads)
+        if by_kernel is not None:
+            return (None, *by_kernel)
         groups: dict = {}  # tables of one shape read by the same uses are summed as one (T, S, C) stack
         for t, s in enumerate(shapes):
             groups.setdefault((s, tuple(u for u, use in enumerate(ctx.uses) if t in use)), []).append(t)
@@ -233,6 +238,36 @@ class _FanoutRows(torch.autograd.Function):
                 for k, t in enumerate(tabs):
                     out[t] = acc[k]
         return (None, *out)
+
+
+def _rows_by_kernel(cells: list, shapes: list, grads) -> list | None:
+    """The tables' gradients written row by row by one launch of the Triton sum (`fanout_kernels`): row s
+    of table t is the sum, in use order, of the defined gradients of its aliases (zeros where none is); a
+    table none of whose rows has a gradient gets None. None (the caller stacks instead) where the kernel
+    does not run or a row's gradients are not all of one dense layout."""
+    first = next((g for g in grads if g is not None), None)
+    kernels = fanout_kernels(first) if first is not None else None
+    if kernels is None:
+        return None
+    summable = kernels.summable
+    result: list = [None] * len(shapes)
+    groups, outs = [], []
+    for t, shape in enumerate(shapes):
+        per_row = [[per[t][s] for per in cells if per[t] is not None and per[t][s] is not None]
+                   for s in range(shape[0])]
+        defined = next((g[0] for g in per_row if g), None)
+        if defined is None:
+            continue
+        out = defined.new_empty(shape)
+        for s, row in enumerate(per_row):
+            if row and not summable([out[s], *row]):
+                return None
+            groups.append(row)
+            outs.append(out[s])
+        result[t] = out
+    if groups:
+        kernels.sum_uses(groups, outs)
+    return result
 
 
 def fanout_rows(tables: list, uses: list) -> list[list[tuple]]:
@@ -275,6 +310,13 @@ class _ExpandTasks(torch.autograd.Function):
     def backward(ctx, *grads):
         b = ctx.b
         out: list = [None] * len(grads)
+        defined = [j for j, g in enumerate(grads) if g is not None]
+        kernels = fanout_kernels(grads[defined[0]]) if defined else None
+        if kernels is not None and all(kernels.summable_over_tasks(grads[j]) for j in defined):
+            # one launch for every tensor, in any task-major layout, each result contiguous
+            for j, total in zip(defined, kernels.sum_tasks([grads[j] for j in defined])):
+                out[j] = total
+            return (None, *out)
         groups: dict = {}
         for j, g in enumerate(grads):
             if g is not None:
