@@ -352,7 +352,9 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         structure = tuple((lk, tuple(e[2] for e in ents)) for lk, ents in groups)
         cache = self.__dict__.setdefault("_running_stats_consts", {})
         launch = running_stats_launcher(first, self._op_backend)
-        if launch is not None and all(n.running_mean.dtype == first.dtype == n.running_var.dtype for n in norms):
+        if launch is not None and all(n.running_mean.dtype == first.dtype == n.running_var.dtype for n in norms) \
+                and all(t.is_contiguous() and t.numel() == b * c and t.dtype == first.dtype
+                        for _, ents in groups for e in ents for t in e[:2]):
             key = ("triton", structure, b, first.dtype, first.device)
             consts = cache.get(key)
             if consts is None:
