@@ -816,7 +816,7 @@ def _fanout_sum_patch(rec: _Recorder):
     def sum_tasks(grads):
         with rec.hide():
             outs = [g.sum(0).contiguous() for g in grads]
-        block = tfan.sum_uses_block_config(max(o.numel() for o in outs))["BLOCK"]
+        block = tfan.sum_uses_block_config(min(max(o.numel() for o in outs), 1024))["BLOCK"]
         rec.add(name="triton expand_sum", kind="reduction", layer=rec.layer_of(grads),
                 call=("expand_sum", tuple((tuple(g.shape), tuple(g.stride())) for g in grads)),
                 programs=sum(-(-o.numel() // block) for o in outs),
