@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .lslr import dense_dims
+
 __all__ = ["sum_tasks", "sum_uses", "sum_uses_block_config", "summable", "summable_over_tasks"]
 
 
@@ -34,13 +36,7 @@ def sum_uses_block_config(P: int) -> dict:
 
 def _dense(t: torch.Tensor) -> bool:
     """t's elements fill its storage span exactly once (in any order of its dims)."""
-    dims = sorted((d for d in range(t.dim()) if t.shape[d] != 1), key=lambda d: t.stride(d))
-    expected = 1
-    for d in dims:
-        if t.stride(d) != expected:
-            return False
-        expected *= t.shape[d]
-    return True
+    return dense_dims(t) is not None
 
 
 def summable(grads: list) -> bool:

@@ -26,17 +26,26 @@ import triton.language as tl
 __all__ = ["lslr_forward", "lslr_backward", "lslr_block_config", "task_major_dense"]
 
 
+def dense_dims(t):
+    """t's non-unit dims from innermost to outermost when its elements fill its storage span exactly once
+    (dense, non-overlapping, in some order of its dims), else None."""
+    dims = sorted((d for d in range(t.dim()) if t.shape[d] != 1), key=lambda d: t.stride(d))
+    expected = 1
+    for d in dims:
+        if t.stride(d) != expected:
+            return None
+        expected *= t.shape[d]
+    return dims
+
+
 def task_major_dense(t) -> bool:
     """Whether t's elements fill its storage span exactly once (dense, non-overlapping, in some order of
     its dims) with dim 0 outermost: a flat offset r * numel(t[0]) + p then walks t[r] like t[0]. The
     kernels below run in such a layout: the outputs take the gradient's (forward) or the upstream
     gradient's (backward) when it is one (mamlpp_fast.ops.torch_backend, Layouts), else a contiguous one."""
-    dims = sorted((d for d in range(t.dim()) if t.shape[d] != 1), key=lambda d: t.stride(d))
-    expected = 1
-    for d in dims:
-        if t.stride(d) != expected:
-            return False
-        expected *= t.shape[d]
+    dims = dense_dims(t)
+    if dims is None:
+        return False
     return t.dim() == 0 or t.shape[0] <= 1 or not dims or dims[-1] == 0
 
 
