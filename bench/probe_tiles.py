@@ -26,14 +26,8 @@ USAGE = "usage: python -m bench.probe_tiles WORKLOAD OP [--shape N,C,H,W] [--var
 
 def select_calls(workload: str, op: str, shape: tuple | None = None) -> list:
     """The distinct calls of `op` in one meta-update of `workload` (input shape `shape` when given)."""
-    from .trace import trace_meta_update
-    res = trace_meta_update(workload, None, "triton", "triton", True, sms=132)
-    calls = []
-    for k in res.kernels:
-        c = k.call
-        if c is not None and c[0] == op and (shape is None or tuple(c[1]) == shape) and c not in calls:
-            calls.append(c)
-    return calls
+    from .static_metrics import traced_calls
+    return [c for c in traced_calls(workload) if c[0] == op and (shape is None or tuple(c[1]) == shape)]
 
 
 def probe(calls, op: str, variants: list) -> list:

@@ -42,19 +42,39 @@ SMS = 132
 
 
 # ---- which launches ------------------------------------------------------------------------------------
+_TRACE_CALLS: dict = {}
+
+
+def traced_calls(workload: str, quick: bool = False, unfused: bool = False) -> list:
+    """Distinct custom-op calls (bench.trace Kernel.call, in first-use order) of one meta-update of
+    `workload`, triton backend and triton convolutions, as the learner runs it by default or (`unfused`)
+    with the fused first block and bn_pool unfused. A call names an op and its operands' shapes, which
+    depend on the learner's structure only (not on launch heuristics), so each trace runs once per process
+    (a copy of the list is returned)."""
+    key = (workload, quick, unfused)
+    if key not in _TRACE_CALLS:
+        from .trace import _unfused_kw, trace_meta_update
+        res = trace_meta_update(workload, None, "triton", "triton", True, sms=SMS, quick=quick,
+                                **(_unfused_kw() if unfused else {}))
+        calls = []
+        for k in res.kernels:
+            if k.call is not None and k.call not in calls:
+                calls.append(k.call)
+        _TRACE_CALLS[key] = calls
+    return list(_TRACE_CALLS[key])
+
+
 def collect_calls(workloads, quick: bool = False) -> list:
     """Distinct custom-op calls (bench.trace Kernel.call) of one meta-update per workload, triton backend
     and triton convolutions: as the learner runs them by default (the fused first block and bn_pool) and
     with those unfused (the per-step batch norm's own kernels, which the unfused layers and networks
     without max pooling run)."""
-    from .trace import _unfused_kw, trace_meta_update
     calls = []
     for w in workloads:
-        for kw in ({}, _unfused_kw()):
-            res = trace_meta_update(w, None, "triton", "triton", True, sms=SMS, quick=quick, **kw)
-            for k in res.kernels:
-                if k.call is not None and k.call not in calls:
-                    calls.append(k.call)
+        for unfused in (False, True):
+            for c in traced_calls(w, quick, unfused):
+                if c not in calls:
+                    calls.append(c)
     return calls
 
 

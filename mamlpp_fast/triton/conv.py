@@ -746,6 +746,9 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI,
         kr = offs_k - kc * KK
         kp = kr // KW
         x_k = t * CI * HW + kc * HW + kp * W + (kr - kp * KW)
+        # the column's tap bit, 0 past K: one AND and one test per element select what is loaded (a column
+        # past K is never read)
+        kbit = tl.where(k_ok, 1 << kr, 0)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
         acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
         acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
@@ -758,8 +761,7 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI,
             # the FMA loop reads it with 16-byte shared loads
             g_ptrs = g_ptr + g_r[:, None] + g_o[None, :]
             a = tl.trans(tl.load(g_ptrs, mask=o_ok[None, :] & r_ok[:, None], other=0.0))
-            b_ok = ((v_r[:, None] >> kr[None, :]) & 1) != 0
-            b = tl.load(x_ptr + x_r[:, None] + x_k[None, :], mask=b_ok & k_ok[None, :], other=0.0)
+            b = tl.load(x_ptr + x_r[:, None] + x_k[None, :], mask=(v_r[:, None] & kbit[None, :]) != 0, other=0.0)
             acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
             if NSUB == 3:
                 a = tl.trans(tl.load(g_ptrs + BLOCK_M * L, mask=o_ok1[None, :] & r_ok[:, None], other=0.0))
