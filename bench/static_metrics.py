@@ -332,7 +332,8 @@ def _classify_sass(op: str) -> str:
 
 
 def sass_hot_loop(cuobjdump: str, cubin: bytes) -> dict:
-    """Instruction mix of the SASS loop (a backward branch's body) holding the most FFMA + HGMMA."""
+    """Instruction mix of the SASS loop (a backward branch's body) holding the most FFMA + HGMMA (of those,
+    the shortest); ffma_loop_shares: the FFMA share of each loop holding as many."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
@@ -351,11 +352,12 @@ def sass_hot_loop(cuobjdump: str, cubin: bytes) -> dict:
                 tgt = int(tm.group(1), 16)
                 if tgt < addr:
                     loops.append((tgt, addr))
-    best = None
+    best, bodies = None, []
     for lo, hi in loops:
         body = [op for a, op, _ in instrs if lo <= a <= hi]
         mix = Counter(_classify_sass(op) for op in body)
         score = (mix["ffma"] + mix["hgmma"] * 64, -len(body))
+        bodies.append((score[0], mix["ffma"] / len(body) if body else 0.0))
         if best is None or score > best[0]:
             best = (score, len(body), mix)
     total = len(instrs)
@@ -367,6 +369,9 @@ def sass_hot_loop(cuobjdump: str, cubin: bytes) -> dict:
     for k in ("ffma", "hgmma", "hmma", "lds", "ldg", "store", "int", "fp_other", "control", "other"):
         out[k] = mix.get(k, 0)
     out["ffma_share"] = mix.get("ffma", 0) / n if n else 0.0
+    # every loop with as many FMAs as the hot one (a kernel that runs one step in two loops, e.g. the weight
+    # gradient's lanes inside the image without a tap mask and the others with: INSIDE), best share first
+    out["ffma_loop_shares"] = sorted((sh for sc, sh in bodies if sc == best[0][0]), reverse=True)
     return out
 
 
@@ -512,7 +517,7 @@ def _demangle(sym: str) -> str:
 # ---- report ---------------------------------------------------------------------------------------------------------
 def _cfg_str(cfg: dict) -> str:
     keep = ("BLOCK", "BLOCK_M", "BLOCK_N", "BLOCK_K", "NSUB", "SPLIT", "CBLOCK", "PBLOCK", "num_warps", "maxnreg", "KH",
-            "HAS_U", "HAS_DTHETA", "GAMMA_PER_TASK", "HAS_BIAS", "GATHER_MK", "TAP_MAJOR", "STORE_KO", "W_FWD", "DUAL",
+            "HAS_U", "HAS_DTHETA", "GAMMA_PER_TASK", "HAS_BIAS", "GATHER_MK", "TAP_MAJOR", "STORE_KO", "INSIDE", "W_FWD", "DUAL",
             "HAS_G2", "HAS_DX2")
     # HAS_G2, HAS_DX2 (the outer pass's extra gradients): shown where set only
     return " ".join(f"{k}={cfg[k]}" for k in keep if k in cfg and (k not in ("HAS_G2", "HAS_DX2") or cfg[k]))

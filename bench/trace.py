@@ -1209,8 +1209,32 @@ def ffma_efficiencies(res: TraceResult, table: str) -> dict:
             raise MamlppError(f"--conv-efficiency-from: {table} has no strict-fp32 {fn.__name__} with the "
                               f"configuration of {call[0]} {call[1]} ({consts}): regenerate it with "
                               "python -m bench.static_metrics")
-        out[call] = float(found[0]["ffma_share"]) * tile_utilization(call, kw)
+        out[call] = loop_efficiency(call, kw, found[0]) * tile_utilization(call, kw)
     return out
+
+
+def inside_fraction(call, kw: dict) -> float:
+    """The share of a weight-gradient launch's reduction lanes that its unmasked loop runs (INSIDE: the
+    lanes whose every tap is inside the image, listed first by the lane table, whole BLOCK_K steps of
+    them); 0 for a launch without INSIDE or another op."""
+    if call[0] != "conv_weight_grad" or not kw.get("INSIDE"):
+        return 0.0
+    b, co, ci, kh, kw_, h, wd, ho, wo, s, p = call[2]
+    n = call[1][0]
+    rows = sum(1 for y in range(ho) if y * s - p >= 0 and y * s - p + kh - 1 < h)
+    cols = sum(1 for z in range(wo) if z * s - p >= 0 and z * s - p + kw_ - 1 < wd)
+    return (n * rows * cols) // kw["BLOCK_K"] * kw["BLOCK_K"] / (n * ho * wo)
+
+
+def loop_efficiency(call, kw: dict, row: dict) -> float:
+    """The FFMA share a launch runs at: its hot loop's (`ffma_share`); for a weight gradient whose lanes
+    run in two loops (INSIDE, `inside_fraction` f of them in the better one, share s_in, the rest in the
+    masked one, s_out: `ffma_loop_shares`), the time-weighted share 1 / (f / s_in + (1 - f) / s_out)."""
+    f = inside_fraction(call, kw)
+    shares = row.get("ffma_loop_shares") or []
+    if f == 0.0 or len(shares) < 2:
+        return float(row["ffma_share"])
+    return 1.0 / (f / max(shares) + (1.0 - f) / min(shares))
 
 
 def tile_utilization(call, kw: dict) -> float:

@@ -64,6 +64,23 @@ def test_sass_loop_mix_of_a_strict_fp32_convolution():
     assert tf32["loop"] and tf32["ffma"] == 0 and tf32["hgmma"] + tf32["hmma"] > 0
 
 
+@needs_ptxas
+def test_weight_gradient_inside_lanes_loop_is_reported(monkeypatch):
+    # a weight gradient with INSIDE runs its reduction in two loops of the same FMAs: the lanes inside the
+    # image without the tap mask (the better share, reported as the hot loop's) and the others with it
+    from bench.static_metrics import kernel_metrics
+    from mamlpp_fast.triton import conv as C
+    if not TOOLS.get("cuobjdump"):
+        pytest.skip("no cuobjdump")
+    real = C.wgrad_block_config
+    monkeypatch.setattr(C, "wgrad_block_config", lambda *a, **k: dict(real(*a, **k), INSIDE=True))
+    meta = (2, 48, 48, 3, 3, 21, 21, 21, 21, 1, 1)
+    rows = kernel_metrics([("conv_weight_grad", (5, 96, 21, 21), meta, False)], tf32_variants=False, tools=TOOLS)
+    r = next(r for r in rows if r["kernel"] == "_conv_wgrad_kernel")
+    assert r["config"]["INSIDE"] and len(r["ffma_loop_shares"]) == 2
+    assert r["ffma_loop_shares"][0] == r["ffma_share"] > r["ffma_loop_shares"][1] > 0
+
+
 def test_conv_precision_reaches_the_kernels():
     """Config key conv_precision (LearnerCore.precision): the Triton convolution and fused-block launches
     get the forced input precision for float32 ("ieee", "tf32", "tf32x3"); "auto" follows allow_tf32; the
@@ -131,3 +148,19 @@ def test_probe_tiles_selects_calls_and_refuses_bad_arguments(capsys):
                  ["omniglot_20w1s", "conv_forward", "--variants", '{"num_warps": 2}']):
         assert main(argv) == 2
         assert "usage" in capsys.readouterr().err
+
+
+def test_committed_device_table_has_no_spills():
+    """The committed table of the device's Triton (3.6.0, which tests/test_trace.py keeps current: every
+    convolution configuration the launch heuristics choose under 3.6 is in it) records no spill in any
+    row. The test above compiles with the installed Triton, whose heuristics may pick other configurations
+    (those only Triton < 3.7 gets, e.g. INSIDE and TAP_MAJOR, are checked here)."""
+    import json
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "results", "static_metrics_sm90a_triton3.6.0.json")
+    with open(path) as f:
+        rows = json.load(f)["triton_kernels"]
+    assert rows and any(r["config"].get("INSIDE") for r in rows)
+    spilled = [(r["kernel"], r["precision"], r["call"], r["config"]) for r in rows
+               if r.get("spill_stores") or r.get("spill_loads")]
+    assert not spilled, spilled

@@ -428,3 +428,24 @@ def test_static_inputs_are_task_major_in_storage():
         assert torch.equal(tm, _task_major(xs).contiguous())
         buf.copy_(xs + 1)  # the host's copy of the next batch keeps the layout
         assert _task_major(buf).is_contiguous() and torch.equal(buf, xs + 1)
+
+
+def test_weight_gradient_lanes_inside_priced_by_their_loop():
+    """A weight-gradient launch that reads the lanes whose every tap is inside the image in a loop without
+    the tap mask (INSIDE) is priced at the time-weighted share of its two loops, by the share of lanes
+    each runs (whole BLOCK_K steps of inside lanes); any other launch at its hot loop's share."""
+    from bench.trace import inside_fraction, loop_efficiency
+
+    call = ("conv_weight_grad", (5, 96, 21, 21), (2, 48, 48, 3, 3, 21, 21, 21, 21, 1, 1))
+    kw = dict(BLOCK_K=16, INSIDE=True)
+    f = inside_fraction(call, kw)
+    assert f == (5 * 19 * 19) // 16 * 16 / (5 * 21 * 21)
+    row = {"ffma_share": 0.8, "ffma_loop_shares": [0.8, 0.7]}
+    eff = loop_efficiency(call, kw, row)
+    assert 0.7 < eff < 0.8 and abs(eff - 1 / (f / 0.8 + (1 - f) / 0.7)) < 1e-12
+    assert loop_efficiency(call, dict(BLOCK_K=16), row) == 0.8  # one loop runs every lane
+    assert loop_efficiency(call, kw, {"ffma_share": 0.8, "ffma_loop_shares": [0.8]}) == 0.8
+    # padding 0: every lane inside; stride 2 with padding 1 at 7x7 -> 4x4 outputs, 2x2 of them inside
+    assert inside_fraction(("conv_weight_grad", (2, 6, 9, 9), (2, 3, 3, 3, 3, 9, 9, 7, 7, 1, 0)), kw) == 96 / 98
+    assert inside_fraction(("conv_weight_grad", (8, 6, 7, 7), (2, 3, 3, 3, 3, 7, 7, 4, 4, 2, 1)), kw) == 32 / 128
+    assert inside_fraction(("conv_forward", (8, 6, 7, 7), (2, 3, 3, 3, 3, 7, 7, 4, 4, 2, 1)), kw) == 0.0

@@ -500,13 +500,51 @@ CONV_PATHS = [
     ((3, 2, 16, 5, 7, 3, 2, 1), {}, dict(BLOCK_M=16, BLOCK_N=16, NSUB=1, BLOCK_K=32, TAP_MAJOR=True, SPLIT=1)),
     ((2, 2, 20, 17, 5, 3, 2, 1), {}, dict(BLOCK_M=16, BLOCK_N=32, NSUB=3, SPLIT=2, STORE_KO=True)),
     ((2, 2, 48, 48, 4, 3, 1, 1), {}, dict(BLOCK_M=64, BLOCK_N=128, NSUB=1, SPLIT=3, STORE_KO=True)),
+    # 3 x 8 x 8 lanes, 108 with every tap inside: chunks of 64 lanes all inside, across the boundary (96)
+    # and all outside it
+    ((3, 2, 48, 48, 8, 3, 1, 1), {}, dict(BLOCK_M=16, BLOCK_N=64, NSUB=3, SPLIT=3, STORE_KO=True, INSIDE=True)),
+    # padding 0: every lane inside, the chunk's partial last step through the masked loop
+    ((2, 2, 20, 17, 9, 3, 1, 0), {}, dict(BLOCK_M=16, BLOCK_N=32, NSUB=3, SPLIT=2, INSIDE=True)),
 ]
 CONV_PATH_IDS = ["c48-subtiles-nosplit", "c48-tiles16-split", "cin3-small-s2", "cin3-small-c48-subtiles",
                  "cin3-taps-s2-split", "tails-subtiles-s2-split5", "pad0-even", "k-multiple-of-tile",
                  "pixel-major-k32-split", "pixel-major-k32-tails-s2", "pixel-major-c48-pad0-split",
                  "dgrad-forward-layout-c48-subtiles",
                  "wgrad-tap-major-split", "wgrad-tap-major-lanes32-s2-row-tails",
-                 "wgrad-store-ko-subtiles-tails-s2", "wgrad-store-ko-split"]
+                 "wgrad-store-ko-subtiles-tails-s2", "wgrad-store-ko-split", "wgrad-inside-lanes-split3",
+                 "wgrad-pad0-all-inside"]
+
+
+@pytest.mark.parametrize("n,h,w,k,stride,pad", [(3, 8, 8, 3, 1, 1), (2, 7, 9, 3, 2, 1), (2, 5, 5, 3, 1, 0),
+                                               (1, 3, 3, 3, 1, 1), (2, 6, 6, 5, 1, 2)])
+def test_wgrad_lane_table_lists_the_lanes_inside_first(n, h, w, k, stride, pad):
+    """The weight gradient's lane table: every lane (i, y, z) once, its entries as defined (g offset, x offset
+    of tap (0, 0), one bit per tap inside the image), the RI lanes whose every tap is inside first and
+    the others after, each group in (i, y, z) order; RI counted from the geometry equals the count of
+    full bit sets (the kernel reads those lanes without a tap mask)."""
+    import torch
+    from mamlpp_fast.triton import conv as C
+
+    b, co, ci = 2, 3, 4
+    ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    meta = (b, co, ci, k, k, h, w, ho, wo, stride, pad)
+    table, ri = C._lane_table(n, meta, torch.device("cpu"))
+    assert table.dtype == torch.int32 and table.shape == (3, n * ho * wo)
+    want = {}
+    for i in range(n):
+        for y in range(ho):
+            for z in range(wo):
+                bits = sum(1 << (p * k + q) for p in range(k) for q in range(k)
+                           if 0 <= y * stride - pad + p < h and 0 <= z * stride - pad + q < w)
+                want[(i * b * co * ho * wo + y * wo + z, i * b * ci * h * w + (y * stride - pad) * w + z * stride - pad,
+                      bits)] = (i, y, z)
+    rows = [tuple(int(v) for v in table[:, j]) for j in range(table.shape[1])]
+    assert sorted(rows) == sorted(want)  # every lane once, as defined
+    full = (1 << (k * k)) - 1
+    assert ri == sum(r[2] == full for r in rows)
+    assert all(r[2] == full for r in rows[:ri]) and all(r[2] != full for r in rows[ri:])
+    for part in (rows[:ri], rows[ri:]):
+        assert [want[r] for r in part] == sorted(want[r] for r in part)
 
 
 @inner

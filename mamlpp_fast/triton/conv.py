@@ -36,7 +36,9 @@ What keeps the inner loops on FMAs (instruction counts per kernel: bench/conv_pt
   tap (inside the image / reading an output pixel) are computed once per tile by a static loop over
   the taps; a k-step adds the scalar tap offset and tests one bit per row, and the (tap, block)
   counters advance by compare-and-select. Weight gradient: a per-shape lane table (`_lane_table`,
-  cached) gives each reduction lane its offsets and tap bits; columns are split into (c, p, q) once.
+  cached) gives each reduction lane its offsets and tap bits, the lanes whose every tap is inside the
+  image first (under Triton < 3.7 read without a tap mask in strict fp32); columns are split into
+  (c, p, q) once.
 - forward and data gradient form the product transposed (acc[channel, pixel] = wt[k, channel]^T @
   gather[k, pixel]) from weights pre-transposed once per call to (B, kh, kw, Cin, Cout) / (B, kh,
   kw, Cout, Cin), and the weight gradient transposes its g tile, so that the FMA loop reads both
@@ -189,7 +191,8 @@ def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int
     Ci a multiple of 64): 64 channels of one tap per column tile),
     reduction over red = n*Ho*Wo in lanes of BLOCK_K = 16 (32 with TAP_MAJOR where 2 waves remain),
     split into SPLIT chunks (multiples of BLOCK_K, >= 2 steps each) so that the programs reach 2 waves of
-    `sms`; each chunk writes its own partial, summed in chunk order by the tile's last program
+    `sms`; INSIDE (48-channel sub-tiles, strict fp32, Triton < 3.7): the lanes whose every tap is inside the image
+    in a loop of their own without the per-element tap mask (`_conv_wgrad_kernel`); each chunk writes its own partial, summed in chunk order by the tile's last program
     (`_store_result`; deterministic). STORE_KO: the orientation of the stored tile (`_conv_wgrad_kernel`).
     strict_fp32 (float32 operands, strict precision): the tap-major 64 x 64 tiles with 32 lanes per step
     run on 2 warps instead of 4 under Triton < 3.7 (64 accumulators per thread: the loop's FFMA share
@@ -233,8 +236,14 @@ def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int
     num_warps = max(1, bm * bn // 1024) if nsub == 1 else max(1, bn // 32)  # ptxas: no spills
     if tap_major and bk == 32 and strict_fp32 and bm * bn == 64 * 64:
         num_warps = 2
+    # INSIDE (48 output channels' sub-tiles, strict fp32, Triton < 3.7): the lanes whose every tap is inside
+    # the image (listed first by `_lane_table`) run in a loop without the per-element tap mask
+    # (bench/NOTES.md); not under 3.7.1, where the second loop spilled 8 B in the 4-warp 128-column tiles,
+    # nor with tensor cores, nor in the one-sub-tile tiles (a first layer's 64 x 16 on one warp spilled 12 B
+    # with the bias's programs under 3.6)
     return dict(BLOCK_M=bm, BLOCK_N=bn, NSUB=nsub, BLOCK_K=bk, SPLIT=split, CHUNK=chunk, TAP_MAJOR=tap_major,
-                STORE_KO=_TRITON_VERSION < (3, 7), num_warps=num_warps)
+                STORE_KO=_TRITON_VERSION < (3, 7),
+                INSIDE=nsub == 3 and strict_fp32 and _TRITON_VERSION < (3, 7), num_warps=num_warps)
 
 
 def bias_in_wgrad(cfg: dict) -> bool:
@@ -648,12 +657,46 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, ws_ptr, cnt_ptr, NT, CI, CO, H, W, 
 
 
 @triton.jit
-def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI, CO, H, W, HO, WO, R, CHUNK,
+def _wgrad_cols_step(acc, acc1, acc2, x_ptr, g_ptr, lane_ptr, rs, rem, R, L, lanes, g_o, o_ok, o_ok1, o_ok2, x_k,
+                     kbit, kr, k_ok, PREC: tl.constexpr, NSUB: tl.constexpr, BLOCK_M: tl.constexpr, TAP_MASK: tl.constexpr):
+    """One reduction step of `_conv_wgrad_kernel`'s per-column tiles over the lanes r = rs + j, j < min(BLOCK_K,
+    rem) (the table's entries past them, their g and x are masked to 0): acc[o, k] += sum over r of
+    g[r, o] * x[r, k] (NSUB = 3: also the row sub-tiles acc1, acc2 at o + BLOCK_M, o + 2 BLOCK_M). TAP_MASK:
+    x[r, k] is masked where column k's tap (bit `kbit`, 0 past K) lies outside the image for lane r;
+    without, every tap of these lanes is inside (and x_k is a valid offset for every column)."""
+    r_ok = lanes < rem
+    g_r = tl.load(lane_ptr + rs + lanes, mask=r_ok, other=0)
+    x_r = tl.load(lane_ptr + R + rs + lanes, mask=r_ok, other=0)
+    # g loaded as [r, o] and transposed: the operand then sits in shared memory with o fastest, and the FMA
+    # loop reads it with 16-byte shared loads
+    g_ptrs = g_ptr + g_r[:, None] + g_o[None, :]
+    a = tl.trans(tl.load(g_ptrs, mask=o_ok[None, :] & r_ok[:, None], other=0.0))
+    if TAP_MASK:
+        v_r = tl.load(lane_ptr + 2 * R + rs + lanes, mask=r_ok, other=0)  # 0 past the end: all masked
+        if PREC == "ieee":
+            b_ok = (v_r[:, None] & kbit[None, :]) != 0
+        else:  # tensor-core products: the shift form (with the bit mask, Triton 3.6 spilled 4 B in the TF32
+            # 64 x 16 one-warp tiles of a first layer)
+            b_ok = (((v_r[:, None] >> kr[None, :]) & 1) != 0) & k_ok[None, :]
+        b = tl.load(x_ptr + x_r[:, None] + x_k[None, :], mask=b_ok, other=0.0)
+    else:
+        b = tl.load(x_ptr + x_r[:, None] + x_k[None, :], mask=r_ok[:, None], other=0.0)
+    acc += tl.dot(a, b, input_precision=PREC, out_dtype=acc.dtype)
+    if NSUB == 3:
+        a = tl.trans(tl.load(g_ptrs + BLOCK_M * L, mask=o_ok1[None, :] & r_ok[:, None], other=0.0))
+        acc1 += tl.dot(a, b, input_precision=PREC, out_dtype=acc.dtype)
+        a = tl.trans(tl.load(g_ptrs + 2 * BLOCK_M * L, mask=o_ok2[None, :] & r_ok[:, None], other=0.0))
+        acc2 += tl.dot(a, b, input_precision=PREC, out_dtype=acc.dtype)
+    return acc, acc1, acc2
+
+
+@triton.jit
+def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI, CO, H, W, HO, WO, R, RI, CHUNK,
                        TOT, KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
                        PREC: tl.constexpr, SPLIT: tl.constexpr, NSUB: tl.constexpr, HAS_DB: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        SUM_IN: tl.constexpr = True, ROT: tl.constexpr = 0, KEEP: tl.constexpr = False,
-                       TAP_MAJOR: tl.constexpr = False, STORE_KO: tl.constexpr = False):
+                       TAP_MAJOR: tl.constexpr = False, STORE_KO: tl.constexpr = False, INSIDE: tl.constexpr = False):
     """out[t, p, q, c, o] = sum over the chunks s of (sum over r in chunk s of g[i, t*CO+o, y, z] *
     X[i, t*CI+c, y*S+p-PAD, z*S+q-PAD]), r = i*L + y*WO + z: the weight gradient in the forward kernel's
     weight layout (B, kh, kw, Ci, Co) (`conv_weight_grad` returns it as a (B, Co, Ci, kh, kw) view), so
@@ -678,7 +721,11 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI,
     reduction lane instead of one per element, and no column is masked (CI a multiple of BLOCK_N). Reduction lanes: a per-shape table (`_lane_table`, built once and cached) holds for every
     r its g offset, its x offset at tap (0, 0) and one bit per tap that is inside the image, so the loop
     has no division and per element one add (address) and one bit test (padding mask). NSUB = 3 (48
-    output channels): three BLOCK_M = 16 row sub-tiles share each gathered x tile."""
+    output channels): three BLOCK_M = 16 row sub-tiles share each gathered x tile. INSIDE (per-column tiles):
+    the table lists the RI lanes whose every tap is inside the image first, and a chunk's whole BLOCK_K
+    steps of them run in a loop whose x load has no tap mask (one load per element and no per-element
+    test); the chunk's other lanes in the masked loop after it. INSIDE does not change the result: the same
+    lanes in the same order, and the mask it skips is true for every one of them."""
     pid_m = tl.program_id(0)  # o tile
     pid_n = tl.program_id(1)  # k tile (HAS_DB: the last column is the bias's)
     pid_z = tl.program_id(2)
@@ -752,22 +799,19 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI,
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
         acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
         acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-        for rs in range(r0, r1, BLOCK_K):
-            r_ok = lanes < r1 - rs
-            g_r = tl.load(lane_ptr + rs + lanes, mask=r_ok, other=0)
-            x_r = tl.load(lane_ptr + R + rs + lanes, mask=r_ok, other=0)
-            v_r = tl.load(lane_ptr + 2 * R + rs + lanes, mask=r_ok, other=0)  # 0 past the end: all masked
-            # g loaded as [r, o] and transposed: the operand then sits in shared memory with o fastest, and
-            # the FMA loop reads it with 16-byte shared loads
-            g_ptrs = g_ptr + g_r[:, None] + g_o[None, :]
-            a = tl.trans(tl.load(g_ptrs, mask=o_ok[None, :] & r_ok[:, None], other=0.0))
-            b = tl.load(x_ptr + x_r[:, None] + x_k[None, :], mask=(v_r[:, None] & kbit[None, :]) != 0, other=0.0)
-            acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
-            if NSUB == 3:
-                a = tl.trans(tl.load(g_ptrs + BLOCK_M * L, mask=o_ok1[None, :] & r_ok[:, None], other=0.0))
-                acc1 += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
-                a = tl.trans(tl.load(g_ptrs + 2 * BLOCK_M * L, mask=o_ok2[None, :] & r_ok[:, None], other=0.0))
-                acc2 += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+        # lanes [r0, ri): every tap of every lane inside the image (the table lists those RI lanes first), so
+        # x needs no tap mask there; a column past K then reads the task's first value instead (never stored)
+        x_k_in = tl.where(k_ok, x_k, t * CI * HW)
+        if INSIDE:
+            ri = tl.minimum(tl.maximum(RI // BLOCK_K * BLOCK_K, r0), r1)
+        else:
+            ri = r0
+        for rs in range(r0, ri, BLOCK_K):
+            acc, acc1, acc2 = _wgrad_cols_step(acc, acc1, acc2, x_ptr, g_ptr, lane_ptr, rs, ri - rs, R, L, lanes,
+                                               g_o, o_ok, o_ok1, o_ok2, x_k_in, kbit, kr, k_ok, PREC, NSUB, BLOCK_M, False)
+        for rs in range(ri, r1, BLOCK_K):
+            acc, acc1, acc2 = _wgrad_cols_step(acc, acc1, acc2, x_ptr, g_ptr, lane_ptr, rs, r1 - rs, R, L, lanes,
+                                               g_o, o_ok, o_ok1, o_ok2, x_k, kbit, kr, k_ok, PREC, NSUB, BLOCK_M, True)
         col = kr * CI * CO + kc * CO  # the forward's layout (t, p, q, c, o)
         if STORE_KO:  # the tile stored as [k, o] (`wgrad_block_config`)
             _store_result(tl.trans(acc), tl.trans(acc1), tl.trans(acc2), out_ptr, ws_ptr, cnt_ptr,
@@ -940,9 +984,10 @@ _lane_tables: dict = {}
 
 
 def _lane_table(n, meta, device):
-    """(3, n*Ho*Wo) int32 per reduction lane r = (i, y, z) of the weight gradient: the g offset
-    i*B*Co*L + y*Wo + z, the x offset i*B*Ci*H*W + (y*s - pad)*W + (z*s - pad) of tap (0, 0), and bit
-    p*kw + q set when tap (p, q) reads inside the image. Depends on the shape only: built once per shape
+    """(table, RI): table (3, n*Ho*Wo) int32, per reduction lane r = (i, y, z) of the weight gradient the g
+    offset i*B*Co*L + y*Wo + z, the x offset i*B*Ci*H*W + (y*s - pad)*W + (z*s - pad) of tap (0, 0), and
+    bit p*kw + q set when tap (p, q) reads inside the image; its first RI lanes are those whose every tap
+    is inside (the others follow, each group in (i, y, z) order). Depends on the shape only: built once per shape
     and device and cached (not while a CUDA graph is being captured, so that no cached tensor lives in a
     graph's private pool)."""
     b, co, ci, kh, kw, h, wd, ho, wo, s, p = meta
@@ -958,7 +1003,15 @@ def _lane_table(n, meta, device):
         for qq in range(kw):
             ok = (ly + pp >= 0) & (ly + pp < h) & (lz + qq >= 0) & (lz + qq < wd)
             bits |= ok.to(torch.int64) << (pp * kw + qq)
-    table = torch.stack([i * b * co * ho * wo + l_, i * b * ci * h * wd + ly * wd + lz, bits]).to(torch.int32)
+    # the lanes whose every tap is inside the image first (in their order), then the others: the weight
+    # gradient's loop reads the first ones without a per-element tap mask. Sorted without a host sync (the
+    # table may be built during a CUDA graph capture); their count from the geometry: output rows y with
+    # 0 <= y*s - pad and y*s - pad + kh - 1 < h, likewise columns
+    order = torch.argsort((bits != (1 << (kh * kw)) - 1).to(torch.int8), stable=True)
+    table = torch.stack([i * b * co * ho * wo + l_, i * b * ci * h * wd + ly * wd + lz, bits])[:, order]
+    rows = sum(1 for y in range(ho) if y * s - p >= 0 and y * s - p + kh - 1 < h)
+    cols = sum(1 for z in range(wo) if z * s - p >= 0 and z * s - p + kw - 1 < wd)
+    table = (table.to(torch.int32), n * rows * cols)
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if not capturing:
         _lane_tables[key] = table
@@ -993,8 +1046,9 @@ def conv_weight_grad(x, g, meta, with_bias=False):
     out, ws, cnt, sum_in = _split_buffers((tot,), split, x, grid[0] * grid[1] * b,
                                           wgrad_sums_split(cfg, with_bias))
     _check("conv weight gradient", ws)
-    lanes = _lane_table(n, meta, x.device)
-    _conv_wgrad_kernel[grid](x, g, lanes, ws if out is None else out, ws, cnt, b, ci, co, h, wd, ho, wo, red, chunk,
+    lanes, interior = _lane_table(n, meta, x.device)
+    _conv_wgrad_kernel[grid](x, g, lanes, ws if out is None else out, ws, cnt, b, ci, co, h, wd, ho, wo, red, interior,
+                             chunk,
                              tot, KH=kh, KW=kw, STRIDE=s, PAD=p, PREC=prec, SPLIT=split,
                              HAS_DB=with_bias, SUM_IN=sum_in, ROT=_CHUNK_ROT[0], KEEP=wgrad_keeps_own(cfg), **cfg)
     red_ws = _result(out, ws, sum_in)
