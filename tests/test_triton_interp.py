@@ -413,6 +413,38 @@ def test_learner_with_triton_convolutions_matches_reference_float64():
 
 
 @inner
+def test_learner_with_device_launch_configurations_matches_reference_float64(monkeypatch):
+    """As above with the launch configurations of the device machines' Triton (< 3.7: pixel-major gathers,
+    tap-major and [k, o]-stored weight gradients, the data gradient reading the forward's weight layout)
+    and 48 filters, whose weight gradients run as three 16-row sub-tiles with the lanes inside the image
+    in their own loop (INSIDE, forced: the launcher sets it for strict float32 only)."""
+    from _batches import fresh_seed
+    from test_fast_equivalence import batch_for, compare, make_pair
+    from mamlpp_fast.triton import conv as C
+
+    monkeypatch.setattr(C, "_TRITON_VERSION", (3, 6))
+    real_cfg, real_table, inside_steps = C.wgrad_block_config, C._lane_table, []
+
+    def cfg_inside(*a, **k):
+        cfg = real_cfg(*a, **k)
+        return dict(cfg, INSIDE=cfg["NSUB"] == 3)
+
+    def table(n, meta, device):  # records the whole BLOCK_K = 16 steps of inside lanes of 48-channel launches
+        t, ri = real_table(n, meta, device)
+        if meta[1] == 48 and meta[2] == 48:
+            inside_steps.append(ri // 16)
+        return t, ri
+    monkeypatch.setattr(C, "wgrad_block_config", cfg_inside)
+    monkeypatch.setattr(C, "_lane_table", table)
+    seed = fresh_seed()
+    cfg = dict(cnn_num_filters=48, num_stages=2, image_height=12, image_width=12, num_classes_per_set=3,
+               number_of_training_steps_per_iter=2, number_of_evaluation_steps_per_iter=2, conv_impl="triton")
+    ref, fast, args = make_pair("float64", "torch", **cfg)
+    compare(ref, fast, batch_for(args, 2, seed), 0, "float64", seed)
+    assert inside_steps and max(inside_steps) >= 2, inside_steps  # the unmasked loop ran
+
+
+@inner
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_registered_ops_opcheck_triton(dtype):
     """torch.library.opcheck of the registered ops (torch.ops.mamlpp.*, mamlpp_fast/ops/library.py)
