@@ -385,6 +385,12 @@ def test_triton_conv_bad_inputs_and_block_config(monkeypatch):
     wcfg = C.wgrad_block_config(64, 64, 9, 20 * 196, 8, 132)
     assert (wcfg["TAP_MAJOR"], wcfg["BLOCK_N"], wcfg["BLOCK_K"]) == (True, 64, 32)
     assert C.wgrad_block_config(64, 64, 9, 20 * 9, 8, 132)["BLOCK_K"] == 16
+    # ... but 32 in strict fp32 (2 warps), whose 216 programs balance over 132 SMs as well as 16 lanes' 432
+    w3 = C.wgrad_block_config(64, 64, 9, 20 * 9, 8, 132, strict_fp32=True)
+    assert (w3["BLOCK_K"], w3["SPLIT"], w3["CHUNK"], w3["num_warps"]) == (32, 3, 64, 2)
+    # where 32 lanes' programs would balance worse, 16 stay (72 tiles x 2 chunks of 64 = 144 programs on 132
+    # SMs: 55% of the SMs' turns, against 72 x 4 = 288: 73%)
+    assert C.wgrad_block_config(64, 64, 9, 128, 8, 132, strict_fp32=True)["BLOCK_K"] == 16
     assert not C.wgrad_block_config(48, 48, 9, 5 * 441, 2, 132)["TAP_MAJOR"]
     monkeypatch.setattr(C, "wgrad_block_config", lambda *a, **k: dict(wcfg, BLOCK_N=64))
     with pytest.raises(ValueError, match="TAP_MAJOR needs one sub-tile and Ci a multiple of BLOCK_N"):

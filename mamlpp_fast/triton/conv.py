@@ -209,8 +209,17 @@ def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int
     if tap_major:
         bn = 64
         tiles = triton.cdiv(co, bm) * kk * (ci // bn) * tasks
-        # 32 reduction lanes per step where that still leaves 2 waves of >= 2-step chunks
-        bk = 32 if tiles * triton.cdiv(red, 64) >= want else 16
+        # 32 reduction lanes per step where that still leaves 2 waves of >= 2-step chunks, or, in strict fp32
+        # (2 warps, below), where its programs fill at least one wave and balance over the SMs no worse than
+        # 16 lanes' twice as many would (Omniglot's 3x3 layer: 216 programs and 432 both use 82% of the
+        # SMs' turns; the loop's FFMA share 76% -> 82%)
+        def balance(programs):  # mean over max programs per SM
+            return programs / (triton.cdiv(programs, sms) * sms)
+
+        p32 = tiles * min(triton.cdiv(want, tiles), triton.cdiv(red, 64))
+        p16 = tiles * min(triton.cdiv(want, tiles), triton.cdiv(red, 32))
+        bk = 32 if tiles * triton.cdiv(red, 64) >= want or (
+            strict_fp32 and p32 >= sms and balance(p32) >= balance(p16)) else 16
         max_split = max(1, triton.cdiv(red, 2 * bk))
     else:
         bk = 16
