@@ -191,9 +191,10 @@ def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int
     Ci a multiple of 64): 64 channels of one tap per column tile),
     reduction over red = n*Ho*Wo in lanes of BLOCK_K = 16 (32 with TAP_MAJOR where 2 waves remain),
     split into SPLIT chunks (multiples of BLOCK_K, >= 2 steps each) so that the programs reach 2 waves of
-    `sms`; INSIDE (48-channel sub-tiles, strict fp32, Triton < 3.7): the lanes whose every tap is inside the image
-    in a loop of their own without the per-element tap mask (`_conv_wgrad_kernel`); each chunk writes its own partial, summed in chunk order by the tile's last program
-    (`_store_result`; deterministic). STORE_KO: the orientation of the stored tile (`_conv_wgrad_kernel`).
+    `sms`; INSIDE (48-channel sub-tiles, strict fp32, Triton < 3.7): the lanes whose every tap is inside
+    the image in a loop of their own without the per-element tap mask (`_conv_wgrad_kernel`); each chunk
+    writes its own partial, summed in chunk order by the tile's last program (`_store_result`;
+    deterministic). STORE_KO: the orientation of the stored tile (`_conv_wgrad_kernel`).
     strict_fp32 (float32 operands, strict precision): the tap-major 64 x 64 tiles with 32 lanes per step
     run on 2 warps instead of 4 under Triton < 3.7 (64 accumulators per thread: the loop's FFMA share
     78-79% -> 82% with 255 registers and no spill under 3.6's ptxas; 4 such programs per SM hold the same
@@ -667,9 +668,10 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, ws_ptr, cnt_ptr, NT, CI, CO, H, W, 
 
 @triton.jit
 def _wgrad_cols_step(acc, acc1, acc2, x_ptr, g_ptr, lane_ptr, rs, rem, R, L, lanes, g_o, o_ok, o_ok1, o_ok2, x_k,
-                     kbit, kr, k_ok, PREC: tl.constexpr, NSUB: tl.constexpr, BLOCK_M: tl.constexpr, TAP_MASK: tl.constexpr):
-    """One reduction step of `_conv_wgrad_kernel`'s per-column tiles over the lanes r = rs + j, j < min(BLOCK_K,
-    rem) (the table's entries past them, their g and x are masked to 0): acc[o, k] += sum over r of
+                     kbit, kr, k_ok, PREC: tl.constexpr, NSUB: tl.constexpr, BLOCK_M: tl.constexpr,
+                     TAP_MASK: tl.constexpr):
+    """One reduction step of `_conv_wgrad_kernel`'s per-column tiles over the lanes r = rs + j,
+    j < min(BLOCK_K, rem) (the table's entries past them, their g and x are masked to 0): acc[o, k] += sum over r of
     g[r, o] * x[r, k] (NSUB = 3: also the row sub-tiles acc1, acc2 at o + BLOCK_M, o + 2 BLOCK_M). TAP_MASK:
     x[r, k] is masked where column k's tap (bit `kbit`, 0 past K) lies outside the image for lane r;
     without, every tap of these lanes is inside (and x_k is a valid offset for every column)."""
@@ -817,10 +819,12 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI,
             ri = r0
         for rs in range(r0, ri, BLOCK_K):
             acc, acc1, acc2 = _wgrad_cols_step(acc, acc1, acc2, x_ptr, g_ptr, lane_ptr, rs, ri - rs, R, L, lanes,
-                                               g_o, o_ok, o_ok1, o_ok2, x_k_in, kbit, kr, k_ok, PREC, NSUB, BLOCK_M, False)
+                                               g_o, o_ok, o_ok1, o_ok2, x_k_in, kbit, kr, k_ok, PREC, NSUB,
+                                               BLOCK_M, False)
         for rs in range(ri, r1, BLOCK_K):
             acc, acc1, acc2 = _wgrad_cols_step(acc, acc1, acc2, x_ptr, g_ptr, lane_ptr, rs, r1 - rs, R, L, lanes,
-                                               g_o, o_ok, o_ok1, o_ok2, x_k, kbit, kr, k_ok, PREC, NSUB, BLOCK_M, True)
+                                               g_o, o_ok, o_ok1, o_ok2, x_k, kbit, kr, k_ok, PREC, NSUB,
+                                               BLOCK_M, True)
         col = kr * CI * CO + kc * CO  # the forward's layout (t, p, q, c, o)
         if STORE_KO:  # the tile stored as [k, o] (`wgrad_block_config`)
             _store_result(tl.trans(acc), tl.trans(acc1), tl.trans(acc2), out_ptr, ws_ptr, cnt_ptr,
@@ -996,8 +1000,8 @@ def _lane_table(n, meta, device):
     """(table, RI): table (3, n*Ho*Wo) int32, per reduction lane r = (i, y, z) of the weight gradient the g
     offset i*B*Co*L + y*Wo + z, the x offset i*B*Ci*H*W + (y*s - pad)*W + (z*s - pad) of tap (0, 0), and
     bit p*kw + q set when tap (p, q) reads inside the image; its first RI lanes are those whose every tap
-    is inside (the others follow, each group in (i, y, z) order). Depends on the shape only: built once per shape
-    and device and cached (not while a CUDA graph is being captured, so that no cached tensor lives in a
+    is inside (the others follow, each group in (i, y, z) order). Depends on the shape only: built once per
+    shape and device and cached (not while a CUDA graph is being captured, so that no cached tensor lives in a
     graph's private pool)."""
     b, co, ci, kh, kw, h, wd, ho, wo, s, p = meta
     key = (n, meta, str(device))
@@ -1056,9 +1060,8 @@ def conv_weight_grad(x, g, meta, with_bias=False):
                                           wgrad_sums_split(cfg, with_bias))
     _check("conv weight gradient", ws)
     lanes, interior = _lane_table(n, meta, x.device)
-    _conv_wgrad_kernel[grid](x, g, lanes, ws if out is None else out, ws, cnt, b, ci, co, h, wd, ho, wo, red, interior,
-                             chunk,
-                             tot, KH=kh, KW=kw, STRIDE=s, PAD=p, PREC=prec, SPLIT=split,
+    _conv_wgrad_kernel[grid](x, g, lanes, ws if out is None else out, ws, cnt, b, ci, co, h, wd, ho, wo, red,
+                             interior, chunk, tot, KH=kh, KW=kw, STRIDE=s, PAD=p, PREC=prec, SPLIT=split,
                              HAS_DB=with_bias, SUM_IN=sum_in, ROT=_CHUNK_ROT[0], KEEP=wgrad_keeps_own(cfg), **cfg)
     red_ws = _result(out, ws, sum_in)
     dw = red_ws[:nw].view(b, kh, kw, ci, co).permute(*_FROM_FWD)
