@@ -1219,11 +1219,10 @@ def inside_fraction(call, kw: dict) -> float:
     them); 0 for a launch without INSIDE or another op."""
     if call[0] != "conv_weight_grad" or not kw.get("INSIDE"):
         return 0.0
-    b, co, ci, kh, kw_, h, wd, ho, wo, s, p = call[2]
+    from mamlpp_fast.triton.conv import inside_lanes
+    ho, wo = call[2][7], call[2][8]
     n = call[1][0]
-    rows = sum(1 for y in range(ho) if y * s - p >= 0 and y * s - p + kh - 1 < h)
-    cols = sum(1 for z in range(wo) if z * s - p >= 0 and z * s - p + kw_ - 1 < wd)
-    return (n * rows * cols) // kw["BLOCK_K"] * kw["BLOCK_K"] / (n * ho * wo)
+    return inside_lanes(n, call[2]) // kw["BLOCK_K"] * kw["BLOCK_K"] / (n * ho * wo)
 
 
 def loop_efficiency(call, kw: dict, row: dict) -> float:

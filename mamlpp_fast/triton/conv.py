@@ -996,6 +996,15 @@ def conv_data_grad(g, w, meta):
 _lane_tables: dict = {}
 
 
+def inside_lanes(n, meta) -> int:
+    """The weight gradient's reduction lanes (i, y, z) whose every tap is inside the image, from the
+    geometry: output rows y with 0 <= y*s - pad and y*s - pad + kh - 1 < h, times such columns, times n."""
+    b, co, ci, kh, kw, h, wd, ho, wo, s, p = meta
+    rows = sum(1 for y in range(ho) if y * s - p >= 0 and y * s - p + kh - 1 < h)
+    cols = sum(1 for z in range(wo) if z * s - p >= 0 and z * s - p + kw - 1 < wd)
+    return n * rows * cols
+
+
 def _lane_table(n, meta, device):
     """(table, RI): table (3, n*Ho*Wo) int32, per reduction lane r = (i, y, z) of the weight gradient the g
     offset i*B*Co*L + y*Wo + z, the x offset i*B*Ci*H*W + (y*s - pad)*W + (z*s - pad) of tap (0, 0), and
@@ -1018,13 +1027,10 @@ def _lane_table(n, meta, device):
             bits |= ok.to(torch.int64) << (pp * kw + qq)
     # the lanes whose every tap is inside the image first (in their order), then the others: the weight
     # gradient's loop reads the first ones without a per-element tap mask. Sorted without a host sync (the
-    # table may be built during a CUDA graph capture); their count from the geometry: output rows y with
-    # 0 <= y*s - pad and y*s - pad + kh - 1 < h, likewise columns
+    # table may be built during a CUDA graph capture); their count from the geometry (`inside_lanes`)
     order = torch.argsort((bits != (1 << (kh * kw)) - 1).to(torch.int8), stable=True)
     table = torch.stack([i * b * co * ho * wo + l_, i * b * ci * h * wd + ly * wd + lz, bits])[:, order]
-    rows = sum(1 for y in range(ho) if y * s - p >= 0 and y * s - p + kh - 1 < h)
-    cols = sum(1 for z in range(wo) if z * s - p >= 0 and z * s - p + kw - 1 < wd)
-    table = (table.to(torch.int32), n * rows * cols)
+    table = (table.to(torch.int32), inside_lanes(n, meta))
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if not capturing:
         _lane_tables[key] = table
