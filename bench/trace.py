@@ -143,6 +143,7 @@ class Kernel:
     call: Any = None        # custom ops: what bench.static_metrics needs to replay the launch
     node: str = "forward"   # the autograd node whose backward launched it ("forward": none running)
     programs: int = 0       # CTAs of a launch that cannot fill the device (0: it fills it); see `_share`
+    consts: Any = None      # fused first block: the constexprs that tell its pass's kernel apart (`_block_kernel`)
 
 
 @dataclass
@@ -615,6 +616,19 @@ def _conv_triton_patch(rec: _Recorder):
     return fwd, dgrad, wgrad
 
 
+def block_call(x, w, meta) -> tuple:
+    """The trace's call of the fused first block (op, image shape, weight shape, meta): what
+    bench.static_metrics replays (forward, backward, double backward) and the key, with the pass, of its
+    kernels' FFMA shares (`ffma_efficiencies`)."""
+    return ("conv_bn_pool", tuple(x.shape), tuple(w.shape), meta)
+
+
+# the fused first block's passes: the Triton kernel each launches (mamlpp_fast/triton/conv_block.py)
+_BLOCK_KERNELS = {"triton block_fwd_reduce": "_fwd_reduce_kernel", "triton block_fwd_apply": "_fwd_apply_kernel",
+                  "triton block_bwd_reduce": "_reduce_kernel", "triton block_bwd_apply": "_apply_kernel",
+                  "triton block_dbwd_reduce": "_reduce_kernel", "triton block_dbwd_apply": "_apply_kernel"}
+
+
 def _block_patch(rec: _Recorder):
     """An implementation of the fused first block (mamlpp_fast.ops.conv_block) that computes with the
     PyTorch one (hidden) and records the Triton kernels (mamlpp_fast/triton/conv_block.py) with their
@@ -651,11 +665,11 @@ def _block_patch(rec: _Recorder):
         with rec.hide():
             out, mean, invstd, aux = torch_impl.forward(x, w, bias, gamma, beta, meta)
         macs, _, layer = geometry(x, w, meta)
-        call = ("conv_bn_pool", tuple(x.shape), tuple(w.shape), meta)
+        call = block_call(x, w, meta)
         rec.add(name="triton block_fwd_reduce", kind="conv", layer=layer, flops=2 * macs, tf32_ok=True,
                 bytes=small(x, w, bias), call=call)
         rec.add(name="triton block_fwd_apply", kind="conv", layer=layer, flops=2 * macs, tf32_ok=True,
-                bytes=small(x, w, bias, gamma, beta, out, mean, invstd) + out.numel())  # + sel (int8)
+                bytes=small(x, w, bias, gamma, beta, out, mean, invstd) + out.numel(), call=call)  # + sel (int8)
         return out, mean, invstd, aux
 
     def backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, gout2=None):
@@ -664,10 +678,11 @@ def _block_patch(rec: _Recorder):
         macs, partial, layer = geometry(x, w, meta)
         # + sel (int8); gout2: the output alias's gradient, loaded beside gout by both kernels
         params = small(w, bias, gamma, beta, mean, invstd, gout2) + gout.numel()
+        call, consts = block_call(x, w, meta), dict(NSUM=2, HAS_G2=gout2 is not None)
         rec.add(name="triton block_bwd_reduce", kind="conv", layer=layer, flops=2 * macs, tf32_ok=True,
-                bytes=small(gout, x) + params)
+                bytes=small(gout, x) + params, call=call, consts=consts)
         rec.add(name="triton block_bwd_apply", kind="conv", layer=layer, flops=4 * macs, tf32_ok=True,
-                bytes=small(gout, x) + params + partial + small(res[2], res[3]))
+                bytes=small(gout, x) + params + partial + small(res[2], res[3]), call=call, consts=consts)
         rec.add(name="triton block_finish", kind="conv", layer=layer, bytes=partial + small(res[0], res[1]))
         return res
 
@@ -677,10 +692,11 @@ def _block_patch(rec: _Recorder):
                                              invstd, aux, meta)
         macs, partial, layer = geometry(x, w, meta)
         params = small(w, bias, gamma, beta, mean, invstd, uw, ubias, ugamma, ubeta) + gout.numel()  # + sel
+        call, consts = block_call(x, w, meta), dict(NSUM=5)
         rec.add(name="triton block_dbwd_reduce", kind="conv", layer=layer, flops=4 * macs, tf32_ok=True,
-                bytes=small(gout, x) + params)
+                bytes=small(gout, x) + params, call=call, consts=consts)
         rec.add(name="triton block_dbwd_apply", kind="conv", layer=layer, flops=6 * macs, tf32_ok=True,
-                bytes=small(gout, x, res[0], res[3]) + params + partial)
+                bytes=small(gout, x, res[0], res[3]) + params + partial, call=call, consts=consts)
         rec.add(name="triton block_finish", kind="conv", layer=layer, bytes=partial + small(res[1], res[2]))
         return res
 
@@ -1166,16 +1182,31 @@ def _rate(k: Kernel, ceil: dict, tf32: bool, conv_efficiency: float, tf32x3: boo
         rate = (ceil["tf32_tflops"] if (tf32 and k.tf32_ok) else ceil["fp32_tflops"]) * 1e12
     if k.kind != "conv":
         return rate
-    if efficiencies and not (tf32 or tf32x3) and k.call in efficiencies:
-        return rate * efficiencies[k.call]
+    key = efficiency_key(k)
+    if efficiencies and not (tf32 or tf32x3) and key in efficiencies:
+        return rate * efficiencies[key]
     return rate * conv_efficiency
 
 
 CONV_CALLS = ("conv_forward", "conv_data_grad", "conv_weight_grad")
 
 
+def efficiency_key(k: Kernel):
+    """The key of kernel group k in `ffma_efficiencies`: its call for a convolution (`CONV_CALLS`); for a
+    pass of the fused first block, (call, pass name, the constexprs that select the pass's kernel), since
+    its passes run different kernels; None for the rest."""
+    if k.call is None:
+        return None
+    if k.call[0] in CONV_CALLS:
+        return k.call
+    if k.call[0] == "conv_bn_pool" and k.name in _BLOCK_KERNELS:
+        return (k.call, k.name, tuple(sorted((k.consts or {}).items())))
+    return None
+
+
 def ffma_efficiencies(res: TraceResult, table: str) -> dict:
-    """{call: efficiency} for every convolution call of `res` (`CONV_CALLS`): the share of FFMA among the
+    """{key: efficiency} (`efficiency_key`) for every convolution call of `res` (`CONV_CALLS`) and every
+    pass of the fused first block (`_block_efficiency`): the share of FFMA among the
     SASS instructions of its kernel's strict-fp32 hot loop times the launch's `tile_utilization` (the
     padded products it executes for nothing); the share read from a bench.static_metrics JSON (compiled
     for the device with its Triton, e.g. bench/results/static_metrics_sm90a_triton3.6.0.json) by the
@@ -1195,8 +1226,11 @@ def ffma_efficiencies(res: TraceResult, table: str) -> dict:
         raise MamlppError(f"--conv-efficiency-from: cannot read a bench.static_metrics JSON from {table!r}: {e}") from None
     out: dict = {}
     for k in res.kernels:
-        call = k.call
-        if call is None or call in out or call[0] not in CONV_CALLS:
+        call, key = k.call, efficiency_key(k)
+        if key is None or key in out:
+            continue
+        if call[0] == "conv_bn_pool":
+            out[key] = _block_efficiency(k, rows, table)
             continue
         launches = [(fn, kw) for fn, _args, kw in capture_launches(call) if fn.__name__.startswith("_conv_")]
         if not launches:
@@ -1211,6 +1245,28 @@ def ffma_efficiencies(res: TraceResult, table: str) -> dict:
                               "python -m bench.static_metrics")
         out[call] = loop_efficiency(call, kw, found[0]) * tile_utilization(call, kw)
     return out
+
+
+def _block_efficiency(k: Kernel, rows: list, table: str) -> float:
+    """The strict-fp32 hot loop's FFMA share of the kernel that pass k of the fused first block launches
+    (`_BLOCK_KERNELS`, told apart by k.consts), read from the table's rows by that launch's configuration.
+    No tile-use factor: the trace's FLOPs of the block already count the products its tiles execute
+    (channels and patch width as padded, `_block_patch`)."""
+    from mamlpp_fast.errors import MamlppError
+
+    from .static_metrics import capture_launches, launch_consts
+    name = _BLOCK_KERNELS[k.name]
+    want = k.consts or {}
+    launches = [kw for fn, _args, kw in capture_launches(k.call)
+                if fn.__name__ == name and all(kw.get(c, False) == v for c, v in want.items())]
+    if not launches:
+        raise MamlppError(f"--conv-efficiency-from: the fused block {k.call[1]} launches no {name} with {want}")
+    consts = launch_consts(launches[0])
+    found = [r for r in rows if r["kernel"] == name and r["config"] == consts and r.get("ffma_share") is not None]
+    if not found:
+        raise MamlppError(f"--conv-efficiency-from: {table} has no strict-fp32 {name} with the configuration "
+                          f"of the fused block {k.call[1]} ({consts}): regenerate it with python -m bench.static_metrics")
+    return float(found[0]["ffma_share"])
 
 
 def inside_fraction(call, kw: dict) -> float:
@@ -1345,14 +1401,15 @@ def _by_call(res: TraceResult, ceil: dict, graph: bool, conv_efficiency: float, 
     its launches differ: with and without the bias); largest difference first."""
     agg: dict = {}
     for k in res.kernels:
-        if k.call not in efficiencies:
+        key = efficiency_key(k)
+        if key not in efficiencies:
             continue
         a = agg.setdefault((k.call[0], tuple(k.call[1])), dict(op=k.call[0], shape=list(k.call[1]), launches=0,
                                                                ceiling_ms=0.0, per_call_ms=0.0, efficiency=[]))
         a["launches"] += k.launches
         a["ceiling_ms"] += predict(k, ceil, False, graph, conv_efficiency)
         a["per_call_ms"] += predict(k, ceil, False, graph, conv_efficiency, efficiencies=efficiencies)
-        e = efficiencies[k.call]
+        e = efficiencies[key]
         a["efficiency"] = [min([e] + a["efficiency"]), max([e] + a["efficiency"])]
     return sorted(agg.values(), key=lambda a: a["ceiling_ms"] - a["per_call_ms"])
 
@@ -1372,7 +1429,7 @@ def to_markdown(s: dict) -> str:
              f"{'CUDA graph' if s['cuda_graph'] else 'eager'}"
              + (", convolutions in tf32x3" + (", matmuls TF32" if s["tf32"] else "") if s.get("tf32x3")
                 else (", TF32" if s["tf32"] else ", strict fp32"))
-             + (", each convolution at its strict-fp32 loop's FFMA share of the FMA ceiling ("
+             + (", each convolution and fused-block pass at its strict-fp32 loop's FFMA share of the FMA ceiling ("
                 f"{s.get('conv_efficiency_from')})" if s.get("conv_efficiency_per_call")
                 else f", convolutions at {s['conv_efficiency']:.0%} of the FMA ceiling"
                 if s.get("conv_efficiency", 1.0) != 1.0 else ""),
@@ -1481,7 +1538,8 @@ def main(argv=None) -> int:
     p.add_argument("--conv-efficiency", type=float, default=1.0,
                    help="fraction of the FMA ceiling assumed for the convolution kernels (default 1.0)")
     p.add_argument("--conv-efficiency-from", default=None, metavar="JSON",
-                   help="price each convolution at its strict-fp32 loop's FFMA share, read from this "
+                   help="price each convolution and each pass of the fused first block at its strict-fp32 "
+                        "loop's FFMA share, read from this "
                         "bench.static_metrics JSON (e.g. bench/results/static_metrics_sm90a_triton3.6.0.json, "
                         "with --triton-configs 3.6)")
     p.add_argument("--triton-configs", default=None, metavar="X.Y",

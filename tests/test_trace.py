@@ -371,12 +371,14 @@ def test_convolutions_priced_at_their_loops_ffma_share(monkeypatch, tmp_path):
     (which this also keeps current: a configuration change without a regenerated table fails here),
     gets its loop's FFMA share as its efficiency, and the prediction rises accordingly; a share of 1
     everywhere gives the ceiling's prediction back; a table without a call's configuration is an error
-    naming the call."""
+    naming the call. The fused first block's passes are priced the same way, each at the share of the
+    kernel it launches (the forward's two kernels, the backward's and the double backward's reduce and
+    apply kernels: six distinct shares, each below its passes' share of 1)."""
     import os
 
     from mamlpp_fast.errors import MamlppError
     from mamlpp_fast.triton import conv as tconv
-    from bench.trace import CONV_CALLS, ffma_efficiencies
+    from bench.trace import CONV_CALLS, efficiency_key, ffma_efficiencies
 
     table = os.path.join(os.path.dirname(__file__), "..", "bench", "results",
                          "static_metrics_sm90a_triton3.6.0.json")
@@ -384,8 +386,14 @@ def test_convolutions_priced_at_their_loops_ffma_share(monkeypatch, tmp_path):
     res = trace_meta_update("omniglot_20w1s", 8, "cuda", "triton", True)
     effs = ffma_efficiencies(res, table)
     calls = {k.call for k in res.kernels if k.call is not None and k.call[0] in CONV_CALLS}
-    assert set(effs) == calls and len(calls) >= 9
+    block = {efficiency_key(k) for k in res.kernels if k.name.startswith("triton block_") and k.flops}
+    assert None not in block and len(block) == 8  # 6 passes; the backward's two with and without gout2
+    assert set(effs) == calls | block and len(calls) >= 9
     assert all(0.3 < e < 1 for e in effs.values()), effs
+    rows = {(r["kernel"], r.get("ffma_share")) for r in json.load(open(table))["triton_kernels"]
+            if "conv_bn_pool" in r["call"] and r["precision"] == "fp32"}
+    assert all(any(e == share for _, share in rows) for key, e in effs.items() if key in block)
+    assert len({effs[key] for key in block}) >= 5  # the passes' kernels differ
     base, priced = summarize(res), summarize(res, efficiencies=effs)
     assert priced["conv_efficiency_per_call"] and priced["predicted_ms"] > base["predicted_ms"]
     # the per-call table accounts for the whole difference
@@ -396,10 +404,15 @@ def test_convolutions_priced_at_their_loops_ffma_share(monkeypatch, tmp_path):
     assert summarize(res, tf32=True, efficiencies=effs)["predicted_ms"] == summarize(res, tf32=True)["predicted_ms"]
     with open(table) as f:
         data = json.load(f)
-    data["triton_kernels"] = [r for r in data["triton_kernels"] if r["kernel"] != "_conv_dgrad_kernel"]
+    kept = data["triton_kernels"]
+    data["triton_kernels"] = [r for r in kept if r["kernel"] != "_conv_dgrad_kernel"]
     short = tmp_path / "short.json"
     short.write_text(json.dumps(data))
     with pytest.raises(MamlppError, match="has no strict-fp32 _conv_dgrad_kernel with the configuration of conv_data_grad"):
+        ffma_efficiencies(res, str(short))
+    data["triton_kernels"] = [r for r in kept if r["kernel"] != "_apply_kernel"]
+    short.write_text(json.dumps(data))
+    with pytest.raises(MamlppError, match="has no strict-fp32 _apply_kernel with the configuration of the fused block"):
         ffma_efficiencies(res, str(short))
 
 
