@@ -4,7 +4,8 @@ before it is made: registers, spill bytes and the strict-fp32 inner loop's SASS 
 
     python -m bench.probe_tiles WORKLOAD OP [--shape N,C,H,W] [--variants JSON]
 
-WORKLOAD: a name of bench.workloads; OP: conv_forward, conv_data_grad or conv_weight_grad (the custom-op
+WORKLOAD: a name of bench.workloads; OP: conv_forward, conv_data_grad, conv_weight_grad or conv_bn_pool
+(the fused first block: each pass's kernel; the custom-op
 calls of one meta-update of the fast learner, triton backend and convolutions, as bench.trace records
 them); --shape keeps the calls whose input has that shape (e.g. 5,96,10,10); --variants: a JSON list of
 dicts whose keys replace those of the shipped launch (default [{}]: the shipped configuration only),
@@ -19,8 +20,11 @@ from __future__ import annotations
 import json
 import sys
 
-KERNELS = {"conv_forward": "_conv_fwd_kernel", "conv_data_grad": "_conv_dgrad_kernel",
-           "conv_weight_grad": "_conv_wgrad_kernel"}
+KERNELS = {"conv_forward": ("_conv_fwd_kernel",), "conv_data_grad": ("_conv_dgrad_kernel",),
+           "conv_weight_grad": ("_conv_wgrad_kernel",),
+           # the fused first block: the kernels of its forward, backward and double backward passes (not the
+           # small finishing sum)
+           "conv_bn_pool": ("_fwd_reduce_kernel", "_fwd_apply_kernel", "_reduce_kernel", "_apply_kernel")}
 USAGE = "usage: python -m bench.probe_tiles WORKLOAD OP [--shape N,C,H,W] [--variants JSON]"
 
 
@@ -37,12 +41,12 @@ def probe(calls, op: str, variants: list) -> list:
     rows = []
     for call in calls:
         for fn, args, kwargs in sm.capture_launches(call):
-            if fn.__name__ != KERNELS[op]:
+            if fn.__name__ not in KERNELS[op]:
                 continue
             for var in variants:
                 kw = dict(kwargs, **var)
                 _, ck = sm.compile_launch(fn, args, kw)
-                row = dict(call=sm._call_str(call), config=sm._cfg_str(kw), variant=var)
+                row = dict(call=sm._call_str(call), kernel=fn.__name__, config=sm._cfg_str(kw), variant=var)
                 row.update(sm.ptxas_verbose(tools["ptxas"], ck.asm["ptx"]))
                 if tools.get("cuobjdump"):
                     row.update(sm.sass_hot_loop(tools["cuobjdump"], ck.asm["cubin"]))
@@ -80,7 +84,7 @@ def main(argv=None) -> int:
     import triton
     print(f"Triton {triton.__version__}, sm_90a, {workload} {op}" + (f" input {shape}" if shape else ""))
     for r in probe(select_calls(workload, op, shape), op, variants):
-        print(f"{r['call']} | {r['config']} | variant {r['variant']} | regs {r.get('registers')} | "
+        print(f"{r['call']} | {r['kernel']} | {r['config']} | variant {r['variant']} | regs {r.get('registers')} | "
               f"spill {r.get('spill_stores')} B | FFMA {r.get('ffma')} LDS {r.get('lds')} int {r.get('int')} | "
               f"FFMA share {r.get('ffma_share', 0):.1%}", flush=True)
     return 0

@@ -516,7 +516,7 @@ def _demangle(sym: str) -> str:
 
 # ---- report ---------------------------------------------------------------------------------------------------------
 def _cfg_str(cfg: dict) -> str:
-    keep = ("BLOCK", "BLOCK_M", "BLOCK_N", "BLOCK_K", "NSUB", "SPLIT", "CBLOCK", "PBLOCK", "num_warps", "maxnreg", "KH",
+    keep = ("BLOCK", "BLOCK_W", "NSUM", "BLOCK_M", "BLOCK_N", "BLOCK_K", "NSUB", "SPLIT", "CBLOCK", "PBLOCK", "num_warps", "maxnreg", "KH",
             "HAS_U", "HAS_DTHETA", "GAMMA_PER_TASK", "HAS_BIAS", "GATHER_MK", "TAP_MAJOR", "STORE_KO", "INSIDE", "W_FWD", "DUAL",
             "HAS_G2", "HAS_DX2")
     # HAS_G2, HAS_DX2 (the outer pass's extra gradients): shown where set only

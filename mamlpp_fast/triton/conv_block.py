@@ -69,14 +69,16 @@ def block_config(mw: int, t: int, c: int, kp: int, device: torch.device, sms: in
     `sms`: the multiprocessors to fill (default: the CUDA device's; bench.trace passes its simulated
     count).
 
-    - BLOCK_C: channels per program (`_channel_tile`); BLOCK_W = 16 windows per step; 8 warps for 64
-      channels, else 4; REDUCE_WARPS, those of the passes without a weight-gradient accumulator (forward
-      statistics and apply, the backward reductions): 4 for 64 channels with patches of KP >= 32 (the
-      mini-ImageNet block: more FFMA share, no spills; bench/NOTES.md), else the same. The four outputs of a window step are a loop, not unrolled, so one output's
-      (16, BLOCK_C) tiles are live at a time. Chosen from the sm_90a compile (bench.static_metrics):
-      with 32 windows, or the outputs unrolled, the double backward's kernels spilled at 255 registers;
-      as configured no kernel spills under the Triton versions we compile with
-      (tests/test_static_metrics.py; registers and FFMA shares in bench/NOTES.md, cut 3b).
+    - BLOCK_C: channels per program (`_channel_tile`); BLOCK_W = 16 windows per step in the apply
+      passes of the backward and double backward (they hold the weight-gradient accumulator), on 8 warps
+      for 64 channels, else 4; REDUCE_WARPS = 4, the warps of the passes without that accumulator (the
+      forward's two, the backward and double backward reductions); RBLOCK_W = 32 windows per step in the
+      forward's two passes and the backward's reduction (16 x 64 tiles on 4-8 warps left each thread 4-8
+      accumulators: twice the windows on 4 warps lift their loops' FFMA share by 6-16 points without
+      spilling; the double backward's reduction and the apply passes spilled with it). The four outputs
+      of a window step are a loop, not unrolled, so one output's tiles are live at a time. Chosen from
+      the sm_90a compile (bench.static_metrics, bench/NOTES.md: cut 3b and the block's passes); as
+      configured no kernel spills under the Triton versions we compile with (tests/test_static_metrics.py).
     - CHUNKS: window chunks per (task, channel block), so that the grid holds ~4 programs per SM, each
       with at least 2 steps; at most 256. On the interpreter (CPU tensors, no `sms`) up to 3, so that
       tests cover the merge of several chunks.
@@ -96,7 +98,7 @@ def block_config(mw: int, t: int, c: int, kp: int, device: torch.device, sms: in
     chunks = triton.cdiv(mw, chunk)
     warps = 8 if bc == 64 else 4
     return dict(BLOCK_W=bw, BLOCK_C=bc, CB=triton.cdiv(c, bc), CHUNK=chunk, CHUNKS=chunks, num_warps=warps,
-                REDUCE_WARPS=4 if (bc == 64 and kp >= 32) else warps)
+                REDUCE_WARPS=4, RBLOCK_W=32)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -164,12 +166,20 @@ def _backward_step(gout_ptr, gout2_ptr, sel_ptr, s, end, cps, cmask, TC, HWp, Wp
 def _patch(x_ptr, i, oh, ow, rmask, t, ks, ci, p, q, Ci, TCi, H, W, stride, pad,
            K: tl.constexpr, ACC: tl.constexpr):
     """(BLOCK_W, KP) tile P': the image under output (oh, ow) of example i, the bias column = 1 (0 on
-    masked rows: their z is 0 and they are kept out of every sum)."""
-    ih = (oh * stride - pad)[:, None] + p[None, :]
-    iw = (ow * stride - pad)[:, None] + q[None, :]
-    inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    m = rmask[:, None] & (ks < K)[None, :] & inside
-    off = ((i.to(tl.int64)[:, None] * TCi + (t * Ci + ci)[None, :]) * H + ih) * W + iw
+    masked rows: their z is 0 and they are kept out of every sum).
+
+    Per element one offset add and two bounds tests: the offset is the row's (example, task, top-left
+    corner; 64-bit, once per row) plus the tap's (ci, p, q; once per program), and 0 <= ih < H is one
+    unsigned comparison (a negative ih wraps above H). The same values are read as with the offset
+    formed per element (exact), in a quarter fewer loop instructions (bench/NOTES.md)."""
+    oh0 = oh * stride - pad
+    ow0 = ow * stride - pad
+    ih = oh0[:, None] + p[None, :]
+    iw = ow0[:, None] + q[None, :]
+    inside = (ih.to(tl.uint32) < H.to(tl.uint32)) & (iw.to(tl.uint32) < W.to(tl.uint32))
+    m = (rmask[:, None] & (ks < K)[None, :]) & inside
+    row = ((i.to(tl.int64) * TCi + t * Ci) * H + oh0) * W + ow0
+    off = row[:, None] + ((ci * H + p) * W + q)[None, :]
     v = tl.load(x_ptr + off, mask=m, other=0.0).to(ACC)
     one = (rmask[:, None] & (ks == K)[None, :]).to(ACC)
     return v + one
@@ -598,13 +608,14 @@ def _launch(g, prec, w_ts, b_ts):
     const = dict(KK=g["kk"], KW=g["kw"], K=g["k"], KP=g["kp"], PREC=prec, BLOCK_W=cfg["BLOCK_W"],
                  BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
     const_r = dict(const, num_warps=cfg.get("REDUCE_WARPS", cfg["num_warps"]))
+    const_w = dict(const_r, BLOCK_W=cfg.get("RBLOCK_W", cfg["BLOCK_W"]))
     if g["kp"] >= 32 and cfg["BLOCK_C"] == 64:
         # the apply passes at 8 warps: left alone, ptxas (Triton 3.6.0's and 3.7.1's) settles on 128
         # registers for the TF32 backward apply and spills 4-8 bytes; with .maxnreg 255 it takes 174-190
         # and none, and the other three variants 143-253, none (caps of 200-232 made the fp32 passes
         # spill). bench/NOTES.md, the block's tiles at 48 channels
         const["maxnreg"] = 255
-    return grid, geo, const, const_r
+    return grid, geo, const, const_r, const_w
 
 
 def forward(x, w, bias, gamma, beta, meta):
@@ -619,7 +630,7 @@ def forward(x, w, bias, gamma, beta, meta):
     mean = torch.empty(g["tc"], dtype=x.dtype, device=x.device)
     invstd = torch.empty_like(mean)
     ws = torch.empty(g["tc"] * cfg["CHUNKS"] * 2, dtype=x.dtype, device=x.device)
-    grid, geo, _const, const = _launch(g, _precision(x.dtype), w_ts, b_ts)  # both forward passes: REDUCE_WARPS
+    grid, geo, _const, _const_r, const = _launch(g, _precision(x.dtype), w_ts, b_ts)  # both passes: RBLOCK_W
     geo_r = geo[:3] + geo[4:]  # the reduction takes no TC
     _fwd_reduce_kernel[grid](x, w, b, ws, *geo_r, HAS_B=bias is not None, **const)
     eps_hi, eps_lo = _split(meta[3])
@@ -643,13 +654,13 @@ def _backward_pass(nsum, gout, x, w, bias, gamma, beta, mean, invstd, sel, meta,
     ub_t = ubias.contiguous() if ubias is not None else w
     ws = torch.empty(g["tc"] * cfg["CHUNKS"] * nsum, dtype=x.dtype, device=x.device)
     wws = torch.empty(g["tc"] * cfg["CHUNKS"] * g["kp"], dtype=x.dtype, device=x.device)
-    grid, geo, const, const_r = _launch(g, _precision(x.dtype), w_ts, b_ts)
+    grid, geo, const, const_r, const_w = _launch(g, _precision(x.dtype), w_ts, b_ts)
     sl_hi, sl_lo = _split(meta[4])
     flags = dict(HAS_B=bias is not None, GAMMA_PER_TASK=gamma.dim() == 2, NSUM=nsum, HAS_UW=uw is not None,
                  HAS_UB=ubias is not None, HAS_G2=gout2 is not None)
     gout2 = gout if gout2 is None else gout2
     _reduce_kernel[grid](gout, gout2, sel, x, w, b, uw_t, ub_t, gamma, beta, mean, invstd, ws, *geo, sl_hi, sl_lo,
-                         **flags, **const_r)
+                         **flags, **(const_w if nsum == 2 else const_r))
     dgout = torch.empty_like(gout) if nsum == 5 else gout
     ug = ugamma.contiguous() if ugamma is not None else gamma
     ubt = ubeta.contiguous() if ubeta is not None else gamma
