@@ -847,15 +847,20 @@ def _block_compare(got, ref, tol, seed):
 
 
 @inner
-@pytest.mark.parametrize("idx,multi", [(i, m) for m in (0, 3) for i in range(6)] + [(4, 20), (5, 20)],
+@pytest.mark.parametrize("idx,multi,rw", [(i, m, 16) for m in (0, 3) for i in range(6)] + [(4, 20, 16), (5, 20, 16)]
+                         + [(i, 3, 32) for i in range(6)] + [(1, 1, 32), (4, 1, 32)],
                          ids=[f"{i}-{m}" for m in ("auto-chunks", "3-chunks-block16") for i in range(6)]
-                         + ["4-20-chunks-block16", "5-20-chunks-block16"])
-def test_conv_block_kernels_float64(idx, multi, monkeypatch):
+                         + ["4-20-chunks-block16", "5-20-chunks-block16"]
+                         + [f"{i}-3-chunks-block16-reduce32" for i in range(6)]
+                         + ["1-1-chunk-block16-reduce32", "4-1-chunk-block16-reduce32"])
+def test_conv_block_kernels_float64(idx, multi, rw, monkeypatch):
     """The Triton kernels against the PyTorch implementation of the block (itself tested against the
     unfused ops in tests/test_conv_block.py), float64, 1e-10; with the interpreter's own configuration and
     with 16-window steps in 3 chunks (the merge of chunk sums and a ragged last chunk) or, for the two
     largest shapes, in up to 20 (17 and 18: more than the 16 chunk sums read at a time); the last shape has 20 channels: two channel blocks of
-    16, the second masked."""
+    16, the second masked. reduce32: the forward's passes and the backward's reduction in 32-window steps
+    (RBLOCK_W, Triton < 3.7's configuration) beside the 16-window apply passes, in 3 ragged chunks, or in
+    one chunk of 32 windows (one full step) and of 50 (a full step and a ragged one)."""
     from _batches import fresh_seed
     from test_conv_block import SHAPES
     from mamlpp_fast.ops.conv_block import torch_impl
@@ -865,7 +870,8 @@ def test_conv_block_kernels_float64(idx, multi, monkeypatch):
     if multi:
         def forced(mw, t, c, kp, device, sms=None):
             chunk = -(-mw // multi)
-            return dict(BLOCK_W=16, BLOCK_C=16, CB=-(-c // 16), CHUNK=chunk, CHUNKS=-(-mw // chunk), num_warps=4)
+            return dict(BLOCK_W=16, BLOCK_C=16, CB=-(-c // 16), CHUNK=chunk, CHUNKS=-(-mw // chunk), num_warps=4,
+                        RBLOCK_W=rw)
         monkeypatch.setattr(tcb, "block_config", forced)
     seed = fresh_seed() % 2 ** 31
     case = _block_case(SHAPES[idx], seed, torch.float64)

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ._device import num_sms
-from .conv import _precision
+from .conv import _TRITON_VERSION, _precision
 from .per_step_bn import _dbwd_coef, _f2acc, _split, _to_acc
 
 __all__ = ["forward", "backward", "double_backward", "block_config", "name"]
@@ -73,9 +73,11 @@ def block_config(mw: int, t: int, c: int, kp: int, device: torch.device, sms: in
       passes of the backward and double backward (they hold the weight-gradient accumulator), on 8 warps
       for 64 channels, else 4; REDUCE_WARPS = 4, the warps of the passes without that accumulator (the
       forward's two, the backward and double backward reductions); RBLOCK_W = 32 windows per step in the
-      forward's two passes and the backward's reduction (16 x 64 tiles on 4-8 warps left each thread 4-8
-      accumulators: twice the windows on 4 warps lift their loops' FFMA share by 6-16 points without
-      spilling; the double backward's reduction and the apply passes spilled with it). The four outputs
+      forward's two passes and the backward's reduction under Triton < 3.7 (16 x 64 tiles on 4-8 warps
+      left each thread 4-8 accumulators: twice the windows on 4 warps lift their loops' FFMA share by 6-16
+      points under 3.6 without spilling; the double backward's reduction and the apply passes spilled
+      with it), 16 under 3.7 (where the backward's reduction spilled 304 B with 32 and the forward's
+      passes gained 1-7 points). The four outputs
       of a window step are a loop, not unrolled, so one output's tiles are live at a time. Chosen from
       the sm_90a compile (bench.static_metrics, bench/NOTES.md: cut 3b and the block's passes); as
       configured no kernel spills under the Triton versions we compile with (tests/test_static_metrics.py).
@@ -98,7 +100,7 @@ def block_config(mw: int, t: int, c: int, kp: int, device: torch.device, sms: in
     chunks = triton.cdiv(mw, chunk)
     warps = 8 if bc == 64 else 4
     return dict(BLOCK_W=bw, BLOCK_C=bc, CB=triton.cdiv(c, bc), CHUNK=chunk, CHUNKS=chunks, num_warps=warps,
-                REDUCE_WARPS=4, RBLOCK_W=32)
+                REDUCE_WARPS=4, RBLOCK_W=32 if _TRITON_VERSION < (3, 7) else 16)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -609,12 +611,19 @@ def _launch(g, prec, w_ts, b_ts):
                  BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
     const_r = dict(const, num_warps=cfg.get("REDUCE_WARPS", cfg["num_warps"]))
     const_w = dict(const_r, BLOCK_W=cfg.get("RBLOCK_W", cfg["BLOCK_W"]))
-    if g["kp"] >= 32 and cfg["BLOCK_C"] == 64:
+    if cfg["BLOCK_C"] == 64:
         # the apply passes at 8 warps: left alone, ptxas (Triton 3.6.0's and 3.7.1's) settles on 128
-        # registers for the TF32 backward apply and spills 4-8 bytes; with .maxnreg 255 it takes 174-190
-        # and none, and the other three variants 143-253, none (caps of 200-232 made the fp32 passes
-        # spill). bench/NOTES.md, the block's tiles at 48 channels
+        # registers for the TF32 backward apply and spills 4-8 bytes (mini-ImageNet's 27-tap patches;
+        # since the patch offsets are row + tap offsets, also the double backward's with Omniglot's 9
+        # taps under 3.7.1: 16 bytes); with .maxnreg 255 it takes 174-190 and none, and the other three
+        # variants 143-253, none (caps of 200-232 made the fp32 passes spill). bench/NOTES.md, the
+        # block's tiles at 48 channels and the block's gather
         const["maxnreg"] = 255
+        if prec != "ieee":
+            # likewise the tensor-core reductions on 4 warps: ptxas (3.7.1) settled on 128 registers and
+            # spilled 4 B in the backward's reduction with gout2; capped at 255 they take 154-213, no
+            # spill. Not in strict fp32, where that cap made 3.7.1 spill 52 B in the forward's reduction
+            const_r["maxnreg"] = const_w["maxnreg"] = 255
     return grid, geo, const, const_r, const_w
 
 
