@@ -41,7 +41,8 @@ import triton
 import triton.language as tl
 
 from ._device import num_sms
-from .conv import _TRITON_VERSION, _precision
+from . import conv as _conv
+from .conv import _precision
 from .per_step_bn import _dbwd_coef, _f2acc, _split, _to_acc
 
 __all__ = ["forward", "backward", "double_backward", "block_config", "name"]
@@ -100,7 +101,8 @@ def block_config(mw: int, t: int, c: int, kp: int, device: torch.device, sms: in
     chunks = triton.cdiv(mw, chunk)
     warps = 8 if bc == 64 else 4
     return dict(BLOCK_W=bw, BLOCK_C=bc, CB=triton.cdiv(c, bc), CHUNK=chunk, CHUNKS=chunks, num_warps=warps,
-                REDUCE_WARPS=4, RBLOCK_W=32 if _TRITON_VERSION < (3, 7) else 16)
+                # the version read at call time: bench.trace --triton-configs sets it on the conv module
+                REDUCE_WARPS=4, RBLOCK_W=32 if _conv._TRITON_VERSION < (3, 7) else 16)
 
 
 # ------------------------------------------------------------------------------------------------------
