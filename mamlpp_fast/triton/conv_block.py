@@ -82,6 +82,10 @@ def block_config(mw: int, t: int, c: int, kp: int, device: torch.device, sms: in
       of a window step are a loop, not unrolled, so one output's tiles are live at a time. Chosen from
       the sm_90a compile (bench.static_metrics, bench/NOTES.md: cut 3b and the block's passes); as
       configured no kernel spills under the Triton versions we compile with (tests/test_static_metrics.py).
+    - BWD_APPLY_WARPS: the backward's apply pass on 4 warps under Triton < 3.7 (16 weight-gradient
+      accumulators per thread instead of 8: its loop 58 -> 65% FFMA on mini-ImageNet's block, 50 -> 57% on
+      Omniglot's, no spill under 3.6; under 3.7.1 mini-ImageNet's spilled 64 B), else `num_warps`; the
+      double backward's apply pass spilled on 4 warps and keeps `num_warps`.
     - CHUNKS: window chunks per (task, channel block), so that the grid holds ~4 programs per SM, each
       with at least 2 steps; at most 256. On the interpreter (CPU tensors, no `sms`) up to 3, so that
       tests cover the merge of several chunks.
@@ -102,7 +106,8 @@ def block_config(mw: int, t: int, c: int, kp: int, device: torch.device, sms: in
     warps = 8 if bc == 64 else 4
     return dict(BLOCK_W=bw, BLOCK_C=bc, CB=triton.cdiv(c, bc), CHUNK=chunk, CHUNKS=chunks, num_warps=warps,
                 # the version read at call time: bench.trace --triton-configs sets it on the conv module
-                REDUCE_WARPS=4, RBLOCK_W=32 if _conv._TRITON_VERSION < (3, 7) else 16)
+                REDUCE_WARPS=4, RBLOCK_W=32 if _conv._TRITON_VERSION < (3, 7) else 16,
+                BWD_APPLY_WARPS=4 if _conv._TRITON_VERSION < (3, 7) else warps)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -675,6 +680,8 @@ def _backward_pass(nsum, gout, x, w, bias, gamma, beta, mean, invstd, sel, meta,
     dgout = torch.empty_like(gout) if nsum == 5 else gout
     ug = ugamma.contiguous() if ugamma is not None else gamma
     ubt = ubeta.contiguous() if ubeta is not None else gamma
+    if nsum == 2:
+        const = dict(const, num_warps=cfg.get("BWD_APPLY_WARPS", cfg["num_warps"]))
     _apply_kernel[grid](gout, gout2, sel, x, w, b, uw_t, ub_t, ug, ubt, gamma, beta, mean, invstd, ws, wws, dgout, *geo,
                         sl_hi, sl_lo, **flags, HAS_UG=ugamma is not None, HAS_UBETA=ubeta is not None,
                         KSTEP=_KSTEP, **const)
