@@ -143,7 +143,7 @@ class Kernel:
     call: Any = None        # custom ops: what bench.static_metrics needs to replay the launch
     node: str = "forward"   # the autograd node whose backward launched it ("forward": none running)
     programs: int = 0       # CTAs of a launch that cannot fill the device (0: it fills it); see `_share`
-    consts: Any = None      # fused first block: the constexprs that tell its pass's kernel apart (`_block_kernel`)
+    consts: Any = None      # fused first block: the constexprs that tell its pass's kernel apart (`_block_efficiency`)
 
 
 @dataclass

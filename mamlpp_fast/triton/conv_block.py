@@ -78,10 +78,11 @@ def block_config(mw: int, t: int, c: int, kp: int, device: torch.device, sms: in
       left each thread 4-8 accumulators: twice the windows on 4 warps lift their loops' FFMA share by 6-16
       points under 3.6 without spilling; the double backward's reduction and the apply passes spilled
       with it), 16 under 3.7 (where the backward's reduction spilled 304 B with 32 and the forward's
-      passes gained 1-7 points). The four outputs
-      of a window step are a loop, not unrolled, so one output's tiles are live at a time. Chosen from
-      the sm_90a compile (bench.static_metrics, bench/NOTES.md: cut 3b and the block's passes); as
-      configured no kernel spills under the Triton versions we compile with (tests/test_static_metrics.py).
+      passes gained 1-7 points). The four outputs of a window step are a loop, not unrolled, so one
+      output's tiles are live at a time. Chosen from the sm_90a compile (bench.static_metrics,
+      bench/NOTES.md: cut 3b and the block's passes); as configured no kernel spills under the Triton
+      versions we compile with (tests/test_static_metrics.py). `kp` (the patch width) enters no rule now;
+      the signature keeps it for the callers that pass it.
     - BWD_APPLY_WARPS: the backward's apply pass on 4 warps under Triton < 3.7 (16 weight-gradient
       accumulators per thread instead of 8: its loop 58 -> 65% FFMA on mini-ImageNet's block, 50 -> 57% on
       Omniglot's, no spill under 3.6; under 3.7.1 mini-ImageNet's spilled 64 B), else `num_warps`; the
@@ -178,14 +179,16 @@ def _patch(x_ptr, i, oh, ow, rmask, t, ks, ci, p, q, Ci, TCi, H, W, stride, pad,
     masked rows: their z is 0 and they are kept out of every sum).
 
     Per element one offset add and two bounds tests: the offset is the row's (example, task, top-left
-    corner; 64-bit, once per row) plus the tap's (ci, p, q; once per program), and 0 <= ih < H is one
+    corner; 64-bit, once per row) plus the tap's (ci, p, q; loop-invariant), and 0 <= ih < H is one
     unsigned comparison (a negative ih wraps above H). The same values are read as with the offset
-    formed per element (exact), in a quarter fewer loop instructions (bench/NOTES.md)."""
+    formed per element (exact), in 3-8% fewer loop instructions (bench/NOTES.md)."""
     oh0 = oh * stride - pad
     ow0 = ow * stride - pad
     ih = oh0[:, None] + p[None, :]
     iw = ow0[:, None] + q[None, :]
-    inside = (ih.to(tl.uint32) < H.to(tl.uint32)) & (iw.to(tl.uint32) < W.to(tl.uint32))
+    # H and W promote to unsigned beside the unsigned ih, iw (setp.lt.u32); written without .to() so that
+    # a size of 1, which Triton passes as a constexpr int, compiles too
+    inside = (ih.to(tl.uint32) < H) & (iw.to(tl.uint32) < W)
     m = (rmask[:, None] & (ks < K)[None, :]) & inside
     row = ((i.to(tl.int64) * TCi + t * Ci) * H + oh0) * W + ow0
     off = row[:, None] + ((ci * H + p) * W + q)[None, :]
