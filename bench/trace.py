@@ -1225,12 +1225,15 @@ def ffma_efficiencies(res: TraceResult, table: str) -> dict:
     except (OSError, ValueError, KeyError) as e:
         raise MamlppError(f"--conv-efficiency-from: cannot read a bench.static_metrics JSON from {table!r}: {e}") from None
     out: dict = {}
+    block_launches: dict = {}  # the fused block's captured launches per call (shared by its passes' keys)
     for k in res.kernels:
         call, key = k.call, efficiency_key(k)
         if key is None or key in out:
             continue
         if call[0] == "conv_bn_pool":
-            out[key] = _block_efficiency(k, rows, table)
+            if call not in block_launches:
+                block_launches[call] = capture_launches(call)
+            out[key] = _block_efficiency(k, block_launches[call], rows, table)
             continue
         launches = [(fn, kw) for fn, _args, kw in capture_launches(call) if fn.__name__.startswith("_conv_")]
         if not launches:
@@ -1247,17 +1250,18 @@ def ffma_efficiencies(res: TraceResult, table: str) -> dict:
     return out
 
 
-def _block_efficiency(k: Kernel, rows: list, table: str) -> float:
+def _block_efficiency(k: Kernel, captured: list, rows: list, table: str) -> float:
     """The strict-fp32 hot loop's FFMA share of the kernel that pass k of the fused first block launches
-    (`_BLOCK_KERNELS`, told apart by k.consts), read from the table's rows by that launch's configuration.
-    No tile-use factor: the trace's FLOPs of the block already count the products its tiles execute
-    (channels and patch width as padded, `_block_patch`)."""
+    (`_BLOCK_KERNELS`, told apart by k.consts; captured: bench.static_metrics `capture_launches` of
+    k.call), read from the table's rows by that launch's configuration. No tile-use factor: the trace's
+    FLOPs of the block already count the products its tiles execute (channels and patch width as padded,
+    `_block_patch`)."""
     from mamlpp_fast.errors import MamlppError
 
-    from .static_metrics import capture_launches, launch_consts
+    from .static_metrics import launch_consts
     name = _BLOCK_KERNELS[k.name]
     want = k.consts or {}
-    launches = [kw for fn, _args, kw in capture_launches(k.call)
+    launches = [kw for fn, _args, kw in captured
                 if fn.__name__ == name and all(kw.get(c, False) == v for c, v in want.items())]
     if not launches:
         raise MamlppError(f"--conv-efficiency-from: the fused block {k.call[1]} launches no {name} with {want}")

@@ -612,29 +612,42 @@ def _task_rows(w, bias):
     return w, w.stride(0) if t > 1 else c * k, b, b_ts
 
 
-def _launch(g, prec, w_ts, b_ts):
+def _launch(g, prec, w_ts, b_ts, nsum=None):
+    """(grid, geometry arguments, reduce constants, apply constants) of the forward (nsum None), the
+    backward (nsum 2) or the double backward (nsum 5): each pass's step width, warps and register cap
+    (`block_config`)."""
     cfg = g["cfg"]
     grid = (g["t"] * cfg["CB"], cfg["CHUNKS"])
     geo = (g["c"], cfg["CB"], g["ci"], g["tc"], g["tci"], g["h"], g["w"], g["hp"] * g["wp"], g["wp"], g["mw"],
            cfg["CHUNK"], cfg["CHUNKS"], g["stride"], g["pad"], w_ts, b_ts)
-    const = dict(KK=g["kk"], KW=g["kw"], K=g["k"], KP=g["kp"], PREC=prec, BLOCK_W=cfg["BLOCK_W"],
-                 BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
-    const_r = dict(const, num_warps=cfg.get("REDUCE_WARPS", cfg["num_warps"]))
-    const_w = dict(const_r, BLOCK_W=cfg.get("RBLOCK_W", cfg["BLOCK_W"]))
+    base = dict(KK=g["kk"], KW=g["kw"], K=g["k"], KP=g["kp"], PREC=prec, BLOCK_C=cfg["BLOCK_C"])
+    # the passes without a weight-gradient accumulator: the forward's two and the backward's reduction in
+    # RBLOCK_W-window steps, the double backward's reduction in BLOCK_W; all on REDUCE_WARPS
+    reduce_w = cfg["BLOCK_W"] if nsum == 5 else cfg.get("RBLOCK_W", cfg["BLOCK_W"])
+    const_r = dict(base, BLOCK_W=reduce_w, num_warps=cfg.get("REDUCE_WARPS", cfg["num_warps"]))
+    if nsum is None:  # both forward passes are reductions in this sense
+        const_a = dict(const_r)
+    else:
+        warps = cfg.get("BWD_APPLY_WARPS", cfg["num_warps"]) if nsum == 2 else cfg["num_warps"]
+        const_a = dict(base, BLOCK_W=cfg["BLOCK_W"], num_warps=warps)
     if cfg["BLOCK_C"] == 64:
-        # the apply passes at 8 warps: left alone, ptxas (Triton 3.6.0's and 3.7.1's) settles on 128
-        # registers for the TF32 backward apply and spills 4-8 bytes (mini-ImageNet's 27-tap patches;
-        # since the patch offsets are row + tap offsets, also the double backward's with Omniglot's 9
-        # taps under 3.7.1: 16 bytes); with .maxnreg 255 it takes 174-190 and none, and the other three
-        # variants 143-253, none (caps of 200-232 made the fp32 passes spill). bench/NOTES.md, the
-        # block's tiles at 48 channels and the block's gather
-        const["maxnreg"] = 255
+        if nsum is not None:
+            # the apply passes: left alone, ptxas (Triton 3.6.0's and 3.7.1's) settles on 128 registers for
+            # the TF32 backward apply and spills 4-8 bytes (mini-ImageNet's 27-tap patches; since the patch
+            # offsets are row + tap offsets, also the double backward's with Omniglot's 9 taps under 3.7.1:
+            # 16 bytes); with .maxnreg 255 it takes 174-190 and none, and the other three variants 143-255,
+            # none (caps of 200-232 made the fp32 passes spill). bench/NOTES.md, the block's tiles at 48
+            # channels and the block's gather
+            const_a["maxnreg"] = 255
         if prec != "ieee":
-            # likewise the tensor-core reductions on 4 warps: ptxas (3.7.1) settled on 128 registers and
-            # spilled 4 B in the backward's reduction with gout2; capped at 255 they take 154-213, no
-            # spill. Not in strict fp32, where that cap made 3.7.1 spill 52 B in the forward's reduction
-            const_r["maxnreg"] = const_w["maxnreg"] = 255
-    return grid, geo, const, const_r, const_w
+            # likewise the tensor-core reductions on 4 warps (and the forward's apply): ptxas (3.7.1) settled
+            # on 128 registers and spilled 4 B in the backward's reduction with gout2; capped at 255 they take
+            # 154-243, no spill. Not in strict fp32, where that cap made 3.7.1 spill 52 B in the forward's
+            # reduction
+            const_r["maxnreg"] = 255
+            if nsum is None:
+                const_a["maxnreg"] = 255
+    return grid, geo, const_r, const_a
 
 
 def forward(x, w, bias, gamma, beta, meta):
@@ -649,14 +662,14 @@ def forward(x, w, bias, gamma, beta, meta):
     mean = torch.empty(g["tc"], dtype=x.dtype, device=x.device)
     invstd = torch.empty_like(mean)
     ws = torch.empty(g["tc"] * cfg["CHUNKS"] * 2, dtype=x.dtype, device=x.device)
-    grid, geo, _const, _const_r, const = _launch(g, _precision(x.dtype), w_ts, b_ts)  # both passes: RBLOCK_W
+    grid, geo, const_r, const_a = _launch(g, _precision(x.dtype), w_ts, b_ts)
     geo_r = geo[:3] + geo[4:]  # the reduction takes no TC
-    _fwd_reduce_kernel[grid](x, w, b, ws, *geo_r, HAS_B=bias is not None, **const)
+    _fwd_reduce_kernel[grid](x, w, b, ws, *geo_r, HAS_B=bias is not None, **const_r)
     eps_hi, eps_lo = _split(meta[3])
     sl_hi, sl_lo = _split(meta[4])
     _fwd_apply_kernel[grid](x, w, b, gamma, beta, ws, out, sel, mean, invstd, *geo, eps_hi, eps_lo, sl_hi, sl_lo,
                             HAS_B=bias is not None, GAMMA_PER_TASK=gamma.dim() == 2,
-                            IS_F64=x.dtype == torch.float64, KSTEP=_KSTEP, **const)
+                            IS_F64=x.dtype == torch.float64, KSTEP=_KSTEP, **const_a)
     return out, mean, invstd, sel
 
 
@@ -673,21 +686,19 @@ def _backward_pass(nsum, gout, x, w, bias, gamma, beta, mean, invstd, sel, meta,
     ub_t = ubias.contiguous() if ubias is not None else w
     ws = torch.empty(g["tc"] * cfg["CHUNKS"] * nsum, dtype=x.dtype, device=x.device)
     wws = torch.empty(g["tc"] * cfg["CHUNKS"] * g["kp"], dtype=x.dtype, device=x.device)
-    grid, geo, const, const_r, const_w = _launch(g, _precision(x.dtype), w_ts, b_ts)
+    grid, geo, const_r, const_a = _launch(g, _precision(x.dtype), w_ts, b_ts, nsum)
     sl_hi, sl_lo = _split(meta[4])
     flags = dict(HAS_B=bias is not None, GAMMA_PER_TASK=gamma.dim() == 2, NSUM=nsum, HAS_UW=uw is not None,
                  HAS_UB=ubias is not None, HAS_G2=gout2 is not None)
     gout2 = gout if gout2 is None else gout2
     _reduce_kernel[grid](gout, gout2, sel, x, w, b, uw_t, ub_t, gamma, beta, mean, invstd, ws, *geo, sl_hi, sl_lo,
-                         **flags, **(const_w if nsum == 2 else const_r))
+                         **flags, **const_r)
     dgout = torch.empty_like(gout) if nsum == 5 else gout
     ug = ugamma.contiguous() if ugamma is not None else gamma
     ubt = ubeta.contiguous() if ubeta is not None else gamma
-    if nsum == 2:
-        const = dict(const, num_warps=cfg.get("BWD_APPLY_WARPS", cfg["num_warps"]))
     _apply_kernel[grid](gout, gout2, sel, x, w, b, uw_t, ub_t, ug, ubt, gamma, beta, mean, invstd, ws, wws, dgout, *geo,
                         sl_hi, sl_lo, **flags, HAS_UG=ugamma is not None, HAS_UBETA=ubeta is not None,
-                        KSTEP=_KSTEP, **const)
+                        KSTEP=_KSTEP, **const_a)
     dw = torch.empty(w.shape, dtype=w.dtype, device=w.device)
     db = torch.empty(g["t"], g["c"], dtype=x.dtype, device=x.device) if bias is not None else None
     dgamma = torch.empty_like(gamma)
