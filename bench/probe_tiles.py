@@ -2,14 +2,15 @@
 without a GPU (through bench.static_metrics), so that a tile change is judged on the compiler's output
 before it is made: registers, spill bytes and the strict-fp32 inner loop's SASS mix per variant.
 
-    python -m bench.probe_tiles WORKLOAD OP [--shape N,C,H,W] [--variants JSON]
+    python -m bench.probe_tiles WORKLOAD OP [--shape N,C,H,W] [--variants JSON] [--tf32]
 
 WORKLOAD: a name of bench.workloads; OP: conv_forward, conv_data_grad, conv_weight_grad or conv_bn_pool
 (the fused first block: each pass's kernel; the custom-op
 calls of one meta-update of the fast learner, triton backend and convolutions, as bench.trace records
 them); --shape keeps the calls whose input has that shape (e.g. 5,96,10,10); --variants: a JSON list of
 dicts whose keys replace those of the shipped launch (default [{}]: the shipped configuration only),
-e.g. '[{}, {"num_warps": 2}, {"BLOCK_M": 64}]'. The launch configurations are the installed Triton's:
+e.g. '[{}, {"num_warps": 2}, {"BLOCK_M": 64}]'; --tf32: the launches TF32 makes (tensor-core
+products), else strict fp32. The launch configurations are the installed Triton's:
 run it with the device's version (3.6) to read what the device would compile.
 
 Each line: the call, the resulting configuration, the variant, registers, spill bytes (stores), FFMA,
@@ -25,7 +26,7 @@ KERNELS = {"conv_forward": ("_conv_fwd_kernel",), "conv_data_grad": ("_conv_dgra
            # the fused first block: the kernels of its forward, backward and double backward passes (not the
            # small finishing sum)
            "conv_bn_pool": ("_fwd_reduce_kernel", "_fwd_apply_kernel", "_reduce_kernel", "_apply_kernel")}
-USAGE = "usage: python -m bench.probe_tiles WORKLOAD OP [--shape N,C,H,W] [--variants JSON]"
+USAGE = "usage: python -m bench.probe_tiles WORKLOAD OP [--shape N,C,H,W] [--variants JSON] [--tf32]"
 
 
 def select_calls(workload: str, op: str, shape: tuple | None = None) -> list:
@@ -34,13 +35,14 @@ def select_calls(workload: str, op: str, shape: tuple | None = None) -> list:
     return [c for c in traced_calls(workload) if c[0] == op and (shape is None or tuple(c[1]) == shape)]
 
 
-def probe(calls, op: str, variants: list) -> list:
-    """One row (dict) per launch of `op`'s kernel in `calls` and variant."""
+def probe(calls, op: str, variants: list, tf32: bool = False) -> list:
+    """One row (dict) per launch of `op`'s kernel in `calls` and variant; tf32: the launches as TF32 runs
+    them (`capture_launches`), else strict fp32."""
     from . import static_metrics as sm
     tools = sm.triton_tools()
     rows = []
     for call in calls:
-        for fn, args, kwargs in sm.capture_launches(call):
+        for fn, args, kwargs in sm.capture_launches(call, tf32=tf32):
             if fn.__name__ not in KERNELS[op]:
                 continue
             for var in variants:
@@ -57,9 +59,12 @@ def probe(calls, op: str, variants: list) -> list:
 def _parse(argv):
     if len(argv) < 2 or argv[1] not in KERNELS:
         raise ValueError(f"OP must be one of {', '.join(KERNELS)}")
-    workload, op, shape, variants = argv[0], argv[1], None, [{}]
+    workload, op, shape, variants, tf32 = argv[0], argv[1], None, [{}], False
     rest = argv[2:]
     while rest:
+        if rest[0] == "--tf32":
+            tf32, rest = True, rest[1:]
+            continue
         if rest[0] == "--shape" and len(rest) > 1:
             shape = tuple(int(v) for v in rest[1].split(","))
         elif rest[0] == "--variants" and len(rest) > 1:
@@ -69,21 +74,22 @@ def _parse(argv):
         else:
             raise ValueError(f"unknown argument {rest[0]!r}")
         rest = rest[2:]
-    return workload, op, shape, variants
+    return workload, op, shape, variants, tf32
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        workload, op, shape, variants = _parse(argv)
+        workload, op, shape, variants, tf32 = _parse(argv)
         from .workloads import workload_by_name
         workload_by_name(workload)
     except (ValueError, KeyError) as e:
         print(f"{USAGE}\nbench.probe_tiles: {e}", file=sys.stderr)
         return 2
     import triton
-    print(f"Triton {triton.__version__}, sm_90a, {workload} {op}" + (f" input {shape}" if shape else ""))
-    for r in probe(select_calls(workload, op, shape), op, variants):
+    print(f"Triton {triton.__version__}, sm_90a, {workload} {op}" + (f" input {shape}" if shape else "")
+          + (", TF32" if tf32 else ", strict fp32"))
+    for r in probe(select_calls(workload, op, shape), op, variants, tf32):
         print(f"{r['call']} | {r['kernel']} | {r['config']} | variant {r['variant']} | regs {r.get('registers')} | "
               f"spill {r.get('spill_stores')} B | FFMA {r.get('ffma')} LDS {r.get('lds')} int {r.get('int')} | "
               f"FFMA share {r.get('ffma_share', 0):.1%}", flush=True)

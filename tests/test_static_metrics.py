@@ -144,6 +144,10 @@ def test_probe_tiles_selects_calls_and_refuses_bad_arguments(capsys):
     assert (20, 512, 14, 14) in shapes and len(shapes) > 1 and all(c[0] == "conv_weight_grad" for c in calls)
     assert {tuple(c[1]) for c in select_calls("omniglot_20w1s", "conv_weight_grad", (20, 512, 14, 14))} == \
         {(20, 512, 14, 14)}
+    from bench.probe_tiles import _parse
+    assert _parse(["omniglot_20w1s", "conv_bn_pool", "--tf32", "--shape", "20,8,28,28"]) == (
+        "omniglot_20w1s", "conv_bn_pool", (20, 8, 28, 28), [{}], True)
+    assert _parse(["omniglot_20w1s", "conv_forward"])[4] is False
     for argv in (["omniglot_20w1s", "conv_nosuch"], ["nosuch", "conv_forward"],
                  ["omniglot_20w1s", "conv_forward", "--variants", '{"num_warps": 2}']):
         assert main(argv) == 2
