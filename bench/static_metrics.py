@@ -205,11 +205,11 @@ def capture_launches(call, tf32: bool = False) -> list:
                 from mamlpp_fast.triton import conv_block as tblock
                 xs, ws, meta = call[1], call[2], call[3]
                 x, w, bias, g = t(xs), t(ws), t(ws[:2]), t(ws[1:2])
-                out, mean, inv, sel = tblock.forward(x, w, bias, g, g, meta)
-                tblock.backward(t(tuple(out.shape)), x, w, bias, g, g, mean, inv, sel, meta)
-                tblock.backward(t(tuple(out.shape)), x, w, bias, g, g, mean, inv, sel, meta,
+                out, mean, inv, aux = tblock.forward(x, w, bias, g, g, meta)
+                tblock.backward(t(tuple(out.shape)), x, w, bias, g, g, mean, inv, aux, meta)
+                tblock.backward(t(tuple(out.shape)), x, w, bias, g, g, mean, inv, aux, meta,
                                 gout2=t(tuple(out.shape)))  # the outer pass's two gradients (HAS_G2)
-                tblock.double_backward(t(ws), t(ws[:2]), g, g, t(tuple(out.shape)), x, w, bias, g, g, mean, inv, sel,
+                tblock.double_backward(t(ws), t(ws[:2]), g, g, t(tuple(out.shape)), x, w, bias, g, g, mean, inv, aux,
                                        meta)
             elif op == "head":  # the linear head and its loss: forward (with and without the MSL weight and
                 # sum), backward, double backward (all upstream gradients, as the learner's support passes)

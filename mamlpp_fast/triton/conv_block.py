@@ -23,9 +23,11 @@ No atomics: results are reproducible.
 
 - forward:   reduce: per chunk and column, sums of z - ref and (z - ref)^2 (ref = the column's first
              output in the chunk), turned into (mean, m2); apply: Chan's merge of the chunks -> mean,
-             invstd; out = the maximum of each window's y, and `sel`, its position 0..3 (int8), which
-             the backward passes read instead of finding the maximum again.
-- backward:  reduce: (sum g, sum g xhat), g = a gout at the window's maximum, 0 at its other outputs;
+             invstd; out = the maximum of each window's y, `sel`, its position 0..3 (int8), which
+             the backward passes read instead of finding the maximum again, and `xm`, xhat there
+             (when a backward will run).
+- backward:  reduce: (sum g, sum g xhat), g = a gout at the window's maximum, 0 at its other outputs:
+             a pass over the pooled tensors gout and xm, no convolution (`_bwd_sums_kernel`);
              apply: dz = gamma r (g - gbar - xhat m) at the 4 outputs, dw' += P'^T dz;
              finish: dw, dbias; dgamma = sum g xhat, dbeta = sum g.
 - double backward: reduce: (sum g, sum g xhat, sum u, sum u xhat, sum u g) with u = P' U';
@@ -109,6 +111,13 @@ def block_config(mw: int, t: int, c: int, kp: int, device: torch.device, sms: in
                 # the version read at call time: bench.trace --triton-configs sets it on the conv module
                 REDUCE_WARPS=4, RBLOCK_W=32 if _conv._TRITON_VERSION < (3, 7) else 16,
                 BWD_APPLY_WARPS=4 if _conv._TRITON_VERSION < (3, 7) else warps)
+
+
+def sums_config(cfg: dict) -> dict:
+    """Launch constants of the backward's reduction (`_bwd_sums_kernel`, elementwise over the pooled
+    tensors, on the grid of the other passes): BLOCK_C x 32 tiles on 4 warps, i.e. 16 elements of each
+    loaded tensor per thread with 64 channels, 32 windows (128 bytes of a column) per warp row."""
+    return dict(BLOCK_W=32, num_warps=4)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -305,29 +314,32 @@ def _fwd_reduce_kernel(x_ptr, w_ptr, b_ptr, ws_ptr, C, CB, Ci, TCi, H, W, HWp, W
 @triton.jit
 def _window_max(x_ptr, i, ph, pw, mask, t, ks, ci, p, q, Wt, mu, r, ga, be, slope, Ci, TCi, H, W,
                 stride, pad, K: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
-    """The windows' maximum y and its position d in 0..3 (the first on ties, as max_pool2d); (rows,
-    channels) tiles."""
+    """The windows' maximum y, its position d in 0..3 (the first on ties, as max_pool2d) and xhat there;
+    (rows, channels) tiles."""
     P = _patch(x_ptr, i, 2 * ph, 2 * pw, mask, t, ks, ci, p, q, Ci, TCi, H, W, stride, pad, K, ACC)
-    _xh, _a, best = _act(_zdot(P, Wt, PREC, ACC), mu, r, ga, be, slope)
+    xbest, _a, best = _act(_zdot(P, Wt, PREC, ACC), mu, r, ga, be, slope)
     sel = tl.zeros(best.shape, dtype=tl.int32)
     for d in range(1, 4):  # a loop, not unrolled: one output's tiles live at a time
         P = _patch(x_ptr, i, 2 * ph + d // 2, 2 * pw + d % 2, mask, t, ks, ci, p, q, Ci, TCi, H, W,
                    stride, pad, K, ACC)
-        _xh, _a, y = _act(_zdot(P, Wt, PREC, ACC), mu, r, ga, be, slope)
+        xh, _a, y = _act(_zdot(P, Wt, PREC, ACC), mu, r, ga, be, slope)
         upd = y > best
         best = tl.where(upd, y, best)
         sel = tl.where(upd, d, sel)
-    return best, sel
+        xbest = tl.where(upd, xh, xbest)
+    return best, sel, xbest
 
 
 @triton.jit
-def _fwd_apply_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, ws_ptr, out_ptr, sel_ptr, mean_ptr, invstd_ptr,
-                      C, CB, Ci, TC, TCi, H, W, HWp, Wp, MW, CHUNK, CHUNKS, stride, pad, W_TS, B_TS, eps_hi,
-                      eps_lo,
-                      slope_hi, slope_lo, KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr,
+def _fwd_apply_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, ws_ptr, out_ptr, sel_ptr, xm_ptr, mean_ptr,
+                      invstd_ptr, C, CB, Ci, TC, TCi, H, W, HWp, Wp, MW, CHUNK, CHUNKS, stride, pad, W_TS, B_TS,
+                      eps_hi, eps_lo, slope_hi, slope_lo, KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr,
                       KP: tl.constexpr, HAS_B: tl.constexpr, GAMMA_PER_TASK: tl.constexpr,
                       IS_F64: tl.constexpr, PREC: tl.constexpr, BLOCK_W: tl.constexpr,
-                      BLOCK_C: tl.constexpr, KSTEP: tl.constexpr):
+                      BLOCK_C: tl.constexpr, KSTEP: tl.constexpr, KEEP_XM: tl.constexpr):
+    """out (each window's maximum y), sel (its position 0..3) and, with KEEP_XM, xm (xhat there, which
+    the backward's reduction reads instead of recomputing the convolution); mean and invstd from the
+    chunk states of `_fwd_reduce_kernel`."""
     t, cs, cps, cmask, k = _program(C, BLOCK_C, CB)
     ACC = x_ptr.dtype.element_ty
     eps = _f2acc(eps_hi, eps_lo, ACC)
@@ -375,12 +387,14 @@ def _fwd_apply_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, ws_ptr, out_ptr,
         j = s + tl.arange(0, BLOCK_W)
         mask = j < end
         i, rem, ph, pw = _windows(j, HWp, Wp)
-        best, sel = _window_max(x_ptr, i, ph, pw, mask, t, ks, ci, p, q, Wt, mu, r, ga, be, slope, Ci, TCi,
-                                H, W, stride, pad, K, PREC, ACC)
+        best, sel, xbest = _window_max(x_ptr, i, ph, pw, mask, t, ks, ci, p, q, Wt, mu, r, ga, be, slope, Ci,
+                                       TCi, H, W, stride, pad, K, PREC, ACC)
         off = (i.to(tl.int64)[:, None] * TC + cps[None, :]) * HWp + rem[:, None]
         om = mask[:, None] & cmask[None, :]
         tl.store(out_ptr + off, best.to(out_ptr.dtype.element_ty), mask=om)
         tl.store(sel_ptr + off, sel.to(tl.int8), mask=om)
+        if KEEP_XM:
+            tl.store(xm_ptr + off, xbest, mask=om)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -401,15 +415,55 @@ def _uvec(uw_ptr, ub_ptr, cps, cmask, ks, K: tl.constexpr, HAS_UW: tl.constexpr,
 
 
 @triton.jit
+def _bwd_sums_kernel(gout_ptr, gout2_ptr, xm_ptr, gamma_ptr, beta_ptr, ws_ptr, C, CB, TC, HWp, MW, CHUNK, CHUNKS,
+                     slope_hi, slope_lo, GAMMA_PER_TASK: tl.constexpr, HAS_G2: tl.constexpr,
+                     BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The backward's reduction: ws[cp, k, :2] = (sum g, sum g xhat) over the windows of chunk k of
+    column cp. g is a gout at each window's maximum and 0 at its other three outputs, so both sums run
+    over the windows alone: xhat = xm (kept by the forward at the maximum), a = 1 if gamma xm + beta > 0
+    else slope (`_act`'s arithmetic). No convolution. Tiles are (channels, windows), windows along the
+    threads: consecutive pooled elements of a column are adjacent in memory."""
+    t, cs, cps, cmask, k = _program(C, BLOCK_C, CB)
+    ACC = xm_ptr.dtype.element_ty
+    slope = _f2acc(slope_hi, slope_lo, ACC)
+    if GAMMA_PER_TASK:
+        gi = cps
+    else:
+        gi = cs
+    ga = tl.load(gamma_ptr + gi, mask=cmask, other=1.0).to(ACC)[:, None]
+    be = tl.load(beta_ptr + gi, mask=cmask, other=0.0).to(ACC)[:, None]
+    begin = tl.minimum(k * CHUNK, MW)
+    end = tl.minimum(begin + CHUNK, MW)
+    sg = tl.zeros([BLOCK_C, BLOCK_W], dtype=ACC)
+    sgx = tl.zeros([BLOCK_C, BLOCK_W], dtype=ACC)
+    for s in range(begin, end, BLOCK_W):
+        j = s + tl.arange(0, BLOCK_W)
+        i = j // HWp
+        off = (i.to(tl.int64)[None, :] * TC + cps[:, None]) * HWp + (j - i * HWp)[None, :]
+        m = cmask[:, None] & (j < end)[None, :]
+        go = tl.load(gout_ptr + off, mask=m, other=0.0).to(ACC)
+        if HAS_G2:
+            go += tl.load(gout2_ptr + off, mask=m, other=0.0).to(ACC)
+        xh = tl.load(xm_ptr + off, mask=m, other=0.0)
+        g = tl.where(ga * xh + be > 0, 1.0, slope).to(ACC) * go  # go is 0 where masked
+        sg += g
+        sgx += g * xh
+    base = ws_ptr + (cps * CHUNKS + k) * 2
+    tl.store(base, tl.sum(sg, axis=1), mask=cmask)
+    tl.store(base + 1, tl.sum(sgx, axis=1), mask=cmask)
+
+
+@triton.jit
 def _reduce_kernel(gout_ptr, gout2_ptr, sel_ptr, x_ptr, w_ptr, b_ptr, uw_ptr, ub_ptr, gamma_ptr, beta_ptr, mean_ptr,
                    invstd_ptr, ws_ptr, C, CB, Ci, TC, TCi, H, W, HWp, Wp, MW, CHUNK, CHUNKS, stride, pad,
                    W_TS, B_TS, slope_hi, slope_lo, KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr,
                    KP: tl.constexpr, HAS_B: tl.constexpr, GAMMA_PER_TASK: tl.constexpr,
                    NSUM: tl.constexpr, HAS_UW: tl.constexpr, HAS_UB: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, HAS_G2: tl.constexpr):
-    """ws[cp, k, :NSUM] = (sum g, sum g xhat) (NSUM = 2, backward) and (sum u, sum u xhat, sum u g)
-    (NSUM = 5, double backward, u = P' U') over the windows of chunk k of column cp; g = a gout at the
-    window's maximum (`sel`, kept by the forward), 0 at its other outputs."""
+    """The double backward's reduction: ws[cp, k, :5] = (sum g, sum g xhat, sum u, sum u xhat, sum u g)
+    over the windows of chunk k of column cp, u = P' U'; g = a gout at the window's maximum (`sel`, kept
+    by the forward), 0 at its other outputs. (The backward's two sums: `_bwd_sums_kernel`; the NSUM = 2
+    branches below are not launched.)"""
     t, cs, cps, cmask, k = _program(C, BLOCK_C, CB)
     ACC = x_ptr.dtype.element_ty
     slope = _f2acc(slope_hi, slope_lo, ACC)
@@ -650,15 +704,18 @@ def _launch(g, prec, w_ts, b_ts, nsum=None):
     return grid, geo, const_r, const_a
 
 
-def forward(x, w, bias, gamma, beta, meta):
-    """(out, mean, invstd, sel) of conv_bn_pool; sel (int8, the shape of out): the position 0..3 of each
-    window's maximum, which the backward passes read instead of recomputing it."""
+def forward(x, w, bias, gamma, beta, meta, keep=True):
+    """(out, mean, invstd, aux) of conv_bn_pool; aux = (sel, xm) for the backward passes: sel (int8, the
+    shape of out), the position 0..3 of each window's maximum, which they read instead of finding it
+    again; xm (out's shape and dtype), xhat at that maximum, from which the backward's reduction forms its
+    sums without a convolution; None with keep=False (no backward will run: nothing more is written)."""
     g = _geometry(x, w, meta)
     cfg = g["cfg"]
     w, w_ts, b, b_ts = _task_rows(w, bias)
     gamma, beta = gamma.contiguous(), beta.contiguous()
     out = torch.empty(g["n"], g["tc"], g["hp"], g["wp"], dtype=x.dtype, device=x.device)
     sel = torch.empty(out.shape, dtype=torch.int8, device=x.device)
+    xm = torch.empty_like(out) if keep else None
     mean = torch.empty(g["tc"], dtype=x.dtype, device=x.device)
     invstd = torch.empty_like(mean)
     ws = torch.empty(g["tc"] * cfg["CHUNKS"] * 2, dtype=x.dtype, device=x.device)
@@ -667,14 +724,17 @@ def forward(x, w, bias, gamma, beta, meta):
     _fwd_reduce_kernel[grid](x, w, b, ws, *geo_r, HAS_B=bias is not None, **const_r)
     eps_hi, eps_lo = _split(meta[3])
     sl_hi, sl_lo = _split(meta[4])
-    _fwd_apply_kernel[grid](x, w, b, gamma, beta, ws, out, sel, mean, invstd, *geo, eps_hi, eps_lo, sl_hi, sl_lo,
-                            HAS_B=bias is not None, GAMMA_PER_TASK=gamma.dim() == 2,
-                            IS_F64=x.dtype == torch.float64, KSTEP=_KSTEP, **const_a)
-    return out, mean, invstd, sel
+    _fwd_apply_kernel[grid](x, w, b, gamma, beta, ws, out, sel, xm if keep else out, mean, invstd, *geo, eps_hi,
+                            eps_lo, sl_hi, sl_lo, HAS_B=bias is not None, GAMMA_PER_TASK=gamma.dim() == 2,
+                            IS_F64=x.dtype == torch.float64, KSTEP=_KSTEP, KEEP_XM=keep, **const_a)
+    return out, mean, invstd, (sel, xm)
 
 
-def _backward_pass(nsum, gout, x, w, bias, gamma, beta, mean, invstd, sel, meta, uw=None, ubias=None,
+def _backward_pass(nsum, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, uw=None, ubias=None,
                    ugamma=None, ubeta=None, gout2=None):
+    sel, xm = aux
+    if nsum == 2 and xm is None:
+        raise ValueError("triton conv_bn_pool: the backward needs the forward's xm (forward ran with keep=False)")
     g = _geometry(x, w, meta)
     if gout2 is not None and (gout2.shape != gout.shape or not gout2.is_contiguous() or not gout.is_contiguous()):
         raise ValueError(f"triton conv_bn_pool: gout2 {tuple(gout2.shape)} must be contiguous like gout "
@@ -691,8 +751,14 @@ def _backward_pass(nsum, gout, x, w, bias, gamma, beta, mean, invstd, sel, meta,
     flags = dict(HAS_B=bias is not None, GAMMA_PER_TASK=gamma.dim() == 2, NSUM=nsum, HAS_UW=uw is not None,
                  HAS_UB=ubias is not None, HAS_G2=gout2 is not None)
     gout2 = gout if gout2 is None else gout2
-    _reduce_kernel[grid](gout, gout2, sel, x, w, b, uw_t, ub_t, gamma, beta, mean, invstd, ws, *geo, sl_hi, sl_lo,
-                         **flags, **const_r)
+    if nsum == 2:
+        cfg_s = sums_config(cfg)
+        _bwd_sums_kernel[grid](gout, gout2, xm, gamma, beta, ws, g["c"], cfg["CB"], g["tc"], g["hp"] * g["wp"],
+                               g["mw"], cfg["CHUNK"], cfg["CHUNKS"], sl_hi, sl_lo, GAMMA_PER_TASK=gamma.dim() == 2,
+                               HAS_G2=flags["HAS_G2"], BLOCK_C=cfg["BLOCK_C"], **cfg_s)
+    else:
+        _reduce_kernel[grid](gout, gout2, sel, x, w, b, uw_t, ub_t, gamma, beta, mean, invstd, ws, *geo, sl_hi,
+                             sl_lo, **flags, **const_r)
     dgout = torch.empty_like(gout) if nsum == 5 else gout
     ug = ugamma.contiguous() if ugamma is not None else gamma
     ubt = ubeta.contiguous() if ubeta is not None else gamma
@@ -710,16 +776,16 @@ def _backward_pass(nsum, gout, x, w, bias, gamma, beta, mean, invstd, sel, meta,
     return dgout, dw, db, dgamma, dbeta
 
 
-def backward(gout, x, w, bias, gamma, beta, mean, invstd, sel, meta, gout2=None):
-    """(dw, dbias or None, dgamma, dbeta) of conv_bn_pool; gout2: a second gradient of the output (gout's
-    shape, contiguous), added to gout where the kernels load it, or None."""
-    _, dw, db, dgamma, dbeta = _backward_pass(2, gout, x, w, bias, gamma, beta, mean, invstd, sel, meta,
+def backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, gout2=None):
+    """(dw, dbias or None, dgamma, dbeta) of conv_bn_pool; aux: the forward's (sel, xm); gout2: a second
+    gradient of the output (gout's shape, contiguous), added to gout where the kernels load it, or None."""
+    _, dw, db, dgamma, dbeta = _backward_pass(2, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta,
                                               gout2=gout2)
     return dw, db, dgamma, dbeta
 
 
-def double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, mean, invstd, sel, meta):
-    """(d gout, d w, d bias or None, d gamma) of conv_bn_pool's backward."""
-    dgout, dw, db, dgamma, _ = _backward_pass(5, gout, x, w, bias, gamma, beta, mean, invstd, sel, meta, uw,
+def double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta):
+    """(d gout, d w, d bias or None, d gamma) of conv_bn_pool's backward; aux: the forward's (sel, xm)."""
+    dgout, dw, db, dgamma, _ = _backward_pass(5, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, uw,
                                               ubias, ugamma, ubeta)
     return dgout, dw, db, dgamma
