@@ -624,9 +624,9 @@ def block_call(x, w, meta) -> tuple:
 
 
 # the fused first block's passes: the Triton kernel each launches (mamlpp_fast/triton/conv_block.py)
-# that compute convolution products (the backward's reduction, `_bwd_sums_kernel`, computes none: a
-# bandwidth-bound pass over pooled tensors, "triton block_bwd_sums")
-_BLOCK_KERNELS = {"triton block_fwd_reduce": "_fwd_reduce_kernel", "triton block_fwd_apply": "_fwd_apply_kernel",
+# that compute convolution products (the forward's apply pass and the backward's reduction, `_fwd_apply_kernel`
+# and `_bwd_sums_kernel`, compute none: bandwidth-bound passes over pooled tensors, priced by their bytes)
+_BLOCK_KERNELS = {"triton block_fwd_reduce": "_fwd_reduce_kernel",
                   "triton block_bwd_apply": "_apply_kernel",
                   "triton block_dbwd_reduce": "_reduce_kernel", "triton block_dbwd_apply": "_apply_kernel"}
 
@@ -636,13 +636,14 @@ def _block_patch(rec: _Recorder):
     PyTorch one (hidden) and records the Triton kernels (mamlpp_fast/triton/conv_block.py) with their
     launch configuration for rec.sms SMs. Bytes: each pass reads the image and the pooled-size tensors
     it needs (gout; the pooled output or d(gout) written; the int8 position of each window's maximum,
-    written by the forward and read by every backward pass; xm, xhat at that maximum, written by the
-    forward when a backward can run and read by the backward's reduction) and the per-program partial
-    weight gradients (TC x CHUNKS x KP); FLOPs: the products the kernels execute, padding included:
+    written by the forward's reduction and read by every backward pass; zsel, the convolution output at
+    that maximum, written by the forward's reduction and read by its apply pass and the backward's
+    reduction) and the per-program partial weight gradients (TC x CHUNKS x KP); FLOPs: the products the
+    kernels execute, padding included:
     2 x n*Ho*Wo*T*C'*KP (KP = the patch width, the next power of two >= 16 of K + 1; C' = the channels as
     the kernels' channel blocks execute them, masked lanes included) per evaluation of the convolution
-    output (z, or u = P' U' in the double backward) and per weight-gradient contraction: forward reduce 1
-    and apply 1; backward apply 2 (z, dw'), its reduction none; double backward reduce 2 (z, u) and
+    output (z, or u = P' U' in the double backward) and per weight-gradient contraction: forward reduce 1,
+    its apply none; backward apply 2 (z, dw'), its reduction none; double backward reduce 2 (z, u) and
     apply 3 (z, u, dw')."""
     import types
 
@@ -664,17 +665,17 @@ def _block_patch(rec: _Recorder):
     def small(*ts):
         return sum(_nbytes(t) for t in ts if t is not None)
 
-    def forward(x, w, bias, gamma, beta, meta, keep=True):
+    def forward(x, w, bias, gamma, beta, meta):
         with rec.hide():
             out, mean, invstd, aux = torch_impl.forward(x, w, bias, gamma, beta, meta)
         macs, _, layer = geometry(x, w, meta)
         call = block_call(x, w, meta)
+        # + zsel (out's size) and sel (int8) written
         rec.add(name="triton block_fwd_reduce", kind="conv", layer=layer, flops=2 * macs, tf32_ok=True,
-                bytes=small(x, w, bias), call=call)
-        # + sel (int8), + xm (out's size) when kept
-        rec.add(name="triton block_fwd_apply", kind="conv", layer=layer, flops=2 * macs, tf32_ok=True,
-                bytes=small(x, w, bias, gamma, beta, out, mean, invstd) + out.numel()
-                + (_nbytes(out) if keep else 0), call=call)
+                bytes=small(x, w, bias, gamma, out) + out.numel(), call=call)
+        # zsel read, out written; no product
+        rec.add(name="triton block_fwd_apply", kind="conv", layer=layer,
+                bytes=2 * _nbytes(out) + small(gamma, beta, mean, invstd))
         return out, mean, invstd, aux
 
     def backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, gout2=None):
@@ -684,9 +685,9 @@ def _block_patch(rec: _Recorder):
         # + sel (int8); gout2: the output alias's gradient, loaded beside gout by both kernels
         params = small(w, bias, gamma, beta, mean, invstd, gout2) + gout.numel()
         call, consts = block_call(x, w, meta), dict(NSUM=2, HAS_G2=gout2 is not None)
-        # gout (and gout2) and xm (gout's size), no product
+        # gout (and gout2) and zsel (gout's size), no product
         rec.add(name="triton block_bwd_sums", kind="conv", layer=layer, bytes=2 * _nbytes(gout)
-                + small(gamma, beta, gout2))
+                + small(gamma, beta, mean, invstd, gout2))
         rec.add(name="triton block_bwd_apply", kind="conv", layer=layer, flops=4 * macs, tf32_ok=True,
                 bytes=small(gout, x) + params + partial + small(res[2], res[3]), call=call, consts=consts)
         rec.add(name="triton block_finish", kind="conv", layer=layer, bytes=partial + small(res[0], res[1]))

@@ -373,9 +373,9 @@ def test_convolutions_priced_at_their_loops_ffma_share(monkeypatch, tmp_path):
     gets its loop's FFMA share as its efficiency, and the prediction rises accordingly; a share of 1
     everywhere gives the ceiling's prediction back; a table without a call's configuration is an error
     naming the call. The fused first block's passes with products are priced the same way, each at the
-    share of the kernel it launches (the forward's two kernels, the backward's apply kernel, the double
-    backward's reduce and apply kernels: five kernels, each below a share of 1); the backward's
-    reduction computes no product (`_bwd_sums_kernel`) and is priced by its bytes."""
+    share of the kernel it launches (the forward's reduction, the backward's apply kernel, the double
+    backward's reduce and apply kernels: four kernels, each below a share of 1); the forward's apply
+    pass and the backward's reduction compute no product and are priced by their bytes."""
     import os
 
     from mamlpp_fast.errors import MamlppError
@@ -389,8 +389,8 @@ def test_convolutions_priced_at_their_loops_ffma_share(monkeypatch, tmp_path):
     effs = ffma_efficiencies(res, table)
     calls = {k.call for k in res.kernels if k.call is not None and k.call[0] in CONV_CALLS}
     block = {efficiency_key(k) for k in res.kernels if k.name.startswith("triton block_") and k.flops}
-    assert None not in block and len(block) == 6  # 5 passes; the backward's apply with and without gout2
-    assert not any(k.flops for k in res.kernels if k.name == "triton block_bwd_sums")
+    assert None not in block and len(block) == 5  # 4 passes; the backward's apply with and without gout2
+    assert not any(k.flops for k in res.kernels if k.name in ("triton block_bwd_sums", "triton block_fwd_apply"))
     assert set(effs) == calls | block and len(calls) >= 9
     assert all(0.3 < e < 1 for e in effs.values()), effs
     rows = {(r["kernel"], r.get("ffma_share")) for r in json.load(open(table))["triton_kernels"]

@@ -53,14 +53,13 @@ and refuses an x that requires one.
 This module holds the autograd (`conv_bn_pool`) and the implementation in plain PyTorch (`torch_impl`:
 it recomputes the convolution output in full, so it saves memory but not work; it is the oracle of
 the Triton kernels, mamlpp_fast.triton.conv_block, which never write it). An implementation is three
-functions on plain tensors: ``forward(x, w, bias, gamma, beta, meta, keep=True) -> (out, mean, invstd,
-aux)`` (``keep=False``: no backward will run, so nothing need be kept for one),
+functions on plain tensors: ``forward(x, w, bias, gamma, beta, meta) -> (out, mean, invstd, aux)``,
 ``backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, gout2=None) -> (dw, dbias, dgamma,
 dbeta)``,
 ``double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta) ->
 (dgout, dw, dbias, dgamma)``; ``aux`` is what the implementation keeps from its forward for its
 backward passes: None, a tensor, or a tuple of tensors and Nones (the Triton kernels: the position of
-each window's maximum and xhat there); ``meta`` is ``(T, stride, padding, eps, slope)``.
+each window's maximum and the convolution output there); ``meta`` is ``(T, stride, padding, eps, slope)``.
 """
 from __future__ import annotations
 
@@ -108,7 +107,7 @@ def _wgrad(x, gz, w_shape, meta):
     return dw, gz.reshape(gz.shape[0], t, c, -1).sum((0, 3))
 
 
-def _forward(x, w, bias, gamma, beta, meta, keep=True):
+def _forward(x, w, bias, gamma, beta, meta):
     """(out, mean, invstd, aux): this implementation keeps nothing beside the statistics (aux None)."""
     t, _, _, eps, slope = meta
     y, mean, invstd = tb.bn_forward(_conv(x, w, bias, meta), gamma, beta, t, eps, slope)
@@ -153,8 +152,8 @@ class _BlockForward(torch.autograd.Function):
     node's backward as a second argument rather than being added to out's by autograd."""
 
     @staticmethod
-    def forward(ctx, x, w, bias, gamma, beta, meta, impl, saved=None, keep=True):
-        out, mean, invstd, aux = impl.forward(x, w, bias, gamma, beta, meta, keep=keep)
+    def forward(ctx, x, w, bias, gamma, beta, meta, impl, saved=None):
+        out, mean, invstd, aux = impl.forward(x, w, bias, gamma, beta, meta)
         # the backward node reads the aliases in `saved` (w, bias, gamma; `conv_bn_pool`) when given, so
         # that their gradients from the double backward are summed by the caller's fan-out nodes
         if saved is not None:
@@ -170,12 +169,12 @@ class _BlockForward(torch.autograd.Function):
     def backward(ctx, gout, _gmean, _ginvstd, gout2):
         gout, gout2 = two_gradients(gout, gout2)
         if gout is None:
-            return (None,) * 9
+            return (None,) * 8
         x, w, bias, gamma, beta, mean, invstd, *aux = ctx.saved_tensors
         aux = tuple(aux) if ctx.aux_tuple else aux[0]
         dw, dbias, dgamma, dbeta = _BlockBackward.apply(gout, x, w, bias, gamma, beta, mean, invstd, aux,
                                                         ctx.meta, ctx.impl, gout2)
-        return None, dw, dbias, dgamma, dbeta, None, None, None, None
+        return None, dw, dbias, dgamma, dbeta, None, None, None
 
 
 class _BlockBackward(torch.autograd.Function):
@@ -275,8 +274,6 @@ def conv_bn_pool(x, w, bias, gamma, beta, num_tasks, stride, padding, eps, slope
     if gamma.shape != beta.shape:
         gamma, beta = (p.expand(t, -1) if p.dim() == 1 else p for p in (gamma, beta))
     meta = (t, int(stride), int(padding), float(eps), float(slope))
-    # what the implementation keeps for a backward only when one can run
-    keep = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (w, bias, gamma, beta))
     out, mean, invstd, out_alias = _BlockForward.apply(x.contiguous(), w, bias, gamma, beta, meta,
-                                                       impl if impl is not None else torch_impl, saved, keep)
+                                                       impl if impl is not None else torch_impl, saved)
     return (out, mean, invstd, out_alias) if alias else (out, mean, invstd)

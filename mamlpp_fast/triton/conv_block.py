@@ -22,12 +22,14 @@ forms the gamma/beta gradients from the column sums, per task or added in task o
 No atomics: results are reproducible.
 
 - forward:   reduce: per chunk and column, sums of z - ref and (z - ref)^2 (ref = the column's first
-             output in the chunk), turned into (mean, m2); apply: Chan's merge of the chunks -> mean,
-             invstd; out = the maximum of each window's y, `sel`, its position 0..3 (int8), which
-             the backward passes read instead of finding the maximum again, and `xm`, xhat there
-             (when a backward will run).
+             output in the chunk), turned into (mean, m2), and per window `sel`, the position 0..3
+             (int8) of its largest y, and `zsel`, z there: y is monotone in z (non-decreasing for
+             gamma > 0, non-increasing for gamma < 0, constant for gamma = 0), so the largest y is at
+             the first largest sign(gamma) z, found without the statistics; the backward passes read
+             sel instead of finding the maximum again. apply (elementwise over pooled tensors, no
+             convolution): Chan's merge of the chunks -> mean, invstd; out = y(zsel).
 - backward:  reduce: (sum g, sum g xhat), g = a gout at the window's maximum, 0 at its other outputs:
-             a pass over the pooled tensors gout and xm, no convolution (`_bwd_sums_kernel`);
+             a pass over the pooled tensors gout and zsel, no convolution (`_bwd_sums_kernel`);
              apply: dz = gamma r (g - gbar - xhat m) at the 4 outputs, dw' += P'^T dz;
              finish: dw, dbias; dgamma = sum g xhat, dbeta = sum g.
 - double backward: reduce: (sum g, sum g xhat, sum u, sum u xhat, sum u g) with u = P' U';
@@ -74,13 +76,12 @@ def block_config(mw: int, t: int, c: int, kp: int, device: torch.device, sms: in
 
     - BLOCK_C: channels per program (`_channel_tile`); BLOCK_W = 16 windows per step in the apply
       passes of the backward and double backward (they hold the weight-gradient accumulator), on 8 warps
-      for 64 channels, else 4; REDUCE_WARPS = 4, the warps of the passes without that accumulator (the
-      forward's two, the backward and double backward reductions); RBLOCK_W = 32 windows per step in the
-      forward's two passes and the backward's reduction under Triton < 3.7 (16 x 64 tiles on 4-8 warps
-      left each thread 4-8 accumulators: twice the windows on 4 warps lift their loops' FFMA share by 6-16
-      points under 3.6 without spilling; the double backward's reduction and the apply passes spilled
-      with it), 16 under 3.7 (where the backward's reduction spilled 304 B with 32 and the forward's
-      passes gained 1-7 points). The four outputs of a window step are a loop, not unrolled, so one
+      for 64 channels, else 4; REDUCE_WARPS = 4, the warps of the reductions with products (the
+      forward's and the double backward's); RBLOCK_W = 16 windows per step in the forward's reduction
+      (32 raised its loop's FFMA share by 6-16 points under Triton 3.6 while it only formed the sums;
+      since it also tracks each window's maximum, 32-window steps spill under 3.6: 140 B with Omniglot's
+      16-wide patches, 672 B with mini-ImageNet's 32-wide; bench/NOTES.md). The passes without products
+      (the forward's apply, the backward's reduction) take `pooled_config`. The four outputs of a window step are a loop, not unrolled, so one
       output's tiles are live at a time. Chosen from the sm_90a compile (bench.static_metrics,
       bench/NOTES.md: cut 3b and the block's passes); as configured no kernel spills under the Triton
       versions we compile with (tests/test_static_metrics.py). `kp` (the patch width) enters no rule now;
@@ -109,14 +110,15 @@ def block_config(mw: int, t: int, c: int, kp: int, device: torch.device, sms: in
     warps = 8 if bc == 64 else 4
     return dict(BLOCK_W=bw, BLOCK_C=bc, CB=triton.cdiv(c, bc), CHUNK=chunk, CHUNKS=chunks, num_warps=warps,
                 # the version read at call time: bench.trace --triton-configs sets it on the conv module
-                REDUCE_WARPS=4, RBLOCK_W=32 if _conv._TRITON_VERSION < (3, 7) else 16,
+                REDUCE_WARPS=4, RBLOCK_W=16,
                 BWD_APPLY_WARPS=4 if _conv._TRITON_VERSION < (3, 7) else warps)
 
 
-def sums_config(cfg: dict) -> dict:
-    """Launch constants of the backward's reduction (`_bwd_sums_kernel`, elementwise over the pooled
-    tensors, on the grid of the other passes): BLOCK_C x 32 tiles on 4 warps, i.e. 16 elements of each
-    loaded tensor per thread with 64 channels, 32 windows (128 bytes of a column) per warp row."""
+def pooled_config(cfg: dict) -> dict:
+    """Launch constants of the passes elementwise over pooled tensors (the forward's apply pass
+    `_fwd_apply_kernel`, the backward's reduction `_bwd_sums_kernel`; on the grid of the other passes):
+    BLOCK_C x 32 tiles on 4 warps, i.e. 16 elements of each tensor per thread with 64 channels, 32
+    windows (128 bytes of a column) per warp row."""
     return dict(BLOCK_W=32, num_warps=4)
 
 
@@ -271,15 +273,28 @@ def _zdot(P, Wt, PREC: tl.constexpr, ACC: tl.constexpr):
 # forward
 # ------------------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_reduce_kernel(x_ptr, w_ptr, b_ptr, ws_ptr, C, CB, Ci, TCi, H, W, HWp, Wp, MW, CHUNK, CHUNKS,
-                       stride, pad, W_TS, B_TS, KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr,
-                       KP: tl.constexpr, HAS_B: tl.constexpr, PREC: tl.constexpr, BLOCK_W: tl.constexpr,
-                       BLOCK_C: tl.constexpr):
+def _sign(v):
+    """-1, 0 or 1 (v's dtype)."""
+    return tl.where(v > 0, 1.0, tl.where(v < 0, -1.0, 0.0)).to(v.dtype)
+
+
+@triton.jit
+def _fwd_reduce_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, ws_ptr, zsel_ptr, sel_ptr, C, CB, Ci, TC, TCi, H, W, HWp,
+                       Wp, MW, CHUNK, CHUNKS, stride, pad, W_TS, B_TS, KK: tl.constexpr, KW: tl.constexpr,
+                       K: tl.constexpr, KP: tl.constexpr, HAS_B: tl.constexpr, GAMMA_PER_TASK: tl.constexpr,
+                       PREC: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     """ws[cp, k, :] = (mean, m2) of the convolution outputs of chunk k of column cp: sums of z - ref and
     (z - ref)^2 with ref = the column's first output of the chunk (a shift that keeps the sums of
-    squares small), turned into (mean, m2) at the end."""
+    squares small), turned into (mean, m2) at the end. Per window also the position of its largest y,
+    found on z: sel = the first d of the largest s z_d, s = sign(gamma) (y is a non-decreasing function
+    of s z; s = 0: all four y equal, d = 0), and zsel = z there."""
     t, cs, cps, cmask, k = _program(C, BLOCK_C, CB)
     ACC = x_ptr.dtype.element_ty
+    if GAMMA_PER_TASK:
+        gi = cps
+    else:
+        gi = cs
+    sg = _sign(tl.load(gamma_ptr + gi, mask=cmask, other=0.0).to(ACC))[None, :]
     ks, ci, p, q = _taps(KK, KW, KP)
     Wt = _wtile(w_ptr, b_ptr, t * W_TS + cs * K, t * B_TS + cs, cmask, ks, K, HAS_B, ACC)
     begin = tl.minimum(k * CHUNK, MW)
@@ -295,13 +310,26 @@ def _fwd_reduce_kernel(x_ptr, w_ptr, b_ptr, ws_ptr, C, CB, Ci, TCi, H, W, HWp, W
     for s in range(begin, end, BLOCK_W):
         j = s + rows
         mask = j < end
-        i, _rem, ph, pw = _windows(j, HWp, Wp)
+        i, rem, ph, pw = _windows(j, HWp, Wp)
+        best = tl.full([BLOCK_W, BLOCK_C], float("-inf"), dtype=ACC)  # the largest s z so far
+        zb = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
+        sel = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.int32)
         for d in range(4):  # a loop, not unrolled: one output's tiles live at a time
             P = _patch(x_ptr, i, 2 * ph + d // 2, 2 * pw + d % 2, mask, t, ks, ci, p, q, Ci, TCi, H, W,
                        stride, pad, K, ACC)
-            dz = tl.where(mask[:, None], _zdot(P, Wt, PREC, ACC) - ref[None, :], 0.0)
+            z = _zdot(P, Wt, PREC, ACC)
+            dz = tl.where(mask[:, None], z - ref[None, :], 0.0)
             s1 += dz
             s2 += dz * dz
+            key = sg * z
+            upd = key > best  # strict: the first of equal keys stays (d = 0 always enters)
+            best = tl.maximum(best, key)
+            zb = tl.where(upd, z, zb)
+            sel = tl.where(upd, d, sel)
+        off = (i.to(tl.int64)[:, None] * TC + cps[None, :]) * HWp + rem[:, None]
+        om = mask[:, None] & cmask[None, :]
+        tl.store(zsel_ptr + off, zb, mask=om)
+        tl.store(sel_ptr + off, sel.to(tl.int8), mask=om)
     n = (4 * (end - begin)).to(ACC)
     t1 = tl.sum(s1, axis=0)
     t2 = tl.sum(s2, axis=0)
@@ -312,36 +340,25 @@ def _fwd_reduce_kernel(x_ptr, w_ptr, b_ptr, ws_ptr, C, CB, Ci, TCi, H, W, HWp, W
 
 
 @triton.jit
-def _window_max(x_ptr, i, ph, pw, mask, t, ks, ci, p, q, Wt, mu, r, ga, be, slope, Ci, TCi, H, W,
-                stride, pad, K: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
-    """The windows' maximum y, its position d in 0..3 (the first on ties, as max_pool2d) and xhat there;
-    (rows, channels) tiles."""
-    P = _patch(x_ptr, i, 2 * ph, 2 * pw, mask, t, ks, ci, p, q, Ci, TCi, H, W, stride, pad, K, ACC)
-    xbest, _a, best = _act(_zdot(P, Wt, PREC, ACC), mu, r, ga, be, slope)
-    sel = tl.zeros(best.shape, dtype=tl.int32)
-    for d in range(1, 4):  # a loop, not unrolled: one output's tiles live at a time
-        P = _patch(x_ptr, i, 2 * ph + d // 2, 2 * pw + d % 2, mask, t, ks, ci, p, q, Ci, TCi, H, W,
-                   stride, pad, K, ACC)
-        xh, _a, y = _act(_zdot(P, Wt, PREC, ACC), mu, r, ga, be, slope)
-        upd = y > best
-        best = tl.where(upd, y, best)
-        sel = tl.where(upd, d, sel)
-        xbest = tl.where(upd, xh, xbest)
-    return best, sel, xbest
+def _pooled_offsets(s, end, cps, cmask, TC, HWp, BLOCK_W: tl.constexpr):
+    """Offsets and mask of a (channels, windows) tile of a pooled tensor (n, TC, Hp, Wp): windows
+    s .. s+BLOCK_W (< end) of columns cps, windows along the threads, where a column's elements are
+    adjacent in memory."""
+    j = s + tl.arange(0, BLOCK_W)
+    i = j // HWp
+    off = (i.to(tl.int64)[None, :] * TC + cps[:, None]) * HWp + (j - i * HWp)[None, :]
+    return off, cmask[:, None] & (j < end)[None, :]
 
 
 @triton.jit
-def _fwd_apply_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, ws_ptr, out_ptr, sel_ptr, xm_ptr, mean_ptr,
-                      invstd_ptr, C, CB, Ci, TC, TCi, H, W, HWp, Wp, MW, CHUNK, CHUNKS, stride, pad, W_TS, B_TS,
-                      eps_hi, eps_lo, slope_hi, slope_lo, KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr,
-                      KP: tl.constexpr, HAS_B: tl.constexpr, GAMMA_PER_TASK: tl.constexpr,
-                      IS_F64: tl.constexpr, PREC: tl.constexpr, BLOCK_W: tl.constexpr,
-                      BLOCK_C: tl.constexpr, KSTEP: tl.constexpr, KEEP_XM: tl.constexpr):
-    """out (each window's maximum y), sel (its position 0..3) and, with KEEP_XM, xm (xhat there, which
-    the backward's reduction reads instead of recomputing the convolution); mean and invstd from the
-    chunk states of `_fwd_reduce_kernel`."""
+def _fwd_apply_kernel(zsel_ptr, gamma_ptr, beta_ptr, ws_ptr, out_ptr, mean_ptr, invstd_ptr, C, CB, TC, HWp, MW,
+                      CHUNK, CHUNKS, eps_hi, eps_lo, slope_hi, slope_lo, GAMMA_PER_TASK: tl.constexpr,
+                      IS_F64: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, KSTEP: tl.constexpr):
+    """mean and invstd from the chunk states of `_fwd_reduce_kernel` (Chan's merge in chunk order; the
+    chunk-0 programs store them), then out = y(zsel) over the program's chunk of windows: elementwise,
+    no convolution (`_act`'s arithmetic on (channels, windows) tiles)."""
     t, cs, cps, cmask, k = _program(C, BLOCK_C, CB)
-    ACC = x_ptr.dtype.element_ty
+    ACC = zsel_ptr.dtype.element_ty
     eps = _f2acc(eps_hi, eps_lo, ACC)
     slope = _f2acc(slope_hi, slope_lo, ACC)
     # Chan merge of the chunk states (4 outputs per window), KSTEP chunks at a time
@@ -377,24 +394,17 @@ def _fwd_apply_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, ws_ptr, out_ptr,
         gi = cps
     else:
         gi = cs
-    ga = tl.load(gamma_ptr + gi, mask=cmask, other=1.0).to(ACC)
-    be = tl.load(beta_ptr + gi, mask=cmask, other=0.0).to(ACC)
-    ks, ci, p, q = _taps(KK, KW, KP)
-    Wt = _wtile(w_ptr, b_ptr, t * W_TS + cs * K, t * B_TS + cs, cmask, ks, K, HAS_B, ACC)
+    ga = tl.load(gamma_ptr + gi, mask=cmask, other=1.0).to(ACC)[:, None]
+    be = tl.load(beta_ptr + gi, mask=cmask, other=0.0).to(ACC)[:, None]
+    mu2 = mu[:, None]
+    r2 = r[:, None]
     begin = tl.minimum(k * CHUNK, MW)
     end = tl.minimum(begin + CHUNK, MW)
     for s in range(begin, end, BLOCK_W):
-        j = s + tl.arange(0, BLOCK_W)
-        mask = j < end
-        i, rem, ph, pw = _windows(j, HWp, Wp)
-        best, sel, xbest = _window_max(x_ptr, i, ph, pw, mask, t, ks, ci, p, q, Wt, mu, r, ga, be, slope, Ci,
-                                       TCi, H, W, stride, pad, K, PREC, ACC)
-        off = (i.to(tl.int64)[:, None] * TC + cps[None, :]) * HWp + rem[:, None]
-        om = mask[:, None] & cmask[None, :]
-        tl.store(out_ptr + off, best.to(out_ptr.dtype.element_ty), mask=om)
-        tl.store(sel_ptr + off, sel.to(tl.int8), mask=om)
-        if KEEP_XM:
-            tl.store(xm_ptr + off, xbest, mask=om)
+        off, m = _pooled_offsets(s, end, cps, cmask, TC, HWp, BLOCK_W)
+        zz = ga * ((tl.load(zsel_ptr + off, mask=m, other=0.0) - mu2) * r2) + be
+        y = tl.where(zz > 0, 1.0, slope).to(ACC) * zz
+        tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -415,16 +425,15 @@ def _uvec(uw_ptr, ub_ptr, cps, cmask, ks, K: tl.constexpr, HAS_UW: tl.constexpr,
 
 
 @triton.jit
-def _bwd_sums_kernel(gout_ptr, gout2_ptr, xm_ptr, gamma_ptr, beta_ptr, ws_ptr, C, CB, TC, HWp, MW, CHUNK, CHUNKS,
-                     slope_hi, slope_lo, GAMMA_PER_TASK: tl.constexpr, HAS_G2: tl.constexpr,
-                     BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+def _bwd_sums_kernel(gout_ptr, gout2_ptr, zsel_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, ws_ptr, C, CB, TC,
+                     HWp, MW, CHUNK, CHUNKS, slope_hi, slope_lo, GAMMA_PER_TASK: tl.constexpr,
+                     HAS_G2: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     """The backward's reduction: ws[cp, k, :2] = (sum g, sum g xhat) over the windows of chunk k of
     column cp. g is a gout at each window's maximum and 0 at its other three outputs, so both sums run
-    over the windows alone: xhat = xm (kept by the forward at the maximum), a = 1 if gamma xm + beta > 0
-    else slope (`_act`'s arithmetic). No convolution. Tiles are (channels, windows), windows along the
-    threads: consecutive pooled elements of a column are adjacent in memory."""
+    over the windows alone, from z at the maximum (zsel, kept by the forward's reduction): xhat =
+    (zsel - mean) r, a = 1 if gamma xhat + beta > 0 else slope (`_act`'s arithmetic). No convolution."""
     t, cs, cps, cmask, k = _program(C, BLOCK_C, CB)
-    ACC = xm_ptr.dtype.element_ty
+    ACC = zsel_ptr.dtype.element_ty
     slope = _f2acc(slope_hi, slope_lo, ACC)
     if GAMMA_PER_TASK:
         gi = cps
@@ -432,19 +441,18 @@ def _bwd_sums_kernel(gout_ptr, gout2_ptr, xm_ptr, gamma_ptr, beta_ptr, ws_ptr, C
         gi = cs
     ga = tl.load(gamma_ptr + gi, mask=cmask, other=1.0).to(ACC)[:, None]
     be = tl.load(beta_ptr + gi, mask=cmask, other=0.0).to(ACC)[:, None]
+    mu = tl.load(mean_ptr + cps, mask=cmask, other=0.0).to(ACC)[:, None]
+    r = tl.load(invstd_ptr + cps, mask=cmask, other=1.0).to(ACC)[:, None]
     begin = tl.minimum(k * CHUNK, MW)
     end = tl.minimum(begin + CHUNK, MW)
     sg = tl.zeros([BLOCK_C, BLOCK_W], dtype=ACC)
     sgx = tl.zeros([BLOCK_C, BLOCK_W], dtype=ACC)
     for s in range(begin, end, BLOCK_W):
-        j = s + tl.arange(0, BLOCK_W)
-        i = j // HWp
-        off = (i.to(tl.int64)[None, :] * TC + cps[:, None]) * HWp + (j - i * HWp)[None, :]
-        m = cmask[:, None] & (j < end)[None, :]
+        off, m = _pooled_offsets(s, end, cps, cmask, TC, HWp, BLOCK_W)
         go = tl.load(gout_ptr + off, mask=m, other=0.0).to(ACC)
         if HAS_G2:
             go += tl.load(gout2_ptr + off, mask=m, other=0.0).to(ACC)
-        xh = tl.load(xm_ptr + off, mask=m, other=0.0)
+        xh = (tl.load(zsel_ptr + off, mask=m, other=0.0) - mu) * r
         g = tl.where(ga * xh + be > 0, 1.0, slope).to(ACC) * go  # go is 0 where masked
         sg += g
         sgx += g * xh
@@ -668,20 +676,21 @@ def _task_rows(w, bias):
 
 def _launch(g, prec, w_ts, b_ts, nsum=None):
     """(grid, geometry arguments, reduce constants, apply constants) of the forward (nsum None), the
-    backward (nsum 2) or the double backward (nsum 5): each pass's step width, warps and register cap
-    (`block_config`)."""
+    backward (nsum 2) or the double backward (nsum 5): the step width, warps and register cap of each
+    pass that computes convolution products (`block_config`); None for a pass without products (the
+    forward's apply and the backward's reduction: `pooled_config`)."""
     cfg = g["cfg"]
     grid = (g["t"] * cfg["CB"], cfg["CHUNKS"])
     geo = (g["c"], cfg["CB"], g["ci"], g["tc"], g["tci"], g["h"], g["w"], g["hp"] * g["wp"], g["wp"], g["mw"],
            cfg["CHUNK"], cfg["CHUNKS"], g["stride"], g["pad"], w_ts, b_ts)
     base = dict(KK=g["kk"], KW=g["kw"], K=g["k"], KP=g["kp"], PREC=prec, BLOCK_C=cfg["BLOCK_C"])
-    # the passes without a weight-gradient accumulator: the forward's two and the backward's reduction in
-    # RBLOCK_W-window steps, the double backward's reduction in BLOCK_W; all on REDUCE_WARPS
-    reduce_w = cfg["BLOCK_W"] if nsum == 5 else cfg.get("RBLOCK_W", cfg["BLOCK_W"])
-    const_r = dict(base, BLOCK_W=reduce_w, num_warps=cfg.get("REDUCE_WARPS", cfg["num_warps"]))
-    if nsum is None:  # both forward passes are reductions in this sense
-        const_a = dict(const_r)
-    else:
+    # the reductions with products (no weight-gradient accumulator): the forward's in RBLOCK_W-window
+    # steps, the double backward's in BLOCK_W; both on REDUCE_WARPS
+    const_r = const_a = None
+    if nsum != 2:
+        reduce_w = cfg["BLOCK_W"] if nsum == 5 else cfg.get("RBLOCK_W", cfg["BLOCK_W"])
+        const_r = dict(base, BLOCK_W=reduce_w, num_warps=cfg.get("REDUCE_WARPS", cfg["num_warps"]))
+    if nsum is not None:
         warps = cfg.get("BWD_APPLY_WARPS", cfg["num_warps"]) if nsum == 2 else cfg["num_warps"]
         const_a = dict(base, BLOCK_W=cfg["BLOCK_W"], num_warps=warps)
     if cfg["BLOCK_C"] == 64:
@@ -693,48 +702,53 @@ def _launch(g, prec, w_ts, b_ts, nsum=None):
             # none (caps of 200-232 made the fp32 passes spill). bench/NOTES.md, the block's tiles at 48
             # channels and the block's gather
             const_a["maxnreg"] = 255
-        if prec != "ieee":
-            # likewise the tensor-core reductions on 4 warps (and the forward's apply): ptxas (3.7.1) settled
-            # on 128 registers and spilled 4 B in the backward's reduction with gout2; capped at 255 they take
+        if nsum is None and prec == "ieee" and g["kp"] <= 16:
+            # the forward's reduction with 16-wide patches (Omniglot): left alone, 3.7.1's ptxas settles on
+            # 128 registers and spills 8 B; capped at 255 it takes 213 (3.6.0: 236), none. Not with
+            # mini-ImageNet's 32-wide patches, where that cap made 3.7.1 spill 16 B (197 registers, none,
+            # without it). bench/NOTES.md, the forward's reduction picks each window's maximum
+            const_r["maxnreg"] = 255
+        if prec != "ieee" and const_r is not None:
+            # likewise the tensor-core reductions on 4 warps: ptxas (3.7.1) settled on 128 registers and
+            # spilled 4 B in the (then convolving) backward's reduction with gout2; capped at 255 they took
             # 154-243, no spill. Not in strict fp32, where that cap made 3.7.1 spill 52 B in the forward's
             # reduction
             const_r["maxnreg"] = 255
-            if nsum is None:
-                const_a["maxnreg"] = 255
     return grid, geo, const_r, const_a
 
 
-def forward(x, w, bias, gamma, beta, meta, keep=True):
-    """(out, mean, invstd, aux) of conv_bn_pool; aux = (sel, xm) for the backward passes: sel (int8, the
+def forward(x, w, bias, gamma, beta, meta):
+    """(out, mean, invstd, aux) of conv_bn_pool; aux = (sel, zsel) for the backward passes: sel (int8, the
     shape of out), the position 0..3 of each window's maximum, which they read instead of finding it
-    again; xm (out's shape and dtype), xhat at that maximum, from which the backward's reduction forms its
-    sums without a convolution; None with keep=False (no backward will run: nothing more is written)."""
+    again, and zsel (out's shape and dtype), the convolution output there, from which the backward's
+    reduction forms its sums without a convolution. Both come from the forward's reduction, which
+    computes z anyway; the apply pass is elementwise on zsel."""
     g = _geometry(x, w, meta)
     cfg = g["cfg"]
     w, w_ts, b, b_ts = _task_rows(w, bias)
     gamma, beta = gamma.contiguous(), beta.contiguous()
     out = torch.empty(g["n"], g["tc"], g["hp"], g["wp"], dtype=x.dtype, device=x.device)
     sel = torch.empty(out.shape, dtype=torch.int8, device=x.device)
-    xm = torch.empty_like(out) if keep else None
+    zsel = torch.empty_like(out)
     mean = torch.empty(g["tc"], dtype=x.dtype, device=x.device)
     invstd = torch.empty_like(mean)
     ws = torch.empty(g["tc"] * cfg["CHUNKS"] * 2, dtype=x.dtype, device=x.device)
-    grid, geo, const_r, const_a = _launch(g, _precision(x.dtype), w_ts, b_ts)
-    geo_r = geo[:3] + geo[4:]  # the reduction takes no TC
-    _fwd_reduce_kernel[grid](x, w, b, ws, *geo_r, HAS_B=bias is not None, **const_r)
+    grid, geo, const_r, _ = _launch(g, _precision(x.dtype), w_ts, b_ts)
+    per_task = gamma.dim() == 2
+    _fwd_reduce_kernel[grid](x, w, b, gamma, ws, zsel, sel, *geo, HAS_B=bias is not None, GAMMA_PER_TASK=per_task,
+                             **const_r)
     eps_hi, eps_lo = _split(meta[3])
     sl_hi, sl_lo = _split(meta[4])
-    _fwd_apply_kernel[grid](x, w, b, gamma, beta, ws, out, sel, xm if keep else out, mean, invstd, *geo, eps_hi,
-                            eps_lo, sl_hi, sl_lo, HAS_B=bias is not None, GAMMA_PER_TASK=gamma.dim() == 2,
-                            IS_F64=x.dtype == torch.float64, KSTEP=_KSTEP, KEEP_XM=keep, **const_a)
-    return out, mean, invstd, (sel, xm)
+    _fwd_apply_kernel[grid](zsel, gamma, beta, ws, out, mean, invstd, g["c"], cfg["CB"], g["tc"], g["hp"] * g["wp"],
+                            g["mw"], cfg["CHUNK"], cfg["CHUNKS"], eps_hi, eps_lo, sl_hi, sl_lo,
+                            GAMMA_PER_TASK=per_task, IS_F64=x.dtype == torch.float64, BLOCK_C=cfg["BLOCK_C"],
+                            KSTEP=_KSTEP, **pooled_config(cfg))
+    return out, mean, invstd, (sel, zsel)
 
 
 def _backward_pass(nsum, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, uw=None, ubias=None,
                    ugamma=None, ubeta=None, gout2=None):
-    sel, xm = aux
-    if nsum == 2 and xm is None:
-        raise ValueError("triton conv_bn_pool: the backward needs the forward's xm (forward ran with keep=False)")
+    sel, zsel = aux
     g = _geometry(x, w, meta)
     if gout2 is not None and (gout2.shape != gout.shape or not gout2.is_contiguous() or not gout.is_contiguous()):
         raise ValueError(f"triton conv_bn_pool: gout2 {tuple(gout2.shape)} must be contiguous like gout "
@@ -752,10 +766,10 @@ def _backward_pass(nsum, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta,
                  HAS_UB=ubias is not None, HAS_G2=gout2 is not None)
     gout2 = gout if gout2 is None else gout2
     if nsum == 2:
-        cfg_s = sums_config(cfg)
-        _bwd_sums_kernel[grid](gout, gout2, xm, gamma, beta, ws, g["c"], cfg["CB"], g["tc"], g["hp"] * g["wp"],
-                               g["mw"], cfg["CHUNK"], cfg["CHUNKS"], sl_hi, sl_lo, GAMMA_PER_TASK=gamma.dim() == 2,
-                               HAS_G2=flags["HAS_G2"], BLOCK_C=cfg["BLOCK_C"], **cfg_s)
+        _bwd_sums_kernel[grid](gout, gout2, zsel, gamma, beta, mean, invstd, ws, g["c"], cfg["CB"], g["tc"],
+                               g["hp"] * g["wp"], g["mw"], cfg["CHUNK"], cfg["CHUNKS"], sl_hi, sl_lo,
+                               GAMMA_PER_TASK=gamma.dim() == 2, HAS_G2=flags["HAS_G2"], BLOCK_C=cfg["BLOCK_C"],
+                               **pooled_config(cfg))
     else:
         _reduce_kernel[grid](gout, gout2, sel, x, w, b, uw_t, ub_t, gamma, beta, mean, invstd, ws, *geo, sl_hi,
                              sl_lo, **flags, **const_r)
@@ -777,7 +791,7 @@ def _backward_pass(nsum, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta,
 
 
 def backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, gout2=None):
-    """(dw, dbias or None, dgamma, dbeta) of conv_bn_pool; aux: the forward's (sel, xm); gout2: a second
+    """(dw, dbias or None, dgamma, dbeta) of conv_bn_pool; aux: the forward's (sel, zsel); gout2: a second
     gradient of the output (gout's shape, contiguous), added to gout where the kernels load it, or None."""
     _, dw, db, dgamma, dbeta = _backward_pass(2, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta,
                                               gout2=gout2)
@@ -785,7 +799,7 @@ def backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, gout2=None)
 
 
 def double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta):
-    """(d gout, d w, d bias or None, d gamma) of conv_bn_pool's backward; aux: the forward's (sel, xm)."""
+    """(d gout, d w, d bias or None, d gamma) of conv_bn_pool's backward; aux: the forward's (sel, zsel)."""
     dgout, dw, db, dgamma, _ = _backward_pass(5, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, uw,
                                               ubias, ugamma, ubeta)
     return dgout, dw, db, dgamma
