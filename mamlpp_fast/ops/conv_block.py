@@ -147,6 +147,18 @@ torch_impl = types.SimpleNamespace(name="torch", forward=_forward, backward=_bac
 # ------------------------------------------------------------------------------------------------------
 # autograd: the forward's backward is _BlockBackward, whose backward is the double backward
 # ------------------------------------------------------------------------------------------------------
+def _save(ctx, tensors, aux):
+    """save_for_backward of `tensors` and the implementation's aux (None, a tensor or a tuple of them)."""
+    ctx.n_saved, ctx.aux_tuple = len(tensors), isinstance(aux, tuple)
+    ctx.save_for_backward(*tensors, *(aux if ctx.aux_tuple else (aux,)))
+
+
+def _saved(ctx) -> tuple:
+    """`_save`'s tensors, then its aux as it was given."""
+    t, n = ctx.saved_tensors, ctx.n_saved
+    return (*t[:n], tuple(t[n:]) if ctx.aux_tuple else t[n])
+
+
 class _BlockForward(torch.autograd.Function):
     """out = conv_bn_pool(x); also returns an alias of out (the op's ``alias``) whose gradient reaches this
     node's backward as a second argument rather than being added to out's by autograd."""
@@ -158,8 +170,7 @@ class _BlockForward(torch.autograd.Function):
         # that their gradients from the double backward are summed by the caller's fan-out nodes
         if saved is not None:
             w, bias, gamma = saved
-        ctx.aux_tuple = isinstance(aux, tuple)
-        ctx.save_for_backward(x, w, bias, gamma, beta, mean, invstd, *(aux if ctx.aux_tuple else (aux,)))
+        _save(ctx, (x, w, bias, gamma, beta, mean, invstd), aux)
         ctx.meta, ctx.impl = meta, impl
         ctx.mark_non_differentiable(mean, invstd)
         ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) gradients
@@ -170,8 +181,7 @@ class _BlockForward(torch.autograd.Function):
         gout, gout2 = two_gradients(gout, gout2)
         if gout is None:
             return (None,) * 8
-        x, w, bias, gamma, beta, mean, invstd, *aux = ctx.saved_tensors
-        aux = tuple(aux) if ctx.aux_tuple else aux[0]
+        x, w, bias, gamma, beta, mean, invstd, aux = _saved(ctx)
         dw, dbias, dgamma, dbeta = _BlockBackward.apply(gout, x, w, bias, gamma, beta, mean, invstd, aux,
                                                         ctx.meta, ctx.impl, gout2)
         return None, dw, dbias, dgamma, dbeta, None, None, None
@@ -182,8 +192,7 @@ class _BlockBackward(torch.autograd.Function):
     def forward(ctx, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, impl, gout2=None):
         # gout2 (the output alias's gradient) is only given where this node is not recorded
         # (`two_gradients`): the double backward below reads gout alone
-        ctx.aux_tuple = isinstance(aux, tuple)
-        ctx.save_for_backward(gout, x, w, bias, gamma, beta, mean, invstd, *(aux if ctx.aux_tuple else (aux,)))
+        _save(ctx, (gout, x, w, bias, gamma, beta, mean, invstd), aux)
         ctx.meta, ctx.impl = meta, impl
         ctx.set_materialize_grads(False)
         return impl.backward(gout.contiguous(), x, w, bias, gamma, beta, mean, invstd, aux, meta,
@@ -192,8 +201,7 @@ class _BlockBackward(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, uw, ubias, ugamma, ubeta):
-        gout, x, w, bias, gamma, beta, mean, invstd, *aux = ctx.saved_tensors
-        aux = tuple(aux) if ctx.aux_tuple else aux[0]
+        gout, x, w, bias, gamma, beta, mean, invstd, aux = _saved(ctx)
         if uw is None and ubias is None and ugamma is None and ubeta is None:
             return (None,) * 12
         dgout, dw, dbias, dgamma = ctx.impl.double_backward(
