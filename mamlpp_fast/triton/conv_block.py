@@ -251,14 +251,21 @@ def _program(C, BLOCK_C: tl.constexpr, CB):
 
 
 @triton.jit
-def _params(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cs, cps, cmask, GAMMA_PER_TASK: tl.constexpr,
-            ACC: tl.constexpr):
+def _gamma_beta(gamma_ptr, beta_ptr, cs, cps, cmask, GAMMA_PER_TASK: tl.constexpr, ACC: tl.constexpr):
+    """(index of gamma / beta, gamma, beta) of the program's channels: per column or per channel."""
     if GAMMA_PER_TASK:
         gi = cps
     else:
         gi = cs
     ga = tl.load(gamma_ptr + gi, mask=cmask, other=1.0).to(ACC)
     be = tl.load(beta_ptr + gi, mask=cmask, other=0.0).to(ACC)
+    return gi, ga, be
+
+
+@triton.jit
+def _params(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cs, cps, cmask, GAMMA_PER_TASK: tl.constexpr,
+            ACC: tl.constexpr):
+    gi, ga, be = _gamma_beta(gamma_ptr, beta_ptr, cs, cps, cmask, GAMMA_PER_TASK, ACC)
     mu = tl.load(mean_ptr + cps, mask=cmask, other=0.0).to(ACC)
     r = tl.load(invstd_ptr + cps, mask=cmask, other=1.0).to(ACC)
     return gi, ga, be, mu, r
@@ -390,12 +397,9 @@ def _fwd_apply_kernel(zsel_ptr, gamma_ptr, beta_ptr, ws_ptr, out_ptr, mean_ptr, 
     if k == 0:
         tl.store(mean_ptr + cps, mu, mask=cmask)
         tl.store(invstd_ptr + cps, r, mask=cmask)
-    if GAMMA_PER_TASK:
-        gi = cps
-    else:
-        gi = cs
-    ga = tl.load(gamma_ptr + gi, mask=cmask, other=1.0).to(ACC)[:, None]
-    be = tl.load(beta_ptr + gi, mask=cmask, other=0.0).to(ACC)[:, None]
+    _gi, ga, be = _gamma_beta(gamma_ptr, beta_ptr, cs, cps, cmask, GAMMA_PER_TASK, ACC)
+    ga = ga[:, None]
+    be = be[:, None]
     mu2 = mu[:, None]
     r2 = r[:, None]
     begin = tl.minimum(k * CHUNK, MW)
@@ -435,14 +439,9 @@ def _bwd_sums_kernel(gout_ptr, gout2_ptr, zsel_ptr, gamma_ptr, beta_ptr, mean_pt
     t, cs, cps, cmask, k = _program(C, BLOCK_C, CB)
     ACC = zsel_ptr.dtype.element_ty
     slope = _f2acc(slope_hi, slope_lo, ACC)
-    if GAMMA_PER_TASK:
-        gi = cps
-    else:
-        gi = cs
-    ga = tl.load(gamma_ptr + gi, mask=cmask, other=1.0).to(ACC)[:, None]
-    be = tl.load(beta_ptr + gi, mask=cmask, other=0.0).to(ACC)[:, None]
-    mu = tl.load(mean_ptr + cps, mask=cmask, other=0.0).to(ACC)[:, None]
-    r = tl.load(invstd_ptr + cps, mask=cmask, other=1.0).to(ACC)[:, None]
+    _gi, ga, be, mu, r = _params(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cs, cps, cmask, GAMMA_PER_TASK,
+                                 ACC)
+    ga, be, mu, r = ga[:, None], be[:, None], mu[:, None], r[:, None]
     begin = tl.minimum(k * CHUNK, MW)
     end = tl.minimum(begin + CHUNK, MW)
     sg = tl.zeros([BLOCK_C, BLOCK_W], dtype=ACC)
