@@ -465,3 +465,24 @@ def test_weight_gradient_lanes_inside_priced_by_their_loop():
     assert inside_fraction(("conv_weight_grad", (2, 6, 9, 9), (2, 3, 3, 3, 3, 9, 9, 7, 7, 1, 0)), kw) == 96 / 98
     assert inside_fraction(("conv_weight_grad", (8, 6, 7, 7), (2, 3, 3, 3, 3, 7, 7, 4, 4, 2, 1)), kw) == 32 / 128
     assert inside_fraction(("conv_forward", (8, 6, 7, 7), (2, 3, 3, 3, 3, 7, 7, 4, 4, 2, 1)), kw) == 0.0
+
+
+def test_block_passes_add_up_to_the_first_layer(monkeypatch, capsys):
+    """bench.block_passes (NOTES' per-pass prices of the fused block): its rows for Omniglot 20w1s B=8
+    add up to the first layer's predicted time in the trace's per-call pricing (same configurations, same
+    table). Every pass of the block appears, each once per image set. A bad command line is refused with
+    the usage line."""
+    from bench import block_passes as bp
+    from bench.trace import ffma_efficiencies
+    from mamlpp_fast.triton import conv as tconv
+
+    rows = bp.block_passes("omniglot_20w1s", 8)
+    names = {r[0] for r in rows}
+    assert {"triton block_fwd_reduce", "triton block_fwd_apply", "triton block_bwd_sums", "triton block_bwd_apply",
+            "triton block_dbwd_reduce", "triton block_dbwd_apply", "triton block_finish"} <= names
+    assert len(rows) == len({(r[0], r[1]) for r in rows}) and all(r[3] > 0 for r in rows)
+    monkeypatch.setattr(tconv, "_TRITON_VERSION", (3, 6))
+    res = trace_meta_update("omniglot_20w1s", 8)
+    s = summarize(res, efficiencies=ffma_efficiencies(res, bp.TABLE))
+    assert sum(r[3] for r in rows) == pytest.approx(s["by_layer"]["conv0"]["predicted_ms"])
+    assert bp.main(["omniglot_20w1s"]) == 2 and "usage" in capsys.readouterr().err
