@@ -81,8 +81,8 @@ def block_config(mw: int, t: int, c: int, kp: int, device: torch.device, sms: in
       (32 raised its loop's FFMA share by 6-16 points under Triton 3.6 while it only formed the sums;
       since it also tracks each window's maximum, 32-window steps spill under 3.6: 140 B with Omniglot's
       16-wide patches, 672 B with mini-ImageNet's 32-wide; bench/NOTES.md). The passes without products
-      (the forward's apply, the backward's reduction) take `pooled_config`. The four outputs of a window step are a loop, not unrolled, so one
-      output's tiles are live at a time. Chosen from the sm_90a compile (bench.static_metrics,
+      (the forward's apply, the backward's reduction) take `pooled_config`. The four outputs of a window
+      step are a loop, not unrolled, so one output's tiles are live at a time. Chosen from the sm_90a compile (bench.static_metrics,
       bench/NOTES.md: cut 3b and the block's passes); as configured no kernel spills under the Triton
       versions we compile with (tests/test_static_metrics.py). `kp` (the patch width) enters no rule now;
       the signature keeps it for the callers that pass it.
