@@ -3,7 +3,8 @@ at mini-ImageNet's 48 channels (no GPU needed; compiled for sm_90a with the inst
 
     python -m bench.probe_block_tiles tiles   # registers, spills, FFMA share per kernel for BLOCK_C 16 at
                                               # 4 warps, 64 at 8 warps, 64 at 4 warps (configuration patched)
-    python -m bench.probe_block_tiles maxnreg # the two apply passes, strict fp32 and TF32, under .maxnreg
+    python -m bench.probe_block_tiles maxnreg # the backward's pass and the double backward's apply pass,
+                                              # strict fp32 and TF32, under .maxnreg
                                               # caps none / 200 / 216 / 240 / 255
 
 Both compile the mini-ImageNet target call of the block (75 x 3 x 84 x 84 images per task, 2 tasks, 48
@@ -40,14 +41,14 @@ def maxnreg() -> None:
     tools = triton_tools()
     for tf32 in (False, True):
         for fn, args, kw in capture_launches(CALL, tf32=tf32):
-            if fn.__name__ != "_apply_kernel":
+            if fn.__name__ not in ("_bwd_kernel", "_dbwd_apply_kernel"):
                 continue
             kw = {k: v for k, v in kw.items() if k != "maxnreg"}
             for cap in (None, 200, 216, 240, 255):
                 k2 = dict(kw, **({"maxnreg": cap} if cap else {}))
                 _, ck = compile_launch(fn, args, k2)
                 r = ptxas_verbose(tools["ptxas"], ck.asm["ptx"])
-                print(f"NSUM {kw.get('NSUM')} {kw.get('PREC')} maxnreg {cap}: regs {r.get('registers')} spills "
+                print(f"{fn.__name__} {kw.get('PREC')} maxnreg {cap}: regs {r.get('registers')} spills "
                       f"{r.get('spill_stores')}/{r.get('spill_loads')}")
 
 

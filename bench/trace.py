@@ -624,11 +624,11 @@ def block_call(x, w, meta) -> tuple:
 
 
 # the fused first block's passes: the Triton kernel each launches (mamlpp_fast/triton/conv_block.py)
-# that compute convolution products (the forward's apply pass and the backward's reduction, `_fwd_apply_kernel`
-# and `_bwd_sums_kernel`, compute none: bandwidth-bound passes over pooled tensors, priced by their bytes)
-_BLOCK_KERNELS = {"triton block_fwd_reduce": "_fwd_reduce_kernel",
-                  "triton block_bwd_apply": "_apply_kernel",
-                  "triton block_dbwd_reduce": "_reduce_kernel", "triton block_dbwd_apply": "_apply_kernel"}
+# that compute products (the forward's apply pass, `_fwd_apply_kernel`, computes none: a bandwidth-bound
+# pass over pooled tensors, priced by its bytes)
+_BLOCK_KERNELS = {"triton block_fwd_reduce": "_fwd_reduce_kernel", "triton block_gram": "_gram_kernel",
+                  "triton block_bwd": "_bwd_kernel",
+                  "triton block_dbwd_reduce": "_dbwd_reduce_kernel", "triton block_dbwd_apply": "_dbwd_apply_kernel"}
 
 
 def _block_patch(rec: _Recorder):
@@ -637,22 +637,26 @@ def _block_patch(rec: _Recorder):
     launch configuration for rec.sms SMs. Bytes: each pass reads the image and the pooled-size tensors
     it needs (gout; the pooled output or d(gout) written; the int8 position of each window's maximum,
     written by the forward's reduction and read by every backward pass; zsel, the convolution output at
-    that maximum, written by the forward's reduction and read by its apply pass and the backward's
-    reduction) and the per-program partial weight gradients (TC x CHUNKS x KP); FLOPs: the products the
-    kernels execute, padding included:
+    that maximum, written by the forward's reduction and read by its apply pass and the backward) and
+    the per-program partial weight gradients (TC x CHUNKS x KP); FLOPs: the products the kernels
+    execute, padding included:
     2 x n*Ho*Wo*T*C'*KP (KP = the patch width, the next power of two >= 16 of K + 1; C' = the channels as
     the kernels' channel blocks execute them, masked lanes included) per evaluation of the convolution
     output (z, or u = P' U' in the double backward) and per weight-gradient contraction: forward reduce 1,
-    its apply none; backward apply 2 (z, dw'), its reduction none; double backward reduce 2 (z, u) and
-    apply 3 (z, u, dw')."""
+    its apply none; backward 1 (Q_D, no z); double backward reduce 2 (z, u) and apply 3 (z, u, dw').
+    The image's Gram terms (`image_stats`: once per image set where the caller keeps them, as the
+    learner does): 2 x n*Ho*Wo*T*KP^2, their (T, CHUNKS, KP^2 + KP) partials written and summed by one
+    reduction, which the backward's finishing kernel reads."""
     import types
 
     from mamlpp_fast.ops.conv_block import torch_impl
     from mamlpp_fast.triton.conv_block import block_config
 
-    def geometry(x, w, meta):
+    def geometry(x, w_shape, meta):
+        """(MACs of one patch-product evaluation, bytes of the weight-gradient partials, layer, MACs of
+        the Gram terms, bytes of their partials, chunks per column)"""
         n = x.shape[0]
-        t, c, ci, kh, kw = w.shape
+        t, c, ci, kh, kw = w_shape
         stride, pad = meta[1], meta[2]
         ho = (x.shape[2] + 2 * pad - kh) // stride + 1
         wo = (x.shape[3] + 2 * pad - kw) // stride + 1
@@ -660,7 +664,9 @@ def _block_patch(rec: _Recorder):
         cfg = block_config(n * (ho // 2) * (wo // 2), t, c, kp, x.device, sms=rec.sms)
         lanes = cfg["CB"] * cfg["BLOCK_C"]  # channels as executed: 48 run as 64 (masked lanes)
         macs = n * ho * wo * t * lanes * kp  # one evaluation of the (padded) patch products
-        return macs, t * c * cfg["CHUNKS"] * kp * x.element_size(), rec.layer_of([x])
+        gram = t * cfg["CHUNKS"] * (kp * kp + kp) * x.element_size()  # the Gram kernel's partials
+        return (macs, t * c * cfg["CHUNKS"] * kp * x.element_size(), rec.layer_of([x]), n * ho * wo * t * kp * kp,
+                gram, cfg["CHUNKS"])
 
     def small(*ts):
         return sum(_nbytes(t) for t in ts if t is not None)
@@ -668,7 +674,7 @@ def _block_patch(rec: _Recorder):
     def forward(x, w, bias, gamma, beta, meta):
         with rec.hide():
             out, mean, invstd, aux = torch_impl.forward(x, w, bias, gamma, beta, meta)
-        macs, _, layer = geometry(x, w, meta)
+        macs, _, layer, _, _, _ = geometry(x, w.shape, meta)
         call = block_call(x, w, meta)
         # + zsel (out's size) and sel (int8) written
         rec.add(name="triton block_fwd_reduce", kind="conv", layer=layer, flops=2 * macs, tf32_ok=True,
@@ -678,37 +684,46 @@ def _block_patch(rec: _Recorder):
                 bytes=2 * _nbytes(out) + small(gamma, beta, mean, invstd))
         return out, mean, invstd, aux
 
-    def backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, gout2=None):
+    def image_stats(x, w_shape, meta):
+        _, _, layer, gram_macs, gram, chunks = geometry(x, w_shape, meta)
+        call = ("conv_bn_pool", tuple(x.shape), tuple(w_shape), meta)  # block_call's
+        rec.add(name="triton block_gram", kind="conv", layer=layer, flops=2 * gram_macs, bytes=_nbytes(x) + gram,
+                call=call)
+        rec.add(name="split partial sum (aten.sum)", kind="conv", layer=layer, bytes=gram + gram // chunks)
+        return ()  # the PyTorch implementation's backward reads none
+
+    def backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, gout2=None, stats=None):
         with rec.hide():
             res = torch_impl.backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, gout2=gout2)
-        macs, partial, layer = geometry(x, w, meta)
-        # + sel (int8); gout2: the output alias's gradient, loaded beside gout by both kernels
-        params = small(w, bias, gamma, beta, mean, invstd, gout2) + gout.numel()
-        call, consts = block_call(x, w, meta), dict(NSUM=2, HAS_G2=gout2 is not None)
-        # gout (and gout2) and zsel (gout's size), no product
-        rec.add(name="triton block_bwd_sums", kind="conv", layer=layer, bytes=2 * _nbytes(gout)
-                + small(gamma, beta, mean, invstd, gout2))
-        rec.add(name="triton block_bwd_apply", kind="conv", layer=layer, flops=4 * macs, tf32_ok=True,
-                bytes=small(gout, x) + params + partial + small(res[2], res[3]), call=call, consts=consts)
-        rec.add(name="triton block_finish", kind="conv", layer=layer, bytes=partial + small(res[0], res[1]))
+        macs, partial, layer, _, gram, chunks = geometry(x, w.shape, meta)
+        if stats is None:  # formed per call (no image cache): the Triton backward forms them itself
+            image_stats(x, tuple(w.shape), meta)
+        call, consts = block_call(x, w, meta), dict(HAS_G2=gout2 is not None)
+        # gout (and gout2), sel (int8) and zsel (gout's size) read; the partial sums and Q_D written
+        rec.add(name="triton block_bwd", kind="conv", layer=layer, flops=2 * macs, tf32_ok=True,
+                bytes=small(x, gamma, beta, mean, invstd, gout2) + 2 * _nbytes(gout) + gout.numel() + partial
+                + small(res[2], res[3]), call=call, consts=consts)
+        # the partials, the image's Gram terms (one chunk's worth: summed) and w read, dw written
+        rec.add(name="triton block_finish", kind="conv", layer=layer,
+                bytes=partial + gram // chunks + small(w, bias, res[0], res[1]))
         return res
 
     def double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta):
         with rec.hide():
             res = torch_impl.double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, mean,
                                              invstd, aux, meta)
-        macs, partial, layer = geometry(x, w, meta)
+        macs, partial, layer, _, _, _ = geometry(x, w.shape, meta)
         params = small(w, bias, gamma, beta, mean, invstd, uw, ubias, ugamma, ubeta) + gout.numel()  # + sel
-        call, consts = block_call(x, w, meta), dict(NSUM=5)
+        call = block_call(x, w, meta)
         rec.add(name="triton block_dbwd_reduce", kind="conv", layer=layer, flops=4 * macs, tf32_ok=True,
-                bytes=small(gout, x) + params, call=call, consts=consts)
+                bytes=small(gout, x) + params, call=call)
         rec.add(name="triton block_dbwd_apply", kind="conv", layer=layer, flops=6 * macs, tf32_ok=True,
-                bytes=small(gout, x, res[0], res[3]) + params + partial, call=call, consts=consts)
+                bytes=small(gout, x, res[0], res[3]) + params + partial, call=call)
         rec.add(name="triton block_finish", kind="conv", layer=layer, bytes=partial + small(res[1], res[2]))
         return res
 
     return types.SimpleNamespace(name="trace-triton", forward=forward, backward=backward,
-                                 double_backward=double_backward)
+                                 double_backward=double_backward, image_stats=image_stats)
 
 
 def _bn_pool_patch(rec: _Recorder):

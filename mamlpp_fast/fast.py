@@ -168,7 +168,8 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         return tuple(out)
 
     def _net(self, x: torch.Tensor, num_tasks: int, step: int, fast: dict, stats: list | None,
-             pattern: str = "first_order", rows: dict | None = None, saved: tuple | None = None):
+             pattern: str = "first_order", rows: dict | None = None, saved: tuple | None = None,
+             image_cache: dict | None = None):
         """The features of all tasks before the linear head (`_head`): the last activation (n, B*C, h, w)
         (after the average pooling when the network does not max-pool); x is (n, B*C, H, W), fast maps
         names to (B, *shape); rows: the per-step BN rows of this outer forward (`_bn_rows`; split here
@@ -177,7 +178,9 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         When `stats` is a list, (layer, mean, invstd, M) of every BN call are appended to it. `pattern`
         ("second_order" for the support pass of a second-order step) tells conv_impl=auto which
         derivatives will be taken (mamlpp_fast.ops.conv). `saved`: (fast, rows) of the aliases that the
-        ops' backward nodes read instead (`mamlpp_fast.ops.fanout`), for the support pass."""
+        ops' backward nodes read instead (`mamlpp_fast.ops.fanout`), for the support pass. `image_cache`:
+        a dict kept for x over the meta-update (`conv_bn_pool`'s: the fused first block's terms that
+        depend on the image alone, formed once per image set instead of per step)."""
         b = num_tasks
         out = x
         rows = self._bn_rows()[0] if rows is None else rows
@@ -200,7 +203,7 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
                 out, mean, invstd, *alias = conv_bn_pool(out, w, bias, gamma, beta, b, conv.stride, conv.padding,
                                                          BN_EPS, LEAKY_SLOPE, impl=block, w_saved=w_s,
                                                          bias_saved=bias_s, gamma_saved=gamma_s,
-                                                         alias=saved is not None)
+                                                         alias=saved is not None, image_cache=image_cache)
                 out_s = alias[0] if alias else None
                 if stats is not None:
                     stats.append((i, mean, invstd, out.shape[0] * out.shape[2] * out.shape[3] * 4))
@@ -489,6 +492,7 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         else:
             alpha_uses = [alphas] * (last + 1)
         support_list, saved_list = fanout(2, fast_list) if grad_on else (fast_list, fast_list)
+        cache_support, cache_target = {}, {}  # the fused first block's image terms, per image set
         theta_list = meta_lslr
         loss = None
         target_logits = None
@@ -497,7 +501,7 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
             fast = dict(zip(names, support_list))
             stats = [] if track else None
             feats = self._net(xs, b, step, fast, stats, "second_order" if use_second_order else "first_order",
-                              rows_support, (dict(zip(names, saved_list)), rows_saved))
+                              rows_support, (dict(zip(names, saved_list)), rows_saved), cache_support)
             support_loss, _ = self._head(feats, b, fast, ys, support=True)
             if one is None:  # the seed of every support gradient: one fill per outer forward, not per step
                 one = self.core.ones(support_loss)
@@ -519,7 +523,7 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
                 stats = [] if track else None
                 with torch.set_grad_enabled(target_grad and torch.is_grad_enabled()):
                     fast = dict(zip(names, target_list))
-                    feats = self._net(xt, b, step, fast, stats, rows=rows_target)
+                    feats = self._net(xt, b, step, fast, stats, rows=rows_target, image_cache=cache_target)
                     loss, target_logits = self._head(feats, b, fast, yt, support=False,
                                                      weight=importance[step] if use_msl else None, prev=loss)
                 if track:

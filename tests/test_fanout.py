@@ -302,12 +302,13 @@ def _recording(impl, seen):
     bn_pool, a gradient of x to add (dx2): (gout2 given, dx2 given) per call."""
     import types
 
-    def backward(*a, gout2=None, dx2=None):
-        seen.append((gout2 is not None, dx2 is not None))
-        return impl.backward(*a, gout2=gout2) if dx2 is None else impl.backward(*a, gout2=gout2, dx2=dx2)
+    def backward(*a, gout2=None, **kw):  # kw: bn_pool's dx2, the fused block's image terms (stats)
+        seen.append((gout2 is not None, kw.get("dx2") is not None))
+        return impl.backward(*a, gout2=gout2, **kw)
 
+    extra = {"image_stats": impl.image_stats} if hasattr(impl, "image_stats") else {}
     return types.SimpleNamespace(name=impl.name, forward=impl.forward, backward=backward,
-                                 double_backward=impl.double_backward)
+                                 double_backward=impl.double_backward, **extra)
 
 
 class _Cube(torch.autograd.Function):

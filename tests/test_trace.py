@@ -35,9 +35,10 @@ def test_flops_equal_analytic_count(workload, backend):
 @pytest.mark.parametrize("workload", ["quick_omniglot_3w1s", "quick_miniimagenet_3w1s"])
 def test_fused_first_block_kernels(workload):
     """With the fused first block (the default of the cuda and triton backends) layer 0 launches only the
-    block's kernels: per inner step (second order, MSL) the support forward (2), its inner backward (3),
-    the outer pass's backward and double backward of it (3 + 3), the target forward (2) and its backward
-    (3) (the captured update's static image buffers are task-major in storage: no copy of the images);
+    block's kernels: per inner step (second order, MSL) the support forward (2), its inner backward (2),
+    the outer pass's backward and double backward of it (2 + 3), the target forward (2) and its backward
+    (2), and once per image set the Gram kernel and the sum of its partials (the captured update's
+    static image buffers are task-major in storage: no copy of the images);
     no batch norm, pooling or full-resolution adds remain there, and it moves fewer bytes than unfused."""
     fused = trace_meta_update(workload, None, "cuda", "triton", True, quick=True)
     unfused = trace_meta_update(workload, None, "cuda", "triton", True, quick=True, first_block="unfused",
@@ -46,14 +47,17 @@ def test_fused_first_block_kernels(workload):
     steps = fused.config["workload_detail"]["steps"]
     layer0 = [k for k in fused.kernels if k.layer == "conv0"]
     names = [k.name for k in layer0 for _ in range(k.launches)]
-    assert sum(n.startswith("triton block_") for n in names) == 16 * steps
+    # per step: 2 forward passes (support, target) of 2 kernels, 3 backward calls (the support's inner one,
+    # the outer one of each set) of 2, the support's double backward of 3; per image set its Gram kernel
+    assert sum(n.startswith("triton block_") for n in names) == 13 * steps + 2
     others = [n for n in names if not n.startswith("triton block_")]
-    assert others == [], others
+    assert others == ["split partial sum (aten.sum)"] * 2, others  # the Gram kernels' partials
     for op in ("fwd", "dbwd"):
         assert names.count(f"triton block_{op}_reduce") == names.count(f"triton block_{op}_apply")
-    assert names.count("triton block_bwd_sums") == names.count("triton block_bwd_apply")
-    assert names.count("triton block_finish") == names.count("triton block_bwd_apply") + names.count(
+    assert names.count("triton block_finish") == names.count("triton block_bwd") + names.count(
         "triton block_dbwd_apply")
+    # the image's Gram terms: once per image set (support, target), not per step
+    assert names.count("triton block_gram") == 2
     s_f, s_u = summarize(fused), summarize(unfused)
     assert s_f["by_layer"]["conv0"]["bytes"] < s_u["by_layer"]["conv0"]["bytes"] / 4
     assert s_f["bytes"] < s_u["bytes"] and s_f["kernels"] < s_u["kernels"]
@@ -389,8 +393,8 @@ def test_convolutions_priced_at_their_loops_ffma_share(monkeypatch, tmp_path):
     effs = ffma_efficiencies(res, table)
     calls = {k.call for k in res.kernels if k.call is not None and k.call[0] in CONV_CALLS}
     block = {efficiency_key(k) for k in res.kernels if k.name.startswith("triton block_") and k.flops}
-    assert None not in block and len(block) == 5  # 4 passes; the backward's apply with and without gout2
-    assert not any(k.flops for k in res.kernels if k.name in ("triton block_bwd_sums", "triton block_fwd_apply"))
+    assert None not in block and len(block) == 6  # 5 passes; the backward with and without gout2
+    assert not any(k.flops for k in res.kernels if k.name == "triton block_fwd_apply")
     assert set(effs) == calls | block and len(calls) >= 9
     assert all(0.3 < e < 1 for e in effs.values()), effs
     rows = {(r["kernel"], r.get("ffma_share")) for r in json.load(open(table))["triton_kernels"]
@@ -413,9 +417,9 @@ def test_convolutions_priced_at_their_loops_ffma_share(monkeypatch, tmp_path):
     short.write_text(json.dumps(data))
     with pytest.raises(MamlppError, match="has no strict-fp32 _conv_dgrad_kernel with the configuration of conv_data_grad"):
         ffma_efficiencies(res, str(short))
-    data["triton_kernels"] = [r for r in kept if r["kernel"] != "_apply_kernel"]
+    data["triton_kernels"] = [r for r in kept if r["kernel"] != "_bwd_kernel"]
     short.write_text(json.dumps(data))
-    with pytest.raises(MamlppError, match="has no strict-fp32 _apply_kernel with the configuration of the fused block"):
+    with pytest.raises(MamlppError, match="has no strict-fp32 _bwd_kernel with the configuration of the fused block"):
         ffma_efficiencies(res, str(short))
 
 
@@ -478,7 +482,7 @@ def test_block_passes_add_up_to_the_first_layer(monkeypatch, capsys):
 
     rows = bp.block_passes("omniglot_20w1s", 8)
     names = {r[0] for r in rows}
-    assert {"triton block_fwd_reduce", "triton block_fwd_apply", "triton block_bwd_sums", "triton block_bwd_apply",
+    assert {"triton block_fwd_reduce", "triton block_fwd_apply", "triton block_gram", "triton block_bwd",
             "triton block_dbwd_reduce", "triton block_dbwd_apply", "triton block_finish"} <= names
     assert len(rows) == len({(r[0], r[1]) for r in rows}) and all(r[3] > 0 for r in rows)
     monkeypatch.setattr(tconv, "_TRITON_VERSION", (3, 6))

@@ -53,13 +53,19 @@ and refuses an x that requires one.
 This module holds the autograd (`conv_bn_pool`) and the implementation in plain PyTorch (`torch_impl`:
 it recomputes the convolution output in full, so it saves memory but not work; it is the oracle of
 the Triton kernels, mamlpp_fast.triton.conv_block, which never write it). An implementation is three
-functions on plain tensors: ``forward(x, w, bias, gamma, beta, meta) -> (out, mean, invstd, aux)``,
-``backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, gout2=None) -> (dw, dbias, dgamma,
-dbeta)``,
+functions on plain tensors and one optional: ``forward(x, w, bias, gamma, beta, meta) -> (out, mean,
+invstd, aux)``,
+``backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, gout2=None, stats=None) -> (dw, dbias,
+dgamma, dbeta)``,
 ``double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta) ->
-(dgout, dw, dbias, dgamma)``; ``aux`` is what the implementation keeps from its forward for its
-backward passes: None, a tensor, or a tuple of tensors and Nones (the Triton kernels: the position of
-each window's maximum and the convolution output there); ``meta`` is ``(T, stride, padding, eps, slope)``.
+(dgout, dw, dbias, dgamma)``, and ``image_stats(x, w_shape, meta) -> stats``; ``aux`` is what the
+implementation keeps from its forward for its backward passes: None, a tensor, or a tuple of tensors
+and Nones (the Triton kernels: the position of each window's maximum and the convolution output there);
+``stats`` the terms of its backward that depend on the image alone (None, a tensor or a tuple; the
+Triton kernels: the Gram matrix of the image's patches, from which their backward forms the weight
+gradient without the convolution output), formed once per image set where the caller passes an
+``image_cache``, and by the backward itself when given None; ``meta`` is ``(T, stride, padding, eps,
+slope)``.
 """
 from __future__ import annotations
 
@@ -114,8 +120,9 @@ def _forward(x, w, bias, gamma, beta, meta):
     return F.max_pool2d(y, 2, 2), mean, invstd, None
 
 
-def _backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, gout2=None):
-    """(dw, dbias or None, dgamma, dbeta); gout2: a second gradient of the output, added to gout."""
+def _backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, gout2=None, stats=None):
+    """(dw, dbias or None, dgamma, dbeta); gout2: a second gradient of the output, added to gout; stats:
+    unused (this implementation keeps no image terms: `_no_image_stats`)."""
     t, slope = meta[0], meta[4]
     if gout2 is not None:
         gout = gout + gout2
@@ -140,23 +147,34 @@ def _double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, me
     return dgout, dw, (dbias if bias is not None else None), ggamma
 
 
+def _no_image_stats(x, w_shape, meta):
+    """None: this implementation's backward recomputes the convolution and needs no image terms."""
+    return None
+
+
 torch_impl = types.SimpleNamespace(name="torch", forward=_forward, backward=_backward,
-                                   double_backward=_double_backward)
+                                   double_backward=_double_backward, image_stats=_no_image_stats)
 
 
 # ------------------------------------------------------------------------------------------------------
 # autograd: the forward's backward is _BlockBackward, whose backward is the double backward
 # ------------------------------------------------------------------------------------------------------
-def _save(ctx, tensors, aux):
-    """save_for_backward of `tensors` and the implementation's aux (None, a tensor or a tuple of them)."""
-    ctx.n_saved, ctx.aux_tuple = len(tensors), isinstance(aux, tuple)
-    ctx.save_for_backward(*tensors, *(aux if ctx.aux_tuple else (aux,)))
+def _save(ctx, tensors, *groups):
+    """save_for_backward of `tensors` and of each group: the implementation's aux or image terms (None, a
+    tensor or a tuple of them)."""
+    sizes = [len(a) if isinstance(a, tuple) else None for a in groups]
+    ctx.n_saved, ctx.group_sizes = len(tensors), sizes
+    ctx.save_for_backward(*tensors, *(x for a, n in zip(groups, sizes) for x in (a if n is not None else (a,))))
 
 
 def _saved(ctx) -> tuple:
-    """`_save`'s tensors, then its aux as it was given."""
+    """`_save`'s tensors, then each group as it was given."""
     t, n = ctx.saved_tensors, ctx.n_saved
-    return (*t[:n], tuple(t[n:]) if ctx.aux_tuple else t[n])
+    out, i = list(t[:n]), n
+    for size in ctx.group_sizes:
+        out.append(tuple(t[i:i + size]) if size is not None else t[i])
+        i += size if size is not None else 1
+    return tuple(out)
 
 
 class _BlockForward(torch.autograd.Function):
@@ -164,13 +182,13 @@ class _BlockForward(torch.autograd.Function):
     node's backward as a second argument rather than being added to out's by autograd."""
 
     @staticmethod
-    def forward(ctx, x, w, bias, gamma, beta, meta, impl, saved=None):
+    def forward(ctx, x, w, bias, gamma, beta, meta, impl, saved=None, stats=None):
         out, mean, invstd, aux = impl.forward(x, w, bias, gamma, beta, meta)
         # the backward node reads the aliases in `saved` (w, bias, gamma; `conv_bn_pool`) when given, so
         # that their gradients from the double backward are summed by the caller's fan-out nodes
         if saved is not None:
             w, bias, gamma = saved
-        _save(ctx, (x, w, bias, gamma, beta, mean, invstd), aux)
+        _save(ctx, (x, w, bias, gamma, beta, mean, invstd), aux, stats)
         ctx.meta, ctx.impl = meta, impl
         ctx.mark_non_differentiable(mean, invstd)
         ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) gradients
@@ -180,33 +198,33 @@ class _BlockForward(torch.autograd.Function):
     def backward(ctx, gout, _gmean, _ginvstd, gout2):
         gout, gout2 = two_gradients(gout, gout2)
         if gout is None:
-            return (None,) * 8
-        x, w, bias, gamma, beta, mean, invstd, aux = _saved(ctx)
+            return (None,) * 9
+        x, w, bias, gamma, beta, mean, invstd, aux, stats = _saved(ctx)
         dw, dbias, dgamma, dbeta = _BlockBackward.apply(gout, x, w, bias, gamma, beta, mean, invstd, aux,
-                                                        ctx.meta, ctx.impl, gout2)
-        return None, dw, dbias, dgamma, dbeta, None, None, None
+                                                        ctx.meta, ctx.impl, gout2, stats)
+        return None, dw, dbias, dgamma, dbeta, None, None, None, None
 
 
 class _BlockBackward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, impl, gout2=None):
+    def forward(ctx, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, impl, gout2=None, stats=None):
         # gout2 (the output alias's gradient) is only given where this node is not recorded
-        # (`two_gradients`): the double backward below reads gout alone
+        # (`two_gradients`): the double backward below reads gout alone, and not the image terms
         _save(ctx, (gout, x, w, bias, gamma, beta, mean, invstd), aux)
         ctx.meta, ctx.impl = meta, impl
         ctx.set_materialize_grads(False)
         return impl.backward(gout.contiguous(), x, w, bias, gamma, beta, mean, invstd, aux, meta,
-                             gout2=None if gout2 is None else gout2.contiguous())
+                             gout2=None if gout2 is None else gout2.contiguous(), stats=stats)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, uw, ubias, ugamma, ubeta):
         gout, x, w, bias, gamma, beta, mean, invstd, aux = _saved(ctx)
         if uw is None and ubias is None and ugamma is None and ubeta is None:
-            return (None,) * 12
+            return (None,) * 13
         dgout, dw, dbias, dgamma = ctx.impl.double_backward(
             uw, ubias, ugamma, ubeta, gout.contiguous(), x, w, bias, gamma, beta, mean, invstd, aux, ctx.meta)
-        return dgout, None, dw, dbias, dgamma, None, None, None, None, None, None, None
+        return dgout, None, dw, dbias, dgamma, None, None, None, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -227,8 +245,26 @@ def block_supported(x, w, stride, padding, max_pooling=True) -> str | None:
     return None
 
 
+def _image_stats(impl, x, w_shape, meta, cache):
+    """impl.image_stats of x (None for an implementation without it), from `cache` when it holds them for
+    this x (the same tensor), weight shape and geometry, else formed and, with a cache, kept there."""
+    fn = getattr(impl, "image_stats", None)
+    if fn is None:
+        return None
+    key = (impl.name, tuple(w_shape), meta[:3], x.dtype, x.device)
+    if cache is not None and cache.get("x") is x and key in cache:
+        return cache[key]
+    stats = fn(x.contiguous(), tuple(w_shape), meta)
+    if cache is not None:
+        if cache.get("x") is not x:
+            cache.clear()
+            cache["x"] = x
+        cache[key] = stats
+    return stats
+
+
 def conv_bn_pool(x, w, bias, gamma, beta, num_tasks, stride, padding, eps, slope, impl=None, w_saved=None,
-                 bias_saved=None, gamma_saved=None, alias=False):
+                 bias_saved=None, gamma_saved=None, alias=False, image_cache=None):
     r"""``max_pool2d(per_step_batch_norm(task_conv2d(x, w, bias), gamma, beta), 2, 2)`` as one op.
 
     Description:
@@ -247,6 +283,11 @@ def conv_bn_pool(x, w, bias, gamma, beta, num_tasks, stride, padding, eps, slope
         alias: also return an alias of out, for the op whose backward reads out again (`task_conv2d`'s
         ``input_saved``): its gradient reaches this op's backward as a second argument, and the
         backward kernels add the two where they load the gradient (`mamlpp_fast.ops.fanout`).
+        image_cache: a dict the caller keeps for one image set (e.g. the target images of one
+        meta-update) and passes to every call on it: the terms the implementation's backward reads that
+        depend on the image alone (its ``image_stats``: the Triton kernels' Gram matrix of the patches)
+        are formed by the first call that will need a gradient and reused by the others on the same x
+        (the same tensor object, weight shape, stride and padding); None: formed per call.
 
     Returns:
         ``(out, mean, invstd)``: out ``(n, T*C, Ho/2, Wo/2)``; mean and invstd ``(T*C,)`` of the
@@ -282,6 +323,10 @@ def conv_bn_pool(x, w, bias, gamma, beta, num_tasks, stride, padding, eps, slope
     if gamma.shape != beta.shape:
         gamma, beta = (p.expand(t, -1) if p.dim() == 1 else p for p in (gamma, beta))
     meta = (t, int(stride), int(padding), float(eps), float(slope))
-    out, mean, invstd, out_alias = _BlockForward.apply(x.contiguous(), w, bias, gamma, beta, meta,
-                                                       impl if impl is not None else torch_impl, saved)
+    impl = impl if impl is not None else torch_impl
+    stats = None
+    if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (w, bias, gamma, beta)):
+        stats = _image_stats(impl, x, w.shape, meta, image_cache)
+    out, mean, invstd, out_alias = _BlockForward.apply(x.contiguous(), w, bias, gamma, beta, meta, impl, saved,
+                                                       stats)
     return (out, mean, invstd, out_alias) if alias else (out, mean, invstd)

@@ -14,12 +14,12 @@ of K + 1, zero-padded) and forms z = P' W' as one small matrix product with the 
 config key conv_precision / allow_tf32 ask (triton/conv.py `_precision`), float64 in float64. The weight gradients are products of the same kind:
 dW' += P'^T gz. The tap decomposition k -> (ci, p, q) is computed once per program on the KP axis.
 
-Each op is two passes over the grid (T * channel blocks, CHUNKS), like the batch norm's kernels: a
-reduction of its chunk of each column to a few sums into a workspace, then an apply pass that adds the
-chunk sums of its columns in chunk order. A small last kernel (`_finish_kernel`, one program per
-channel) adds the programs' partial weight gradients (a (TC, CHUNKS, KP) workspace) in chunk order and
-forms the gamma/beta gradients from the column sums, per task or added in task order for a shared gamma.
-No atomics: results are reproducible.
+The forward and the double backward are two passes over the grid (T * channel blocks, CHUNKS), like
+the batch norm's kernels: a reduction of its chunk of each column to a few sums into a workspace, then
+an apply pass that adds the chunk sums of its columns in chunk order; the backward is one pass. A small
+last kernel of each derivative (one program per channel) adds the programs' partial weight gradients (a
+(TC, CHUNKS, KP) workspace) in chunk order and forms the gamma/beta gradients from the column sums, per
+task or added in task order for a shared gamma. No atomics: results are reproducible.
 
 - forward:   reduce: per chunk and column, sums of z - ref and (z - ref)^2 (ref = the column's first
              output in the chunk), turned into (mean, m2), and per window `sel`, the position 0..3
@@ -28,11 +28,19 @@ No atomics: results are reproducible.
              the first largest sign(gamma) z, found without the statistics; the backward passes read
              sel instead of finding the maximum again. apply (elementwise over pooled tensors, no
              convolution): Chan's merge of the chunks -> mean, invstd; out = y(zsel).
-- backward:  reduce: (sum g, sum g xhat), g = a gout at the window's maximum, 0 at its other outputs:
-             a pass over the pooled tensors gout and zsel, no convolution (`_bwd_sums_kernel`);
-             apply: dz = gamma r (g - gbar - xhat m) at the 4 outputs, dw' += P'^T dz;
-             finish: dw, dbias; dgamma = sum g xhat, dbeta = sum g.
-- double backward: reduce: (sum g, sum g xhat, sum u, sum u xhat, sum u g) with u = P' U';
+- backward:  no convolution. dz = gamma r (g - gbar - xhat m) at the 4 outputs (g = a gout at the
+             window's maximum, 0 at its other outputs; gbar = Sg/N, m = Sgx/N, N = 4 Mw), so with
+             D = P' - rho' (rho' a fixed patch of the task's image) and the image's Gram terms
+             C_D = sum D^T D, S_D = sum D (`image_stats`: `_gram_kernel`, once per image set):
+                 dw' = gamma r [Q_D - gbar S_D - m r (C_D w' + (rho'.w' - mean) S_D)],
+                 Q_D = sum D^T g
+             (sum P'^T (z - mean) = sum D^T (z - mean) since sum (z - mean) = 0, and z - mean =
+             D w' + rho'.w' - mean). One pass (`_bwd_kernel`): g and xhat at the maxima from zsel, the
+             partial sums Sg = sum g, Sgx = sum g xhat and Q_D (one product per output: D^T times g
+             where sel = d); finish (`_bwd_finish_kernel`): the formula above, dgamma = Sgx,
+             dbeta = Sg. The conv bias's gradient comes out as D's bias column, 0 (its exact value).
+- double backward (`_dbwd_*` kernels): reduce: (sum g, sum g xhat, sum u, sum u xhat, sum u g) with
+             u = P' U';
              apply: d(gout) = a (cu u + cx xhat + c0) at the maximum, gz = eu u + eg g + ex xhat + e0 at
              the 4 outputs, d(w') += P'^T gz; finish: d(w), d(bias), d(gamma) = r M Q.
 
@@ -45,11 +53,10 @@ import triton
 import triton.language as tl
 
 from ._device import num_sms
-from . import conv as _conv
 from .conv import _precision
 from .per_step_bn import _dbwd_coef, _f2acc, _split, _to_acc
 
-__all__ = ["forward", "backward", "double_backward", "block_config", "name"]
+__all__ = ["forward", "backward", "double_backward", "image_stats", "block_config", "name"]
 
 name = "triton"
 _MAX_CHUNKS = 256
@@ -80,16 +87,16 @@ def block_config(mw: int, t: int, c: int, kp: int, device: torch.device, sms: in
       forward's and the double backward's); RBLOCK_W = 16 windows per step in the forward's reduction
       (32 raised its loop's FFMA share by 6-16 points under Triton 3.6 while it only formed the sums;
       since it also tracks each window's maximum, 32-window steps spill under 3.6: 140 B with Omniglot's
-      16-wide patches, 672 B with mini-ImageNet's 32-wide; bench/NOTES.md). The passes without products
-      (the forward's apply, the backward's reduction) take `pooled_config`. The four outputs of a window
-      step are a loop, not unrolled, so one output's tiles are live at a time. Chosen from the sm_90a compile (bench.static_metrics,
+      16-wide patches, 672 B with mini-ImageNet's 32-wide; bench/NOTES.md). The pass without products
+      (the forward's apply) takes `pooled_config`, the Gram kernel `gram_config`. In the forward's
+      reduction and the double backward's passes the four outputs of a window step are a loop, not
+      unrolled, so one output's tiles are live at a time. Chosen from the sm_90a compile (bench.static_metrics,
       bench/NOTES.md: cut 3b and the block's passes); as configured no kernel spills under the Triton
       versions we compile with (tests/test_static_metrics.py). `kp` (the patch width) enters no rule now;
       the signature keeps it for the callers that pass it.
-    - BWD_APPLY_WARPS: the backward's apply pass on 4 warps under Triton < 3.7 (16 weight-gradient
-      accumulators per thread instead of 8: its loop 58 -> 65% FFMA on mini-ImageNet's block, 50 -> 57% on
-      Omniglot's, no spill under 3.6; under 3.7.1 mini-ImageNet's spilled 64 B), else `num_warps`; the
-      double backward's apply pass spilled on 4 warps and keeps `num_warps`.
+    - BWD_WARPS = 8: the backward's pass (`_bwd_kernel`, its four outputs unrolled) on 8 warps: on 4 it
+      spilled under Triton 3.6 (mini-ImageNet's 32-wide patches and Omniglot's 16-wide ones); on 8,
+      none under 3.6 or 3.7.1 (bench/NOTES.md, the backward from the image's Gram matrix).
     - CHUNKS: window chunks per (task, channel block), so that the grid holds ~4 programs per SM, each
       with at least 2 steps; at most 256. On the interpreter (CPU tensors, no `sms`) up to 3, so that
       tests cover the merge of several chunks.
@@ -110,8 +117,7 @@ def block_config(mw: int, t: int, c: int, kp: int, device: torch.device, sms: in
     warps = 8 if bc == 64 else 4
     return dict(BLOCK_W=bw, BLOCK_C=bc, CB=triton.cdiv(c, bc), CHUNK=chunk, CHUNKS=chunks, num_warps=warps,
                 # the version read at call time: bench.trace --triton-configs sets it on the conv module
-                REDUCE_WARPS=4, RBLOCK_W=16,
-                BWD_APPLY_WARPS=4 if _conv._TRITON_VERSION < (3, 7) else warps)
+                REDUCE_WARPS=4, RBLOCK_W=16, BWD_WARPS=8)
 
 
 def pooled_config(cfg: dict) -> dict:
@@ -120,6 +126,12 @@ def pooled_config(cfg: dict) -> dict:
     BLOCK_C x 32 tiles on 4 warps, i.e. 16 elements of each tensor per thread with 64 channels, 32
     windows (128 bytes of a column) per warp row."""
     return dict(BLOCK_W=32, num_warps=4)
+
+
+def gram_config(cfg: dict) -> dict:
+    """Launch constants of the Gram kernel (`_gram_kernel`, grid (T, CHUNKS)): BLOCK_W windows per step
+    on 4 warps."""
+    return dict(BLOCK_W=16, num_warps=4)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -429,48 +441,15 @@ def _uvec(uw_ptr, ub_ptr, cps, cmask, ks, K: tl.constexpr, HAS_UW: tl.constexpr,
 
 
 @triton.jit
-def _bwd_sums_kernel(gout_ptr, gout2_ptr, zsel_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, ws_ptr, C, CB, TC,
-                     HWp, MW, CHUNK, CHUNKS, slope_hi, slope_lo, GAMMA_PER_TASK: tl.constexpr,
-                     HAS_G2: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The backward's reduction: ws[cp, k, :2] = (sum g, sum g xhat) over the windows of chunk k of
-    column cp. g is a gout at each window's maximum and 0 at its other three outputs, so both sums run
-    over the windows alone, from z at the maximum (zsel, kept by the forward's reduction): xhat =
-    (zsel - mean) r, a = 1 if gamma xhat + beta > 0 else slope (`_act`'s arithmetic). No convolution."""
-    t, cs, cps, cmask, k = _program(C, BLOCK_C, CB)
-    ACC = zsel_ptr.dtype.element_ty
-    slope = _f2acc(slope_hi, slope_lo, ACC)
-    _gi, ga, be, mu, r = _params(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cs, cps, cmask, GAMMA_PER_TASK,
-                                 ACC)
-    ga, be, mu, r = ga[:, None], be[:, None], mu[:, None], r[:, None]
-    begin = tl.minimum(k * CHUNK, MW)
-    end = tl.minimum(begin + CHUNK, MW)
-    sg = tl.zeros([BLOCK_C, BLOCK_W], dtype=ACC)
-    sgx = tl.zeros([BLOCK_C, BLOCK_W], dtype=ACC)
-    for s in range(begin, end, BLOCK_W):
-        off, m = _pooled_offsets(s, end, cps, cmask, TC, HWp, BLOCK_W)
-        go = tl.load(gout_ptr + off, mask=m, other=0.0).to(ACC)
-        if HAS_G2:
-            go += tl.load(gout2_ptr + off, mask=m, other=0.0).to(ACC)
-        xh = (tl.load(zsel_ptr + off, mask=m, other=0.0) - mu) * r
-        g = tl.where(ga * xh + be > 0, 1.0, slope).to(ACC) * go  # go is 0 where masked
-        sg += g
-        sgx += g * xh
-    base = ws_ptr + (cps * CHUNKS + k) * 2
-    tl.store(base, tl.sum(sg, axis=1), mask=cmask)
-    tl.store(base + 1, tl.sum(sgx, axis=1), mask=cmask)
-
-
-@triton.jit
-def _reduce_kernel(gout_ptr, gout2_ptr, sel_ptr, x_ptr, w_ptr, b_ptr, uw_ptr, ub_ptr, gamma_ptr, beta_ptr, mean_ptr,
-                   invstd_ptr, ws_ptr, C, CB, Ci, TC, TCi, H, W, HWp, Wp, MW, CHUNK, CHUNKS, stride, pad,
-                   W_TS, B_TS, slope_hi, slope_lo, KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr,
-                   KP: tl.constexpr, HAS_B: tl.constexpr, GAMMA_PER_TASK: tl.constexpr,
-                   NSUM: tl.constexpr, HAS_UW: tl.constexpr, HAS_UB: tl.constexpr, PREC: tl.constexpr,
-                   BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, HAS_G2: tl.constexpr):
+def _dbwd_reduce_kernel(gout_ptr, sel_ptr, x_ptr, w_ptr, b_ptr, uw_ptr, ub_ptr, gamma_ptr, beta_ptr, mean_ptr,
+                        invstd_ptr, ws_ptr, C, CB, Ci, TC, TCi, H, W, HWp, Wp, MW, CHUNK, CHUNKS, stride, pad,
+                        W_TS, B_TS, slope_hi, slope_lo, KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr,
+                        KP: tl.constexpr, HAS_B: tl.constexpr, GAMMA_PER_TASK: tl.constexpr,
+                        HAS_UW: tl.constexpr, HAS_UB: tl.constexpr, PREC: tl.constexpr, BLOCK_W: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
     """The double backward's reduction: ws[cp, k, :5] = (sum g, sum g xhat, sum u, sum u xhat, sum u g)
     over the windows of chunk k of column cp, u = P' U'; g = a gout at the window's maximum (`sel`, kept
-    by the forward), 0 at its other outputs. (The backward's two sums: `_bwd_sums_kernel`; the NSUM = 2
-    branches below are not launched.)"""
+    by the forward), 0 at its other outputs."""
     t, cs, cps, cmask, k = _program(C, BLOCK_C, CB)
     ACC = x_ptr.dtype.element_ty
     slope = _f2acc(slope_hi, slope_lo, ACC)
@@ -478,19 +457,17 @@ def _reduce_kernel(gout_ptr, gout2_ptr, sel_ptr, x_ptr, w_ptr, b_ptr, uw_ptr, ub
                                  ACC)
     ks, ci, p, q = _taps(KK, KW, KP)
     Wt = _wtile(w_ptr, b_ptr, t * W_TS + cs * K, t * B_TS + cs, cmask, ks, K, HAS_B, ACC)
-    if NSUM == 5:
-        Ut = _uvec(uw_ptr, ub_ptr, cps, cmask, ks, K, HAS_UW, HAS_UB, ACC)
+    Ut = _uvec(uw_ptr, ub_ptr, cps, cmask, ks, K, HAS_UW, HAS_UB, ACC)
     begin = tl.minimum(k * CHUNK, MW)
     end = tl.minimum(begin + CHUNK, MW)
     sg = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
     sgx = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
-    if NSUM == 5:
-        su = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
-        sux = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
-        sug = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
+    su = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
+    sux = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
+    sug = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
     for s in range(begin, end, BLOCK_W):
-        mask, m2d, i, ph, pw, pool_off, go, sel = _backward_step(gout_ptr, gout2_ptr, sel_ptr, s, end, cps, cmask,
-                                                                 TC, HWp, Wp, BLOCK_W, HAS_G2, ACC)
+        mask, m2d, i, ph, pw, pool_off, go, sel = _backward_step(gout_ptr, gout_ptr, sel_ptr, s, end, cps, cmask,
+                                                                 TC, HWp, Wp, BLOCK_W, False, ACC)
         for d in range(4):  # a loop, not unrolled: one output's tiles live at a time
             P = _patch(x_ptr, i, 2 * ph + d // 2, 2 * pw + d % 2, mask, t, ks, ci, p, q, Ci, TCi, H, W,
                        stride, pad, K, ACC)
@@ -498,101 +475,208 @@ def _reduce_kernel(gout_ptr, gout2_ptr, sel_ptr, x_ptr, w_ptr, b_ptr, uw_ptr, ub
             g = tl.where(sel == d, a * go, 0.0)  # go is 0 on masked rows
             sg += g
             sgx += g * xh
-            if NSUM == 5:
-                u = _zdot(P, Ut, PREC, ACC)  # 0 on masked rows (their patch is 0)
-                su += u
-                sux += tl.where(m2d, u * xh, 0.0)
-                sug += u * g
-    base = ws_ptr + (cps * CHUNKS + k) * NSUM
+            u = _zdot(P, Ut, PREC, ACC)  # 0 on masked rows (their patch is 0)
+            su += u
+            sux += tl.where(m2d, u * xh, 0.0)
+            sug += u * g
+    base = ws_ptr + (cps * CHUNKS + k) * 5
     tl.store(base, tl.sum(sg, axis=0), mask=cmask)
     tl.store(base + 1, tl.sum(sgx, axis=0), mask=cmask)
-    if NSUM == 5:
-        tl.store(base + 2, tl.sum(su, axis=0), mask=cmask)
-        tl.store(base + 3, tl.sum(sux, axis=0), mask=cmask)
-        tl.store(base + 4, tl.sum(sug, axis=0), mask=cmask)
+    tl.store(base + 2, tl.sum(su, axis=0), mask=cmask)
+    tl.store(base + 3, tl.sum(sux, axis=0), mask=cmask)
+    tl.store(base + 4, tl.sum(sug, axis=0), mask=cmask)
 
 
 @triton.jit
-def _apply_kernel(gout_ptr, gout2_ptr, sel_ptr, x_ptr, w_ptr, b_ptr, uw_ptr, ub_ptr, ugam_ptr, ubet_ptr, gamma_ptr,
-                  beta_ptr, mean_ptr, invstd_ptr, ws_ptr, wws_ptr, dgout_ptr,
-                  C, CB, Ci, TC, TCi, H, W, HWp, Wp, MW, CHUNK, CHUNKS, stride, pad, W_TS, B_TS, slope_hi,
-                  slope_lo, KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                  HAS_B: tl.constexpr, GAMMA_PER_TASK: tl.constexpr, NSUM: tl.constexpr,
-                  HAS_UW: tl.constexpr, HAS_UB: tl.constexpr, HAS_UG: tl.constexpr, HAS_UBETA: tl.constexpr,
-                  PREC: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, KSTEP: tl.constexpr,
-                  HAS_G2: tl.constexpr):
-    """z-gradient gz = c_u u + c_x xhat + c_0 + c_g g at each of the windows' outputs, wws[cp, k] =
-    sum gz P' (KP values per column), one pass over the four outputs (the maximum's position `sel`
-    comes from the forward):
-    NSUM = 2 (backward): gz = dz = gamma r (g - gbar - xhat m): c_u = 0, c_x = -gamma r m,
-    c_0 = -gamma r gbar, c_g = gamma r;
-    NSUM = 5 (double backward): gz = eu u + eg g + ex xhat + e0, and d(gout) = a (cu u + cx xhat + c0)
-    at the maximum (per_step_bn `_dbwd_coef`)."""
+def _dbwd_apply_kernel(gout_ptr, sel_ptr, x_ptr, w_ptr, b_ptr, uw_ptr, ub_ptr, ugam_ptr, ubet_ptr, gamma_ptr,
+                       beta_ptr, mean_ptr, invstd_ptr, ws_ptr, wws_ptr, dgout_ptr,
+                       C, CB, Ci, TC, TCi, H, W, HWp, Wp, MW, CHUNK, CHUNKS, stride, pad, W_TS, B_TS, slope_hi,
+                       slope_lo, KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                       HAS_B: tl.constexpr, GAMMA_PER_TASK: tl.constexpr, HAS_UW: tl.constexpr,
+                       HAS_UB: tl.constexpr, HAS_UG: tl.constexpr, HAS_UBETA: tl.constexpr, PREC: tl.constexpr,
+                       BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, KSTEP: tl.constexpr):
+    """The double backward's apply pass, one pass over the four outputs of the windows (the maximum's
+    position `sel` comes from the forward): gz = eu u + eg g + ex xhat + e0 at each output,
+    wws[cp, k] = sum gz P' (KP values per column), and d(gout) = a (cu u + cx xhat + c0) at the maximum
+    (per_step_bn `_dbwd_coef`)."""
     t, cs, cps, cmask, k = _program(C, BLOCK_C, CB)
     ACC = x_ptr.dtype.element_ty
     slope = _f2acc(slope_hi, slope_lo, ACC)
     gi, ga, be, mu, r = _params(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cs, cps, cmask, GAMMA_PER_TASK,
                                 ACC)
     Mf = _to_acc(4 * MW, ACC)
-    Sg = _col_sums(ws_ptr, cps, cmask, CHUNKS, 0, NSUM, KSTEP)
-    Sgx = _col_sums(ws_ptr, cps, cmask, CHUNKS, 1, NSUM, KSTEP)
     ks, ci, p, q = _taps(KK, KW, KP)
     Wt = _wtile(w_ptr, b_ptr, t * W_TS + cs * K, t * B_TS + cs, cmask, ks, K, HAS_B, ACC)
-    if NSUM == 2:
-        kk = ga * r
-        c_x = -kk * (Sgx / Mf)
-        c_0 = -kk * (Sg / Mf)
-        c_g = kk
+    Ut = _uvec(uw_ptr, ub_ptr, cps, cmask, ks, K, HAS_UW, HAS_UB, ACC)
+    if HAS_UG:
+        ugam = tl.load(ugam_ptr + gi, mask=cmask, other=0.0).to(ACC)
     else:
-        Ut = _uvec(uw_ptr, ub_ptr, cps, cmask, ks, K, HAS_UW, HAS_UB, ACC)
-        if HAS_UG:
-            ugam = tl.load(ugam_ptr + gi, mask=cmask, other=0.0).to(ACC)
-        else:
-            ugam = tl.zeros_like(ga)
-        if HAS_UBETA:
-            ubet = tl.load(ubet_ptr + gi, mask=cmask, other=0.0).to(ACC)
-        else:
-            ubet = tl.zeros_like(ga)
-        Su = _col_sums(ws_ptr, cps, cmask, CHUNKS, 2, 5, KSTEP)
-        Sux = _col_sums(ws_ptr, cps, cmask, CHUNKS, 3, 5, KSTEP)
-        Sug = _col_sums(ws_ptr, cps, cmask, CHUNKS, 4, 5, KSTEP)
-        cu, cx, c0, eu, eg, ex, e0, _ggam = _dbwd_coef(Sg, Sgx, Su, Sux, Sug, Mf, ga, r, ugam, ubet)
-        c_u, c_x, c_0, c_g = eu, ex, e0, eg
+        ugam = tl.zeros_like(ga)
+    if HAS_UBETA:
+        ubet = tl.load(ubet_ptr + gi, mask=cmask, other=0.0).to(ACC)
+    else:
+        ubet = tl.zeros_like(ga)
+    Sg = _col_sums(ws_ptr, cps, cmask, CHUNKS, 0, 5, KSTEP)
+    Sgx = _col_sums(ws_ptr, cps, cmask, CHUNKS, 1, 5, KSTEP)
+    Su = _col_sums(ws_ptr, cps, cmask, CHUNKS, 2, 5, KSTEP)
+    Sux = _col_sums(ws_ptr, cps, cmask, CHUNKS, 3, 5, KSTEP)
+    Sug = _col_sums(ws_ptr, cps, cmask, CHUNKS, 4, 5, KSTEP)
+    cu, cx, c0, eu, eg, ex, e0, _ggam = _dbwd_coef(Sg, Sgx, Su, Sux, Sug, Mf, ga, r, ugam, ubet)
     acc = tl.zeros([KP, BLOCK_C], dtype=ACC)
     begin = tl.minimum(k * CHUNK, MW)
     end = tl.minimum(begin + CHUNK, MW)
     for s in range(begin, end, BLOCK_W):
-        mask, m2d, i, ph, pw, pool_off, go, sel = _backward_step(gout_ptr, gout2_ptr, sel_ptr, s, end, cps, cmask,
-                                                                 TC, HWp, Wp, BLOCK_W, HAS_G2, ACC)
-        if NSUM == 5:
-            dgo = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
+        mask, m2d, i, ph, pw, pool_off, go, sel = _backward_step(gout_ptr, gout_ptr, sel_ptr, s, end, cps, cmask,
+                                                                 TC, HWp, Wp, BLOCK_W, False, ACC)
+        dgo = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
         for d in range(4):  # a loop, not unrolled: one output's tiles live at a time
             P = _patch(x_ptr, i, 2 * ph + d // 2, 2 * pw + d % 2, mask, t, ks, ci, p, q, Ci, TCi, H, W,
                        stride, pad, K, ACC)
             xh, a, _y = _act(_zdot(P, Wt, PREC, ACC), mu, r, ga, be, slope)
             at_max = sel == d
-            g = tl.where(at_max, a * go, 0.0)
-            gz = c_x[None, :] * xh + c_0[None, :] + c_g[None, :] * g
-            if NSUM == 5:
-                u = _zdot(P, Ut, PREC, ACC)
-                gz += c_u[None, :] * u
-                dgo += tl.where(at_max, a * (cu[None, :] * u + cx[None, :] * xh + c0[None, :]), 0.0)
+            gz = ex[None, :] * xh + e0[None, :] + eg[None, :] * tl.where(at_max, a * go, 0.0)
+            u = _zdot(P, Ut, PREC, ACC)
+            gz += eu[None, :] * u
+            dgo += tl.where(at_max, a * (cu[None, :] * u + cx[None, :] * xh + c0[None, :]), 0.0)
             gz = tl.where(m2d, gz, 0.0)
             acc += tl.dot(tl.trans(P), gz, input_precision=PREC, out_dtype=ACC)
-        if NSUM == 5:
-            tl.store(dgout_ptr + pool_off, dgo.to(dgout_ptr.dtype.element_ty), mask=m2d)
+        tl.store(dgout_ptr + pool_off, dgo.to(dgout_ptr.dtype.element_ty), mask=m2d)
     off = (cps[None, :] * CHUNKS + k) * KP + ks[:, None]
     tl.store(wws_ptr + off, acc, mask=cmask[None, :])
 
 
 @triton.jit
-def _finish_kernel(ws_ptr, wws_ptr, invstd_ptr, dw_ptr, db_ptr, dgamma_ptr, dbeta_ptr, C, T, CHUNKS, MW,
-                   K: tl.constexpr, KP: tl.constexpr, HAS_B: tl.constexpr, NSUM: tl.constexpr,
-                   GAMMA_PER_TASK: tl.constexpr, KSTEP: tl.constexpr):
-    """Program c: dw[t, c] and dbias[t, c] = the chunk partials of wws added in chunk order, for every
-    task t; the gamma (and beta) gradients of channel c from the column sums: backward dgamma = sum g
-    xhat, dbeta = sum g; double backward d(gamma) = r M Q (per_step_bn's formulas), per task or added
-    in task order for a shared gamma."""
+def _dbwd_finish_kernel(ws_ptr, wws_ptr, invstd_ptr, dw_ptr, db_ptr, dgamma_ptr, C, T, CHUNKS, MW,
+                        K: tl.constexpr, KP: tl.constexpr, HAS_B: tl.constexpr, GAMMA_PER_TASK: tl.constexpr,
+                        KSTEP: tl.constexpr):
+    """Program c: d(w)[t, c] and d(bias)[t, c] = the chunk partials of wws added in chunk order, for every
+    task t; d(gamma) = r M Q of channel c from the column sums (per_step_bn's formulas), per task or
+    added in task order for a shared gamma."""
+    c = tl.program_id(0)
+    ACC = wws_ptr.dtype.element_ty
+    kk = tl.arange(0, KSTEP)
+    ks = tl.arange(0, KP)
+    Mf = _to_acc(4 * MW, ACC)
+    tot_g = tl.zeros([], dtype=ACC)
+    for t in range(0, T):
+        cp = t * C + c
+        acc = tl.zeros([KSTEP, KP], dtype=ACC)
+        for k0 in range(0, CHUNKS, KSTEP):
+            acc += tl.load(wws_ptr + (cp * CHUNKS + k0 + kk[:, None]) * KP + ks[None, :],
+                           mask=((k0 + kk) < CHUNKS)[:, None], other=0.0)
+        tot = tl.sum(acc, axis=0)
+        tl.store(dw_ptr + cp * K + ks, tot.to(dw_ptr.dtype.element_ty), mask=ks < K)
+        if HAS_B:
+            tl.store(db_ptr + cp + ks * 0, tot.to(db_ptr.dtype.element_ty), mask=ks == K)
+        Sg = _col_sum(ws_ptr, cp, CHUNKS, 0, 5, KSTEP)
+        Sgx = _col_sum(ws_ptr, cp, CHUNKS, 1, 5, KSTEP)
+        r = tl.load(invstd_ptr + cp).to(ACC)
+        Su = _col_sum(ws_ptr, cp, CHUNKS, 2, 5, KSTEP)
+        Sux = _col_sum(ws_ptr, cp, CHUNKS, 3, 5, KSTEP)
+        Sug = _col_sum(ws_ptr, cp, CHUNKS, 4, 5, KSTEP)
+        Q = Sug / Mf - (Su / Mf) * (Sg / Mf) - (Sux / Mf) * (Sgx / Mf)
+        dg = r * Mf * Q
+        if GAMMA_PER_TASK:
+            tl.store(dgamma_ptr + cp, dg.to(dgamma_ptr.dtype.element_ty))
+        else:
+            tot_g += dg
+    if not GAMMA_PER_TASK:
+        tl.store(dgamma_ptr + c, tot_g.to(dgamma_ptr.dtype.element_ty))
+
+
+# ------------------------------------------------------------------------------------------------------
+# the image's Gram matrix (once per image set) and the backward from it
+# ------------------------------------------------------------------------------------------------------
+@triton.jit
+def _gram_kernel(x_ptr, gws_ptr, rho_ptr, Ci, TCi, H, W, HWp, Wp, Ho, Wo, MW, CHUNK, CHUNKS, stride, pad,
+                 KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                 BLOCK_W: tl.constexpr):
+    """gws[t, k] = (C_D, S_D) of the rows of chunk k of task t (the four outputs of each of its
+    windows): C_D = sum D^T D ((KP, KP), row-major) and S_D = sum D (KP), D = P' - rho' (0 on masked
+    rows), rho' = P' under the centre output (Ho/2, Wo/2) of the task's first image, which the chunk-0
+    program stores in rho[t]. The products in strict precision whatever the convolutions' setting: the
+    matrix is formed once per image set and its rounding reaches every weight gradient."""
+    t = tl.program_id(0)
+    k = tl.program_id(1)
+    ACC = x_ptr.dtype.element_ty
+    ks, ci, p, q = _taps(KK, KW, KP)
+    rows = tl.arange(0, BLOCK_W)
+    zero = rows * 0
+    # every row the centre patch, rows > 0 masked (0): the column sums are the patch
+    rho = tl.sum(_patch(x_ptr, zero, zero + Ho // 2, zero + Wo // 2, rows == 0, t, ks, ci, p, q, Ci, TCi, H, W,
+                        stride, pad, K, ACC), axis=0)
+    begin = tl.minimum(k * CHUNK, MW)
+    end = tl.minimum(begin + CHUNK, MW)
+    G = tl.zeros([KP, KP], dtype=ACC)
+    S = tl.zeros([BLOCK_W, KP], dtype=ACC)
+    for s in range(begin, end, BLOCK_W):
+        j = s + rows
+        mask = j < end
+        i, _rem, ph, pw = _windows(j, HWp, Wp)
+        for d in range(4):
+            P = _patch(x_ptr, i, 2 * ph + d // 2, 2 * pw + d % 2, mask, t, ks, ci, p, q, Ci, TCi, H, W, stride,
+                       pad, K, ACC)
+            D = tl.where(mask[:, None], P - rho[None, :], 0.0)
+            S += D
+            G += tl.dot(tl.trans(D), D, input_precision="ieee", out_dtype=ACC)
+    base = gws_ptr + (t * CHUNKS + k) * (KP * KP + KP)
+    tl.store(base + ks[:, None] * KP + ks[None, :], G)
+    tl.store(base + KP * KP + ks, tl.sum(S, axis=0))
+    if k == 0:
+        tl.store(rho_ptr + t * KP + ks, rho)
+
+
+@triton.jit
+def _bwd_kernel(gout_ptr, gout2_ptr, sel_ptr, zsel_ptr, x_ptr, rho_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr,
+                ws_ptr, wws_ptr, C, CB, Ci, TC, TCi, H, W, HWp, Wp, MW, CHUNK, CHUNKS, stride, pad, slope_hi,
+                slope_lo, KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                GAMMA_PER_TASK: tl.constexpr, PREC: tl.constexpr, BLOCK_W: tl.constexpr,
+                BLOCK_C: tl.constexpr, HAS_G2: tl.constexpr):
+    """The backward's one pass over the windows of chunk k of its columns: g = a gout at each window's
+    maximum (a, xhat from zsel: `_act`'s arithmetic), ws[cp, k, :2] = (sum g, sum g xhat), and
+    wws[cp, k] = Q_D = sum over the four outputs d of D_d^T (g where sel = d), D_d = P'_d - rho' (KP
+    values per column; the masked rows have g = 0). No convolution: the rest of the weight gradient
+    comes from the image's Gram matrix in `_bwd_finish_kernel`."""
+    t, cs, cps, cmask, k = _program(C, BLOCK_C, CB)
+    ACC = x_ptr.dtype.element_ty
+    slope = _f2acc(slope_hi, slope_lo, ACC)
+    _gi, ga, be, mu, r = _params(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cs, cps, cmask, GAMMA_PER_TASK,
+                                 ACC)
+    ks, ci, p, q = _taps(KK, KW, KP)
+    rho = tl.load(rho_ptr + t * KP + ks).to(ACC)
+    acc = tl.zeros([KP, BLOCK_C], dtype=ACC)
+    sg = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
+    sgx = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
+    begin = tl.minimum(k * CHUNK, MW)
+    end = tl.minimum(begin + CHUNK, MW)
+    for s in range(begin, end, BLOCK_W):
+        mask, m2d, i, ph, pw, pool_off, go, sel = _backward_step(gout_ptr, gout2_ptr, sel_ptr, s, end, cps, cmask,
+                                                                 TC, HWp, Wp, BLOCK_W, HAS_G2, ACC)
+        xh = (tl.load(zsel_ptr + pool_off, mask=m2d, other=0.0) - mu[None, :]) * r[None, :]
+        g = tl.where(ga[None, :] * xh + be[None, :] > 0, 1.0, slope).to(ACC) * go  # go is 0 where masked
+        sg += g
+        sgx += g * xh
+        # unrolled: the window step is the hot loop (a loop over d is software-pipelined by the compiler,
+        # and its window step then runs ~470 instructions outside it; bench/NOTES.md)
+        for d in tl.static_range(4):
+            P = _patch(x_ptr, i, 2 * ph + d // 2, 2 * pw + d % 2, mask, t, ks, ci, p, q, Ci, TCi, H, W,
+                       stride, pad, K, ACC)
+            acc += tl.dot(tl.trans(P - rho[None, :]), tl.where(sel == d, g, 0.0), input_precision=PREC,
+                          out_dtype=ACC)
+    base = ws_ptr + (cps * CHUNKS + k) * 2
+    tl.store(base, tl.sum(sg, axis=0), mask=cmask)
+    tl.store(base + 1, tl.sum(sgx, axis=0), mask=cmask)
+    tl.store(wws_ptr + (cps[None, :] * CHUNKS + k) * KP + ks[:, None], acc, mask=cmask[None, :])
+
+
+@triton.jit
+def _bwd_finish_kernel(ws_ptr, wws_ptr, gram_ptr, rho_ptr, w_ptr, b_ptr, gamma_ptr, mean_ptr, invstd_ptr, dw_ptr,
+                       db_ptr, dgamma_ptr, dbeta_ptr, C, T, CHUNKS, MW, W_TS, B_TS, K: tl.constexpr,
+                       KP: tl.constexpr, HAS_B: tl.constexpr, GAMMA_PER_TASK: tl.constexpr, KSTEP: tl.constexpr):
+    """Program c, for every task t: Q_D, Sg, Sgx of column cp = t C + c added in chunk order, then
+    dw'[:, cp] = gamma r [Q_D - (Sg/N) S_D - (Sgx/N) r (C_D w' + (rho'.w' - mean) S_D)] (N = 4 Mw; C_D,
+    S_D, rho' the task's Gram terms) split into dw[t, c] and dbias[t, c]; dgamma = Sgx, dbeta = Sg, per
+    task or added in task order for a shared gamma."""
     c = tl.program_id(0)
     ACC = wws_ptr.dtype.element_ty
     kk = tl.arange(0, KSTEP)
@@ -606,44 +690,46 @@ def _finish_kernel(ws_ptr, wws_ptr, invstd_ptr, dw_ptr, db_ptr, dgamma_ptr, dbet
         for k0 in range(0, CHUNKS, KSTEP):
             acc += tl.load(wws_ptr + (cp * CHUNKS + k0 + kk[:, None]) * KP + ks[None, :],
                            mask=((k0 + kk) < CHUNKS)[:, None], other=0.0)
-        tot = tl.sum(acc, axis=0)
+        qd = tl.sum(acc, axis=0)
+        Sg = _col_sum(ws_ptr, cp, CHUNKS, 0, 2, KSTEP)
+        Sgx = _col_sum(ws_ptr, cp, CHUNKS, 1, 2, KSTEP)
+        wv = tl.load(w_ptr + t * W_TS + c * K + ks, mask=ks < K, other=0.0).to(ACC)
+        if HAS_B:
+            wv += tl.load(b_ptr + t * B_TS + c + ks * 0, mask=ks == K, other=0.0).to(ACC)
+        gbase = gram_ptr + t * (KP * KP + KP)
+        cd = tl.load(gbase + ks[:, None] * KP + ks[None, :])
+        sd = tl.load(gbase + KP * KP + ks)
+        rho = tl.load(rho_ptr + t * KP + ks)
+        if GAMMA_PER_TASK:
+            ga = tl.load(gamma_ptr + cp).to(ACC)
+        else:
+            ga = tl.load(gamma_ptr + c).to(ACC)
+        r = tl.load(invstd_ptr + cp).to(ACC)
+        mu = tl.load(mean_ptr + cp).to(ACC)
+        rd = tl.sum(cd * wv[None, :], axis=1) + (tl.sum(rho * wv, axis=0) - mu) * sd
+        tot = ga * r * (qd - (Sg / Mf) * sd - (Sgx / Mf) * r * rd)
         tl.store(dw_ptr + cp * K + ks, tot.to(dw_ptr.dtype.element_ty), mask=ks < K)
         if HAS_B:
             tl.store(db_ptr + cp + ks * 0, tot.to(db_ptr.dtype.element_ty), mask=ks == K)
-        Sg = _col_sum(ws_ptr, cp, CHUNKS, 0, NSUM, KSTEP)
-        Sgx = _col_sum(ws_ptr, cp, CHUNKS, 1, NSUM, KSTEP)
-        if NSUM == 2:
-            dg = Sgx
-            dbt = Sg
-        else:
-            r = tl.load(invstd_ptr + cp).to(ACC)
-            Su = _col_sum(ws_ptr, cp, CHUNKS, 2, 5, KSTEP)
-            Sux = _col_sum(ws_ptr, cp, CHUNKS, 3, 5, KSTEP)
-            Sug = _col_sum(ws_ptr, cp, CHUNKS, 4, 5, KSTEP)
-            Q = Sug / Mf - (Su / Mf) * (Sg / Mf) - (Sux / Mf) * (Sgx / Mf)
-            dg = r * Mf * Q
-            dbt = dg
         if GAMMA_PER_TASK:
-            tl.store(dgamma_ptr + cp, dg.to(dgamma_ptr.dtype.element_ty))
-            if NSUM == 2:
-                tl.store(dbeta_ptr + cp, dbt.to(dbeta_ptr.dtype.element_ty))
+            tl.store(dgamma_ptr + cp, Sgx.to(dgamma_ptr.dtype.element_ty))
+            tl.store(dbeta_ptr + cp, Sg.to(dbeta_ptr.dtype.element_ty))
         else:
-            tot_g += dg
-            tot_b += dbt
+            tot_g += Sgx
+            tot_b += Sg
     if not GAMMA_PER_TASK:
         tl.store(dgamma_ptr + c, tot_g.to(dgamma_ptr.dtype.element_ty))
-        if NSUM == 2:
-            tl.store(dbeta_ptr + c, tot_b.to(dbeta_ptr.dtype.element_ty))
+        tl.store(dbeta_ptr + c, tot_b.to(dbeta_ptr.dtype.element_ty))
 
 
 # ------------------------------------------------------------------------------------------------------
 # host functions (the implementation protocol of mamlpp_fast.ops.conv_block: forward, backward,
 # double_backward)
 # ------------------------------------------------------------------------------------------------------
-def _geometry(x, w, meta):
+def _geometry(x, w_shape, meta):
     t, stride, pad = meta[0], meta[1], meta[2]
     n, tci, h, wd = x.shape
-    _, c, ci, kh, kw = w.shape
+    _, c, ci, kh, kw = w_shape
     ho, wo = (h + 2 * pad - kh) // stride + 1, (wd + 2 * pad - kw) // stride + 1
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"triton conv_bn_pool: float32 or float64 only, got {x.dtype}")
@@ -675,9 +761,9 @@ def _task_rows(w, bias):
 
 def _launch(g, prec, w_ts, b_ts, nsum=None):
     """(grid, geometry arguments, reduce constants, apply constants) of the forward (nsum None), the
-    backward (nsum 2) or the double backward (nsum 5): the step width, warps and register cap of each
-    pass that computes convolution products (`block_config`); None for a pass without products (the
-    forward's apply and the backward's reduction: `pooled_config`)."""
+    backward (nsum 2: its one pass, `_bwd_kernel`, in the apply constants) or the double backward
+    (nsum 5): the step width, warps and register cap of each pass that computes products
+    (`block_config`); None for a pass without products (the forward's apply: `pooled_config`)."""
     cfg = g["cfg"]
     grid = (g["t"] * cfg["CB"], cfg["CHUNKS"])
     geo = (g["c"], cfg["CB"], g["ci"], g["tc"], g["tci"], g["h"], g["w"], g["hp"] * g["wp"], g["wp"], g["mw"],
@@ -690,16 +776,13 @@ def _launch(g, prec, w_ts, b_ts, nsum=None):
         reduce_w = cfg["BLOCK_W"] if nsum == 5 else cfg.get("RBLOCK_W", cfg["BLOCK_W"])
         const_r = dict(base, BLOCK_W=reduce_w, num_warps=cfg.get("REDUCE_WARPS", cfg["num_warps"]))
     if nsum is not None:
-        warps = cfg.get("BWD_APPLY_WARPS", cfg["num_warps"]) if nsum == 2 else cfg["num_warps"]
+        warps = cfg.get("BWD_WARPS", cfg["num_warps"]) if nsum == 2 else cfg["num_warps"]
         const_a = dict(base, BLOCK_W=cfg["BLOCK_W"], num_warps=warps)
     if cfg["BLOCK_C"] == 64:
-        if nsum is not None:
-            # the apply passes: left alone, ptxas (Triton 3.6.0's and 3.7.1's) settles on 128 registers for
-            # the TF32 backward apply and spills 4-8 bytes (mini-ImageNet's 27-tap patches; since the patch
-            # offsets are row + tap offsets, also the double backward's with Omniglot's 9 taps under 3.7.1:
-            # 16 bytes); with .maxnreg 255 it takes 174-190 and none, and the other three variants 143-255,
-            # none (caps of 200-232 made the fp32 passes spill). bench/NOTES.md, the block's tiles at 48
-            # channels and the block's gather
+        if nsum == 5:
+            # the double backward's apply pass: left alone, ptxas (Triton 3.7.1's) settled on 128 registers
+            # with Omniglot's 9 taps and spilled 16 bytes; with .maxnreg 255, none (caps of 200-232 made the
+            # fp32 passes spill). bench/NOTES.md, the block's tiles at 48 channels and the block's gather
             const_a["maxnreg"] = 255
         if nsum is None and prec == "ieee" and g["kp"] <= 16:
             # the forward's reduction with 16-wide patches (Omniglot): left alone, 3.7.1's ptxas settles on
@@ -719,10 +802,10 @@ def _launch(g, prec, w_ts, b_ts, nsum=None):
 def forward(x, w, bias, gamma, beta, meta):
     """(out, mean, invstd, aux) of conv_bn_pool; aux = (sel, zsel) for the backward passes: sel (int8, the
     shape of out), the position 0..3 of each window's maximum, which they read instead of finding it
-    again, and zsel (out's shape and dtype), the convolution output there, from which the backward's
-    reduction forms its sums without a convolution. Both come from the forward's reduction, which
+    again, and zsel (out's shape and dtype), the convolution output there, from which the backward forms
+    g and xhat at the maxima without a convolution. Both come from the forward's reduction, which
     computes z anyway; the apply pass is elementwise on zsel."""
-    g = _geometry(x, w, meta)
+    g = _geometry(x, w.shape, meta)
     cfg = g["cfg"]
     w, w_ts, b, b_ts = _task_rows(w, bias)
     gamma, beta = gamma.contiguous(), beta.contiguous()
@@ -745,60 +828,81 @@ def forward(x, w, bias, gamma, beta, meta):
     return out, mean, invstd, (sel, zsel)
 
 
-def _backward_pass(nsum, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, uw=None, ubias=None,
-                   ugamma=None, ubeta=None, gout2=None):
+def image_stats(x, w_shape, meta):
+    """(gram, rho) of image x for a block of weight shape `w_shape`: per task, gram[t] = (C_D (KP x KP,
+    row-major), S_D (KP)) and rho[t] = rho' (`_gram_kernel`). They depend on x alone (and on the
+    convolution's geometry): the backward of every call on the same image reads them, so a caller
+    forms them once per image set (mamlpp_fast.ops.conv_block's ``image_cache``). Chunk partials added
+    in chunk order by one reduction."""
+    g = _geometry(x, w_shape, meta)
+    cfg, kp = g["cfg"], g["kp"]
+    gws = torch.empty(g["t"], cfg["CHUNKS"], kp * kp + kp, dtype=x.dtype, device=x.device)
+    rho = torch.empty(g["t"], kp, dtype=x.dtype, device=x.device)
+    _gram_kernel[(g["t"], cfg["CHUNKS"])](x, gws, rho, g["ci"], g["tci"], g["h"], g["w"], g["hp"] * g["wp"], g["wp"],
+                                          2 * g["hp"], 2 * g["wp"], g["mw"], cfg["CHUNK"], cfg["CHUNKS"], g["stride"],
+                                          g["pad"], KK=g["kk"], KW=g["kw"], K=g["k"], KP=kp, **gram_config(cfg))
+    return gws.sum(1), rho
+
+
+def backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, gout2=None, stats=None):
+    """(dw, dbias or None, dgamma, dbeta) of conv_bn_pool; aux: the forward's (sel, zsel); gout2: a second
+    gradient of the output (gout's shape, contiguous), added to gout where the kernels load it, or None;
+    stats: `image_stats` of x (formed here when None). One pass over the windows (`_bwd_kernel`) and
+    the finishing kernel, which adds the image's Gram terms (`_bwd_finish_kernel`)."""
     sel, zsel = aux
-    g = _geometry(x, w, meta)
+    g = _geometry(x, w.shape, meta)
     if gout2 is not None and (gout2.shape != gout.shape or not gout2.is_contiguous() or not gout.is_contiguous()):
         raise ValueError(f"triton conv_bn_pool: gout2 {tuple(gout2.shape)} must be contiguous like gout "
                          f"{tuple(gout.shape)}")
+    gram, rho = image_stats(x, w.shape, meta) if stats is None else stats
     cfg = g["cfg"]
     w, w_ts, b, b_ts = _task_rows(w, bias)
     gamma, beta = gamma.contiguous(), beta.contiguous()
-    uw_t = uw.contiguous() if uw is not None else w
-    ub_t = ubias.contiguous() if ubias is not None else w
-    ws = torch.empty(g["tc"] * cfg["CHUNKS"] * nsum, dtype=x.dtype, device=x.device)
+    ws = torch.empty(g["tc"] * cfg["CHUNKS"] * 2, dtype=x.dtype, device=x.device)
     wws = torch.empty(g["tc"] * cfg["CHUNKS"] * g["kp"], dtype=x.dtype, device=x.device)
-    grid, geo, const_r, const_a = _launch(g, _precision(x.dtype), w_ts, b_ts, nsum)
+    grid, geo, _, const_a = _launch(g, _precision(x.dtype), w_ts, b_ts, 2)
     sl_hi, sl_lo = _split(meta[4])
-    flags = dict(HAS_B=bias is not None, GAMMA_PER_TASK=gamma.dim() == 2, NSUM=nsum, HAS_UW=uw is not None,
-                 HAS_UB=ubias is not None, HAS_G2=gout2 is not None)
-    gout2 = gout if gout2 is None else gout2
-    if nsum == 2:
-        _bwd_sums_kernel[grid](gout, gout2, zsel, gamma, beta, mean, invstd, ws, g["c"], cfg["CB"], g["tc"],
-                               g["hp"] * g["wp"], g["mw"], cfg["CHUNK"], cfg["CHUNKS"], sl_hi, sl_lo,
-                               GAMMA_PER_TASK=gamma.dim() == 2, HAS_G2=flags["HAS_G2"], BLOCK_C=cfg["BLOCK_C"],
-                               **pooled_config(cfg))
-    else:
-        _reduce_kernel[grid](gout, gout2, sel, x, w, b, uw_t, ub_t, gamma, beta, mean, invstd, ws, *geo, sl_hi,
-                             sl_lo, **flags, **const_r)
-    dgout = torch.empty_like(gout) if nsum == 5 else gout
-    ug = ugamma.contiguous() if ugamma is not None else gamma
-    ubt = ubeta.contiguous() if ubeta is not None else gamma
-    _apply_kernel[grid](gout, gout2, sel, x, w, b, uw_t, ub_t, ug, ubt, gamma, beta, mean, invstd, ws, wws, dgout, *geo,
-                        sl_hi, sl_lo, **flags, HAS_UG=ugamma is not None, HAS_UBETA=ubeta is not None,
-                        KSTEP=_KSTEP, **const_a)
+    per_task = gamma.dim() == 2
+    _bwd_kernel[grid](gout, gout if gout2 is None else gout2, sel, zsel, x, rho, gamma, beta, mean, invstd, ws, wws,
+                      *geo[:-2], sl_hi, sl_lo, GAMMA_PER_TASK=per_task, HAS_G2=gout2 is not None, **const_a)
     dw = torch.empty(w.shape, dtype=w.dtype, device=w.device)
     db = torch.empty(g["t"], g["c"], dtype=x.dtype, device=x.device) if bias is not None else None
     dgamma = torch.empty_like(gamma)
-    dbeta = torch.empty_like(gamma) if nsum == 2 else None
-    _finish_kernel[(g["c"],)](ws, wws, invstd, dw, db if db is not None else dw, dgamma,
-                              dbeta if dbeta is not None else dgamma, g["c"], g["t"], cfg["CHUNKS"], g["mw"],
-                              K=g["k"], KP=g["kp"], HAS_B=bias is not None, NSUM=nsum,
-                              GAMMA_PER_TASK=gamma.dim() == 2, KSTEP=_KSTEP, num_warps=1)
-    return dgout, dw, db, dgamma, dbeta
-
-
-def backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, gout2=None):
-    """(dw, dbias or None, dgamma, dbeta) of conv_bn_pool; aux: the forward's (sel, zsel); gout2: a second
-    gradient of the output (gout's shape, contiguous), added to gout where the kernels load it, or None."""
-    _, dw, db, dgamma, dbeta = _backward_pass(2, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta,
-                                              gout2=gout2)
+    dbeta = torch.empty_like(gamma)
+    _bwd_finish_kernel[(g["c"],)](ws, wws, gram, rho, w, b, gamma, mean, invstd, dw, db if db is not None else dw,
+                                  dgamma, dbeta, g["c"], g["t"], cfg["CHUNKS"], g["mw"], w_ts, b_ts, K=g["k"],
+                                  KP=g["kp"], HAS_B=bias is not None, GAMMA_PER_TASK=per_task, KSTEP=_KSTEP,
+                                  num_warps=1)
     return dw, db, dgamma, dbeta
 
 
 def double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta):
     """(d gout, d w, d bias or None, d gamma) of conv_bn_pool's backward; aux: the forward's (sel, zsel)."""
-    dgout, dw, db, dgamma, _ = _backward_pass(5, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, uw,
-                                              ubias, ugamma, ubeta)
+    sel, _zsel = aux
+    g = _geometry(x, w.shape, meta)
+    cfg = g["cfg"]
+    w, w_ts, b, b_ts = _task_rows(w, bias)
+    gamma, beta = gamma.contiguous(), beta.contiguous()
+    uw_t = uw.contiguous() if uw is not None else w
+    ub_t = ubias.contiguous() if ubias is not None else w
+    ws = torch.empty(g["tc"] * cfg["CHUNKS"] * 5, dtype=x.dtype, device=x.device)
+    wws = torch.empty(g["tc"] * cfg["CHUNKS"] * g["kp"], dtype=x.dtype, device=x.device)
+    grid, geo, const_r, const_a = _launch(g, _precision(x.dtype), w_ts, b_ts, 5)
+    sl_hi, sl_lo = _split(meta[4])
+    per_task = gamma.dim() == 2
+    flags = dict(HAS_B=bias is not None, GAMMA_PER_TASK=per_task, HAS_UW=uw is not None, HAS_UB=ubias is not None)
+    _dbwd_reduce_kernel[grid](gout, sel, x, w, b, uw_t, ub_t, gamma, beta, mean, invstd, ws, *geo, sl_hi, sl_lo,
+                              **flags, **const_r)
+    dgout = torch.empty_like(gout)
+    ug = ugamma.contiguous() if ugamma is not None else gamma
+    ubt = ubeta.contiguous() if ubeta is not None else gamma
+    _dbwd_apply_kernel[grid](gout, sel, x, w, b, uw_t, ub_t, ug, ubt, gamma, beta, mean, invstd, ws, wws, dgout, *geo,
+                             sl_hi, sl_lo, **flags, HAS_UG=ugamma is not None, HAS_UBETA=ubeta is not None,
+                             KSTEP=_KSTEP, **const_a)
+    dw = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+    db = torch.empty(g["t"], g["c"], dtype=x.dtype, device=x.device) if bias is not None else None
+    dgamma = torch.empty_like(gamma)
+    _dbwd_finish_kernel[(g["c"],)](ws, wws, invstd, dw, db if db is not None else dw, dgamma, g["c"], g["t"],
+                                   cfg["CHUNKS"], g["mw"], K=g["k"], KP=g["kp"], HAS_B=bias is not None,
+                                   GAMMA_PER_TASK=per_task, KSTEP=_KSTEP, num_warps=1)
     return dgout, dw, db, dgamma
