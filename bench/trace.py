@@ -624,9 +624,9 @@ def block_call(x, w, meta) -> tuple:
 
 
 # the fused first block's passes: the Triton kernel each launches (mamlpp_fast/triton/conv_block.py)
-# that compute products (the forward's apply pass, `_fwd_apply_kernel`, computes none: a bandwidth-bound
-# pass over pooled tensors, priced by its bytes)
-_BLOCK_KERNELS = {"triton block_fwd_reduce": "_fwd_reduce_kernel", "triton block_gram": "_gram_kernel",
+# that compute products (the small per-channel kernels, `_fwd_stats_kernel` and the finishing ones, are
+# priced by their bytes)
+_BLOCK_KERNELS = {"triton block_fwd": "_fwd_kernel", "triton block_gram": "_gram_kernel",
                   "triton block_bwd": "_bwd_kernel",
                   "triton block_dbwd_reduce": "_dbwd_reduce_kernel", "triton block_dbwd_apply": "_dbwd_apply_kernel"}
 
@@ -642,8 +642,9 @@ def _block_patch(rec: _Recorder):
     execute, padding included:
     2 x n*Ho*Wo*T*C'*KP (KP = the patch width, the next power of two >= 16 of K + 1; C' = the channels as
     the kernels' channel blocks execute them, masked lanes included) per evaluation of the convolution
-    output (z, or u = P' U' in the double backward) and per weight-gradient contraction: forward reduce 1,
-    its apply none; backward 1 (Q_D, no z); double backward reduce 2 (z, u) and apply 3 (z, u, dw').
+    output (z, or u = P' U' in the double backward) and per weight-gradient contraction: forward 1 (z;
+    its statistics kernel none); backward 1 (Q_D, no z); double backward reduce 2 (z, u) and apply 3
+    (z, u, dw').
     The image's Gram terms (`image_stats`: once per image set where the caller keeps them, as the
     learner does): 2 x n*Ho*Wo*T*KP^2, their (T, CHUNKS, KP^2 + KP) partials written and summed by one
     reduction, which the backward's finishing kernel reads."""
@@ -671,17 +672,19 @@ def _block_patch(rec: _Recorder):
     def small(*ts):
         return sum(_nbytes(t) for t in ts if t is not None)
 
-    def forward(x, w, bias, gamma, beta, meta):
+    def forward(x, w, bias, gamma, beta, meta, stats=None):
         with rec.hide():
             out, mean, invstd, aux = torch_impl.forward(x, w, bias, gamma, beta, meta)
-        macs, _, layer, _, _, _ = geometry(x, w.shape, meta)
+        macs, _, layer, _, gram, chunks = geometry(x, w.shape, meta)
+        if stats is None:  # formed per call (no image cache): the Triton forward forms them itself
+            image_stats(x, tuple(w.shape), meta)
         call = block_call(x, w, meta)
-        # + zsel (out's size) and sel (int8) written
-        rec.add(name="triton block_fwd_reduce", kind="conv", layer=layer, flops=2 * macs, tf32_ok=True,
-                bytes=small(x, w, bias, gamma, out) + out.numel(), call=call)
-        # zsel read, out written; no product
-        rec.add(name="triton block_fwd_apply", kind="conv", layer=layer,
-                bytes=2 * _nbytes(out) + small(gamma, beta, mean, invstd))
+        # the image's Gram terms and w read, the statistics written
+        rec.add(name="triton block_fwd_stats", kind="conv", layer=layer,
+                bytes=gram // chunks + small(w, bias, mean, invstd))
+        # out, zsel (out's size) and sel (int8) written
+        rec.add(name="triton block_fwd", kind="conv", layer=layer, flops=2 * macs, tf32_ok=True,
+                bytes=small(x, w, bias, gamma, beta, mean, invstd) + 2 * _nbytes(out) + out.numel(), call=call)
         return out, mean, invstd, aux
 
     def image_stats(x, w_shape, meta):

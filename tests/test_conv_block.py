@@ -91,6 +91,56 @@ def test_fused_block_matches_unfused_ops_to_second_order(shape):
     assert_close(got, ref, _names(bias), seed)
 
 
+def test_image_cache_forms_the_image_terms_once_per_image_set():
+    """conv_bn_pool's image_cache: an implementation's image terms (its image_stats) are formed by the
+    first call on an image and reused by the later calls on the same tensor (forward and backward both
+    receive them), formed again for another image tensor (with equal values too: the cache keys on the
+    tensor, not on its values) or another weight shape; without a cache, per call. The results with and
+    without the cache are the same."""
+    import types
+    seed = fresh_seed() % 2 ** 31
+    x, w, bias, gamma, beta, T, pad = make_block_inputs(SHAPES[1], seed)
+    formed, given = [], []
+
+    def image_stats(x_, w_shape, meta):
+        formed.append((x_.data_ptr(), tuple(w_shape)))
+        return (x_.sum().reshape(1),)  # a stand-in the counting backward can tell apart
+
+    def forward(*a, stats=None):
+        given.append(("fwd", stats))
+        return torch_impl.forward(*a)
+
+    def backward(*a, gout2=None, stats=None):
+        given.append(("bwd", stats))
+        return torch_impl.backward(*a, gout2=gout2)
+
+    impl = types.SimpleNamespace(name="counting", forward=forward, backward=backward,
+                                 double_backward=torch_impl.double_backward, image_stats=image_stats)
+    cache = {}
+    run = lambda xx, ww, c: conv_bn_pool(xx, ww, bias, gamma, beta, T, 1, pad, EPS, SLOPE, impl=impl,  # noqa: E731
+                                         image_cache=c)
+    outs = [run(x, w, cache)[0] for _ in range(3)]
+    assert len(formed) == 1
+    grads = torch.autograd.grad(sum((o * (k + 1)).sum() for k, o in enumerate(outs)), (w, gamma))
+    assert len(formed) == 1 and [k for k, _ in given] == ["fwd"] * 3 + ["bwd"] * 3
+    first = given[0][1][0]  # the one tensor formed, read by every pass
+    assert all(len(st) == 1 and st[0].data_ptr() == first.data_ptr() for _, st in given)
+    ref_out = fused(x, w, bias, gamma, beta, T, pad)[0]
+    assert torch.equal(outs[0], ref_out)
+    ref = torch.autograd.grad(sum((fused(x, w, bias, gamma, beta, T, pad)[0] * (k + 1)).sum() for k in range(3)),
+                              (w, gamma))
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=0) for a, b in zip(grads, ref))
+    run(x.clone(), w, cache)  # another image tensor: formed again, and it replaces the cached one
+    assert len(formed) == 2
+    run(x, w, cache)
+    assert len(formed) == 3
+    w2 = torch.randn(T, 4, 3, 5, 5, dtype=w.dtype)  # another weight shape (5x5 kernels): other terms
+    conv_bn_pool(x, w2, None, gamma, beta, T, 1, 2, EPS, SLOPE, impl=impl, image_cache=cache)
+    assert len(formed) == 4 and formed[-1][1] == tuple(w2.shape)
+    run(x, w, None), run(x, w, None)  # no cache: per call
+    assert len(formed) == 6
+
+
 def test_fused_block_gradcheck_and_gradgradcheck():
     seed = fresh_seed() % 2 ** 31
     for shape in (SHAPES[0], SHAPES[1]):

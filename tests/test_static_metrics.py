@@ -34,7 +34,7 @@ def test_no_spills_in_shipped_configurations():
     assert names >= {"_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel", "_bn_fwd_reduce_kernel",
                      "_bn_fwd_apply_kernel", "_bn_bwd_reduce_kernel", "_bn_bwd_apply_kernel",
                      "_bn_dbwd_reduce_kernel", "_bn_dbwd_apply_kernel", "_lslr_fwd_kernel", "_lslr_bwd_kernel",
-                     "_lslr_dalpha_kernel", "_fwd_reduce_kernel", "_fwd_apply_kernel", "_gram_kernel",
+                     "_lslr_dalpha_kernel", "_fwd_kernel", "_fwd_stats_kernel", "_gram_kernel",
                      "_bwd_kernel", "_bwd_finish_kernel", "_dbwd_reduce_kernel", "_dbwd_apply_kernel",
                      "_dbwd_finish_kernel",  # these eight: the fused first block
                      "_pool_fwd_apply_kernel", "_pool_bwd_reduce_kernel", "_pool_bwd_apply_kernel",

@@ -858,9 +858,9 @@ def test_conv_block_kernels_float64(idx, multi, rw, monkeypatch):
     unfused ops in tests/test_conv_block.py), float64, 1e-10; with the interpreter's own configuration and
     with 16-window steps in 3 chunks (the merge of chunk sums and a ragged last chunk) or, for the two
     largest shapes, in up to 20 (17 and 18: more than the 16 chunk sums read at a time); the last shape has 20 channels: two channel blocks of
-    16, the second masked. reduce32: the forward's passes and the backward's reduction in 32-window steps
-    (RBLOCK_W, Triton < 3.7's configuration) beside the 16-window apply passes, in 3 ragged chunks, or in
-    one chunk of 32 windows (one full step) and of 50 (a full step and a ragged one)."""
+    16, the second masked. reduce32: the forward's pass in 32-window steps (RBLOCK_W) beside the other
+    passes' 16, in 3 ragged chunks, or in one chunk of 32 windows (one full step) and of 50 (a full step
+    and a ragged one)."""
     from _batches import fresh_seed
     from test_conv_block import SHAPES
     from mamlpp_fast.ops.conv_block import torch_impl

@@ -53,18 +53,19 @@ and refuses an x that requires one.
 This module holds the autograd (`conv_bn_pool`) and the implementation in plain PyTorch (`torch_impl`:
 it recomputes the convolution output in full, so it saves memory but not work; it is the oracle of
 the Triton kernels, mamlpp_fast.triton.conv_block, which never write it). An implementation is three
-functions on plain tensors and one optional: ``forward(x, w, bias, gamma, beta, meta) -> (out, mean,
-invstd, aux)``,
+functions on plain tensors and one optional: ``forward(x, w, bias, gamma, beta, meta, stats=None) -> (out,
+mean, invstd, aux)``,
 ``backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, gout2=None, stats=None) -> (dw, dbias,
 dgamma, dbeta)``,
 ``double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta) ->
 (dgout, dw, dbias, dgamma)``, and ``image_stats(x, w_shape, meta) -> stats``; ``aux`` is what the
 implementation keeps from its forward for its backward passes: None, a tensor, or a tuple of tensors
 and Nones (the Triton kernels: the position of each window's maximum and the convolution output there);
-``stats`` the terms of its backward that depend on the image alone (None, a tensor or a tuple; the
-Triton kernels: the Gram matrix of the image's patches, from which their backward forms the weight
-gradient without the convolution output), formed once per image set where the caller passes an
-``image_cache``, and by the backward itself when given None; ``meta`` is ``(T, stride, padding, eps,
+``stats`` the terms of its forward and backward that depend on the image alone (None, a tensor or a
+tuple; the Triton kernels: the Gram matrix of the image's patches, from which their forward forms the
+batch-norm statistics and their backward the weight gradient, without the convolution output),
+formed once per image set where the caller passes an ``image_cache``, and by the forward and backward
+themselves when given None; ``meta`` is ``(T, stride, padding, eps,
 slope)``.
 """
 from __future__ import annotations
@@ -113,8 +114,9 @@ def _wgrad(x, gz, w_shape, meta):
     return dw, gz.reshape(gz.shape[0], t, c, -1).sum((0, 3))
 
 
-def _forward(x, w, bias, gamma, beta, meta):
-    """(out, mean, invstd, aux): this implementation keeps nothing beside the statistics (aux None)."""
+def _forward(x, w, bias, gamma, beta, meta, stats=None):
+    """(out, mean, invstd, aux): this implementation keeps nothing beside the statistics (aux None);
+    stats: unused (`_no_image_stats`)."""
     t, _, _, eps, slope = meta
     y, mean, invstd = tb.bn_forward(_conv(x, w, bias, meta), gamma, beta, t, eps, slope)
     return F.max_pool2d(y, 2, 2), mean, invstd, None
@@ -183,7 +185,7 @@ class _BlockForward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, bias, gamma, beta, meta, impl, saved=None, stats=None):
-        out, mean, invstd, aux = impl.forward(x, w, bias, gamma, beta, meta)
+        out, mean, invstd, aux = impl.forward(x, w, bias, gamma, beta, meta, stats=stats)
         # the backward node reads the aliases in `saved` (w, bias, gamma; `conv_bn_pool`) when given, so
         # that their gradients from the double backward are summed by the caller's fan-out nodes
         if saved is not None:
@@ -284,10 +286,10 @@ def conv_bn_pool(x, w, bias, gamma, beta, num_tasks, stride, padding, eps, slope
         ``input_saved``): its gradient reaches this op's backward as a second argument, and the
         backward kernels add the two where they load the gradient (`mamlpp_fast.ops.fanout`).
         image_cache: a dict the caller keeps for one image set (e.g. the target images of one
-        meta-update) and passes to every call on it: the terms the implementation's backward reads that
-        depend on the image alone (its ``image_stats``: the Triton kernels' Gram matrix of the patches)
-        are formed by the first call that will need a gradient and reused by the others on the same x
-        (the same tensor object, weight shape, stride and padding); None: formed per call.
+        meta-update) and passes to every call on it: the terms the implementation reads that depend on
+        the image alone (its ``image_stats``: the Triton kernels' Gram matrix of the patches) are formed
+        by the first call and reused by the others on the same x (the same tensor object, weight shape,
+        stride and padding); None: formed per call.
 
     Returns:
         ``(out, mean, invstd)``: out ``(n, T*C, Ho/2, Wo/2)``; mean and invstd ``(T*C,)`` of the
@@ -324,9 +326,7 @@ def conv_bn_pool(x, w, bias, gamma, beta, num_tasks, stride, padding, eps, slope
         gamma, beta = (p.expand(t, -1) if p.dim() == 1 else p for p in (gamma, beta))
     meta = (t, int(stride), int(padding), float(eps), float(slope))
     impl = impl if impl is not None else torch_impl
-    stats = None
-    if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (w, bias, gamma, beta)):
-        stats = _image_stats(impl, x, w.shape, meta, image_cache)
+    stats = _image_stats(impl, x, w.shape, meta, image_cache)
     out, mean, invstd, out_alias = _BlockForward.apply(x.contiguous(), w, bias, gamma, beta, meta, impl, saved,
                                                        stats)
     return (out, mean, invstd, out_alias) if alias else (out, mean, invstd)

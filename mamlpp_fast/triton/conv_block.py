@@ -14,20 +14,21 @@ of K + 1, zero-padded) and forms z = P' W' as one small matrix product with the 
 config key conv_precision / allow_tf32 ask (triton/conv.py `_precision`), float64 in float64. The weight gradients are products of the same kind:
 dW' += P'^T gz. The tap decomposition k -> (ci, p, q) is computed once per program on the KP axis.
 
-The forward and the double backward are two passes over the grid (T * channel blocks, CHUNKS), like
-the batch norm's kernels: a reduction of its chunk of each column to a few sums into a workspace, then
-an apply pass that adds the chunk sums of its columns in chunk order; the backward is one pass. A small
+The double backward is two passes over the grid (T * channel blocks, CHUNKS), like the batch norm's
+kernels: a reduction of its chunk of each column to a few sums into a workspace, then an apply pass
+that adds the chunk sums of its columns in chunk order; the forward and the backward are one pass each
+(their column statistics come from the image's Gram terms). A small
 last kernel of each derivative (one program per channel) adds the programs' partial weight gradients (a
 (TC, CHUNKS, KP) workspace) in chunk order and forms the gamma/beta gradients from the column sums, per
 task or added in task order for a shared gamma. No atomics: results are reproducible.
 
-- forward:   reduce: per chunk and column, sums of z - ref and (z - ref)^2 (ref = the column's first
-             output in the chunk), turned into (mean, m2), and per window `sel`, the position 0..3
-             (int8) of its largest y, and `zsel`, z there: y is monotone in z (non-decreasing for
-             gamma > 0, non-increasing for gamma < 0, constant for gamma = 0), so the largest y is at
-             the first largest sign(gamma) z, found without the statistics; the backward passes read
-             sel instead of finding the maximum again. apply (elementwise over pooled tensors, no
-             convolution): Chan's merge of the chunks -> mean, invstd; out = y(zsel).
+- forward:   no statistics pass over z: with s = S_D.w', mean = rho'.w' + s/N and
+             sum (z - mean)^2 = w'^T C_D w' - s^2/N from the image's Gram terms (`_fwd_stats_kernel`,
+             one program per channel). One pass (`_fwd_kernel`): z at each window's four outputs, `sel`,
+             the position 0..3 (int8) of its largest y, `zsel`, z there, and out = y(zsel): y is
+             monotone in z (non-decreasing for gamma > 0, non-increasing for gamma < 0, constant for
+             gamma = 0), so the largest y is at the first largest sign(gamma) z; the backward passes
+             read sel instead of finding the maximum again.
 - backward:  no convolution. dz = gamma r (g - gbar - xhat m) at the 4 outputs (g = a gout at the
              window's maximum, 0 at its other outputs; gbar = Sg/N, m = Sgx/N, N = 4 Mw), so with
              D = P' - rho' (rho' a fixed patch of the task's image) and the image's Gram terms
@@ -81,19 +82,18 @@ def block_config(mw: int, t: int, c: int, kp: int, device: torch.device, sms: in
     `sms`: the multiprocessors to fill (default: the CUDA device's; bench.trace passes its simulated
     count).
 
-    - BLOCK_C: channels per program (`_channel_tile`); BLOCK_W = 16 windows per step in the apply
-      passes of the backward and double backward (they hold the weight-gradient accumulator), on 8 warps
-      for 64 channels, else 4; REDUCE_WARPS = 4, the warps of the reductions with products (the
-      forward's and the double backward's); RBLOCK_W = 16 windows per step in the forward's reduction
-      (32 raised its loop's FFMA share by 6-16 points under Triton 3.6 while it only formed the sums;
-      since it also tracks each window's maximum, 32-window steps spill under 3.6: 140 B with Omniglot's
-      16-wide patches, 672 B with mini-ImageNet's 32-wide; bench/NOTES.md). The pass without products
-      (the forward's apply) takes `pooled_config`, the Gram kernel `gram_config`. In the forward's
-      reduction and the double backward's passes the four outputs of a window step are a loop, not
-      unrolled, so one output's tiles are live at a time. Chosen from the sm_90a compile (bench.static_metrics,
-      bench/NOTES.md: cut 3b and the block's passes); as configured no kernel spills under the Triton
-      versions we compile with (tests/test_static_metrics.py). `kp` (the patch width) enters no rule now;
-      the signature keeps it for the callers that pass it.
+    - BLOCK_C: channels per program (`_channel_tile`); BLOCK_W = 16 windows per step in the passes
+      with a weight-gradient accumulator (the backward's and the double backward's apply), on 8 warps
+      for 64 channels, else 4; REDUCE_WARPS = 4, the warps of the passes with products and no such
+      accumulator (the double backward's reduction); RBLOCK_W = 16 windows per step in the forward's
+      pass, on FWD_WARPS = 4 warps with patches wider than 16 (mini-ImageNet's 32: its unrolled window
+      step 50% FFMA under Triton 3.6, no spill; 47% on 8 warps), 8 with 16-wide ones (Omniglot's: 37%,
+      where 4 warps spilled). The Gram kernel takes `gram_config`. In the double backward's passes the
+      four outputs of a window step are a loop, not unrolled, so one output's tiles are live at a time;
+      the forward's and the backward's passes unroll them (bench/NOTES.md).
+      Chosen from the sm_90a compile (bench.static_metrics, bench/NOTES.md: cut 3b and the block's
+      passes); as configured no kernel spills under the Triton versions we compile with
+      (tests/test_static_metrics.py).
     - BWD_WARPS = 8: the backward's pass (`_bwd_kernel`, its four outputs unrolled) on 8 warps: on 4 it
       spilled under Triton 3.6 (mini-ImageNet's 32-wide patches and Omniglot's 16-wide ones); on 8,
       none under 3.6 or 3.7.1 (bench/NOTES.md, the backward from the image's Gram matrix).
@@ -116,16 +116,7 @@ def block_config(mw: int, t: int, c: int, kp: int, device: torch.device, sms: in
     chunks = triton.cdiv(mw, chunk)
     warps = 8 if bc == 64 else 4
     return dict(BLOCK_W=bw, BLOCK_C=bc, CB=triton.cdiv(c, bc), CHUNK=chunk, CHUNKS=chunks, num_warps=warps,
-                # the version read at call time: bench.trace --triton-configs sets it on the conv module
-                REDUCE_WARPS=4, RBLOCK_W=16, BWD_WARPS=8)
-
-
-def pooled_config(cfg: dict) -> dict:
-    """Launch constants of the passes elementwise over pooled tensors (the forward's apply pass
-    `_fwd_apply_kernel`, the backward's reduction `_bwd_sums_kernel`; on the grid of the other passes):
-    BLOCK_C x 32 tiles on 4 warps, i.e. 16 elements of each tensor per thread with 64 channels, 32
-    windows (128 bytes of a column) per warp row."""
-    return dict(BLOCK_W=32, num_warps=4)
+                REDUCE_WARPS=4, RBLOCK_W=16, FWD_WARPS=8 if kp <= 16 else 4, BWD_WARPS=8)
 
 
 def gram_config(cfg: dict) -> dict:
@@ -169,13 +160,6 @@ def _windows(j, HWp, Wp):
     ph = rem // Wp
     pw = rem - ph * Wp
     return i, rem, ph, pw
-
-
-@triton.jit
-def _chunk_outputs(kc, CHUNK, CHUNKS, MW, ACC: tl.constexpr):
-    """Convolution outputs (4 per window) of chunks kc (0 beyond the last chunk)."""
-    kb = tl.minimum(kc * CHUNK, MW)
-    return tl.where(kc < CHUNKS, 4 * (tl.minimum(kb + CHUNK, MW) - kb), 0).to(ACC)
 
 
 @triton.jit
@@ -299,34 +283,70 @@ def _sign(v):
 
 
 @triton.jit
-def _fwd_reduce_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, ws_ptr, zsel_ptr, sel_ptr, C, CB, Ci, TC, TCi, H, W, HWp,
-                       Wp, MW, CHUNK, CHUNKS, stride, pad, W_TS, B_TS, KK: tl.constexpr, KW: tl.constexpr,
-                       K: tl.constexpr, KP: tl.constexpr, HAS_B: tl.constexpr, GAMMA_PER_TASK: tl.constexpr,
-                       PREC: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    """ws[cp, k, :] = (mean, m2) of the convolution outputs of chunk k of column cp: sums of z - ref and
-    (z - ref)^2 with ref = the column's first output of the chunk (a shift that keeps the sums of
-    squares small), turned into (mean, m2) at the end. Per window also the position of its largest y,
-    found on z: sel = the first d of the largest s z_d, s = sign(gamma) (y is a non-decreasing function
-    of s z; s = 0: all four y equal, d = 0), and zsel = z there."""
+def _wcol(w_ptr, b_ptr, t, c, W_TS, B_TS, ks, K: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr):
+    """w' of column (t, c) as a (KP,) vector: the weights, the bias at k = K (0 without one), 0 beyond."""
+    wv = tl.load(w_ptr + t * W_TS + c * K + ks, mask=ks < K, other=0.0).to(ACC)
+    if HAS_B:
+        wv += tl.load(b_ptr + t * B_TS + c + ks * 0, mask=ks == K, other=0.0).to(ACC)
+    return wv
+
+
+@triton.jit
+def _gram_terms(gram_ptr, rho_ptr, t, ks, KP: tl.constexpr):
+    """(C_D (KP, KP), S_D (KP,), rho' (KP,)) of task t (`image_stats`)."""
+    base = gram_ptr + t * (KP * KP + KP)
+    return (tl.load(base + ks[:, None] * KP + ks[None, :]), tl.load(base + KP * KP + ks),
+            tl.load(rho_ptr + t * KP + ks))
+
+
+@triton.jit
+def _fwd_stats_kernel(gram_ptr, rho_ptr, w_ptr, b_ptr, mean_ptr, invstd_ptr, C, T, MW, W_TS, B_TS, eps_hi, eps_lo,
+                      K: tl.constexpr, KP: tl.constexpr, HAS_B: tl.constexpr, IS_F64: tl.constexpr):
+    """Program c, for every task t: mean and invstd of column cp = t C + c from the image's Gram terms,
+    no convolution. Over the N = 4 Mw rows z = D w' + rho'.w', so with s = S_D.w':
+    mean = rho'.w' + s / N and m2 = sum (z - mean)^2 = w'^T C_D w' - s^2 / N (>= 0 in exact arithmetic;
+    clamped at 0 against rounding); invstd = 1 / sqrt(m2 / N + eps)."""
+    c = tl.program_id(0)
+    ACC = gram_ptr.dtype.element_ty
+    ks = tl.arange(0, KP)
+    Mf = _to_acc(4 * MW, ACC)
+    eps = _f2acc(eps_hi, eps_lo, ACC)
+    for t in range(0, T):
+        cp = t * C + c
+        wv = _wcol(w_ptr, b_ptr, t, c, W_TS, B_TS, ks, K, HAS_B, ACC)
+        cd, sd, rho = _gram_terms(gram_ptr, rho_ptr, t, ks, KP)
+        s = tl.sum(sd * wv, axis=0)
+        mean = tl.sum(rho * wv, axis=0) + s / Mf
+        m2 = tl.maximum(tl.sum(tl.sum(cd * wv[None, :], axis=1) * wv, axis=0) - s * (s / Mf), 0.0)
+        if IS_F64:
+            r = 1.0 / tl.sqrt(m2 / Mf + eps)
+        else:
+            r = 1.0 / tl.sqrt_rn(m2 / Mf + eps)
+        tl.store(mean_ptr + cp, mean)
+        tl.store(invstd_ptr + cp, r)
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, out_ptr, zsel_ptr, sel_ptr, C, CB,
+                Ci, TC, TCi, H, W, HWp, Wp, MW, CHUNK, CHUNKS, stride, pad, W_TS, B_TS, slope_hi, slope_lo,
+                KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, HAS_B: tl.constexpr,
+                GAMMA_PER_TASK: tl.constexpr, PREC: tl.constexpr, BLOCK_W: tl.constexpr,
+                BLOCK_C: tl.constexpr):
+    """The forward's one pass over the windows of chunk k of its columns (the statistics come from
+    `_fwd_stats_kernel`): z at a window's four outputs, sel = the first d of the largest s z_d,
+    s = sign(gamma) (y is a non-decreasing function of s z; s = 0: all four y equal, d = 0), zsel = z
+    there, and out = y(zsel) (`_act`'s arithmetic)."""
     t, cs, cps, cmask, k = _program(C, BLOCK_C, CB)
     ACC = x_ptr.dtype.element_ty
-    if GAMMA_PER_TASK:
-        gi = cps
-    else:
-        gi = cs
-    sg = _sign(tl.load(gamma_ptr + gi, mask=cmask, other=0.0).to(ACC))[None, :]
+    slope = _f2acc(slope_hi, slope_lo, ACC)
+    _gi, ga, be, mu, r = _params(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cs, cps, cmask, GAMMA_PER_TASK,
+                                 ACC)
+    sg = _sign(ga)[None, :]
     ks, ci, p, q = _taps(KK, KW, KP)
     Wt = _wtile(w_ptr, b_ptr, t * W_TS + cs * K, t * B_TS + cs, cmask, ks, K, HAS_B, ACC)
     begin = tl.minimum(k * CHUNK, MW)
     end = tl.minimum(begin + CHUNK, MW)
     rows = tl.arange(0, BLOCK_W)
-    j0 = begin + rows
-    i0, _r0, ph0, pw0 = _windows(j0, HWp, Wp)
-    z0 = _zdot(_patch(x_ptr, i0, 2 * ph0, 2 * pw0, j0 < end, t, ks, ci, p, q, Ci, TCi, H, W, stride, pad,
-                      K, ACC), Wt, PREC, ACC)
-    ref = tl.sum(tl.where((rows == 0)[:, None], z0, 0.0), axis=0)
-    s1 = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
-    s2 = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
     for s in range(begin, end, BLOCK_W):
         j = s + rows
         mask = j < end
@@ -334,13 +354,9 @@ def _fwd_reduce_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, ws_ptr, zsel_ptr, sel_ptr
         best = tl.full([BLOCK_W, BLOCK_C], float("-inf"), dtype=ACC)  # the largest s z so far
         zb = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
         sel = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.int32)
-        for d in range(4):  # a loop, not unrolled: one output's tiles live at a time
-            P = _patch(x_ptr, i, 2 * ph + d // 2, 2 * pw + d % 2, mask, t, ks, ci, p, q, Ci, TCi, H, W,
-                       stride, pad, K, ACC)
-            z = _zdot(P, Wt, PREC, ACC)
-            dz = tl.where(mask[:, None], z - ref[None, :], 0.0)
-            s1 += dz
-            s2 += dz * dz
+        for d in tl.static_range(4):  # unrolled: the window step is the hot loop (as `_bwd_kernel`'s)
+            z = _zdot(_patch(x_ptr, i, 2 * ph + d // 2, 2 * pw + d % 2, mask, t, ks, ci, p, q, Ci, TCi, H, W,
+                             stride, pad, K, ACC), Wt, PREC, ACC)
             key = sg * z
             upd = key > best  # strict: the first of equal keys stays (d = 0 always enters)
             best = tl.maximum(best, key)
@@ -348,80 +364,11 @@ def _fwd_reduce_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, ws_ptr, zsel_ptr, sel_ptr
             sel = tl.where(upd, d, sel)
         off = (i.to(tl.int64)[:, None] * TC + cps[None, :]) * HWp + rem[:, None]
         om = mask[:, None] & cmask[None, :]
+        zz = ga[None, :] * ((zb - mu[None, :]) * r[None, :]) + be[None, :]
+        y = tl.where(zz > 0, 1.0, slope).to(ACC) * zz
+        tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=om)
         tl.store(zsel_ptr + off, zb, mask=om)
         tl.store(sel_ptr + off, sel.to(tl.int8), mask=om)
-    n = (4 * (end - begin)).to(ACC)
-    t1 = tl.sum(s1, axis=0)
-    t2 = tl.sum(s2, axis=0)
-    mean = ref + t1 / n
-    m2 = t2 - t1 * (t1 / n)
-    tl.store(ws_ptr + (cps * CHUNKS + k) * 2, mean, mask=cmask)
-    tl.store(ws_ptr + (cps * CHUNKS + k) * 2 + 1, m2, mask=cmask)
-
-
-@triton.jit
-def _pooled_offsets(s, end, cps, cmask, TC, HWp, BLOCK_W: tl.constexpr):
-    """Offsets and mask of a (channels, windows) tile of a pooled tensor (n, TC, Hp, Wp): windows
-    s .. s+BLOCK_W (< end) of columns cps, windows along the threads, where a column's elements are
-    adjacent in memory."""
-    j = s + tl.arange(0, BLOCK_W)
-    i = j // HWp
-    off = (i.to(tl.int64)[None, :] * TC + cps[:, None]) * HWp + (j - i * HWp)[None, :]
-    return off, cmask[:, None] & (j < end)[None, :]
-
-
-@triton.jit
-def _fwd_apply_kernel(zsel_ptr, gamma_ptr, beta_ptr, ws_ptr, out_ptr, mean_ptr, invstd_ptr, C, CB, TC, HWp, MW,
-                      CHUNK, CHUNKS, eps_hi, eps_lo, slope_hi, slope_lo, GAMMA_PER_TASK: tl.constexpr,
-                      IS_F64: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, KSTEP: tl.constexpr):
-    """mean and invstd from the chunk states of `_fwd_reduce_kernel` (Chan's merge in chunk order; the
-    chunk-0 programs store them), then out = y(zsel) over the program's chunk of windows: elementwise,
-    no convolution (`_act`'s arithmetic on (channels, windows) tiles)."""
-    t, cs, cps, cmask, k = _program(C, BLOCK_C, CB)
-    ACC = zsel_ptr.dtype.element_ty
-    eps = _f2acc(eps_hi, eps_lo, ACC)
-    slope = _f2acc(slope_hi, slope_lo, ACC)
-    # Chan merge of the chunk states (4 outputs per window), KSTEP chunks at a time
-    Mf = _to_acc(4 * MW, ACC)
-    kk = tl.arange(0, KSTEP)
-    acc = tl.zeros([KSTEP, BLOCK_C], dtype=ACC)
-    for k0 in range(0, CHUNKS, KSTEP):
-        kc = k0 + kk
-        kn = _chunk_outputs(kc, CHUNK, CHUNKS, MW, ACC)
-        km = (kc < CHUNKS)[:, None] & cmask[None, :]
-        pm = tl.load(ws_ptr + (cps[None, :] * CHUNKS + kc[:, None]) * 2, mask=km, other=0.0)
-        acc += kn[:, None] * pm
-    mu = tl.sum(acc, axis=0) / Mf
-    acc = tl.zeros([KSTEP, BLOCK_C], dtype=ACC)
-    for k0 in range(0, CHUNKS, KSTEP):
-        kc = k0 + kk
-        kn = _chunk_outputs(kc, CHUNK, CHUNKS, MW, ACC)
-        km = (kc < CHUNKS)[:, None] & cmask[None, :]
-        base = (cps[None, :] * CHUNKS + kc[:, None]) * 2
-        pm = tl.load(ws_ptr + base, mask=km, other=0.0)
-        pm2 = tl.load(ws_ptr + base + 1, mask=km, other=0.0)
-        dmu = pm - mu[None, :]
-        acc += pm2 + kn[:, None] * dmu * dmu
-    m2 = tl.sum(acc, axis=0)
-    if IS_F64:
-        r = 1.0 / tl.sqrt(m2 / Mf + eps)
-    else:
-        r = 1.0 / tl.sqrt_rn(m2 / Mf + eps)
-    if k == 0:
-        tl.store(mean_ptr + cps, mu, mask=cmask)
-        tl.store(invstd_ptr + cps, r, mask=cmask)
-    _gi, ga, be = _gamma_beta(gamma_ptr, beta_ptr, cs, cps, cmask, GAMMA_PER_TASK, ACC)
-    ga = ga[:, None]
-    be = be[:, None]
-    mu2 = mu[:, None]
-    r2 = r[:, None]
-    begin = tl.minimum(k * CHUNK, MW)
-    end = tl.minimum(begin + CHUNK, MW)
-    for s in range(begin, end, BLOCK_W):
-        off, m = _pooled_offsets(s, end, cps, cmask, TC, HWp, BLOCK_W)
-        zz = ga * ((tl.load(zsel_ptr + off, mask=m, other=0.0) - mu2) * r2) + be
-        y = tl.where(zz > 0, 1.0, slope).to(ACC) * zz
-        tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -694,13 +641,8 @@ def _bwd_finish_kernel(ws_ptr, wws_ptr, gram_ptr, rho_ptr, w_ptr, b_ptr, gamma_p
         qd = tl.sum(acc, axis=0)
         Sg = _col_sum(ws_ptr, cp, CHUNKS, 0, 2, KSTEP)
         Sgx = _col_sum(ws_ptr, cp, CHUNKS, 1, 2, KSTEP)
-        wv = tl.load(w_ptr + t * W_TS + c * K + ks, mask=ks < K, other=0.0).to(ACC)
-        if HAS_B:
-            wv += tl.load(b_ptr + t * B_TS + c + ks * 0, mask=ks == K, other=0.0).to(ACC)
-        gbase = gram_ptr + t * (KP * KP + KP)
-        cd = tl.load(gbase + ks[:, None] * KP + ks[None, :])
-        sd = tl.load(gbase + KP * KP + ks)
-        rho = tl.load(rho_ptr + t * KP + ks)
+        wv = _wcol(w_ptr, b_ptr, t, c, W_TS, B_TS, ks, K, HAS_B, ACC)
+        cd, sd, rho = _gram_terms(gram_ptr, rho_ptr, t, ks, KP)
         if GAMMA_PER_TASK:
             ga = tl.load(gamma_ptr + cp).to(ACC)
         else:
@@ -764,18 +706,20 @@ def _launch(g, prec, w_ts, b_ts, nsum=None):
     """(grid, geometry arguments, reduce constants, apply constants) of the forward (nsum None), the
     backward (nsum 2: its one pass, `_bwd_kernel`, in the apply constants) or the double backward
     (nsum 5): the step width, warps and register cap of each pass that computes products
-    (`block_config`); None for a pass without products (the forward's apply: `pooled_config`)."""
+    (`block_config`); None where the derivative has no such pass."""
     cfg = g["cfg"]
     grid = (g["t"] * cfg["CB"], cfg["CHUNKS"])
     geo = (g["c"], cfg["CB"], g["ci"], g["tc"], g["tci"], g["h"], g["w"], g["hp"] * g["wp"], g["wp"], g["mw"],
            cfg["CHUNK"], cfg["CHUNKS"], g["stride"], g["pad"], w_ts, b_ts)
     base = dict(KK=g["kk"], KW=g["kw"], K=g["k"], KP=g["kp"], PREC=prec, BLOCK_C=cfg["BLOCK_C"])
-    # the reductions with products (no weight-gradient accumulator): the forward's in RBLOCK_W-window
-    # steps, the double backward's in BLOCK_W; both on REDUCE_WARPS
+    # the passes with products and no weight-gradient accumulator: the forward's in RBLOCK_W-window steps,
+    # the double backward's reduction in BLOCK_W; both on REDUCE_WARPS
     const_r = const_a = None
-    if nsum != 2:
-        reduce_w = cfg["BLOCK_W"] if nsum == 5 else cfg.get("RBLOCK_W", cfg["BLOCK_W"])
-        const_r = dict(base, BLOCK_W=reduce_w, num_warps=cfg.get("REDUCE_WARPS", cfg["num_warps"]))
+    if nsum is None:
+        const_r = dict(base, BLOCK_W=cfg.get("RBLOCK_W", cfg["BLOCK_W"]),
+                       num_warps=cfg.get("FWD_WARPS", cfg["num_warps"]))
+    elif nsum == 5:
+        const_r = dict(base, BLOCK_W=cfg["BLOCK_W"], num_warps=cfg.get("REDUCE_WARPS", cfg["num_warps"]))
     if nsum is not None:
         warps = cfg.get("BWD_WARPS", cfg["num_warps"]) if nsum == 2 else cfg["num_warps"]
         const_a = dict(base, BLOCK_W=cfg["BLOCK_W"], num_warps=warps)
@@ -785,12 +729,6 @@ def _launch(g, prec, w_ts, b_ts, nsum=None):
             # with Omniglot's 9 taps and spilled 16 bytes; with .maxnreg 255, none (caps of 200-232 made the
             # fp32 passes spill). bench/NOTES.md, the block's tiles at 48 channels and the block's gather
             const_a["maxnreg"] = 255
-        if nsum is None and prec == "ieee" and g["kp"] <= 16:
-            # the forward's reduction with 16-wide patches (Omniglot): left alone, 3.7.1's ptxas settles on
-            # 128 registers and spills 8 B; capped at 255 it takes 213 (3.6.0: 236), none. Not with
-            # mini-ImageNet's 32-wide patches, where that cap made 3.7.1 spill 16 B (197 registers, none,
-            # without it). bench/NOTES.md, the forward's reduction picks each window's maximum
-            const_r["maxnreg"] = 255
         if prec != "ieee" and const_r is not None:
             # likewise the tensor-core reductions on 4 warps: ptxas (3.7.1) settled on 128 registers and
             # spilled 4 B in the (then convolving) backward's reduction with gout2; capped at 255 they took
@@ -800,14 +738,17 @@ def _launch(g, prec, w_ts, b_ts, nsum=None):
     return grid, geo, const_r, const_a
 
 
-def forward(x, w, bias, gamma, beta, meta):
-    """(out, mean, invstd, aux) of conv_bn_pool; aux = (sel, zsel) for the backward passes: sel (int8, the
-    shape of out), the position 0..3 of each window's maximum, which they read instead of finding it
-    again, and zsel (out's shape and dtype), the convolution output there, from which the backward forms
-    g and xhat at the maxima without a convolution. Both come from the forward's reduction, which
-    computes z anyway; the apply pass is elementwise on zsel."""
+def forward(x, w, bias, gamma, beta, meta, stats=None):
+    """(out, mean, invstd, aux) of conv_bn_pool; stats: `image_stats` of x (formed here when None).
+    The statistics come from the image's Gram terms (`_fwd_stats_kernel`), then one pass over the
+    windows (`_fwd_kernel`) computes z at their four outputs to pick each maximum and writes out.
+    aux = (sel, zsel) for the backward passes: sel (int8, the shape of out), the position 0..3 of each
+    window's maximum, which they read instead of finding it again, and zsel (out's shape and dtype),
+    the convolution output there, from which the backward forms g and xhat at the maxima without a
+    convolution."""
     g = _geometry(x, w.shape, meta)
     cfg = g["cfg"]
+    gram, rho = image_stats(x, w.shape, meta) if stats is None else stats
     w, w_ts, b, b_ts = _task_rows(w, bias)
     gamma, beta = gamma.contiguous(), beta.contiguous()
     out = torch.empty(g["n"], g["tc"], g["hp"], g["wp"], dtype=x.dtype, device=x.device)
@@ -815,17 +756,14 @@ def forward(x, w, bias, gamma, beta, meta):
     zsel = torch.empty_like(out)
     mean = torch.empty(g["tc"], dtype=x.dtype, device=x.device)
     invstd = torch.empty_like(mean)
-    ws = torch.empty(g["tc"] * cfg["CHUNKS"] * 2, dtype=x.dtype, device=x.device)
-    grid, geo, const_r, _ = _launch(g, _precision(x.dtype), w_ts, b_ts)
-    per_task = gamma.dim() == 2
-    _fwd_reduce_kernel[grid](x, w, b, gamma, ws, zsel, sel, *geo, HAS_B=bias is not None, GAMMA_PER_TASK=per_task,
-                             **const_r)
     eps_hi, eps_lo = _split(meta[3])
     sl_hi, sl_lo = _split(meta[4])
-    _fwd_apply_kernel[grid](zsel, gamma, beta, ws, out, mean, invstd, g["c"], cfg["CB"], g["tc"], g["hp"] * g["wp"],
-                            g["mw"], cfg["CHUNK"], cfg["CHUNKS"], eps_hi, eps_lo, sl_hi, sl_lo,
-                            GAMMA_PER_TASK=per_task, IS_F64=x.dtype == torch.float64, BLOCK_C=cfg["BLOCK_C"],
-                            KSTEP=_KSTEP, **pooled_config(cfg))
+    _fwd_stats_kernel[(g["c"],)](gram, rho, w, b, mean, invstd, g["c"], g["t"], g["mw"], w_ts, b_ts, eps_hi, eps_lo,
+                                 K=g["k"], KP=g["kp"], HAS_B=bias is not None, IS_F64=x.dtype == torch.float64,
+                                 num_warps=1)
+    grid, geo, const_r, _ = _launch(g, _precision(x.dtype), w_ts, b_ts)
+    _fwd_kernel[grid](x, w, b, gamma, beta, mean, invstd, out, zsel, sel, *geo, sl_hi, sl_lo, HAS_B=bias is not None,
+                      GAMMA_PER_TASK=gamma.dim() == 2, **const_r)
     return out, mean, invstd, (sel, zsel)
 
 
