@@ -30,7 +30,7 @@ __all__ = ["CATEGORIES", "profile_category", "trace_category", "profile_workload
 # (category, regular expression on the profiler's kernel name), first match wins
 CATEGORIES = [
     ("triton conv", r"^_conv_(fwd|dgrad|wgrad)_kernel"),
-    ("fused block", r"^_(fwd|fwd_stats|gram|bwd|bwd_finish|dbwd_reduce|dbwd_apply|dbwd_finish)_kernel$"),
+    ("fused block", r"^_(fwd|fwd_stats|gram|bwd|bwd_finish|dbwd_finish|dbwd_dgout)_kernel$"),
     ("bn_pool", r"^_pool_|^_bn_fwd_reduce_kernel$"),
     ("head", r"^_head_(fwd|bwd|dbwd)_kernel$"),
     ("batch norm (cuda/triton)", r"bn_(fwd|bwd|dbwd)|^_bn_"),

@@ -3,7 +3,7 @@ at mini-ImageNet's 48 channels (no GPU needed; compiled for sm_90a with the inst
 
     python -m bench.probe_block_tiles tiles   # registers, spills, FFMA share per kernel for BLOCK_C 16 at
                                               # 4 warps, 64 at 8 warps, 64 at 4 warps (configuration patched)
-    python -m bench.probe_block_tiles maxnreg # the backward's pass and the double backward's apply pass,
+    python -m bench.probe_block_tiles maxnreg # the backward's pass and the double backward's d(gout) pass,
                                               # strict fp32 and TF32, under .maxnreg
                                               # caps none / 200 / 216 / 240 / 255
 
@@ -41,7 +41,7 @@ def maxnreg() -> None:
     tools = triton_tools()
     for tf32 in (False, True):
         for fn, args, kw in capture_launches(CALL, tf32=tf32):
-            if fn.__name__ not in ("_bwd_kernel", "_dbwd_apply_kernel"):
+            if fn.__name__ not in ("_bwd_kernel", "_dbwd_dgout_kernel"):
                 continue
             kw = {k: v for k, v in kw.items() if k != "maxnreg"}
             for cap in (None, 200, 216, 240, 255):

@@ -25,8 +25,8 @@ KERNELS = {"conv_forward": ("_conv_fwd_kernel",), "conv_data_grad": ("_conv_dgra
            "conv_weight_grad": ("_conv_wgrad_kernel",),
            # the fused first block: the kernels of its forward, backward and double backward passes (not the
            # small finishing sum)
-           "conv_bn_pool": ("_fwd_kernel", "_gram_kernel", "_bwd_kernel", "_dbwd_reduce_kernel",
-                            "_dbwd_apply_kernel")}
+           "conv_bn_pool": ("_fwd_kernel", "_gram_kernel", "_bwd_kernel",
+                            "_dbwd_dgout_kernel")}
 USAGE = "usage: python -m bench.probe_tiles WORKLOAD OP [--shape N,C,H,W] [--variants JSON] [--tf32]"
 
 

@@ -627,8 +627,7 @@ def block_call(x, w, meta) -> tuple:
 # that compute products (the small per-channel kernels, `_fwd_stats_kernel` and the finishing ones, are
 # priced by their bytes)
 _BLOCK_KERNELS = {"triton block_fwd": "_fwd_kernel", "triton block_gram": "_gram_kernel",
-                  "triton block_bwd": "_bwd_kernel",
-                  "triton block_dbwd_reduce": "_dbwd_reduce_kernel", "triton block_dbwd_apply": "_dbwd_apply_kernel"}
+                  "triton block_bwd": "_bwd_kernel", "triton block_dbwd_dgout": "_dbwd_dgout_kernel"}
 
 
 def _block_patch(rec: _Recorder):
@@ -643,8 +642,8 @@ def _block_patch(rec: _Recorder):
     2 x n*Ho*Wo*T*C'*KP (KP = the patch width, the next power of two >= 16 of K + 1; C' = the channels as
     the kernels' channel blocks execute them, masked lanes included) per evaluation of the convolution
     output (z, or u = P' U' in the double backward) and per weight-gradient contraction: forward 1 (z;
-    its statistics kernel none); backward 1 (Q_D, no z); double backward reduce 2 (z, u) and apply 3
-    (z, u, dw').
+    its statistics kernel none); backward 1 (Q_D, no z); double backward 2 (the backward's pass for
+    gout, then u for d(gout)).
     The image's Gram terms (`image_stats`: once per image set where the caller keeps them, as the
     learner does): 2 x n*Ho*Wo*T*KP^2, their (T, CHUNKS, KP^2 + KP) partials written and summed by one
     reduction, which the backward's finishing kernel reads."""
@@ -711,18 +710,27 @@ def _block_patch(rec: _Recorder):
                 bytes=partial + gram // chunks + small(w, bias, res[0], res[1]))
         return res
 
-    def double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta):
+    def double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta,
+                        stats=None):
         with rec.hide():
             res = torch_impl.double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, mean,
                                              invstd, aux, meta)
-        macs, partial, layer, _, _, _ = geometry(x, w.shape, meta)
-        params = small(w, bias, gamma, beta, mean, invstd, uw, ubias, ugamma, ubeta) + gout.numel()  # + sel
+        macs, partial, layer, _, gram, chunks = geometry(x, w.shape, meta)
+        if stats is None:
+            image_stats(x, tuple(w.shape), meta)
         call = block_call(x, w, meta)
-        rec.add(name="triton block_dbwd_reduce", kind="conv", layer=layer, flops=4 * macs, tf32_ok=True,
-                bytes=small(gout, x) + params, call=call)
-        rec.add(name="triton block_dbwd_apply", kind="conv", layer=layer, flops=6 * macs, tf32_ok=True,
-                bytes=small(gout, x, res[0], res[3]) + params + partial, call=call)
-        rec.add(name="triton block_finish", kind="conv", layer=layer, bytes=partial + small(res[1], res[2]))
+        # the backward's pass for gout: gout, sel (int8), zsel read; the partial sums and Q_D written
+        rec.add(name="triton block_bwd", kind="conv", layer=layer, flops=2 * macs, tf32_ok=True,
+                bytes=small(x, gamma, beta, mean, invstd) + 2 * _nbytes(gout) + gout.numel() + partial,
+                call=call, consts=dict(HAS_G2=False))
+        # the partials, the Gram terms, w and U' read; d(w), d(gamma) and three coefficients per column written
+        rec.add(name="triton block_finish", kind="conv", layer=layer,
+                bytes=partial + gram // chunks + small(w, bias, uw, ubias, ugamma, ubeta, res[1], res[2], res[3])
+                + 3 * _nbytes(mean))
+        # sel (int8) and zsel (gout's size) read, d(gout) written
+        rec.add(name="triton block_dbwd_dgout", kind="conv", layer=layer, flops=2 * macs, tf32_ok=True,
+                bytes=small(x, uw, ubias, gamma, beta, mean, invstd, res[0]) + gout.numel() + _nbytes(gout),
+                call=call)
         return res
 
     return types.SimpleNamespace(name="trace-triton", forward=forward, backward=backward,

@@ -10,7 +10,7 @@ from bench.gpu_profile import CATEGORIES, main, profile_category, trace_category
 
 @pytest.mark.parametrize("name,cat", [
     ("_conv_fwd_kernel", "triton conv"), ("_conv_wgrad_kernel", "triton conv"),
-    ("_fwd_kernel", "fused block"), ("_fwd_stats_kernel", "fused block"), ("_dbwd_apply_kernel", "fused block"), ("_bwd_finish_kernel", "fused block"),
+    ("_fwd_kernel", "fused block"), ("_fwd_stats_kernel", "fused block"), ("_dbwd_dgout_kernel", "fused block"), ("_bwd_finish_kernel", "fused block"),
     ("_gram_kernel", "fused block"), ("_bwd_kernel", "fused block"), ("_dbwd_finish_kernel", "fused block"),
     ("_pool_bwd_apply_kernel", "bn_pool"), ("_bn_fwd_reduce_kernel", "bn_pool"),
     ("_head_fwd_kernel", "head"), ("_head_dbwd_kernel", "head"),

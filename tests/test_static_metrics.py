@@ -35,8 +35,8 @@ def test_no_spills_in_shipped_configurations():
                      "_bn_fwd_apply_kernel", "_bn_bwd_reduce_kernel", "_bn_bwd_apply_kernel",
                      "_bn_dbwd_reduce_kernel", "_bn_dbwd_apply_kernel", "_lslr_fwd_kernel", "_lslr_bwd_kernel",
                      "_lslr_dalpha_kernel", "_fwd_kernel", "_fwd_stats_kernel", "_gram_kernel",
-                     "_bwd_kernel", "_bwd_finish_kernel", "_dbwd_reduce_kernel", "_dbwd_apply_kernel",
-                     "_dbwd_finish_kernel",  # these eight: the fused first block
+                     "_bwd_kernel", "_bwd_finish_kernel", "_dbwd_finish_kernel",
+                     "_dbwd_dgout_kernel",  # these eight: the fused first block
                      "_pool_fwd_apply_kernel", "_pool_bwd_reduce_kernel", "_pool_bwd_apply_kernel",
                      "_pool_dbwd_reduce_kernel", "_pool_dbwd_apply_kernel",  # bn_pool
                      "_head_fwd_kernel", "_head_bwd_kernel", "_head_dbwd_kernel",  # head_loss

@@ -53,9 +53,8 @@ def test_fused_first_block_kernels(workload):
     others = [n for n in names if not n.startswith("triton block_")]
     assert others == ["split partial sum (aten.sum)"] * 2, others  # the Gram kernels' partials
     assert names.count("triton block_fwd") == names.count("triton block_fwd_stats")
-    assert names.count("triton block_dbwd_reduce") == names.count("triton block_dbwd_apply")
-    assert names.count("triton block_finish") == names.count("triton block_bwd") + names.count(
-        "triton block_dbwd_apply")
+    assert names.count("triton block_finish") == names.count("triton block_bwd")  # the double backward's too
+    assert names.count("triton block_dbwd_dgout") == steps
     # the image's Gram terms: once per image set (support, target), not per step
     assert names.count("triton block_gram") == 2
     s_f, s_u = summarize(fused), summarize(unfused)
@@ -393,7 +392,7 @@ def test_convolutions_priced_at_their_loops_ffma_share(monkeypatch, tmp_path):
     effs = ffma_efficiencies(res, table)
     calls = {k.call for k in res.kernels if k.call is not None and k.call[0] in CONV_CALLS}
     block = {efficiency_key(k) for k in res.kernels if k.name.startswith("triton block_") and k.flops}
-    assert None not in block and len(block) == 6  # 5 passes; the backward with and without gout2
+    assert None not in block and len(block) == 5  # 4 passes; the backward with and without gout2
     assert not any(k.flops for k in res.kernels if k.name in ("triton block_fwd_stats", "triton block_finish"))
     assert set(effs) == calls | block and len(calls) >= 9
     assert all(0.3 < e < 1 for e in effs.values()), effs
@@ -483,7 +482,7 @@ def test_block_passes_add_up_to_the_first_layer(monkeypatch, capsys):
     rows = bp.block_passes("omniglot_20w1s", 8)
     names = {r[0] for r in rows}
     assert {"triton block_fwd", "triton block_fwd_stats", "triton block_gram", "triton block_bwd",
-            "triton block_dbwd_reduce", "triton block_dbwd_apply", "triton block_finish"} <= names
+            "triton block_dbwd_dgout", "triton block_finish"} <= names
     assert len(rows) == len({(r[0], r[1]) for r in rows}) and all(r[3] > 0 for r in rows)
     monkeypatch.setattr(tconv, "_TRITON_VERSION", (3, 6))
     res = trace_meta_update("omniglot_20w1s", 8)

@@ -57,15 +57,15 @@ functions on plain tensors and one optional: ``forward(x, w, bias, gamma, beta, 
 mean, invstd, aux)``,
 ``backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, gout2=None, stats=None) -> (dw, dbias,
 dgamma, dbeta)``,
-``double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta) ->
-(dgout, dw, dbias, dgamma)``, and ``image_stats(x, w_shape, meta) -> stats``; ``aux`` is what the
+``double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta,
+stats=None) -> (dgout, dw, dbias, dgamma)``, and ``image_stats(x, w_shape, meta) -> stats``; ``aux`` is what the
 implementation keeps from its forward for its backward passes: None, a tensor, or a tuple of tensors
 and Nones (the Triton kernels: the position of each window's maximum and the convolution output there);
-``stats`` the terms of its forward and backward that depend on the image alone (None, a tensor or a
+``stats`` the terms of its derivatives that depend on the image alone (None, a tensor or a
 tuple; the Triton kernels: the Gram matrix of the image's patches, from which their forward forms the
-batch-norm statistics and their backward the weight gradient, without the convolution output),
-formed once per image set where the caller passes an ``image_cache``, and by the forward and backward
-themselves when given None; ``meta`` is ``(T, stride, padding, eps,
+batch-norm statistics and their backward and double backward the weight gradients and column sums,
+without the convolution output), formed once per image set where the caller passes an
+``image_cache``, and by each of them when given None; ``meta`` is ``(T, stride, padding, eps,
 slope)``.
 """
 from __future__ import annotations
@@ -135,8 +135,9 @@ def _backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, gout2=None
     return dw, (dbias if bias is not None else None), dgamma, dbeta
 
 
-def _double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta):
-    """(d gout, d w, d bias or None, d gamma); uw, ubias, ugamma, ubeta may be None (= zeros)."""
+def _double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, stats=None):
+    """(d gout, d w, d bias or None, d gamma); uw, ubias, ugamma, ubeta may be None (= zeros); stats:
+    unused (`_no_image_stats`)."""
     t, slope = meta[0], meta[4]
     z, y, idx = _recompute(x, w, bias, gamma, beta, mean, invstd, meta)
     dy = torch.ops.aten.max_pool2d_with_indices_backward(gout, y, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
@@ -211,8 +212,8 @@ class _BlockBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, impl, gout2=None, stats=None):
         # gout2 (the output alias's gradient) is only given where this node is not recorded
-        # (`two_gradients`): the double backward below reads gout alone, and not the image terms
-        _save(ctx, (gout, x, w, bias, gamma, beta, mean, invstd), aux)
+        # (`two_gradients`): the double backward below reads gout alone
+        _save(ctx, (gout, x, w, bias, gamma, beta, mean, invstd), aux, stats)
         ctx.meta, ctx.impl = meta, impl
         ctx.set_materialize_grads(False)
         return impl.backward(gout.contiguous(), x, w, bias, gamma, beta, mean, invstd, aux, meta,
@@ -221,11 +222,12 @@ class _BlockBackward(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, uw, ubias, ugamma, ubeta):
-        gout, x, w, bias, gamma, beta, mean, invstd, aux = _saved(ctx)
+        gout, x, w, bias, gamma, beta, mean, invstd, aux, stats = _saved(ctx)
         if uw is None and ubias is None and ugamma is None and ubeta is None:
             return (None,) * 13
         dgout, dw, dbias, dgamma = ctx.impl.double_backward(
-            uw, ubias, ugamma, ubeta, gout.contiguous(), x, w, bias, gamma, beta, mean, invstd, aux, ctx.meta)
+            uw, ubias, ugamma, ubeta, gout.contiguous(), x, w, bias, gamma, beta, mean, invstd, aux, ctx.meta,
+            stats=stats)
         return dgout, None, dw, dbias, dgamma, None, None, None, None, None, None, None, None
 
 

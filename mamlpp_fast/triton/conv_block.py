@@ -11,16 +11,16 @@ four convolution outputs it gathers the patch P' once for all its channels (the 
 values under the output and a 1 for the bias: a (BLOCK_W, KP) tile, KP = the next power of two >= 16
 of K + 1, zero-padded) and forms z = P' W' as one small matrix product with the (KP, BLOCK_C) tile W'
 (the weights and the bias of the block's channels), strict fp32 (`input_precision="ieee"`), or as
-config key conv_precision / allow_tf32 ask (triton/conv.py `_precision`), float64 in float64. The weight gradients are products of the same kind:
-dW' += P'^T gz. The tap decomposition k -> (ci, p, q) is computed once per program on the KP axis.
+config key conv_precision / allow_tf32 ask (triton/conv.py `_precision`), float64 in float64. The
+weight gradients' patch sums are products of the same kind, Q_D += D^T g (D = P' - rho'), and so are
+the image's Gram terms, C_D += D^T D (`_gram_kernel`, strict precision). The tap decomposition
+k -> (ci, p, q) is computed once per program on the KP axis.
 
-The double backward is two passes over the grid (T * channel blocks, CHUNKS), like the batch norm's
-kernels: a reduction of its chunk of each column to a few sums into a workspace, then an apply pass
-that adds the chunk sums of its columns in chunk order; the forward and the backward are one pass each
-(their column statistics come from the image's Gram terms). A small
-last kernel of each derivative (one program per channel) adds the programs' partial weight gradients (a
-(TC, CHUNKS, KP) workspace) in chunk order and forms the gamma/beta gradients from the column sums, per
-task or added in task order for a shared gamma. No atomics: results are reproducible.
+Every pass runs over the grid (T * channel blocks, CHUNKS); the column statistics the batch norm
+needs come from the image's Gram terms, not from a pass over z. A small kernel per derivative (one
+program per channel) adds the programs' partial sums (a (TC, CHUNKS, KP) workspace of weight-gradient
+partials and a (TC, CHUNKS, 2) one of column sums) in chunk order and forms the weight and gamma/beta
+gradients, per task or added in task order for a shared gamma. No atomics: results are reproducible.
 
 - forward:   no statistics pass over z: with s = S_D.w', mean = rho'.w' + s/N and
              sum (z - mean)^2 = w'^T C_D w' - s^2/N from the image's Gram terms (`_fwd_stats_kernel`,
@@ -40,10 +40,13 @@ task or added in task order for a shared gamma. No atomics: results are reproduc
              partial sums Sg = sum g, Sgx = sum g xhat and Q_D (one product per output: D^T times g
              where sel = d); finish (`_bwd_finish_kernel`): the formula above, dgamma = Sgx,
              dbeta = Sg. The conv bias's gradient comes out as D's bias column, 0 (its exact value).
-- double backward (`_dbwd_*` kernels): reduce: (sum g, sum g xhat, sum u, sum u xhat, sum u g) with
-             u = P' U';
-             apply: d(gout) = a (cu u + cx xhat + c0) at the maximum, gz = eu u + eg g + ex xhat + e0 at
-             the 4 outputs, d(w') += P'^T gz; finish: d(w), d(bias), d(gamma) = r M Q.
+- double backward: the backward's pass for gout (Sg, Sgx, Q_D); then, per channel, with
+             u = P' U' = D U' + a (a = rho'.U'), delta = rho'.w' - mean, s = S_D.U', the sums
+             Su = s + N a, Sux = r (U'^T C_D w' + delta s), Sug = Q_D.U' + a Sg, the coefficients of
+             per_step_bn (`_dbwd_coef`: gz = eu u + eg g + ex xhat + e0), and, since sum gz = 0,
+             d(w') = sum D^T gz = eu (C_D U' + a S_D) + eg Q_D + ex r (C_D w' + delta S_D) + e0 S_D,
+             d(gamma) = r M Q (`_dbwd_finish_kernel`); then d(gout) = a (cu u + cx xhat + c0) at each
+             window's maximum, u from one product per output (`_dbwd_dgout_kernel`).
 
 Launch configuration from `block_config` (no autotune: the kernels also run under TRITON_INTERPRET=1).
 """
@@ -82,21 +85,23 @@ def block_config(mw: int, t: int, c: int, kp: int, device: torch.device, sms: in
     `sms`: the multiprocessors to fill (default: the CUDA device's; bench.trace passes its simulated
     count).
 
-    - BLOCK_C: channels per program (`_channel_tile`); BLOCK_W = 16 windows per step in the passes
-      with a weight-gradient accumulator (the backward's and the double backward's apply), on 8 warps
-      for 64 channels, else 4; REDUCE_WARPS = 4, the warps of the passes with products and no such
-      accumulator (the double backward's reduction); RBLOCK_W = 16 windows per step in the forward's
-      pass, on FWD_WARPS = 4 warps with patches wider than 16 (mini-ImageNet's 32: its unrolled window
-      step 50% FFMA under Triton 3.6, no spill; 47% on 8 warps), 8 with 16-wide ones (Omniglot's: 37%,
-      where 4 warps spilled). The Gram kernel takes `gram_config`. In the double backward's passes the
-      four outputs of a window step are a loop, not unrolled, so one output's tiles are live at a time;
-      the forward's and the backward's passes unroll them (bench/NOTES.md).
-      Chosen from the sm_90a compile (bench.static_metrics, bench/NOTES.md: cut 3b and the block's
-      passes); as configured no kernel spills under the Triton versions we compile with
+    - BLOCK_C: channels per program (`_channel_tile`).
+    - The passes with one patch product per output and no weight-gradient accumulator (the forward's,
+      `_fwd_kernel`, and the double backward's d(gout), `_dbwd_dgout_kernel`): RBLOCK_W = 16 windows per
+      step on FWD_WARPS = 4 warps with patches wider than 16 (mini-ImageNet's 32: the forward's unrolled
+      window step 50% FFMA under Triton 3.6, no spill; 47% on 8 warps), 8 with 16-wide ones (Omniglot's:
+      37%, where 4 warps spilled). (32-window steps, which raised the old statistics pass's FFMA share,
+      spill since the pass tracks each window's maximum: 140 B with Omniglot's patches, 672 B with
+      mini-ImageNet's under 3.6.)
+    - The backward's pass (`_bwd_kernel`, also the double backward's first): BLOCK_W = 16 windows per
+      step on BWD_WARPS = 8 warps: on 4 it spilled under Triton 3.6 (both workloads' patches); on 8,
+      none under 3.6 or 3.7.1.
+    - num_warps: the warps of a pass a configuration does not name (tests' configurations).
+    - The Gram kernel takes `gram_config`. Every pass unrolls a window's four outputs, so that the
+      window step is the loop the compiler's report reads (bench/NOTES.md: the backward and the forward
+      from the image's Gram matrix). Chosen from the sm_90a compile (bench.static_metrics); as
+      configured no kernel spills under the Triton versions we compile with
       (tests/test_static_metrics.py).
-    - BWD_WARPS = 8: the backward's pass (`_bwd_kernel`, its four outputs unrolled) on 8 warps: on 4 it
-      spilled under Triton 3.6 (mini-ImageNet's 32-wide patches and Omniglot's 16-wide ones); on 8,
-      none under 3.6 or 3.7.1 (bench/NOTES.md, the backward from the image's Gram matrix).
     - CHUNKS: window chunks per (task, channel block), so that the grid holds ~4 programs per SM, each
       with at least 2 steps; at most 256. On the interpreter (CPU tensors, no `sms`) up to 3, so that
       tests cover the merge of several chunks.
@@ -114,9 +119,8 @@ def block_config(mw: int, t: int, c: int, kp: int, device: torch.device, sms: in
         chunks = max(1, min(3, steps))
     chunk = triton.cdiv(mw, chunks)
     chunks = triton.cdiv(mw, chunk)
-    warps = 8 if bc == 64 else 4
-    return dict(BLOCK_W=bw, BLOCK_C=bc, CB=triton.cdiv(c, bc), CHUNK=chunk, CHUNKS=chunks, num_warps=warps,
-                REDUCE_WARPS=4, RBLOCK_W=16, FWD_WARPS=8 if kp <= 16 else 4, BWD_WARPS=8)
+    return dict(BLOCK_W=bw, BLOCK_C=bc, CB=triton.cdiv(c, bc), CHUNK=chunk, CHUNKS=chunks, num_warps=4,
+                RBLOCK_W=16, FWD_WARPS=8 if kp <= 16 else 4, BWD_WARPS=8)
 
 
 def gram_config(cfg: dict) -> dict:
@@ -388,150 +392,6 @@ def _uvec(uw_ptr, ub_ptr, cps, cmask, ks, K: tl.constexpr, HAS_UW: tl.constexpr,
     return Ut
 
 
-@triton.jit
-def _dbwd_reduce_kernel(gout_ptr, sel_ptr, x_ptr, w_ptr, b_ptr, uw_ptr, ub_ptr, gamma_ptr, beta_ptr, mean_ptr,
-                        invstd_ptr, ws_ptr, C, CB, Ci, TC, TCi, H, W, HWp, Wp, MW, CHUNK, CHUNKS, stride, pad,
-                        W_TS, B_TS, slope_hi, slope_lo, KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr,
-                        KP: tl.constexpr, HAS_B: tl.constexpr, GAMMA_PER_TASK: tl.constexpr,
-                        HAS_UW: tl.constexpr, HAS_UB: tl.constexpr, PREC: tl.constexpr, BLOCK_W: tl.constexpr,
-                        BLOCK_C: tl.constexpr):
-    """The double backward's reduction: ws[cp, k, :5] = (sum g, sum g xhat, sum u, sum u xhat, sum u g)
-    over the windows of chunk k of column cp, u = P' U'; g = a gout at the window's maximum (`sel`, kept
-    by the forward), 0 at its other outputs."""
-    t, cs, cps, cmask, k = _program(C, BLOCK_C, CB)
-    ACC = x_ptr.dtype.element_ty
-    slope = _f2acc(slope_hi, slope_lo, ACC)
-    _gi, ga, be, mu, r = _params(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cs, cps, cmask, GAMMA_PER_TASK,
-                                 ACC)
-    ks, ci, p, q = _taps(KK, KW, KP)
-    Wt = _wtile(w_ptr, b_ptr, t * W_TS + cs * K, t * B_TS + cs, cmask, ks, K, HAS_B, ACC)
-    Ut = _uvec(uw_ptr, ub_ptr, cps, cmask, ks, K, HAS_UW, HAS_UB, ACC)
-    begin = tl.minimum(k * CHUNK, MW)
-    end = tl.minimum(begin + CHUNK, MW)
-    sg = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
-    sgx = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
-    su = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
-    sux = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
-    sug = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
-    for s in range(begin, end, BLOCK_W):
-        mask, m2d, i, ph, pw, pool_off, go, sel = _backward_step(gout_ptr, gout_ptr, sel_ptr, s, end, cps, cmask,
-                                                                 TC, HWp, Wp, BLOCK_W, False, ACC)
-        for d in range(4):  # a loop, not unrolled: one output's tiles live at a time
-            P = _patch(x_ptr, i, 2 * ph + d // 2, 2 * pw + d % 2, mask, t, ks, ci, p, q, Ci, TCi, H, W,
-                       stride, pad, K, ACC)
-            xh, a, _y = _act(_zdot(P, Wt, PREC, ACC), mu, r, ga, be, slope)
-            g = tl.where(sel == d, a * go, 0.0)  # go is 0 on masked rows
-            sg += g
-            sgx += g * xh
-            u = _zdot(P, Ut, PREC, ACC)  # 0 on masked rows (their patch is 0)
-            su += u
-            sux += tl.where(m2d, u * xh, 0.0)
-            sug += u * g
-    base = ws_ptr + (cps * CHUNKS + k) * 5
-    tl.store(base, tl.sum(sg, axis=0), mask=cmask)
-    tl.store(base + 1, tl.sum(sgx, axis=0), mask=cmask)
-    tl.store(base + 2, tl.sum(su, axis=0), mask=cmask)
-    tl.store(base + 3, tl.sum(sux, axis=0), mask=cmask)
-    tl.store(base + 4, tl.sum(sug, axis=0), mask=cmask)
-
-
-@triton.jit
-def _dbwd_apply_kernel(gout_ptr, sel_ptr, x_ptr, w_ptr, b_ptr, uw_ptr, ub_ptr, ugam_ptr, ubet_ptr, gamma_ptr,
-                       beta_ptr, mean_ptr, invstd_ptr, ws_ptr, wws_ptr, dgout_ptr,
-                       C, CB, Ci, TC, TCi, H, W, HWp, Wp, MW, CHUNK, CHUNKS, stride, pad, W_TS, B_TS, slope_hi,
-                       slope_lo, KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                       HAS_B: tl.constexpr, GAMMA_PER_TASK: tl.constexpr, HAS_UW: tl.constexpr,
-                       HAS_UB: tl.constexpr, HAS_UG: tl.constexpr, HAS_UBETA: tl.constexpr, PREC: tl.constexpr,
-                       BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, KSTEP: tl.constexpr):
-    """The double backward's apply pass, one pass over the four outputs of the windows (the maximum's
-    position `sel` comes from the forward): gz = eu u + eg g + ex xhat + e0 at each output,
-    wws[cp, k] = sum gz P' (KP values per column), and d(gout) = a (cu u + cx xhat + c0) at the maximum
-    (per_step_bn `_dbwd_coef`)."""
-    t, cs, cps, cmask, k = _program(C, BLOCK_C, CB)
-    ACC = x_ptr.dtype.element_ty
-    slope = _f2acc(slope_hi, slope_lo, ACC)
-    gi, ga, be, mu, r = _params(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cs, cps, cmask, GAMMA_PER_TASK,
-                                ACC)
-    Mf = _to_acc(4 * MW, ACC)
-    ks, ci, p, q = _taps(KK, KW, KP)
-    Wt = _wtile(w_ptr, b_ptr, t * W_TS + cs * K, t * B_TS + cs, cmask, ks, K, HAS_B, ACC)
-    Ut = _uvec(uw_ptr, ub_ptr, cps, cmask, ks, K, HAS_UW, HAS_UB, ACC)
-    if HAS_UG:
-        ugam = tl.load(ugam_ptr + gi, mask=cmask, other=0.0).to(ACC)
-    else:
-        ugam = tl.zeros_like(ga)
-    if HAS_UBETA:
-        ubet = tl.load(ubet_ptr + gi, mask=cmask, other=0.0).to(ACC)
-    else:
-        ubet = tl.zeros_like(ga)
-    Sg = _col_sums(ws_ptr, cps, cmask, CHUNKS, 0, 5, KSTEP)
-    Sgx = _col_sums(ws_ptr, cps, cmask, CHUNKS, 1, 5, KSTEP)
-    Su = _col_sums(ws_ptr, cps, cmask, CHUNKS, 2, 5, KSTEP)
-    Sux = _col_sums(ws_ptr, cps, cmask, CHUNKS, 3, 5, KSTEP)
-    Sug = _col_sums(ws_ptr, cps, cmask, CHUNKS, 4, 5, KSTEP)
-    cu, cx, c0, eu, eg, ex, e0, _ggam = _dbwd_coef(Sg, Sgx, Su, Sux, Sug, Mf, ga, r, ugam, ubet)
-    acc = tl.zeros([KP, BLOCK_C], dtype=ACC)
-    begin = tl.minimum(k * CHUNK, MW)
-    end = tl.minimum(begin + CHUNK, MW)
-    for s in range(begin, end, BLOCK_W):
-        mask, m2d, i, ph, pw, pool_off, go, sel = _backward_step(gout_ptr, gout_ptr, sel_ptr, s, end, cps, cmask,
-                                                                 TC, HWp, Wp, BLOCK_W, False, ACC)
-        dgo = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
-        for d in range(4):  # a loop, not unrolled: one output's tiles live at a time
-            P = _patch(x_ptr, i, 2 * ph + d // 2, 2 * pw + d % 2, mask, t, ks, ci, p, q, Ci, TCi, H, W,
-                       stride, pad, K, ACC)
-            xh, a, _y = _act(_zdot(P, Wt, PREC, ACC), mu, r, ga, be, slope)
-            at_max = sel == d
-            gz = ex[None, :] * xh + e0[None, :] + eg[None, :] * tl.where(at_max, a * go, 0.0)
-            u = _zdot(P, Ut, PREC, ACC)
-            gz += eu[None, :] * u
-            dgo += tl.where(at_max, a * (cu[None, :] * u + cx[None, :] * xh + c0[None, :]), 0.0)
-            gz = tl.where(m2d, gz, 0.0)
-            acc += tl.dot(tl.trans(P), gz, input_precision=PREC, out_dtype=ACC)
-        tl.store(dgout_ptr + pool_off, dgo.to(dgout_ptr.dtype.element_ty), mask=m2d)
-    off = (cps[None, :] * CHUNKS + k) * KP + ks[:, None]
-    tl.store(wws_ptr + off, acc, mask=cmask[None, :])
-
-
-@triton.jit
-def _dbwd_finish_kernel(ws_ptr, wws_ptr, invstd_ptr, dw_ptr, db_ptr, dgamma_ptr, C, T, CHUNKS, MW,
-                        K: tl.constexpr, KP: tl.constexpr, HAS_B: tl.constexpr, GAMMA_PER_TASK: tl.constexpr,
-                        KSTEP: tl.constexpr):
-    """Program c: d(w)[t, c] and d(bias)[t, c] = the chunk partials of wws added in chunk order, for every
-    task t; d(gamma) = r M Q of channel c from the column sums (per_step_bn's formulas), per task or
-    added in task order for a shared gamma."""
-    c = tl.program_id(0)
-    ACC = wws_ptr.dtype.element_ty
-    kk = tl.arange(0, KSTEP)
-    ks = tl.arange(0, KP)
-    Mf = _to_acc(4 * MW, ACC)
-    tot_g = tl.zeros([], dtype=ACC)
-    for t in range(0, T):
-        cp = t * C + c
-        acc = tl.zeros([KSTEP, KP], dtype=ACC)
-        for k0 in range(0, CHUNKS, KSTEP):
-            acc += tl.load(wws_ptr + (cp * CHUNKS + k0 + kk[:, None]) * KP + ks[None, :],
-                           mask=((k0 + kk) < CHUNKS)[:, None], other=0.0)
-        tot = tl.sum(acc, axis=0)
-        tl.store(dw_ptr + cp * K + ks, tot.to(dw_ptr.dtype.element_ty), mask=ks < K)
-        if HAS_B:
-            tl.store(db_ptr + cp + ks * 0, tot.to(db_ptr.dtype.element_ty), mask=ks == K)
-        Sg = _col_sum(ws_ptr, cp, CHUNKS, 0, 5, KSTEP)
-        Sgx = _col_sum(ws_ptr, cp, CHUNKS, 1, 5, KSTEP)
-        r = tl.load(invstd_ptr + cp).to(ACC)
-        Su = _col_sum(ws_ptr, cp, CHUNKS, 2, 5, KSTEP)
-        Sux = _col_sum(ws_ptr, cp, CHUNKS, 3, 5, KSTEP)
-        Sug = _col_sum(ws_ptr, cp, CHUNKS, 4, 5, KSTEP)
-        Q = Sug / Mf - (Su / Mf) * (Sg / Mf) - (Sux / Mf) * (Sgx / Mf)
-        dg = r * Mf * Q
-        if GAMMA_PER_TASK:
-            tl.store(dgamma_ptr + cp, dg.to(dgamma_ptr.dtype.element_ty))
-        else:
-            tot_g += dg
-    if not GAMMA_PER_TASK:
-        tl.store(dgamma_ptr + c, tot_g.to(dgamma_ptr.dtype.element_ty))
-
-
 # ------------------------------------------------------------------------------------------------------
 # the image's Gram matrix (once per image set) and the backward from it
 # ------------------------------------------------------------------------------------------------------
@@ -665,6 +525,120 @@ def _bwd_finish_kernel(ws_ptr, wws_ptr, gram_ptr, rho_ptr, w_ptr, b_ptr, gamma_p
         tl.store(dbeta_ptr + c, tot_b.to(dbeta_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _dbwd_finish_kernel(ws_ptr, wws_ptr, gram_ptr, rho_ptr, w_ptr, b_ptr, uw_ptr, ub_ptr, ugam_ptr, ubet_ptr,
+                        gamma_ptr, mean_ptr, invstd_ptr, coef_ptr, dw_ptr, db_ptr, dgamma_ptr, C, T, CHUNKS, MW,
+                        W_TS, B_TS, K: tl.constexpr, KP: tl.constexpr, HAS_B: tl.constexpr,
+                        HAS_UW: tl.constexpr, HAS_UB: tl.constexpr, HAS_UG: tl.constexpr,
+                        HAS_UBETA: tl.constexpr, GAMMA_PER_TASK: tl.constexpr, KSTEP: tl.constexpr):
+    """Program c, for every task t, column cp = t C + c: the double backward's sums from the backward's
+    pass (Sg, Sgx, Q_D of gout: `_bwd_kernel`) and the image's Gram terms, no convolution. With
+    u = P' U' = D U' + a (a = rho'.U'), z - mean = D w' + delta (delta = rho'.w' - mean), s = S_D.U':
+    Su = s + N a, Sux = r (U'^T C_D w' + delta s), Sug = Q_D.U' + a Sg (sum (z - mean) = 0 removes
+    the a terms of Sux); then per_step_bn's coefficients (`_dbwd_coef`), and, since sum gz = 0 (the batch
+    norm's output does not change when z moves by a constant), d(w') = sum P'^T gz = sum D^T gz =
+    eu (C_D U' + a S_D) + eg Q_D + ex r (C_D w' + delta S_D) + e0 S_D, split into d(w), d(bias) (D's
+    bias column: 0, the exact value); d(gamma) = r M Q, per task or added in task order for a shared
+    gamma; coef[cp] = (cu, cx, c0) for `_dbwd_dgout_kernel`."""
+    c = tl.program_id(0)
+    ACC = wws_ptr.dtype.element_ty
+    kk = tl.arange(0, KSTEP)
+    ks = tl.arange(0, KP)
+    Mf = _to_acc(4 * MW, ACC)
+    tot_g = tl.zeros([], dtype=ACC)
+    for t in range(0, T):
+        cp = t * C + c
+        acc = tl.zeros([KSTEP, KP], dtype=ACC)
+        for k0 in range(0, CHUNKS, KSTEP):
+            acc += tl.load(wws_ptr + (cp * CHUNKS + k0 + kk[:, None]) * KP + ks[None, :],
+                           mask=((k0 + kk) < CHUNKS)[:, None], other=0.0)
+        qd = tl.sum(acc, axis=0)
+        Sg = _col_sum(ws_ptr, cp, CHUNKS, 0, 2, KSTEP)
+        Sgx = _col_sum(ws_ptr, cp, CHUNKS, 1, 2, KSTEP)
+        wv = _wcol(w_ptr, b_ptr, t, c, W_TS, B_TS, ks, K, HAS_B, ACC)
+        uv = tl.zeros([KP], dtype=ACC)
+        if HAS_UW:
+            uv += tl.load(uw_ptr + cp * K + ks, mask=ks < K, other=0.0).to(ACC)
+        if HAS_UB:
+            uv += tl.load(ub_ptr + cp + ks * 0, mask=ks == K, other=0.0).to(ACC)
+        cd, sd, rho = _gram_terms(gram_ptr, rho_ptr, t, ks, KP)
+        if GAMMA_PER_TASK:
+            gi = cp
+        else:
+            gi = c
+        ga = tl.load(gamma_ptr + gi).to(ACC)
+        ugam = tl.zeros([], dtype=ACC)
+        ubet = tl.zeros([], dtype=ACC)
+        if HAS_UG:
+            ugam += tl.load(ugam_ptr + gi).to(ACC)
+        if HAS_UBETA:
+            ubet += tl.load(ubet_ptr + gi).to(ACC)
+        r = tl.load(invstd_ptr + cp).to(ACC)
+        mu = tl.load(mean_ptr + cp).to(ACC)
+        a = tl.sum(rho * uv, axis=0)
+        delta = tl.sum(rho * wv, axis=0) - mu
+        s = tl.sum(sd * uv, axis=0)
+        cw = tl.sum(cd * wv[None, :], axis=1)
+        cu_v = tl.sum(cd * uv[None, :], axis=1)
+        Su = s + Mf * a
+        Sux = r * (tl.sum(uv * cw, axis=0) + delta * s)
+        Sug = tl.sum(qd * uv, axis=0) + a * Sg
+        cu, cx, c0, eu, eg, ex, e0, ggam = _dbwd_coef(Sg, Sgx, Su, Sux, Sug, Mf, ga, r, ugam, ubet)
+        tot = eu * (cu_v + a * sd) + eg * qd + ex * r * (cw + delta * sd) + e0 * sd
+        tl.store(dw_ptr + cp * K + ks, tot.to(dw_ptr.dtype.element_ty), mask=ks < K)
+        if HAS_B:
+            tl.store(db_ptr + cp + ks * 0, tot.to(db_ptr.dtype.element_ty), mask=ks == K)
+        tl.store(coef_ptr + cp * 3, cu)
+        tl.store(coef_ptr + cp * 3 + 1, cx)
+        tl.store(coef_ptr + cp * 3 + 2, c0)
+        if GAMMA_PER_TASK:
+            tl.store(dgamma_ptr + cp, ggam.to(dgamma_ptr.dtype.element_ty))
+        else:
+            tot_g += ggam
+    if not GAMMA_PER_TASK:
+        tl.store(dgamma_ptr + c, tot_g.to(dgamma_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _dbwd_dgout_kernel(sel_ptr, zsel_ptr, x_ptr, uw_ptr, ub_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr,
+                       coef_ptr, dgout_ptr, C, CB, Ci, TC, TCi, H, W, HWp, Wp, MW, CHUNK, CHUNKS, stride, pad,
+                       slope_hi, slope_lo, KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr,
+                       KP: tl.constexpr, GAMMA_PER_TASK: tl.constexpr, HAS_UW: tl.constexpr,
+                       HAS_UB: tl.constexpr, PREC: tl.constexpr, BLOCK_W: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+    """d(gout) = a (cu u + cx xhat + c0) at each window's maximum, one pass over the windows of chunk k
+    of its columns: u = P' U' at the four outputs (one product each), kept where sel = d; xhat and the
+    leaky-ReLU factor a from zsel; (cu, cx, c0) from `_dbwd_finish_kernel`."""
+    t, cs, cps, cmask, k = _program(C, BLOCK_C, CB)
+    ACC = x_ptr.dtype.element_ty
+    slope = _f2acc(slope_hi, slope_lo, ACC)
+    _gi, ga, be, mu, r = _params(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cs, cps, cmask, GAMMA_PER_TASK,
+                                 ACC)
+    cu = tl.load(coef_ptr + cps * 3, mask=cmask, other=0.0)[None, :]
+    cx = tl.load(coef_ptr + cps * 3 + 1, mask=cmask, other=0.0)[None, :]
+    c0 = tl.load(coef_ptr + cps * 3 + 2, mask=cmask, other=0.0)[None, :]
+    ks, ci, p, q = _taps(KK, KW, KP)
+    Ut = _uvec(uw_ptr, ub_ptr, cps, cmask, ks, K, HAS_UW, HAS_UB, ACC)
+    begin = tl.minimum(k * CHUNK, MW)
+    end = tl.minimum(begin + CHUNK, MW)
+    rows = tl.arange(0, BLOCK_W)
+    for s in range(begin, end, BLOCK_W):
+        j = s + rows
+        mask = j < end
+        i, rem, ph, pw = _windows(j, HWp, Wp)
+        off = (i.to(tl.int64)[:, None] * TC + cps[None, :]) * HWp + rem[:, None]
+        om = mask[:, None] & cmask[None, :]
+        sel = tl.load(sel_ptr + off, mask=om, other=0).to(tl.int32)
+        us = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
+        for d in tl.static_range(4):  # unrolled: the window step is the hot loop (as `_bwd_kernel`'s)
+            u = _zdot(_patch(x_ptr, i, 2 * ph + d // 2, 2 * pw + d % 2, mask, t, ks, ci, p, q, Ci, TCi, H, W,
+                             stride, pad, K, ACC), Ut, PREC, ACC)
+            us = tl.where(sel == d, u, us)
+        xh = (tl.load(zsel_ptr + off, mask=om, other=0.0) - mu[None, :]) * r[None, :]
+        a = tl.where(ga[None, :] * xh + be[None, :] > 0, 1.0, slope).to(ACC)
+        tl.store(dgout_ptr + off, (a * (cu * us + cx * xh + c0)).to(dgout_ptr.dtype.element_ty), mask=om)
+
+
 # ------------------------------------------------------------------------------------------------------
 # host functions (the implementation protocol of mamlpp_fast.ops.conv_block: forward, backward,
 # double_backward)
@@ -702,40 +676,19 @@ def _task_rows(w, bias):
     return w, w.stride(0) if t > 1 else c * k, b, b_ts
 
 
-def _launch(g, prec, w_ts, b_ts, nsum=None):
-    """(grid, geometry arguments, reduce constants, apply constants) of the forward (nsum None), the
-    backward (nsum 2: its one pass, `_bwd_kernel`, in the apply constants) or the double backward
-    (nsum 5): the step width, warps and register cap of each pass that computes products
-    (`block_config`); None where the derivative has no such pass."""
+def _launch(g, prec, w_ts, b_ts):
+    """(grid, geometry arguments, constants of the passes with one patch product per output and no
+    weight-gradient accumulator (`_fwd_kernel`, `_dbwd_dgout_kernel`), constants of the backward's pass
+    (`_bwd_kernel`)): their step width and warps (`block_config`; `num_warps` where a configuration
+    names no pass's own)."""
     cfg = g["cfg"]
     grid = (g["t"] * cfg["CB"], cfg["CHUNKS"])
     geo = (g["c"], cfg["CB"], g["ci"], g["tc"], g["tci"], g["h"], g["w"], g["hp"] * g["wp"], g["wp"], g["mw"],
            cfg["CHUNK"], cfg["CHUNKS"], g["stride"], g["pad"], w_ts, b_ts)
     base = dict(KK=g["kk"], KW=g["kw"], K=g["k"], KP=g["kp"], PREC=prec, BLOCK_C=cfg["BLOCK_C"])
-    # the passes with products and no weight-gradient accumulator: the forward's in RBLOCK_W-window steps,
-    # the double backward's reduction in BLOCK_W; both on REDUCE_WARPS
-    const_r = const_a = None
-    if nsum is None:
-        const_r = dict(base, BLOCK_W=cfg.get("RBLOCK_W", cfg["BLOCK_W"]),
-                       num_warps=cfg.get("FWD_WARPS", cfg["num_warps"]))
-    elif nsum == 5:
-        const_r = dict(base, BLOCK_W=cfg["BLOCK_W"], num_warps=cfg.get("REDUCE_WARPS", cfg["num_warps"]))
-    if nsum is not None:
-        warps = cfg.get("BWD_WARPS", cfg["num_warps"]) if nsum == 2 else cfg["num_warps"]
-        const_a = dict(base, BLOCK_W=cfg["BLOCK_W"], num_warps=warps)
-    if cfg["BLOCK_C"] == 64:
-        if nsum == 5:
-            # the double backward's apply pass: left alone, ptxas (Triton 3.7.1's) settled on 128 registers
-            # with Omniglot's 9 taps and spilled 16 bytes; with .maxnreg 255, none (caps of 200-232 made the
-            # fp32 passes spill). bench/NOTES.md, the block's tiles at 48 channels and the block's gather
-            const_a["maxnreg"] = 255
-        if prec != "ieee" and const_r is not None:
-            # likewise the tensor-core reductions on 4 warps: ptxas (3.7.1) settled on 128 registers and
-            # spilled 4 B in the (then convolving) backward's reduction with gout2; capped at 255 they took
-            # 154-243, no spill. Not in strict fp32, where that cap made 3.7.1 spill 52 B in the forward's
-            # reduction
-            const_r["maxnreg"] = 255
-    return grid, geo, const_r, const_a
+    const_f = dict(base, BLOCK_W=cfg.get("RBLOCK_W", cfg["BLOCK_W"]), num_warps=cfg.get("FWD_WARPS", cfg["num_warps"]))
+    const_b = dict(base, BLOCK_W=cfg["BLOCK_W"], num_warps=cfg.get("BWD_WARPS", cfg["num_warps"]))
+    return grid, geo, const_f, const_b
 
 
 def forward(x, w, bias, gamma, beta, meta, stats=None):
@@ -761,9 +714,9 @@ def forward(x, w, bias, gamma, beta, meta, stats=None):
     _fwd_stats_kernel[(g["c"],)](gram, rho, w, b, mean, invstd, g["c"], g["t"], g["mw"], w_ts, b_ts, eps_hi, eps_lo,
                                  K=g["k"], KP=g["kp"], HAS_B=bias is not None, IS_F64=x.dtype == torch.float64,
                                  num_warps=1)
-    grid, geo, const_r, _ = _launch(g, _precision(x.dtype), w_ts, b_ts)
+    grid, geo, const_f, _ = _launch(g, _precision(x.dtype), w_ts, b_ts)
     _fwd_kernel[grid](x, w, b, gamma, beta, mean, invstd, out, zsel, sel, *geo, sl_hi, sl_lo, HAS_B=bias is not None,
-                      GAMMA_PER_TASK=gamma.dim() == 2, **const_r)
+                      GAMMA_PER_TASK=gamma.dim() == 2, **const_f)
     return out, mean, invstd, (sel, zsel)
 
 
@@ -799,11 +752,11 @@ def backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, gout2=None,
     gamma, beta = gamma.contiguous(), beta.contiguous()
     ws = torch.empty(g["tc"] * cfg["CHUNKS"] * 2, dtype=x.dtype, device=x.device)
     wws = torch.empty(g["tc"] * cfg["CHUNKS"] * g["kp"], dtype=x.dtype, device=x.device)
-    grid, geo, _, const_a = _launch(g, _precision(x.dtype), w_ts, b_ts, 2)
+    grid, geo, _, const_b = _launch(g, _precision(x.dtype), w_ts, b_ts)
     sl_hi, sl_lo = _split(meta[4])
     per_task = gamma.dim() == 2
     _bwd_kernel[grid](gout, gout if gout2 is None else gout2, sel, zsel, x, rho, gamma, beta, mean, invstd, ws, wws,
-                      *geo[:-2], sl_hi, sl_lo, GAMMA_PER_TASK=per_task, HAS_G2=gout2 is not None, **const_a)
+                      *geo[:-2], sl_hi, sl_lo, GAMMA_PER_TASK=per_task, HAS_G2=gout2 is not None, **const_b)
     dw = torch.empty(w.shape, dtype=w.dtype, device=w.device)
     db = torch.empty(g["t"], g["c"], dtype=x.dtype, device=x.device) if bias is not None else None
     dgamma = torch.empty_like(gamma)
@@ -815,33 +768,40 @@ def backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, gout2=None,
     return dw, db, dgamma, dbeta
 
 
-def double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta):
-    """(d gout, d w, d bias or None, d gamma) of conv_bn_pool's backward; aux: the forward's (sel, zsel)."""
-    sel, _zsel = aux
+def double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, stats=None):
+    """(d gout, d w, d bias or None, d gamma) of conv_bn_pool's backward; aux: the forward's (sel, zsel);
+    stats: `image_stats` of x (formed here when None). The backward's pass for gout (`_bwd_kernel`: Sg,
+    Sgx, Q_D), the sums, coefficients and weight and gamma gradients from the image's Gram terms
+    (`_dbwd_finish_kernel`), then d(gout) (`_dbwd_dgout_kernel`)."""
+    sel, zsel = aux
     g = _geometry(x, w.shape, meta)
+    gram, rho = image_stats(x, w.shape, meta) if stats is None else stats
     cfg = g["cfg"]
     w, w_ts, b, b_ts = _task_rows(w, bias)
     gamma, beta = gamma.contiguous(), beta.contiguous()
-    uw_t = uw.contiguous() if uw is not None else w
-    ub_t = ubias.contiguous() if ubias is not None else w
-    ws = torch.empty(g["tc"] * cfg["CHUNKS"] * 5, dtype=x.dtype, device=x.device)
+    gout = gout.contiguous()
+    ws = torch.empty(g["tc"] * cfg["CHUNKS"] * 2, dtype=x.dtype, device=x.device)
     wws = torch.empty(g["tc"] * cfg["CHUNKS"] * g["kp"], dtype=x.dtype, device=x.device)
-    grid, geo, const_r, const_a = _launch(g, _precision(x.dtype), w_ts, b_ts, 5)
+    prec = _precision(x.dtype)
+    grid, geo, const_f, const_b = _launch(g, prec, w_ts, b_ts)
     sl_hi, sl_lo = _split(meta[4])
     per_task = gamma.dim() == 2
-    flags = dict(HAS_B=bias is not None, GAMMA_PER_TASK=per_task, HAS_UW=uw is not None, HAS_UB=ubias is not None)
-    _dbwd_reduce_kernel[grid](gout, sel, x, w, b, uw_t, ub_t, gamma, beta, mean, invstd, ws, *geo, sl_hi, sl_lo,
-                              **flags, **const_r)
-    dgout = torch.empty_like(gout)
+    _bwd_kernel[grid](gout, gout, sel, zsel, x, rho, gamma, beta, mean, invstd, ws, wws, *geo[:-2], sl_hi, sl_lo,
+                      GAMMA_PER_TASK=per_task, HAS_G2=False, **const_b)
+    uw_t = uw.contiguous() if uw is not None else w
+    ub_t = ubias.contiguous() if ubias is not None else w
     ug = ugamma.contiguous() if ugamma is not None else gamma
     ubt = ubeta.contiguous() if ubeta is not None else gamma
-    _dbwd_apply_kernel[grid](gout, sel, x, w, b, uw_t, ub_t, ug, ubt, gamma, beta, mean, invstd, ws, wws, dgout, *geo,
-                             sl_hi, sl_lo, **flags, HAS_UG=ugamma is not None, HAS_UBETA=ubeta is not None,
-                             KSTEP=_KSTEP, **const_a)
+    coef = torch.empty(g["tc"] * 3, dtype=x.dtype, device=x.device)
     dw = torch.empty(w.shape, dtype=w.dtype, device=w.device)
     db = torch.empty(g["t"], g["c"], dtype=x.dtype, device=x.device) if bias is not None else None
     dgamma = torch.empty_like(gamma)
-    _dbwd_finish_kernel[(g["c"],)](ws, wws, invstd, dw, db if db is not None else dw, dgamma, g["c"], g["t"],
-                                   cfg["CHUNKS"], g["mw"], K=g["k"], KP=g["kp"], HAS_B=bias is not None,
+    _dbwd_finish_kernel[(g["c"],)](ws, wws, gram, rho, w, b, uw_t, ub_t, ug, ubt, gamma, mean, invstd, coef, dw,
+                                   db if db is not None else dw, dgamma, g["c"], g["t"], cfg["CHUNKS"], g["mw"], w_ts,
+                                   b_ts, K=g["k"], KP=g["kp"], HAS_B=bias is not None, HAS_UW=uw is not None,
+                                   HAS_UB=ubias is not None, HAS_UG=ugamma is not None, HAS_UBETA=ubeta is not None,
                                    GAMMA_PER_TASK=per_task, KSTEP=_KSTEP, num_warps=1)
+    dgout = torch.empty_like(gout)
+    _dbwd_dgout_kernel[grid](sel, zsel, x, uw_t, ub_t, gamma, beta, mean, invstd, coef, dgout, *geo[:-2], sl_hi, sl_lo,
+                             GAMMA_PER_TASK=per_task, HAS_UW=uw is not None, HAS_UB=ubias is not None, **const_f)
     return dgout, dw, db, dgamma
