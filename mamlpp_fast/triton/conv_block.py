@@ -211,29 +211,16 @@ def _patch(x_ptr, i, oh, ow, rmask, t, ks, ci, p, q, Ci, TCi, H, W, stride, pad,
 
 @triton.jit
 def _act(z, mu, r, ga, be, slope):
-    """xhat, the leaky-ReLU factor a and y = a (gamma xhat + beta), in the batch norm's order
-    (per-channel vectors broadcast over the rows)."""
+    """xhat, the leaky-ReLU factor a and gamma xhat + beta (y = a times it), in the batch norm's order
+    (per-channel vectors broadcast over the rows; z: the convolution output at each window's maximum)."""
     xhat = (z - mu[None, :]) * r[None, :]
     zz = ga[None, :] * xhat + be[None, :]
-    a = tl.where(zz > 0, 1.0, slope).to(z.dtype)
-    return xhat, a, a * zz
-
-
-@triton.jit
-def _col_sums(ws_ptr, cps, cmask, CHUNKS, i, NSUM: tl.constexpr, KSTEP: tl.constexpr):
-    """(BLOCK_C,) vector: statistic i of each column, summed over its chunks, KSTEP chunks at a time
-    (a fixed order; a tile of all chunks at once spilled under Triton 3.6 with ~100 chunks)."""
-    kk = tl.arange(0, KSTEP)
-    acc = tl.zeros([KSTEP, cps.shape[0]], dtype=ws_ptr.dtype.element_ty)
-    for k0 in range(0, CHUNKS, KSTEP):
-        m = ((k0 + kk) < CHUNKS)[:, None] & cmask[None, :]
-        acc += tl.load(ws_ptr + (cps[None, :] * CHUNKS + k0 + kk[:, None]) * NSUM + i, mask=m, other=0.0)
-    return tl.sum(acc, axis=0)
+    return xhat, tl.where(zz > 0, 1.0, slope).to(z.dtype), zz
 
 
 @triton.jit
 def _col_sum(ws_ptr, cp, CHUNKS, i, NSUM: tl.constexpr, KSTEP: tl.constexpr):
-    """Statistic i of column cp summed over its chunks (a scalar; `_col_sums`' order)."""
+    """Statistic i of column cp summed over its chunks, KSTEP chunks at a time (a fixed order)."""
     kk = tl.arange(0, KSTEP)
     acc = tl.zeros([KSTEP], dtype=ws_ptr.dtype.element_ty)
     for k0 in range(0, CHUNKS, KSTEP):
@@ -368,9 +355,8 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, 
             sel = tl.where(upd, d, sel)
         off = (i.to(tl.int64)[:, None] * TC + cps[None, :]) * HWp + rem[:, None]
         om = mask[:, None] & cmask[None, :]
-        zz = ga[None, :] * ((zb - mu[None, :]) * r[None, :]) + be[None, :]
-        y = tl.where(zz > 0, 1.0, slope).to(ACC) * zz
-        tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=om)
+        _xh, a, zz = _act(zb, mu, r, ga, be, slope)
+        tl.store(out_ptr + off, (a * zz).to(out_ptr.dtype.element_ty), mask=om)
         tl.store(zsel_ptr + off, zb, mask=om)
         tl.store(sel_ptr + off, sel.to(tl.int8), mask=om)
 
@@ -460,8 +446,8 @@ def _bwd_kernel(gout_ptr, gout2_ptr, sel_ptr, zsel_ptr, x_ptr, rho_ptr, gamma_pt
     for s in range(begin, end, BLOCK_W):
         mask, m2d, i, ph, pw, pool_off, go, sel = _backward_step(gout_ptr, gout2_ptr, sel_ptr, s, end, cps, cmask,
                                                                  TC, HWp, Wp, BLOCK_W, HAS_G2, ACC)
-        xh = (tl.load(zsel_ptr + pool_off, mask=m2d, other=0.0) - mu[None, :]) * r[None, :]
-        g = tl.where(ga[None, :] * xh + be[None, :] > 0, 1.0, slope).to(ACC) * go  # go is 0 where masked
+        xh, a, _zz = _act(tl.load(zsel_ptr + pool_off, mask=m2d, other=0.0), mu, r, ga, be, slope)
+        g = a * go  # go is 0 where masked
         sg += g
         sgx += g * xh
         # unrolled: the window step is the hot loop (a loop over d is software-pipelined by the compiler,
@@ -634,8 +620,7 @@ def _dbwd_dgout_kernel(sel_ptr, zsel_ptr, x_ptr, uw_ptr, ub_ptr, gamma_ptr, beta
             u = _zdot(_patch(x_ptr, i, 2 * ph + d // 2, 2 * pw + d % 2, mask, t, ks, ci, p, q, Ci, TCi, H, W,
                              stride, pad, K, ACC), Ut, PREC, ACC)
             us = tl.where(sel == d, u, us)
-        xh = (tl.load(zsel_ptr + off, mask=om, other=0.0) - mu[None, :]) * r[None, :]
-        a = tl.where(ga[None, :] * xh + be[None, :] > 0, 1.0, slope).to(ACC)
+        xh, a, _zz = _act(tl.load(zsel_ptr + off, mask=om, other=0.0), mu, r, ga, be, slope)
         tl.store(dgout_ptr + off, (a * (cu * us + cx * xh + c0)).to(dgout_ptr.dtype.element_ty), mask=om)
 
 
