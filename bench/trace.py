@@ -654,7 +654,7 @@ def _block_patch(rec: _Recorder):
 
     def geometry(x, w_shape, meta):
         """(MACs of one patch-product evaluation, bytes of the weight-gradient partials, layer, MACs of
-        the Gram terms, bytes of their partials, chunks per column)"""
+        the Gram terms, bytes of their partials, the Gram kernel's chunks per task)"""
         n = x.shape[0]
         t, c, ci, kh, kw = w_shape
         stride, pad = meta[1], meta[2]
@@ -664,9 +664,10 @@ def _block_patch(rec: _Recorder):
         cfg = block_config(n * (ho // 2) * (wo // 2), t, c, kp, x.device, sms=rec.sms)
         lanes = cfg["CB"] * cfg["BLOCK_C"]  # channels as executed: 48 run as 64 (masked lanes)
         macs = n * ho * wo * t * lanes * kp  # one evaluation of the (padded) patch products
-        gram = t * cfg["CHUNKS"] * (kp * kp + kp) * x.element_size()  # the Gram kernel's partials
+        gchunks = cfg.get("GRAM_CHUNKS", cfg["CHUNKS"])
+        gram = t * gchunks * (kp * kp + kp) * x.element_size()  # the Gram kernel's partials
         return (macs, t * c * cfg["CHUNKS"] * kp * x.element_size(), rec.layer_of([x]), n * ho * wo * t * kp * kp,
-                gram, cfg["CHUNKS"])
+                gram, gchunks)
 
     def small(*ts):
         return sum(_nbytes(t) for t in ts if t is not None)

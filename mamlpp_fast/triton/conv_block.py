@@ -105,6 +105,9 @@ def block_config(mw: int, t: int, c: int, kp: int, device: torch.device, sms: in
     - CHUNKS: window chunks per (task, channel block), so that the grid holds ~4 programs per SM, each
       with at least 2 steps; at most 256. On the interpreter (CPU tensors, no `sms`) up to 3, so that
       tests cover the merge of several chunks.
+    - GRAM_CHUNKS (GRAM_CHUNK windows each): the Gram kernel's chunks per task, as CHUNKS but with at
+      least 8 steps each: each chunk writes a (KP + 1) x KP partial, which on small image sets would
+      outweigh the image itself.
     """
     bc = _channel_tile(c)
     bw = 16
@@ -119,8 +122,10 @@ def block_config(mw: int, t: int, c: int, kp: int, device: torch.device, sms: in
         chunks = max(1, min(3, steps))
     chunk = triton.cdiv(mw, chunks)
     chunks = triton.cdiv(mw, chunk)
+    gram_chunk = triton.cdiv(mw, max(1, min(chunks, triton.cdiv(steps, 8)) if sms is not None else chunks))
     return dict(BLOCK_W=bw, BLOCK_C=bc, CB=triton.cdiv(c, bc), CHUNK=chunk, CHUNKS=chunks, num_warps=4,
-                RBLOCK_W=16, FWD_WARPS=8 if kp <= 16 else 4, BWD_WARPS=8)
+                RBLOCK_W=16, FWD_WARPS=8 if kp <= 16 else 4, BWD_WARPS=8, GRAM_CHUNK=gram_chunk,
+                GRAM_CHUNKS=triton.cdiv(mw, gram_chunk))
 
 
 def gram_config(cfg: dict) -> dict:
@@ -713,11 +718,12 @@ def image_stats(x, w_shape, meta):
     in chunk order by one reduction."""
     g = _geometry(x, w_shape, meta)
     cfg, kp = g["cfg"], g["kp"]
-    gws = torch.empty(g["t"], cfg["CHUNKS"], kp * kp + kp, dtype=x.dtype, device=x.device)
+    chunk, chunks = cfg.get("GRAM_CHUNK", cfg["CHUNK"]), cfg.get("GRAM_CHUNKS", cfg["CHUNKS"])
+    gws = torch.empty(g["t"], chunks, kp * kp + kp, dtype=x.dtype, device=x.device)
     rho = torch.empty(g["t"], kp, dtype=x.dtype, device=x.device)
-    _gram_kernel[(g["t"], cfg["CHUNKS"])](x, gws, rho, g["ci"], g["tci"], g["h"], g["w"], g["hp"] * g["wp"], g["wp"],
-                                          2 * g["hp"], 2 * g["wp"], g["mw"], cfg["CHUNK"], cfg["CHUNKS"], g["stride"],
-                                          g["pad"], KK=g["kk"], KW=g["kw"], K=g["k"], KP=kp, **gram_config(cfg))
+    _gram_kernel[(g["t"], chunks)](x, gws, rho, g["ci"], g["tci"], g["h"], g["w"], g["hp"] * g["wp"], g["wp"],
+                                   2 * g["hp"], 2 * g["wp"], g["mw"], chunk, chunks, g["stride"], g["pad"],
+                                   KK=g["kk"], KW=g["kw"], K=g["k"], KP=kp, **gram_config(cfg))
     return gws.sum(1), rho
 
 
