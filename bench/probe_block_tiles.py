@@ -25,7 +25,7 @@ def tiles() -> None:
     for bc, warps in ((16, 4), (64, 8), (64, 4)):
         def cfg(*a, bc=bc, warps=warps, **k):
             d = orig(*a, **k)
-            d.update(BLOCK_C=bc, CB=-(-a[2] // bc), num_warps=warps, REDUCE_WARPS=warps)
+            d.update(BLOCK_C=bc, CB=-(-a[2] // bc), num_warps=warps, FWD_WARPS=warps, BWD_WARPS=warps)
             return d
         cb.block_config = cfg
         try:
