@@ -2,7 +2,7 @@
 without a GPU (through bench.static_metrics), so that a tile change is judged on the compiler's output
 before it is made: registers, spill bytes and the strict-fp32 inner loop's SASS mix per variant.
 
-    python -m bench.probe_tiles WORKLOAD OP [--shape N,C,H,W] [--variants JSON] [--tf32]
+    python -m bench.probe_tiles WORKLOAD OP [--shape N,C,H,W] [--variants JSON] [--tf32] [--loops]
 
 WORKLOAD: a name of bench.workloads; OP: conv_forward, conv_data_grad, conv_weight_grad or conv_bn_pool
 (the fused first block: each pass's kernel; the custom-op
@@ -14,7 +14,10 @@ products), else strict fp32. The launch configurations are the installed Triton'
 run it with the device's version (3.6) to read what the device would compile.
 
 Each line: the call, the resulting configuration, the variant, registers, spill bytes (stores), FFMA,
-LDS and integer instructions of the hot loop and its FFMA share. bench/NOTES.md quotes its output.
+LDS and integer instructions of the hot loop and its FFMA share. --loops: instead, every SASS loop of
+each launch (a backward branch's body, outer loops included, so a nested loop shows inside its outer
+one's range) with its instruction and FFMA counts, and the kernel's spill instructions (STL, LDL).
+bench/NOTES.md quotes its output.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ KERNELS = {"conv_forward": ("_conv_fwd_kernel",), "conv_data_grad": ("_conv_dgra
            # small finishing sum)
            "conv_bn_pool": ("_fwd_kernel", "_gram_kernel", "_bwd_kernel",
                             "_dbwd_dgout_kernel")}
-USAGE = "usage: python -m bench.probe_tiles WORKLOAD OP [--shape N,C,H,W] [--variants JSON] [--tf32]"
+USAGE = "usage: python -m bench.probe_tiles WORKLOAD OP [--shape N,C,H,W] [--variants JSON] [--tf32] [--loops]"
 
 
 def select_calls(workload: str, op: str, shape: tuple | None = None) -> list:
@@ -36,9 +39,10 @@ def select_calls(workload: str, op: str, shape: tuple | None = None) -> list:
     return [c for c in traced_calls(workload) if c[0] == op and (shape is None or tuple(c[1]) == shape)]
 
 
-def probe(calls, op: str, variants: list, tf32: bool = False) -> list:
+def probe(calls, op: str, variants: list, tf32: bool = False, loops: bool = False) -> list:
     """One row (dict) per launch of `op`'s kernel in `calls` and variant; tf32: the launches as TF32 runs
-    them (`capture_launches`), else strict fp32."""
+    them (`capture_launches`), else strict fp32; loops: the row lists every SASS loop (`loop_rows`)
+    instead of the hot loop's mix."""
     from . import static_metrics as sm
     tools = sm.triton_tools()
     rows = []
@@ -51,10 +55,23 @@ def probe(calls, op: str, variants: list, tf32: bool = False) -> list:
                 _, ck = sm.compile_launch(fn, args, kw)
                 row = dict(call=sm._call_str(call), kernel=fn.__name__, config=sm._cfg_str(kw), variant=var)
                 row.update(sm.ptxas_verbose(tools["ptxas"], ck.asm["ptx"]))
-                if tools.get("cuobjdump"):
+                if tools.get("cuobjdump") and loops:
+                    row["loops"] = loop_rows(*sm.sass_loops(tools["cuobjdump"], ck.asm["cubin"]))
+                elif tools.get("cuobjdump"):
                     row.update(sm.sass_hot_loop(tools["cuobjdump"], ck.asm["cubin"]))
                 rows.append(row)
     return rows
+
+
+def loop_rows(instrs, loops) -> dict:
+    """{"spill_instructions": STL + LDL in the kernel, "loops": [(first, last address, instructions,
+    FFMA)]} from `static_metrics.sass_loops`."""
+    spills = sum(op.startswith(("STL", "LDL")) for _, op, _ in instrs)
+    rows = []
+    for lo, hi in loops:
+        body = [op for a, op, _ in instrs if lo <= a <= hi]
+        rows.append((lo, hi, len(body), sum(op.startswith("FFMA") for op in body)))
+    return {"spill_instructions": spills, "loops": rows}
 
 
 def _parse(argv):
@@ -81,7 +98,8 @@ def _parse(argv):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        workload, op, shape, variants, tf32 = _parse(argv)
+        loops = "--loops" in argv  # a mode of the output, not of the launches probed
+        workload, op, shape, variants, tf32 = _parse([a for a in argv if a != "--loops"])
         from .workloads import workload_by_name
         workload_by_name(workload)
     except (ValueError, KeyError) as e:
@@ -90,7 +108,13 @@ def main(argv=None) -> int:
     import triton
     print(f"Triton {triton.__version__}, sm_90a, {workload} {op}" + (f" input {shape}" if shape else "")
           + (", TF32" if tf32 else ", strict fp32"))
-    for r in probe(select_calls(workload, op, shape), op, variants, tf32):
+    for r in probe(select_calls(workload, op, shape), op, variants, tf32, loops):
+        if loops:
+            lp = r.get("loops", {})
+            print(f"{r['call']} | {r['kernel']} | {r['config']} | variant {r['variant']} | spill instructions "
+                  f"{lp.get('spill_instructions')} | loops " + "; ".join(
+                      f"{lo:#x}-{hi:#x}: {n} instr, {f} FFMA" for lo, hi, n, f in lp.get("loops", [])), flush=True)
+            continue
         print(f"{r['call']} | {r['kernel']} | {r['config']} | variant {r['variant']} | regs {r.get('registers')} | "
               f"spill {r.get('spill_stores')} B | FFMA {r.get('ffma')} LDS {r.get('lds')} int {r.get('int')} | "
               f"FFMA share {r.get('ffma_share', 0):.1%}", flush=True)

@@ -331,9 +331,10 @@ def _classify_sass(op: str) -> str:
     return "other"
 
 
-def sass_hot_loop(cuobjdump: str, cubin: bytes) -> dict:
-    """Instruction mix of the SASS loop (a backward branch's body) holding the most FFMA + HGMMA (of those,
-    the shortest); ffma_loop_shares: the FFMA share of each loop holding as many."""
+def sass_loops(cuobjdump: str, cubin: bytes) -> tuple:
+    """(instructions [(address, opcode, operands)], loops [(first, last address)]): the cubin's SASS and
+    the body of every backward branch, outer loops included (a loop nested in another lies inside its
+    range)."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
@@ -352,6 +353,15 @@ def sass_hot_loop(cuobjdump: str, cubin: bytes) -> dict:
                 tgt = int(tm.group(1), 16)
                 if tgt < addr:
                     loops.append((tgt, addr))
+    return instrs, loops
+
+
+def sass_hot_loop(cuobjdump: str, cubin: bytes) -> dict:
+    """Instruction mix of the SASS loop (a backward branch's body) holding the most FFMA + HGMMA (of those,
+    the shortest); ffma_loop_shares: the FFMA share of each loop holding as many. A loop with an inner
+    loop counts that body once: unroll inner loops whose trip count matters (bench.probe_tiles --loops
+    lists every loop)."""
+    instrs, loops = sass_loops(cuobjdump, cubin)
     best, bodies = None, []
     for lo, hi in loops:
         body = [op for a, op, _ in instrs if lo <= a <= hi]

@@ -90,7 +90,8 @@ def block_config(mw: int, t: int, c: int, kp: int, device: torch.device, sms: in
       `_fwd_kernel`, and the double backward's d(gout), `_dbwd_dgout_kernel`): RBLOCK_W = 16 windows per
       step on FWD_WARPS = 4 warps with patches wider than 16 (mini-ImageNet's 32: the forward's unrolled
       window step 50% FFMA under Triton 3.6, no spill; 47% on 8 warps), 8 with 16-wide ones (Omniglot's:
-      37%, where 4 warps spilled). (32-window steps, which raised the old statistics pass's FFMA share,
+      36%; chosen when 4 warps spilled under a .maxnreg cap since dropped: without it 4 warps run 40%
+      with no spill, not yet taken, bench/NOTES.md). (32-window steps, which raised the old statistics pass's FFMA share,
       spill since the pass tracks each window's maximum: 140 B with Omniglot's patches, 672 B with
       mini-ImageNet's under 3.6.)
     - The backward's pass (`_bwd_kernel`, also the double backward's first): BLOCK_W = 16 windows per
@@ -469,6 +470,19 @@ def _bwd_kernel(gout_ptr, gout2_ptr, sel_ptr, zsel_ptr, x_ptr, rho_ptr, gamma_pt
 
 
 @triton.jit
+def _bwd_sums(ws_ptr, wws_ptr, cp, CHUNKS, KP: tl.constexpr, KSTEP: tl.constexpr):
+    """(Q_D (KP,), Sg, Sgx) of column cp: `_bwd_kernel`'s chunk partials added in chunk order, KSTEP
+    chunks at a time."""
+    kk = tl.arange(0, KSTEP)
+    ks = tl.arange(0, KP)
+    acc = tl.zeros([KSTEP, KP], dtype=wws_ptr.dtype.element_ty)
+    for k0 in range(0, CHUNKS, KSTEP):
+        acc += tl.load(wws_ptr + (cp * CHUNKS + k0 + kk[:, None]) * KP + ks[None, :],
+                       mask=((k0 + kk) < CHUNKS)[:, None], other=0.0)
+    return tl.sum(acc, axis=0), _col_sum(ws_ptr, cp, CHUNKS, 0, 2, KSTEP), _col_sum(ws_ptr, cp, CHUNKS, 1, 2, KSTEP)
+
+
+@triton.jit
 def _bwd_finish_kernel(ws_ptr, wws_ptr, gram_ptr, rho_ptr, w_ptr, b_ptr, gamma_ptr, mean_ptr, invstd_ptr, dw_ptr,
                        db_ptr, dgamma_ptr, dbeta_ptr, C, T, CHUNKS, MW, W_TS, B_TS, K: tl.constexpr,
                        KP: tl.constexpr, HAS_B: tl.constexpr, GAMMA_PER_TASK: tl.constexpr, KSTEP: tl.constexpr):
@@ -478,20 +492,13 @@ def _bwd_finish_kernel(ws_ptr, wws_ptr, gram_ptr, rho_ptr, w_ptr, b_ptr, gamma_p
     task or added in task order for a shared gamma."""
     c = tl.program_id(0)
     ACC = wws_ptr.dtype.element_ty
-    kk = tl.arange(0, KSTEP)
     ks = tl.arange(0, KP)
     Mf = _to_acc(4 * MW, ACC)
     tot_g = tl.zeros([], dtype=ACC)
     tot_b = tl.zeros([], dtype=ACC)
     for t in range(0, T):
         cp = t * C + c
-        acc = tl.zeros([KSTEP, KP], dtype=ACC)
-        for k0 in range(0, CHUNKS, KSTEP):
-            acc += tl.load(wws_ptr + (cp * CHUNKS + k0 + kk[:, None]) * KP + ks[None, :],
-                           mask=((k0 + kk) < CHUNKS)[:, None], other=0.0)
-        qd = tl.sum(acc, axis=0)
-        Sg = _col_sum(ws_ptr, cp, CHUNKS, 0, 2, KSTEP)
-        Sgx = _col_sum(ws_ptr, cp, CHUNKS, 1, 2, KSTEP)
+        qd, Sg, Sgx = _bwd_sums(ws_ptr, wws_ptr, cp, CHUNKS, KP, KSTEP)
         wv = _wcol(w_ptr, b_ptr, t, c, W_TS, B_TS, ks, K, HAS_B, ACC)
         cd, sd, rho = _gram_terms(gram_ptr, rho_ptr, t, ks, KP)
         if GAMMA_PER_TASK:
@@ -533,19 +540,12 @@ def _dbwd_finish_kernel(ws_ptr, wws_ptr, gram_ptr, rho_ptr, w_ptr, b_ptr, uw_ptr
     gamma; coef[cp] = (cu, cx, c0) for `_dbwd_dgout_kernel`."""
     c = tl.program_id(0)
     ACC = wws_ptr.dtype.element_ty
-    kk = tl.arange(0, KSTEP)
     ks = tl.arange(0, KP)
     Mf = _to_acc(4 * MW, ACC)
     tot_g = tl.zeros([], dtype=ACC)
     for t in range(0, T):
         cp = t * C + c
-        acc = tl.zeros([KSTEP, KP], dtype=ACC)
-        for k0 in range(0, CHUNKS, KSTEP):
-            acc += tl.load(wws_ptr + (cp * CHUNKS + k0 + kk[:, None]) * KP + ks[None, :],
-                           mask=((k0 + kk) < CHUNKS)[:, None], other=0.0)
-        qd = tl.sum(acc, axis=0)
-        Sg = _col_sum(ws_ptr, cp, CHUNKS, 0, 2, KSTEP)
-        Sgx = _col_sum(ws_ptr, cp, CHUNKS, 1, 2, KSTEP)
+        qd, Sg, Sgx = _bwd_sums(ws_ptr, wws_ptr, cp, CHUNKS, KP, KSTEP)
         wv = _wcol(w_ptr, b_ptr, t, c, W_TS, B_TS, ks, K, HAS_B, ACC)
         uv = tl.zeros([KP], dtype=ACC)
         if HAS_UW:
