@@ -249,16 +249,17 @@ def block_supported(x, w, stride, padding, max_pooling=True) -> str | None:
     return None
 
 
-def _image_stats(impl, x, w_shape, meta, cache):
-    """impl.image_stats of x (None for an implementation without it), from `cache` when it holds them for
-    this x (the same tensor), weight shape and geometry, else formed and, with a cache, kept there."""
+def _image_stats(impl, x, xc, w_shape, meta, cache):
+    """impl.image_stats of x (None for an implementation without it; xc: x contiguous, what the
+    implementation reads), from `cache` when it holds them for this x (the same tensor), weight shape and
+    geometry, else formed and, with a cache, kept there."""
     fn = getattr(impl, "image_stats", None)
     if fn is None:
         return None
     key = (impl.name, tuple(w_shape), meta[:3], x.dtype, x.device)
     if cache is not None and cache.get("x") is x and key in cache:
         return cache[key]
-    stats = fn(x.contiguous(), tuple(w_shape), meta)
+    stats = fn(xc, tuple(w_shape), meta)
     if cache is not None:
         if cache.get("x") is not x:
             cache.clear()
@@ -328,7 +329,8 @@ def conv_bn_pool(x, w, bias, gamma, beta, num_tasks, stride, padding, eps, slope
         gamma, beta = (p.expand(t, -1) if p.dim() == 1 else p for p in (gamma, beta))
     meta = (t, int(stride), int(padding), float(eps), float(slope))
     impl = impl if impl is not None else torch_impl
-    stats = _image_stats(impl, x, w.shape, meta, image_cache)
-    out, mean, invstd, out_alias = _BlockForward.apply(x.contiguous(), w, bias, gamma, beta, meta, impl, saved,
+    xc = x.contiguous()  # one copy at most, read by the image terms and the op
+    stats = _image_stats(impl, x, xc, w.shape, meta, image_cache)
+    out, mean, invstd, out_alias = _BlockForward.apply(xc, w, bias, gamma, beta, meta, impl, saved,
                                                        stats)
     return (out, mean, invstd, out_alias) if alias else (out, mean, invstd)
