@@ -9,6 +9,11 @@
 #   env       nvidia-smi, versions, date, git revision                         -> env.txt
 #   build     pip install -e . --no-build-isolation --no-deps (+ CMake log)     -> build.log
 #   import    which backends loaded                                            -> build.log
+#   ceilings  python -m bench.ceilings: fp32/TF32 matmul, copy bandwidth, launch costs (bench.trace's
+#             CEILINGS measured on this device, before anything else loads it)  -> ceilings.json
+#   warm      one eager and one captured meta-update per workload, in background processes beside the
+#             tests (python -m bench.gpu_profile --warm-only): Triton compiles the learner's kernels into
+#             its on-disk cache there, not inside the timed stages after it   -> warm_*.log
 #   tests     tests/gpu (conv, head, ops, learner, capture) + the CPU op tests  -> gpu_tests.log, junit.xml
 #   profile   python -m bench.gpu_profile: the captured update's time, device time per kernel category
 #             beside bench.trace's prediction (both workloads)                  -> profile.{md,json}
@@ -25,8 +30,11 @@
 # The device tool returns at most 8 files, so everything is packed into $OUT/gpu_session.tgz, beside
 # $OUT/summary.txt and copies of the benchmark's and the profile's markdown ($OUT/bench.md, profile.md).
 # Limits (s, env): DEADLINE=560 BUILD_LIMIT=180 TESTS_LIMIT=150 PROFILE_LIMIT=60 BENCH_LIMIT=240
-# PRECISION_LIMIT=60 MEMCHECK_LIMIT=60 CONVAB_LIMIT=40
-# OPBENCH_LIMIT=45; BENCH_ARGS replaces the benchmark's arguments. Python: $PYTHON (default python3).
+# PRECISION_LIMIT=60 MEMCHECK_LIMIT=60 CONVAB_LIMIT=40 CEILINGS_LIMIT=40 WARM_LIMIT=200
+# OPBENCH_LIMIT=45; BENCH_ARGS replaces the benchmark's arguments; TEST_ARGS replaces the test stage's
+# files and selection; STAGES (comma-separated names of the stages above; default all) runs only those,
+# in the order above, so that a lease can be spent in two calls (a second call on the same machine finds
+# the build in place, and the build stage then only checks it). Python: $PYTHON (default python3).
 set -u
 : "${OUT:?set OUT to the results directory}"
 mkdir -p "$OUT/session"
@@ -42,13 +50,16 @@ unset TRITON_INTERPRET
 # shellcheck source=scripts/gpu_common.sh
 source scripts/gpu_common.sh
 
+STAGES=${STAGES:-env,build,import,ceilings,warm,tests,profile,bench,precision,memcheck,convab,opbench}
+want() { [[ ",$STAGES," == *",$1,"* ]]; }
+
 # ---- env ------------------------------------------------------------------------------------------
-write_env "$W/env.txt" "${MAMLPP_GIT_REV:-unknown (no .git_revision)}"
+write_env "$W/env.txt" "${MAMLPP_GIT_REV:-unknown (no .git_revision)}"   # always: every call records its device
 
 # ---- build and import -------------------------------------------------------------------------------
-stage build "${BUILD_LIMIT:-180}" "$W/build.log" "$PY" -m pip install -v -e . --no-build-isolation --no-deps
-{ echo "--- build/native/native_build.log"; cat build/native/native_build.log 2>/dev/null || echo "(missing)"; } >>"$W/build.log"
-stage import 30 "$W/build.log" "$PY" -c "
+want build && stage build "${BUILD_LIMIT:-180}" "$W/build.log" "$PY" -m pip install -v -e . --no-build-isolation --no-deps
+want build && { echo "--- build/native/native_build.log"; cat build/native/native_build.log 2>/dev/null || echo "(missing)"; } >>"$W/build.log"
+want import && stage import 30 "$W/build.log" "$PY" -c "
 from mamlpp_fast import _native
 print('built with:', _native.built_with(), '| device types:', _native.device_types(), '| error:', _native.load_error())
 import mamlpp_fast.triton as tb
@@ -56,41 +67,65 @@ print('triton available:', tb.is_available(), tb.unavailable_reason())
 assert 'cuda' in _native.device_types(), 'native backend built without CUDA'
 "
 
+# ---- device ceilings (an idle device) ----------------------------------------------------------------
+want ceilings && stage ceilings "${CEILINGS_LIMIT:-40}" "$W/ceilings.log" "$PY" -m bench.ceilings --out "$W/ceilings.json"
+
+# ---- Triton's kernel cache filled in the background while the tests run ---------------------------------
+WARM_PIDS=()
+if want warm; then
+  wl_limit=${WARM_LIMIT:-200}
+  [ $((DEADLINE - SECONDS)) -lt "$wl_limit" ] && wl_limit=$((DEADLINE - SECONDS))
+  for wl in omniglot_20w1s miniimagenet_5w1s; do
+    timeout --kill-after=5 "$wl_limit" "$PY" -m bench.gpu_profile --warm-only --workloads "$wl" \
+      >"$W/warm_$wl.log" 2>&1 &
+    WARM_PIDS+=($!)
+  done
+fi
+
 # ---- tests ------------------------------------------------------------------------------------------
 XDIST=""
-"$PY" -c "import xdist" >/dev/null 2>&1 && XDIST="-n 4"
+"$PY" -c "import xdist" >/dev/null 2>&1 && XDIST="-n ${XDIST_WORKERS:-4}"
 # shellcheck disable=SC2086
 # the new convolution and head tests last: their Triton kernels compile on first use (tens of seconds);
 # first of all, the checks of the in-kernel sums' memory ordering (split sums, tickets), which only a
 # device can run
-stage tests "${TESTS_LIMIT:-150}" "$W/gpu_tests.log" \
-  "$PY" -m pytest tests/gpu/test_gpu_conv.py::test_split_sum_in_kernel_on_cuda \
-  tests/gpu/test_gpu_head.py::test_ticket_sums_deterministic_on_cuda tests/gpu/test_gpu_ops.py tests/gpu/test_gpu_learner.py \
-  tests/test_native_cpp.py tests/test_ops_bn.py tests/test_ops_lslr.py tests/test_head.py tests/test_conv.py \
-  tests/gpu/test_gpu_conv.py tests/gpu/test_gpu_head.py \
-  -q -rfEs -p no:cacheprovider $XDIST --junitxml="$W/junit.xml"
+DEFAULT_TEST_ARGS="tests/gpu/test_gpu_conv.py::test_split_sum_in_kernel_on_cuda \
+tests/gpu/test_gpu_head.py::test_ticket_sums_deterministic_on_cuda tests/gpu/test_gpu_ops.py tests/gpu/test_gpu_learner.py \
+tests/test_native_cpp.py tests/test_ops_bn.py tests/test_ops_lslr.py tests/test_head.py tests/test_conv.py \
+tests/gpu/test_gpu_conv.py tests/gpu/test_gpu_head.py"
+# shellcheck disable=SC2086
+want tests && stage tests "${TESTS_LIMIT:-150}" "$W/gpu_tests.log" \
+  "$PY" -m pytest ${TEST_ARGS:-$DEFAULT_TEST_ARGS} -q -rfEs -p no:cacheprovider --durations=25 $XDIST \
+  --junitxml="$W/junit.xml"
+
+# the warm-up processes end before anything is timed
+if [ ${#WARM_PIDS[@]} -gt 0 ]; then
+  t0=$SECONDS
+  for pid in "${WARM_PIDS[@]}"; do wait "$pid"; done
+  echo "== warm: waited $((SECONDS - t0))s; $(cat "$W"/warm_*.log 2>/dev/null | grep -E '^warmed|[Ee]rror' | tr '\n' ' ')" | tee -a "$W/warm.log"
+fi
 
 # ---- device profile of the captured update beside the trace's prediction -------------------------------
-stage profile "${PROFILE_LIMIT:-60}" "$W/profile.log" "$PY" -m bench.gpu_profile --out "$W/profile"
+want profile && stage profile "${PROFILE_LIMIT:-60}" "$W/profile.log" "$PY" -m bench.gpu_profile --out "$W/profile"
 
 # ---- learner benchmark ----------------------------------------------------------------------------------
 DEFAULT_BENCH_ARGS="--device cuda --workloads omniglot_20w1s,miniimagenet_5w1s --learners fast,reference,torchfunc,jax \
 --backends cuda --conv-impls auto --first-blocks fused,unfused --batch-sweep 8,64 --no-steps-sweep --time-budget 200 --max-time 1.5"
 # shellcheck disable=SC2086
-stage bench "${BENCH_LIMIT:-240}" "$W/bench.log" "$PY" -m bench.run ${BENCH_ARGS:-$DEFAULT_BENCH_ARGS} --out "$W/bench"
+want bench && stage bench "${BENCH_LIMIT:-240}" "$W/bench.log" "$PY" -m bench.run ${BENCH_ARGS:-$DEFAULT_BENCH_ARGS} --out "$W/bench"
 
 # ---- precision options measured on the device (config key conv_precision: strict, TF32, 3xTF32) ----------
-stage precision "${PRECISION_LIMIT:-60}" "$W/precision.log" "$PY" -m bench.precision --device cuda --seeds 5 \
+want precision && stage precision "${PRECISION_LIMIT:-60}" "$W/precision.log" "$PY" -m bench.precision --device cuda --seeds 5 \
   --out "$W/precision.json"
 
 # ---- memcheck ------------------------------------------------------------------------------------------
-memcheck_stage "${MEMCHECK_LIMIT:-60}" "$W/memcheck.log"
+want memcheck && memcheck_stage "${MEMCHECK_LIMIT:-60}" "$W/memcheck.log"
 
 # ---- launch configurations A/B of the convolutions ----------------------------------------------------------
-stage convab "${CONVAB_LIMIT:-40}" "$W/conv_ab.log" "$PY" -m bench.conv_ab --iters 30 --out "$W/conv_ab"
+want convab && stage convab "${CONVAB_LIMIT:-40}" "$W/conv_ab.log" "$PY" -m bench.conv_ab --iters 30 --out "$W/conv_ab"
 
 # ---- op benchmark --------------------------------------------------------------------------------------
-stage opbench "${OPBENCH_LIMIT:-45}" "$W/bench_ops.log" \
+want opbench && stage opbench "${OPBENCH_LIMIT:-45}" "$W/bench_ops.log" \
   "$PY" -m pytest bench/bench_ops.py -q -p no:cacheprovider --benchmark-only --benchmark-enable \
   --benchmark-json="$W/bench_ops.json" --benchmark-columns=min,median,mean,stddev,rounds --benchmark-sort=name
 
@@ -98,25 +133,28 @@ stage opbench "${OPBENCH_LIMIT:-45}" "$W/bench_ops.log" \
 fail=0
 {
   echo "gpu_session summary ($(date -u +%Y-%m-%dT%H:%M:%SZ), total ${SECONDS}s of DEADLINE=${DEADLINE}s, git ${MAMLPP_GIT_REV:-unknown})"
-  grep -E "^(device|torch|triton|jax):" "$W/env.txt"
+  grep -sE "^(device|torch|triton|jax):" "$W/env.txt"
   for i in "${!NAMES[@]}"; do
     status=$(stage_status "${CODES[$i]}")
     [ "$status" = ok ] || fail=1
     printf '%-9s exit %-4s %5ss  %s\n' "${NAMES[$i]}" "${CODES[$i]}" "${SECS[$i]}" "$status"
   done
-  grep -E "built with:|triton available:" "$W/build.log" | tail -n 2
-  grep -E "(passed|failed|error)" "$W/gpu_tests.log" | tail -n 1 | sed 's/^/tests: /'
-  grep -E "^(FAILED|ERROR) " "$W/gpu_tests.log" | head -n 20
-  grep -E "ERROR SUMMARY" "$W/memcheck.log" | tail -n 1 | sed 's/^/memcheck: /'
-  grep -E "^bench: " "$W/bench.log" | cut -c1-220 | tail -n 40
-  grep -E "^(## |Captured update|Eager update)" "$W/profile.log" | cut -c1-220
-  grep -E "^\| (ieee|tf32|tf32x3) \|" "$W/precision.log" | sed 's/^/precision: /' 
-  grep -E "^\| [0-9]+x[0-9]+ \|" "$W/conv_ab.log" | sed 's/^/conv_ab: /'
+  grep -sE "built with:|triton available:" "$W/build.log" | tail -n 2
+  grep -sE "(passed|failed|error)" "$W/gpu_tests.log" | tail -n 1 | sed 's/^/tests: /'
+  grep -sE "^(FAILED|ERROR) " "$W/gpu_tests.log" | head -n 20
+  grep -sE "^warmed|[Ee]rror" "$W"/warm_*.log | cut -c1-200
+  grep -sE "_tflops|bandwidth|launch_us" "$W/ceilings.json" | tr -s ' ' | sed 's/^/ceiling:/'
+  grep -sE "ERROR SUMMARY" "$W/memcheck.log" | tail -n 1 | sed 's/^/memcheck: /'
+  grep -sE "^bench: " "$W/bench.log" | cut -c1-220 | tail -n 40
+  grep -sE "^(## |Captured update|Eager update)" "$W/profile.log" | cut -c1-220
+  grep -sE "^\| (ieee|tf32|tf32x3) \|" "$W/precision.log" | sed 's/^/precision: /' 
+  grep -sE "^\| [0-9]+x[0-9]+ \|" "$W/conv_ab.log" | sed 's/^/conv_ab: /'
 } >"$OUT/summary.txt" 2>&1
 md=$(ls "$W"/bench/latest_cuda*.md 2>/dev/null | head -n 1)
 [ -n "$md" ] && cp "$md" "$OUT/bench.md"
 [ -f "$W/profile.md" ] && cp "$W/profile.md" "$OUT/profile.md"
 [ -f "$W/conv_ab.md" ] && cp "$W/conv_ab.md" "$OUT/conv_ab.md"
+[ -f "$W/ceilings.json" ] && cp "$W/ceilings.json" "$OUT/ceilings.json"
 tar -czf "$OUT/gpu_session.tgz" -C "$OUT" session && rm -rf "$W"
 cat "$OUT/summary.txt"
 exit $fail

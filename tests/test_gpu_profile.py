@@ -62,3 +62,21 @@ def test_refusals(capsys):
         assert "no CUDA device" in capsys.readouterr().err
     assert main(["--device", "cpu", "--workloads", "nosuch"]) == 2
     assert "unknown workload" in capsys.readouterr().err
+
+
+def test_warm_only_runs_the_updates_and_writes_nothing(tmp_path, capsys):
+    prefix = str(tmp_path / "prof")
+    assert main(["--device", "cpu", "--quick", "--workloads", "quick_omniglot_3w1s", "--warm-only",
+                 "--out", prefix]) == 0
+    assert "warmed quick_omniglot_3w1s" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())
+
+
+def test_ceilings_refuses_without_cuda(capsys):
+    import torch
+
+    from bench.ceilings import main as ceilings_main
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: the script measures it (scripts/gpu_session.sh runs it)")
+    assert ceilings_main([]) == 2
+    assert "no" in capsys.readouterr().err
