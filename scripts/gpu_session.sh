@@ -85,6 +85,8 @@ fi
 # ---- tests ------------------------------------------------------------------------------------------
 XDIST=""
 "$PY" -c "import xdist" >/dev/null 2>&1 && XDIST="-n ${XDIST_WORKERS:-4}"
+# pytest-timeout when present: a hanging test (an in-kernel wait that never ends) fails alone
+"$PY" -c "import pytest_timeout" >/dev/null 2>&1 && XDIST="$XDIST --timeout=${TEST_TIMEOUT:-100}"
 # shellcheck disable=SC2086
 # the new convolution and head tests last: their Triton kernels compile on first use (tens of seconds);
 # first of all, the checks of the in-kernel sums' memory ordering (split sums, tickets), which only a
