@@ -125,9 +125,9 @@ def main(argv=None) -> int:
         return 2
     import triton
 
-    from .run import _git, _revision_file
+    from .run import revision
     rep = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=triton.__version__,
-               git=_git("rev-parse", "HEAD") or os.environ.get("MAMLPP_GIT_REV") or _revision_file() or "unknown",
+               git=revision(),
                date=datetime.now(timezone.utc).isoformat(timespec="seconds"), iters=a.iters,
                command="python -m bench.conv_ab " + " ".join(argv if argv is not None else sys.argv[1:]))
     rep["rows"] = run(a.iters)

@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             else profile(a.learner, a.workload, a.batch_size, a.threads, a.rows))
     print(text)
     if a.out:
-        from .run import _git, _revision_file
-        rev = _git("rev-parse", "HEAD") or _revision_file() or "unknown"
+        from .run import _git, revision
+        rev = revision()
         dirty = " (working tree modified)" if _git("status", "--porcelain", "--untracked-files=no") else ""
         head = (f"# CPU per-op profile, {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n"
                 f"# torch {torch.__version__}, git {rev}{dirty}\n"

@@ -269,10 +269,10 @@ def main(argv=None) -> int:
 
     import os
 
-    from .run import _git, _revision_file
+    from .run import revision
     rep = dict(device=torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu", torch=torch.__version__,
                triton=triton.__version__,
-               git=_git("rev-parse", "HEAD") or os.environ.get("MAMLPP_GIT_REV") or _revision_file() or "unknown", date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               git=revision(), date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                command="python -m bench.gpu_profile " + " ".join(argv if argv is not None else sys.argv[1:]),
                workloads=[])
     t0 = time.perf_counter()

@@ -316,7 +316,7 @@ def main(argv=None) -> int:
         res["real_run_config"] = (f"{w.n_way}-way {w.k_shot}-shot, B={w.batch_size}, {w.filters} filters, "
                                   f"{w.steps} steps, second order with MSL, epoch 0 schedule, {a.real_updates} "
                                   f"meta-updates, {a.val_tasks} validation tasks")
-    from .run import _git
+    from .run import revision
     rep = dict(workload=f"{a.workload} (B={w.batch_size}, {w.filters} filters, {w.steps} steps)",
                note=("EMULATED on a CPU: operands rounded to TF32 as the mode says, products and sums by oneDNN in "
                      "float32; not a GPU measurement") if a.device == "cpu" else
@@ -324,7 +324,7 @@ def main(argv=None) -> int:
                      "kernels (conv_precision), against the float64 learner with cuDNN convolutions there"),
                device=a.device,
                command="python -m bench.precision " + " ".join(sys.argv[1:] if argv is None else argv),
-               git_revision=_git("rev-parse", "--short", "HEAD") or "unknown", torch=torch.__version__,
+               git_revision=revision(), torch=torch.__version__,
                date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), seconds=time.time() - t0, **res)
     md = to_markdown(rep)
     if a.out:

@@ -88,6 +88,13 @@ def _revision_file() -> str | None:
         return None
 
 
+def revision() -> str:
+    """The git revision a result belongs to: $MAMLPP_GIT_REV first (scripts/gpu_session.sh sets it from
+    the .git_revision the session carried: the device's copy of the tree may hold a stale .git), else
+    `git rev-parse HEAD`, else .git_revision, else "unknown"."""
+    return os.environ.get("MAMLPP_GIT_REV") or _git("rev-parse", "HEAD") or _revision_file() or "unknown"
+
+
 def _slug(s: str) -> str:
     out = "".join(c.lower() if c.isalnum() else "-" for c in s)
     while "--" in out:
@@ -171,7 +178,7 @@ def environment(dev, argv: list[str], args) -> dict[str, Any]:
         "stamp": now.strftime("%Y%m%d-%H%M%S"),
         "command": "python -m bench.run " + shlex.join(argv),
         "process_argv": shlex.join(sys.argv),
-        "git_revision": _git("rev-parse", "HEAD") or os.environ.get("MAMLPP_GIT_REV") or _revision_file() or "unknown",
+        "git_revision": revision(),
         "git_dirty": None,
         "python": platform.python_version(),
         "platform": platform.platform(),

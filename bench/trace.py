@@ -1625,8 +1625,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from .run import _git, _revision_file
-    s["git_revision"] = _git("rev-parse", "HEAD") or os.environ.get("MAMLPP_GIT_REV") or _revision_file() or "unknown"
+    from .run import _git, revision
+    s["git_revision"] = revision()
     s["git_dirty"] = bool(_git("status", "--porcelain", "--untracked-files=no"))
     s["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     s["torch"] = torch.__version__

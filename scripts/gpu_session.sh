@@ -9,6 +9,9 @@
 #   env       nvidia-smi, versions, date, git revision                         -> env.txt
 #   build     pip install -e . --no-build-isolation --no-deps (+ CMake log)     -> build.log
 #   import    which backends loaded                                            -> build.log
+#   diagnose  python -m bench.diagnose_fused: the fused ops' kernels (first block, bn_pool) at the learner's
+#             shapes in float64 against their PyTorch implementation, per result, launch variant and
+#             run (a race shows as a non-deterministic result)                   -> diagnose.{log,json}
 #   ceilings  python -m bench.ceilings: fp32/TF32 matmul, copy bandwidth, launch costs (bench.trace's
 #             CEILINGS measured on this device, before anything else loads it)  -> ceilings.json
 #   warm      one eager and one captured meta-update per workload, in background processes beside the
@@ -30,7 +33,7 @@
 # The device tool returns at most 8 files, so everything is packed into $OUT/gpu_session.tgz, beside
 # $OUT/summary.txt and copies of the benchmark's and the profile's markdown ($OUT/bench.md, profile.md).
 # Limits (s, env): DEADLINE=560 BUILD_LIMIT=180 TESTS_LIMIT=150 PROFILE_LIMIT=60 BENCH_LIMIT=240
-# PRECISION_LIMIT=60 MEMCHECK_LIMIT=60 CONVAB_LIMIT=40 CEILINGS_LIMIT=40 WARM_LIMIT=200
+# PRECISION_LIMIT=60 MEMCHECK_LIMIT=60 CONVAB_LIMIT=40 CEILINGS_LIMIT=40 WARM_LIMIT=200 DIAGNOSE_LIMIT=90
 # OPBENCH_LIMIT=45; BENCH_ARGS replaces the benchmark's arguments; TEST_ARGS replaces the test stage's
 # files and selection; STAGES (comma-separated names of the stages above; default all) runs only those,
 # in the order above, so that a lease can be spent in two calls (a second call on the same machine finds
@@ -50,7 +53,7 @@ unset TRITON_INTERPRET
 # shellcheck source=scripts/gpu_common.sh
 source scripts/gpu_common.sh
 
-STAGES=${STAGES:-env,build,import,ceilings,warm,tests,profile,bench,precision,memcheck,convab,opbench}
+STAGES=${STAGES:-env,build,import,diagnose,ceilings,warm,tests,profile,bench,precision,memcheck,convab,opbench}
 want() { [[ ",$STAGES," == *",$1,"* ]]; }
 
 # ---- env ------------------------------------------------------------------------------------------
@@ -66,6 +69,9 @@ import mamlpp_fast.triton as tb
 print('triton available:', tb.is_available(), tb.unavailable_reason())
 assert 'cuda' in _native.device_types(), 'native backend built without CUDA'
 "
+
+# ---- where the fused kernels differ from their PyTorch implementation -----------------------------------
+want diagnose && stage diagnose "${DIAGNOSE_LIMIT:-90}" "$W/diagnose.log" "$PY" -m bench.diagnose_fused --out "$W/diagnose.json"
 
 # ---- device ceilings (an idle device) ----------------------------------------------------------------
 want ceilings && stage ceilings "${CEILINGS_LIMIT:-40}" "$W/ceilings.log" "$PY" -m bench.ceilings --out "$W/ceilings.json"
@@ -86,7 +92,11 @@ fi
 XDIST=""
 "$PY" -c "import xdist" >/dev/null 2>&1 && XDIST="-n ${XDIST_WORKERS:-4}"
 # pytest-timeout when present: a hanging test (an in-kernel wait that never ends) fails alone
-"$PY" -c "import pytest_timeout" >/dev/null 2>&1 && XDIST="$XDIST --timeout=${TEST_TIMEOUT:-100}"
+# and a session limit 20 s inside the stage's, so that pytest reports its failures (which test, which
+# result) before the stage's limit kills it
+t_left=$((DEADLINE - SECONDS)); t_lim=${TESTS_LIMIT:-150}; [ "$t_left" -lt "$t_lim" ] && t_lim=$t_left
+"$PY" -c "import pytest_timeout" >/dev/null 2>&1 && \
+  XDIST="$XDIST --timeout=${TEST_TIMEOUT:-100} --session-timeout=$((t_lim > 40 ? t_lim - 20 : 20))"
 # shellcheck disable=SC2086
 # the new convolution and head tests last: their Triton kernels compile on first use (tens of seconds);
 # first of all, the checks of the in-kernel sums' memory ordering (split sums, tickets), which only a
@@ -112,7 +122,7 @@ want profile && stage profile "${PROFILE_LIMIT:-60}" "$W/profile.log" "$PY" -m b
 
 # ---- learner benchmark ----------------------------------------------------------------------------------
 DEFAULT_BENCH_ARGS="--device cuda --workloads omniglot_20w1s,miniimagenet_5w1s --learners fast,reference,torchfunc,jax \
---backends cuda --conv-impls auto --first-blocks fused,unfused --batch-sweep 8,64 --no-steps-sweep --time-budget 200 --max-time 1.5"
+--backends native --conv-impls auto --first-blocks fused,unfused --batch-sweep 8,64 --no-steps-sweep --time-budget 200 --max-time 1.5"
 # shellcheck disable=SC2086
 want bench && stage bench "${BENCH_LIMIT:-240}" "$W/bench.log" "$PY" -m bench.run ${BENCH_ARGS:-$DEFAULT_BENCH_ARGS} --out "$W/bench"
 
@@ -144,6 +154,7 @@ fail=0
   grep -sE "built with:|triton available:" "$W/build.log" | tail -n 2
   grep -sE "(passed|failed|error)" "$W/gpu_tests.log" | tail -n 1 | sed 's/^/tests: /'
   grep -sE "^(FAILED|ERROR) " "$W/gpu_tests.log" | head -n 20
+  grep -sE "^(conv_bn_pool|bn_pool) " "$W/diagnose.log" | cut -c1-220 | sed 's/^/diagnose: /'
   grep -sE "^warmed|[Ee]rror" "$W"/warm_*.log | cut -c1-200
   grep -sE "_tflops|bandwidth|launch_us" "$W/ceilings.json" | tr -s ' ' | sed 's/^/ceiling:/'
   grep -sE "ERROR SUMMARY" "$W/memcheck.log" | tail -n 1 | sed 's/^/memcheck: /'
@@ -157,6 +168,7 @@ md=$(ls "$W"/bench/latest_cuda*.md 2>/dev/null | head -n 1)
 [ -f "$W/profile.md" ] && cp "$W/profile.md" "$OUT/profile.md"
 [ -f "$W/conv_ab.md" ] && cp "$W/conv_ab.md" "$OUT/conv_ab.md"
 [ -f "$W/ceilings.json" ] && cp "$W/ceilings.json" "$OUT/ceilings.json"
+[ -f "$W/diagnose.json" ] && cp "$W/diagnose.json" "$OUT/diagnose.json"
 tar -czf "$OUT/gpu_session.tgz" -C "$OUT" session && rm -rf "$W"
 cat "$OUT/summary.txt"
 exit $fail

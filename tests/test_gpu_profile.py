@@ -80,3 +80,15 @@ def test_ceilings_refuses_without_cuda(capsys):
         pytest.skip("a CUDA device is here: the script measures it (scripts/gpu_session.sh runs it)")
     assert ceilings_main([]) == 2
     assert "no" in capsys.readouterr().err
+
+
+def test_diagnose_fused_refuses_without_a_device_or_the_interpreter(capsys, monkeypatch):
+    import torch
+
+    from bench.diagnose_fused import main as diag
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert diag(["--device", "cpu"]) == 2
+    assert "TRITON_INTERPRET=1" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert diag([]) == 2
+        assert "no" in capsys.readouterr().err

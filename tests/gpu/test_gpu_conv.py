@@ -143,20 +143,19 @@ BLOCK_GPU_SHAPES = [(8, 64, 1, 20, 28, 3, 1, False, True), (2, 48, 3, 75, 84, 3,
 def test_fused_block_kernels_on_cuda(shape, dtype):
     """The Triton block at the learner's full shapes and launch configuration (many chunks per column)
     against the float64 PyTorch implementation on the same device: float64 1e-10; float32 2e-5 forward
-    and backward, 1e-4 * max(1, max invstd) double backward (tests/test_triton_interp.py), inputs whose
-    windows hold near-ties redrawn there too."""
-    from test_triton_interp import _block_all, _block_case, _block_compare, _window_gap
+    and backward, 1e-4 * max(1, max invstd) double backward (tests/test_triton_interp.py). In float32
+    the windows whose two largest y lie within 1e-4 of max |y| get gout = 0 and no d(gout) comparison
+    (`_window_keep`: there rounding may pick either maximum; at these sizes some window always does)."""
+    from test_triton_interp import _block_all, _block_case, _block_compare, _block_keep
     from mamlpp_fast.ops.conv_block import torch_impl
     from mamlpp_fast.triton import conv_block as tcb
 
     seed = fresh_seed() % 2 ** 31
-    while True:
-        case = [t.cuda() if isinstance(t, torch.Tensor) else t for t in _block_case(shape, seed, dtype)]
-        if dtype == torch.float64 or _window_gap(*case) > 1e-4:
-            break
-        seed += 1
-    ref, invstd = _block_all(torch_impl, *[t.double() if isinstance(t, torch.Tensor) else t for t in case], seed)
-    got, _ = _block_all(tcb, *case, seed)
+    case = [t.cuda() if isinstance(t, torch.Tensor) else t for t in _block_case(shape, seed, dtype)]
+    keep = None if dtype == torch.float64 else _block_keep(*case)
+    ref, invstd = _block_all(torch_impl, *[t.double() if isinstance(t, torch.Tensor) else t for t in case], seed,
+                             keep=keep)
+    got, _ = _block_all(tcb, *case, seed, keep=keep)
     if dtype == torch.float64:
         _block_compare(got, ref, 1e-10, seed)
     else:
@@ -174,23 +173,25 @@ POOL_GPU_SHAPES = [(8, 64, 20, 14, 14, False, False), (2, 48, 75, 42, 42, True, 
 def test_bn_pool_kernels_on_cuda(shape, dtype):
     """bn_pool's Triton kernels at the learner's shapes and launch configuration (many chunks per column)
     against the float64 PyTorch implementation on the same device, with tests/test_triton_interp.py's
-    margins; near-tied windows redrawn for float32."""
+    margins; a shared gamma or beta expanded to the tasks where the other is per task, as the op does;
+    in float32 near-tied windows out of the gradient comparisons (`_window_keep`)."""
     from test_bn_pool import EPS, SLOPE, make_inputs
-    from test_triton_interp import _bn_pool_all, _bn_pool_compare, _pool_gap
+    from test_triton_interp import _bn_pool_all, _bn_pool_compare, _window_keep
     from mamlpp_fast.ops import per_step_batch_norm
     from mamlpp_fast.ops.bn_pool import torch_impl
     from mamlpp_fast.triton import bn_pool as tbp
 
     seed = fresh_seed() % 2 ** 31
-    while True:
-        x, gamma, beta, T = make_inputs(shape, seed, dtype)
-        x, gamma, beta = (t.detach().cuda() for t in (x, gamma, beta))
+    x, gamma, beta, T = make_inputs(shape, seed, dtype)
+    x, gamma, beta = (t.detach().cuda() for t in (x, gamma, beta))
+    if gamma.shape != beta.shape:  # the implementations take one shape (the op expands)
+        gamma, beta = (p.expand(T, -1).contiguous() if p.dim() == 1 else p for p in (gamma, beta))
+    keep = None
+    if dtype == torch.float32:
         y = per_step_batch_norm(x.double(), gamma.double(), beta.double(), T, EPS, SLOPE, backend="torch")[0]
-        if dtype == torch.float64 or _pool_gap(y) > 1e-4:
-            break
-        seed += 1
-    ref, invstd = _bn_pool_all(torch_impl, x.double(), gamma.double(), beta.double(), T, seed)
-    got, _ = _bn_pool_all(tbp, x, gamma, beta, T, seed)
+        keep = _window_keep(y)
+    ref, invstd = _bn_pool_all(torch_impl, x.double(), gamma.double(), beta.double(), T, seed, keep=keep)
+    got, _ = _bn_pool_all(tbp, x, gamma, beta, T, seed, keep=keep)
     if dtype == torch.float64:
         _bn_pool_compare(got, ref, 1e-10, seed)
     else:
@@ -198,9 +199,12 @@ def test_bn_pool_kernels_on_cuda(shape, dtype):
         _bn_pool_compare(got[6:], ref[6:], 1e-4 * max(1.0, float(invstd.max())), seed)
 
 
-def test_fused_first_block_is_auto_on_cuda_and_matches_unfused():
-    """first_block="auto" and bn_pool="auto" fuse on a CUDA device with Triton; the learner's results
-    equal the unfused learner's (float64, 1e-9), captured in a CUDA graph."""
+@pytest.mark.filterwarnings("ignore:.*have not yet passed their tests")
+def test_fused_first_block_on_cuda_matches_unfused():
+    """first_block="fused" and bn_pool="fused" take the Triton kernels on a CUDA device; the learner's
+    results equal the unfused learner's (float64, 1e-9), captured in a CUDA graph. "auto" fuses exactly
+    when mamlpp_fast.fast.AUTO_FUSES_ON_CUDA holds (off until this file passes on a device)."""
+    from mamlpp_fast import fast as fast_mod
     from mamlpp_fast.config import default_args
     from mamlpp_fast.fast import MAMLFewShotClassifier as Fast
     from mamlpp_fast.triton import conv_block as tcb
@@ -209,7 +213,12 @@ def test_fused_first_block_is_auto_on_cuda_and_matches_unfused():
     common = dict(dtype="float64", cnn_num_filters=32, num_classes_per_set=5, number_of_training_steps_per_iter=3,
                   number_of_evaluation_steps_per_iter=3, cuda_graph=True, backend="triton", conv_impl="triton")
     shape = (2, 1, 28, 28)
-    fused = Fast(shape, "cuda", default_args(first_block="auto", bn_pool="auto", **common))
+    auto = Fast(shape, "cuda", default_args(first_block="auto", bn_pool="auto", **common))
+    x = torch.zeros(10, 2, 28, 28, device="cuda", dtype=torch.float64)
+    w = torch.zeros(2, 32, 1, 3, 3, device="cuda", dtype=torch.float64)
+    conv0 = auto.classifier.layer_dict["conv0"].conv
+    assert (auto._first_block_impl(x, w, conv0) is tcb) == fast_mod.AUTO_FUSES_ON_CUDA
+    fused = Fast(shape, "cuda", default_args(first_block="fused", bn_pool="fused", **common))
     plain = Fast(shape, "cuda", default_args(first_block="unfused", bn_pool="unfused", **common))
     plain.load_state_dict(fused.state_dict())
     for it in range(3):
