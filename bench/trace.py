@@ -53,7 +53,7 @@ Predicted time (always a prediction, never a measurement): per kernel max(FLOPs 
 bandwidth), plus a per-launch cost (inside a CUDA graph, or eager); FLOPs run at the strict-fp32 rate,
 or the TF32 rate with --tf32 for convolutions and matmuls. The ceilings (`CEILINGS`) come from the
 committed H100 measurements of 2026-11-26 (bench/results/gpu_2026-11-26/); how each was derived is in
-CEILINGS[...]['sources']. The H200 entry is "not yet measured": no prediction is printed for it.
+CEILINGS[...]['sources']. The H200 entry was measured on 2026-12-04 by `python -m bench.ceilings`.
 Calibration against the one measured captured meta-update is in bench/NOTES.md ("Trace").
 
 Layers: an operation is attributed to the layer whose activation size (H of its largest 4-D tensor)
@@ -102,10 +102,24 @@ CEILINGS: dict[str, dict[str, Any]] = {
         },
     },
     "h200": {
-        "device": "NVIDIA H200 (132 SMs): not yet measured",
-        "fp32_tflops": None, "tf32_tflops": None, "bandwidth_tbs": None, "graph_launch_us": None,
-        "eager_launch_us": None, "sms": 132,
-        "sources": {"all": "not yet measured (no H200 run committed); run the device check of issue 12"},
+        "device": "NVIDIA H200 (132 SMs), measured 2026-12-04",
+        "fp32_tflops": 50.74,
+        "tf32_tflops": 388.3,
+        "bandwidth_tbs": 4.17,
+        "graph_launch_us": 0.85,
+        "eager_launch_us": 11.0,
+        "sms": 132,
+        "sources": {
+            "all": ("python -m bench.ceilings on the lent H200, torch 2.11.0+cu130 "
+                    "(bench/results/gpu_2026-12-04/call1_ceilings.json)"),
+            "fp32_tflops": "best of 10 torch.mm 8192^3, random float32, strict fp32",
+            "tf32_tflops": "same, TF32",
+            "bandwidth_tbs": ("best of 10 device-to-device copies of 2 GiB, bytes read + written (a pure copy, "
+                              "unlike the H100 entry's lower bound from the batch-norm kernels)"),
+            "graph_launch_us": ("replay of a CUDA graph of 2,000 one-element adds over 2,000: an upper bound "
+                                "(each add's own run is in it)"),
+            "eager_launch_us": "2,000 one-element adds from Python, host clock, over 2,000 (torch's dispatch included)",
+        },
     },
 }
 

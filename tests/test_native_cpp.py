@@ -232,10 +232,17 @@ def _bn(N=2, T=2, C=3, H=3, W=3, dtype=torch.float64):
     return make_bn_inputs(N, T, C, H, W, dtype=dtype)
 
 
-def test_bn_bad_inputs(cpp):
+BN_BAD_CASES = ["non-contiguous", "3-D", "gamma-shape", "beta-shape", "gamma-dtype", "half", "tasks-4", "tasks-0",
+                "gamma-2d"]
+
+
+@pytest.mark.parametrize("case", BN_BAD_CASES)
+def test_bn_bad_inputs(cpp, case):
+    """One test per case, so that a crash (one was seen in a CUDA build on a GPU machine, 2026-12-04, inside
+    this test's loop of cases) names the case that crashed."""
     d = _bn()
     x, g, b = d["x"], d["gamma"], d["beta"]
-    cases = [
+    cases = dict(zip(BN_BAD_CASES, [
         ((x.transpose(2, 3), g, b, 2), "x must be contiguous"),
         ((x[0], g, b, 2), "x must be 4-D"),
         ((x, g[:2], b[:2], 2), "gamma must be (C,)"),
@@ -245,10 +252,10 @@ def test_bn_bad_inputs(cpp):
         ((x, g, b, 4), "num_tasks=4 does not divide"),
         ((x, g, b, 0), "num_tasks must be >= 1"),
         ((x, g.expand(3, 3).contiguous(), b.expand(3, 3).contiguous(), 2), "gamma must be (C,)"),
-    ]
-    for args, msg in cases:
-        with pytest.raises(RuntimeError, match=_re(msg)):
-            cpp.bn_forward(*args, EPS, SLOPE)
+    ]))
+    args, msg = cases[case]
+    with pytest.raises(RuntimeError, match=_re(msg)):
+        cpp.bn_forward(*args, EPS, SLOPE)
 
 
 def test_bn_backward_bad_inputs(cpp):

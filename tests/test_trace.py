@@ -207,10 +207,20 @@ def test_triton_configs_recorded_and_restored(capsys):
         ".".join(map(str, installed))
 
 
-def test_h200_has_no_prediction(capsys):
-    assert main(["--quick", "--workload", QUICK, "--device-ceilings", "h200", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["predicted_ms"] is None and "not yet measured" in out["prediction"]
+def test_h200_ceilings_are_measured_and_priced(capsys):
+    """The H200 entry holds the numbers bench.ceilings measured (committed JSON): its prediction is
+    labelled with that device and differs from the H100's."""
+    import os
+    measured = json.load(open(os.path.join(os.path.dirname(__file__), "..", "bench", "results", "gpu_2026-12-04",
+                                           "call1_ceilings.json")))
+    for key in ("fp32_tflops", "tf32_tflops", "bandwidth_tbs", "graph_launch_us", "eager_launch_us"):
+        assert abs(CEILINGS["h200"][key] - measured[key]) <= 0.01 * measured[key], key
+    outs = []
+    for dev in ("h200", "h100"):
+        assert main(["--quick", "--workload", QUICK, "--device-ceilings", dev, "--json"]) == 0
+        outs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert "H200" in outs[0]["prediction"] and outs[0]["predicted_ms"] > 0
+    assert outs[0]["predicted_ms"] != outs[1]["predicted_ms"]
 
 
 @pytest.mark.parametrize("args, word", [(["--workload", "no_such_workload"], "unknown workload"),
