@@ -136,17 +136,19 @@ def _recording_launches(store: list):
             setattr(tconv, name, val)
 
 
-def capture_launches(call, tf32: bool = False) -> list:
+def capture_launches(call, tf32: bool = False, dtype=None) -> list:
     """(JITFunction, args, kwargs) of every Triton launch of one custom-op call, from the package's host
-    wrapper on meta tensors."""
+    wrapper on meta tensors of `dtype` (default float32; `compile_check` passes float64 too)."""
     import torch
 
     from mamlpp_fast.triton import conv as tconv
     from mamlpp_fast.triton import lslr as tlslr
     from mamlpp_fast.triton import per_step_bn as tbn
 
+    dtype = torch.float32 if dtype is None else dtype
+
     def t(shape):
-        return torch.empty(shape, device="meta", dtype=torch.float32)
+        return torch.empty(shape, device="meta", dtype=dtype)
 
     store: list = []
     old = torch.backends.cudnn.allow_tf32
@@ -229,7 +231,7 @@ def capture_launches(call, tf32: bool = False) -> list:
                               [t((numel,)) for numel, _ in call[1]])
             elif op == "expand_sum":  # step 0's expansion summed over the tasks: (shape, strides) per tensor
                 from mamlpp_fast.triton import fanout as tfan
-                tfan.sum_tasks([torch.empty_strided(shape, strides, device="meta", dtype=torch.float32)
+                tfan.sum_tasks([torch.empty_strided(shape, strides, device="meta", dtype=dtype)
                                 for shape, strides in call[1]])
             elif op == "accuracy":  # the meta-update's accuracy: (rows, classes)
                 from mamlpp_fast.triton import metrics as tmet
@@ -481,6 +483,32 @@ def kernel_metrics(calls, tf32_variants: bool = True, tools: dict | None = None,
     return rows
 
 
+def compile_check(calls, dtype) -> list:
+    """Compile every distinct launch configuration of the Triton kernels behind `calls` on `dtype` meta
+    tensors (float32: strict and, for the convolutions, TF32; float64) for sm_90a; returns one row per
+    configuration, {kernel, call, dtype, ok, error}. A kernel the installed Triton cannot lower fails
+    its first launch on a device; the interpreter never compiles, so only this catches it without one
+    (the fused block's float64 backward did, 2026-12-04: bench/NOTES.md)."""
+    import torch
+    rows, configs = [], set()
+    for call in calls:
+        variants = [False] + ([True] if dtype == torch.float32 and call[0].startswith("conv_") else [])
+        for tf32 in variants:
+            for fn, args, kwargs in capture_launches(call, tf32, dtype=dtype):
+                ckey = (fn.__name__, repr(sorted(kwargs.items())))
+                if ckey in configs:
+                    continue
+                configs.add(ckey)
+                row = dict(kernel=fn.__name__, call=_call_str(call), dtype=str(dtype).replace("torch.", ""),
+                           precision="tf32" if tf32 else "strict", config=launch_consts(kwargs), ok=True, error=None)
+                try:
+                    compile_launch(fn, args, kwargs)
+                except Exception as e:  # noqa: BLE001 - the failure is the result
+                    row.update(ok=False, error=f"{type(e).__name__}: {e}"[:300])
+                rows.append(row)
+    return rows
+
+
 # ---- CUDA kernels ---------------------------------------------------------------------------------------------
 def cuda_kernel_metrics(root: str, arch: str = "sm_90") -> list:
     """nvcc -Xptxas -v for every kernels/*.cu: one row per kernel instantiation."""
@@ -589,6 +617,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-tf32", action="store_true", help="compile the convolutions in strict fp32 only")
     p.add_argument("--out", default=None, help="PREFIX for PREFIX.json / PREFIX.md")
     p.add_argument("--from-json", default=None, help="only rewrite the markdown of an earlier PREFIX.json")
+    p.add_argument("--compile-check", action="store_true",
+                   help="only compile every distinct launch configuration in float32 and float64 and list the "
+                        "ones the installed Triton cannot lower for sm_90a (exit status 1 if any)")
     a = p.parse_args(argv)
     if a.from_json:
         with open(a.from_json) as f:
@@ -607,6 +638,15 @@ def main(argv=None) -> int:
         from .workloads import QUICK_MAIN
         workloads = [w.name for w in QUICK_MAIN]
     calls = collect_calls(workloads, a.quick)
+    if a.compile_check:
+        import torch
+        rows = compile_check(calls, torch.float32) + compile_check(calls, torch.float64)
+        bad = [r for r in rows if not r["ok"]]
+        print(f"compile check, Triton {triton.__version__}, sm_90a: {len(rows)} launch configurations, "
+              f"{len(bad)} failed")
+        for r in bad:
+            print(f"  FAILED {r['kernel']} {r['dtype']} {r['precision']} {r['call']}: {r['error'][:160]}")
+        return 1 if bad else 0
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     rep = dict(triton=triton.__version__, ptxas_version=_version([tools["ptxas"], "--version"]),
                nvcc_version=_version(["nvcc", "--version"]) if shutil.which("nvcc") else "n/a",

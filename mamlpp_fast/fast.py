@@ -53,11 +53,12 @@ from .ops.head import head_loss, head_supported
 from .ops.head import torch_impl as head_torch_impl
 
 # Whether config value "auto" of first_block, bn_pool and head takes the fused Triton kernels on a CUDA
-# device. Off: the first device run of those kernels (H200, 2026-12-04, tests/gpu/RESULTS.md) failed
-# their own tests at the learner's shapes (the fused block at every shape, in float64 too; bn_pool at
-# some; the learner with them against the reference), while every kernel passes under the Triton
-# interpreter. Until tests/gpu passes on a device, "auto" runs the unfused ops, whose device tests pass;
-# "fused" still selects the kernels (with a warning on CUDA).
+# device. Off until tests/gpu passes on a device: the first device run (H200, 2026-12-04,
+# tests/gpu/RESULTS.md) failed every test that ran the fused ops. Found since, without a device: the
+# block's float64 backward could not be compiled by Triton (fixed; tests/test_static_metrics.py now
+# compiles the fused kernels in float64), and the float32 tests at full size redrew their inputs until
+# timed out (fixed). Whether the float32 kernels are right on the device is not yet measured; the
+# unfused ops' device tests pass. "fused" still selects the kernels (with a warning on CUDA).
 AUTO_FUSES_ON_CUDA = False
 
 __all__ = ["MAMLFewShotClassifier"]

@@ -50,6 +50,25 @@ def test_no_spills_in_shipped_configurations():
 
 
 @needs_ptxas
+def test_fused_kernels_compile_in_float64():
+    """The fused ops' kernels (first block, bn_pool, head) compile for sm_90a in float64 with the installed
+    Triton. The interpreter never compiles: the block's float64 backward passed every interpreter test
+    while Triton (3.6 on the device, 3.7.1 here) could not lower its product ("fp64 don't support
+    largeK MMA"), and the first device run failed every float64 test that reached it (2026-12-04).
+    float32 is compiled by test_no_spills_in_shipped_configurations."""
+    import torch
+
+    from bench.static_metrics import collect_calls, compile_check
+    calls = [c for c in collect_calls(["quick_omniglot_3w1s"], quick=True) if c[0] in ("conv_bn_pool", "bn_pool", "head")]
+    rows = compile_check(calls, torch.float64)
+    assert {r["kernel"] for r in rows} >= {"_gram_kernel", "_fwd_stats_kernel", "_fwd_kernel", "_bwd_kernel",
+                                           "_bwd_finish_kernel", "_dbwd_finish_kernel", "_dbwd_dgout_kernel",
+                                           "_head_fwd_kernel", "_head_bwd_kernel", "_head_dbwd_kernel"}
+    bad = [(r["kernel"], r["call"], r["error"]) for r in rows if not r["ok"]]
+    assert not bad, bad
+
+
+@needs_ptxas
 def test_sass_loop_mix_of_a_strict_fp32_convolution():
     # the analysis itself: a strict-fp32 convolution's hot loop is FFMA (no tensor-core instruction),
     # its TF32 variant has no FFMA in the loop and uses HGMMA / HMMA

@@ -427,6 +427,18 @@ def _gram_kernel(x_ptr, gws_ptr, rho_ptr, Ci, TCi, H, W, HWp, Wp, Ho, Wo, MW, CH
 
 
 @triton.jit
+def _outer_sum(D, G, PREC: tl.constexpr, ACC: tl.constexpr):
+    """D^T G, (KP, BLOCK_C), summed over the BLOCK_W rows of D (BLOCK_W, KP) and G (BLOCK_W, BLOCK_C): a
+    matrix product; in float64 as broadcast products and a row sum instead, because Triton 3.6 cannot
+    lower this product in float64 for sm_90 (its fp64 MMA path asserts "fp64 don't support largeK MMA"
+    at compile time: the device run of 2026-12-04, reproduced here by compiling for sm_90a)."""
+    if ACC == tl.float64:
+        return tl.sum(D[:, :, None] * G[:, None, :], axis=0)
+    else:
+        return tl.dot(tl.trans(D), G, input_precision=PREC, out_dtype=ACC)
+
+
+@triton.jit
 def _bwd_kernel(gout_ptr, gout2_ptr, sel_ptr, zsel_ptr, x_ptr, rho_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr,
                 ws_ptr, wws_ptr, C, CB, Ci, TC, TCi, H, W, HWp, Wp, MW, CHUNK, CHUNKS, stride, pad, slope_hi,
                 slope_lo, KK: tl.constexpr, KW: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
@@ -461,8 +473,7 @@ def _bwd_kernel(gout_ptr, gout2_ptr, sel_ptr, zsel_ptr, x_ptr, rho_ptr, gamma_pt
         for d in tl.static_range(4):
             P = _patch(x_ptr, i, 2 * ph + d // 2, 2 * pw + d % 2, mask, t, ks, ci, p, q, Ci, TCi, H, W,
                        stride, pad, K, ACC)
-            acc += tl.dot(tl.trans(P - rho[None, :]), tl.where(sel == d, g, 0.0), input_precision=PREC,
-                          out_dtype=ACC)
+            acc += _outer_sum(P - rho[None, :], tl.where(sel == d, g, 0.0), PREC, ACC)
     base = ws_ptr + (cps * CHUNKS + k) * 2
     tl.store(base, tl.sum(sg, axis=0), mask=cmask)
     tl.store(base + 1, tl.sum(sgx, axis=0), mask=cmask)
