@@ -5,6 +5,7 @@
 #   make gpu-check  GPU checks of the native/Triton ops with the machine's own python3 -> $(OUT)
 #   make gpu-bench  benchmarks on the GPU with the machine's own python3 -> $(OUT)
 #   make gpu-session  build + GPU tests + benchmark + memcheck in one call of < 10 min -> $(OUT)
+#   make gpu-first / gpu-second  a 15-minute lease as two calls of ~6 min (the second on the warm machine)
 #
 # The set-up creates .venv with `python3 -m venv` when missing, installs torch==2.13.0 only when torch
 # cannot be imported there (never an unpinned torch, which would pull a multi-GB CUDA build), the other
@@ -25,7 +26,7 @@ PY_DEPS := numpy tqdm pillow matplotlib pytest pytest-benchmark pybind11 ninja c
 SETUP_INPUTS := Makefile setup.py pyproject.toml $(wildcard CMakeLists.txt) \
 	$(shell find csrc kernels -type f 2>/dev/null)
 
-.PHONY: help setup train test gpu-check gpu-bench gpu-session
+.PHONY: help setup train test gpu-check gpu-bench gpu-session gpu-first gpu-second
 
 help:
 	@sed -n '2,8p' Makefile | sed 's/^# \{0,1\}//'
@@ -55,3 +56,16 @@ gpu-bench:
 
 gpu-session:
 	OUT="$(abspath $(OUT))" PYTHON=python3 bash scripts/gpu_session.sh
+
+# A 15-minute lease as two calls (device README: few full calls; each ~6 min). The first: the fused
+# kernels' diagnosis, the GPU tests, the profile beside the trace; the second, sent at once to the warm
+# machine: the learner benchmark (fused and unfused, the baselines), precision and memcheck.
+gpu-first:
+	STAGES=env,build,import,diagnose,warm,tests,profile DEADLINE=380 TESTS_LIMIT=150 XDIST_WORKERS=8 \
+	TEST_ARGS="tests/gpu tests/test_native_cpp.py" $(MAKE) gpu-session OUT="$(OUT)"
+
+gpu-second:
+	STAGES=env,build,import,bench,precision,memcheck DEADLINE=330 BENCH_LIMIT=200 \
+	BENCH_ARGS="--device cuda --workloads omniglot_20w1s,miniimagenet_5w1s --learners fast,reference,torchfunc,jax \
+	--backends native --conv-impls auto --first-blocks fused,unfused --no-sweeps --no-conv-table --time-budget 170 \
+	--max-time 1.0" $(MAKE) gpu-session OUT="$(OUT)"

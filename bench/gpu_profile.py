@@ -100,7 +100,13 @@ def group(rows, categorize) -> dict:
     return dict(sorted(cats.items(), key=lambda kv: -kv[1]["ms"]))
 
 
-def profile_workload(name: str, batch_size: int | None, device: str, iters: int, quick: bool = False) -> dict:
+def _fused_kw(fused: str) -> dict:
+    """The learner's config keys of the fused ops for --fused-ops (auto: the learner's own choice)."""
+    return {} if fused == "auto" else {k: fused for k in ("first_block", "bn_pool", "head")}
+
+
+def profile_workload(name: str, batch_size: int | None, device: str, iters: int, quick: bool = False,
+                     fused: str = "auto") -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -114,7 +120,7 @@ def profile_workload(name: str, batch_size: int | None, device: str, iters: int,
     batch = W.make_batch(w, dev)
     res: dict = {"workload": w.name, "batch_size": w.batch_size}
     if dev.type == "cuda":
-        graph = MAMLFewShotClassifier(W.im_shape(w), dev, W.make_args(w, cuda_graph=True))
+        graph = MAMLFewShotClassifier(W.im_shape(w), dev, W.make_args(w, cuda_graph=True, **_fused_kw(fused)))
         for _ in range(3):
             graph.run_train_iter(batch, 0)
         torch.cuda.synchronize()
@@ -131,7 +137,7 @@ def profile_workload(name: str, batch_size: int | None, device: str, iters: int,
                    first_block_fused=any(v is not None for v in graph.__dict__.get("_first_block_cache", {}).values()),
                    bn_pool_fused=any(v is not None for v in graph.__dict__.get("_bn_pool_cache", {}).values()))
         del graph
-    eager = MAMLFewShotClassifier(W.im_shape(w), dev, W.make_args(w))
+    eager = MAMLFewShotClassifier(W.im_shape(w), dev, W.make_args(w, **_fused_kw(fused)))
     for _ in range(2):  # compiles, conv_impl=auto's timing
         eager.run_train_iter(batch, 0)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
@@ -151,7 +157,12 @@ def profile_workload(name: str, batch_size: int | None, device: str, iters: int,
     if dev.type == "cpu":
         res["cpu_ops_ms"] = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e3
     from .trace import predict, summarize, trace_meta_update, CEILINGS
-    t = trace_meta_update(w.name, w.batch_size, "cuda", "triton", True, quick=quick)
+    # the trace of what the eager learner ran: each fused op as it decided (the trace's own "auto" is the
+    # fused design, which the learner's "auto" on CUDA takes only while AUTO_FUSES_ON_CUDA holds)
+    ran = {key: ("fused" if any(v is not None for v in eager.__dict__.get(f"_{key}_cache", {}).values())
+                 else "unfused") for key in ("first_block", "bn_pool", "head")}
+    res["fused_ops"] = ran
+    t = trace_meta_update(w.name, w.batch_size, "cuda", "triton", True, quick=quick, **ran)
     s = summarize(t)
     cats: dict = {}
     for k in t.kernels:
@@ -163,7 +174,7 @@ def profile_workload(name: str, batch_size: int | None, device: str, iters: int,
     return res
 
 
-def warm_workload(name: str, batch_size: int | None, device: str, quick: bool = False) -> float:
+def warm_workload(name: str, batch_size: int | None, device: str, quick: bool = False, fused: str = "auto") -> float:
     """One eager meta-update and one captured one (CUDA only) of the workload, as profile_workload builds
     them: compiles every Triton kernel they launch (and conv_impl=auto's candidates) into Triton's on-disk
     cache. Returns the seconds it took."""
@@ -178,9 +189,9 @@ def warm_workload(name: str, batch_size: int | None, device: str, quick: bool = 
         w = w.with_(batch_size=batch_size)
     dev = torch.device(device)
     batch = W.make_batch(w, dev)
-    MAMLFewShotClassifier(W.im_shape(w), dev, W.make_args(w)).run_train_iter(batch, 0)
+    MAMLFewShotClassifier(W.im_shape(w), dev, W.make_args(w, **_fused_kw(fused))).run_train_iter(batch, 0)
     if dev.type == "cuda":
-        g = MAMLFewShotClassifier(W.im_shape(w), dev, W.make_args(w, cuda_graph=True))
+        g = MAMLFewShotClassifier(W.im_shape(w), dev, W.make_args(w, cuda_graph=True, **_fused_kw(fused)))
         for _ in range(2):
             g.run_train_iter(batch, 0)
         torch.cuda.synchronize()
@@ -221,6 +232,9 @@ def to_markdown(rep: dict) -> str:
              "JSON).", ""]
     for r in rep["workloads"]:
         lines += [f"## {r['workload']} B={r['batch_size']}", ""]
+        if r.get("fused_ops"):
+            lines += ["Fused ops the learner ran (and the trace prices): " + ", ".join(
+                f"{k} {v}" for k, v in r["fused_ops"].items()) + ".", ""]
         if "captured_ms" in r:
             lines.append(f"Captured update: **{r['captured_ms']:.2f} ms** measured (peak {r['captured_peak_mib']:.0f} MiB; "
                          f"fused block {r['first_block_fused']}, bn_pool {r['bn_pool_fused']}, graph_failed "
@@ -253,6 +267,9 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=20, help="replays of the captured update timed")
     p.add_argument("--quick", action="store_true", help="the --quick workloads (tiny shapes)")
     p.add_argument("--out", default=None, help="PREFIX: write PREFIX.json and PREFIX.md (after each workload)")
+    p.add_argument("--fused-ops", default="auto", choices=("auto", "fused", "unfused"),
+                   help="config keys first_block, bn_pool and head of the profiled learner (default auto: the "
+                        "learner's choice); the trace beside it prices what the learner ran")
     p.add_argument("--warm-only", action="store_true",
                    help="only run one eager and one captured meta-update of each workload: fills Triton's "
                         "on-disk kernel cache, so that a later process that times them compiles nothing "
@@ -280,7 +297,7 @@ def main(argv=None) -> int:
     if a.warm_only:
         for name in names:
             try:
-                secs = warm_workload(name, a.batch_size, a.device, a.quick)
+                secs = warm_workload(name, a.batch_size, a.device, a.quick, a.fused_ops)
             except KeyError as e:
                 print(f"error: {e.args[0]}", file=sys.stderr)
                 return 2
@@ -289,7 +306,7 @@ def main(argv=None) -> int:
     md = ""
     for name in names:
         try:
-            rep["workloads"].append(profile_workload(name, a.batch_size, a.device, a.iters, a.quick))
+            rep["workloads"].append(profile_workload(name, a.batch_size, a.device, a.iters, a.quick, a.fused_ops))
         except KeyError as e:
             print(f"error: {e.args[0]}", file=sys.stderr)
             return 2

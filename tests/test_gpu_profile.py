@@ -92,3 +92,16 @@ def test_diagnose_fused_refuses_without_a_device_or_the_interpreter(capsys, monk
     if not torch.cuda.is_available():
         assert diag([]) == 2
         assert "no" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["auto", "fused"])
+def test_the_trace_beside_the_profile_prices_what_the_learner_ran(tmp_path, mode):
+    """--fused-ops picks the profiled learner's first_block / bn_pool / head; the trace beside it is traced
+    with what the learner decided (on a CPU, auto is unfused; fused runs the PyTorch implementations)."""
+    prefix = str(tmp_path / "prof")
+    assert main(["--device", "cpu", "--quick", "--workloads", "quick_omniglot_3w1s", "--fused-ops", mode,
+                 "--out", prefix]) == 0
+    r = json.loads((tmp_path / "prof.json").read_text())["workloads"][0]
+    want = "unfused" if mode == "auto" else "fused"
+    assert r["fused_ops"] == {"first_block": want, "bn_pool": want, "head": want}
+    assert f"first_block {want}" in (tmp_path / "prof.md").read_text()
