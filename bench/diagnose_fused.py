@@ -1,10 +1,10 @@
 """python -m bench.diagnose_fused: where the fused ops' Triton kernels go wrong on a CUDA device.
 
-The first device run (H200, 2026-12-04) failed the fused first block's kernel tests at every learner
-shape, in float64 too, and bn_pool's at some shapes, while every kernel passes under the Triton
-interpreter, also with the device's launch configuration (bench/NOTES.md). That run was cut by its time
-limit before pytest printed which result differed. This script prints it, per op, shape and launch
-variant, in float64 (where every difference beyond ~1e-13 is a fault, not rounding):
+The first device run (H200, 2026-12-04) failed the fused block's kernel tests at every learner shape,
+in float64 too. Found since without a device: the float64 backward did not compile (fixed), the float32
+tests ran into their time limit (fixed); whether the kernels compute the right numbers on the device
+has not been seen yet. This script shows it first in a device call, per op, shape and launch variant,
+in float64 (where every difference beyond ~1e-13 is a fault, not rounding):
 
 - the largest error of each result (forward: out, mean, invstd; backward; double backward) against the
   op's PyTorch implementation on the same device, relative to max(1, max |reference|);
