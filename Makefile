@@ -59,13 +59,15 @@ gpu-session:
 
 # A 15-minute lease as two calls (device README: few full calls; each ~6 min). The first: the fused
 # kernels' diagnosis, the GPU tests, the profile beside the trace; the second, sent at once to the warm
-# machine: the learner benchmark (fused and unfused, the baselines), precision and memcheck.
+# machine: the learner benchmark (fused and unfused, the baselines, the convolution table: each
+# implementation timed per layer shape, what the trace's per-call pricing is checked against), precision
+# and memcheck.
 gpu-first:
-	STAGES=env,build,import,diagnose,warm,tests,profile DEADLINE=380 TESTS_LIMIT=150 XDIST_WORKERS=8 \
+	STAGES=env,build,import,diagnose,warm,tests,profile DEADLINE=380 TESTS_LIMIT=150 XDIST_WORKERS=8 TEST_TIMEOUT=120 \
 	TEST_ARGS="tests/gpu tests/test_native_cpp.py" $(MAKE) gpu-session OUT="$(OUT)"
 
 gpu-second:
 	STAGES=env,build,import,bench,precision,memcheck DEADLINE=330 BENCH_LIMIT=200 \
 	BENCH_ARGS="--device cuda --workloads omniglot_20w1s,miniimagenet_5w1s --learners fast,reference,torchfunc,jax \
-	--backends native --conv-impls auto --first-blocks fused,unfused --no-sweeps --no-conv-table --time-budget 170 \
+	--backends native --conv-impls auto --first-blocks fused,unfused --no-sweeps --time-budget 170 \
 	--max-time 1.0" $(MAKE) gpu-session OUT="$(OUT)"
