@@ -61,13 +61,16 @@ gpu-session:
 # kernels' diagnosis, the GPU tests, the profile beside the trace; the second, sent at once to the warm
 # machine: the learner benchmark (fused and unfused, the baselines, the convolution table: each
 # implementation timed per layer shape, what the trace's per-call pricing is checked against), precision
-# and memcheck.
+# and memcheck, and Nsight Compute on the convolutions. A call that has less device time left than its
+# DEADLINE: make gpu-second SECOND_DEADLINE=<seconds> (the stages are cut in order, the results packed).
+FIRST_DEADLINE ?= 380
+SECOND_DEADLINE ?= 330
 gpu-first:
-	STAGES=env,build,import,diagnose,warm,tests,profile DEADLINE=380 TESTS_LIMIT=150 XDIST_WORKERS=8 TEST_TIMEOUT=120 \
+	STAGES=env,build,import,diagnose,warm,tests,profile DEADLINE=$(FIRST_DEADLINE) TESTS_LIMIT=150 XDIST_WORKERS=8 TEST_TIMEOUT=120 \
 	TEST_ARGS="tests/gpu tests/test_native_cpp.py" $(MAKE) gpu-session OUT="$(OUT)"
 
 gpu-second:
-	STAGES=env,build,import,bench,precision,memcheck DEADLINE=330 BENCH_LIMIT=200 \
+	STAGES=env,build,import,bench,ncu,precision,memcheck DEADLINE=$(SECOND_DEADLINE) BENCH_LIMIT=160 NCU_LIMIT=60 \
 	BENCH_ARGS="--device cuda --workloads omniglot_20w1s,miniimagenet_5w1s --learners fast,reference,torchfunc,jax \
-	--backends native --conv-impls auto --first-blocks fused,unfused --no-sweeps --time-budget 170 \
+	--backends native --conv-impls auto --first-blocks fused,unfused --no-sweeps --time-budget 130 \
 	--max-time 1.0" $(MAKE) gpu-session OUT="$(OUT)"

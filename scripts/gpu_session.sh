@@ -27,6 +27,10 @@
 #   precision python -m bench.precision --device cuda: the meta-gradient error of strict fp32, TF32
 #             and 3xTF32 against float64, the device's own TF32                  -> precision.{json,md}
 #   memcheck  compute-sanitizer memcheck on the non-slow GPU op tests          -> memcheck.log
+#   ncu       Nsight Compute on the first NCU_COUNT (40) Triton convolution launches of one eager
+#             Omniglot meta-update: speed of light, occupancy, launch statistics, warp stall reasons
+#             (why the convolutions reach ~32% of the fp32 peak where their loops' FFMA share is ~79%;
+#             counters need the Firecracker runtime, KINDS.md)                   -> ncu.csv
 #   convab    python -m bench.conv_ab: the Triton convolutions with the installed Triton's launch
 #             configurations against the k-major ones of Triton >= 3.7         -> conv_ab.{json,md}
 #   opbench   pytest-benchmark bench/bench_ops.py                              -> bench_ops.json
@@ -34,6 +38,7 @@
 # $OUT/summary.txt and copies of the benchmark's and the profile's markdown ($OUT/bench.md, profile.md).
 # Limits (s, env): DEADLINE=560 BUILD_LIMIT=180 TESTS_LIMIT=150 PROFILE_LIMIT=60 BENCH_LIMIT=240
 # PRECISION_LIMIT=60 MEMCHECK_LIMIT=60 CONVAB_LIMIT=40 CEILINGS_LIMIT=40 WARM_LIMIT=200 DIAGNOSE_LIMIT=90
+# NCU_LIMIT=90 NCU_COUNT=40
 # OPBENCH_LIMIT=45; BENCH_ARGS replaces the benchmark's arguments; TEST_ARGS replaces the test stage's
 # files and selection; STAGES (comma-separated names of the stages above; default all) runs only those,
 # in the order above, so that a lease can be spent in two calls (a second call on the same machine finds
@@ -53,7 +58,7 @@ unset TRITON_INTERPRET
 # shellcheck source=scripts/gpu_common.sh
 source scripts/gpu_common.sh
 
-STAGES=${STAGES:-env,build,import,diagnose,ceilings,warm,tests,profile,bench,precision,memcheck,convab,opbench}
+STAGES=${STAGES:-env,build,import,diagnose,ceilings,warm,tests,profile,bench,precision,memcheck,ncu,convab,opbench}
 want() { [[ ",$STAGES," == *",$1,"* ]]; }
 
 # ---- env ------------------------------------------------------------------------------------------
@@ -132,6 +137,19 @@ want precision && stage precision "${PRECISION_LIMIT:-60}" "$W/precision.log" "$
 
 # ---- memcheck ------------------------------------------------------------------------------------------
 want memcheck && memcheck_stage "${MEMCHECK_LIMIT:-60}" "$W/memcheck.log"
+
+# ---- Nsight Compute on the convolutions ---------------------------------------------------------------------
+if want ncu; then
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+  if [ -n "$NCU" ]; then
+    stage ncu "${NCU_LIMIT:-90}" "$W/ncu.log" "$NCU" --clock-control none --target-processes all \
+      --kernel-name "regex:_conv_(fwd|dgrad|wgrad)_kernel" --launch-count "${NCU_COUNT:-40}" \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --csv --page details --log-file "$W/ncu.csv" "$PY" -m bench.gpu_profile --warm-only --workloads omniglot_20w1s
+  else
+    echo "ncu not found" >>"$W/ncu.log"; NAMES+=(ncu); CODES+=(127); SECS+=(0)
+  fi
+fi
 
 # ---- launch configurations A/B of the convolutions ----------------------------------------------------------
 want convab && stage convab "${CONVAB_LIMIT:-40}" "$W/conv_ab.log" "$PY" -m bench.conv_ab --iters 30 --out "$W/conv_ab"
