@@ -163,14 +163,15 @@ def profile_workload(name: str, batch_size: int | None, device: str, iters: int,
                  else "unfused") for key in ("first_block", "bn_pool", "head")}
     res["fused_ops"] = ran
     t = trace_meta_update(w.name, w.batch_size, "cuda", "triton", True, quick=quick, **ran)
-    s = summarize(t)
+    ceil = ceilings_for(torch.cuda.get_device_name(0) if dev.type == "cuda" else "")
+    s = summarize(t, ceil)
     cats: dict = {}
     for k in t.kernels:
         d = cats.setdefault(trace_category(k.name), {"ms": 0.0, "kernels": 0})
-        d["ms"] += predict(k, CEILINGS["h100"], False, True)
+        d["ms"] += predict(k, CEILINGS[ceil], False, True)
         d["kernels"] += k.launches
-    res["trace"] = dict(kernels=s["kernels"], bytes=s["bytes"], predicted_ms=s["predicted_ms"],
-                        prediction=s["prediction"], by_category=cats, **_per_call_prediction(t))
+    res["trace"] = dict(kernels=s["kernels"], bytes=s["bytes"], predicted_ms=s["predicted_ms"], ceilings=ceil,
+                        prediction=s["prediction"], by_category=cats, **_per_call_prediction(t, ceil))
     return res
 
 
@@ -198,7 +199,13 @@ def warm_workload(name: str, batch_size: int | None, device: str, quick: bool = 
     return time.perf_counter() - t0
 
 
-def _per_call_prediction(t) -> dict:
+def ceilings_for(device_name: str) -> str:
+    """The bench.trace CEILINGS entry measured on the device named `device_name` (an H200's, else the
+    H100's: the other measured one)."""
+    return "h200" if "H200" in device_name.upper() else "h100"
+
+
+def _per_call_prediction(t, ceil: str = "h100") -> dict:
     """The trace's prediction with each convolution at its strict-fp32 loop's FFMA share times its tile
     use (bench.trace `ffma_efficiencies`, from the committed Triton 3.6.0 static-metrics table: the
     device's Triton), or why there is none (another Triton's configurations, shapes the table lacks)."""
@@ -208,7 +215,7 @@ def _per_call_prediction(t) -> dict:
     table = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                          "static_metrics_sm90a_triton3.6.0.json")
     try:
-        return dict(predicted_ms_per_call=summarize(t, efficiencies=ffma_efficiencies(t, table))["predicted_ms"])
+        return dict(predicted_ms_per_call=summarize(t, ceil, efficiencies=ffma_efficiencies(t, table))["predicted_ms"])
     except Exception as e:  # noqa: BLE001 - MamlppError (a call the table lacks) or no triton: reported
         return dict(predicted_ms_per_call=None, per_call_why=str(e)[:300])
 
@@ -227,7 +234,8 @@ def to_markdown(rep: dict) -> str:
              f"Command: `{rep['command']}`; git {rep['git']}; torch {rep['torch']}, triton {rep['triton']}; "
              f"{rep['date']}.", "",
              "Measured: the captured update (CUDA graph, mean of the replays) and one eager update under "
-             "torch.profiler (device time per kernel). Predicted: bench.trace, H100 ceilings, every "
+             "torch.profiler (device time per kernel). Predicted: bench.trace, this device's measured ceilings "
+             "(an H200's, else an H100's: `trace.ceilings` in the JSON), every "
              "convolution as our Triton kernels (conv_impl=auto may have chosen others: conv_choices in the "
              "JSON).", ""]
     for r in rep["workloads"]:

@@ -105,3 +105,8 @@ def test_the_trace_beside_the_profile_prices_what_the_learner_ran(tmp_path, mode
     want = "unfused" if mode == "auto" else "fused"
     assert r["fused_ops"] == {"first_block": want, "bn_pool": want, "head": want}
     assert f"first_block {want}" in (tmp_path / "prof.md").read_text()
+
+
+def test_ceilings_follow_the_device():
+    from bench.gpu_profile import ceilings_for
+    assert ceilings_for("NVIDIA H200") == "h200" and ceilings_for("NVIDIA H100 80GB HBM3") == "h100"
