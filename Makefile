@@ -58,7 +58,8 @@ gpu-session:
 	OUT="$(abspath $(OUT))" PYTHON=python3 bash scripts/gpu_session.sh
 
 # A 15-minute lease as two calls (device README: few full calls; each ~6 min). The first: the fused
-# kernels' diagnosis, the GPU tests, the profile beside the trace; the second, sent at once to the warm
+# kernels' diagnosis, the GPU tests, the profile beside the trace (of the design the trace prices: every
+# convolution on our Triton kernels, the fused ops; what calibrates it, bench.trace --calibrate-from); the second, sent at once to the warm
 # machine: the learner benchmark (fused and unfused, the baselines, the convolution table: each
 # implementation timed per layer shape, what the trace's per-call pricing is checked against), precision
 # and memcheck, and Nsight Compute on the convolutions. A call that has less device time left than its
@@ -67,7 +68,8 @@ FIRST_DEADLINE ?= 380
 SECOND_DEADLINE ?= 330
 gpu-first:
 	STAGES=env,build,import,diagnose,warm,tests,profile DEADLINE=$(FIRST_DEADLINE) TESTS_LIMIT=150 XDIST_WORKERS=8 TEST_TIMEOUT=120 \
-	TEST_ARGS="tests/gpu tests/test_native_cpp.py" $(MAKE) gpu-session OUT="$(OUT)"
+	TEST_ARGS="tests/gpu tests/test_native_cpp.py" PROFILE_ARGS="--conv-impl triton --fused-ops fused" \
+	$(MAKE) gpu-session OUT="$(OUT)"
 
 gpu-second:
 	STAGES=env,build,import,bench,ncu,precision,memcheck DEADLINE=$(SECOND_DEADLINE) BENCH_LIMIT=160 NCU_LIMIT=60 \

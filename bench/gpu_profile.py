@@ -100,13 +100,15 @@ def group(rows, categorize) -> dict:
     return dict(sorted(cats.items(), key=lambda kv: -kv[1]["ms"]))
 
 
-def _fused_kw(fused: str) -> dict:
-    """The learner's config keys of the fused ops for --fused-ops (auto: the learner's own choice)."""
-    return {} if fused == "auto" else {k: fused for k in ("first_block", "bn_pool", "head")}
+def _fused_kw(fused: str, conv_impl: str = "auto") -> dict:
+    """The learner's config keys for --fused-ops (first_block, bn_pool, head; auto: the learner's own
+    choice) and --conv-impl."""
+    kw = {} if fused == "auto" else {k: fused for k in ("first_block", "bn_pool", "head")}
+    return dict(kw, conv_impl=conv_impl)
 
 
 def profile_workload(name: str, batch_size: int | None, device: str, iters: int, quick: bool = False,
-                     fused: str = "auto") -> dict:
+                     fused: str = "auto", conv_impl: str = "auto") -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -120,7 +122,7 @@ def profile_workload(name: str, batch_size: int | None, device: str, iters: int,
     batch = W.make_batch(w, dev)
     res: dict = {"workload": w.name, "batch_size": w.batch_size}
     if dev.type == "cuda":
-        graph = MAMLFewShotClassifier(W.im_shape(w), dev, W.make_args(w, cuda_graph=True, **_fused_kw(fused)))
+        graph = MAMLFewShotClassifier(W.im_shape(w), dev, W.make_args(w, cuda_graph=True, **_fused_kw(fused, conv_impl)))
         for _ in range(3):
             graph.run_train_iter(batch, 0)
         torch.cuda.synchronize()
@@ -137,7 +139,7 @@ def profile_workload(name: str, batch_size: int | None, device: str, iters: int,
                    first_block_fused=any(v is not None for v in graph.__dict__.get("_first_block_cache", {}).values()),
                    bn_pool_fused=any(v is not None for v in graph.__dict__.get("_bn_pool_cache", {}).values()))
         del graph
-    eager = MAMLFewShotClassifier(W.im_shape(w), dev, W.make_args(w, **_fused_kw(fused)))
+    eager = MAMLFewShotClassifier(W.im_shape(w), dev, W.make_args(w, **_fused_kw(fused, conv_impl)))
     for _ in range(2):  # compiles, conv_impl=auto's timing
         eager.run_train_iter(batch, 0)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
@@ -162,7 +164,10 @@ def profile_workload(name: str, batch_size: int | None, device: str, iters: int,
     ran = {key: ("fused" if any(v is not None for v in eager.__dict__.get(f"_{key}_cache", {}).values())
                  else "unfused") for key in ("first_block", "bn_pool", "head")}
     res["fused_ops"] = ran
-    t = trace_meta_update(w.name, w.batch_size, "cuda", "triton", True, quick=quick, **ran)
+    res["conv_impl"] = conv_impl
+    # the trace prices every convolution as conv_impl "triton" unless the learner ran another for all
+    t = trace_meta_update(w.name, w.batch_size, "cuda", "triton" if conv_impl == "auto" else conv_impl, True,
+                          quick=quick, **ran)
     ceil = ceilings_for(torch.cuda.get_device_name(0) if dev.type == "cuda" else "")
     s = summarize(t, ceil)
     cats: dict = {}
@@ -175,7 +180,8 @@ def profile_workload(name: str, batch_size: int | None, device: str, iters: int,
     return res
 
 
-def warm_workload(name: str, batch_size: int | None, device: str, quick: bool = False, fused: str = "auto") -> float:
+def warm_workload(name: str, batch_size: int | None, device: str, quick: bool = False, fused: str = "auto",
+                  conv_impl: str = "auto") -> float:
     """One eager meta-update and one captured one (CUDA only) of the workload, as profile_workload builds
     them: compiles every Triton kernel they launch (and conv_impl=auto's candidates) into Triton's on-disk
     cache. Returns the seconds it took."""
@@ -190,9 +196,9 @@ def warm_workload(name: str, batch_size: int | None, device: str, quick: bool = 
         w = w.with_(batch_size=batch_size)
     dev = torch.device(device)
     batch = W.make_batch(w, dev)
-    MAMLFewShotClassifier(W.im_shape(w), dev, W.make_args(w, **_fused_kw(fused))).run_train_iter(batch, 0)
+    MAMLFewShotClassifier(W.im_shape(w), dev, W.make_args(w, **_fused_kw(fused, conv_impl))).run_train_iter(batch, 0)
     if dev.type == "cuda":
-        g = MAMLFewShotClassifier(W.im_shape(w), dev, W.make_args(w, cuda_graph=True, **_fused_kw(fused)))
+        g = MAMLFewShotClassifier(W.im_shape(w), dev, W.make_args(w, cuda_graph=True, **_fused_kw(fused, conv_impl)))
         for _ in range(2):
             g.run_train_iter(batch, 0)
         torch.cuda.synchronize()
@@ -278,6 +284,9 @@ def main(argv=None) -> int:
     p.add_argument("--fused-ops", default="auto", choices=("auto", "fused", "unfused"),
                    help="config keys first_block, bn_pool and head of the profiled learner (default auto: the "
                         "learner's choice); the trace beside it prices what the learner ran")
+    p.add_argument("--conv-impl", default="auto",
+                   help="config key conv_impl of the profiled learner (default auto, the learner's default: "
+                        "timed per shape; triton: every convolution on our kernels, as the trace prices them)")
     p.add_argument("--warm-only", action="store_true",
                    help="only run one eager and one captured meta-update of each workload: fills Triton's "
                         "on-disk kernel cache, so that a later process that times them compiles nothing "
@@ -305,7 +314,7 @@ def main(argv=None) -> int:
     if a.warm_only:
         for name in names:
             try:
-                secs = warm_workload(name, a.batch_size, a.device, a.quick, a.fused_ops)
+                secs = warm_workload(name, a.batch_size, a.device, a.quick, a.fused_ops, a.conv_impl)
             except KeyError as e:
                 print(f"error: {e.args[0]}", file=sys.stderr)
                 return 2
@@ -314,7 +323,8 @@ def main(argv=None) -> int:
     md = ""
     for name in names:
         try:
-            rep["workloads"].append(profile_workload(name, a.batch_size, a.device, a.iters, a.quick, a.fused_ops))
+            rep["workloads"].append(profile_workload(name, a.batch_size, a.device, a.iters, a.quick, a.fused_ops,
+                                                      a.conv_impl))
         except KeyError as e:
             print(f"error: {e.args[0]}", file=sys.stderr)
             return 2

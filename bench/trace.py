@@ -1497,6 +1497,11 @@ def to_markdown(s: dict) -> str:
         p = s["predicted_split_ms"]
         lines[-1] += (f" (compute-bound kernels {p['compute_bound']:.2f} ms, bandwidth-bound {p['bandwidth_bound']:.2f} ms, "
                       f"launches {p['launches']:.2f} ms).")
+    cal = s.get("calibration")
+    if cal:
+        lines += ["", (f"Calibrated on a device profile ({cal['source']}; per-category factors {cal['factors']}): "
+                       f"**{cal['calibrated_ms']:.2f} ms**" if cal.get("calibrated_ms") is not None
+                       else f"No calibrated time: {cal.get('why')}") + "."]
     lines += ["", "| layer | kernels | bytes | GFLOP | predicted ms |", "|---|---|---|---|---|"]
     for name, v in s["by_layer"].items():
         lines.append(f"| {name} | {v['kernels']:,} | {_fmt_bytes(v['bytes'])} | {v['flops'] / 1e9:.2f} | "
@@ -1568,6 +1573,40 @@ def calibrate(ceilings: str = "h100") -> dict:
                 conv_efficiency_if_other_exact=conv_ms / (measured - other_ms))
 
 
+def calibrated_prediction(res: TraceResult, profile_json: str) -> dict:
+    """The trace's prediction calibrated on a device profile (`python -m bench.gpu_profile` JSON): for each
+    kernel category (bench.gpu_profile's), factor = the device time measured for it / what the trace of
+    that profiled configuration predicted for it (at the ceiling, the profile's ceilings), from the
+    profile's entry for this workload; the calibrated time is the sum over this trace's categories of
+    factor x its prediction (same ceilings), a category the profile did not run keeping factor 1.
+
+    A model of 'this category costs what it cost on the device per unit of predicted time': right for
+    the configuration profiled (by construction, up to the categories the trace does not see) and a
+    first-order guess for a change inside a category; a change of the mix between categories moves it as
+    the factors say. Returns {calibrated_ms, factors, source}, or {calibrated_ms: None, why} when the
+    profile has no entry for this workload."""
+    from .gpu_profile import trace_category
+    with open(profile_json) as f:
+        prof = json.load(f)
+    wl = res.config["workload"]
+    entry = next((w for w in prof.get("workloads", []) if w.get("workload") == wl
+                  and w.get("batch_size") == res.config["batch_size"]), None)
+    if entry is None:
+        return dict(calibrated_ms=None, why=f"{profile_json} has no profile of {wl} B={res.config['batch_size']}")
+    ceil = entry["trace"].get("ceilings", "h100")
+    factors = {}
+    for cat, m in entry["profile_by_category"].items():
+        pred = entry["trace"]["by_category"].get(cat, {}).get("ms", 0.0)
+        if pred > 0:
+            factors[cat] = m["ms"] / pred
+    total = 0.0
+    for k in res.kernels:
+        total += factors.get(trace_category(k.name), 1.0) * predict(k, CEILINGS[ceil], False, True)
+    return dict(calibrated_ms=total, factors={c: round(f, 3) for c, f in factors.items()}, ceilings=ceil,
+                source=f"{profile_json} ({prof.get('device')}, {prof.get('date')})",
+                measured_eager_kernel_ms=entry.get("profile_kernel_ms"), measured_captured_ms=entry.get("captured_ms"))
+
+
 def main(argv=None) -> int:
     """python -m bench.trace: kernel launches, bytes, FLOPs and predicted time of one meta-update."""
     from mamlpp_fast.errors import MamlppError
@@ -1605,6 +1644,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the totals as one JSON object")
     p.add_argument("--calibrate", action="store_true",
                    help="derive the launch costs and compare with the measured 2026-11-26 H100 meta-update")
+    p.add_argument("--calibrate-from", default=None, metavar="PROFILE_JSON",
+                   help="also a prediction calibrated per kernel category on a device profile "
+                        "(python -m bench.gpu_profile JSON, e.g. bench/results/gpu_2026-12-04/call1_profile.json)")
     p.add_argument("--out", default=None, help="also write the full summary (JSON) and a .md next to it")
     a = p.parse_args(argv)
     if a.calibrate:
@@ -1636,6 +1678,13 @@ def main(argv=None) -> int:
         return 2
     s = summarize(res, a.device_ceilings, a.tf32, a.conv_efficiency, a.tf32x3, effs)
     s["conv_efficiency_from"] = a.conv_efficiency_from
+    if a.calibrate_from:
+        try:
+            s["calibration"] = calibrated_prediction(res, a.calibrate_from)
+        except (OSError, ValueError, KeyError) as e:
+            print(f"error: --calibrate-from {a.calibrate_from}: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
+        s["calibrated_ms"] = s["calibration"]["calibrated_ms"]
     s["command"] = "python -m bench.trace " + " ".join(sys.argv[1:] if argv is None else argv)
     import datetime
     import os
@@ -1659,8 +1708,8 @@ def main(argv=None) -> int:
         keys = ("workload", "batch_size", "backend", "conv_impl", "cuda_graph", "tf32", "tf32x3", "conv_efficiency",
                 "conv_efficiency_from", "kernels",
                 "bytes", "flops", "conv_linear_flops", "predicted_ms", "prediction", "analytic_flops_total", "analytic_flops_minimal",
-                "triton_configs")
-        print(json.dumps({k: s[k] for k in keys}))
+                "triton_configs", "calibrated_ms")
+        print(json.dumps({k: s.get(k) for k in keys}))
     else:
         print(to_markdown(s))
     return 0

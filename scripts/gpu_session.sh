@@ -39,7 +39,8 @@
 # Limits (s, env): DEADLINE=560 BUILD_LIMIT=180 TESTS_LIMIT=150 PROFILE_LIMIT=60 BENCH_LIMIT=240
 # PRECISION_LIMIT=60 MEMCHECK_LIMIT=60 CONVAB_LIMIT=40 CEILINGS_LIMIT=40 WARM_LIMIT=200 DIAGNOSE_LIMIT=90
 # NCU_LIMIT=90 NCU_COUNT=40
-# OPBENCH_LIMIT=45; BENCH_ARGS replaces the benchmark's arguments; TEST_ARGS replaces the test stage's
+# OPBENCH_LIMIT=45; BENCH_ARGS replaces the benchmark's arguments; PROFILE_ARGS adds to the profile's
+# and the warm-up's (e.g. --conv-impl triton --fused-ops fused: the design bench.trace prices); TEST_ARGS replaces the test stage's
 # files and selection; STAGES (comma-separated names of the stages above; default all) runs only those,
 # in the order above, so that a lease can be spent in two calls (a second call on the same machine finds
 # the build in place, and the build stage then only checks it). Python: $PYTHON (default python3).
@@ -87,7 +88,8 @@ if want warm; then
   wl_limit=${WARM_LIMIT:-200}
   [ $((DEADLINE - SECONDS)) -lt "$wl_limit" ] && wl_limit=$((DEADLINE - SECONDS))
   for wl in omniglot_20w1s miniimagenet_5w1s; do
-    timeout --kill-after=5 "$wl_limit" "$PY" -m bench.gpu_profile --warm-only --workloads "$wl" \
+    # shellcheck disable=SC2086
+    timeout --kill-after=5 "$wl_limit" "$PY" -m bench.gpu_profile --warm-only --workloads "$wl" ${PROFILE_ARGS:-} \
       >"$W/warm_$wl.log" 2>&1 &
     WARM_PIDS+=($!)
   done
@@ -123,7 +125,9 @@ if [ ${#WARM_PIDS[@]} -gt 0 ]; then
 fi
 
 # ---- device profile of the captured update beside the trace's prediction -------------------------------
-want profile && stage profile "${PROFILE_LIMIT:-60}" "$W/profile.log" "$PY" -m bench.gpu_profile --out "$W/profile"
+# shellcheck disable=SC2086
+want profile && stage profile "${PROFILE_LIMIT:-60}" "$W/profile.log" "$PY" -m bench.gpu_profile ${PROFILE_ARGS:-} \
+  --out "$W/profile"
 
 # ---- learner benchmark ----------------------------------------------------------------------------------
 DEFAULT_BENCH_ARGS="--device cuda --workloads omniglot_20w1s,miniimagenet_5w1s --learners fast,reference,torchfunc,jax \

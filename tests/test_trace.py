@@ -499,3 +499,33 @@ def test_block_passes_add_up_to_the_first_layer(monkeypatch, capsys):
     s = summarize(res, efficiencies=ffma_efficiencies(res, bp.TABLE))
     assert sum(r[3] for r in rows) == pytest.approx(s["by_layer"]["conv0"]["predicted_ms"])
     assert bp.main(["omniglot_20w1s"]) == 2 and "usage" in capsys.readouterr().err
+
+
+def test_calibration_scales_each_category_by_its_measured_over_predicted(tmp_path, capsys):
+    """--calibrate-from: each kernel category's prediction times the profile's measured / predicted for it;
+    a category the profile did not run keeps factor 1; a workload the profile lacks gets no number."""
+    from bench.gpu_profile import trace_category
+    from bench.trace import calibrated_prediction, predict
+    res = trace_meta_update(QUICK, None, "cuda", "triton", True, quick=True)
+    cats = {}
+    for k in res.kernels:
+        d = cats.setdefault(trace_category(k.name), {"ms": 0.0, "kernels": 0})
+        d["ms"] += predict(k, CEILINGS["h200"], False, True)
+        d["kernels"] += k.launches
+    first, *rest = sorted(cats)
+    factor = {c: (3.0 if c == first else 2.0) for c in rest}  # `first` not profiled: factor 1
+    prof = {"device": "test", "date": "today", "workloads": [{
+        "workload": QUICK, "batch_size": res.config["batch_size"], "profile_kernel_ms": 1.0, "captured_ms": 1.0,
+        "profile_by_category": {c: {"ms": factor[c] * cats[c]["ms"], "kernels": 1} for c in rest},
+        "trace": {"ceilings": "h200", "by_category": cats}}]}
+    path = tmp_path / "prof.json"
+    path.write_text(json.dumps(prof))
+    got = calibrated_prediction(res, str(path))
+    want = cats[first]["ms"] + sum(factor[c] * cats[c]["ms"] for c in rest)
+    assert got["calibrated_ms"] == pytest.approx(want, rel=1e-9) and got["ceilings"] == "h200"
+    assert main(["--quick", "--workload", QUICK, "--calibrate-from", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["calibrated_ms"] == pytest.approx(want, rel=1e-9)
+    prof["workloads"][0]["batch_size"] += 1
+    path.write_text(json.dumps(prof))
+    none = calibrated_prediction(res, str(path))
+    assert none["calibrated_ms"] is None and "no profile" in none["why"]
