@@ -29,6 +29,9 @@ stage() {
   [ $rc -eq 124 ] && echo "== $name: TIMED OUT after ${limit}s" | tee -a "$log"
   NAMES+=("$name"); CODES+=("$rc"); SECS+=("$((SECONDS - t0))")
   echo "== $name: exit $rc in $((SECONDS - t0))s" | tee -a "$log"
+  # a caller's hook after each stage (gpu_session.sh packs what it has, so that a call stopped from
+  # outside still returns every finished stage)
+  if declare -F after_stage >/dev/null; then after_stage; fi
 }
 
 write_env() {

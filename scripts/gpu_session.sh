@@ -34,7 +34,8 @@
 #   convab    python -m bench.conv_ab: the Triton convolutions with the installed Triton's launch
 #             configurations against the k-major ones of Triton >= 3.7         -> conv_ab.{json,md}
 #   opbench   pytest-benchmark bench/bench_ops.py                              -> bench_ops.json
-# The device tool returns at most 8 files, so everything is packed into $OUT/gpu_session.tgz, beside
+# The device tool returns at most 8 files, so everything is packed into $OUT/gpu_session.tgz (refreshed
+# after every stage: a call stopped from outside still returns the stages it finished), beside
 # $OUT/summary.txt and copies of the benchmark's and the profile's markdown ($OUT/bench.md, profile.md).
 # Limits (s, env): DEADLINE=560 BUILD_LIMIT=180 TESTS_LIMIT=150 PROFILE_LIMIT=60 BENCH_LIMIT=240
 # PRECISION_LIMIT=60 MEMCHECK_LIMIT=60 CONVAB_LIMIT=40 CEILINGS_LIMIT=40 WARM_LIMIT=200 DIAGNOSE_LIMIT=90
@@ -46,11 +47,15 @@
 # the build in place, and the build stage then only checks it). Python: $PYTHON (default python3).
 set -u
 : "${OUT:?set OUT to the results directory}"
-mkdir -p "$OUT/session"
+# the stages write under a work folder outside $OUT (the device tool returns at most 8 files from $OUT):
+# $OUT holds only the packed archive, refreshed after every stage, and the summary and markdown copies
+WORK=$(mktemp -d /tmp/gpu_session.XXXXXX)
+mkdir -p "$WORK/session" "$OUT"
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export DEADLINE=${DEADLINE:-560}
-W="$OUT/session"
+W="$WORK/session"
+after_stage() { tar -czf "$OUT/gpu_session.tgz" -C "$WORK" session 2>/dev/null || true; }
 export PYTHONUNBUFFERED=1
 export MAMLPP_REQUIRE_NATIVE=1   # a missing _C / cuda backend is a failure here, not a skip
 unset TRITON_INTERPRET
@@ -191,6 +196,6 @@ md=$(ls "$W"/bench/latest_cuda*.md 2>/dev/null | head -n 1)
 [ -f "$W/conv_ab.md" ] && cp "$W/conv_ab.md" "$OUT/conv_ab.md"
 [ -f "$W/ceilings.json" ] && cp "$W/ceilings.json" "$OUT/ceilings.json"
 [ -f "$W/diagnose.json" ] && cp "$W/diagnose.json" "$OUT/diagnose.json"
-tar -czf "$OUT/gpu_session.tgz" -C "$OUT" session && rm -rf "$W"
+tar -czf "$OUT/gpu_session.tgz" -C "$WORK" session && rm -rf "$WORK"
 cat "$OUT/summary.txt"
 exit $fail
