@@ -567,15 +567,34 @@ def _row_key(r: dict) -> tuple:
             r.get("hgmma"), r.get("hmma"), r.get("lds"), r.get("int"), r.get("ptx_loop_instructions"), r.get("ptx_loop_fma"))
 
 
+def occupancy(registers: int, shared_bytes: int, num_warps: int) -> int:
+    """Resident warps per SM on sm_90 (the theoretical occupancy's numerator; 64 at most) for a kernel of
+    `registers` per thread, `shared_bytes` per CTA and `num_warps` warps per CTA: the fewest CTAs that the
+    register file (65,536 per SM, allocated per warp in units of 256), shared memory (228 KB per SM, 1 KB
+    of it reserved per CTA), the warp limit (64) and the CTA limit (32) allow, times num_warps.
+
+    The first H200 run found the convolutions at ~32% of the fp32 peak where their loops' FFMA share is
+    ~79%; most of their configurations keep 8 warps per SM (200-255 registers on 2 or 4 warps), too few
+    to hide the gathers' latency, which the FFMA share does not see (bench/NOTES.md)."""
+    if not registers or not num_warps:
+        return 0
+    per_warp = -(-registers * 32 // 256) * 256
+    by_regs = (65536 // per_warp) // num_warps
+    by_smem = 233472 // (shared_bytes + 1024)
+    ctas = min(by_regs, by_smem, 64 // num_warps, 32)
+    return ctas * num_warps
+
+
 def to_markdown(rep: dict) -> str:
     """The table; specialisations with identical metrics (they differ only in the integer arguments'
-    divisibility) are one row, with their count and the first call's tensor shape."""
+    divisibility) are one row, with their count and the first call's tensor shape. warps/SM:
+    `occupancy` (resident warps per SM of 64)."""
     lines = [f"Compiled for sm_90a without a GPU: Triton {rep['triton']} (its ptxas {rep['ptxas_version']}), "
              f"nvcc {rep['nvcc_version']}; the launches of one meta-update of {', '.join(rep['workloads'])} "
              f"(triton backend and convolutions). Command: `{rep['command']}`", "",
-             "| Triton kernel | prec | config | specs | first call | regs | spill st/ld B | smem B | "
+             "| Triton kernel | prec | config | specs | first call | regs | spill st/ld B | smem B | warps/SM | "
              "loop instr (SASS) | FFMA | HGMMA | HMMA | LDS | int | FFMA share | PTX loop instr / fma |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict = {}
     for r in rep["triton_kernels"]:
         groups.setdefault(_row_key(r), []).append(r)
@@ -585,7 +604,7 @@ def to_markdown(rep: dict) -> str:
         lines.append(
             f"| {r['kernel']} | {r['precision']} | {_cfg_str(r['config'])} | {len(rs)} | {r['call']} | "
             f"{r.get('registers', 'n/a')} | {r.get('spill_stores', 'n/a')}/{r.get('spill_loads', 'n/a')} | "
-            f"{r['shared_bytes']} | "
+            f"{r['shared_bytes']} | {occupancy(r.get('registers') or 0, r['shared_bytes'], r['num_warps'])} | "
             + (f"{r['instructions']} | {r['ffma']} | {r['hgmma']} | {r['hmma']} | {r['lds']} | {r['int']} | "
                f"{r['ffma_share']:.0%} | " if loop else "no loop (one step) | | | | | | | ")
             + f"{r['ptx_loop_instructions']} / {r['ptx_loop_fma']} |")

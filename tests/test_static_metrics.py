@@ -191,3 +191,15 @@ def test_committed_device_table_has_no_spills():
     spilled = [(r["kernel"], r["precision"], r["call"], r["config"]) for r in rows
                if r.get("spill_stores") or r.get("spill_loads")]
     assert not spilled, spilled
+
+
+def test_occupancy_counts_resident_warps_per_sm():
+    """sm_90: 65,536 registers per SM allocated per warp in units of 256, 228 KB of shared memory with 1 KB
+    reserved per CTA, at most 64 warps and 32 CTAs per SM."""
+    from bench.static_metrics import occupancy
+    assert occupancy(255, 16768, 2) == 8      # 32 x 256 registers per warp: 8 warps, 4 CTAs of 2
+    assert occupancy(127, 32768, 4) == 16     # 16 x 256 per warp: 16 warps; shared memory allows 6 CTAs
+    assert occupancy(32, 0, 4) == 64          # the warp limit
+    assert occupancy(16, 0, 1) == 32          # the CTA limit
+    assert occupancy(64, 100000, 4) == 8      # shared memory: 2 CTAs
+    assert occupancy(0, 0, 4) == 0            # no register count known
