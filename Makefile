@@ -61,18 +61,20 @@ gpu-session:
 # kernels' diagnosis, the GPU tests, the profile beside the trace (of the design the trace prices: every
 # convolution on our Triton kernels, the fused ops; what calibrates it, bench.trace --calibrate-from); the second, sent at once to the warm
 # machine: the learner benchmark (fused and unfused, the baselines, the convolution table: each
-# implementation timed per layer shape, what the trace's per-call pricing is checked against), precision
-# and memcheck, and Nsight Compute on the convolutions. A call that has less device time left than its
+# implementation timed per layer shape, what the trace's per-call pricing is checked against), the
+# convolutions' launch-configuration A/B (twice the warps: occupancy against FFMA share), Nsight Compute
+# on the convolutions, precision and memcheck. A call that has less device time left than its
 # DEADLINE: make gpu-second SECOND_DEADLINE=<seconds> (the stages are cut in order, the results packed).
 FIRST_DEADLINE ?= 380
-SECOND_DEADLINE ?= 330
+SECOND_DEADLINE ?= 340
 gpu-first:
 	STAGES=env,build,import,diagnose,warm,tests,profile DEADLINE=$(FIRST_DEADLINE) TESTS_LIMIT=150 XDIST_WORKERS=8 TEST_TIMEOUT=120 \
 	TEST_ARGS="tests/gpu tests/test_native_cpp.py" PROFILE_ARGS="--conv-impl triton --fused-ops fused" \
 	$(MAKE) gpu-session OUT="$(OUT)"
 
 gpu-second:
-	STAGES=env,build,import,bench,ncu,precision,memcheck DEADLINE=$(SECOND_DEADLINE) BENCH_LIMIT=160 NCU_LIMIT=60 \
+	STAGES=env,build,import,bench,convab,ncu,precision,memcheck DEADLINE=$(SECOND_DEADLINE) BENCH_LIMIT=140 \
+	CONVAB_LIMIT=45 NCU_LIMIT=45 PRECISION_LIMIT=50 MEMCHECK_LIMIT=50 \
 	BENCH_ARGS="--device cuda --workloads omniglot_20w1s,miniimagenet_5w1s --learners fast,reference,torchfunc,jax \
-	--backends native --conv-impls auto --first-blocks fused,unfused --no-sweeps --time-budget 130 \
+	--backends native --conv-impls auto --first-blocks fused,unfused --no-sweeps --time-budget 115 \
 	--max-time 1.0" $(MAKE) gpu-session OUT="$(OUT)"

@@ -20,19 +20,20 @@
 #   tests     tests/gpu (conv, head, ops, learner, capture) + the CPU op tests  -> gpu_tests.log, junit.xml
 #   profile   python -m bench.gpu_profile: the captured update's time, device time per kernel category
 #             beside bench.trace's prediction (both workloads)                  -> profile.{md,json}
-#   bench     python -m bench.run: the conv table, fast (cuda backend; conv_impl auto; the fused ops,
+#   bench     python -m bench.run: the conv table, fast (native backend; conv_impl auto; the fused ops,
 #             first block and bn_pool, on and off; eager and CUDA graph), reference, torch.func and JAX on
 #             Omniglot 20-way 1-shot B=8 and mini-ImageNet 5-way 1-shot B=2, then the B=8/B=64 roofline
 #             points                                                            -> bench/
-#   precision python -m bench.precision --device cuda: the meta-gradient error of strict fp32, TF32
-#             and 3xTF32 against float64, the device's own TF32                  -> precision.{json,md}
-#   memcheck  compute-sanitizer memcheck on the non-slow GPU op tests          -> memcheck.log
+#   convab    python -m bench.conv_ab: the Triton convolutions with the installed Triton's launch
+#             configurations against the k-major ones of Triton >= 3.7 and against twice the warps
+#             (more resident warps per SM, a lower FFMA share)                  -> conv_ab.{json,md}
 #   ncu       Nsight Compute on the first NCU_COUNT (40) Triton convolution launches of one eager
 #             Omniglot meta-update: speed of light, occupancy, launch statistics, warp stall reasons
 #             (why the convolutions reach ~32% of the fp32 peak where their loops' FFMA share is ~79%;
 #             counters need the Firecracker runtime, KINDS.md)                   -> ncu.csv
-#   convab    python -m bench.conv_ab: the Triton convolutions with the installed Triton's launch
-#             configurations against the k-major ones of Triton >= 3.7         -> conv_ab.{json,md}
+#   precision python -m bench.precision --device cuda: the meta-gradient error of strict fp32, TF32
+#             and 3xTF32 against float64, the device's own TF32                  -> precision.{json,md}
+#   memcheck  compute-sanitizer memcheck on the non-slow GPU op tests          -> memcheck.log
 #   opbench   pytest-benchmark bench/bench_ops.py                              -> bench_ops.json
 # The device tool returns at most 8 files, so everything is packed into $OUT/gpu_session.tgz (refreshed
 # after every stage: a call stopped from outside still returns the stages it finished), beside
@@ -64,7 +65,7 @@ unset TRITON_INTERPRET
 # shellcheck source=scripts/gpu_common.sh
 source scripts/gpu_common.sh
 
-STAGES=${STAGES:-env,build,import,diagnose,ceilings,warm,tests,profile,bench,precision,memcheck,ncu,convab,opbench}
+STAGES=${STAGES:-env,build,import,diagnose,ceilings,warm,tests,profile,bench,convab,ncu,precision,memcheck,opbench}
 want() { [[ ",$STAGES," == *",$1,"* ]]; }
 
 # ---- env ------------------------------------------------------------------------------------------
@@ -140,12 +141,8 @@ DEFAULT_BENCH_ARGS="--device cuda --workloads omniglot_20w1s,miniimagenet_5w1s -
 # shellcheck disable=SC2086
 want bench && stage bench "${BENCH_LIMIT:-240}" "$W/bench.log" "$PY" -m bench.run ${BENCH_ARGS:-$DEFAULT_BENCH_ARGS} --out "$W/bench"
 
-# ---- precision options measured on the device (config key conv_precision: strict, TF32, 3xTF32) ----------
-want precision && stage precision "${PRECISION_LIMIT:-60}" "$W/precision.log" "$PY" -m bench.precision --device cuda --seeds 5 \
-  --out "$W/precision.json"
-
-# ---- memcheck ------------------------------------------------------------------------------------------
-want memcheck && memcheck_stage "${MEMCHECK_LIMIT:-60}" "$W/memcheck.log"
+# ---- launch configurations A/B of the convolutions ----------------------------------------------------------
+want convab && stage convab "${CONVAB_LIMIT:-40}" "$W/conv_ab.log" "$PY" -m bench.conv_ab --iters 30 --out "$W/conv_ab"
 
 # ---- Nsight Compute on the convolutions ---------------------------------------------------------------------
 if want ncu; then
@@ -160,8 +157,12 @@ if want ncu; then
   fi
 fi
 
-# ---- launch configurations A/B of the convolutions ----------------------------------------------------------
-want convab && stage convab "${CONVAB_LIMIT:-40}" "$W/conv_ab.log" "$PY" -m bench.conv_ab --iters 30 --out "$W/conv_ab"
+# ---- precision options measured on the device (config key conv_precision: strict, TF32, 3xTF32) ----------
+want precision && stage precision "${PRECISION_LIMIT:-60}" "$W/precision.log" "$PY" -m bench.precision --device cuda --seeds 5 \
+  --out "$W/precision.json"
+
+# ---- memcheck ------------------------------------------------------------------------------------------
+want memcheck && memcheck_stage "${MEMCHECK_LIMIT:-60}" "$W/memcheck.log"
 
 # ---- op benchmark --------------------------------------------------------------------------------------
 want opbench && stage opbench "${OPBENCH_LIMIT:-45}" "$W/bench_ops.log" \

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from bench.conv_ab import kmajor_configs, to_markdown
+from bench.conv_ab import kmajor_configs, more_warps, to_markdown
 
 
 def test_kmajor_configs_are_those_of_triton_37_and_restored(monkeypatch):
@@ -27,9 +27,23 @@ def test_kmajor_configs_are_those_of_triton_37_and_restored(monkeypatch):
 def test_markdown_rows():
     rep = dict(device="X", date="d", torch="t", triton="3.6.0", git="g", command="c", iters=5,
                rows=[dict(layer="14x14", kernel="forward", ms_current=0.05, ms_kmajor=0.06, speedup=1.2,
-                          max_rel_diff=3e-7)])
+                          ms_2x_warps=0.04, speedup_2x_warps=1.25, max_rel_diff=3e-7)])
     md = to_markdown(rep)
-    assert "| 14x14 | forward | 0.0500 | 0.0600 | 1.20x | 3.0e-07 |" in md and "Triton 3.6.0" in md
+    assert "| 14x14 | forward | 0.0500 | 0.0600 | 1.20x | 0.0400 | 1.25x | 3.0e-07 |" in md and "Triton 3.6.0" in md
+
+
+def test_more_warps_doubles_the_warps_only_and_restores(monkeypatch):
+    from mamlpp_fast.triton import conv as C
+    monkeypatch.setattr(C, "_TRITON_VERSION", (3, 6))
+    real_f, real_w = C.conv_block_config, C.wgrad_block_config
+    args_f, args_w = ("fwd", 20 * 196, 64, 64, 9, 8, 132), (64, 64, 9, 20 * 196, 8, 132)
+    cur_f, cur_w = C.conv_block_config(*args_f), C.wgrad_block_config(*args_w, strict_fp32=True)
+    with more_warps():
+        wide_f, wide_w = C.conv_block_config(*args_f), C.wgrad_block_config(*args_w, strict_fp32=True)
+    assert wide_f["num_warps"] == min(8, 2 * cur_f["num_warps"]) and wide_w["num_warps"] == 2 * cur_w["num_warps"]
+    assert {k: v for k, v in wide_f.items() if k != "num_warps"} == {k: v for k, v in cur_f.items() if k != "num_warps"}
+    assert {k: v for k, v in wide_w.items() if k != "num_warps"} == {k: v for k, v in cur_w.items() if k != "num_warps"}
+    assert (C.conv_block_config, C.wgrad_block_config) == (real_f, real_w)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a CUDA device")
