@@ -429,9 +429,10 @@ def _gram_kernel(x_ptr, gws_ptr, rho_ptr, Ci, TCi, H, W, HWp, Wp, Ho, Wo, MW, CH
 @triton.jit
 def _outer_sum(D, G, PREC: tl.constexpr, ACC: tl.constexpr):
     """D^T G, (KP, BLOCK_C), summed over the BLOCK_W rows of D (BLOCK_W, KP) and G (BLOCK_W, BLOCK_C): a
-    matrix product; in float64 as broadcast products and a row sum instead, because Triton 3.6 cannot
-    lower this product in float64 for sm_90 (its fp64 MMA path asserts "fp64 don't support largeK MMA"
-    at compile time: the device run of 2026-12-04, reproduced here by compiling for sm_90a)."""
+    matrix product; in float64 as broadcast products and a row sum instead, because Triton (3.6 and
+    3.7.1) cannot lower this product in float64 for sm_90: its fp64 MMA path asserts "fp64 don't support
+    largeK MMA" at compile time (found by the device run of 2026-12-04; tests/test_static_metrics.py
+    compiles the fused kernels in float64)."""
     if ACC == tl.float64:
         return tl.sum(D[:, :, None] * G[:, None, :], axis=0)
     else:
