@@ -6,7 +6,8 @@ graph and in eager mode. This measures all five on the device at hand, each as t
 timed repetitions (CUDA events, after a warm-up), and writes them as one JSON object whose keys are
 CEILINGS' keys, with how each was measured:
 
-- fp32_tflops / tf32_tflops: torch.mm of two random n x n float32 matrices (n = 8192), 2 n^3 FLOPs;
+- fp32_tflops / tf32_tflops: torch.mm of two random n x n float32 matrices (n = 8192), 2 n^3 FLOPs
+  (bench.run's `matmul_ceiling`, which the benchmark reports too);
 - bandwidth_tbs: a device-to-device copy of a random float32 tensor of 2 GiB, counting the bytes read and
   the bytes written (2 x 2 GiB) over the copy's time;
 - graph_launch_us: L launches of a one-element add captured in a CUDA graph; the graph's replay time over
@@ -30,20 +31,13 @@ __all__ = ["measure", "main"]
 
 
 def _best_ms(fn, reps: int) -> float:
-    """The best of `reps` CUDA-event timings of fn() (after two untimed calls), in milliseconds."""
+    """The best of `reps` CUDA-event timings of fn() after two untimed calls, in milliseconds
+    (bench.run's `time_loop`)."""
     import torch
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        best = min(best, a.elapsed_time(b))
-    return best
+
+    from .run import time_loop
+    times, _, _ = time_loop(fn, torch.device("cuda"), 2, reps, reps, 1e9)
+    return min(times) * 1e3
 
 
 def measure(quick: bool = False) -> dict:
@@ -52,18 +46,13 @@ def measure(quick: bool = False) -> dict:
     dev = torch.device("cuda")
     out: dict = {"device": torch.cuda.get_device_name(0), "sms": torch.cuda.get_device_properties(0).multi_processor_count}
     src: dict = {}
-    n, reps = (2048, 5) if quick else (8192, 10)
-    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
-    saved = torch.backends.cuda.matmul.allow_tf32
-    try:
-        for key, tf32 in (("fp32_tflops", False), ("tf32_tflops", True)):
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            ms = _best_ms(lambda: torch.mm(a, b), reps)
-            out[key] = 2 * n ** 3 / (ms * 1e-3) / 1e12
-            src[key] = f"best of {reps} torch.mm {n}x{n}x{n}, random float32, allow_tf32={tf32}"
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
-    del a, b
+    reps = 5 if quick else 10
+    from .run import matmul_ceiling
+    mm = matmul_ceiling(dev, quick)  # strict fp32 and TF32, best of its repetitions
+    for key in ("fp32", "tf32"):
+        out[f"{key}_tflops"] = mm[key]["tflops"]
+        src[f"{key}_tflops"] = (f"best of {mm[key]['reps']} torch.mm {mm[key]['n']}^3, random float32, "
+                                f"{mm[key]['setting']} (bench.run.matmul_ceiling)")
     numel = (2 ** 25 if quick else 2 ** 29)  # 128 MiB / 2 GiB of float32
     x = torch.randn(numel, device=dev)
     y = torch.empty_like(x)

@@ -36,12 +36,22 @@ N, B, C = 20, 8, 64
 
 
 @contextlib.contextmanager
+def _patched_configs(wrap):
+    """conv_block_config and wgrad_block_config replaced by wrap(each) for the block, then restored."""
+    from mamlpp_fast.triton import conv as C_
+
+    real_f, real_w = C_.conv_block_config, C_.wgrad_block_config
+    C_.conv_block_config, C_.wgrad_block_config = wrap(real_f), wrap(real_w)
+    try:
+        yield
+    finally:
+        C_.conv_block_config, C_.wgrad_block_config = real_f, real_w
+
+
 def kmajor_configs():
     """The launch configurations Triton >= 3.7 gets (GATHER_MK off, 16-channel steps, no TAP_MAJOR), with
     the installed version's ptxas options left as they are."""
     from mamlpp_fast.triton import conv as C_
-
-    real_f, real_w = C_.conv_block_config, C_.wgrad_block_config
 
     def as_37(fn):
         def f(*a, **k):
@@ -52,33 +62,18 @@ def kmajor_configs():
             finally:
                 C_._TRITON_VERSION = old
         return f
-
-    C_.conv_block_config, C_.wgrad_block_config = as_37(real_f), as_37(real_w)
-    try:
-        yield
-    finally:
-        C_.conv_block_config, C_.wgrad_block_config = real_f, real_w
+    return _patched_configs(as_37)
 
 
-@contextlib.contextmanager
 def more_warps():
     """The installed version's launch configurations with num_warps doubled (at most 8)."""
-    from mamlpp_fast.triton import conv as C_
-
-    real_f, real_w = C_.conv_block_config, C_.wgrad_block_config
-
     def doubled(fn):
         def f(*a, **k):
             cfg = dict(fn(*a, **k))
             cfg["num_warps"] = min(8, 2 * cfg["num_warps"])
             return cfg
         return f
-
-    C_.conv_block_config, C_.wgrad_block_config = doubled(real_f), doubled(real_w)
-    try:
-        yield
-    finally:
-        C_.conv_block_config, C_.wgrad_block_config = real_f, real_w
+    return _patched_configs(doubled)
 
 
 def _time(fn, iters):
