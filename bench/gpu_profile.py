@@ -205,6 +205,44 @@ def warm_workload(name: str, batch_size: int | None, device: str, quick: bool = 
     return time.perf_counter() - t0
 
 
+_CONV_PASSES = {"first_order": 3, "second_order": 9}  # convolutions' worth of FLOPs per MAML pattern
+
+
+def conv_efficiency_rows(profile: dict, peak_tflops: float) -> list:
+    """Per layer shape and MAML pattern of a profile (its `conv_choices`: conv_impl=auto's own CUDA-graph
+    timings of every implementation on the device), the Triton convolutions' share of the fp32 peak.
+    FLOPs approximate: 2 N T Co Ci kh kw H W per convolution (stride 1, 'same' padding), times 3
+    (first order: forward, data and weight gradient) or 9 (second order, with the double backward); the
+    pattern's probe products are in the times too."""
+    import re
+    rows, seen = [], set()
+    for w in profile.get("workloads", []):
+        for c in w.get("conv_choices", []):
+            if c["key"] in seen:
+                continue
+            seen.add(c["key"])
+            m = re.match(r"\(\((\d+), (\d+), (\d+), (\d+)\), \((\d+), (\d+), (\d+), (\d+), (\d+)\)", c["key"])
+            pat = next((p for p in _CONV_PASSES if p in c["key"]), None)
+            if m is None or pat is None or not c["ms"].get("triton"):
+                continue
+            n, tc, h, wd, t, co, ci, kh, kw = map(int, m.groups())
+            gflop = 2 * n * t * co * ci * kh * kw * h * wd * _CONV_PASSES[pat] / 1e9
+            ms = c["ms"]["triton"]
+            best = min(v for v in c["ms"].values() if v)
+            rows.append(dict(shape=(n, tc, h, wd), pattern=pat, gflop=gflop, triton_ms=ms,
+                             share=gflop / ms / peak_tflops, auto=c["impl"], auto_ms=best))
+    return rows
+
+
+def conv_efficiency_markdown(rows: list) -> str:
+    lines = ["| input (N, T*C, H, W) | pattern | GFLOP (approx.) | Triton ms | Triton % of fp32 peak | "
+             "auto's choice | its ms |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['pattern']} | {r['gflop']:.2f} | {r['triton_ms']:.3f} | "
+                     f"{r['share']:.0%} | {r['auto']} | {r['auto_ms']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def ceilings_for(device_name: str) -> str:
     """The bench.trace CEILINGS entry measured on the device named `device_name` (an H200's, else the
     H100's: the other measured one)."""
@@ -287,11 +325,23 @@ def main(argv=None) -> int:
     p.add_argument("--conv-impl", default="auto",
                    help="config key conv_impl of the profiled learner (default auto, the learner's default: "
                         "timed per shape; triton: every convolution on our kernels, as the trace prices them)")
+    p.add_argument("--conv-table-from", default=None, metavar="PROFILE_JSON",
+                   help="only print the Triton convolutions' share of the fp32 peak per layer and MAML pattern "
+                        "from an earlier profile's conv_impl=auto timings (no device needed)")
     p.add_argument("--warm-only", action="store_true",
                    help="only run one eager and one captured meta-update of each workload: fills Triton's "
                         "on-disk kernel cache, so that a later process that times them compiles nothing "
                         "(scripts/gpu_session.sh runs one per workload beside the tests)")
     a = p.parse_args(argv)
+    if a.conv_table_from:
+        from .trace import CEILINGS
+        with open(a.conv_table_from) as f:
+            prof = json.load(f)
+        ceil = CEILINGS[ceilings_for(prof.get("device", ""))]
+        print(f"{a.conv_table_from} ({prof.get('device')}, {prof.get('date')}), fp32 peak "
+              f"{ceil['fp32_tflops']} TFLOP/s ({ceil['device']}):\n")
+        print(conv_efficiency_markdown(conv_efficiency_rows(prof, ceil["fp32_tflops"])))
+        return 0
     import torch
     if a.device == "cuda" and not torch.cuda.is_available():
         print("error: no CUDA device here (use --device cpu for a smoke test)", file=sys.stderr)

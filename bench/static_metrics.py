@@ -585,6 +585,24 @@ def occupancy(registers: int, shared_bytes: int, num_warps: int) -> int:
     return ctas * num_warps
 
 
+def occupancy_summary(rep: dict, precision: str = "fp32") -> dict:
+    """{kernel family: {resident warps per SM: [specialisations, calls]}} of a static-metrics report's
+    Triton kernels of one precision (calls: the distinct op calls of the traced meta-updates that launch
+    each specialisation, its row's `calls`); families: "conv" (_conv_*), "block" (the fused block's
+    window passes), "other"."""
+    block = {"_fwd_kernel", "_bwd_kernel", "_gram_kernel", "_dbwd_dgout_kernel"}
+    out: dict = {}
+    for r in rep["triton_kernels"]:
+        if r["precision"] != precision:
+            continue
+        fam = "conv" if r["kernel"].startswith("_conv") else "block" if r["kernel"] in block else "other"
+        occ = occupancy(r.get("registers") or 0, r["shared_bytes"], r["num_warps"])
+        cell = out.setdefault(fam, {}).setdefault(occ, [0, 0])
+        cell[0] += 1
+        cell[1] += r.get("calls", 1)
+    return {f: dict(sorted(v.items())) for f, v in sorted(out.items())}
+
+
 def to_markdown(rep: dict) -> str:
     """The table; specialisations with identical metrics (they differ only in the integer arguments'
     divisibility) are one row, with their count and the first call's tensor shape. warps/SM:
@@ -636,10 +654,20 @@ def main(argv=None) -> int:
     p.add_argument("--no-tf32", action="store_true", help="compile the convolutions in strict fp32 only")
     p.add_argument("--out", default=None, help="PREFIX for PREFIX.json / PREFIX.md")
     p.add_argument("--from-json", default=None, help="only rewrite the markdown of an earlier PREFIX.json")
+    p.add_argument("--occupancy-from", default=None, metavar="JSON",
+                   help="only print how many strict-fp32 specialisations of an earlier PREFIX.json keep each "
+                        "number of resident warps per SM, per kernel family")
     p.add_argument("--compile-check", action="store_true",
                    help="only compile every distinct launch configuration in float32 and float64 and list the "
                         "ones the installed Triton cannot lower for sm_90a (exit status 1 if any)")
     a = p.parse_args(argv)
+    if a.occupancy_from:
+        with open(a.occupancy_from) as f:
+            summary = occupancy_summary(json.load(f))
+        for fam, counts in summary.items():
+            print(f"{fam}: " + ", ".join(f"{w} warps/SM: {n} specialisations ({c} calls)"
+                                         for w, (n, c) in counts.items()))
+        return 0
     if a.from_json:
         with open(a.from_json) as f:
             rep = json.load(f)

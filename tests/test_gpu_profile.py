@@ -110,3 +110,20 @@ def test_the_trace_beside_the_profile_prices_what_the_learner_ran(tmp_path, mode
 def test_ceilings_follow_the_device():
     from bench.gpu_profile import ceilings_for
     assert ceilings_for("NVIDIA H200") == "h200" and ceilings_for("NVIDIA H100 80GB HBM3") == "h100"
+
+
+def test_conv_table_from_a_committed_profile(capsys):
+    """--conv-table-from: the Triton convolutions' share of the fp32 peak per layer and pattern, from the
+    committed H200 profile's conv_impl=auto timings (no device needed): Omniglot's 14x14 second-order
+    pattern is 20.81 GFLOP (9 convolutions of 2 N T Co Ci 9 H W) in 1.086 ms."""
+    import os
+
+    from bench.gpu_profile import conv_efficiency_rows
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "results", "gpu_2026-12-04", "call1_profile.json")
+    rows = conv_efficiency_rows(json.load(open(path)), 50.74)
+    r = next(r for r in rows if r["shape"] == (20, 512, 14, 14) and r["pattern"] == "second_order")
+    assert r["gflop"] == pytest.approx(2 * 20 * 8 * 64 * 64 * 9 * 196 * 9 / 1e9)
+    assert r["share"] == pytest.approx(r["gflop"] / r["triton_ms"] / 50.74) and 0 < r["share"] < 1
+    assert len(rows) == 12 and {r["pattern"] for r in rows} == {"first_order", "second_order"}
+    assert main(["--conv-table-from", path]) == 0
+    assert "| (20, 512, 14, 14) | second_order | 20.81 | 1.086 | 38% | triton | 1.086 |" in capsys.readouterr().out

@@ -203,3 +203,14 @@ def test_occupancy_counts_resident_warps_per_sm():
     assert occupancy(16, 0, 1) == 32          # the CTA limit
     assert occupancy(64, 100000, 4) == 8      # shared memory: 2 CTAs
     assert occupancy(0, 0, 4) == 0            # no register count known
+
+
+def test_occupancy_summary_of_a_report():
+    from bench.static_metrics import occupancy_summary
+    rows = [dict(kernel="_conv_fwd_kernel", precision="fp32", registers=255, shared_bytes=16768, num_warps=2, calls=3),
+            dict(kernel="_conv_wgrad_kernel", precision="fp32", registers=127, shared_bytes=32768, num_warps=4, calls=1),
+            dict(kernel="_conv_fwd_kernel", precision="tf32", registers=255, shared_bytes=16768, num_warps=2, calls=1),
+            dict(kernel="_bwd_kernel", precision="fp32", registers=255, shared_bytes=0, num_warps=8, calls=2),
+            dict(kernel="_lslr_fwd_kernel", precision="fp32", registers=32, shared_bytes=0, num_warps=4, calls=1)]
+    assert occupancy_summary({"triton_kernels": rows}) == {"block": {8: [1, 2]}, "conv": {8: [1, 3], 16: [1, 1]},
+                                                           "other": {64: [1, 1]}}
