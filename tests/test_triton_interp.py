@@ -1031,10 +1031,16 @@ def _bn_pool_case(idx, seed, dtype):
     from test_bn_pool import SHAPES, make_inputs
 
     x, gamma, beta, T = make_inputs(SHAPES[idx], seed, dtype)
-    gamma, beta = gamma.detach(), beta.detach()
-    if gamma.shape != beta.shape:  # the implementations take one shape (the op expands, as here)
-        gamma, beta = (p.expand(T, -1).contiguous() if p.dim() == 1 else p for p in (gamma, beta))
+    gamma, beta = _one_shape(gamma.detach(), beta.detach(), T)
     return x.detach(), gamma, beta, T
+
+
+def _one_shape(gamma, beta, T):
+    """gamma and beta of one shape, as bn_pool's implementations take them: a shared one expanded to the
+    tasks where the other is per task (the op does the same)."""
+    if gamma.shape != beta.shape:
+        gamma, beta = (p.expand(T, -1).contiguous() if p.dim() == 1 else p for p in (gamma, beta))
+    return gamma, beta
 
 
 def _bn_pool_compare(got, ref, tol, seed):

@@ -176,7 +176,7 @@ def test_bn_pool_kernels_on_cuda(shape, dtype):
     margins; a shared gamma or beta expanded to the tasks where the other is per task, as the op does;
     in float32 near-tied windows out of the gradient comparisons (`_window_keep`)."""
     from test_bn_pool import EPS, SLOPE, make_inputs
-    from test_triton_interp import _bn_pool_all, _bn_pool_compare, _window_keep
+    from test_triton_interp import _bn_pool_all, _bn_pool_compare, _one_shape, _window_keep
     from mamlpp_fast.ops import per_step_batch_norm
     from mamlpp_fast.ops.bn_pool import torch_impl
     from mamlpp_fast.triton import bn_pool as tbp
@@ -184,8 +184,7 @@ def test_bn_pool_kernels_on_cuda(shape, dtype):
     seed = fresh_seed() % 2 ** 31
     x, gamma, beta, T = make_inputs(shape, seed, dtype)
     x, gamma, beta = (t.detach().cuda() for t in (x, gamma, beta))
-    if gamma.shape != beta.shape:  # the implementations take one shape (the op expands)
-        gamma, beta = (p.expand(T, -1).contiguous() if p.dim() == 1 else p for p in (gamma, beta))
+    gamma, beta = _one_shape(gamma, beta, T)
     keep = None
     if dtype == torch.float32:
         y = per_step_batch_norm(x.double(), gamma.double(), beta.double(), T, EPS, SLOPE, backend="torch")[0]
