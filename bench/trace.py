@@ -920,6 +920,8 @@ def _head_patch(rec: _Recorder):
     over the tasks by a small torch sum when asked (not on the learner's path)."""
     import types
 
+    import torch
+
     from mamlpp_fast.ops.head import torch_impl
     from mamlpp_fast.triton.head import head_config
 
@@ -929,7 +931,8 @@ def _head_patch(rec: _Recorder):
     def geometry(x, w):
         t, c, f = w.shape
         n = x.shape[0]
-        return t, n, c, f, head_config(n, c, f, t, rec.sms), rec.layer_of([x.view(n, -1, 1, 1)])
+        cfg = head_config(n, c, f, t, rec.sms, dot=x.dtype == torch.float32)
+        return t, n, c, f, cfg, rec.layer_of([x.view(n, -1, 1, 1)])
 
     def forward(x, w, b, labels, lw, prev, meta):
         with rec.hide():

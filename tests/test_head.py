@@ -186,3 +186,27 @@ def test_head_choice():
         cache = fast.__dict__.get("_head_cache", {})
         assert set(map(id, cache.values())) <= {id(expect)}, mode
         assert (mode == "unfused") == (not cache)
+
+
+def test_float32_head_steps_cover_whole_slices():
+    """The float32 head kernels form their products as strict-fp32 tl.dot over whole feature slices
+    (`head_config(dot=True)`), so that each program's chain of dependent steps is short: Omniglot's
+    task (n = 20, C = 20, F = 64) in one step (the broadcast products took 64), mini-ImageNet's support
+    set (5, 5, 1,200) in <= 10 per pass of the double backward (75) and its target set (75, 5, 1,200) in
+    <= 2 per program of the split forward and backward (64), <= 38 per double-backward pass (1,200). float64 keeps the broadcast products
+    (DOT False). Every tile stays within tl.dot's minimum of 16 and an operand slice of 4,096 elements."""
+    pytest.importorskip("triton")
+    from mamlpp_fast.triton.head import head_config
+
+    def steps(cfg, f):
+        return -(-cfg["FCH"] // cfg["BF"]), -(-f // cfg["BF"])  # per split program, per double backward
+
+    for (n, c, f, t, most) in ((20, 20, 64, 8, (1, 1)), (5, 5, 1200, 2, (1, 10)), (75, 5, 1200, 2, (2, 38))):
+        cfg = head_config(n, c, f, t, 132, dot=True)
+        assert cfg["DOT"], (n, c, f)
+        assert min(cfg["BN"], cfg["BC"], cfg["BF"]) >= 16 and max(cfg["BN"], cfg["BC"]) * cfg["BF"] <= 4096
+        got = steps(cfg, f)
+        assert got[0] <= most[0] and got[1] <= most[1], (n, c, f, cfg)
+        wide = head_config(n, c, f, t, 132)
+        assert not wide["DOT"] and all(a > b for a, b in zip(steps(wide, f), got)), (n, c, f, wide)
+    assert not head_config(1024, 4, 64, 2, 132, dot=True)["DOT"]  # 1024 x 16 accumulators: broadcast products

@@ -7,9 +7,12 @@ Work unit: program (t, s) takes task t and chunk s of its F features (`head_conf
 features, so that T * S programs approach two waves of the multiprocessors; S = 1 where F is small, as
 Omniglot's 64). A task's (n, C) matrices (z, p, p - Y, G, H, Gz) live in one register tile of BN x BC
 (n and C padded to powers of two; the op refuses BN * BC > 4096: ops.head.head_supported). The
-products over the features run in a loop over BF-wide slices, each a broadcast product of a
-(BN, BC, BF) tile reduced over the contracted axis (a few thousand FLOPs per task: the point of these
-kernels is one launch per pass, not their FMA rate).
+products over the features run in a loop over BF-wide slices: in float32 each step is a strict-fp32
+`tl.dot` of whole slices (up to 128 features: Omniglot's 64 in one step), in float64 a broadcast
+product of a (BN, BC, BF) tile reduced over the contracted axis (`head_config`). A few thousand FLOPs
+per task: what these kernels cost is the chain of dependent steps of each program (a global load and,
+for broadcast products, cross-thread reductions per step), so the float32 steps are as wide as the
+tiles allow.
 
 - forward: each program forms its chunk's part of z = x W^T. With S > 1 it stores it and takes a ticket
   from its task's counter (CTA barrier, one acquire-release atomic add at GPU scope, as the
@@ -50,19 +53,39 @@ TILE_BUDGET = 1024
 MIN_CHUNK = 64  # features per program at least, where the forward and backward split F
 
 
-def head_config(n: int, c: int, f: int, t: int, sms: int) -> dict:
-    """BN, BC: n and C padded to powers of two; BF: the F slice of one step of the loops, so that
-    BN * BC * BF <= TILE_BUDGET (at least 1, at most the padded F and 64); 4 warps (8 for a tile of >= 2048
-    elements). The forward and backward split F into S chunks of FCH features (a multiple of BF, >= 64
-    features: program (t, s) takes chunk s of task t) so that T * S programs approach 2 waves of `sms`
-    multiprocessors: one program per task would leave a large F (mini-ImageNet's 1,200) to T
-    multiprocessors' share of the bandwidth. The double backward keeps one program per task (its H needs
-    every slice before any output)."""
+def head_config(n: int, c: int, f: int, t: int, sms: int, dot: bool = False) -> dict:
+    """Tiles and split of the three kernels for T = t tasks of n examples, C = c classes, F = f features.
+
+    dot (float32 operands): the products run as strict-fp32 `tl.dot` (DOT): BN, BC are n and C padded to
+    powers of two >= 16 (tl.dot's smallest), BF the features of one step, min(128, 4096 / max(BN, BC))
+    (an operand slice of <= 4,096 elements), so that Omniglot's 64 features are one step and
+    mini-ImageNet's 1,200 ten (support set) or 38 (target set). Taken where BN x BC <= 4,096 and BN, BC
+    <= 256, else the broadcast products below (bench/NOTES.md, "The head's kernels: whole-slice
+    products").
+
+    Otherwise (float64, or tiles too large): BN, BC: n and C padded to powers of two; BF the F slice of
+    one step, so that BN * BC * BF <= TILE_BUDGET (at least 1, at most the padded F and 64): a broadcast
+    product reduced over the contracted axis.
+
+    4 warps (8 for a (BN, BC) tile of >= 2048 elements, >= 1024 with DOT). The forward and backward split F into S chunks
+    of FCH features (a multiple of BF, >= 64 features: program (t, s) takes chunk s of task t) so that
+    T * S programs approach 2 waves of `sms` multiprocessors: one program per task would leave a large F
+    (mini-ImageNet's 1,200) to T multiprocessors' share of the bandwidth. The double backward keeps one
+    program per task (its H needs every slice before any output)."""
     bn, bc = triton.next_power_of_2(max(n, 1)), triton.next_power_of_2(max(c, 1))
-    bf = max(1, min(TILE_BUDGET // (bn * bc), triton.next_power_of_2(max(f, 1)), 64))
+    fp = triton.next_power_of_2(max(f, 1))
+    use_dot = dot and max(bn, 16) * max(bc, 16) <= 4096 and max(bn, bc) <= 256
+    if use_dot:
+        bn, bc = max(bn, 16), max(bc, 16)
+        bf = max(16, min(fp, 128, 4096 // max(bn, bc)))
+    else:
+        bf = max(1, min(TILE_BUDGET // (bn * bc), fp, 64))
     want = max(1, min(triton.cdiv(f, max(bf, MIN_CHUNK)), triton.cdiv(2 * sms, max(t, 1))))
     fch = triton.cdiv(triton.cdiv(f, want), bf) * bf
-    return dict(BN=bn, BC=bc, BF=bf, FCH=fch, S=triton.cdiv(f, fch), num_warps=8 if bn * bc >= 2048 else 4)
+    # 8 warps for a (BN, BC) tile of >= 2048 elements, and of >= 1024 with DOT: Omniglot's double backward
+    # (32 x 32 x 64) on 4 warps spilled 276 B under Triton 3.6.0, on 8 it takes 156 registers
+    warps = 8 if bn * bc >= (1024 if use_dot else 2048) else 4
+    return dict(BN=bn, BC=bc, BF=bf, FCH=fch, S=triton.cdiv(f, fch), DOT=use_dot, num_warps=warps)
 
 
 @triton.jit
@@ -98,20 +121,26 @@ def _w_slice(ptr, task_off, F, f, cols, cmask):
 
 
 @triton.jit
-def _rowdot(a, b):
+def _rowdot(a, b, DOT: tl.constexpr = False):
     """(BN, BF) x (BC, BF) -> (BN, BC): sum over the slice of a_if b_cf."""
+    if DOT:
+        return tl.dot(a, tl.trans(b), input_precision="ieee")
     return tl.sum(a[:, None, :] * b[None, :, :], axis=2)
 
 
 @triton.jit
-def _mix_rows(m, b):
+def _mix_rows(m, b, DOT: tl.constexpr = False):
     """(BN, BC) x (BC, BF) -> (BN, BF): sum over c of m_ic b_cf."""
+    if DOT:
+        return tl.dot(m, b, input_precision="ieee")
     return tl.sum(m[:, :, None] * b[None, :, :], axis=1)
 
 
 @triton.jit
-def _mix_cols(m, a):
+def _mix_cols(m, a, DOT: tl.constexpr = False):
     """(BN, BC) x (BN, BF) -> (BC, BF): sum over i of m_ic a_if."""
+    if DOT:
+        return tl.dot(tl.trans(m), a, input_precision="ieee")
     return tl.sum(m[:, :, None] * a[:, None, :], axis=0)
 
 
@@ -150,7 +179,7 @@ def _finish_task(z, b_ptr, y_ptr, lw_ptr, prev_ptr, logits_ptr, lse_ptr, part_pt
 def _head_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, lw_ptr, prev_ptr, logits_ptr, lse_ptr, ws_ptr, part_ptr, loss_ptr,
                      cnt_ptr, n, C, F, TF, T, S, FCH, w_ts, b_ts, sc_hi, sc_lo, HAS_LW: tl.constexpr,
                      HAS_PREV: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
-                     BF: tl.constexpr):
+                     BF: tl.constexpr, DOT: tl.constexpr = False):
     t = tl.program_id(0)
     s = tl.program_id(1)
     ACC = x_ptr.dtype.element_ty
@@ -163,7 +192,7 @@ def _head_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, lw_ptr, prev_ptr, logits_ptr, l
     for f0 in range(s * FCH, tl.minimum(F, s * FCH + FCH), BF):
         f = f0 + fo
         z += _rowdot(_x_slice(x_ptr, t, F, TF, f, rows, rmask).to(ACC),
-                     _w_slice(w_ptr, t * w_ts, F, f, cols, cmask).to(ACC))
+                     _w_slice(w_ptr, t * w_ts, F, f, cols, cmask).to(ACC), DOT)
     if SPLIT:
         # slice s's partial logits; the task's last slice program adds the S partials in slice order
         tile = rows[:, None] * BC + cols[None, :]
@@ -183,7 +212,7 @@ def _head_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, lw_ptr, prev_ptr, logits_ptr, l
 @triton.jit
 def _head_bwd_kernel(g_ptr, lw_ptr, x_ptr, w_ptr, logits_ptr, lse_ptr, y_ptr, dx_ptr, dw_ptr, db_ptr, n, C, F, TF,
                      FCH, w_ts, sc_hi, sc_lo, HAS_LW: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
-                     BF: tl.constexpr):
+                     BF: tl.constexpr, DOT: tl.constexpr = False):
     t = tl.program_id(0)
     s = tl.program_id(1)
     ACC = x_ptr.dtype.element_ty
@@ -202,9 +231,9 @@ def _head_bwd_kernel(g_ptr, lw_ptr, x_ptr, w_ptr, logits_ptr, lse_ptr, y_ptr, dx
         fm = f < F
         wv = _w_slice(w_ptr, t * w_ts, F, f, cols, cmask)
         xv = _x_slice(x_ptr, t, F, TF, f, rows, rmask)
-        tl.store(dx_ptr + rows[:, None] * TF + (t * F + f)[None, :], _mix_rows(G, wv.to(ACC)),
+        tl.store(dx_ptr + rows[:, None] * TF + (t * F + f)[None, :], _mix_rows(G, wv.to(ACC), DOT),
                  mask=rmask[:, None] & fm[None, :])
-        tl.store(dw_ptr + (t * C + cols[:, None]) * F + f[None, :], _mix_cols(G, xv.to(ACC)),
+        tl.store(dw_ptr + (t * C + cols[:, None]) * F + f[None, :], _mix_cols(G, xv.to(ACC), DOT),
                  mask=cmask[:, None] & fm[None, :])
 
 
@@ -212,7 +241,7 @@ def _head_bwd_kernel(g_ptr, lw_ptr, x_ptr, w_ptr, logits_ptr, lse_ptr, y_ptr, dx
 def _head_dbwd_kernel(vx_ptr, vw_ptr, vb_ptr, g_ptr, lw_ptr, x_ptr, w_ptr, logits_ptr, lse_ptr, y_ptr, gx_ptr,
                       gw_ptr, gb_ptr, gg_ptr, n, C, F, TF, w_ts, sc_hi, sc_lo, HAS_LW: tl.constexpr,
                       HAS_VX: tl.constexpr, HAS_VW: tl.constexpr, HAS_VB: tl.constexpr, BN: tl.constexpr,
-                      BC: tl.constexpr, BF: tl.constexpr):
+                      BC: tl.constexpr, BF: tl.constexpr, DOT: tl.constexpr = False):
     t = tl.program_id(0)
     ACC = x_ptr.dtype.element_ty
     rows = tl.arange(0, BN)
@@ -230,10 +259,10 @@ def _head_dbwd_kernel(vx_ptr, vw_ptr, vb_ptr, g_ptr, lw_ptr, x_ptr, w_ptr, logit
             f = f0 + fo
             if HAS_VX:
                 H += _rowdot(_x_slice(vx_ptr, t, F, TF, f, rows, rmask).to(ACC),
-                             _w_slice(w_ptr, t * w_ts, F, f, cols, cmask).to(ACC))
+                             _w_slice(w_ptr, t * w_ts, F, f, cols, cmask).to(ACC), DOT)
             if HAS_VW:
                 H += _rowdot(_x_slice(x_ptr, t, F, TF, f, rows, rmask).to(ACC),
-                             _w_slice(vw_ptr, t * C * F, F, f, cols, cmask).to(ACC))
+                             _w_slice(vw_ptr, t * C * F, F, f, cols, cmask).to(ACC), DOT)
     if HAS_VB:
         H += tl.load(vb_ptr + t * C + cols, mask=cmask, other=0.0).to(ACC)[None, :]
     tl.store(gg_ptr + t, c * tl.sum(tl.sum(d * H, axis=1), axis=0))
@@ -247,12 +276,12 @@ def _head_dbwd_kernel(vx_ptr, vw_ptr, vb_ptr, g_ptr, lw_ptr, x_ptr, w_ptr, logit
         wm = cmask[:, None] & (f < F)[None, :]
         wv = _w_slice(w_ptr, t * w_ts, F, f, cols, cmask).to(ACC)
         xv = _x_slice(x_ptr, t, F, TF, f, rows, rmask).to(ACC)
-        gx = _mix_rows(gz, wv)
-        gw = _mix_cols(gz, xv)
+        gx = _mix_rows(gz, wv, DOT)
+        gw = _mix_cols(gz, xv, DOT)
         if HAS_VW:
-            gx += _mix_rows(G, _w_slice(vw_ptr, t * C * F, F, f, cols, cmask).to(ACC))
+            gx += _mix_rows(G, _w_slice(vw_ptr, t * C * F, F, f, cols, cmask).to(ACC), DOT)
         if HAS_VX:
-            gw += _mix_cols(G, _x_slice(vx_ptr, t, F, TF, f, rows, rmask).to(ACC))
+            gw += _mix_cols(G, _x_slice(vx_ptr, t, F, TF, f, rows, rmask).to(ACC), DOT)
         tl.store(gx_ptr + rows[:, None] * TF + (t * F + f)[None, :], gx, mask=xm)
         tl.store(gw_ptr + (t * C + cols[:, None]) * F + f[None, :], gw, mask=wm)
 
@@ -268,7 +297,7 @@ def _sms(device) -> int:
 def _geometry(x, w, sms=None):
     t, c, f = w.shape
     n = x.shape[0]
-    return t, n, c, f, head_config(n, c, f, t, _sms(x.device) if sms is None else sms)
+    return t, n, c, f, head_config(n, c, f, t, _sms(x.device) if sms is None else sms, dot=x.dtype == torch.float32)
 
 
 def _consts(meta, lw, like):
@@ -291,7 +320,8 @@ def forward(x, w, b, labels, lw, prev, meta):
     _head_fwd_kernel[(t, cfg["S"])](x, w, b, labels, lw_arg, prev if prev is not None else part, logits, lse, ws,
                                     part, loss, cnt, n, c, f, t * f, t, cfg["S"], cfg["FCH"], w.stride(0),
                                     b.stride(0), sc_hi, sc_lo, HAS_LW=has_lw, HAS_PREV=prev is not None, SPLIT=split,
-                                    BN=cfg["BN"], BC=cfg["BC"], BF=cfg["BF"], num_warps=cfg["num_warps"])
+                                    BN=cfg["BN"], BC=cfg["BC"], BF=cfg["BF"], DOT=cfg["DOT"],
+                                    num_warps=cfg["num_warps"])
     return loss, logits, lse
 
 
@@ -304,7 +334,7 @@ def backward(g, x, w, logits, lse, labels, lw, meta):
     sc_hi, sc_lo, lw_arg, has_lw = _consts(meta, lw, db)
     _head_bwd_kernel[(t, cfg["S"])](g, lw_arg, x, w, logits, lse, labels, dx, dw, db, n, c, f, t * f, cfg["FCH"],
                                     w.stride(0), sc_hi, sc_lo, HAS_LW=has_lw, BN=cfg["BN"], BC=cfg["BC"],
-                                    BF=cfg["BF"], num_warps=cfg["num_warps"])
+                                    BF=cfg["BF"], DOT=cfg["DOT"], num_warps=cfg["num_warps"])
     return dx, dw, db
 
 
@@ -323,5 +353,5 @@ def double_backward(vx, vw, vb, g, x, w, logits, lse, labels, lw, meta, need_g=T
                             vb if vb is not None else gb, g, lw_arg, x, w, logits, lse, labels, gx, gw, gb, gg, n, c,
                             f, t * f, w.stride(0), sc_hi, sc_lo, HAS_LW=has_lw, HAS_VX=vx is not None,
                             HAS_VW=vw is not None, HAS_VB=vb is not None, BN=cfg["BN"], BC=cfg["BC"],
-                            BF=cfg["BF"], num_warps=cfg["num_warps"])
+                            BF=cfg["BF"], DOT=cfg["DOT"], num_warps=cfg["num_warps"])
     return (gg.sum() if need_g else None), gx, gw, gb

@@ -56,7 +56,7 @@ def test_ticket_sums_deterministic_on_cuda():
     seed = fresh_seed() % 2 ** 31
     x, w, b, labels, lw, prev, T = (t.detach().cuda() if isinstance(t, torch.Tensor) else t
                                     for t in make_inputs(HEAD_GPU_SHAPES[2], seed, torch.float32))
-    assert th.head_config(x.shape[0], w.shape[1], w.shape[2], T, th._sms(x.device))["S"] > 1
+    assert th.head_config(x.shape[0], w.shape[1], w.shape[2], T, th._sms(x.device), dot=True)["S"] > 1
     px, gamma, beta, pt = pool_inputs((8, 64, 20, 14, 14, False, False), seed, torch.float32)
     px, gamma, beta = (t.detach().cuda() for t in (px, gamma, beta))
     assert tbp._single(tbp.pool_config(*px.shape, px.device))
