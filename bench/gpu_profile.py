@@ -9,7 +9,10 @@ configuration: op backend auto, conv_impl auto, the fused first block and bn_poo
 2. one eager meta-update under torch.profiler: every kernel's device time, grouped into categories
    (`CATEGORIES`: our Triton convolutions, the fused block, bn_pool, the CUDA batch norm, LSLR, cuDNN /
    cuBLAS, aten reductions, copies, other aten kernels), with their launch counts; the kernels are the
-   captured update's (a graph replays the same kernels without the CPU launch cost);
+   captured update's (a graph replays the same kernels without the CPU launch cost); and, from the
+   profiler's exported trace, every launch shape (kernel, grid, block) with its count, mean and minimum
+   device time, registers, warps per SM and the profiler's occupancy estimate (`launch_groups`): the
+   per-call measurements that a per-call correction of the trace needs;
 3. bench.trace's prediction for the same workload, grouped the same way (`trace_category`).
 
 Writes PREFIX.json and PREFIX.md (--out PREFIX) with the device, versions, date and command. On a machine
@@ -25,7 +28,8 @@ import sys
 import time
 from datetime import datetime, timezone
 
-__all__ = ["CATEGORIES", "profile_category", "trace_category", "profile_workload", "main"]
+__all__ = ["CATEGORIES", "profile_category", "trace_category", "profile_workload", "kernel_launches", "launch_groups",
+           "main"]
 
 # (category, regular expression on the profiler's kernel name), first match wins
 CATEGORIES = [
@@ -88,6 +92,75 @@ def _kernel_events(prof):
             continue
         out.append((e.key, float(dev_us), int(e.count)))
     return out
+
+
+# the kernel arguments that the profiler's exported trace (Kineto's chrome-trace JSON) records per launch
+LAUNCH_ARGS = (("grid", "grid"), ("block", "block"), ("registers per thread", "registers"),
+               ("shared memory", "shared_bytes"), ("blocks per SM", "blocks_per_sm"),
+               ("warps per SM", "warps_per_sm"), ("est. achieved occupancy %", "est_occupancy_pct"))
+
+
+def kernel_launches(trace: dict) -> list:
+    """Every device kernel launch of an exported profiler trace (`prof.export_chrome_trace`), in launch
+    order: {"name", "us" (device duration), and the launch arguments of `LAUNCH_ARGS` that the trace
+    holds: grid and block as lists, registers per thread, shared memory bytes, blocks and warps per SM
+    (averaged over the device's SMs: the grid over the SM count), the profiler's occupancy estimate}.
+    Kernel events are the complete ("ph" X) events of category "kernel" (any case)."""
+    out = []
+    for ev in trace.get("traceEvents", []):
+        if ev.get("ph") != "X" or str(ev.get("cat", "")).lower() != "kernel":
+            continue
+        args = ev.get("args") or {}
+        rec = {"name": str(ev.get("name", "")), "us": float(ev.get("dur", 0.0) or 0.0)}
+        for key, field in LAUNCH_ARGS:
+            if key in args:
+                rec[field] = list(args[key]) if isinstance(args[key], (list, tuple)) else args[key]
+        out.append(rec)
+    return out
+
+
+def launch_groups(launches: list) -> list:
+    """The launches grouped by (kernel, grid, block), longest total first: {"name", "grid", "block",
+    "programs" (CTAs), "launches", "total_us", "mean_us", "min_us", "max_us", "registers",
+    "shared_bytes", "warps_per_sm", "est_occupancy_pct"} (the last four from the group's first launch:
+    one compiled kernel per group, up to its specialisations). Per launch shape, this is what a per-call
+    correction of bench.trace needs: the convolutions of one layer shape share their grid."""
+    groups: dict = {}
+    for r in launches:
+        key = (r["name"], tuple(r.get("grid") or ()), tuple(r.get("block") or ()))
+        g = groups.get(key)
+        if g is None:
+            grid = r.get("grid") or []
+            programs = 1
+            for v in grid:
+                programs *= int(v)
+            g = groups[key] = {"name": r["name"], "grid": list(grid), "block": list(r.get("block") or []),
+                               "programs": programs if grid else None, "launches": 0, "total_us": 0.0,
+                               "min_us": float("inf"), "max_us": 0.0,
+                               **{f: r.get(f) for f in ("registers", "shared_bytes", "warps_per_sm",
+                                                        "est_occupancy_pct")}}
+        g["launches"] += 1
+        g["total_us"] += r["us"]
+        g["min_us"] = min(g["min_us"], r["us"])
+        g["max_us"] = max(g["max_us"], r["us"])
+    out = sorted(groups.values(), key=lambda g: -g["total_us"])
+    for g in out:
+        g["mean_us"] = g["total_us"] / g["launches"]
+    return out
+
+
+def _exported_launches(prof) -> list:
+    """`launch_groups` of a finished torch.profiler run, through its exported trace (a temporary file)."""
+    import os
+    import tempfile
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            return launch_groups(kernel_launches(json.load(f)))
+    finally:
+        os.unlink(path)
 
 
 def group(rows, categorize) -> dict:
@@ -155,6 +228,7 @@ def profile_workload(name: str, batch_size: int | None, device: str, iters: int,
     res["profile_by_category"] = group(rows, profile_category)
     res["profile_top"] = [dict(name=n[:120], ms=us / 1e3, kernels=c)
                           for n, us, c in sorted(rows, key=lambda r: -r[1])[:30]]
+    res["launch_groups"] = _exported_launches(prof)
     res["conv_choices"] = _conv_choices()
     if dev.type == "cpu":
         res["cpu_ops_ms"] = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e3
@@ -305,6 +379,18 @@ def to_markdown(rep: dict) -> str:
         lines += ["", "| top kernels | ms | launches |", "|---|---|---|"]
         for t in r["profile_top"][:15]:
             lines.append(f"| `{t['name']}` | {t['ms']:.3f} | {t['kernels']} |")
+        if r.get("launch_groups"):
+            lines += ["", "Per launch shape (kernel, grid, block; from the profiler's exported trace; occupancy: "
+                      "the profiler's estimate from registers, shared memory and the grid):", "",
+                      "| kernel | grid | CTAs | threads | launches | mean us | min us | regs | warps/SM | est. occ. % |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
+            for g in r["launch_groups"][:25]:
+                threads = 1
+                for v in g["block"] or [0]:
+                    threads *= int(v)
+                lines.append(f"| `{g['name'][:40]}` | {'x'.join(map(str, g['grid']))} | {g['programs']} | {threads} | "
+                             f"{g['launches']} | {g['mean_us']:.1f} | {g['min_us']:.1f} | {g['registers']} | "
+                             f"{g['warps_per_sm']} | {g['est_occupancy_pct']} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 

@@ -48,6 +48,7 @@ def test_cpu_smoke_run_writes_json_and_markdown(tmp_path):
     r = rep["workloads"][0]
     assert r["workload"] == "quick_omniglot_3w1s" and r["trace"]["kernels"] > 0 and r["trace"]["predicted_ms"] > 0
     assert r["profile_kernels"] == 0  # no device kernels on a CPU
+    assert r["launch_groups"] == []  # the exported trace was read: it holds no kernel launch on a CPU
     # the per-call pricing needs the table's (Triton 3.6, full-size) configurations: here it says why not
     assert r["trace"]["predicted_ms_per_call"] is None and "has no strict-fp32" in r["trace"]["per_call_why"]
     assert "quick_omniglot_3w1s" in (tmp_path / "prof.md").read_text()
@@ -127,3 +128,44 @@ def test_conv_table_from_a_committed_profile(capsys):
     assert len(rows) == 12 and {r["pattern"] for r in rows} == {"first_order", "second_order"}
     assert main(["--conv-table-from", path]) == 0
     assert "| (20, 512, 14, 14) | second_order | 20.81 | 1.086 | 38% | triton | 1.086 |" in capsys.readouterr().out
+
+
+def _kineto_kernel(name, dur, grid, block, regs, occ, ts):
+    """A kernel event as torch.profiler's exported trace (Kineto) writes it: a complete event of category
+    "kernel" whose args hold the launch's geometry and the profiler's occupancy estimate."""
+    return {"ph": "X", "cat": "kernel", "name": name, "pid": 0, "tid": 7, "ts": ts, "dur": dur,
+            "args": {"queued": 0, "device": 0, "context": 1, "stream": 7, "correlation": ts,
+                     "registers per thread": regs, "shared memory": 24576, "blocks per SM": grid[0] / 132,
+                     "warps per SM": grid[0] * block[0] / 32 / 132, "grid": grid, "block": block,
+                     "est. achieved occupancy %": occ}}
+
+
+def test_launch_groups_from_an_exported_trace():
+    """kernel_launches reads the kernel events (and only those) of an exported profiler trace with their
+    launch arguments; launch_groups groups them by (kernel, grid, block) with counts and times."""
+    from bench.gpu_profile import kernel_launches, launch_groups
+
+    trace = {"traceEvents": [
+        {"ph": "X", "cat": "cpu_op", "name": "aten::conv2d", "ts": 1, "dur": 50.0, "args": {}},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cuLaunchKernel", "ts": 2, "dur": 4.0, "args": {}},
+        _kineto_kernel("_conv_wgrad_kernel", 90.0, [1, 9, 48], [64, 1, 1], 255, 12, 10),
+        _kineto_kernel("_conv_fwd_kernel", 20.0, [6, 1, 48], [64, 1, 1], 246, 12, 20),
+        _kineto_kernel("_conv_wgrad_kernel", 110.0, [1, 9, 48], [64, 1, 1], 255, 12, 30),
+        _kineto_kernel("_conv_wgrad_kernel", 30.0, [1, 5, 64], [64, 1, 1], 255, 12, 40),
+        {"ph": "X", "cat": "Kernel", "name": "old_style", "ts": 50, "dur": 5.0, "args": {"grid": [2, 1, 1]}},
+        {"ph": "i", "cat": "kernel", "name": "instant", "ts": 60, "args": {}},
+    ]}
+    launches = kernel_launches(trace)
+    assert [r["name"] for r in launches] == ["_conv_wgrad_kernel", "_conv_fwd_kernel", "_conv_wgrad_kernel",
+                                             "_conv_wgrad_kernel", "old_style"]
+    assert launches[0]["grid"] == [1, 9, 48] and launches[0]["registers"] == 255
+    assert launches[0]["est_occupancy_pct"] == 12 and launches[0]["us"] == 90.0
+    assert "registers" not in launches[4] and launches[4]["grid"] == [2, 1, 1]
+    groups = launch_groups(launches)
+    first = groups[0]
+    assert (first["name"], first["grid"], first["launches"], first["programs"]) == (
+        "_conv_wgrad_kernel", [1, 9, 48], 2, 432)
+    assert first["total_us"] == 200.0 and first["mean_us"] == 100.0
+    assert (first["min_us"], first["max_us"]) == (90.0, 110.0)
+    assert [g["total_us"] for g in groups] == sorted((g["total_us"] for g in groups), reverse=True)
+    assert sum(g["launches"] for g in groups) == 5 and len(groups) == 4
