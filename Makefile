@@ -73,8 +73,8 @@ gpu-first:
 	$(MAKE) gpu-session OUT="$(OUT)"
 
 gpu-second:
-	STAGES=env,build,import,bench,convab,ncu,precision,memcheck DEADLINE=$(SECOND_DEADLINE) BENCH_LIMIT=140 \
-	CONVAB_LIMIT=45 NCU_LIMIT=45 PRECISION_LIMIT=50 MEMCHECK_LIMIT=50 \
+	STAGES=env,build,import,bench,profiledefault,convab,ncu,precision,memcheck DEADLINE=$(SECOND_DEADLINE) BENCH_LIMIT=140 \
+	PROFILEDEFAULT_LIMIT=35 CONVAB_LIMIT=40 NCU_LIMIT=40 PRECISION_LIMIT=45 MEMCHECK_LIMIT=40 \
 	BENCH_ARGS="--device cuda --workloads omniglot_20w1s,miniimagenet_5w1s --learners fast,reference,torchfunc,jax \
 	--backends native --conv-impls auto --first-blocks fused,unfused --no-sweeps --time-budget 115 \
 	--max-time 1.0" $(MAKE) gpu-session OUT="$(OUT)"

@@ -20,6 +20,9 @@
 #   tests     tests/gpu (conv, head, ops, learner, capture) + the CPU op tests  -> gpu_tests.log, junit.xml
 #   profile   python -m bench.gpu_profile: the captured update's time, device time per kernel category
 #             beside bench.trace's prediction (both workloads)                  -> profile.{md,json}
+#   profiledefault  python -m bench.gpu_profile with the learner's own defaults (conv_impl auto; on CUDA
+#             no fused op, AUTO_FUSES_ON_CUDA), run after the benchmark has compiled their kernels: the
+#             per-launch table of the configuration users get                   -> profile_default.{md,json}
 #   bench     python -m bench.run: the conv table, fast (native backend; conv_impl auto; the fused ops,
 #             first block and bn_pool, on and off; eager and CUDA graph), reference, torch.func and JAX on
 #             Omniglot 20-way 1-shot B=8 and mini-ImageNet 5-way 1-shot B=2, then the B=8/B=64 roofline
@@ -40,7 +43,7 @@
 # $OUT/summary.txt and copies of the benchmark's and the profile's markdown ($OUT/bench.md, profile.md).
 # Limits (s, env): DEADLINE=560 BUILD_LIMIT=180 TESTS_LIMIT=150 PROFILE_LIMIT=60 BENCH_LIMIT=240
 # PRECISION_LIMIT=60 MEMCHECK_LIMIT=60 CONVAB_LIMIT=40 CEILINGS_LIMIT=40 WARM_LIMIT=200 DIAGNOSE_LIMIT=90
-# NCU_LIMIT=90 NCU_COUNT=40
+# NCU_LIMIT=90 NCU_COUNT=40 PROFILEDEFAULT_LIMIT=40
 # OPBENCH_LIMIT=45; BENCH_ARGS replaces the benchmark's arguments; PROFILE_ARGS adds to the profile's
 # and the warm-up's (e.g. --conv-impl triton --fused-ops fused: the design bench.trace prices); TEST_ARGS replaces the test stage's
 # files and selection; STAGES (comma-separated names of the stages above; default all) runs only those,
@@ -65,7 +68,7 @@ unset TRITON_INTERPRET
 # shellcheck source=scripts/gpu_common.sh
 source scripts/gpu_common.sh
 
-STAGES=${STAGES:-env,build,import,diagnose,ceilings,warm,tests,profile,bench,convab,ncu,precision,memcheck,opbench}
+STAGES=${STAGES:-env,build,import,diagnose,ceilings,warm,tests,profile,bench,profiledefault,convab,ncu,precision,memcheck,opbench}
 want() { [[ ",$STAGES," == *",$1,"* ]]; }
 
 # ---- env ------------------------------------------------------------------------------------------
@@ -141,6 +144,10 @@ DEFAULT_BENCH_ARGS="--device cuda --workloads omniglot_20w1s,miniimagenet_5w1s -
 # shellcheck disable=SC2086
 want bench && stage bench "${BENCH_LIMIT:-240}" "$W/bench.log" "$PY" -m bench.run ${BENCH_ARGS:-$DEFAULT_BENCH_ARGS} --out "$W/bench"
 
+# ---- the default configuration's profile (its kernels compiled by the benchmark above) ----------------------
+want profiledefault && stage profiledefault "${PROFILEDEFAULT_LIMIT:-40}" "$W/profile_default.log" "$PY" \
+  -m bench.gpu_profile --out "$W/profile_default"
+
 # ---- launch configurations A/B of the convolutions ----------------------------------------------------------
 want convab && stage convab "${CONVAB_LIMIT:-40}" "$W/conv_ab.log" "$PY" -m bench.conv_ab --iters 30 --out "$W/conv_ab"
 
@@ -188,6 +195,7 @@ fail=0
   grep -sE "ERROR SUMMARY" "$W/memcheck.log" | tail -n 1 | sed 's/^/memcheck: /'
   grep -sE "^bench: " "$W/bench.log" | cut -c1-220 | tail -n 40
   grep -sE "^(## |Captured update|Eager update)" "$W/profile.log" | cut -c1-220
+  grep -sE "^(## |Captured update|Eager update)" "$W/profile_default.log" | cut -c1-220 | sed 's/^/default: /'
   grep -sE "^\| (ieee|tf32|tf32x3) \|" "$W/precision.log" | sed 's/^/precision: /' 
   grep -sE "^\| [0-9]+x[0-9]+ \|" "$W/conv_ab.log" | sed 's/^/conv_ab: /'
 } >"$OUT/summary.txt" 2>&1
