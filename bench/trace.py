@@ -1631,7 +1631,10 @@ def main(argv=None) -> int:
     p.add_argument("--tf32", action="store_true", help="convolutions and matmuls at the TF32 rate")
     p.add_argument("--tf32x3", action="store_true",
                    help="our convolution kernels in tf32x3 (conv_precision): a third of the TF32 rate")
-    p.add_argument("--device-ceilings", default="h100", choices=sorted(CEILINGS))
+    p.add_argument("--device-ceilings", default=None, choices=sorted(CEILINGS),
+                   help="whose measured ceilings price the kernels (default h200, the device the sessions are "
+                        "lent, measured by bench.ceilings; --calibrate defaults to h100, the device of the "
+                        "measurement it compares with)")
     p.add_argument("--conv-efficiency", type=float, default=1.0,
                    help="fraction of the FMA ceiling assumed for the convolution kernels (default 1.0)")
     p.add_argument("--conv-efficiency-from", default=None, metavar="JSON",
@@ -1653,7 +1656,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="also write the full summary (JSON) and a .md next to it")
     a = p.parse_args(argv)
     if a.calibrate:
-        print(json.dumps(calibrate(a.device_ceilings), indent=1))
+        print(json.dumps(calibrate(a.device_ceilings or "h100"), indent=1))
         return 0
     from mamlpp_fast.triton import conv as tconv
     installed = tconv._TRITON_VERSION
@@ -1679,7 +1682,7 @@ def main(argv=None) -> int:
     if not 0 < a.conv_efficiency <= 1:
         print(f"error: --conv-efficiency must be in (0, 1], got {a.conv_efficiency}", file=sys.stderr)
         return 2
-    s = summarize(res, a.device_ceilings, a.tf32, a.conv_efficiency, a.tf32x3, effs)
+    s = summarize(res, a.device_ceilings or "h200", a.tf32, a.conv_efficiency, a.tf32x3, effs)
     s["conv_efficiency_from"] = a.conv_efficiency_from
     if a.calibrate_from:
         try:
@@ -1709,7 +1712,7 @@ def main(argv=None) -> int:
                     f"configurations of Triton {s['triton_configs']}, {s['date']}.\n")
     if a.json:
         keys = ("workload", "batch_size", "backend", "conv_impl", "cuda_graph", "tf32", "tf32x3", "conv_efficiency",
-                "conv_efficiency_from", "kernels",
+                "conv_efficiency_from", "ceilings", "kernels",
                 "bytes", "flops", "conv_linear_flops", "predicted_ms", "prediction", "analytic_flops_total", "analytic_flops_minimal",
                 "triton_configs", "calibrated_ms")
         print(json.dumps({k: s.get(k) for k in keys}))
