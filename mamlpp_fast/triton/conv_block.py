@@ -18,13 +18,15 @@ k -> (ci, p, q) is computed once per program on the KP axis.
 
 Every pass runs over the grid (T * channel blocks, CHUNKS); the column statistics the batch norm
 needs come from the image's Gram terms, not from a pass over z. A small kernel per derivative (one
-program per channel) adds the programs' partial sums (a (TC, CHUNKS, KP) workspace of weight-gradient
-partials and a (TC, CHUNKS, 2) one of column sums) in chunk order and forms the weight and gamma/beta
-gradients, per task or added in task order for a shared gamma. No atomics: results are reproducible.
+program per column, i.e. per (channel, task)) adds the programs' partial sums (a (TC, CHUNKS, KP)
+workspace of weight-gradient partials and a (TC, CHUNKS, 2) one of column sums) in chunk order and forms
+the weight and gamma/beta gradients, per task, or for a shared gamma added in task order by each
+channel's last program, elected with an integer ticket (`_task_sum`). No floating-point atomics, fixed
+orders: results are reproducible.
 
 - forward:   no statistics pass over z: with s = S_D.w', mean = rho'.w' + s/N and
              sum (z - mean)^2 = w'^T C_D w' - s^2/N from the image's Gram terms (`_fwd_stats_kernel`,
-             one program per channel). One pass (`_fwd_kernel`): z at each window's four outputs, `sel`,
+             one program per column). One pass (`_fwd_kernel`): z at each window's four outputs, `sel`,
              the position 0..3 (int8) of its largest y, `zsel`, z there, and out = y(zsel): y is
              monotone in z (non-decreasing for gamma > 0, non-increasing for gamma < 0, constant for
              gamma = 0), so the largest y is at the first largest sign(gamma) z; the backward passes
@@ -56,9 +58,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import num_sms
+from ._device import _tile_counters, num_sms
 from .conv import _precision
-from .per_step_bn import _dbwd_coef, _f2acc, _split, _to_acc
+from .per_step_bn import _dbwd_coef, _f2acc, _last_ticket, _split, _to_acc
 
 __all__ = ["forward", "backward", "double_backward", "image_stats", "block_config", "name"]
 
@@ -299,28 +301,29 @@ def _gram_terms(gram_ptr, rho_ptr, t, ks, KP: tl.constexpr):
 @triton.jit
 def _fwd_stats_kernel(gram_ptr, rho_ptr, w_ptr, b_ptr, mean_ptr, invstd_ptr, C, T, MW, W_TS, B_TS, eps_hi, eps_lo,
                       K: tl.constexpr, KP: tl.constexpr, HAS_B: tl.constexpr, IS_F64: tl.constexpr):
-    """Program c, for every task t: mean and invstd of column cp = t C + c from the image's Gram terms,
-    no convolution. Over the N = 4 Mw rows z = D w' + rho'.w', so with s = S_D.w':
+    """Program (c, t): mean and invstd of column cp = t C + c from the image's Gram terms, no
+    convolution. Over the N = 4 Mw rows z = D w' + rho'.w', so with s = S_D.w':
     mean = rho'.w' + s / N and m2 = sum (z - mean)^2 = w'^T C_D w' - s^2 / N (>= 0 in exact arithmetic;
-    clamped at 0 against rounding); invstd = 1 / sqrt(m2 / N + eps)."""
+    clamped at 0 against rounding); invstd = 1 / sqrt(m2 / N + eps). One program per column: a program
+    that walked the tasks would chain T columns' loads one after another."""
     c = tl.program_id(0)
+    t = tl.program_id(1)
     ACC = gram_ptr.dtype.element_ty
     ks = tl.arange(0, KP)
     Mf = _to_acc(4 * MW, ACC)
     eps = _f2acc(eps_hi, eps_lo, ACC)
-    for t in range(0, T):
-        cp = t * C + c
-        wv = _wcol(w_ptr, b_ptr, t, c, W_TS, B_TS, ks, K, HAS_B, ACC)
-        cd, sd, rho = _gram_terms(gram_ptr, rho_ptr, t, ks, KP)
-        s = tl.sum(sd * wv, axis=0)
-        mean = tl.sum(rho * wv, axis=0) + s / Mf
-        m2 = tl.maximum(tl.sum(tl.sum(cd * wv[None, :], axis=1) * wv, axis=0) - s * (s / Mf), 0.0)
-        if IS_F64:
-            r = 1.0 / tl.sqrt(m2 / Mf + eps)
-        else:
-            r = 1.0 / tl.sqrt_rn(m2 / Mf + eps)
-        tl.store(mean_ptr + cp, mean)
-        tl.store(invstd_ptr + cp, r)
+    cp = t * C + c
+    wv = _wcol(w_ptr, b_ptr, t, c, W_TS, B_TS, ks, K, HAS_B, ACC)
+    cd, sd, rho = _gram_terms(gram_ptr, rho_ptr, t, ks, KP)
+    s = tl.sum(sd * wv, axis=0)
+    mean = tl.sum(rho * wv, axis=0) + s / Mf
+    m2 = tl.maximum(tl.sum(tl.sum(cd * wv[None, :], axis=1) * wv, axis=0) - s * (s / Mf), 0.0)
+    if IS_F64:
+        r = 1.0 / tl.sqrt(m2 / Mf + eps)
+    else:
+        r = 1.0 / tl.sqrt_rn(m2 / Mf + eps)
+    tl.store(mean_ptr + cp, mean)
+    tl.store(invstd_ptr + cp, r)
 
 
 @triton.jit
@@ -495,111 +498,122 @@ def _bwd_sums(ws_ptr, wws_ptr, cp, CHUNKS, KP: tl.constexpr, KSTEP: tl.constexpr
 
 
 @triton.jit
+def _task_sum(gs_ptr, cnt_ptr, out_ptr, c, t, C, T, v, NV: tl.constexpr):
+    """Where gamma is shared by the tasks: channel c's sums over the tasks of the per-column values v (NV
+    scalars, NV = 1 or 2) that its T programs (c, t) computed. Each stores its values at gs[(t C + c) NV + j];
+    the last of the channel's programs to take a ticket on cnt[c] (`_last_ticket`) adds them in task
+    order 0..T-1 (the order of a loop over the tasks: the same bits), writes out[j C + c] and sets the
+    counter back to zero."""
+    js = tl.arange(0, 2)
+    jm = js < NV
+    tl.store(gs_ptr + (t * C + c) * NV + js, v, mask=jm)
+    if _last_ticket(cnt_ptr + c, T):
+        tot = tl.load(gs_ptr + c * NV + js, mask=jm, other=0.0, cache_modifier=".cg")
+        for j in tl.range(1, T, num_stages=1):
+            tot += tl.load(gs_ptr + (j * C + c) * NV + js, mask=jm, other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr + js * C + c, tot.to(out_ptr.dtype.element_ty), mask=jm)
+        tl.store(cnt_ptr + c, 0)
+
+
+@triton.jit
 def _bwd_finish_kernel(ws_ptr, wws_ptr, gram_ptr, rho_ptr, w_ptr, b_ptr, gamma_ptr, mean_ptr, invstd_ptr, dw_ptr,
-                       db_ptr, dgamma_ptr, dbeta_ptr, C, T, CHUNKS, MW, W_TS, B_TS, K: tl.constexpr,
+                       db_ptr, dgb_ptr, gs_ptr, cnt_ptr, C, T, CHUNKS, MW, W_TS, B_TS, K: tl.constexpr,
                        KP: tl.constexpr, HAS_B: tl.constexpr, GAMMA_PER_TASK: tl.constexpr, KSTEP: tl.constexpr):
-    """Program c, for every task t: Q_D, Sg, Sgx of column cp = t C + c added in chunk order, then
+    """Program (c, t): Q_D, Sg, Sgx of column cp = t C + c added in chunk order, then
     dw'[:, cp] = gamma r [Q_D - (Sg/N) S_D - (Sgx/N) r (C_D w' + (rho'.w' - mean) S_D)] (N = 4 Mw; C_D,
-    S_D, rho' the task's Gram terms) split into dw[t, c] and dbias[t, c]; dgamma = Sgx, dbeta = Sg, per
-    task or added in task order for a shared gamma."""
+    S_D, rho' the task's Gram terms) split into dw[t, c] and dbias[t, c]; dgamma = Sgx, dbeta = Sg
+    (dgb = [dgamma, dbeta], each of gamma's shape), per task, or for a shared gamma added over the tasks
+    in task order by the channel's last program (`_task_sum`)."""
     c = tl.program_id(0)
+    t = tl.program_id(1)
     ACC = wws_ptr.dtype.element_ty
     ks = tl.arange(0, KP)
     Mf = _to_acc(4 * MW, ACC)
-    tot_g = tl.zeros([], dtype=ACC)
-    tot_b = tl.zeros([], dtype=ACC)
-    for t in range(0, T):
-        cp = t * C + c
-        qd, Sg, Sgx = _bwd_sums(ws_ptr, wws_ptr, cp, CHUNKS, KP, KSTEP)
-        wv = _wcol(w_ptr, b_ptr, t, c, W_TS, B_TS, ks, K, HAS_B, ACC)
-        cd, sd, rho = _gram_terms(gram_ptr, rho_ptr, t, ks, KP)
-        if GAMMA_PER_TASK:
-            ga = tl.load(gamma_ptr + cp).to(ACC)
-        else:
-            ga = tl.load(gamma_ptr + c).to(ACC)
-        r = tl.load(invstd_ptr + cp).to(ACC)
-        mu = tl.load(mean_ptr + cp).to(ACC)
-        rd = tl.sum(cd * wv[None, :], axis=1) + (tl.sum(rho * wv, axis=0) - mu) * sd
-        tot = ga * r * (qd - (Sg / Mf) * sd - (Sgx / Mf) * r * rd)
-        tl.store(dw_ptr + cp * K + ks, tot.to(dw_ptr.dtype.element_ty), mask=ks < K)
-        if HAS_B:
-            tl.store(db_ptr + cp + ks * 0, tot.to(db_ptr.dtype.element_ty), mask=ks == K)
-        if GAMMA_PER_TASK:
-            tl.store(dgamma_ptr + cp, Sgx.to(dgamma_ptr.dtype.element_ty))
-            tl.store(dbeta_ptr + cp, Sg.to(dbeta_ptr.dtype.element_ty))
-        else:
-            tot_g += Sgx
-            tot_b += Sg
-    if not GAMMA_PER_TASK:
-        tl.store(dgamma_ptr + c, tot_g.to(dgamma_ptr.dtype.element_ty))
-        tl.store(dbeta_ptr + c, tot_b.to(dbeta_ptr.dtype.element_ty))
+    cp = t * C + c
+    qd, Sg, Sgx = _bwd_sums(ws_ptr, wws_ptr, cp, CHUNKS, KP, KSTEP)
+    wv = _wcol(w_ptr, b_ptr, t, c, W_TS, B_TS, ks, K, HAS_B, ACC)
+    cd, sd, rho = _gram_terms(gram_ptr, rho_ptr, t, ks, KP)
+    if GAMMA_PER_TASK:
+        ga = tl.load(gamma_ptr + cp).to(ACC)
+    else:
+        ga = tl.load(gamma_ptr + c).to(ACC)
+    r = tl.load(invstd_ptr + cp).to(ACC)
+    mu = tl.load(mean_ptr + cp).to(ACC)
+    rd = tl.sum(cd * wv[None, :], axis=1) + (tl.sum(rho * wv, axis=0) - mu) * sd
+    tot = ga * r * (qd - (Sg / Mf) * sd - (Sgx / Mf) * r * rd)
+    tl.store(dw_ptr + cp * K + ks, tot.to(dw_ptr.dtype.element_ty), mask=ks < K)
+    if HAS_B:
+        tl.store(db_ptr + cp + ks * 0, tot.to(db_ptr.dtype.element_ty), mask=ks == K)
+    if GAMMA_PER_TASK:
+        tl.store(dgb_ptr + cp, Sgx.to(dgb_ptr.dtype.element_ty))
+        tl.store(dgb_ptr + T * C + cp, Sg.to(dgb_ptr.dtype.element_ty))
+    else:
+        _task_sum(gs_ptr, cnt_ptr, dgb_ptr, c, t, C, T, tl.where(tl.arange(0, 2) == 0, Sgx, Sg), 2)
 
 
 @triton.jit
 def _dbwd_finish_kernel(ws_ptr, wws_ptr, gram_ptr, rho_ptr, w_ptr, b_ptr, uw_ptr, ub_ptr, ugam_ptr, ubet_ptr,
-                        gamma_ptr, mean_ptr, invstd_ptr, coef_ptr, dw_ptr, db_ptr, dgamma_ptr, C, T, CHUNKS, MW,
-                        W_TS, B_TS, K: tl.constexpr, KP: tl.constexpr, HAS_B: tl.constexpr,
+                        gamma_ptr, mean_ptr, invstd_ptr, coef_ptr, dw_ptr, db_ptr, dgamma_ptr, gs_ptr, cnt_ptr, C, T,
+                        CHUNKS, MW, W_TS, B_TS, K: tl.constexpr, KP: tl.constexpr, HAS_B: tl.constexpr,
                         HAS_UW: tl.constexpr, HAS_UB: tl.constexpr, HAS_UG: tl.constexpr,
                         HAS_UBETA: tl.constexpr, GAMMA_PER_TASK: tl.constexpr, KSTEP: tl.constexpr):
-    """Program c, for every task t, column cp = t C + c: the double backward's sums from the backward's
+    """Program (c, t), column cp = t C + c: the double backward's sums from the backward's
     pass (Sg, Sgx, Q_D of gout: `_bwd_kernel`) and the image's Gram terms, no convolution. With
     u = P' U' = D U' + a (a = rho'.U'), z - mean = D w' + delta (delta = rho'.w' - mean), s = S_D.U':
     Su = s + N a, Sux = r (U'^T C_D w' + delta s), Sug = Q_D.U' + a Sg (sum (z - mean) = 0 removes
     the a terms of Sux); then per_step_bn's coefficients (`_dbwd_coef`), and, since sum gz = 0 (the batch
     norm's output does not change when z moves by a constant), d(w') = sum P'^T gz = sum D^T gz =
     eu (C_D U' + a S_D) + eg Q_D + ex r (C_D w' + delta S_D) + e0 S_D, split into d(w), d(bias) (D's
-    bias column: 0, the exact value); d(gamma) = r M Q, per task or added in task order for a shared
-    gamma; coef[cp] = (cu, cx, c0) for `_dbwd_dgout_kernel`."""
+    bias column: 0, the exact value); d(gamma) = r M Q, per task, or for a shared gamma added in task
+    order by the channel's last program (`_task_sum`); coef[cp] = (cu, cx, c0) for
+    `_dbwd_dgout_kernel`."""
     c = tl.program_id(0)
+    t = tl.program_id(1)
     ACC = wws_ptr.dtype.element_ty
     ks = tl.arange(0, KP)
     Mf = _to_acc(4 * MW, ACC)
-    tot_g = tl.zeros([], dtype=ACC)
-    for t in range(0, T):
-        cp = t * C + c
-        qd, Sg, Sgx = _bwd_sums(ws_ptr, wws_ptr, cp, CHUNKS, KP, KSTEP)
-        wv = _wcol(w_ptr, b_ptr, t, c, W_TS, B_TS, ks, K, HAS_B, ACC)
-        uv = tl.zeros([KP], dtype=ACC)
-        if HAS_UW:
-            uv += tl.load(uw_ptr + cp * K + ks, mask=ks < K, other=0.0).to(ACC)
-        if HAS_UB:
-            uv += tl.load(ub_ptr + cp + ks * 0, mask=ks == K, other=0.0).to(ACC)
-        cd, sd, rho = _gram_terms(gram_ptr, rho_ptr, t, ks, KP)
-        if GAMMA_PER_TASK:
-            gi = cp
-        else:
-            gi = c
-        ga = tl.load(gamma_ptr + gi).to(ACC)
-        ugam = tl.zeros([], dtype=ACC)
-        ubet = tl.zeros([], dtype=ACC)
-        if HAS_UG:
-            ugam += tl.load(ugam_ptr + gi).to(ACC)
-        if HAS_UBETA:
-            ubet += tl.load(ubet_ptr + gi).to(ACC)
-        r = tl.load(invstd_ptr + cp).to(ACC)
-        mu = tl.load(mean_ptr + cp).to(ACC)
-        a = tl.sum(rho * uv, axis=0)
-        delta = tl.sum(rho * wv, axis=0) - mu
-        s = tl.sum(sd * uv, axis=0)
-        cw = tl.sum(cd * wv[None, :], axis=1)
-        cu_v = tl.sum(cd * uv[None, :], axis=1)
-        Su = s + Mf * a
-        Sux = r * (tl.sum(uv * cw, axis=0) + delta * s)
-        Sug = tl.sum(qd * uv, axis=0) + a * Sg
-        cu, cx, c0, eu, eg, ex, e0, ggam = _dbwd_coef(Sg, Sgx, Su, Sux, Sug, Mf, ga, r, ugam, ubet)
-        tot = eu * (cu_v + a * sd) + eg * qd + ex * r * (cw + delta * sd) + e0 * sd
-        tl.store(dw_ptr + cp * K + ks, tot.to(dw_ptr.dtype.element_ty), mask=ks < K)
-        if HAS_B:
-            tl.store(db_ptr + cp + ks * 0, tot.to(db_ptr.dtype.element_ty), mask=ks == K)
-        tl.store(coef_ptr + cp * 3, cu)
-        tl.store(coef_ptr + cp * 3 + 1, cx)
-        tl.store(coef_ptr + cp * 3 + 2, c0)
-        if GAMMA_PER_TASK:
-            tl.store(dgamma_ptr + cp, ggam.to(dgamma_ptr.dtype.element_ty))
-        else:
-            tot_g += ggam
-    if not GAMMA_PER_TASK:
-        tl.store(dgamma_ptr + c, tot_g.to(dgamma_ptr.dtype.element_ty))
+    cp = t * C + c
+    qd, Sg, Sgx = _bwd_sums(ws_ptr, wws_ptr, cp, CHUNKS, KP, KSTEP)
+    wv = _wcol(w_ptr, b_ptr, t, c, W_TS, B_TS, ks, K, HAS_B, ACC)
+    uv = tl.zeros([KP], dtype=ACC)
+    if HAS_UW:
+        uv += tl.load(uw_ptr + cp * K + ks, mask=ks < K, other=0.0).to(ACC)
+    if HAS_UB:
+        uv += tl.load(ub_ptr + cp + ks * 0, mask=ks == K, other=0.0).to(ACC)
+    cd, sd, rho = _gram_terms(gram_ptr, rho_ptr, t, ks, KP)
+    if GAMMA_PER_TASK:
+        gi = cp
+    else:
+        gi = c
+    ga = tl.load(gamma_ptr + gi).to(ACC)
+    ugam = tl.zeros([], dtype=ACC)
+    ubet = tl.zeros([], dtype=ACC)
+    if HAS_UG:
+        ugam += tl.load(ugam_ptr + gi).to(ACC)
+    if HAS_UBETA:
+        ubet += tl.load(ubet_ptr + gi).to(ACC)
+    r = tl.load(invstd_ptr + cp).to(ACC)
+    mu = tl.load(mean_ptr + cp).to(ACC)
+    a = tl.sum(rho * uv, axis=0)
+    delta = tl.sum(rho * wv, axis=0) - mu
+    s = tl.sum(sd * uv, axis=0)
+    cw = tl.sum(cd * wv[None, :], axis=1)
+    cu_v = tl.sum(cd * uv[None, :], axis=1)
+    Su = s + Mf * a
+    Sux = r * (tl.sum(uv * cw, axis=0) + delta * s)
+    Sug = tl.sum(qd * uv, axis=0) + a * Sg
+    cu, cx, c0, eu, eg, ex, e0, ggam = _dbwd_coef(Sg, Sgx, Su, Sux, Sug, Mf, ga, r, ugam, ubet)
+    tot = eu * (cu_v + a * sd) + eg * qd + ex * r * (cw + delta * sd) + e0 * sd
+    tl.store(dw_ptr + cp * K + ks, tot.to(dw_ptr.dtype.element_ty), mask=ks < K)
+    if HAS_B:
+        tl.store(db_ptr + cp + ks * 0, tot.to(db_ptr.dtype.element_ty), mask=ks == K)
+    tl.store(coef_ptr + cp * 3, cu)
+    tl.store(coef_ptr + cp * 3 + 1, cx)
+    tl.store(coef_ptr + cp * 3 + 2, c0)
+    if GAMMA_PER_TASK:
+        tl.store(dgamma_ptr + cp, ggam.to(dgamma_ptr.dtype.element_ty))
+    else:
+        _task_sum(gs_ptr, cnt_ptr, dgamma_ptr, c, t, C, T, ggam + tl.zeros([2], dtype=ACC), 1)
 
 
 @triton.jit
@@ -713,7 +727,7 @@ def forward(x, w, bias, gamma, beta, meta, stats=None):
     invstd = torch.empty_like(mean)
     eps_hi, eps_lo = _split(meta[3])
     sl_hi, sl_lo = _split(meta[4])
-    _fwd_stats_kernel[(g["c"],)](gram, rho, w, b, mean, invstd, g["c"], g["t"], g["mw"], w_ts, b_ts, eps_hi, eps_lo,
+    _fwd_stats_kernel[(g["c"], g["t"])](gram, rho, w, b, mean, invstd, g["c"], g["t"], g["mw"], w_ts, b_ts, eps_hi, eps_lo,
                                  K=g["k"], KP=g["kp"], HAS_B=bias is not None, IS_F64=x.dtype == torch.float64,
                                  num_warps=1)
     grid, geo, const_f, _ = _launch(g, _precision(x.dtype), w_ts, b_ts)
@@ -739,6 +753,15 @@ def image_stats(x, w_shape, meta):
     return gws.sum(1), rho
 
 
+def _task_sums_workspace(g, x, nv, per_task):
+    """(gs, cnt) of a finishing kernel (`_task_sum`): the per-column values gs (T x C x nv, x's dtype) and
+    one ticket counter per channel, where gamma is shared by the tasks; placeholders otherwise."""
+    if per_task:
+        return x, _tile_counters(x.device, 1)
+    return (torch.empty(g["t"] * g["c"] * nv, dtype=x.dtype, device=x.device),
+            _tile_counters(x.device, g["c"]))
+
+
 def backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, gout2=None, stats=None):
     """(dw, dbias or None, dgamma, dbeta) of conv_bn_pool; aux: the forward's (sel, zsel); gout2: a second
     gradient of the output (gout's shape, contiguous), added to gout where the kernels load it, or None;
@@ -762,13 +785,13 @@ def backward(gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, gout2=None,
                       *geo[:-2], sl_hi, sl_lo, GAMMA_PER_TASK=per_task, HAS_G2=gout2 is not None, **const_b)
     dw = torch.empty(w.shape, dtype=w.dtype, device=w.device)
     db = torch.empty(g["t"], g["c"], dtype=x.dtype, device=x.device) if bias is not None else None
-    dgamma = torch.empty_like(gamma)
-    dbeta = torch.empty_like(gamma)
-    _bwd_finish_kernel[(g["c"],)](ws, wws, gram, rho, w, b, gamma, mean, invstd, dw, db if db is not None else dw,
-                                  dgamma, dbeta, g["c"], g["t"], cfg["CHUNKS"], g["mw"], w_ts, b_ts, K=g["k"],
-                                  KP=g["kp"], HAS_B=bias is not None, GAMMA_PER_TASK=per_task, KSTEP=_KSTEP,
-                                  num_warps=1)
-    return dw, db, dgamma, dbeta
+    dgb = torch.empty(2, *gamma.shape, dtype=gamma.dtype, device=gamma.device)  # [dgamma, dbeta]
+    gs, cnt = _task_sums_workspace(g, x, 2, per_task)
+    _bwd_finish_kernel[(g["c"], g["t"])](ws, wws, gram, rho, w, b, gamma, mean, invstd, dw,
+                                         db if db is not None else dw, dgb, gs, cnt, g["c"], g["t"], cfg["CHUNKS"],
+                                         g["mw"], w_ts, b_ts, K=g["k"], KP=g["kp"], HAS_B=bias is not None,
+                                         GAMMA_PER_TASK=per_task, KSTEP=_KSTEP, num_warps=1)
+    return dw, db, dgb[0], dgb[1]
 
 
 def double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, mean, invstd, aux, meta, stats=None):
@@ -799,11 +822,13 @@ def double_backward(uw, ubias, ugamma, ubeta, gout, x, w, bias, gamma, beta, mea
     dw = torch.empty(w.shape, dtype=w.dtype, device=w.device)
     db = torch.empty(g["t"], g["c"], dtype=x.dtype, device=x.device) if bias is not None else None
     dgamma = torch.empty_like(gamma)
-    _dbwd_finish_kernel[(g["c"],)](ws, wws, gram, rho, w, b, uw_t, ub_t, ug, ubt, gamma, mean, invstd, coef, dw,
-                                   db if db is not None else dw, dgamma, g["c"], g["t"], cfg["CHUNKS"], g["mw"], w_ts,
-                                   b_ts, K=g["k"], KP=g["kp"], HAS_B=bias is not None, HAS_UW=uw is not None,
-                                   HAS_UB=ubias is not None, HAS_UG=ugamma is not None, HAS_UBETA=ubeta is not None,
-                                   GAMMA_PER_TASK=per_task, KSTEP=_KSTEP, num_warps=1)
+    gs, cnt = _task_sums_workspace(g, x, 1, per_task)
+    _dbwd_finish_kernel[(g["c"], g["t"])](ws, wws, gram, rho, w, b, uw_t, ub_t, ug, ubt, gamma, mean, invstd, coef,
+                                          dw, db if db is not None else dw, dgamma, gs, cnt, g["c"], g["t"],
+                                          cfg["CHUNKS"], g["mw"], w_ts, b_ts, K=g["k"], KP=g["kp"],
+                                          HAS_B=bias is not None, HAS_UW=uw is not None, HAS_UB=ubias is not None,
+                                          HAS_UG=ugamma is not None, HAS_UBETA=ubeta is not None,
+                                          GAMMA_PER_TASK=per_task, KSTEP=_KSTEP, num_warps=1)
     dgout = torch.empty_like(gout)
     _dbwd_dgout_kernel[grid](sel, zsel, x, uw_t, ub_t, gamma, beta, mean, invstd, coef, dgout, *geo[:-2], sl_hi, sl_lo,
                              GAMMA_PER_TASK=per_task, HAS_UW=uw is not None, HAS_UB=ubias is not None, **const_f)

@@ -42,15 +42,18 @@ def test_head_kernels_on_cuda(shape, dtype):
 
 def test_ticket_sums_deterministic_on_cuda():
     """20 repeated launches of the head's forward (split over the features: the chunk sums and the loss
-    sum taken by the last programs) and of bn_pool's single-pass backward and double backward with a
-    gamma shared by the tasks (the channel sums taken by the last program) give identical bits (a last
-    program that read before another's stores were visible would make them differ), and every ticket
-    counter is back at zero."""
+    sum taken by the last programs), of bn_pool's single-pass backward and double backward with a gamma
+    shared by the tasks (the channel sums taken by the last program) and of the fused first block's
+    backward and double backward with a shared gamma (its finishing kernels' sums over the tasks, taken
+    by each channel's last program) give identical bits (a last program that read before another's
+    stores were visible would make them differ), and every ticket counter is back at zero."""
     from test_head import make_inputs
     from test_bn_pool import make_inputs as pool_inputs
-    from test_triton_interp import _bn_pool_all, _head_all
+    from test_conv_block import make_block_inputs
+    from test_triton_interp import _block_all, _bn_pool_all, _head_all
     from mamlpp_fast.triton import _device
     from mamlpp_fast.triton import bn_pool as tbp
+    from mamlpp_fast.triton import conv_block as tcb
     from mamlpp_fast.triton import head as th
 
     seed = fresh_seed() % 2 ** 31
@@ -61,10 +64,16 @@ def test_ticket_sums_deterministic_on_cuda():
     px, gamma, beta = (t.detach().cuda() for t in (px, gamma, beta))
     assert tbp._single(tbp.pool_config(*px.shape, px.device))
 
+    # Omniglot's first block: 8 tasks of 64 channels, 20 images of 28 x 28, gamma shared by the tasks
+    bx, bw, bb, bg, bbeta, bt, bpad = (t.detach().cuda() if isinstance(t, torch.Tensor) else t
+                                       for t in make_block_inputs((8, 64, 1, 20, 28, 3, 1, False, True), seed))
+    bx, bw, bb, bg, bbeta = (t.float() for t in (bx, bw, bb, bg, bbeta))
+
     def run():
         out = [t for _, t in _head_all(th, x, w, b, labels, lw, prev, T, seed)]
         # gamma and beta (C,): shared by the tasks
         out += [t for _, t in _bn_pool_all(tbp, px, gamma, beta, pt, seed)[0]]
+        out += [t for _, t in _block_all(tcb, bx, bw, bb, bg, bbeta, bt, bpad, seed)[0]]
         return out
 
     first = run()
