@@ -73,7 +73,7 @@ gpu-first:
 	$(MAKE) gpu-session OUT="$(OUT)"
 
 gpu-second:
-	STAGES=env,build,import,bench,profiledefault,convab,ncu,precision,memcheck DEADLINE=$(SECOND_DEADLINE) BENCH_LIMIT=140 \
+	STAGES=env,build,import,bench,convab,profiledefault,ncu,precision,memcheck DEADLINE=$(SECOND_DEADLINE) BENCH_LIMIT=140 \
 	PROFILEDEFAULT_LIMIT=35 CONVAB_LIMIT=40 NCU_LIMIT=40 PRECISION_LIMIT=45 MEMCHECK_LIMIT=40 \
 	BENCH_ARGS="--device cuda --workloads omniglot_20w1s,miniimagenet_5w1s --learners fast,reference,torchfunc,jax \
 	--backends native --conv-impls auto --first-blocks fused,unfused --no-sweeps --time-budget 115 \

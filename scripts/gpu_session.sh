@@ -20,9 +20,6 @@
 #   tests     tests/gpu (conv, head, ops, learner, capture) + the CPU op tests  -> gpu_tests.log, junit.xml
 #   profile   python -m bench.gpu_profile: the captured update's time, device time per kernel category
 #             beside bench.trace's prediction (both workloads)                  -> profile.{md,json}
-#   profiledefault  python -m bench.gpu_profile with the learner's own defaults (conv_impl auto; on CUDA
-#             no fused op, AUTO_FUSES_ON_CUDA), run after the benchmark has compiled their kernels: the
-#             per-launch table of the configuration users get                   -> profile_default.{md,json}
 #   bench     python -m bench.run: the conv table, fast (native backend; conv_impl auto; the fused ops,
 #             first block and bn_pool, on and off; eager and CUDA graph), reference, torch.func and JAX on
 #             Omniglot 20-way 1-shot B=8 and mini-ImageNet 5-way 1-shot B=2, then the B=8/B=64 roofline
@@ -30,6 +27,9 @@
 #   convab    python -m bench.conv_ab: the Triton convolutions with the installed Triton's launch
 #             configurations against the k-major ones of Triton >= 3.7 and against twice the warps
 #             (more resident warps per SM, a lower FFMA share)                  -> conv_ab.{json,md}
+#   profiledefault  python -m bench.gpu_profile with the learner's own defaults (conv_impl auto; on CUDA
+#             no fused op, AUTO_FUSES_ON_CUDA), run after the benchmark has compiled their kernels: the
+#             per-launch table of the configuration users get                   -> profile_default.{md,json}
 #   ncu       Nsight Compute on the first NCU_COUNT (40) Triton convolution launches of one eager
 #             Omniglot meta-update: speed of light, occupancy, launch statistics, warp stall reasons
 #             (why the convolutions reach ~32% of the fp32 peak where their loops' FFMA share is ~79%;
@@ -68,7 +68,7 @@ unset TRITON_INTERPRET
 # shellcheck source=scripts/gpu_common.sh
 source scripts/gpu_common.sh
 
-STAGES=${STAGES:-env,build,import,diagnose,ceilings,warm,tests,profile,bench,profiledefault,convab,ncu,precision,memcheck,opbench}
+STAGES=${STAGES:-env,build,import,diagnose,ceilings,warm,tests,profile,bench,convab,profiledefault,ncu,precision,memcheck,opbench}
 want() { [[ ",$STAGES," == *",$1,"* ]]; }
 
 # ---- env ------------------------------------------------------------------------------------------
@@ -144,12 +144,12 @@ DEFAULT_BENCH_ARGS="--device cuda --workloads omniglot_20w1s,miniimagenet_5w1s -
 # shellcheck disable=SC2086
 want bench && stage bench "${BENCH_LIMIT:-240}" "$W/bench.log" "$PY" -m bench.run ${BENCH_ARGS:-$DEFAULT_BENCH_ARGS} --out "$W/bench"
 
+# ---- launch configurations A/B of the convolutions ----------------------------------------------------------
+want convab && stage convab "${CONVAB_LIMIT:-40}" "$W/conv_ab.log" "$PY" -m bench.conv_ab --iters 30 --out "$W/conv_ab"
+
 # ---- the default configuration's profile (its kernels compiled by the benchmark above) ----------------------
 want profiledefault && stage profiledefault "${PROFILEDEFAULT_LIMIT:-40}" "$W/profile_default.log" "$PY" \
   -m bench.gpu_profile --out "$W/profile_default"
-
-# ---- launch configurations A/B of the convolutions ----------------------------------------------------------
-want convab && stage convab "${CONVAB_LIMIT:-40}" "$W/conv_ab.log" "$PY" -m bench.conv_ab --iters 30 --out "$W/conv_ab"
 
 # ---- Nsight Compute on the convolutions ---------------------------------------------------------------------
 if want ncu; then
