@@ -701,6 +701,44 @@ def test_triton_conv_split_sum_in_kernel(case, monkeypatch):
 
 
 @inner
+def test_long_split_chains_are_summed_apart(monkeypatch):
+    """`split_chain_in_kernel`: a launch whose last program would chain more than IN_KERNEL_SUM_CHAIN
+    dependent partial loads ((SPLIT - 1) x NSUB) leaves its partials to the launcher's separate sum (no
+    result buffer, no ticket), a shorter one sums them in the kernel; both agree with the forward, data
+    and weight gradients of the per-task reference (float64), and the counters stay at zero."""
+    import torch
+    from test_conv import per_task_reference, rel
+    from mamlpp_fast.triton import conv as C
+
+    assert C.split_chain_in_kernel(17, 1) and not C.split_chain_in_kernel(18, 1)
+    assert C.split_chain_in_kernel(6, 3) and not C.split_chain_in_kernel(7, 3)
+    n, b, ci, co, h, k, s, p = 7, 2, 48, 48, 4, 3, 1, 1
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(n, b * ci, h, h, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(b, co, ci, k, k, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(b, co, generator=gen, dtype=torch.float64)
+    ref = per_task_reference(x, w, bias, b, s, p)
+    gy = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    gx, gw = torch.autograd.grad(ref, (x, w), gy)
+    meta = (b, co, ci, k, k, h, h, h, h, s, p)
+    result, real_f, real_w = C._result, C.conv_block_config, C.wgrad_block_config
+    # forward / data gradient: 27 k-steps (9 taps x 3 blocks of 16) in 6 or 7 chunks; weight gradient: 112
+    # lanes in chunks of whole 16-lane steps, 4 or 7 chunks: chains of 15 / 9 (in the kernel) and 18 (apart)
+    for split, apart in ((6, False), (7, True)):
+        over = dict(BLOCK_M=32, BLOCK_N=16, NSUB=3, BLOCK_K=16, SPLIT=split)
+        monkeypatch.setattr(C, "conv_block_config", _forced(real_f, over))
+        monkeypatch.setattr(C, "wgrad_block_config", _forced(real_w, dict(over, BLOCK_N=32)))
+        seen = []
+        monkeypatch.setattr(C, "_result", lambda out, ws, sum_in: (seen.append(sum_in), result(out, ws, sum_in))[1])
+        got = (C.conv_forward(x.detach(), w.detach(), bias, meta), C.conv_data_grad(gy, w.detach(), meta),
+               C.conv_weight_grad(x.detach(), gy, meta))
+        assert seen == [not apart] * 3, (split, seen)
+        for name, a, r in zip(("forward", "data gradient", "weight gradient"), got, (ref, gx, gw)):
+            assert rel(a, r) < 1e-12, f"SPLIT {split}, {name}: {rel(a, r):.3e}"
+        assert all(int(c.abs().sum()) == 0 for c in C._counters.values())
+
+
+@inner
 def test_tile_counters_kept_and_grown():
     """The in-kernel split sum's tile counters: one zeroed int32 buffer per device and stream, kept and
     reused while large enough, replaced by a larger zeroed one when a launch has more tiles."""

@@ -57,7 +57,9 @@ What keeps the inner loops on FMAs (instruction counts per kernel: bench/conv_pt
   0..SPLIT-1 (`_chunk_sum`, read through L2) and writes the result, then
   sets the counter back to zero for the next launch. The order of the sum does not depend on which
   program arrives last, so results are deterministic (no floating-point atomics), and no separate sum
-  kernel runs. The counters are one cached int32 buffer per device and stream (`_tile_counters`).
+  kernel runs. Only where that program's chain of dependent loads, (SPLIT - 1) x NSUB, is short
+  (`split_chain_in_kernel`); longer ones (the first layers' weight gradients, mini-ImageNet's 48-channel
+  layers) are summed by a separate in-order sum, which reads the partials in parallel. The counters are one cached int32 buffer per device and stream (`_tile_counters`).
   MAMLPP_CONV_SPLIT_SUM=separate (`split_sum_in_kernel`) keeps the partials and adds them in order
   with a torch sum instead (one more kernel per split launch), for comparison or as a way out.
 
@@ -83,7 +85,7 @@ from ._derived import derived
 from ._device import _counters, _tile_counters, conv_precision, num_sms  # noqa: F401 (_counters: tests)
 
 __all__ = ["conv_forward", "conv_data_grad", "conv_weight_grad", "conv_block_config", "wgrad_block_config",
-           "bias_in_wgrad", "split_sum_in_kernel", "wgrad_sums_split", "wgrad_keeps_own"]
+           "bias_in_wgrad", "split_sum_in_kernel", "split_chain_in_kernel", "wgrad_sums_split", "wgrad_keeps_own"]
 
 
 def _precision(dtype) -> str:
@@ -877,6 +879,21 @@ def wgrad_keeps_own(cfg: dict) -> bool:
     return cfg["NSUB"] == 1 and cfg["num_warps"] >= 4
 
 
+# the longest chain of dependent partial loads that a tile's last program takes on (`split_chain_in_kernel`)
+IN_KERNEL_SUM_CHAIN = 16
+
+
+def split_chain_in_kernel(split: int, nsub: int) -> bool:
+    """Whether a launch with `split` chunks and `nsub` channel sub-tiles may sum its partials inside the
+    kernel: the last program of a tile adds the split - 1 other partials of each sub-tile one after
+    another (`_chunk_sum`: a loop whose every step waits for its load through L2, the sub-tiles' loops in
+    turn), (split - 1) * nsub dependent round trips after all the tile's other programs have finished;
+    beyond IN_KERNEL_SUM_CHAIN (16) a separate sum kernel, which reads the same partials in parallel,
+    costs less than the chain (mini-ImageNet's first-layer weight gradient: 3 x 137 round trips;
+    bench/NOTES.md, "The convolutions' in-kernel split sums: only for short chains")."""
+    return (split - 1) * nsub <= IN_KERNEL_SUM_CHAIN
+
+
 def _split_buffers(shape, split: int, like, tiles: int, in_kernel: bool = True) -> tuple:
     """(out, ws, counters, sum_in) of a launch with `split` chunks and `tiles` output tiles: the result
     (None when the launcher sums the partials itself), the partials' workspace (split, *shape) (the
@@ -960,7 +977,8 @@ def conv_forward(x, w, bias, meta, x2=None, w2=None):
     cfg.pop("W_FWD", None)  # a data-gradient key (tests force configurations onto both)
     split, chunk = cfg.pop("SPLIT"), cfg.pop("CHUNK")
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(co, cfg["BLOCK_N"] * cfg["NSUB"]), b * split)
-    out, ws, cnt, sum_in = _split_buffers((n, b * co, ho, wo), split, x, grid[0] * grid[1] * b)
+    out, ws, cnt, sum_in = _split_buffers((n, b * co, ho, wo), split, x, grid[0] * grid[1] * b,
+                                          split_chain_in_kernel(split, cfg["NSUB"]))
     _check("conv forward", ws, split=1)
     bias_arg = bias.contiguous() if bias is not None else x
     _conv_fwd_kernel[grid](x, w, bias_arg, ws if out is None else out, ws, cnt, b, ci, co, h, wd, ho, wo, m, chunk,
@@ -984,7 +1002,8 @@ def conv_data_grad(g, w, meta):
     cap = _register_cap(cfg)
     cfg.pop("SMALL")
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(ci, cfg["BLOCK_N"] * cfg["NSUB"]), b * split)
-    dx, ws, cnt, sum_in = _split_buffers((n, b * ci, h, wd), split, g, grid[0] * grid[1] * b)
+    dx, ws, cnt, sum_in = _split_buffers((n, b * ci, h, wd), split, g, grid[0] * grid[1] * b,
+                                         split_chain_in_kernel(split, cfg["NSUB"]))
     _check("conv data gradient", ws, split=1)
     _conv_dgrad_kernel[grid](g, w, ws if dx is None else dx, ws, cnt, b, ci, co, h, wd, ho, wo, m, chunk, KH=kh,
                              KW=kw, STRIDE=s, PAD=p, PREC=_precision(g.dtype), SPLIT=split,
@@ -1063,7 +1082,7 @@ def conv_weight_grad(x, g, meta, with_bias=False):
         + (1 if with_bias else 0)  # + the bias's programs
     grid = (triton.cdiv(co, cfg["BLOCK_M"] * cfg["NSUB"]), k_tiles, b * split)
     out, ws, cnt, sum_in = _split_buffers((tot,), split, x, grid[0] * grid[1] * b,
-                                          wgrad_sums_split(cfg, with_bias))
+                                          wgrad_sums_split(cfg, with_bias) and split_chain_in_kernel(split, cfg["NSUB"]))
     _check("conv weight gradient", ws)
     lanes, interior = _lane_table(n, meta, x.device)
     _conv_wgrad_kernel[grid](x, g, lanes, ws if out is None else out, ws, cnt, b, ci, co, h, wd, ho, wo, red,
