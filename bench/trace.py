@@ -541,7 +541,7 @@ def _conv_triton_patch(rec: _Recorder):
     try:
         from mamlpp_fast.triton.conv import split_chain_in_kernel
     except ImportError:  # a tree that sums every split in the kernel
-        def split_chain_in_kernel(split, nsub):
+        def split_chain_in_kernel(split, cfg, kind="wgrad"):
             return True
     try:
         from mamlpp_fast.triton.conv import wgrad_keeps_own
@@ -555,7 +555,7 @@ def _conv_triton_patch(rec: _Recorder):
             return w
 
     def gemm(kind, name, call, layer, flops, w, operands, out, split, sums_split=True, kept=0, layout=None,
-             nsub=1):
+             cfg=None):
         """The re-layout copy (forward / data gradient only, when the launcher makes one: `relaid_weights`
         keeps a tensor's copy for its later calls; `layout`: the one the kernel reads, default its own),
         the main kernel, the partial sum."""
@@ -567,7 +567,8 @@ def _conv_triton_patch(rec: _Recorder):
             if copied:
                 rec.add(name=f"triton {kind} weight re-layout (aten.copy_)", kind="conv", layer=layer,
                         bytes=2 * _nbytes(wt))
-        in_kernel = split > 1 and sums_split and split_sum_in_kernel() and split_chain_in_kernel(split, nsub)
+        in_kernel = split > 1 and sums_split and split_sum_in_kernel() and (
+            cfg is None or "NSUB" not in cfg or split_chain_in_kernel(split, cfg, kind.replace("conv_", "")))
         # in-kernel: + split partials read (less `kept` bytes the last programs add from registers), 1 written
         written = (2 * split + 1) * _nbytes(out) - kept if in_kernel else split * _nbytes(out)
         rec.add(name=name, kind="conv", layer=layer, flops=flops, tf32_ok=True, call=call,
@@ -593,7 +594,7 @@ def _conv_triton_patch(rec: _Recorder):
         call = ("conv_forward", tuple(x.shape), meta, bias is not None) + ((True,) if dual else ())
         gemm("conv_fwd", "triton conv_fwd" + (" (dual)" if dual else ""), call, rec.layer_of([x, out]),
              (2 if dual else 1) * 2 * macs(meta, n), [w, w2] if dual else w,
-             sum(_nbytes(t) for t in (x, w, x2, w2, bias) if t is not None), out, cfg["SPLIT"], nsub=cfg.get("NSUB", 1))
+             sum(_nbytes(t) for t in (x, w, x2, w2, bias) if t is not None), out, cfg["SPLIT"], cfg=cfg)
         return out
 
     def dgrad(g, w, meta):
@@ -604,7 +605,7 @@ def _conv_triton_patch(rec: _Recorder):
         cfg = conv_block_config("dgrad", n * h * wd, ci, co, kh * kw, b, rec.sms)
         gemm("conv_dgrad", "triton conv_dgrad", ("conv_data_grad", tuple(g.shape), meta),
              rec.layer_of([g, dx]), 2 * macs(meta, n), w, _nbytes(g) + _nbytes(w), dx, cfg["SPLIT"],
-             layout="fwd" if cfg.get("W_FWD") else "dgrad", nsub=cfg.get("NSUB", 1))
+             layout="fwd" if cfg.get("W_FWD") else "dgrad", cfg=cfg)
         return dx
 
     def wgrad(x, g, meta, with_bias=False):
@@ -631,7 +632,7 @@ def _conv_triton_patch(rec: _Recorder):
         gemm("conv_wgrad", "triton conv_wgrad", ("conv_weight_grad", tuple(x.shape), meta, with_bias),
              rec.layer_of([x, g]), 2 * macs(meta, n), None, _nbytes(x) + _nbytes(g) + lane_bytes + bias_read,
              out, cfg["SPLIT"], wgrad_sums_split(cfg, db is not None and bias_read > 0),
-             _nbytes(dw) if wgrad_keeps_own(cfg) else 0, nsub=cfg.get("NSUB", 1))
+             _nbytes(dw) if wgrad_keeps_own(cfg) else 0, cfg=cfg)
         return dw if db is None else (dw, db)
 
     return fwd, dgrad, wgrad

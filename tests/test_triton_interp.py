@@ -710,9 +710,11 @@ def test_long_split_chains_are_summed_apart(monkeypatch):
     from test_conv import per_task_reference, rel
     from mamlpp_fast.triton import conv as C
 
-    assert C.split_chain_in_kernel(17, 1) and not C.split_chain_in_kernel(18, 1)
-    assert C.split_chain_in_kernel(6, 3) and not C.split_chain_in_kernel(7, 3)
-    n, b, ci, co, h, k, s, p = 7, 2, 48, 48, 4, 3, 1, 1
+    one, three = dict(NSUB=1, num_warps=2), dict(NSUB=3, num_warps=2)
+    assert C.split_chain_in_kernel(25, one) and not C.split_chain_in_kernel(26, one)
+    assert C.split_chain_in_kernel(9, three, "fwd") and not C.split_chain_in_kernel(10, three, "fwd")
+    assert C.split_chain_in_kernel(10, three, "wgrad") == (C._TRITON_VERSION >= (3, 7))
+    n, b, ci, co, h, k, s, p = 30, 2, 48, 48, 4, 3, 1, 1
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(n, b * ci, h, h, generator=gen, dtype=torch.float64, requires_grad=True)
     w = torch.randn(b, co, ci, k, k, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -722,12 +724,14 @@ def test_long_split_chains_are_summed_apart(monkeypatch):
     gx, gw = torch.autograd.grad(ref, (x, w), gy)
     meta = (b, co, ci, k, k, h, h, h, h, s, p)
     result, real_f, real_w = C._result, C.conv_block_config, C.wgrad_block_config
-    # forward / data gradient: 27 k-steps (9 taps x 3 blocks of 16) in 6 or 7 chunks; weight gradient: 112
-    # lanes in chunks of whole 16-lane steps, 4 or 7 chunks: chains of 15 / 9 (in the kernel) and 18 (apart)
-    for split, apart in ((6, False), (7, True)):
+    # forward / data gradient (three 16-channel sub-tiles): 27 k-steps (9 taps x 3 blocks of 16) in 9 or 14
+    # chunks, chains of 24 (in the kernel) and 39 (apart); weight gradient (one 64-row tile: the 48-channel
+    # sub-tiles keep their in-kernel sum under Triton >= 3.7): 480 lanes in 8 or 30 chunks, chains of 7 and 29
+    for split, split_w, apart in ((9, 8, False), (14, 30, True)):
         over = dict(BLOCK_M=32, BLOCK_N=16, NSUB=3, BLOCK_K=16, SPLIT=split)
         monkeypatch.setattr(C, "conv_block_config", _forced(real_f, over))
-        monkeypatch.setattr(C, "wgrad_block_config", _forced(real_w, dict(over, BLOCK_N=32)))
+        monkeypatch.setattr(C, "wgrad_block_config", _forced(real_w, dict(
+            BLOCK_M=64, BLOCK_N=32, NSUB=1, BLOCK_K=16, SPLIT=split_w, TAP_MAJOR=False, INSIDE=False, num_warps=1)))
         seen = []
         monkeypatch.setattr(C, "_result", lambda out, ws, sum_in: (seen.append(sum_in), result(out, ws, sum_in))[1])
         got = (C.conv_forward(x.detach(), w.detach(), bias, meta), C.conv_data_grad(gy, w.detach(), meta),

@@ -880,18 +880,24 @@ def wgrad_keeps_own(cfg: dict) -> bool:
 
 
 # the longest chain of dependent partial loads that a tile's last program takes on (`split_chain_in_kernel`)
-IN_KERNEL_SUM_CHAIN = 16
+IN_KERNEL_SUM_CHAIN = 24
 
 
-def split_chain_in_kernel(split: int, nsub: int) -> bool:
-    """Whether a launch with `split` chunks and `nsub` channel sub-tiles may sum its partials inside the
-    kernel: the last program of a tile adds the split - 1 other partials of each sub-tile one after
-    another (`_chunk_sum`: a loop whose every step waits for its load through L2, the sub-tiles' loops in
-    turn), (split - 1) * nsub dependent round trips after all the tile's other programs have finished;
-    beyond IN_KERNEL_SUM_CHAIN (16) a separate sum kernel, which reads the same partials in parallel,
-    costs less than the chain (mini-ImageNet's first-layer weight gradient: 3 x 137 round trips;
-    bench/NOTES.md, "The convolutions' in-kernel split sums: only for short chains")."""
-    return (split - 1) * nsub <= IN_KERNEL_SUM_CHAIN
+def split_chain_in_kernel(split: int, cfg: dict, kind: str = "wgrad") -> bool:
+    """Whether a launch of configuration `cfg` (`conv_block_config` / `wgrad_block_config`: its NSUB
+    channel sub-tiles) with `split` chunks may sum its partials inside the kernel: the last program of a
+    tile adds the split - 1 other partials of each sub-tile one after another (`_chunk_sum`: a loop whose
+    every step waits for its load through L2, the sub-tiles' loops in turn), (split - 1) * NSUB dependent
+    round trips after all the tile's other programs have finished; beyond IN_KERNEL_SUM_CHAIN (24) a
+    separate sum kernel, which reads the same partials in parallel, costs less than the chain
+    (mini-ImageNet's first-layer weight gradient: 3 x 137 round trips; bench/NOTES.md, "The convolutions'
+    in-kernel split sums: only for short chains"). Kept in the kernel whatever the chain: the weight
+    gradient's 48-channel (three-sub-tile) tiles under Triton >= 3.7, which without the in-kernel sum
+    spilled 8 B (4 warps, strict fp32) and 4 B (1 warp, TF32) there (bench.static_metrics;
+    tests/test_static_metrics.py); under Triton 3.6, the device machines', they do not."""
+    if kind == "wgrad" and _TRITON_VERSION >= (3, 7) and cfg["NSUB"] == 3:
+        return True
+    return (split - 1) * cfg["NSUB"] <= IN_KERNEL_SUM_CHAIN
 
 
 def _split_buffers(shape, split: int, like, tiles: int, in_kernel: bool = True) -> tuple:
@@ -978,7 +984,7 @@ def conv_forward(x, w, bias, meta, x2=None, w2=None):
     split, chunk = cfg.pop("SPLIT"), cfg.pop("CHUNK")
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(co, cfg["BLOCK_N"] * cfg["NSUB"]), b * split)
     out, ws, cnt, sum_in = _split_buffers((n, b * co, ho, wo), split, x, grid[0] * grid[1] * b,
-                                          split_chain_in_kernel(split, cfg["NSUB"]))
+                                          split_chain_in_kernel(split, cfg, "fwd"))
     _check("conv forward", ws, split=1)
     bias_arg = bias.contiguous() if bias is not None else x
     _conv_fwd_kernel[grid](x, w, bias_arg, ws if out is None else out, ws, cnt, b, ci, co, h, wd, ho, wo, m, chunk,
@@ -1003,7 +1009,7 @@ def conv_data_grad(g, w, meta):
     cfg.pop("SMALL")
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(ci, cfg["BLOCK_N"] * cfg["NSUB"]), b * split)
     dx, ws, cnt, sum_in = _split_buffers((n, b * ci, h, wd), split, g, grid[0] * grid[1] * b,
-                                         split_chain_in_kernel(split, cfg["NSUB"]))
+                                         split_chain_in_kernel(split, cfg, "dgrad"))
     _check("conv data gradient", ws, split=1)
     _conv_dgrad_kernel[grid](g, w, ws if dx is None else dx, ws, cnt, b, ci, co, h, wd, ho, wo, m, chunk, KH=kh,
                              KW=kw, STRIDE=s, PAD=p, PREC=_precision(g.dtype), SPLIT=split,
@@ -1082,7 +1088,7 @@ def conv_weight_grad(x, g, meta, with_bias=False):
         + (1 if with_bias else 0)  # + the bias's programs
     grid = (triton.cdiv(co, cfg["BLOCK_M"] * cfg["NSUB"]), k_tiles, b * split)
     out, ws, cnt, sum_in = _split_buffers((tot,), split, x, grid[0] * grid[1] * b,
-                                          wgrad_sums_split(cfg, with_bias) and split_chain_in_kernel(split, cfg["NSUB"]))
+                                          wgrad_sums_split(cfg, with_bias) and split_chain_in_kernel(split, cfg))
     _check("conv weight gradient", ws)
     lanes, interior = _lane_table(n, meta, x.device)
     _conv_wgrad_kernel[grid](x, g, lanes, ws if out is None else out, ws, cnt, b, ci, co, h, wd, ho, wo, red,
