@@ -59,7 +59,8 @@ What keeps the inner loops on FMAs (instruction counts per kernel: bench/conv_pt
   program arrives last, so results are deterministic (no floating-point atomics), and no separate sum
   kernel runs. Only where that program's chain of dependent loads, (SPLIT - 1) x NSUB, is short
   (`split_chain_in_kernel`); longer ones (the first layers' weight gradients, mini-ImageNet's 48-channel
-  layers) are summed by a separate in-order sum, which reads the partials in parallel. The counters are one cached int32 buffer per device and stream (`_tile_counters`).
+  weight gradients) are summed by a separate in-order sum, which reads the partials in parallel. The
+  counters are one cached int32 buffer per device and stream (`_tile_counters`).
   MAMLPP_CONV_SPLIT_SUM=separate (`split_sum_in_kernel`) keeps the partials and adds them in order
   with a torch sum instead (one more kernel per split launch), for comparison or as a way out.
 
