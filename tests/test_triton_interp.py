@@ -512,6 +512,24 @@ def _forced(real, over):
     return fwd_dgrad if real.__name__ == "conv_block_config" else wgrad
 
 
+def _conv_case_f64(shape, seed):
+    """Float64 inputs of one per-task convolution (n, B, Cin, Cout, H, k, stride, pad) drawn from `seed`:
+    (x, w, bias, gy, (the per-task reference's output, its x and w gradients for gy), meta)."""
+    import torch
+    from test_conv import per_task_reference
+
+    n, b, ci, co, h, k, s, p = shape
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, b * ci, h, h, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(b, co, ci, k, k, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(b, co, generator=gen, dtype=torch.float64)
+    ref = per_task_reference(x, w, bias, b, s, p)
+    gy = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    gx, gw = torch.autograd.grad(ref, (x, w), gy)
+    ho = ref.shape[2]
+    return x, w, bias, gy, (ref.detach(), gx, gw), (b, co, ci, k, k, h, h, ho, ho, s, p)
+
+
 # (n, B, Cin, Cout, H, k, stride, pad), forward/data-gradient overrides, weight-gradient overrides
 CONV_PATHS = [
     ((2, 2, 48, 48, 4, 3, 1, 1), dict(BLOCK_M=16, BLOCK_N=16, NSUB=3, SPLIT=1),
@@ -598,23 +616,14 @@ def test_triton_conv_launch_paths(case, monkeypatch):
     3 input channels in one reduction block (SMALL) and through the tap loop, channel tails (20 = 16 + 4
     input, 17 output channels), stride 2, padding 0; the weight gradient's tile stored as [o, k] and as
     [k, o] (STORE_KO, and TAP_MAJOR)."""
-    import torch
-    from test_conv import per_task_reference, rel
+    from test_conv import rel
     from mamlpp_fast.triton import conv as C
 
     shape, over_f, over_w = case
     monkeypatch.setattr(C, "conv_block_config", _forced(C.conv_block_config, over_f))
     monkeypatch.setattr(C, "wgrad_block_config", _forced(C.wgrad_block_config, over_w))
     n, b, ci, co, h, k, s, p = shape
-    gen = torch.Generator().manual_seed(sum(shape))
-    x = torch.randn(n, b * ci, h, h, generator=gen, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(b, co, ci, k, k, generator=gen, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(b, co, generator=gen, dtype=torch.float64)
-    ref = per_task_reference(x, w, bias, b, s, p)
-    gy = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
-    gx, gw = torch.autograd.grad(ref, (x, w), gy)
-    ho = ref.shape[2]
-    meta = (b, co, ci, k, k, h, h, ho, ho, s, p)
+    x, w, bias, gy, (ref, gx, gw), meta = _conv_case_f64(shape, sum(shape))
     got = (C.conv_forward(x.detach(), w.detach(), bias, meta), C.conv_data_grad(gy, w.detach(), meta),
            C.conv_weight_grad(x.detach(), gy, meta))
     for name, a, r in zip(("forward", "data gradient", "weight gradient"), got, (ref, gx, gw)):
@@ -706,23 +715,14 @@ def test_long_split_chains_are_summed_apart(monkeypatch):
     dependent partial loads ((SPLIT - 1) x NSUB) leaves its partials to the launcher's separate sum (no
     result buffer, no ticket), a shorter one sums them in the kernel; both agree with the forward, data
     and weight gradients of the per-task reference (float64), and the counters stay at zero."""
-    import torch
-    from test_conv import per_task_reference, rel
+    from test_conv import rel
     from mamlpp_fast.triton import conv as C
 
     one, three = dict(NSUB=1, num_warps=2), dict(NSUB=3, num_warps=2)
     assert C.split_chain_in_kernel(25, one) and not C.split_chain_in_kernel(26, one)
     assert C.split_chain_in_kernel(9, three, "fwd") and not C.split_chain_in_kernel(10, three, "fwd")
     assert C.split_chain_in_kernel(10, three, "wgrad") == (C._TRITON_VERSION >= (3, 7))
-    n, b, ci, co, h, k, s, p = 30, 2, 48, 48, 4, 3, 1, 1
-    gen = torch.Generator().manual_seed(11)
-    x = torch.randn(n, b * ci, h, h, generator=gen, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(b, co, ci, k, k, generator=gen, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(b, co, generator=gen, dtype=torch.float64)
-    ref = per_task_reference(x, w, bias, b, s, p)
-    gy = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
-    gx, gw = torch.autograd.grad(ref, (x, w), gy)
-    meta = (b, co, ci, k, k, h, h, h, h, s, p)
+    x, w, bias, gy, (ref, gx, gw), meta = _conv_case_f64((30, 2, 48, 48, 4, 3, 1, 1), 11)
     result, real_f, real_w = C._result, C.conv_block_config, C.wgrad_block_config
     # forward / data gradient (three 16-channel sub-tiles): 27 k-steps (9 taps x 3 blocks of 16) in 9 or 14
     # chunks, chains of 24 (in the kernel) and 39 (apart); weight gradient (one 64-row tile: the 48-channel
