@@ -159,6 +159,7 @@ class Kernel:
     node: str = "forward"   # the autograd node whose backward launched it ("forward": none running)
     programs: int = 0       # CTAs of a launch that cannot fill the device (0: it fills it); see `_share`
     consts: Any = None      # fused first block: the constexprs that tell its pass's kernel apart (`_block_efficiency`)
+    chain: int = 0          # a program's dependent steps of little work each (0: none modelled); `longest_chains`
 
 
 @dataclass
@@ -571,8 +572,11 @@ def _conv_triton_patch(rec: _Recorder):
             cfg is None or "NSUB" not in cfg or split_chain_in_kernel(split, cfg, kind.replace("conv_", "")))
         # in-kernel: + split partials read (less `kept` bytes the last programs add from registers), 1 written
         written = (2 * split + 1) * _nbytes(out) - kept if in_kernel else split * _nbytes(out)
+        # the chain: the last program's (SPLIT - 1) x NSUB partial loads, one after another (its reduction
+        # steps do the launch's FLOPs, which the prediction prices)
+        chain = (split - 1) * (cfg or {}).get("NSUB", 1) if in_kernel else 0
         rec.add(name=name, kind="conv", layer=layer, flops=flops, tf32_ok=True, call=call,
-                bytes=operands + written)
+                bytes=operands + written, chain=chain)
         if split > 1 and not in_kernel:
             rec.add(name="split partial sum (aten.sum)", kind="conv", layer=layer,
                     bytes=(split + 1) * _nbytes(out))
@@ -946,8 +950,10 @@ def _head_patch(rec: _Recorder):
             loss, logits, lse = torch_impl.forward(x, w, b, labels, lw, prev, meta)
         t, n, c, f, cfg, layer = geometry(x, w)
         ws = 2 * t * cfg["S"] * cfg["BN"] * cfg["BC"] * x.element_size() if cfg["S"] > 1 else 0
+        steps = -(-cfg["FCH"] // cfg["BF"])
         rec.add(name="triton head_fwd", kind="head", layer=layer, flops=2 * t * n * c * f, programs=t * cfg["S"],
-                bytes=small(x, w, b, labels, lw, prev, logits, lse, loss) + ws, call=("head", (n, c, f, t)))
+                bytes=small(x, w, b, labels, lw, prev, logits, lse, loss) + ws, call=("head", (n, c, f, t)),
+                chain=steps + cfg["S"] - 1 + t - 1)  # + the slice partials, + the tasks' loss terms
         return loss, logits, lse
 
     def backward(g, x, w, logits, lse, labels, lw, meta):
@@ -955,7 +961,7 @@ def _head_patch(rec: _Recorder):
             res = torch_impl.backward(g, x, w, logits, lse, labels, lw, meta)
         t, n, c, f, cfg, layer = geometry(x, w)
         rec.add(name="triton head_bwd", kind="head", layer=layer, flops=4 * t * n * c * f, programs=t * cfg["S"],
-                bytes=small(g, x, w, logits, lse, labels, lw, *res))
+                bytes=small(g, x, w, logits, lse, labels, lw, *res), chain=-(-cfg["FCH"] // cfg["BF"]))
         return res
 
     def double_backward(vx, vw, vb, g, x, w, logits, lse, labels, lw, meta, need_g=True):
@@ -966,7 +972,8 @@ def _head_patch(rec: _Recorder):
         t, n, c, f, cfg, layer = geometry(x, w)
         products = 2 + 2 * (vx is not None) + 2 * (vw is not None)
         rec.add(name="triton head_dbwd", kind="head", layer=layer, flops=2 * products * t * n * c * f, programs=t,
-                bytes=small(vx, vw, vb, g, x, w, logits, lse, labels, lw, *res[1:]) + t * x.element_size())
+                bytes=small(vx, vw, vb, g, x, w, logits, lse, labels, lw, *res[1:]) + t * x.element_size(),
+                chain=2 * -(-f // cfg["BF"]))  # H over all the features, then the outputs
         if need_g:
             rec.add(name="aten.sum", kind="reduction", layer=layer, bytes=t * x.element_size())
         return res
@@ -1457,7 +1464,31 @@ def summarize(res: TraceResult, ceilings: str = "h100", tf32: bool = False, conv
     ))
     if out["conv_efficiency_per_call"] and measured:
         out["by_call"] = _by_call(res, ceil, graph, conv_efficiency, efficiencies)
+    out["longest_chains"] = longest_chains(res)
+    out["max_chain"] = max((c["chain"] for c in out["longest_chains"]), default=0)
     return out
+
+
+def longest_chains(res: TraceResult, top: int = 10) -> list:
+    """The kernels whose programs wait on the longest chains of dependent steps that do little work each
+    (`Kernel.chain`): a convolution's last program summing the split partials inside the kernel, (SPLIT - 1)
+    x NSUB loads one after another; the head's feature steps per program and its last programs' sums.
+    Longest first: [{name, layer, call shape, launches, chain}] per distinct launch. (A convolution's own
+    reduction steps are not counted: they do its FLOPs, which the prediction prices.)
+
+    Not priced: a step's cost is a round trip to memory or a cross-thread reduction whose latency the
+    trace's launch + FLOPs + bytes model does not hold, but long chains are what made the head's kernels
+    and the first layers' split sums cost tens of microseconds where their FLOPs and bytes priced one
+    (bench/NOTES.md, "The head's kernels" and "The convolutions' in-kernel split sums")."""
+    agg: dict = {}
+    for k in res.kernels:
+        if not k.chain:
+            continue
+        shape = list(k.call[1]) if isinstance(k.call, tuple) and len(k.call) > 1 else None
+        key = (k.name, k.layer, str(shape), k.chain)
+        a = agg.setdefault(key, dict(name=k.name, layer=k.layer, shape=shape, launches=0, chain=k.chain))
+        a["launches"] += k.launches
+    return sorted(agg.values(), key=lambda a: (-a["chain"], -a["launches"]))[:top]
 
 
 def _by_call(res: TraceResult, ceil: dict, graph: bool, conv_efficiency: float, efficiencies: dict) -> list:
@@ -1520,6 +1551,11 @@ def to_markdown(s: dict) -> str:
     for name, v in s["by_kind"].items():
         lines.append(f"| {name} | {v['kernels']:,} | {_fmt_bytes(v['bytes'])} | {v['flops'] / 1e9:.2f} | "
                      f"{v['predicted_ms']:.2f} |")
+    if s.get("longest_chains"):
+        lines += ["", "Longest chains of dependent steps of little work per program (`longest_chains`; not priced):", "",
+                  "| kernel | layer | input | launches | chain |", "|---|---|---|---|---|"]
+        for c in s["longest_chains"]:
+            lines.append(f"| {c['name']} | {c['layer']} | {c['shape']} | {c['launches']} | {c['chain']} |")
     if s.get("by_node"):
         lines += ["", "| launched by (autograd node; forward: none) | kernels | bytes | predicted ms |", "|---|---|---|---|"]
         for name, v in list(s["by_node"].items())[:12]:
@@ -1721,7 +1757,7 @@ def main(argv=None) -> int:
         keys = ("workload", "batch_size", "backend", "conv_impl", "cuda_graph", "tf32", "tf32x3", "conv_efficiency",
                 "conv_efficiency_from", "ceilings", "kernels",
                 "bytes", "flops", "conv_linear_flops", "predicted_ms", "prediction", "analytic_flops_total", "analytic_flops_minimal",
-                "triton_configs", "calibrated_ms")
+                "triton_configs", "calibrated_ms", "max_chain")
         print(json.dumps({k: s.get(k) for k in keys}))
     else:
         print(to_markdown(s))

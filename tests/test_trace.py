@@ -531,3 +531,29 @@ def test_calibration_scales_each_category_by_its_measured_over_predicted(tmp_pat
     path.write_text(json.dumps(prof))
     none = calibrated_prediction(res, str(path))
     assert none["calibrated_ms"] is None and "no profile" in none["why"]
+
+
+def test_longest_chains_follow_the_split_sum_rule(monkeypatch):
+    """`longest_chains` lists the launches whose programs wait on dependent steps of little work: a
+    convolution's in-kernel split sum counts (SPLIT - 1) x NSUB (never more than the launcher allows,
+    `split_chain_in_kernel`), and with the limit lowered to 0 every split launch sums apart, so that no
+    convolution chain is left; the head's kernels count their feature steps (Omniglot's 64 features: one
+    step per program) and the JSON reports the longest."""
+    from bench.trace import summarize, trace_meta_update
+    from mamlpp_fast.triton import conv as C
+
+    res = trace_meta_update(QUICK, 2, "cuda", "triton", True, quick=True)
+    s = summarize(res)
+    chains = s["longest_chains"]
+    assert chains and s["max_chain"] == chains[0]["chain"]
+    assert [c["chain"] for c in chains] == sorted((c["chain"] for c in chains), reverse=True)
+    assert all(c["chain"] <= C.IN_KERNEL_SUM_CHAIN for c in chains if c["name"].startswith("triton conv"))
+    assert any(c["name"].startswith("triton conv") for c in chains)
+    monkeypatch.setattr(C, "IN_KERNEL_SUM_CHAIN", 0)
+    apart = summarize(trace_meta_update(QUICK, 2, "cuda", "triton", True, quick=True))
+    assert not any(c["name"].startswith("triton conv") for c in apart["longest_chains"])
+    assert apart["kernels"] > s["kernels"]  # the separate sums' launches
+    full = trace_meta_update("omniglot_20w1s", 8, "cuda", "triton", True, first_block="unfused",
+                             bn_pool="unfused", head="fused")
+    heads = {k.name: k.chain for k in full.kernels if k.name.startswith("triton head_")}
+    assert heads["triton head_bwd"] == 1 and heads["triton head_dbwd"] == 2  # 64 features in one slice
