@@ -228,7 +228,10 @@ def profile_workload(name: str, batch_size: int | None, device: str, iters: int,
     res["profile_by_category"] = group(rows, profile_category)
     res["profile_top"] = [dict(name=n[:120], ms=us / 1e3, kernels=c)
                           for n, us, c in sorted(rows, key=lambda r: -r[1])[:30]]
-    res["launch_groups"] = _exported_launches(prof)
+    try:  # a failure here must not cost the rest of the profile (device minutes are rare)
+        res["launch_groups"] = _exported_launches(prof)
+    except Exception as e:  # noqa: BLE001 - reported in the JSON, the profile goes on
+        res["launch_groups"], res["launch_groups_error"] = [], f"{type(e).__name__}: {e}"
     res["conv_choices"] = _conv_choices()
     if dev.type == "cpu":
         res["cpu_ops_ms"] = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e3

@@ -169,3 +169,19 @@ def test_launch_groups_from_an_exported_trace():
     assert (first["min_us"], first["max_us"]) == (90.0, 110.0)
     assert [g["total_us"] for g in groups] == sorted((g["total_us"] for g in groups), reverse=True)
     assert sum(g["launches"] for g in groups) == 5 and len(groups) == 4
+
+
+def test_a_failed_trace_export_does_not_stop_the_profile(tmp_path, monkeypatch):
+    """The per-launch table comes from the profiler's exported trace; if exporting or reading it fails,
+    the profile still writes everything else and names the failure."""
+    import torch.profiler
+
+    def broken(self, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch.profiler.profile, "export_chrome_trace", broken)
+    prefix = str(tmp_path / "prof")
+    assert main(["--device", "cpu", "--quick", "--workloads", "quick_omniglot_3w1s", "--out", prefix]) == 0
+    r = json.loads((tmp_path / "prof.json").read_text())["workloads"][0]
+    assert r["launch_groups"] == [] and r["launch_groups_error"] == "OSError: disk full"
+    assert r["trace"]["kernels"] > 0
