@@ -555,8 +555,7 @@ def _conv_triton_patch(rec: _Recorder):
         def forward_layout(w):
             return w
 
-    def gemm(kind, name, call, layer, flops, w, operands, out, split, sums_split=True, kept=0, layout=None,
-             cfg=None):
+    def gemm(kind, name, call, layer, flops, w, operands, out, split, cfg, sums_split=True, kept=0, layout=None):
         """The re-layout copy (forward / data gradient only, when the launcher makes one: `relaid_weights`
         keeps a tensor's copy for its later calls; `layout`: the one the kernel reads, default its own),
         the main kernel, the partial sum."""
@@ -568,13 +567,13 @@ def _conv_triton_patch(rec: _Recorder):
             if copied:
                 rec.add(name=f"triton {kind} weight re-layout (aten.copy_)", kind="conv", layer=layer,
                         bytes=2 * _nbytes(wt))
-        in_kernel = split > 1 and sums_split and split_sum_in_kernel() and (
-            cfg is None or "NSUB" not in cfg or split_chain_in_kernel(split, cfg, kind.replace("conv_", "")))
+        in_kernel = (split > 1 and sums_split and split_sum_in_kernel()
+                     and split_chain_in_kernel(split, cfg, kind.replace("conv_", "")))
         # in-kernel: + split partials read (less `kept` bytes the last programs add from registers), 1 written
         written = (2 * split + 1) * _nbytes(out) - kept if in_kernel else split * _nbytes(out)
         # the chain: the last program's (SPLIT - 1) x NSUB partial loads, one after another (its reduction
         # steps do the launch's FLOPs, which the prediction prices)
-        chain = (split - 1) * (cfg or {}).get("NSUB", 1) if in_kernel else 0
+        chain = (split - 1) * cfg.get("NSUB", 1) if in_kernel else 0
         rec.add(name=name, kind="conv", layer=layer, flops=flops, tf32_ok=True, call=call,
                 bytes=operands + written, chain=chain)
         if split > 1 and not in_kernel:
@@ -598,7 +597,7 @@ def _conv_triton_patch(rec: _Recorder):
         call = ("conv_forward", tuple(x.shape), meta, bias is not None) + ((True,) if dual else ())
         gemm("conv_fwd", "triton conv_fwd" + (" (dual)" if dual else ""), call, rec.layer_of([x, out]),
              (2 if dual else 1) * 2 * macs(meta, n), [w, w2] if dual else w,
-             sum(_nbytes(t) for t in (x, w, x2, w2, bias) if t is not None), out, cfg["SPLIT"], cfg=cfg)
+             sum(_nbytes(t) for t in (x, w, x2, w2, bias) if t is not None), out, cfg["SPLIT"], cfg)
         return out
 
     def dgrad(g, w, meta):
@@ -608,8 +607,8 @@ def _conv_triton_patch(rec: _Recorder):
             dx = conv2d_input((n, b * ci, h, wd), w.reshape(-1, ci, kh, kw), g, s, p, groups=b)
         cfg = conv_block_config("dgrad", n * h * wd, ci, co, kh * kw, b, rec.sms)
         gemm("conv_dgrad", "triton conv_dgrad", ("conv_data_grad", tuple(g.shape), meta),
-             rec.layer_of([g, dx]), 2 * macs(meta, n), w, _nbytes(g) + _nbytes(w), dx, cfg["SPLIT"],
-             layout="fwd" if cfg.get("W_FWD") else "dgrad", cfg=cfg)
+             rec.layer_of([g, dx]), 2 * macs(meta, n), w, _nbytes(g) + _nbytes(w), dx, cfg["SPLIT"], cfg,
+             layout="fwd" if cfg.get("W_FWD") else "dgrad")
         return dx
 
     def wgrad(x, g, meta, with_bias=False):
@@ -635,8 +634,8 @@ def _conv_triton_patch(rec: _Recorder):
             out, bias_read = dw, 0
         gemm("conv_wgrad", "triton conv_wgrad", ("conv_weight_grad", tuple(x.shape), meta, with_bias),
              rec.layer_of([x, g]), 2 * macs(meta, n), None, _nbytes(x) + _nbytes(g) + lane_bytes + bias_read,
-             out, cfg["SPLIT"], wgrad_sums_split(cfg, db is not None and bias_read > 0),
-             _nbytes(dw) if wgrad_keeps_own(cfg) else 0, cfg=cfg)
+             out, cfg["SPLIT"], cfg, wgrad_sums_split(cfg, db is not None and bias_read > 0),
+             _nbytes(dw) if wgrad_keeps_own(cfg) else 0)
         return dw if db is None else (dw, db)
 
     return fwd, dgrad, wgrad

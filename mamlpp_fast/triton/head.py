@@ -67,11 +67,11 @@ def head_config(n: int, c: int, f: int, t: int, sms: int, dot: bool = False) -> 
     one step, so that BN * BC * BF <= TILE_BUDGET (at least 1, at most the padded F and 64): a broadcast
     product reduced over the contracted axis.
 
-    4 warps (8 for a (BN, BC) tile of >= 2048 elements, >= 1024 with DOT). The forward and backward split F into S chunks
-    of FCH features (a multiple of BF, >= 64 features: program (t, s) takes chunk s of task t) so that
-    T * S programs approach 2 waves of `sms` multiprocessors: one program per task would leave a large F
-    (mini-ImageNet's 1,200) to T multiprocessors' share of the bandwidth. The double backward keeps one
-    program per task (its H needs every slice before any output)."""
+    4 warps (8 for a (BN, BC) tile of >= 2048 elements, >= 1024 with DOT). The forward and backward split
+    F into S chunks of FCH features (a multiple of BF, >= 64 features: program (t, s) takes chunk s of
+    task t) so that T * S programs approach 2 waves of `sms` multiprocessors: one program per task would
+    leave a large F (mini-ImageNet's 1,200) to T multiprocessors' share of the bandwidth. The double
+    backward keeps one program per task (its H needs every slice before any output)."""
     bn, bc = triton.next_power_of_2(max(n, 1)), triton.next_power_of_2(max(c, 1))
     fp = triton.next_power_of_2(max(f, 1))
     use_dot = dot and max(bn, 16) * max(bc, 16) <= 4096 and max(bn, bc) <= 256
@@ -297,7 +297,8 @@ def _sms(device) -> int:
 def _geometry(x, w, sms=None):
     t, c, f = w.shape
     n = x.shape[0]
-    return t, n, c, f, head_config(n, c, f, t, _sms(x.device) if sms is None else sms, dot=x.dtype == torch.float32)
+    cfg = head_config(n, c, f, t, _sms(x.device) if sms is None else sms, dot=x.dtype == torch.float32)
+    return t, n, c, f, cfg
 
 
 def _consts(meta, lw, like):
