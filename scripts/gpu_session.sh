@@ -24,14 +24,18 @@
 #             first block and bn_pool, on and off; eager and CUDA graph), reference, torch.func and JAX on
 #             Omniglot 20-way 1-shot B=8 and mini-ImageNet 5-way 1-shot B=2, then the B=8/B=64 roofline
 #             points                                                            -> bench/
-#   convab    python -m bench.conv_ab: the Triton convolutions with the installed Triton's launch
-#             configurations against the k-major ones of Triton >= 3.7 and against twice the warps
-#             (more resident warps per SM, a lower FFMA share)                  -> conv_ab.{json,md}
+#   convab    python -m bench.conv_ab --jobs 8: the Triton convolutions with the installed Triton's
+#             launch configurations against the k-major ones of Triton >= 3.7, twice the warps (more
+#             resident warps per SM, a lower FFMA share) and twice the split (more programs), at
+#             Omniglot's three layers and mini-ImageNet's 42x42 / 21x21 ones (its kernels compiled
+#             first in 8 processes)                                             -> conv_ab.{json,md}
 #   profiledefault  python -m bench.gpu_profile with the learner's own defaults (conv_impl auto; on CUDA
 #             no fused op, AUTO_FUSES_ON_CUDA), run after the benchmark has compiled their kernels: the
 #             per-launch table of the configuration users get                   -> profile_default.{md,json}
-#   ncu       Nsight Compute on the first NCU_COUNT (40) Triton convolution launches of one eager
-#             Omniglot meta-update: speed of light, occupancy, launch statistics, warp stall reasons
+#   ncu       Nsight Compute on the first NCU_COUNT (24) Triton convolution launches of one eager
+#             Omniglot meta-update: speed of light, occupancy, launch statistics, warp stall reasons,
+#             pipe use (is the FMA pipe the busiest?) and the shared-memory table (wavefronts and bank
+#             conflicts per shared load: whether the FMA loops wait on shared memory)
 #             (why the convolutions reach ~32% of the fp32 peak where their loops' FFMA share is ~79%;
 #             counters need the Firecracker runtime, KINDS.md)                   -> ncu.csv
 #   precision python -m bench.precision --device cuda: the meta-gradient error of strict fp32, TF32
@@ -43,7 +47,7 @@
 # $OUT/summary.txt and copies of the benchmark's and the profile's markdown ($OUT/bench.md, profile.md).
 # Limits (s, env): DEADLINE=560 BUILD_LIMIT=180 TESTS_LIMIT=150 PROFILE_LIMIT=60 BENCH_LIMIT=240
 # PRECISION_LIMIT=60 MEMCHECK_LIMIT=60 CONVAB_LIMIT=40 CEILINGS_LIMIT=40 WARM_LIMIT=200 DIAGNOSE_LIMIT=90
-# NCU_LIMIT=90 NCU_COUNT=40 PROFILEDEFAULT_LIMIT=40
+# NCU_LIMIT=90 NCU_COUNT=24 PROFILEDEFAULT_LIMIT=40
 # OPBENCH_LIMIT=45; BENCH_ARGS replaces the benchmark's arguments; PROFILE_ARGS adds to the profile's
 # and the warm-up's (e.g. --conv-impl triton --fused-ops fused: the design bench.trace prices); TEST_ARGS replaces the test stage's
 # files and selection; STAGES (comma-separated names of the stages above; default all) runs only those,
@@ -145,7 +149,7 @@ DEFAULT_BENCH_ARGS="--device cuda --workloads omniglot_20w1s,miniimagenet_5w1s -
 want bench && stage bench "${BENCH_LIMIT:-240}" "$W/bench.log" "$PY" -m bench.run ${BENCH_ARGS:-$DEFAULT_BENCH_ARGS} --out "$W/bench"
 
 # ---- launch configurations A/B of the convolutions ----------------------------------------------------------
-want convab && stage convab "${CONVAB_LIMIT:-40}" "$W/conv_ab.log" "$PY" -m bench.conv_ab --iters 30 --out "$W/conv_ab"
+want convab && stage convab "${CONVAB_LIMIT:-40}" "$W/conv_ab.log" "$PY" -m bench.conv_ab --iters 30 --jobs 8 --out "$W/conv_ab"
 
 # ---- the default configuration's profile (its kernels compiled by the benchmark above) ----------------------
 want profiledefault && stage profiledefault "${PROFILEDEFAULT_LIMIT:-40}" "$W/profile_default.log" "$PY" \
@@ -156,8 +160,9 @@ if want ncu; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
   if [ -n "$NCU" ]; then
     stage ncu "${NCU_LIMIT:-90}" "$W/ncu.log" "$NCU" --clock-control none --target-processes all \
-      --kernel-name "regex:_conv_(fwd|dgrad|wgrad)_kernel" --launch-count "${NCU_COUNT:-40}" \
+      --kernel-name "regex:_conv_(fwd|dgrad|wgrad)_kernel" --launch-count "${NCU_COUNT:-24}" \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
       --csv --page details --log-file "$W/ncu.csv" "$PY" -m bench.gpu_profile --warm-only --workloads omniglot_20w1s
   else
     echo "ncu not found" >>"$W/ncu.log"; NAMES+=(ncu); CODES+=(127); SECS+=(0)
@@ -197,7 +202,7 @@ fail=0
   grep -sE "^(## |Captured update|Eager update)" "$W/profile.log" | cut -c1-220
   grep -sE "^(## |Captured update|Eager update)" "$W/profile_default.log" | cut -c1-220 | sed 's/^/default: /'
   grep -sE "^\| (ieee|tf32|tf32x3) \|" "$W/precision.log" | sed 's/^/precision: /' 
-  grep -sE "^\| [0-9]+x[0-9]+ \|" "$W/conv_ab.log" | sed 's/^/conv_ab: /'
+  grep -sE "^\| (omniglot|miniimagenet)-" "$W/conv_ab.log" | sed "s/^/conv_ab: /"
 } >"$OUT/summary.txt" 2>&1
 md=$(ls "$W"/bench/latest_cuda*.md 2>/dev/null | head -n 1)
 [ -n "$md" ] && cp "$md" "$OUT/bench.md"

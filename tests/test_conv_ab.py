@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from bench.conv_ab import kmajor_configs, more_warps, to_markdown
+from bench.conv_ab import LAYERS, cases, doubled_split, kmajor_configs, more_splits, more_warps, to_markdown
 
 
 def test_kmajor_configs_are_those_of_triton_37_and_restored(monkeypatch):
@@ -26,10 +26,12 @@ def test_kmajor_configs_are_those_of_triton_37_and_restored(monkeypatch):
 
 def test_markdown_rows():
     rep = dict(device="X", date="d", torch="t", triton="3.6.0", git="g", command="c", iters=5,
-               rows=[dict(layer="14x14", kernel="forward", ms_current=0.05, ms_kmajor=0.06, speedup=1.2,
-                          ms_2x_warps=0.04, speedup_2x_warps=1.25, max_rel_diff=3e-7)])
+               rows=[dict(layer="omniglot-14x14", kernel="forward",
+                          ms={"current": 0.05, "k-major": 0.06, "2x warps": 0.04, "2x split": None},
+                          speedup={"k-major": 0.05 / 0.06, "2x warps": 1.25, "2x split": None}, max_rel_diff=3e-7)])
     md = to_markdown(rep)
-    assert "| 14x14 | forward | 0.0500 | 0.0600 | 1.20x | 0.0400 | 1.25x | 3.0e-07 |" in md and "Triton 3.6.0" in md
+    assert "| omniglot-14x14 | forward | 0.0500 | 0.0600 | 0.83x | 0.0400 | 1.25x | = | = | 3.0e-07 |" in md
+    assert "Triton 3.6.0" in md
 
 
 def test_more_warps_doubles_the_warps_only_and_restores(monkeypatch):
@@ -116,3 +118,58 @@ def test_block_configuration_is_the_same_under_both_triton_versions(monkeypatch)
             cfg = B.block_config(20 * 14 * 14, 8, 64, kp, torch.device("cpu"), sms=132)
             assert cfg["RBLOCK_W"] == 16 and cfg["BLOCK_W"] == 16
             assert cfg["BWD_WARPS"] == 8 and cfg["FWD_WARPS"] == fwd_warps
+
+
+def test_doubled_split_covers_the_reduction_in_twice_the_chunks(monkeypatch):
+    """bench.conv_ab's "2x split": the same tiles with the reduction in about twice the chunks, each of at
+    least two k-steps, SPLIT x CHUNK covering the reduction and no chunk empty; the first layer's one-block
+    forward is left alone; the config functions are restored afterwards."""
+    import triton
+
+    from mamlpp_fast.triton import conv as C
+    monkeypatch.setattr(C, "_TRITON_VERSION", (3, 6))
+    real_f, real_w = C.conv_block_config, C.wgrad_block_config
+    for kind, rows, c, h in (("fwd", 20 * 49, 64, 7), ("dgrad", 20 * 196, 64, 14), ("fwd", 75 * 42 * 42, 48, 42)):
+        args = (kind, rows, c, c, 9, 8, 132)
+        cur = C.conv_block_config(*args)
+        with more_splits():
+            new = C.conv_block_config(*args)
+        steps = 9 * triton.cdiv(c, cur["BLOCK_K"])
+        assert new["SPLIT"] > cur["SPLIT"] and new["CHUNK"] >= 2
+        assert (new["SPLIT"] - 1) * new["CHUNK"] < steps <= new["SPLIT"] * new["CHUNK"]
+        assert {k: v for k, v in new.items() if k not in ("SPLIT", "CHUNK")} == \
+            {k: v for k, v in cur.items() if k not in ("SPLIT", "CHUNK")}
+    for red in (20 * 196, 20 * 49, 75 * 42 * 42):
+        args = (64, 64, 9, red, 8, 132)
+        cur = C.wgrad_block_config(*args, strict_fp32=True)
+        with more_splits():
+            new = C.wgrad_block_config(*args, strict_fp32=True)
+        assert new["SPLIT"] > cur["SPLIT"] and new["CHUNK"] % cur["BLOCK_K"] == 0 and new["CHUNK"] >= 2 * cur["BLOCK_K"]
+        assert (new["SPLIT"] - 1) * new["CHUNK"] < red <= new["SPLIT"] * new["CHUNK"]
+    small = C.conv_block_config("fwd", 20 * 28 * 28, 64, 1, 9, 8, 132)
+    assert small["SMALL"] and doubled_split(small, "block", ("fwd", 20 * 28 * 28, 64, 1, 9, 8, 132)) == small
+    assert (C.conv_block_config, C.wgrad_block_config) == (real_f, real_w)
+
+
+def test_cases_run_a_variant_only_where_its_configuration_differs(monkeypatch):
+    """Every layer and kernel runs its current configuration; a variant runs only where it changes the
+    configuration: under Triton 3.6 Omniglot's 3x3 weight gradient cannot split further (its chunks are
+    at two steps already), and under Triton 3.7 "k-major" is the current configuration everywhere."""
+    from mamlpp_fast.triton import conv as C
+    monkeypatch.setattr(C, "_TRITON_VERSION", (3, 6))
+    got = cases(list(LAYERS))
+    for name in LAYERS:
+        for kernel in ("forward", "data gradient", "weight gradient"):
+            assert (name, kernel, "current") in got and (name, kernel, "2x warps") in got
+    assert ("omniglot-3x3", "weight gradient", "2x split") not in got
+    assert ("omniglot-14x14", "weight gradient", "2x split") in got
+    assert ("omniglot-14x14", "forward", "k-major") in got
+    monkeypatch.setattr(C, "_TRITON_VERSION", (3, 7))
+    assert not [c for c in cases(list(LAYERS)) if c[2] == "k-major"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a CUDA device")
+def test_unknown_layer_is_named():
+    p = subprocess.run([sys.executable, "-m", "bench.conv_ab", "--layers", "omniglot-14x14,nope"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "nope" in p.stderr and "omniglot-14x14" in p.stderr

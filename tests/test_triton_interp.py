@@ -743,6 +743,37 @@ def test_long_split_chains_are_summed_apart(monkeypatch):
 
 
 @inner
+def test_conv_ab_variants_compute_the_convolution(monkeypatch):
+    """bench.conv_ab's variants ("2x warps", "2x split") are launch configurations the kernels run
+    exactly: with Triton 3.6's configuration rules for 8 SMs (so that a small 64-channel 7x7 layer has
+    room to split further), each variant's forward, data and weight gradients (and the bias's) agree with
+    the per-task reference in float64, and the split variant splits each launch into more chunks."""
+    from test_conv import rel
+    from bench import conv_ab as A
+    from mamlpp_fast.triton import conv as C
+
+    monkeypatch.setattr(C, "_TRITON_VERSION", (3, 6))
+    monkeypatch.setattr(C, "_sms", lambda device: 8)
+    x, w, bias, gy, (ref, gx, gw), meta = _conv_case_f64((3, 2, 64, 64, 7, 3, 1, 1), 5)
+    x, w = x.detach(), w.detach()
+    gb = gy.reshape(3, 2, 64, -1).sum((0, 3))
+    for v in ("2x warps", "2x split"):
+        splits = []
+        real = C._split_buffers
+        monkeypatch.setattr(C, "_split_buffers", lambda shape, split, *a, **k: (splits.append(split), real(shape, split, *a, **k))[1])
+        with A.variant(v):
+            got = (C.conv_forward(x, w, bias, meta), C.conv_data_grad(gy, w, meta), *C.conv_weight_grad(x, gy, meta, with_bias=True))
+        monkeypatch.setattr(C, "_split_buffers", real)
+        for name, a, r in zip(("forward", "data gradient", "weight gradient", "bias gradient"), got, (ref, gx, gw, gb)):
+            assert rel(a, r) < 1e-12, f"{v}, {name}: {rel(a, r):.3e}"
+        if v == "2x split":
+            with A.variant("current"):
+                cur = [C.conv_block_config(kind, 3 * 49, 64, 64, 9, 2, 8)["SPLIT"] for kind in ("fwd", "dgrad")]
+                cur.append(C.wgrad_block_config(64, 64, 9, 3 * 49, 2, 8)["SPLIT"])
+            assert all(a > b for a, b in zip(splits, cur)), (splits, cur)
+
+
+@inner
 def test_tile_counters_kept_and_grown():
     """The in-kernel split sum's tile counters: one zeroed int32 buffer per device and stream, kept and
     reused while large enough, replaced by a larger zeroed one when a launch has more tiles."""
