@@ -254,6 +254,16 @@ def profile_workload(name: str, batch_size: int | None, device: str, iters: int,
         d["kernels"] += k.launches
     res["trace"] = dict(kernels=s["kernels"], bytes=s["bytes"], predicted_ms=s["predicted_ms"], ceilings=ceil,
                         prediction=s["prediction"], by_category=cats, **_per_call_prediction(t, ceil))
+    if res.get("launch_groups"):
+        try:  # each convolution launch shape measured beside its prediction (bench.trace --launches-from)
+            from .trace import conv_launch_comparison
+            try:  # priced at each loop's FFMA share where the committed table holds the calls, else the ceiling
+                effs, priced = _efficiencies(t), "each convolution at its loop's FFMA share x tile use"
+            except Exception as e:  # noqa: BLE001 - the table lacks a call: the ceiling, and why
+                effs, priced = None, f"at the FMA ceiling ({type(e).__name__}: {str(e)[:120]})"
+            res["launch_comparison"] = dict(conv_launch_comparison(t, res["launch_groups"], ceil, effs), priced=priced)
+        except Exception as e:  # noqa: BLE001 - reported in the JSON, the profile goes on
+            res["launch_comparison_error"] = f"{type(e).__name__}: {e}"[:300]
     return res
 
 
@@ -326,17 +336,24 @@ def ceilings_for(device_name: str) -> str:
     return "h200" if "H200" in device_name.upper() else "h100"
 
 
-def _per_call_prediction(t, ceil: str = "h100") -> dict:
-    """The trace's prediction with each convolution at its strict-fp32 loop's FFMA share times its tile
-    use (bench.trace `ffma_efficiencies`, from the committed Triton 3.6.0 static-metrics table: the
-    device's Triton), or why there is none (another Triton's configurations, shapes the table lacks)."""
+def _efficiencies(t) -> dict:
+    """bench.trace `ffma_efficiencies` of trace `t` from the committed Triton 3.6.0 static-metrics table
+    (the device's Triton); raises where the table lacks a call (another Triton's configurations)."""
     import os
 
-    from .trace import ffma_efficiencies, summarize
+    from .trace import ffma_efficiencies
     table = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                          "static_metrics_sm90a_triton3.6.0.json")
+    return ffma_efficiencies(t, table)
+
+
+def _per_call_prediction(t, ceil: str = "h100") -> dict:
+    """The trace's prediction with each convolution at its strict-fp32 loop's FFMA share times its tile
+    use (`_efficiencies`), or why there is none (another Triton's configurations, shapes the table
+    lacks)."""
+    from .trace import summarize
     try:
-        return dict(predicted_ms_per_call=summarize(t, ceil, efficiencies=ffma_efficiencies(t, table))["predicted_ms"])
+        return dict(predicted_ms_per_call=summarize(t, ceil, efficiencies=_efficiencies(t))["predicted_ms"])
     except Exception as e:  # noqa: BLE001 - MamlppError (a call the table lacks) or no triton: reported
         return dict(predicted_ms_per_call=None, per_call_why=str(e)[:300])
 
@@ -394,6 +411,11 @@ def to_markdown(rep: dict) -> str:
                 lines.append(f"| `{g['name'][:40]}` | {'x'.join(map(str, g['grid']))} | {g['programs']} | {threads} | "
                              f"{g['launches']} | {g['mean_us']:.1f} | {g['min_us']:.1f} | {g['registers']} | "
                              f"{g['warps_per_sm']} | {g['est_occupancy_pct']} |")
+        if r.get("launch_comparison"):
+            from .trace import launch_comparison_markdown
+            lines += ["", launch_comparison_markdown(r["launch_comparison"]).rstrip("\n")]
+        elif r.get("launch_comparison_error"):
+            lines += ["", f"No per-launch comparison: {r['launch_comparison_error']}"]
         lines.append("")
     return "\n".join(lines) + "\n"
 

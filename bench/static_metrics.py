@@ -78,6 +78,23 @@ def collect_calls(workloads, quick: bool = False) -> list:
     return calls
 
 
+class Launch(tuple):
+    """One recorded launch, (JITFunction, args, kwargs), and its grid (`grid`: the launcher's tuple or
+    callable, as passed to the kernel)."""
+
+    def __new__(cls, items, grid):
+        obj = super().__new__(cls, items)
+        obj.grid = grid
+        return obj
+
+    def programs_grid(self) -> tuple:
+        """The grid as three integers (x, y, z), missing axes 1; a callable grid evaluated on the
+        launch's constexpr keywords, as Triton does."""
+        g = self.grid(self[2]) if callable(self.grid) else self.grid
+        g = tuple(int(v) for v in (g if isinstance(g, (tuple, list)) else (g,)))
+        return g + (1,) * (3 - len(g))
+
+
 @contextlib.contextmanager
 def _recording_launches(store: list):
     """JITFunction.run records (fn, args, kwargs) instead of compiling and launching; the launch
@@ -108,7 +125,7 @@ def _recording_launches(store: list):
     conv_saved = {name: getattr(tconv, name) for name in conv_patches}
 
     def run(self, *args, grid, warmup, **kwargs):
-        store.append((self, args, kwargs))
+        store.append(Launch((self, args, kwargs), grid))
         return None
 
     JITFunction.run = run
@@ -137,8 +154,9 @@ def _recording_launches(store: list):
 
 
 def capture_launches(call, tf32: bool = False, dtype=None) -> list:
-    """(JITFunction, args, kwargs) of every Triton launch of one custom-op call, from the package's host
-    wrapper on meta tensors of `dtype` (default float32; `compile_check` passes float64 too)."""
+    """(JITFunction, args, kwargs) of every Triton launch of one custom-op call (each a `Launch`, which
+    also holds its grid), from the package's host wrapper on meta tensors of `dtype` (default float32;
+    `compile_check` passes float64 too)."""
     import torch
 
     from mamlpp_fast.triton import conv as tconv

@@ -1570,6 +1570,8 @@ def to_markdown(s: dict) -> str:
                             else "") + " |")
     if s.get("top_names"):
         lines += ["", "Most launched: " + ", ".join(f"{n} {v['kernels']}" for n, v in list(s["top_names"].items())[:12])]
+    if s.get("launch_comparison"):
+        lines += ["", launch_comparison_markdown(s["launch_comparison"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -1618,6 +1620,15 @@ def calibrate(ceilings: str = "h100") -> dict:
                 conv_efficiency_if_other_exact=conv_ms / (measured - other_ms))
 
 
+def profile_entry(profile_json: str, workload: str, batch_size: int) -> tuple:
+    """(the profile, its entry for `workload` at `batch_size` or None) of a bench.gpu_profile JSON."""
+    with open(profile_json) as f:
+        prof = json.load(f)
+    entry = next((w for w in prof.get("workloads", []) if w.get("workload") == workload
+                  and w.get("batch_size") == batch_size), None)
+    return prof, entry
+
+
 def calibrated_prediction(res: TraceResult, profile_json: str) -> dict:
     """The trace's prediction calibrated on a device profile (`python -m bench.gpu_profile` JSON): for each
     kernel category (bench.gpu_profile's), factor = the device time measured for it / what the trace of
@@ -1631,13 +1642,10 @@ def calibrated_prediction(res: TraceResult, profile_json: str) -> dict:
     the factors say. Returns {calibrated_ms, factors, source}, or {calibrated_ms: None, why} when the
     profile has no entry for this workload."""
     from .gpu_profile import trace_category
-    with open(profile_json) as f:
-        prof = json.load(f)
-    wl = res.config["workload"]
-    entry = next((w for w in prof.get("workloads", []) if w.get("workload") == wl
-                  and w.get("batch_size") == res.config["batch_size"]), None)
+    prof, entry = profile_entry(profile_json, res.config["workload"], res.config["batch_size"])
     if entry is None:
-        return dict(calibrated_ms=None, why=f"{profile_json} has no profile of {wl} B={res.config['batch_size']}")
+        return dict(calibrated_ms=None, why=f"{profile_json} has no profile of {res.config['workload']} "
+                                            f"B={res.config['batch_size']}")
     ceil = entry["trace"].get("ceilings", "h100")
     factors = {}
     for cat, m in entry["profile_by_category"].items():
@@ -1650,6 +1658,93 @@ def calibrated_prediction(res: TraceResult, profile_json: str) -> dict:
     return dict(calibrated_ms=total, factors={c: round(f, 3) for c, f in factors.items()}, ceilings=ceil,
                 source=f"{profile_json} ({prof.get('device')}, {prof.get('date')})",
                 measured_eager_kernel_ms=entry.get("profile_kernel_ms"), measured_captured_ms=entry.get("captured_ms"))
+
+
+def conv_launch_predictions(res: TraceResult, ceilings: str = "h200", efficiencies: dict | None = None) -> dict:
+    """{(kernel name, (x, y, z) grid): {kernel, grid, layer, calls, launches, predicted_ms}}: the trace's
+    convolution launches (`CONV_CALLS`) by the Triton kernel and grid their launcher gives them on the
+    trace's simulated device (bench.static_metrics `capture_launches`), with their predicted time
+    (captured, at `ceilings`; `efficiencies`: per call, as `summarize` takes them). The key is what the
+    profiler records per launch, so that `conv_launch_comparison` can set them side by side."""
+    from .static_metrics import capture_launches
+    ceil = CEILINGS[ceilings]
+    out: dict = {}
+    mains: dict = {}
+    for k in res.kernels:
+        if k.call is None or k.call[0] not in CONV_CALLS:
+            continue
+        if k.call not in mains:
+            mains[k.call] = [ln for ln in capture_launches(k.call) if ln[0].__name__.startswith("_conv_")]
+        if not mains[k.call]:
+            continue
+        ln = mains[k.call][0]
+        key = (ln[0].__name__, ln.programs_grid())
+        d = out.setdefault(key, dict(kernel=key[0], grid=list(key[1]), layer=k.layer, calls=[], launches=0,
+                                     predicted_ms=0.0))
+        if k.call not in d["calls"]:
+            d["calls"].append(k.call)
+        d["launches"] += k.launches
+        d["predicted_ms"] += predict(k, ceil, False, True, efficiencies=efficiencies)
+    return out
+
+
+def conv_launch_comparison(res: TraceResult, launch_groups: list, ceilings: str = "h200",
+                           efficiencies: dict | None = None) -> dict:
+    """Per convolution launch shape, the device's time (a profile's `launch_groups`, bench.gpu_profile:
+    kernel, grid, mean and minimum microseconds per launch, registers, warps per SM) beside the trace's
+    prediction for the launches of the same kernel and grid (`conv_launch_predictions`). Rows, longest
+    measured total first: {kernel, grid, layer, launches_traced, launches_measured, predicted_us,
+    measured_us, min_us, measured_over_predicted, registers, warps_per_sm}; `unmatched_traced` /
+    `unmatched_measured`: launch shapes only one side has (another configuration or Triton version, or
+    convolutions the learner ran on cuDNN). This is the per-call correction the category factors of
+    `calibrated_prediction` cannot give: which launch shapes the model misses, and by how much."""
+    pred = conv_launch_predictions(res, ceilings, efficiencies)
+    measured = {}
+    for g in launch_groups:
+        if not str(g.get("name", "")).startswith("_conv_"):
+            continue
+        grid = tuple(int(v) for v in (list(g.get("grid") or []) + [1, 1, 1])[:3])
+        key = (g["name"], grid)
+        m = measured.setdefault(key, dict(launches=0, total_us=0.0, min_us=float("inf"),
+                                          registers=g.get("registers"), warps_per_sm=g.get("warps_per_sm")))
+        m["launches"] += g["launches"]
+        m["total_us"] += g["total_us"]
+        m["min_us"] = min(m["min_us"], g["min_us"])
+    rows = []
+    for key, d in pred.items():
+        m = measured.get(key)
+        if m is None:
+            continue
+        p_us = d["predicted_ms"] * 1e3 / d["launches"]
+        m_us = m["total_us"] / m["launches"]
+        rows.append(dict(kernel=d["kernel"], grid=d["grid"], layer=d["layer"], launches_traced=d["launches"],
+                         launches_measured=m["launches"], predicted_us=p_us, measured_us=m_us, min_us=m["min_us"],
+                         measured_over_predicted=m_us / p_us if p_us else None, registers=m["registers"],
+                         warps_per_sm=m["warps_per_sm"], measured_total_us=m["total_us"]))
+    rows.sort(key=lambda r: -r["measured_total_us"])
+    return dict(rows=rows, ceilings=ceilings,
+                unmatched_traced=[dict(kernel=d["kernel"], grid=d["grid"], layer=d["layer"], launches=d["launches"])
+                                  for key, d in pred.items() if key not in measured],
+                unmatched_measured=[dict(kernel=key[0], grid=list(key[1]), launches=m["launches"])
+                                    for key, m in measured.items() if key not in pred])
+
+
+def launch_comparison_markdown(cmp: dict) -> str:
+    """`conv_launch_comparison` as a markdown table."""
+    out = [f"Per convolution launch shape: the device's mean time per launch against the trace's prediction "
+           f"(captured, {cmp['ceilings']} ceilings" + (f"; {cmp['priced']}" if cmp.get("priced") else "") + "):", "",
+           "| kernel | grid | layer | launches (traced / measured) | predicted us | measured us | min us | "
+           "measured / predicted | regs | warps/SM |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in cmp["rows"]:
+        ratio = "n/a" if r["measured_over_predicted"] is None else f"{r['measured_over_predicted']:.2f}x"
+        out.append(f"| `{r['kernel']}` | {'x'.join(map(str, r['grid']))} | {r['layer']} | {r['launches_traced']} / "
+                   f"{r['launches_measured']} | {r['predicted_us']:.1f} | {r['measured_us']:.1f} | {r['min_us']:.1f} | "
+                   f"{ratio} | {r['registers']} | {r['warps_per_sm']} |")
+    for side, what in (("unmatched_traced", "traced, not measured"), ("unmatched_measured", "measured, not traced")):
+        if cmp[side]:
+            out.append(f"\n{what}: " + ", ".join(f"`{u['kernel']}` {'x'.join(map(str, u['grid']))} ({u['launches']})"
+                                                for u in cmp[side]))
+    return "\n".join(out) + "\n"
 
 
 def main(argv=None) -> int:
@@ -1695,6 +1790,10 @@ def main(argv=None) -> int:
     p.add_argument("--calibrate-from", default=None, metavar="PROFILE_JSON",
                    help="also a prediction calibrated per kernel category on a device profile "
                         "(python -m bench.gpu_profile JSON, e.g. bench/results/gpu_2026-12-04/call1_profile.json)")
+    p.add_argument("--launches-from", default=None, metavar="PROFILE_JSON",
+                   help="also each convolution launch shape's measured time (the profile's launch_groups, "
+                        "python -m bench.gpu_profile) beside its prediction (run it with the profile's "
+                        "configuration: --first-block/--bn-pool/--head, --triton-configs 3.6)")
     p.add_argument("--out", default=None, help="also write the full summary (JSON) and a .md next to it")
     a = p.parse_args(argv)
     if a.calibrate:
@@ -1715,6 +1814,18 @@ def main(argv=None) -> int:
                                 first_block=a.first_block, bn_pool=a.bn_pool, epoch=a.epoch, head=a.head)
         # under the same launch configurations as the trace
         effs = ffma_efficiencies(res, a.conv_efficiency_from) if a.conv_efficiency_from else None
+        launch_cmp = None
+        if a.launches_from:
+            try:
+                _prof, entry = profile_entry(a.launches_from, res.config["workload"], res.config["batch_size"])
+            except (OSError, ValueError) as e:
+                raise MamlppError(f"--launches-from {a.launches_from}: {type(e).__name__}: {e}") from None
+            if entry is None or not entry.get("launch_groups"):
+                raise MamlppError(f"--launches-from {a.launches_from}: no per-launch table (launch_groups) for "
+                                  f"{res.config['workload']} B={res.config['batch_size']}"
+                                  + (f": {entry['launch_groups_error']}" if entry and entry.get("launch_groups_error") else ""))
+            # the grids under the same launch configurations as the trace
+            launch_cmp = conv_launch_comparison(res, entry["launch_groups"], a.device_ceilings or "h200", effs)
     except MamlppError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -1733,6 +1844,8 @@ def main(argv=None) -> int:
             print(f"error: --calibrate-from {a.calibrate_from}: {type(e).__name__}: {e}", file=sys.stderr)
             return 2
         s["calibrated_ms"] = s["calibration"]["calibrated_ms"]
+    if launch_cmp is not None:
+        s["launch_comparison"] = launch_cmp
     s["command"] = "python -m bench.trace " + " ".join(sys.argv[1:] if argv is None else argv)
     import datetime
     import os

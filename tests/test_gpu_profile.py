@@ -185,3 +185,28 @@ def test_a_failed_trace_export_does_not_stop_the_profile(tmp_path, monkeypatch):
     r = json.loads((tmp_path / "prof.json").read_text())["workloads"][0]
     assert r["launch_groups"] == [] and r["launch_groups_error"] == "OSError: disk full"
     assert r["trace"]["kernels"] > 0
+
+
+def test_profile_sets_its_convolution_launches_beside_the_trace(tmp_path, monkeypatch):
+    """With a per-launch table, the profile adds `launch_comparison` (bench.trace
+    `conv_launch_comparison`): each convolution launch shape it measured beside the trace's prediction
+    for the same kernel and grid, in the JSON and the markdown; priced at the ceiling, with the reason,
+    where the committed static-metrics table lacks the calls (here: the quick workload)."""
+    import bench.gpu_profile as gp
+    from bench.trace import conv_launch_predictions, trace_meta_update
+    res = trace_meta_update("quick_omniglot_3w1s", None, "cuda", "triton", True, quick=True,
+                            first_block="unfused", bn_pool="unfused", head="unfused")
+    key, d = sorted(conv_launch_predictions(res, gp.ceilings_for("")).items())[0]  # the profile's CPU ceilings
+    mean = 2e3 * d["predicted_ms"] / d["launches"]
+    groups = [dict(name=key[0], grid=list(key[1]), block=[128, 1, 1], programs=1, launches=d["launches"],
+                   total_us=mean * d["launches"], mean_us=mean, min_us=mean, max_us=mean, registers=200,
+                   shared_bytes=0, warps_per_sm=8, est_occupancy_pct=12.5)]
+    monkeypatch.setattr(gp, "_exported_launches", lambda prof: groups)
+    prefix = str(tmp_path / "prof")
+    assert main(["--device", "cpu", "--quick", "--workloads", "quick_omniglot_3w1s", "--fused-ops", "unfused",
+                 "--out", prefix]) == 0
+    r = json.loads((tmp_path / "prof.json").read_text())["workloads"][0]
+    cmp = r["launch_comparison"]
+    assert "ceiling" in cmp["priced"] and len(cmp["rows"]) == 1 and cmp["ceilings"] == r["trace"]["ceilings"]
+    assert cmp["rows"][0]["kernel"] == key[0] and cmp["rows"][0]["measured_over_predicted"] == pytest.approx(2.0, rel=1e-6)
+    assert "measured / predicted" in (tmp_path / "prof.md").read_text()

@@ -557,3 +557,56 @@ def test_longest_chains_follow_the_split_sum_rule(monkeypatch):
                              bn_pool="unfused", head="fused")
     heads = {k.name: k.chain for k in full.kernels if k.name.startswith("triton head_")}
     assert heads["triton head_bwd"] == 1 and heads["triton head_dbwd"] == 2  # 64 features in one slice
+
+
+def test_launch_comparison_sets_each_convolution_launch_shape_beside_its_prediction(tmp_path, capsys, monkeypatch):
+    """--launches-from: each convolution launch shape of the trace (the Triton kernel and the grid its
+    launcher gives it) is matched with the profile's per-launch group of the same kernel and grid; the
+    row's measured / predicted is the measured mean over the predicted mean per launch; shapes only
+    one side has are listed, not matched; a profile without per-launch groups is a one-line error."""
+    from bench.trace import conv_launch_comparison, conv_launch_predictions
+    from mamlpp_fast.triton import conv as C
+    monkeypatch.setattr(C, "_TRITON_VERSION", (3, 6))
+    res = trace_meta_update(QUICK, None, "cuda", "triton", True, quick=True)
+    pred = conv_launch_predictions(res, "h200")
+    assert len(pred) >= 3 and all(k[0].startswith("_conv_") and len(k[1]) == 3 for k in pred)
+    conv_calls = [k for k in res.kernels if k.call is not None and k.call[0] in
+                  ("conv_forward", "conv_data_grad", "conv_weight_grad")]
+    assert sum(d["launches"] for d in pred.values()) == sum(k.launches for k in conv_calls)
+    keys = sorted(pred)
+    # the device ran every shape but the first at 3x (grid given as the profiler does: a list; one shape
+    # in two groups with different blocks), and one shape the trace does not have
+    groups = []
+    for i, key in enumerate(keys[1:]):
+        d = pred[key]
+        mean = 3e3 * d["predicted_ms"] / d["launches"]
+        halves = [d["launches"] // 2, d["launches"] - d["launches"] // 2] if i == 0 and d["launches"] > 1 else [d["launches"]]
+        for j, n in enumerate(halves):
+            groups.append(dict(name=key[0], grid=list(key[1]), block=[64 * (j + 1), 1, 1], launches=n,
+                               total_us=mean * n, mean_us=mean, min_us=mean / 2, max_us=mean, registers=255,
+                               warps_per_sm=8))
+    groups.append(dict(name="_conv_fwd_kernel", grid=[999, 1, 1], block=[128, 1, 1], launches=2, total_us=10.0,
+                       mean_us=5.0, min_us=5.0, max_us=5.0, registers=1, warps_per_sm=1))
+    groups.append(dict(name="_bwd_kernel", grid=[1, 1, 1], block=[256, 1, 1], launches=1, total_us=1.0, mean_us=1.0,
+                       min_us=1.0, max_us=1.0, registers=1, warps_per_sm=1))
+    cmp = conv_launch_comparison(res, groups, "h200")
+    assert len(cmp["rows"]) == len(keys) - 1
+    for r in cmp["rows"]:
+        assert r["measured_over_predicted"] == pytest.approx(3.0, rel=1e-9) and r["registers"] == 255
+        assert r["launches_measured"] == r["launches_traced"]
+    assert [(u["kernel"], tuple(u["grid"])) for u in cmp["unmatched_traced"]] == [keys[0]]
+    assert cmp["unmatched_measured"] == [dict(kernel="_conv_fwd_kernel", grid=[999, 1, 1], launches=2)]
+    totals = [r["measured_total_us"] for r in cmp["rows"]]
+    assert totals == sorted(totals, reverse=True)
+    prof = {"device": "test", "date": "today", "workloads": [{
+        "workload": QUICK, "batch_size": res.config["batch_size"], "launch_groups": groups}]}
+    path = tmp_path / "prof.json"
+    path.write_text(json.dumps(prof))
+    assert main(["--quick", "--workload", QUICK, "--triton-configs", "3.6", "--launches-from", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "measured / predicted" in out and "3.00x" in out and "measured, not traced" in out
+    prof["workloads"][0]["launch_groups"], prof["workloads"][0]["launch_groups_error"] = [], "OSError: no trace"
+    path.write_text(json.dumps(prof))
+    assert main(["--quick", "--workload", QUICK, "--launches-from", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "launch_groups" in err[0] and "OSError: no trace" in err[0]
