@@ -201,6 +201,8 @@ fail=0
   grep -sE "^bench: " "$W/bench.log" | cut -c1-220 | tail -n 40
   grep -sE "^(## |Captured update|Eager update)" "$W/profile.log" | cut -c1-220
   grep -sE "^(## |Captured update|Eager update)" "$W/profile_default.log" | cut -c1-220 | sed 's/^/default: /'
+  # each convolution launch shape measured over predicted (rows whose third column is a layer name)
+  grep -sE '^\| `_conv_[a-z]+_kernel` \| [0-9x]+ \| conv' "$W/profile.log" | head -n 16 | cut -c1-200 | sed 's/^/per-launch: /'
   grep -sE "^\| (ieee|tf32|tf32x3) \|" "$W/precision.log" | sed 's/^/precision: /' 
   grep -sE "^\| (omniglot|miniimagenet)-" "$W/conv_ab.log" | sed "s/^/conv_ab: /"
 } >"$OUT/summary.txt" 2>&1
