@@ -22,7 +22,8 @@ target set (75 images) at 42x42 and 21x21 and support set (5 images) at 42x42: t
 of the two meta-updates' convolution time in the first H200 profile (bench/NOTES.md). Per layer,
 kernel and variant: the median device time of `--iters` calls (CUDA events, after warm-up), the speed-up
 over the current configuration, and the largest relative difference of the results from the current
-ones (float32 rounding only: every configuration sums in a fixed order).
+ones (float32 rounding only: every configuration sums in a fixed order). The products are strict
+float32 ("ieee", the learner's default), whatever torch.backends.cudnn.allow_tf32 says (`strict_products`).
 
 Compiling every (layer, kernel, variant) specialisation takes about a second each under Triton 3.6;
 `--jobs J` first runs each case once in J worker processes, which compile in parallel into Triton's
@@ -202,16 +203,25 @@ def _time(fn, iters):
     return statistics.median(times)
 
 
+def strict_products():
+    """The block's Triton products in strict float32 ("ieee"), the learner's default (config key
+    allow_tf32 False): without it the launchers follow torch.backends.cudnn.allow_tf32, which torch
+    turns on by default, and the A/B would time the TF32 kernels."""
+    from mamlpp_fast.triton._device import forced_conv_precision
+    return forced_conv_precision("ieee")
+
+
 def compile_part(layers, part: int, parts: int) -> None:
     """Run every parts-th case (from `part`) once: compiles its kernels into Triton's on-disk cache."""
     import torch
     todo = cases(layers)[part::parts]
     inputs = {}
-    for name, kernel, v in todo:
-        if name not in inputs:
-            inputs[name] = _inputs(name)
-        with variant(v):
-            _call(kernel, *inputs[name])()
+    with strict_products():
+        for name, kernel, v in todo:
+            if name not in inputs:
+                inputs[name] = _inputs(name)
+            with variant(v):
+                _call(kernel, *inputs[name])()
     torch.cuda.synchronize()
 
 
@@ -231,6 +241,11 @@ def run(layers, iters: int) -> list:
     """One row per (layer, kernel): each variant's median ms (None where it equals the current
     configuration), its speed-up over the current one, and the largest relative difference of its
     result from the current one's."""
+    with strict_products():
+        return _run(layers, iters)
+
+
+def _run(layers, iters: int) -> list:
     todo = set(cases(layers))
     rows = []
     for name in layers:
@@ -258,7 +273,8 @@ def to_markdown(rep: dict) -> str:
     others = [v for v in VARIANTS if v != "current"]
     out = [f"# Triton convolution launch configurations A/B: {rep['device']}", "",
            f"- date {rep['date']}; torch {rep['torch']}, Triton {rep['triton']}; git {rep['git']}",
-           f"- command: `{rep['command']}`; median of {rep['iters']} calls (CUDA events)",
+           f"- command: `{rep['command']}`; median of {rep['iters']} calls (CUDA events); strict float32 "
+           "products (conv precision \"ieee\", the learner's default)",
            "- layers: 3x3 stride 1 pad 1; omniglot: 20-way 1-shot B=8 support set (20 images, 64 channels); "
            "miniimagenet: 5-way 1-shot B=2 (48 channels), target set 75 images, support set 5",
            "- speed-up: current ms / variant ms (> 1: the variant is faster); \"=\": the variant's "

@@ -173,3 +173,15 @@ def test_unknown_layer_is_named():
     p = subprocess.run([sys.executable, "-m", "bench.conv_ab", "--layers", "omniglot-14x14,nope"],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "nope" in p.stderr and "omniglot-14x14" in p.stderr
+
+
+def test_the_ab_times_strict_fp32_products_whatever_torch_allows(monkeypatch):
+    """torch turns cudnn.allow_tf32 on by default, and the launchers follow it unless a precision is
+    forced: the A/B forces strict float32 (the learner's default), so that it times those kernels."""
+    from bench.conv_ab import strict_products
+    from mamlpp_fast.triton import conv as C
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert C._precision(torch.float32) == "tf32"
+    with strict_products():
+        assert C._precision(torch.float32) == "ieee"
+    assert C._precision(torch.float32) == "tf32"
