@@ -26,7 +26,7 @@ PY_DEPS := numpy tqdm pillow matplotlib pytest pytest-benchmark pybind11 ninja c
 SETUP_INPUTS := Makefile setup.py pyproject.toml $(wildcard CMakeLists.txt) \
 	$(shell find csrc kernels -type f 2>/dev/null)
 
-.PHONY: help setup train test gpu-check gpu-bench gpu-session gpu-first gpu-second
+.PHONY: help setup train test gpu-check gpu-bench gpu-session gpu-first gpu-second triton-cache
 
 help:
 	@sed -n '2,8p' Makefile | sed 's/^# \{0,1\}//'
@@ -65,6 +65,13 @@ gpu-session:
 # convolutions' launch-configuration A/B (twice the warps: occupancy against FFMA share), Nsight Compute
 # on the convolutions, precision and memcheck. A call that has less device time left than its
 # DEADLINE: make gpu-second SECOND_DEADLINE=<seconds> (the stages are cut in order, the results packed).
+# Triton's kernel cache for a device run (bench/triton_cache.py), compiled on this CPU machine with the
+# device image's Python 3.12 and Triton 3.6.0 (PY312: a venv holding torch==2.11.0, triton==3.6.0 and
+# numpy), from this tree; carried as .triton_cache in the first call (tests/gpu/RESULTS.md)
+PY312 ?= /tmp/py312/bin/python
+triton-cache:
+	rm -rf .triton_cache && PYTHONPATH=. $(PY312) -m bench.triton_cache --out .triton_cache
+
 FIRST_DEADLINE ?= 380
 SECOND_DEADLINE ?= 340
 gpu-first:

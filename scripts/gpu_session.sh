@@ -68,6 +68,14 @@ export PYTHONUNBUFFERED=1
 export MAMLPP_REQUIRE_NATIVE=1   # a missing _C / cuda backend is a failure here, not a skip
 unset TRITON_INTERPRET
 [ -f .git_revision ] && export MAMLPP_GIT_REV="$(cat .git_revision)"
+# Triton's kernel cache compiled on a CPU machine for this image (`make triton-cache`, carried as
+# .triton_cache): moved to this folder's paths and used, so that the stages load kernels instead of
+# compiling them; the summary counts what was compiled here anyway (a lookup that missed)
+CACHE_CARRIED=0
+if [ -d .triton_cache ]; then
+  "$PY" -m bench.triton_cache --relocate .triton_cache >"$W/triton_cache.log" 2>&1 \
+    && export TRITON_CACHE_DIR="$PWD/.triton_cache" && CACHE_CARRIED=$(ls .triton_cache | wc -l)
+fi
 
 # shellcheck source=scripts/gpu_common.sh
 source scripts/gpu_common.sh
@@ -185,6 +193,11 @@ want opbench && stage opbench "${OPBENCH_LIMIT:-45}" "$W/bench_ops.log" \
 fail=0
 {
   echo "gpu_session summary ($(date -u +%Y-%m-%dT%H:%M:%SZ), total ${SECONDS}s of DEADLINE=${DEADLINE}s, git ${MAMLPP_GIT_REV:-unknown})"
+  if [ -n "${TRITON_CACHE_DIR:-}" ] && [ -d "${TRITON_CACHE_DIR}" ]; then
+    echo "triton cache: ${CACHE_CARRIED} kernels carried; $(( $(ls "$TRITON_CACHE_DIR" | wc -l) - CACHE_CARRIED )) compiled on the device ($TRITON_CACHE_DIR)"
+  else
+    echo "triton cache: none carried ($(cat "$W/triton_cache.log" 2>/dev/null | tail -n 1))"
+  fi
   grep -sE "^(device|torch|triton|jax):" "$W/env.txt"
   for i in "${!NAMES[@]}"; do
     status=$(stage_status "${CODES[$i]}")
