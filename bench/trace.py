@@ -1572,6 +1572,8 @@ def to_markdown(s: dict) -> str:
         lines += ["", "Most launched: " + ", ".join(f"{n} {v['kernels']}" for n, v in list(s["top_names"].items())[:12])]
     if s.get("launch_comparison"):
         lines += ["", launch_comparison_markdown(s["launch_comparison"]).rstrip("\n")]
+    if s.get("resident_warps"):
+        lines += ["", resident_warps_markdown(s["resident_warps"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -1688,6 +1690,66 @@ def conv_launch_predictions(res: TraceResult, ceilings: str = "h200", efficienci
     return out
 
 
+def resident_warps(res: TraceResult, table: str, sms: int = 132) -> list:
+    """Per convolution launch shape of trace `res` (`CONV_CALLS`; kernel, grid and configuration from
+    the recorded launches), the warps an SM can hold while the launch runs: `by_registers`, what its
+    registers and shared memory allow (bench.static_metrics `occupancy`, from the compiled row of
+    `table`, a bench.static_metrics JSON of the same Triton's configurations), and `resident`, that or
+    fewer where the grid is too small to give every SM as many (programs x num_warps / sms on average
+    in the first wave). Fewest resident warps first: the launches whose latency the fewest warps hide
+    (the occupancy hypothesis of bench/NOTES.md, which the A/B's "2x warps" and "2x split" test). Rows:
+    {kernel, grid, layer, call, programs, num_warps, registers, by_registers, resident, waves, launches}."""
+    from mamlpp_fast.errors import MamlppError
+
+    from .static_metrics import capture_launches, launch_consts, occupancy
+    try:
+        with open(table) as f:
+            rows = [r for r in json.load(f)["triton_kernels"] if r.get("precision") == "fp32"]
+    except (OSError, ValueError, KeyError) as e:
+        raise MamlppError(f"--occupancy-from: cannot read a bench.static_metrics JSON from {table!r}: {e}") from None
+    out: dict = {}
+    for k in res.kernels:
+        if k.call is None or k.call[0] not in CONV_CALLS:
+            continue
+        mains = [ln for ln in capture_launches(k.call) if ln[0].__name__.startswith("_conv_")]
+        if not mains:
+            continue
+        ln = mains[0]
+        grid = ln.programs_grid()
+        key = (ln[0].__name__, grid, k.call)
+        if key in out:
+            out[key]["launches"] += k.launches
+            continue
+        consts = launch_consts(ln[2])
+        found = [r for r in rows if r["kernel"] == key[0] and r["config"] == consts]
+        if not found:
+            raise MamlppError(f"--occupancy-from: {table} has no strict-fp32 {key[0]} with the configuration of "
+                              f"{k.call[0]} {k.call[1]} ({consts}): regenerate it with python -m bench.static_metrics")
+        r = found[0]
+        warps = int(ln[2].get("num_warps", r["num_warps"]))
+        by_regs = occupancy(r.get("registers") or 0, r["shared_bytes"], warps)
+        programs = grid[0] * grid[1] * grid[2]
+        slots = max(1, by_regs // warps) * sms
+        out[key] = dict(kernel=key[0], grid=list(grid), layer=k.layer, call=f"{k.call[0]} {tuple(k.call[1])}",
+                        programs=programs, num_warps=warps, registers=r.get("registers"), by_registers=by_regs,
+                        resident=min(by_regs, programs * warps / sms), waves=programs / slots, launches=k.launches)
+    return sorted(out.values(), key=lambda d: (d["resident"], d["kernel"], d["grid"]))
+
+
+def resident_warps_markdown(rows: list) -> str:
+    """`resident_warps` as a markdown table."""
+    out = ["Convolution launches by the warps an SM holds while they run (fewest first; `by regs`: what "
+           "registers and shared memory allow; `resident`: that, or fewer where the grid is small; waves: "
+           "programs over the programs all SMs hold at once):", "",
+           "| kernel | call | layer | grid | programs x warps | regs | by regs | resident | waves | launches |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for d in rows:
+        out.append(f"| `{d['kernel']}` | {d['call']} | {d['layer']} | {'x'.join(map(str, d['grid']))} | "
+                   f"{d['programs']} x {d['num_warps']} | {d['registers']} | {d['by_registers']} | "
+                   f"{d['resident']:.1f} | {d['waves']:.2f} | {d['launches']} |")
+    return "\n".join(out) + "\n"
+
+
 def conv_launch_comparison(res: TraceResult, launch_groups: list, ceilings: str = "h200",
                            efficiencies: dict | None = None) -> dict:
     """Per convolution launch shape, the device's time (a profile's `launch_groups`, bench.gpu_profile:
@@ -1794,6 +1856,10 @@ def main(argv=None) -> int:
                    help="also each convolution launch shape's measured time (the profile's launch_groups, "
                         "python -m bench.gpu_profile) beside its prediction (run it with the profile's "
                         "configuration: --first-block/--bn-pool/--head, --triton-configs 3.6)")
+    p.add_argument("--occupancy-from", default=None, metavar="JSON",
+                   help="also each convolution launch's resident warps per SM, from a bench.static_metrics JSON "
+                        "of the same Triton's configurations (e.g. bench/results/static_metrics_sm90a_triton3.6.0.json "
+                        "with --triton-configs 3.6)")
     p.add_argument("--out", default=None, help="also write the full summary (JSON) and a .md next to it")
     a = p.parse_args(argv)
     if a.calibrate:
@@ -1814,6 +1880,7 @@ def main(argv=None) -> int:
                                 first_block=a.first_block, bn_pool=a.bn_pool, epoch=a.epoch, head=a.head)
         # under the same launch configurations as the trace
         effs = ffma_efficiencies(res, a.conv_efficiency_from) if a.conv_efficiency_from else None
+        occ = resident_warps(res, a.occupancy_from) if a.occupancy_from else None
         launch_cmp = None
         if a.launches_from:
             try:
@@ -1846,6 +1913,8 @@ def main(argv=None) -> int:
         s["calibrated_ms"] = s["calibration"]["calibrated_ms"]
     if launch_cmp is not None:
         s["launch_comparison"] = launch_cmp
+    if occ is not None:
+        s["resident_warps"] = occ
     s["command"] = "python -m bench.trace " + " ".join(sys.argv[1:] if argv is None else argv)
     import datetime
     import os

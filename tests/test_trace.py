@@ -610,3 +610,43 @@ def test_launch_comparison_sets_each_convolution_launch_shape_beside_its_predict
     assert main(["--quick", "--workload", QUICK, "--launches-from", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "launch_groups" in err[0] and "OSError: no trace" in err[0]
+
+
+def test_resident_warps_per_convolution_launch(monkeypatch, capsys):
+    """--occupancy-from: per convolution launch shape of Omniglot 20w1s B=8 (Triton 3.6 configurations,
+    the committed 3.6.0 table), the warps its registers allow per SM and the warps its grid supplies
+    (programs x num_warps / 132, at most the former), fewest first; the 14x14 weight gradient is the
+    360-program two-warp grid (~5.5 warps per SM); a table lacking a call is a one-line error."""
+    import os
+
+    from bench.trace import resident_warps
+    from mamlpp_fast.errors import MamlppError
+    from mamlpp_fast.triton import conv as tconv
+    table = os.path.join(os.path.dirname(__file__), "..", "bench", "results", "static_metrics_sm90a_triton3.6.0.json")
+    monkeypatch.setattr(tconv, "_TRITON_VERSION", (3, 6))
+    res = trace_meta_update("omniglot_20w1s", 8, "cuda", "triton", True, first_block="unfused", bn_pool="unfused",
+                            head="unfused")
+    rows = resident_warps(res, table)
+    assert len(rows) >= 9 and [r["resident"] for r in rows] == sorted(r["resident"] for r in rows)
+    for r in rows:
+        assert r["programs"] == r["grid"][0] * r["grid"][1] * r["grid"][2]
+        assert r["resident"] == pytest.approx(min(r["by_registers"], r["programs"] * r["num_warps"] / 132))
+        assert 0 < r["by_registers"] <= 64 and r["by_registers"] % r["num_warps"] == 0
+    conv_calls = [k for k in res.kernels if k.call is not None and k.call[0] in
+                  ("conv_forward", "conv_data_grad", "conv_weight_grad")]
+    assert sum(r["launches"] for r in rows) == sum(k.launches for k in conv_calls)
+    w14 = [r for r in rows if r["kernel"] == "_conv_wgrad_kernel" and r["call"].endswith("(20, 512, 14, 14)")
+           and r["grid"] == [1, 9, 40]]
+    # 255 registers: 8,160 per warp, allocated as 8,192, so 8 warps of the SM's 65,536 registers
+    assert w14 and w14[0]["num_warps"] == 2 and w14[0]["registers"] == 255 and w14[0]["by_registers"] == 8
+    assert w14[0]["resident"] == pytest.approx(360 * 2 / 132)
+    with open(table) as f:
+        data = json.load(f)
+    data["triton_kernels"] = [r for r in data["triton_kernels"] if r["kernel"] != "_conv_wgrad_kernel"]
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        cut = os.path.join(d, "cut.json")
+        with open(cut, "w") as f:
+            json.dump(data, f)
+        with pytest.raises(MamlppError, match="has no strict-fp32 _conv_wgrad_kernel"):
+            resident_warps(res, cut)
