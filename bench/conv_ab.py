@@ -11,9 +11,11 @@ ptxas options, `_register_cap`, stay the installed version's):
   thread (the Omniglot weight gradient's 255 -> 168 at 4 warps, no spill under 3.6) and more resident
   warps per SM, for a lower FFMA share. The first H200 run found the convolutions at ~32% of the fp32
   peak with 8 warps per SM in most configurations: this measures the trade the FFMA share cannot judge.
+- "programs target": the split target before it was counted in warps (two programs per SM whatever
+  their warps, `programs_target`): what the current target (RESIDENT_WARPS warps per SM,
+  `mamlpp_fast.triton.conv.split_target`) changed, measured layer by layer.
 - "2x split": the reduction split into twice the chunks (at most one chunk per two k-steps): twice the
-  programs, each half the work, where the grid holds few warps per SM (the weight gradient at 14x14:
-  360 two-warp programs, ~5.5 warps per SM), for more partial sums to add.
+  programs, each half the work, for more partial sums to add.
 
 A variant whose configurations equal the current ones at a layer is not run there ("=" in the table).
 Layers (3x3, stride 1, pad 1; input x, output gradient g, weights w random): Omniglot 20-way 1-shot B=8
@@ -47,7 +49,7 @@ LAYERS = {"omniglot-14x14": (20, 8, 64, 14), "omniglot-7x7": (20, 8, 64, 7), "om
           "miniimagenet-target-42x42": (75, 2, 48, 42), "miniimagenet-target-21x21": (75, 2, 48, 21),
           "miniimagenet-support-42x42": (5, 2, 48, 42)}
 KERNELS = ("forward", "data gradient", "weight gradient")
-VARIANTS = ("current", "k-major", "2x warps", "2x split")
+VARIANTS = ("current", "programs target", "k-major", "2x warps", "2x split")
 
 
 @contextlib.contextmanager
@@ -127,10 +129,24 @@ def more_splits():
     return _patched_configs(doubled)
 
 
+@contextlib.contextmanager
+def programs_target():
+    """The split target before it was counted in warps: two programs per SM whatever their warps
+    (`mamlpp_fast.triton.conv.split_target` returning 2 x sms), the configurations measured by the first
+    H200 profile."""
+    from mamlpp_fast.triton import conv as C_
+    real = C_.split_target
+    C_.split_target = lambda sms, num_warps: 2 * sms
+    try:
+        yield
+    finally:
+        C_.split_target = real
+
+
 def variant(name: str):
     """The context manager that applies variant `name` (one of VARIANTS)."""
-    return {"current": contextlib.nullcontext, "k-major": kmajor_configs, "2x warps": more_warps,
-            "2x split": more_splits}[name]()
+    return {"current": contextlib.nullcontext, "programs target": programs_target, "k-major": kmajor_configs,
+            "2x warps": more_warps, "2x split": more_splits}[name]()
 
 
 def layer_meta(name: str) -> tuple:

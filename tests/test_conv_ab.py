@@ -27,10 +27,12 @@ def test_kmajor_configs_are_those_of_triton_37_and_restored(monkeypatch):
 def test_markdown_rows():
     rep = dict(device="X", date="d", torch="t", triton="3.6.0", git="g", command="c", iters=5,
                rows=[dict(layer="omniglot-14x14", kernel="forward",
-                          ms={"current": 0.05, "k-major": 0.06, "2x warps": 0.04, "2x split": None},
-                          speedup={"k-major": 0.05 / 0.06, "2x warps": 1.25, "2x split": None}, max_rel_diff=3e-7)])
+                          ms={"current": 0.05, "programs target": None, "k-major": 0.06, "2x warps": 0.04,
+                              "2x split": None},
+                          speedup={"programs target": None, "k-major": 0.05 / 0.06, "2x warps": 1.25, "2x split": None},
+                          max_rel_diff=3e-7)])
     md = to_markdown(rep)
-    assert "| omniglot-14x14 | forward | 0.0500 | 0.0600 | 0.83x | 0.0400 | 1.25x | = | = | 3.0e-07 |" in md
+    assert "| omniglot-14x14 | forward | 0.0500 | = | = | 0.0600 | 0.83x | 0.0400 | 1.25x | = | = | 3.0e-07 |" in md
     assert "Triton 3.6.0" in md
 
 
@@ -60,15 +62,17 @@ def test_one_line_error_without_a_device(args, word):
 def test_two_warp_weight_gradient_tiles_only_for_strict_fp32_under_triton_36(monkeypatch):
     """The tap-major 64 x 64 weight-gradient tiles with 32 lanes per step run on 2 warps under Triton < 3.7
     in strict float32 only (`wgrad_block_config`): tl.dot's TF32 path needs a 4-warp group, float64 twice
-    the registers; the grid and the other parameters do not change."""
+    the registers; the tiles do not change, and the 2-warp launches split into more chunks where the
+    reduction allows (`split_target` counts warps)."""
     from mamlpp_fast.triton import conv as C
     monkeypatch.setattr(C, "_TRITON_VERSION", (3, 6))
     for red in (20 * 196, 20 * 49):  # Omniglot's 14x14 and 7x7 layers: 32 lanes per step
         strict = C.wgrad_block_config(64, 64, 9, red, 8, 132, strict_fp32=True)
         other = C.wgrad_block_config(64, 64, 9, red, 8, 132)
         assert strict["TAP_MAJOR"] and strict["BLOCK_K"] == 32
-        assert strict["num_warps"] == 2 and other["num_warps"] == 4
-        assert {k: v for k, v in strict.items() if k != "num_warps"} == {k: v for k, v in other.items() if k != "num_warps"}
+        assert strict["num_warps"] == 2 and other["num_warps"] == 4 and strict["SPLIT"] > other["SPLIT"]
+        same = ("num_warps", "SPLIT", "CHUNK")
+        assert {k: v for k, v in strict.items() if k not in same} == {k: v for k, v in other.items() if k not in same}
     # 3x3: 16 lanes per step on 4 warps, but 32 on 2 in strict fp32 (216 programs balance over 132 SMs as
     # well as 16 lanes' 432)
     small = C.wgrad_block_config(64, 64, 9, 20 * 9, 8, 132)
@@ -164,6 +168,10 @@ def test_cases_run_a_variant_only_where_its_configuration_differs(monkeypatch):
     assert ("omniglot-3x3", "weight gradient", "2x split") not in got
     assert ("omniglot-14x14", "weight gradient", "2x split") in got
     assert ("omniglot-14x14", "forward", "k-major") in got
+    # the previous split target differs for the weight gradients whose programs have fewer than 4 warps
+    assert ("omniglot-14x14", "weight gradient", "programs target") in got
+    assert ("miniimagenet-target-42x42", "weight gradient", "programs target") in got
+    assert not [c for c in got if c[2] == "programs target" and c[1] != "weight gradient"]
     monkeypatch.setattr(C, "_TRITON_VERSION", (3, 7))
     assert not [c for c in cases(list(LAYERS)) if c[2] == "k-major"]
 
@@ -185,3 +193,29 @@ def test_the_ab_times_strict_fp32_products_whatever_torch_allows(monkeypatch):
     with strict_products():
         assert C._precision(torch.float32) == "ieee"
     assert C._precision(torch.float32) == "tf32"
+
+
+def test_split_target_counts_warps(monkeypatch):
+    """`split_target`: RESIDENT_WARPS warps per SM, never fewer than 2 programs per SM; the weight
+    gradients of the layers whose chunks allow it then supply at least that many warps per SM (Triton 3.6
+    rules, 132 SMs), and the previous target ("programs target") gives the old, smaller grids back."""
+    import triton
+
+    from bench.conv_ab import layer_configs, variant
+    from mamlpp_fast.triton import conv as C
+    assert C.split_target(132, 4) == 264 and C.split_target(132, 2) == 528 and C.split_target(132, 1) == 1056
+    assert C.split_target(132, 8) == 264
+    monkeypatch.setattr(C, "_TRITON_VERSION", (3, 6))
+    for name, kernel, tiles in (("omniglot-14x14", "weight gradient", 9 * 8), ("omniglot-7x7", "weight gradient", 9 * 8),
+                                ("miniimagenet-target-42x42", "weight gradient", 7 * 2)):
+        cfg = layer_configs(name, kernel)
+        programs = tiles * cfg["SPLIT"]
+        assert programs * cfg["num_warps"] >= C.RESIDENT_WARPS * 132, (name, kernel, cfg)
+        with variant("programs target"):
+            old = layer_configs(name, kernel)
+        assert old["SPLIT"] < cfg["SPLIT"] and tiles * old["SPLIT"] >= 2 * 132
+        assert {k: v for k, v in old.items() if k not in ("SPLIT", "CHUNK")} == \
+            {k: v for k, v in cfg.items() if k not in ("SPLIT", "CHUNK")}
+    # where the chunks' two-step minimum binds (Omniglot's 3x3 weight gradient: 180 lanes, 32 per step)
+    cfg = layer_configs("omniglot-3x3", "weight gradient")
+    assert cfg["SPLIT"] == triton.cdiv(20 * 9, 2 * cfg["BLOCK_K"])

@@ -615,8 +615,9 @@ def test_launch_comparison_sets_each_convolution_launch_shape_beside_its_predict
 def test_resident_warps_per_convolution_launch(monkeypatch, capsys):
     """--occupancy-from: per convolution launch shape of Omniglot 20w1s B=8 (Triton 3.6 configurations,
     the committed 3.6.0 table), the warps its registers allow per SM and the warps its grid supplies
-    (programs x num_warps / 132, at most the former), fewest first; the 14x14 weight gradient is the
-    360-program two-warp grid (~5.5 warps per SM); a table lacking a call is a one-line error."""
+    (programs x num_warps / 132, at most the former), fewest first; the 14x14 weight gradient's two-warp
+    grid supplies the 8 warps per SM its registers allow (`split_target`); a table lacking a call is a
+    one-line error."""
     import os
 
     from bench.trace import resident_warps
@@ -636,10 +637,10 @@ def test_resident_warps_per_convolution_launch(monkeypatch, capsys):
                   ("conv_forward", "conv_data_grad", "conv_weight_grad")]
     assert sum(r["launches"] for r in rows) == sum(k.launches for k in conv_calls)
     w14 = [r for r in rows if r["kernel"] == "_conv_wgrad_kernel" and r["call"].endswith("(20, 512, 14, 14)")
-           and r["grid"] == [1, 9, 40]]
+           and r["grid"][:2] == [1, 9]]
     # 255 registers: 8,160 per warp, allocated as 8,192, so 8 warps of the SM's 65,536 registers
     assert w14 and w14[0]["num_warps"] == 2 and w14[0]["registers"] == 255 and w14[0]["by_registers"] == 8
-    assert w14[0]["resident"] == pytest.approx(360 * 2 / 132)
+    assert w14[0]["programs"] * 2 >= tconv.RESIDENT_WARPS * 132 and w14[0]["resident"] == 8
     with open(table) as f:
         data = json.load(f)
     data["triton_kernels"] = [r for r in data["triton_kernels"] if r["kernel"] != "_conv_wgrad_kernel"]

@@ -116,6 +116,20 @@ def _sms(device) -> int:
     return num_sms(device) if device.type == "cuda" else 4
 
 
+# the warps per SM that a split launch's grid should supply on average: what the 255-register 2-warp and
+# 1-warp programs of most launches can hold (bench.static_metrics `occupancy`), so that every scheduler has
+# two warps to switch between (bench/NOTES.md, "split targets counted in warps")
+RESIDENT_WARPS = 8
+
+
+def split_target(sms: int, num_warps: int) -> int:
+    """The programs a split launch of `num_warps`-warp programs aims at: RESIDENT_WARPS warps per SM of
+    `sms` (programs x num_warps >= RESIDENT_WARPS x sms), and never fewer than two per SM (the earlier
+    target, which with 4-warp programs is the same and with 1- or 2-warp ones left the SMs a quarter to
+    a half full)."""
+    return max(2 * sms, triton.cdiv(RESIDENT_WARPS * sms, num_warps))
+
+
 def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, tasks: int, sms: int) -> dict:
     """Launch configuration of the forward ("fwd") or data gradient ("dgrad") GEMM of one layer (no
     autotune: it also runs under the interpreter).
@@ -131,7 +145,9 @@ def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, task
 
     Rules: BLOCK_N = `_tile(cols)`; BLOCK_M the largest of 128, 64 (128 with sub-tiles) whose programs
     reach 2 waves of `sms`, else the smallest (32, or 512 / BLOCK_N) with SPLIT chunks of >= 2 k-steps
-    raising the programs to 2 waves (the 7x7 and 3x3 layers); warps for ~32 accumulators per thread
+    raising the programs to 2 waves (the 7x7 and 3x3 layers; not yet to `split_target`'s resident
+    warps as the weight gradient: at Omniglot's 7x7 layer its SPLIT 3 spilled 16-56 B in the TF32
+    kernels under Triton 3.6, bench/NOTES.md); warps for ~32 accumulators per thread
     (16 per sub-tile). The register budget comes from ptxas -v on both Triton versions (bench/NOTES.md,
     bench/conv_ptx.py): 64 accumulators per thread took 254-255 registers under Triton 3.6."""
     bn = _tile(cols)
@@ -193,9 +209,10 @@ def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int
     BLOCK_N the widest of 128, 64, 32 columns that still reaches 2 waves; TAP_MAJOR (Triton < 3.7,
     Ci a multiple of 64): 64 channels of one tap per column tile),
     reduction over red = n*Ho*Wo in lanes of BLOCK_K = 16 (32 with TAP_MAJOR where 2 waves remain),
-    split into SPLIT chunks (multiples of BLOCK_K, >= 2 steps each) so that the programs reach 2 waves of
-    `sms`; INSIDE (48-channel sub-tiles, strict fp32, Triton < 3.7): the lanes whose every tap is inside
-    the image in a loop of their own without the per-element tap mask (`_conv_wgrad_kernel`); each chunk
+    split into SPLIT chunks (multiples of BLOCK_K, >= 2 steps each) so that the programs reach
+    `split_target` (RESIDENT_WARPS warps per SM of `sms`); INSIDE (48-channel sub-tiles, strict fp32,
+    Triton < 3.7): the lanes whose every tap is inside the image in a loop of their own without the
+    per-element tap mask (`_conv_wgrad_kernel`); each chunk
     writes its own partial, summed in chunk order by the tile's last program (`_store_result`;
     deterministic). STORE_KO: the orientation of the stored tile (`_conv_wgrad_kernel`).
     strict_fp32 (float32 operands, strict precision): the tap-major 64 x 64 tiles with 32 lanes per step
@@ -241,14 +258,14 @@ def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int
             bn = min((b_ for b_ in (128, 64, 32) if b_ <= bn), key=lambda b_: (triton.cdiv(k, b_) * b_, -b_))
         bn = min(bn, max(16, triton.next_power_of_2(k)))
         tiles = triton.cdiv(co, bm * nsub) * triton.cdiv(k, bn) * tasks
-    split = max(1, min(triton.cdiv(want, tiles), max_split))
+    num_warps = max(1, bm * bn // 1024) if nsub == 1 else max(1, bn // 32)  # ptxas: no spills
+    if tap_major and bk == 32 and strict_fp32 and bm * bn == 64 * 64:
+        num_warps = 2
+    split = max(1, min(triton.cdiv(split_target(sms, num_warps), tiles), max_split))
     chunk = max(2 * bk, red // split // bk * bk) if split > 1 else triton.cdiv(red, bk) * bk
     split = triton.cdiv(red, chunk)
     # STORE_KO: the result tile stored as [k, o] under Triton < 3.7 (3.6 then keeps the 48-channel loops'
     # integer instructions as they were before the forward-layout store; 3.7.1 is better with [o, k])
-    num_warps = max(1, bm * bn // 1024) if nsub == 1 else max(1, bn // 32)  # ptxas: no spills
-    if tap_major and bk == 32 and strict_fp32 and bm * bn == 64 * 64:
-        num_warps = 2
     # INSIDE (48 output channels' sub-tiles, strict fp32, Triton < 3.7): the lanes whose every tap is inside
     # the image (listed first by `_lane_table`) run in a loop without the per-element tap mask
     # (bench/NOTES.md); not under 3.7.1, where the second loop spilled 8 B in the 4-warp 128-column tiles,
