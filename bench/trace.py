@@ -1271,6 +1271,17 @@ def efficiency_key(k: Kernel):
     return None
 
 
+def _strict_rows(table: str, flag: str) -> list:
+    """The strict-fp32 Triton rows of a bench.static_metrics JSON; MamlppError naming `flag` and the file
+    where it cannot be read."""
+    from mamlpp_fast.errors import MamlppError
+    try:
+        with open(table) as f:
+            return [r for r in json.load(f)["triton_kernels"] if r.get("precision") == "fp32"]
+    except (OSError, ValueError, KeyError) as e:
+        raise MamlppError(f"{flag}: cannot read a bench.static_metrics JSON from {table!r}: {e}") from None
+
+
 def ffma_efficiencies(res: TraceResult, table: str) -> dict:
     """{key: efficiency} (`efficiency_key`) for every convolution call of `res` (`CONV_CALLS`) and every
     pass of the fused first block (`_block_efficiency`): the share of FFMA among the
@@ -1286,11 +1297,7 @@ def ffma_efficiencies(res: TraceResult, table: str) -> dict:
     from mamlpp_fast.errors import MamlppError
 
     from .static_metrics import capture_launches, launch_consts
-    try:
-        with open(table) as f:
-            rows = [r for r in json.load(f)["triton_kernels"] if r.get("precision") == "fp32"]
-    except (OSError, ValueError, KeyError) as e:
-        raise MamlppError(f"--conv-efficiency-from: cannot read a bench.static_metrics JSON from {table!r}: {e}") from None
+    rows = _strict_rows(table, "--conv-efficiency-from")
     out: dict = {}
     block_launches: dict = {}  # the fused block's captured launches per call (shared by its passes' keys)
     for k in res.kernels:
@@ -1702,11 +1709,7 @@ def resident_warps(res: TraceResult, table: str, sms: int = 132) -> list:
     from mamlpp_fast.errors import MamlppError
 
     from .static_metrics import capture_launches, launch_consts, occupancy
-    try:
-        with open(table) as f:
-            rows = [r for r in json.load(f)["triton_kernels"] if r.get("precision") == "fp32"]
-    except (OSError, ValueError, KeyError) as e:
-        raise MamlppError(f"--occupancy-from: cannot read a bench.static_metrics JSON from {table!r}: {e}") from None
+    rows = _strict_rows(table, "--occupancy-from")
     out: dict = {}
     for k in res.kernels:
         if k.call is None or k.call[0] not in CONV_CALLS:
