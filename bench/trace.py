@@ -1282,6 +1282,30 @@ def _strict_rows(table: str, flag: str) -> list:
         raise MamlppError(f"{flag}: cannot read a bench.static_metrics JSON from {table!r}: {e}") from None
 
 
+def _conv_launch(call, memo: dict):
+    """The Triton convolution launch (a bench.static_metrics `Launch`) of convolution call `call`, or None
+    where it launches none; captured once per call (`memo`)."""
+    if call not in memo:
+        from .static_metrics import capture_launches
+        memo[call] = next((ln for ln in capture_launches(call) if ln[0].__name__.startswith("_conv_")), None)
+    return memo[call]
+
+
+def _conv_row(rows: list, ln, call, table: str, flag: str, need_share: bool = False) -> dict:
+    """The strict-fp32 row of `rows` (`_strict_rows`) compiled with the configuration of launch `ln`;
+    MamlppError naming `flag`, the table and the call where there is none (with `need_share`: none with an
+    FFMA share)."""
+    from mamlpp_fast.errors import MamlppError
+
+    from .static_metrics import launch_consts
+    consts = launch_consts(ln[2])
+    for r in rows:
+        if r["kernel"] == ln[0].__name__ and r["config"] == consts and (not need_share or r.get("ffma_share") is not None):
+            return r
+    raise MamlppError(f"{flag}: {table} has no strict-fp32 {ln[0].__name__} with the configuration of "
+                      f"{call[0]} {call[1]} ({consts}): regenerate it with python -m bench.static_metrics")
+
+
 def ffma_efficiencies(res: TraceResult, table: str) -> dict:
     """{key: efficiency} (`efficiency_key`) for every convolution call of `res` (`CONV_CALLS`) and every
     pass of the fused first block (`_block_efficiency`): the share of FFMA among the
@@ -1296,7 +1320,7 @@ def ffma_efficiencies(res: TraceResult, table: str) -> dict:
     before the kernels or configurations changed, or with other --triton-configs)."""
     from mamlpp_fast.errors import MamlppError
 
-    from .static_metrics import capture_launches, launch_consts
+    from .static_metrics import capture_launches
     rows = _strict_rows(table, "--conv-efficiency-from")
     out: dict = {}
     block_launches: dict = {}  # the fused block's captured launches per call (shared by its passes' keys)
@@ -1309,18 +1333,11 @@ def ffma_efficiencies(res: TraceResult, table: str) -> dict:
                 block_launches[call] = capture_launches(call)
             out[key] = _block_efficiency(k, block_launches[call], rows, table)
             continue
-        launches = [(fn, kw) for fn, _args, kw in capture_launches(call) if fn.__name__.startswith("_conv_")]
-        if not launches:
+        ln = _conv_launch(call, {})
+        if ln is None:
             raise MamlppError(f"--conv-efficiency-from: no convolution kernel launched by {call[0]} {call[1]}")
-        fn, kw = launches[0]
-        consts = launch_consts(kw)
-        found = [r for r in rows if r["kernel"] == fn.__name__ and r["config"] == consts
-                 and r.get("ffma_share") is not None]
-        if not found:
-            raise MamlppError(f"--conv-efficiency-from: {table} has no strict-fp32 {fn.__name__} with the "
-                              f"configuration of {call[0]} {call[1]} ({consts}): regenerate it with "
-                              "python -m bench.static_metrics")
-        out[call] = loop_efficiency(call, kw, found[0]) * tile_utilization(call, kw)
+        row = _conv_row(rows, ln, call, table, "--conv-efficiency-from", need_share=True)
+        out[call] = loop_efficiency(call, ln[2], row) * tile_utilization(call, ln[2])
     return out
 
 
@@ -1675,18 +1692,15 @@ def conv_launch_predictions(res: TraceResult, ceilings: str = "h200", efficienci
     trace's simulated device (bench.static_metrics `capture_launches`), with their predicted time
     (captured, at `ceilings`; `efficiencies`: per call, as `summarize` takes them). The key is what the
     profiler records per launch, so that `conv_launch_comparison` can set them side by side."""
-    from .static_metrics import capture_launches
     ceil = CEILINGS[ceilings]
     out: dict = {}
-    mains: dict = {}
+    memo: dict = {}
     for k in res.kernels:
         if k.call is None or k.call[0] not in CONV_CALLS:
             continue
-        if k.call not in mains:
-            mains[k.call] = [ln for ln in capture_launches(k.call) if ln[0].__name__.startswith("_conv_")]
-        if not mains[k.call]:
+        ln = _conv_launch(k.call, memo)
+        if ln is None:
             continue
-        ln = mains[k.call][0]
         key = (ln[0].__name__, ln.programs_grid())
         d = out.setdefault(key, dict(kernel=key[0], grid=list(key[1]), layer=k.layer, calls=[], launches=0,
                                      predicted_ms=0.0))
@@ -1706,29 +1720,22 @@ def resident_warps(res: TraceResult, table: str, sms: int = 132) -> list:
     in the first wave). Fewest resident warps first: the launches whose latency the fewest warps hide
     (the occupancy hypothesis of bench/NOTES.md, which the A/B's "2x warps" and "2x split" test). Rows:
     {kernel, grid, layer, call, programs, num_warps, registers, by_registers, resident, waves, launches}."""
-    from mamlpp_fast.errors import MamlppError
-
-    from .static_metrics import capture_launches, launch_consts, occupancy
+    from .static_metrics import occupancy
     rows = _strict_rows(table, "--occupancy-from")
     out: dict = {}
+    memo: dict = {}
     for k in res.kernels:
         if k.call is None or k.call[0] not in CONV_CALLS:
             continue
-        mains = [ln for ln in capture_launches(k.call) if ln[0].__name__.startswith("_conv_")]
-        if not mains:
+        ln = _conv_launch(k.call, memo)
+        if ln is None:
             continue
-        ln = mains[0]
         grid = ln.programs_grid()
         key = (ln[0].__name__, grid, k.call)
         if key in out:
             out[key]["launches"] += k.launches
             continue
-        consts = launch_consts(ln[2])
-        found = [r for r in rows if r["kernel"] == key[0] and r["config"] == consts]
-        if not found:
-            raise MamlppError(f"--occupancy-from: {table} has no strict-fp32 {key[0]} with the configuration of "
-                              f"{k.call[0]} {k.call[1]} ({consts}): regenerate it with python -m bench.static_metrics")
-        r = found[0]
+        r = _conv_row(rows, ln, k.call, table, "--occupancy-from")
         warps = int(ln[2].get("num_warps", r["num_warps"]))
         by_regs = occupancy(r.get("registers") or 0, r["shared_bytes"], warps)
         programs = grid[0] * grid[1] * grid[2]
