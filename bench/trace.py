@@ -1291,6 +1291,17 @@ def _conv_launch(call, memo: dict):
     return memo[call]
 
 
+def _conv_kernels(res: TraceResult):
+    """(kernel group, its Triton convolution launch) for each convolution call of `res` (`CONV_CALLS`)
+    that launches one, each call captured once."""
+    memo: dict = {}
+    for k in res.kernels:
+        if k.call is not None and k.call[0] in CONV_CALLS:
+            ln = _conv_launch(k.call, memo)
+            if ln is not None:
+                yield k, ln
+
+
 def _conv_row(rows: list, ln, call, table: str, flag: str, need_share: bool = False) -> dict:
     """The strict-fp32 row of `rows` (`_strict_rows`) compiled with the configuration of launch `ln`;
     MamlppError naming `flag`, the table and the call where there is none (with `need_share`: none with an
@@ -1694,13 +1705,7 @@ def conv_launch_predictions(res: TraceResult, ceilings: str = "h200", efficienci
     profiler records per launch, so that `conv_launch_comparison` can set them side by side."""
     ceil = CEILINGS[ceilings]
     out: dict = {}
-    memo: dict = {}
-    for k in res.kernels:
-        if k.call is None or k.call[0] not in CONV_CALLS:
-            continue
-        ln = _conv_launch(k.call, memo)
-        if ln is None:
-            continue
+    for k, ln in _conv_kernels(res):
         key = (ln[0].__name__, ln.programs_grid())
         d = out.setdefault(key, dict(kernel=key[0], grid=list(key[1]), layer=k.layer, calls=[], launches=0,
                                      predicted_ms=0.0))
@@ -1723,13 +1728,7 @@ def resident_warps(res: TraceResult, table: str, sms: int = 132) -> list:
     from .static_metrics import occupancy
     rows = _strict_rows(table, "--occupancy-from")
     out: dict = {}
-    memo: dict = {}
-    for k in res.kernels:
-        if k.call is None or k.call[0] not in CONV_CALLS:
-            continue
-        ln = _conv_launch(k.call, memo)
-        if ln is None:
-            continue
+    for k, ln in _conv_kernels(res):
         grid = ln.programs_grid()
         key = (ln[0].__name__, grid, k.call)
         if key in out:
