@@ -60,7 +60,9 @@ gpu-session:
 # A 15-minute lease as two calls (device README: few full calls; each ~6 min). The first: the fused
 # kernels' diagnosis, the GPU tests, the profile beside the trace (of the design the trace prices: every
 # convolution on our Triton kernels, the fused ops; what calibrates it, bench.trace --calibrate-from); the second, sent at once to the warm
-# machine: the learner benchmark (fused and unfused, the baselines, the convolution table: each
+# machine: the learner benchmark (fused and unfused; the captured update with the convolutions' products in
+# tf32x3 and TF32 beside strict fp32 (--conv-precisions); the reference and JAX (torch.func, measured
+# 2026-12-04 at 6.6x below the fast learner, is left to the full session); the convolution table: each
 # implementation timed per layer shape, what the trace's per-call pricing is checked against), the
 # convolutions' launch-configuration A/B (twice the warps: occupancy against FFMA share), Nsight Compute
 # on the convolutions, precision and memcheck. A call that has less device time left than its
@@ -82,6 +84,6 @@ gpu-first:
 gpu-second:
 	STAGES=env,build,import,bench,convab,profiledefault,ncu,precision,memcheck DEADLINE=$(SECOND_DEADLINE) BENCH_LIMIT=140 \
 	PROFILEDEFAULT_LIMIT=45 CONVAB_LIMIT=60 NCU_LIMIT=35 PRECISION_LIMIT=40 MEMCHECK_LIMIT=35 \
-	BENCH_ARGS="--device cuda --workloads omniglot_20w1s,miniimagenet_5w1s --learners fast,reference,torchfunc,jax \
-	--backends native --conv-impls auto --first-blocks fused,unfused --no-sweeps --time-budget 115 \
-	--max-time 1.0" $(MAKE) gpu-session OUT="$(OUT)"
+	BENCH_ARGS="--device cuda --workloads omniglot_20w1s,miniimagenet_5w1s --learners fast,reference,jax \
+	--backends native --conv-impls auto --first-blocks unfused,fused --conv-precisions auto,tf32x3,tf32 --no-sweeps \
+	--time-budget 115 --max-time 1.0" $(MAKE) gpu-session OUT="$(OUT)"

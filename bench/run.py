@@ -353,7 +353,8 @@ def _build_torchfunc(w, dev, a):
     return (lambda: base.meta_update(batch, 0)), {}, base
 
 
-def _build_fast(w, dev, a, backend: str, variant: str, conv_impl: str | None = None, first_block: str | None = None):
+def _build_fast(w, dev, a, backend: str, variant: str, conv_impl: str | None = None, first_block: str | None = None,
+                conv_precision: str | None = None):
     from mamlpp_fast import config as C
     from mamlpp_fast.ops import BackendFallbackWarning, available_backends, get_backend, set_backend
     from mamlpp_fast.ops.conv import clear_conv_cache
@@ -370,6 +371,10 @@ def _build_fast(w, dev, a, backend: str, variant: str, conv_impl: str | None = N
         over["first_block"] = first_block
         if "bn_pool" in C.DEFAULTS:  # the other fused op (ops.bn_pool) follows the same value
             over["bn_pool"] = first_block
+    if conv_precision is not None:
+        if "conv_precision" not in C.DEFAULTS:
+            raise NotApplicable("the fast learner has no config key 'conv_precision' yet")
+        over["conv_precision"] = conv_precision
     if variant == "cuda_graph":
         if dev.type != "cuda":
             raise NotApplicable("CUDA graphs need a CUDA device")
@@ -598,7 +603,15 @@ def plan(a, dev) -> list[dict[str, Any]]:
                             for fb in a.first_blocks:
                                 items.append({"section": "main", "workload": w, "learner": "fast", "backend": be,
                                               "variant": v, "conv_impl": ci,
-                                              "first_block": None if fb == "auto" else fb})
+                                              "first_block": None if fb == "auto" else fb,
+                                              "conv_precision": _precision_item(a.conv_precisions[0])})
+                    # the other input precisions of the Triton products: the captured update only (what the
+                    # learner runs on a GPU), with the first conv_impl and first-block values
+                    for cp in a.conv_precisions[1:]:
+                        items.append({"section": "main", "workload": w, "learner": "fast", "backend": be,
+                                      "variant": VARIANTS[-1], "conv_impl": a.conv_impls[0],
+                                      "first_block": None if a.first_blocks[0] == "auto" else a.first_blocks[0],
+                                      "conv_precision": _precision_item(cp)})
             elif learner == "trainer":  # the experiment loop end to end (bench/trainer_bench.py)
                 for source in TB.sources_for(w, a.omniglot_dir):
                     for workers in a.trainer_workers:
@@ -619,6 +632,11 @@ def plan(a, dev) -> list[dict[str, Any]]:
                     items.append({"section": section, "workload": w, "learner": "fast", "backend": be, "variant": v,
                                   "conv_impl": a.conv_impls[0]})
     return items
+
+
+def _precision_item(value: str) -> str | None:
+    """A --conv-precisions value as the item's conv_precision: None for auto (the learner's default)."""
+    return None if value == "auto" else value
 
 
 def _same_config(w1, w2) -> bool:
@@ -655,6 +673,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="comma-separated values of the fast learner's config keys first_block and bn_pool "
                         "(both take the value) for its main items (auto, fused, unfused; default auto: the "
                         "learner's own choice)")
+    p.add_argument("--conv-precisions", default="auto",
+                   help="comma-separated values of the fast learner's config key conv_precision (auto, ieee, "
+                        "tf32, tf32x3: the input precision of its Triton convolution and fused-block products); "
+                        "the first applies to every main item, each further one adds the captured update with the "
+                        "first --conv-impls and --first-blocks values (default auto)")
     p.add_argument("--no-conv-table", action="store_true",
                    help="do not time the convolution implementations at the workloads' layer shapes")
     p.add_argument("--time-budget", type=float, default=None,
@@ -714,6 +737,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     bad = [x for x in a.first_blocks if x not in ("auto", "fused", "unfused")]
     if bad:
         p.error(f"unknown first block value(s) {bad}; choose from auto,fused,unfused")
+    a.conv_precisions = [x.strip() for x in a.conv_precisions.split(",") if x.strip()] or ["auto"]
+    bad = [x for x in a.conv_precisions if x not in ("auto", "ieee", "tf32", "tf32x3")]
+    if bad:
+        p.error(f"unknown conv precision(s) {bad}; choose from auto,ieee,tf32,tf32x3")
     bad = [x for x in a.conv_impls if x != "auto" and x not in CONV_IMPLS]
     if bad:
         p.error(f"unknown conv impl(s) {bad}; choose from auto,{','.join(CONV_IMPLS)}")
@@ -808,19 +835,20 @@ def _run(a, argv: list[str]) -> int:
         row: dict[str, Any] = {"section": item["section"], "workload": w.name, "learner": item["learner"],
                                "backend": item["backend"], "variant": item["variant"], "batch_size": w.batch_size,
                                "steps": w.steps, "config": w.to_dict(), "conv_impl": item.get("conv_impl"),
-                               "first_block": item.get("first_block")}
+                               "first_block": item.get("first_block"), "conv_precision": item.get("conv_precision")}
         if item["learner"] == "trainer":
             row.update(dataset=item["dataset"], num_dataprovider_workers=item["workers"])
         label = f"{w.name} {item['learner']}" + (f"[{item['backend']}]" if item["backend"] else "") + \
             (f"[{item['dataset']}, workers={item['workers']}]" if item["learner"] == "trainer" else "") + \
             ("" if item["variant"] == "eager" else f" {item['variant']}") + \
             (f" conv={item['conv_impl']}" if item.get("conv_impl") else "") + \
-            (f" first_block={item['first_block']}" if item.get("first_block") else "")
+            (f" first_block={item['first_block']}" if item.get("first_block") else "") + \
+            (f" conv_precision={item['conv_precision']}" if item.get("conv_precision") else "")
         # a sweep point identical to a main-table item reuses that measurement
         twin = next((r for r in results if r["section"] == "main" and r["learner"] == row["learner"]
                      and r["backend"] == row["backend"] and r["variant"] == row["variant"]
                      and r.get("conv_impl") == row["conv_impl"] and r.get("first_block") == row["first_block"]
-                     and _same_config(W.Workload(**r["config"]), w)), None)
+                     and r.get("conv_precision") == row["conv_precision"] and _same_config(W.Workload(**r["config"]), w)), None)
         if item["section"] != "main" and twin is not None:
             row.update({k: v for k, v in twin.items() if k not in row or k in ("status", "reason")})
             row["note"] = f"same measurement as the main table's {twin['workload']}"
@@ -846,7 +874,9 @@ def _run(a, argv: list[str]) -> int:
                                             measure_reference=first)
             elif item["learner"] == "fast":
                 be, var, ci, fb = item["backend"], item["variant"], item.get("conv_impl"), item.get("first_block")
-                r = measure_torch_item(lambda w_, d_, a_: _build_fast(w_, d_, a_, be, var, ci, fb), w, dev, a, warmup)
+                cp = item.get("conv_precision")
+                r = measure_torch_item(lambda w_, d_, a_: _build_fast(w_, d_, a_, be, var, ci, fb, cp), w, dev, a,
+                                       warmup)
                 if ci == "auto":
                     r["conv_choices"] = _conv_choices_made()
             else:
@@ -944,6 +974,8 @@ def _learner_label(r) -> str:
         s += f" conv={r['conv_impl']}"
     if r.get("first_block"):
         s += f" first_block={r['first_block']}"
+    if r.get("conv_precision"):
+        s += f" conv_precision={r['conv_precision']}"
     if r.get("variant") and r["variant"] != "eager":
         s += " + CUDA graph"
     return s

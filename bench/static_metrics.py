@@ -9,7 +9,7 @@ host wrapper with meta tensors (no memory, no device) while `JITFunction.run` is
 so the launch arguments, block sizes and specialisations are exactly those the wrappers choose (launch
 heuristics evaluated for a 132-SM device). Each distinct specialisation is compiled with the installed
 Triton for `GPUTarget("cuda", 90, 32)` (sm_90a), in strict fp32 (`input_precision="ieee"`, the learner's
-default) and, for the convolutions, also with TF32. Then, from Triton's own ptxas / cuobjdump (the tools
+default) and, for the convolutions and the fused first block, also with TF32 and 3xTF32 (tf32x3). Then, from Triton's own ptxas / cuobjdump (the tools
 Triton uses on the device):
 - registers, spill stores / loads, stack frame (`ptxas -v --gpu-name sm_90a` on the PTX), shared memory
   (Triton's metadata);
@@ -153,10 +153,27 @@ def _recording_launches(store: list):
             setattr(tconv, name, val)
 
 
-def capture_launches(call, tf32: bool = False, dtype=None) -> list:
+# the float32 input precisions of the Triton products that the tables compile (config key conv_precision):
+# strict, TF32 (allow_tf32) and 3xTF32; the labels of their rows
+PRECISIONS = {"fp32": "ieee", "tf32": "tf32", "tf32x3": "tf32x3"}
+
+
+def _precision_mode(tf32) -> str | None:
+    """capture_launches' `tf32` as the conv_precision mode it forces: None for a bool (torch's allow_tf32
+    alone then decides, under whatever mode the caller forces), else the label's mode in `PRECISIONS`."""
+    if isinstance(tf32, bool):
+        return None
+    if tf32 in PRECISIONS:
+        return PRECISIONS[tf32]
+    raise ValueError(f"capture_launches: precision must be one of {sorted(PRECISIONS)} or a bool, got {tf32!r}")
+
+
+def capture_launches(call, tf32=False, dtype=None) -> list:
     """(JITFunction, args, kwargs) of every Triton launch of one custom-op call (each a `Launch`, which
     also holds its grid), from the package's host wrapper on meta tensors of `dtype` (default float32;
-    `compile_check` passes float64 too)."""
+    `compile_check` passes float64 too). tf32: torch's allow_tf32 while the wrappers run (False / True:
+    strict or TF32 unless the caller forces a conv_precision), or a label of `PRECISIONS`, forced as config
+    key conv_precision forces it (`forced_conv_precision`; "tf32x3": three TF32 products)."""
     import torch
 
     from mamlpp_fast.triton import conv as tconv
@@ -168,11 +185,15 @@ def capture_launches(call, tf32: bool = False, dtype=None) -> list:
     def t(shape):
         return torch.empty(shape, device="meta", dtype=dtype)
 
+    from mamlpp_fast.triton._device import forced_conv_precision
+
     store: list = []
     old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = bool(tf32)  # mamlpp_fast.triton.conv._precision reads it
+    mode = _precision_mode(tf32)
+    # mamlpp_fast.triton.conv._precision reads it
+    torch.backends.cudnn.allow_tf32 = tf32 is True or mode == "tf32"
     try:
-        with _recording_launches(store):
+        with _recording_launches(store), (forced_conv_precision(mode) if mode else contextlib.nullcontext()):
             op = call[0]
             if op == "bn_pool":  # batch norm + pooling of layers 1-3: forward, backward, double backward
                 from mamlpp_fast.triton import bn_pool as tpool
@@ -473,7 +494,9 @@ def kernel_metrics(calls, tf32_variants: bool = True, tools: dict | None = None,
     tools = tools or triton_tools()
     rows, seen, configs = [], {}, set()
     for call in calls:
-        variants = [False] + ([True] if tf32_variants and call[0].startswith("conv_") else [])
+        # strict fp32 for every kernel; the convolutions' and the fused block's products also in TF32 and
+        # 3xTF32 (tf32x3: opt-in, but shipped, so its tiles are held to the same no-spill rule)
+        variants = ["fp32"] + (["tf32", "tf32x3"] if tf32_variants and call[0].startswith("conv_") else [])
         for tf32 in variants:
             for fn, args, kwargs in capture_launches(call, tf32):
                 if distinct_configs:
@@ -486,7 +509,7 @@ def kernel_metrics(calls, tf32_variants: bool = True, tools: dict | None = None,
                     seen[key]["calls"] += 1
                     continue
                 consts = launch_consts(kwargs)
-                row = dict(kernel=fn.__name__, precision="tf32" if tf32 else "fp32",
+                row = dict(kernel=fn.__name__, precision=tf32,
                            config=consts, call=_call_str(call), calls=1,
                            shared_bytes=int(getattr(ck.metadata, "shared", 0)),
                            num_warps=int(ck.metadata.num_warps))
@@ -510,7 +533,7 @@ def compile_check(calls, dtype) -> list:
     import torch
     rows, configs = [], set()
     for call in calls:
-        variants = [False] + ([True] if dtype == torch.float32 and call[0].startswith("conv_") else [])
+        variants = ["fp32"] + (["tf32", "tf32x3"] if dtype == torch.float32 and call[0].startswith("conv_") else [])
         for tf32 in variants:
             for fn, args, kwargs in capture_launches(call, tf32, dtype=dtype):
                 ckey = (fn.__name__, repr(sorted(kwargs.items())))
@@ -518,7 +541,8 @@ def compile_check(calls, dtype) -> list:
                     continue
                 configs.add(ckey)
                 row = dict(kernel=fn.__name__, call=_call_str(call), dtype=str(dtype).replace("torch.", ""),
-                           precision="tf32" if tf32 else "strict", config=launch_consts(kwargs), ok=True, error=None)
+                           precision="strict" if tf32 == "fp32" else tf32, config=launch_consts(kwargs), ok=True,
+                           error=None)
                 try:
                     compile_launch(fn, args, kwargs)
                 except Exception as e:  # noqa: BLE001 - the failure is the result

@@ -554,6 +554,19 @@ def _conv_triton_patch(rec: _Recorder):
     except ImportError:  # a tree whose weight gradient is stored in the weight's own layout
         def forward_layout(w):
             return w
+    try:
+        from mamlpp_fast.triton.conv import tensor_core_products
+    except ImportError:  # a tree whose tiles do not depend on the products' precision
+        tensor_core_products = None
+
+    def tc(dtype) -> dict:
+        """The launchers' tensor_cores argument for `dtype` operands (TF32 / tf32x3 tiles) as the trainer
+        runs them: float32 under a forced conv_precision of tf32 or tf32x3 (trace_meta_update's
+        conv_precision), else strict; not `tensor_core_products` itself, which follows this CPU process's
+        torch.backends.cudnn.allow_tf32 (torch's default True) where the trainer's is False."""
+        if tensor_core_products is None:
+            return {}
+        return {"tensor_cores": dtype == torch.float32 and forced is not None and forced() in ("tf32", "tf32x3")}
 
     def gemm(kind, name, call, layer, flops, w, operands, out, split, cfg, sums_split=True, kept=0, layout=None):
         """The re-layout copy (forward / data gradient only, when the launcher makes one: `relaid_weights`
@@ -586,7 +599,7 @@ def _conv_triton_patch(rec: _Recorder):
         b, co, ci, kh, kw, h, wd, ho, wo, s, p = meta
         n = x.shape[0]
         dual = x2 is not None
-        cfg = conv_block_config("fwd", n * ho * wo, co, ci, (2 if dual else 1) * kh * kw, b, rec.sms)
+        cfg = conv_block_config("fwd", n * ho * wo, co, ci, (2 if dual else 1) * kh * kw, b, rec.sms, **tc(x.dtype))
         if dual and cfg.get("SMALL"):
             out = fwd(x, w, bias, meta) + fwd(x2, w2, None, meta)  # the add is recorded by the mode
             return out
@@ -605,7 +618,7 @@ def _conv_triton_patch(rec: _Recorder):
         n = g.shape[0]
         with rec.hide():
             dx = conv2d_input((n, b * ci, h, wd), w.reshape(-1, ci, kh, kw), g, s, p, groups=b)
-        cfg = conv_block_config("dgrad", n * h * wd, ci, co, kh * kw, b, rec.sms)
+        cfg = conv_block_config("dgrad", n * h * wd, ci, co, kh * kw, b, rec.sms, **tc(g.dtype))
         gemm("conv_dgrad", "triton conv_dgrad", ("conv_data_grad", tuple(g.shape), meta),
              rec.layer_of([g, dx]), 2 * macs(meta, n), w, _nbytes(g) + _nbytes(w), dx, cfg["SPLIT"], cfg,
              layout="fwd" if cfg.get("W_FWD") else "dgrad")
@@ -626,7 +639,7 @@ def _conv_triton_patch(rec: _Recorder):
         # strict fp32 for float32 unless config key conv_precision forces TF32 (this CPU process's
         # torch.backends.cudnn.allow_tf32 is not the trainer's)
         strict = {} if forced is None else {"strict_fp32": x.dtype == torch.float32 and forced() in (None, "ieee")}
-        cfg = wgrad_block_config(co, ci, kh * kw, red, b, rec.sms, **strict)
+        cfg = wgrad_block_config(co, ci, kh * kw, red, b, rec.sms, **strict, **tc(x.dtype))
         lane_bytes = 3 * red * 4  # the cached lane table, read by every program column
         bias_read = _nbytes(g) if db is not None else 0
         if db is not None and bias_in is not None and not bias_in(cfg):  # the launcher's separate sum
@@ -993,7 +1006,8 @@ def _layer_sizes(w) -> dict:
 def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None = None, backend: str = "cuda",
                       conv_impl: str = "triton", cuda_graph: bool = True, sms: int = 132,
                       quick: bool = False, seed: int = 0, first_block: str = "auto",
-                      bn_pool: str = "auto", epoch: int = 0, head: str = "auto") -> TraceResult:
+                      bn_pool: str = "auto", epoch: int = 0, head: str = "auto",
+                      conv_precision: str = "auto") -> TraceResult:
     """Run one meta-update of the fast learner on the CPU and return the simulated GPU kernels.
     first_block: "fused" (the first layer as mamlpp_fast.ops.conv_block's op on its Triton kernels),
     "unfused", or "auto": fused with the cuda and triton backends, unfused with torch (trees without
@@ -1003,7 +1017,10 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
     bn_pool: the same for the batch norm + pooling of the later layers (mamlpp_fast.ops.bn_pool);
     head: the same for the linear head and its loss (mamlpp_fast.ops.head).
     epoch: the meta-training epoch (0: MSL on, a target loss after every inner step; from the workload's
-    msl_epochs on, MSL is off and the target set is passed after the last step only)."""
+    msl_epochs on, MSL is off and the target set is passed after the last step only).
+    conv_precision: the learner's config key conv_precision (auto, ieee, tf32, tf32x3): the input
+    precision of the Triton convolutions' products, which selects their launch configurations
+    (tensor-core tiles for tf32 and tf32x3)."""
     import torch
 
     from mamlpp_fast import fast as fast_mod
@@ -1067,6 +1084,10 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
     # the simulated conv_impl runs through task_conv2d's own code; 'triton' with torch-computed launchers
     conv_arg = {} if conv_mod is None else {"conv_impl": "grouped" if conv_impl == "triton" else conv_impl}
     args = make_args(w, backend="torch", **conv_arg)
+    if conv_precision != "auto":
+        if not hasattr(args, "conv_precision"):
+            raise MamlppError(f"bench.trace: this tree has no config key conv_precision ({conv_precision!r} asked)")
+        args.conv_precision = conv_precision
     model = fast_mod.MAMLFewShotClassifier(im_shape(w), "cpu", args)
     # the object that owns the meta-optimizer and the finiteness check: the learner core (older trees: the
     # learner itself)
@@ -1204,7 +1225,10 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
             model.current_epoch = epoch  # what run_train_iter sets before the captured region
         # computed once per epoch, outside the captured region (fast.py `_importance`)
         imp = model._importance() if cuda_graph else None
-        with _make_mode(rec):
+        # the iteration's numerics as run_train_iter sets them around the captured region (config keys
+        # allow_tf32, conv_precision: LearnerCore.precision; older trees: none)
+        numerics = core.precision() if core is not None and hasattr(core, "precision") else contextlib.nullcontext()
+        with _make_mode(rec), numerics:
             if cuda_graph:
                 # the captured region of fast.py's _train_iter: _train_step_tensors on the static input
                 # buffers (older trees: the batch itself), then the Adam step
@@ -1231,7 +1255,8 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
     from .flops import flops_from_args
     an = flops_from_args(make_args(w), epoch=epoch)
     cfg = dict(workload=w.name, batch_size=w.batch_size, backend=backend, conv_impl=conv_impl,
-               first_block=first_block, bn_pool=bn_pool, head=head, epoch=epoch, cuda_graph=cuda_graph, sms=sms, analytic_flops_total=an["total"], analytic_flops_minimal=an["minimal"],
+               first_block=first_block, bn_pool=bn_pool, head=head, epoch=epoch, cuda_graph=cuda_graph, sms=sms,
+               conv_precision=conv_precision, analytic_flops_total=an["total"], analytic_flops_minimal=an["minimal"],
                workload_detail=w.to_dict())
     return TraceResult(cfg, rec.kernels)
 
@@ -1885,8 +1910,10 @@ def main(argv=None) -> int:
         if a.workload is None:
             from .workloads import main_workloads
             a.workload = main_workloads(a.quick)[0].name
+        # the learner's conv_precision for the priced mode: its tiles follow it (tensor-core tiles for TF32)
         res = trace_meta_update(a.workload, a.batch_size, a.backend, a.conv_impl, not a.no_cuda_graph, quick=a.quick,
-                                first_block=a.first_block, bn_pool=a.bn_pool, epoch=a.epoch, head=a.head)
+                                first_block=a.first_block, bn_pool=a.bn_pool, epoch=a.epoch, head=a.head,
+                                conv_precision="tf32x3" if a.tf32x3 else "tf32" if a.tf32 else "auto")
         # under the same launch configurations as the trace
         effs = ffma_efficiencies(res, a.conv_efficiency_from) if a.conv_efficiency_from else None
         occ = resident_warps(res, a.occupancy_from) if a.occupancy_from else None

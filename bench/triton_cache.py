@@ -83,12 +83,12 @@ def relocate(cache_dir: str) -> int:
 
 def launches(workloads, quick: bool = False, conv_ab: bool = True) -> list:
     """(JITFunction, args, kwargs) of every Triton launch to cache: each workload's meta-update (bench.
-    static_metrics `collect_calls`, strict fp32 and, for the convolutions, TF32) and bench.conv_ab's
+    static_metrics `collect_calls`, strict fp32 and, for the convolutions, TF32 and tf32x3) and bench.conv_ab's
     cases (strict fp32, each under its variant's configurations)."""
     from .static_metrics import capture_launches, collect_calls
     out = []
     for call in collect_calls(workloads, quick):
-        for tf32 in ((False, True) if call[0].startswith("conv_") else (False,)):
+        for tf32 in (("fp32", "tf32", "tf32x3") if call[0].startswith("conv_") else ("fp32",)):
             out += capture_launches(call, tf32)
     if conv_ab:
         from . import conv_ab as A

@@ -153,6 +153,58 @@ def test_first_block_items(tmp_path):
         main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--first-blocks", "sometimes"])
 
 
+def test_conv_precision_items(tmp_path):
+    """--conv-precisions: the first value applies to every fast main item; each further one adds the
+    captured update (what the learner runs on a GPU) with the first conv_impl and first-block values,
+    labelled, and reaches the learner as config key conv_precision; unknown values are refused."""
+    import torch
+    from bench import run as R
+    from bench import workloads as W
+
+    a = R.parse_args(["--quick", "--device", "cpu", "--learners", "fast", "--backends", "torch",
+                      "--workloads", "quick_omniglot_3w1s", "--first-blocks", "unfused,fused",
+                      "--conv-precisions", "auto,tf32x3,tf32", "--no-sweeps"])
+    items = R.plan(a, torch.device("cpu"))
+    assert [(i["variant"], i["first_block"], i["conv_precision"]) for i in items] == [
+        ("eager", "unfused", None), ("eager", "fused", None), ("cuda_graph", "unfused", None),
+        ("cuda_graph", "fused", None), ("cuda_graph", "unfused", "tf32x3"), ("cuda_graph", "unfused", "tf32")]
+    w = W.workload_by_name("quick_omniglot_3w1s", True)
+    _step, _extra, model = R._build_fast(w, torch.device("cpu"), a, "torch", "eager", None, None, "tf32x3")
+    assert model.args.conv_precision == "tf32x3"
+    rc = R.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--learners", "fast", "--backends", "torch",
+                 "--workloads", "quick_omniglot_3w1s", "--conv-precisions", "ieee,tf32x3", "--no-sweeps",
+                 "--no-ceiling", "--no-conv-table"])
+    assert rc == 0
+    report = json.loads((tmp_path / "latest_cpu_quick.json").read_text())
+    assert [(r["variant"], r["conv_precision"], r["status"]) for r in report["results"]] == [
+        ("eager", "ieee", "ok"), ("cuda_graph", "ieee", "n/a"), ("cuda_graph", "tf32x3", "n/a")]
+    assert "conv_precision=ieee" in (tmp_path / "latest_cpu_quick.md").read_text()
+    with pytest.raises(SystemExit):
+        R.parse_args(["--conv-precisions", "fp16"])
+
+
+def test_device_calls_benchmark_arguments_parse():
+    """The benchmark arguments of the prepared device calls (Makefile gpu-second's BENCH_ARGS,
+    scripts/gpu_session.sh's DEFAULT_BENCH_ARGS) are ones bench.run accepts: a call that died in argparse
+    would spend its share of the rare device minutes on nothing."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from bench.run import parse_args
+    root = Path(__file__).resolve().parent.parent
+    found = []
+    for path, pattern in ((root / "Makefile", r'BENCH_ARGS="([^"]*)"'),
+                          (root / "scripts" / "gpu_session.sh", r'DEFAULT_BENCH_ARGS="([^"]*)"')):
+        text = path.read_text().replace("\\\n", " ")
+        for m in re.finditer(pattern, text):
+            a = parse_args(shlex.split(m.group(1)))
+            found.append((path.name, a))
+    assert {name for name, _ in found} == {"Makefile", "gpu_session.sh"}, found
+    make = [a for name, a in found if name == "Makefile"]
+    assert any(a.conv_precisions[1:] for a in make), "gpu-second times no other conv precision"
+
+
 FLOP_CASES = [  # (steps, stages, max_pooling, second_order, msl)
     (2, 4, True, True, True),
     (3, 2, True, True, True),

@@ -254,6 +254,22 @@ def test_tf32x3_rate():
     assert main(["--quick", "--workload", QUICK, "--tf32x3", "--json"]) == 0
 
 
+def test_conv_precision_selects_the_launch_configurations(monkeypatch):
+    """The trace records the convolutions under the learner's conv_precision, as run_train_iter sets it
+    around the captured region: strict fp32 (auto) asks the launch heuristics for the strict tiles,
+    tf32 and tf32x3 (--tf32, --tf32x3) for the tensor-core tiles (`tensor_cores`), in every call."""
+    from mamlpp_fast.triton import conv as C
+    seen = []
+    real_f, real_w = C.conv_block_config, C.wgrad_block_config
+    monkeypatch.setattr(C, "conv_block_config", lambda *a, **k: (seen.append(k.get("tensor_cores")), real_f(*a, **k))[1])
+    monkeypatch.setattr(C, "wgrad_block_config", lambda *a, **k: (seen.append(k.get("tensor_cores")), real_w(*a, **k))[1])
+    for mode, want in (("auto", False), ("tf32x3", True), ("tf32", True)):
+        seen.clear()
+        res = trace_meta_update(QUICK, None, "cuda", "triton", True, quick=True, conv_precision=mode)
+        assert seen and set(seen) == {want}, (mode, set(seen))
+        assert res.config["conv_precision"] == mode
+
+
 def test_launches_by_autograd_node():
     """Every kernel is attributed to the autograd node that launched it ("forward" outside backward): the
     per-node counts add up to the total; the backward of the convolution is there; the gradient-accumulation

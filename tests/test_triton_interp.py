@@ -493,8 +493,8 @@ def _forced(real, over):
     chunking (CHUNK, SPLIT) recomputed for the forced SPLIT and block sizes."""
     import triton
 
-    def fwd_dgrad(kind, rows, cols, chans, kk, tasks, sms):
-        cfg = real(kind, rows, cols, chans, kk, tasks, sms)
+    def fwd_dgrad(kind, rows, cols, chans, kk, tasks, sms, **kw):
+        cfg = real(kind, rows, cols, chans, kk, tasks, sms, **kw)
         cfg.update(over)
         steps = 1 if cfg["SMALL"] else kk * triton.cdiv(chans, cfg["BLOCK_K"])
         cfg["CHUNK"] = triton.cdiv(steps, cfg["SPLIT"])
@@ -771,6 +771,75 @@ def test_conv_ab_variants_compute_the_convolution(monkeypatch):
                 cur = [C.conv_block_config(kind, 3 * 49, 64, 64, 9, 2, 8)["SPLIT"] for kind in ("fwd", "dgrad")]
                 cur.append(C.wgrad_block_config(64, 64, 9, 3 * 49, 2, 8)["SPLIT"])
             assert all(a > b for a, b in zip(splits, cur)), (splits, cur)
+
+
+@inner
+def test_tensor_core_tiles():
+    """TF32 / tf32x3 products (`tensor_core_products`) take tiles whose product has 64 rows on one
+    warpgroup (4 warps), what Hopper's wgmma needs: at 48 channels one 64-wide tile with 16 masked rows
+    instead of three 16-wide sub-tiles, and 4 warps where strict fp32 runs 2; strict fp32 and float64 keep
+    their tiles; Triton >= 3.7's register cap is not put on them (`_register_cap`)."""
+    import torch
+    from mamlpp_fast.triton import conv as C
+    from mamlpp_fast.triton._device import forced_conv_precision
+
+    assert not C.tensor_core_products(torch.float64)
+    with forced_conv_precision("tf32x3"):
+        assert C.tensor_core_products(torch.float32) and not C.tensor_core_products(torch.float64)
+    with forced_conv_precision("tf32"):
+        assert C.tensor_core_products(torch.float32)
+    with forced_conv_precision("ieee"):
+        assert not C.tensor_core_products(torch.float32)
+    for args in (("fwd", 75 * 42 * 42, 48, 48, 9, 2, 132), ("dgrad", 5 * 21 * 21, 48, 48, 9, 2, 132),
+                 ("fwd", 20 * 49, 64, 64, 9, 8, 132), ("dgrad", 20 * 9, 64, 64, 9, 8, 132)):
+        strict, tc = C.conv_block_config(*args), C.conv_block_config(*args, tensor_cores=True)
+        assert (tc["BLOCK_N"], tc["NSUB"], tc["num_warps"]) == (64, 1, 4), (args, tc)
+        assert strict == C.conv_block_config(*args, tensor_cores=False)
+        assert strict["NSUB"] == 3 or strict["num_warps"] == 2, strict  # what the tensor-core tiles replace
+        assert C._register_cap(tc, tensor_cores=True) == {}
+    # 32 or fewer columns: the strict tiles (no 64-row product to fill)
+    assert C.conv_block_config("fwd", 500, 32, 32, 9, 2, 132, tensor_cores=True) == C.conv_block_config(
+        "fwd", 500, 32, 32, 9, 2, 132)
+    for args in ((48, 48, 9, 75 * 42 * 42, 2, 132), (48, 48, 9, 5 * 10 * 10, 2, 132), (64, 64, 9, 20 * 9, 8, 132)):
+        tc = C.wgrad_block_config(*args, tensor_cores=True)
+        assert (tc["BLOCK_M"], tc["NSUB"], tc["num_warps"], tc["INSIDE"]) == (64, 1, 4, False), (args, tc)
+    strict = C.wgrad_block_config(48, 48, 9, 75 * 42 * 42, 2, 132, strict_fp32=True)
+    assert strict["NSUB"] == 3 and strict == C.wgrad_block_config(48, 48, 9, 75 * 42 * 42, 2, 132,
+                                                                   strict_fp32=True, tensor_cores=False)
+
+
+@inner
+@pytest.mark.parametrize("mode", ["tf32x3", "tf32"])
+def test_triton_conv_tensor_core_tiles_compute_the_convolution(mode, monkeypatch):
+    """The launchers under a tensor-core precision take the tensor-core tiles (`test_tensor_core_tiles`)
+    and compute the convolution with them: 48 channels in one 64-row product tile (16 rows masked) and 64
+    channels on 4 warps, forward, data gradient and weight gradient (with the bias's), as the launchers
+    configure them here (the interpreter's 4 SMs, Triton 3.6's rules). The interpreter's products are float32
+    (it does not round to TF32), so the check is the layout and masking against the float64 per-task
+    reference: float32 operands of unit scale summed over K <= 576 products per output, a relative error
+    well under 1e-5 (float32's 6e-8 per rounding, times the sqrt(K) growth of a random-sign sum)."""
+    import torch
+    from test_conv import rel
+    from mamlpp_fast.triton import conv as C
+    from mamlpp_fast.triton._device import forced_conv_precision
+
+    monkeypatch.setattr(C, "_TRITON_VERSION", (3, 6))
+    seen = []
+    real_f, real_w = C.conv_block_config, C.wgrad_block_config
+    monkeypatch.setattr(C, "conv_block_config", lambda *a, **k: (seen.append(k), real_f(*a, **k))[1])
+    monkeypatch.setattr(C, "wgrad_block_config", lambda *a, **k: (seen.append(k), real_w(*a, **k))[1])
+    for shape in ((2, 2, 48, 48, 6, 3, 1, 1), (2, 2, 64, 64, 5, 3, 1, 1)):
+        n, b, ci, co = shape[:4]
+        x, w, bias, gy, (ref, gx, gw), meta = _conv_case_f64(shape, sum(shape) + len(mode))
+        f32 = [t.detach().float() for t in (x, w, bias, gy)]
+        gb = gy.reshape(n, b, co, -1).sum((0, 3))
+        with forced_conv_precision(mode):
+            got = (C.conv_forward(f32[0], f32[1], f32[2], meta), C.conv_data_grad(f32[3], f32[1], meta),
+                   *C.conv_weight_grad(f32[0], f32[3], meta, with_bias=True))
+        for name, a, r in zip(("forward", "data gradient", "weight gradient", "bias gradient"), got, (ref, gx, gw, gb)):
+            assert a.dtype == torch.float32 and a.shape == r.shape and rel(a.double(), r) < 1e-5, \
+                f"{mode} {shape} {name}: {rel(a.double(), r):.3e}"
+    assert seen and all(k.get("tensor_cores") for k in seen), seen
 
 
 @inner

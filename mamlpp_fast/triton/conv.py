@@ -86,6 +86,7 @@ from ._derived import derived
 from ._device import _counters, _tile_counters, conv_precision, num_sms  # noqa: F401 (_counters: tests)
 
 __all__ = ["conv_forward", "conv_data_grad", "conv_weight_grad", "conv_block_config", "wgrad_block_config",
+           "tensor_core_products",
            "bias_in_wgrad", "split_sum_in_kernel", "split_chain_in_kernel", "wgrad_sums_split", "wgrad_keeps_own"]
 
 
@@ -99,6 +100,13 @@ def _precision(dtype) -> str:
     if forced is not None:
         return forced
     return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+def tensor_core_products(dtype) -> bool:
+    """Whether the convolution products of `dtype` operands run on tensor cores: float32 in "tf32" or
+    "tf32x3" (`_precision`). Their launches take tiles that Hopper's warpgroup products (wgmma) accept
+    (`conv_block_config`, `wgrad_block_config`: tensor_cores)."""
+    return dtype == torch.float32 and _precision(dtype) != "ieee"
 
 
 def _tile(cols: int) -> int:
@@ -130,7 +138,8 @@ def split_target(sms: int, num_warps: int) -> int:
     return max(2 * sms, triton.cdiv(RESIDENT_WARPS * sms, num_warps))
 
 
-def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, tasks: int, sms: int) -> dict:
+def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, tasks: int, sms: int,
+                      tensor_cores: bool = False) -> dict:
     """Launch configuration of the forward ("fwd") or data gradient ("dgrad") GEMM of one layer (no
     autotune: it also runs under the interpreter).
 
@@ -149,8 +158,17 @@ def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, task
     warps as the weight gradient: at Omniglot's 7x7 layer its SPLIT 3 spilled 16-56 B in the TF32
     kernels under Triton 3.6, bench/NOTES.md); warps for ~32 accumulators per thread
     (16 per sub-tile). The register budget comes from ptxas -v on both Triton versions (bench/NOTES.md,
-    bench/conv_ptx.py): 64 accumulators per thread took 254-255 registers under Triton 3.6."""
-    bn = _tile(cols)
+    bench/conv_ptx.py): 64 accumulators per thread took 254-255 registers under Triton 3.6.
+
+    tensor_cores (float32 products in TF32 or tf32x3, `tensor_core_products`): where there are more than 32
+    columns, BLOCK_N = 64 and one sub-tile on 4 warps, whatever the column count (48 channels: 16 masked
+    rows of the product). The kernels form the product transposed, (BLOCK_N x BLOCK_K) @ (BLOCK_K x
+    BLOCK_M), and Hopper's warpgroup product (wgmma) takes 64 of its rows per group of 4 warps; the
+    strict-fp32 tiles (16-column sub-tiles, 2-warp programs) compile to the older warp-level products
+    (HMMA) instead, and under Triton 3.6 the 2-warp tf32x3 tiles of Omniglot's 7x7 layer spilled 44-76 B
+    (bench/NOTES.md, "tensor-core tiles")."""
+    tc = tensor_cores and cols > 32
+    bn = 64 if tc else _tile(cols)
     nsub = 3 if bn == 16 and cols % 48 == 0 else 1  # 48 channels: three 16-column sub-tiles per program
     small = kind == "fwd" and chans * kk <= 32
     gather_mk = _TRITON_VERSION < (3, 7)
@@ -193,6 +211,8 @@ def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, task
         warps = max(1, bm * bn // (1024 if bn >= 32 else 512))
         if nsub == 3:
             warps = max(2, warps)  # 32 x 16 x 3 at one warp spilled 12 bytes in the data gradient (3.6)
+    if tc:
+        warps = 4  # one warpgroup: 64 product rows (BLOCK_N) by BLOCK_M columns per wgmma
     cfg = dict(BLOCK_M=bm, BLOCK_N=bn, NSUB=nsub, BLOCK_K=bk, SPLIT=split, CHUNK=chunk, SMALL=small,
                GATHER_MK=gather_mk, num_warps=warps)
     if kind == "dgrad":
@@ -203,7 +223,8 @@ def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, task
     return cfg
 
 
-def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int, strict_fp32: bool = False) -> dict:
+def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int, strict_fp32: bool = False,
+                       tensor_cores: bool = False) -> dict:
     """Launch configuration of the weight gradient: per task a (Co x Ci*kh*kw) output in BLOCK_M x BLOCK_N
     tiles (BLOCK_M 64 rows of Co, or three 16-row sub-tiles per program (NSUB=3) at 48 channels;
     BLOCK_N the widest of 128, 64, 32 columns that still reaches 2 waves; TAP_MAJOR (Triton < 3.7,
@@ -219,9 +240,13 @@ def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int
     run on 2 warps instead of 4 under Triton < 3.7 (64 accumulators per thread: the loop's FFMA share
     78-79% -> 82% with 255 registers and no spill under 3.6's ptxas; 4 such programs per SM hold the same
     8 warps as 2 of the 4-warp ones did). Not with tl.dot (TF32 needs a 4-warp group for wgmma) or float64
-    (twice the registers)."""
+    (twice the registers).
+    tensor_cores (float32 products in TF32 or tf32x3, `tensor_core_products`): where Co > 32, BLOCK_M = 64
+    rows and one sub-tile on 4 warps (48 channels: 16 masked rows), so that the product's 64 rows are one
+    warpgroup's wgmma (the 16-row sub-tiles compile to warp-level HMMA)."""
     k = ci * kk
-    nsub = 3 if co % 48 == 0 and co % 64 != 0 else 1  # 48 rows: three 16-row sub-tiles per program
+    tc = tensor_cores and co > 32
+    nsub = 3 if co % 48 == 0 and co % 64 != 0 and not tc else 1  # 48 rows: three 16-row sub-tiles per program
     bm = 16 if nsub == 3 else 64 if co > 32 else max(16, triton.next_power_of_2(co))
     want = 2 * sms
     # one tap's 64 channels per column tile (`_conv_wgrad_kernel` TAP_MAJOR; Triton < 3.7, where it took
@@ -261,6 +286,8 @@ def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int
     num_warps = max(1, bm * bn // 1024) if nsub == 1 else max(1, bn // 32)  # ptxas: no spills
     if tap_major and bk == 32 and strict_fp32 and bm * bn == 64 * 64:
         num_warps = 2
+    if tc:
+        num_warps = 4  # one warpgroup: the tile's 64 rows in one wgmma (8 warps would split its columns)
     split = max(1, min(triton.cdiv(split_target(sms, num_warps), tiles), max_split))
     chunk = max(2 * bk, red // split // bk * bk) if split > 1 else triton.cdiv(red, bk) * bk
     split = triton.cdiv(red, chunk)
@@ -298,10 +325,12 @@ def wgrad_sums_split(cfg: dict, with_bias: bool) -> bool:
 _TRITON_VERSION = tuple(int(v) for v in triton.__version__.split(".")[:2] if v.isdigit())
 
 
-def _register_cap(cfg: dict) -> dict:
+def _register_cap(cfg: dict, tensor_cores: bool = False) -> dict:
     """ptxas options of a forward / data-gradient launch: ``maxnreg=128`` (the PTX ``.maxnreg``) under
-    Triton >= 3.7 for the loop kernels with >= 32 accumulators per thread (64 x 64 at 4 warps, 128 x 16 x 3
-    at 4 warps, 32 x 64 at 2 warps), else none.
+    Triton >= 3.7 for the strict-fp32 loop kernels with >= 32 accumulators per thread (64 x 64 at 4 warps,
+    128 x 16 x 3 at 4 warps, 32 x 64 at 2 warps), else none. Not for tensor-core products (tensor_cores):
+    Triton 3.7.1's tf32x3 128 x 64 tiles spilled 464-472 B at the cap and took 216-217 registers without
+    it, with no spill.
 
     Why: for these kernels Triton 3.7.1's PTX leads ptxas (12.8, the one Triton ships, and 13.0) to settle
     on 96 registers and spill 4-12 bytes; capped at 128 it takes 107-110 with no spill and the same inner
@@ -309,7 +338,7 @@ def _register_cap(cfg: dict) -> dict:
     accumulators per thread) costs 16 points of FMA share (66%). Triton 3.6 is left uncapped: its ptxas
     takes 203-210 registers for 128 x 16 x 3 without spills, and any cap from 128 to 255 made it spill
     (bench/NOTES.md, cut 3a). tests/test_static_metrics.py checks the installed version for spills."""
-    if _TRITON_VERSION < (3, 7) or cfg.get("SMALL"):
+    if _TRITON_VERSION < (3, 7) or cfg.get("SMALL") or tensor_cores:
         return {}
     accs = cfg["BLOCK_M"] * cfg["BLOCK_N"] * cfg["NSUB"] // (32 * cfg["num_warps"])
     return {"maxnreg": 128} if accs >= 32 else {}
@@ -984,7 +1013,8 @@ def conv_forward(x, w, bias, meta, x2=None, w2=None):
     dual = x2 is not None
     n = x.shape[0]
     m = n * ho * wo
-    cfg = conv_block_config("fwd", m, co, ci, (2 if dual else 1) * kh * kw, b, _sms(x.device))
+    tc = tensor_core_products(x.dtype)
+    cfg = conv_block_config("fwd", m, co, ci, (2 if dual else 1) * kh * kw, b, _sms(x.device), tensor_cores=tc)
     if dual and cfg["SMALL"]:
         return conv_forward(x, w, bias, meta) + conv_forward(x2, w2, None, meta)
     extra = {}
@@ -1009,7 +1039,7 @@ def conv_forward(x, w, bias, meta, x2=None, w2=None):
                            KH=kh, KW=kw, STRIDE=s, PAD=p, HAS_BIAS=bias is not None, PREC=_precision(x.dtype),
                            SPLIT=split, EVEN_K=ci % cfg["BLOCK_K"] == 0,
                            EVEN_N=co % (cfg["BLOCK_N"] * cfg["NSUB"]) == 0, SUM_IN=sum_in, ROT=_CHUNK_ROT[0],
-                           **cfg, **_register_cap(cfg), **extra)
+                           **cfg, **_register_cap(cfg, tc), **extra)
     return _result(out, ws, sum_in)
 
 
@@ -1019,11 +1049,12 @@ def conv_data_grad(g, w, meta):
     g = g.contiguous()
     n = g.shape[0]
     m = n * h * wd
-    cfg = conv_block_config("dgrad", m, ci, co, kh * kw, b, _sms(g.device))
+    tc = tensor_core_products(g.dtype)
+    cfg = conv_block_config("dgrad", m, ci, co, kh * kw, b, _sms(g.device), tensor_cores=tc)
     w = relaid_weights(w, "fwd" if cfg["W_FWD"] else "dgrad")[0]
     _check("conv data gradient", g, w)
     split, chunk = cfg.pop("SPLIT"), cfg.pop("CHUNK")
-    cap = _register_cap(cfg)
+    cap = _register_cap(cfg, tc)
     cfg.pop("SMALL")
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(ci, cfg["BLOCK_N"] * cfg["NSUB"]), b * split)
     dx, ws, cnt, sum_in = _split_buffers((n, b * ci, h, wd), split, g, grid[0] * grid[1] * b,
@@ -1093,7 +1124,8 @@ def conv_weight_grad(x, g, meta, with_bias=False):
     red = n * ho * wo
     prec = _precision(x.dtype)
     cfg = wgrad_block_config(co, ci, kh * kw, red, b, _sms(x.device),
-                             strict_fp32=x.dtype == torch.float32 and prec == "ieee")
+                             strict_fp32=x.dtype == torch.float32 and prec == "ieee",
+                             tensor_cores=tensor_core_products(x.dtype))
     if with_bias and not bias_in_wgrad(cfg):
         return conv_weight_grad(x, g, meta), g.reshape(n, b, co, -1).sum((0, 3))
     split, chunk = cfg.pop("SPLIT"), cfg.pop("CHUNK")

@@ -44,6 +44,36 @@ def test_matches_per_task_convolutions_on_cuda(impl, shape, dtype):
         assert a.is_cuda and rel(a, r) < tol, f"{impl} term {i}: {rel(a, r):.3e} (seed {seed})"
 
 
+# the relative error (`rel`: norm of the difference over the norm) of each term of `derivatives` against
+# float64, per input precision of the Triton products. tf32x3 keeps ~2^-21 of each product (it drops
+# lo*lo and rounds the lo parts to TF32) and sums in float32 like strict: the strict tolerance. TF32
+# rounds each operand to 11 significant bits (2^-12 relative): ~2^-11.5 per product, and random signs
+# keep the norm-relative error near that, ~3.5e-4 at first order; the second-order terms chain three
+# such products: 5e-3 leaves a factor of ~4 over ~3 x 3.5e-4.
+TC_RTOL = {"tf32x3": FP32_RTOL, "tf32": 5e-3}
+
+
+@pytest.mark.parametrize("mode", ["tf32x3", "tf32"])
+@pytest.mark.parametrize("shape", [(20, 8, 64, 64, 14, 3, 1, 1), (20, 8, 64, 64, 7, 3, 1, 1), (20, 8, 64, 64, 3, 3, 1, 1),
+                                   (5, 2, 48, 48, 21, 3, 1, 1), (5, 2, 48, 48, 10, 3, 1, 1), (20, 8, 1, 64, 28, 3, 1, 1)],
+                         ids=["omniglot-14x14", "omniglot-7x7", "omniglot-3x3", "miniimagenet-21x21",
+                              "miniimagenet-10x10", "omniglot-layer1"])
+def test_triton_conv_tensor_core_tiles_on_cuda(shape, mode):
+    """The Triton convolution in float32 with its products on tensor cores (config key conv_precision
+    tf32x3 / tf32, the tensor-core tiles of `conv_block_config` / `wgrad_block_config`) against per-task
+    convolutions in float64, to second order, within `TC_RTOL`: what the CPU's interpreter cannot show
+    (it does not round to TF32)."""
+    from mamlpp_fast.triton._device import forced_conv_precision
+    seed = fresh_seed()
+    x, w, bias, b, s, p = make_inputs(shape, torch.float64, seed, device="cuda")
+    ref = derivatives(lambda: per_task_reference(x, w, bias, b, s, p), x, w, bias, seed)
+    xd, wd, bd = (t.detach().float().requires_grad_(True) for t in (x, w, bias))
+    with forced_conv_precision(mode):
+        got = derivatives(lambda: task_conv2d(xd, wd, bd, b, s, p, "triton"), xd, wd, bd, seed)
+    for i, (a, r) in enumerate(zip(got, ref)):
+        assert a.is_cuda and rel(a, r) < TC_RTOL[mode], f"{mode} term {i}: {rel(a, r):.3e} (seed {seed})"
+
+
 def test_auto_times_every_impl_once_and_not_during_capture():
     C.clear_conv_cache()
     xs, ws = (20, 8 * 64, 7, 7), (8, 64, 64, 3, 3)
