@@ -168,8 +168,13 @@ def test_conv_precision_items(tmp_path):
     assert [(i["variant"], i["first_block"], i["conv_precision"]) for i in items] == [
         ("eager", "unfused", None), ("eager", "fused", None), ("cuda_graph", "unfused", None),
         ("cuda_graph", "fused", None), ("cuda_graph", "unfused", "tf32x3"), ("cuda_graph", "unfused", "tf32")]
+    from mamlpp_fast.ops import set_backend
     w = W.workload_by_name("quick_omniglot_3w1s", True)
-    _step, _extra, model = R._build_fast(w, torch.device("cpu"), a, "torch", "eager", None, None, "tf32x3")
+    previous = set_backend(None)  # _build_fast sets the process-wide backend, as bench.run's items do
+    try:
+        _step, _extra, model = R._build_fast(w, torch.device("cpu"), a, "torch", "eager", None, None, "tf32x3")
+    finally:
+        set_backend(previous)
     assert model.args.conv_precision == "tf32x3"
     rc = R.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--learners", "fast", "--backends", "torch",
                  "--workloads", "quick_omniglot_3w1s", "--conv-precisions", "ieee,tf32x3", "--no-sweeps",
