@@ -842,6 +842,51 @@ def test_triton_conv_tensor_core_tiles_compute_the_convolution(mode, monkeypatch
     assert seen and all(k.get("tensor_cores") for k in seen), seen
 
 
+def _mma_probe_kernel():
+    """A Triton kernel that runs the convolutions' product helper (`_mma`) on 16 x 16 tiles, program p on
+    the p-th of a batch of them (built at module scope: the interpreter resolves a kernel's names in its
+    module's globals)."""
+    global _mma
+    import triton
+    import triton.language as tl
+    from mamlpp_fast.triton.conv import _mma
+
+    @triton.jit
+    def probe(a_ptr, b_ptr, c_ptr, PREC: tl.constexpr):
+        pid = tl.program_id(0)
+        i = tl.arange(0, 16)
+        a = tl.load(a_ptr + pid * 256 + i[:, None] * 16 + i[None, :])
+        b = tl.load(b_ptr + pid * 256 + i[:, None] * 16 + i[None, :])
+        acc = _mma(a, b, tl.zeros([16, 16], dtype=tl.float32), PREC)
+        tl.store(c_ptr + pid * 256 + i[:, None] * 16 + i[None, :], acc)
+
+    return probe
+
+
+@inner
+def test_tf32x3_split_rounds_to_nearest():
+    """The kernels' tf32x3 product (`_mma`): each output of a one-product-per-row matrix product (a
+    diagonal, so no sum of many terms hides the split) is within 2^-22 + 2^-23 of the exact float64 product,
+    relative: the dropped lo_a lo_b with hi rounded to nearest TF32 (|lo| <= 2^-11 |x|, so <= 2^-22) plus
+    float32's rounding of the three partial products' sum. A truncated hi (|lo| up to 2^-10 |x|, Triton's
+    own lowering) leaves up to 2^-20 and fails this over 16 x 16 x 8 random products. The interpreter's
+    TF32 products are exact float32 ones, which is what isolates the split."""
+    import torch
+    from _batches import fresh_seed
+
+    probe = _mma_probe_kernel()
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    diag = torch.randn(8, 16, generator=gen) * torch.exp2(torch.randint(-8, 8, (8, 16), generator=gen).float())
+    a = torch.diag_embed(diag).contiguous()
+    b = torch.randn(8, 16, 16, generator=gen)
+    c = torch.empty_like(b)
+    probe[(8,)](a, b, c, PREC="tf32x3")
+    exact = a.double() @ b.double()
+    err = float(((c.double() - exact).abs() / exact.abs()).max())
+    assert err <= 2.0 ** -22 + 2.0 ** -23, f"{err:.3e} (seed {seed})"
+
+
 @inner
 def test_tile_counters_kept_and_grown():
     """The in-kernel split sum's tile counters: one zeroed int32 buffer per device and stream, kept and

@@ -425,6 +425,26 @@ def _store_result(acc, acc1, acc2, out_ptr, ws_ptr, cnt_ptr, offs, sub, mask, ma
 
 
 @triton.jit
+def _mma(a, b, acc, PREC: tl.constexpr):
+    """acc + a @ b in input precision PREC. "tf32x3" is formed here rather than by Triton: each operand x
+    splits into hi, x rounded to TF32 (to nearest, ties away from zero: 4096 added to its bits, then the
+    13 low mantissa bits cleared), and lo = x - hi (exact, |lo| <= 2^-11 |x|), and three TF32 products
+    are accumulated, lo_a hi_b + hi_a lo_b + hi_a hi_b; what is left out is lo_a lo_b (<= 2^-22 of the
+    product) and lo's own truncation to TF32 inside the products (<= 2^-21). Triton's lowering has the
+    same three products but truncates hi (|lo| up to 2^-10 |x|, twice the error) and guards infinities
+    and NaNs: ~6 instructions per operand element where these take 3, and the tensor-core loops are
+    issue-bound on them (bench/NOTES.md, "tf32x3: the operands split by the kernels themselves"). Here an
+    infinite input gives NaN, non-finite all the same. Other precisions: tl.dot as given."""
+    if PREC == "tf32x3":
+        a_hi = ((a.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32, bitcast=True)
+        b_hi = ((b.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32, bitcast=True)
+        acc = tl.dot(a - a_hi, b_hi, acc, input_precision="tf32", out_dtype=acc.dtype)
+        acc = tl.dot(a_hi, b - b_hi, acc, input_precision="tf32", out_dtype=acc.dtype)
+        return tl.dot(a_hi, b_hi, acc, input_precision="tf32", out_dtype=acc.dtype)
+    return acc + tl.dot(a, b, input_precision=PREC, out_dtype=acc.dtype)
+
+
+@triton.jit
 def _gather_mk(base_ptr, row, koff, row_ok, k_ok, EVEN_K: tl.constexpr):
     """The k-step's gathered operand [BLOCK_K, BLOCK_M], element (k, m) = base[row[m] + koff[k]], zero where
     row m's tap is outside (`row_ok`) or, without EVEN_K, k is past the channels (`k_ok`), loaded as a
@@ -517,12 +537,12 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI, CO, 
         xg = tl.load(x_ptr + x_row[None, :] + (c * HW + kp * W + kq)[:, None], mask=x_ok, other=0.0)
         w_ptrs = w_ptr + w_task + (r * CI + c)[None, :] * CO + offs_n[:, None]
         wk = tl.load(w_ptrs, mask=k_ok[None, :] & n_ok[:, None], other=0.0)
-        acc += tl.dot(wk, xg, input_precision=PREC, out_dtype=ACC)
+        acc = _mma(wk, xg, acc, PREC)
         if NSUB == 3:
             wk = tl.load(w_ptrs + BLOCK_N, mask=k_ok[None, :] & n_ok1[:, None], other=0.0)
-            acc1 += tl.dot(wk, xg, input_precision=PREC, out_dtype=ACC)
+            acc1 = _mma(wk, xg, acc1, PREC)
             wk = tl.load(w_ptrs + 2 * BLOCK_N, mask=k_ok[None, :] & n_ok2[:, None], other=0.0)
-            acc2 += tl.dot(wk, xg, input_precision=PREC, out_dtype=ACC)
+            acc2 = _mma(wk, xg, acc2, PREC)
     else:
         CB = tl.cdiv(CI, BLOCK_K)
         k0 = s * CHUNK
@@ -565,18 +585,18 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI, CO, 
                 wk = tl.load(w_ptrs)
             else:
                 wk = tl.load(w_ptrs, mask=c_ok[None, :] & n_ok[:, None], other=0.0)
-            acc += tl.dot(wk, xg, input_precision=PREC, out_dtype=ACC)
+            acc = _mma(wk, xg, acc, PREC)
             if NSUB == 3:
                 if EVEN_K and EVEN_N:
                     wk = tl.load(w_ptrs + BLOCK_N)
                 else:
                     wk = tl.load(w_ptrs + BLOCK_N, mask=c_ok[None, :] & n_ok1[:, None], other=0.0)
-                acc1 += tl.dot(wk, xg, input_precision=PREC, out_dtype=ACC)
+                acc1 = _mma(wk, xg, acc1, PREC)
                 if EVEN_K and EVEN_N:
                     wk = tl.load(w_ptrs + 2 * BLOCK_N)
                 else:
                     wk = tl.load(w_ptrs + 2 * BLOCK_N, mask=c_ok[None, :] & n_ok2[:, None], other=0.0)
-                acc2 += tl.dot(wk, xg, input_precision=PREC, out_dtype=ACC)
+                acc2 = _mma(wk, xg, acc2, PREC)
             cb += 1
             wrap = cb == CB
             cb = tl.where(wrap, 0, cb)
@@ -689,18 +709,18 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, ws_ptr, cnt_ptr, NT, CI, CO, H, W, 
             wk = tl.load(w_ptrs)
         else:
             wk = tl.load(w_ptrs, mask=o_ok[None, :] & n_ok[:, None], other=0.0)
-        acc += tl.dot(wk, gg, input_precision=PREC, out_dtype=ACC)
+        acc = _mma(wk, gg, acc, PREC)
         if NSUB == 3:
             if EVEN_K and EVEN_N:
                 wk = tl.load(w_ptrs + w_sub)
             else:
                 wk = tl.load(w_ptrs + w_sub, mask=o_ok[None, :] & n_ok1[:, None], other=0.0)
-            acc1 += tl.dot(wk, gg, input_precision=PREC, out_dtype=ACC)
+            acc1 = _mma(wk, gg, acc1, PREC)
             if EVEN_K and EVEN_N:
                 wk = tl.load(w_ptrs + 2 * w_sub)
             else:
                 wk = tl.load(w_ptrs + 2 * w_sub, mask=o_ok[None, :] & n_ok2[:, None], other=0.0)
-            acc2 += tl.dot(wk, gg, input_precision=PREC, out_dtype=ACC)
+            acc2 = _mma(wk, gg, acc2, PREC)
         cb += 1
         wrap = cb == CB
         cb = tl.where(wrap, 0, cb)
@@ -741,12 +761,12 @@ def _wgrad_cols_step(acc, acc1, acc2, x_ptr, g_ptr, lane_ptr, rs, rem, R, L, lan
         b = tl.load(x_ptr + x_r[:, None] + x_k[None, :], mask=b_ok, other=0.0)
     else:
         b = tl.load(x_ptr + x_r[:, None] + x_k[None, :], mask=r_ok[:, None], other=0.0)
-    acc += tl.dot(a, b, input_precision=PREC, out_dtype=acc.dtype)
+    acc = _mma(a, b, acc, PREC)
     if NSUB == 3:
         a = tl.trans(tl.load(g_ptrs + BLOCK_M * L, mask=o_ok1[None, :] & r_ok[:, None], other=0.0))
-        acc1 += tl.dot(a, b, input_precision=PREC, out_dtype=acc.dtype)
+        acc1 = _mma(a, b, acc1, PREC)
         a = tl.trans(tl.load(g_ptrs + 2 * BLOCK_M * L, mask=o_ok2[None, :] & r_ok[:, None], other=0.0))
-        acc2 += tl.dot(a, b, input_precision=PREC, out_dtype=acc.dtype)
+        acc2 = _mma(a, b, acc2, PREC)
     return acc, acc1, acc2
 
 
@@ -841,7 +861,7 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI,
             v_r = tl.load(lane_ptr + 2 * R + rs + lanes, mask=r_ok, other=0)  # 0 past the end: all masked
             a = tl.trans(tl.load(g_ptr + g_r[:, None] + g_o[None, :], mask=o_ok[None, :] & r_ok[:, None], other=0.0))
             b = tl.load(x_ptr + (x_r[:, None] + x_c[None, :]), mask=((v_r & tap_bit) != 0)[:, None], other=0.0)
-            acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+            acc = _mma(a, b, acc, PREC)
         col = tap * CI * CO + offs_c * CO
         _store_result(tl.trans(acc), tl.trans(acc1), tl.trans(acc2), out_ptr, ws_ptr, cnt_ptr,
                       t * CO * K + col[:, None] + offs_o[None, :], BLOCK_M, o_ok[None, :], o_ok1[None, :],
