@@ -1097,18 +1097,23 @@ def test_conv_block_kernels_float64(idx, multi, rw, monkeypatch):
 
 
 @inner
-@pytest.mark.parametrize("idx", [0, 1, 4])
-def test_conv_block_kernels_float32(idx):
+@pytest.mark.parametrize("idx,mode", [(0, None), (1, None), (4, None), (0, "tf32x3"), (4, "tf32x3")])
+def test_conv_block_kernels_float32(idx, mode):
     """float32 kernels against the float64 PyTorch implementation on the same inputs: 2e-5 forward and
     backward, 1e-4 * max(1, max invstd) double backward (the batch-norm kernels' margins, test_bn_f32;
     the patch sums add <= 28 products, ~2e-6 relative). Inputs whose pooling windows hold two values
     closer than 1e-4 of max |y| are redrawn (the next seed): there float32 rounding may pick the other
-    maximum, a discontinuity of the function, not a fault."""
+    maximum, a discontinuity of the function, not a fault. mode "tf32x3" (config key conv_precision): the
+    block's products through the convolutions' own split (`_product`), whose dropped terms (<= 2^-22 of
+    each product; the interpreter's TF32 products are exact float32 ones) fit the same margins."""
+    import contextlib
+
     import torch
     from _batches import fresh_seed
     from test_conv_block import SHAPES
     from mamlpp_fast.ops.conv_block import torch_impl
     from mamlpp_fast.triton import conv_block as tcb
+    from mamlpp_fast.triton._device import forced_conv_precision
 
     seed = fresh_seed() % 2 ** 31
     while True:
@@ -1117,7 +1122,8 @@ def test_conv_block_kernels_float32(idx):
             break
         seed += 1
     ref, invstd = _block_all(torch_impl, *[t.double() if isinstance(t, torch.Tensor) else t for t in case], seed)
-    got, _ = _block_all(tcb, *case, seed)
+    with forced_conv_precision(mode) if mode else contextlib.nullcontext():
+        got, _ = _block_all(tcb, *case, seed)
     _block_compare(got[:7], ref[:7], 2e-5, seed)
     _block_compare(got[7:], ref[7:], 1e-4 * max(1.0, float(invstd.max())), seed)
 

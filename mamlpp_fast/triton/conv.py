@@ -436,12 +436,33 @@ def _mma(a, b, acc, PREC: tl.constexpr):
     issue-bound on them (bench/NOTES.md, "tf32x3: the operands split by the kernels themselves"). Here an
     infinite input gives NaN, non-finite all the same. Other precisions: tl.dot as given."""
     if PREC == "tf32x3":
-        a_hi = ((a.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32, bitcast=True)
-        b_hi = ((b.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32, bitcast=True)
-        acc = tl.dot(a - a_hi, b_hi, acc, input_precision="tf32", out_dtype=acc.dtype)
-        acc = tl.dot(a_hi, b - b_hi, acc, input_precision="tf32", out_dtype=acc.dtype)
+        a_hi, a_lo = _tf32_split(a)
+        b_hi, b_lo = _tf32_split(b)
+        acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32", out_dtype=acc.dtype)
+        acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32", out_dtype=acc.dtype)
         return tl.dot(a_hi, b_hi, acc, input_precision="tf32", out_dtype=acc.dtype)
     return acc + tl.dot(a, b, input_precision=PREC, out_dtype=acc.dtype)
+
+
+@triton.jit
+def _tf32_split(x):
+    """(hi, lo) of float32 x for tf32x3 (`_mma`): hi = x rounded to the nearest TF32 value, ties away from
+    zero (4096 added to the bits, the 13 low mantissa bits cleared), lo = x - hi (exact)."""
+    hi = ((x.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32, bitcast=True)
+    return hi, x - hi
+
+
+@triton.jit
+def _product(a, b, PREC: tl.constexpr, ACC: tl.constexpr):
+    """a @ b in input precision PREC, accumulated in ACC: tf32x3 as `_mma` forms it, the others tl.dot's
+    (the fused first block's products, triton/conv_block.py)."""
+    if PREC == "tf32x3":
+        a_hi, a_lo = _tf32_split(a)
+        b_hi, b_lo = _tf32_split(b)
+        acc = tl.dot(a_lo, b_hi, input_precision="tf32", out_dtype=ACC)
+        acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32", out_dtype=ACC)
+        return tl.dot(a_hi, b_hi, acc, input_precision="tf32", out_dtype=ACC)
+    return tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
 
 
 @triton.jit

@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 
 from ._device import _tile_counters, num_sms
-from .conv import _precision
+from .conv import _precision, _product
 from .per_step_bn import _dbwd_coef, _f2acc, _last_ticket, _split, _to_acc
 
 __all__ = ["forward", "backward", "double_backward", "image_stats", "block_config", "name"]
@@ -269,7 +269,7 @@ def _params(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cs, cps, cmask, GAMMA_PER
 
 @triton.jit
 def _zdot(P, Wt, PREC: tl.constexpr, ACC: tl.constexpr):
-    return tl.dot(P, Wt, input_precision=PREC, out_dtype=ACC)
+    return _product(P, Wt, PREC, ACC)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -439,7 +439,7 @@ def _outer_sum(D, G, PREC: tl.constexpr, ACC: tl.constexpr):
     if ACC == tl.float64:
         return tl.sum(D[:, :, None] * G[:, None, :], axis=0)
     else:
-        return tl.dot(tl.trans(D), G, input_precision=PREC, out_dtype=ACC)
+        return _product(tl.trans(D), G, PREC, ACC)
 
 
 @triton.jit
