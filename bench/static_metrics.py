@@ -9,8 +9,8 @@ host wrapper with meta tensors (no memory, no device) while `JITFunction.run` is
 so the launch arguments, block sizes and specialisations are exactly those the wrappers choose (launch
 heuristics evaluated for a 132-SM device). Each distinct specialisation is compiled with the installed
 Triton for `GPUTarget("cuda", 90, 32)` (sm_90a), in strict fp32 (`input_precision="ieee"`, the learner's
-default) and, for the convolutions and the fused first block, also with TF32 and 3xTF32 (tf32x3). Then, from Triton's own ptxas / cuobjdump (the tools
-Triton uses on the device):
+default) and, for the convolutions and the fused first block, also with TF32 and 3xTF32 (tf32x3). Then,
+from Triton's own ptxas / cuobjdump (the tools Triton uses on the device):
 - registers, spill stores / loads, stack frame (`ptxas -v --gpu-name sm_90a` on the PTX), shared memory
   (Triton's metadata);
 - the instruction mix of the innermost hot loop: the backward branch whose loop body (in SASS) holds
