@@ -560,13 +560,10 @@ def _conv_triton_patch(rec: _Recorder):
         tensor_core_products = None
 
     def tc(dtype) -> dict:
-        """The launchers' tensor_cores argument for `dtype` operands (TF32 / tf32x3 tiles) as the trainer
-        runs them: float32 under a forced conv_precision of tf32 or tf32x3 (trace_meta_update's
-        conv_precision), else strict; not `tensor_core_products` itself, which follows this CPU process's
-        torch.backends.cudnn.allow_tf32 (torch's default True) where the trainer's is False."""
-        if tensor_core_products is None:
-            return {}
-        return {"tensor_cores": dtype == torch.float32 and forced is not None and forced() in ("tf32", "tf32x3")}
+        """The launchers' tensor_cores argument for `dtype` operands (TF32 / tf32x3 tiles): the traced
+        iteration runs inside the learner's numerics (config keys allow_tf32, conv_precision), as the
+        launchers do."""
+        return {} if tensor_core_products is None else {"tensor_cores": tensor_core_products(dtype)}
 
     def gemm(kind, name, call, layer, flops, w, operands, out, split, cfg, sums_split=True, kept=0, layout=None):
         """The re-layout copy (forward / data gradient only, when the launcher makes one: `relaid_weights`

@@ -436,11 +436,7 @@ def _mma(a, b, acc, PREC: tl.constexpr):
     issue-bound on them (bench/NOTES.md, "tf32x3: the operands split by the kernels themselves"). Here an
     infinite input gives NaN, non-finite all the same. Other precisions: tl.dot as given."""
     if PREC == "tf32x3":
-        a_hi, a_lo = _tf32_split(a)
-        b_hi, b_lo = _tf32_split(b)
-        acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32", out_dtype=acc.dtype)
-        acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32", out_dtype=acc.dtype)
-        return tl.dot(a_hi, b_hi, acc, input_precision="tf32", out_dtype=acc.dtype)
+        return _tf32x3(a, b, acc, acc.dtype)
     return acc + tl.dot(a, b, input_precision=PREC, out_dtype=acc.dtype)
 
 
@@ -453,15 +449,22 @@ def _tf32_split(x):
 
 
 @triton.jit
+def _tf32x3(a, b, acc, ACC: tl.constexpr):
+    """acc (None: zero) + a @ b as three TF32 products of the operands' `_tf32_split` parts, smallest first
+    (`_mma`)."""
+    a_hi, a_lo = _tf32_split(a)
+    b_hi, b_lo = _tf32_split(b)
+    acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32", out_dtype=ACC)
+    acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32", out_dtype=ACC)
+    return tl.dot(a_hi, b_hi, acc, input_precision="tf32", out_dtype=ACC)
+
+
+@triton.jit
 def _product(a, b, PREC: tl.constexpr, ACC: tl.constexpr):
     """a @ b in input precision PREC, accumulated in ACC: tf32x3 as `_mma` forms it, the others tl.dot's
     (the fused first block's products, triton/conv_block.py)."""
     if PREC == "tf32x3":
-        a_hi, a_lo = _tf32_split(a)
-        b_hi, b_lo = _tf32_split(b)
-        acc = tl.dot(a_lo, b_hi, input_precision="tf32", out_dtype=ACC)
-        acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32", out_dtype=ACC)
-        return tl.dot(a_hi, b_hi, acc, input_precision="tf32", out_dtype=ACC)
+        return _tf32x3(a, b, None, ACC)
     return tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
 
 
