@@ -2,7 +2,7 @@
 without a GPU (through bench.static_metrics), so that a tile change is judged on the compiler's output
 before it is made: registers, spill bytes and the strict-fp32 inner loop's SASS mix per variant.
 
-    python -m bench.probe_tiles WORKLOAD OP [--shape N,C,H,W] [--variants JSON] [--tf32] [--loops]
+    python -m bench.probe_tiles WORKLOAD OP [--shape N,C,H,W] [--variants JSON] [--tf32 | --tf32x3] [--loops]
 
 WORKLOAD: a name of bench.workloads; OP: conv_forward, conv_data_grad, conv_weight_grad or conv_bn_pool
 (the fused first block: each pass's kernel; the custom-op
@@ -10,8 +10,9 @@ calls of one meta-update of the fast learner, triton backend and convolutions, a
 them); --shape keeps the calls whose input has that shape (e.g. 5,96,10,10); --variants: a JSON list of
 dicts whose keys replace those of the shipped launch (default [{}]: the shipped configuration only),
 e.g. '[{}, {"num_warps": 2}, {"BLOCK_M": 64}]'; --tf32: the launches TF32 makes (tensor-core
-products), else strict fp32. The launch configurations are the installed Triton's:
-run it with the device's version (3.6) to read what the device would compile.
+products), --tf32x3 those of config key conv_precision "tf32x3", else strict fp32. The launch
+configurations are the installed Triton's: run it with the device's version (3.6) to read what the device
+would compile.
 
 Each line: the call, the resulting configuration, the variant, registers, spill bytes (stores), FFMA,
 LDS and integer instructions of the hot loop and its FFMA share. --loops: instead, every SASS loop of
@@ -30,7 +31,8 @@ KERNELS = {"conv_forward": ("_conv_fwd_kernel",), "conv_data_grad": ("_conv_dgra
            # small finishing sum)
            "conv_bn_pool": ("_fwd_kernel", "_gram_kernel", "_bwd_kernel",
                             "_dbwd_dgout_kernel")}
-USAGE = "usage: python -m bench.probe_tiles WORKLOAD OP [--shape N,C,H,W] [--variants JSON] [--tf32] [--loops]"
+USAGE = ("usage: python -m bench.probe_tiles WORKLOAD OP [--shape N,C,H,W] [--variants JSON] [--tf32 | --tf32x3] "
+         "[--loops]")
 
 
 def select_calls(workload: str, op: str, shape: tuple | None = None) -> list:
@@ -39,9 +41,9 @@ def select_calls(workload: str, op: str, shape: tuple | None = None) -> list:
     return [c for c in traced_calls(workload) if c[0] == op and (shape is None or tuple(c[1]) == shape)]
 
 
-def probe(calls, op: str, variants: list, tf32: bool = False, loops: bool = False) -> list:
-    """One row (dict) per launch of `op`'s kernel in `calls` and variant; tf32: the launches as TF32 runs
-    them (`capture_launches`), else strict fp32; loops: the row lists every SASS loop (`loop_rows`)
+def probe(calls, op: str, variants: list, tf32=False, loops: bool = False) -> list:
+    """One row (dict) per launch of `op`'s kernel in `calls` and variant; tf32: the launches as TF32 (True)
+    or tf32x3 ("tf32x3") runs them (`capture_launches`), else strict fp32; loops: the row lists every SASS loop (`loop_rows`)
     instead of the hot loop's mix."""
     from . import static_metrics as sm
     tools = sm.triton_tools()
@@ -80,8 +82,8 @@ def _parse(argv):
     workload, op, shape, variants, tf32 = argv[0], argv[1], None, [{}], False
     rest = argv[2:]
     while rest:
-        if rest[0] == "--tf32":
-            tf32, rest = True, rest[1:]
+        if rest[0] in ("--tf32", "--tf32x3"):
+            tf32, rest = (True if rest[0] == "--tf32" else "tf32x3"), rest[1:]
             continue
         if rest[0] == "--shape" and len(rest) > 1:
             shape = tuple(int(v) for v in rest[1].split(","))
@@ -107,7 +109,7 @@ def main(argv=None) -> int:
         return 2
     import triton
     print(f"Triton {triton.__version__}, sm_90a, {workload} {op}" + (f" input {shape}" if shape else "")
-          + (", TF32" if tf32 else ", strict fp32"))
+          + {True: ", TF32", "tf32x3": ", tf32x3"}.get(tf32, ", strict fp32"))
     for r in probe(select_calls(workload, op, shape), op, variants, tf32, loops):
         if loops:
             lp = r.get("loops", {})
@@ -116,7 +118,8 @@ def main(argv=None) -> int:
                       f"{lo:#x}-{hi:#x}: {n} instr, {f} FFMA" for lo, hi, n, f in lp.get("loops", [])), flush=True)
             continue
         print(f"{r['call']} | {r['kernel']} | {r['config']} | variant {r['variant']} | regs {r.get('registers')} | "
-              f"spill {r.get('spill_stores')} B | FFMA {r.get('ffma')} LDS {r.get('lds')} int {r.get('int')} | "
+              f"spill {r.get('spill_stores')} B | loop {r.get('instructions')} instr: FFMA {r.get('ffma')} "
+              f"HGMMA {r.get('hgmma')} HMMA {r.get('hmma')} LDS {r.get('lds')} int {r.get('int')} | "
               f"FFMA share {r.get('ffma_share', 0):.1%}", flush=True)
     return 0
 

@@ -169,6 +169,7 @@ def test_probe_tiles_selects_calls_and_refuses_bad_arguments(capsys):
     assert _parse(["omniglot_20w1s", "conv_bn_pool", "--tf32", "--shape", "20,8,28,28"]) == (
         "omniglot_20w1s", "conv_bn_pool", (20, 8, 28, 28), [{}], True)
     assert _parse(["omniglot_20w1s", "conv_forward"])[4] is False
+    assert _parse(["omniglot_20w1s", "conv_forward", "--tf32x3"])[4] == "tf32x3"
     from bench.probe_tiles import loop_rows
     instrs = [(0, "FFMA", ""), (16, "LDS", ""), (32, "FFMA", ""), (48, "BRA", " 0x0"), (64, "STL", "")]
     assert loop_rows(instrs, [(0, 48)]) == {"spill_instructions": 1, "loops": [(0, 48, 4, 2)]}
