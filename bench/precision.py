@@ -5,16 +5,22 @@ on a GPU with --device cuda).
                               [--modes ieee,tf32,tf32x3] [--device cpu|cuda] [--out FILE.json]
 
 Config key `conv_precision` chooses the input precision of the Triton convolution and fused-block
-products on a GPU: "ieee" (strict float32, the default), "tf32" (operands rounded to TF32, 10 mantissa
+products on a GPU: "ieee" (strict float32, the default), "tf32" (operands read as TF32, 10 mantissa
 bits, products accumulated in float32 by the tensor cores), "tf32x3" (each operand split into a TF32
 high part and a TF32 low part, three products hi*hi + hi*lo + lo*hi: close to float32). No CPU has TF32
 units, so this script **emulates** them: it runs the fast learner in float32 with conv_impl "triton"
 whose three launchers (forward, data gradient, weight gradient; mamlpp_fast.ops.conv_triton_autograd)
-are replaced by PyTorch convolutions on operands rounded as the mode says (`round_tf32`: round to
-nearest, ties away from zero, as PTX's cvt.rna.tf32.f32), accumulated by oneDNN in float32. The first
+are replaced by PyTorch convolutions on the operands as the tensor cores read them, accumulated by
+oneDNN in float32. The kernels hand the tensor cores float32 bits (no conversion instruction: the
+compiled PTX of a TF32 launch has no cvt.rna.tf32.f32), and a TF32 product reads only the top 19 bits of
+each operand, so an operand the kernel did not round is truncated (`trunc_tf32`: the 13 low mantissa bits
+cleared, toward zero): both operands in "tf32", the low part in "tf32x3". tf32x3's high part is rounded
+to nearest by the kernels themselves (`round_tf32`: ties away from zero, as `_tf32_split` in
+mamlpp_fast/triton/conv.py), so its low part x - hi is exact before the product truncates it. The first
 layer runs unfused (its products are the same convolutions). The device's accumulation order differs;
-this measures the operand rounding, which dominates TF32's error (2^-11 relative per operand against
-float32's 2^-24).
+this measures the operand rounding, which dominates TF32's error (up to 2^-10 relative per truncated
+operand against float32's 2^-24). That truncation is how we read the hardware, not a measurement: the
+device's table (--device cuda) settles it.
 
 For each of `--seeds` fresh batches and the same initial state: one meta-update's meta-gradient
 (second order, MSL, epoch 0: what bench.run times) in float32 under each mode and in float64 with the
@@ -53,9 +59,18 @@ def round_tf32(x: torch.Tensor) -> torch.Tensor:
     return torch.where(finite, r.view(torch.float32), x)
 
 
+def trunc_tf32(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> TF32 by truncation toward zero (the 13 low mantissa bits cleared), as float32: how a TF32
+    product reads a float32 operand that was not rounded first. Infinities and NaNs are kept."""
+    i = x.contiguous().view(torch.int32)
+    return torch.where(torch.isfinite(x), (i & ~0x1FFF).view(torch.float32), x)
+
+
 def _split(x):
+    """tf32x3's operand split as the kernels form it: hi rounded to nearest TF32, lo = x - hi (exact in
+    float32), and lo as the product reads it (truncated)."""
     hi = round_tf32(x)
-    return hi, round_tf32(x - hi)
+    return hi, trunc_tf32(x - hi)
 
 
 def product(mode: str, f, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -63,7 +78,7 @@ def product(mode: str, f, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if mode == "ieee":
         return f(a, b)
     if mode == "tf32":
-        return f(round_tf32(a), round_tf32(b))
+        return f(trunc_tf32(a), trunc_tf32(b))
     if mode == "tf32x3":
         ah, al = _split(a)
         bh, bl = _split(b)
@@ -192,7 +207,7 @@ def per_layer(w, seeds: int, first_seed: int = 0) -> dict:
         for h in sizes:
             def pick(meta, h=h):
                 return tf32 if meta[5] == h else strict
-            launchers = (lambda x, w_, b, meta: pick(meta)[0](x, w_, b, meta),
+            launchers = (lambda x, w_, b, meta, x2=None, w2=None: pick(meta)[0](x, w_, b, meta, x2=x2, w2=w2),
                          lambda g, w_, meta: pick(meta)[1](g, w_, meta),
                          lambda x, g, meta, with_bias=False: pick(meta)[2](x, g, meta, with_bias))
             fast.load_state_dict(state)
@@ -318,8 +333,8 @@ def main(argv=None) -> int:
                                   f"meta-updates, {a.val_tasks} validation tasks")
     from .run import revision
     rep = dict(workload=f"{a.workload} (B={w.batch_size}, {w.filters} filters, {w.steps} steps)",
-               note=("EMULATED on a CPU: operands rounded to TF32 as the mode says, products and sums by oneDNN in "
-                     "float32; not a GPU measurement") if a.device == "cpu" else
+               note=("EMULATED on a CPU: operands as TF32 products read them (truncated; tf32x3's high part rounded "
+                     "to nearest by the kernels), products and sums by oneDNN in float32; not a GPU measurement") if a.device == "cpu" else
                     (f"MEASURED on {torch.cuda.get_device_name(0)}: the device's own TF32 products in our Triton "
                      "kernels (conv_precision), against the float64 learner with cuDNN convolutions there"),
                device=a.device,
