@@ -237,7 +237,7 @@ def profile_workload(name: str, batch_size: int | None, device: str, iters: int,
         res["cpu_ops_ms"] = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e3
     from .trace import predict, summarize, trace_meta_update, CEILINGS
     # the trace of what the eager learner ran: each fused op as it decided (the trace's own "auto" is the
-    # fused design, which the learner's "auto" on CUDA takes only while AUTO_FUSES_ON_CUDA holds)
+    # fused design, which the learner's "auto" on CUDA takes only while AUTO_FUSES_ON_CUDA[op] holds)
     ran = {key: ("fused" if any(v is not None for v in eager.__dict__.get(f"_{key}_cache", {}).values())
                  else "unfused") for key in ("first_block", "bn_pool", "head")}
     res["fused_ops"] = ran

@@ -26,7 +26,7 @@ one meta-update (second order, MSL, epoch 0, as bench.run measures) while record
   runs the ops' aten operations, which are recorded as such.
 - the fused first block (`--first-block`, default: fused unless the backend is torch, the design priced
   here; the learner's own `first_block="auto"` takes it on CUDA only while
-  mamlpp_fast.fast.AUTO_FUSES_ON_CUDA holds; mamlpp_fast/triton/conv_block.py): per forward a
+  mamlpp_fast.fast.AUTO_FUSES_ON_CUDA["first_block"] holds; mamlpp_fast/triton/conv_block.py): per forward a
   statistics and an apply kernel, per backward and double backward a reduction, an apply and the
   in-order sum of the per-program weight gradients (`_block_patch` below for bytes and FLOPs; the FLOPs
   include the recomputation of the convolution output, so they exceed bench.flops' count).
@@ -1009,7 +1009,7 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
     first_block: "fused" (the first layer as mamlpp_fast.ops.conv_block's op on its Triton kernels),
     "unfused", or "auto": fused with the cuda and triton backends, unfused with torch (trees without
     the block: unfused): the design being priced, which the learner's own "auto" takes on a CUDA device
-    only while mamlpp_fast.fast.AUTO_FUSES_ON_CUDA holds (off since the fused kernels failed their
+    only while mamlpp_fast.fast.AUTO_FUSES_ON_CUDA[op] holds (off since the fused kernels failed their
     first device tests, 2026-12-04).
     bn_pool: the same for the batch norm + pooling of the later layers (mamlpp_fast.ops.bn_pool);
     head: the same for the linear head and its loss (mamlpp_fast.ops.head).

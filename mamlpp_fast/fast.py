@@ -52,14 +52,16 @@ from .ops.conv import task_conv2d
 from .ops.head import head_loss, head_supported
 from .ops.head import torch_impl as head_torch_impl
 
-# Whether config value "auto" of first_block, bn_pool and head takes the fused Triton kernels on a CUDA
-# device. Off until tests/gpu passes on a device: the first device run (H200, 2026-12-04,
-# tests/gpu/RESULTS.md) failed every test that ran the fused ops. Found since, without a device: the
-# block's float64 backward could not be compiled by Triton (fixed; tests/test_static_metrics.py now
+# Per fused op (config keys first_block, bn_pool and head): whether its value "auto" takes the op's fused
+# Triton kernels on a CUDA device. Each stays off until that op's own device tests pass
+# (bench.fused_verdict lists them and reads a device run's junit.xml; tests/gpu/RESULTS.md): the first
+# device run (H200, 2026-12-04) failed every test that ran the fused ops. Found since, without a device:
+# the block's float64 backward could not be compiled by Triton (fixed; tests/test_static_metrics.py now
 # compiles the fused kernels in float64), and the float32 tests at full size redrew their inputs until
 # timed out (fixed). Whether the float32 kernels are right on the device is not yet measured; the
-# unfused ops' device tests pass. "fused" still selects the kernels (with a warning on CUDA).
-AUTO_FUSES_ON_CUDA = False
+# unfused ops' device tests pass. "fused" still selects the kernels (with a warning on CUDA while the
+# op's entry is off). One entry per op, so that an op whose tests pass is not held back by another's.
+AUTO_FUSES_ON_CUDA = {"first_block": False, "bn_pool": False, "head": False}
 
 __all__ = ["MAMLFewShotClassifier"]
 
@@ -273,8 +275,8 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         it: max pooling, an even-sized convolution output, an input without gradient; the Triton kernels
         where they run (a CUDA device, or TRITON_INTERPRET=1), else the PyTorch implementation, which
         recomputes the convolution and saves memory, not time); "auto": fused where the Triton kernels
-        run on a CUDA device and `AUTO_FUSES_ON_CUDA` holds, else unfused. Decided once per (device,
-        dtype, shape)."""
+        run on a CUDA device and `AUTO_FUSES_ON_CUDA["first_block"]` holds, else unfused. Decided once
+        per (device, dtype, shape)."""
         return self._fused_impl("first_block", x, (tuple(w.shape), x.requires_grad),
                                 lambda: block_supported(x, w, conv.stride, conv.padding,
                                                         self.classifier.max_pooling),
@@ -285,14 +287,14 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         mamlpp_fast.ops.bn_pool) for the layer whose convolution output is x, or None for the unfused
         ops. Config key `bn_pool`: "unfused"; "fused" (the Triton kernels where they run, else the
         PyTorch implementation: the same work as unfused); "auto": fused where the Triton kernels run on
-        a CUDA device and `AUTO_FUSES_ON_CUDA` holds, else unfused. Decided once per (device, dtype,
-        shape)."""
+        a CUDA device and `AUTO_FUSES_ON_CUDA["bn_pool"]` holds, else unfused. Decided once per (device,
+        dtype, shape)."""
         return self._fused_impl("bn_pool", x, (), lambda: bn_pool_supported(x), "bn_pool", bn_pool_torch_impl,
                                 f"a {x.shape[2]}x{x.shape[3]} layer")
 
     def _head_impl(self, x: torch.Tensor, classes: int):
         """The implementation of `head_loss` (mamlpp_fast.ops.head) for features x, or None for the
-        unfused ops (config key `head`, as `_bn_pool_impl`; `_head`)."""
+        unfused ops (config key `head`, as `_bn_pool_impl`, with `AUTO_FUSES_ON_CUDA["head"]`; `_head`)."""
         return self._fused_impl("head", x, (classes,), lambda: head_supported(x.shape[0], classes), "head",
                                 head_torch_impl, "the head")
 
@@ -319,13 +321,13 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
                          and get_backend(self._op_backend, x.device).name != "torch")
             if triton_ok:
                 impl = importlib.import_module(f".triton.{triton_module}", __package__)
-                if mode == "fused" and x.device.type == "cuda" and not AUTO_FUSES_ON_CUDA:
+                if mode == "fused" and x.device.type == "cuda" and not AUTO_FUSES_ON_CUDA[key]:
                     warnings.warn(f"{key}='fused': its Triton kernels have not yet passed their tests on a "
-                                  "CUDA device (mamlpp_fast.fast.AUTO_FUSES_ON_CUDA); results may be wrong",
-                                  stacklevel=4)
+                                  f"CUDA device (mamlpp_fast.fast.AUTO_FUSES_ON_CUDA[{key!r}]); results may be "
+                                  "wrong", stacklevel=4)
             elif mode == "fused":
                 impl = torch_impl
-            if mode == "auto" and (x.device.type != "cuda" or not AUTO_FUSES_ON_CUDA):
+            if mode == "auto" and (x.device.type != "cuda" or not AUTO_FUSES_ON_CUDA[key]):
                 impl = None
         elif mode == "fused":
             warnings.warn(f"{key}='fused': {what} runs unfused: {why}", stacklevel=4)

@@ -44,13 +44,15 @@ def test_matches_per_task_convolutions_on_cuda(impl, shape, dtype):
         assert a.is_cuda and rel(a, r) < tol, f"{impl} term {i}: {rel(a, r):.3e} (seed {seed})"
 
 
-# the relative error (`rel`: norm of the difference over the norm) of each term of `derivatives` against
-# float64, per input precision of the Triton products. tf32x3 keeps ~2^-21 of each product (it drops
-# lo*lo and rounds the lo parts to TF32) and sums in float32 like strict: the strict tolerance. TF32
-# rounds each operand to 11 significant bits (2^-12 relative): ~2^-11.5 per product, and random signs
-# keep the norm-relative error near that, ~3.5e-4 at first order; the second-order terms chain three
-# such products: 5e-3 leaves a factor of ~4 over ~3 x 3.5e-4.
-TC_RTOL = {"tf32x3": FP32_RTOL, "tf32": 5e-3}
+# the relative error (`rel`: largest difference over the largest value) of each term of `derivatives`
+# against float64, per input precision of the Triton products. tf32x3 keeps ~2^-21 of each product (it
+# drops lo*lo, and the product truncates lo to TF32) and sums in float32 like strict: the strict
+# tolerance. TF32 products read the top 19 bits of each operand (truncation: up to 2^-10 off, ~3.5e-4 on
+# average, so every product shrinks by ~7e-4): ~8e-4 at first order and up to ~1.9e-3 for the terms
+# that chain two or three products, as bench.precision's emulation of these six shapes measures (3
+# seeds each, oneDNN's float32 sums); 1e-2 leaves a factor of ~5 for the device's summation order and
+# other seeds, and a wrong term is off by O(1).
+TC_RTOL = {"tf32x3": FP32_RTOL, "tf32": 1e-2}
 
 
 @pytest.mark.parametrize("mode", ["tf32x3", "tf32"])
@@ -229,25 +231,34 @@ def test_bn_pool_kernels_on_cuda(shape, dtype):
 
 
 @pytest.mark.filterwarnings("ignore:.*have not yet passed their tests")
-def test_fused_first_block_on_cuda_matches_unfused():
-    """first_block="fused" and bn_pool="fused" take the Triton kernels on a CUDA device; the learner's
-    results equal the unfused learner's (float64, 1e-9), captured in a CUDA graph. "auto" fuses exactly
-    when mamlpp_fast.fast.AUTO_FUSES_ON_CUDA holds (off until this file passes on a device)."""
+@pytest.mark.parametrize("op", ["first_block", "bn_pool"])
+def test_fused_op_on_cuda_matches_unfused(op):
+    """first_block="fused" (or bn_pool="fused"), the other op and the head unfused, takes that op's Triton
+    kernels on a CUDA device; the learner's results equal the all-unfused learner's (float64, 1e-9),
+    captured in a CUDA graph. "auto" fuses the op exactly when mamlpp_fast.fast.AUTO_FUSES_ON_CUDA[op]
+    holds (off until the op's device tests pass: bench.fused_verdict). One op per case, so that each op's
+    verdict stands on its own."""
     from mamlpp_fast import fast as fast_mod
     from mamlpp_fast.config import default_args
     from mamlpp_fast.fast import MAMLFewShotClassifier as Fast
+    from mamlpp_fast.triton import bn_pool as tbp
     from mamlpp_fast.triton import conv_block as tcb
 
     seed = fresh_seed()
     common = dict(dtype="float64", cnn_num_filters=32, num_classes_per_set=5, number_of_training_steps_per_iter=3,
-                  number_of_evaluation_steps_per_iter=3, cuda_graph=True, backend="triton", conv_impl="triton")
+                  number_of_evaluation_steps_per_iter=3, cuda_graph=True, backend="triton", conv_impl="triton",
+                  head="unfused")
+    other = "bn_pool" if op == "first_block" else "first_block"
     shape = (2, 1, 28, 28)
-    auto = Fast(shape, "cuda", default_args(first_block="auto", bn_pool="auto", **common))
-    x = torch.zeros(10, 2, 28, 28, device="cuda", dtype=torch.float64)
-    w = torch.zeros(2, 32, 1, 3, 3, device="cuda", dtype=torch.float64)
-    conv0 = auto.classifier.layer_dict["conv0"].conv
-    assert (auto._first_block_impl(x, w, conv0) is tcb) == fast_mod.AUTO_FUSES_ON_CUDA
-    fused = Fast(shape, "cuda", default_args(first_block="fused", bn_pool="fused", **common))
+    auto = Fast(shape, "cuda", default_args(**{op: "auto", other: "unfused"}, **common))
+    if op == "first_block":
+        x = torch.zeros(10, 2, 28, 28, device="cuda", dtype=torch.float64)
+        w = torch.zeros(2, 32, 1, 3, 3, device="cuda", dtype=torch.float64)
+        got = auto._first_block_impl(x, w, auto.classifier.layer_dict["conv0"].conv) is tcb
+    else:
+        got = auto._bn_pool_impl(torch.zeros(10, 2 * 32, 14, 14, device="cuda", dtype=torch.float64)) is tbp
+    assert got == fast_mod.AUTO_FUSES_ON_CUDA[op]
+    fused = Fast(shape, "cuda", default_args(**{op: "fused", other: "unfused"}, **common))
     plain = Fast(shape, "cuda", default_args(first_block="unfused", bn_pool="unfused", **common))
     plain.load_state_dict(fused.state_dict())
     for it in range(3):
@@ -257,9 +268,12 @@ def test_fused_first_block_on_cuda_matches_unfused():
         assert rel(torch.as_tensor(lf["loss"]), torch.as_tensor(lp["loss"])) < 1e-9, (it, seed)
         for a, b in zip(pf, pp):
             assert rel(torch.as_tensor(a), torch.as_tensor(b)) < 1e-9, (it, seed)
-    assert any(v is tcb for v in fused._first_block_cache.values())
-    from mamlpp_fast.triton import bn_pool as tbp
-    assert fused._bn_pool_cache and all(v is tbp for v in fused._bn_pool_cache.values())
+    if op == "first_block":
+        assert any(v is tcb for v in fused._first_block_cache.values())
+        assert not any(fused.__dict__.get("_bn_pool_cache", {}).values())
+    else:
+        assert fused._bn_pool_cache and all(v is tbp for v in fused._bn_pool_cache.values())
+        assert not any(fused.__dict__.get("_first_block_cache", {}).values())
     assert fused._graph_failed is None and len(fused._graphs) == 1
 
 

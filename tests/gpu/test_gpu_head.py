@@ -86,7 +86,7 @@ def test_ticket_sums_deterministic_on_cuda():
 @pytest.mark.filterwarnings("ignore:.*have not yet passed their tests")
 def test_fused_head_on_cuda_matches_unfused():
     """head="fused" takes the Triton kernels on a CUDA device ("auto" too exactly when
-    mamlpp_fast.fast.AUTO_FUSES_ON_CUDA holds); the learner's results (loss, target logits) equal the
+    mamlpp_fast.fast.AUTO_FUSES_ON_CUDA["head"] holds); the learner's results (loss, target logits) equal the
     unfused head's (float64, 1e-9) over three captured meta-updates, the rest of both learners unfused."""
     from mamlpp_fast.config import default_args
     from mamlpp_fast.fast import MAMLFewShotClassifier as Fast
@@ -100,7 +100,7 @@ def test_fused_head_on_cuda_matches_unfused():
     from mamlpp_fast import fast as fast_mod
     auto = Fast(shape, "cuda", default_args(head="auto", **common))
     feats = torch.zeros(4 * 5, 32, device="cuda", dtype=torch.float64)
-    assert (auto._head_impl(feats, 5) is th) == fast_mod.AUTO_FUSES_ON_CUDA
+    assert (auto._head_impl(feats, 5) is th) == fast_mod.AUTO_FUSES_ON_CUDA["head"]
     fused = Fast(shape, "cuda", default_args(head="fused", **common))
     plain = Fast(shape, "cuda", default_args(head="unfused", **common))
     plain.load_state_dict(fused.state_dict())
