@@ -4,9 +4,9 @@ The fast learner's config keys first_block, bn_pool and head choose between an o
 and the unfused ops; their value "auto" takes the fused kernels on a CUDA device only where
 `mamlpp_fast.fast.AUTO_FUSES_ON_CUDA[op]` is on, and each entry stays off until the op's own device
 tests pass. `EVIDENCE` names those tests per op: the kernels against their PyTorch implementation at
-the learner's shapes (float64 and float32), and the learner with that op fused against the unfused
-learner, captured in a CUDA graph (the head also: its in-kernel sums bit-reproducible). This reads the
-junit XML that `scripts/gpu_session.sh`'s tests stage writes and prints one line per op:
+the learner's shapes (float64 and float32), its in-kernel ticket sums bit-reproducible over repeated
+launches, and the learner with that op fused against the unfused learner, captured in a CUDA graph.
+This reads the junit XML that `scripts/gpu_session.sh`'s tests stage writes and prints one line per op:
 
     first_block: may fuse (8 cases passed)
     bn_pool: keep unfused: failed test_bn_pool_kernels_on_cuda[f32-omniglot-layer1]
@@ -25,11 +25,13 @@ import xml.etree.ElementTree as ET
 # pass before "auto" may take its kernels on CUDA
 EVIDENCE = {
     "first_block": ("tests/gpu/test_gpu_conv.py::test_fused_block_kernels_on_cuda",
+                    "tests/gpu/test_gpu_head.py::test_ticket_sums_deterministic_on_cuda[first_block]",
                     "tests/gpu/test_gpu_conv.py::test_fused_op_on_cuda_matches_unfused[first_block]"),
     "bn_pool": ("tests/gpu/test_gpu_conv.py::test_bn_pool_kernels_on_cuda",
+                "tests/gpu/test_gpu_head.py::test_ticket_sums_deterministic_on_cuda[bn_pool]",
                 "tests/gpu/test_gpu_conv.py::test_fused_op_on_cuda_matches_unfused[bn_pool]"),
     "head": ("tests/gpu/test_gpu_head.py::test_head_kernels_on_cuda",
-             "tests/gpu/test_gpu_head.py::test_ticket_sums_deterministic_on_cuda",
+             "tests/gpu/test_gpu_head.py::test_ticket_sums_deterministic_on_cuda[head]",
              "tests/gpu/test_gpu_head.py::test_fused_head_on_cuda_matches_unfused"),
 }
 

@@ -31,13 +31,15 @@ STAND_IN_HEAD = '''
 import pytest
 
 @pytest.fixture
-def broken():
-    raise RuntimeError("set-up failed")
+def broken(request):
+    if request.node.callspec.params["op"] == "head":
+        raise RuntimeError("set-up failed")
 
 def test_head_kernels_on_cuda():
     pass
 
-def test_ticket_sums_deterministic_on_cuda(broken):
+@pytest.mark.parametrize("op", ["head", "bn_pool", "first_block"])
+def test_ticket_sums_deterministic_on_cuda(op, broken):
     pass
 
 @pytest.mark.skip(reason="stand-in")
@@ -57,15 +59,15 @@ def test_verdict_from_pytest_junit(tmp_path):
                     f"--junitxml={junit}"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     cases = fv.read_junit(str(junit))
     assert cases["tests/gpu/test_gpu_conv.py::test_bn_pool_kernels_on_cuda[f32]"] == "failed"
-    assert cases["tests/gpu/test_gpu_head.py::test_ticket_sums_deterministic_on_cuda"] == "error"
+    assert cases["tests/gpu/test_gpu_head.py::test_ticket_sums_deterministic_on_cuda[head]"] == "error"
     assert cases["tests/gpu/test_gpu_head.py::test_fused_head_on_cuda_matches_unfused"] == "skipped"
     got = fv.verdict(cases)
-    assert got["first_block"] == (True, "may fuse (3 cases passed)")
+    assert got["first_block"] == (True, "may fuse (4 cases passed)")
     ok, reason = got["bn_pool"]
     assert not ok and "failed test_bn_pool_kernels_on_cuda[f32]" in reason
     assert "bn_pool]" not in reason  # its learner case passed
     ok, reason = got["head"]
-    assert not ok and "error test_ticket_sums_deterministic_on_cuda" in reason
+    assert not ok and "error test_ticket_sums_deterministic_on_cuda[head]" in reason
     assert "skipped test_fused_head_on_cuda_matches_unfused" in reason
 
 
@@ -75,7 +77,8 @@ def test_missing_cases_keep_the_op_unfused():
     cases = {"tests/gpu/test_gpu_conv.py::test_fused_block_kernels_on_cuda[f64]": "passed",
              "tests/gpu/test_gpu_conv.py::test_fused_op_on_cuda_matches_unfused[bn_pool]": "passed"}
     got = fv.verdict(cases)
-    assert got["first_block"] == (False, "keep unfused: not run test_fused_op_on_cuda_matches_unfused[first_block]")
+    assert got["first_block"] == (False, "keep unfused: not run test_ticket_sums_deterministic_on_cuda[first_block]; "
+                                         "not run test_fused_op_on_cuda_matches_unfused[first_block]")
     assert not got["head"][0] and got["head"][1].count("not run") == 3
 
 

@@ -40,45 +40,53 @@ def test_head_kernels_on_cuda(shape, dtype):
     _bn_pool_compare(got, ref, 1e-10 if dtype == torch.float64 else 8 * k * 2.0 ** -24, seed)
 
 
-def test_ticket_sums_deterministic_on_cuda():
-    """20 repeated launches of the head's forward (split over the features: the chunk sums and the loss
-    sum taken by the last programs), of bn_pool's single-pass backward and double backward with a gamma
-    shared by the tasks (the channel sums taken by the last program) and of the fused first block's
-    backward and double backward with a shared gamma (its finishing kernels' sums over the tasks, taken
-    by each channel's last program) give identical bits (a last program that read before another's
-    stores were visible would make them differ), and every ticket counter is back at zero."""
-    from test_head import make_inputs
-    from test_bn_pool import make_inputs as pool_inputs
-    from test_conv_block import make_block_inputs
-    from test_triton_interp import _block_all, _bn_pool_all, _head_all
+@pytest.mark.parametrize("op", ["head", "bn_pool", "first_block"])
+def test_ticket_sums_deterministic_on_cuda(op):
+    """20 repeated launches give identical bits (a last program that read before another's stores were
+    visible would make them differ), and every ticket counter is back at zero, for one fused op per case
+    (each op's own evidence, bench.fused_verdict): the head's forward (split over the features: the chunk
+    sums and the loss sum taken by the last programs); bn_pool's single-pass backward and double backward
+    with a gamma shared by the tasks (the channel sums taken by the last program); the fused first
+    block's backward and double backward with a shared gamma (its finishing kernels' sums over the tasks,
+    taken by each channel's last program)."""
     from mamlpp_fast.triton import _device
-    from mamlpp_fast.triton import bn_pool as tbp
-    from mamlpp_fast.triton import conv_block as tcb
-    from mamlpp_fast.triton import head as th
 
     seed = fresh_seed() % 2 ** 31
-    x, w, b, labels, lw, prev, T = (t.detach().cuda() if isinstance(t, torch.Tensor) else t
-                                    for t in make_inputs(HEAD_GPU_SHAPES[2], seed, torch.float32))
-    assert th.head_config(x.shape[0], w.shape[1], w.shape[2], T, th._sms(x.device), dot=True)["S"] > 1
-    px, gamma, beta, pt = pool_inputs((8, 64, 20, 14, 14, False, False), seed, torch.float32)
-    px, gamma, beta = (t.detach().cuda() for t in (px, gamma, beta))
-    assert tbp._single(tbp.pool_config(*px.shape, px.device))
+    if op == "head":
+        from test_head import make_inputs
+        from test_triton_interp import _head_all
+        from mamlpp_fast.triton import head as th
+        x, w, b, labels, lw, prev, T = (t.detach().cuda() if isinstance(t, torch.Tensor) else t
+                                        for t in make_inputs(HEAD_GPU_SHAPES[2], seed, torch.float32))
+        assert th.head_config(x.shape[0], w.shape[1], w.shape[2], T, th._sms(x.device), dot=True)["S"] > 1
 
-    # Omniglot's first block: 8 tasks of 64 channels, 20 images of 28 x 28, gamma shared by the tasks
-    bx, bw, bb, bg, bbeta, bt, bpad = (t.detach().cuda() if isinstance(t, torch.Tensor) else t
-                                       for t in make_block_inputs((8, 64, 1, 20, 28, 3, 1, False, True), seed))
-    bx, bw, bb, bg, bbeta = (t.float() for t in (bx, bw, bb, bg, bbeta))
+        def run():
+            return [t for _, t in _head_all(th, x, w, b, labels, lw, prev, T, seed)]
+    elif op == "bn_pool":
+        from test_bn_pool import make_inputs as pool_inputs
+        from test_triton_interp import _bn_pool_all
+        from mamlpp_fast.triton import bn_pool as tbp
+        px, gamma, beta, pt = pool_inputs((8, 64, 20, 14, 14, False, False), seed, torch.float32)
+        px, gamma, beta = (t.detach().cuda() for t in (px, gamma, beta))
+        assert tbp._single(tbp.pool_config(*px.shape, px.device))
 
-    def run():
-        out = [t for _, t in _head_all(th, x, w, b, labels, lw, prev, T, seed)]
-        # gamma and beta (C,): shared by the tasks
-        out += [t for _, t in _bn_pool_all(tbp, px, gamma, beta, pt, seed)[0]]
-        out += [t for _, t in _block_all(tcb, bx, bw, bb, bg, bbeta, bt, bpad, seed)[0]]
-        return out
+        def run():  # gamma and beta (C,): shared by the tasks
+            return [t for _, t in _bn_pool_all(tbp, px, gamma, beta, pt, seed)[0]]
+    else:
+        from test_conv_block import make_block_inputs
+        from test_triton_interp import _block_all
+        from mamlpp_fast.triton import conv_block as tcb
+        # Omniglot's first block: 8 tasks of 64 channels, 20 images of 28 x 28, gamma shared by the tasks
+        bx, bw, bb, bg, bbeta, bt, bpad = (t.detach().cuda() if isinstance(t, torch.Tensor) else t
+                                           for t in make_block_inputs((8, 64, 1, 20, 28, 3, 1, False, True), seed))
+        bx, bw, bb, bg, bbeta = (t.float() for t in (bx, bw, bb, bg, bbeta))
+
+        def run():
+            return [t for _, t in _block_all(tcb, bx, bw, bb, bg, bbeta, bt, bpad, seed)[0]]
 
     first = run()
     for _ in range(19):
-        assert all(torch.equal(a, r) for a, r in zip(run(), first)), "a ticket sum is not deterministic"
+        assert all(torch.equal(a, r) for a, r in zip(run(), first)), f"a ticket sum of {op} is not deterministic"
     torch.cuda.synchronize()
     assert all(int(c.abs().sum()) == 0 for c in _device._counters.values())
 
