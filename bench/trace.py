@@ -1261,8 +1261,9 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
 # ---- prediction and summaries ----------------------------------------------------------------------------
 def _rate(k: Kernel, ceil: dict, tf32: bool, conv_efficiency: float, tf32x3: bool = False,
           efficiencies: dict | None = None) -> float:
-    """FLOP/s of kernel group k: the fp32 (or TF32) ceiling, times conv_efficiency for convolutions, or,
-    in strict fp32, the call's own efficiency where `efficiencies` (`ffma_efficiencies`) holds it.
+    """FLOP/s of kernel group k: the fp32 (or TF32) ceiling, times conv_efficiency for convolutions, or
+    the call's own efficiency where `efficiencies` (`ffma_efficiencies`) holds it and was read for the
+    mode priced here (its `mode`: "fp32", "tf32" or "tf32x3"; efficiencies of another mode are ignored).
     tf32x3 (config key conv_precision="tf32x3"): our convolution kernels run three TF32 products per
     product, a third of the TF32 rate (matmuls follow `tf32`)."""
     if tf32x3 and k.tf32_ok and k.kind == "conv":
@@ -1272,7 +1273,8 @@ def _rate(k: Kernel, ceil: dict, tf32: bool, conv_efficiency: float, tf32x3: boo
     if k.kind != "conv":
         return rate
     key = efficiency_key(k)
-    if efficiencies and not (tf32 or tf32x3) and key in efficiencies:
+    mode = "tf32x3" if tf32x3 else "tf32" if tf32 else "fp32"
+    if efficiencies and getattr(efficiencies, "mode", "fp32") == mode and key in efficiencies:
         return rate * efficiencies[key]
     return rate * conv_efficiency
 
@@ -1293,49 +1295,84 @@ def efficiency_key(k: Kernel):
     return None
 
 
-def _strict_rows(table: str, flag: str) -> list:
-    """The strict-fp32 Triton rows of a bench.static_metrics JSON; MamlppError naming `flag` and the file
-    where it cannot be read."""
+class Efficiencies(dict):
+    """{`efficiency_key`: efficiency} for the convolution mode `mode` ("fp32": strict, "tf32", "tf32x3"):
+    `ffma_efficiencies`' result, which `summarize` applies only when it prices that mode."""
+
+    def __init__(self, mode: str = "fp32", *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mode = mode
+
+
+def priced_mode(res: TraceResult) -> str:
+    """The convolutions' product mode of trace `res`: "tf32x3" or "tf32" where the learner's config key
+    conv_precision forced it, else "fp32" (strict float32: "auto" without allow_tf32, as the traced
+    learner runs; bench.static_metrics' precision labels)."""
+    cp = res.config.get("conv_precision", "auto")
+    return cp if cp in ("tf32", "tf32x3") else "fp32"
+
+
+MODE_LABELS = {"fp32": "strict-fp32", "tf32": "TF32", "tf32x3": "tf32x3"}
+
+# TF32 multiply-adds per SM per cycle on sm_90 (Hopper's dense TF32 rate: 494.7 TFLOP/s = 2 x 1,024 x
+# 132 SMs x 1.83 GHz): the tensor-pipe time of a loop's products in `tensor_loop_efficiency`
+TF32_FMA_PER_SM_CYCLE = 1024
+
+
+def _strict_rows(table: str, flag: str, mode: str = "fp32") -> list:
+    """The Triton rows of a bench.static_metrics JSON compiled in `mode` (default strict fp32); MamlppError
+    naming `flag` and the file where it cannot be read."""
     from mamlpp_fast.errors import MamlppError
     try:
         with open(table) as f:
-            return [r for r in json.load(f)["triton_kernels"] if r.get("precision") == "fp32"]
+            return [r for r in json.load(f)["triton_kernels"] if r.get("precision") == mode]
     except (OSError, ValueError, KeyError) as e:
         raise MamlppError(f"{flag}: cannot read a bench.static_metrics JSON from {table!r}: {e}") from None
 
 
-def _conv_launch(call, memo: dict):
-    """The Triton convolution launch (a bench.static_metrics `Launch`) of convolution call `call`, or None
-    where it launches none; captured once per call (`memo`)."""
+def _conv_launch(call, memo: dict, mode: str = "fp32"):
+    """The Triton convolution launch (a bench.static_metrics `Launch`) of convolution call `call` in
+    product mode `mode` (`priced_mode`), or None where it launches none; captured once per call (`memo`)."""
     if call not in memo:
         from .static_metrics import capture_launches
-        memo[call] = next((ln for ln in capture_launches(call) if ln[0].__name__.startswith("_conv_")), None)
+        memo[call] = next((ln for ln in capture_launches(call, tf32=mode)
+                           if ln[0].__name__.startswith("_conv_")), None)
     return memo[call]
 
 
 def _conv_kernels(res: TraceResult):
     """(kernel group, its Triton convolution launch) for each convolution call of `res` (`CONV_CALLS`)
-    that launches one, each call captured once."""
+    that launches one, in the trace's product mode (`priced_mode`), each call captured once."""
     memo: dict = {}
+    mode = priced_mode(res)
     for k in res.kernels:
         if k.call is not None and k.call[0] in CONV_CALLS:
-            ln = _conv_launch(k.call, memo)
+            ln = _conv_launch(k.call, memo, mode)
             if ln is not None:
                 yield k, ln
 
 
-def _conv_row(rows: list, ln, call, table: str, flag: str, need_share: bool = False) -> dict:
-    """The strict-fp32 row of `rows` (`_strict_rows`) compiled with the configuration of launch `ln`;
-    MamlppError naming `flag`, the table and the call where there is none (with `need_share`: none with an
-    FFMA share)."""
+def _priceable(r: dict, mode: str) -> bool:
+    """Whether row r holds what `loop_efficiency` / `tensor_loop_efficiency` read: in strict fp32 its hot
+    loop's FFMA share, or, for a kernel without a loop, its whole body's FFMA count; in TF32 / tf32x3 its
+    instruction count."""
+    if mode != "fp32":
+        return bool(r.get("instructions"))
+    return r.get("ffma_share") is not None or (r.get("loop") is False and r.get("all_ffma") is not None)
+
+
+def _conv_row(rows: list, ln, call, table: str, flag: str, need_share: bool = False, mode: str = "fp32") -> dict:
+    """The row of `rows` (`_strict_rows` of `mode`) compiled with the configuration of launch `ln`;
+    MamlppError naming `flag`, the table and the call where there is none (with `need_share`: none that
+    can be priced, `_priceable`)."""
     from mamlpp_fast.errors import MamlppError
 
     from .static_metrics import launch_consts
     consts = launch_consts(ln[2])
     for r in rows:
-        if r["kernel"] == ln[0].__name__ and r["config"] == consts and (not need_share or r.get("ffma_share") is not None):
+        if r["kernel"] == ln[0].__name__ and r["config"] == consts and (not need_share or _priceable(r, mode)):
             return r
-    raise MamlppError(f"{flag}: {table} has no strict-fp32 {ln[0].__name__} with the configuration of "
+    raise MamlppError(f"{flag}: {table} has no {MODE_LABELS[mode]} {ln[0].__name__} with the configuration of "
                       f"{call[0]} {call[1]} ({consts}): regenerate it with python -m bench.static_metrics")
 
 
@@ -1349,13 +1386,23 @@ def ffma_efficiencies(res: TraceResult, table: str) -> dict:
     constexpr arguments the table records). An SM issues one instruction per FFMA slot, so a loop whose
     share is f reaches at most f of the FMA ceiling: pricing each convolution at it makes the prediction
     see what the loop's instruction mix costs (spills and extra integer work), which one global
-    --conv-efficiency cannot. Raises MamlppError naming a call the table does not hold (a table compiled
-    before the kernels or configurations changed, or with other --triton-configs)."""
+    --conv-efficiency cannot. A launch without a loop (the first layer's one-step forward) is priced at
+    its whole body's FFMA share.
+
+    A trace of the TF32 or tf32x3 products (`priced_mode`: config key conv_precision) reads the table's
+    rows of that precision, for the launches that mode makes (the tensor-core tiles), and prices each
+    convolution at `tensor_loop_efficiency` instead: the tensor pipe's time for the loop's products over
+    its issue time, the same question (what the instruction stream lets the pipe reach) for the other
+    pipe. The result is an `Efficiencies` of that mode. Raises MamlppError naming a call the table does not
+    hold (a table compiled before the kernels or configurations changed, or with other --triton-configs)."""
     from mamlpp_fast.errors import MamlppError
 
     from .static_metrics import capture_launches
-    rows = _strict_rows(table, "--conv-efficiency-from")
-    out: dict = {}
+    mode = priced_mode(res)
+    rows = _strict_rows(table, "--conv-efficiency-from", mode)
+    if mode != "fp32":  # the block's kernels without products compile once, as strict fp32 rows
+        rows = rows + _strict_rows(table, "--conv-efficiency-from")
+    out = Efficiencies(mode)
     block_launches: dict = {}  # the fused block's captured launches per call (shared by its passes' keys)
     for k in res.kernels:
         call, key = k.call, efficiency_key(k)
@@ -1363,23 +1410,40 @@ def ffma_efficiencies(res: TraceResult, table: str) -> dict:
             continue
         if call[0] == "conv_bn_pool":
             if call not in block_launches:
-                block_launches[call] = capture_launches(call)
-            out[key] = _block_efficiency(k, block_launches[call], rows, table)
+                block_launches[call] = capture_launches(call, tf32=mode)
+            out[key] = _block_efficiency(k, block_launches[call], rows, table, mode)
             continue
-        ln = _conv_launch(call, {})
+        ln = _conv_launch(call, {}, mode)
         if ln is None:
             raise MamlppError(f"--conv-efficiency-from: no convolution kernel launched by {call[0]} {call[1]}")
-        row = _conv_row(rows, ln, call, table, "--conv-efficiency-from", need_share=True)
-        out[call] = loop_efficiency(call, ln[2], row) * tile_utilization(call, ln[2])
+        row = _conv_row(rows, ln, call, table, "--conv-efficiency-from", need_share=True, mode=mode)
+        eff = loop_efficiency(call, ln[2], row) if mode == "fp32" else tensor_loop_efficiency(ln[2], row, mode)
+        out[call] = eff * tile_utilization(call, ln[2])
     return out
 
 
-def _block_efficiency(k: Kernel, captured: list, rows: list, table: str) -> float:
+def tensor_loop_efficiency(kw: dict, row: dict, mode: str) -> float:
+    """The fraction of the tensor pipe's rate a TF32 / tf32x3 convolution launch's loop can reach, by its
+    issue count. One iteration multiplies a BLOCK_M x (NSUB x BLOCK_N) x BLOCK_K tile (3 TF32 products
+    per product in tf32x3): MACs / `TF32_FMA_PER_SM_CYCLE` cycles of the SM's tensor pipe, while each of
+    its warps issues the loop's SASS instructions (`row["instructions"]`, one per cycle on its
+    scheduler; the warps of one warpgroup on the four schedulers). More CTAs per SM scale both alike, so
+    the loop runs at min(1, tensor cycles / instructions) of the mode's rate (TF32, or a third of it for
+    tf32x3, in useful products). A launch without a loop does one step: the same with its whole body's
+    count. Not modelled: latency (the issue count is a floor) and the mode's ceiling itself (measured)."""
+    products = 3 if mode == "tf32x3" else 1
+    macs = kw["BLOCK_M"] * kw["BLOCK_N"] * kw.get("NSUB", 1) * kw["BLOCK_K"] * products
+    return min(1.0, macs / TF32_FMA_PER_SM_CYCLE / row["instructions"])
+
+
+def _block_efficiency(k: Kernel, captured: list, rows: list, table: str, mode: str = "fp32") -> float:
     """The strict-fp32 hot loop's FFMA share of the kernel that pass k of the fused first block launches
     (`_BLOCK_KERNELS`, told apart by k.consts; captured: bench.static_metrics `capture_launches` of
     k.call), read from the table's rows by that launch's configuration. No tile-use factor: the trace's
     FLOPs of the block already count the products its tiles execute (channels and patch width as padded,
-    `_block_patch`)."""
+    `_block_patch`). In TF32 / tf32x3 (`mode`) the block's products are warp-level HMMA (m16n8k8: 1,024
+    multiply-adds, 4 cycles of its scheduler's quarter of the tensor pipe), so the loop reaches
+    min(1, 4 x HMMA / instructions) of the mode's rate; a loop without HMMA is priced at its FFMA share."""
     from mamlpp_fast.errors import MamlppError
 
     from .static_metrics import launch_consts
@@ -1391,10 +1455,15 @@ def _block_efficiency(k: Kernel, captured: list, rows: list, table: str) -> floa
         raise MamlppError(f"--conv-efficiency-from: the fused block {k.call[1]} launches no {name} with {want}")
     consts = launch_consts(launches[0])
     found = [r for r in rows if r["kernel"] == name and r["config"] == consts and r.get("ffma_share") is not None]
+    found.sort(key=lambda r: r["precision"] != mode)  # the mode's own row first
     if not found:
-        raise MamlppError(f"--conv-efficiency-from: {table} has no strict-fp32 {name} with the configuration "
-                          f"of the fused block {k.call[1]} ({consts}): regenerate it with python -m bench.static_metrics")
-    return float(found[0]["ffma_share"])
+        raise MamlppError(f"--conv-efficiency-from: {table} has no {MODE_LABELS[mode]} {name} with the "
+                          f"configuration of the fused block {k.call[1]} ({consts}): regenerate it with "
+                          "python -m bench.static_metrics")
+    r = found[0]
+    if mode != "fp32" and r.get("hmma"):
+        return min(1.0, 4 * r["hmma"] / r["instructions"])
+    return float(r["ffma_share"])
 
 
 def inside_fraction(call, kw: dict) -> float:
@@ -1412,7 +1481,11 @@ def inside_fraction(call, kw: dict) -> float:
 def loop_efficiency(call, kw: dict, row: dict) -> float:
     """The FFMA share a launch runs at: its hot loop's (`ffma_share`); for a weight gradient whose lanes
     run in two loops (INSIDE, `inside_fraction` f of them in the better one, share s_in, the rest in the
-    masked one, s_out: `ffma_loop_shares`), the time-weighted share 1 / (f / s_in + (1 - f) / s_out)."""
+    masked one, s_out: `ffma_loop_shares`), the time-weighted share 1 / (f / s_in + (1 - f) / s_out); for
+    a launch without a loop (the first layer's forward: one step), its whole body's FFMA over its
+    instructions."""
+    if row.get("ffma_share") is None and row.get("loop") is False:
+        return row["all_ffma"] / row["instructions"]
     f = inside_fraction(call, kw)
     shares = row.get("ffma_loop_shares") or []
     if f == 0.0 or len(shares) < 2:
@@ -1467,7 +1540,8 @@ def summarize(res: TraceResult, ceilings: str = "h100", tf32: bool = False, conv
     """Totals, per layer, per op kind and per (layer, kind), and the 20 most launched kernel names.
     conv_efficiency: the fraction of the FMA ceiling the convolution kernels are assumed to reach
     (1.0: the ceiling; bench.static_metrics' FFMA share of their inner loops bounds it from above);
-    efficiencies (`ffma_efficiencies`): per convolution call, that bound itself (strict fp32)."""
+    efficiencies (`ffma_efficiencies`): per convolution call, that bound itself, for the mode it was
+    read for (`Efficiencies.mode`)."""
     ceil = CEILINGS[ceilings]
     by_name = defaultdict(lambda: dict(kernels=0, bytes=0))
     graph = res.config["cuda_graph"]
@@ -1726,6 +1800,7 @@ def conv_launch_predictions(res: TraceResult, ceilings: str = "h200", efficienci
     (captured, at `ceilings`; `efficiencies`: per call, as `summarize` takes them). The key is what the
     profiler records per launch, so that `conv_launch_comparison` can set them side by side."""
     ceil = CEILINGS[ceilings]
+    mode = priced_mode(res)
     out: dict = {}
     for k, ln in _conv_kernels(res):
         key = (ln[0].__name__, ln.programs_grid())
@@ -1734,7 +1809,8 @@ def conv_launch_predictions(res: TraceResult, ceilings: str = "h200", efficienci
         if k.call not in d["calls"]:
             d["calls"].append(k.call)
         d["launches"] += k.launches
-        d["predicted_ms"] += predict(k, ceil, False, True, efficiencies=efficiencies)
+        d["predicted_ms"] += predict(k, ceil, mode == "tf32", True, efficiencies=efficiencies,
+                                     tf32x3=mode == "tf32x3")
     return out
 
 
@@ -1748,7 +1824,8 @@ def resident_warps(res: TraceResult, table: str, sms: int = 132) -> list:
     (the occupancy hypothesis of bench/NOTES.md, which the A/B's "2x warps" and "2x split" test). Rows:
     {kernel, grid, layer, call, programs, num_warps, registers, by_registers, resident, waves, launches}."""
     from .static_metrics import occupancy
-    rows = _strict_rows(table, "--occupancy-from")
+    mode = priced_mode(res)
+    rows = _strict_rows(table, "--occupancy-from", mode)
     out: dict = {}
     for k, ln in _conv_kernels(res):
         grid = ln.programs_grid()
@@ -1756,7 +1833,7 @@ def resident_warps(res: TraceResult, table: str, sms: int = 132) -> list:
         if key in out:
             out[key]["launches"] += k.launches
             continue
-        r = _conv_row(rows, ln, k.call, table, "--occupancy-from")
+        r = _conv_row(rows, ln, k.call, table, "--occupancy-from", mode=mode)
         warps = int(ln[2].get("num_warps", r["num_warps"]))
         by_regs = occupancy(r.get("registers") or 0, r["shared_bytes"], warps)
         programs = grid[0] * grid[1] * grid[2]

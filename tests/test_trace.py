@@ -450,6 +450,55 @@ def test_convolutions_priced_at_their_loops_ffma_share(monkeypatch, tmp_path):
         ffma_efficiencies(res, str(short))
 
 
+def test_default_configuration_and_tensor_core_modes_priced_per_call(monkeypatch):
+    """--conv-efficiency-from prices the learner's default configuration on CUDA (every op unfused): the
+    first layer's one-step forward, which has no loop, at its whole body's FFMA share. Under conv_precision
+    tf32x3 / TF32 the same table's rows of that precision price each convolution call, launched with the
+    tensor-core tiles, at `tensor_loop_efficiency` (tensor cycles of the loop's tile over its issue count)
+    times its tile use, checked here by hand for one call; the result is for that mode only: a strict
+    summary ignores it, as a tf32x3 summary ignores the strict one."""
+    import os
+
+    from mamlpp_fast.triton import conv as tconv
+    from bench.static_metrics import capture_launches, launch_consts
+    from bench.trace import (CONV_CALLS, TF32_FMA_PER_SM_CYCLE, ffma_efficiencies, tensor_loop_efficiency,
+                             tile_utilization)
+
+    table = os.path.join(os.path.dirname(__file__), "..", "bench", "results",
+                         "static_metrics_sm90a_triton3.6.0.json")
+    rows = json.load(open(table))["triton_kernels"]
+    monkeypatch.setattr(tconv, "_TRITON_VERSION", (3, 6))
+    unfused = dict(first_block="unfused", bn_pool="unfused", head="unfused")
+    res = trace_meta_update("omniglot_20w1s", 8, "cuda", "triton", True, **unfused)
+    effs = ffma_efficiencies(res, table)
+    (first,) = [k for k in effs if k[0] == "conv_forward" and tuple(k[1]) == (20, 8, 28, 28)]
+    kw = next(ln for ln in capture_launches(first) if ln[0].__name__ == "_conv_fwd_kernel")[2]
+    row = next(r for r in rows if r["precision"] == "fp32" and r["kernel"] == "_conv_fwd_kernel"
+               and r["config"] == launch_consts(kw))
+    assert effs.mode == "fp32" and kw["SMALL"] and row["loop"] is False
+    assert effs[first] == pytest.approx(row["all_ffma"] / row["instructions"] * tile_utilization(first, kw))
+    assert summarize(res, efficiencies=effs)["predicted_ms"] > summarize(res)["predicted_ms"]
+
+    for mode in ("tf32x3", "tf32"):
+        res_m = trace_meta_update("omniglot_20w1s", 8, "cuda", "triton", True, conv_precision=mode, **unfused)
+        em = ffma_efficiencies(res_m, table)
+        calls = {k.call for k in res_m.kernels if k.call is not None and k.call[0] in CONV_CALLS}
+        assert em.mode == mode and set(em) == calls and all(0 < v <= 1 for v in em.values()), em
+        call = next(c for c in calls if c[0] == "conv_forward" and tuple(c[1]) == (20, 512, 14, 14))
+        kw = next(ln for ln in capture_launches(call, tf32=mode) if ln[0].__name__ == "_conv_fwd_kernel")[2]
+        r = next(r for r in rows if r["precision"] == mode and r["kernel"] == "_conv_fwd_kernel"
+                 and r["config"] == launch_consts(kw))
+        assert r["hgmma"] > 0  # a tensor-core tile
+        macs = kw["BLOCK_M"] * kw["BLOCK_N"] * kw.get("NSUB", 1) * kw["BLOCK_K"] * (3 if mode == "tf32x3" else 1)
+        assert tensor_loop_efficiency(kw, r, mode) == min(1.0, macs / TF32_FMA_PER_SM_CYCLE / r["instructions"])
+        assert em[call] == pytest.approx(tensor_loop_efficiency(kw, r, mode) * tile_utilization(call, kw))
+        flags = dict(tf32=mode == "tf32", tf32x3=mode == "tf32x3")
+        priced, ceiling = summarize(res_m, efficiencies=em, **flags), summarize(res_m, **flags)
+        assert priced["predicted_ms"] > ceiling["predicted_ms"]
+        assert summarize(res_m, efficiencies=effs, **flags)["predicted_ms"] == ceiling["predicted_ms"]
+        assert summarize(res, efficiencies=em)["predicted_ms"] == summarize(res)["predicted_ms"]
+
+
 def test_captured_update_copies_no_input_and_fills_no_seed():
     """The captured update reads the images from static buffers already in their task-major storage
     order (fast.py `_static_inputs`), so the forward's `.contiguous()` is a view, and its backward seeds
