@@ -558,12 +558,19 @@ def _conv_triton_patch(rec: _Recorder):
         from mamlpp_fast.triton.conv import tensor_core_products
     except ImportError:  # a tree whose tiles do not depend on the products' precision
         tensor_core_products = None
+    try:
+        from mamlpp_fast.triton.conv import tensor_core_mode
+    except ImportError:  # a tree whose tensor-core tiles are the same for TF32 and tf32x3
+        tensor_core_mode = tensor_core_products
 
-    def tc(dtype) -> dict:
+    def tc(dtype, mode: bool = True) -> dict:
         """The launchers' tensor_cores argument for `dtype` operands (TF32 / tf32x3 tiles): the traced
         iteration runs inside the learner's numerics (config keys allow_tf32, conv_precision), as the
-        launchers do."""
-        return {} if tensor_core_products is None else {"tensor_cores": tensor_core_products(dtype)}
+        launchers do. mode: the forward's and data gradient's (`tensor_core_mode`), else the weight
+        gradient's (`tensor_core_products`)."""
+        if tensor_core_products is None:
+            return {}
+        return {"tensor_cores": (tensor_core_mode if mode else tensor_core_products)(dtype)}
 
     def gemm(kind, name, call, layer, flops, w, operands, out, split, cfg, sums_split=True, kept=0, layout=None):
         """The re-layout copy (forward / data gradient only, when the launcher makes one: `relaid_weights`
@@ -636,7 +643,7 @@ def _conv_triton_patch(rec: _Recorder):
         # strict fp32 for float32 unless config key conv_precision forces TF32 (this CPU process's
         # torch.backends.cudnn.allow_tf32 is not the trainer's)
         strict = {} if forced is None else {"strict_fp32": x.dtype == torch.float32 and forced() in (None, "ieee")}
-        cfg = wgrad_block_config(co, ci, kh * kw, red, b, rec.sms, **strict, **tc(x.dtype))
+        cfg = wgrad_block_config(co, ci, kh * kw, red, b, rec.sms, **strict, **tc(x.dtype, mode=False))
         lane_bytes = 3 * red * 4  # the cached lane table, read by every program column
         bias_read = _nbytes(g) if db is not None else 0
         if db is not None and bias_in is not None and not bias_in(cfg):  # the launcher's separate sum

@@ -257,16 +257,20 @@ def test_tf32x3_rate():
 def test_conv_precision_selects_the_launch_configurations(monkeypatch):
     """The trace records the convolutions under the learner's conv_precision, as run_train_iter sets it
     around the captured region: strict fp32 (auto) asks the launch heuristics for the strict tiles,
-    tf32 and tf32x3 (--tf32, --tf32x3) for the tensor-core tiles (`tensor_cores`), in every call."""
+    tf32 and tf32x3 (--tf32, --tf32x3) for the tensor-core tiles (`tensor_cores`: the mode itself for the
+    forward and data gradient, `tensor_core_mode`, whose tiles differ between the two at 48 channels;
+    True for the weight gradient), in every call."""
     from mamlpp_fast.triton import conv as C
-    seen = []
+    seen_f, seen_w = [], []
     real_f, real_w = C.conv_block_config, C.wgrad_block_config
-    monkeypatch.setattr(C, "conv_block_config", lambda *a, **k: (seen.append(k.get("tensor_cores")), real_f(*a, **k))[1])
-    monkeypatch.setattr(C, "wgrad_block_config", lambda *a, **k: (seen.append(k.get("tensor_cores")), real_w(*a, **k))[1])
-    for mode, want in (("auto", False), ("tf32x3", True), ("tf32", True)):
-        seen.clear()
+    monkeypatch.setattr(C, "conv_block_config", lambda *a, **k: (seen_f.append(k.get("tensor_cores")), real_f(*a, **k))[1])
+    monkeypatch.setattr(C, "wgrad_block_config", lambda *a, **k: (seen_w.append(k.get("tensor_cores")), real_w(*a, **k))[1])
+    for mode, want_f, want_w in (("auto", False, False), ("tf32x3", "tf32x3", True), ("tf32", "tf32", True)):
+        seen_f.clear()
+        seen_w.clear()
         res = trace_meta_update(QUICK, None, "cuda", "triton", True, quick=True, conv_precision=mode)
-        assert seen and set(seen) == {want}, (mode, set(seen))
+        assert seen_f and set(seen_f) == {want_f}, (mode, set(seen_f))
+        assert seen_w and set(seen_w) == {want_w}, (mode, set(seen_w))
         assert res.config["conv_precision"] == mode
 
 

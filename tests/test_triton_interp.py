@@ -251,17 +251,24 @@ def test_triton_conv_gradcheck_and_gradgradcheck():
 
 
 @inner
-@pytest.mark.parametrize("chans,split,gather_mk", [(16, 1, False), (16, 4, True), (48, 5, True), (20, 3, False)],
-                         ids=["one-chunk", "split-crosses-pairs", "c48-subtiles-split", "uneven-k-split"])
-def test_triton_conv_dual_forward(monkeypatch, chans, split, gather_mk):
+@pytest.mark.parametrize("chans,split,gather_mk,trans", [(16, 1, False, False), (16, 4, True, False),
+                                                         (48, 5, True, False), (20, 3, False, False),
+                                                         (48, 5, True, True)],
+                         ids=["one-chunk", "split-crosses-pairs", "c48-subtiles-split", "uneven-k-split",
+                              "c48-pixels-by-channels-split"])
+def test_triton_conv_dual_forward(monkeypatch, chans, split, gather_mk, trans):
     """conv_forward(x, w, bias, x2=, w2=) = F(x, w) + F(x2, w2) + bias in one launch, float64, against two
     plain launches: chunks that start in the second pair's taps or cross into them (SPLIT 4 of 18 steps:
-    chunks of 5), 48-channel sub-tiles, a channel count that is not a multiple of BLOCK_K; and a SMALL
-    layer (two launches and an add); mismatched shapes are refused."""
+    chunks of 5), 48-channel sub-tiles, a channel count that is not a multiple of BLOCK_K, the 48-channel
+    product formed pixels by channels (TRANS, tf32x3's tiles; forced here in float64, whose layout logic is
+    the same); and a SMALL layer (two launches and an add); mismatched shapes are refused."""
     import torch
     from mamlpp_fast.triton import conv as C
 
-    monkeypatch.setattr(C, "conv_block_config", _forced(C.conv_block_config, dict(SPLIT=split, GATHER_MK=gather_mk)))
+    force = dict(SPLIT=split, GATHER_MK=gather_mk)
+    if trans:
+        force.update(TRANS=True, BLOCK_M=128, BLOCK_N=16, NSUB=3, num_warps=4)
+    monkeypatch.setattr(C, "conv_block_config", _forced(C.conv_block_config, force))
     seed = int(os.environ.get("MAMLPP_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     print(f"seed={seed} (rerun with MAMLPP_TEST_SEED={seed})")
     gen = torch.Generator().manual_seed(seed)
@@ -561,6 +568,12 @@ CONV_PATHS = [
     ((3, 2, 48, 48, 8, 3, 1, 1), {}, dict(BLOCK_M=16, BLOCK_N=64, NSUB=3, SPLIT=3, STORE_KO=True, INSIDE=True)),
     # padding 0: every lane inside, the chunk's partial last step through the masked loop
     ((2, 2, 20, 17, 9, 3, 1, 0), {}, dict(BLOCK_M=16, BLOCK_N=32, NSUB=3, SPLIT=2, INSIDE=True)),
+    # tf32x3's 48-channel tiles: the forward and data gradient formed pixels by channels (TRANS), 128 pixel
+    # rows, split, pixel-major gather with the data gradient on the forward's weight layout; and with the
+    # stride-2 tails of 20 / 17 channels (two column tiles of 48, masked)
+    ((2, 2, 48, 48, 6, 3, 1, 1), dict(TRANS=True, BLOCK_M=128, BLOCK_N=16, NSUB=3, GATHER_MK=True, W_FWD=True,
+                                      SPLIT=3, num_warps=4), {}),
+    ((2, 2, 20, 17, 5, 3, 2, 1), dict(TRANS=True, BLOCK_M=128, BLOCK_N=16, NSUB=3, SPLIT=2, num_warps=4), {}),
 ]
 CONV_PATH_IDS = ["c48-subtiles-nosplit", "c48-tiles16-split", "cin3-small-s2", "cin3-small-c48-subtiles",
                  "cin3-taps-s2-split", "tails-subtiles-s2-split5", "pad0-even", "k-multiple-of-tile",
@@ -568,7 +581,7 @@ CONV_PATH_IDS = ["c48-subtiles-nosplit", "c48-tiles16-split", "cin3-small-s2", "
                  "dgrad-forward-layout-c48-subtiles",
                  "wgrad-tap-major-split", "wgrad-tap-major-lanes32-s2-row-tails",
                  "wgrad-store-ko-subtiles-tails-s2", "wgrad-store-ko-split", "wgrad-inside-lanes-split3",
-                 "wgrad-pad0-all-inside"]
+                 "wgrad-pad0-all-inside", "pixels-by-channels-c48-split", "pixels-by-channels-tails-s2"]
 
 
 @pytest.mark.parametrize("n,h,w,k,stride,pad", [(3, 8, 8, 3, 1, 1), (2, 7, 9, 3, 2, 1), (2, 5, 5, 3, 1, 0),
@@ -794,9 +807,16 @@ def test_tensor_core_tiles():
                  ("fwd", 20 * 49, 64, 64, 9, 8, 132), ("dgrad", 20 * 9, 64, 64, 9, 8, 132)):
         strict, tc = C.conv_block_config(*args), C.conv_block_config(*args, tensor_cores=True)
         assert (tc["BLOCK_N"], tc["NSUB"], tc["num_warps"]) == (64, 1, 4), (args, tc)
-        assert strict == C.conv_block_config(*args, tensor_cores=False)
+        assert tc == C.conv_block_config(*args, tensor_cores="tf32") and "TRANS" not in tc
+        assert strict == C.conv_block_config(*args, tensor_cores=False) and "TRANS" not in strict
         assert strict["NSUB"] == 3 or strict["num_warps"] == 2, strict  # what the tensor-core tiles replace
         assert C._register_cap(tc, tensor_cores=True) == {}
+        # tf32x3 at 48 channels: pixels by channels, 128 pixel rows by three 16-channel sub-tiles, 4 warps
+        x3 = C.conv_block_config(*args, tensor_cores="tf32x3")
+        if args[2] == 48:
+            assert x3["TRANS"] and (x3["BLOCK_M"], x3["BLOCK_N"], x3["NSUB"], x3["num_warps"]) == (128, 16, 3, 4), x3
+        else:
+            assert x3 == tc, x3
     # 32 or fewer columns: the strict tiles (no 64-row product to fill)
     assert C.conv_block_config("fwd", 500, 32, 32, 9, 2, 132, tensor_cores=True) == C.conv_block_config(
         "fwd", 500, 32, 32, 9, 2, 132)
@@ -812,8 +832,9 @@ def test_tensor_core_tiles():
 @pytest.mark.parametrize("mode", ["tf32x3", "tf32"])
 def test_triton_conv_tensor_core_tiles_compute_the_convolution(mode, monkeypatch):
     """The launchers under a tensor-core precision take the tensor-core tiles (`test_tensor_core_tiles`)
-    and compute the convolution with them: 48 channels in one 64-row product tile (16 rows masked) and 64
-    channels on 4 warps, forward, data gradient and weight gradient (with the bias's), as the launchers
+    and compute the convolution with them: 48 channels in one 64-row product tile (16 rows masked; in
+    tf32x3 the forward and data gradient form it pixels by channels instead, TRANS) and 64 channels on 4
+    warps, forward, data gradient and weight gradient (with the bias's), as the launchers
     configure them here (the interpreter's 4 SMs, Triton 3.6's rules). The interpreter's products are float32
     (it does not round to TF32), so the check is the layout and masking against the float64 per-task
     reference: float32 operands of unit scale summed over K <= 576 products per output, a relative error
@@ -824,9 +845,10 @@ def test_triton_conv_tensor_core_tiles_compute_the_convolution(mode, monkeypatch
     from mamlpp_fast.triton._device import forced_conv_precision
 
     monkeypatch.setattr(C, "_TRITON_VERSION", (3, 6))
-    seen = []
+    seen, made = [], []
     real_f, real_w = C.conv_block_config, C.wgrad_block_config
-    monkeypatch.setattr(C, "conv_block_config", lambda *a, **k: (seen.append(k), real_f(*a, **k))[1])
+    monkeypatch.setattr(C, "conv_block_config", lambda *a, **k: (seen.append(k), made.append(real_f(*a, **k)),
+                                                                 made[-1])[2])
     monkeypatch.setattr(C, "wgrad_block_config", lambda *a, **k: (seen.append(k), real_w(*a, **k))[1])
     for shape in ((2, 2, 48, 48, 6, 3, 1, 1), (2, 2, 64, 64, 5, 3, 1, 1)):
         n, b, ci, co = shape[:4]
@@ -840,6 +862,8 @@ def test_triton_conv_tensor_core_tiles_compute_the_convolution(mode, monkeypatch
             assert a.dtype == torch.float32 and a.shape == r.shape and rel(a.double(), r) < 1e-5, \
                 f"{mode} {shape} {name}: {rel(a.double(), r):.3e}"
     assert seen and all(k.get("tensor_cores") for k in seen), seen
+    # the forward and data gradient at 48 channels, in tf32x3 only
+    assert sum(bool(c.get("TRANS")) for c in made) == (2 if mode == "tf32x3" else 0), made
 
 
 def _mma_probe_kernel():

@@ -109,6 +109,12 @@ def tensor_core_products(dtype) -> bool:
     return dtype == torch.float32 and _precision(dtype) != "ieee"
 
 
+def tensor_core_mode(dtype):
+    """The launchers' `tensor_cores` argument for `dtype` operands: False (strict products, FMA), or the
+    precision of their tensor-core products, "tf32" or "tf32x3" (`tensor_core_products`, `_precision`)."""
+    return _precision(dtype) if tensor_core_products(dtype) else False
+
+
 def _tile(cols: int) -> int:
     """Column tile: the largest of 64, 32, 16 that divides `cols` (no idle FMA lanes: 48 channels get
     three tiles of 16), else the next power of two in [16, 64] (masked tail)."""
@@ -160,14 +166,21 @@ def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, task
     (16 per sub-tile). The register budget comes from ptxas -v on both Triton versions (bench/NOTES.md,
     bench/conv_ptx.py): 64 accumulators per thread took 254-255 registers under Triton 3.6.
 
-    tensor_cores (float32 products in TF32 or tf32x3, `tensor_core_products`): where there are more than 32
-    columns, BLOCK_N = 64 and one sub-tile on 4 warps, whatever the column count (48 channels: 16 masked
-    rows of the product). The kernels form the product transposed, (BLOCK_N x BLOCK_K) @ (BLOCK_K x
-    BLOCK_M), and Hopper's warpgroup product (wgmma) takes 64 of its rows per group of 4 warps; the
-    strict-fp32 tiles (16-column sub-tiles, 2-warp programs) compile to the older warp-level products
-    (HMMA) instead, and under Triton 3.6 the 2-warp tf32x3 tiles of Omniglot's 7x7 layer spilled 44-76 B
-    (bench/NOTES.md, "tensor-core tiles")."""
-    tc = tensor_cores and cols > 32
+    tensor_cores (float32 products on tensor cores, `tensor_core_mode`: True or "tf32" for TF32, "tf32x3"):
+    where there are more than 32 columns, BLOCK_N = 64 and one sub-tile on 4 warps, whatever the column
+    count (48 channels: 16 masked rows of the product). The kernels form the product transposed,
+    (BLOCK_N x BLOCK_K) @ (BLOCK_K x BLOCK_M), and Hopper's warpgroup product (wgmma) takes 64 of its rows
+    per group of 4 warps; the strict-fp32 tiles (16-column sub-tiles, 2-warp programs) compile to the
+    older warp-level products (HMMA) instead, and under Triton 3.6 the 2-warp tf32x3 tiles of Omniglot's
+    7x7 layer spilled 44-76 B (bench/NOTES.md, "tensor-core tiles"). Except in tf32x3 at 48 channels
+    (multiples of 48 that 32 does not divide): there the product is formed pixels by channels (TRANS,
+    `_mma_o`), 128 pixel rows by three 16-channel sub-tiles, which masks no product row; its loop's
+    issue count (Triton 3.6, sm_90a: 321-325 instructions for 288 tensor-pipe cycles, against 233-238 for
+    384 cycles of which a quarter are masked rows) gives 0.89-0.90 of the tensor pipe against 0.75
+    (bench/NOTES.md, "48-channel tf32x3 tiles"). In TF32 (one product per pair) the same tile is
+    issue-bound below the masked one (0.50 against 0.55) and is not used."""
+    trans = tensor_cores == "tf32x3" and cols % 48 == 0 and cols % 32 != 0
+    tc = bool(tensor_cores) and cols > 32 and not trans
     bn = 64 if tc else _tile(cols)
     nsub = 3 if bn == 16 and cols % 48 == 0 else 1  # 48 channels: three 16-column sub-tiles per program
     small = kind == "fwd" and chans * kk <= 32
@@ -185,7 +198,9 @@ def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, task
         steps = kk * triton.cdiv(chans, bk)
     want = 2 * sms
     col_tiles = triton.cdiv(cols, bn * nsub) * tasks
-    if nsub == 3:
+    if trans:
+        bm = 128  # 64 pixel rows per tile: 144 tensor-pipe cycles for ~243 instructions (0.59)
+    elif nsub == 3:
         # 128 x 16 x 3 at 4 warps (16 accumulators per sub-tile and thread) is the sub-tile shape that
         # neither spills under Triton 3.6 nor drops below 80% FMAs under 3.7 (64 x 16 x 3 at 2 warps
         # spilled, 32 x 16 x 3 needs 2 warps to not spill and then reaches ~62%): 128 rows with a split
@@ -211,10 +226,12 @@ def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, task
         warps = max(1, bm * bn // (1024 if bn >= 32 else 512))
         if nsub == 3:
             warps = max(2, warps)  # 32 x 16 x 3 at one warp spilled 12 bytes in the data gradient (3.6)
-    if tc:
-        warps = 4  # one warpgroup: 64 product rows (BLOCK_N) by BLOCK_M columns per wgmma
+    if tc or trans:
+        warps = 4  # one warpgroup: 64 product rows (BLOCK_N, or with TRANS BLOCK_M) per wgmma
     cfg = dict(BLOCK_M=bm, BLOCK_N=bn, NSUB=nsub, BLOCK_K=bk, SPLIT=split, CHUNK=chunk, SMALL=small,
                GATHER_MK=gather_mk, num_warps=warps)
+    if trans:
+        cfg["TRANS"] = True
     if kind == "dgrad":
         # the data gradient reads the forward's weight layout (one re-layout copy per weight tensor instead
         # of two) under Triton < 3.7, where its loop kept its 16-byte shared loads and FFMA share with it;
@@ -441,6 +458,37 @@ def _mma(a, b, acc, PREC: tl.constexpr):
 
 
 @triton.jit
+def _mma_o(w, x, acc, PREC: tl.constexpr, TRANS: tl.constexpr):
+    """The channels-by-pixels product of the forward and data gradient, acc[c, m] += w[c, k] x[k, m]
+    (`_mma`), or with TRANS the same product as pixels by channels, acc[m, c] += x^T[m, k] w^T[k, c]:
+    the tensor-core tiles at 48 channels (`conv_block_config`), where the pixels fill the 64 rows of
+    Hopper's warpgroup product and three 16-channel sub-tiles its columns, so that no product row is
+    masked. The caller transposes the accumulators back before storing (`_untrans`)."""
+    if TRANS:
+        return _mma(tl.trans(x), tl.trans(w), acc, PREC)
+    else:
+        return _mma(w, x, acc, PREC)
+
+
+@triton.jit
+def _acc_zeros(BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, ACC: tl.constexpr, TRANS: tl.constexpr):
+    """A zero accumulator of `_mma_o`'s orientation: (BLOCK_N, BLOCK_M), or (BLOCK_M, BLOCK_N) with TRANS."""
+    if TRANS:
+        return tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    else:
+        return tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
+
+
+@triton.jit
+def _untrans(acc, TRANS: tl.constexpr):
+    """An accumulator of `_mma_o` as (BLOCK_N, BLOCK_M), the orientation the stores take."""
+    if TRANS:
+        return tl.trans(acc)
+    else:
+        return acc
+
+
+@triton.jit
 def _tf32_split(x):
     """(hi, lo) of float32 x for tf32x3 (`_mma`): hi = x rounded to the nearest TF32 value, ties away from
     zero (4096 added to the bits, the 13 low mantissa bits cleared), lo = x - hi (exact)."""
@@ -503,7 +551,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI, CO, 
                      EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, NSUB: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SUM_IN: tl.constexpr = True, ROT: tl.constexpr = 0, GATHER_MK: tl.constexpr = False,
-                     x2_ptr=None, w2_ptr=None, DUAL: tl.constexpr = False):
+                     x2_ptr=None, w2_ptr=None, DUAL: tl.constexpr = False, TRANS: tl.constexpr = False):
     """out[i, t*CO+o, y, z] = sum over the chunks s of (sum over the k-steps of chunk s of x-gather[m, k] *
     w[t, o, k]) (+ bias[t, o], added to chunk 0's partial); m = i*L + (y*WO + z). Partials and their sum:
     `_store_result`.
@@ -546,9 +594,9 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI, CO, 
     # gather), so the FMA loop reads both with 16-byte shared loads
     # NSUB = 3 (48 channels): three BLOCK_N = 16 accumulators share each gathered tile, so that every
     # gathered activation feeds 48 FMAs without idle lanes (a 64-column tile would leave 16 idle)
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
-    acc1 = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
-    acc2 = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
+    acc = _acc_zeros(BLOCK_N, BLOCK_M, ACC, TRANS)
+    acc1 = _acc_zeros(BLOCK_N, BLOCK_M, ACC, TRANS)
+    acc2 = _acc_zeros(BLOCK_N, BLOCK_M, ACC, TRANS)
     if SMALL:
         k_ok = offs_k < CI * KK
         c = offs_k // KK
@@ -561,12 +609,12 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI, CO, 
         xg = tl.load(x_ptr + x_row[None, :] + (c * HW + kp * W + kq)[:, None], mask=x_ok, other=0.0)
         w_ptrs = w_ptr + w_task + (r * CI + c)[None, :] * CO + offs_n[:, None]
         wk = tl.load(w_ptrs, mask=k_ok[None, :] & n_ok[:, None], other=0.0)
-        acc = _mma(wk, xg, acc, PREC)
+        acc = _mma_o(wk, xg, acc, PREC, TRANS)
         if NSUB == 3:
             wk = tl.load(w_ptrs + BLOCK_N, mask=k_ok[None, :] & n_ok1[:, None], other=0.0)
-            acc1 = _mma(wk, xg, acc1, PREC)
+            acc1 = _mma_o(wk, xg, acc1, PREC, TRANS)
             wk = tl.load(w_ptrs + 2 * BLOCK_N, mask=k_ok[None, :] & n_ok2[:, None], other=0.0)
-            acc2 = _mma(wk, xg, acc2, PREC)
+            acc2 = _mma_o(wk, xg, acc2, PREC, TRANS)
     else:
         CB = tl.cdiv(CI, BLOCK_K)
         k0 = s * CHUNK
@@ -609,18 +657,18 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI, CO, 
                 wk = tl.load(w_ptrs)
             else:
                 wk = tl.load(w_ptrs, mask=c_ok[None, :] & n_ok[:, None], other=0.0)
-            acc = _mma(wk, xg, acc, PREC)
+            acc = _mma_o(wk, xg, acc, PREC, TRANS)
             if NSUB == 3:
                 if EVEN_K and EVEN_N:
                     wk = tl.load(w_ptrs + BLOCK_N)
                 else:
                     wk = tl.load(w_ptrs + BLOCK_N, mask=c_ok[None, :] & n_ok1[:, None], other=0.0)
-                acc1 = _mma(wk, xg, acc1, PREC)
+                acc1 = _mma_o(wk, xg, acc1, PREC, TRANS)
                 if EVEN_K and EVEN_N:
                     wk = tl.load(w_ptrs + 2 * BLOCK_N)
                 else:
                     wk = tl.load(w_ptrs + 2 * BLOCK_N, mask=c_ok[None, :] & n_ok2[:, None], other=0.0)
-                acc2 = _mma(wk, xg, acc2, PREC)
+                acc2 = _mma_o(wk, xg, acc2, PREC, TRANS)
             cb += 1
             wrap = cb == CB
             cb = tl.where(wrap, 0, cb)
@@ -635,6 +683,9 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI, CO, 
                 tap = tl.where(wp, 0, tap)
                 xb = tl.where(wp, x2_ptr, xb)
                 wb = tl.where(wp, w2_ptr, wb)
+    acc = _untrans(acc, TRANS)
+    acc1 = _untrans(acc1, TRANS)
+    acc2 = _untrans(acc2, TRANS)
     if HAS_BIAS:
         acc += tl.load(b_ptr + t * CO + offs_n, mask=n_ok & (s == 0), other=0.0)[:, None]
         if NSUB == 3:
@@ -653,7 +704,7 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, ws_ptr, cnt_ptr, NT, CI, CO, H, W, 
                        NSUB: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        SUM_IN: tl.constexpr = True, ROT: tl.constexpr = 0, GATHER_MK: tl.constexpr = False,
-                       W_FWD: tl.constexpr = False):
+                       W_FWD: tl.constexpr = False, TRANS: tl.constexpr = False):
     """dx[i, t*CI+c, h, v] = sum over the chunks s of (sum over the k-steps of chunk s of g-gather[m, k] *
     w[t, o, c, p, q]); m = i*H*W + h*W + v, k-steps (tap, output-channel block) as in the forward;
     partials and their sum: `_store_result`.
@@ -683,9 +734,9 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, ws_ptr, cnt_ptr, NT, CI, CO, H, W, 
     nz0 = hw - hh * W + PAD
     g_row = (i * NT + t) * CO * L
     w_task = t * KK * CO * CI  # wt[t, p, q, o, c] (weights pre-transposed: c contiguous)
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)  # transposed, acc[c, m], as in the forward
-    acc1 = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)  # NSUB = 3: sub-tiles as in the forward
-    acc2 = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
+    acc = _acc_zeros(BLOCK_N, BLOCK_M, ACC, TRANS)  # transposed, acc[c, m], as in the forward (TRANS: acc[m, c])
+    acc1 = _acc_zeros(BLOCK_N, BLOCK_M, ACC, TRANS)  # NSUB = 3: sub-tiles as in the forward
+    acc2 = _acc_zeros(BLOCK_N, BLOCK_M, ACC, TRANS)
     CB = tl.cdiv(CO, BLOCK_K)
     k0 = s * CHUNK
     k1 = tl.minimum(k0 + CHUNK, KK * CB)
@@ -733,18 +784,18 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, ws_ptr, cnt_ptr, NT, CI, CO, H, W, 
             wk = tl.load(w_ptrs)
         else:
             wk = tl.load(w_ptrs, mask=o_ok[None, :] & n_ok[:, None], other=0.0)
-        acc = _mma(wk, gg, acc, PREC)
+        acc = _mma_o(wk, gg, acc, PREC, TRANS)
         if NSUB == 3:
             if EVEN_K and EVEN_N:
                 wk = tl.load(w_ptrs + w_sub)
             else:
                 wk = tl.load(w_ptrs + w_sub, mask=o_ok[None, :] & n_ok1[:, None], other=0.0)
-            acc1 = _mma(wk, gg, acc1, PREC)
+            acc1 = _mma_o(wk, gg, acc1, PREC, TRANS)
             if EVEN_K and EVEN_N:
                 wk = tl.load(w_ptrs + 2 * w_sub)
             else:
                 wk = tl.load(w_ptrs + 2 * w_sub, mask=o_ok[None, :] & n_ok2[:, None], other=0.0)
-            acc2 = _mma(wk, gg, acc2, PREC)
+            acc2 = _mma_o(wk, gg, acc2, PREC, TRANS)
         cb += 1
         wrap = cb == CB
         cb = tl.where(wrap, 0, cb)
@@ -753,6 +804,9 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, ws_ptr, cnt_ptr, NT, CI, CO, H, W, 
         wq = q == KW
         q = tl.where(wq, 0, q)
         p += wq.to(tl.int32)
+    acc = _untrans(acc, TRANS)
+    acc1 = _untrans(acc1, TRANS)
+    acc2 = _untrans(acc2, TRANS)
     offs = ((i * NT + t) * CI * HW + hw)[None, :] + (offs_n * HW)[:, None]
     _store_result(acc, acc1, acc2, dx_ptr, ws_ptr, cnt_ptr, offs, BLOCK_N * HW, m_ok[None, :] & n_ok[:, None],
                   m_ok[None, :] & n_ok1[:, None], m_ok[None, :] & n_ok2[:, None], s, NT * CI * M,
@@ -1057,7 +1111,7 @@ def conv_forward(x, w, bias, meta, x2=None, w2=None):
     dual = x2 is not None
     n = x.shape[0]
     m = n * ho * wo
-    tc = tensor_core_products(x.dtype)
+    tc = tensor_core_mode(x.dtype)
     cfg = conv_block_config("fwd", m, co, ci, (2 if dual else 1) * kh * kw, b, _sms(x.device), tensor_cores=tc)
     if dual and cfg["SMALL"]:
         return conv_forward(x, w, bias, meta) + conv_forward(x2, w2, None, meta)
@@ -1093,7 +1147,7 @@ def conv_data_grad(g, w, meta):
     g = g.contiguous()
     n = g.shape[0]
     m = n * h * wd
-    tc = tensor_core_products(g.dtype)
+    tc = tensor_core_mode(g.dtype)
     cfg = conv_block_config("dgrad", m, ci, co, kh * kw, b, _sms(g.device), tensor_cores=tc)
     w = relaid_weights(w, "fwd" if cfg["W_FWD"] else "dgrad")[0]
     _check("conv data gradient", g, w)
