@@ -574,6 +574,8 @@ CONV_PATHS = [
     ((2, 2, 48, 48, 6, 3, 1, 1), dict(TRANS=True, BLOCK_M=128, BLOCK_N=16, NSUB=3, GATHER_MK=True, W_FWD=True,
                                       SPLIT=3, num_warps=4), {}),
     ((2, 2, 20, 17, 5, 3, 2, 1), dict(TRANS=True, BLOCK_M=128, BLOCK_N=16, NSUB=3, SPLIT=2, num_warps=4), {}),
+    # and the first layer's one-step forward (3 input channels, SMALL) at 48 output channels
+    ((2, 1, 3, 48, 5, 3, 1, 1), dict(TRANS=True, BLOCK_M=128, BLOCK_N=16, NSUB=3, num_warps=4), {}),
 ]
 CONV_PATH_IDS = ["c48-subtiles-nosplit", "c48-tiles16-split", "cin3-small-s2", "cin3-small-c48-subtiles",
                  "cin3-taps-s2-split", "tails-subtiles-s2-split5", "pad0-even", "k-multiple-of-tile",
@@ -581,7 +583,8 @@ CONV_PATH_IDS = ["c48-subtiles-nosplit", "c48-tiles16-split", "cin3-small-s2", "
                  "dgrad-forward-layout-c48-subtiles",
                  "wgrad-tap-major-split", "wgrad-tap-major-lanes32-s2-row-tails",
                  "wgrad-store-ko-subtiles-tails-s2", "wgrad-store-ko-split", "wgrad-inside-lanes-split3",
-                 "wgrad-pad0-all-inside", "pixels-by-channels-c48-split", "pixels-by-channels-tails-s2"]
+                 "wgrad-pad0-all-inside", "pixels-by-channels-c48-split", "pixels-by-channels-tails-s2",
+                 "pixels-by-channels-cin3-small-c48"]
 
 
 @pytest.mark.parametrize("n,h,w,k,stride,pad", [(3, 8, 8, 3, 1, 1), (2, 7, 9, 3, 2, 1), (2, 5, 5, 3, 1, 0),
