@@ -333,8 +333,9 @@ def main(argv=None) -> int:
                                   f"meta-updates, {a.val_tasks} validation tasks")
     from .run import revision
     rep = dict(workload=f"{a.workload} (B={w.batch_size}, {w.filters} filters, {w.steps} steps)",
-               note=("EMULATED on a CPU: operands as TF32 products read them (truncated; tf32x3's high part rounded "
-                     "to nearest by the kernels), products and sums by oneDNN in float32; not a GPU measurement") if a.device == "cpu" else
+               note=("EMULATED on a CPU: operands as TF32 products read them (truncated; tf32x3's high part "
+                     "rounded to nearest by the kernels), products and sums by oneDNN in float32; not a GPU "
+                     "measurement") if a.device == "cpu" else
                     (f"MEASURED on {torch.cuda.get_device_name(0)}: the device's own TF32 products in our Triton "
                      "kernels (conv_precision), against the float64 learner with cuDNN convolutions there"),
                device=a.device,

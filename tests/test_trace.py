@@ -263,8 +263,10 @@ def test_conv_precision_selects_the_launch_configurations(monkeypatch):
     from mamlpp_fast.triton import conv as C
     seen_f, seen_w = [], []
     real_f, real_w = C.conv_block_config, C.wgrad_block_config
-    monkeypatch.setattr(C, "conv_block_config", lambda *a, **k: (seen_f.append(k.get("tensor_cores")), real_f(*a, **k))[1])
-    monkeypatch.setattr(C, "wgrad_block_config", lambda *a, **k: (seen_w.append(k.get("tensor_cores")), real_w(*a, **k))[1])
+    monkeypatch.setattr(C, "conv_block_config",
+                        lambda *a, **k: (seen_f.append(k.get("tensor_cores")), real_f(*a, **k))[1])
+    monkeypatch.setattr(C, "wgrad_block_config",
+                        lambda *a, **k: (seen_w.append(k.get("tensor_cores")), real_w(*a, **k))[1])
     for mode, want_f, want_w in (("auto", False, False), ("tf32x3", "tf32x3", True), ("tf32", "tf32", True)):
         seen_f.clear()
         seen_w.clear()
