@@ -15,7 +15,9 @@ configurations are the installed Triton's: run it with the device's version (3.6
 would compile.
 
 Each line: the call, the resulting configuration, the variant, registers, spill bytes (stores), FFMA,
-LDS and integer instructions of the hot loop and its FFMA share. --loops: instead, every SASS loop of
+LDS and integer instructions of the hot loop and its FFMA share, and the PTX's TF32 conversions,
+wgmma, cp.async and global loads and the shared memory (`ptx_counts`; with a variant {"num_stages": N}
+they show whether Triton's pipeliner staged the loads). --loops: instead, every SASS loop of
 each launch (a backward branch's body, outer loops included, so a nested loop shows inside its outer
 one's range) with its instruction and FFMA counts, and the kernel's spill instructions (STL, LDL).
 bench/NOTES.md quotes its output.
@@ -57,12 +59,25 @@ def probe(calls, op: str, variants: list, tf32=False, loops: bool = False) -> li
                 _, ck = sm.compile_launch(fn, args, kw)
                 row = dict(call=sm._call_str(call), kernel=fn.__name__, config=sm._cfg_str(kw), variant=var)
                 row.update(sm.ptxas_verbose(tools["ptxas"], ck.asm["ptx"]))
+                row.update(ptx_counts(ck.asm["ptx"]), shared=ck.metadata.shared)
                 if tools.get("cuobjdump") and loops:
                     row["loops"] = loop_rows(*sm.sass_loops(tools["cuobjdump"], ck.asm["cubin"]))
                 elif tools.get("cuobjdump"):
                     row.update(sm.sass_hot_loop(tools["cuobjdump"], ck.asm["cubin"]))
                 rows.append(row)
     return rows
+
+
+def ptx_counts(ptx: str) -> dict:
+    """Counts in a kernel's PTX that say how its products are fed: TF32 conversions (`cvt.rna.tf32.f32`;
+    none means the tensor cores read the float32 bits as they are), warpgroup products (`wgmma.mma_async`),
+    asynchronous copies into shared memory (`cp.async`: the loads Triton's pipeliner staged) and plain
+    global loads."""
+    import re
+    return {"ptx_cvt_tf32": len(re.findall(r"cvt\.rna\.tf32\.f32", ptx)),
+            "ptx_wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
+            "ptx_cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx)),
+            "ptx_ld_global": len(re.findall(r"ld\.global", ptx))}
 
 
 def loop_rows(instrs, loops) -> dict:
@@ -120,7 +135,9 @@ def main(argv=None) -> int:
         print(f"{r['call']} | {r['kernel']} | {r['config']} | variant {r['variant']} | regs {r.get('registers')} | "
               f"spill {r.get('spill_stores')} B | loop {r.get('instructions')} instr: FFMA {r.get('ffma')} "
               f"HGMMA {r.get('hgmma')} HMMA {r.get('hmma')} LDS {r.get('lds')} int {r.get('int')} | "
-              f"FFMA share {r.get('ffma_share', 0):.1%}", flush=True)
+              f"FFMA share {r.get('ffma_share', 0):.1%} | PTX cvt.rna.tf32 {r.get('ptx_cvt_tf32')}, wgmma "
+              f"{r.get('ptx_wgmma')}, cp.async {r.get('ptx_cp_async')}, ld.global {r.get('ptx_ld_global')}, "
+              f"shared {r.get('shared')} B", flush=True)
     return 0
 
 

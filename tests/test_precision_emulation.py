@@ -7,7 +7,7 @@ takes off a fraction u * 2^-10 / m of an operand of mantissa m in [1, 2) (u unif
 average 2^-11 * E[1/m] = 2^-11 * 0.72 = 3.5e-4 for normally distributed values (mantissas close to
 log-uniform). Every product then shrinks by ~7.0e-4 on average: a systematic error of that size relative
 to the whole sum, plus a random part of a few 1e-4 (measured in total: 7.5e-4 to 7.9e-4 over 60 seeds of
-all three launchers). Asserted inside [3.5e-4, 2e-3]: a factor ~2 below the mean shrink and 2.6 above
+all three launchers, `python tests/tf32_margins.py launchers --seeds 60`). Asserted inside [3.5e-4, 2e-3]: a factor ~2 below the mean shrink and 2.6 above
 the measured total; operands rounded to nearest instead (no bias; 2.5e-4 to 2.9e-4) fail the lower
 bound. tf32x3 rounds hi to nearest (|lo| <= 2^-11 |x|), truncates lo in the product (<= 2^-21 of the
 operand) and drops lo*lo (<= 2^-22 of the product), then sums in float32: asserted below 1e-5, like strict
@@ -120,3 +120,12 @@ def test_per_layer_run_puts_tf32_in_one_layer_at_a_time(tmp_path):
     assert sorted(per, key=int) == ["3", "7", "14", "28"]
     for h, runs in per.items():
         assert len(runs) == 1 and runs[0]["grad"] > 1e-4, (h, runs)
+
+
+def test_margin_script_measures_the_launchers():
+    """tests/tf32_margins.py, which measures the numbers the margins above are derived from: per mode one
+    error per (seed, launcher), TF32 inside its window and far above strict and tf32x3 on the same draws."""
+    import tf32_margins
+    errs = tf32_margins.launcher_errors(2)
+    assert set(errs) == {"ieee", "tf32", "tf32x3"} and all(len(v) == 6 for v in errs.values())
+    assert min(errs["tf32"]) > 3.5e-4 > 1e-5 > max(errs["ieee"] + errs["tf32x3"])

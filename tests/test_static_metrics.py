@@ -173,6 +173,11 @@ def test_probe_tiles_selects_calls_and_refuses_bad_arguments(capsys):
     from bench.probe_tiles import loop_rows
     instrs = [(0, "FFMA", ""), (16, "LDS", ""), (32, "FFMA", ""), (48, "BRA", " 0x0"), (64, "STL", "")]
     assert loop_rows(instrs, [(0, 48)]) == {"spill_instructions": 1, "loops": [(0, 48, 4, 2)]}
+    from bench.probe_tiles import ptx_counts
+    ptx = ("cvt.rna.tf32.f32 %r1, %r2;\n wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 {...};\n"
+           "cp.async.cg.shared.global [%r3], [%rd1], 16;\n cp.async.ca.shared.global [%r4], [%rd2], 4;\n"
+           "ld.global.v4.b32 {...}, [%rd3];\n cp.async.commit_group;")
+    assert ptx_counts(ptx) == {"ptx_cvt_tf32": 1, "ptx_wgmma": 1, "ptx_cp_async": 2, "ptx_ld_global": 1}
     for argv in (["omniglot_20w1s", "conv_nosuch"], ["nosuch", "conv_forward"],
                  ["omniglot_20w1s", "conv_forward", "--variants", '{"num_warps": 2}']):
         assert main(argv) == 2

@@ -50,8 +50,8 @@ def test_matches_per_task_convolutions_on_cuda(impl, shape, dtype):
 # tolerance. TF32 products read the top 19 bits of each operand (truncation: up to 2^-10 off, ~3.5e-4 on
 # average, so every product shrinks by ~7e-4): ~8e-4 at first order and up to ~1.9e-3 for the terms
 # that chain two or three products, as bench.precision's emulation of these six shapes measures (3
-# seeds each, oneDNN's float32 sums); 1e-2 leaves a factor of ~5 for the device's summation order and
-# other seeds, and a wrong term is off by O(1).
+# seeds each, oneDNN's float32 sums: `python tests/tf32_margins.py derivatives`); 1e-2 leaves a factor
+# of ~5 for the device's summation order and other seeds, and a wrong term is off by O(1).
 TC_RTOL = {"tf32x3": FP32_RTOL, "tf32": 1e-2}
 
 
