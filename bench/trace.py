@@ -1326,7 +1326,7 @@ MODE_LABELS = {"fp32": "strict-fp32", "tf32": "TF32", "tf32x3": "tf32x3"}
 TF32_FMA_PER_SM_CYCLE = 1024
 
 
-def _strict_rows(table: str, flag: str, mode: str = "fp32") -> list:
+def _table_rows(table: str, flag: str, mode: str = "fp32") -> list:
     """The Triton rows of a bench.static_metrics JSON compiled in `mode` (default strict fp32); MamlppError
     naming `flag` and the file where it cannot be read."""
     from mamlpp_fast.errors import MamlppError
@@ -1369,7 +1369,7 @@ def _priceable(r: dict, mode: str) -> bool:
 
 
 def _conv_row(rows: list, ln, call, table: str, flag: str, need_share: bool = False, mode: str = "fp32") -> dict:
-    """The row of `rows` (`_strict_rows` of `mode`) compiled with the configuration of launch `ln`;
+    """The row of `rows` (`_table_rows` of `mode`) compiled with the configuration of launch `ln`;
     MamlppError naming `flag`, the table and the call where there is none (with `need_share`: none that
     can be priced, `_priceable`)."""
     from mamlpp_fast.errors import MamlppError
@@ -1406,9 +1406,9 @@ def ffma_efficiencies(res: TraceResult, table: str) -> dict:
 
     from .static_metrics import capture_launches
     mode = priced_mode(res)
-    rows = _strict_rows(table, "--conv-efficiency-from", mode)
+    rows = _table_rows(table, "--conv-efficiency-from", mode)
     if mode != "fp32":  # the block's kernels without products compile once, as strict fp32 rows
-        rows = rows + _strict_rows(table, "--conv-efficiency-from")
+        rows = rows + _table_rows(table, "--conv-efficiency-from")
     out = Efficiencies(mode)
     block_launches: dict = {}  # the fused block's captured launches per call (shared by its passes' keys)
     for k in res.kernels:
@@ -1832,7 +1832,7 @@ def resident_warps(res: TraceResult, table: str, sms: int = 132) -> list:
     {kernel, grid, layer, call, programs, num_warps, registers, by_registers, resident, waves, launches}."""
     from .static_metrics import occupancy
     mode = priced_mode(res)
-    rows = _strict_rows(table, "--occupancy-from", mode)
+    rows = _table_rows(table, "--occupancy-from", mode)
     out: dict = {}
     for k, ln in _conv_kernels(res):
         grid = ln.programs_grid()

@@ -342,7 +342,7 @@ def wgrad_sums_split(cfg: dict, with_bias: bool) -> bool:
 _TRITON_VERSION = tuple(int(v) for v in triton.__version__.split(".")[:2] if v.isdigit())
 
 
-def _register_cap(cfg: dict, tensor_cores: bool = False) -> dict:
+def _register_cap(cfg: dict, tensor_cores=False) -> dict:
     """ptxas options of a forward / data-gradient launch: ``maxnreg=128`` (the PTX ``.maxnreg``) under
     Triton >= 3.7 for the strict-fp32 loop kernels with >= 32 accumulators per thread (64 x 64 at 4 warps,
     128 x 16 x 3 at 4 warps, 32 x 64 at 2 warps), else none. Not for tensor-core products (tensor_cores):
