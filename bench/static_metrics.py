@@ -399,7 +399,8 @@ def sass_loops(cuobjdump: str, cubin: bytes) -> tuple:
 
 def sass_hot_loop(cuobjdump: str, cubin: bytes) -> dict:
     """Instruction mix of the SASS loop (a backward branch's body) holding the most FFMA + HGMMA (of those,
-    the shortest); ffma_loop_shares: the FFMA share of each loop holding as many. A loop with an inner
+    the shortest); ffma_loop_shares: the FFMA share of each loop holding as many, loop_instructions their
+    instruction counts. A loop with an inner
     loop counts that body once: unroll inner loops whose trip count matters (bench.probe_tiles --loops
     lists every loop)."""
     instrs, loops = sass_loops(cuobjdump, cubin)
@@ -408,7 +409,7 @@ def sass_hot_loop(cuobjdump: str, cubin: bytes) -> dict:
         body = [op for a, op, _ in instrs if lo <= a <= hi]
         mix = Counter(_classify_sass(op) for op in body)
         score = (mix["ffma"] + mix["hgmma"] * 64, -len(body))
-        bodies.append((score[0], mix["ffma"] / len(body) if body else 0.0))
+        bodies.append((score[0], mix["ffma"] / len(body) if body else 0.0, len(body)))
         if best is None or score > best[0]:
             best = (score, len(body), mix)
     total = len(instrs)
@@ -422,7 +423,10 @@ def sass_hot_loop(cuobjdump: str, cubin: bytes) -> dict:
     out["ffma_share"] = mix.get("ffma", 0) / n if n else 0.0
     # every loop with as many FMAs as the hot one (a kernel that runs one step in two loops, e.g. the weight
     # gradient's lanes inside the image without a tap mask and the others with: INSIDE), best share first
-    out["ffma_loop_shares"] = sorted((sh for sc, sh in bodies if sc == best[0][0]), reverse=True)
+    out["ffma_loop_shares"] = sorted((sh for sc, sh, _n in bodies if sc == best[0][0]), reverse=True)
+    # and their instruction counts, fewest first (what prices such a launch's tensor-core loops: bench.trace
+    # `tensor_loop_efficiency`)
+    out["loop_instructions"] = sorted(n_ for sc, _sh, n_ in bodies if sc == best[0][0])
     return out
 
 
@@ -598,9 +602,9 @@ def _demangle(sym: str) -> str:
 def _cfg_str(cfg: dict) -> str:
     keep = ("BLOCK", "BLOCK_W", "NSUM", "BLOCK_M", "BLOCK_N", "BLOCK_K", "NSUB", "SPLIT", "CBLOCK", "PBLOCK", "num_warps", "maxnreg", "KH",
             "HAS_U", "HAS_DTHETA", "GAMMA_PER_TASK", "HAS_BIAS", "GATHER_MK", "TAP_MAJOR", "STORE_KO", "INSIDE", "W_FWD", "DUAL",
-            "HAS_G2", "HAS_DX2")
-    # HAS_G2, HAS_DX2 (the outer pass's extra gradients): shown where set only
-    return " ".join(f"{k}={cfg[k]}" for k in keep if k in cfg and (k not in ("HAS_G2", "HAS_DX2") or cfg[k]))
+            "TRANS", "HAS_G2", "HAS_DX2")
+    # TRANS (tf32x3's turned tiles), HAS_G2, HAS_DX2 (the outer pass's extra gradients): shown where set only
+    return " ".join(f"{k}={cfg[k]}" for k in keep if k in cfg and (k not in ("TRANS", "HAS_G2", "HAS_DX2") or cfg[k]))
 
 
 def _row_key(r: dict) -> tuple:

@@ -563,14 +563,13 @@ def _conv_triton_patch(rec: _Recorder):
     except ImportError:  # a tree whose tensor-core tiles are the same for TF32 and tf32x3
         tensor_core_mode = tensor_core_products
 
-    def tc(dtype, mode: bool = True) -> dict:
-        """The launchers' tensor_cores argument for `dtype` operands (TF32 / tf32x3 tiles): the traced
-        iteration runs inside the learner's numerics (config keys allow_tf32, conv_precision), as the
-        launchers do. mode: the forward's and data gradient's (`tensor_core_mode`), else the weight
-        gradient's (`tensor_core_products`)."""
-        if tensor_core_products is None:
+    def tc(dtype) -> dict:
+        """The launchers' tensor_cores argument for `dtype` operands (TF32 / tf32x3 tiles,
+        `tensor_core_mode`): the traced iteration runs inside the learner's numerics (config keys
+        allow_tf32, conv_precision), as the launchers do."""
+        if tensor_core_mode is None:
             return {}
-        return {"tensor_cores": (tensor_core_mode if mode else tensor_core_products)(dtype)}
+        return {"tensor_cores": tensor_core_mode(dtype)}
 
     def gemm(kind, name, call, layer, flops, w, operands, out, split, cfg, sums_split=True, kept=0, layout=None):
         """The re-layout copy (forward / data gradient only, when the launcher makes one: `relaid_weights`
@@ -643,7 +642,7 @@ def _conv_triton_patch(rec: _Recorder):
         # strict fp32 for float32 unless config key conv_precision forces TF32 (this CPU process's
         # torch.backends.cudnn.allow_tf32 is not the trainer's)
         strict = {} if forced is None else {"strict_fp32": x.dtype == torch.float32 and forced() in (None, "ieee")}
-        cfg = wgrad_block_config(co, ci, kh * kw, red, b, rec.sms, **strict, **tc(x.dtype, mode=False))
+        cfg = wgrad_block_config(co, ci, kh * kw, red, b, rec.sms, **strict, **tc(x.dtype))
         lane_bytes = 3 * red * 4  # the cached lane table, read by every program column
         bias_read = _nbytes(g) if db is not None else 0
         if db is not None and bias_in is not None and not bias_in(cfg):  # the launcher's separate sum
@@ -1424,12 +1423,13 @@ def ffma_efficiencies(res: TraceResult, table: str) -> dict:
         if ln is None:
             raise MamlppError(f"--conv-efficiency-from: no convolution kernel launched by {call[0]} {call[1]}")
         row = _conv_row(rows, ln, call, table, "--conv-efficiency-from", need_share=True, mode=mode)
-        eff = loop_efficiency(call, ln[2], row) if mode == "fp32" else tensor_loop_efficiency(ln[2], row, mode)
+        eff = (loop_efficiency(call, ln[2], row) if mode == "fp32"
+               else tensor_loop_efficiency(ln[2], row, mode, inside_fraction(call, ln[2])))
         out[call] = eff * tile_utilization(call, ln[2])
     return out
 
 
-def tensor_loop_efficiency(kw: dict, row: dict, mode: str) -> float:
+def tensor_loop_efficiency(kw: dict, row: dict, mode: str, inside: float = 0.0) -> float:
     """The fraction of the tensor pipe's rate a TF32 / tf32x3 convolution launch's loop can reach, by its
     issue count. One iteration multiplies a BLOCK_M x (NSUB x BLOCK_N) x BLOCK_K tile (3 TF32 products
     per product in tf32x3): MACs / `TF32_FMA_PER_SM_CYCLE` cycles of the SM's tensor pipe, while each of
@@ -1437,10 +1437,17 @@ def tensor_loop_efficiency(kw: dict, row: dict, mode: str) -> float:
     scheduler; the warps of one warpgroup on the four schedulers). More CTAs per SM scale both alike, so
     the loop runs at min(1, tensor cycles / instructions) of the mode's rate (TF32, or a third of it for
     tf32x3, in useful products). A launch without a loop does one step: the same with its whole body's
-    count. Not modelled: latency (the issue count is a floor) and the mode's ceiling itself (measured)."""
+    count. A weight gradient whose lanes run in two loops (INSIDE: a fraction `inside` of them,
+    `inside_fraction`, in the loop without the tap mask, the rest in the masked one; the row's
+    `loop_instructions`, fewest first) issues f x the first's count + (1 - f) x the second's per step on
+    average. Not modelled: latency (the issue count is a floor) and the mode's ceiling itself (measured)."""
     products = 3 if mode == "tf32x3" else 1
     macs = kw["BLOCK_M"] * kw["BLOCK_N"] * kw.get("NSUB", 1) * kw["BLOCK_K"] * products
-    return min(1.0, macs / TF32_FMA_PER_SM_CYCLE / row["instructions"])
+    counts = row.get("loop_instructions") or []
+    instructions = row["instructions"]
+    if inside > 0.0 and len(counts) >= 2:
+        instructions = inside * counts[0] + (1.0 - inside) * counts[-1]
+    return min(1.0, macs / TF32_FMA_PER_SM_CYCLE / instructions)
 
 
 def _block_efficiency(k: Kernel, captured: list, rows: list, table: str, mode: str = "fp32") -> float:

@@ -100,6 +100,9 @@ def test_weight_gradient_inside_lanes_loop_is_reported(monkeypatch):
     r = next(r for r in rows if r["kernel"] == "_conv_wgrad_kernel")
     assert r["config"]["INSIDE"] and len(r["ffma_loop_shares"]) == 2
     assert r["ffma_loop_shares"][0] == r["ffma_share"] > r["ffma_loop_shares"][1] > 0
+    # the two loops' instruction counts, fewest first: the unmasked loop is the hot one reported
+    counts = r["loop_instructions"]
+    assert len(counts) == 2 and counts[0] == r["instructions"] < counts[1], counts
 
 
 def test_conv_precision_reaches_the_kernels():

@@ -257,9 +257,8 @@ def test_tf32x3_rate():
 def test_conv_precision_selects_the_launch_configurations(monkeypatch):
     """The trace records the convolutions under the learner's conv_precision, as run_train_iter sets it
     around the captured region: strict fp32 (auto) asks the launch heuristics for the strict tiles,
-    tf32 and tf32x3 (--tf32, --tf32x3) for the tensor-core tiles (`tensor_cores`: the mode itself for the
-    forward and data gradient, `tensor_core_mode`, whose tiles differ between the two at 48 channels;
-    True for the weight gradient), in every call."""
+    tf32 and tf32x3 (--tf32, --tf32x3) for the tensor-core tiles (`tensor_cores`: the mode itself,
+    `tensor_core_mode`, whose tiles differ between the two at 48 channels), in every call."""
     from mamlpp_fast.triton import conv as C
     seen_f, seen_w = [], []
     real_f, real_w = C.conv_block_config, C.wgrad_block_config
@@ -267,7 +266,7 @@ def test_conv_precision_selects_the_launch_configurations(monkeypatch):
                         lambda *a, **k: (seen_f.append(k.get("tensor_cores")), real_f(*a, **k))[1])
     monkeypatch.setattr(C, "wgrad_block_config",
                         lambda *a, **k: (seen_w.append(k.get("tensor_cores")), real_w(*a, **k))[1])
-    for mode, want_f, want_w in (("auto", False, False), ("tf32x3", "tf32x3", True), ("tf32", "tf32", True)):
+    for mode, want_f, want_w in (("auto", False, False), ("tf32x3", "tf32x3", "tf32x3"), ("tf32", "tf32", "tf32")):
         seen_f.clear()
         seen_w.clear()
         res = trace_meta_update(QUICK, None, "cuda", "triton", True, quick=True, conv_precision=mode)
@@ -503,6 +502,42 @@ def test_default_configuration_and_tensor_core_modes_priced_per_call(monkeypatch
         assert priced["predicted_ms"] > ceiling["predicted_ms"]
         assert summarize(res_m, efficiencies=effs, **flags)["predicted_ms"] == ceiling["predicted_ms"]
         assert summarize(res, efficiencies=em)["predicted_ms"] == summarize(res)["predicted_ms"]
+
+
+def test_tf32x3_weight_gradient_priced_by_its_two_loops(monkeypatch):
+    """mini-ImageNet's 48-channel tf32x3 weight gradient (the tile formed columns by channels, TRANS, with
+    the lanes inside the image in a loop without the tap mask, INSIDE) is priced at its two loops' issue
+    counts weighted by the share of lanes each runs: tensor cycles / (f x the unmasked loop's count +
+    (1 - f) x the masked one's), times its tile use (no masked channel row: only the columns' padding and
+    the chunks' last steps), from the committed Triton 3.6.0 table's `loop_instructions`."""
+    import os
+
+    from mamlpp_fast.triton import conv as tconv
+    from bench.static_metrics import capture_launches, launch_consts
+    from bench.trace import (TF32_FMA_PER_SM_CYCLE, ffma_efficiencies, inside_fraction, tensor_loop_efficiency,
+                             tile_utilization)
+
+    table = os.path.join(os.path.dirname(__file__), "..", "bench", "results",
+                         "static_metrics_sm90a_triton3.6.0.json")
+    rows = json.load(open(table))["triton_kernels"]
+    monkeypatch.setattr(tconv, "_TRITON_VERSION", (3, 6))
+    res = trace_meta_update("miniimagenet_5w1s", 2, "cuda", "triton", True, conv_precision="tf32x3")
+    em = ffma_efficiencies(res, table)
+    call = next(c for c in em if c[0] == "conv_weight_grad" and tuple(c[1]) == (75, 96, 42, 42))
+    kw = next(ln for ln in capture_launches(call, tf32="tf32x3") if ln[0].__name__ == "_conv_wgrad_kernel")[2]
+    assert kw["TRANS"] and kw["INSIDE"] and (kw["BLOCK_M"], kw["NSUB"], kw["BLOCK_N"]) == (16, 3, 128), kw
+    r = next(r for r in rows if r["precision"] == "tf32x3" and r["kernel"] == "_conv_wgrad_kernel"
+             and r["config"] == launch_consts(kw))
+    fewest, most = r["loop_instructions"][0], r["loop_instructions"][-1]
+    assert len(r["loop_instructions"]) == 2 and fewest < most and r["instructions"] == fewest, r
+    f = inside_fraction(call, kw)
+    assert 0.85 < f <= 1600 / 1764 + 1e-12  # 40 x 40 of the 42 x 42 lanes inside, less any partial step
+    cycles = kw["BLOCK_M"] * kw["BLOCK_N"] * kw["NSUB"] * kw["BLOCK_K"] * 3 / TF32_FMA_PER_SM_CYCLE
+    loop = tensor_loop_efficiency(kw, r, "tf32x3", f)
+    assert loop == pytest.approx(min(1.0, cycles / (f * fewest + (1 - f) * most)))
+    assert min(1.0, cycles / most) < loop <= min(1.0, cycles / fewest)
+    assert tile_utilization(call, kw) == pytest.approx(432 / 512, rel=0.01)  # 48 of 48 channels used
+    assert em[call] == pytest.approx(loop * tile_utilization(call, kw))
 
 
 def test_captured_update_copies_no_input_and_fills_no_seed():

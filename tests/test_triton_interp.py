@@ -576,6 +576,16 @@ CONV_PATHS = [
     ((2, 2, 20, 17, 5, 3, 2, 1), dict(TRANS=True, BLOCK_M=128, BLOCK_N=16, NSUB=3, SPLIT=2, num_warps=4), {}),
     # and the first layer's one-step forward (3 input channels, SMALL) at 48 output channels
     ((2, 1, 3, 48, 5, 3, 1, 1), dict(TRANS=True, BLOCK_M=128, BLOCK_N=16, NSUB=3, num_warps=4), {}),
+    # tf32x3's 48-channel weight gradient formed columns by channels (TRANS): 128 columns of K = 432 (the
+    # last tile masked) by three 16-channel sub-tiles, stored [k, o], the lanes inside the image in their own
+    # loop across a chunk boundary, split; the stride-2 tails stored [o, k] through the masked loop only;
+    # padding 0 (every lane inside)
+    ((3, 2, 48, 48, 8, 3, 1, 1), {}, dict(TRANS=True, BLOCK_M=16, BLOCK_N=128, NSUB=3, SPLIT=3, STORE_KO=True,
+                                          INSIDE=True, num_warps=4)),
+    ((2, 2, 20, 17, 5, 3, 2, 1), {}, dict(TRANS=True, BLOCK_M=16, BLOCK_N=64, NSUB=3, SPLIT=2, STORE_KO=False,
+                                          num_warps=4)),
+    ((2, 2, 20, 17, 9, 3, 1, 0), {}, dict(TRANS=True, BLOCK_M=16, BLOCK_N=64, NSUB=3, SPLIT=2, INSIDE=True,
+                                          num_warps=4)),
 ]
 CONV_PATH_IDS = ["c48-subtiles-nosplit", "c48-tiles16-split", "cin3-small-s2", "cin3-small-c48-subtiles",
                  "cin3-taps-s2-split", "tails-subtiles-s2-split5", "pad0-even", "k-multiple-of-tile",
@@ -584,7 +594,8 @@ CONV_PATH_IDS = ["c48-subtiles-nosplit", "c48-tiles16-split", "cin3-small-s2", "
                  "wgrad-tap-major-split", "wgrad-tap-major-lanes32-s2-row-tails",
                  "wgrad-store-ko-subtiles-tails-s2", "wgrad-store-ko-split", "wgrad-inside-lanes-split3",
                  "wgrad-pad0-all-inside", "pixels-by-channels-c48-split", "pixels-by-channels-tails-s2",
-                 "pixels-by-channels-cin3-small-c48"]
+                 "pixels-by-channels-cin3-small-c48", "wgrad-cols-by-channels-c48-inside-split3",
+                 "wgrad-cols-by-channels-tails-s2-store-ok", "wgrad-cols-by-channels-pad0-all-inside"]
 
 
 @pytest.mark.parametrize("n,h,w,k,stride,pad", [(3, 8, 8, 3, 1, 1), (2, 7, 9, 3, 2, 1), (2, 5, 5, 3, 1, 0),
@@ -790,14 +801,20 @@ def test_conv_ab_variants_compute_the_convolution(monkeypatch):
 
 
 @inner
-def test_tensor_core_tiles():
+@pytest.mark.parametrize("version", [(3, 6), (3, 7)])
+def test_tensor_core_tiles(version, monkeypatch):
     """TF32 / tf32x3 products (`tensor_core_products`) take tiles whose product has 64 rows on one
     warpgroup (4 warps), what Hopper's wgmma needs: at 48 channels one 64-wide tile with 16 masked rows
     instead of three 16-wide sub-tiles, and 4 warps where strict fp32 runs 2; strict fp32 and float64 keep
-    their tiles; Triton >= 3.7's register cap is not put on them (`_register_cap`)."""
+    their tiles; Triton >= 3.7's register cap is not put on them (`_register_cap`). In tf32x3 at 48
+    channels the forward and data gradient form the product pixels by channels, and (Triton < 3.7, Ci x 9
+    >= 128) the weight gradient columns by channels (TRANS). Under the configuration rules of Triton 3.6
+    (the device's) and 3.7."""
     import torch
     from mamlpp_fast.triton import conv as C
     from mamlpp_fast.triton._device import forced_conv_precision
+
+    monkeypatch.setattr(C, "_TRITON_VERSION", version)
 
     assert not C.tensor_core_products(torch.float64)
     with forced_conv_precision("tf32x3"):
@@ -823,9 +840,26 @@ def test_tensor_core_tiles():
     # 32 or fewer columns: the strict tiles (no 64-row product to fill)
     assert C.conv_block_config("fwd", 500, 32, 32, 9, 2, 132, tensor_cores=True) == C.conv_block_config(
         "fwd", 500, 32, 32, 9, 2, 132)
-    for args in ((48, 48, 9, 75 * 42 * 42, 2, 132), (48, 48, 9, 5 * 10 * 10, 2, 132), (64, 64, 9, 20 * 9, 8, 132)):
+    for args in ((48, 48, 9, 75 * 42 * 42, 2, 132), (48, 48, 9, 5 * 10 * 10, 2, 132), (64, 64, 9, 20 * 9, 8, 132),
+                 (48, 3, 9, 75 * 84 * 84, 2, 132)):
         tc = C.wgrad_block_config(*args, tensor_cores=True)
         assert (tc["BLOCK_M"], tc["NSUB"], tc["num_warps"], tc["INSIDE"]) == (64, 1, 4, False), (args, tc)
+        assert tc == C.wgrad_block_config(*args, tensor_cores="tf32") and "TRANS" not in tc
+        # tf32x3 at 48 output channels and >= 128 columns (not the first layer's 27), Triton < 3.7: columns by
+        # channels, 128 columns by three 16-channel sub-tiles, the lanes inside the image without a tap mask
+        x3 = C.wgrad_block_config(*args, tensor_cores="tf32x3")
+        # (not mini-ImageNet's 10x10 support layer, 500 lanes: its masked tile sums its 11 chunks in the
+        # kernel, where the turned tile's 16 chunks x 3 sub-tiles would make a chain too long for it)
+        if args[0] == 48 and args[1] * args[2] >= 128 and C._TRITON_VERSION < (3, 7) and args[3] != 500:
+            assert x3["TRANS"] and (x3["BLOCK_M"], x3["BLOCK_N"], x3["NSUB"], x3["BLOCK_K"], x3["num_warps"],
+                                    x3["INSIDE"]) == (16, 128, 3, 16, 4, True), (args, x3)
+            if tc["BLOCK_N"] == 128:  # the same programs as the masked tile's: its column tiles and split
+                assert x3["SPLIT"] == tc["SPLIT"], (args, x3, tc)
+            assert not C.split_chain_in_kernel(x3["SPLIT"], x3) and not C.split_chain_in_kernel(tc["SPLIT"], tc)
+        elif args[3] == 500:
+            assert x3 == tc and C.split_chain_in_kernel(tc["SPLIT"], tc), (args, x3, tc)
+        else:
+            assert x3 == tc, (args, x3)
     strict = C.wgrad_block_config(48, 48, 9, 75 * 42 * 42, 2, 132, strict_fp32=True)
     assert strict["NSUB"] == 3 and strict == C.wgrad_block_config(48, 48, 9, 75 * 42 * 42, 2, 132,
                                                                    strict_fp32=True, tensor_cores=False)
@@ -836,7 +870,8 @@ def test_tensor_core_tiles():
 def test_triton_conv_tensor_core_tiles_compute_the_convolution(mode, monkeypatch):
     """The launchers under a tensor-core precision take the tensor-core tiles (`test_tensor_core_tiles`)
     and compute the convolution with them: 48 channels in one 64-row product tile (16 rows masked; in
-    tf32x3 the forward and data gradient form it pixels by channels instead, TRANS) and 64 channels on 4
+    tf32x3 the forward and data gradient form it pixels by channels instead, the weight gradient columns
+    by channels, TRANS) and 64 channels on 4
     warps, forward, data gradient and weight gradient (with the bias's), as the launchers
     configure them here (the interpreter's 4 SMs, Triton 3.6's rules). The interpreter's products are float32
     (it does not round to TF32), so the check is the layout and masking against the float64 per-task
@@ -852,7 +887,8 @@ def test_triton_conv_tensor_core_tiles_compute_the_convolution(mode, monkeypatch
     real_f, real_w = C.conv_block_config, C.wgrad_block_config
     monkeypatch.setattr(C, "conv_block_config", lambda *a, **k: (seen.append(k), made.append(real_f(*a, **k)),
                                                                  made[-1])[2])
-    monkeypatch.setattr(C, "wgrad_block_config", lambda *a, **k: (seen.append(k), real_w(*a, **k))[1])
+    monkeypatch.setattr(C, "wgrad_block_config", lambda *a, **k: (seen.append(k), made.append(real_w(*a, **k)),
+                                                                  made[-1])[2])
     for shape in ((2, 2, 48, 48, 6, 3, 1, 1), (2, 2, 64, 64, 5, 3, 1, 1)):
         n, b, ci, co = shape[:4]
         x, w, bias, gy, (ref, gx, gw), meta = _conv_case_f64(shape, sum(shape) + len(mode))
@@ -865,8 +901,8 @@ def test_triton_conv_tensor_core_tiles_compute_the_convolution(mode, monkeypatch
             assert a.dtype == torch.float32 and a.shape == r.shape and rel(a.double(), r) < 1e-5, \
                 f"{mode} {shape} {name}: {rel(a.double(), r):.3e}"
     assert seen and all(k.get("tensor_cores") for k in seen), seen
-    # the forward and data gradient at 48 channels, in tf32x3 only
-    assert sum(bool(c.get("TRANS")) for c in made) == (2 if mode == "tf32x3" else 0), made
+    # the forward, data gradient and weight gradient at 48 channels, in tf32x3 only
+    assert sum(bool(c.get("TRANS")) for c in made) == (3 if mode == "tf32x3" else 0), made
 
 
 def _mma_probe_kernel():

@@ -258,12 +258,22 @@ def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int
     78-79% -> 82% with 255 registers and no spill under 3.6's ptxas; 4 such programs per SM hold the same
     8 warps as 2 of the 4-warp ones did). Not with tl.dot (TF32 needs a 4-warp group for wgmma) or float64
     (twice the registers).
-    tensor_cores (float32 products in TF32 or tf32x3, `tensor_core_products`): where Co > 32, BLOCK_M = 64
-    rows and one sub-tile on 4 warps (48 channels: 16 masked rows), so that the product's 64 rows are one
-    warpgroup's wgmma (the 16-row sub-tiles compile to warp-level HMMA)."""
+    tensor_cores (float32 products in TF32 or tf32x3: `tensor_core_mode`, False, "tf32" or "tf32x3"; True
+    reads as "tf32"): where Co > 32, BLOCK_M = 64 rows and one sub-tile on 4 warps (48 channels: 16 masked
+    rows), so that the product's 64 rows are one warpgroup's wgmma (the 16-row sub-tiles compile to
+    warp-level HMMA). TRANS (tf32x3 at 48 output channels with Ci*kh*kw >= 128, Triton < 3.7): the tile
+    formed columns by channels instead (`_wgrad_cols_step`), 128 columns on the product's rows by three
+    16-channel sub-tiles, BLOCK_K 16 and INSIDE, so that no product row is masked; its loop is issue-bound
+    on the per-element gather work, and reaches more of the pipe than the masked tile only without the tap
+    mask (INSIDE) and under Triton 3.6 (bench/NOTES.md, "The 48-channel tf32x3 weight gradient"). Not
+    where its three sub-tiles' chain of partial loads would move the split's sum out of the kernel while
+    the masked tile sums in it (`split_chain_in_kernel`): the masked tile's configuration then."""
     k = ci * kk
-    tc = tensor_cores and co > 32
-    nsub = 3 if co % 48 == 0 and co % 64 != 0 and not tc else 1  # 48 rows: three 16-row sub-tiles per program
+    tc = bool(tensor_cores) and co > 32
+    trans = (tc and tensor_cores == "tf32x3" and co % 48 == 0 and co % 64 != 0 and k >= 128
+             and _TRITON_VERSION < (3, 7))
+    # 48 rows: three 16-row sub-tiles per program (TRANS: three 16-channel column sub-tiles of the product)
+    nsub = 3 if co % 48 == 0 and co % 64 != 0 and (trans or not tc) else 1
     bm = 16 if nsub == 3 else 64 if co > 32 else max(16, triton.next_power_of_2(co))
     want = 2 * sms
     # one tap's 64 channels per column tile (`_conv_wgrad_kernel` TAP_MAJOR; Triton < 3.7, where it took
@@ -293,11 +303,13 @@ def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int
             tiles = triton.cdiv(co, bm * nsub) * triton.cdiv(k, bn) * tasks
             if tiles * max_split >= want:
                 break
-        if nsub == 3 and strict_fp32 and _TRITON_VERSION < (3, 7):
+        if nsub == 3 and strict_fp32 and not trans and _TRITON_VERSION < (3, 7):
             # 48 channels, strict fp32 (Triton < 3.7): of those widths, the one whose last column tile pads
             # least, the wider on a tie (K = 432: 4 x 128 columns multiply 16% padding, 7 x 64 3.6%); on
             # 2 warps its loop keeps the 128-wide tile's FFMA share (69 vs 70%, bench/NOTES.md)
             bn = min((b_ for b_ in (128, 64, 32) if b_ <= bn), key=lambda b_: (triton.cdiv(k, b_) * b_, -b_))
+        if trans:
+            bn = 128  # the product's rows: two warpgroup row blocks (64 columns reached 0.49-0.61, above)
         bn = min(bn, max(16, triton.next_power_of_2(k)))
         tiles = triton.cdiv(co, bm * nsub) * triton.cdiv(k, bn) * tasks
     num_warps = max(1, bm * bn // 1024) if nsub == 1 else max(1, bn // 32)  # ptxas: no spills
@@ -313,11 +325,22 @@ def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int
     # INSIDE (48 output channels' sub-tiles, strict fp32, Triton < 3.7): the lanes whose every tap is inside
     # the image (listed first by `_lane_table`) run in a loop without the per-element tap mask
     # (bench/NOTES.md); not under 3.7.1, where the second loop spilled 8 B in the 4-warp 128-column tiles,
-    # nor with tensor cores, nor in the one-sub-tile tiles (a first layer's 64 x 16 on one warp spilled 12 B
-    # with the bias's programs under 3.6)
-    return dict(BLOCK_M=bm, BLOCK_N=bn, NSUB=nsub, BLOCK_K=bk, SPLIT=split, CHUNK=chunk, TAP_MAJOR=tap_major,
-                STORE_KO=_TRITON_VERSION < (3, 7),
-                INSIDE=nsub == 3 and strict_fp32 and _TRITON_VERSION < (3, 7), num_warps=num_warps)
+    # nor with the masked tensor-core tiles (the turned ones take it: TRANS above), nor in the one-sub-tile
+    # tiles (a first layer's 64 x 16 on one warp spilled 12 B with the bias's programs under 3.6)
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, NSUB=nsub, BLOCK_K=bk, SPLIT=split, CHUNK=chunk, TAP_MAJOR=tap_major,
+               STORE_KO=_TRITON_VERSION < (3, 7),
+               INSIDE=nsub == 3 and (strict_fp32 or trans) and _TRITON_VERSION < (3, 7), num_warps=num_warps)
+    if trans:
+        # not where the turn would move the split's sum out of the kernel that the masked tile keeps it in
+        # (mini-ImageNet's 10x10 support layer: 500 lanes, 16 chunks of 2 steps, a chain of 3 x 15 loads;
+        # the masked tile's 32 columns, 11 chunks, one sub-tile): a separate sum launch costs more there than
+        # the turn saves (bench/NOTES.md)
+        plain = wgrad_block_config(co, ci, kk, red, tasks, sms, strict_fp32=strict_fp32, tensor_cores="tf32")
+        if (split > 1 and not split_chain_in_kernel(split, cfg)
+                and (plain["SPLIT"] == 1 or split_chain_in_kernel(plain["SPLIT"], plain))):
+            return plain
+        cfg["TRANS"] = True
+    return cfg
 
 
 def bias_in_wgrad(cfg: dict) -> bool:
@@ -816,19 +839,25 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, ws_ptr, cnt_ptr, NT, CI, CO, H, W, 
 @triton.jit
 def _wgrad_cols_step(acc, acc1, acc2, x_ptr, g_ptr, lane_ptr, rs, rem, R, L, lanes, g_o, o_ok, o_ok1, o_ok2, x_k,
                      kbit, kr, k_ok, PREC: tl.constexpr, NSUB: tl.constexpr, BLOCK_M: tl.constexpr,
-                     TAP_MASK: tl.constexpr):
+                     TAP_MASK: tl.constexpr, TRANS: tl.constexpr = False):
     """One reduction step of `_conv_wgrad_kernel`'s per-column tiles over the lanes r = rs + j,
     j < min(BLOCK_K, rem) (the table's entries past them, their g and x are masked to 0): acc[o, k] += sum over r of
     g[r, o] * x[r, k] (NSUB = 3: also the row sub-tiles acc1, acc2 at o + BLOCK_M, o + 2 BLOCK_M). TAP_MASK:
     x[r, k] is masked where column k's tap (bit `kbit`, 0 past K) lies outside the image for lane r;
-    without, every tap of these lanes is inside (and x_k is a valid offset for every column)."""
+    without, every tap of these lanes is inside (and x_k is a valid offset for every column).
+
+    TRANS (tf32x3 at 48 output channels, `wgrad_block_config`): the same sums formed the other way round,
+    acc[k, o] += sum over r of x^T[k, r] g[r, o], so that the BLOCK_N columns k fill the 64-row side of
+    Hopper's warpgroup product and each 16-channel sub-tile its N = 16, with no masked product row (the
+    untransposed tile puts the 48 channels on the 64 rows)."""
     r_ok = lanes < rem
     g_r = tl.load(lane_ptr + rs + lanes, mask=r_ok, other=0)
     x_r = tl.load(lane_ptr + R + rs + lanes, mask=r_ok, other=0)
     # g loaded as [r, o] and transposed: the operand then sits in shared memory with o fastest, and the FMA
-    # loop reads it with 16-byte shared loads
+    # loop reads it with 16-byte shared loads (TRANS: [r, o] is the product's right operand as it is)
     g_ptrs = g_ptr + g_r[:, None] + g_o[None, :]
-    a = tl.trans(tl.load(g_ptrs, mask=o_ok[None, :] & r_ok[:, None], other=0.0))
+    if not TRANS:
+        a = tl.trans(tl.load(g_ptrs, mask=o_ok[None, :] & r_ok[:, None], other=0.0))
     if TAP_MASK:
         v_r = tl.load(lane_ptr + 2 * R + rs + lanes, mask=r_ok, other=0)  # 0 past the end: all masked
         if PREC == "ieee":
@@ -839,12 +868,20 @@ def _wgrad_cols_step(acc, acc1, acc2, x_ptr, g_ptr, lane_ptr, rs, rem, R, L, lan
         b = tl.load(x_ptr + x_r[:, None] + x_k[None, :], mask=b_ok, other=0.0)
     else:
         b = tl.load(x_ptr + x_r[:, None] + x_k[None, :], mask=r_ok[:, None], other=0.0)
-    acc = _mma(a, b, acc, PREC)
-    if NSUB == 3:
-        a = tl.trans(tl.load(g_ptrs + BLOCK_M * L, mask=o_ok1[None, :] & r_ok[:, None], other=0.0))
-        acc1 = _mma(a, b, acc1, PREC)
-        a = tl.trans(tl.load(g_ptrs + 2 * BLOCK_M * L, mask=o_ok2[None, :] & r_ok[:, None], other=0.0))
-        acc2 = _mma(a, b, acc2, PREC)
+    if TRANS:
+        bt = tl.trans(b)  # [k, r]
+        acc = _mma(bt, tl.load(g_ptrs, mask=o_ok[None, :] & r_ok[:, None], other=0.0), acc, PREC)
+        if NSUB == 3:
+            acc1 = _mma(bt, tl.load(g_ptrs + BLOCK_M * L, mask=o_ok1[None, :] & r_ok[:, None], other=0.0), acc1, PREC)
+            acc2 = _mma(bt, tl.load(g_ptrs + 2 * BLOCK_M * L, mask=o_ok2[None, :] & r_ok[:, None], other=0.0), acc2,
+                        PREC)
+    else:
+        acc = _mma(a, b, acc, PREC)
+        if NSUB == 3:
+            a = tl.trans(tl.load(g_ptrs + BLOCK_M * L, mask=o_ok1[None, :] & r_ok[:, None], other=0.0))
+            acc1 = _mma(a, b, acc1, PREC)
+            a = tl.trans(tl.load(g_ptrs + 2 * BLOCK_M * L, mask=o_ok2[None, :] & r_ok[:, None], other=0.0))
+            acc2 = _mma(a, b, acc2, PREC)
     return acc, acc1, acc2
 
 
@@ -854,7 +891,8 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI,
                        PREC: tl.constexpr, SPLIT: tl.constexpr, NSUB: tl.constexpr, HAS_DB: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        SUM_IN: tl.constexpr = True, ROT: tl.constexpr = 0, KEEP: tl.constexpr = False,
-                       TAP_MAJOR: tl.constexpr = False, STORE_KO: tl.constexpr = False, INSIDE: tl.constexpr = False):
+                       TAP_MAJOR: tl.constexpr = False, STORE_KO: tl.constexpr = False, INSIDE: tl.constexpr = False,
+                       TRANS: tl.constexpr = False):
     """out[t, p, q, c, o] = sum over the chunks s of (sum over r in chunk s of g[i, t*CO+o, y, z] *
     X[i, t*CI+c, y*S+p-PAD, z*S+q-PAD]), r = i*L + y*WO + z: the weight gradient in the forward kernel's
     weight layout (B, kh, kw, Ci, Co) (`conv_weight_grad` returns it as a (B, Co, Ci, kh, kw) view), so
@@ -883,7 +921,9 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI,
     the table lists the RI lanes whose every tap is inside the image first, and a chunk's whole BLOCK_K
     steps of them run in a loop whose x load has no tap mask (one load per element and no per-element
     test); the chunk's other lanes in the masked loop after it. INSIDE does not change the result: the same
-    lanes in the same order, and the mask it skips is true for every one of them."""
+    lanes in the same order, and the mask it skips is true for every one of them. TRANS (per-column
+    tiles; tf32x3 at 48 output channels): the accumulators hold [k, o] (`_wgrad_cols_step`), stored
+    as they are where the untransposed tile is transposed for the store, and the other way round."""
     pid_m = tl.program_id(0)  # o tile
     pid_n = tl.program_id(1)  # k tile (HAS_DB: the last column is the bias's)
     pid_z = tl.program_id(2)
@@ -922,7 +962,7 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI,
     elif TAP_MAJOR:
         # one tap (p, q) and BLOCK_N channels per column tile (CI a multiple of BLOCK_N): the padding mask is
         # one bit test per reduction lane, shared by the row of the gathered tile, and no column is masked
-        tl.static_assert(NSUB == 1)
+        tl.static_assert(NSUB == 1 and not TRANS)
         CB = CI // BLOCK_N
         tap = pid_n // CB  # once per program
         tap_bit = 1 << tap
@@ -954,9 +994,9 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI,
         # the column's tap bit, 0 past K: one AND and one test per element select what is loaded (a column
         # past K is never read)
         kbit = tl.where(k_ok, 1 << kr, 0)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-        acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-        acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        acc = _acc_zeros(BLOCK_M, BLOCK_N, ACC, TRANS)  # [o, k], or with TRANS [k, o]
+        acc1 = _acc_zeros(BLOCK_M, BLOCK_N, ACC, TRANS)
+        acc2 = _acc_zeros(BLOCK_M, BLOCK_N, ACC, TRANS)
         # lanes [r0, ri): every tap of every lane inside the image (the table lists those RI lanes first), so
         # x needs no tap mask there; a column past K then reads the task's first value instead (never stored)
         x_k_in = tl.where(k_ok, x_k, t * CI * HW)
@@ -967,12 +1007,16 @@ def _conv_wgrad_kernel(x_ptr, g_ptr, lane_ptr, out_ptr, ws_ptr, cnt_ptr, NT, CI,
         for rs in range(r0, ri, BLOCK_K):
             acc, acc1, acc2 = _wgrad_cols_step(acc, acc1, acc2, x_ptr, g_ptr, lane_ptr, rs, ri - rs, R, L, lanes,
                                                g_o, o_ok, o_ok1, o_ok2, x_k_in, kbit, kr, k_ok, PREC, NSUB,
-                                               BLOCK_M, False)
+                                               BLOCK_M, False, TRANS)
         for rs in range(ri, r1, BLOCK_K):
             acc, acc1, acc2 = _wgrad_cols_step(acc, acc1, acc2, x_ptr, g_ptr, lane_ptr, rs, r1 - rs, R, L, lanes,
                                                g_o, o_ok, o_ok1, o_ok2, x_k, kbit, kr, k_ok, PREC, NSUB,
-                                               BLOCK_M, True)
+                                               BLOCK_M, True, TRANS)
         col = kr * CI * CO + kc * CO  # the forward's layout (t, p, q, c, o)
+        # the accumulators as [o, k] (with TRANS they are [k, o], `_untrans` turns them)
+        acc = _untrans(acc, TRANS)
+        acc1 = _untrans(acc1, TRANS)
+        acc2 = _untrans(acc2, TRANS)
         if STORE_KO:  # the tile stored as [k, o] (`wgrad_block_config`)
             _store_result(tl.trans(acc), tl.trans(acc1), tl.trans(acc2), out_ptr, ws_ptr, cnt_ptr,
                           t * CO * K + col[:, None] + offs_o[None, :],
@@ -1223,7 +1267,7 @@ def conv_weight_grad(x, g, meta, with_bias=False):
     prec = _precision(x.dtype)
     cfg = wgrad_block_config(co, ci, kh * kw, red, b, _sms(x.device),
                              strict_fp32=x.dtype == torch.float32 and prec == "ieee",
-                             tensor_cores=tensor_core_products(x.dtype))
+                             tensor_cores=tensor_core_mode(x.dtype))
     if with_bias and not bias_in_wgrad(cfg):
         return conv_weight_grad(x, g, meta), g.reshape(n, b, co, -1).sum((0, 3))
     split, chunk = cfg.pop("SPLIT"), cfg.pop("CHUNK")
