@@ -837,6 +837,12 @@ def test_tensor_core_tiles(version, monkeypatch):
             assert x3["TRANS"] and (x3["BLOCK_M"], x3["BLOCK_N"], x3["NSUB"], x3["num_warps"]) == (128, 16, 3, 4), x3
         else:
             assert x3 == tc, x3
+    # mini-ImageNet's 10x10 support layer (500 rows): the masked tile, whose 9 chunks sum in the kernel (turned,
+    # 128-row tiles would split into 14-27 chunks, a chain too long for it)
+    for kind, kk in (("fwd", 9), ("fwd", 18), ("dgrad", 9)):
+        x3 = C.conv_block_config(kind, 500, 48, 48, kk, 2, 132, tensor_cores="tf32x3")
+        assert x3 == C.conv_block_config(kind, 500, 48, 48, kk, 2, 132, tensor_cores="tf32"), (kind, kk, x3)
+        assert x3["SPLIT"] > 1 and C.split_chain_in_kernel(x3["SPLIT"], x3, kind), x3
     # 32 or fewer columns: the strict tiles (no 64-row product to fill)
     assert C.conv_block_config("fwd", 500, 32, 32, 9, 2, 132, tensor_cores=True) == C.conv_block_config(
         "fwd", 500, 32, 32, 9, 2, 132)

@@ -178,7 +178,9 @@ def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, task
     issue count (Triton 3.6, sm_90a: 321-325 instructions for 288 tensor-pipe cycles, against 233-238 for
     384 cycles of which a quarter are masked rows) gives 0.89-0.90 of the tensor pipe against 0.75
     (bench/NOTES.md, "48-channel tf32x3 tiles"). In TF32 (one product per pair) the same tile is
-    issue-bound below the masked one (0.50 against 0.55) and is not used."""
+    issue-bound below the masked one (0.50 against 0.55) and is not used; nor where its split's chain of
+    partial loads would move the sum out of the kernel while the masked tile sums in it
+    (`split_chain_in_kernel`: the masked tile's configuration then)."""
     trans = tensor_cores == "tf32x3" and cols % 48 == 0 and cols % 32 != 0
     tc = bool(tensor_cores) and cols > 32 and not trans
     bn = 64 if tc else _tile(cols)
@@ -231,6 +233,14 @@ def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, task
     cfg = dict(BLOCK_M=bm, BLOCK_N=bn, NSUB=nsub, BLOCK_K=bk, SPLIT=split, CHUNK=chunk, SMALL=small,
                GATHER_MK=gather_mk, num_warps=warps)
     if trans:
+        # not where the turn would move the split's sum out of the kernel that the masked tile keeps it in
+        # (mini-ImageNet's 10x10 support layer: 500 rows, 14-27 chunks of the turned 128-row tiles, chains
+        # of 39-78 loads; the masked 32-row tiles' 9 chunks sum in the kernel): the masked tile's
+        # configuration there (bench/NOTES.md)
+        plain = conv_block_config(kind, rows, cols, chans, kk, tasks, sms, tensor_cores="tf32")
+        if (split > 1 and not split_chain_in_kernel(split, cfg, kind)
+                and (plain["SPLIT"] == 1 or split_chain_in_kernel(plain["SPLIT"], plain, kind))):
+            return plain
         cfg["TRANS"] = True
     if kind == "dgrad":
         # the data gradient reads the forward's weight layout (one re-layout copy per weight tensor instead
