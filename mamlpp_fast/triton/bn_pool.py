@@ -41,10 +41,9 @@ import triton.language as tl
 
 from . import per_step_bn as _bn
 from ._device import _tile_counters
-from .per_step_bn import (_bn_fwd_reduce_kernel, _chunk_bounds, _chunk_sum, _dbwd_coef, _f2acc, _gamma_index,
-                          _last_ticket, _merged_stats, _split, _store_bwd_params, _store_dbwd_gamma, _store_stats,
-                          _to_acc,
-                          _welford, _xhat_a)
+from .per_step_bn import (_bn_fwd_reduce_kernel, _chunk_bounds, _chunk_sum, _column, _dbwd_coef, _f2acc,
+                          _gamma_index, _last_ticket, _merged_stats, _split, _store_bwd_params, _store_dbwd_gamma,
+                          _store_stats, _to_acc, _welford, _xhat_a)
 
 __all__ = ["forward", "backward", "double_backward", "pool_config", "name"]
 
@@ -103,16 +102,6 @@ def _at(x_ptr, i, ch, cw, d, mask, cp, TC, H, W, mu, r, ga, be, slope, sel, go, 
     v = tl.load(x_ptr + off, mask=ok, other=0.0).to(ACC)
     xhat, a = _xhat_a(v, mu, r, ga, be, slope)
     return off, ok, xhat, a, tl.where(sel == d, a * go, 0.0)
-
-
-@triton.jit
-def _column(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cp, C, GAMMA_PER_TASK: tl.constexpr, ACC: tl.constexpr):
-    gi = _gamma_index(cp, C, GAMMA_PER_TASK)
-    ga = tl.load(gamma_ptr + gi).to(ACC)
-    be = tl.load(beta_ptr + gi).to(ACC)
-    mu = tl.load(mean_ptr + cp).to(ACC)
-    r = tl.load(invstd_ptr + cp).to(ACC)
-    return gi, ga, be, mu, r
 
 
 @triton.jit

@@ -125,6 +125,30 @@ def _xhat_a(x, mu, r, ga, be, slope):
 
 
 @triton.jit
+def _column(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cp, C, GAMMA_PER_TASK: tl.constexpr, ACC: tl.constexpr):
+    """Column cp's (gamma index, gamma, beta, mean, invstd), the scalars every backward pass reads."""
+    gi = _gamma_index(cp, C, GAMMA_PER_TASK)
+    ga = tl.load(gamma_ptr + gi).to(ACC)
+    be = tl.load(beta_ptr + gi).to(ACC)
+    mu = tl.load(mean_ptr + cp).to(ACC)
+    r = tl.load(invstd_ptr + cp).to(ACC)
+    return gi, ga, be, mu, r
+
+
+@triton.jit
+def _g_step(x_ptr, dy_ptr, s, end, cp, TC, HW, mu, r, ga, be, slope, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Elements s .. s+BLOCK of column cp in a backward pass: (mask, offsets, xhat, a, g = a dy), with x and
+    dy read as 0 past `end` (so g is 0 there; `_xhat_a`)."""
+    j = s + tl.arange(0, BLOCK)
+    mask = j < end
+    off = _col_offsets(j, cp, TC, HW)
+    v = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
+    d = tl.load(dy_ptr + off, mask=mask, other=0.0).to(ACC)
+    xhat, a = _xhat_a(v, mu, r, ga, be, slope)
+    return mask, off, xhat, a, a * d
+
+
+@triton.jit
 def _chunk_sum(ws_ptr, cp, CHUNKS, i, K: tl.constexpr, CBLOCK: tl.constexpr):
     ks = tl.arange(0, CBLOCK)
     v = tl.load(ws_ptr + (cp * CHUNKS + ks) * K + i, mask=ks < CHUNKS, other=0.0)
@@ -331,22 +355,12 @@ def _bn_bwd_reduce_kernel(dy_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_p
     k = tl.program_id(1)
     ACC = x_ptr.dtype.element_ty
     slope = _f2acc(slope_hi, slope_lo, ACC)
-    gi = _gamma_index(cp, C, GAMMA_PER_TASK)
-    ga = tl.load(gamma_ptr + gi).to(ACC)
-    be = tl.load(beta_ptr + gi).to(ACC)
-    mu = tl.load(mean_ptr + cp).to(ACC)
-    r = tl.load(invstd_ptr + cp).to(ACC)
+    _gi, ga, be, mu, r = _column(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cp, C, GAMMA_PER_TASK, ACC)
     begin, end = _chunk_bounds(k, CHUNK, M)
     sg = tl.zeros([BLOCK], dtype=ACC)
     sgx = tl.zeros([BLOCK], dtype=ACC)
     for s in range(begin, end, BLOCK):
-        j = s + tl.arange(0, BLOCK)
-        mask = j < end
-        off = _col_offsets(j, cp, TC, HW)
-        v = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
-        d = tl.load(dy_ptr + off, mask=mask, other=0.0).to(ACC)
-        xhat, a = _xhat_a(v, mu, r, ga, be, slope)
-        g = a * d
+        _mask, _off, xhat, _a, g = _g_step(x_ptr, dy_ptr, s, end, cp, TC, HW, mu, r, ga, be, slope, BLOCK, ACC)
         sg += g
         sgx += g * xhat
     tl.store(ws_ptr + (cp * CHUNKS + k) * 2, tl.sum(sg, axis=0))
@@ -365,11 +379,7 @@ def _bn_bwd_apply_kernel(dy_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_pt
     slope = _f2acc(slope_hi, slope_lo, ACC)
     Sg = _chunk_sum(ws_ptr, cp, CHUNKS, 0, 2, CBLOCK)
     Sgx = _chunk_sum(ws_ptr, cp, CHUNKS, 1, 2, CBLOCK)
-    gi = _gamma_index(cp, C, GAMMA_PER_TASK)
-    ga = tl.load(gamma_ptr + gi).to(ACC)
-    be = tl.load(beta_ptr + gi).to(ACC)
-    mu = tl.load(mean_ptr + cp).to(ACC)
-    r = tl.load(invstd_ptr + cp).to(ACC)
+    _gi, ga, be, mu, r = _column(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cp, C, GAMMA_PER_TASK, ACC)
     Mf = _to_acc(M, ACC)
     gbar = Sg / Mf
     m = Sgx / Mf
@@ -378,13 +388,7 @@ def _bn_bwd_apply_kernel(dy_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_pt
                       TBLOCK)
     begin, end = _chunk_bounds(k, CHUNK, M)
     for s in range(begin, end, BLOCK):
-        j = s + tl.arange(0, BLOCK)
-        mask = j < end
-        off = _col_offsets(j, cp, TC, HW)
-        v = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
-        d = tl.load(dy_ptr + off, mask=mask, other=0.0).to(ACC)
-        xhat, a = _xhat_a(v, mu, r, ga, be, slope)
-        g = a * d
+        mask, off, xhat, _a, g = _g_step(x_ptr, dy_ptr, s, end, cp, TC, HW, mu, r, ga, be, slope, BLOCK, ACC)
         dx = kk * (g - gbar - xhat * m)
         tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -401,11 +405,7 @@ def _bn_dbwd_reduce_kernel(ggx_ptr, dy_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr
     k = tl.program_id(1)
     ACC = x_ptr.dtype.element_ty
     slope = _f2acc(slope_hi, slope_lo, ACC)
-    gi = _gamma_index(cp, C, GAMMA_PER_TASK)
-    ga = tl.load(gamma_ptr + gi).to(ACC)
-    be = tl.load(beta_ptr + gi).to(ACC)
-    mu = tl.load(mean_ptr + cp).to(ACC)
-    r = tl.load(invstd_ptr + cp).to(ACC)
+    _gi, ga, be, mu, r = _column(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cp, C, GAMMA_PER_TASK, ACC)
     begin, end = _chunk_bounds(k, CHUNK, M)
     sg = tl.zeros([BLOCK], dtype=ACC)
     sgx = tl.zeros([BLOCK], dtype=ACC)
@@ -413,13 +413,7 @@ def _bn_dbwd_reduce_kernel(ggx_ptr, dy_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr
     sux = tl.zeros([BLOCK], dtype=ACC)
     sug = tl.zeros([BLOCK], dtype=ACC)
     for s in range(begin, end, BLOCK):
-        j = s + tl.arange(0, BLOCK)
-        mask = j < end
-        off = _col_offsets(j, cp, TC, HW)
-        v = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
-        d = tl.load(dy_ptr + off, mask=mask, other=0.0).to(ACC)
-        xhat, a = _xhat_a(v, mu, r, ga, be, slope)
-        g = a * d
+        mask, off, xhat, _a, g = _g_step(x_ptr, dy_ptr, s, end, cp, TC, HW, mu, r, ga, be, slope, BLOCK, ACC)
         sg += g
         sgx += g * xhat
         if HAS_U:
@@ -451,11 +445,7 @@ def _bn_dbwd_apply_kernel(ggx_ptr, gggamma_ptr, ggbeta_ptr, dy_ptr, x_ptr, gamma
     Su = _chunk_sum(ws_ptr, cp, CHUNKS, 2, 5, CBLOCK)
     Sux = _chunk_sum(ws_ptr, cp, CHUNKS, 3, 5, CBLOCK)
     Sug = _chunk_sum(ws_ptr, cp, CHUNKS, 4, 5, CBLOCK)
-    gi = _gamma_index(cp, C, GAMMA_PER_TASK)
-    ga = tl.load(gamma_ptr + gi).to(ACC)
-    be = tl.load(beta_ptr + gi).to(ACC)
-    mu = tl.load(mean_ptr + cp).to(ACC)
-    r = tl.load(invstd_ptr + cp).to(ACC)
+    gi, ga, be, mu, r = _column(gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, cp, C, GAMMA_PER_TASK, ACC)
     if HAS_UG:
         ugam = tl.load(gggamma_ptr + gi).to(ACC)
     else:
@@ -470,6 +460,8 @@ def _bn_dbwd_apply_kernel(ggx_ptr, gggamma_ptr, ggbeta_ptr, dy_ptr, x_ptr, gamma
                       TBLOCK, ACC)
     begin, end = _chunk_bounds(k, CHUNK, M)
     for s in range(begin, end, BLOCK):
+        # written out, not `_g_step`: u's load between dy's and the arithmetic keeps this loop as compiled
+        # before (through `_g_step` Triton 3.6 gave it 1-5 more instructions and 4 more registers)
         j = s + tl.arange(0, BLOCK)
         mask = j < end
         off = _col_offsets(j, cp, TC, HW)
