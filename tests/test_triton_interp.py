@@ -666,19 +666,25 @@ SPLIT_SUM_CASES = [CONV_PATHS[1], CONV_PATHS[5],
                    ((2, 1, 16, 32, 6, 3, 1, 0), dict(BLOCK_M=32, BLOCK_N=32, NSUB=1, SPLIT=3),
                     dict(BLOCK_M=32, BLOCK_N=64, NSUB=1, SPLIT=3, num_warps=4)),
                    ((2, 1, 32, 32, 10, 3, 1, 1), dict(BLOCK_M=32, BLOCK_N=32, NSUB=1, BLOCK_K=32, GATHER_MK=True, W_FWD=True, SPLIT=3),
-                    dict(BLOCK_M=32, BLOCK_N=32, NSUB=1, BLOCK_K=32, TAP_MAJOR=True, SPLIT=3, num_warps=4))]
+                    dict(BLOCK_M=32, BLOCK_N=32, NSUB=1, BLOCK_K=32, TAP_MAJOR=True, SPLIT=3, num_warps=4)),
+                   # tf32x3's turned 48-channel tiles (TRANS: pixels by channels, columns by channels)
+                   ((3, 2, 48, 48, 8, 3, 1, 1), dict(TRANS=True, BLOCK_M=128, BLOCK_N=16, NSUB=3, SPLIT=3, num_warps=4),
+                    dict(TRANS=True, BLOCK_M=16, BLOCK_N=128, NSUB=3, SPLIT=3, STORE_KO=True, INSIDE=True,
+                         num_warps=4))]
 
 
 @inner
 @pytest.mark.parametrize("case", SPLIT_SUM_CASES, ids=["c48-tiles16-split", "tails-subtiles-split5", "wgrad-keeps-own",
-                                                       "pixel-major-tap-major-keeps-own"])
+                                                       "pixel-major-tap-major-keeps-own", "turned-tiles-split3"])
 def test_triton_conv_split_sum_in_kernel(case, monkeypatch):
     """The split reductions' partials summed inside the kernels (the last chunk's program of each tile):
     in float32, bit-identical to adding the kernel's own partials in chunk order 0, 1, ... (the partials
     taken from a MAMLPP_CONV_SPLIT_SUM=separate launch), whichever chunk's program takes the last ticket
     (ROT rotates the chunks, so that the interpreter, which runs programs in order, ends each tile on
     another chunk), also where the weight gradient's last program adds its own partial from registers
-    (`wgrad_keeps_own`, the third case); the separate in-order torch sum agrees to float32 rounding; the
+    (`wgrad_keeps_own`, the third case) and with tf32x3's turned tiles (TRANS, the last case, whose
+    accumulators are turned back before the partials are stored); the separate in-order torch sum agrees
+    to float32 rounding; the
     tile counters are back to zero after every launch; an unknown MAMLPP_CONV_SPLIT_SUM value is refused
     by name."""
     import functools
@@ -700,7 +706,7 @@ def test_triton_conv_split_sum_in_kernel(case, monkeypatch):
     # the bias's gradient where this configuration sums it in the weight-gradient launch (its own programs)
     wcfg = C.wgrad_block_config(co, ci, k * k, n * ho * ho, b, C._sms(x.device))
     with_bias = C.bias_in_wgrad(wcfg)
-    assert C.wgrad_keeps_own(wcfg) == (over_w.get("num_warps") == 4)
+    assert C.wgrad_keeps_own(wcfg) == (over_w.get("num_warps") == 4 and over_w.get("NSUB", 1) == 1)
 
     def wgrad():  # in the order of the kernel's result buffer: the forward's weight layout, then the bias
         r = C.conv_weight_grad(x, gy, meta, with_bias=with_bias)
