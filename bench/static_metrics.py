@@ -613,6 +613,40 @@ def _row_key(r: dict) -> tuple:
             r.get("hgmma"), r.get("hmma"), r.get("lds"), r.get("int"), r.get("ptx_loop_instructions"), r.get("ptx_loop_fma"))
 
 
+COMPARED = ("registers", "spill_stores", "spill_loads", "instructions", "ffma", "hgmma", "hmma", "lds", "ldg",
+            "int", "fp_other", "store", "control", "other")
+
+
+def compare_tables(old: dict, new: dict) -> dict:
+    """Two reports' Triton rows joined on (kernel, precision, configuration, call): {"same": n, "changed":
+    [(key, {field: (old, new)})], "only_old": [key], "only_new": [key]} over the `COMPARED` fields
+    (registers, spills, the hot loop's instruction mix). What a change that should not touch the compiled
+    code (a refactor) or only some launches (a configuration rule) is checked with."""
+    def key(r):
+        return (r["kernel"], r["precision"], json.dumps(r["config"], sort_keys=True), r["call"])
+    a = {key(r): r for r in old["triton_kernels"]}
+    b = {key(r): r for r in new["triton_kernels"]}
+    out = dict(same=0, changed=[], only_old=sorted(set(a) - set(b)), only_new=sorted(set(b) - set(a)))
+    for k in sorted(set(a) & set(b)):
+        d = {f: (a[k].get(f), b[k].get(f)) for f in COMPARED if a[k].get(f) != b[k].get(f)}
+        if d:
+            out["changed"].append((k, d))
+        else:
+            out["same"] += 1
+    return out
+
+
+def compare_markdown(cmp: dict) -> str:
+    """`compare_tables`' result as lines: the counts, then each changed row and each row only one side has."""
+    lines = [f"{cmp['same']} rows the same, {len(cmp['changed'])} changed, {len(cmp['only_old'])} only in the "
+             f"first, {len(cmp['only_new'])} only in the second"]
+    lines += [f"changed: {k[0]} {k[1]} {k[3]} {k[2]}: " + ", ".join(f"{f} {o} -> {n}" for f, (o, n) in d.items())
+              for k, d in cmp["changed"]]
+    lines += [f"only in the first: {k[0]} {k[1]} {k[3]} {k[2]}" for k in cmp["only_old"]]
+    lines += [f"only in the second: {k[0]} {k[1]} {k[3]} {k[2]}" for k in cmp["only_new"]]
+    return "\n".join(lines)
+
+
 def occupancy(registers: int, shared_bytes: int, num_warps: int) -> int:
     """Resident warps per SM on sm_90 (the theoretical occupancy's numerator; 64 at most) for a kernel of
     `registers` per thread, `shared_bytes` per CTA and `num_warps` warps per CTA: the fewest CTAs that the
@@ -706,7 +740,14 @@ def main(argv=None) -> int:
     p.add_argument("--compile-check", action="store_true",
                    help="only compile every distinct launch configuration in float32 and float64 and list the "
                         "ones the installed Triton cannot lower for sm_90a (exit status 1 if any)")
+    p.add_argument("--compare", nargs=2, default=None, metavar=("OLD_JSON", "NEW_JSON"),
+                   help="only compare two reports' Triton rows (registers, spills, loop mix) by kernel, "
+                        "precision, configuration and call, and list what differs")
     a = p.parse_args(argv)
+    if a.compare:
+        with open(a.compare[0]) as f, open(a.compare[1]) as g:
+            print(compare_markdown(compare_tables(json.load(f), json.load(g))))
+        return 0
     if a.occupancy_from:
         with open(a.occupancy_from) as f:
             summary = occupancy_summary(json.load(f))

@@ -1591,7 +1591,8 @@ def summarize(res: TraceResult, ceilings: str = "h100", tf32: bool = False, conv
         prediction=("PREDICTION from device ceilings (%s), not a measurement" % ceil["device"]) if measured
         else f"no prediction: {ceil['device']}",
         ceilings=ceilings, tf32=tf32, tf32x3=tf32x3, conv_efficiency=conv_efficiency,
-        conv_efficiency_per_call=bool(efficiencies) and not (tf32 or tf32x3),
+        conv_efficiency_per_call=bool(efficiencies) and getattr(efficiencies, "mode", "fp32") == (
+            "tf32x3" if tf32x3 else "tf32" if tf32 else "fp32"),
         top_names=dict(sorted(by_name.items(), key=lambda kv: -kv[1]["kernels"])[:20]),
         ceiling_values={k: v for k, v in ceil.items() if k != "sources"},
         predicted_split_ms=(dict(compute_bound=compute_ms, bandwidth_bound=bytes_ms, launches=launch_ms)
@@ -1607,7 +1608,7 @@ def summarize(res: TraceResult, ceilings: str = "h100", tf32: bool = False, conv
         accumulation_adds=sum(k.launches for k in res.kernels if k.name == "aten.add" and k.node != "forward"),
     ))
     if out["conv_efficiency_per_call"] and measured:
-        out["by_call"] = _by_call(res, ceil, graph, conv_efficiency, efficiencies)
+        out["by_call"] = _by_call(res, ceil, graph, conv_efficiency, efficiencies, tf32, tf32x3)
     out["longest_chains"] = longest_chains(res)
     out["max_chain"] = max((c["chain"] for c in out["longest_chains"]), default=0)
     return out
@@ -1635,10 +1636,12 @@ def longest_chains(res: TraceResult, top: int = 10) -> list:
     return sorted(agg.values(), key=lambda a: (-a["chain"], -a["launches"]))[:top]
 
 
-def _by_call(res: TraceResult, ceil: dict, graph: bool, conv_efficiency: float, efficiencies: dict) -> list:
+def _by_call(res: TraceResult, ceil: dict, graph: bool, conv_efficiency: float, efficiencies: dict,
+             tf32: bool = False, tf32x3: bool = False) -> list:
     """Per distinct convolution call priced per call (op, input shape): launches, the predicted ms at
     conv_efficiency and at the call's own efficiency, and that efficiency (the lowest and highest where
-    its launches differ: with and without the bias); largest difference first."""
+    its launches differ: with and without the bias); largest difference first. tf32 / tf32x3: the mode
+    priced (the efficiencies' own, `Efficiencies.mode`)."""
     agg: dict = {}
     for k in res.kernels:
         key = efficiency_key(k)
@@ -1647,8 +1650,8 @@ def _by_call(res: TraceResult, ceil: dict, graph: bool, conv_efficiency: float, 
         a = agg.setdefault((k.call[0], tuple(k.call[1])), dict(op=k.call[0], shape=list(k.call[1]), launches=0,
                                                                ceiling_ms=0.0, per_call_ms=0.0, efficiency=[]))
         a["launches"] += k.launches
-        a["ceiling_ms"] += predict(k, ceil, False, graph, conv_efficiency)
-        a["per_call_ms"] += predict(k, ceil, False, graph, conv_efficiency, efficiencies=efficiencies)
+        a["ceiling_ms"] += predict(k, ceil, tf32, graph, conv_efficiency, tf32x3)
+        a["per_call_ms"] += predict(k, ceil, tf32, graph, conv_efficiency, tf32x3, efficiencies)
         e = efficiencies[key]
         a["efficiency"] = [min([e] + a["efficiency"]), max([e] + a["efficiency"])]
     return sorted(agg.values(), key=lambda a: a["ceiling_ms"] - a["per_call_ms"])
@@ -1707,7 +1710,8 @@ def to_markdown(s: dict) -> str:
         lines += ["", f"Gradient-accumulation adds (aten.add inside the backward): {s['accumulation_adds']:,}."]
     if s.get("by_call"):
         lines += ["", "| convolution call (op, input shape) | launches | predicted ms at the ceiling | per call | "
-                      "efficiency (FFMA share x tile use) |", "|---|---|---|---|---|"]
+                      + ("efficiency (FFMA share x tile use) |" if not (s.get("tf32") or s.get("tf32x3"))
+                         else "efficiency (tensor pipe by the issue count x tile use) |"), "|---|---|---|---|---|"]
         for c in s["by_call"]:
             lines.append(f"| {c['op']} {tuple(c['shape'])} | {c['launches']} | {c['ceiling_ms']:.3f} | "
                          f"{c['per_call_ms']:.3f} | {c['efficiency'][0]:.0%}"

@@ -224,3 +224,30 @@ def test_occupancy_summary_of_a_report():
             dict(kernel="_lslr_fwd_kernel", precision="fp32", registers=32, shared_bytes=0, num_warps=4, calls=1)]
     assert occupancy_summary({"triton_kernels": rows}) == {"block": {8: [1, 2]}, "conv": {8: [1, 3], 16: [1, 1]},
                                                            "other": {64: [1, 1]}}
+
+
+def test_compare_tables_joins_rows_by_kernel_configuration_and_call(capsys, tmp_path):
+    """`--compare OLD NEW`: rows joined on (kernel, precision, configuration, call); a row whose registers or
+    loop mix differ is listed with both values, a row only one side has is listed as such."""
+    import json
+
+    from bench.static_metrics import compare_tables, main
+
+    def row(kernel, call, regs, instr, **cfg):
+        return dict(kernel=kernel, precision="fp32", config=dict(cfg), call=call, registers=regs,
+                    spill_stores=0, instructions=instr, ffma=instr // 2)
+    old = dict(triton_kernels=[row("_a", "x (1,)", 40, 100, B=1), row("_b", "x (1,)", 50, 200, B=2),
+                               row("_c", "x (1,)", 60, 300, B=4)])
+    new = dict(triton_kernels=[row("_a", "x (1,)", 40, 100, B=1), row("_b", "x (1,)", 52, 200, B=2),
+                               row("_c", "x (1,)", 60, 300, B=8)])
+    cmp = compare_tables(old, new)
+    assert cmp["same"] == 1 and len(cmp["only_old"]) == 1 and len(cmp["only_new"]) == 1
+    (key, diff), = cmp["changed"]
+    assert key[0] == "_b" and diff == {"registers": (50, 52)}
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(old))
+    b.write_text(json.dumps(new))
+    assert main(["--compare", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("1 rows the same, 1 changed, 1 only in the first, 1 only in the second")
+    assert "registers 50 -> 52" in out and '"B": 8' in out

@@ -515,7 +515,7 @@ def test_tf32x3_weight_gradient_priced_by_its_two_loops(monkeypatch):
     from mamlpp_fast.triton import conv as tconv
     from bench.static_metrics import capture_launches, launch_consts
     from bench.trace import (TF32_FMA_PER_SM_CYCLE, ffma_efficiencies, inside_fraction, tensor_loop_efficiency,
-                             tile_utilization)
+                             tile_utilization, to_markdown)
 
     table = os.path.join(os.path.dirname(__file__), "..", "bench", "results",
                          "static_metrics_sm90a_triton3.6.0.json")
@@ -538,6 +538,12 @@ def test_tf32x3_weight_gradient_priced_by_its_two_loops(monkeypatch):
     assert min(1.0, cycles / most) < loop <= min(1.0, cycles / fewest)
     assert tile_utilization(call, kw) == pytest.approx(432 / 512, rel=0.01)  # 48 of 48 channels used
     assert em[call] == pytest.approx(loop * tile_utilization(call, kw))
+    # the per-call table of a tf32x3 summary lists the same efficiency (a strict summary lists none of them)
+    s = summarize(res, "h200", tf32x3=True, efficiencies=em)
+    row = next(c for c in s["by_call"] if c["op"] == "conv_weight_grad" and tuple(c["shape"]) == (75, 96, 42, 42))
+    assert s["conv_efficiency_per_call"] and row["efficiency"][0] == pytest.approx(em[call])
+    assert row["per_call_ms"] > row["ceiling_ms"] and "tensor pipe" in to_markdown(s)
+    assert "by_call" not in summarize(res, "h200", efficiencies=em)
 
 
 def test_captured_update_copies_no_input_and_fills_no_seed():

@@ -237,10 +237,10 @@ def conv_block_config(kind: str, rows: int, cols: int, chans: int, kk: int, task
         # (mini-ImageNet's 10x10 support layer: 500 rows, 14-27 chunks of the turned 128-row tiles, chains
         # of 39-78 loads; the masked 32-row tiles' 9 chunks sum in the kernel): the masked tile's
         # configuration there (bench/NOTES.md)
-        plain = conv_block_config(kind, rows, cols, chans, kk, tasks, sms, tensor_cores="tf32")
-        if (split > 1 and not split_chain_in_kernel(split, cfg, kind)
-                and (plain["SPLIT"] == 1 or split_chain_in_kernel(plain["SPLIT"], plain, kind))):
-            return plain
+        if split > 1 and not split_chain_in_kernel(split, cfg, kind):
+            plain = conv_block_config(kind, rows, cols, chans, kk, tasks, sms, tensor_cores="tf32")
+            if plain["SPLIT"] == 1 or split_chain_in_kernel(plain["SPLIT"], plain, kind):
+                return plain
         cfg["TRANS"] = True
     if kind == "dgrad":
         # the data gradient reads the forward's weight layout (one re-layout copy per weight tensor instead
@@ -345,10 +345,10 @@ def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int
         # (mini-ImageNet's 10x10 support layer: 500 lanes, 16 chunks of 2 steps, a chain of 3 x 15 loads;
         # the masked tile's 32 columns, 11 chunks, one sub-tile): a separate sum launch costs more there than
         # the turn saves (bench/NOTES.md)
-        plain = wgrad_block_config(co, ci, kk, red, tasks, sms, strict_fp32=strict_fp32, tensor_cores="tf32")
-        if (split > 1 and not split_chain_in_kernel(split, cfg)
-                and (plain["SPLIT"] == 1 or split_chain_in_kernel(plain["SPLIT"], plain))):
-            return plain
+        if split > 1 and not split_chain_in_kernel(split, cfg):
+            plain = wgrad_block_config(co, ci, kk, red, tasks, sms, strict_fp32=strict_fp32, tensor_cores="tf32")
+            if plain["SPLIT"] == 1 or split_chain_in_kernel(plain["SPLIT"], plain):
+                return plain
         cfg["TRANS"] = True
     return cfg
 
