@@ -1279,10 +1279,16 @@ def _rate(k: Kernel, ceil: dict, tf32: bool, conv_efficiency: float, tf32x3: boo
     if k.kind != "conv":
         return rate
     key = efficiency_key(k)
-    mode = "tf32x3" if tf32x3 else "tf32" if tf32 else "fp32"
-    if efficiencies and getattr(efficiencies, "mode", "fp32") == mode and key in efficiencies:
+    if _applies(efficiencies, tf32, tf32x3) and key in efficiencies:
         return rate * efficiencies[key]
     return rate * conv_efficiency
+
+
+def _applies(efficiencies, tf32: bool, tf32x3: bool) -> bool:
+    """Whether per-call `efficiencies` (`ffma_efficiencies`) price the mode asked for (their `mode`:
+    "fp32", "tf32" or "tf32x3"; efficiencies of another mode are ignored)."""
+    mode = "tf32x3" if tf32x3 else "tf32" if tf32 else "fp32"
+    return bool(efficiencies) and getattr(efficiencies, "mode", "fp32") == mode
 
 
 CONV_CALLS = ("conv_forward", "conv_data_grad", "conv_weight_grad")
@@ -1591,8 +1597,7 @@ def summarize(res: TraceResult, ceilings: str = "h100", tf32: bool = False, conv
         prediction=("PREDICTION from device ceilings (%s), not a measurement" % ceil["device"]) if measured
         else f"no prediction: {ceil['device']}",
         ceilings=ceilings, tf32=tf32, tf32x3=tf32x3, conv_efficiency=conv_efficiency,
-        conv_efficiency_per_call=bool(efficiencies) and getattr(efficiencies, "mode", "fp32") == (
-            "tf32x3" if tf32x3 else "tf32" if tf32 else "fp32"),
+        conv_efficiency_per_call=_applies(efficiencies, tf32, tf32x3),
         top_names=dict(sorted(by_name.items(), key=lambda kv: -kv[1]["kernels"])[:20]),
         ceiling_values={k: v for k, v in ceil.items() if k != "sources"},
         predicted_split_ms=(dict(compute_bound=compute_ms, bandwidth_bound=bytes_ms, launches=launch_ms)
