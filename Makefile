@@ -85,5 +85,6 @@ gpu-second:
 	STAGES=env,build,import,bench,convab,profiledefault,ncu,precision,memcheck DEADLINE=$(SECOND_DEADLINE) BENCH_LIMIT=140 \
 	PROFILEDEFAULT_LIMIT=45 CONVAB_LIMIT=60 NCU_LIMIT=35 PRECISION_LIMIT=40 MEMCHECK_LIMIT=35 \
 	BENCH_ARGS="--device cuda --workloads omniglot_20w1s,miniimagenet_5w1s --learners fast,reference,jax \
-	--backends native --conv-impls auto --first-blocks unfused,fused --conv-precisions auto,tf32x3,tf32 --no-sweeps \
+	--backends native --conv-impls auto --first-blocks unfused,fused --conv-precisions auto,tf32x3,tf32 \
+	--conv-streams default,on --no-sweeps \
 	--time-budget 115 --max-time 1.0" $(MAKE) gpu-session OUT="$(OUT)"

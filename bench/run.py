@@ -354,7 +354,7 @@ def _build_torchfunc(w, dev, a):
 
 
 def _build_fast(w, dev, a, backend: str, variant: str, conv_impl: str | None = None, first_block: str | None = None,
-                conv_precision: str | None = None):
+                conv_precision: str | None = None, conv_streams: bool | None = None):
     from mamlpp_fast import config as C
     from mamlpp_fast.ops import BackendFallbackWarning, available_backends, get_backend, set_backend
     from mamlpp_fast.ops.conv import clear_conv_cache
@@ -375,6 +375,10 @@ def _build_fast(w, dev, a, backend: str, variant: str, conv_impl: str | None = N
         if "conv_precision" not in C.DEFAULTS:
             raise NotApplicable("the fast learner has no config key 'conv_precision' yet")
         over["conv_precision"] = conv_precision
+    if conv_streams is not None:
+        if "conv_streams" not in C.DEFAULTS:
+            raise NotApplicable("the fast learner has no config key 'conv_streams' yet")
+        over["conv_streams"] = conv_streams
     if variant == "cuda_graph":
         if dev.type != "cuda":
             raise NotApplicable("CUDA graphs need a CUDA device")
@@ -604,14 +608,23 @@ def plan(a, dev) -> list[dict[str, Any]]:
                                 items.append({"section": "main", "workload": w, "learner": "fast", "backend": be,
                                               "variant": v, "conv_impl": ci,
                                               "first_block": None if fb == "auto" else fb,
-                                              "conv_precision": _precision_item(a.conv_precisions[0])})
+                                              "conv_precision": _precision_item(a.conv_precisions[0]),
+                                              "conv_streams": _streams_item(a.conv_streams[0])})
                     # the other input precisions of the Triton products: the captured update only (what the
                     # learner runs on a GPU), with the first conv_impl and first-block values
                     for cp in a.conv_precisions[1:]:
                         items.append({"section": "main", "workload": w, "learner": "fast", "backend": be,
                                       "variant": VARIANTS[-1], "conv_impl": a.conv_impls[0],
                                       "first_block": None if a.first_blocks[0] == "auto" else a.first_blocks[0],
-                                      "conv_precision": _precision_item(cp)})
+                                      "conv_precision": _precision_item(cp),
+                                      "conv_streams": _streams_item(a.conv_streams[0])})
+                    # the other conv_streams values: likewise, with the first precision
+                    for cs in a.conv_streams[1:]:
+                        items.append({"section": "main", "workload": w, "learner": "fast", "backend": be,
+                                      "variant": VARIANTS[-1], "conv_impl": a.conv_impls[0],
+                                      "first_block": None if a.first_blocks[0] == "auto" else a.first_blocks[0],
+                                      "conv_precision": _precision_item(a.conv_precisions[0]),
+                                      "conv_streams": _streams_item(cs)})
             elif learner == "trainer":  # the experiment loop end to end (bench/trainer_bench.py)
                 for source in TB.sources_for(w, a.omniglot_dir):
                     for workers in a.trainer_workers:
@@ -637,6 +650,11 @@ def plan(a, dev) -> list[dict[str, Any]]:
 def _precision_item(value: str) -> str | None:
     """A --conv-precisions value as the item's conv_precision: None for auto (the learner's default)."""
     return None if value == "auto" else value
+
+
+def _streams_item(value: str) -> bool | None:
+    """A --conv-streams value as the item's conv_streams: None for default (the learner's default)."""
+    return None if value == "default" else value == "on"
 
 
 def _same_config(w1, w2) -> bool:
@@ -678,6 +696,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "tf32, tf32x3: the input precision of its Triton convolution and fused-block products); "
                         "the first applies to every main item, each further one adds the captured update with the "
                         "first --conv-impls and --first-blocks values (default auto)")
+    p.add_argument("--conv-streams", default="default",
+                   help="comma-separated values of the fast learner's config key conv_streams (default, off, on: "
+                        "a convolution's weight gradient on a second stream beside its data gradient); the first "
+                        "applies to every main item, each further one adds the captured update with the first "
+                        "--conv-impls, --first-blocks and --conv-precisions values (default: default)")
     p.add_argument("--no-conv-table", action="store_true",
                    help="do not time the convolution implementations at the workloads' layer shapes")
     p.add_argument("--time-budget", type=float, default=None,
@@ -738,6 +761,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if bad:
         p.error(f"unknown first block value(s) {bad}; choose from auto,fused,unfused")
     a.conv_precisions = [x.strip() for x in a.conv_precisions.split(",") if x.strip()] or ["auto"]
+    a.conv_streams = [x.strip() for x in a.conv_streams.split(",") if x.strip()] or ["default"]
+    bad = [x for x in a.conv_streams if x not in ("default", "off", "on")]
+    if bad:
+        p.error(f"unknown conv streams value(s) {bad}; choose from default,off,on")
     bad = [x for x in a.conv_precisions if x not in ("auto", "ieee", "tf32", "tf32x3")]
     if bad:
         p.error(f"unknown conv precision(s) {bad}; choose from auto,ieee,tf32,tf32x3")
@@ -835,7 +862,8 @@ def _run(a, argv: list[str]) -> int:
         row: dict[str, Any] = {"section": item["section"], "workload": w.name, "learner": item["learner"],
                                "backend": item["backend"], "variant": item["variant"], "batch_size": w.batch_size,
                                "steps": w.steps, "config": w.to_dict(), "conv_impl": item.get("conv_impl"),
-                               "first_block": item.get("first_block"), "conv_precision": item.get("conv_precision")}
+                               "first_block": item.get("first_block"), "conv_precision": item.get("conv_precision"),
+                               "conv_streams": item.get("conv_streams")}
         if item["learner"] == "trainer":
             row.update(dataset=item["dataset"], num_dataprovider_workers=item["workers"])
         label = f"{w.name} {item['learner']}" + (f"[{item['backend']}]" if item["backend"] else "") + \
@@ -843,12 +871,14 @@ def _run(a, argv: list[str]) -> int:
             ("" if item["variant"] == "eager" else f" {item['variant']}") + \
             (f" conv={item['conv_impl']}" if item.get("conv_impl") else "") + \
             (f" first_block={item['first_block']}" if item.get("first_block") else "") + \
-            (f" conv_precision={item['conv_precision']}" if item.get("conv_precision") else "")
+            (f" conv_precision={item['conv_precision']}" if item.get("conv_precision") else "") + \
+            (f" conv_streams={'on' if item['conv_streams'] else 'off'}" if item.get("conv_streams") is not None else "")
         # a sweep point identical to a main-table item reuses that measurement
         twin = next((r for r in results if r["section"] == "main" and r["learner"] == row["learner"]
                      and r["backend"] == row["backend"] and r["variant"] == row["variant"]
                      and r.get("conv_impl") == row["conv_impl"] and r.get("first_block") == row["first_block"]
-                     and r.get("conv_precision") == row["conv_precision"] and _same_config(W.Workload(**r["config"]), w)), None)
+                     and r.get("conv_precision") == row["conv_precision"] and r.get("conv_streams") == row["conv_streams"]
+                     and _same_config(W.Workload(**r["config"]), w)), None)
         if item["section"] != "main" and twin is not None:
             row.update({k: v for k, v in twin.items() if k not in row or k in ("status", "reason")})
             row["note"] = f"same measurement as the main table's {twin['workload']}"
@@ -874,9 +904,9 @@ def _run(a, argv: list[str]) -> int:
                                             measure_reference=first)
             elif item["learner"] == "fast":
                 be, var, ci, fb = item["backend"], item["variant"], item.get("conv_impl"), item.get("first_block")
-                cp = item.get("conv_precision")
-                r = measure_torch_item(lambda w_, d_, a_: _build_fast(w_, d_, a_, be, var, ci, fb, cp), w, dev, a,
-                                       warmup)
+                cp, cs = item.get("conv_precision"), item.get("conv_streams")
+                r = measure_torch_item(lambda w_, d_, a_: _build_fast(w_, d_, a_, be, var, ci, fb, cp, cs), w, dev,
+                                       a, warmup)
                 if ci == "auto":
                     r["conv_choices"] = _conv_choices_made()
             else:
@@ -920,6 +950,7 @@ def speedups(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                    and x["learner"] == "torchfunc" and x.get("status") == "ok"), None)
         out.append({"workload": r["workload"], "learner": r["learner"], "backend": r["backend"],
                     "variant": r["variant"], "conv_impl": r.get("conv_impl"), "first_block": r.get("first_block"),
+                    "conv_precision": r.get("conv_precision"), "conv_streams": r.get("conv_streams"),
                     "vs_reference": r["updates_per_s"] / ref["updates_per_s"] if ref else None,
                     "vs_torchfunc": r["updates_per_s"] / tf["updates_per_s"] if tf else None,
                     "vs_reference_process_cpu_time": (ref["cpu_time_median_s"] / r["cpu_time_median_s"]
@@ -976,6 +1007,8 @@ def _learner_label(r) -> str:
         s += f" first_block={r['first_block']}"
     if r.get("conv_precision"):
         s += f" conv_precision={r['conv_precision']}"
+    if r.get("conv_streams") is not None:
+        s += f" conv_streams={'on' if r['conv_streams'] else 'off'}"
     if r.get("variant") and r["variant"] != "eager":
         s += " + CUDA graph"
     return s

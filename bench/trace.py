@@ -160,6 +160,8 @@ class Kernel:
     programs: int = 0       # CTAs of a launch that cannot fill the device (0: it fills it); see `_share`
     consts: Any = None      # fused first block: the constexprs that tell its pass's kernel apart (`_block_efficiency`)
     chain: int = 0          # a program's dependent steps of little work each (0: none modelled); `longest_chains`
+    group: int = 0          # > 0: launched inside a `side_by_side` pair (config key conv_streams); `side_by_side_counts`
+    branch: int = 0         # in such a pair: 0 on the current stream, 1 on the side stream
 
 
 @dataclass
@@ -241,6 +243,21 @@ class _Recorder:
         self.sms = sms
         self.hidden = 0                  # > 0: aten ops are parts of a custom op, not recorded
         self.scope: list[str] = []       # 'params' scopes: lslr, adam, running_stats, finite_check
+        self.group = self.branch = 0     # the `side_by_side` pair (and its branch) being recorded, 0: none
+        self.groups = 0
+
+    @contextlib.contextmanager
+    def side(self, branch: int):
+        """mamlpp_fast.triton._device's observer: the launches of one branch of a `side_by_side` pair
+        (branch 0 opens a new pair)."""
+        if branch == 0:
+            self.groups += 1
+        saved = (self.group, self.branch)
+        self.group, self.branch = self.groups, branch
+        try:
+            yield
+        finally:
+            self.group, self.branch = saved
 
     @contextlib.contextmanager
     def hide(self):
@@ -273,6 +290,8 @@ class _Recorder:
         if self.scope and kw.get("kind") not in ("conv", "bn", "lslr"):
             kw["kind"] = self.scope[-1]  # adam, running_stats, finite_check
         kw.setdefault("node", _node_label())
+        kw.setdefault("group", self.group)
+        kw.setdefault("branch", self.branch)
         self.kernels.append(Kernel(**kw))
 
 
@@ -1010,7 +1029,7 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
                       conv_impl: str = "triton", cuda_graph: bool = True, sms: int = 132,
                       quick: bool = False, seed: int = 0, first_block: str = "auto",
                       bn_pool: str = "auto", epoch: int = 0, head: str = "auto",
-                      conv_precision: str = "auto") -> TraceResult:
+                      conv_precision: str = "auto", conv_streams: bool = False) -> TraceResult:
     """Run one meta-update of the fast learner on the CPU and return the simulated GPU kernels.
     first_block: "fused" (the first layer as mamlpp_fast.ops.conv_block's op on its Triton kernels),
     "unfused", or "auto": fused with the cuda and triton backends, unfused with torch (trees without
@@ -1023,7 +1042,9 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
     msl_epochs on, MSL is off and the target set is passed after the last step only).
     conv_precision: the learner's config key conv_precision (auto, ieee, tf32, tf32x3): the input
     precision of the Triton convolutions' products, which selects their launch configurations
-    (tensor-core tiles for tf32 and tf32x3)."""
+    (tensor-core tiles for tf32 and tf32x3).
+    conv_streams: the learner's config key conv_streams: the launches a device would run side by side on two
+    streams are marked (`Kernel.group`, `Kernel.branch`; `side_by_side_counts`)."""
     import torch
 
     from mamlpp_fast import fast as fast_mod
@@ -1091,6 +1112,16 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
         if not hasattr(args, "conv_precision"):
             raise MamlppError(f"bench.trace: this tree has no config key conv_precision ({conv_precision!r} asked)")
         args.conv_precision = conv_precision
+    observer = None
+    if conv_streams:
+        try:
+            from mamlpp_fast.triton import _device as device_mod
+            observer = device_mod._OBSERVER
+        except (ImportError, AttributeError):
+            observer = None
+        if observer is None or not hasattr(args, "conv_streams"):
+            raise MamlppError("bench.trace: this tree has no config key conv_streams (--conv-streams asked)")
+        args.conv_streams = True
     model = fast_mod.MAMLFewShotClassifier(im_shape(w), "cpu", args)
     # the object that owns the meta-optimizer and the finiteness check: the learner core (older trees: the
     # learner itself)
@@ -1224,6 +1255,8 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
             setp(fast_mod.MAMLFewShotClassifier, name, staticmethod(consts))
         if conv_mod is not None:
             model.args.conv_impl = conv_impl
+        if observer is not None:
+            observer[0] = rec.side
         if hasattr(model, "current_epoch"):
             model.current_epoch = epoch  # what run_train_iter sets before the captured region
         # computed once per epoch, outside the captured region (fast.py `_importance`)
@@ -1255,11 +1288,13 @@ def trace_meta_update(workload: str = "omniglot_20w1s", batch_size: int | None =
         for obj, name in patches:
             setp(obj, name, saved[(id(obj), name)])
         set_backend(previous_backend)
+        if observer is not None:
+            observer[0] = None
     from .flops import flops_from_args
     an = flops_from_args(make_args(w), epoch=epoch)
     cfg = dict(workload=w.name, batch_size=w.batch_size, backend=backend, conv_impl=conv_impl,
                first_block=first_block, bn_pool=bn_pool, head=head, epoch=epoch, cuda_graph=cuda_graph, sms=sms,
-               conv_precision=conv_precision, analytic_flops_total=an["total"], analytic_flops_minimal=an["minimal"],
+               conv_precision=conv_precision, conv_streams=conv_streams, analytic_flops_total=an["total"], analytic_flops_minimal=an["minimal"],
                workload_detail=w.to_dict())
     return TraceResult(cfg, rec.kernels)
 
@@ -1615,8 +1650,41 @@ def summarize(res: TraceResult, ceilings: str = "h100", tf32: bool = False, conv
     if out["conv_efficiency_per_call"] and measured:
         out["by_call"] = _by_call(res, ceil, graph, conv_efficiency, efficiencies, tf32, tf32x3)
     out["longest_chains"] = longest_chains(res)
+    pairs = side_by_side_counts(res)
+    if pairs is not None:
+        out["side_by_side"] = pairs
     out["max_chain"] = max((c["chain"] for c in out["longest_chains"]), default=0)
     return out
+
+
+def side_by_side_counts(res: TraceResult) -> dict | None:
+    """With config key conv_streams (`trace_meta_update(conv_streams=True)`): the `side_by_side` pairs a
+    device would run on two streams, the launches on the side stream, and `serial_kernels`, the launches
+    left one after another when each pair costs its longer branch (every launch outside a pair, plus per
+    pair the larger of its two branches' launch counts); per layer (the layer of the pair's side-stream
+    launches). None when the trace has no pair. Not priced: the model's time of a launch is its FLOPs or
+    bytes at the device's rate plus a launch cost, which two streams do not change; what they can change,
+    launches that fill part of the device each running at once, is a latency effect the model leaves out."""
+    branches = defaultdict(lambda: [0, 0])
+    layer_of = {}
+    alone = 0
+    for k in res.kernels:
+        if k.group:
+            branches[k.group][k.branch] += k.launches
+            if k.branch == 1:
+                layer_of.setdefault(k.group, k.layer)
+        else:
+            alone += k.launches
+    if not branches:
+        return None
+    by_layer = defaultdict(lambda: dict(pairs=0, beside=0))
+    for g, (a, b) in branches.items():
+        d = by_layer[layer_of.get(g, "?")]
+        d["pairs"] += 1
+        d["beside"] += b
+    return dict(pairs=len(branches), beside=sum(b for _, b in branches.values()),
+                serial_kernels=alone + sum(max(a, b) for a, b in branches.values()),
+                by_layer=dict(sorted(by_layer.items())))
 
 
 def longest_chains(res: TraceResult, top: int = 10) -> list:
@@ -1690,6 +1758,14 @@ def to_markdown(s: dict) -> str:
         p = s["predicted_split_ms"]
         lines[-1] += (f" (compute-bound kernels {p['compute_bound']:.2f} ms, bandwidth-bound {p['bandwidth_bound']:.2f} ms, "
                       f"launches {p['launches']:.2f} ms).")
+    sbs = s.get("side_by_side")
+    if sbs:
+        lines += ["", (f"conv_streams: {sbs['pairs']} pairs of independent launches run on two streams, "
+                       f"{sbs['beside']} launches on the side stream; **{sbs['serial_kernels']:,} launches one after "
+                       f"another** of the {s['kernels']:,} (a pair costing its longer branch; `side_by_side_counts`, "
+                       "not priced). Per layer: "
+                       + ", ".join(f"{k} {v['pairs']} pairs ({v['beside']} beside)" for k, v in sbs["by_layer"].items())
+                       + ".")]
     cal = s.get("calibration")
     if cal:
         lines += ["", (f"Calibrated on a device profile ({cal['source']}; per-category factors {cal['factors']}): "
@@ -1991,6 +2067,9 @@ def main(argv=None) -> int:
                    help="also each convolution launch's resident warps per SM, from a bench.static_metrics JSON "
                         "of the same Triton's configurations (e.g. bench/results/static_metrics_sm90a_triton3.6.0.json "
                         "with --triton-configs 3.6)")
+    p.add_argument("--conv-streams", action="store_true",
+                   help="config key conv_streams on: mark the launches a device would run side by side on two "
+                        "streams and count those left one after another (serial_kernels)")
     p.add_argument("--out", default=None, help="also write the full summary (JSON) and a .md next to it")
     a = p.parse_args(argv)
     if a.calibrate:
@@ -2010,7 +2089,8 @@ def main(argv=None) -> int:
         # the learner's conv_precision for the priced mode: its tiles follow it (tensor-core tiles for TF32)
         res = trace_meta_update(a.workload, a.batch_size, a.backend, a.conv_impl, not a.no_cuda_graph, quick=a.quick,
                                 first_block=a.first_block, bn_pool=a.bn_pool, epoch=a.epoch, head=a.head,
-                                conv_precision="tf32x3" if a.tf32x3 else "tf32" if a.tf32 else "auto")
+                                conv_precision="tf32x3" if a.tf32x3 else "tf32" if a.tf32 else "auto",
+                                conv_streams=a.conv_streams)
         # under the same launch configurations as the trace
         effs = ffma_efficiencies(res, a.conv_efficiency_from) if a.conv_efficiency_from else None
         occ = resident_warps(res, a.occupancy_from) if a.occupancy_from else None
@@ -2072,7 +2152,9 @@ def main(argv=None) -> int:
                 "conv_efficiency_from", "ceilings", "kernels",
                 "bytes", "flops", "conv_linear_flops", "predicted_ms", "prediction", "analytic_flops_total", "analytic_flops_minimal",
                 "triton_configs", "calibrated_ms", "max_chain")
-        print(json.dumps({k: s.get(k) for k in keys}))
+        out = {k: s.get(k) for k in keys}
+        out["serial_kernels"] = s["side_by_side"]["serial_kernels"] if s.get("side_by_side") else None
+        print(json.dumps(out))
     else:
         print(to_markdown(s))
     return 0

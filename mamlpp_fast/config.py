@@ -109,6 +109,7 @@ DEFAULTS: dict[str, Any] = {
     "cudnn_benchmark": True,  # fast learner: cuDNN picks convolution algorithms by timing them
     "allow_tf32": False,  # TF32 convolutions/matmuls on GPUs that have them (faster, ~1e-3 less exact)
     "conv_precision": "auto",  # Triton conv / fused-block products: "auto" (follows allow_tf32) | "ieee" | "tf32" | "tf32x3"
+    "conv_streams": False,  # fast learner on CUDA: independent Triton convolution launches on two streams
     "conv_impl": "auto",  # fast learner: how the per-task convolutions run (mamlpp_fast.ops.conv)
     "first_block": "auto",  # fast learner: "fused" | "unfused" | "auto" (mamlpp_fast.ops.conv_block)
     "bn_pool": "auto",  # fast learner, layers after the first: "fused" | "unfused" | "auto" (mamlpp_fast.ops.bn_pool)

@@ -177,11 +177,14 @@ class LearnerCore:
         """Numerics of an iteration: strict float32 unless allow_tf32 (PyTorch's cuDNN defaults otherwise),
         cuDNN algorithm search when the learner asked for it (common.float32_precision), and the input
         precision of our Triton convolution and fused-block products (config key conv_precision: "ieee",
-        "tf32", "tf32x3"; "auto": TF32 exactly when allow_tf32; triton._device.forced_conv_precision)."""
-        from .triton._device import forced_conv_precision
+        "tf32", "tf32x3"; "auto": TF32 exactly when allow_tf32; triton._device.forced_conv_precision); and
+        whether independent Triton convolution launches run on two streams (config key conv_streams;
+        triton._device.side_by_side), which changes no result."""
+        from .triton._device import forced_conv_precision, forced_conv_streams
         mode = getattr(self.args, "conv_precision", "auto")
         with float32_precision(self.args.allow_tf32, self.cudnn_benchmark), \
-                forced_conv_precision(None if mode == "auto" else mode):
+                forced_conv_precision(None if mode == "auto" else mode), \
+                forced_conv_streams(getattr(self.args, "conv_streams", False)):
             yield
 
     def batch(self, data_batch):

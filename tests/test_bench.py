@@ -208,6 +208,36 @@ def test_device_calls_benchmark_arguments_parse():
     assert {name for name, _ in found} == {"Makefile", "gpu_session.sh"}, found
     make = [a for name, a in found if name == "Makefile"]
     assert any(a.conv_precisions[1:] for a in make), "gpu-second times no other conv precision"
+    assert any("on" in a.conv_streams for a in make), "gpu-second times no update with conv_streams on"
+
+
+def test_conv_streams_items():
+    """--conv-streams: like --conv-precisions, the first value applies to every fast main item and each
+    further one adds the captured update; the item's value reaches the learner as config key
+    conv_streams (None: the learner's default); unknown values are refused."""
+    import torch
+    from bench import run as R
+    from bench import workloads as W
+
+    a = R.parse_args(["--quick", "--device", "cpu", "--learners", "fast", "--backends", "torch",
+                      "--workloads", "quick_omniglot_3w1s", "--conv-precisions", "auto,tf32x3",
+                      "--conv-streams", "default,on,off", "--no-sweeps"])
+    items = R.plan(a, torch.device("cpu"))
+    assert [(i["variant"], i["conv_precision"], i["conv_streams"]) for i in items] == [
+        ("eager", None, None), ("cuda_graph", None, None), ("cuda_graph", "tf32x3", None),
+        ("cuda_graph", None, True), ("cuda_graph", None, False)]
+    from mamlpp_fast.ops import set_backend
+    w = W.workload_by_name("quick_omniglot_3w1s", True)
+    previous = set_backend(None)
+    try:
+        for value in (True, False):
+            _step, _extra, model = R._build_fast(w, torch.device("cpu"), a, "torch", "eager", None, None, None, value)
+            assert model.args.conv_streams is value
+    finally:
+        set_backend(previous)
+    assert R._learner_label({"learner": "fast", "conv_streams": True}) == "fast conv_streams=on"
+    with pytest.raises(SystemExit):
+        R.parse_args(["--conv-streams", "maybe"])
 
 
 FLOP_CASES = [  # (steps, stages, max_pooling, second_order, msl)

@@ -125,7 +125,7 @@ def test_harmless_coercions():
     ("multi_step_loss_num_epochs", 0), ("meta_learning_rate", -0.1), ("min_learning_rate", -1.0),
     ("dtype", "float16"), ("learner", "slow"), ("backend", "opencl"), ("norm_layer", "layer_norm"),
     ("conv_impl", "winograd"), ("conv_impl", 3), ("first_block", "always"), ("first_block", True),
-    ("conv_precision", "fp16"),
+    ("conv_precision", "fp16"), ("conv_streams", "sometimes"),
     ("image_height", 0), ("train_val_test_split", [0.5, 0.5]),
 ])
 def test_range_checks_name_the_key(key, value):

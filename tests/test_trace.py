@@ -763,3 +763,39 @@ def test_resident_warps_per_convolution_launch(monkeypatch, capsys):
             json.dump(data, f)
         with pytest.raises(MamlppError, match="has no strict-fp32 _conv_wgrad_kernel"):
             resident_warps(res, cut)
+
+
+@pytest.mark.parametrize("workload", ["quick_omniglot_3w1s", "quick_miniimagenet_3w1s"])
+def test_conv_streams_pairs_a_weight_gradient_with_launches_that_read_weights(workload):
+    """Config key conv_streams: the same kernels, bytes and FLOPs; the side stream of every pair runs a
+    weight gradient (and its partial sum) only, never a launch that reads or re-lays a weight (which
+    `side_by_side` forbids: the data side may make and cache that copy); each pair has a data side;
+    `serial_kernels` counts the launches outside pairs plus each pair's longer branch."""
+    off = trace_meta_update(workload, None, "cuda", "triton", True, quick=True)
+    on = trace_meta_update(workload, None, "cuda", "triton", True, quick=True, conv_streams=True)
+    assert [(k.name, k.layer, k.launches, k.bytes, k.flops) for k in on.kernels] == \
+        [(k.name, k.layer, k.launches, k.bytes, k.flops) for k in off.kernels]
+    assert not any(k.group for k in off.kernels) and summarize(off, "h200").get("side_by_side") is None
+    branches = {}
+    for k in on.kernels:
+        if k.group:
+            branches.setdefault(k.group, ([], []))[k.branch].append(k)
+    assert branches
+    for data, weight in branches.values():
+        assert data and weight
+        assert weight[0].name == "triton conv_wgrad"
+        assert all(k.name in ("triton conv_wgrad", "split partial sum (aten.sum)", "bias grad reduction")
+                   for k in weight), [k.name for k in weight]
+        assert any(k.name in ("triton conv_dgrad", "triton conv_fwd (dual)", "triton conv_fwd") for k in data)
+        assert len({k.layer for k in data + weight}) == 1
+    s = summarize(on, "h200")
+    sbs = s["side_by_side"]
+    total = sum(k.launches for k in on.kernels)
+    assert sbs["pairs"] == len(branches)
+    assert sbs["beside"] == sum(k.launches for _, w in branches.values() for k in w)
+    assert sbs["serial_kernels"] == total - sum(min(sum(k.launches for k in d), sum(k.launches for k in w))
+                                                for d, w in branches.values())
+    assert sum(v["pairs"] for v in sbs["by_layer"].values()) == sbs["pairs"]
+    # the learner's conv layers after the first (the first layer computes no data gradient)
+    assert set(sbs["by_layer"]) == {"conv1", "conv2", "conv3"}
+    assert s["kernels"] == summarize(off, "h200")["kernels"]

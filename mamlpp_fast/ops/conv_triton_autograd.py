@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from ..triton._device import side_by_side
 from ..triton.conv import conv_data_grad, conv_forward, conv_weight_grad
 
 __all__ = ["task_conv2d_triton"]
@@ -100,17 +101,24 @@ class _ConvGrads(torch.autograd.Function):
         ctx.meta = meta
         ctx.need = (need_x, need_w, need_b)
         ctx.set_materialize_grads(False)
-        outs = []
-        if need_x:
-            outs.append(conv_data_grad(gy, w, meta))
-        if need_w and need_b:
-            outs += conv_weight_grad(x, gy, meta, with_bias=True)
-        elif need_w:
-            outs.append(conv_weight_grad(x, gy, meta))
-        elif need_b:
-            b, co = meta[0], meta[1]
-            outs.append(gy.reshape(gy.shape[0], b, co, -1).sum((0, 3)))
-        return tuple(outs)
+
+        def weight_side():
+            if need_w and need_b:
+                return list(conv_weight_grad(x, gy, meta, with_bias=True))
+            if need_w:
+                return [conv_weight_grad(x, gy, meta)]
+            if need_b:
+                b, co = meta[0], meta[1]
+                return [gy.reshape(gy.shape[0], b, co, -1).sum((0, 3))]
+            return []
+
+        if not need_x:
+            return tuple(weight_side())
+        if not (need_w or need_b):
+            return (conv_data_grad(gy, w, meta),)
+        # independent launches (the weight gradient reads no weight): side by side with conv_streams
+        gx, rest = side_by_side(gy.device, lambda: conv_data_grad(gy, w, meta), weight_side)
+        return (gx, *rest)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -119,18 +127,34 @@ class _ConvGrads(torch.autograd.Function):
         it = iter(grads)
         u, v, vb = (next(it) if n else None for n in ctx.need)
         need_x, need_gy, need_w = ctx.needs_input_grad[:3]
-        dx = _ConvD.apply(gy, v, meta) if need_x and v is not None else None
-        dw = _ConvW.apply(u, gy, meta) if need_w and u is not None else None
-        dgy = None
-        if need_gy:
-            if u is not None and v is not None:
-                dgy = _ConvF2.apply(u, w, x, v, vb, meta)
-            elif u is not None or v is not None:  # vb rides on the one forward launch as its bias
-                dgy = _ConvF.apply(u, w, vb, meta) if u is not None else _ConvF.apply(x, v, vb, meta)
-            elif vb is not None:
-                b, co = meta[0], meta[1]
-                dgy = vb.reshape(1, b * co, 1, 1).expand(gy.shape)
+
+        want_dx, want_dw = need_x and v is not None, need_w and u is not None
+        want_dgy = need_gy and (u is not None or v is not None or vb is not None)
+
+        def data_side():
+            dx = _ConvD.apply(gy, v, meta) if want_dx else None
+            return dx, (_ConvGrads._dgy(x, gy, w, u, v, vb, meta) if want_dgy else None)
+
+        def weight_side():
+            return _ConvW.apply(u, gy, meta) if want_dw else None
+
+        if want_dw and (want_dx or want_dgy) and not torch.is_grad_enabled():
+            # the weight gradient reads no weight: beside the data gradient and d gy (conv_streams); not
+            # while a graph is being built (a third order), whose nodes would record the side stream
+            (dx, dgy), dw = side_by_side(gy.device, data_side, weight_side)
+        else:
+            (dx, dgy), dw = data_side(), weight_side()
         return dx, dgy, dw, None, None, None, None
+
+    @staticmethod
+    def _dgy(x, gy, w, u, v, vb, meta):
+        """d gy = F(u, w) + F(x, v) + vb from the upstream gradients present (u, v, vb; not all None)."""
+        if u is not None and v is not None:
+            return _ConvF2.apply(u, w, x, v, vb, meta)
+        if u is not None or v is not None:  # vb rides on the one forward launch as its bias
+            return _ConvF.apply(u, w, vb, meta) if u is not None else _ConvF.apply(x, v, vb, meta)
+        b, co = meta[0], meta[1]
+        return vb.reshape(1, b * co, 1, 1).expand(gy.shape)
 
 
 class _ConvD(torch.autograd.Function):

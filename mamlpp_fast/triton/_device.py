@@ -71,3 +71,79 @@ def _tile_counters(device, tiles: int):
     if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         _counters[key] = buf
     return buf
+
+
+# ---- independent launches side by side (config key conv_streams) ----------------------------------------
+_STREAMS = [False]   # whether `side_by_side` forks (the learner sets it around each iteration)
+_side_streams: dict = {}
+# bench.trace's observer: `side_by_side` on a CPU tensor with conv_streams on calls observer(branch) around
+# each of its two launches (a context manager; branch 0 on the current stream, 1 on the side stream), so
+# that the trace can tell which launches a device would run side by side
+_OBSERVER = [None]
+
+
+def conv_streams() -> bool:
+    """Whether independent convolution launches run on two streams (`side_by_side`; config key
+    conv_streams)."""
+    return _STREAMS[0]
+
+
+@contextlib.contextmanager
+def forced_conv_streams(on: bool):
+    """Set `conv_streams` for the launches made inside the block (the learner sets it around each
+    iteration from its config key conv_streams)."""
+    old = _STREAMS[0]
+    _STREAMS[0] = bool(on)
+    try:
+        yield
+    finally:
+        _STREAMS[0] = old
+
+
+def _side_stream(device, parent):
+    """The side stream of `parent` on `device`: one per (device, parent stream), created on first use."""
+    import torch
+
+    key = (str(device), parent.cuda_stream)
+    s = _side_streams.get(key)
+    if s is None:
+        s = _side_streams[key] = torch.cuda.Stream(device=device)
+    return s
+
+
+def side_by_side(device, first, second):
+    """(first(), second()): two thunks whose launches are independent of each other (neither reads what
+    the other writes). With `conv_streams` on a CUDA device, second's launches go to a side stream forked
+    from the current one and joined back before returning, so that the device may run both at once; a
+    CUDA-graph capture records the fork and the join as graph edges (two branches). Otherwise in order.
+
+    Why it is safe without `record_stream`: the side stream belongs to one parent stream and takes work
+    only inside this function, after waiting for everything queued on the parent so far. A tensor that
+    second() allocates lives in the side stream's pool; when it is freed, the caching allocator may hand
+    its memory out again only to a later allocation on the same side stream, which comes after a later
+    fork, so after every use of it queued on the parent before the fork. The inputs, allocated on the
+    parent, cannot be freed and reused before the join, which is queued on the parent before this
+    function returns. The two thunks must not share lazily made data: `first` may, for example, make
+    and cache a re-laid copy of a weight that `second` would read before the copy's kernel has run; the
+    callers pair a weight gradient (which reads no weight) with launches that do."""
+    obs = _OBSERVER[0]
+    if not _STREAMS[0]:
+        return first(), second()
+    if device.type != "cuda":
+        if obs is None:
+            return first(), second()
+        with obs(0):
+            a = first()
+        with obs(1):
+            b = second()
+        return a, b
+    import torch
+
+    parent = torch.cuda.current_stream(device)
+    side = _side_stream(device, parent)
+    side.wait_stream(parent)
+    with torch.cuda.stream(side):
+        b = second()
+    a = first()
+    parent.wait_stream(side)
+    return a, b

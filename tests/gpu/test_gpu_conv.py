@@ -317,3 +317,103 @@ def test_split_sum_in_kernel_on_cuda(shape, monkeypatch):
     monkeypatch.setenv("MAMLPP_CONV_SPLIT_SUM", "separate")
     for name, a, r in zip(("forward", "data gradient", "weight gradient", "bias gradient"), first, run()):
         assert rel(a, r) < FP32_RTOL, f"{name}: {rel(a, r):.3e}"
+
+
+@pytest.mark.parametrize("shape", SPLIT_GPU_SHAPES, ids=["omniglot-layer3", "miniimagenet-layer3"])
+def test_conv_streams_same_bits_on_cuda(shape):
+    """Config key conv_streams (`side_by_side`): a layer's second-order pattern (forward, inner gradients
+    with create_graph, outer backward) gives the same bits with the weight gradients on a side stream as
+    in order, eagerly (5 runs) and captured in a CUDA graph (two branches), whose replay after new inputs
+    are copied in matches the in-order eager result on them; the side stream was used; the in-kernel
+    split sums' tickets (one buffer per stream) are zero afterwards. At layers whose three launches all
+    split, so that both streams' launches elect last programs at the same time."""
+    from mamlpp_fast.ops.conv_triton_autograd import task_conv2d_triton
+    from mamlpp_fast.triton import _device as D
+    from mamlpp_fast.triton import conv as T
+
+    n, b, ci, co, h, k, s, p = shape
+    ho = (h + 2 * p - k) // s + 1
+    gen = torch.Generator(device="cuda").manual_seed(fresh_seed())
+
+    def rnd(*size):
+        return torch.randn(*size, device="cuda", generator=gen)
+
+    x, w, bias = rnd(n, b * ci, h, h), rnd(b, co, ci, k, k), rnd(b, co)
+    for t in (x, w, bias):
+        t.requires_grad_(True)
+    probes = [rnd(n, b * co, ho, ho), rnd(n, b * co, ho, ho), rnd(*x.shape), rnd(*w.shape), rnd(*bias.shape)]
+
+    def pattern():
+        y = task_conv2d_triton(x, w, bias, b, (s, s), (p, p))
+        gx, gw, gb = torch.autograd.grad((y * probes[0]).sum(), (x, w, bias), create_graph=True)
+        outer = (y * probes[1]).sum() + (gx * probes[2]).sum() + (gw * probes[3]).sum() + (gb * probes[4]).sum()
+        return [t.detach() for t in (y, gx, gw, gb, *torch.autograd.grad(outer, (x, w, bias)))]
+
+    def same(got, want):
+        return all(torch.equal(a, r) for a, r in zip(got, want))
+
+    D._side_streams.clear()
+    with D.forced_conv_streams(False):
+        ref = [t.clone() for t in pattern()]
+    assert not D._side_streams
+    with D.forced_conv_streams(True):
+        for _ in range(5):
+            assert same(pattern(), ref), "side stream changed the bits (eager)"
+        assert D._side_streams, "no side stream was used"
+        warm = torch.cuda.Stream()
+        warm.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(warm):
+            pattern()
+        torch.cuda.current_stream().wait_stream(warm)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = pattern()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert same(outs, ref), "side stream changed the bits (captured)"
+        with torch.no_grad():
+            for t in (x, w, bias, *probes):
+                t.copy_(rnd(*t.shape))
+        graph.replay()
+        torch.cuda.synchronize()
+        replayed = [t.clone() for t in outs]
+    with D.forced_conv_streams(False):
+        assert same(replayed, pattern()), "captured branches disagree with the in-order result on new inputs"
+    torch.cuda.synchronize()
+    assert all(int(c.abs().sum()) == 0 for c in T._counters.values())
+
+
+def test_fast_learner_conv_streams_matches_reference_on_cuda():
+    """The fast learner with Triton convolutions and conv_streams on, captured in a CUDA graph, against
+    the reference learner in float64 (1e-9), and with the same bits as conv_streams off."""
+    from mamlpp_fast.config import default_args
+    from mamlpp_fast.fast import MAMLFewShotClassifier as Fast
+    from mamlpp_fast.reference import MAMLFewShotClassifier as Reference
+    from mamlpp_fast.triton import _device as D
+
+    seed = fresh_seed()
+    shape = (2, 1, 28, 28)
+    learners = {}
+    for streams in (False, True):
+        args = default_args(dtype="float64", cnn_num_filters=32, num_classes_per_set=5,
+                            number_of_training_steps_per_iter=3, number_of_evaluation_steps_per_iter=3,
+                            conv_impl="triton", cuda_graph=True, conv_streams=streams)
+        learners[streams] = Fast(shape, "cuda", args)
+    ref = Reference(shape, "cuda", learners[True].args)
+    for f in learners.values():
+        f.load_state_dict(ref.state_dict())
+    D._side_streams.clear()
+    for it in range(3):  # warm-up, capture, replay
+        batch = learnable_batch(4, 5, 1, 2, 1, 28, 28, seed + it)
+        lr_, pr = ref.run_train_iter(batch, 0)
+        (l0, p0), (l1, p1) = (learners[s].run_train_iter(batch, 0) for s in (False, True))
+        assert rel(torch.as_tensor(l1["loss"]), torch.as_tensor(lr_["loss"])) < 1e-9, (it, seed)
+        for a, b in zip(p1, pr):
+            assert rel(torch.as_tensor(a), torch.as_tensor(b)) < 1e-9, (it, seed)
+        assert l0["loss"] == l1["loss"], (it, seed)
+        assert all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in zip(p0, p1)), (it, seed)
+    assert D._side_streams, "no side stream was used"
+    for f in learners.values():
+        assert f._graph_failed is None and len(f._graphs) == 1
+    assert all(torch.equal(a, b) for a, b in zip(learners[False].state_dict().values(),
+                                                  learners[True].state_dict().values()))

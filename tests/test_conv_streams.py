@@ -1,0 +1,74 @@
+"""`mamlpp_fast.triton._device.side_by_side` (config key conv_streams) on a CPU: in order, whatever the
+setting, the observer bench.trace uses told of each branch only when the setting is on, and the learner
+setting it around each iteration from its config key. The device side (two streams, a CUDA graph's two
+branches, the same bits) is tests/gpu/test_gpu_conv.py's `test_conv_streams_*`."""
+import contextlib
+
+import pytest
+import torch
+
+from mamlpp_fast.triton import _device as D
+
+
+def _calls():
+    log = []
+
+    def thunk(name, value):
+        def f():
+            log.append(name)
+            return value
+        return f
+    return log, thunk
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_side_by_side_runs_both_in_order_on_a_cpu(on):
+    log, thunk = _calls()
+    with D.forced_conv_streams(on):
+        a, b = D.side_by_side(torch.device("cpu"), thunk("first", 1), thunk("second", [2]))
+    assert (a, b) == (1, [2]) and log == ["first", "second"]
+    assert D.conv_streams() is False
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_observer_sees_each_branch_only_when_on(on):
+    log, thunk = _calls()
+    seen = []
+
+    @contextlib.contextmanager
+    def observer(branch):
+        seen.append(("enter", branch))
+        yield
+        seen.append(("exit", branch))
+
+    D._OBSERVER[0] = observer
+    try:
+        with D.forced_conv_streams(on):
+            D.side_by_side(torch.device("cpu"), thunk("first", 1), thunk("second", 2))
+    finally:
+        D._OBSERVER[0] = None
+    assert log == ["first", "second"]
+    assert seen == ([("enter", 0), ("exit", 0), ("enter", 1), ("exit", 1)] if on else [])
+
+
+def test_setting_restored_after_an_error():
+    with pytest.raises(RuntimeError):
+        with D.forced_conv_streams(True):
+            assert D.conv_streams()
+            raise RuntimeError("inside")
+    assert D.conv_streams() is False
+
+
+def test_learner_sets_conv_streams_from_its_config():
+    from mamlpp_fast.config import ConfigError, default_args
+    from mamlpp_fast.fast import MAMLFewShotClassifier
+
+    with pytest.raises(ConfigError, match="conv_streams"):
+        default_args(conv_streams="yes please")
+    for value in (False, True):
+        args = default_args(cnn_num_filters=4, num_classes_per_set=2, number_of_training_steps_per_iter=1,
+                            number_of_evaluation_steps_per_iter=1, conv_streams=value)
+        model = MAMLFewShotClassifier((1, 1, 28, 28), "cpu", args)
+        with model.core.precision():
+            assert D.conv_streams() is value
+        assert D.conv_streams() is False
