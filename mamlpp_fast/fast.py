@@ -126,6 +126,7 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         self._importance_cache: tuple[int, torch.Tensor, list] | None = None
         self._graphs: dict = {}
         self._graph_failed: str | None = None
+        self._stream = None  # warm-up and capture stream of the CUDA graphs (`_capture_stream`)
         # The meta-optimizer: with CUDA graphs, (fused) Adam with its step count and learning rate on the
         # device (capturable), so that the captured step reads the current epoch's rate from a tensor the host
         # fills before each replay. cuDNN algorithm search (config key cudnn_benchmark, default on): the
@@ -644,7 +645,7 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         entry = self._graphs.get(key)
         if entry is None:
             # Warm-up on a side stream (a real update), then capture for the next calls of this phase.
-            side = torch.cuda.Stream(device=self.device)
+            side = self._capture_stream()
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 loss, accuracy, preds, finite, stats = self._train_step_tensors(data, epoch, importance)
@@ -742,6 +743,16 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
                 out.append(t.clone())
         return out
 
+    def _capture_stream(self):
+        """The stream the warm-up updates run on and the graphs are captured on: one, so that the
+        launchers' per-stream buffers that the warm-up made and cached (`triton._device._tile_counters`,
+        the tickets of the kernels that elect a last program; those of the conv_streams side stream of
+        this stream) are the ones the capture finds. On a stream the warm-up never ran on, each such
+        launch allocated and zeroed a buffer inside the graph (one more node each)."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=self.device)
+        return self._stream
+
     def _capture(self, key, data, epoch, importance) -> None:
         static_in = self._static_inputs(data)
         static_imp = importance.clone()
@@ -749,9 +760,10 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         step_graph = torch.cuda.CUDAGraph()
         try:
             self.optimizer.zero_grad(set_to_none=True)
-            with torch.cuda.graph(graph):
+            stream = self._capture_stream()
+            with torch.cuda.graph(graph, stream=stream):
                 outs = self._train_step_tensors(static_in, epoch, static_imp)
-            with torch.cuda.graph(step_graph, pool=graph.pool()):
+            with torch.cuda.graph(step_graph, pool=graph.pool(), stream=stream):
                 self.optimizer.step()
         except Exception as e:  # noqa: BLE001 - any capture failure means: run uncaptured
             self._graph_failed = f"{type(e).__name__}: {e}"

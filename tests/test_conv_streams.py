@@ -72,3 +72,27 @@ def test_learner_sets_conv_streams_from_its_config():
         with model.core.precision():
             assert D.conv_streams() is value
         assert D.conv_streams() is False
+
+
+def test_ticket_buffer_grows_keeps_the_old_one_alive_and_counts_no_capture_allocation_on_a_cpu():
+    """`_tile_counters`: one zeroed buffer per (device, stream), reused while large enough, replaced by a
+    larger one (at least twice the size) when not; the replaced one is kept alive, since a CUDA graph
+    captured on that stream may use it; a CPU call never counts as an allocation inside a capture."""
+    dev = torch.device("cpu")
+    key = (str(dev), 0)
+    saved_counters, saved_retired, saved_allocs = dict(D._counters), list(D._retired), D.capture_allocations()
+    D._counters.pop(key, None)
+    try:
+        a = D._tile_counters(dev, 10)
+        assert a.numel() >= 4096 and int(a.abs().sum()) == 0 and a.dtype == torch.int32
+        assert D._tile_counters(dev, 4096) is a
+        retired = len(D._retired)
+        b = D._tile_counters(dev, 5000)
+        assert b is not a and b.numel() >= 8192 and int(b.abs().sum()) == 0
+        assert len(D._retired) == retired + 1 and D._retired[-1] is a
+        assert D._tile_counters(dev, 7) is b
+        assert D.capture_allocations() == saved_allocs
+    finally:
+        D._counters.clear()
+        D._counters.update(saved_counters)
+        D._retired[:] = saved_retired

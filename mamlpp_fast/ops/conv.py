@@ -277,9 +277,18 @@ def _cuda_ms(run, reps: int) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     graph = None
     try:
+        # one warm-up run on the capture stream: the launchers' per-stream buffers (the Triton kernels'
+        # tickets, `triton._device._tile_counters`) are cached outside a capture only, so a capture on a
+        # stream that never ran would record a zero-fill per launch that takes one, which the learner's
+        # own captured update (warmed up on its capture stream) does not run
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            run()
+        torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=stream):
             run()
         graph.replay()
         step = graph.replay

@@ -58,19 +58,38 @@ def _tile_counters(device, tiles: int):
     leaves its counters at zero (the last program of a tile resets its own), so one buffer per device and
     stream serves all launches, which run one after another on their stream, CUDA-graph replays
     included. Kept (and grown) outside graph capture only, so that no cached tensor lives in a graph's
-    private pool; a capture that needs a larger buffer allocates and zeroes one of its own."""
+    private pool; a capture that needs a larger buffer allocates and zeroes one of its own (one more node
+    in the graph: `capture_allocations`; a capture on a stream that ran the same launches before finds
+    the cached one). A buffer replaced by a larger one stays alive (`_retired`): a graph may use it."""
     import torch
 
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream)
-    buf = _counters.get(key)
-    if buf is not None and buf.numel() >= tiles:
-        return buf
-    size = max(tiles, 4096, 2 * (buf.numel() if buf is not None else 0))
+    old = _counters.get(key)
+    if old is not None and old.numel() >= tiles:
+        return old
+    size = max(tiles, 4096, 2 * (old.numel() if old is not None else 0))
     buf = torch.zeros(size, dtype=torch.int32, device=device)
-    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        _capture_allocations[0] += 1
+    else:
         _counters[key] = buf
+        if old is not None:  # a graph captured on this stream may use it: never freed
+            _retired.append(old)
     return buf
+
+
+# buffers of `_tile_counters` replaced by larger ones, kept alive for the CUDA graphs that may use them
+_retired: list = []
+# how many buffers `_tile_counters` allocated (and zeroed) inside a CUDA-graph capture: one graph node each,
+# on a stream whose buffer no run outside the capture had cached (the learner warms up on its capture
+# stream so that this stays 0; tests/gpu checks it)
+_capture_allocations = [0]
+
+
+def capture_allocations() -> int:
+    """Ticket buffers `_tile_counters` has allocated inside CUDA-graph captures in this process."""
+    return _capture_allocations[0]
 
 
 # ---- independent launches side by side (config key conv_streams) ----------------------------------------

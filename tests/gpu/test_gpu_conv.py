@@ -325,8 +325,9 @@ def test_conv_streams_same_bits_on_cuda(shape):
     with create_graph, outer backward) gives the same bits with the weight gradients on a side stream as
     in order, eagerly (5 runs) and captured in a CUDA graph (two branches), whose replay after new inputs
     are copied in matches the in-order eager result on them; the side stream was used; the in-kernel
-    split sums' tickets (one buffer per stream) are zero afterwards. At layers whose three launches all
-    split, so that both streams' launches elect last programs at the same time."""
+    split sums' tickets (one buffer per stream) are zero afterwards, and the capture, made on the stream
+    the warm-up ran on, allocated none. At layers whose three launches all split, so that both streams'
+    launches elect last programs at the same time."""
     from mamlpp_fast.ops.conv_triton_autograd import task_conv2d_triton
     from mamlpp_fast.triton import _device as D
     from mamlpp_fast.triton import conv as T
@@ -366,8 +367,10 @@ def test_conv_streams_same_bits_on_cuda(shape):
             pattern()
         torch.cuda.current_stream().wait_stream(warm)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        allocs = D.capture_allocations()
+        with torch.cuda.graph(graph, stream=warm):
             outs = pattern()
+        assert D.capture_allocations() == allocs, "ticket buffers zeroed inside the capture"
         graph.replay()
         torch.cuda.synchronize()
         assert same(outs, ref), "side stream changed the bits (captured)"
@@ -385,7 +388,8 @@ def test_conv_streams_same_bits_on_cuda(shape):
 
 def test_fast_learner_conv_streams_matches_reference_on_cuda():
     """The fast learner with Triton convolutions and conv_streams on, captured in a CUDA graph, against
-    the reference learner in float64 (1e-9), and with the same bits as conv_streams off."""
+    the reference learner in float64 (1e-9), and with the same bits as conv_streams off; neither capture
+    allocates a ticket buffer (`capture_allocations`: the learner warms up on its capture stream)."""
     from mamlpp_fast.config import default_args
     from mamlpp_fast.fast import MAMLFewShotClassifier as Fast
     from mamlpp_fast.reference import MAMLFewShotClassifier as Reference
@@ -403,6 +407,7 @@ def test_fast_learner_conv_streams_matches_reference_on_cuda():
     for f in learners.values():
         f.load_state_dict(ref.state_dict())
     D._side_streams.clear()
+    allocs = D.capture_allocations()
     for it in range(3):  # warm-up, capture, replay
         batch = learnable_batch(4, 5, 1, 2, 1, 28, 28, seed + it)
         lr_, pr = ref.run_train_iter(batch, 0)
@@ -413,6 +418,7 @@ def test_fast_learner_conv_streams_matches_reference_on_cuda():
         assert l0["loss"] == l1["loss"], (it, seed)
         assert all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in zip(p0, p1)), (it, seed)
     assert D._side_streams, "no side stream was used"
+    assert D.capture_allocations() == allocs, "the learner's captures zeroed ticket buffers inside the graph"
     for f in learners.values():
         assert f._graph_failed is None and len(f._graphs) == 1
     assert all(torch.equal(a, b) for a, b in zip(learners[False].state_dict().values(),
