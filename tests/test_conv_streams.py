@@ -1,7 +1,9 @@
-"""`mamlpp_fast.triton._device.side_by_side` (config key conv_streams) on a CPU: in order, whatever the
-setting, the observer bench.trace uses told of each branch only when the setting is on, and the learner
-setting it around each iteration from its config key. The device side (two streams, a CUDA graph's two
-branches, the same bits) is tests/gpu/test_gpu_conv.py's `test_conv_streams_*`."""
+"""`mamlpp_fast.triton._device`'s per-stream launch helpers on a CPU. `side_by_side` (config key
+conv_streams) runs in order whatever the setting, tells the observer bench.trace uses of each branch only
+when the setting is on, and the learner sets it around each iteration from its config key. The ticket
+buffers (`_tile_counters`) are kept, grown and never freed under a graph. The device side (two streams, a
+CUDA graph's two branches, the same bits, no buffer allocated inside the learner's capture) is
+tests/gpu/test_gpu_conv.py's `test_conv_streams_*` and `test_fast_learner_conv_streams_*`."""
 import contextlib
 
 import pytest

@@ -963,23 +963,6 @@ def test_tf32x3_split_rounds_to_nearest():
 
 
 @inner
-def test_tile_counters_kept_and_grown():
-    """The in-kernel split sum's tile counters: one zeroed int32 buffer per device and stream, kept and
-    reused while large enough, replaced by a larger zeroed one when a launch has more tiles."""
-    import torch
-    from mamlpp_fast.triton import conv as C
-
-    C._counters.clear()
-    dev = torch.device("cpu")
-    a = C._tile_counters(dev, 10)
-    assert a.dtype == torch.int32 and a.numel() >= 10 and int(a.abs().sum()) == 0
-    assert C._tile_counters(dev, a.numel()) is a
-    big = C._tile_counters(dev, a.numel() + 1)
-    assert big is not a and big.numel() > a.numel() and int(big.abs().sum()) == 0
-    assert C._tile_counters(dev, 5) is big
-
-
-@inner
 def test_triton_conv_launches_fill_two_waves():
     """Every convolution launch of one meta-update of both paper workloads (support and target sets,
     forward, data and weight gradients) has >= 2 waves of programs on a 132-SM H100/H200, and the
