@@ -51,6 +51,7 @@ from .ops.bn_pool import torch_impl as bn_pool_torch_impl
 from .ops.conv import task_conv2d
 from .ops.head import head_loss, head_supported
 from .ops.head import torch_impl as head_torch_impl
+from .ops.pool import max_pool2x2
 
 # Per fused op (config keys first_block, bn_pool and head): whether its value "auto" takes the op's fused
 # Triton kernels on a CUDA device. Each stays off until that op's own device tests pass
@@ -234,8 +235,8 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
                 out_s = None
                 out, mean, invstd = per_step_batch_norm(out, gamma, beta, b, BN_EPS, LEAKY_SLOPE,
                                                         backend=self._op_backend)
-                if self.classifier.max_pooling:
-                    out = F.max_pool2d(out, 2, 2, 0)
+                if self.classifier.max_pooling:  # F.max_pool2d's values and derivatives (ops.pool)
+                    out = max_pool2x2(out)
             if stats is not None:
                 stats.append((i, mean, invstd, m))
         if not self.classifier.max_pooling:
