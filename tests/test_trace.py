@@ -799,3 +799,18 @@ def test_conv_streams_pairs_a_weight_gradient_with_launches_that_read_weights(wo
     # the learner's conv layers after the first (the first layer computes no data gradient)
     assert set(sbs["by_layer"]) == {"conv1", "conv2", "conv3"}
     assert s["kernels"] == summarize(off, "h200")["kernels"]
+
+
+def test_unfused_pooling_adds_no_zero_gradient():
+    """The default configuration on CUDA (bn_pool unfused): the pooling's double backward (ops.pool) fills
+    no zero tensor and autograd adds none to the pooling input's gradient; what gradient accumulation is
+    left in the unfused layers is the batch norm's (its input read by its forward and by the node its
+    backward builds) and the convolution input's."""
+    r = trace_meta_update(QUICK, None, "cuda", "triton", True, quick=True, first_block="unfused",
+                          bn_pool="unfused", head="unfused")
+    pool = [k for k in r.kernels if k.kind == "pool"]
+    assert {k.name for k in pool} == {"aten.max_pool2d_with_indices", "aten.max_pool2d_with_indices_backward"}
+    assert not [k for k in r.kernels if k.name in ("aten.zeros", "aten.zeros_like", "aten.fill_")
+                and ("Pool" in k.node or k.node in ("_Scatter", "_Gather", "_MaxPool"))]
+    adds = {k.node for k in r.kernels if k.name == "aten.add" and k.node != "forward" and k.layer.startswith("conv")}
+    assert adds and not {n for n in adds if "Pool" in n or n in ("_Scatter", "_Gather", "_MaxPool")}, adds
