@@ -18,7 +18,8 @@
 #             tests (python -m bench.gpu_profile --warm-only): Triton compiles the learner's kernels into
 #             its on-disk cache there, not inside the timed stages after it   -> warm_*.log
 #   tests     tests/gpu (conv, head, ops, learner, capture) + the CPU op tests  -> gpu_tests.log, junit.xml
-#             (the summary reads junit.xml per fused op: python -m bench.fused_verdict)
+#             (the summary reads junit.xml per fused op: python -m bench.fused_verdict; and with the
+#             benchmark and precision files, the conv_streams and tf32x3 rules: python -m bench.decisions)
 #   profile   python -m bench.gpu_profile: the captured update's time, device time per kernel category
 #             beside bench.trace's prediction (both workloads)                  -> profile.{md,json}
 #   bench     python -m bench.run: the conv table, fast (native backend; conv_impl auto; the fused ops,
@@ -210,6 +211,12 @@ fail=0
   grep -sE "^(FAILED|ERROR) " "$W/gpu_tests.log" | head -n 20
   # per fused op: whether its device tests allow config value "auto" to take it (AUTO_FUSES_ON_CUDA)
   [ -f "$W/junit.xml" ] && "$PY" -m bench.fused_verdict "$W/junit.xml" 2>&1 | sed 's/^/fused_verdict: /'
+  # the decision rules of conv_streams and tf32x3 on what this call measured (tests/gpu/RESULTS.md)
+  bjson=$(ls "$W"/bench/latest_cuda*.json 2>/dev/null | head -n 1)
+  if [ -f "$W/junit.xml" ] || [ -n "$bjson" ] || [ -f "$W/precision.json" ]; then
+    "$PY" -m bench.decisions ${bjson:+--bench "$bjson"} $( [ -f "$W/junit.xml" ] && echo --junit "$W/junit.xml" ) \
+      $( [ -f "$W/precision.json" ] && echo --precision "$W/precision.json" ) 2>&1 | cut -c1-400 | sed 's/^/decision: /'
+  fi
   grep -sE "^(conv_bn_pool|bn_pool) " "$W/diagnose.log" | cut -c1-220 | sed 's/^/diagnose: /'
   grep -sE "^warmed|[Ee]rror" "$W"/warm_*.log | cut -c1-200
   grep -sE "_tflops|bandwidth|launch_us" "$W/ceilings.json" | tr -s ' ' | sed 's/^/ceiling:/'
