@@ -112,6 +112,7 @@ def make_args(w: Workload, dtype: str = "float32", **overrides):
         per_step_bn_statistics=True, learnable_bn_gamma=True, learnable_bn_beta=True,
         learnable_per_layer_per_step_inner_loop_learning_rate=True, enable_inner_loop_optimizable_bn_params=False,
         max_pooling=True, conv_padding=True, dtype=dtype,
+        cuda_graph=False,  # the benchmarks name their variant (eager or captured) themselves
     )
     cfg.update(overrides)
     return default_args(**cfg)

@@ -105,7 +105,8 @@ DEFAULTS: dict[str, Any] = {
     "synthetic_num_classes": [1000, 200, 200],  # train/val/test class pools
     "synthetic_images_per_class": 20,
     "nonfinite_policy": "skip",  # "skip" | "stop": what a non-finite meta-loss or gradient does
-    "cuda_graph": False,  # capture the whole meta-update in a CUDA graph (fast learner, CUDA only)
+    "cuda_graph": True,  # capture the whole meta-update in a CUDA graph (fast learner on one CUDA device;
+    # ignored on a CPU and under torchrun data parallelism, whose collectives are not captured)
     "cudnn_benchmark": True,  # fast learner: cuDNN picks convolution algorithms by timing them
     "allow_tf32": False,  # TF32 convolutions/matmuls on GPUs that have them (faster, ~1e-3 less exact)
     "conv_precision": "auto",  # Triton conv / fused-block products: "auto" (follows allow_tf32) | "ieee" | "tf32" | "tf32x3"

@@ -412,6 +412,7 @@ FREE_KEYS = frozenset((
     "reset_stored_filepaths", "reset_stored_paths", "load_into_memory",
     # same function, other implementation
     "learner", "backend", "device", "conv_impl", "first_block", "bn_pool", "head", "cudnn_benchmark", "cuda_graph",
+    "conv_streams",
 ))
 
 

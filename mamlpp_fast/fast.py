@@ -619,10 +619,11 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
     def run_train_iter(self, data_batch, epoch):
         """One meta-update on a batch of tasks. Returns (losses, per-task target logits).
 
-        With the config key `cuda_graph` on a CUDA device, the whole update (inner loop, outer
-        backward, Adam step) is captured once per batch shape and MAML++ phase (MSL on/off,
-        first/second order) and replayed; the first call of each phase runs uncaptured (warm-up) and a
-        capture that fails falls back to uncaptured updates with one warning. Two graphs are replayed:
+        With the config key `cuda_graph` (on by default) on a CUDA device, the whole update (inner loop,
+        outer backward, Adam step) is captured once per batch shape and MAML++ phase (MSL on/off,
+        first/second order) and replayed, the graph of the latest phase only; the first call of each
+        phase runs uncaptured (warm-up) and a capture that fails falls back to uncaptured updates with
+        one warning. Two graphs are replayed:
         forward/backward (with a device-side finiteness flag), then, if the flag is set, the Adam step.
         Otherwise one uncaptured update runs with a single device-to-host transfer (`_eager_train_iter`),
         or, when a reducer is installed (data parallelism: metrics, gradients and statistics are reduced
@@ -645,6 +646,10 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
                self.args.use_multi_step_loss_optimization and epoch < self.args.multi_step_loss_num_epochs)
         entry = self._graphs.get(key)
         if entry is None:
+            # A new phase: the graphs of the others go (each holds its private pool, the update's
+            # activations): the phase follows the epoch, which only grows in a run, so an earlier phase
+            # does not come back, and one that did would be captured again.
+            self._graphs.clear()
             # Warm-up on a side stream (a real update), then capture for the next calls of this phase.
             side = self._capture_stream()
             side.wait_stream(torch.cuda.current_stream(self.device))

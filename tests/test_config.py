@@ -179,3 +179,18 @@ def test_shipped_configs_load(path):
         a = load_args(path)
     assert a.num_stages >= 1
     assert isinstance(a.second_order, bool)
+
+
+def test_cuda_graph_is_on_by_default_and_ignored_on_a_cpu():
+    """Config key cuda_graph defaults to on (a captured meta-update on one CUDA device); on a CPU the
+    learner stays uncaptured (no capturable optimizer) and trains as before."""
+    from mamlpp_fast.config import DEFAULTS
+    from mamlpp_fast.fast import MAMLFewShotClassifier
+
+    assert DEFAULTS["cuda_graph"] is True
+    args = default_args(cnn_num_filters=4, num_classes_per_set=2, number_of_training_steps_per_iter=1,
+                        number_of_evaluation_steps_per_iter=1)
+    assert args.cuda_graph is True
+    model = MAMLFewShotClassifier((1, 1, 28, 28), "cpu", args)
+    assert not model._graph_mode()
+    assert all(not g.get("capturable", False) for g in model.core.optimizer.param_groups)

@@ -98,3 +98,4 @@ def test_ticket_buffer_grows_keeps_the_old_one_alive_and_counts_no_capture_alloc
         D._counters.clear()
         D._counters.update(saved_counters)
         D._retired[:] = saved_retired
+

@@ -113,3 +113,31 @@ def test_cuda_graph_capture_matches_uncaptured(backend):
             # deterministic, so their rounding noise (and Adam's step of it) differs run to run
             continue
         assert rel(sg[k], sp[k]) < 1e-10, (k, seed)
+
+
+def test_graphs_follow_the_phase_and_one_is_kept():
+    """Config key cuda_graph, on by default: across the MSL switch (epoch 0 -> multi_step_loss_num_epochs)
+    the new phase warms up and captures, the earlier phase's graph is dropped (one graph kept, so that
+    the two phases' pools are not held at once), and every update equals an uncaptured learner's (the
+    same capturable optimizer; float64, 1e-12)."""
+    seed = fresh_seed()
+    args = default_args(cnn_num_filters=16, num_classes_per_set=5, number_of_training_steps_per_iter=2,
+                        number_of_evaluation_steps_per_iter=2, dtype="float64", multi_step_loss_num_epochs=1)
+    assert args.cuda_graph is True
+    shape = (2, 1, 28, 28)
+    graphed = Fast(shape, "cuda", args)
+    plain = Fast(shape, "cuda", args)
+    plain.load_state_dict(graphed.state_dict())
+    plain._graph_failed = "disabled for the comparison"
+    keys = []
+    for it, epoch in enumerate([0, 0, 0, 1, 1, 1]):  # per phase: warm-up, capture, replay
+        batch = learnable_batch(4, 5, 1, 2, 1, 28, 28, seed + it)
+        lg, pg = graphed.run_train_iter(batch, epoch)
+        lp, pp = plain.run_train_iter(batch, epoch)
+        assert rel(lg["loss"], lp["loss"]) < 1e-12, (it, seed)
+        for a, b in zip(pg, pp):
+            assert rel(a, b) < 1e-12, (it, seed)
+        assert graphed._graph_failed is None and len(graphed._graphs) <= 1, (it, list(graphed._graphs))
+        keys.append(next(iter(graphed._graphs), None))
+    assert keys[2] is not None and keys[5] is not None and keys[2] != keys[5], keys
+    assert keys[2][2] is True and keys[5][2] is False  # MSL on, then off
