@@ -24,7 +24,7 @@ import argparse
 import json
 import sys
 
-from .fused_verdict import _matches, read_junit
+from .fused_verdict import outcomes, read_junit
 
 CONV_STREAMS_TESTS = ("tests/gpu/test_gpu_conv.py::test_conv_streams_same_bits_on_cuda",
                       "tests/gpu/test_gpu_conv.py::test_fast_learner_conv_streams_matches_reference_on_cuda")
@@ -41,13 +41,7 @@ def tests_passed(cases: dict | None, wanted) -> tuple[bool | None, str]:
     was skipped or did not run."""
     if cases is None:
         return None, "no junit file (the tests ran in the first device call)"
-    bad, missing, ran = [], [], 0
-    for w in wanted:
-        mine = {n: o for n, o in cases.items() if _matches(n, w)}
-        if not mine:
-            missing.append(w.split("::", 1)[1])
-        ran += len(mine)
-        bad += [f"{o} {n.split('::', 1)[1]}" for n, o in sorted(mine.items()) if o != "passed"]
+    bad, missing, ran = outcomes(cases, wanted)
     if bad or missing:
         return False, "; ".join(bad + [f"not run {m}" for m in missing])
     return True, f"{ran} test cases passed"

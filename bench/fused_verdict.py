@@ -66,17 +66,24 @@ def _matches(node: str, wanted: str) -> bool:
     return node == wanted or node.startswith(wanted + "[")
 
 
+def outcomes(cases: dict, wanted) -> tuple[list, list, int]:
+    """(the wanted test cases that did not pass, as "<outcome> <name>"; the wanted tests with no case;
+    how many cases ran) of the test outcomes `cases` (read_junit)."""
+    bad, missing, ran = [], [], 0
+    for w in wanted:
+        mine = {n: o for n, o in cases.items() if _matches(n, w)}
+        if not mine:
+            missing.append(w.split("::", 1)[1])
+        ran += len(mine)
+        bad += [f"{o} {n.split('::', 1)[1]}" for n, o in sorted(mine.items()) if o != "passed"]
+    return bad, missing, ran
+
+
 def verdict(cases: dict, evidence: dict | None = None) -> dict:
     """Per op: (may_fuse, reason) from the test outcomes `cases` (read_junit)."""
     out = {}
     for op, wanted in (evidence or EVIDENCE).items():
-        bad, missing, ran = [], [], 0
-        for w in wanted:
-            mine = {n: o for n, o in cases.items() if _matches(n, w)}
-            if not mine:
-                missing.append(w.split("::", 1)[1])
-            ran += len(mine)
-            bad += [f"{o} {n.split('::', 1)[1]}" for n, o in sorted(mine.items()) if o != "passed"]
+        bad, missing, ran = outcomes(cases, wanted)
         if bad or missing:
             reason = "; ".join(bad + [f"not run {m}" for m in missing])
             out[op] = (False, f"keep unfused: {reason}")
