@@ -648,8 +648,11 @@ class MAMLFewShotClassifier(LearnerAPI, nn.Module):
         if entry is None:
             # A new phase: the graphs of the others go (each holds its private pool, the update's
             # activations): the phase follows the epoch, which only grows in a run, so an earlier phase
-            # does not come back, and one that did would be captured again.
-            self._graphs.clear()
+            # does not come back, and one that did would be captured again. Dropped once their last replay
+            # (the Adam step may still run) has finished: their pools then hold nothing in flight.
+            if self._graphs:
+                torch.cuda.synchronize(self.device)
+                self._graphs.clear()
             # Warm-up on a side stream (a real update), then capture for the next calls of this phase.
             side = self._capture_stream()
             side.wait_stream(torch.cuda.current_stream(self.device))
