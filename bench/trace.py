@@ -537,9 +537,9 @@ def _conv_triton_patch(rec: _Recorder):
         from mamlpp_fast.triton._device import conv_precision as forced
     except ImportError:  # a tree without the precision-dependent weight-gradient tiles
         forced = None
-    try:
+    try:  # trees that summed the bias apart in some configurations (until 2026-12-05)
         from mamlpp_fast.triton.conv import bias_in_wgrad as bias_in
-    except ImportError:  # a tree without the bias in the weight-gradient kernel
+    except ImportError:  # the bias's programs in every weight-gradient launch (None: no separate sum)
         bias_in = None
 
     def macs(meta, n):
@@ -664,7 +664,7 @@ def _conv_triton_patch(rec: _Recorder):
         cfg = wgrad_block_config(co, ci, kh * kw, red, b, rec.sms, **strict, **tc(x.dtype))
         lane_bytes = 3 * red * 4  # the cached lane table, read by every program column
         bias_read = _nbytes(g) if db is not None else 0
-        if db is not None and bias_in is not None and not bias_in(cfg):  # the launcher's separate sum
+        if db is not None and bias_in is not None and not bias_in(cfg):  # an older tree's separate sum
             rec.add(name="bias grad reduction", kind="reduction", layer=rec.layer_of([g]), bytes=_nbytes(g))
             out, bias_read = dw, 0
         gemm("conv_wgrad", "triton conv_wgrad", ("conv_weight_grad", tuple(x.shape), meta, with_bias),

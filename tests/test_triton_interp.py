@@ -703,16 +703,14 @@ def test_triton_conv_split_sum_in_kernel(case, monkeypatch):
     ho = (h + 2 * p - k) // s + 1
     gy = torch.randn(n, b * co, ho, ho, generator=gen)
     meta = (b, co, ci, k, k, h, h, ho, ho, s, p)
-    # the bias's gradient where this configuration sums it in the weight-gradient launch (its own programs)
     wcfg = C.wgrad_block_config(co, ci, k * k, n * ho * ho, b, C._sms(x.device))
-    with_bias = C.bias_in_wgrad(wcfg)
     assert C.wgrad_keeps_own(wcfg) == (over_w.get("num_warps") == 4 and over_w.get("NSUB", 1) == 1)
 
-    def wgrad():  # in the order of the kernel's result buffer: the forward's weight layout, then the bias
-        r = C.conv_weight_grad(x, gy, meta, with_bias=with_bias)
-        dw = (r[0] if with_bias else r).permute(0, 3, 4, 2, 1)
+    def wgrad():  # in the order of the kernel's result buffer: the forward's weight layout, then the bias's
+        dw, db = C.conv_weight_grad(x, gy, meta, with_bias=True)  # (the bias's own programs)
+        dw = dw.permute(0, 3, 4, 2, 1)
         assert dw.is_contiguous()
-        return torch.cat([dw.reshape(-1), r[1].reshape(-1)]) if with_bias else dw
+        return torch.cat([dw.reshape(-1), db.reshape(-1)])
 
     launches = {"forward": lambda: C.conv_forward(x, w, bias, meta),
                 "data gradient": lambda: C.conv_data_grad(gy, w, meta), "weight gradient": wgrad}

@@ -87,7 +87,7 @@ from ._device import _counters, _tile_counters, conv_precision, num_sms  # noqa:
 
 __all__ = ["conv_forward", "conv_data_grad", "conv_weight_grad", "conv_block_config", "wgrad_block_config",
            "tensor_core_products",
-           "bias_in_wgrad", "split_sum_in_kernel", "split_chain_in_kernel", "wgrad_sums_split", "wgrad_keeps_own"]
+           "split_sum_in_kernel", "split_chain_in_kernel", "wgrad_sums_split", "wgrad_keeps_own"]
 
 
 def _precision(dtype) -> str:
@@ -353,17 +353,9 @@ def wgrad_block_config(co: int, ci: int, kk: int, red: int, tasks: int, sms: int
     return cfg
 
 
-def bias_in_wgrad(cfg: dict) -> bool:
-    """Whether the weight-gradient launch of configuration `cfg` (`wgrad_block_config`) also sums the
-    conv bias's gradient (its extra column of programs). Not in the one-warp, three-sub-tile tiles: there
-    the kernel is at 254 registers without it under Triton 3.6 (the device's version) and spilled 48 B
-    with it (bench.static_metrics); the bias's gradient is then a separate sum."""
-    return not (cfg["num_warps"] == 1 and cfg["NSUB"] == 3)
-
-
 def wgrad_sums_split(cfg: dict, with_bias: bool) -> bool:
     """Whether a weight-gradient launch of configuration `cfg` with SPLIT > 1 sums its partials itself
-    (under `split_sum_in_kernel`); with_bias: the bias's programs are in the launch (`bias_in_wgrad`).
+    (under `split_sum_in_kernel`); with_bias: the bias's programs are in the launch.
     Not where they share it with the two- and four-warp, three-sub-tile tiles (48 output channels): there
     the kernel is at 254 registers under Triton 3.6 and spilled 20 B (4 warps, 128 columns) and 40 B
     (2 warps, 64 columns) into its inner loop with both (`python -m bench.probe_split_sum bias`,
@@ -1266,9 +1258,11 @@ def _lane_table(n, meta, device):
 def conv_weight_grad(x, g, meta, with_bias=False):
     """Wg(x, g): -> (B, Co, Ci, kh, kw), a view with the strides of the forward's weight layout
     (B, kh, kw, Ci, Co) in which the kernel stores it (`forward_layout`); with_bias: also the conv bias's gradient, -> (dw, db) with
-    db (B, Co) = g summed over (n, Ho, Wo) per channel, in the same launch where `bias_in_wgrad` (and
+    db (B, Co) = g summed over (n, Ho, Wo) per channel, in the same launch (its own column of programs;
     the same in-order sum of the split partials: each partial holds the weights' then the bias's
-    values), else by a separate sum."""
+    values). Every configuration takes the bias's programs without a spill under Triton 3.6 and 3.7
+    (bench.static_metrics; the one-warp, three-sub-tile tiles spilled 48 B with them in an earlier version
+    of the kernel and summed the bias apart until 2026-12-05, bench/NOTES.md)."""
     b, co, ci, kh, kw, h, wd, ho, wo, s, p = meta
     x, g = x.contiguous(), g.contiguous()
     _check("conv weight gradient", x, g)
@@ -1278,8 +1272,6 @@ def conv_weight_grad(x, g, meta, with_bias=False):
     cfg = wgrad_block_config(co, ci, kh * kw, red, b, _sms(x.device),
                              strict_fp32=x.dtype == torch.float32 and prec == "ieee",
                              tensor_cores=tensor_core_mode(x.dtype))
-    if with_bias and not bias_in_wgrad(cfg):
-        return conv_weight_grad(x, g, meta), g.reshape(n, b, co, -1).sum((0, 3))
     split, chunk = cfg.pop("SPLIT"), cfg.pop("CHUNK")
     if cfg["TAP_MAJOR"] and (ci % cfg["BLOCK_N"] or cfg["NSUB"] != 1):
         raise ValueError(f"triton conv weight gradient: TAP_MAJOR needs one sub-tile and Ci a multiple of "
