@@ -18,6 +18,12 @@ so the Functions below differentiate each other and the convolution is different
 (MAML++ needs two) with the three kernels only: the bias gradient is summed inside the weight-gradient
 kernel, and its derivative (vb broadcast over the pixels) is the bias of a forward launch. Imported only when the triton implementation is
 used (it imports triton).
+
+With config key conv_streams (`mamlpp_fast.triton._device.side_by_side`), `_ConvGrads` runs its weight
+gradient, which reads no weight, on a side stream beside the launches that do (the data gradient; in
+its own backward also d gy), so that two launches that each fill part of the device can run at once.
+The launches that read a weight stay on one stream: the first may make and cache the weight's re-laid
+copy (`relaid_weights`), which a launch on another stream could read before it is written.
 """
 from __future__ import annotations
 
