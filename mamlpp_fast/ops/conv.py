@@ -269,23 +269,15 @@ def _maml_pattern(impl, x, w, bias, b, stride, padding, probes, pattern="second_
     outer.backward()
 
 
-def _cuda_ms(run, reps: int) -> float:
-    """GPU milliseconds of one `run()`: captured once in a CUDA graph and replayed `reps` times between
-    two events, so that the time is the kernels' own and not the host's launch overhead (the fast
-    learner replays its meta-update as a CUDA graph; eager launch gaps would favour implementations
-    with fewer, larger kernels). Where capture fails, the reps run eagerly back to back instead."""
+def _cuda_ms(run, reps: int, stream) -> float:
+    """GPU milliseconds of one `run()`: captured once in a CUDA graph on `stream` (where the caller warmed
+    it up) and replayed `reps` times between two events, so that the time is the kernels' own and not
+    the host's launch overhead (the fast learner replays its meta-update as a CUDA graph; eager launch
+    gaps would favour implementations with fewer, larger kernels). Where capture fails, the reps run
+    eagerly back to back instead."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     graph = None
     try:
-        # one warm-up run on the capture stream: the launchers' per-stream buffers (the Triton kernels'
-        # tickets, `triton._device._tile_counters`) are cached outside a capture only, so a capture on a
-        # stream that never ran would record a zero-fill per launch that takes one, which the learner's
-        # own captured update (warmed up on its capture stream) does not run
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            run()
-        torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
@@ -341,11 +333,22 @@ def time_conv_impls(x_shape, w_shape, stride=1, padding=0, dtype=torch.float32, 
             _maml_pattern(impl, x, w, bias, b, stride, padding, probes, pattern)
 
         try:
-            for _ in range(warmup):
-                run()
             if cuda:
-                result[impl] = _cuda_ms(run, reps)
+                # the warm-up on the stream the timing captures on: the launchers' per-stream buffers (the
+                # Triton kernels' tickets, `triton._device._tile_counters`) are cached outside a capture
+                # only, so a capture on a stream that never ran would record a zero-fill per launch that
+                # takes one, which the learner's own captured update (warmed up on its capture stream)
+                # does not run
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(warmup):
+                        run()
+                torch.cuda.current_stream().wait_stream(stream)
+                result[impl] = _cuda_ms(run, reps, stream)
             else:
+                for _ in range(warmup):
+                    run()
                 times = []
                 for _ in range(reps):
                     t0 = time.perf_counter()
